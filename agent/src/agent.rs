@@ -1,0 +1,113 @@
+//! `philotes run`: telemetry, catalog, pipelines and the API, until a shutdown signal.
+
+use std::sync::Arc;
+
+use tokio::sync::watch;
+
+use crate::api::{self, ApiState};
+use crate::config::Config;
+use crate::pipeline::{Pipeline, PipelineHandle};
+use crate::sink::iceberg::catalog::secrets;
+use crate::sink::iceberg::open_catalog;
+use crate::telemetry::Telemetry;
+
+/// A start-up failure.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// Telemetry could not start.
+    #[error(transparent)]
+    Telemetry(#[from] crate::telemetry::TelemetryError),
+    /// The catalog could not be opened.
+    #[error(transparent)]
+    Sink(#[from] crate::sink::iceberg::SinkError),
+    /// A pipeline could not be built.
+    #[error(transparent)]
+    Source(#[from] crate::source::postgres::session::SourceError),
+    /// The API listener could not start.
+    #[error("api: {0}")]
+    Api(String),
+}
+
+/// A running agent.
+pub struct Agent {
+    /// Pipeline handles (status, control).
+    pub pipelines: Vec<PipelineHandle>,
+    /// The API's bound address, if it listens.
+    pub api_addr: Option<std::net::SocketAddr>,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    telemetry: Option<Telemetry>,
+}
+
+impl Agent {
+    /// Start everything described by `cfg` (telemetry must already be initialised).
+    pub async fn start(cfg: Config, telemetry: Telemetry) -> Result<Self, AgentError> {
+        let catalog = open_catalog(&cfg.iceberg).await?;
+        let secret_list: Arc<[String]> = secrets(&cfg.iceberg).into();
+        let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let mut handles = Vec::new();
+        let mut tasks = Vec::new();
+        for p in &cfg.pipelines {
+            let (pipeline, handle) = Pipeline::new(
+                p.clone(),
+                catalog.clone(),
+                secret_list.clone(),
+                &telemetry.metrics,
+            )?;
+            handles.push(handle);
+            let rx = shutdown_rx.clone();
+            tasks.push(tokio::spawn(pipeline.run(rx)));
+        }
+        let mut api_addr = None;
+        if cfg.api.enabled {
+            let state = ApiState::new(&cfg, handles.clone(), &telemetry);
+            let listener = tokio::net::TcpListener::bind(&cfg.api.listen)
+                .await
+                .map_err(|e| AgentError::Api(format!("cannot listen on {}: {e}", cfg.api.listen)))?;
+            api_addr = listener.local_addr().ok();
+            let rx = shutdown_rx.clone();
+            tasks.push(tokio::spawn(api::serve(listener, state, rx)));
+        }
+        Ok(Self {
+            pipelines: handles,
+            api_addr,
+            shutdown: shutdown_tx,
+            tasks,
+            telemetry: Some(telemetry),
+        })
+    }
+
+    /// Drain: pipelines flush what they have, the API stops, exporters flush.
+    pub async fn stop(mut self) {
+        let _ = self.shutdown.send(true);
+        for t in self.tasks.drain(..) {
+            let _ = t.await;
+        }
+        if let Some(t) = self.telemetry.take() {
+            t.shutdown().await;
+        }
+    }
+}
+
+/// Wait for SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -1,0 +1,205 @@
+//! HTTP API on hyper (axum routing): probes, `/metrics`, pipeline status and control.
+
+mod openapi;
+mod routes;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use opentelemetry::KeyValue;
+use tokio::sync::watch;
+use tracing::Instrument;
+
+use crate::config::Config;
+use crate::pipeline::PipelineHandle;
+use crate::telemetry::{Metrics, Telemetry};
+
+/// Largest request body accepted.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// Shared state of the API handlers.
+#[derive(Clone)]
+pub struct ApiState {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pipelines: Vec<PipelineHandle>,
+    config_json: serde_json::Value,
+    token: Option<String>,
+    metrics: Metrics,
+    registry: Option<prometheus::Registry>,
+}
+
+impl ApiState {
+    /// State for `cfg`'s pipelines.
+    pub fn new(cfg: &Config, pipelines: Vec<PipelineHandle>, telemetry: &Telemetry) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                pipelines,
+                config_json: cfg.redacted(),
+                token: cfg.api.token.clone().filter(|t| !t.is_empty()),
+                metrics: telemetry.metrics.clone(),
+                registry: telemetry.registry.clone(),
+            }),
+        }
+    }
+
+    fn pipeline(&self, name: &str) -> Option<&PipelineHandle> {
+        self.inner.pipelines.iter().find(|p| p.name == name)
+    }
+}
+
+/// A JSON error response `{"error": "..."}`.
+pub struct ApiError(pub StatusCode, pub String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(serde_json::json!({ "error": self.1 }))).into_response()
+    }
+}
+
+/// The router with every route and middleware.
+pub fn router(state: ApiState) -> Router {
+    let protected = Router::new()
+        .route("/api/v1/config", get(routes::config))
+        .route("/api/v1/pipelines/{name}/pause", post(routes::pause))
+        .route("/api/v1/pipelines/{name}/resume", post(routes::resume))
+        .route("/api/v1/pipelines/{name}/dlq", get(routes::dlq))
+        .route_layer(middleware::from_fn_with_state(state.clone(), auth));
+    Router::new()
+        .route("/health/live", get(routes::live))
+        .route("/health/ready", get(routes::ready))
+        .route("/metrics", get(metrics_endpoint))
+        .route("/api/v1/version", get(routes::version))
+        .route("/api/v1/pipelines", get(routes::pipelines))
+        .route("/api/v1/pipelines/{name}", get(routes::pipeline))
+        .route("/api/v1/pipelines/{name}/tables", get(routes::tables))
+        .route("/api/v1/openapi.json", get(routes::openapi))
+        .merge(protected)
+        .fallback(routes::not_found)
+        .method_not_allowed_fallback(routes::method_not_allowed)
+        .layer(middleware::from_fn_with_state(state.clone(), observe))
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(state)
+}
+
+async fn metrics_endpoint(State(s): State<ApiState>) -> Response {
+    let Some(reg) = &s.inner.registry else {
+        return ApiError(StatusCode::NOT_FOUND, "the Prometheus endpoint is disabled".into())
+            .into_response();
+    };
+    match prometheus::TextEncoder::new().encode_to_string(&reg.gather()) {
+        Ok(body) => (
+            [(header::CONTENT_TYPE, HeaderValue::from_static(prometheus::TEXT_FORMAT))],
+            body,
+        )
+            .into_response(),
+        Err(e) => ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}
+
+/// Constant-time comparison, so the token cannot be guessed byte by byte from timings.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = (a.len() ^ b.len()) as u8;
+    for i in 0..a.len().max(b.len()) {
+        let x = a.get(i).copied().unwrap_or(0);
+        let y = b.get(i).copied().unwrap_or(0xff);
+        diff |= x ^ y;
+    }
+    diff == 0
+}
+
+async fn auth(State(s): State<ApiState>, req: Request, next: Next) -> Response {
+    if let Some(token) = &s.inner.token {
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if !constant_time_eq(given.as_bytes(), token.as_bytes()) {
+            return ApiError(
+                StatusCode::UNAUTHORIZED,
+                "missing or invalid bearer token".into(),
+            )
+            .into_response();
+        }
+    }
+    next.run(req).await
+}
+
+/// Metrics and a server span for every request; `endpoint` is the route template.
+async fn observe(State(s): State<ApiState>, req: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let endpoint = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|m| m.as_str().to_string())
+        .unwrap_or_else(|| "unmatched".to_string());
+    let method = req.method().as_str().to_string();
+    let req_size = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0);
+    let span = tracing::info_span!(
+        "http.request",
+        otel.kind = "server",
+        http.request.method = %method,
+        http.route = %endpoint,
+        url.path = %req.uri().path(),
+        http.response.status_code = tracing::field::Empty,
+    );
+    let resp = next.run(req).instrument(span.clone()).await;
+    let status = resp.status().as_u16();
+    span.record("http.response.status_code", status);
+    let resp_size = axum::body::HttpBody::size_hint(resp.body())
+        .exact()
+        .unwrap_or(0);
+    let m = &s.inner.metrics;
+    let base = [
+        KeyValue::new("endpoint", endpoint),
+        KeyValue::new("method", method),
+    ];
+    m.api_duration
+        .record(started.elapsed().as_secs_f64(), &base);
+    m.api_request_size.record(req_size, &base);
+    m.api_response_size.record(resp_size, &base);
+    let mut with_status = base.to_vec();
+    with_status.push(KeyValue::new("status", status.to_string()));
+    m.api_requests.add(1, &with_status);
+    resp
+}
+
+/// Serve until `shutdown` turns true.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: ApiState,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let app = router(state).layer(middleware::from_fn(timeout_mw));
+    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        let _ = shutdown.wait_for(|v| *v).await;
+    });
+    if let Err(e) = server.await {
+        tracing::error!("api server failed: {e}");
+    }
+}
+
+/// Bound the time a handler may take, so no request holds resources forever.
+async fn timeout_mw(req: Request, next: Next) -> Response {
+    match tokio::time::timeout(Duration::from_secs(30), next.run(req)).await {
+        Ok(r) => r,
+        Err(_) => {
+            ApiError(StatusCode::SERVICE_UNAVAILABLE, "request timed out".into()).into_response()
+        }
+    }
+}

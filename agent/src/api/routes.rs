@@ -1,0 +1,237 @@
+//! Route handlers.
+
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use futures::TryStreamExt;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::{ApiError, ApiState};
+use crate::pipeline::{status, Control};
+use crate::sink::iceberg::schema::DLQ_TABLE;
+use crate::telemetry::PipelineState;
+
+pub(super) async fn live() -> Json<Value> {
+    Json(json!({ "status": "ok" }))
+}
+
+pub(super) async fn ready(State(s): State<ApiState>) -> Response {
+    let mut reasons = Vec::new();
+    for p in &s.inner.pipelines {
+        let st = status::snapshot(&p.status);
+        if st.state != PipelineState::Streaming {
+            let mut r = format!("pipeline {} is {:?}", p.name, st.state).to_lowercase();
+            if let Some(e) = &st.last_error {
+                r.push_str(&format!(": {e}"));
+            }
+            reasons.push(r);
+        }
+    }
+    if reasons.is_empty() {
+        Json(json!({ "status": "ready" })).into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({ "status": "not ready", "reasons": reasons })),
+        )
+            .into_response()
+    }
+}
+
+pub(super) async fn version() -> Json<Value> {
+    Json(json!({
+        "name": "philotes",
+        "version": env!("CARGO_PKG_VERSION"),
+    }))
+}
+
+pub(super) async fn config(State(s): State<ApiState>) -> Json<Value> {
+    Json(s.inner.config_json.clone())
+}
+
+pub(super) async fn pipelines(State(s): State<ApiState>) -> Json<Value> {
+    let list: Vec<Value> = s
+        .inner
+        .pipelines
+        .iter()
+        .map(|p| {
+            let st = status::snapshot(&p.status);
+            json!({
+                "name": st.name,
+                "state": st.state,
+                "committed_lsn": st.committed_lsn,
+                "confirmed_lsn": st.confirmed_lsn,
+                "lag_seconds": st.lag_seconds,
+                "last_error": st.last_error,
+            })
+        })
+        .collect();
+    Json(json!({ "pipelines": list }))
+}
+
+fn unknown(name: &str) -> ApiError {
+    ApiError(StatusCode::NOT_FOUND, format!("unknown pipeline {name:?}"))
+}
+
+pub(super) async fn pipeline(
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let p = s.pipeline(&name).ok_or_else(|| unknown(&name))?;
+    Ok(Json(
+        serde_json::to_value(status::snapshot(&p.status)).unwrap_or(Value::Null),
+    ))
+}
+
+pub(super) async fn tables(
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let p = s.pipeline(&name).ok_or_else(|| unknown(&name))?;
+    let st = status::snapshot(&p.status);
+    let ns = p.config.namespace_name();
+    let list: Vec<Value> = p
+        .config
+        .table_names()
+        .iter()
+        .map(|(schema, table)| {
+            let key = format!("{schema}.{table}");
+            let t = st.tables.get(&key).cloned().unwrap_or_default();
+            json!({
+                "source_table": key,
+                "iceberg_table": format!("{ns}.{}", crate::pipeline::iceberg_table_name(schema, table)),
+                "inserts": t.inserts,
+                "updates": t.updates,
+                "deletes": t.deletes,
+                "truncates": t.truncates,
+                "committed_rows": t.committed_rows,
+                "commits": t.commits,
+                "committed_lsn": t.committed_lsn,
+                "last_commit_at": t.last_commit_at,
+            })
+        })
+        .collect();
+    Ok(Json(json!({ "tables": list })))
+}
+
+fn set_control(s: &ApiState, name: &str, c: Control) -> Result<Json<Value>, ApiError> {
+    let p = s.pipeline(name).ok_or_else(|| unknown(name))?;
+    let _ = p.control.send(c);
+    let requested = match c {
+        Control::Pause => "paused",
+        Control::Run => "streaming",
+    };
+    Ok(Json(json!({ "pipeline": name, "requested": requested })))
+}
+
+pub(super) async fn pause(
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    set_control(&s, &name, Control::Pause)
+}
+
+pub(super) async fn resume(
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    set_control(&s, &name, Control::Run)
+}
+
+#[derive(Deserialize)]
+pub(super) struct DlqQuery {
+    limit: Option<u32>,
+}
+
+pub(super) async fn dlq(
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+    Query(q): Query<DlqQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let p = s.pipeline(&name).ok_or_else(|| unknown(&name))?;
+    let limit = q.limit.unwrap_or(100).clamp(1, 10_000) as usize;
+    let ident = iceberg::TableIdent::new(
+        iceberg::NamespaceIdent::new(p.config.namespace_name()),
+        DLQ_TABLE.to_string(),
+    );
+    let internal = |e: iceberg::Error| {
+        ApiError(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("reading the dead-letter table failed: {}", e.kind()),
+        )
+    };
+    let exists = p.catalog.table_exists(&ident).await.map_err(internal)?;
+    if !exists {
+        return Ok(Json(json!({ "entries": [] })));
+    }
+    let table = p.catalog.load_table(&ident).await.map_err(internal)?;
+    if table.metadata().current_snapshot().is_none() {
+        return Ok(Json(json!({ "entries": [] })));
+    }
+    let stream = table
+        .scan()
+        .build()
+        .map_err(internal)?
+        .to_arrow()
+        .await
+        .map_err(internal)?;
+    let batches: Vec<arrow_array::RecordBatch> = stream.try_collect().await.map_err(internal)?;
+    let mut entries = Vec::new();
+    for b in &batches {
+        let rows = crate::api::routes::batch_rows(b);
+        entries.extend(rows);
+    }
+    entries.sort_by_key(|e| std::cmp::Reverse(e.get("_cdc_lsn").and_then(Value::as_i64)));
+    entries.truncate(limit);
+    Ok(Json(json!({ "entries": entries })))
+}
+
+/// Rows of a dead-letter batch as JSON objects.
+fn batch_rows(b: &arrow_array::RecordBatch) -> Vec<Value> {
+    use arrow_array::cast::AsArray;
+    use arrow_array::Array;
+    let schema = b.schema();
+    let mut out = vec![serde_json::Map::new(); b.num_rows()];
+    for (f, col) in schema.fields().iter().zip(b.columns()) {
+        for (i, row) in out.iter_mut().enumerate() {
+            let v = if col.is_null(i) {
+                Value::Null
+            } else if let Some(a) = col.as_string_opt::<i32>() {
+                Value::String(a.value(i).to_string())
+            } else if let Some(a) = col.as_primitive_opt::<arrow_array::types::Int64Type>() {
+                json!(a.value(i))
+            } else if let Some(a) =
+                col.as_primitive_opt::<arrow_array::types::TimestampMicrosecondType>()
+            {
+                chrono::DateTime::from_timestamp_micros(a.value(i))
+                    .map(|t| Value::String(t.to_rfc3339()))
+                    .unwrap_or(Value::Null)
+            } else {
+                Value::Null
+            };
+            row.insert(f.name().clone(), v);
+        }
+    }
+    out.into_iter().map(Value::Object).collect()
+}
+
+pub(super) async fn openapi() -> Response {
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        super::openapi::DOCUMENT,
+    )
+        .into_response()
+}
+
+pub(super) async fn not_found() -> ApiError {
+    ApiError(StatusCode::NOT_FOUND, "no such route".into())
+}
+
+pub(super) async fn method_not_allowed() -> ApiError {
+    ApiError(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method not allowed on this route".into(),
+    )
+}

@@ -1,0 +1,73 @@
+//! `philotes check`: reach every source and the catalog; report each problem on one line.
+
+use crate::config::Config;
+use crate::sink::iceberg::{catalog, open_catalog};
+use crate::source::postgres::conn::SourceUrl;
+use crate::source::postgres::session::Session;
+
+/// Check everything `cfg` needs; returns one line per problem (empty = all good).
+pub async fn run_checks(cfg: &Config) -> Vec<String> {
+    let mut problems = Vec::new();
+    for p in &cfg.pipelines {
+        let url = match SourceUrl::parse(&p.source) {
+            Ok(u) => u,
+            Err(e) => {
+                problems.push(format!("pipeline {}: source: {e}", p.name));
+                continue;
+            }
+        };
+        if let Err(e) = check_source(&url, p).await {
+            problems.push(format!("pipeline {}: {e}", p.name));
+        }
+    }
+    let secrets = catalog::secrets(&cfg.iceberg);
+    match open_catalog(&cfg.iceberg).await {
+        Ok(cat) => {
+            // A cheap round trip proves reachability and credentials.
+            if let Err(e) = cat.list_namespaces(None).await {
+                problems.push(format!(
+                    "iceberg: catalog {} is not usable: {}",
+                    crate::config::redact_url(&cfg.iceberg.uri),
+                    catalog::scrub(e.to_string(), &secrets)
+                ));
+            }
+        }
+        Err(e) => problems.push(catalog::scrub(e.to_string(), &secrets)),
+    }
+    problems
+        .into_iter()
+        .map(|l| l.replace('\n', " "))
+        .collect()
+}
+
+async fn check_source(
+    url: &SourceUrl,
+    p: &crate::config::PipelineConfig,
+) -> Result<(), crate::source::postgres::session::SourceError> {
+    let mut s = Session::connect(url, &p.slot_name(), &p.publication_name(), None).await?;
+    s.check_wal_level().await?;
+    s.check_tables(&p.table_names()).await?;
+    Ok(())
+}
+
+/// Problems found at start-up that no retry can cure (wrong `wal_level`, missing tables).
+/// Unreachable sources are not among them: `run` keeps retrying those.
+pub async fn fatal_source_problems(cfg: &Config) -> Vec<String> {
+    use crate::source::postgres::session::SourceError;
+    let mut problems = Vec::new();
+    for p in &cfg.pipelines {
+        let Ok(url) = SourceUrl::parse(&p.source) else {
+            continue;
+        };
+        match check_source(&url, p).await {
+            Err(e @ (SourceError::WalLevel(_) | SourceError::MissingTable(_))) => {
+                problems.push(format!("pipeline {}: {e}", p.name));
+            }
+            Err(e) => {
+                tracing::warn!(pipeline = %p.name, "source not reachable yet, will retry: {e}");
+            }
+            Ok(()) => {}
+        }
+    }
+    problems
+}

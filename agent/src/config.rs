@@ -1,0 +1,828 @@
+//! TOML configuration: `${VAR}` interpolation, `PHILOTES_<SECTION>_<KEY>` overrides, validation.
+//!
+//! Every error names the offending key (`pipelines[0].batch_rows`, `iceberg.catalog`, ...) on one
+//! line, so `philotes check` and `philotes run` can print it and exit with status 2.
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer, Serialize};
+
+use crate::source::postgres::conn::SourceUrl;
+
+/// A configuration problem, naming the key it concerns.
+#[derive(Debug, thiserror::Error)]
+#[error("config: {key}: {message}")]
+pub struct ConfigError {
+    /// Dotted path of the offending key (or the file for read/syntax errors).
+    pub key: String,
+    /// What is wrong with it.
+    pub message: String,
+}
+
+impl ConfigError {
+    fn new(key: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// The whole agent configuration.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Management API and `/metrics` listener.
+    #[serde(default)]
+    pub api: ApiConfig,
+    /// OpenTelemetry export and logging.
+    #[serde(default)]
+    pub telemetry: TelemetryConfig,
+    /// Catalog and warehouse.
+    #[serde(default)]
+    pub iceberg: IcebergConfig,
+    /// One entry per replicated database.
+    #[serde(default)]
+    pub pipelines: Vec<PipelineConfig>,
+}
+
+/// `[api]`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiConfig {
+    /// Address of the HTTP listener (`/metrics`, `/health/*`, `/api/v1/*`).
+    pub listen: String,
+    /// Bearer token for mutating and sensitive routes; empty means no auth.
+    pub token: Option<String>,
+    /// Set to false to run without any HTTP listener.
+    pub enabled: bool,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8080".into(),
+            token: None,
+            enabled: true,
+        }
+    }
+}
+
+/// `[telemetry]`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    /// Serve the Prometheus exposition on `/metrics`.
+    pub prometheus: bool,
+    /// OTLP endpoint to push metrics and traces to; absent = no push.
+    pub otlp_endpoint: Option<String>,
+    /// `http/protobuf` or `grpc`.
+    pub otlp_protocol: String,
+    /// Period of the OTLP metric export.
+    #[serde(with = "duration_str")]
+    pub export_interval: Duration,
+    /// Export spans over OTLP.
+    pub traces: bool,
+    /// `text` or `json`.
+    pub log_format: String,
+    /// Default log filter when `RUST_LOG` is not set.
+    pub log_level: String,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        Self {
+            prometheus: true,
+            otlp_endpoint: None,
+            otlp_protocol: "http/protobuf".into(),
+            export_interval: Duration::from_secs(10),
+            traces: true,
+            log_format: "text".into(),
+            log_level: "info".into(),
+        }
+    }
+}
+
+/// `[iceberg]`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IcebergConfig {
+    /// `sql` or `rest`.
+    pub catalog: String,
+    /// Name of the SQL catalog (a column of `iceberg_tables`).
+    pub catalog_name: String,
+    /// `sqlite://...`/`postgres://...` for sql, `http(s)://...` for rest.
+    pub uri: String,
+    /// Local path, `file://` or `s3://bucket/prefix`.
+    pub warehouse: String,
+    /// REST: bearer token.
+    pub token: Option<String>,
+    /// REST: OAuth2 client credential `id:secret`.
+    pub credential: Option<String>,
+    /// REST: OAuth2 token endpoint.
+    pub oauth2_server_uri: Option<String>,
+    /// REST: OAuth2 scope.
+    pub scope: Option<String>,
+    /// REST: path prefix.
+    pub prefix: Option<String>,
+    /// Extra catalog properties passed through unchanged.
+    pub properties: BTreeMap<String, String>,
+    /// Object storage settings for `s3://` warehouses.
+    pub s3: S3Config,
+}
+
+impl Default for IcebergConfig {
+    fn default() -> Self {
+        Self {
+            catalog: "sql".into(),
+            catalog_name: "philotes".into(),
+            uri: "sqlite://./data/catalog.db".into(),
+            warehouse: "./data/warehouse".into(),
+            token: None,
+            credential: None,
+            oauth2_server_uri: None,
+            scope: None,
+            prefix: None,
+            properties: BTreeMap::new(),
+            s3: S3Config::default(),
+        }
+    }
+}
+
+/// `[iceberg.s3]`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct S3Config {
+    /// Custom endpoint (MinIO, SeaweedFS, moto...).
+    pub endpoint: Option<String>,
+    /// Region.
+    pub region: Option<String>,
+    /// Static access key; absent = default AWS credential chain.
+    pub access_key_id: Option<String>,
+    /// Static secret key.
+    pub secret_access_key: Option<String>,
+    /// Session token for temporary credentials.
+    pub session_token: Option<String>,
+    /// Path-style addressing (needed by most non-AWS servers).
+    pub path_style: bool,
+}
+
+/// Whether to copy existing rows before streaming.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SnapshotMode {
+    /// Copy existing rows (`_cdc_op = 'R'`), then stream.
+    Initial,
+    /// Stream changes only.
+    Never,
+}
+
+/// One `[[pipelines]]` entry.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineConfig {
+    /// Unique name; the `source` label of every metric.
+    pub name: String,
+    /// `postgres://user:password@host:port/db?sslmode=...`.
+    pub source: String,
+    /// Replication slot (default `philotes_<name>`).
+    #[serde(default)]
+    pub slot: Option<String>,
+    /// Publication (default `philotes_<name>`).
+    #[serde(default)]
+    pub publication: Option<String>,
+    /// `schema.table` (or `table` for `public`).
+    pub tables: Vec<String>,
+    /// Iceberg namespace (default: the pipeline name).
+    #[serde(default)]
+    pub namespace: Option<String>,
+    /// Initial snapshot mode.
+    #[serde(default = "default_snapshot")]
+    pub snapshot: SnapshotMode,
+    /// Flush once this many rows are buffered.
+    #[serde(default = "default_batch_rows")]
+    pub batch_rows: u64,
+    /// Flush once this many bytes are buffered.
+    #[serde(default = "default_batch_bytes", with = "size_str")]
+    pub batch_bytes: u64,
+    /// Flush at the next transaction boundary once the oldest buffered change is this old.
+    #[serde(default = "default_flush_interval", with = "duration_str")]
+    pub flush_interval: Duration,
+    /// Upper bound of buffered, not yet written data.
+    #[serde(default = "default_max_buffer", with = "size_str")]
+    pub max_buffer_bytes: u64,
+}
+
+fn default_snapshot() -> SnapshotMode {
+    SnapshotMode::Never
+}
+fn default_batch_rows() -> u64 {
+    10_000
+}
+fn default_batch_bytes() -> u64 {
+    64 << 20
+}
+fn default_flush_interval() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_max_buffer() -> u64 {
+    256 << 20
+}
+
+impl PipelineConfig {
+    /// Replication slot name.
+    pub fn slot_name(&self) -> String {
+        self.slot
+            .clone()
+            .unwrap_or_else(|| format!("philotes_{}", self.name))
+    }
+    /// Publication name.
+    pub fn publication_name(&self) -> String {
+        self.publication
+            .clone()
+            .unwrap_or_else(|| format!("philotes_{}", self.name))
+    }
+    /// Iceberg namespace.
+    pub fn namespace_name(&self) -> String {
+        self.namespace.clone().unwrap_or_else(|| self.name.clone())
+    }
+    /// Tables as `(schema, table)` pairs.
+    pub fn table_names(&self) -> Vec<(String, String)> {
+        self.tables.iter().map(|t| split_table(t)).collect()
+    }
+}
+
+/// Split `schema.table` (default schema `public`).
+pub fn split_table(t: &str) -> (String, String) {
+    match t.split_once('.') {
+        Some((s, n)) => (s.to_string(), n.to_string()),
+        None => ("public".to_string(), t.to_string()),
+    }
+}
+
+/// Sections whose keys `PHILOTES_<SECTION>_<KEY>` may override (longest first).
+const OVERRIDE_SECTIONS: &[(&str, &[&str])] = &[
+    ("ICEBERG_S3_", &["iceberg", "s3"]),
+    ("TELEMETRY_", &["telemetry"]),
+    ("ICEBERG_", &["iceberg"]),
+    ("API_", &["api"]),
+];
+
+/// Keys whose override value is a boolean rather than a string.
+const BOOL_KEYS: &[&str] = &[
+    "telemetry.prometheus",
+    "telemetry.traces",
+    "iceberg.s3.path_style",
+    "api.enabled",
+];
+
+impl Config {
+    /// Read, interpolate, override and validate the config file at `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigError::new(path.display().to_string(), format!("cannot read: {e}"))
+        })?;
+        let env: Vec<(String, String)> = std::env::vars().collect();
+        Self::parse(&text, &env)
+    }
+
+    /// Parse config text against an explicit environment (testable without touching the process).
+    pub fn parse(text: &str, env: &[(String, String)]) -> Result<Self, ConfigError> {
+        let mut value: toml::Value = toml::from_str(text).map_err(|e| {
+            let msg = e.message().replace('\n', " ");
+            let line = e
+                .span()
+                .map(|s| text[..s.start.min(text.len())].lines().count().max(1));
+            ConfigError::new(
+                line.map(|l| format!("line {l}"))
+                    .unwrap_or_else(|| "file".into()),
+                format!("TOML syntax: {msg}"),
+            )
+        })?;
+        let lookup = |name: &str| {
+            env.iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.clone())
+        };
+        interpolate(&mut value, "", &lookup)?;
+        apply_overrides(&mut value, env)?;
+        let cfg: Config = serde_path_to_error::deserialize(value).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner().to_string().replace('\n', " ");
+            ConfigError::new(if path == "." { "config".into() } else { path }, inner)
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Semantic checks that serde cannot express.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.api.enabled {
+            self.api.listen.parse::<SocketAddr>().map_err(|e| {
+                ConfigError::new("api.listen", format!("not a socket address: {e}"))
+            })?;
+        }
+        let t = &self.telemetry;
+        if !matches!(t.otlp_protocol.as_str(), "http/protobuf" | "grpc") {
+            return Err(ConfigError::new(
+                "telemetry.otlp_protocol",
+                format!("must be \"http/protobuf\" or \"grpc\", got {:?}", t.otlp_protocol),
+            ));
+        }
+        if !matches!(t.log_format.as_str(), "text" | "json") {
+            return Err(ConfigError::new(
+                "telemetry.log_format",
+                format!("must be \"text\" or \"json\", got {:?}", t.log_format),
+            ));
+        }
+        if let Some(ep) = &t.otlp_endpoint {
+            check_url("telemetry.otlp_endpoint", ep, &["http", "https"])?;
+        }
+        if t.export_interval.is_zero() {
+            return Err(ConfigError::new(
+                "telemetry.export_interval",
+                "must be greater than zero",
+            ));
+        }
+        let ice = &self.iceberg;
+        match ice.catalog.as_str() {
+            "sql" => {
+                if !(ice.uri.starts_with("sqlite:")
+                    || ice.uri.starts_with("postgres://")
+                    || ice.uri.starts_with("postgresql://"))
+                {
+                    return Err(ConfigError::new(
+                        "iceberg.uri",
+                        "the sql catalog needs a sqlite:// or postgres:// URI",
+                    ));
+                }
+            }
+            "rest" => check_url("iceberg.uri", &ice.uri, &["http", "https"])?,
+            other => {
+                return Err(ConfigError::new(
+                    "iceberg.catalog",
+                    format!("must be \"sql\" or \"rest\", got {other:?}"),
+                ))
+            }
+        }
+        if ice.catalog_name.is_empty() {
+            return Err(ConfigError::new("iceberg.catalog_name", "must not be empty"));
+        }
+        if ice.warehouse.is_empty() {
+            return Err(ConfigError::new("iceberg.warehouse", "must not be empty"));
+        }
+        if ice.warehouse.contains("://")
+            && !(ice.warehouse.starts_with("file://") || ice.warehouse.starts_with("s3://"))
+        {
+            return Err(ConfigError::new(
+                "iceberg.warehouse",
+                "must be a path, file:// or s3:// location",
+            ));
+        }
+        if let Some(ep) = &ice.s3.endpoint {
+            check_url("iceberg.s3.endpoint", ep, &["http", "https"])?;
+        }
+        if self.pipelines.is_empty() {
+            return Err(ConfigError::new(
+                "pipelines",
+                "at least one [[pipelines]] entry is required",
+            ));
+        }
+        let mut names = HashSet::new();
+        let mut slots = HashSet::new();
+        for (i, p) in self.pipelines.iter().enumerate() {
+            let key = |k: &str| format!("pipelines[{i}].{k}");
+            if !valid_ident(&p.name) {
+                return Err(ConfigError::new(
+                    key("name"),
+                    format!("{:?} must be 1-48 characters of a-z, 0-9 and _", p.name),
+                ));
+            }
+            if !names.insert(p.name.clone()) {
+                return Err(ConfigError::new(
+                    key("name"),
+                    format!("duplicate pipeline name {:?}", p.name),
+                ));
+            }
+            SourceUrl::parse(&p.source).map_err(|e| ConfigError::new(key("source"), e.to_string()))?;
+            let slot = p.slot_name();
+            if !valid_pg_name(&slot) {
+                return Err(ConfigError::new(
+                    key("slot"),
+                    format!("{slot:?} must be 1-63 characters of a-z, 0-9 and _"),
+                ));
+            }
+            if !slots.insert((p.source.clone(), slot.clone())) {
+                return Err(ConfigError::new(
+                    key("slot"),
+                    format!("slot {slot:?} is used by two pipelines on the same source"),
+                ));
+            }
+            if !valid_pg_name(&p.publication_name()) {
+                return Err(ConfigError::new(
+                    key("publication"),
+                    "must be 1-63 characters of a-z, 0-9 and _",
+                ));
+            }
+            if p.tables.is_empty() {
+                return Err(ConfigError::new(
+                    key("tables"),
+                    "must list at least one table",
+                ));
+            }
+            for (j, t) in p.tables.iter().enumerate() {
+                let (s, n) = split_table(t);
+                if !valid_pg_name(&s) || !valid_pg_name(&n) {
+                    return Err(ConfigError::new(
+                        format!("pipelines[{i}].tables[{j}]"),
+                        format!("{t:?} must be `table` or `schema.table` (lowercase identifiers)"),
+                    ));
+                }
+            }
+            if !valid_ident(&p.namespace_name()) {
+                return Err(ConfigError::new(
+                    key("namespace"),
+                    "must be 1-48 characters of a-z, 0-9 and _",
+                ));
+            }
+            if p.snapshot == SnapshotMode::Initial {
+                return Err(ConfigError::new(
+                    key("snapshot"),
+                    "\"initial\" is not supported by this version yet; use \"never\"",
+                ));
+            }
+            if p.batch_rows == 0 {
+                return Err(ConfigError::new(key("batch_rows"), "must be greater than zero"));
+            }
+            if p.flush_interval.is_zero() {
+                return Err(ConfigError::new(
+                    key("flush_interval"),
+                    "must be greater than zero",
+                ));
+            }
+            if p.max_buffer_bytes < (1 << 20) {
+                return Err(ConfigError::new(
+                    key("max_buffer_bytes"),
+                    "must be at least 1MiB",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The configuration as JSON with every secret replaced by `"***"`.
+    pub fn redacted(&self) -> serde_json::Value {
+        let mut c = self.clone();
+        let hide = |s: &mut Option<String>| {
+            if s.is_some() {
+                *s = Some("***".into());
+            }
+        };
+        hide(&mut c.api.token);
+        hide(&mut c.iceberg.token);
+        hide(&mut c.iceberg.credential);
+        hide(&mut c.iceberg.s3.secret_access_key);
+        hide(&mut c.iceberg.s3.session_token);
+        hide(&mut c.iceberg.s3.access_key_id);
+        c.iceberg.uri = redact_url(&c.iceberg.uri);
+        for (k, v) in c.iceberg.properties.iter_mut() {
+            let k = k.to_ascii_lowercase();
+            if ["secret", "token", "password", "credential", "key"]
+                .iter()
+                .any(|s| k.contains(s))
+            {
+                *v = "***".into();
+            }
+        }
+        for p in &mut c.pipelines {
+            p.source = redact_url(&p.source);
+        }
+        serde_json::to_value(&c).unwrap_or(serde_json::Value::Null)
+    }
+}
+
+/// Replace the password of a URL (and any `password=` query parameter) with `***`.
+pub fn redact_url(u: &str) -> String {
+    match url::Url::parse(u) {
+        Ok(mut parsed) => {
+            if parsed.password().is_some() {
+                let _ = parsed.set_password(Some("***"));
+            }
+            let pairs: Vec<(String, String)> = parsed
+                .query_pairs()
+                .map(|(k, v)| {
+                    if k.eq_ignore_ascii_case("password") {
+                        (k.into_owned(), "***".to_string())
+                    } else {
+                        (k.into_owned(), v.into_owned())
+                    }
+                })
+                .collect();
+            if !pairs.is_empty() {
+                parsed.query_pairs_mut().clear().extend_pairs(pairs);
+            }
+            parsed.to_string()
+        }
+        Err(_) => "***".into(),
+    }
+}
+
+fn check_url(key: &str, v: &str, schemes: &[&str]) -> Result<(), ConfigError> {
+    let u = url::Url::parse(v)
+        .map_err(|e| ConfigError::new(key, format!("not a URL ({e}): {:?}", redact_url(v))))?;
+    if !schemes.contains(&u.scheme()) {
+        return Err(ConfigError::new(
+            key,
+            format!("scheme must be one of {schemes:?}, got {:?}", u.scheme()),
+        ));
+    }
+    if u.host_str().is_none_or(str::is_empty) {
+        return Err(ConfigError::new(key, "URL has no host"));
+    }
+    Ok(())
+}
+
+fn valid_ident(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 48
+        && s
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        && !s.as_bytes()[0].is_ascii_digit()
+}
+
+fn valid_pg_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        && !s.as_bytes()[0].is_ascii_digit()
+}
+
+/// Replace `${VAR}` in every string; an unset variable is an error naming the key.
+fn interpolate(
+    v: &mut toml::Value,
+    path: &str,
+    lookup: &dyn Fn(&str) -> Option<String>,
+) -> Result<(), ConfigError> {
+    match v {
+        toml::Value::String(s) => {
+            if s.contains("${") {
+                *s = expand(s, lookup).map_err(|m| ConfigError::new(path, m))?;
+            }
+        }
+        toml::Value::Array(a) => {
+            for (i, item) in a.iter_mut().enumerate() {
+                interpolate(item, &format!("{path}[{i}]"), lookup)?;
+            }
+        }
+        toml::Value::Table(t) => {
+            for (k, item) in t.iter_mut() {
+                let p = if path.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{path}.{k}")
+                };
+                interpolate(item, &p, lookup)?;
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+fn expand(s: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Result<String, String> {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(i) = rest.find("${") {
+        out.push_str(&rest[..i]);
+        let after = &rest[i + 2..];
+        let end = after
+            .find('}')
+            .ok_or_else(|| "unterminated ${ in value".to_string())?;
+        let name = &after[..end];
+        // `${VAR:-default}` as in shells, for optional secrets with local defaults.
+        let (name, default) = match name.split_once(":-") {
+            Some((n, d)) => (n, Some(d)),
+            None => (name, None),
+        };
+        if name.is_empty()
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        {
+            return Err(format!("bad variable name in ${{{name}}}"));
+        }
+        match lookup(name).filter(|v| !v.is_empty()).or(default.map(String::from)) {
+            Some(v) => out.push_str(&v),
+            None => return Err(format!("environment variable {name} is not set")),
+        }
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+fn apply_overrides(v: &mut toml::Value, env: &[(String, String)]) -> Result<(), ConfigError> {
+    let Some(root) = v.as_table_mut() else {
+        return Ok(());
+    };
+    for (name, val) in env {
+        let Some(rest) = name.strip_prefix("PHILOTES_") else {
+            continue;
+        };
+        let Some((prefix, path)) = OVERRIDE_SECTIONS
+            .iter()
+            .find(|(p, _)| rest.starts_with(p))
+            .map(|(p, path)| (*p, *path))
+        else {
+            continue;
+        };
+        let key = rest[prefix.len()..].to_ascii_lowercase();
+        if key.is_empty() {
+            continue;
+        }
+        let dotted = format!("{}.{key}", path.join("."));
+        let new = if BOOL_KEYS.contains(&dotted.as_str()) {
+            match val.to_ascii_lowercase().as_str() {
+                "true" | "1" | "yes" => toml::Value::Boolean(true),
+                "false" | "0" | "no" => toml::Value::Boolean(false),
+                _ => {
+                    return Err(ConfigError::new(
+                        dotted,
+                        format!("{name} must be true or false"),
+                    ))
+                }
+            }
+        } else {
+            toml::Value::String(val.clone())
+        };
+        let mut table = &mut *root;
+        for seg in path {
+            let entry = table
+                .entry(seg.to_string())
+                .or_insert_with(|| toml::Value::Table(Default::default()));
+            table = match entry.as_table_mut() {
+                Some(t) => t,
+                None => return Err(ConfigError::new(*seg, "must be a table")),
+            };
+        }
+        table.insert(key, new);
+    }
+    Ok(())
+}
+
+/// Parse a size such as `256MiB`, `64MB`, `1024` (bytes).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("invalid size {s:?} (e.g. \"256MiB\")"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" => 1_000,
+        "kib" => 1 << 10,
+        "m" | "mb" => 1_000_000,
+        "mib" => 1 << 20,
+        "g" | "gb" => 1_000_000_000,
+        "gib" => 1 << 30,
+        other => return Err(format!("invalid size unit {other:?} in {s:?}")),
+    };
+    if !n.is_finite() || n < 0.0 {
+        return Err(format!("invalid size {s:?}"));
+    }
+    Ok((n * mult as f64) as u64)
+}
+
+mod duration_str {
+    use super::*;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(s.trim()).map_err(|e| {
+            serde::de::Error::custom(format!("invalid duration {s:?} ({e}); e.g. \"1s\", \"500ms\""))
+        })
+    }
+
+    pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
+}
+
+mod size_str {
+    use super::*;
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Int(u64),
+        Str(String),
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        match Raw::deserialize(d)
+            .map_err(|_| serde::de::Error::custom("expected a size such as \"256MiB\""))?
+        {
+            Raw::Int(n) => Ok(n),
+            Raw::Str(s) => parse_size(&s).map_err(serde::de::Error::custom),
+        }
+    }
+
+    pub fn serialize<S: serde::Serializer>(v: &u64, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(*v)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIN: &str = r#"
+[[pipelines]]
+name = "shop"
+source = "postgres://u:pw@127.0.0.1:5432/shop"
+tables = ["orders"]
+"#;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = Config::parse(MIN, &[]).unwrap();
+        let p = &c.pipelines[0];
+        assert_eq!(p.slot_name(), "philotes_shop");
+        assert_eq!(p.namespace_name(), "shop");
+        assert_eq!(p.flush_interval, Duration::from_secs(1));
+        assert_eq!(p.max_buffer_bytes, 256 << 20);
+        assert_eq!(c.iceberg.catalog_name, "philotes");
+    }
+
+    #[test]
+    fn interpolation_and_overrides() {
+        let text = format!("[api]\ntoken = \"${{TOK}}\"\n{MIN}");
+        let c = Config::parse(
+            &text,
+            &env(&[
+                ("TOK", "s3cret"),
+                ("PHILOTES_ICEBERG_WAREHOUSE", "/tmp/wh"),
+                ("PHILOTES_TELEMETRY_PROMETHEUS", "false"),
+                ("PHILOTES_ICEBERG_S3_PATH_STYLE", "true"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.api.token.as_deref(), Some("s3cret"));
+        assert_eq!(c.iceberg.warehouse, "/tmp/wh");
+        assert!(!c.telemetry.prometheus);
+        assert!(c.iceberg.s3.path_style);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let cases = [
+            (format!("bogus = 1\n{MIN}"), "config"),
+            (MIN.replace("tables = [\"orders\"]", "tables = [\"orders\"]\nbatch_rows = \"x\""), "pipelines[0].batch_rows"),
+            (MIN.replace("source = \"postgres://u:pw@127.0.0.1:5432/shop\"\n", ""), "pipelines[0]"),
+            (MIN.replace("tables = [\"orders\"]", "tables = []"), "pipelines[0].tables"),
+            (MIN.replace("tables = [\"orders\"]", "tables = [\"orders\"]\nflush_interval = \"soon\""), "pipelines[0].flush_interval"),
+            (format!("[iceberg]\ncatalog = \"hive\"\n{MIN}"), "iceberg.catalog"),
+            (format!("[api]\ntoken = \"${{NOPE_NOT_SET}}\"\n{MIN}"), "api.token"),
+            (format!("{MIN}{MIN}"), "pipelines[1].name"),
+            ("[[pipelines]\n".to_string(), "line 1"),
+        ];
+        for (text, key) in cases {
+            let e = Config::parse(&text, &[]).unwrap_err();
+            assert!(e.key.starts_with(key), "{text}\n=> {e}");
+            assert!(!e.to_string().contains('\n'), "one line: {e}");
+        }
+    }
+
+    #[test]
+    fn redaction_hides_secrets() {
+        let text = format!("[api]\ntoken = \"tok123\"\n[iceberg.s3]\nsecret_access_key = \"sk999\"\n{MIN}");
+        let c = Config::parse(&text, &[]).unwrap();
+        let j = c.redacted().to_string();
+        for secret in ["tok123", "sk999", ":pw@"] {
+            assert!(!j.contains(secret), "{secret} leaked in {j}");
+        }
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("256MiB").unwrap(), 256 << 20);
+        assert_eq!(parse_size("1kb").unwrap(), 1000);
+        assert!(parse_size("lots").is_err());
+    }
+}

@@ -1,0 +1,15 @@
+//! Philotes: an OpenTelemetry-native change-data-capture agent streaming PostgreSQL logical
+//! replication into Apache Iceberg tables.
+//!
+//! The data path reads left to right: [`source::postgres`] → [`pipeline`] → [`sink::iceberg`],
+//! with [`telemetry`], [`api`] and [`config`] beside them.
+
+pub mod agent;
+pub mod api;
+pub mod check;
+pub mod config;
+pub mod demo;
+pub mod pipeline;
+pub mod sink;
+pub mod source;
+pub mod telemetry;

@@ -1,0 +1,149 @@
+//! `philotes` command line: run | check | demo | version.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+use philotes::agent::{shutdown_signal, Agent};
+use philotes::config::Config;
+use philotes::telemetry::{self, Telemetry};
+
+#[derive(Parser)]
+#[command(name = "philotes", version, about = "PostgreSQL → Apache Iceberg change data capture, observable to the bone")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the agent until SIGINT/SIGTERM, then drain and exit.
+    Run {
+        /// Configuration file (TOML).
+        #[arg(short, long)]
+        config: PathBuf,
+    },
+    /// Validate the configuration and reach every source and the catalog.
+    Check {
+        /// Configuration file (TOML).
+        #[arg(short, long)]
+        config: PathBuf,
+    },
+    /// Local demo: private PostgreSQL, generated changes, local Iceberg warehouse.
+    Demo {
+        /// Where the catalog and warehouse go.
+        #[arg(long, default_value = "./philotes-demo")]
+        dir: PathBuf,
+        /// Stop after this long (e.g. "30s"); default: until Ctrl-C.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        duration: Option<Duration>,
+        /// Changes per second.
+        #[arg(long, default_value_t = 200)]
+        rate: u32,
+        /// API and /metrics address.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: String,
+    },
+    /// Print the version.
+    Version,
+}
+
+fn load(path: &PathBuf) -> Result<Config, ExitCode> {
+    Config::load(path).map_err(|e| {
+        eprintln!("philotes: {e}");
+        ExitCode::from(2)
+    })
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("philotes: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    rt.block_on(async move {
+        match cli.command {
+            Cmd::Version => {
+                println!("philotes {}", env!("CARGO_PKG_VERSION"));
+                ExitCode::SUCCESS
+            }
+            Cmd::Check { config } => {
+                let cfg = match load(&config) {
+                    Ok(c) => c,
+                    Err(code) => return code,
+                };
+                telemetry::init_basic_logging("warn");
+                let problems = philotes::check::run_checks(&cfg).await;
+                if problems.is_empty() {
+                    println!("ok: {} pipeline(s), catalog reachable", cfg.pipelines.len());
+                    ExitCode::SUCCESS
+                } else {
+                    for p in problems {
+                        eprintln!("philotes: {p}");
+                    }
+                    ExitCode::from(2)
+                }
+            }
+            Cmd::Run { config } => {
+                let cfg = match load(&config) {
+                    Ok(c) => c,
+                    Err(code) => return code,
+                };
+                run(cfg).await
+            }
+            Cmd::Demo {
+                dir,
+                duration,
+                rate,
+                listen,
+            } => {
+                let opts = philotes::demo::DemoOptions {
+                    dir,
+                    duration,
+                    rate,
+                    listen,
+                };
+                match philotes::demo::run(opts).await {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(e) => {
+                        eprintln!("philotes demo: {e}");
+                        ExitCode::from(1)
+                    }
+                }
+            }
+        }
+    })
+}
+
+async fn run(cfg: Config) -> ExitCode {
+    let telemetry = match Telemetry::init(&cfg.telemetry) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("philotes: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    telemetry.init_logging(&cfg.telemetry);
+    // Problems that no retry can cure (wal_level, missing tables) stop the start with status 2.
+    for p in philotes::check::fatal_source_problems(&cfg).await {
+        eprintln!("philotes: {p}");
+        return ExitCode::from(2);
+    }
+    let agent = match Agent::start(cfg, telemetry).await {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("philotes: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    tracing::info!(api = ?agent.api_addr, "philotes running");
+    shutdown_signal().await;
+    tracing::info!("shutting down: draining pipelines");
+    agent.stop().await;
+    ExitCode::SUCCESS
+}

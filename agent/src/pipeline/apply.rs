@@ -1,0 +1,600 @@
+//! The apply loop: the one place that owns replication state (received / committed / confirmed
+//! LSN), turns pgoutput messages into buffered rows, flushes at transaction boundaries and
+//! acknowledges only what every table has committed.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use iceberg::Catalog;
+use pgwire_replication::{Lsn, ReplicationClient, ReplicationEvent};
+use tokio::sync::watch;
+use tracing::Instrument;
+
+use super::batch::{row_json, BatchError, TableBatch, PG_EPOCH_OFFSET_MICROS};
+use super::dlq::{self, DeadLetter};
+use super::status::{self, SharedStatus, TableStatus};
+use super::{Control, PipelineError};
+use crate::config::PipelineConfig;
+use crate::sink::iceberg::schema::{
+    changelog_partition, changelog_schema, dlq_schema, iceberg_type, kind_of, DLQ_TABLE,
+};
+use crate::sink::iceberg::TableSink;
+use crate::source::postgres::pgoutput::{self, Message, RelationColumn, TupleData};
+use crate::source::postgres::session::format_lsn;
+use crate::source::postgres::types::ColumnKind;
+use crate::telemetry::{PipelineState, SourceMetrics, TableMetrics};
+
+/// A configured table being streamed.
+struct TableState {
+    /// `schema.table` in the source.
+    source_name: String,
+    sink: TableSink,
+    batch: TableBatch,
+    columns: Vec<RelationColumn>,
+    metrics: TableMetrics,
+    /// Rows buffered or written since the last commit.
+    dirty: bool,
+    /// Transaction (commit LSN) that last touched the table, for the lag gauge.
+    touched_in: u64,
+}
+
+/// The transaction being received.
+#[derive(Debug, Clone, Copy)]
+struct Txn {
+    lsn: u64,
+    ts_micros: i64,
+    seq: u64,
+}
+
+/// The last transaction fully received.
+#[derive(Debug, Clone, Copy, Default)]
+struct Committed {
+    lsn: u64,
+    end_lsn: u64,
+}
+
+pub(super) struct Applier {
+    cfg: PipelineConfig,
+    namespace: String,
+    catalog: Arc<dyn Catalog>,
+    secrets: Arc<[String]>,
+    metrics: SourceMetrics,
+    status: SharedStatus,
+    /// Relation OID → index into `tables` (None: not a configured table).
+    relations: HashMap<u32, Option<usize>>,
+    tables: Vec<TableState>,
+    dlq_sink: Option<TableSink>,
+    dlq_rows: Vec<DeadLetter>,
+    txn: Option<Txn>,
+    last: Committed,
+    /// When the oldest uncommitted change arrived.
+    oldest: Option<Instant>,
+    buffered_events: u64,
+    confirmed: u64,
+}
+
+fn now_micros() -> i64 {
+    chrono::Utc::now().timestamp_micros()
+}
+
+fn pg_ts_to_unix(ts: i64) -> i64 {
+    ts.saturating_add(PG_EPOCH_OFFSET_MICROS)
+}
+
+/// Iceberg table name for a source table (contract: `<schema>__<table>` outside `public`).
+pub fn iceberg_table_name(schema: &str, table: &str) -> String {
+    if schema == "public" {
+        table.to_string()
+    } else {
+        format!("{schema}__{table}")
+    }
+}
+
+impl Applier {
+    pub(super) fn new(
+        cfg: &PipelineConfig,
+        catalog: Arc<dyn Catalog>,
+        secrets: Arc<[String]>,
+        metrics: SourceMetrics,
+        status: SharedStatus,
+    ) -> Self {
+        Self {
+            namespace: cfg.namespace_name(),
+            cfg: cfg.clone(),
+            catalog,
+            secrets,
+            metrics,
+            status,
+            relations: HashMap::new(),
+            tables: Vec::new(),
+            dlq_sink: None,
+            dlq_rows: Vec::new(),
+            txn: None,
+            last: Committed::default(),
+            oldest: None,
+            buffered_events: 0,
+            confirmed: 0,
+        }
+    }
+
+    fn buffered_rows(&self) -> u64 {
+        self.tables
+            .iter()
+            .map(|t| t.batch.rows() as u64 + t.sink.pending_rows())
+            .sum::<u64>()
+            + self.dlq_rows.len() as u64
+    }
+
+    fn buffered_bytes(&self) -> u64 {
+        self.tables.iter().map(|t| t.batch.bytes() as u64).sum()
+    }
+
+    fn anything_uncommitted(&self) -> bool {
+        self.buffered_events > 0 || self.tables.iter().any(|t| t.dirty) || !self.dlq_rows.is_empty()
+    }
+
+    /// Stream until shutdown; returns Err on any failure (the caller reconnects).
+    pub(super) async fn stream(
+        &mut self,
+        mut client: ReplicationClient,
+        control: &mut watch::Receiver<Control>,
+        shutdown: &mut watch::Receiver<bool>,
+        set_state: &(dyn Fn(PipelineState) + Sync),
+    ) -> Result<(), PipelineError> {
+        let tick = (self.cfg.flush_interval / 4).clamp(Duration::from_millis(20), Duration::from_millis(250));
+        let mut timer = tokio::time::interval(tick);
+        timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut paused = false;
+        let mut stopping = false;
+        let mut stop_deadline: Option<Instant> = None;
+        loop {
+            let want_pause = *control.borrow() == Control::Pause;
+            if *shutdown.borrow() && !stopping {
+                stopping = true;
+                stop_deadline = Some(Instant::now() + Duration::from_secs(10));
+            }
+            // Pausing and stopping wait for the open transaction to end, then flush.
+            if (want_pause || stopping) && self.txn.is_none() {
+                if self.anything_uncommitted() {
+                    self.flush().await?;
+                }
+                if stopping {
+                    client.stop();
+                    return Ok(());
+                }
+                if !paused {
+                    paused = true;
+                    set_state(PipelineState::Paused);
+                    tracing::info!(pipeline = %self.cfg.name, "paused");
+                }
+                tokio::select! {
+                    _ = control.changed() => {}
+                    _ = shutdown.changed() => {}
+                }
+                continue;
+            }
+            if stopping && stop_deadline.is_some_and(|d| Instant::now() > d) {
+                // The open transaction did not end in time: leave it to the slot.
+                tracing::warn!(pipeline = %self.cfg.name, "stopping inside a transaction; it will be re-read on restart");
+                client.stop();
+                return Ok(());
+            }
+            if paused && !want_pause {
+                paused = false;
+                set_state(PipelineState::Streaming);
+                tracing::info!(pipeline = %self.cfg.name, "resumed");
+            }
+            tokio::select! {
+                biased;
+                ev = client.recv() => {
+                    match ev {
+                        Ok(Some(ev)) => self.on_event(ev, &client).await?,
+                        Ok(None) => return Err(PipelineError::StreamEnded("server closed the stream".into())),
+                        Err(e) => return Err(PipelineError::StreamEnded(e.to_string())),
+                    }
+                }
+                _ = timer.tick() => {
+                    if self.txn.is_none()
+                        && self.oldest.is_some_and(|t| t.elapsed() >= self.cfg.flush_interval)
+                    {
+                        self.flush().await?;
+                        self.ack(&client);
+                    }
+                }
+                _ = control.changed() => {}
+                _ = shutdown.changed() => {}
+            }
+        }
+    }
+
+    async fn on_event(
+        &mut self,
+        ev: ReplicationEvent,
+        client: &ReplicationClient,
+    ) -> Result<(), PipelineError> {
+        match ev {
+            ReplicationEvent::Begin {
+                final_lsn,
+                commit_time_micros,
+                ..
+            } => {
+                self.txn = Some(Txn {
+                    lsn: final_lsn.as_u64(),
+                    ts_micros: pg_ts_to_unix(commit_time_micros),
+                    seq: 0,
+                });
+            }
+            ReplicationEvent::XLogData { data, wal_end, .. } => {
+                if wal_end.as_u64() > 0 {
+                    status::update(&self.status, |s| s.received_lsn = format_lsn(wal_end.as_u64()));
+                }
+                let msg = pgoutput::decode(&data).map_err(crate::source::postgres::session::SourceError::from)?;
+                self.on_message(msg).await?;
+            }
+            ReplicationEvent::Commit {
+                lsn,
+                end_lsn,
+                commit_time_micros,
+            } => {
+                let ts = pg_ts_to_unix(commit_time_micros);
+                let lag = ((now_micros() - ts) as f64 / 1e6).max(0.0);
+                for t in &self.tables {
+                    if t.touched_in == lsn.as_u64() {
+                        t.metrics.lag.record(lag);
+                    }
+                }
+                self.txn = None;
+                self.last = Committed {
+                    lsn: lsn.as_u64(),
+                    end_lsn: end_lsn.as_u64(),
+                };
+                status::update(&self.status, |s| {
+                    s.lag_seconds = lag;
+                    s.received_lsn = format_lsn(end_lsn.as_u64());
+                    s.buffered_events = self.buffered_events;
+                });
+                self.metrics.depth.record(self.buffered_events as i64);
+                if !self.anything_uncommitted() {
+                    // Nothing of ours in flight: everything up to here is durable by definition.
+                    self.ack(client);
+                } else if self.should_flush() {
+                    self.flush().await?;
+                    self.ack(client);
+                }
+            }
+            ReplicationEvent::KeepAlive { wal_end, .. } => {
+                if self.txn.is_none() && !self.anything_uncommitted() && wal_end.as_u64() > self.confirmed {
+                    // Idle: confirm the server's position so an idle slot does not retain WAL.
+                    self.confirm(client, wal_end.as_u64());
+                }
+            }
+            ReplicationEvent::Message { .. } | ReplicationEvent::StoppedAt { .. } => {}
+        }
+        Ok(())
+    }
+
+    fn should_flush(&self) -> bool {
+        self.buffered_rows() >= self.cfg.batch_rows
+            || self.buffered_bytes() >= self.cfg.batch_bytes
+            || self.oldest.is_some_and(|t| t.elapsed() >= self.cfg.flush_interval)
+    }
+
+    async fn on_message(&mut self, msg: Message<'_>) -> Result<(), PipelineError> {
+        match msg {
+            Message::Relation {
+                oid,
+                namespace,
+                name,
+                columns,
+                ..
+            } => {
+                let wanted = self
+                    .cfg
+                    .table_names()
+                    .iter()
+                    .any(|(s, t)| s == namespace && t == name);
+                if !wanted {
+                    self.relations.insert(oid, None);
+                    return Ok(());
+                }
+                let idx = self.relation(namespace, name, columns).await?;
+                self.relations.insert(oid, Some(idx));
+            }
+            Message::Insert { oid, new } => self.change(oid, "I", Some(&new)).await?,
+            Message::Update { oid, new, .. } => self.change(oid, "U", Some(&new)).await?,
+            Message::Delete { oid, old } => self.change(oid, "D", Some(&old)).await?,
+            Message::Truncate { oids, .. } => {
+                for oid in oids {
+                    self.change(oid, "T", None).await?;
+                }
+            }
+            // Begin/Commit/Message arrive as events; Type and Origin carry nothing we store.
+            Message::Begin { .. }
+            | Message::Commit { .. }
+            | Message::Type { .. }
+            | Message::Origin { .. }
+            | Message::LogicalMessage { .. } => {}
+        }
+        Ok(())
+    }
+
+    /// Register (or re-register after DDL) a configured relation; returns its table index.
+    async fn relation(
+        &mut self,
+        schema: &str,
+        name: &str,
+        columns: Vec<RelationColumn>,
+    ) -> Result<usize, PipelineError> {
+        let source_name = format!("{schema}.{name}");
+        if let Some(i) = self.tables.iter().position(|t| t.source_name == source_name) {
+            if self.tables[i].columns == columns {
+                return Ok(i);
+            }
+            // The table changed shape: write what was buffered with the old layout first.
+            self.spill(i).await?;
+            let t = &mut self.tables[i];
+            evolve(&mut t.sink, &t.source_name, &columns).await?;
+            t.batch = TableBatch::new(t.sink.schema(), t.sink.arrow_schema(), &columns)?;
+            t.columns = columns;
+            return Ok(i);
+        }
+        let cols = columns.clone();
+        let sink = TableSink::open_or_create(
+            self.catalog.clone(),
+            &self.namespace,
+            &iceberg_table_name(schema, name),
+            move || {
+                let s = changelog_schema(&cols)?;
+                let p = changelog_partition(&s)?;
+                Ok((s, Some(p)))
+            },
+            self.secrets.clone(),
+        )
+        .await?;
+        let mut sink = sink;
+        evolve(&mut sink, &source_name, &columns).await?;
+        let metrics = self.metrics.table(&source_name);
+        let iceberg_name = sink.name();
+        let committed = sink.last_lsn;
+        self.tables.push(TableState {
+            source_name: source_name.clone(),
+            batch: TableBatch::new(sink.schema(), sink.arrow_schema(), &columns)?,
+            sink,
+            columns,
+            metrics,
+            dirty: false,
+            touched_in: 0,
+        });
+        let i = self.tables.len() - 1;
+        status::update(&self.status, |s| {
+            let e = s.tables.entry(source_name).or_default();
+            e.iceberg_table = iceberg_name;
+            e.committed_lsn = format_lsn(committed);
+        });
+        Ok(i)
+    }
+
+    async fn change(
+        &mut self,
+        oid: u32,
+        op: &'static str,
+        tuple: Option<&TupleData<'_>>,
+    ) -> Result<(), PipelineError> {
+        let Some(txn) = self.txn.as_mut() else {
+            return Err(PipelineError::StreamEnded("change outside a transaction".into()));
+        };
+        let seq = txn.seq;
+        txn.seq += 1;
+        let (lsn, ts) = (txn.lsn, txn.ts_micros);
+        let idx = match self.relations.get(&oid) {
+            Some(Some(i)) => *i,
+            Some(None) => return Ok(()),
+            None => {
+                return Err(PipelineError::StreamEnded(format!(
+                    "change for relation {oid} before its Relation message"
+                )))
+            }
+        };
+        let t = &mut self.tables[idx];
+        // Exactly-once across restarts: this transaction is already in the table.
+        if lsn <= t.sink.last_lsn {
+            return Ok(());
+        }
+        match op {
+            "I" => t.metrics.insert.add(1),
+            "U" => t.metrics.update.add(1),
+            "D" => t.metrics.delete.add(1),
+            _ => t.metrics.truncate.add(1),
+        }
+        t.touched_in = lsn;
+        if let Err(e) = t.batch.push(op, lsn, seq, ts, tuple) {
+            let row = row_json(&t.columns, tuple);
+            tracing::warn!(table = %t.source_name, lsn = %format_lsn(lsn), seq, "dead letter: {}", e.0);
+            self.dlq_rows.push(DeadLetter {
+                source_table: t.source_name.clone(),
+                lsn,
+                seq,
+                op,
+                error: e.0,
+                row_json: row,
+                time_micros: now_micros(),
+            });
+            self.metrics.dlq.add(1);
+            self.metrics.error("conversion");
+        } else {
+            t.dirty = true;
+        }
+        self.buffered_events += 1;
+        self.oldest.get_or_insert_with(Instant::now);
+        let source = t.source_name.clone();
+        status::update(&self.status, |s| {
+            let e = s.tables.entry(source).or_default();
+            match op {
+                "I" => e.inserts += 1,
+                "U" => e.updates += 1,
+                "D" => e.deletes += 1,
+                _ => e.truncates += 1,
+            }
+        });
+        // Bound memory inside large transactions: write the batch out, commit later.
+        let t = &self.tables[idx];
+        if t.batch.rows() as u64 >= self.cfg.batch_rows
+            || t.batch.bytes() as u64 >= self.cfg.batch_bytes
+            || self.buffered_bytes() >= self.cfg.max_buffer_bytes
+        {
+            self.spill(idx).await?;
+        }
+        Ok(())
+    }
+
+    /// Write table `i`'s buffered rows to data files (uncommitted).
+    async fn spill(&mut self, i: usize) -> Result<(), PipelineError> {
+        let t = &mut self.tables[i];
+        let Some(batch) = t.batch.finish()? else {
+            return Ok(());
+        };
+        let span = tracing::info_span!("iceberg.write", table = %t.sink.name(), rows = batch.num_rows());
+        let w = t.sink.write(batch).instrument(span).await?;
+        t.metrics.files.add(w.files);
+        t.metrics.bytes.add(w.bytes);
+        Ok(())
+    }
+
+    /// Commit every dirty table (and dead letters) at the last complete transaction.
+    async fn flush(&mut self) -> Result<(), PipelineError> {
+        let lsn = self.last.lsn;
+        let span = tracing::info_span!(
+            "pipeline.flush",
+            source = %self.cfg.name,
+            lsn = %format_lsn(lsn),
+            rows = self.buffered_events,
+        );
+        let result = self.flush_inner(lsn).instrument(span).await;
+        match &result {
+            Ok(()) => self.metrics.batches_committed.add(1),
+            Err(_) => self.metrics.batches_failed.add(1),
+        }
+        result
+    }
+
+    async fn flush_inner(&mut self, lsn: u64) -> Result<(), PipelineError> {
+        let mut committed_events = 0u64;
+        for i in 0..self.tables.len() {
+            if !self.tables[i].dirty {
+                continue;
+            }
+            self.spill(i).await?;
+            let t = &mut self.tables[i];
+            let rows = t.sink.pending_rows();
+            let started = Instant::now();
+            let span = tracing::info_span!("iceberg.commit", table = %t.sink.name(), rows, lsn = %format_lsn(lsn));
+            t.sink.commit(lsn).instrument(span).await?;
+            t.metrics.commit_duration.record(started.elapsed().as_secs_f64());
+            t.metrics.commits.add(1);
+            t.dirty = false;
+            committed_events += rows;
+            let (source, name) = (t.source_name.clone(), t.sink.name());
+            status::update(&self.status, |s| {
+                let e: &mut TableStatus = s.tables.entry(source).or_default();
+                e.iceberg_table = name;
+                e.committed_rows += rows;
+                e.commits += 1;
+                e.committed_lsn = format_lsn(lsn);
+                e.last_commit_at = Some(status::now_rfc3339());
+            });
+        }
+        if !self.dlq_rows.is_empty() {
+            self.flush_dlq(lsn).await?;
+        }
+        self.metrics.events_processed.add(committed_events);
+        self.buffered_events = 0;
+        self.oldest = None;
+        self.metrics.depth.record(0);
+        status::update(&self.status, |s| {
+            s.committed_lsn = format_lsn(lsn);
+            s.buffered_events = 0;
+        });
+        Ok(())
+    }
+
+    async fn flush_dlq(&mut self, lsn: u64) -> Result<(), PipelineError> {
+        if self.dlq_sink.is_none() {
+            let sink = TableSink::open_or_create(
+                self.catalog.clone(),
+                &self.namespace,
+                DLQ_TABLE,
+                || Ok((dlq_schema()?, None)),
+                self.secrets.clone(),
+            )
+            .await?;
+            self.dlq_sink = Some(sink);
+        }
+        let Some(sink) = self.dlq_sink.as_mut() else {
+            return Ok(());
+        };
+        // Replayed dead letters already in the table are dropped, like any other row.
+        let floor = sink.last_lsn;
+        self.dlq_rows.retain(|r| r.lsn > floor);
+        if !self.dlq_rows.is_empty() {
+            let batch = dlq::to_batch(sink.arrow_schema(), &self.dlq_rows)
+                .map_err(BatchError::from)?;
+            sink.write(batch).await?;
+            sink.commit(lsn).await?;
+        }
+        let n = self.dlq_rows.len() as u64;
+        self.dlq_rows.clear();
+        status::update(&self.status, |s| s.dlq_rows += n);
+        Ok(())
+    }
+
+    /// Confirm the last complete transaction (everything before it is committed).
+    fn ack(&mut self, client: &ReplicationClient) {
+        if self.anything_uncommitted() {
+            return;
+        }
+        let end = self.last.end_lsn;
+        if end > self.confirmed {
+            let span = tracing::info_span!("postgres.ack", source = %self.cfg.name, lsn = %format_lsn(end));
+            let _g = span.enter();
+            self.confirm(client, end);
+        }
+    }
+
+    fn confirm(&mut self, client: &ReplicationClient, lsn: u64) {
+        client.update_applied_lsn(Lsn::from_u64(lsn));
+        self.confirmed = lsn;
+        status::update(&self.status, |s| s.confirmed_lsn = format_lsn(lsn));
+    }
+}
+
+/// Make the Iceberg schema able to hold `columns`: add new columns, refuse type changes.
+async fn evolve(
+sink: &mut TableSink,
+source_name: &str,
+columns: &[RelationColumn],
+) -> Result<(), PipelineError> {
+    let schema = sink.schema().clone();
+    let mut add = Vec::new();
+    let mut next_id = 0;
+    for c in columns {
+        let want = ColumnKind::from_oid(c.type_oid, c.type_modifier);
+        match schema.field_by_name(&c.name) {
+            Some(f) => {
+                if kind_of(&f.field_type).as_ref() != Some(&want) {
+                    return Err(PipelineError::Schema(format!(
+                        "column {}.{} changed type (Iceberg has {}, source now sends {:?}); \
+                         Iceberg cannot follow this change. Re-create the table or add a new column.",
+                        source_name, c.name, f.field_type, want
+                    )));
+                }
+            }
+            None => add.push((c.name.clone(), iceberg_type(&want, &mut next_id))),
+        }
+    }
+    if !add.is_empty() {
+        tracing::info!(table = %source_name, columns = ?add.iter().map(|(n, _)| n).collect::<Vec<_>>(), "adding columns to Iceberg table");
+        sink.add_columns(add).await?;
+    }
+    Ok(())
+}

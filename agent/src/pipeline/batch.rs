@@ -1,0 +1,487 @@
+//! Per-table Arrow batch builders: pgoutput tuple text goes straight into column builders.
+//!
+//! A row is converted in two phases: every column is parsed into a small stack value first,
+//! and only when all succeed are they appended, so a bad value never leaves a half-written row
+//! (the row goes to the dead-letter table instead).
+
+use std::sync::Arc;
+
+use arrow_array::builder::{
+    BooleanBuilder, Date32Builder, Decimal128Builder, FixedSizeBinaryBuilder, Float32Builder,
+    Float64Builder, Int32Builder, Int64Builder, LargeBinaryBuilder, StringBuilder,
+    Time64MicrosecondBuilder, TimestampMicrosecondBuilder,
+};
+use arrow_array::{Array, ArrayRef, ListArray, RecordBatch};
+use arrow_buffer::{NullBufferBuilder, OffsetBuffer, ScalarBuffer};
+use arrow_schema::{ArrowError, DataType, Field, SchemaRef};
+
+use crate::sink::iceberg::schema::{kind_of, CDC_COLUMNS};
+use crate::source::postgres::pgoutput::{Column, RelationColumn, TupleData};
+use crate::source::postgres::types::{self as t, ColumnKind, ValueError};
+
+/// The schema of a table cannot hold the relation as it is now.
+#[derive(Debug, thiserror::Error)]
+pub enum BatchError {
+    /// A source column has no Iceberg column.
+    #[error("source column {0:?} is not in the Iceberg table")]
+    MissingColumn(String),
+    /// An Iceberg column type has no converter.
+    #[error("Iceberg column {0:?} has a type Philotes cannot write")]
+    UnsupportedType(String),
+    /// Arrow refused the batch.
+    #[error("arrow: {0}")]
+    Arrow(#[from] ArrowError),
+}
+
+/// Microseconds between 1970-01-01 and 2000-01-01 (PostgreSQL's epoch).
+pub const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
+
+/// A column value parsed and ready to append.
+#[derive(Debug, Clone, Copy)]
+enum Parsed<'a> {
+    Null,
+    I32(i32),
+    I64(i64),
+    F32(f32),
+    F64(f64),
+    Dec(i128),
+    Bool(bool),
+    Str(&'a str),
+    Hex(&'a [u8]),
+    Uuid([u8; 16]),
+    List(&'a [u8]),
+}
+
+fn parse<'a>(kind: &ColumnKind, raw: &'a [u8]) -> Result<Parsed<'a>, ValueError> {
+    Ok(match kind {
+        ColumnKind::Int32 => Parsed::I32(t::parse_i32(raw)?),
+        ColumnKind::Int64 => Parsed::I64(t::parse_i64(raw)?),
+        ColumnKind::Float32 => Parsed::F32(t::parse_f64(raw)? as f32),
+        ColumnKind::Float64 => Parsed::F64(t::parse_f64(raw)?),
+        ColumnKind::Decimal { precision, scale } => {
+            Parsed::Dec(t::parse_decimal(raw, *precision, *scale)?)
+        }
+        ColumnKind::Bool => Parsed::Bool(t::parse_bool(raw)?),
+        ColumnKind::Text => Parsed::Str(
+            std::str::from_utf8(raw).map_err(|_| ValueError("text is not valid UTF-8".into()))?,
+        ),
+        ColumnKind::Bytea => {
+            // Validate now; decode while appending (into a reused buffer).
+            if !(raw.starts_with(b"\\x")
+                && raw.len() % 2 == 0
+                && raw[2..].iter().all(u8::is_ascii_hexdigit))
+            {
+                return Err(ValueError("bytea is not in hex format".into()));
+            }
+            Parsed::Hex(raw)
+        }
+        ColumnKind::Date => Parsed::I32(t::parse_date(raw)?),
+        ColumnKind::Time => Parsed::I64(t::parse_time(raw)?),
+        ColumnKind::Timestamp => Parsed::I64(t::parse_timestamp(raw)?),
+        ColumnKind::TimestampTz => Parsed::I64(t::parse_timestamptz(raw)?),
+        ColumnKind::Uuid => Parsed::Uuid(t::parse_uuid(raw)?),
+        ColumnKind::List(elem) => {
+            t::parse_array(raw, |item| match item.bytes() {
+                Some(b) => parse(elem, b).map(|_| ()),
+                None => Ok(()),
+            })?;
+            Parsed::List(raw)
+        }
+    })
+}
+
+/// An Arrow builder for one column.
+enum ColBuilder {
+    I32(Int32Builder),
+    I64(Int64Builder),
+    F32(Float32Builder),
+    F64(Float64Builder),
+    Dec(Decimal128Builder),
+    Bool(BooleanBuilder),
+    Str(StringBuilder),
+    Bin(LargeBinaryBuilder),
+    Date(Date32Builder),
+    Time(Time64MicrosecondBuilder),
+    Ts(TimestampMicrosecondBuilder),
+    Uuid(FixedSizeBinaryBuilder),
+    List {
+        kind: ColumnKind,
+        offsets: Vec<i32>,
+        nulls: NullBufferBuilder,
+        inner: Box<ColBuilder>,
+    },
+}
+
+impl ColBuilder {
+    fn new(kind: &ColumnKind) -> Self {
+        match kind {
+            ColumnKind::Int32 => ColBuilder::I32(Int32Builder::new()),
+            ColumnKind::Int64 => ColBuilder::I64(Int64Builder::new()),
+            ColumnKind::Float32 => ColBuilder::F32(Float32Builder::new()),
+            ColumnKind::Float64 => ColBuilder::F64(Float64Builder::new()),
+            ColumnKind::Decimal { .. } => ColBuilder::Dec(Decimal128Builder::new()),
+            ColumnKind::Bool => ColBuilder::Bool(BooleanBuilder::new()),
+            ColumnKind::Text => ColBuilder::Str(StringBuilder::new()),
+            ColumnKind::Bytea => ColBuilder::Bin(LargeBinaryBuilder::new()),
+            ColumnKind::Date => ColBuilder::Date(Date32Builder::new()),
+            ColumnKind::Time => ColBuilder::Time(Time64MicrosecondBuilder::new()),
+            ColumnKind::Timestamp | ColumnKind::TimestampTz => {
+                ColBuilder::Ts(TimestampMicrosecondBuilder::new())
+            }
+            ColumnKind::Uuid => ColBuilder::Uuid(FixedSizeBinaryBuilder::new(16)),
+            ColumnKind::List(elem) => ColBuilder::List {
+                kind: (**elem).clone(),
+                offsets: vec![0],
+                nulls: NullBufferBuilder::new(0),
+                inner: Box::new(ColBuilder::new(elem)),
+            },
+        }
+    }
+
+    fn append_null(&mut self) {
+        match self {
+            ColBuilder::I32(b) => b.append_null(),
+            ColBuilder::I64(b) => b.append_null(),
+            ColBuilder::F32(b) => b.append_null(),
+            ColBuilder::F64(b) => b.append_null(),
+            ColBuilder::Dec(b) => b.append_null(),
+            ColBuilder::Bool(b) => b.append_null(),
+            ColBuilder::Str(b) => b.append_null(),
+            ColBuilder::Bin(b) => b.append_null(),
+            ColBuilder::Date(b) => b.append_null(),
+            ColBuilder::Time(b) => b.append_null(),
+            ColBuilder::Ts(b) => b.append_null(),
+            ColBuilder::Uuid(b) => b.append_null(),
+            ColBuilder::List { offsets, nulls, .. } => {
+                let last = offsets.last().copied().unwrap_or(0);
+                offsets.push(last);
+                nulls.append_null();
+            }
+        }
+    }
+
+    /// Append a value that `parse` accepted for this builder's kind.
+    fn append(&mut self, v: Parsed<'_>, scratch: &mut Vec<u8>) {
+        match (self, v) {
+            (b, Parsed::Null) => b.append_null(),
+            (ColBuilder::I32(b), Parsed::I32(x)) => b.append_value(x),
+            (ColBuilder::Date(b), Parsed::I32(x)) => b.append_value(x),
+            (ColBuilder::I64(b), Parsed::I64(x)) => b.append_value(x),
+            (ColBuilder::Time(b), Parsed::I64(x)) => b.append_value(x),
+            (ColBuilder::Ts(b), Parsed::I64(x)) => b.append_value(x),
+            (ColBuilder::F32(b), Parsed::F32(x)) => b.append_value(x),
+            (ColBuilder::F64(b), Parsed::F64(x)) => b.append_value(x),
+            (ColBuilder::Dec(b), Parsed::Dec(x)) => b.append_value(x),
+            (ColBuilder::Bool(b), Parsed::Bool(x)) => b.append_value(x),
+            (ColBuilder::Str(b), Parsed::Str(x)) => b.append_value(x),
+            (ColBuilder::Bin(b), Parsed::Hex(x)) => {
+                if t::parse_bytea(x, scratch).is_ok() {
+                    b.append_value(&scratch[..]);
+                } else {
+                    b.append_null();
+                }
+            }
+            (ColBuilder::Uuid(b), Parsed::Uuid(x)) => {
+                if b.append_value(x).is_err() {
+                    b.append_null();
+                }
+            }
+            (
+                ColBuilder::List {
+                    kind,
+                    offsets,
+                    nulls,
+                    inner,
+                },
+                Parsed::List(raw),
+            ) => {
+                let mut n = 0i32;
+                let _ = t::parse_array(raw, |item| {
+                    match item.bytes() {
+                        Some(b) => match parse(kind, b) {
+                            Ok(p) => inner.append(p, scratch),
+                            Err(_) => inner.append_null(),
+                        },
+                        None => inner.append_null(),
+                    }
+                    n += 1;
+                    Ok(())
+                });
+                let last = offsets.last().copied().unwrap_or(0);
+                offsets.push(last + n);
+                nulls.append_non_null();
+            }
+            // Parsed values always match the builder they were parsed for.
+            (b, _) => b.append_null(),
+        }
+    }
+
+    fn finish(&mut self, field: &Field) -> Result<ArrayRef, ArrowError> {
+        let dt = field.data_type();
+        Ok(match self {
+            ColBuilder::I32(b) => Arc::new(b.finish()),
+            ColBuilder::I64(b) => Arc::new(b.finish()),
+            ColBuilder::F32(b) => Arc::new(b.finish()),
+            ColBuilder::F64(b) => Arc::new(b.finish()),
+            ColBuilder::Dec(b) => match dt {
+                DataType::Decimal128(p, s) => Arc::new(b.finish().with_precision_and_scale(*p, *s)?),
+                _ => Arc::new(b.finish()),
+            },
+            ColBuilder::Bool(b) => Arc::new(b.finish()),
+            ColBuilder::Str(b) => Arc::new(b.finish()),
+            ColBuilder::Bin(b) => Arc::new(b.finish()),
+            ColBuilder::Date(b) => Arc::new(b.finish()),
+            ColBuilder::Time(b) => Arc::new(b.finish()),
+            ColBuilder::Ts(b) => match dt {
+                DataType::Timestamp(_, Some(tz)) => Arc::new(b.finish().with_timezone(tz.clone())),
+                _ => Arc::new(b.finish()),
+            },
+            ColBuilder::Uuid(b) => Arc::new(b.finish()),
+            ColBuilder::List {
+                offsets,
+                nulls,
+                inner,
+                ..
+            } => {
+                let DataType::List(elem) = dt else {
+                    return Err(ArrowError::SchemaError(format!(
+                        "column {} is not a list",
+                        field.name()
+                    )));
+                };
+                let values = inner.finish(elem)?;
+                let offs = std::mem::replace(offsets, vec![0]);
+                let list = ListArray::try_new(
+                    elem.clone(),
+                    OffsetBuffer::new(ScalarBuffer::from(offs)),
+                    values,
+                    nulls.finish(),
+                )?;
+                Arc::new(list)
+            }
+        })
+    }
+}
+
+/// Where a relation column goes.
+#[derive(Debug, Clone)]
+struct SourceSlot {
+    name: String,
+    field: usize,
+    kind: ColumnKind,
+}
+
+/// Buffered rows of one table, in the column order of its Iceberg schema.
+pub struct TableBatch {
+    schema: SchemaRef,
+    cols: Vec<ColBuilder>,
+    sources: Vec<SourceSlot>,
+    /// Iceberg fields not fed by the relation (dropped source columns): null in every row.
+    absent: Vec<usize>,
+    cdc: [usize; 5],
+    unchanged_names: StringBuilder,
+    unchanged_offsets: Vec<i32>,
+    rows: usize,
+    bytes: usize,
+    scratch: Vec<u8>,
+    parsed: Vec<Parsed<'static>>,
+}
+
+impl TableBatch {
+    /// Builders for `arrow_schema` (from the table's current Iceberg schema) fed by `relation`.
+    pub fn new(
+        iceberg_schema: &iceberg::spec::Schema,
+        arrow_schema: SchemaRef,
+        relation: &[RelationColumn],
+    ) -> Result<Self, BatchError> {
+        let fields = iceberg_schema.as_struct().fields();
+        let mut cols = Vec::with_capacity(fields.len());
+        for f in fields {
+            let kind = if f.name == CDC_COLUMNS[4] {
+                ColumnKind::Text
+            } else {
+                kind_of(&f.field_type).ok_or_else(|| BatchError::UnsupportedType(f.name.clone()))?
+            };
+            cols.push(ColBuilder::new(&kind));
+        }
+        let pos = |name: &str| fields.iter().position(|f| f.name == name);
+        let mut sources = Vec::with_capacity(relation.len());
+        for c in relation {
+            let field = pos(&c.name).ok_or_else(|| BatchError::MissingColumn(c.name.clone()))?;
+            let kind = kind_of(&fields[field].field_type)
+                .ok_or_else(|| BatchError::UnsupportedType(c.name.clone()))?;
+            sources.push(SourceSlot {
+                name: c.name.clone(),
+                field,
+                kind,
+            });
+        }
+        let mut cdc = [0usize; 5];
+        for (i, name) in CDC_COLUMNS.iter().enumerate() {
+            cdc[i] = pos(name).ok_or_else(|| BatchError::MissingColumn(name.to_string()))?;
+        }
+        let absent = (0..fields.len())
+            .filter(|i| !cdc.contains(i) && !sources.iter().any(|s| s.field == *i))
+            .collect();
+        Ok(Self {
+            schema: arrow_schema,
+            cols,
+            sources,
+            absent,
+            cdc,
+            unchanged_names: StringBuilder::new(),
+            unchanged_offsets: vec![0],
+            rows: 0,
+            bytes: 0,
+            scratch: Vec::new(),
+            parsed: Vec::new(),
+        })
+    }
+
+    /// Rows buffered.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Approximate bytes buffered.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Append one change. `tuple` is None for a truncate marker. On error nothing is appended.
+    pub fn push(
+        &mut self,
+        op: &'static str,
+        lsn: u64,
+        seq: u64,
+        ts_micros: i64,
+        tuple: Option<&TupleData<'_>>,
+    ) -> Result<(), ValueError> {
+        // Reuse the parse buffer's allocation across rows (same layout, any lifetime).
+        let mut parsed: Vec<Parsed<'_>> = std::mem::take(&mut self.parsed)
+            .into_iter()
+            .map(|_| Parsed::Null)
+            .collect();
+        parsed.clear();
+        let mut unchanged = 0usize;
+        if let Some(tuple) = tuple {
+            if tuple.len() != self.sources.len() {
+                return Err(ValueError(format!(
+                    "tuple has {} columns, relation has {}",
+                    tuple.len(),
+                    self.sources.len()
+                )));
+            }
+            for (col, slot) in tuple.columns().zip(&self.sources) {
+                parsed.push(match col {
+                    Column::Null => Parsed::Null,
+                    Column::Unchanged => {
+                        unchanged += 1;
+                        Parsed::Null
+                    }
+                    Column::Text(raw) => parse(&slot.kind, raw).map_err(|e| {
+                        ValueError(format!("column {:?}: {}", slot.name, e.0))
+                    })?,
+                    Column::Binary(_) => {
+                        return Err(ValueError(format!(
+                            "column {:?}: binary format is not supported",
+                            slot.name
+                        )))
+                    }
+                });
+            }
+        }
+        // Phase two: cannot fail.
+        let mut bytes = 40;
+        if tuple.is_some() {
+            for (i, p) in parsed.iter().enumerate() {
+                let slot = &self.sources[i];
+                bytes += match p {
+                    Parsed::Str(s) => s.len() + 4,
+                    Parsed::Hex(h) => h.len() / 2 + 4,
+                    Parsed::List(l) => l.len(),
+                    _ => slot.kind.fixed_width(),
+                };
+                self.cols[slot.field].append(*p, &mut self.scratch);
+            }
+            if unchanged > 0 {
+                if let Some(tuple) = tuple {
+                    for (col, slot) in tuple.columns().zip(&self.sources) {
+                        if col == Column::Unchanged {
+                            self.unchanged_names.append_value(&slot.name);
+                        }
+                    }
+                }
+            }
+        } else {
+            for s in &self.sources {
+                self.cols[s.field].append_null();
+            }
+        }
+        for &i in &self.absent {
+            self.cols[i].append_null();
+        }
+        let last = self.unchanged_offsets.last().copied().unwrap_or(0);
+        self.unchanged_offsets.push(last + unchanged as i32);
+        let [op_i, lsn_i, seq_i, ts_i, _] = self.cdc;
+        self.cols[op_i].append(Parsed::Str(op), &mut self.scratch);
+        self.cols[lsn_i].append(Parsed::I64(lsn as i64), &mut self.scratch);
+        self.cols[seq_i].append(Parsed::I64(seq as i64), &mut self.scratch);
+        self.cols[ts_i].append(Parsed::I64(ts_micros), &mut self.scratch);
+        self.rows += 1;
+        self.bytes += bytes;
+        parsed.clear();
+        self.parsed = parsed.into_iter().map(|_| Parsed::Null).collect();
+        Ok(())
+    }
+
+    /// Take the buffered rows as a RecordBatch (None if empty); the builders start over.
+    pub fn finish(&mut self) -> Result<Option<RecordBatch>, BatchError> {
+        if self.rows == 0 {
+            return Ok(None);
+        }
+        let unchanged_idx = self.cdc[4];
+        let mut arrays = Vec::with_capacity(self.cols.len());
+        for (i, (b, f)) in self.cols.iter_mut().zip(self.schema.fields()).enumerate() {
+            if i == unchanged_idx {
+                let DataType::List(elem) = f.data_type() else {
+                    return Err(BatchError::UnsupportedType(f.name().clone()));
+                };
+                let names = Arc::new(self.unchanged_names.finish()) as ArrayRef;
+                let offs = std::mem::replace(&mut self.unchanged_offsets, vec![0]);
+                arrays.push(Arc::new(ListArray::try_new(
+                    elem.clone(),
+                    OffsetBuffer::new(ScalarBuffer::from(offs)),
+                    names,
+                    None,
+                )?) as ArrayRef);
+                // Keep the placeholder builder in step (it is never appended to).
+                let _ = b;
+            } else {
+                arrays.push(b.finish(f)?);
+            }
+        }
+        debug_assert!(arrays.iter().all(|a| a.len() == self.rows));
+        self.rows = 0;
+        self.bytes = 0;
+        Ok(Some(RecordBatch::try_new(self.schema.clone(), arrays)?))
+    }
+}
+
+/// A row as JSON text (column name → text value), for the dead-letter table.
+pub fn row_json(relation: &[RelationColumn], tuple: Option<&TupleData<'_>>) -> String {
+    let mut m = serde_json::Map::new();
+    if let Some(tuple) = tuple {
+        for (c, v) in relation.iter().zip(tuple.columns()) {
+            let j = match v {
+                Column::Null => serde_json::Value::Null,
+                Column::Unchanged => serde_json::Value::String("<unchanged toast>".into()),
+                Column::Text(b) | Column::Binary(b) => {
+                    serde_json::Value::String(String::from_utf8_lossy(b).into_owned())
+                }
+            };
+            m.insert(c.name.clone(), j);
+        }
+    }
+    serde_json::Value::Object(m).to_string()
+}

@@ -1,0 +1,207 @@
+//! One task per pipeline: connect, stream, batch, commit, acknowledge; retry on failure.
+
+mod apply;
+pub mod batch;
+pub mod dlq;
+pub mod retry;
+pub mod status;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use iceberg::Catalog;
+use tokio::sync::watch;
+
+use crate::config::PipelineConfig;
+use crate::sink::iceberg::SinkError;
+use crate::source::postgres::conn::SourceUrl;
+use crate::source::postgres::session::{SourceError, Session};
+use crate::telemetry::{Metrics, PipelineState, SourceMetrics};
+pub use apply::iceberg_table_name;
+pub use status::{PipelineStatus, SharedStatus};
+
+/// What an operator asked the pipeline to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    /// Stream.
+    Run,
+    /// Stop reading after flushing what is buffered; keep the slot.
+    Pause,
+}
+
+/// A pipeline failure.
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    /// Source side.
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    /// Iceberg side.
+    #[error(transparent)]
+    Sink(#[from] SinkError),
+    /// Building a batch.
+    #[error(transparent)]
+    Batch(#[from] batch::BatchError),
+    /// A source schema change Iceberg cannot follow.
+    #[error("schema change: {0}")]
+    Schema(String),
+    /// The replication stream ended.
+    #[error("replication stream ended: {0}")]
+    StreamEnded(String),
+}
+
+impl PipelineError {
+    /// The `error_type` label for `philotes_cdc_errors_total`.
+    pub fn error_type(&self) -> &'static str {
+        match self {
+            PipelineError::Source(e) => e.error_type(),
+            PipelineError::Sink(e) => e.error_type(),
+            PipelineError::Batch(_) => "batch",
+            PipelineError::Schema(_) => "schema",
+            PipelineError::StreamEnded(_) => "connection",
+        }
+    }
+}
+
+/// Handles the API keeps for a running pipeline.
+#[derive(Clone)]
+pub struct PipelineHandle {
+    /// Pipeline name.
+    pub name: String,
+    /// Live status.
+    pub status: SharedStatus,
+    /// Pause / resume.
+    pub control: watch::Sender<Control>,
+    /// Configuration (for tables and namespace).
+    pub config: PipelineConfig,
+    /// The catalog, for DLQ listing.
+    pub catalog: Arc<dyn Catalog>,
+}
+
+/// A configured pipeline, ready to run.
+pub struct Pipeline {
+    cfg: PipelineConfig,
+    url: SourceUrl,
+    catalog: Arc<dyn Catalog>,
+    secrets: Arc<[String]>,
+    metrics: SourceMetrics,
+    status: SharedStatus,
+    control: watch::Receiver<Control>,
+}
+
+impl Pipeline {
+    /// Build a pipeline and the handle the API uses to observe and control it.
+    pub fn new(
+        cfg: PipelineConfig,
+        catalog: Arc<dyn Catalog>,
+        secrets: Arc<[String]>,
+        metrics: &Metrics,
+    ) -> Result<(Self, PipelineHandle), SourceError> {
+        let url = SourceUrl::parse(&cfg.source).map_err(|e| SourceError::Connect {
+            url: "source".into(),
+            reason: e.to_string(),
+        })?;
+        let status = PipelineStatus::new(&cfg.name);
+        let (tx, rx) = watch::channel(Control::Run);
+        let metrics = metrics.source(&cfg.name);
+        let handle = PipelineHandle {
+            name: cfg.name.clone(),
+            status: status.clone(),
+            control: tx,
+            config: cfg.clone(),
+            catalog: catalog.clone(),
+        };
+        Ok((
+            Self {
+                cfg,
+                url,
+                catalog,
+                secrets: secrets.clone(),
+                metrics,
+                status,
+                control: rx,
+            },
+            handle,
+        ))
+    }
+
+    fn set_state(&self, s: PipelineState) {
+        self.metrics.set_state(s);
+        status::update(&self.status, |st| st.state = s);
+    }
+
+    /// Run until `shutdown` turns true: stream, and on any error wait with backoff and retry.
+    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+        let mut backoff = retry::Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+        loop {
+            if *shutdown.borrow() {
+                break;
+            }
+            self.set_state(PipelineState::Starting);
+            let started = Instant::now();
+            let result = self.stream_once(&mut shutdown).await;
+            match result {
+                Ok(()) => break,
+                Err(e) => {
+                    let msg = e.to_string();
+                    tracing::error!(pipeline = %self.cfg.name, error_type = e.error_type(), "pipeline failed: {msg}");
+                    self.metrics.error(e.error_type());
+                    self.metrics.retries.add(1);
+                    status::update(&self.status, |st| {
+                        st.last_error = Some(msg);
+                        st.last_error_at = Some(status::now_rfc3339());
+                    });
+                    self.set_state(PipelineState::Failed);
+                    if started.elapsed() > Duration::from_secs(60) {
+                        backoff.reset();
+                    }
+                    let delay = backoff.next_delay();
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = shutdown.changed() => {}
+                    }
+                }
+            }
+        }
+        self.set_state(PipelineState::Stopped);
+    }
+
+    /// One connection's life: prepare, stream until shutdown (Ok) or an error.
+    async fn stream_once(
+        &mut self,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<(), PipelineError> {
+        let slot = self.cfg.slot_name();
+        let publication = self.cfg.publication_name();
+        let tables = self.cfg.table_names();
+        let mut session = Session::connect(&self.url, &slot, &publication, None).await?;
+        session.check_wal_level().await?;
+        session.check_tables(&tables).await?;
+        session.ensure_publication(&publication, &tables).await?;
+        let confirmed = session.ensure_slot(&slot).await?.unwrap_or(0);
+        crate::sink::iceberg::table::ensure_namespace(
+            self.catalog.as_ref(),
+            &self.cfg.namespace_name(),
+            &self.secrets,
+        )
+        .await?;
+        let client = session.start().await?;
+        status::update(&self.status, |st| {
+            st.confirmed_lsn = crate::source::postgres::session::format_lsn(confirmed);
+        });
+        tracing::info!(pipeline = %self.cfg.name, slot, confirmed_lsn = %crate::source::postgres::session::format_lsn(confirmed), "streaming");
+        self.set_state(PipelineState::Streaming);
+        let mut applier = apply::Applier::new(
+            &self.cfg,
+            self.catalog.clone(),
+            self.secrets.clone(),
+            self.metrics.clone(),
+            self.status.clone(),
+        );
+        applier
+            .stream(client, &mut self.control, shutdown, &|s| {
+                self.metrics.set_state(s);
+                status::update(&self.status, |st| st.state = s);
+            })
+            .await
+    }
+}

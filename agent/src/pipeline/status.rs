@@ -1,0 +1,99 @@
+//! Shared, read-mostly view of a pipeline for the API and the demo's progress line.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
+
+use serde::Serialize;
+
+use crate::telemetry::PipelineState;
+
+/// Per-table counters.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct TableStatus {
+    /// Iceberg table (`namespace.table`).
+    pub iceberg_table: String,
+    /// Inserts read.
+    pub inserts: u64,
+    /// Updates read.
+    pub updates: u64,
+    /// Deletes read.
+    pub deletes: u64,
+    /// Truncates read.
+    pub truncates: u64,
+    /// Rows committed to Iceberg.
+    pub committed_rows: u64,
+    /// Snapshots committed.
+    pub commits: u64,
+    /// `philotes.lsn` of the last commit.
+    pub committed_lsn: String,
+    /// When the last commit happened (RFC 3339).
+    pub last_commit_at: Option<String>,
+}
+
+/// What the API shows for one pipeline.
+#[derive(Debug, Clone, Serialize)]
+pub struct PipelineStatus {
+    /// Pipeline name.
+    pub name: String,
+    /// Current state.
+    pub state: PipelineState,
+    /// Last WAL position received from the server.
+    pub received_lsn: String,
+    /// Commit LSN of the last transaction committed to Iceberg.
+    pub committed_lsn: String,
+    /// Position confirmed to PostgreSQL (the slot's flush position).
+    pub confirmed_lsn: String,
+    /// Seconds between the last received commit and now.
+    pub lag_seconds: f64,
+    /// WAL retained by the slot, in bytes (when known).
+    pub slot_lag_bytes: Option<i64>,
+    /// Rows sent to the dead-letter table.
+    pub dlq_rows: u64,
+    /// Buffered, uncommitted events.
+    pub buffered_events: u64,
+    /// Last error, if any.
+    pub last_error: Option<String>,
+    /// When the last error happened (RFC 3339).
+    pub last_error_at: Option<String>,
+    /// Per-table counters, keyed by source table.
+    pub tables: BTreeMap<String, TableStatus>,
+}
+
+/// Shared handle to a pipeline's status.
+pub type SharedStatus = Arc<RwLock<PipelineStatus>>;
+
+impl PipelineStatus {
+    /// A fresh status for `name`.
+    pub fn new(name: &str) -> SharedStatus {
+        Arc::new(RwLock::new(Self {
+            name: name.to_string(),
+            state: PipelineState::Starting,
+            received_lsn: "0/0".into(),
+            committed_lsn: "0/0".into(),
+            confirmed_lsn: "0/0".into(),
+            lag_seconds: 0.0,
+            slot_lag_bytes: None,
+            dlq_rows: 0,
+            buffered_events: 0,
+            last_error: None,
+            last_error_at: None,
+            tables: BTreeMap::new(),
+        }))
+    }
+}
+
+/// Apply `f` to the status; a poisoned lock is recovered (status is advisory).
+pub fn update(s: &SharedStatus, f: impl FnOnce(&mut PipelineStatus)) {
+    let mut g = s.write().unwrap_or_else(|p| p.into_inner());
+    f(&mut g);
+}
+
+/// A copy of the status.
+pub fn snapshot(s: &SharedStatus) -> PipelineStatus {
+    s.read().unwrap_or_else(|p| p.into_inner()).clone()
+}
+
+/// Current time as RFC 3339.
+pub fn now_rfc3339() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}

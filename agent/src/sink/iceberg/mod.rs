@@ -1,0 +1,41 @@
+//! Iceberg sink: catalog (sql|rest), changelog schema, Parquet writing, commits with the LSN checkpoint.
+
+pub mod catalog;
+pub mod schema;
+pub mod table;
+
+pub use catalog::open_catalog;
+pub use table::TableSink;
+
+/// A sink failure, with the stage it happened in.
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    /// Opening the catalog or a table, creating a namespace or table.
+    #[error("iceberg catalog: {0}")]
+    Catalog(String),
+    /// Writing Parquet data files.
+    #[error("iceberg write: {0}")]
+    Write(String),
+    /// Committing a snapshot.
+    #[error("iceberg commit: {0}")]
+    Commit(String),
+    /// Another writer committed first and the retries ran out.
+    #[error("iceberg commit conflict: {0}")]
+    Conflict(String),
+    /// Bad catalog or storage settings.
+    #[error("iceberg config: {0}")]
+    Config(String),
+}
+
+impl SinkError {
+    /// The `error_type` label for `philotes_cdc_errors_total`.
+    pub fn error_type(&self) -> &'static str {
+        match self {
+            SinkError::Catalog(_) => "iceberg_catalog",
+            SinkError::Write(_) => "iceberg_write",
+            SinkError::Commit(_) => "iceberg_commit",
+            SinkError::Conflict(_) => "commit_conflict",
+            SinkError::Config(_) => "config",
+        }
+    }
+}

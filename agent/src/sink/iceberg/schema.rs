@@ -1,0 +1,154 @@
+//! The changelog table schema: source columns mapped to Iceberg types, then the `_cdc_*` columns.
+
+use iceberg::spec::{
+    ListType, NestedField, NestedFieldRef, PrimitiveType, Schema, Transform, Type,
+    UnboundPartitionSpec,
+};
+
+use crate::source::postgres::pgoutput::RelationColumn;
+use crate::source::postgres::types::ColumnKind;
+
+/// `_cdc_op`: I, U, D, T or R.
+pub const CDC_OP: &str = "_cdc_op";
+/// `_cdc_lsn`: commit LSN of the source transaction.
+pub const CDC_LSN: &str = "_cdc_lsn";
+/// `_cdc_seq`: position of the change in its transaction.
+pub const CDC_SEQ: &str = "_cdc_seq";
+/// `_cdc_ts`: source commit time.
+pub const CDC_TS: &str = "_cdc_ts";
+/// `_cdc_unchanged`: columns whose unchanged TOAST value was not sent.
+pub const CDC_UNCHANGED: &str = "_cdc_unchanged";
+/// The five CDC columns, in table order.
+pub const CDC_COLUMNS: [&str; 5] = [CDC_OP, CDC_LSN, CDC_SEQ, CDC_TS, CDC_UNCHANGED];
+
+/// Snapshot summary property holding the last source commit LSN in the table.
+pub const LSN_PROPERTY: &str = "philotes.lsn";
+
+/// Name of the dead-letter table in each namespace.
+pub const DLQ_TABLE: &str = "_philotes_dlq";
+
+fn prim(p: PrimitiveType) -> Type {
+    Type::Primitive(p)
+}
+
+/// The Iceberg type of a column kind; list element ids are taken from `next_id`.
+pub fn iceberg_type(kind: &ColumnKind, next_id: &mut i32) -> Type {
+    match kind {
+        ColumnKind::Int32 => prim(PrimitiveType::Int),
+        ColumnKind::Int64 => prim(PrimitiveType::Long),
+        ColumnKind::Float32 => prim(PrimitiveType::Float),
+        ColumnKind::Float64 => prim(PrimitiveType::Double),
+        ColumnKind::Decimal { precision, scale } => prim(PrimitiveType::Decimal {
+            precision: *precision as u32,
+            scale: *scale as u32,
+        }),
+        ColumnKind::Bool => prim(PrimitiveType::Boolean),
+        ColumnKind::Text => prim(PrimitiveType::String),
+        ColumnKind::Bytea => prim(PrimitiveType::Binary),
+        ColumnKind::Date => prim(PrimitiveType::Date),
+        ColumnKind::Time => prim(PrimitiveType::Time),
+        ColumnKind::Timestamp => prim(PrimitiveType::Timestamp),
+        ColumnKind::TimestampTz => prim(PrimitiveType::Timestamptz),
+        ColumnKind::Uuid => prim(PrimitiveType::Uuid),
+        ColumnKind::List(elem) => {
+            let id = *next_id;
+            *next_id += 1;
+            let t = iceberg_type(elem, next_id);
+            Type::List(ListType::new(NestedField::list_element(id, t, false).into()))
+        }
+    }
+}
+
+/// The column kind that parses source text into values of Iceberg type `t`.
+pub fn kind_of(t: &Type) -> Option<ColumnKind> {
+    Some(match t {
+        Type::Primitive(p) => match p {
+            PrimitiveType::Int => ColumnKind::Int32,
+            PrimitiveType::Long => ColumnKind::Int64,
+            PrimitiveType::Float => ColumnKind::Float32,
+            PrimitiveType::Double => ColumnKind::Float64,
+            PrimitiveType::Decimal { precision, scale } if *precision <= 38 => {
+                ColumnKind::Decimal {
+                    precision: *precision as u8,
+                    scale: *scale as u8,
+                }
+            }
+            PrimitiveType::Boolean => ColumnKind::Bool,
+            PrimitiveType::String => ColumnKind::Text,
+            PrimitiveType::Binary => ColumnKind::Bytea,
+            PrimitiveType::Date => ColumnKind::Date,
+            PrimitiveType::Time => ColumnKind::Time,
+            PrimitiveType::Timestamp => ColumnKind::Timestamp,
+            PrimitiveType::Timestamptz => ColumnKind::TimestampTz,
+            PrimitiveType::Uuid => ColumnKind::Uuid,
+            _ => return None,
+        },
+        Type::List(l) => ColumnKind::List(Box::new(kind_of(&l.element_field.field_type)?)),
+        _ => return None,
+    })
+}
+
+/// Changelog schema for a source relation: its columns (all optional: deletes carry only the
+/// key, unchanged TOAST values are null), then the CDC columns.
+pub fn changelog_schema(columns: &[RelationColumn]) -> Result<Schema, iceberg::Error> {
+    let top = columns.len() as i32 + CDC_COLUMNS.len() as i32;
+    // Top-level ids 1..=top, nested ids after them: the order iceberg-rust assigns on create.
+    let mut next_nested = top + 1;
+    let mut fields: Vec<NestedFieldRef> = Vec::with_capacity(top as usize);
+    for (i, c) in columns.iter().enumerate() {
+        let kind = ColumnKind::from_oid(c.type_oid, c.type_modifier);
+        let t = iceberg_type(&kind, &mut next_nested);
+        fields.push(NestedField::optional(i as i32 + 1, &c.name, t).into());
+    }
+    let base = columns.len() as i32;
+    fields.extend(cdc_fields(base, &mut next_nested));
+    Schema::builder().with_fields(fields).build()
+}
+
+fn cdc_fields(base: i32, next_nested: &mut i32) -> Vec<NestedFieldRef> {
+    let list_id = *next_nested;
+    *next_nested += 1;
+    vec![
+        NestedField::required(base + 1, CDC_OP, prim(PrimitiveType::String)).into(),
+        NestedField::required(base + 2, CDC_LSN, prim(PrimitiveType::Long)).into(),
+        NestedField::required(base + 3, CDC_SEQ, prim(PrimitiveType::Long)).into(),
+        NestedField::required(base + 4, CDC_TS, prim(PrimitiveType::Timestamptz)).into(),
+        NestedField::optional(
+            base + 5,
+            CDC_UNCHANGED,
+            Type::List(ListType::new(
+                NestedField::list_element(list_id, prim(PrimitiveType::String), true).into(),
+            )),
+        )
+        .into(),
+    ]
+}
+
+/// `day(_cdc_ts)` on a changelog schema.
+pub fn changelog_partition(schema: &Schema) -> Result<UnboundPartitionSpec, iceberg::Error> {
+    let ts = schema
+        .field_by_name(CDC_TS)
+        .ok_or_else(|| {
+            iceberg::Error::new(iceberg::ErrorKind::DataInvalid, "schema has no _cdc_ts")
+        })?
+        .id;
+    Ok(UnboundPartitionSpec::builder()
+        .add_partition_field(ts, format!("{CDC_TS}_day"), Transform::Day)?
+        .build())
+}
+
+/// Dead-letter table schema.
+pub fn dlq_schema() -> Result<Schema, iceberg::Error> {
+    let s = |id, n| NestedField::optional(id, n, prim(PrimitiveType::String)).into();
+    Schema::builder()
+        .with_fields(vec![
+            s(1, "source_table"),
+            NestedField::required(2, CDC_LSN, prim(PrimitiveType::Long)).into(),
+            NestedField::required(3, CDC_SEQ, prim(PrimitiveType::Long)).into(),
+            s(4, CDC_OP),
+            s(5, "error"),
+            s(6, "row_json"),
+            NestedField::required(7, "time", prim(PrimitiveType::Timestamptz)).into(),
+        ])
+        .build()
+}

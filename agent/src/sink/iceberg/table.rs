@@ -1,0 +1,305 @@
+//! One Iceberg table: Parquet data files written as batches fill, committed with `fast_append`
+//! at flush time with the source commit LSN in the snapshot summary.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use arrow_array::RecordBatch;
+use arrow_schema::SchemaRef;
+use iceberg::arrow::{schema_to_arrow_schema, RecordBatchPartitionSplitter};
+use iceberg::spec::{DataFile, DataFileFormat, Schema, Type, UnboundPartitionSpec};
+use iceberg::table::Table;
+use iceberg::transaction::{AddColumn, ApplyTransactionAction, Transaction};
+use iceberg::writer::base_writer::data_file_writer::DataFileWriterBuilder;
+use iceberg::writer::file_writer::location_generator::{
+    DefaultFileNameGenerator, DefaultLocationGenerator,
+};
+use iceberg::writer::file_writer::rolling_writer::RollingFileWriterBuilder;
+use iceberg::writer::file_writer::ParquetWriterBuilder;
+use iceberg::writer::partitioning::fanout_writer::FanoutWriter;
+use iceberg::writer::partitioning::PartitioningWriter;
+use iceberg::writer::{IcebergWriter, IcebergWriterBuilder};
+use iceberg::{Catalog, ErrorKind, NamespaceIdent, TableCreation, TableIdent};
+use parquet::basic::{Compression, ZstdLevel};
+use parquet::file::properties::WriterProperties;
+
+use super::schema::LSN_PROPERTY;
+use super::SinkError;
+
+/// Result of one data-file write.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Written {
+    /// Files produced.
+    pub files: u64,
+    /// Bytes in them.
+    pub bytes: u64,
+}
+
+/// A changelog (or dead-letter) table with its uncommitted data files.
+pub struct TableSink {
+    catalog: Arc<dyn Catalog>,
+    table: Table,
+    arrow_schema: SchemaRef,
+    /// Highest source commit LSN this table holds (`philotes.lsn` of its last commit by us).
+    pub last_lsn: u64,
+    pending: Vec<DataFile>,
+    pending_rows: u64,
+    secrets: Arc<[String]>,
+}
+
+fn catalog_err(e: iceberg::Error, secrets: &[String]) -> SinkError {
+    SinkError::Catalog(super::catalog::scrub(e.to_string(), secrets))
+}
+
+/// Ensure `ns` exists.
+pub async fn ensure_namespace(
+    catalog: &dyn Catalog,
+    ns: &str,
+    secrets: &[String],
+) -> Result<(), SinkError> {
+    let ident = NamespaceIdent::new(ns.to_string());
+    if catalog
+        .namespace_exists(&ident)
+        .await
+        .map_err(|e| catalog_err(e, secrets))?
+    {
+        return Ok(());
+    }
+    match catalog.create_namespace(&ident, HashMap::new()).await {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == ErrorKind::NamespaceAlreadyExists => Ok(()),
+        Err(e) => Err(catalog_err(e, secrets)),
+    }
+}
+
+/// Highest `philotes.lsn` along the current snapshot's ancestry (other writers may commit too).
+pub fn committed_lsn(table: &Table) -> u64 {
+    let md = table.metadata();
+    let mut cur = md.current_snapshot();
+    while let Some(s) = cur {
+        if let Some(v) = s.summary().additional_properties.get(LSN_PROPERTY) {
+            if let Ok(lsn) = v.parse() {
+                return lsn;
+            }
+        }
+        cur = s.parent_snapshot_id().and_then(|id| md.snapshot_by_id(id));
+    }
+    0
+}
+
+impl TableSink {
+    /// Load `ns.name`, or create it with `schema` (and `partition`, if any) when missing.
+    pub async fn open_or_create(
+        catalog: Arc<dyn Catalog>,
+        ns: &str,
+        name: &str,
+        schema: impl FnOnce() -> Result<(Schema, Option<UnboundPartitionSpec>), iceberg::Error>,
+        secrets: Arc<[String]>,
+    ) -> Result<Self, SinkError> {
+        let ident = TableIdent::new(NamespaceIdent::new(ns.to_string()), name.to_string());
+        let exists = catalog
+            .table_exists(&ident)
+            .await
+            .map_err(|e| catalog_err(e, &secrets))?;
+        let table = if exists {
+            catalog
+                .load_table(&ident)
+                .await
+                .map_err(|e| catalog_err(e, &secrets))?
+        } else {
+            let (schema, partition) = schema().map_err(|e| SinkError::Config(e.to_string()))?;
+            let creation = TableCreation::builder()
+                .name(name.to_string())
+                .schema(schema)
+                .properties(HashMap::from([
+                    (
+                        "write.parquet.compression-codec".to_string(),
+                        "zstd".to_string(),
+                    ),
+                    ("philotes.created-by".to_string(), "philotes".to_string()),
+                ]));
+            let creation = match partition {
+                Some(p) => creation.partition_spec(p).build(),
+                None => creation.build(),
+            };
+            tracing::info!(table = %format!("{ns}.{name}"), "creating Iceberg table");
+            match catalog
+                .create_table(&NamespaceIdent::new(ns.to_string()), creation)
+                .await
+            {
+                Ok(t) => t,
+                Err(e) if e.kind() == ErrorKind::TableAlreadyExists => catalog
+                    .load_table(&ident)
+                    .await
+                    .map_err(|e| catalog_err(e, &secrets))?,
+                Err(e) => return Err(catalog_err(e, &secrets)),
+            }
+        };
+        Self::from_table(catalog, table, secrets)
+    }
+
+    fn from_table(
+        catalog: Arc<dyn Catalog>,
+        table: Table,
+        secrets: Arc<[String]>,
+    ) -> Result<Self, SinkError> {
+        let arrow_schema = Arc::new(
+            schema_to_arrow_schema(table.metadata().current_schema())
+                .map_err(|e| SinkError::Config(e.to_string()))?,
+        );
+        let last_lsn = committed_lsn(&table);
+        Ok(Self {
+            catalog,
+            table,
+            arrow_schema,
+            last_lsn,
+            pending: Vec::new(),
+            pending_rows: 0,
+            secrets,
+        })
+    }
+
+    /// The table's current Iceberg schema.
+    pub fn schema(&self) -> &Schema {
+        self.table.metadata().current_schema()
+    }
+
+    /// Arrow schema (with field ids) that batches for this table must use.
+    pub fn arrow_schema(&self) -> SchemaRef {
+        self.arrow_schema.clone()
+    }
+
+    /// `namespace.table`.
+    pub fn name(&self) -> String {
+        let id = self.table.identifier();
+        format!("{}.{}", id.namespace().join("."), id.name())
+    }
+
+    /// Rows written to data files and not yet committed.
+    pub fn pending_rows(&self) -> u64 {
+        self.pending_rows
+    }
+
+    /// Add optional columns (schema evolution); batches must be rebuilt afterwards.
+    pub async fn add_columns(&mut self, cols: Vec<(String, Type)>) -> Result<(), SinkError> {
+        if cols.is_empty() {
+            return Ok(());
+        }
+        let tx = Transaction::new(&self.table);
+        let mut action = tx.update_schema();
+        for (name, t) in cols {
+            action = action.add_column(AddColumn::optional(name, t));
+        }
+        let tx = action
+            .apply(tx)
+            .map_err(|e| SinkError::Commit(e.to_string()))?;
+        let table = tx
+            .commit(self.catalog.as_ref())
+            .await
+            .map_err(|e| SinkError::Commit(super::catalog::scrub(e.to_string(), &self.secrets)))?;
+        self.arrow_schema = Arc::new(
+            schema_to_arrow_schema(table.metadata().current_schema())
+                .map_err(|e| SinkError::Config(e.to_string()))?,
+        );
+        self.table = table;
+        Ok(())
+    }
+
+    /// Write `batch` as Parquet data file(s), one per partition; they stay pending until `commit`.
+    pub async fn write(&mut self, batch: RecordBatch) -> Result<Written, SinkError> {
+        let rows = batch.num_rows() as u64;
+        let md = self.table.metadata();
+        let schema = md.current_schema().clone();
+        let spec = md.default_partition_spec().clone();
+        let werr = |e: iceberg::Error| SinkError::Write(e.to_string());
+        let props = WriterProperties::builder()
+            .set_compression(Compression::ZSTD(
+                ZstdLevel::try_new(3).map_err(|e| SinkError::Write(e.to_string()))?,
+            ))
+            .set_max_row_group_row_count(Some(1 << 20))
+            .build();
+        let pq = ParquetWriterBuilder::new(props, schema.clone());
+        let location = DefaultLocationGenerator::new(md).map_err(werr)?;
+        // A fresh UUID per write keeps names unique across restarts and re-created tables.
+        let names = DefaultFileNameGenerator::new(
+            uuid::Uuid::now_v7().to_string(),
+            None,
+            DataFileFormat::Parquet,
+        );
+        let rolling = RollingFileWriterBuilder::new_with_default_file_size(
+            pq,
+            self.table.file_io().clone(),
+            location,
+            names,
+        );
+        let builder = DataFileWriterBuilder::new(rolling);
+        let files = if spec.is_unpartitioned() {
+            let mut w = builder.build(None).await.map_err(werr)?;
+            w.write(batch).await.map_err(werr)?;
+            w.close().await.map_err(werr)?
+        } else {
+            let splitter =
+                RecordBatchPartitionSplitter::try_new_with_computed_values(schema, spec)
+                    .map_err(werr)?;
+            let mut fanout = FanoutWriter::new(builder);
+            for (key, part) in splitter.split(&batch).map_err(werr)? {
+                fanout.write(key, part).await.map_err(werr)?;
+            }
+            fanout.close().await.map_err(werr)?
+        };
+        let written = Written {
+            files: files.len() as u64,
+            bytes: files.iter().map(|f| f.file_size_in_bytes()).sum(),
+        };
+        self.pending.extend(files);
+        self.pending_rows += rows;
+        Ok(written)
+    }
+
+    /// Commit pending files with `philotes.lsn = lsn`. Safe to call again after a failure:
+    /// if the previous attempt did land (ambiguous failure), nothing is appended twice.
+    pub async fn commit(&mut self, lsn: u64) -> Result<(), SinkError> {
+        if self.pending.is_empty() {
+            self.last_lsn = self.last_lsn.max(lsn);
+            return Ok(());
+        }
+        let tx = Transaction::new(&self.table);
+        let action = tx
+            .fast_append()
+            // Our file names are unique; skipping the check avoids reading every manifest.
+            .with_check_duplicate(false)
+            .add_data_files(self.pending.clone())
+            .set_snapshot_properties(HashMap::from([(LSN_PROPERTY.to_string(), lsn.to_string())]));
+        let tx = action
+            .apply(tx)
+            .map_err(|e| SinkError::Commit(e.to_string()))?;
+        match tx.commit(self.catalog.as_ref()).await {
+            Ok(table) => {
+                self.table = table;
+                self.pending.clear();
+                self.pending_rows = 0;
+                self.last_lsn = lsn;
+                Ok(())
+            }
+            Err(e) => {
+                let msg = super::catalog::scrub(e.to_string(), &self.secrets);
+                // Reload: the commit may have landed although an error was reported.
+                if let Ok(table) = self.catalog.load_table(self.table.identifier()).await {
+                    let landed = committed_lsn(&table) >= lsn;
+                    self.table = table;
+                    if landed {
+                        self.pending.clear();
+                        self.pending_rows = 0;
+                        self.last_lsn = lsn;
+                        return Ok(());
+                    }
+                }
+                if e.kind() == ErrorKind::CatalogCommitConflicts {
+                    Err(SinkError::Conflict(msg))
+                } else {
+                    Err(SinkError::Commit(msg))
+                }
+            }
+        }
+    }
+}

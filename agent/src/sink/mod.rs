@@ -1,0 +1,3 @@
+//! Where changes go: Apache Iceberg tables.
+
+pub mod iceberg;

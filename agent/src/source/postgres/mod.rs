@@ -1,0 +1,6 @@
+//! PostgreSQL logical replication: connection settings, session set-up, pgoutput decoding, types.
+
+pub mod conn;
+pub mod pgoutput;
+pub mod session;
+pub mod types;

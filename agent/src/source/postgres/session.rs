@@ -1,0 +1,291 @@
+//! Opening a replication session: checks (wal_level, tables), publication and slot, then
+//! START_REPLICATION — all on one authenticated `replication=database` connection.
+
+use std::time::Duration;
+
+use pgwire_replication::{Lsn, PgWireError, ReplicationClient};
+
+use super::conn::SourceUrl;
+
+/// Why a source cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// Network, TLS or authentication failure, or a dropped connection.
+    #[error("cannot connect to {url}: {reason}")]
+    Connect {
+        /// Redacted URL.
+        url: String,
+        /// Cause.
+        reason: String,
+    },
+    /// The server is not configured for logical replication.
+    #[error("wal_level is {0:?} on the source; logical replication needs wal_level = logical")]
+    WalLevel(String),
+    /// A configured table is missing.
+    #[error("table {0} does not exist in the source database")]
+    MissingTable(String),
+    /// The slot exists but was made for another plugin or database.
+    #[error("replication slot {slot:?} is unusable: {reason}")]
+    Slot {
+        /// Slot name.
+        slot: String,
+        /// Cause.
+        reason: String,
+    },
+    /// Any other server error.
+    #[error("source query failed: {0}")]
+    Query(String),
+    /// The replication protocol carried something undecodable.
+    #[error(transparent)]
+    Decode(#[from] super::pgoutput::DecodeError),
+}
+
+impl SourceError {
+    /// True for errors that a retry can cure (connection loss, server restart).
+    pub fn is_transient(&self) -> bool {
+        matches!(self, SourceError::Connect { .. } | SourceError::Query(_))
+    }
+
+    /// The `error_type` label for `philotes_cdc_errors_total`.
+    pub fn error_type(&self) -> &'static str {
+        match self {
+            SourceError::Connect { .. } => "connection",
+            SourceError::WalLevel(_) | SourceError::MissingTable(_) | SourceError::Slot { .. } => {
+                "config"
+            }
+            SourceError::Query(_) => "source_query",
+            SourceError::Decode(_) => "decode",
+        }
+    }
+}
+
+/// Map a transport error, keeping the password out of the message.
+pub fn wire_error(url: &SourceUrl, e: PgWireError) -> SourceError {
+    match e {
+        PgWireError::Server(m) => SourceError::Query(m),
+        other => SourceError::Connect {
+            url: url.display(),
+            reason: other.to_string().replace(&url.password, "***"),
+        },
+    }
+}
+
+/// A gated replication session on which setup queries run before streaming starts.
+pub struct Session {
+    client: ReplicationClient,
+    url: SourceUrl,
+}
+
+fn quote_literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+impl Session {
+    /// Connect and authenticate; nothing is started yet.
+    pub async fn connect(
+        url: &SourceUrl,
+        slot: &str,
+        publication: &str,
+        start: Option<u64>,
+    ) -> Result<Self, SourceError> {
+        let mut cfg = url.replication_config(slot, publication);
+        if let Some(lsn) = start {
+            cfg = cfg.with_start_lsn(Lsn::from_u64(lsn));
+        }
+        let client = ReplicationClient::connect_gated(cfg)
+            .await
+            .map_err(|e| wire_error(url, e))?;
+        let mut s = Self {
+            client,
+            url: url.clone(),
+        };
+        // The first query proves that connect + auth succeeded; bound it so an unreachable
+        // host fails within the connect timeout instead of hanging.
+        match tokio::time::timeout(url.connect_timeout, s.client.simple_query("SELECT 1")).await
+        {
+            Ok(Ok(_)) => Ok(s),
+            Ok(Err(e)) => Err(wire_error(url, e)),
+            Err(_) => Err(SourceError::Connect {
+                url: url.display(),
+                reason: format!("timed out after {:?}", url.connect_timeout),
+            }),
+        }
+    }
+
+    /// Run one query and return the first column of every row as text.
+    pub async fn query(&mut self, sql: &str) -> Result<Vec<Vec<Option<String>>>, SourceError> {
+        let rows = self
+            .client
+            .simple_query(sql)
+            .await
+            .map_err(|e| wire_error(&self.url, e))?;
+        Ok(rows
+            .into_iter()
+            .map(|r| {
+                r.into_iter()
+                    .map(|c| c.map(|b| String::from_utf8_lossy(&b).into_owned()))
+                    .collect()
+            })
+            .collect())
+    }
+
+    async fn scalar(&mut self, sql: &str) -> Result<Option<String>, SourceError> {
+        Ok(self
+            .query(sql)
+            .await?
+            .into_iter()
+            .next()
+            .and_then(|r| r.into_iter().next().flatten()))
+    }
+
+    /// Fail unless `wal_level = logical`.
+    pub async fn check_wal_level(&mut self) -> Result<(), SourceError> {
+        let level = self.scalar("SHOW wal_level").await?.unwrap_or_default();
+        if level != "logical" {
+            return Err(SourceError::WalLevel(level));
+        }
+        Ok(())
+    }
+
+    /// Fail naming the first configured table that does not exist.
+    pub async fn check_tables(&mut self, tables: &[(String, String)]) -> Result<(), SourceError> {
+        for (schema, table) in tables {
+            let sql = format!(
+                "SELECT 1 FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n \
+                 ON n.oid = c.relnamespace WHERE n.nspname = {} AND c.relname = {} \
+                 AND c.relkind IN ('r', 'p')",
+                quote_literal(schema),
+                quote_literal(table)
+            );
+            if self.query(&sql).await?.is_empty() {
+                return Err(SourceError::MissingTable(format!("{schema}.{table}")));
+            }
+        }
+        Ok(())
+    }
+
+    /// Create the publication if missing, and add configured tables it lacks.
+    pub async fn ensure_publication(
+        &mut self,
+        publication: &str,
+        tables: &[(String, String)],
+    ) -> Result<(), SourceError> {
+        let list = tables
+            .iter()
+            .map(|(s, t)| format!("{}.{}", quote_ident(s), quote_ident(t)))
+            .collect::<Vec<_>>();
+        let exists = !self
+            .query(&format!(
+                "SELECT 1 FROM pg_catalog.pg_publication WHERE pubname = {}",
+                quote_literal(publication)
+            ))
+            .await?
+            .is_empty();
+        if !exists {
+            tracing::info!(publication, "creating publication");
+            self.query(&format!(
+                "CREATE PUBLICATION {} FOR TABLE {}",
+                quote_ident(publication),
+                list.join(", ")
+            ))
+            .await?;
+            return Ok(());
+        }
+        let present: Vec<(String, String)> = self
+            .query(&format!(
+                "SELECT schemaname, tablename FROM pg_catalog.pg_publication_tables \
+                 WHERE pubname = {}",
+                quote_literal(publication)
+            ))
+            .await?
+            .into_iter()
+            .filter_map(|r| match (r.first(), r.get(1)) {
+                (Some(Some(s)), Some(Some(t))) => Some((s.clone(), t.clone())),
+                _ => None,
+            })
+            .collect();
+        for ((s, t), quoted) in tables.iter().zip(&list) {
+            if !present.iter().any(|(ps, pt)| ps == s && pt == t) {
+                tracing::info!(publication, table = %format!("{s}.{t}"), "adding table to publication");
+                self.query(&format!(
+                    "ALTER PUBLICATION {} ADD TABLE {quoted}",
+                    quote_ident(publication)
+                ))
+                .await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Create the logical slot if missing; returns its `confirmed_flush_lsn` (None if new).
+    pub async fn ensure_slot(&mut self, slot: &str) -> Result<Option<u64>, SourceError> {
+        let rows = self
+            .query(&format!(
+                "SELECT plugin, database, active_pid::text, confirmed_flush_lsn::text \
+                 FROM pg_catalog.pg_replication_slots WHERE slot_name = {}",
+                quote_literal(slot)
+            ))
+            .await?;
+        if let Some(row) = rows.into_iter().next() {
+            let get = |i: usize| row.get(i).cloned().flatten();
+            let plugin = get(0).unwrap_or_default();
+            if plugin != "pgoutput" {
+                return Err(SourceError::Slot {
+                    slot: slot.into(),
+                    reason: format!("it uses plugin {plugin:?}, not pgoutput"),
+                });
+            }
+            if get(1).as_deref() != Some(self.url.database.as_str()) {
+                return Err(SourceError::Slot {
+                    slot: slot.into(),
+                    reason: format!("it belongs to database {:?}", get(1).unwrap_or_default()),
+                });
+            }
+            if let Some(pid) = get(2) {
+                return Err(SourceError::Slot {
+                    slot: slot.into(),
+                    reason: format!(
+                        "it is in use by another consumer (pid {pid}); is a second agent running?"
+                    ),
+                });
+            }
+            return Ok(get(3).and_then(|l| parse_lsn(&l)));
+        }
+        tracing::info!(slot, "creating replication slot");
+        self.query(&format!(
+            "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput NOEXPORT_SNAPSHOT",
+            quote_ident(slot)
+        ))
+        .await?;
+        Ok(None)
+    }
+
+    /// Send START_REPLICATION and wait until the server accepted it.
+    pub async fn start(mut self) -> Result<ReplicationClient, SourceError> {
+        let url = self.url.clone();
+        self.client.start().await.map_err(|e| wire_error(&url, e))?;
+        match tokio::time::timeout(Duration::from_secs(30), self.client.wait_started()).await {
+            Ok(Ok(())) => Ok(self.client),
+            Ok(Err(e)) => Err(wire_error(&url, e)),
+            Err(_) => Err(SourceError::Connect {
+                url: url.display(),
+                reason: "START_REPLICATION was not answered within 30s".into(),
+            }),
+        }
+    }
+}
+
+/// Parse `X/Y` into a u64 LSN.
+pub fn parse_lsn(s: &str) -> Option<u64> {
+    let (hi, lo) = s.split_once('/')?;
+    Some((u64::from_str_radix(hi, 16).ok()? << 32) | u64::from_str_radix(lo, 16).ok()?)
+}
+
+/// Format a u64 LSN as `X/Y`.
+pub fn format_lsn(lsn: u64) -> String {
+    format!("{:X}/{:X}", lsn >> 32, lsn & 0xffff_ffff)
+}

@@ -1,0 +1,281 @@
+//! Every instrument of the metric contract (DESIGN.md), created once from one `Meter`.
+//!
+//! Instrument names are OpenTelemetry names; the comment on each field gives the Prometheus name
+//! that `opentelemetry-prometheus` derives from it. Hot-path handles are bound to their attribute
+//! set once per source/table, so recording does not look up or allocate attributes.
+
+use std::sync::Arc;
+
+use opentelemetry::metrics::{
+    BoundCounter, BoundGauge, BoundHistogram, Counter, Gauge, Histogram, Meter,
+};
+use opentelemetry::KeyValue;
+
+/// Pipeline state values of `philotes_cdc_pipeline_state`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PipelineState {
+    /// Not running.
+    Stopped = 0,
+    /// Connecting and preparing.
+    Starting = 1,
+    /// Copying existing rows.
+    Snapshotting = 2,
+    /// Streaming changes.
+    Streaming = 3,
+    /// Paused by an operator.
+    Paused = 4,
+    /// Failed; retrying.
+    Failed = 5,
+}
+
+const SECONDS_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+const BYTES_BUCKETS: &[f64] = &[
+    64.0, 256.0, 1024.0, 4096.0, 16384.0, 65536.0, 262_144.0, 1_048_576.0, 4_194_304.0,
+];
+
+/// All instruments. Cheap to clone (handles are `Arc`s inside).
+#[derive(Clone)]
+pub struct Metrics {
+    /// `philotes_cdc_events_total{source,table,operation}`.
+    cdc_events: Counter<u64>,
+    /// `philotes_cdc_lag_seconds{source,table}`.
+    cdc_lag: Gauge<f64>,
+    /// `philotes_cdc_errors_total{source,error_type}`.
+    cdc_errors: Counter<u64>,
+    /// `philotes_cdc_retries_total{source}`.
+    cdc_retries: Counter<u64>,
+    /// `philotes_cdc_pipeline_state{source}`.
+    cdc_state: Gauge<i64>,
+    /// `philotes_cdc_slot_lag_bytes{source}`.
+    cdc_slot_lag: Gauge<i64>,
+    /// `philotes_api_requests_total{endpoint,method,status}`.
+    pub api_requests: Counter<u64>,
+    /// `philotes_api_request_duration_seconds{endpoint,method}`.
+    pub api_duration: Histogram<f64>,
+    /// `philotes_api_request_size_bytes{endpoint,method}`.
+    pub api_request_size: Histogram<u64>,
+    /// `philotes_api_response_size_bytes{endpoint,method}`.
+    pub api_response_size: Histogram<u64>,
+    /// `philotes_iceberg_commits_total{source,table}`.
+    ice_commits: Counter<u64>,
+    /// `philotes_iceberg_commit_duration_seconds{source,table}`.
+    ice_commit_duration: Histogram<f64>,
+    /// `philotes_iceberg_files_written_total{source,table}`.
+    ice_files: Counter<u64>,
+    /// `philotes_iceberg_bytes_written_total{source,table}` (no unit: "By" would double the suffix).
+    ice_bytes: Counter<u64>,
+    /// `philotes_buffer_depth{source}`.
+    buf_depth: Gauge<i64>,
+    /// `philotes_buffer_batches_total{source,status}`.
+    buf_batches: Counter<u64>,
+    /// `philotes_buffer_events_processed_total{source}`.
+    buf_events: Counter<u64>,
+    /// `philotes_buffer_dlq_total{source}`.
+    buf_dlq: Counter<u64>,
+}
+
+impl Metrics {
+    /// Create every instrument on `meter`.
+    pub fn new(meter: &Meter) -> Self {
+        Self {
+            cdc_events: meter
+                .u64_counter("philotes.cdc.events")
+                .with_description("Change events read from the source, by operation")
+                .build(),
+            cdc_lag: meter
+                .f64_gauge("philotes.cdc.lag")
+                .with_unit("s")
+                .with_description("Seconds between the source commit and now, at the last event")
+                .build(),
+            cdc_errors: meter
+                .u64_counter("philotes.cdc.errors")
+                .with_description("Errors by type")
+                .build(),
+            cdc_retries: meter
+                .u64_counter("philotes.cdc.retries")
+                .with_description("Retries after transient errors")
+                .build(),
+            cdc_state: meter
+                .i64_gauge("philotes.cdc.pipeline_state")
+                .with_description(
+                    "0 stopped, 1 starting, 2 snapshotting, 3 streaming, 4 paused, 5 failed",
+                )
+                .build(),
+            cdc_slot_lag: meter
+                .i64_gauge("philotes.cdc.slot_lag")
+                .with_unit("By")
+                .with_description("WAL retained by the replication slot")
+                .build(),
+            api_requests: meter
+                .u64_counter("philotes.api.requests")
+                .with_description("API requests by route template, method and status")
+                .build(),
+            api_duration: meter
+                .f64_histogram("philotes.api.request.duration")
+                .with_unit("s")
+                .with_boundaries(SECONDS_BUCKETS.to_vec())
+                .with_description("API request latency")
+                .build(),
+            api_request_size: meter
+                .u64_histogram("philotes.api.request.size")
+                .with_unit("By")
+                .with_boundaries(BYTES_BUCKETS.to_vec())
+                .with_description("API request body size")
+                .build(),
+            api_response_size: meter
+                .u64_histogram("philotes.api.response.size")
+                .with_unit("By")
+                .with_boundaries(BYTES_BUCKETS.to_vec())
+                .with_description("API response body size")
+                .build(),
+            ice_commits: meter
+                .u64_counter("philotes.iceberg.commits")
+                .with_description("Iceberg snapshots committed")
+                .build(),
+            ice_commit_duration: meter
+                .f64_histogram("philotes.iceberg.commit.duration")
+                .with_unit("s")
+                .with_boundaries(SECONDS_BUCKETS.to_vec())
+                .with_description("Time to write the data files and commit one snapshot")
+                .build(),
+            ice_files: meter
+                .u64_counter("philotes.iceberg.files_written")
+                .with_description("Parquet data files written")
+                .build(),
+            ice_bytes: meter
+                .u64_counter("philotes.iceberg.bytes_written")
+                .with_description("Bytes of Parquet data files written")
+                .build(),
+            buf_depth: meter
+                .i64_gauge("philotes.buffer.depth")
+                .with_description("Change events buffered and not yet committed")
+                .build(),
+            buf_batches: meter
+                .u64_counter("philotes.buffer.batches")
+                .with_description("Flushes by outcome (committed, failed, retried)")
+                .build(),
+            buf_events: meter
+                .u64_counter("philotes.buffer.events_processed")
+                .with_description("Change events committed to Iceberg")
+                .build(),
+            buf_dlq: meter
+                .u64_counter("philotes.buffer.dlq")
+                .with_description("Rows sent to the dead-letter table")
+                .build(),
+        }
+    }
+
+    /// Handles bound to one pipeline (`source` label).
+    pub fn source(&self, source: &str) -> SourceMetrics {
+        let s = KeyValue::new("source", source.to_string());
+        let with = |k: &'static str, v: &'static str| [s.clone(), KeyValue::new(k, v)];
+        SourceMetrics {
+            name: Arc::from(source),
+            metrics: self.clone(),
+            retries: self.cdc_retries.bind(std::slice::from_ref(&s)),
+            state: self.cdc_state.bind(std::slice::from_ref(&s)),
+            slot_lag: self.cdc_slot_lag.bind(std::slice::from_ref(&s)),
+            depth: self.buf_depth.bind(std::slice::from_ref(&s)),
+            batches_committed: self.buf_batches.bind(&with("status", "committed")),
+            batches_failed: self.buf_batches.bind(&with("status", "failed")),
+            batches_retried: self.buf_batches.bind(&with("status", "retried")),
+            events_processed: self.buf_events.bind(std::slice::from_ref(&s)),
+            dlq: self.buf_dlq.bind(std::slice::from_ref(&s)),
+        }
+    }
+}
+
+/// Instruments bound to one source.
+#[derive(Clone)]
+pub struct SourceMetrics {
+    name: Arc<str>,
+    metrics: Metrics,
+    /// `philotes_cdc_retries_total`.
+    pub retries: BoundCounter<u64>,
+    state: BoundGauge<i64>,
+    /// `philotes_cdc_slot_lag_bytes`.
+    pub slot_lag: BoundGauge<i64>,
+    /// `philotes_buffer_depth`.
+    pub depth: BoundGauge<i64>,
+    /// `philotes_buffer_batches_total{status="committed"}`.
+    pub batches_committed: BoundCounter<u64>,
+    /// `philotes_buffer_batches_total{status="failed"}`.
+    pub batches_failed: BoundCounter<u64>,
+    /// `philotes_buffer_batches_total{status="retried"}`.
+    pub batches_retried: BoundCounter<u64>,
+    /// `philotes_buffer_events_processed_total`.
+    pub events_processed: BoundCounter<u64>,
+    /// `philotes_buffer_dlq_total`.
+    pub dlq: BoundCounter<u64>,
+}
+
+impl SourceMetrics {
+    /// Record the pipeline state.
+    pub fn set_state(&self, s: PipelineState) {
+        self.state.record(s as i64);
+    }
+
+    /// Count an error; errors are rare, so the attribute set is built per call.
+    pub fn error(&self, error_type: &'static str) {
+        self.metrics.cdc_errors.add(
+            1,
+            &[
+                KeyValue::new("source", self.name.to_string()),
+                KeyValue::new("error_type", error_type),
+            ],
+        );
+    }
+
+    /// Handles bound to one table of this source.
+    pub fn table(&self, table: &str) -> TableMetrics {
+        let base = [
+            KeyValue::new("source", self.name.to_string()),
+            KeyValue::new("table", table.to_string()),
+        ];
+        let op = |o: &'static str| {
+            let mut a = base.to_vec();
+            a.push(KeyValue::new("operation", o));
+            self.metrics.cdc_events.bind(&a)
+        };
+        TableMetrics {
+            insert: op("insert"),
+            update: op("update"),
+            delete: op("delete"),
+            truncate: op("truncate"),
+            snapshot: op("snapshot"),
+            lag: self.metrics.cdc_lag.bind(&base),
+            commits: self.metrics.ice_commits.bind(&base),
+            commit_duration: self.metrics.ice_commit_duration.bind(&base),
+            files: self.metrics.ice_files.bind(&base),
+            bytes: self.metrics.ice_bytes.bind(&base),
+        }
+    }
+}
+
+/// Instruments bound to one table.
+#[derive(Clone)]
+pub struct TableMetrics {
+    /// `philotes_cdc_events_total{operation="insert"}`.
+    pub insert: BoundCounter<u64>,
+    /// `...{operation="update"}`.
+    pub update: BoundCounter<u64>,
+    /// `...{operation="delete"}`.
+    pub delete: BoundCounter<u64>,
+    /// `...{operation="truncate"}`.
+    pub truncate: BoundCounter<u64>,
+    /// `...{operation="snapshot"}`.
+    pub snapshot: BoundCounter<u64>,
+    /// `philotes_cdc_lag_seconds`.
+    pub lag: BoundGauge<f64>,
+    /// `philotes_iceberg_commits_total`.
+    pub commits: BoundCounter<u64>,
+    /// `philotes_iceberg_commit_duration_seconds`.
+    pub commit_duration: BoundHistogram<f64>,
+    /// `philotes_iceberg_files_written_total`.
+    pub files: BoundCounter<u64>,
+    /// `philotes_iceberg_bytes_written_total`.
+    pub bytes: BoundCounter<u64>,
+}

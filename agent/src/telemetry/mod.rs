@@ -1,0 +1,233 @@
+//! OpenTelemetry meter and tracer providers, the Prometheus and OTLP exporters, and logging.
+
+pub mod instruments;
+mod process;
+
+use std::time::Duration;
+
+use opentelemetry::metrics::MeterProvider as _;
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry::KeyValue;
+use opentelemetry_otlp::{WithExportConfig, WithHttpConfig};
+use opentelemetry_sdk::metrics::{PeriodicReader, SdkMeterProvider};
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use opentelemetry_sdk::Resource;
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
+use tracing_subscriber::{EnvFilter, Layer};
+
+pub use instruments::{Metrics, PipelineState, SourceMetrics, TableMetrics};
+
+use crate::config::TelemetryConfig;
+
+/// Telemetry set-up failures.
+#[derive(Debug, thiserror::Error)]
+pub enum TelemetryError {
+    /// An exporter could not be built.
+    #[error("telemetry: {0}")]
+    Exporter(String),
+}
+
+/// The providers and the instruments built from them.
+pub struct Telemetry {
+    /// Every instrument.
+    pub metrics: Metrics,
+    /// Registry behind `/metrics` (None when the Prometheus endpoint is off).
+    pub registry: Option<prometheus::Registry>,
+    meter_provider: Option<SdkMeterProvider>,
+    tracer_provider: Option<SdkTracerProvider>,
+}
+
+fn env_true(name: &str) -> bool {
+    std::env::var(name)
+        .map(|v| v.trim().eq_ignore_ascii_case("true"))
+        .unwrap_or(false)
+}
+
+fn resource() -> Resource {
+    let mut b = Resource::builder();
+    if std::env::var_os("OTEL_SERVICE_NAME").is_none() {
+        b = b.with_service_name("philotes-agent");
+    }
+    b.with_attributes([
+        KeyValue::new("service.version", env!("CARGO_PKG_VERSION")),
+        KeyValue::new("service.instance.id", uuid::Uuid::new_v4().to_string()),
+    ])
+    .build()
+}
+
+/// Where and how to push OTLP, from config and the standard `OTEL_*` variables.
+fn otlp_target(cfg: &TelemetryConfig) -> Option<(String, bool)> {
+    let endpoint = cfg
+        .otlp_endpoint
+        .clone()
+        .or_else(|| std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").ok())
+        .filter(|e| !e.is_empty())?;
+    let protocol = std::env::var("OTEL_EXPORTER_OTLP_PROTOCOL")
+        .unwrap_or_else(|_| cfg.otlp_protocol.clone());
+    Some((endpoint.trim_end_matches('/').to_string(), protocol == "grpc"))
+}
+
+fn export_interval(cfg: &TelemetryConfig) -> Duration {
+    std::env::var("OTEL_METRIC_EXPORT_INTERVAL")
+        .ok()
+        .and_then(|ms| ms.parse::<u64>().ok())
+        .filter(|ms| *ms > 0)
+        .map(Duration::from_millis)
+        .unwrap_or(cfg.export_interval)
+}
+
+impl Telemetry {
+    /// Build providers and instruments; must run inside the tokio runtime (gRPC exporters).
+    pub fn init(cfg: &TelemetryConfig) -> Result<Self, TelemetryError> {
+        let disabled = env_true("OTEL_SDK_DISABLED");
+        let target = if disabled { None } else { otlp_target(cfg) };
+        let timeout = Duration::from_secs(5);
+        let res = resource();
+
+        let mut registry = None;
+        let meter_provider = if disabled {
+            None
+        } else {
+            let mut b = SdkMeterProvider::builder().with_resource(res.clone());
+            if cfg.prometheus {
+                let reg = prometheus::Registry::new();
+                let exporter = opentelemetry_prometheus::exporter()
+                    .with_registry(reg.clone())
+                    .build()
+                    .map_err(|e| TelemetryError::Exporter(e.to_string()))?;
+                b = b.with_reader(exporter);
+                registry = Some(reg);
+            }
+            if let Some((endpoint, grpc)) = &target {
+                let exporter = if *grpc {
+                    opentelemetry_otlp::MetricExporter::builder()
+                        .with_tonic()
+                        .with_endpoint(endpoint.clone())
+                        .with_timeout(timeout)
+                        .build()
+                } else {
+                    opentelemetry_otlp::MetricExporter::builder()
+                        .with_http()
+                        .with_endpoint(format!("{endpoint}/v1/metrics"))
+                        .with_timeout(timeout)
+                        .with_headers(Default::default())
+                        .build()
+                }
+                .map_err(|e| TelemetryError::Exporter(e.to_string()))?;
+                b = b.with_reader(
+                    PeriodicReader::builder(exporter)
+                        .with_interval(export_interval(cfg))
+                        .build(),
+                );
+            }
+            Some(b.build())
+        };
+
+        let tracer_provider = match &target {
+            Some((endpoint, grpc)) if cfg.traces => {
+                let exporter = if *grpc {
+                    opentelemetry_otlp::SpanExporter::builder()
+                        .with_tonic()
+                        .with_endpoint(endpoint.clone())
+                        .with_timeout(timeout)
+                        .build()
+                } else {
+                    opentelemetry_otlp::SpanExporter::builder()
+                        .with_http()
+                        .with_endpoint(format!("{endpoint}/v1/traces"))
+                        .with_timeout(timeout)
+                        .build()
+                }
+                .map_err(|e| TelemetryError::Exporter(e.to_string()))?;
+                Some(
+                    SdkTracerProvider::builder()
+                        .with_resource(res)
+                        .with_batch_exporter(exporter)
+                        .build(),
+                )
+            }
+            _ => None,
+        };
+
+        let meter = match &meter_provider {
+            Some(mp) => mp.meter("philotes"),
+            None => opentelemetry::metrics::NoopMeterProvider::new().meter("philotes"),
+        };
+        let metrics = Metrics::new(&meter);
+        if meter_provider.is_some() {
+            process::register(&meter);
+        }
+        Ok(Self {
+            metrics,
+            registry,
+            meter_provider,
+            tracer_provider,
+        })
+    }
+
+    /// Install the global `tracing` subscriber (text or JSON logs, plus spans to OTLP).
+    pub fn init_logging(&self, cfg: &TelemetryConfig) {
+        let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+            EnvFilter::new(format!(
+                "{},opentelemetry=warn,opentelemetry_sdk=warn,opendal=warn,sqlx=warn,hyper=warn,reqwest=warn",
+                cfg.log_level
+            ))
+        });
+        let fmt = if cfg.log_format == "json" {
+            tracing_subscriber::fmt::layer()
+                .json()
+                .flatten_event(true)
+                .with_current_span(true)
+                .with_span_list(false)
+                .with_writer(std::io::stderr)
+                .boxed()
+        } else {
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .boxed()
+        };
+        let otel = self
+            .tracer_provider
+            .as_ref()
+            .map(|tp| tracing_opentelemetry::layer().with_tracer(tp.tracer("philotes")));
+        let _ = tracing_subscriber::registry()
+            .with(filter)
+            .with(fmt)
+            .with(otel)
+            .try_init();
+    }
+
+    /// The Prometheus text exposition, if the endpoint is on.
+    pub fn render(&self) -> Option<String> {
+        let reg = self.registry.as_ref()?;
+        prometheus::TextEncoder::new()
+            .encode_to_string(&reg.gather())
+            .ok()
+    }
+
+    /// Flush and stop both exporters; blocking work runs off the async threads.
+    pub async fn shutdown(self) {
+        let mp = self.meter_provider;
+        let tp = self.tracer_provider;
+        let _ = tokio::task::spawn_blocking(move || {
+            if let Some(tp) = tp {
+                let _ = tp.shutdown();
+            }
+            if let Some(mp) = mp {
+                let _ = mp.shutdown();
+            }
+        })
+        .await;
+    }
+}
+
+/// Logging for commands that run without the full telemetry stack (`check`, `version`).
+pub fn init_basic_logging(level: &str) {
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level.to_string()));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
