@@ -82,6 +82,12 @@ async fn connect(conninfo: &str) -> Result<tokio_postgres::Client, DemoError> {
     Ok(client)
 }
 
+fn clean(p: &Path) -> PathBuf {
+    p.components()
+        .filter(|c| !matches!(c, std::path::Component::CurDir))
+        .collect()
+}
+
 fn absolute(p: &Path) -> PathBuf {
     if p.is_absolute() {
         p.to_path_buf()
@@ -94,7 +100,7 @@ fn absolute(p: &Path) -> PathBuf {
 
 /// Run the demo until Ctrl-C or `duration`.
 pub async fn run(opts: DemoOptions) -> Result<(), DemoError> {
-    let dir = absolute(&opts.dir);
+    let dir = clean(&absolute(&opts.dir));
     // A fresh cluster starts at low LSNs: old tables would make every change look replayed.
     for sub in ["catalog.db", "warehouse"] {
         let p = dir.join(sub);
@@ -143,6 +149,7 @@ flush_interval = "1s"
     let cfg = Config::parse(&cfg_text, &env)?;
     let telemetry = Telemetry::init(&cfg.telemetry).map_err(crate::agent::AgentError::from)?;
     telemetry.init_logging(&cfg.telemetry);
+    let agent_iceberg = cfg.iceberg.clone();
     let agent = Agent::start(cfg, telemetry).await?;
     if let Some(addr) = agent.api_addr {
         println!("▶ metrics: http://{addr}/metrics   status: http://{addr}/api/v1/pipelines/shop");
@@ -190,20 +197,33 @@ flush_interval = "1s"
     }
     let _ = stop_tx.send(true);
     let generated = gen.await.unwrap_or(Ok(0)).unwrap_or(0);
-    // Let the last transactions reach Iceberg before stopping.
+    // Let the last transactions reach Iceberg, then drain (the pipeline flushes on stop).
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let st = status::snapshot(&handle.status);
+    let iceberg_cfg = agent_iceberg.clone();
     agent.stop().await;
     pg.stop();
     let _ = std::fs::remove_dir_all(&pg_dir);
+    let st = status::snapshot(&handle.status);
     let committed: u64 = st.tables.values().map(|t| t.committed_rows).sum();
-    println!("\n✔ generated {generated} changes; {committed} rows committed to Iceberg in {}", dir.display());
-    print_query_help(&dir);
+    println!(
+        "\n✔ generated {generated} changes; {committed} rows committed to Iceberg in {}",
+        dir.display()
+    );
+    let metadata = metadata_location(&iceberg_cfg, "shop", "orders").await;
+    print_query_help(&dir, metadata.as_deref());
     Ok(())
 }
 
-fn print_query_help(dir: &Path) {
+async fn metadata_location(cfg: &crate::config::IcebergConfig, ns: &str, table: &str) -> Option<String> {
+    let cat = crate::sink::iceberg::open_catalog(cfg).await.ok()?;
+    let ident = iceberg::TableIdent::new(iceberg::NamespaceIdent::new(ns.into()), table.into());
+    let t = cat.load_table(&ident).await.ok()?;
+    t.metadata_location().map(str::to_string)
+}
+
+fn print_query_help(dir: &Path, metadata: Option<&str>) {
     let d = dir.display();
+    let m = metadata.unwrap_or("<warehouse>/shop/orders/metadata/<latest>.metadata.json");
     println!(
         r#"
 Query the changelog tables:
@@ -212,7 +232,7 @@ Query the changelog tables:
     python3 -c "from pyiceberg.catalog.sql import SqlCatalog; c = SqlCatalog('philotes', uri='sqlite:///{d}/catalog.db', warehouse='file://{d}/warehouse'); print(c.load_table('shop.orders').scan().to_arrow().to_pandas())"
 
   DuckDB (duckdb 1.5.5 with the iceberg extension):
-    SELECT _cdc_op, count(*) FROM iceberg_scan('{d}/warehouse/shop/orders') GROUP BY 1;
+    SELECT _cdc_op, count(*) FROM iceberg_scan('{m}') GROUP BY 1;
 "#
     );
 }

@@ -230,6 +230,11 @@ impl LocalPostgres {
         )
     }
 
+    /// The OS user the server runs as, when not the current user.
+    pub fn owner(&self) -> Option<&str> {
+        self.run_as.as_deref()
+    }
+
     /// Stop the server now.
     pub fn stop(&mut self) {
         if !self.stopped {

@@ -184,6 +184,7 @@ impl Telemetry {
                 .boxed()
         } else {
             tracing_subscriber::fmt::layer()
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
                 .with_writer(std::io::stderr)
                 .boxed()
         };

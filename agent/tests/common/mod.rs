@@ -1,0 +1,344 @@
+//! Test harness: a private PostgreSQL per test, the real `philotes` binary as a child process,
+//! and the independent Python readers (PyIceberg, DuckDB) from the test venv.
+#![allow(dead_code)]
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use philotes::demo::postgres::{LocalPgOptions, LocalPostgres};
+use serde_json::Value;
+
+/// A private cluster in a temp dir, with a tokio-postgres client factory.
+pub struct TestPg {
+    pub pg: LocalPostgres,
+    pub password: Option<String>,
+    _dir: tempfile::TempDir,
+}
+
+impl TestPg {
+    pub fn start() -> Self {
+        Self::start_with(LocalPgOptions::default())
+    }
+
+    pub fn start_with(opts: LocalPgOptions) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("philotes-test-pg")
+            .tempdir()
+            .expect("tempdir");
+        let pg = LocalPostgres::start(&dir.path().join("data"), &opts)
+            .unwrap_or_else(|e| panic!("cannot start PostgreSQL: {e}"));
+        Self {
+            pg,
+            password: opts.password.clone(),
+            _dir: dir,
+        }
+    }
+
+    /// URL the agent uses.
+    pub fn url(&self, db: &str) -> String {
+        self.pg.url(db, self.password.as_deref())
+    }
+
+    /// libpq conninfo (psycopg, tokio-postgres).
+    pub fn conninfo(&self, db: &str) -> String {
+        match &self.password {
+            Some(pw) => format!("{} password={pw}", self.pg.conninfo(db)),
+            None => self.pg.conninfo(db),
+        }
+    }
+
+    pub async fn client(&self, db: &str) -> tokio_postgres::Client {
+        let (client, conn) = tokio_postgres::connect(&self.conninfo(db), tokio_postgres::NoTls)
+            .await
+            .expect("connect to test PostgreSQL");
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        client
+    }
+
+    pub async fn create_db(&self, db: &str) -> tokio_postgres::Client {
+        self.client("postgres")
+            .await
+            .batch_execute(&format!("CREATE DATABASE {db}"))
+            .await
+            .expect("create database");
+        self.client(db).await
+    }
+
+    /// `confirmed_flush_lsn` of `slot` as a number (0 if unknown).
+    pub async fn confirmed_lsn(&self, db: &str, slot: &str) -> u64 {
+        let c = self.client(db).await;
+        let row = c
+            .query_opt(
+                "SELECT (confirmed_flush_lsn - '0/0')::bigint FROM pg_replication_slots WHERE slot_name = $1",
+                &[&slot],
+            )
+            .await
+            .expect("query slot");
+        row.and_then(|r| r.get::<_, Option<i64>>(0)).unwrap_or(0) as u64
+    }
+}
+
+/// A scratch directory with the agent's config, catalog and warehouse.
+pub struct Workdir {
+    pub dir: tempfile::TempDir,
+}
+
+impl Workdir {
+    pub fn new() -> Self {
+        Self {
+            dir: tempfile::Builder::new()
+                .prefix("philotes-test")
+                .tempdir()
+                .expect("tempdir"),
+        }
+    }
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+    pub fn catalog_db(&self) -> PathBuf {
+        self.path().join("catalog.db")
+    }
+    pub fn warehouse(&self) -> PathBuf {
+        self.path().join("warehouse")
+    }
+
+    /// A config with one pipeline `p` on `source` for `tables`, plus extra pipeline keys.
+    pub fn config(&self, source: &str, tables: &[&str], pipeline_extra: &str, top_extra: &str) -> PathBuf {
+        let tables = tables
+            .iter()
+            .map(|t| format!("\"{t}\""))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let text = format!(
+            r#"{top_extra}
+[api]
+listen = "127.0.0.1:0"
+[iceberg]
+uri = "sqlite://{db}"
+warehouse = "{wh}"
+[[pipelines]]
+name = "p"
+source = "{source}"
+tables = [{tables}]
+namespace = "ns"
+flush_interval = "300ms"
+{pipeline_extra}
+"#,
+            db = self.catalog_db().display(),
+            wh = self.warehouse().display(),
+        );
+        let path = self.path().join("philotes.toml");
+        std::fs::write(&path, text).expect("write config");
+        path
+    }
+}
+
+/// The agent binary under test.
+pub fn philotes_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_philotes"))
+}
+
+/// A running `philotes run` child process.
+pub struct AgentProc {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl AgentProc {
+    pub fn start(config: &Path, log: &Path) -> Self {
+        Self::start_env(config, log, &[])
+    }
+
+    pub fn start_env(config: &Path, log: &Path, env: &[(&str, &str)]) -> Self {
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .expect("log file");
+        let err = out.try_clone().expect("log file");
+        let mut cmd = Command::new(philotes_bin());
+        cmd.args(["run", "--config"])
+            .arg(config)
+            .env("RUST_LOG", "info,philotes=debug")
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("spawn philotes");
+        Self {
+            child,
+            log: log.to_path_buf(),
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// Peak resident set size (VmHWM) in bytes.
+    pub fn peak_rss(&self) -> u64 {
+        let s = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        s.lines()
+            .find(|l| l.starts_with("VmHWM:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+            * 1024
+    }
+
+    pub fn kill9(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM and wait for a clean exit; returns the exit code.
+    pub fn terminate(mut self) -> Option<i32> {
+        unsafe {
+            libc::kill(self.pid(), libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return st.code();
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// GET an API path as JSON (None while the API is not up).
+    pub async fn api_json(&self, path: &str) -> Option<Value> {
+        let addr = self.api_addr()?;
+        let r = reqwest::get(format!("http://{addr}{path}")).await.ok()?;
+        r.json().await.ok()
+    }
+
+    /// Wait until pipeline `p` reports `streaming` (slot and publication exist from then on).
+    pub async fn wait_streaming(&self) {
+        wait_for(Duration::from_secs(60), "pipeline streaming", || async {
+            let v = self.api_json("/api/v1/pipelines/p").await?;
+            (v["state"] == "streaming").then_some(())
+        })
+        .await;
+    }
+
+    /// The API address the agent logged (it listens on port 0 in tests).
+    pub fn api_addr(&self) -> Option<String> {
+        let log = self.log_text();
+        let i = log.rfind("api=Some(")?;
+        let rest = &log[i + 9..];
+        Some(rest[..rest.find(')')?].to_string())
+    }
+}
+
+impl Drop for AgentProc {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let log = self.log_text();
+            let tail: Vec<&str> = log.lines().rev().take(80).collect();
+            eprintln!("---- agent log (last 80 lines) ----");
+            for l in tail.iter().rev() {
+                eprintln!("{l}");
+            }
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The Python of the test venv (created by `.ci/run` / scripts/test.sh).
+pub fn python() -> PathBuf {
+    if let Ok(p) = std::env::var("PHILOTES_TEST_PYTHON") {
+        return PathBuf::from(p);
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let p = root.join(".venv-test/bin/python");
+    assert!(
+        p.exists(),
+        "test venv missing: run scripts/test.sh (it creates .venv-test with PyIceberg and DuckDB)"
+    );
+    p
+}
+
+/// Run `tests/py/verify.py` against a table; returns its JSON.
+pub fn verify(work: &Workdir, table: &str, extra: &[&str]) -> Value {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/py/verify.py");
+    let out = Command::new(python())
+        .arg(script)
+        .arg("--catalog-db")
+        .arg(work.catalog_db())
+        .arg("--warehouse")
+        .arg(work.warehouse())
+        .args(["--table", table])
+        .args(extra)
+        .output()
+        .expect("run verify.py");
+    assert!(
+        out.status.success(),
+        "verify.py failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("verify.py JSON")
+}
+
+/// Poll `f` until it returns Some or `timeout` passes.
+pub async fn wait_for<T, F, Fut>(timeout: Duration, what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Number of rows in an Iceberg table via PyIceberg (None if the table does not exist yet).
+pub fn iceberg_rows(work: &Workdir, table: &str) -> Option<u64> {
+    if !work.catalog_db().exists() {
+        return None;
+    }
+    let code = format!(
+        "from pyiceberg.catalog.sql import SqlCatalog\n\
+         c = SqlCatalog('philotes', uri='sqlite:///{db}', warehouse='file://{wh}')\n\
+         try:\n    t = c.load_table('{table}')\nexcept Exception:\n    print(-1); raise SystemExit\n\
+         print(t.scan().to_arrow().num_rows)\n",
+        db = work.catalog_db().display(),
+        wh = work.warehouse().display()
+    );
+    let out = Command::new(python()).arg("-c").arg(code).output().ok()?;
+    let n: i64 = String::from_utf8_lossy(&out.stdout).trim().parse().ok()?;
+    (n >= 0).then_some(n as u64)
+}
+
+/// Run a command and return (exit code, stdout+stderr).
+pub fn run_cmd(cmd: &mut Command) -> (i32, String) {
+    let out = cmd.output().expect("run command");
+    let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.push_str(&String::from_utf8_lossy(&out.stderr));
+    (out.status.code().unwrap_or(-1), text)
+}
+
+/// Append a line to a file (test logs).
+pub fn note(path: &Path, line: &str) {
+    if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
+        let _ = writeln!(f, "{line}");
+    }
+}
