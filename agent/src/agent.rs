@@ -63,7 +63,9 @@ impl Agent {
             let state = ApiState::new(&cfg, handles.clone(), &telemetry);
             let listener = tokio::net::TcpListener::bind(&cfg.api.listen)
                 .await
-                .map_err(|e| AgentError::Api(format!("cannot listen on {}: {e}", cfg.api.listen)))?;
+                .map_err(|e| {
+                    AgentError::Api(format!("cannot listen on {}: {e}", cfg.api.listen))
+                })?;
             api_addr = listener.local_addr().ok();
             let rx = shutdown_rx.clone();
             tasks.push(tokio::spawn(api::serve(listener, state, rx)));

@@ -34,10 +34,7 @@ pub async fn run_checks(cfg: &Config) -> Vec<String> {
         }
         Err(e) => problems.push(catalog::scrub(e.to_string(), &secrets)),
     }
-    problems
-        .into_iter()
-        .map(|l| l.replace('\n', " "))
-        .collect()
+    problems.into_iter().map(|l| l.replace('\n', " ")).collect()
 }
 
 async fn check_source(

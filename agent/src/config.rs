@@ -302,11 +302,7 @@ impl Config {
                 format!("TOML syntax: {msg}"),
             )
         })?;
-        let lookup = |name: &str| {
-            env.iter()
-                .find(|(k, _)| k == name)
-                .map(|(_, v)| v.clone())
-        };
+        let lookup = |name: &str| env.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
         interpolate(&mut value, "", &lookup)?;
         apply_overrides(&mut value, env)?;
         let cfg: Config = serde_path_to_error::deserialize(value).map_err(|e| {
@@ -329,7 +325,10 @@ impl Config {
         if !matches!(t.otlp_protocol.as_str(), "http/protobuf" | "grpc") {
             return Err(ConfigError::new(
                 "telemetry.otlp_protocol",
-                format!("must be \"http/protobuf\" or \"grpc\", got {:?}", t.otlp_protocol),
+                format!(
+                    "must be \"http/protobuf\" or \"grpc\", got {:?}",
+                    t.otlp_protocol
+                ),
             ));
         }
         if !matches!(t.log_format.as_str(), "text" | "json") {
@@ -369,7 +368,10 @@ impl Config {
             }
         }
         if ice.catalog_name.is_empty() {
-            return Err(ConfigError::new("iceberg.catalog_name", "must not be empty"));
+            return Err(ConfigError::new(
+                "iceberg.catalog_name",
+                "must not be empty",
+            ));
         }
         if ice.warehouse.is_empty() {
             return Err(ConfigError::new("iceberg.warehouse", "must not be empty"));
@@ -407,7 +409,8 @@ impl Config {
                     format!("duplicate pipeline name {:?}", p.name),
                 ));
             }
-            SourceUrl::parse(&p.source).map_err(|e| ConfigError::new(key("source"), e.to_string()))?;
+            SourceUrl::parse(&p.source)
+                .map_err(|e| ConfigError::new(key("source"), e.to_string()))?;
             let slot = p.slot_name();
             if !valid_pg_name(&slot) {
                 return Err(ConfigError::new(
@@ -455,7 +458,10 @@ impl Config {
                 ));
             }
             if p.batch_rows == 0 {
-                return Err(ConfigError::new(key("batch_rows"), "must be greater than zero"));
+                return Err(ConfigError::new(
+                    key("batch_rows"),
+                    "must be greater than zero",
+                ));
             }
             if p.flush_interval.is_zero() {
                 return Err(ConfigError::new(
@@ -548,8 +554,7 @@ fn check_url(key: &str, v: &str, schemes: &[&str]) -> Result<(), ConfigError> {
 fn valid_ident(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 48
-        && s
-            .bytes()
+        && s.bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
         && !s.as_bytes()[0].is_ascii_digit()
 }
@@ -557,8 +562,7 @@ fn valid_ident(s: &str) -> bool {
 fn valid_pg_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
-        && s
-            .bytes()
+        && s.bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
         && !s.as_bytes()[0].is_ascii_digit()
 }
@@ -570,10 +574,8 @@ fn interpolate(
     lookup: &dyn Fn(&str) -> Option<String>,
 ) -> Result<(), ConfigError> {
     match v {
-        toml::Value::String(s) => {
-            if s.contains("${") {
-                *s = expand(s, lookup).map_err(|m| ConfigError::new(path, m))?;
-            }
+        toml::Value::String(s) if s.contains("${") => {
+            *s = expand(s, lookup).map_err(|m| ConfigError::new(path, m))?;
         }
         toml::Value::Array(a) => {
             for (i, item) in a.iter_mut().enumerate() {
@@ -610,14 +612,13 @@ fn expand(s: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Result<String, St
             Some((n, d)) => (n, Some(d)),
             None => (name, None),
         };
-        if name.is_empty()
-            || !name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'_')
-        {
+        if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
             return Err(format!("bad variable name in ${{{name}}}"));
         }
-        match lookup(name).filter(|v| !v.is_empty()).or(default.map(String::from)) {
+        match lookup(name)
+            .filter(|v| !v.is_empty())
+            .or(default.map(String::from))
+        {
             Some(v) => out.push_str(&v),
             None => return Err(format!("environment variable {name} is not set")),
         }
@@ -708,7 +709,9 @@ mod duration_str {
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         let s = String::deserialize(d)?;
         humantime::parse_duration(s.trim()).map_err(|e| {
-            serde::de::Error::custom(format!("invalid duration {s:?} ({e}); e.g. \"1s\", \"500ms\""))
+            serde::de::Error::custom(format!(
+                "invalid duration {s:?} ({e}); e.g. \"1s\", \"500ms\""
+            ))
         })
     }
 
@@ -793,12 +796,36 @@ tables = ["orders"]
     fn errors_name_the_key() {
         let cases = [
             (format!("bogus = 1\n{MIN}"), "config"),
-            (MIN.replace("tables = [\"orders\"]", "tables = [\"orders\"]\nbatch_rows = \"x\""), "pipelines[0].batch_rows"),
-            (MIN.replace("source = \"postgres://u:pw@127.0.0.1:5432/shop\"\n", ""), "pipelines[0]"),
-            (MIN.replace("tables = [\"orders\"]", "tables = []"), "pipelines[0].tables"),
-            (MIN.replace("tables = [\"orders\"]", "tables = [\"orders\"]\nflush_interval = \"soon\""), "pipelines[0].flush_interval"),
-            (format!("[iceberg]\ncatalog = \"hive\"\n{MIN}"), "iceberg.catalog"),
-            (format!("[api]\ntoken = \"${{NOPE_NOT_SET}}\"\n{MIN}"), "api.token"),
+            (
+                MIN.replace(
+                    "tables = [\"orders\"]",
+                    "tables = [\"orders\"]\nbatch_rows = \"x\"",
+                ),
+                "pipelines[0].batch_rows",
+            ),
+            (
+                MIN.replace("source = \"postgres://u:pw@127.0.0.1:5432/shop\"\n", ""),
+                "pipelines[0]",
+            ),
+            (
+                MIN.replace("tables = [\"orders\"]", "tables = []"),
+                "pipelines[0].tables",
+            ),
+            (
+                MIN.replace(
+                    "tables = [\"orders\"]",
+                    "tables = [\"orders\"]\nflush_interval = \"soon\"",
+                ),
+                "pipelines[0].flush_interval",
+            ),
+            (
+                format!("[iceberg]\ncatalog = \"hive\"\n{MIN}"),
+                "iceberg.catalog",
+            ),
+            (
+                format!("[api]\ntoken = \"${{NOPE_NOT_SET}}\"\n{MIN}"),
+                "api.token",
+            ),
             (format!("{MIN}{MIN}"), "pipelines[1].name"),
             ("[[pipelines]\n".to_string(), "line 1"),
         ];
@@ -811,7 +838,9 @@ tables = ["orders"]
 
     #[test]
     fn redaction_hides_secrets() {
-        let text = format!("[api]\ntoken = \"tok123\"\n[iceberg.s3]\nsecret_access_key = \"sk999\"\n{MIN}");
+        let text = format!(
+            "[api]\ntoken = \"tok123\"\n[iceberg.s3]\nsecret_access_key = \"sk999\"\n{MIN}"
+        );
         let c = Config::parse(&text, &[]).unwrap();
         let j = c.redacted().to_string();
         for secret in ["tok123", "sk999", ":pw@"] {

@@ -1,6 +1,6 @@
 //! `philotes` command line: run | check | demo | version.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -11,7 +11,11 @@ use philotes::config::Config;
 use philotes::telemetry::{self, Telemetry};
 
 #[derive(Parser)]
-#[command(name = "philotes", version, about = "PostgreSQL → Apache Iceberg change data capture, observable to the bone")]
+#[command(
+    name = "philotes",
+    version,
+    about = "PostgreSQL → Apache Iceberg change data capture, observable to the bone"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -50,7 +54,7 @@ enum Cmd {
     Version,
 }
 
-fn load(path: &PathBuf) -> Result<Config, ExitCode> {
+fn load(path: &Path) -> Result<Config, ExitCode> {
     Config::load(path).map_err(|e| {
         eprintln!("philotes: {e}");
         ExitCode::from(2)
@@ -59,7 +63,10 @@ fn load(path: &PathBuf) -> Result<Config, ExitCode> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("philotes: cannot start the runtime: {e}");
@@ -77,7 +84,7 @@ fn main() -> ExitCode {
                     Ok(c) => c,
                     Err(code) => return code,
                 };
-                telemetry::init_basic_logging("warn");
+                telemetry::init_basic_logging("warn,pgwire_replication=off");
                 let problems = philotes::check::run_checks(&cfg).await;
                 if problems.is_empty() {
                     println!("ok: {} pipeline(s), catalog reachable", cfg.pipelines.len());
@@ -130,8 +137,11 @@ async fn run(cfg: Config) -> ExitCode {
     };
     telemetry.init_logging(&cfg.telemetry);
     // Problems that no retry can cure (wal_level, missing tables) stop the start with status 2.
-    for p in philotes::check::fatal_source_problems(&cfg).await {
-        eprintln!("philotes: {p}");
+    let fatal = philotes::check::fatal_source_problems(&cfg).await;
+    if !fatal.is_empty() {
+        for p in fatal {
+            eprintln!("philotes: {p}");
+        }
         return ExitCode::from(2);
     }
     let agent = match Agent::start(cfg, telemetry).await {

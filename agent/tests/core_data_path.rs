@@ -71,7 +71,12 @@ async fn every_type_round_trips_through_pyiceberg_and_duckdb() {
             live.clear();
         } else {
             for _ in 0..(1 + txn % 3) {
-                write!(sql, "INSERT INTO all_types VALUES {};", all_types_values(next)).unwrap();
+                write!(
+                    sql,
+                    "INSERT INTO all_types VALUES {};",
+                    all_types_values(next)
+                )
+                .unwrap();
                 expected.push('I');
                 live.insert(next);
                 next += 1;
@@ -98,22 +103,41 @@ async fn every_type_round_trips_through_pyiceberg_and_duckdb() {
         db.batch_execute(&sql).await.expect("workload transaction");
     }
     let want = expected.len() as u64;
-    wait_for(Duration::from_secs(90), "all changes in Iceberg", || async {
-        (iceberg_rows(&work, "ns.all_types") == Some(want)).then_some(())
-    })
+    wait_for(
+        Duration::from_secs(90),
+        "all changes in Iceberg",
+        || async { (iceberg_rows(&work, "ns.all_types") == Some(want)).then_some(()) },
+    )
     .await;
 
     let v = verify(
         &work,
         "ns.all_types",
-        &["--duckdb", "--pg-conninfo", &pg.conninfo("app"), "--pg-query", ALL_TYPES_QUERY],
+        &[
+            "--duckdb",
+            "--pg-conninfo",
+            &pg.conninfo("app"),
+            "--pg-query",
+            ALL_TYPES_QUERY,
+        ],
     );
-    assert_eq!(v["unique"], true, "(_cdc_lsn, _cdc_seq) must be unique: {v}");
+    assert_eq!(
+        v["unique"], true,
+        "(_cdc_lsn, _cdc_seq) must be unique: {v}"
+    );
     assert_eq!(v["rows"], want);
     assert_eq!(v["op_sequence"].as_str().unwrap(), expected, "op sequence");
     assert_eq!(v["duckdb_rows"], want, "DuckDB row count");
-    assert_eq!(v["duckdb_equal"], true, "DuckDB and PyIceberg disagree: {}", v["duckdb_diff"]);
-    assert_eq!(v["state_equal"], true, "folded changelog != source: {}", v["state_diff"]);
+    assert_eq!(
+        v["duckdb_equal"], true,
+        "DuckDB and PyIceberg disagree: {}",
+        v["duckdb_diff"]
+    );
+    assert_eq!(
+        v["state_equal"], true,
+        "folded changelog != source: {}",
+        v["state_diff"]
+    );
     assert!(v["pg_rows"].as_u64().unwrap() > 10);
     assert_eq!(agent.terminate(), Some(0), "clean shutdown exits 0");
 }
@@ -160,7 +184,9 @@ async fn sigkill_mid_stream_loses_and_duplicates_nothing() {
 
     // Kill once some of the stream is committed, but well before the end.
     wait_for(Duration::from_secs(60), "first commits", || async {
-        iceberg_rows(&work, "ns.events").filter(|n| *n >= 2000).map(|_| ())
+        iceberg_rows(&work, "ns.events")
+            .filter(|n| *n >= 2000)
+            .map(|_| ())
     })
     .await;
     agent.kill9();
@@ -173,22 +199,36 @@ async fn sigkill_mid_stream_loses_and_duplicates_nothing() {
         .iter()
         .map(|v| v.as_u64().unwrap())
         .collect();
-    assert!(before["rows"].as_u64().unwrap() < 50_000, "killed too late to mean anything");
+    assert!(
+        before["rows"].as_u64().unwrap() < 50_000,
+        "killed too late to mean anything"
+    );
 
     let agent = AgentProc::start(&cfg, &log);
     agent.wait_streaming().await;
     let ops = gen.await.unwrap();
     assert_eq!(ops.len(), 50_000);
-    wait_for(Duration::from_secs(180), "every change after restart", || async {
-        (iceberg_rows(&work, "ns.events") >= Some(50_000)).then_some(())
-    })
+    wait_for(
+        Duration::from_secs(180),
+        "every change after restart",
+        || async { (iceberg_rows(&work, "ns.events") >= Some(50_000)).then_some(()) },
+    )
     .await;
     let after = verify(
         &work,
         "ns.events",
-        &["--pg-conninfo", &pg.conninfo("app"), "--pg-query", "SELECT id, v, payload FROM events"],
+        &[
+            "--pg-conninfo",
+            &pg.conninfo("app"),
+            "--pg-query",
+            "SELECT id, v, payload FROM events",
+        ],
     );
-    assert_eq!(after["rows"], 50_000, "exactly once: {}", after["duplicates"]);
+    assert_eq!(
+        after["rows"], 50_000,
+        "exactly once: {}",
+        after["duplicates"]
+    );
     assert_eq!(after["unique"], true);
     assert_eq!(after["op_sequence"].as_str().unwrap(), ops);
     assert_eq!(after["state_equal"], true, "{}", after["state_diff"]);
@@ -219,12 +259,16 @@ async fn small_transactions_coalesce_into_few_snapshots() {
     let work = Workdir::new();
     let cfg = work.config(&pg.url("app"), &["ticks"], "", "");
     // flush_interval = "1s" as the issue states (the helper's default is shorter).
-    let text = std::fs::read_to_string(&cfg).unwrap().replace("flush_interval = \"300ms\"", "flush_interval = \"1s\"");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("flush_interval = \"300ms\"", "flush_interval = \"1s\"");
     std::fs::write(&cfg, text).unwrap();
     let agent = AgentProc::start(&cfg, &work.path().join("agent.log"));
     agent.wait_streaming().await;
     for i in 0..1000 {
-        db.execute("INSERT INTO ticks (id) VALUES ($1)", &[&i]).await.unwrap();
+        db.execute("INSERT INTO ticks (id) VALUES ($1)", &[&i])
+            .await
+            .unwrap();
     }
     wait_for(Duration::from_secs(60), "1000 rows", || async {
         (iceberg_rows(&work, "ns.ticks") == Some(1000)).then_some(())
@@ -232,7 +276,10 @@ async fn small_transactions_coalesce_into_few_snapshots() {
     .await;
     let v = verify(&work, "ns.ticks", &[]);
     let snaps = v["snapshots"].as_u64().unwrap();
-    assert!(snaps < 100, "1000 one-row transactions made {snaps} snapshots");
+    assert!(
+        snaps < 100,
+        "1000 one-row transactions made {snaps} snapshots"
+    );
     assert_eq!(v["unique"], true);
     assert_eq!(agent.terminate(), Some(0));
 }
@@ -262,7 +309,10 @@ async fn one_huge_transaction_streams_in_bounded_memory() {
     assert!(rss < 300 << 20, "peak RSS {} MB ≥ 300 MB", rss >> 20);
     let v = verify(&work, "ns.big", &[]);
     assert_eq!(v["unique"], true);
-    assert_eq!(v["snapshots"], 1, "one source transaction is one Iceberg commit");
+    assert_eq!(
+        v["snapshots"], 1,
+        "one source transaction is one Iceberg commit"
+    );
     eprintln!("peak RSS for a 200k-row transaction: {} MB", rss >> 20);
     assert_eq!(agent.terminate(), Some(0));
 }
@@ -297,12 +347,27 @@ async fn poison_values_go_to_the_dead_letter_table() {
         (iceberg_rows(&work, "ns._philotes_dlq") == Some(2)).then_some(())
     })
     .await;
-    let dlq = verify(&work, "ns._philotes_dlq", &["--pk", "source_table,_cdc_lsn,_cdc_seq", "--rows"]);
+    let dlq = verify(
+        &work,
+        "ns._philotes_dlq",
+        &["--pk", "source_table,_cdc_lsn,_cdc_seq", "--rows"],
+    );
     let rows = dlq["all_rows"].as_array().unwrap();
     assert_eq!(rows.len(), 2);
-    assert!(rows[0]["error"].as_str().unwrap().contains("NaN"), "{}", rows[0]);
-    assert!(rows[0]["row_json"].as_str().unwrap().contains("\"id\":\"2\""));
-    assert!(rows[1]["error"].as_str().unwrap().contains("infinity"), "{}", rows[1]);
+    assert!(
+        rows[0]["error"].as_str().unwrap().contains("NaN"),
+        "{}",
+        rows[0]
+    );
+    assert!(rows[0]["row_json"]
+        .as_str()
+        .unwrap()
+        .contains("\"id\":\"2\""));
+    assert!(
+        rows[1]["error"].as_str().unwrap().contains("infinity"),
+        "{}",
+        rows[1]
+    );
     assert_eq!(rows[1]["source_table"], "public.pay");
     let main = verify(&work, "ns.pay", &["--rows"]);
     let ids: Vec<i64> = main["all_rows"]
@@ -311,6 +376,10 @@ async fn poison_values_go_to_the_dead_letter_table() {
         .iter()
         .map(|r| r["id"].as_i64().unwrap())
         .collect();
-    assert_eq!(ids, vec![1, 3, 5], "rows around the poison values are committed");
+    assert_eq!(
+        ids,
+        vec![1, 3, 5],
+        "rows around the poison values are committed"
+    );
     assert_eq!(agent.terminate(), Some(0));
 }

@@ -92,12 +92,18 @@ pub fn router(state: ApiState) -> Router {
 
 async fn metrics_endpoint(State(s): State<ApiState>) -> Response {
     let Some(reg) = &s.inner.registry else {
-        return ApiError(StatusCode::NOT_FOUND, "the Prometheus endpoint is disabled".into())
-            .into_response();
+        return ApiError(
+            StatusCode::NOT_FOUND,
+            "the Prometheus endpoint is disabled".into(),
+        )
+        .into_response();
     };
     match prometheus::TextEncoder::new().encode_to_string(&reg.gather()) {
         Ok(body) => (
-            [(header::CONTENT_TYPE, HeaderValue::from_static(prometheus::TEXT_FORMAT))],
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static(prometheus::TEXT_FORMAT),
+            )],
             body,
         )
             .into_response(),

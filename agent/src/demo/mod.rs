@@ -113,7 +113,10 @@ pub async fn run(opts: DemoOptions) -> Result<(), DemoError> {
     std::fs::create_dir_all(&dir).map_err(|e| DemoError::Io(e.to_string()))?;
     let pg_dir = std::env::temp_dir().join(format!("philotes-demo-pg-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&pg_dir);
-    println!("▶ starting a private PostgreSQL (wal_level=logical) in {}", pg_dir.display());
+    println!(
+        "▶ starting a private PostgreSQL (wal_level=logical) in {}",
+        pg_dir.display()
+    );
     let mut pg = LocalPostgres::start(&pg_dir, &LocalPgOptions::default())?;
     let admin = connect(&pg.conninfo("postgres")).await?;
     admin
@@ -122,7 +125,10 @@ pub async fn run(opts: DemoOptions) -> Result<(), DemoError> {
         .map_err(sql_err)?;
     let db = connect(&pg.conninfo("shop")).await?;
     db.batch_execute(SCHEMA_SQL).await.map_err(sql_err)?;
-    println!("▶ database shop on 127.0.0.1:{} with tables customers, orders", pg.port);
+    println!(
+        "▶ database shop on 127.0.0.1:{} with tables customers, orders",
+        pg.port
+    );
 
     let cfg_text = format!(
         r#"
@@ -214,7 +220,11 @@ flush_interval = "1s"
     Ok(())
 }
 
-async fn metadata_location(cfg: &crate::config::IcebergConfig, ns: &str, table: &str) -> Option<String> {
+async fn metadata_location(
+    cfg: &crate::config::IcebergConfig,
+    ns: &str,
+    table: &str,
+) -> Option<String> {
     let cat = crate::sink::iceberg::open_catalog(cfg).await.ok()?;
     let ident = iceberg::TableIdent::new(iceberg::NamespaceIdent::new(ns.into()), table.into());
     let t = cat.load_table(&ident).await.ok()?;
@@ -283,7 +293,9 @@ async fn generate(
             "UPDATE orders SET status = 'paid', updated_at = now() WHERE id IN (SELECT id FROM orders WHERE status = 'new' ORDER BY random() LIMIT {updates});"
         ));
         if deletes > 0 {
-            sql.push_str("DELETE FROM orders WHERE id = (SELECT min(id) FROM orders WHERE status = 'paid');");
+            sql.push_str(
+                "DELETE FROM orders WHERE id = (SELECT min(id) FROM orders WHERE status = 'paid');",
+            );
         }
         sql.push_str("COMMIT;");
         db.batch_execute(&sql).await.map_err(sql_err)?;

@@ -100,7 +100,9 @@ fn is_root() -> bool {
 
 /// A free TCP port on 127.0.0.1.
 pub fn free_port() -> std::io::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 impl LocalPostgres {
@@ -139,9 +141,14 @@ impl LocalPostgres {
             stopped: true,
         };
         let mut init = pg.cmd("initdb");
-        init.arg("-D")
-            .arg(&pg.data_dir)
-            .args(["-U", "philotes", "--no-sync", "-E", "UTF8", "--locale=C"]);
+        init.arg("-D").arg(&pg.data_dir).args([
+            "-U",
+            "philotes",
+            "--no-sync",
+            "-E",
+            "UTF8",
+            "--locale=C",
+        ]);
         let pwfile = pg.data_dir.with_extension("pw");
         if let Some(pw) = &opts.password {
             std::fs::write(&pwfile, pw).map_err(|e| io_err("write pwfile", e))?;

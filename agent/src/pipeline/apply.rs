@@ -142,7 +142,8 @@ impl Applier {
         shutdown: &mut watch::Receiver<bool>,
         set_state: &(dyn Fn(PipelineState) + Sync),
     ) -> Result<(), PipelineError> {
-        let tick = (self.cfg.flush_interval / 4).clamp(Duration::from_millis(20), Duration::from_millis(250));
+        let tick = (self.cfg.flush_interval / 4)
+            .clamp(Duration::from_millis(20), Duration::from_millis(250));
         let mut timer = tokio::time::interval(tick);
         timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut paused = false;
@@ -227,9 +228,12 @@ impl Applier {
             }
             ReplicationEvent::XLogData { data, wal_end, .. } => {
                 if wal_end.as_u64() > 0 {
-                    status::update(&self.status, |s| s.received_lsn = format_lsn(wal_end.as_u64()));
+                    status::update(&self.status, |s| {
+                        s.received_lsn = format_lsn(wal_end.as_u64())
+                    });
                 }
-                let msg = pgoutput::decode(&data).map_err(crate::source::postgres::session::SourceError::from)?;
+                let msg = pgoutput::decode(&data)
+                    .map_err(crate::source::postgres::session::SourceError::from)?;
                 self.on_message(msg).await?;
             }
             ReplicationEvent::Commit {
@@ -264,7 +268,10 @@ impl Applier {
                 }
             }
             ReplicationEvent::KeepAlive { wal_end, .. } => {
-                if self.txn.is_none() && !self.anything_uncommitted() && wal_end.as_u64() > self.confirmed {
+                if self.txn.is_none()
+                    && !self.anything_uncommitted()
+                    && wal_end.as_u64() > self.confirmed
+                {
                     // Idle: confirm the server's position so an idle slot does not retain WAL.
                     self.confirm(client, wal_end.as_u64());
                 }
@@ -277,7 +284,9 @@ impl Applier {
     fn should_flush(&self) -> bool {
         self.buffered_rows() >= self.cfg.batch_rows
             || self.buffered_bytes() >= self.cfg.batch_bytes
-            || self.oldest.is_some_and(|t| t.elapsed() >= self.cfg.flush_interval)
+            || self
+                .oldest
+                .is_some_and(|t| t.elapsed() >= self.cfg.flush_interval)
     }
 
     async fn on_message(&mut self, msg: Message<'_>) -> Result<(), PipelineError> {
@@ -327,7 +336,11 @@ impl Applier {
         columns: Vec<RelationColumn>,
     ) -> Result<usize, PipelineError> {
         let source_name = format!("{schema}.{name}");
-        if let Some(i) = self.tables.iter().position(|t| t.source_name == source_name) {
+        if let Some(i) = self
+            .tables
+            .iter()
+            .position(|t| t.source_name == source_name)
+        {
             if self.tables[i].columns == columns {
                 return Ok(i);
             }
@@ -382,7 +395,9 @@ impl Applier {
         tuple: Option<&TupleData<'_>>,
     ) -> Result<(), PipelineError> {
         let Some(txn) = self.txn.as_mut() else {
-            return Err(PipelineError::StreamEnded("change outside a transaction".into()));
+            return Err(PipelineError::StreamEnded(
+                "change outside a transaction".into(),
+            ));
         };
         let seq = txn.seq;
         txn.seq += 1;
@@ -454,7 +469,8 @@ impl Applier {
         let Some(batch) = t.batch.finish()? else {
             return Ok(());
         };
-        let span = tracing::info_span!("iceberg.write", table = %t.sink.name(), rows = batch.num_rows());
+        let span =
+            tracing::info_span!("iceberg.write", table = %t.sink.name(), rows = batch.num_rows());
         let w = t.sink.write(batch).instrument(span).await?;
         t.metrics.files.add(w.files);
         t.metrics.bytes.add(w.bytes);
@@ -490,7 +506,9 @@ impl Applier {
             let started = Instant::now();
             let span = tracing::info_span!("iceberg.commit", table = %t.sink.name(), rows, lsn = %format_lsn(lsn));
             t.sink.commit(lsn).instrument(span).await?;
-            t.metrics.commit_duration.record(started.elapsed().as_secs_f64());
+            t.metrics
+                .commit_duration
+                .record(started.elapsed().as_secs_f64());
             t.metrics.commits.add(1);
             t.dirty = false;
             committed_events += rows;
@@ -537,8 +555,8 @@ impl Applier {
         let floor = sink.last_lsn;
         self.dlq_rows.retain(|r| r.lsn > floor);
         if !self.dlq_rows.is_empty() {
-            let batch = dlq::to_batch(sink.arrow_schema(), &self.dlq_rows)
-                .map_err(BatchError::from)?;
+            let batch =
+                dlq::to_batch(sink.arrow_schema(), &self.dlq_rows).map_err(BatchError::from)?;
             sink.write(batch).await?;
             sink.commit(lsn).await?;
         }
@@ -570,9 +588,9 @@ impl Applier {
 
 /// Make the Iceberg schema able to hold `columns`: add new columns, refuse type changes.
 async fn evolve(
-sink: &mut TableSink,
-source_name: &str,
-columns: &[RelationColumn],
+    sink: &mut TableSink,
+    source_name: &str,
+    columns: &[RelationColumn],
 ) -> Result<(), PipelineError> {
     let schema = sink.schema().clone();
     let mut add = Vec::new();

@@ -68,7 +68,7 @@ fn parse<'a>(kind: &ColumnKind, raw: &'a [u8]) -> Result<Parsed<'a>, ValueError>
         ColumnKind::Bytea => {
             // Validate now; decode while appending (into a reused buffer).
             if !(raw.starts_with(b"\\x")
-                && raw.len() % 2 == 0
+                && raw.len().is_multiple_of(2)
                 && raw[2..].iter().all(u8::is_ascii_hexdigit))
             {
                 return Err(ValueError("bytea is not in hex format".into()));
@@ -224,7 +224,9 @@ impl ColBuilder {
             ColBuilder::F32(b) => Arc::new(b.finish()),
             ColBuilder::F64(b) => Arc::new(b.finish()),
             ColBuilder::Dec(b) => match dt {
-                DataType::Decimal128(p, s) => Arc::new(b.finish().with_precision_and_scale(*p, *s)?),
+                DataType::Decimal128(p, s) => {
+                    Arc::new(b.finish().with_precision_and_scale(*p, *s)?)
+                }
                 _ => Arc::new(b.finish()),
             },
             ColBuilder::Bool(b) => Arc::new(b.finish()),
@@ -379,9 +381,8 @@ impl TableBatch {
                         unchanged += 1;
                         Parsed::Null
                     }
-                    Column::Text(raw) => parse(&slot.kind, raw).map_err(|e| {
-                        ValueError(format!("column {:?}: {}", slot.name, e.0))
-                    })?,
+                    Column::Text(raw) => parse(&slot.kind, raw)
+                        .map_err(|e| ValueError(format!("column {:?}: {}", slot.name, e.0)))?,
                     Column::Binary(_) => {
                         return Err(ValueError(format!(
                             "column {:?}: binary format is not supported",

@@ -15,7 +15,7 @@ use tokio::sync::watch;
 use crate::config::PipelineConfig;
 use crate::sink::iceberg::SinkError;
 use crate::source::postgres::conn::SourceUrl;
-use crate::source::postgres::session::{SourceError, Session};
+use crate::source::postgres::session::{Session, SourceError};
 use crate::telemetry::{Metrics, PipelineState, SourceMetrics};
 pub use apply::iceberg_table_name;
 pub use status::{PipelineStatus, SharedStatus};

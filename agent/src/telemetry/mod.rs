@@ -63,9 +63,12 @@ fn otlp_target(cfg: &TelemetryConfig) -> Option<(String, bool)> {
         .clone()
         .or_else(|| std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").ok())
         .filter(|e| !e.is_empty())?;
-    let protocol = std::env::var("OTEL_EXPORTER_OTLP_PROTOCOL")
-        .unwrap_or_else(|_| cfg.otlp_protocol.clone());
-    Some((endpoint.trim_end_matches('/').to_string(), protocol == "grpc"))
+    let protocol =
+        std::env::var("OTEL_EXPORTER_OTLP_PROTOCOL").unwrap_or_else(|_| cfg.otlp_protocol.clone());
+    Some((
+        endpoint.trim_end_matches('/').to_string(),
+        protocol == "grpc",
+    ))
 }
 
 fn export_interval(cfg: &TelemetryConfig) -> Duration {
@@ -170,7 +173,7 @@ impl Telemetry {
     pub fn init_logging(&self, cfg: &TelemetryConfig) {
         let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
             EnvFilter::new(format!(
-                "{},opentelemetry=warn,opentelemetry_sdk=warn,opendal=warn,sqlx=warn,hyper=warn,reqwest=warn",
+                "{},opentelemetry=warn,opentelemetry_sdk=warn,opendal=warn,sqlx=warn,hyper=warn,reqwest=warn,pgwire_replication=off",
                 cfg.log_level
             ))
         });
@@ -225,8 +228,7 @@ impl Telemetry {
 
 /// Logging for commands that run without the full telemetry stack (`check`, `version`).
 pub fn init_basic_logging(level: &str) {
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level.to_string()));
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -107,7 +107,13 @@ impl Workdir {
     }
 
     /// A config with one pipeline `p` on `source` for `tables`, plus extra pipeline keys.
-    pub fn config(&self, source: &str, tables: &[&str], pipeline_extra: &str, top_extra: &str) -> PathBuf {
+    pub fn config(
+        &self,
+        source: &str,
+        tables: &[&str],
+        pipeline_extra: &str,
+        top_extra: &str,
+    ) -> PathBuf {
         let tables = tables
             .iter()
             .map(|t| format!("\"{t}\""))
@@ -338,7 +344,11 @@ pub fn run_cmd(cmd: &mut Command) -> (i32, String) {
 
 /// Append a line to a file (test logs).
 pub fn note(path: &Path, line: &str) {
-    if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+    {
         let _ = writeln!(f, "{line}");
     }
 }

@@ -80,9 +80,8 @@ fn sqlite_uri(uri: &str) -> Result<String, SinkError> {
     }
     let abs = clean(&absolute(path));
     if let Some(parent) = abs.parent() {
-        std::fs::create_dir_all(parent).map_err(|e| {
-            SinkError::Config(format!("cannot create {}: {e}", parent.display()))
-        })?;
+        std::fs::create_dir_all(parent)
+            .map_err(|e| SinkError::Config(format!("cannot create {}: {e}", parent.display())))?;
     }
     let query = match query {
         Some(q) if q.contains("mode=") => q.to_string(),
@@ -192,8 +191,10 @@ mod tests {
 
     #[test]
     fn storage_props_map_s3_keys() {
-        let mut cfg = IcebergConfig::default();
-        cfg.warehouse = "s3://bucket/wh".into();
+        let mut cfg = IcebergConfig {
+            warehouse: "s3://bucket/wh".into(),
+            ..IcebergConfig::default()
+        };
         cfg.s3.endpoint = Some("http://127.0.0.1:9000".into());
         cfg.s3.region = Some("us-east-1".into());
         cfg.s3.access_key_id = Some("ak".into());

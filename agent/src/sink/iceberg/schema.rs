@@ -54,7 +54,9 @@ pub fn iceberg_type(kind: &ColumnKind, next_id: &mut i32) -> Type {
             let id = *next_id;
             *next_id += 1;
             let t = iceberg_type(elem, next_id);
-            Type::List(ListType::new(NestedField::list_element(id, t, false).into()))
+            Type::List(ListType::new(
+                NestedField::list_element(id, t, false).into(),
+            ))
         }
     }
 }

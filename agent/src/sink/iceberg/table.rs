@@ -238,9 +238,8 @@ impl TableSink {
             w.write(batch).await.map_err(werr)?;
             w.close().await.map_err(werr)?
         } else {
-            let splitter =
-                RecordBatchPartitionSplitter::try_new_with_computed_values(schema, spec)
-                    .map_err(werr)?;
+            let splitter = RecordBatchPartitionSplitter::try_new_with_computed_values(schema, spec)
+                .map_err(werr)?;
             let mut fanout = FanoutWriter::new(builder);
             for (key, part) in splitter.split(&batch).map_err(werr)? {
                 fanout.write(key, part).await.map_err(werr)?;

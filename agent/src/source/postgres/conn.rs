@@ -180,7 +180,8 @@ mod tests {
 
     #[test]
     fn parses_and_hides_password() {
-        let u = SourceUrl::parse("postgres://bob:p%40ss@db.local:6543/shop?sslmode=require").unwrap();
+        let u =
+            SourceUrl::parse("postgres://bob:p%40ss@db.local:6543/shop?sslmode=require").unwrap();
         assert_eq!(u.host, "db.local");
         assert_eq!(u.port, 6543);
         assert_eq!(u.password, "p@ss");

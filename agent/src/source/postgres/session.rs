@@ -105,8 +105,7 @@ impl Session {
         };
         // The first query proves that connect + auth succeeded; bound it so an unreachable
         // host fails within the connect timeout instead of hanging.
-        match tokio::time::timeout(url.connect_timeout, s.client.simple_query("SELECT 1")).await
-        {
+        match tokio::time::timeout(url.connect_timeout, s.client.simple_query("SELECT 1")).await {
             Ok(Ok(_)) => Ok(s),
             Ok(Err(e)) => Err(wire_error(url, e)),
             Err(_) => Err(SourceError::Connect {

@@ -230,9 +230,7 @@ pub fn parse_decimal(raw: &[u8], precision: u8, scale: u8) -> Result<i128, Value
         v = v * 10 + d;
     }
     // More fractional digits than the column's scale cannot come from a numeric(p,s) column.
-    if frac_part.len() > scale as usize
-        && frac_part[scale as usize..].iter().any(|&b| b != b'0')
-    {
+    if frac_part.len() > scale as usize && frac_part[scale as usize..].iter().any(|&b| b != b'0') {
         return err(&format!("decimal({precision},{scale})"), raw);
     }
     if v >= 10i128.pow(precision as u32) {
@@ -325,7 +323,7 @@ fn reject_special(raw: &[u8], what: &str) -> Result<(), ValueError> {
 pub fn parse_date(raw: &[u8]) -> Result<i32, ValueError> {
     reject_special(raw, "date")?;
     match parse_date_prefix(raw) {
-        Some((d, rest)) if rest.is_empty() => Ok(d as i32),
+        Some((d, [])) => Ok(d as i32),
         _ => err("date", raw),
     }
 }
@@ -333,7 +331,7 @@ pub fn parse_date(raw: &[u8]) -> Result<i32, ValueError> {
 /// Parse a time into microseconds since midnight.
 pub fn parse_time(raw: &[u8]) -> Result<i64, ValueError> {
     match parse_time_prefix(raw) {
-        Some((t, rest)) if rest.is_empty() => Ok(t),
+        Some((t, [])) => Ok(t),
         _ => err("time", raw),
     }
 }
@@ -347,7 +345,7 @@ pub fn parse_timestamp(raw: &[u8]) -> Result<i64, ValueError> {
         Some((days * 86_400_000_000 + t, rest))
     });
     match parsed {
-        Some((v, rest)) if rest.is_empty() => Ok(v),
+        Some((v, [])) => Ok(v),
         _ => err("timestamp", raw),
     }
 }
@@ -427,7 +425,7 @@ pub fn parse_bytea(raw: &[u8], out: &mut Vec<u8>) -> Result<(), ValueError> {
     let Some(body) = raw.strip_prefix(b"\\x") else {
         return err("bytea (hex format)", raw);
     };
-    if body.len() % 2 != 0 {
+    if !body.len().is_multiple_of(2) {
         return err("bytea (hex format)", raw);
     }
     out.reserve(body.len() / 2);
@@ -578,10 +576,7 @@ mod tests {
             parse_timestamp(b"1970-01-01 00:00:01.000001").unwrap(),
             1_000_001
         );
-        assert_eq!(
-            parse_timestamptz(b"1970-01-01 01:00:00+01").unwrap(),
-            0
-        );
+        assert_eq!(parse_timestamptz(b"1970-01-01 01:00:00+01").unwrap(), 0);
         assert_eq!(
             parse_timestamptz(b"1970-01-01 00:00:00-05:30").unwrap(),
             (5 * 3600 + 1800) * 1_000_000

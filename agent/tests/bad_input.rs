@@ -1,0 +1,158 @@
+//! Bad configuration and unusable sources: exit status 2 and one line naming the problem.
+
+mod common;
+
+use std::process::Command;
+
+use common::*;
+use philotes::demo::postgres::LocalPgOptions;
+
+fn write(work: &Workdir, name: &str, text: &str) -> std::path::PathBuf {
+    let p = work.path().join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+const GOOD_PIPELINE: &str = r#"
+[[pipelines]]
+name = "p"
+source = "postgres://u@127.0.0.1:1/db"
+tables = ["t"]
+"#;
+
+/// Problem lines (stderr lines starting with `philotes:`), asserting there is no backtrace.
+fn problem_lines(out: &str) -> Vec<String> {
+    assert!(!out.contains("panicked"), "panic: {out}");
+    assert!(!out.contains("stack backtrace"), "backtrace: {out}");
+    out.lines()
+        .filter(|l| l.starts_with("philotes:"))
+        .map(String::from)
+        .collect()
+}
+
+#[test]
+fn bad_configs_exit_2_naming_the_key() {
+    let work = Workdir::new();
+    let cases: Vec<(&str, String, &str)> = vec![
+        (
+            "unknown key",
+            format!("[api]\nlisten = \"127.0.0.1:0\"\nbogus = 1\n{GOOD_PIPELINE}"),
+            "bogus",
+        ),
+        (
+            "wrong type",
+            GOOD_PIPELINE.replace(
+                "tables = [\"t\"]",
+                "tables = [\"t\"]\nbatch_rows = \"many\"",
+            ),
+            "pipelines[0].batch_rows",
+        ),
+        (
+            "missing field",
+            GOOD_PIPELINE.replace("source = \"postgres://u@127.0.0.1:1/db\"\n", ""),
+            "source",
+        ),
+        (
+            "bad duration",
+            GOOD_PIPELINE.replace(
+                "tables = [\"t\"]",
+                "tables = [\"t\"]\nflush_interval = \"fast\"",
+            ),
+            "pipelines[0].flush_interval",
+        ),
+        (
+            "bad URL",
+            GOOD_PIPELINE.replace("postgres://u@127.0.0.1:1/db", "mysql://u@h/db"),
+            "pipelines[0].source",
+        ),
+        ("TOML syntax", "[[pipelines]\nname=".to_string(), "line"),
+    ];
+    for (what, text, key) in cases {
+        let cfg = write(&work, "bad.toml", &text);
+        let (code, out) = run_cmd(
+            Command::new(philotes_bin())
+                .args(["run", "--config"])
+                .arg(&cfg),
+        );
+        assert_eq!(code, 2, "{what}: exit code, output: {out}");
+        let lines = problem_lines(&out);
+        assert_eq!(lines.len(), 1, "{what}: one line, got {out}");
+        assert!(
+            lines[0].contains(key),
+            "{what}: {:?} should name {key}",
+            lines[0]
+        );
+    }
+}
+
+#[test]
+fn unreachable_source_fails_check_with_one_line() {
+    let work = Workdir::new();
+    let port = philotes::demo::postgres::free_port().unwrap();
+    let cfg = write(
+        &work,
+        "c.toml",
+        &format!(
+            "[iceberg]\nuri = \"sqlite://{}/c.db\"\nwarehouse = \"{}/wh\"\n[[pipelines]]\nname = \"p\"\nsource = \"postgres://u:hunter2@127.0.0.1:{port}/db?connect_timeout=3\"\ntables = [\"t\"]\n",
+            work.path().display(),
+            work.path().display()
+        ),
+    );
+    let (code, out) = run_cmd(
+        Command::new(philotes_bin())
+            .args(["check", "--config"])
+            .arg(&cfg),
+    );
+    assert_eq!(code, 2, "{out}");
+    let lines = problem_lines(&out);
+    assert_eq!(lines.len(), 1, "{out}");
+    assert!(
+        lines[0].contains("pipeline p") && lines[0].contains("connect"),
+        "{}",
+        lines[0]
+    );
+    assert!(!out.contains("hunter2"), "password leaked: {out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wal_level_replica_is_refused() {
+    let mut opts = LocalPgOptions::default();
+    opts.settings.retain(|(k, _)| k != "wal_level");
+    opts.settings.push(("wal_level".into(), "replica".into()));
+    let pg = TestPg::start_with(opts);
+    let db = pg.create_db("app").await;
+    db.batch_execute("CREATE TABLE t (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    let work = Workdir::new();
+    let cfg = work.config(&pg.url("app"), &["t"], "", "");
+    for cmd in ["check", "run"] {
+        let (code, out) = run_cmd(
+            Command::new(philotes_bin())
+                .arg(cmd)
+                .arg("--config")
+                .arg(&cfg),
+        );
+        assert_eq!(code, 2, "{cmd}: {out}");
+        let lines = problem_lines(&out);
+        assert_eq!(lines.len(), 1, "{cmd}: {out}");
+        assert!(lines[0].contains("wal_level"), "{cmd}: {}", lines[0]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_table_is_refused() {
+    let pg = TestPg::start();
+    pg.create_db("app").await;
+    let work = Workdir::new();
+    let cfg = work.config(&pg.url("app"), &["public.nope"], "", "");
+    let (code, out) = run_cmd(
+        Command::new(philotes_bin())
+            .args(["check", "--config"])
+            .arg(&cfg),
+    );
+    assert_eq!(code, 2, "{out}");
+    let lines = problem_lines(&out);
+    assert_eq!(lines.len(), 1);
+    assert!(lines[0].contains("public.nope"), "{}", lines[0]);
+}

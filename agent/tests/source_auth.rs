@@ -1,0 +1,131 @@
+//! SCRAM password authentication and `sslmode` against a real server with a self-signed
+//! certificate made in the test.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+use philotes::demo::postgres::LocalPgOptions;
+
+/// Turn on TLS with a fresh self-signed certificate and restart the server.
+fn enable_tls(pg: &TestPg) {
+    let dir = &pg.pg.data_dir;
+    let (code, out) = run_cmd(
+        Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "1",
+                "-subj",
+                "/CN=localhost",
+            ])
+            .arg("-keyout")
+            .arg(dir.join("server.key"))
+            .arg("-out")
+            .arg(dir.join("server.crt")),
+    );
+    assert_eq!(code, 0, "openssl: {out}");
+    let _ = Command::new("chmod")
+        .arg("600")
+        .arg(dir.join("server.key"))
+        .status();
+    if let Some(owner) = pg.pg.owner() {
+        let _ = Command::new("chown")
+            .arg(owner)
+            .arg(dir.join("server.key"))
+            .arg(dir.join("server.crt"))
+            .status();
+    }
+    let conf = format!(
+        "ssl = on\nssl_cert_file = '{}'\nssl_key_file = '{}'\n",
+        dir.join("server.crt").display(),
+        dir.join("server.key").display()
+    );
+    let mut text = std::fs::read_to_string(dir.join("postgresql.conf")).unwrap();
+    text.push_str(&conf);
+    std::fs::write(dir.join("postgresql.conf"), text).unwrap();
+    pg.pg.pg_ctl("restart").expect("restart with TLS");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scram_and_sslmodes_connect_and_stream() {
+    let pw = "s3cr3t-Pässword";
+    let pg = TestPg::start_with(LocalPgOptions {
+        password: Some(pw.into()),
+        ..LocalPgOptions::default()
+    });
+    enable_tls(&pg);
+    let db = pg.create_db("app").await;
+    db.batch_execute("CREATE TABLE t (id int PRIMARY KEY, s text)")
+        .await
+        .unwrap();
+    let work = Workdir::new();
+    let encoded = "s3cr3t-P%C3%A4ssword";
+    let base = format!("postgres://philotes:{encoded}@127.0.0.1:{}/app", pg.pg.port);
+
+    for mode in ["disable", "prefer", "require"] {
+        let cfg = work.config(&format!("{base}?sslmode={mode}"), &["t"], "", "");
+        let (code, out) = run_cmd(
+            Command::new(philotes_bin())
+                .args(["check", "--config"])
+                .arg(&cfg),
+        );
+        assert_eq!(code, 0, "sslmode={mode}: {out}");
+    }
+
+    let wrong = work.config(
+        &format!(
+            "postgres://philotes:nope-wrong@127.0.0.1:{}/app?sslmode=require",
+            pg.pg.port
+        ),
+        &["t"],
+        "",
+        "",
+    );
+    let (code, out) = run_cmd(
+        Command::new(philotes_bin())
+            .args(["check", "--config"])
+            .arg(&wrong),
+    );
+    assert_eq!(code, 2, "{out}");
+    assert!(!out.contains("nope-wrong"), "password leaked: {out}");
+    assert!(
+        out.to_lowercase().contains("auth") || out.contains("password"),
+        "{out}"
+    );
+
+    // Stream over TLS with SCRAM.
+    let cfg = work.config(&format!("{base}?sslmode=require"), &["t"], "", "");
+    let agent = AgentProc::start(&cfg, &work.path().join("agent.log"));
+    agent.wait_streaming().await;
+    db.batch_execute("INSERT INTO t SELECT g, 'row ' || g FROM generate_series(1, 500) g")
+        .await
+        .unwrap();
+    wait_for(Duration::from_secs(60), "rows over TLS", || async {
+        (iceberg_rows(&work, "ns.t") == Some(500)).then_some(())
+    })
+    .await;
+    let log = agent.log_text();
+    assert!(
+        !log.contains(pw) && !log.contains(encoded),
+        "password in the log"
+    );
+    let ssl_in_use = pg
+        .client("app")
+        .await
+        .query_one(
+            "SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_replication r ON r.pid = s.pid WHERE s.ssl",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get::<_, i64>(0);
+    assert_eq!(ssl_in_use, 1, "the replication connection uses TLS");
+    assert_eq!(agent.terminate(), Some(0));
+}

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# The local demo: a private PostgreSQL with logical replication, generated changes streaming
+# into ./philotes-demo (SQLite catalog + Iceberg warehouse), /metrics live on :8080.
+# Extra arguments go to `philotes demo` (e.g. --duration 30s, --rate 500).
+set -euo pipefail
+source "$(dirname "$0")/lib.sh"
+cd "$ROOT"
+ensure_postgres
+cargo build --quiet --bin philotes
+exec "$CARGO_TARGET_DIR/debug/philotes" demo "$@"
