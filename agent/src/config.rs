@@ -795,7 +795,7 @@ tables = ["orders"]
     #[test]
     fn errors_name_the_key() {
         let cases = [
-            (format!("bogus = 1\n{MIN}"), "config"),
+            (format!("bogus = 1\n{MIN}"), "bogus"),
             (
                 MIN.replace(
                     "tables = [\"orders\"]",
