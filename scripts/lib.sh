@@ -26,6 +26,11 @@ ensure_postgres() {
   command -v openssl >/dev/null 2>&1 || apt_install openssl
 }
 
+ensure_prometheus() {
+  # Prometheus 2.42 + promtool for the scrape tests (the package's own service is not used).
+  command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1 || apt_install prometheus
+}
+
 ensure_venv() {
   # Independent readers (PyIceberg, DuckDB) and test tools, in a git-ignored venv.
   local req="$ROOT/agent/tests/py/requirements.txt"

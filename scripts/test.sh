@@ -5,6 +5,7 @@ set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 cd "$ROOT"
 ensure_postgres
+ensure_prometheus
 ensure_venv
 export PHILOTES_TEST_PYTHON="$VENV/bin/python"
 # Integration tests each start a PostgreSQL and an agent; two at a time suits 2 cores.

@@ -157,13 +157,18 @@ async fn observe(State(s): State<ApiState>, req: Request, next: Next) -> Respons
         .and_then(|v| v.parse::<u64>().ok())
         .unwrap_or(0);
     let span = tracing::info_span!(
+        parent: None,
         "http.request",
+        otel.name = %format!("{method} {endpoint}"),
         otel.kind = "server",
         http.request.method = %method,
         http.route = %endpoint,
         url.path = %req.uri().path(),
+        url.scheme = "http",
         http.response.status_code = tracing::field::Empty,
+        trace_id = tracing::field::Empty,
     );
+    crate::telemetry::record_trace_id(&span);
     let resp = next.run(req).instrument(span.clone()).await;
     let status = resp.status().as_u16();
     span.record("http.response.status_code", status);

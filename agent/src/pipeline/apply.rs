@@ -23,7 +23,7 @@ use crate::sink::iceberg::TableSink;
 use crate::source::postgres::pgoutput::{self, Message, RelationColumn, TupleData};
 use crate::source::postgres::session::format_lsn;
 use crate::source::postgres::types::ColumnKind;
-use crate::telemetry::{PipelineState, SourceMetrics, TableMetrics};
+use crate::telemetry::{record_trace_id, PipelineState, SourceMetrics, TableMetrics};
 
 /// A configured table being streamed.
 struct TableState {
@@ -158,7 +158,7 @@ impl Applier {
             // Pausing and stopping wait for the open transaction to end, then flush.
             if (want_pause || stopping) && self.txn.is_none() {
                 if self.anything_uncommitted() {
-                    self.flush().await?;
+                    self.flush(&client).await?;
                 }
                 if stopping {
                     client.stop();
@@ -199,8 +199,7 @@ impl Applier {
                     if self.txn.is_none()
                         && self.oldest.is_some_and(|t| t.elapsed() >= self.cfg.flush_interval)
                     {
-                        self.flush().await?;
-                        self.ack(&client);
+                        self.flush(&client).await?;
                     }
                 }
                 _ = control.changed() => {}
@@ -263,8 +262,7 @@ impl Applier {
                     // Nothing of ours in flight: everything up to here is durable by definition.
                     self.ack(client);
                 } else if self.should_flush() {
-                    self.flush().await?;
-                    self.ack(client);
+                    self.flush(client).await?;
                 }
             }
             ReplicationEvent::KeepAlive { wal_end, .. } => {
@@ -469,24 +467,43 @@ impl Applier {
         let Some(batch) = t.batch.finish()? else {
             return Ok(());
         };
-        let span =
-            tracing::info_span!("iceberg.write", table = %t.sink.name(), rows = batch.num_rows());
-        let w = t.sink.write(batch).instrument(span).await?;
+        let span = tracing::info_span!(
+            "iceberg.write",
+            table = %t.sink.name(),
+            rows = batch.num_rows(),
+            bytes = tracing::field::Empty,
+            files = tracing::field::Empty,
+            trace_id = tracing::field::Empty,
+        );
+        record_trace_id(&span);
+        let w = t.sink.write(batch).instrument(span.clone()).await?;
+        span.record("bytes", w.bytes);
+        span.record("files", w.files);
         t.metrics.files.add(w.files);
         t.metrics.bytes.add(w.bytes);
         Ok(())
     }
 
     /// Commit every dirty table (and dead letters) at the last complete transaction.
-    async fn flush(&mut self) -> Result<(), PipelineError> {
+    async fn flush(&mut self, client: &ReplicationClient) -> Result<(), PipelineError> {
         let lsn = self.last.lsn;
+        // A root span: one trace per flush, whatever span the caller is in.
         let span = tracing::info_span!(
+            parent: None,
             "pipeline.flush",
             source = %self.cfg.name,
             lsn = %format_lsn(lsn),
             rows = self.buffered_events,
+            trace_id = tracing::field::Empty,
         );
-        let result = self.flush_inner(lsn).instrument(span).await;
+        record_trace_id(&span);
+        let result = async {
+            self.flush_inner(lsn).await?;
+            self.ack(client);
+            Ok(())
+        }
+        .instrument(span)
+        .await;
         match &result {
             Ok(()) => self.metrics.batches_committed.add(1),
             Err(_) => self.metrics.batches_failed.add(1),
@@ -504,7 +521,14 @@ impl Applier {
             let t = &mut self.tables[i];
             let rows = t.sink.pending_rows();
             let started = Instant::now();
-            let span = tracing::info_span!("iceberg.commit", table = %t.sink.name(), rows, lsn = %format_lsn(lsn));
+            let span = tracing::info_span!(
+                "iceberg.commit",
+                table = %t.sink.name(),
+                rows,
+                lsn = %format_lsn(lsn),
+                trace_id = tracing::field::Empty,
+            );
+            record_trace_id(&span);
             t.sink.commit(lsn).instrument(span).await?;
             t.metrics
                 .commit_duration
@@ -573,7 +597,13 @@ impl Applier {
         }
         let end = self.last.end_lsn;
         if end > self.confirmed {
-            let span = tracing::info_span!("postgres.ack", source = %self.cfg.name, lsn = %format_lsn(end));
+            let span = tracing::info_span!(
+                "postgres.ack",
+                source = %self.cfg.name,
+                lsn = %format_lsn(end),
+                trace_id = tracing::field::Empty,
+            );
+            record_trace_id(&span);
             let _g = span.enter();
             self.confirm(client, end);
         }

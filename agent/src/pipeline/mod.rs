@@ -3,6 +3,7 @@
 mod apply;
 pub mod batch;
 pub mod dlq;
+mod monitor;
 pub mod retry;
 pub mod status;
 
@@ -75,6 +76,15 @@ pub struct PipelineHandle {
     pub config: PipelineConfig,
     /// The catalog, for DLQ listing.
     pub catalog: Arc<dyn Catalog>,
+}
+
+/// Aborts a background task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// A configured pipeline, ready to run.
@@ -185,6 +195,15 @@ impl Pipeline {
         )
         .await?;
         let client = session.start().await?;
+        // Aborted when this attempt ends (the guard drops).
+        let monitor = tokio::spawn(monitor::slot_lag_loop(
+            self.url.clone(),
+            slot.clone(),
+            publication.clone(),
+            self.metrics.clone(),
+            self.status.clone(),
+        ));
+        let _monitor = AbortOnDrop(monitor);
         status::update(&self.status, |st| {
             st.confirmed_lsn = crate::source::postgres::session::format_lsn(confirmed);
         });

@@ -1,14 +1,16 @@
 //! OpenTelemetry meter and tracer providers, the Prometheus and OTLP exporters, and logging.
 
+mod export;
 pub mod instruments;
 mod process;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use opentelemetry::metrics::MeterProvider as _;
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry::KeyValue;
-use opentelemetry_otlp::{WithExportConfig, WithHttpConfig};
+use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_sdk::metrics::{PeriodicReader, SdkMeterProvider};
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use opentelemetry_sdk::Resource;
@@ -19,6 +21,7 @@ use tracing_subscriber::{EnvFilter, Layer};
 pub use instruments::{Metrics, PipelineState, SourceMetrics, TableMetrics};
 
 use crate::config::TelemetryConfig;
+use export::{CountingMetricExporter, CountingSpanExporter, ExportErrors};
 
 /// Telemetry set-up failures.
 #[derive(Debug, thiserror::Error)]
@@ -87,6 +90,9 @@ impl Telemetry {
         let target = if disabled { None } else { otlp_target(cfg) };
         let timeout = Duration::from_secs(5);
         let res = resource();
+        let errors = Arc::new(ExportErrors::default());
+        let exp_err =
+            |e: opentelemetry_otlp::ExporterBuildError| TelemetryError::Exporter(e.to_string());
 
         let mut registry = None;
         let meter_provider = if disabled {
@@ -103,54 +109,75 @@ impl Telemetry {
                 registry = Some(reg);
             }
             if let Some((endpoint, grpc)) = &target {
-                let exporter = if *grpc {
-                    opentelemetry_otlp::MetricExporter::builder()
+                let interval = export_interval(cfg);
+                if *grpc {
+                    let exporter = opentelemetry_otlp::MetricExporter::builder()
                         .with_tonic()
                         .with_endpoint(endpoint.clone())
                         .with_timeout(timeout)
                         .build()
+                        .map_err(exp_err)?;
+                    let exporter =
+                        CountingMetricExporter::new(exporter, errors.clone(), endpoint.clone());
+                    b = b.with_reader(
+                        PeriodicReader::builder(exporter)
+                            .with_interval(interval)
+                            .build(),
+                    );
                 } else {
-                    opentelemetry_otlp::MetricExporter::builder()
+                    let exporter = opentelemetry_otlp::MetricExporter::builder()
                         .with_http()
                         .with_endpoint(format!("{endpoint}/v1/metrics"))
                         .with_timeout(timeout)
-                        .with_headers(Default::default())
                         .build()
+                        .map_err(exp_err)?;
+                    let exporter =
+                        CountingMetricExporter::new(exporter, errors.clone(), endpoint.clone());
+                    b = b.with_reader(
+                        PeriodicReader::builder(exporter)
+                            .with_interval(interval)
+                            .build(),
+                    );
                 }
-                .map_err(|e| TelemetryError::Exporter(e.to_string()))?;
-                b = b.with_reader(
-                    PeriodicReader::builder(exporter)
-                        .with_interval(export_interval(cfg))
-                        .build(),
-                );
             }
             Some(b.build())
         };
 
-        let tracer_provider = match &target {
-            Some((endpoint, grpc)) if cfg.traces => {
-                let exporter = if *grpc {
-                    opentelemetry_otlp::SpanExporter::builder()
+        // Spans always get ids (so logs carry trace_id); they leave the process only over OTLP.
+        let tracer_provider = if disabled {
+            None
+        } else {
+            let mut b = SdkTracerProvider::builder().with_resource(res);
+            match &target {
+                Some((endpoint, true)) if cfg.traces => {
+                    let exporter = opentelemetry_otlp::SpanExporter::builder()
                         .with_tonic()
                         .with_endpoint(endpoint.clone())
                         .with_timeout(timeout)
                         .build()
-                } else {
-                    opentelemetry_otlp::SpanExporter::builder()
+                        .map_err(exp_err)?;
+                    b = b.with_batch_exporter(CountingSpanExporter::new(
+                        exporter,
+                        errors.clone(),
+                        endpoint.clone(),
+                    ));
+                }
+                Some((endpoint, false)) if cfg.traces => {
+                    let exporter = opentelemetry_otlp::SpanExporter::builder()
                         .with_http()
                         .with_endpoint(format!("{endpoint}/v1/traces"))
                         .with_timeout(timeout)
                         .build()
+                        .map_err(exp_err)?;
+                    b = b.with_batch_exporter(CountingSpanExporter::new(
+                        exporter,
+                        errors.clone(),
+                        endpoint.clone(),
+                    ));
                 }
-                .map_err(|e| TelemetryError::Exporter(e.to_string()))?;
-                Some(
-                    SdkTracerProvider::builder()
-                        .with_resource(res)
-                        .with_batch_exporter(exporter)
-                        .build(),
-                )
+                _ => {}
             }
-            _ => None,
+            Some(b.build())
         };
 
         let meter = match &meter_provider {
@@ -160,6 +187,7 @@ impl Telemetry {
         let metrics = Metrics::new(&meter);
         if meter_provider.is_some() {
             process::register(&meter);
+            register_export_errors(&meter, errors);
         }
         Ok(Self {
             metrics,
@@ -173,7 +201,9 @@ impl Telemetry {
     pub fn init_logging(&self, cfg: &TelemetryConfig) {
         let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
             EnvFilter::new(format!(
-                "{},opentelemetry=warn,opentelemetry_sdk=warn,opendal=warn,sqlx=warn,hyper=warn,reqwest=warn,pgwire_replication=off",
+                // Export failures are counted and logged by our wrappers (rate-limited); the SDK's own
+                // per-attempt errors would repeat every interval.
+                "{},opentelemetry=off,opendal=warn,sqlx=warn,hyper=warn,reqwest=warn,pgwire_replication=off",
                 cfg.log_level
             ))
         });
@@ -182,7 +212,7 @@ impl Telemetry {
                 .json()
                 .flatten_event(true)
                 .with_current_span(true)
-                .with_span_list(false)
+                .with_span_list(true)
                 .with_writer(std::io::stderr)
                 .boxed()
         } else {
@@ -223,6 +253,37 @@ impl Telemetry {
             }
         })
         .await;
+    }
+}
+
+/// `philotes_telemetry_export_errors_total{signal}`: failed OTLP exports.
+fn register_export_errors(meter: &opentelemetry::metrics::Meter, errors: Arc<ExportErrors>) {
+    let _ = meter
+        .u64_observable_counter("philotes.telemetry.export_errors")
+        .with_description("Failed OTLP exports, by signal")
+        .with_callback(move |o| {
+            use std::sync::atomic::Ordering;
+            o.observe(
+                errors.metrics.load(Ordering::Relaxed),
+                &[KeyValue::new("signal", "metrics")],
+            );
+            o.observe(
+                errors.traces.load(Ordering::Relaxed),
+                &[KeyValue::new("signal", "traces")],
+            );
+        })
+        .build();
+}
+
+/// Record the span's OpenTelemetry trace id in its `trace_id` field, so every log line inside
+/// it (text or JSON) carries the id that finds the trace.
+pub fn record_trace_id(span: &tracing::Span) {
+    use opentelemetry::trace::TraceContextExt as _;
+    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+    let cx = span.context();
+    let sc = cx.span().span_context().clone();
+    if sc.is_valid() {
+        span.record("trace_id", tracing::field::display(sc.trace_id()));
     }
 }
 

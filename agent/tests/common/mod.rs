@@ -152,6 +152,8 @@ pub fn philotes_bin() -> PathBuf {
 pub struct AgentProc {
     pub child: Child,
     pub log: PathBuf,
+    /// API address when the test chose it (else read from the log).
+    pub api: Option<String>,
 }
 
 impl AgentProc {
@@ -180,6 +182,7 @@ impl AgentProc {
         Self {
             child,
             log: log.to_path_buf(),
+            api: None,
         }
     }
 
@@ -243,6 +246,9 @@ impl AgentProc {
 
     /// The API address the agent logged (it listens on port 0 in tests).
     pub fn api_addr(&self) -> Option<String> {
+        if let Some(a) = &self.api {
+            return Some(a.clone());
+        }
         let log = self.log_text();
         let i = log.rfind("api=Some(")?;
         let rest = &log[i + 9..];

@@ -263,6 +263,18 @@ impl Session {
         Ok(None)
     }
 
+    /// WAL retained by `slot` (`pg_current_wal_lsn() - restart_lsn`), None if the slot is gone.
+    pub async fn slot_retained_bytes(&mut self, slot: &str) -> Result<Option<i64>, SourceError> {
+        Ok(self
+            .scalar(&format!(
+                "SELECT (pg_catalog.pg_current_wal_lsn() - restart_lsn)::bigint \
+                 FROM pg_catalog.pg_replication_slots WHERE slot_name = {}",
+                quote_literal(slot)
+            ))
+            .await?
+            .and_then(|v| v.parse().ok()))
+    }
+
     /// Send START_REPLICATION and wait until the server accepted it.
     pub async fn start(mut self) -> Result<ReplicationClient, SourceError> {
         let url = self.url.clone();

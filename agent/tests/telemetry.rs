@@ -1,0 +1,601 @@
+//! Telemetry against real third-party tools: a Prometheus server scraping `/metrics`, promtool
+//! linting the exposition, the `oteltap` OTLP/HTTP receiver, and (for gRPC, where no
+//! third-party receiver exists here) a tonic server built from `opentelemetry-proto` in the test.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Write as _;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::*;
+use philotes::demo::postgres::free_port;
+use serde_json::Value;
+
+/// Metric contract of DESIGN.md: Prometheus name → label keys (besides `otel_scope_name`).
+const CONTRACT: &[(&str, &[&str])] = &[
+    (
+        "philotes_cdc_events_total",
+        &["source", "table", "operation"],
+    ),
+    ("philotes_cdc_lag_seconds", &["source", "table"]),
+    ("philotes_cdc_errors_total", &["source", "error_type"]),
+    ("philotes_cdc_retries_total", &["source"]),
+    ("philotes_cdc_pipeline_state", &["source"]),
+    ("philotes_cdc_slot_lag_bytes", &["source"]),
+    (
+        "philotes_api_requests_total",
+        &["endpoint", "method", "status"],
+    ),
+    (
+        "philotes_api_request_duration_seconds_bucket",
+        &["endpoint", "method", "le"],
+    ),
+    (
+        "philotes_api_request_size_bytes_bucket",
+        &["endpoint", "method", "le"],
+    ),
+    (
+        "philotes_api_response_size_bytes_bucket",
+        &["endpoint", "method", "le"],
+    ),
+    ("philotes_iceberg_commits_total", &["source", "table"]),
+    (
+        "philotes_iceberg_commit_duration_seconds_bucket",
+        &["source", "table", "le"],
+    ),
+    ("philotes_iceberg_files_written_total", &["source", "table"]),
+    ("philotes_iceberg_bytes_written_total", &["source", "table"]),
+    ("philotes_buffer_depth", &["source"]),
+    ("philotes_buffer_batches_total", &["source", "status"]),
+    ("philotes_buffer_events_processed_total", &["source"]),
+    ("philotes_buffer_dlq_total", &["source"]),
+    ("process_cpu_seconds_total", &[]),
+    ("process_resident_memory_bytes", &[]),
+    ("process_open_fds", &[]),
+    ("process_threads", &[]),
+    ("philotes_runtime_tasks", &[]),
+];
+
+/// Parse an exposition into (name, labels) → value.
+fn parse_scrape(text: &str) -> BTreeMap<(String, BTreeMap<String, String>), f64> {
+    let mut out = BTreeMap::new();
+    for line in text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+    {
+        let (series, value) = line.rsplit_once(' ').expect("sample line");
+        let (name, labels) = match series.split_once('{') {
+            Some((n, rest)) => (n, rest.trim_end_matches('}')),
+            None => (series, ""),
+        };
+        let mut map = BTreeMap::new();
+        // Label values here never contain `",` so a simple split is enough.
+        for kv in labels.split("\",").filter(|s| !s.is_empty()) {
+            let (k, v) = kv.split_once("=\"").expect("label");
+            map.insert(k.to_string(), v.trim_end_matches('"').to_string());
+        }
+        map.remove("otel_scope_name");
+        out.insert((name.to_string(), map), value.parse().unwrap_or(f64::NAN));
+    }
+    out
+}
+
+fn sum_of(scrape: &BTreeMap<(String, BTreeMap<String, String>), f64>, name: &str) -> f64 {
+    scrape
+        .iter()
+        .filter(|((n, _), _)| n == name)
+        .map(|(_, v)| *v)
+        .sum()
+}
+
+/// A workload touching every CDC path: inserts, updates, deletes, a truncate, a dead letter.
+/// Returns the number of change events made.
+async fn workload(db: &tokio_postgres::Client) -> u64 {
+    db.batch_execute(
+        "INSERT INTO t SELECT g, g * 1.5 FROM generate_series(1, 300) g;
+         UPDATE t SET n = n + 1 WHERE id <= 50;
+         DELETE FROM t WHERE id > 280;
+         INSERT INTO t VALUES (1000, 'NaN');
+         TRUNCATE t;
+         INSERT INTO t SELECT g, g FROM generate_series(1, 20) g;",
+    )
+    .await
+    .expect("workload");
+    300 + 50 + 20 + 1 + 1 + 20
+}
+
+struct Killer(Child);
+impl Drop for Killer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+async fn setup(extra_top: &str) -> (TestPg, tokio_postgres::Client, Workdir, AgentProc, String) {
+    let pg = TestPg::start();
+    let db = pg.create_db("app").await;
+    db.batch_execute("CREATE TABLE t (id int PRIMARY KEY, n numeric(12,2))")
+        .await
+        .unwrap();
+    let work = Workdir::new();
+    let port = free_port().unwrap();
+    let cfg = work.config(&pg.url("app"), &["t"], "", extra_top);
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(
+        "listen = \"127.0.0.1:0\"",
+        &format!("listen = \"127.0.0.1:{port}\""),
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let mut agent = AgentProc::start(&cfg, &work.path().join("agent.log"));
+    agent.api = Some(format!("127.0.0.1:{port}"));
+    agent.wait_streaming().await;
+    (pg, db, work, agent, format!("127.0.0.1:{port}"))
+}
+
+async fn wait_committed(agent: &AgentProc, rows: u64) {
+    wait_for(Duration::from_secs(60), "events committed", || async {
+        let v = agent.api_json("/api/v1/pipelines/p").await?;
+        let committed: u64 = v["tables"]
+            .as_object()?
+            .values()
+            .map(|t| t["committed_rows"].as_u64().unwrap_or(0))
+            .sum();
+        let dlq = v["dlq_rows"].as_u64().unwrap_or(0);
+        (committed + dlq >= rows && v["buffered_events"] == 0).then_some(())
+    })
+    .await;
+}
+
+async fn scrape(addr: &str) -> String {
+    reqwest::get(format!("http://{addr}/metrics"))
+        .await
+        .expect("scrape")
+        .text()
+        .await
+        .expect("scrape body")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prometheus_scrapes_the_agent_and_promtool_is_clean() {
+    let (_pg, db, work, agent, addr) = setup("").await;
+    let made = workload(&db).await;
+    wait_committed(&agent, made).await;
+    // An API call, so the philotes_api_* series exist.
+    assert!(agent.api_json("/api/v1/pipelines").await.is_some());
+
+    let prom_port = free_port().unwrap();
+    let prom_dir = work.path().join("prom");
+    std::fs::create_dir_all(&prom_dir).unwrap();
+    let prom_cfg = prom_dir.join("prometheus.yml");
+    std::fs::write(
+        &prom_cfg,
+        format!(
+            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: philotes\n    static_configs:\n      - targets: ['{addr}']\n"
+        ),
+    )
+    .unwrap();
+    let _prom = Killer(
+        Command::new("prometheus")
+            .arg(format!("--config.file={}", prom_cfg.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                prom_dir.join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{prom_port}"))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(prom_dir.join("log")).unwrap())
+            .spawn()
+            .expect("prometheus (apt-get install prometheus)"),
+    );
+    let total = wait_for(
+        Duration::from_secs(60),
+        "Prometheus to have the series",
+        || async {
+            let url = format!(
+                "http://127.0.0.1:{prom_port}/api/v1/query?query=sum(philotes_cdc_events_total)"
+            );
+            let v: Value = reqwest::get(url).await.ok()?.json().await.ok()?;
+            let s = v["data"]["result"][0]["value"][1]
+                .as_str()?
+                .parse::<f64>()
+                .ok()?;
+            (s >= made as f64).then_some(s)
+        },
+    )
+    .await;
+    assert_eq!(
+        total, made as f64,
+        "philotes_cdc_events_total via Prometheus == changes made"
+    );
+
+    let text = scrape(&addr).await;
+    std::fs::write(work.path().join("scrape.txt"), &text).unwrap();
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool");
+    promtool
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = promtool.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let parsed = parse_scrape(&text);
+    for (name, labels) in CONTRACT {
+        let want: BTreeSet<&str> = labels.iter().copied().collect();
+        let found: Vec<BTreeSet<&str>> = parsed
+            .keys()
+            .filter(|(n, _)| n == name)
+            .map(|(_, l)| l.keys().map(String::as_str).collect())
+            .collect();
+        assert!(!found.is_empty(), "{name} missing from the scrape");
+        assert!(
+            found.iter().all(|l| *l == want),
+            "{name} labels {found:?} != {want:?}"
+        );
+    }
+    let ops: BTreeSet<String> = parsed
+        .keys()
+        .filter(|(n, _)| n == "philotes_cdc_events_total")
+        .map(|(_, l)| l["operation"].clone())
+        .collect();
+    for op in ["insert", "update", "delete", "truncate", "snapshot"] {
+        assert!(ops.contains(op), "operation={op} missing");
+    }
+    assert_eq!(sum_of(&parsed, "philotes_buffer_dlq_total"), 1.0);
+    assert!(sum_of(&parsed, "philotes_iceberg_commits_total") >= 1.0);
+    assert_eq!(agent.terminate(), Some(0));
+}
+
+/// Datapoint values per (OTel metric name, attributes) from oteltap's NDJSON (last one wins).
+fn otlp_points(ndjson: &str) -> BTreeMap<(String, BTreeMap<String, String>), f64> {
+    let mut out = BTreeMap::new();
+    for line in ndjson.lines() {
+        let Ok(v) = serde_json::from_str::<Value>(line) else {
+            continue;
+        };
+        let Some(name) = v["name"].as_str() else {
+            continue;
+        };
+        let data = ["sum", "gauge"].iter().find_map(|k| v.get(*k));
+        let Some(points) = data.and_then(|d| d["dataPoints"].as_array()) else {
+            continue;
+        };
+        for p in points {
+            let attrs: BTreeMap<String, String> = p["attributes"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|a| {
+                    let val = &a["value"];
+                    let s = val["stringValue"]
+                        .as_str()
+                        .map(String::from)
+                        .unwrap_or_else(|| val.to_string());
+                    (a["key"].as_str().unwrap_or_default().to_string(), s)
+                })
+                .collect();
+            let value = p["asInt"]
+                .as_str()
+                .and_then(|s| s.parse().ok())
+                .or_else(|| p["asInt"].as_f64())
+                .or_else(|| p["asDouble"].as_f64())
+                .unwrap_or(f64::NAN);
+            out.insert((name.to_string(), attrs), value);
+        }
+    }
+    out
+}
+
+fn spans(ndjson: &str) -> Vec<Value> {
+    ndjson
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v.get("traceId").is_some() && v.get("spanId").is_some())
+        .collect()
+}
+
+fn start_oteltap(port: u16, out: &Path) -> Killer {
+    let bin = python().parent().unwrap().join("oteltap");
+    Killer(
+        Command::new(bin)
+            .args(["--port", &port.to_string()])
+            .stdout(std::fs::File::create(out).unwrap())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("oteltap (pip install oteltap)"),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn otlp_http_receiver_gets_the_same_metrics_and_the_flush_trace() {
+    let tap_port = free_port().unwrap();
+    let work_tap = tempfile::tempdir().unwrap();
+    let tap_out = work_tap.path().join("tap.ndjson");
+    let _tap = start_oteltap(tap_port, &tap_out);
+    wait_for(Duration::from_secs(20), "oteltap listening", || async {
+        tokio::net::TcpStream::connect(("127.0.0.1", tap_port))
+            .await
+            .ok()
+            .map(|_| ())
+    })
+    .await;
+    let top = format!(
+        "[telemetry]\notlp_endpoint = \"http://127.0.0.1:{tap_port}\"\nexport_interval = \"1s\"\nlog_format = \"json\"\n"
+    );
+    let (_pg, db, _work, agent, addr) = setup(&top).await;
+    let made = workload(&db).await;
+    wait_committed(&agent, made).await;
+    let text = scrape(&addr).await;
+    let log_path = agent.log.clone();
+    // Shutdown flushes both exporters: the last export carries the final values.
+    assert_eq!(agent.terminate(), Some(0));
+    let ndjson = std::fs::read_to_string(&tap_out).unwrap();
+    let otlp = otlp_points(&ndjson);
+    let prom = parse_scrape(&text);
+
+    for (otel, promname) in [
+        ("philotes.cdc.events", "philotes_cdc_events_total"),
+        ("philotes.iceberg.commits", "philotes_iceberg_commits_total"),
+        (
+            "philotes.iceberg.files_written",
+            "philotes_iceberg_files_written_total",
+        ),
+        (
+            "philotes.iceberg.bytes_written",
+            "philotes_iceberg_bytes_written_total",
+        ),
+        (
+            "philotes.buffer.events_processed",
+            "philotes_buffer_events_processed_total",
+        ),
+        ("philotes.buffer.dlq", "philotes_buffer_dlq_total"),
+        ("philotes.cdc.pipeline_state", "philotes_cdc_pipeline_state"),
+    ] {
+        let from_otlp: BTreeMap<_, _> = otlp
+            .iter()
+            .filter(|((n, _), _)| n == otel)
+            .map(|((_, a), v)| (a.clone(), *v))
+            .collect();
+        let from_prom: BTreeMap<_, _> = prom
+            .iter()
+            .filter(|((n, _), _)| n == promname)
+            .map(|((_, a), v)| (a.clone(), *v))
+            .collect();
+        assert!(!from_otlp.is_empty(), "{otel} not received over OTLP");
+        if otel == "philotes.cdc.pipeline_state" {
+            // The final export happens after the pipeline stopped (state 0); the scrape saw 3.
+            continue;
+        }
+        assert_eq!(
+            from_otlp, from_prom,
+            "{otel} over OTLP != {promname} in the scrape"
+        );
+    }
+    for name in [
+        "philotes.cdc.lag",
+        "philotes.cdc.slot_lag",
+        "philotes.buffer.depth",
+        "philotes.iceberg.commit.duration",
+        "process.resident_memory",
+        "philotes.runtime.tasks",
+    ] {
+        assert!(
+            ndjson.contains(&format!("\"name\":\"{name}\"")),
+            "{name} not exported"
+        );
+    }
+
+    let spans = spans(&ndjson);
+    let flush = spans
+        .iter()
+        .find(|s| s["name"] == "pipeline.flush")
+        .expect("a pipeline.flush span");
+    let trace = flush["traceId"].as_str().unwrap();
+    let flush_id = flush["spanId"].as_str().unwrap();
+    for child in ["iceberg.write", "iceberg.commit", "postgres.ack"] {
+        assert!(
+            spans.iter().any(|s| s["name"] == child
+                && s["traceId"] == trace
+                && s["parentSpanId"] == flush_id),
+            "{child} is not a child of pipeline.flush in trace {trace}"
+        );
+    }
+    // JSON logs inside the flush carry its trace id.
+    let log = std::fs::read_to_string(log_path).unwrap();
+    assert!(
+        log.lines().all(|l| l.starts_with('{')),
+        "log_format=json gives one object per line"
+    );
+    assert!(
+        spans
+            .iter()
+            .any(|s| log.contains(s["traceId"].as_str().unwrap())),
+        "no log line carries a trace id"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_otlp_receiver_does_not_stop_the_pipeline() {
+    let tap_port = free_port().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let tap = start_oteltap(tap_port, &tmp.path().join("tap.ndjson"));
+    wait_for(Duration::from_secs(20), "oteltap listening", || async {
+        tokio::net::TcpStream::connect(("127.0.0.1", tap_port))
+            .await
+            .ok()
+            .map(|_| ())
+    })
+    .await;
+    let top = format!(
+        "[telemetry]\notlp_endpoint = \"http://127.0.0.1:{tap_port}\"\nexport_interval = \"500ms\"\n"
+    );
+    let (_pg, db, work, agent, addr) = setup(&top).await;
+    db.batch_execute("INSERT INTO t SELECT g, g FROM generate_series(1, 1000) g")
+        .await
+        .unwrap();
+    drop(tap); // the collector goes away mid-stream
+    let started = std::time::Instant::now();
+    for i in 0..20 {
+        db.batch_execute(&format!(
+            "INSERT INTO t SELECT g, g FROM generate_series({}, {}) g",
+            2000 + i * 500,
+            2000 + i * 500 + 499
+        ))
+        .await
+        .unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    wait_for(
+        Duration::from_secs(60),
+        "every row despite the dead collector",
+        || async { (iceberg_rows(&work, "ns.t") == Some(11_000)).then_some(()) },
+    )
+    .await;
+    assert!(started.elapsed() < Duration::from_secs(60));
+    let errors = wait_for(Duration::from_secs(30), "export errors counted", || async {
+        let s = parse_scrape(&scrape(&addr).await);
+        let n = s
+            .iter()
+            .filter(|((n, l), _)| {
+                n == "philotes_telemetry_export_errors_total"
+                    && l.get("signal").map(String::as_str) == Some("metrics")
+            })
+            .map(|(_, v)| *v)
+            .sum::<f64>();
+        (n > 0.0).then_some(n)
+    })
+    .await;
+    assert!(errors > 0.0);
+    let log = agent.log_text();
+    let warnings = log.matches("OTLP export failing").count();
+    assert!(
+        warnings <= 2,
+        "export failures are logged at most once a minute, got {warnings}"
+    );
+    assert_eq!(agent.terminate(), Some(0));
+}
+
+/// In-test gRPC receiver (a test double: no third-party OTLP/gRPC receiver exists here).
+mod grpc_receiver {
+    use super::*;
+    use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::{
+        MetricsService, MetricsServiceServer,
+    };
+    use opentelemetry_proto::tonic::collector::metrics::v1::{
+        ExportMetricsServiceRequest, ExportMetricsServiceResponse,
+    };
+    use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+        TraceService, TraceServiceServer,
+    };
+    use opentelemetry_proto::tonic::collector::trace::v1::{
+        ExportTraceServiceRequest, ExportTraceServiceResponse,
+    };
+
+    #[derive(Clone, Default)]
+    pub struct Seen {
+        pub metrics: Arc<Mutex<BTreeSet<String>>>,
+        pub spans: Arc<Mutex<Vec<(String, Vec<u8>)>>>,
+    }
+
+    #[tonic::async_trait]
+    impl MetricsService for Seen {
+        async fn export(
+            &self,
+            req: tonic::Request<ExportMetricsServiceRequest>,
+        ) -> Result<tonic::Response<ExportMetricsServiceResponse>, tonic::Status> {
+            let mut m = self.metrics.lock().unwrap();
+            for rm in req.into_inner().resource_metrics {
+                for sm in rm.scope_metrics {
+                    for metric in sm.metrics {
+                        m.insert(metric.name);
+                    }
+                }
+            }
+            Ok(tonic::Response::new(ExportMetricsServiceResponse {
+                partial_success: None,
+            }))
+        }
+    }
+
+    #[tonic::async_trait]
+    impl TraceService for Seen {
+        async fn export(
+            &self,
+            req: tonic::Request<ExportTraceServiceRequest>,
+        ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+            let mut s = self.spans.lock().unwrap();
+            for rs in req.into_inner().resource_spans {
+                for ss in rs.scope_spans {
+                    for span in ss.spans {
+                        s.push((span.name, span.trace_id));
+                    }
+                }
+            }
+            Ok(tonic::Response::new(ExportTraceServiceResponse {
+                partial_success: None,
+            }))
+        }
+    }
+
+    pub async fn start(port: u16) -> (Seen, tokio::task::JoinHandle<()>) {
+        let seen = Seen::default();
+        let svc = seen.clone();
+        let handle = tokio::spawn(async move {
+            let _ = tonic::transport::Server::builder()
+                .add_service(MetricsServiceServer::new(svc.clone()))
+                .add_service(TraceServiceServer::new(svc))
+                .serve(([127, 0, 0, 1], port).into())
+                .await;
+        });
+        (seen, handle)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_export_reaches_an_otlp_grpc_server() {
+    let port = free_port().unwrap();
+    let (seen, server) = grpc_receiver::start(port).await;
+    let top = format!(
+        "[telemetry]\notlp_endpoint = \"http://127.0.0.1:{port}\"\notlp_protocol = \"grpc\"\nexport_interval = \"1s\"\n"
+    );
+    let (_pg, db, _work, agent, _addr) = setup(&top).await;
+    let made = workload(&db).await;
+    wait_committed(&agent, made).await;
+    assert_eq!(agent.terminate(), Some(0));
+    let metrics = seen.metrics.lock().unwrap().clone();
+    for name in [
+        "philotes.cdc.events",
+        "philotes.iceberg.commits",
+        "process.cpu",
+    ] {
+        assert!(
+            metrics.contains(name),
+            "{name} not received over gRPC: {metrics:?}"
+        );
+    }
+    let spans = seen.spans.lock().unwrap().clone();
+    let flush = spans
+        .iter()
+        .find(|(n, _)| n == "pipeline.flush")
+        .expect("flush span over gRPC");
+    assert!(spans
+        .iter()
+        .any(|(n, t)| n == "iceberg.commit" && *t == flush.1));
+    server.abort();
+}
