@@ -507,10 +507,13 @@ mod grpc_receiver {
         ExportTraceServiceRequest, ExportTraceServiceResponse,
     };
 
+    /// (span name, trace id) pairs received.
+    pub type SpanLog = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
+
     #[derive(Clone, Default)]
     pub struct Seen {
         pub metrics: Arc<Mutex<BTreeSet<String>>>,
-        pub spans: Arc<Mutex<Vec<(String, Vec<u8>)>>>,
+        pub spans: SpanLog,
     }
 
     #[tonic::async_trait]
