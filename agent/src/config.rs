@@ -220,7 +220,7 @@ fn default_snapshot() -> SnapshotMode {
     SnapshotMode::Never
 }
 fn default_batch_rows() -> u64 {
-    10_000
+    100_000
 }
 fn default_batch_bytes() -> u64 {
     64 << 20

@@ -1,0 +1,420 @@
+//! Throughput benchmark: the agent against PostgreSQL's own decoding speed, in one run.
+//!
+//! For each workload the changes are made once; then, alternating, `pg_recvlogical` (the
+//! baseline: what the walsender can stream) and the agent (until every change is committed in
+//! Iceberg and confirmed to its slot) each consume them from a fresh slot created before the
+//! changes. Medians, min/max, rows/s and the ratio agent/baseline are printed, with the agent's
+//! peak RSS and CPU seconds, and the telemetry overhead (all on ÷ `OTEL_SDK_DISABLED`).
+//!
+//! `cargo bench --bench throughput` runs the full set (1M rows); `-- --quick` or running it as
+//! a test (`cargo test --benches`) uses small workloads and only checks that the harness works.
+//! It never asserts timings.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use philotes::demo::postgres::{free_port, LocalPgOptions, LocalPostgres};
+
+struct Workload {
+    name: &'static str,
+    rows: u64,
+    setup: String,
+    changes: Vec<String>,
+    table: &'static str,
+}
+
+fn workloads(scale: u64) -> Vec<Workload> {
+    let five = "CREATE TABLE {t} (id bigint PRIMARY KEY, n int, s text, at timestamptz, d double precision)";
+    let txns = 1000.min(scale);
+    let per = scale / txns;
+    let wide_cols: String = (0..30)
+        .map(|i| match i % 5 {
+            0 => format!("c{i} bigint"),
+            1 => format!("c{i} text"),
+            2 => format!("c{i} double precision"),
+            3 => format!("c{i} timestamptz"),
+            _ => format!("c{i} numeric(12,2)"),
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    let wide_vals: String = (0..30)
+        .map(|i| match i % 5 {
+            0 => "g".to_string(),
+            1 => "md5(g::text)".to_string(),
+            2 => "g * 1.5".to_string(),
+            3 => "now()".to_string(),
+            _ => "(g % 100000) / 100.0".to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    let row = |from: String, to: String| {
+        format!(
+            "INSERT INTO {{t}} SELECT g, g % 1000, repeat(chr(97 + (g % 26)::int), 40), now(), g * 0.5 FROM generate_series({from}, {to}) g"
+        )
+    };
+    vec![
+        Workload {
+            name: "1M rows / 1,000 txns",
+            rows: txns * per,
+            setup: five.into(),
+            changes: (0..txns)
+                .map(|i| row((i * per + 1).to_string(), ((i + 1) * per).to_string()))
+                .collect(),
+            table: "many_txns",
+        },
+        Workload {
+            name: "1M rows / 1 txn",
+            rows: scale,
+            setup: five.into(),
+            changes: vec![row("1".into(), scale.to_string())],
+            table: "one_txn",
+        },
+        Workload {
+            name: "UPDATE 1M rows",
+            rows: scale,
+            setup: format!("{five}; {}", row("1".into(), scale.to_string())),
+            changes: vec!["UPDATE {t} SET n = n + 1, d = d * 2".into()],
+            table: "updates",
+        },
+        Workload {
+            name: "wide (30 cols) 200k rows",
+            rows: scale / 5,
+            setup: format!("CREATE TABLE {{t}} (id bigint PRIMARY KEY, {wide_cols})"),
+            changes: vec![format!(
+                "INSERT INTO {{t}} SELECT g, {wide_vals} FROM generate_series(1, {}) g",
+                scale / 5
+            )],
+            table: "wide",
+        },
+    ]
+}
+
+fn psql(pg: &LocalPostgres, sql: &str) -> String {
+    let out = Command::new("psql")
+        .args(["-X", "-q", "-t", "-A", "-v", "ON_ERROR_STOP=1"])
+        .arg(pg.conninfo("bench"))
+        .args(["-c", sql])
+        .output()
+        .expect("psql");
+    assert!(
+        out.status.success(),
+        "psql {sql}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+fn lsn_num(s: &str) -> u64 {
+    let (hi, lo) = s.split_once('/').expect("lsn");
+    (u64::from_str_radix(hi, 16).unwrap() << 32) | u64::from_str_radix(lo, 16).unwrap()
+}
+
+fn confirmed(pg: &LocalPostgres, slot: &str) -> u64 {
+    let v = psql(
+        pg,
+        &format!("SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = '{slot}'"),
+    );
+    if v.is_empty() {
+        0
+    } else {
+        lsn_num(&v)
+    }
+}
+
+/// Accept and answer 200 to anything: an OTLP/HTTP sink so "telemetry on" exports for real.
+fn otlp_sink() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for mut s in l.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 1 << 16];
+                // Read one request (headers + declared body), answer, close.
+                let mut data = Vec::new();
+                while let Ok(n) = s.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    data.extend_from_slice(&buf[..n]);
+                    if let Some(h) = data.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head = String::from_utf8_lossy(&data[..h]).to_lowercase();
+                        let len = head
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length:"))
+                            .and_then(|v| v.trim().parse::<usize>().ok())
+                            .unwrap_or(0);
+                        if data.len() >= h + 4 + len {
+                            break;
+                        }
+                    }
+                }
+                let _ = s.write_all(
+                    b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+                );
+            });
+        }
+    });
+    port
+}
+
+struct Run {
+    secs: f64,
+    rss_mb: f64,
+    cpu_s: f64,
+}
+
+fn proc_stats(pid: u32) -> (f64, f64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let rss_kb: f64 = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let cpu = stat
+        .rfind(')')
+        .map(|i| {
+            let f: Vec<&str> = stat[i + 2..].split_whitespace().collect();
+            let u: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+            let s: f64 = f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+            (u + s) / 100.0
+        })
+        .unwrap_or(0.0);
+    (rss_kb / 1024.0, cpu)
+}
+
+fn run_baseline(pg: &LocalPostgres, slot: &str, end: u64) -> Run {
+    let t = Instant::now();
+    let status = Command::new("pg_recvlogical")
+        .arg("-d")
+        .arg(pg.conninfo("bench"))
+        .args([
+            "--slot",
+            slot,
+            "--start",
+            "-o",
+            "proto_version=1",
+            "-o",
+            "publication_names=bench",
+        ])
+        .arg("--endpos")
+        .arg(format!("{:X}/{:X}", end >> 32, end & 0xffff_ffff))
+        .args(["--no-loop", "-f", "/dev/null"])
+        .stderr(Stdio::null())
+        .status()
+        .expect("pg_recvlogical");
+    assert!(status.success(), "pg_recvlogical failed");
+    Run {
+        secs: t.elapsed().as_secs_f64(),
+        rss_mb: 0.0,
+        cpu_s: 0.0,
+    }
+}
+
+/// What every agent run shares.
+struct Env<'a> {
+    bin: &'a Path,
+    pg: &'a LocalPostgres,
+    dir: &'a Path,
+    otlp_port: u16,
+}
+
+fn run_agent(env: &Env<'_>, slot: &str, table: &str, end: u64, telemetry: bool) -> Run {
+    let Env {
+        bin,
+        pg,
+        dir,
+        otlp_port,
+    } = *env;
+    let wh = dir.join(slot);
+    let _ = std::fs::remove_dir_all(&wh);
+    std::fs::create_dir_all(&wh).unwrap();
+    let tele = if telemetry {
+        format!(
+            "[telemetry]\nprometheus = true\notlp_endpoint = \"http://127.0.0.1:{otlp_port}\"\nexport_interval = \"1s\"\nlog_level = \"warn\"\n"
+        )
+    } else {
+        "[telemetry]\nprometheus = false\nlog_level = \"warn\"\n".to_string()
+    };
+    let cfg = format!(
+        "{tele}[api]\nlisten = \"127.0.0.1:{}\"\n[iceberg]\nuri = \"sqlite://{}/catalog.db\"\nwarehouse = \"{}/warehouse\"\n\
+         [[pipelines]]\nname = \"bench\"\nsource = \"{}\"\nslot = \"{slot}\"\npublication = \"bench\"\ntables = [\"{table}\"]\nflush_interval = \"1s\"\n",
+        free_port().unwrap(),
+        wh.display(),
+        wh.display(),
+        pg.url("bench", None),
+    );
+    let cfg_path = wh.join("philotes.toml");
+    std::fs::write(&cfg_path, cfg).unwrap();
+    let t = Instant::now();
+    let mut cmd = Command::new(bin);
+    cmd.args(["run", "--config"])
+        .arg(&cfg_path)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(wh.join("agent.log")).unwrap());
+    if !telemetry {
+        cmd.env("OTEL_SDK_DISABLED", "true");
+    }
+    let mut child = cmd.spawn().expect("spawn philotes");
+    let deadline = Instant::now() + Duration::from_secs(900);
+    while confirmed(pg, slot) < end {
+        assert!(
+            Instant::now() < deadline,
+            "agent did not finish; see {}",
+            wh.display()
+        );
+        if let Ok(Some(st)) = child.try_wait() {
+            panic!(
+                "agent exited early ({st}); see {}",
+                wh.join("agent.log").display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let secs = t.elapsed().as_secs_f64();
+    let (rss_mb, cpu_s) = proc_stats(child.id());
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(wh.join("warehouse"));
+    Run {
+        secs,
+        rss_mb,
+        cpu_s,
+    }
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    // `cargo bench` passes --bench; `cargo test --benches` does not: then it is a smoke test.
+    let quick = args.iter().any(|a| a == "--quick") || !args.iter().any(|a| a == "--bench");
+    let (scale, reps) = if quick { (20_000, 1) } else { (1_000_000, 3) };
+    let bin = PathBuf::from(env!("CARGO_BIN_EXE_philotes"));
+    let tmp = tempfile::Builder::new()
+        .prefix("philotes-bench")
+        .tempdir()
+        .unwrap();
+    let mut opts = LocalPgOptions::default();
+    opts.settings.extend([
+        ("max_wal_size".to_string(), "20GB".to_string()),
+        ("checkpoint_timeout".to_string(), "1h".to_string()),
+        ("shared_buffers".to_string(), "512MB".to_string()),
+        ("max_replication_slots".to_string(), "64".to_string()),
+    ]);
+    let pg = LocalPostgres::start(&tmp.path().join("pg"), &opts).expect("start PostgreSQL");
+    Command::new("psql")
+        .arg(pg.conninfo("postgres"))
+        .args(["-q", "-c", "CREATE DATABASE bench"])
+        .status()
+        .unwrap();
+    let otlp_port = otlp_sink();
+    println!(
+        "philotes throughput benchmark ({} mode): {} rows per workload, {} repetitions, machine: {} cores",
+        if quick { "quick" } else { "full" },
+        scale,
+        reps,
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    );
+    println!(
+        "{:<26} {:>10} {:>12} {:>10} {:>12} {:>7} {:>8} {:>7}",
+        "workload", "pg s", "pg rows/s", "agent s", "agent rows/s", "ratio", "RSS MB", "CPU s"
+    );
+    let env = Env {
+        bin: &bin,
+        pg: &pg,
+        dir: tmp.path(),
+        otlp_port,
+    };
+    let mut overhead: Vec<(f64, f64)> = Vec::new();
+    for w in workloads(scale) {
+        let t = w.table;
+        for stmt in w.setup.split(';').filter(|s| !s.trim().is_empty()) {
+            psql(&pg, &stmt.replace("{t}", t));
+        }
+        psql(&pg, "DROP PUBLICATION IF EXISTS bench");
+        psql(&pg, &format!("CREATE PUBLICATION bench FOR TABLE {t}"));
+        // Slots first: a logical slot only sees changes made after it exists.
+        let slots: Vec<(String, &str)> = (0..reps)
+            .flat_map(|i| {
+                [
+                    (format!("b_{t}_{i}"), "baseline"),
+                    (format!("a_{t}_{i}"), "agent"),
+                    (format!("o_{t}_{i}"), "agent-notel"),
+                ]
+            })
+            .collect();
+        for (s, _) in &slots {
+            psql(
+                &pg,
+                &format!("SELECT pg_create_logical_replication_slot('{s}', 'pgoutput')"),
+            );
+        }
+        for c in &w.changes {
+            psql(&pg, &c.replace("{t}", t));
+        }
+        let end = lsn_num(&psql(&pg, "SELECT pg_current_wal_insert_lsn()"));
+        let (mut base, mut agent, mut notel) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut rss, mut cpu) = (0f64, Vec::new());
+        for i in 0..reps {
+            base.push(run_baseline(&pg, &format!("b_{t}_{i}"), end).secs);
+            let a = run_agent(&env, &format!("a_{t}_{i}"), t, end, true);
+            rss = rss.max(a.rss_mb);
+            cpu.push(a.cpu_s);
+            agent.push(a.secs);
+            let o = run_agent(&env, &format!("o_{t}_{i}"), t, end, false);
+            notel.push(o.secs);
+        }
+        for (s, _) in &slots {
+            psql(&pg, &format!("SELECT pg_drop_replication_slot('{s}')"));
+        }
+        let (bmin, bmax) = (
+            base.iter().cloned().fold(f64::MAX, f64::min),
+            base.iter().cloned().fold(0.0, f64::max),
+        );
+        let (amin, amax) = (
+            agent.iter().cloned().fold(f64::MAX, f64::min),
+            agent.iter().cloned().fold(0.0, f64::max),
+        );
+        let b = median(&mut base);
+        let a = median(&mut agent);
+        let o = median(&mut notel);
+        overhead.push((a, o));
+        println!(
+            "{:<26} {:>10} {:>12.0} {:>10} {:>12.0} {:>7.2} {:>8.0} {:>7.1}",
+            w.name,
+            format!("{b:.2}"),
+            w.rows as f64 / b,
+            format!("{a:.2}"),
+            w.rows as f64 / a,
+            b / a,
+            rss,
+            median(&mut cpu),
+        );
+        println!(
+            "{:<26} {:>10} {:>12} {:>10} {:>12}",
+            "",
+            format!("[{bmin:.2}-{bmax:.2}]"),
+            "",
+            format!("[{amin:.2}-{amax:.2}]"),
+            format!("notel {o:.2}s")
+        );
+        psql(&pg, &format!("DROP TABLE {t}"));
+    }
+    let on: f64 = overhead.iter().map(|(a, _)| a).sum();
+    let off: f64 = overhead.iter().map(|(_, o)| o).sum();
+    println!(
+        "telemetry overhead: throughput on / off = {:.3} (total agent time on {on:.2}s, off {off:.2}s)",
+        off / on
+    );
+    println!("ratio = agent rows/s ÷ pg_recvlogical rows/s (same changes, same run)");
+    if quick {
+        println!("quick mode: harness checked, timings not meaningful");
+    }
+}
