@@ -30,6 +30,15 @@ pub async fn run_checks(cfg: &Config) -> Vec<String> {
                     crate::config::redact_url(&cfg.iceberg.uri),
                     catalog::scrub(e.to_string(), &secrets)
                 ));
+            } else if cfg.iceberg.catalog == "sql"
+                || (cfg.iceberg.warehouse.starts_with("s3://")
+                    && cfg.iceberg.s3.access_key_id.is_some())
+            {
+                // With the SQL catalog we own the warehouse; a REST catalog with static S3
+                // credentials writes there too. (Vended credentials are the catalog's business.)
+                if let Err(e) = catalog::probe_warehouse(&cfg.iceberg).await {
+                    problems.push(e.to_string());
+                }
             }
         }
         Err(e) => problems.push(catalog::scrub(e.to_string(), &secrets)),

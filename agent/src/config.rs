@@ -59,6 +59,8 @@ pub struct ApiConfig {
     pub token: Option<String>,
     /// Set to false to run without any HTTP listener.
     pub enabled: bool,
+    /// Allow a non-loopback `listen` without a token (mutating routes then need no auth).
+    pub allow_insecure: bool,
 }
 
 impl Default for ApiConfig {
@@ -67,6 +69,7 @@ impl Default for ApiConfig {
             listen: "127.0.0.1:8080".into(),
             token: None,
             enabled: true,
+            allow_insecure: false,
         }
     }
 }
@@ -273,6 +276,7 @@ const OVERRIDE_SECTIONS: &[(&str, &[&str])] = &[
 
 /// Keys whose override value is a boolean rather than a string.
 const BOOL_KEYS: &[&str] = &[
+    "api.allow_insecure",
     "telemetry.prometheus",
     "telemetry.traces",
     "iceberg.s3.path_style",
@@ -317,9 +321,19 @@ impl Config {
     /// Semantic checks that serde cannot express.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.api.enabled {
-            self.api.listen.parse::<SocketAddr>().map_err(|e| {
+            let addr = self.api.listen.parse::<SocketAddr>().map_err(|e| {
                 ConfigError::new("api.listen", format!("not a socket address: {e}"))
             })?;
+            let has_token = self.api.token.as_deref().is_some_and(|t| !t.is_empty());
+            if !addr.ip().is_loopback() && !has_token && !self.api.allow_insecure {
+                return Err(ConfigError::new(
+                    "api.listen",
+                    format!(
+                        "{addr} is not a loopback address and [api] token is not set; set a token \
+                         (or api.allow_insecure = true to accept unauthenticated control)"
+                    ),
+                ));
+            }
         }
         let t = &self.telemetry;
         if !matches!(t.otlp_protocol.as_str(), "http/protobuf" | "grpc") {
@@ -834,6 +848,16 @@ tables = ["orders"]
             assert!(e.key.starts_with(key), "{text}\n=> {e}");
             assert!(!e.to_string().contains('\n'), "one line: {e}");
         }
+    }
+
+    #[test]
+    fn non_loopback_api_needs_a_token() {
+        let open = format!("[api]\nlisten = \"0.0.0.0:8080\"\n{MIN}");
+        assert_eq!(Config::parse(&open, &[]).unwrap_err().key, "api.listen");
+        let with_token = format!("[api]\nlisten = \"0.0.0.0:8080\"\ntoken = \"t0k\"\n{MIN}");
+        assert!(Config::parse(&with_token, &[]).is_ok());
+        let allowed = format!("[api]\nlisten = \"0.0.0.0:8080\"\nallow_insecure = true\n{MIN}");
+        assert!(Config::parse(&allowed, &[]).is_ok());
     }
 
     #[test]

@@ -69,6 +69,18 @@ async fn every_type_round_trips_through_pyiceberg_and_duckdb() {
             sql.push_str("TRUNCATE all_types;");
             expected.push('T');
             live.clear();
+        } else if txn == 90 {
+            // A primary-key change: the old key is deleted, the new row arrives.
+            let id = *live.iter().next().expect("a live row");
+            write!(
+                sql,
+                "UPDATE all_types SET id = {} WHERE id = {id};",
+                id + 100_000
+            )
+            .unwrap();
+            expected.push_str("DU");
+            live.remove(&id);
+            live.insert(id + 100_000);
         } else {
             for _ in 0..(1 + txn % 3) {
                 write!(

@@ -85,6 +85,7 @@ pub fn router(state: ApiState) -> Router {
         .merge(protected)
         .fallback(routes::not_found)
         .method_not_allowed_fallback(routes::method_not_allowed)
+        .layer(middleware::from_fn(limits))
         .layer(middleware::from_fn_with_state(state.clone(), observe))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
@@ -190,19 +191,86 @@ async fn observe(State(s): State<ApiState>, req: Request, next: Next) -> Respons
     resp
 }
 
-/// Serve until `shutdown` turns true.
+/// Serve until `shutdown` turns true, on hyper directly: a header-read timeout keeps slow or
+/// broken clients from holding connections, and shutdown drains in-flight requests.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: ApiState,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let app = router(state).layer(middleware::from_fn(timeout_mw));
-    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
-        let _ = shutdown.wait_for(|v| *v).await;
-    });
-    if let Err(e) = server.await {
-        tracing::error!("api server failed: {e}");
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let stream = match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(e) => {
+                        // Out of file descriptors and the like: back off instead of spinning.
+                        tracing::warn!("api accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                let svc = hyper_util::service::TowerToHyperService::new(app.clone());
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(Duration::from_secs(10))
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
+                let conn = graceful.watch(conn);
+                tokio::spawn(async move {
+                    let _ = conn.await;
+                });
+            }
+            changed = shutdown.changed() => {
+                if changed.is_err() || *shutdown.borrow() {
+                    break;
+                }
+            }
+        }
     }
+    if tokio::time::timeout(Duration::from_secs(5), graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("api: connections still open after 5s; closing");
+    }
+}
+
+/// Refuse oversized bodies (413) and non-JSON bodies on POST (415) before any handler runs.
+async fn limits(req: Request, next: Next) -> Response {
+    let len = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if len.is_some_and(|l| l > MAX_BODY_BYTES as u64) {
+        return ApiError(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("request body larger than {MAX_BODY_BYTES} bytes"),
+        )
+        .into_response();
+    }
+    let has_body =
+        len.is_some_and(|l| l > 0) || req.headers().contains_key(header::TRANSFER_ENCODING);
+    if has_body && req.method() != axum::http::Method::GET {
+        let json = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|ct| ct.starts_with("application/json"));
+        if !json {
+            return ApiError(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "request bodies must be application/json".into(),
+            )
+            .into_response();
+        }
+    }
+    // Bodies without a length are cut off at the limit too.
+    let (parts, body) = req.into_parts();
+    let body = axum::body::Body::new(http_body_util::Limited::new(body, MAX_BODY_BYTES));
+    next.run(Request::from_parts(parts, body)).await
 }
 
 /// Bound the time a handler may take, so no request holds resources forever.

@@ -1,6 +1,8 @@
 //! Route handlers.
 
-use axum::extract::{Path, Query, State};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::http::request::Parts;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -71,13 +73,27 @@ pub(super) async fn pipelines(State(s): State<ApiState>) -> Json<Value> {
     Json(json!({ "pipelines": list }))
 }
 
+/// The `{name}` path parameter, rejected as a JSON 400 when it cannot be decoded.
+pub(super) struct Name(String);
+
+impl<S: Send + Sync> FromRequestParts<S> for Name {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match Path::<String>::from_request_parts(parts, state).await {
+            Ok(Path(n)) => Ok(Name(n)),
+            Err(e) => Err(ApiError(StatusCode::BAD_REQUEST, e.body_text())),
+        }
+    }
+}
+
 fn unknown(name: &str) -> ApiError {
     ApiError(StatusCode::NOT_FOUND, format!("unknown pipeline {name:?}"))
 }
 
 pub(super) async fn pipeline(
     State(s): State<ApiState>,
-    Path(name): Path<String>,
+    Name(name): Name,
 ) -> Result<Json<Value>, ApiError> {
     let p = s.pipeline(&name).ok_or_else(|| unknown(&name))?;
     Ok(Json(
@@ -87,7 +103,7 @@ pub(super) async fn pipeline(
 
 pub(super) async fn tables(
     State(s): State<ApiState>,
-    Path(name): Path<String>,
+    Name(name): Name,
 ) -> Result<Json<Value>, ApiError> {
     let p = s.pipeline(&name).ok_or_else(|| unknown(&name))?;
     let st = status::snapshot(&p.status);
@@ -128,30 +144,39 @@ fn set_control(s: &ApiState, name: &str, c: Control) -> Result<Json<Value>, ApiE
 
 pub(super) async fn pause(
     State(s): State<ApiState>,
-    Path(name): Path<String>,
+    Name(name): Name,
 ) -> Result<Json<Value>, ApiError> {
     set_control(&s, &name, Control::Pause)
 }
 
 pub(super) async fn resume(
     State(s): State<ApiState>,
-    Path(name): Path<String>,
+    Name(name): Name,
 ) -> Result<Json<Value>, ApiError> {
     set_control(&s, &name, Control::Run)
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 pub(super) struct DlqQuery {
-    limit: Option<u32>,
+    limit: Option<i64>,
 }
 
 pub(super) async fn dlq(
     State(s): State<ApiState>,
-    Path(name): Path<String>,
-    Query(q): Query<DlqQuery>,
+    Name(name): Name,
+    q: Result<Query<DlqQuery>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
+    let Query(q) = q.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
     let p = s.pipeline(&name).ok_or_else(|| unknown(&name))?;
-    let limit = q.limit.unwrap_or(100).clamp(1, 10_000) as usize;
+    let limit = q.limit.unwrap_or(100);
+    if !(1..=10_000).contains(&limit) {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            "limit must be between 1 and 10000".into(),
+        ));
+    }
+    let limit = limit as usize;
     let ident = iceberg::TableIdent::new(
         iceberg::NamespaceIdent::new(p.config.namespace_name()),
         DLQ_TABLE.to_string(),

@@ -37,6 +37,8 @@ struct TableState {
     dirty: bool,
     /// Transaction (commit LSN) that last touched the table, for the lag gauge.
     touched_in: u64,
+    /// Changes read: inserts, updates, deletes, truncates (published with the status).
+    counts: [u64; 4],
 }
 
 /// The transaction being received.
@@ -225,12 +227,7 @@ impl Applier {
                     seq: 0,
                 });
             }
-            ReplicationEvent::XLogData { data, wal_end, .. } => {
-                if wal_end.as_u64() > 0 {
-                    status::update(&self.status, |s| {
-                        s.received_lsn = format_lsn(wal_end.as_u64())
-                    });
-                }
+            ReplicationEvent::XLogData { data, .. } => {
                 let msg = pgoutput::decode(&data)
                     .map_err(crate::source::postgres::session::SourceError::from)?;
                 self.on_message(msg).await?;
@@ -252,11 +249,7 @@ impl Applier {
                     lsn: lsn.as_u64(),
                     end_lsn: end_lsn.as_u64(),
                 };
-                status::update(&self.status, |s| {
-                    s.lag_seconds = lag;
-                    s.received_lsn = format_lsn(end_lsn.as_u64());
-                    s.buffered_events = self.buffered_events;
-                });
+                self.publish(lag, end_lsn.as_u64());
                 self.metrics.depth.record(self.buffered_events as i64);
                 if !self.anything_uncommitted() {
                     // Nothing of ours in flight: everything up to here is durable by definition.
@@ -277,6 +270,20 @@ impl Applier {
             ReplicationEvent::Message { .. } | ReplicationEvent::StoppedAt { .. } => {}
         }
         Ok(())
+    }
+
+    /// Publish counters to the shared status once per transaction (not per row).
+    fn publish(&self, lag: f64, received: u64) {
+        status::update(&self.status, |s| {
+            s.lag_seconds = lag;
+            s.received_lsn = format_lsn(received);
+            s.buffered_events = self.buffered_events;
+            for t in &self.tables {
+                if let Some(e) = s.tables.get_mut(&t.source_name) {
+                    [e.inserts, e.updates, e.deletes, e.truncates] = t.counts;
+                }
+            }
+        });
     }
 
     fn should_flush(&self) -> bool {
@@ -309,7 +316,19 @@ impl Applier {
                 self.relations.insert(oid, Some(idx));
             }
             Message::Insert { oid, new } => self.change(oid, "I", Some(&new)).await?,
-            Message::Update { oid, new, .. } => self.change(oid, "U", Some(&new)).await?,
+            Message::Update {
+                oid,
+                old,
+                key_changed,
+                new,
+            } => {
+                // A changed primary key: the old key leaves (a delete), the new row arrives,
+                // so folding the changelog by key stays correct.
+                if let (true, Some(old)) = (key_changed, old) {
+                    self.change(oid, "D", Some(&old)).await?;
+                }
+                self.change(oid, "U", Some(&new)).await?
+            }
             Message::Delete { oid, old } => self.change(oid, "D", Some(&old)).await?,
             Message::Truncate { oids, .. } => {
                 for oid in oids {
@@ -376,6 +395,7 @@ impl Applier {
             metrics,
             dirty: false,
             touched_in: 0,
+            counts: [0; 4],
         });
         let i = self.tables.len() - 1;
         status::update(&self.status, |s| {
@@ -440,16 +460,12 @@ impl Applier {
         }
         self.buffered_events += 1;
         self.oldest.get_or_insert_with(Instant::now);
-        let source = t.source_name.clone();
-        status::update(&self.status, |s| {
-            let e = s.tables.entry(source).or_default();
-            match op {
-                "I" => e.inserts += 1,
-                "U" => e.updates += 1,
-                "D" => e.deletes += 1,
-                _ => e.truncates += 1,
-            }
-        });
+        t.counts[match op {
+            "I" => 0,
+            "U" => 1,
+            "D" => 2,
+            _ => 3,
+        }] += 1;
         // Bound memory inside large transactions: write the batch out, commit later.
         let t = &self.tables[idx];
         if t.batch.rows() as u64 >= self.cfg.batch_rows
@@ -469,16 +485,17 @@ impl Applier {
         };
         let span = tracing::info_span!(
             "iceberg.write",
-            table = %t.sink.name(),
-            rows = batch.num_rows(),
+            table = %t.source_name,
+            iceberg.table = %t.sink.name(),
+            rows = batch.num_rows() as i64,
             bytes = tracing::field::Empty,
             files = tracing::field::Empty,
             trace_id = tracing::field::Empty,
         );
         record_trace_id(&span);
         let w = t.sink.write(batch).instrument(span.clone()).await?;
-        span.record("bytes", w.bytes);
-        span.record("files", w.files);
+        span.record("bytes", w.bytes as i64);
+        span.record("files", w.files as i64);
         t.metrics.files.add(w.files);
         t.metrics.bytes.add(w.bytes);
         Ok(())
@@ -493,7 +510,7 @@ impl Applier {
             "pipeline.flush",
             source = %self.cfg.name,
             lsn = %format_lsn(lsn),
-            rows = self.buffered_events,
+            rows = self.buffered_events as i64,
             trace_id = tracing::field::Empty,
         );
         record_trace_id(&span);
@@ -517,19 +534,24 @@ impl Applier {
             if !self.tables[i].dirty {
                 continue;
             }
+            // Commit latency includes writing the last data files, as users feel it.
+            let started = Instant::now();
             self.spill(i).await?;
             let t = &mut self.tables[i];
             let rows = t.sink.pending_rows();
-            let started = Instant::now();
             let span = tracing::info_span!(
                 "iceberg.commit",
-                table = %t.sink.name(),
-                rows,
+                table = %t.source_name,
+                iceberg.table = %t.sink.name(),
+                rows = rows as i64,
                 lsn = %format_lsn(lsn),
                 trace_id = tracing::field::Empty,
             );
             record_trace_id(&span);
-            t.sink.commit(lsn).instrument(span).await?;
+            let outcome = t.sink.commit(lsn).instrument(span).await?;
+            for _ in 0..outcome.conflicts {
+                self.metrics.error("commit_conflict");
+            }
             t.metrics
                 .commit_duration
                 .record(started.elapsed().as_secs_f64());
@@ -546,10 +568,18 @@ impl Applier {
                 e.last_commit_at = Some(status::now_rfc3339());
             });
         }
-        if !self.dlq_rows.is_empty() {
+        let dead_letters = self.dlq_rows.len();
+        if dead_letters > 0 {
             self.flush_dlq(lsn).await?;
         }
         self.metrics.events_processed.add(committed_events);
+        // One line per flush, inside its span: the trace id in it leads to the trace.
+        tracing::info!(
+            rows = committed_events,
+            dead_letters,
+            lsn = %format_lsn(lsn),
+            "flush committed"
+        );
         self.buffered_events = 0;
         self.oldest = None;
         self.metrics.depth.record(0);

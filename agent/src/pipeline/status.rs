@@ -8,7 +8,7 @@ use serde::Serialize;
 use crate::telemetry::PipelineState;
 
 /// Per-table counters.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct TableStatus {
     /// Iceberg table (`namespace.table`).
     pub iceberg_table: String,
@@ -28,6 +28,22 @@ pub struct TableStatus {
     pub committed_lsn: String,
     /// When the last commit happened (RFC 3339).
     pub last_commit_at: Option<String>,
+}
+
+impl Default for TableStatus {
+    fn default() -> Self {
+        Self {
+            iceberg_table: String::new(),
+            inserts: 0,
+            updates: 0,
+            deletes: 0,
+            truncates: 0,
+            committed_rows: 0,
+            commits: 0,
+            committed_lsn: "0/0".into(),
+            last_commit_at: None,
+        }
+    }
 }
 
 /// What the API shows for one pipeline.

@@ -61,14 +61,27 @@ def canon_row(row, uuids):
     return out
 
 
-def read_pyiceberg(args):
+def open_catalog(args):
+    props = json.loads(args.catalog_props) if args.catalog_props else {}
+    if args.rest_uri:
+        from pyiceberg.catalog.rest import RestCatalog
+
+        return RestCatalog(args.catalog_name, uri=args.rest_uri, auth={"type": "noop"}, **props)
     from pyiceberg.catalog.sql import SqlCatalog
 
-    cat = SqlCatalog(
+    warehouse = args.warehouse
+    if "://" not in warehouse:
+        warehouse = f"file://{os.path.abspath(warehouse)}"
+    return SqlCatalog(
         args.catalog_name,
         uri=f"sqlite:///{os.path.abspath(args.catalog_db)}",
-        warehouse=f"file://{os.path.abspath(args.warehouse)}",
+        warehouse=warehouse,
+        **props,
     )
+
+
+def read_pyiceberg(args):
+    cat = open_catalog(args)
     table = cat.load_table(args.table)
     uuids = uuid_columns(table.schema())
     rows = [canon_row(r, uuids) for r in table.scan().to_arrow().to_pylist()]
@@ -125,8 +138,10 @@ def fold(rows, pk):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--catalog-db", required=True)
-    ap.add_argument("--warehouse", required=True)
+    ap.add_argument("--catalog-db", default="")
+    ap.add_argument("--warehouse", default="")
+    ap.add_argument("--catalog-props", help="JSON object of extra catalog/FileIO properties")
+    ap.add_argument("--rest-uri", help="read through an Iceberg REST catalog instead of SQLite")
     ap.add_argument("--catalog-name", default="philotes")
     ap.add_argument("--table", required=True)
     ap.add_argument("--pk", default="id")

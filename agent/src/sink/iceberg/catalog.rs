@@ -120,6 +120,42 @@ fn storage_props(cfg: &IcebergConfig) -> HashMap<String, String> {
     p
 }
 
+/// Prove write permission on the warehouse: create and delete a small probe object.
+pub async fn probe_warehouse(cfg: &IcebergConfig) -> Result<(), SinkError> {
+    let secrets = secrets(cfg);
+    let warehouse = warehouse_location(cfg);
+    let factory: Arc<dyn StorageFactory> = if warehouse.starts_with("s3://") {
+        Arc::new(OpenDalStorageFactory::S3 {
+            customized_credential_load: None,
+        })
+    } else {
+        std::fs::create_dir_all(&warehouse)
+            .map_err(|e| SinkError::Config(format!("cannot create warehouse {warehouse}: {e}")))?;
+        Arc::new(OpenDalStorageFactory::Fs)
+    };
+    let io = iceberg::io::FileIOBuilder::new(factory)
+        .with_props(storage_props(cfg))
+        .build();
+    let path = format!(
+        "{}/.philotes-probe-{}",
+        warehouse.trim_end_matches('/'),
+        uuid::Uuid::new_v4()
+    );
+    let fail = |what: &str, e: iceberg::Error| {
+        SinkError::Config(format!(
+            "warehouse {warehouse} is not writable ({what} failed): {}",
+            scrub(e.to_string().replace('\n', " "), &secrets)
+        ))
+    };
+    io.new_output(&path)
+        .map_err(|e| fail("open", e))?
+        .write(bytes::Bytes::from_static(b"philotes write probe"))
+        .await
+        .map_err(|e| fail("write", e))?;
+    io.delete(&path).await.map_err(|e| fail("delete", e))?;
+    Ok(())
+}
+
 /// Open the catalog described by `[iceberg]`.
 pub async fn open_catalog(cfg: &IcebergConfig) -> Result<Arc<dyn Catalog>, SinkError> {
     let secrets = secrets(cfg);

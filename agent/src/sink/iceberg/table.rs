@@ -35,6 +35,13 @@ pub struct Written {
     pub bytes: u64,
 }
 
+/// Result of a commit.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Committed {
+    /// Commit conflicts resolved by reloading and re-applying (0 or 1).
+    pub conflicts: u32,
+}
+
 /// A changelog (or dead-letter) table with its uncommitted data files.
 pub struct TableSink {
     catalog: Arc<dyn Catalog>,
@@ -257,11 +264,15 @@ impl TableSink {
 
     /// Commit pending files with `philotes.lsn = lsn`. Safe to call again after a failure:
     /// if the previous attempt did land (ambiguous failure), nothing is appended twice.
-    pub async fn commit(&mut self, lsn: u64) -> Result<(), SinkError> {
+    ///
+    /// When another writer committed since our last look, iceberg-rust reloads the table and
+    /// re-applies the append (appends commute); that is reported as `conflicts = 1`.
+    pub async fn commit(&mut self, lsn: u64) -> Result<Committed, SinkError> {
         if self.pending.is_empty() {
             self.last_lsn = self.last_lsn.max(lsn);
-            return Ok(());
+            return Ok(Committed::default());
         }
+        let base = self.table.metadata().current_snapshot_id();
         let tx = Transaction::new(&self.table);
         let action = tx
             .fast_append()
@@ -274,11 +285,19 @@ impl TableSink {
             .map_err(|e| SinkError::Commit(e.to_string()))?;
         match tx.commit(self.catalog.as_ref()).await {
             Ok(table) => {
+                let parent = table
+                    .metadata()
+                    .current_snapshot()
+                    .and_then(|s| s.parent_snapshot_id());
+                let conflicts = u32::from(parent != base);
+                if conflicts > 0 {
+                    tracing::info!(table = %self.name(), "another writer committed first; append re-applied on the new table state");
+                }
                 self.table = table;
                 self.pending.clear();
                 self.pending_rows = 0;
                 self.last_lsn = lsn;
-                Ok(())
+                Ok(Committed { conflicts })
             }
             Err(e) => {
                 let msg = super::catalog::scrub(e.to_string(), &self.secrets);
@@ -290,7 +309,7 @@ impl TableSink {
                         self.pending.clear();
                         self.pending_rows = 0;
                         self.last_lsn = lsn;
-                        return Ok(());
+                        return Ok(Committed::default());
                     }
                 }
                 if e.kind() == ErrorKind::CatalogCommitConflicts {

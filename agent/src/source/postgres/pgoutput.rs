@@ -104,6 +104,8 @@ pub enum Message<'a> {
         oid: u32,
         /// Old key (`K`) or old row (`O`) when the key changed or REPLICA IDENTITY FULL.
         old: Option<TupleData<'a>>,
+        /// The old tuple is a `K` (key) tuple: sent only when the replica identity key changed.
+        key_changed: bool,
         /// New row.
         new: TupleData<'a>,
     },
@@ -354,6 +356,7 @@ pub fn decode(buf: &[u8]) -> Result<Message<'_>, DecodeError> {
             let oid = r.u32("update")?;
             let mut old = None;
             let mut kind = r.u8("update")?;
+            let key_changed = kind == b'K';
             if kind == b'K' || kind == b'O' {
                 old = Some(TupleData::read(&mut r)?);
                 kind = r.u8("update")?;
@@ -367,6 +370,7 @@ pub fn decode(buf: &[u8]) -> Result<Message<'_>, DecodeError> {
             Message::Update {
                 oid,
                 old,
+                key_changed,
                 new: TupleData::read(&mut r)?,
             }
         }

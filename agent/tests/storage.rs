@@ -1,0 +1,514 @@
+//! Production storage against real servers from PyPI: moto's S3 with the SQL catalog, and
+//! SeaweedFS (`weed mini`: S3 + Iceberg REST catalog); commit conflicts with a second writer;
+//! an S3 outage; and bad credentials / buckets / catalogs.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use philotes::demo::postgres::free_port;
+use serde_json::{json, Value};
+
+/// A server process in its own process group, killed with the group.
+struct Server {
+    child: Child,
+}
+
+impl Server {
+    fn spawn(cmd: &mut Command, log: &Path) -> Self {
+        use std::os::unix::process::CommandExt;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(log).unwrap())
+            .stderr(std::fs::File::create(log.with_extension("err")).unwrap())
+            .process_group(0)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+        Self { child }
+    }
+
+    fn stop(&mut self) {
+        let pgid = self.child.id() as i32;
+        unsafe {
+            libc::killpg(pgid, libc::SIGKILL);
+        }
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn venv_bin(name: &str) -> PathBuf {
+    python().parent().unwrap().join(name)
+}
+
+async fn wait_port(port: u16, what: &str) {
+    wait_for(Duration::from_secs(60), what, || async {
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .ok()
+            .map(|_| ())
+    })
+    .await;
+}
+
+const KEY: &str = "philotes-test-key";
+const SECRET: &str = "philotes-test-secret-9f8e";
+
+fn s3_props(endpoint: &str) -> Value {
+    json!({
+        "s3.endpoint": endpoint,
+        "s3.access-key-id": KEY,
+        "s3.secret-access-key": SECRET,
+        "s3.region": "us-east-1",
+        "s3.path-style-access": "true",
+    })
+}
+
+fn s3_section(endpoint: &str) -> String {
+    format!(
+        "[iceberg.s3]\nendpoint = \"{endpoint}\"\nregion = \"us-east-1\"\naccess_key_id = \"{KEY}\"\nsecret_access_key = \"${{TEST_S3_SECRET}}\"\npath_style = true\n"
+    )
+}
+
+struct Moto {
+    /// Kept for its Drop (the server lives as long as this).
+    _server: Server,
+    endpoint: String,
+}
+
+async fn moto(dir: &Path, bucket: Option<&str>) -> Moto {
+    let port = free_port().unwrap();
+    let server = Server::spawn(
+        Command::new(venv_bin("moto_server")).args(["-H", "127.0.0.1", "-p", &port.to_string()]),
+        &dir.join("moto.log"),
+    );
+    wait_port(port, "moto_server").await;
+    let endpoint = format!("http://127.0.0.1:{port}");
+    if let Some(b) = bucket {
+        let code = format!(
+            "import boto3\nboto3.client('s3', endpoint_url='{endpoint}', aws_access_key_id='{KEY}', \
+             aws_secret_access_key='{SECRET}', region_name='us-east-1').create_bucket(Bucket='{b}')\n"
+        );
+        let (rc, out) = run_cmd(Command::new(python()).arg("-c").arg(code));
+        assert_eq!(rc, 0, "create bucket: {out}");
+    }
+    Moto {
+        _server: server,
+        endpoint,
+    }
+}
+
+struct Seaweed {
+    server: Server,
+    s3: u16,
+    rest: u16,
+    args: Vec<String>,
+    log: PathBuf,
+}
+
+impl Seaweed {
+    async fn start(dir: &Path, auth: bool) -> Self {
+        let data = dir.join("weed");
+        std::fs::create_dir_all(&data).unwrap();
+        let (s3, rest) = (free_port().unwrap(), free_port().unwrap());
+        let mut args = vec![
+            "mini".to_string(),
+            format!("-dir={}", data.display()),
+            "-ip=127.0.0.1".into(),
+            "-ip.bind=127.0.0.1".into(),
+            format!("-s3.port={s3}"),
+            format!("-s3.port.iceberg={rest}"),
+            "-s3.port.lance=0".into(),
+            format!("-master.port={}", free_port().unwrap()),
+            format!("-volume.port={}", free_port().unwrap()),
+            format!("-filer.port={}", free_port().unwrap()),
+            format!("-webdav.port={}", free_port().unwrap()),
+            format!("-admin.port={}", free_port().unwrap()),
+            "-admin.ui=false".into(),
+            "-tableBucket=iceberg-tables".into(),
+            "-bucket=plain".into(),
+        ];
+        if auth {
+            let cfg = dir.join("s3.json");
+            std::fs::write(
+                &cfg,
+                json!({"identities": [{"name": "admin",
+                    "credentials": [{"accessKey": KEY, "secretKey": SECRET}],
+                    "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]})
+                .to_string(),
+            )
+            .unwrap();
+            args.push(format!("-s3.config={}", cfg.display()));
+        }
+        let log = dir.join("weed.log");
+        let server = Server::spawn(Command::new(venv_bin("weed")).args(&args), &log);
+        let w = Self {
+            server,
+            s3,
+            rest,
+            args,
+            log,
+        };
+        w.wait_ready().await;
+        w
+    }
+
+    async fn wait_ready(&self) {
+        wait_port(self.s3, "seaweed S3").await;
+        wait_port(self.rest, "seaweed Iceberg REST").await;
+        let url = format!("http://127.0.0.1:{}/v1/config", self.rest);
+        wait_for(Duration::from_secs(60), "seaweed REST config", || async {
+            reqwest::get(&url)
+                .await
+                .ok()
+                .filter(|r| r.status().is_success())
+                .map(|_| ())
+        })
+        .await;
+    }
+
+    fn stop(&mut self) {
+        self.server.stop();
+    }
+
+    async fn restart(&mut self) {
+        self.server = Server::spawn(Command::new(venv_bin("weed")).args(&self.args), &self.log);
+        self.wait_ready().await;
+    }
+
+    fn rest_top(&self) -> String {
+        format!(
+            "[iceberg]\ncatalog = \"rest\"\nuri = \"http://127.0.0.1:{}\"\nwarehouse = \"s3://iceberg-tables\"\n{}",
+            self.rest,
+            s3_section(&format!("http://127.0.0.1:{}", self.s3))
+        )
+    }
+}
+
+/// A config whose [iceberg] section is replaced by `iceberg` (text including [iceberg.s3]).
+fn config_with(work: &Workdir, source: &str, tables: &[&str], iceberg: &str) -> PathBuf {
+    let cfg = work.config(source, tables, "", "");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    let start = text.find("[iceberg]").unwrap();
+    let end = text.find("[[pipelines]]").unwrap();
+    let text = format!("{}{}\n{}", &text[..start], iceberg, &text[end..]);
+    std::fs::write(&cfg, text).unwrap();
+    cfg
+}
+
+fn start_agent(cfg: &Path, work: &Workdir) -> AgentProc {
+    AgentProc::start_env(
+        cfg,
+        &work.path().join("agent.log"),
+        &[("TEST_S3_SECRET", SECRET)],
+    )
+}
+
+fn verify_with(args: &[&str]) -> Value {
+    let work = Workdir::new();
+    verify(&work, args[0], &args[1..])
+}
+
+async fn wait_rows(args: &[&str], want: u64, secs: u64) -> Value {
+    wait_for(Duration::from_secs(secs), "rows in the table", || async {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/py/verify.py");
+        let mut cmd = Command::new(python());
+        cmd.arg(script).args(["--table", args[0]]).args(&args[1..]);
+        let out = cmd.output().ok()?;
+        let v: Value = serde_json::from_slice(&out.stdout).ok()?;
+        (v["rows"].as_u64() == Some(want)).then_some(v)
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sql_catalog_with_moto_s3_warehouse() {
+    let work = Workdir::new();
+    let m = moto(work.path(), Some("lake")).await;
+    let pg = TestPg::start();
+    let db = pg.create_db("app").await;
+    db.batch_execute("CREATE TABLE t (id int PRIMARY KEY, s text, n numeric(12,2))")
+        .await
+        .unwrap();
+    let iceberg = format!(
+        "[iceberg]\nuri = \"sqlite://{}\"\nwarehouse = \"s3://lake/wh\"\n{}",
+        work.catalog_db().display(),
+        s3_section(&m.endpoint)
+    );
+    let cfg = config_with(&work, &pg.url("app"), &["t"], &iceberg);
+    let (rc, out) = run_cmd(
+        Command::new(philotes_bin())
+            .args(["check", "--config"])
+            .arg(&cfg)
+            .env("TEST_S3_SECRET", SECRET),
+    );
+    assert_eq!(rc, 0, "check: {out}");
+    let agent = start_agent(&cfg, &work);
+    agent.wait_streaming().await;
+    db.batch_execute(
+        "INSERT INTO t SELECT g, 'row ' || g, g * 1.25 FROM generate_series(1, 3000) g;
+         UPDATE t SET s = 'changed' WHERE id % 10 = 0; DELETE FROM t WHERE id > 2900;",
+    )
+    .await
+    .unwrap();
+    let props = s3_props(&m.endpoint).to_string();
+    let db_path = work.catalog_db().display().to_string();
+    let args = [
+        "ns.t",
+        "--catalog-db",
+        &db_path,
+        "--warehouse",
+        "s3://lake/wh",
+        "--catalog-props",
+        &props,
+    ];
+    wait_rows(&args, 3400, 90).await;
+    let conninfo = pg.conninfo("app");
+    let v = verify_with(&[
+        "ns.t",
+        "--catalog-db",
+        &db_path,
+        "--warehouse",
+        "s3://lake/wh",
+        "--catalog-props",
+        &props,
+        "--pg-conninfo",
+        &conninfo,
+        "--pg-query",
+        "SELECT id, s, n FROM t",
+    ]);
+    assert_eq!(v["unique"], true);
+    assert_eq!(v["state_equal"], true, "{}", v["state_diff"]);
+    let lsns = v["lsn_properties"].as_array().unwrap();
+    assert!(!lsns.is_empty(), "philotes.lsn in the snapshot summaries");
+    assert!(!agent.log_text().contains(SECRET), "S3 secret in the log");
+    assert_eq!(agent.terminate(), Some(0));
+    drop(m);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rest_catalog_on_seaweedfs_survives_an_s3_outage() {
+    let work = Workdir::new();
+    let mut weed = Seaweed::start(work.path(), false).await;
+    let pg = TestPg::start();
+    let db = pg.create_db("app").await;
+    db.batch_execute("CREATE TABLE t (id int PRIMARY KEY, s text)")
+        .await
+        .unwrap();
+    let cfg = config_with(&work, &pg.url("app"), &["t"], &weed.rest_top());
+    let agent = start_agent(&cfg, &work);
+    agent.wait_streaming().await;
+    db.batch_execute("INSERT INTO t SELECT g, 'a' || g FROM generate_series(1, 1000) g")
+        .await
+        .unwrap();
+    let rest = format!("http://127.0.0.1:{}", weed.rest);
+    let props = s3_props(&format!("http://127.0.0.1:{}", weed.s3)).to_string();
+    let args = ["ns.t", "--rest-uri", &rest, "--catalog-props", &props];
+    wait_rows(&args, 1000, 90).await;
+
+    // Outage: the object store and catalog vanish for 20 s while changes keep coming.
+    weed.stop();
+    for i in 0..10 {
+        db.batch_execute(&format!(
+            "INSERT INTO t SELECT g, 'b' || g FROM generate_series({}, {}) g",
+            2000 + i * 100,
+            2000 + i * 100 + 99
+        ))
+        .await
+        .unwrap();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    let during = agent.api_json("/api/v1/pipelines/p").await.unwrap();
+    assert_eq!(during["state"], "failed", "the outage shows: {during}");
+    assert!(
+        during["last_error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("iceberg"),
+        "{during}"
+    );
+    weed.restart().await;
+    let v = wait_rows(&args, 2000, 120).await;
+    assert_eq!(v["unique"], true, "no duplicates after the outage");
+    let conninfo = pg.conninfo("app");
+    let mut full = args.to_vec();
+    full.extend([
+        "--pg-conninfo",
+        conninfo.as_str(),
+        "--pg-query",
+        "SELECT id, s FROM t",
+    ]);
+    let v = verify_with(&full);
+    assert_eq!(v["state_equal"], true, "{}", v["state_diff"]);
+    assert!(!v["lsn_properties"].as_array().unwrap().is_empty());
+    assert_eq!(agent.terminate(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_writer_between_commits_is_a_resolved_conflict() {
+    let pg = TestPg::start();
+    let db = pg.create_db("app").await;
+    db.batch_execute("CREATE TABLE t (id int PRIMARY KEY, s text)")
+        .await
+        .unwrap();
+    let work = Workdir::new();
+    let cfg = work.config(&pg.url("app"), &["t"], "", "");
+    let agent = AgentProc::start(&cfg, &work.path().join("agent.log"));
+    agent.wait_streaming().await;
+    db.batch_execute("INSERT INTO t SELECT g, 'agent' FROM generate_series(1, 100) g")
+        .await
+        .unwrap();
+    wait_for(Duration::from_secs(60), "first commit", || async {
+        (iceberg_rows(&work, "ns.t") == Some(100)).then_some(())
+    })
+    .await;
+    // PyIceberg appends one row to the same table: the agent's view is now stale.
+    let code = format!(
+        "import pyarrow as pa, datetime\n\
+         from pyiceberg.catalog.sql import SqlCatalog\n\
+         c = SqlCatalog('philotes', uri='sqlite:///{db}', warehouse='file://{wh}')\n\
+         t = c.load_table('ns.t')\n\
+         schema = t.schema().as_arrow()\n\
+         row = {{'id': [999999], 's': ['other writer'], '_cdc_op': ['I'], '_cdc_lsn': [1], '_cdc_seq': [0],\n\
+                '_cdc_ts': [datetime.datetime.now(datetime.timezone.utc)], '_cdc_unchanged': [[]]}}\n\
+         t.append(pa.Table.from_pydict(row, schema=schema))\n",
+        db = work.catalog_db().display(),
+        wh = work.warehouse().display()
+    );
+    let (rc, out) = run_cmd(Command::new(python()).arg("-c").arg(code));
+    assert_eq!(rc, 0, "PyIceberg append: {out}");
+    db.batch_execute("INSERT INTO t SELECT g, 'agent' FROM generate_series(101, 200) g")
+        .await
+        .unwrap();
+    wait_for(Duration::from_secs(60), "both writers' rows", || async {
+        (iceberg_rows(&work, "ns.t") == Some(201)).then_some(())
+    })
+    .await;
+    let v = verify(&work, "ns.t", &["--rows"]);
+    let ids: std::collections::BTreeSet<i64> = v["all_rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["id"].as_i64().unwrap())
+        .collect();
+    assert!(ids.contains(&999_999) && ids.contains(&200) && ids.len() == 201);
+    let metrics = reqwest::get(format!("http://{}/metrics", agent.api_addr().unwrap()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.lines().any(|l| l
+            .starts_with("philotes_cdc_errors_total{error_type=\"commit_conflict\"")
+            && !l.ends_with(" 0")),
+        "commit_conflict counted"
+    );
+    assert_eq!(agent.terminate(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_storage_fails_check_with_one_line_and_run_keeps_retrying() {
+    let work = Workdir::new();
+    let m = moto(work.path(), Some("lake")).await;
+    let weed_dir = work.path().join("auth");
+    std::fs::create_dir_all(&weed_dir).unwrap();
+    let weed = Seaweed::start(&weed_dir, true).await;
+    let pg = TestPg::start();
+    let db = pg.create_db("app").await;
+    db.batch_execute("CREATE TABLE t (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    let dead = free_port().unwrap();
+    let cases = [
+        (
+            "unknown bucket",
+            format!(
+                "[iceberg]\nuri = \"sqlite://{}\"\nwarehouse = \"s3://no-such-bucket/wh\"\n{}",
+                work.catalog_db().display(),
+                s3_section(&m.endpoint)
+            ),
+            "no-such-bucket",
+        ),
+        (
+            "wrong credentials",
+            format!(
+                "[iceberg]\nuri = \"sqlite://{}\"\nwarehouse = \"s3://plain/wh\"\n{}",
+                work.catalog_db().display(),
+                s3_section(&format!("http://127.0.0.1:{}", weed.s3)).replace(KEY, "WRONGKEY")
+            ),
+            "not writable",
+        ),
+        (
+            "unreachable catalog",
+            format!("[iceberg]\ncatalog = \"rest\"\nuri = \"http://127.0.0.1:{dead}\"\nwarehouse = \"s3://x\"\n"),
+            "catalog",
+        ),
+    ];
+    for (what, iceberg, needle) in &cases {
+        let cfg = config_with(&work, &pg.url("app"), &["t"], iceberg);
+        let (rc, out) = run_cmd(
+            Command::new(philotes_bin())
+                .args(["check", "--config"])
+                .arg(&cfg)
+                .env("TEST_S3_SECRET", SECRET),
+        );
+        assert_eq!(rc, 2, "{what}: {out}");
+        let lines: Vec<&str> = out.lines().filter(|l| l.starts_with("philotes:")).collect();
+        assert_eq!(lines.len(), 1, "{what}: one line: {out}");
+        assert!(
+            lines[0].contains(needle),
+            "{what}: {:?} should mention {needle}",
+            lines[0]
+        );
+        assert!(!out.contains(SECRET), "{what}: secret leaked");
+    }
+    // `run` with an unreachable catalog: the pipeline reports failed and keeps retrying.
+    let cfg = config_with(&work, &pg.url("app"), &["t"], &cases[2].1);
+    let agent = start_agent(&cfg, &work);
+    let v = wait_for(
+        Duration::from_secs(60),
+        "failed state with a reason",
+        || async {
+            let v = agent.api_json("/api/v1/pipelines/p").await?;
+            (v["state"] == "failed" && v["last_error"].is_string()).then_some(v)
+        },
+    )
+    .await;
+    assert!(v["last_error"].as_str().unwrap().contains("catalog"), "{v}");
+    let retries = |t: &str| -> f64 {
+        t.lines()
+            .find(|l| l.starts_with("philotes_cdc_retries_total{"))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    };
+    let addr = agent.api_addr().unwrap();
+    let first = retries(
+        &reqwest::get(format!("http://{addr}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap(),
+    );
+    wait_for(Duration::from_secs(60), "more retries", || async {
+        let t = reqwest::get(format!("http://{addr}/metrics"))
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        (retries(&t) > first).then_some(())
+    })
+    .await;
+    assert_eq!(agent.terminate(), Some(0));
+}
