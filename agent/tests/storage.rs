@@ -295,6 +295,42 @@ async fn sql_catalog_with_moto_s3_warehouse() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sql_catalog_on_postgres() {
+    let pg = TestPg::start();
+    let db = pg.create_db("app").await;
+    pg.create_db("catalog").await;
+    db.batch_execute("CREATE TABLE t (id int PRIMARY KEY, s text)")
+        .await
+        .unwrap();
+    let work = Workdir::new();
+    let iceberg = format!(
+        "[iceberg]\nuri = \"postgres://philotes@127.0.0.1:{}/catalog\"\nwarehouse = \"{}\"\n",
+        pg.pg.port,
+        work.warehouse().display()
+    );
+    let cfg = config_with(&work, &pg.url("app"), &["t"], &iceberg);
+    let agent = start_agent(&cfg, &work);
+    agent.wait_streaming().await;
+    db.batch_execute("INSERT INTO t SELECT g, 'x' || g FROM generate_series(1, 500) g")
+        .await
+        .unwrap();
+    let sql_uri = format!(
+        "postgresql+psycopg://philotes@127.0.0.1:{}/catalog",
+        pg.pg.port
+    );
+    let wh = work.warehouse().display().to_string();
+    let v = wait_rows(
+        &["ns.t", "--sql-uri", &sql_uri, "--warehouse", &wh],
+        500,
+        60,
+    )
+    .await;
+    assert_eq!(v["unique"], true);
+    assert!(!v["lsn_properties"].as_array().unwrap().is_empty());
+    assert_eq!(agent.terminate(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rest_catalog_on_seaweedfs_survives_an_s3_outage() {
     let work = Workdir::new();
     let mut weed = Seaweed::start(work.path(), false).await;

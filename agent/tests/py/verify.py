@@ -74,7 +74,7 @@ def open_catalog(args):
         warehouse = f"file://{os.path.abspath(warehouse)}"
     return SqlCatalog(
         args.catalog_name,
-        uri=f"sqlite:///{os.path.abspath(args.catalog_db)}",
+        uri=args.sql_uri or f"sqlite:///{os.path.abspath(args.catalog_db)}",
         warehouse=warehouse,
         **props,
     )
@@ -141,6 +141,7 @@ def main():
     ap.add_argument("--catalog-db", default="")
     ap.add_argument("--warehouse", default="")
     ap.add_argument("--catalog-props", help="JSON object of extra catalog/FileIO properties")
+    ap.add_argument("--sql-uri", help="SQLAlchemy URI of the SQL catalog (default: --catalog-db)")
     ap.add_argument("--rest-uri", help="read through an Iceberg REST catalog instead of SQLite")
     ap.add_argument("--catalog-name", default="philotes")
     ap.add_argument("--table", required=True)

@@ -178,11 +178,17 @@ pub async fn open_catalog(cfg: &IcebergConfig) -> Result<Arc<dyn Catalog>, SinkE
                 })?;
                 Arc::new(OpenDalStorageFactory::Fs)
             };
+            // PostgreSQL takes $1 placeholders, SQLite the documented `?`.
+            let bind = if uri.starts_with("sqlite:") {
+                SqlBindStyle::QMark
+            } else {
+                SqlBindStyle::DollarNumeric
+            };
             let cat = SqlCatalogBuilder::default()
                 .with_storage_factory(factory)
                 .uri(uri)
                 .warehouse_location(warehouse)
-                .sql_bind_style(SqlBindStyle::QMark)
+                .sql_bind_style(bind)
                 .load(cfg.catalog_name.clone(), props)
                 .await
                 .map_err(|e| SinkError::Catalog(scrub(e.to_string(), &secrets)))?;
