@@ -31,6 +31,11 @@ ensure_prometheus() {
   command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1 || apt_install prometheus
 }
 
+ensure_compose() {
+  # Debian's docker-compose 1.29 validates compose.yaml statically (no engine is needed).
+  command -v docker-compose >/dev/null 2>&1 || apt_install docker-compose
+}
+
 ensure_venv() {
   # Independent readers (PyIceberg, DuckDB) and test tools, in a git-ignored venv.
   local req="$ROOT/agent/tests/py/requirements.txt"

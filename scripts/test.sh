@@ -6,7 +6,8 @@ source "$(dirname "$0")/lib.sh"
 cd "$ROOT"
 ensure_postgres
 ensure_prometheus
+ensure_compose
 ensure_venv
 export PHILOTES_TEST_PYTHON="$VENV/bin/python"
 # Integration tests each start a PostgreSQL and an agent; two at a time suits 2 cores.
-cargo test --workspace --all-targets -- --test-threads=2
+cargo test --locked --workspace --all-targets -- --test-threads=2

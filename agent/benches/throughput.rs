@@ -286,6 +286,117 @@ fn run_agent(env: &Env<'_>, slot: &str, table: &str, end: u64, telemetry: bool) 
     }
 }
 
+/// Freshness under steady load: 5k rows/s in 50 transactions/s; for each transaction, the time
+/// from its COMMIT returning to the agent confirming (right after its Iceberg commit) a position
+/// at or past the WAL insert position read right after it: an upper bound on "visible in
+/// Iceberg". Returns sorted latencies (s).
+fn freshness(env: &Env<'_>, seconds: u64) -> Vec<f64> {
+    let pg = env.pg;
+    psql(
+        pg,
+        "CREATE TABLE fresh (id bigint PRIMARY KEY, n int, s text, at timestamptz DEFAULT now())",
+    );
+    psql(pg, "DROP PUBLICATION IF EXISTS bench");
+    psql(pg, "CREATE PUBLICATION bench FOR TABLE fresh");
+    let port = free_port().unwrap();
+    let wh = env.dir.join("fresh");
+    std::fs::create_dir_all(&wh).unwrap();
+    let cfg = format!(
+        "[api]\nlisten = \"127.0.0.1:{port}\"\n[telemetry]\nlog_level = \"warn\"\n[iceberg]\nuri = \"sqlite://{w}/catalog.db\"\nwarehouse = \"{w}/warehouse\"\n\
+         [[pipelines]]\nname = \"bench\"\nsource = \"{}\"\nslot = \"fresh\"\npublication = \"bench\"\ntables = [\"fresh\"]\nflush_interval = \"1s\"\n",
+        pg.url("bench", None),
+        w = wh.display(),
+    );
+    std::fs::write(wh.join("philotes.toml"), cfg).unwrap();
+    let mut child = Command::new(env.bin)
+        .args(["run", "--config"])
+        .arg(wh.join("philotes.toml"))
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(wh.join("agent.log")).unwrap())
+        .spawn()
+        .expect("spawn philotes");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let conninfo = pg.conninfo("bench");
+    let lat = rt.block_on(async move {
+        let http = reqwest::Client::new();
+        let url = format!("http://127.0.0.1:{port}/api/v1/pipelines/bench");
+        let committed = || {
+            let http = http.clone();
+            let url = url.clone();
+            async move {
+                let v: serde_json::Value = http.get(&url).send().await.ok()?.json().await.ok()?;
+                // The confirmed position moves right after each Iceberg commit (to the end of
+                // the last committed transaction), and to the server position when idle.
+                Some((lsn_num(v["confirmed_lsn"].as_str()?), v["state"] == "streaming"))
+            }
+        };
+        // Wait until streaming.
+        loop {
+            if let Some((_, true)) = committed().await {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let (client, conn) = tokio_postgres::connect(&conninfo, tokio_postgres::NoTls)
+            .await
+            .expect("connect");
+        tokio::spawn(conn);
+        let probes = std::sync::Arc::new(std::sync::Mutex::new(Vec::<(Instant, u64)>::new()));
+        let gen_probes = probes.clone();
+        let gen = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(20));
+            let start = Instant::now();
+            let mut id = 0i64;
+            while start.elapsed() < Duration::from_secs(seconds) {
+                tick.tick().await;
+                client
+                    .batch_execute(&format!(
+                        "INSERT INTO fresh (id, n, s) SELECT g, g % 100, 'x' FROM generate_series({}, {}) g",
+                        id,
+                        id + 99
+                    ))
+                    .await
+                    .expect("insert");
+                let done = Instant::now();
+                id += 100;
+                let row = client
+                    .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+                    .await
+                    .expect("lsn");
+                gen_probes.lock().unwrap().push((done, lsn_num(row.get::<_, &str>(0))));
+            }
+        });
+        let mut latencies = Vec::new();
+        let mut next = 0usize;
+        let deadline = Instant::now() + Duration::from_secs(seconds + 60);
+        while Instant::now() < deadline {
+            let finished = gen.is_finished();
+            if let Some((c, _)) = committed().await {
+                let now = Instant::now();
+                let p = probes.lock().unwrap();
+                while next < p.len() && p[next].1 <= c {
+                    latencies.push(now.duration_since(p[next].0).as_secs_f64());
+                    next += 1;
+                }
+                if finished && next >= p.len() {
+                    break;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        latencies
+    });
+    let _ = child.kill();
+    let _ = child.wait();
+    let mut lat = lat;
+    lat.sort_by(|a, b| a.total_cmp(b));
+    lat
+}
+
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
@@ -406,6 +517,16 @@ fn main() {
             format!("notel {o:.2}s")
         );
         psql(&pg, &format!("DROP TABLE {t}"));
+    }
+    let lat = freshness(&env, if quick { 3 } else { 20 });
+    if !lat.is_empty() {
+        let pct = |q: f64| lat[((lat.len() - 1) as f64 * q).round() as usize];
+        println!(
+            "freshness at flush_interval=1s, 5k rows/s (commit in PG -> committed in Iceberg, upper bound): p50 {:.2}s p99 {:.2}s over {} transactions",
+            pct(0.5),
+            pct(0.99),
+            lat.len()
+        );
     }
     let on: f64 = overhead.iter().map(|(a, _)| a).sum();
     let off: f64 = overhead.iter().map(|(_, o)| o).sum();

@@ -217,6 +217,12 @@ pub struct PipelineConfig {
     /// Upper bound of buffered, not yet written data.
     #[serde(default = "default_max_buffer", with = "size_str")]
     pub max_buffer_bytes: u64,
+    /// Emit a logical-decoding heartbeat message this often (keeps an idle slot moving).
+    #[serde(default, with = "opt_duration_str")]
+    pub heartbeat_interval: Option<Duration>,
+    /// Alarm (error state, not ready, `error_type="slot_lag"`) when the slot retains more WAL.
+    #[serde(default, with = "opt_size_str")]
+    pub max_slot_lag_bytes: Option<u64>,
 }
 
 fn default_snapshot() -> SnapshotMode {
@@ -483,6 +489,14 @@ impl Config {
                     "must be greater than zero",
                 ));
             }
+            if p.heartbeat_interval
+                .is_some_and(|d| d < Duration::from_secs(1))
+            {
+                return Err(ConfigError::new(
+                    key("heartbeat_interval"),
+                    "must be at least 1s",
+                ));
+            }
             if p.max_buffer_bytes < (1 << 20) {
                 return Err(ConfigError::new(
                     key("max_buffer_bytes"),
@@ -731,6 +745,36 @@ mod duration_str {
 
     pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
+}
+
+mod opt_duration_str {
+    use super::*;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        super::duration_str::deserialize(d).map(Some)
+    }
+
+    pub fn serialize<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => super::duration_str::serialize(d, s),
+            None => s.serialize_none(),
+        }
+    }
+}
+
+mod opt_size_str {
+    use super::*;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+        super::size_str::deserialize(d).map(Some)
+    }
+
+    pub fn serialize<S: serde::Serializer>(v: &Option<u64>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(v) => s.serialize_u64(*v),
+            None => s.serialize_none(),
+        }
     }
 }
 

@@ -23,6 +23,13 @@ pub(super) async fn ready(State(s): State<ApiState>) -> Response {
     let mut reasons = Vec::new();
     for p in &s.inner.pipelines {
         let st = status::snapshot(&p.status);
+        if st.slot_lag_exceeded {
+            reasons.push(format!(
+                "pipeline {}: replication slot retains {} bytes of WAL, above max_slot_lag_bytes",
+                p.name,
+                st.slot_lag_bytes.unwrap_or(0)
+            ));
+        }
         if st.state != PipelineState::Streaming {
             let mut r = format!("pipeline {} is {:?}", p.name, st.state).to_lowercase();
             if let Some(e) = &st.last_error {

@@ -267,6 +267,19 @@ impl Applier {
                     self.confirm(client, wal_end.as_u64());
                 }
             }
+            ReplicationEvent::Message {
+                transactional: false,
+                lsn,
+                ..
+            } => {
+                // Heartbeats (ours or anyone's): like a keepalive, a safe point to confirm when idle.
+                if self.txn.is_none()
+                    && !self.anything_uncommitted()
+                    && lsn.as_u64() > self.confirmed
+                {
+                    self.confirm(client, lsn.as_u64());
+                }
+            }
             ReplicationEvent::Message { .. } | ReplicationEvent::StoppedAt { .. } => {}
         }
         Ok(())

@@ -197,9 +197,13 @@ impl Pipeline {
         let client = session.start().await?;
         // Aborted when this attempt ends (the guard drops).
         let monitor = tokio::spawn(monitor::slot_lag_loop(
-            self.url.clone(),
-            slot.clone(),
-            publication.clone(),
+            monitor::MonitorConfig {
+                url: self.url.clone(),
+                slot: slot.clone(),
+                publication: publication.clone(),
+                max_slot_lag_bytes: self.cfg.max_slot_lag_bytes,
+                heartbeat_interval: self.cfg.heartbeat_interval,
+            },
             self.metrics.clone(),
             self.status.clone(),
         ));

@@ -1,9 +1,10 @@
-//! Slot monitor: how much WAL the slot retains, from `pg_replication_slots`, every few seconds.
+//! Slot monitor: how much WAL the slot retains, from `pg_replication_slots`, every few seconds;
+//! the `max_slot_lag_bytes` alarm; and the optional heartbeat.
 //!
 //! It runs on its own session (a replication connection that never starts streaming), so it
 //! keeps reporting while the stream is busy or reconnecting.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::status::{self, SharedStatus};
 use crate::source::postgres::conn::SourceUrl;
@@ -13,21 +14,66 @@ use crate::telemetry::SourceMetrics;
 /// How often the slot is measured.
 pub const INTERVAL: Duration = Duration::from_secs(5);
 
+/// What the monitor watches and does.
+pub struct MonitorConfig {
+    /// Source.
+    pub url: SourceUrl,
+    /// Slot to measure.
+    pub slot: String,
+    /// Publication (the session needs one to connect; nothing is streamed).
+    pub publication: String,
+    /// Alarm threshold.
+    pub max_slot_lag_bytes: Option<u64>,
+    /// Heartbeat period.
+    pub heartbeat_interval: Option<Duration>,
+}
+
 /// Measure forever (the caller aborts the task); errors are retried at the next interval.
-pub async fn slot_lag_loop(
-    url: SourceUrl,
-    slot: String,
-    publication: String,
-    metrics: SourceMetrics,
-    status: SharedStatus,
-) {
+pub async fn slot_lag_loop(cfg: MonitorConfig, metrics: SourceMetrics, status: SharedStatus) {
+    let MonitorConfig {
+        url,
+        slot,
+        publication,
+        max_slot_lag_bytes,
+        heartbeat_interval,
+    } = cfg;
+    let mut last_beat = Instant::now();
+    let mut alarmed = false;
     loop {
         match Session::connect(&url, &slot, &publication, None).await {
             Ok(mut session) => loop {
+                if let Some(every) = heartbeat_interval {
+                    if last_beat.elapsed() >= every {
+                        last_beat = Instant::now();
+                        // A non-transactional message: WAL moves and reaches the stream even
+                        // when the published tables are idle, so the slot can advance.
+                        if let Err(e) = session
+                            .query("SELECT pg_catalog.pg_logical_emit_message(false, 'philotes.heartbeat', '')")
+                            .await
+                        {
+                            tracing::debug!(slot, "heartbeat failed: {e}");
+                            break;
+                        }
+                    }
+                }
                 match session.slot_retained_bytes(&slot).await {
                     Ok(Some(bytes)) => {
                         metrics.slot_lag.record(bytes);
-                        status::update(&status, |s| s.slot_lag_bytes = Some(bytes));
+                        let over = max_slot_lag_bytes.is_some_and(|max| bytes as u64 > max);
+                        if over && !alarmed {
+                            tracing::error!(
+                                slot,
+                                retained_bytes = bytes,
+                                max_slot_lag_bytes,
+                                "replication slot retains more WAL than max_slot_lag_bytes; the pipeline is not keeping up (or is paused) and the source disk may fill"
+                            );
+                            metrics.error("slot_lag");
+                        }
+                        alarmed = over;
+                        status::update(&status, |s| {
+                            s.slot_lag_bytes = Some(bytes);
+                            s.slot_lag_exceeded = over;
+                        });
                     }
                     Ok(None) => {}
                     Err(e) => {
@@ -35,7 +81,8 @@ pub async fn slot_lag_loop(
                         break;
                     }
                 }
-                tokio::time::sleep(INTERVAL).await;
+                let nap = heartbeat_interval.map_or(INTERVAL, |h| h.min(INTERVAL));
+                tokio::time::sleep(nap).await;
             },
             Err(e) => tracing::debug!(slot, "slot monitor cannot connect: {e}"),
         }

@@ -63,6 +63,8 @@ pub struct PipelineStatus {
     pub lag_seconds: f64,
     /// WAL retained by the slot, in bytes (when known).
     pub slot_lag_bytes: Option<i64>,
+    /// The slot retains more than `max_slot_lag_bytes`.
+    pub slot_lag_exceeded: bool,
     /// Rows sent to the dead-letter table.
     pub dlq_rows: u64,
     /// Buffered, uncommitted events.
@@ -89,6 +91,7 @@ impl PipelineStatus {
             confirmed_lsn: "0/0".into(),
             lag_seconds: 0.0,
             slot_lag_bytes: None,
+            slot_lag_exceeded: false,
             dlq_rows: 0,
             buffered_events: 0,
             last_error: None,

@@ -1,0 +1,134 @@
+//! The bundled stack, checked without a Docker engine: compose and Prometheus configs by their
+//! own tools, the collector config's pipelines, the Dockerfile, and every metric the Grafana
+//! dashboard queries against a real scrape of an agent that exercised every path.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+use philotes::config::{ApiConfig, Config, IcebergConfig, TelemetryConfig};
+use philotes::demo::postgres::free_port;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// Every `PHILOTES_<SECTION>_<KEY>` name that overrides a real key.
+fn valid_env_names() -> Vec<String> {
+    let mut names = Vec::new();
+    let mut add = |prefix: &str, v: serde_json::Value| {
+        for k in v.as_object().unwrap().keys() {
+            names.push(format!("PHILOTES_{prefix}{}", k.to_uppercase()));
+        }
+    };
+    add("API_", serde_json::to_value(ApiConfig::default()).unwrap());
+    add(
+        "TELEMETRY_",
+        serde_json::to_value(TelemetryConfig::default()).unwrap(),
+    );
+    let ice = serde_json::to_value(IcebergConfig::default()).unwrap();
+    add("ICEBERG_S3_", ice["s3"].clone());
+    add("ICEBERG_", ice);
+    names
+}
+
+#[test]
+fn compose_prometheus_and_agent_configs_are_valid() {
+    let root = root();
+    let (rc, out) = run_cmd(
+        Command::new("docker-compose")
+            .args(["-f", "compose.yaml", "config", "-q"])
+            .current_dir(&root),
+    );
+    assert_eq!(rc, 0, "docker-compose config: {out}");
+    let (rc, out) = run_cmd(
+        Command::new("promtool")
+            .args(["check", "config"])
+            .arg(root.join("prometheus/prometheus.yml")),
+    );
+    assert_eq!(rc, 0, "promtool check config: {out}");
+    // The agent config the stack mounts is valid for this agent, with only the defaults set.
+    let text = std::fs::read_to_string(root.join("deploy/philotes.toml")).unwrap();
+    let cfg = Config::parse(&text, &[]).unwrap_or_else(|e| panic!("deploy/philotes.toml: {e}"));
+    assert_eq!(
+        cfg.api.listen, "0.0.0.0:8080",
+        "the port the Dockerfile exposes"
+    );
+    assert!(
+        cfg.api.token.is_some(),
+        "a non-loopback listener needs a token"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_collector_and_dockerfile_match_the_agent() {
+    let pg = TestPg::start();
+    let db = pg.create_db("app").await;
+    db.batch_execute("CREATE TABLE t (id int PRIMARY KEY, n numeric(12,2))")
+        .await
+        .unwrap();
+    let work = Workdir::new();
+    let port = free_port().unwrap();
+    let cfg = work.config(&pg.url("app"), &["t"], "", "");
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(
+        "listen = \"127.0.0.1:0\"",
+        &format!("listen = \"127.0.0.1:{port}\""),
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let mut agent = AgentProc::start(&cfg, &work.path().join("agent.log"));
+    agent.api = Some(format!("127.0.0.1:{port}"));
+    agent.wait_streaming().await;
+    // CDC (every operation), buffer, Iceberg, DLQ and API paths.
+    db.batch_execute(
+        "INSERT INTO t SELECT g, g FROM generate_series(1, 200) g;
+         UPDATE t SET n = n + 1 WHERE id < 20; DELETE FROM t WHERE id > 190;
+         INSERT INTO t VALUES (999, 'NaN'); TRUNCATE t; INSERT INTO t VALUES (1, 1);",
+    )
+    .await
+    .unwrap();
+    wait_for(Duration::from_secs(60), "dead letter committed", || async {
+        let v = agent.api_json("/api/v1/pipelines/p").await?;
+        (v["dlq_rows"] == 1 && v["buffered_events"] == 0).then_some(())
+    })
+    .await;
+    for p in ["/api/v1/pipelines", "/api/v1/pipelines/p/tables", "/nope"] {
+        let _ = agent.api_json(p).await;
+    }
+    let scrape = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let scrape_path = work.path().join("scrape.txt");
+    std::fs::write(&scrape_path, scrape).unwrap();
+
+    let out = Command::new(python())
+        .arg(root().join("agent/tests/py/check_stack.py"))
+        .arg("--root")
+        .arg(root())
+        .arg("--scrape")
+        .arg(&scrape_path)
+        .arg("--valid-env")
+        .arg(valid_env_names().join(","))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["problems"], serde_json::json!([]), "{v}");
+    let checked = v["checked"]["dashboard_metrics"].as_array().unwrap();
+    assert!(
+        checked.len() >= 15,
+        "dashboard queries only {} metrics: {v}",
+        checked.len()
+    );
+    assert!(v["checked"]["services"].as_u64().unwrap() >= 8);
+    assert_eq!(agent.terminate(), Some(0));
+}
