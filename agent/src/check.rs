@@ -3,7 +3,7 @@
 use crate::config::Config;
 use crate::sink::iceberg::{catalog, open_catalog};
 use crate::source::postgres::conn::SourceUrl;
-use crate::source::postgres::session::Session;
+use crate::source::postgres::session::{Session, SourceError};
 
 /// Check everything `cfg` needs; returns one line per problem (empty = all good).
 pub async fn run_checks(cfg: &Config) -> Vec<String> {
@@ -49,24 +49,45 @@ pub async fn run_checks(cfg: &Config) -> Vec<String> {
 async fn check_source(
     url: &SourceUrl,
     p: &crate::config::PipelineConfig,
-) -> Result<(), crate::source::postgres::session::SourceError> {
+) -> Result<(), SourceError> {
     let mut s = Session::connect(url, &p.slot_name(), &p.publication_name(), None).await?;
     s.check_wal_level().await?;
     s.check_tables(&p.table_names()).await?;
+    // Another agent on the same slot. A consumer that just died (SIGKILL) holds it until the
+    // server notices the closed socket, so give that a moment before calling it a conflict.
+    let slot = p.slot_name();
+    for attempt in 0..20 {
+        match s.slot_holder(&slot).await? {
+            None => return Ok(()),
+            Some(pid) if attempt == 19 => {
+                return Err(SourceError::Slot {
+                    slot,
+                    reason: format!(
+                        "it is in use by another consumer (pid {pid}); is a second agent running with this slot?"
+                    ),
+                })
+            }
+            Some(_) => tokio::time::sleep(std::time::Duration::from_millis(500)).await,
+        }
+    }
     Ok(())
 }
 
-/// Problems found at start-up that no retry can cure (wrong `wal_level`, missing tables).
+/// Problems found at start-up that no retry can cure (wrong `wal_level`, missing tables, a slot
+/// held by another agent).
 /// Unreachable sources are not among them: `run` keeps retrying those.
 pub async fn fatal_source_problems(cfg: &Config) -> Vec<String> {
-    use crate::source::postgres::session::SourceError;
     let mut problems = Vec::new();
     for p in &cfg.pipelines {
         let Ok(url) = SourceUrl::parse(&p.source) else {
             continue;
         };
         match check_source(&url, p).await {
-            Err(e @ (SourceError::WalLevel(_) | SourceError::MissingTable(_))) => {
+            Err(
+                e @ (SourceError::WalLevel(_)
+                | SourceError::MissingTable(_)
+                | SourceError::Slot { .. }),
+            ) => {
                 problems.push(format!("pipeline {}: {e}", p.name));
             }
             Err(e) => {

@@ -30,43 +30,145 @@ fn problem_lines(out: &str) -> Vec<String> {
         .collect()
 }
 
+/// `GOOD_PIPELINE` with `from` replaced by `to`.
+fn with(from: &str, to: &str) -> String {
+    assert!(GOOD_PIPELINE.contains(from), "{from}");
+    GOOD_PIPELINE.replace(from, to)
+}
+
+/// `GOOD_PIPELINE` with an extra pipeline key.
+fn plus(line: &str) -> String {
+    with("tables = [\"t\"]", &format!("tables = [\"t\"]\n{line}"))
+}
+
 #[test]
 fn bad_configs_exit_2_naming_the_key() {
     let work = Workdir::new();
+    let src = "source = \"postgres://u@127.0.0.1:1/db\"\n";
     let cases: Vec<(&str, String, &str)> = vec![
         (
-            "unknown key",
-            format!("[api]\nlisten = \"127.0.0.1:0\"\nbogus = 1\n{GOOD_PIPELINE}"),
+            "unknown top-level key",
+            format!("bogus = 1\n{GOOD_PIPELINE}"),
             "bogus",
         ),
         (
+            "unknown [api] key",
+            format!("[api]\nlisten = \"127.0.0.1:0\"\nbogus = 1\n{GOOD_PIPELINE}"),
+            "bogus",
+        ),
+        ("unknown pipeline key", plus("colour = \"blue\""), "colour"),
+        (
             "wrong type",
-            GOOD_PIPELINE.replace(
-                "tables = [\"t\"]",
-                "tables = [\"t\"]\nbatch_rows = \"many\"",
-            ),
+            plus("batch_rows = \"many\""),
             "pipelines[0].batch_rows",
         ),
         (
-            "missing field",
-            GOOD_PIPELINE.replace("source = \"postgres://u@127.0.0.1:1/db\"\n", ""),
-            "source",
+            "tables not a list",
+            with("tables = [\"t\"]", "tables = \"t\""),
+            "pipelines[0].tables",
+        ),
+        ("missing source", with(src, ""), "source"),
+        ("missing name", with("name = \"p\"\n", ""), "name"),
+        ("missing tables", with("tables = [\"t\"]\n", ""), "tables"),
+        (
+            "empty tables",
+            with("tables = [\"t\"]", "tables = []"),
+            "pipelines[0].tables",
         ),
         (
             "bad duration",
-            GOOD_PIPELINE.replace(
-                "tables = [\"t\"]",
-                "tables = [\"t\"]\nflush_interval = \"fast\"",
-            ),
+            plus("flush_interval = \"fast\""),
             "pipelines[0].flush_interval",
         ),
         (
-            "bad URL",
-            GOOD_PIPELINE.replace("postgres://u@127.0.0.1:1/db", "mysql://u@h/db"),
+            "zero duration",
+            format!("[telemetry]\nexport_interval = \"0s\"\n{GOOD_PIPELINE}"),
+            "telemetry.export_interval",
+        ),
+        (
+            "bad size",
+            plus("max_buffer_bytes = \"lots\""),
+            "pipelines[0].max_buffer_bytes",
+        ),
+        (
+            "size too small",
+            plus("max_buffer_bytes = \"1KiB\""),
+            "pipelines[0].max_buffer_bytes",
+        ),
+        (
+            "bad source URL",
+            with("postgres://u@127.0.0.1:1/db", "mysql://u@h/db"),
+            "pipelines[0].source",
+        ),
+        (
+            "bad sslmode",
+            with(
+                "postgres://u@127.0.0.1:1/db",
+                "postgres://u@127.0.0.1:1/db?sslmode=maybe",
+            ),
+            "pipelines[0].source",
+        ),
+        (
+            "bad OTLP URL",
+            format!("[telemetry]\notlp_endpoint = \"not a url\"\n{GOOD_PIPELINE}"),
+            "telemetry.otlp_endpoint",
+        ),
+        (
+            "bad OTLP protocol",
+            format!("[telemetry]\notlp_protocol = \"udp\"\n{GOOD_PIPELINE}"),
+            "telemetry.otlp_protocol",
+        ),
+        (
+            "bad log format",
+            format!("[telemetry]\nlog_format = \"xml\"\n{GOOD_PIPELINE}"),
+            "telemetry.log_format",
+        ),
+        (
+            "bad catalog",
+            format!("[iceberg]\ncatalog = \"hive\"\n{GOOD_PIPELINE}"),
+            "iceberg.catalog",
+        ),
+        (
+            "bad listen address",
+            format!("[api]\nlisten = \"nowhere\"\n{GOOD_PIPELINE}"),
+            "api.listen",
+        ),
+        (
+            "open listener without token",
+            format!("[api]\nlisten = \"0.0.0.0:8080\"\n{GOOD_PIPELINE}"),
+            "api.listen",
+        ),
+        (
+            "duplicate pipeline",
+            format!("{GOOD_PIPELINE}{GOOD_PIPELINE}"),
+            "pipelines[1].name",
+        ),
+        (
+            "bad table name",
+            with("tables = [\"t\"]", "tables = [\"Bad-Name\"]"),
+            "pipelines[0].tables[0]",
+        ),
+        (
+            "bad snapshot mode",
+            plus("snapshot = \"sometimes\""),
+            "pipelines[0].snapshot",
+        ),
+        (
+            "unset variable",
+            with(
+                "postgres://u@127.0.0.1:1/db",
+                "postgres://u:${NO_SUCH_VAR_FOR_TEST}@h/db",
+            ),
             "pipelines[0].source",
         ),
         ("TOML syntax", "[[pipelines]\nname=".to_string(), "line"),
+        (
+            "no pipelines",
+            "[api]\nlisten = \"127.0.0.1:0\"\n".to_string(),
+            "pipelines",
+        ),
     ];
+    assert!(cases.len() >= 20);
     for (what, text, key) in cases {
         let cfg = write(&work, "bad.toml", &text);
         let (code, out) = run_cmd(
@@ -83,6 +185,15 @@ fn bad_configs_exit_2_naming_the_key() {
             lines[0]
         );
     }
+    // An unreadable file is a config problem too.
+    let (code, out) = run_cmd(Command::new(philotes_bin()).args([
+        "run",
+        "--config",
+        "/nonexistent/philotes.toml",
+    ]));
+    assert_eq!(code, 2, "{out}");
+    assert_eq!(problem_lines(&out).len(), 1, "{out}");
+    assert!(out.contains("cannot read"), "{out}");
 }
 
 #[test]

@@ -242,6 +242,13 @@ impl LocalPostgres {
         self.run_as.as_deref()
     }
 
+    /// Start a stopped server again (same data directory and port).
+    pub fn start_again(&mut self) -> Result<(), LocalPgError> {
+        self.pg_ctl("start")?;
+        self.stopped = false;
+        Ok(())
+    }
+
     /// Stop the server now.
     pub fn stop(&mut self) {
         if !self.stopped {

@@ -374,6 +374,23 @@ impl Applier {
             if self.tables[i].columns == columns {
                 return Ok(i);
             }
+            // A renamed column looks like "one dropped, one added at the same place, same type":
+            // following it would silently split the column's history, so stop instead.
+            let old_cols = &self.tables[i].columns;
+            if old_cols.len() == columns.len() {
+                for (o, n) in old_cols.iter().zip(&columns) {
+                    if o.name != n.name
+                        && o.type_oid == n.type_oid
+                        && !old_cols.iter().any(|c| c.name == n.name)
+                    {
+                        return Err(PipelineError::Schema(format!(
+                            "column {source_name}.{} was renamed to {}; Iceberg history would split. \
+                             Rename it back, or add {} to the Iceberg table by hand and restart",
+                            o.name, n.name, n.name
+                        )));
+                    }
+                }
+            }
             // The table changed shape: write what was buffered with the old layout first.
             self.spill(i).await?;
             let t = &mut self.tables[i];
@@ -666,6 +683,28 @@ async fn evolve(
     columns: &[RelationColumn],
 ) -> Result<(), PipelineError> {
     let schema = sink.schema().clone();
+    // A rename shows as a source column unknown to Iceberg where Iceberg has a column of the
+    // same type the source no longer sends, at the same position. Refuse to guess.
+    let fields: Vec<_> = schema
+        .as_struct()
+        .fields()
+        .iter()
+        .filter(|f| !f.name.starts_with("_cdc_"))
+        .collect();
+    for (c, f) in columns.iter().zip(&fields) {
+        if c.name != f.name
+            && schema.field_by_name(&c.name).is_none()
+            && !columns.iter().any(|x| x.name == f.name)
+            && kind_of(&f.field_type).as_ref()
+                == Some(&ColumnKind::from_oid(c.type_oid, c.type_modifier))
+        {
+            return Err(PipelineError::Schema(format!(
+                "column {source_name}.{} looks renamed to {} (Iceberg history would split); \
+                 rename it back, or add {} to the Iceberg table by hand and restart",
+                f.name, c.name, c.name
+            )));
+        }
+    }
     let mut add = Vec::new();
     let mut next_id = 0;
     for c in columns {

@@ -525,4 +525,35 @@ mod tests {
             }
         }
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(20_000))]
+
+        /// Arbitrary bytes: an error or a message, never a panic; tuples iterate safely.
+        #[test]
+        fn decoder_never_panics(buf in proptest::collection::vec(proptest::num::u8::ANY, 0..512)) {
+            if let Ok(msg) = decode(&buf) {
+                match msg {
+                    Message::Insert { new, .. } => { let _ = new.columns().count(); }
+                    Message::Update { old, new, .. } => {
+                        let _ = new.columns().count();
+                        if let Some(o) = old { let _ = o.columns().count(); }
+                    }
+                    Message::Delete { old, .. } => { let _ = old.columns().count(); }
+                    _ => {}
+                }
+            }
+        }
+
+        /// Valid tag bytes followed by arbitrary bodies reach deeper into each parser.
+        #[test]
+        fn decoder_never_panics_on_tagged_bodies(
+            tag in proptest::sample::select(b"BCORYIUDTM".to_vec()),
+            body in proptest::collection::vec(proptest::num::u8::ANY, 0..256),
+        ) {
+            let mut buf = vec![tag];
+            buf.extend(body);
+            let _ = decode(&buf);
+        }
+    }
 }

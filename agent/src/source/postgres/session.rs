@@ -220,6 +220,16 @@ impl Session {
         Ok(())
     }
 
+    /// PID of the consumer holding `slot`, if another session streams from it now.
+    pub async fn slot_holder(&mut self, slot: &str) -> Result<Option<String>, SourceError> {
+        self.scalar(&format!(
+            "SELECT active_pid::text FROM pg_catalog.pg_replication_slots \
+             WHERE slot_name = {} AND active",
+            quote_literal(slot)
+        ))
+        .await
+    }
+
     /// Create the logical slot if missing; returns its `confirmed_flush_lsn` (None if new).
     pub async fn ensure_slot(&mut self, slot: &str) -> Result<Option<u64>, SourceError> {
         let rows = self

@@ -1,0 +1,274 @@
+//! Source behaviour against a real PostgreSQL: schema changes mid-stream, unchanged TOAST
+//! values, idle slots that must still advance, and two isolated pipelines.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn add_and_drop_column_mid_stream() {
+    let pg = TestPg::start();
+    let db = pg.create_db("app").await;
+    db.batch_execute("CREATE TABLE s (id int PRIMARY KEY, a text, b int)")
+        .await
+        .unwrap();
+    let work = Workdir::new();
+    let cfg = work.config(&pg.url("app"), &["s"], "", "");
+    let agent = AgentProc::start(&cfg, &work.path().join("agent.log"));
+    agent.wait_streaming().await;
+    db.batch_execute("INSERT INTO s SELECT g, 'a' || g, g FROM generate_series(1, 50) g")
+        .await
+        .unwrap();
+    db.batch_execute(
+        "ALTER TABLE s ADD COLUMN c numeric(12,2);
+         INSERT INTO s SELECT g, 'a' || g, g, g / 4.0 FROM generate_series(51, 100) g;
+         UPDATE s SET c = 1.5 WHERE id = 1;
+         ALTER TABLE s DROP COLUMN b;
+         INSERT INTO s SELECT g, 'a' || g, g FROM generate_series(101, 150) g;",
+    )
+    .await
+    .unwrap();
+    wait_for(
+        Duration::from_secs(60),
+        "rows across three schemas",
+        || async { (iceberg_rows(&work, "ns.s") == Some(151)).then_some(()) },
+    )
+    .await;
+    let v = verify(
+        &work,
+        "ns.s",
+        &[
+            "--rows",
+            "--pg-conninfo",
+            &pg.conninfo("app"),
+            "--pg-query",
+            "SELECT id, a, c FROM s",
+        ],
+    );
+    assert_eq!(v["state_equal"], true, "{}", v["state_diff"]);
+    let rows = v["all_rows"].as_array().unwrap();
+    let row = |id: i64| rows.iter().rev().find(|r| r["id"] == id).unwrap().clone();
+    assert_eq!(
+        row(10)["c"],
+        serde_json::Value::Null,
+        "before ADD COLUMN: null"
+    );
+    assert_eq!(row(60)["c"], "15.00", "after ADD COLUMN: the value");
+    assert_eq!(
+        row(60)["b"],
+        60,
+        "the dropped column kept its values before the drop"
+    );
+    assert_eq!(
+        row(120)["b"],
+        serde_json::Value::Null,
+        "after DROP COLUMN: null"
+    );
+    assert_eq!(agent.terminate(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renamed_column_stops_with_a_schema_error() {
+    let pg = TestPg::start();
+    let db = pg.create_db("app").await;
+    db.batch_execute("CREATE TABLE s (id int PRIMARY KEY, a text)")
+        .await
+        .unwrap();
+    let work = Workdir::new();
+    let cfg = work.config(&pg.url("app"), &["s"], "", "");
+    let agent = AgentProc::start(&cfg, &work.path().join("agent.log"));
+    agent.wait_streaming().await;
+    db.batch_execute("INSERT INTO s VALUES (1, 'x'); ALTER TABLE s RENAME COLUMN a TO b; INSERT INTO s VALUES (2, 'y');")
+        .await
+        .unwrap();
+    let v = wait_for(Duration::from_secs(60), "schema error", || async {
+        let v = agent.api_json("/api/v1/pipelines/p").await?;
+        (v["state"] == "failed").then_some(v)
+    })
+    .await;
+    assert!(v["last_error"].as_str().unwrap().contains("renamed"), "{v}");
+    let text = reqwest::get(format!("http://{}/metrics", agent.api_addr().unwrap()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        text.contains("error_type=\"schema\""),
+        "philotes_cdc_errors_total{{error_type=\"schema\"}}"
+    );
+    // Nothing of the renamed stream was written under the wrong name.
+    assert_eq!(iceberg_rows(&work, "ns.s").unwrap_or(0), 1);
+    assert_eq!(agent.terminate(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unchanged_toast_values_are_listed_not_silently_null() {
+    let pg = TestPg::start();
+    let db = pg.create_db("app").await;
+    db.batch_execute(
+        "CREATE TABLE doc (id int PRIMARY KEY, body text, n int);
+         ALTER TABLE doc ALTER COLUMN body SET STORAGE EXTERNAL;",
+    )
+    .await
+    .unwrap();
+    let work = Workdir::new();
+    let cfg = work.config(&pg.url("app"), &["doc"], "", "");
+    let agent = AgentProc::start(&cfg, &work.path().join("agent.log"));
+    agent.wait_streaming().await;
+    db.batch_execute(
+        "INSERT INTO doc VALUES (1, repeat('0123456789abcdef', 65536), 0);
+         UPDATE doc SET n = 1 WHERE id = 1;",
+    )
+    .await
+    .unwrap();
+    wait_for(Duration::from_secs(60), "two rows", || async {
+        (iceberg_rows(&work, "ns.doc") == Some(2)).then_some(())
+    })
+    .await;
+    let v = verify(&work, "ns.doc", &["--rows"]);
+    let rows = v["all_rows"].as_array().unwrap();
+    assert_eq!(
+        rows[0]["body"].as_str().unwrap().len(),
+        1 << 20,
+        "the insert carries 1 MB"
+    );
+    assert_eq!(rows[1]["_cdc_op"], "U");
+    assert_eq!(rows[1]["body"], serde_json::Value::Null);
+    assert_eq!(
+        rows[1]["_cdc_unchanged"],
+        serde_json::json!(["body"]),
+        "{}",
+        rows[1]
+    );
+    assert_eq!(rows[1]["n"], 1);
+    assert_eq!(agent.terminate(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_publication_still_advances_its_slot() {
+    let pg = TestPg::start();
+    let db = pg.create_db("app").await;
+    db.batch_execute(
+        "CREATE TABLE quiet (id int PRIMARY KEY); CREATE TABLE busy (id int PRIMARY KEY, s text)",
+    )
+    .await
+    .unwrap();
+    let work = Workdir::new();
+    let cfg = work.config(
+        &pg.url("app"),
+        &["quiet"],
+        "heartbeat_interval = \"1s\"",
+        "",
+    );
+    let agent = AgentProc::start(&cfg, &work.path().join("agent.log"));
+    agent.wait_streaming().await;
+    let start = pg.confirmed_lsn("app", "philotes_p").await;
+    for i in 0..20 {
+        db.batch_execute(&format!(
+            "INSERT INTO busy SELECT g, repeat('x', 200) FROM generate_series({}, {}) g",
+            i * 1000,
+            i * 1000 + 999
+        ))
+        .await
+        .unwrap();
+    }
+    let after_writes = {
+        let c = pg.client("app").await;
+        let r = c
+            .query_one("SELECT (pg_current_wal_insert_lsn() - '0/0')::bigint", &[])
+            .await
+            .unwrap();
+        r.get::<_, i64>(0) as u64
+    };
+    let advanced = wait_for(
+        Duration::from_secs(30),
+        "confirmed_flush_lsn to pass the other table's writes",
+        || async {
+            let c = pg.confirmed_lsn("app", "philotes_p").await;
+            (c >= after_writes).then_some(c)
+        },
+    )
+    .await;
+    assert!(advanced > start);
+    assert_eq!(agent.terminate(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_failing_pipeline_does_not_stop_the_other() {
+    let pg1 = TestPg::start();
+    let mut pg2 = TestPg::start();
+    let db1 = pg1.create_db("one").await;
+    let db2 = pg2.create_db("two").await;
+    for db in [&db1, &db2] {
+        db.batch_execute("CREATE TABLE t (id int PRIMARY KEY, s text)")
+            .await
+            .unwrap();
+    }
+    let work = Workdir::new();
+    let cfg = work.config(&pg1.url("one"), &["t"], "", "");
+    let mut text = std::fs::read_to_string(&cfg).unwrap();
+    text.push_str(&format!(
+        "\n[[pipelines]]\nname = \"q\"\nsource = \"{}\"\ntables = [\"t\"]\nnamespace = \"ns2\"\nflush_interval = \"300ms\"\n",
+        pg2.url("two")
+    ));
+    std::fs::write(&cfg, text).unwrap();
+    let agent = AgentProc::start(&cfg, &work.path().join("agent.log"));
+    agent.wait_streaming().await;
+    wait_for(
+        Duration::from_secs(60),
+        "second pipeline streaming",
+        || async {
+            let v = agent.api_json("/api/v1/pipelines/q").await?;
+            (v["state"] == "streaming").then_some(())
+        },
+    )
+    .await;
+    db2.batch_execute("INSERT INTO t SELECT g, 'two' FROM generate_series(1, 100) g")
+        .await
+        .unwrap();
+    wait_for(Duration::from_secs(60), "pipeline q rows", || async {
+        (iceberg_rows(&work, "ns2.t") == Some(100)).then_some(())
+    })
+    .await;
+    drop(db2);
+    pg2.pg.stop();
+    for i in 0..10 {
+        db1.batch_execute(&format!(
+            "INSERT INTO t SELECT g, 'one' FROM generate_series({}, {}) g",
+            i * 100,
+            i * 100 + 99
+        ))
+        .await
+        .unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    wait_for(
+        Duration::from_secs(60),
+        "pipeline p keeps committing",
+        || async { (iceberg_rows(&work, "ns.t") == Some(1000)).then_some(()) },
+    )
+    .await;
+    let q = wait_for(Duration::from_secs(30), "q failed", || async {
+        let v = agent.api_json("/api/v1/pipelines/q").await?;
+        (v["state"] == "failed").then_some(v)
+    })
+    .await;
+    assert!(q["last_error"].is_string(), "{q}");
+    let p = agent.api_json("/api/v1/pipelines/p").await.unwrap();
+    assert_eq!(p["state"], "streaming");
+    // The database comes back: q recovers by itself and catches up.
+    pg2.pg.start_again().unwrap();
+    let db2 = pg2.client("two").await;
+    db2.batch_execute("INSERT INTO t SELECT g, 'two' FROM generate_series(101, 200) g")
+        .await
+        .unwrap();
+    wait_for(Duration::from_secs(90), "pipeline q recovered", || async {
+        (iceberg_rows(&work, "ns2.t") == Some(200)).then_some(())
+    })
+    .await;
+    assert_eq!(verify(&work, "ns2.t", &[])["unique"], true);
+    assert_eq!(agent.terminate(), Some(0));
+}
