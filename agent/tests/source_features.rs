@@ -80,9 +80,14 @@ async fn a_renamed_column_stops_with_a_schema_error() {
     let cfg = work.config(&pg.url("app"), &["s"], "", "");
     let agent = AgentProc::start(&cfg, &work.path().join("agent.log"));
     agent.wait_streaming().await;
-    db.batch_execute("INSERT INTO s VALUES (1, 'x'); ALTER TABLE s RENAME COLUMN a TO b; INSERT INTO s VALUES (2, 'y');")
-        .await
-        .unwrap();
+    // Three transactions (one simple query with several statements would be one).
+    for sql in [
+        "INSERT INTO s VALUES (1, 'x')",
+        "ALTER TABLE s RENAME COLUMN a TO b",
+        "INSERT INTO s VALUES (2, 'y')",
+    ] {
+        db.batch_execute(sql).await.unwrap();
+    }
     let v = wait_for(Duration::from_secs(60), "schema error", || async {
         let v = agent.api_json("/api/v1/pipelines/p").await?;
         (v["state"] == "failed").then_some(v)

@@ -383,11 +383,17 @@ impl Applier {
                         && o.type_oid == n.type_oid
                         && !old_cols.iter().any(|c| c.name == n.name)
                     {
-                        return Err(PipelineError::Schema(format!(
+                        let msg = format!(
                             "column {source_name}.{} was renamed to {}; Iceberg history would split. \
                              Rename it back, or add {} to the Iceberg table by hand and restart",
                             o.name, n.name, n.name
-                        )));
+                        );
+                        // Keep what came before the change: commit the complete transactions
+                        // buffered so far, if the current one has not added rows yet.
+                        if self.txn.is_none_or(|t| t.seq == 0) && self.anything_uncommitted() {
+                            self.flush_inner(self.last.lsn).await?;
+                        }
+                        return Err(PipelineError::Schema(msg));
                     }
                 }
             }
