@@ -206,6 +206,17 @@ async fn every_route_answers_and_pause_resume_loses_nothing() {
         .await
         .unwrap();
     assert_eq!(text.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    let bad_json = api
+        .http
+        .post(format!("{}/api/v1/pipelines/p/resume", api.base))
+        .bearer_auth(TOKEN)
+        .header("content-type", "application/json")
+        .body("{\"not\": json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad_json.status(), StatusCode::BAD_REQUEST);
+    assert!(bad_json.json::<Value>().await.unwrap()["error"].is_string());
     assert!(text.json::<Value>().await.unwrap()["error"].is_string());
 
     // Pause: buffered work is flushed, then no commits while changes pile up in PostgreSQL.

@@ -267,10 +267,35 @@ async fn limits(req: Request, next: Next) -> Response {
             .into_response();
         }
     }
-    // Bodies without a length are cut off at the limit too.
+    // Bodies without a length are cut off at the limit too; a JSON body must parse.
     let (parts, body) = req.into_parts();
-    let body = axum::body::Body::new(http_body_util::Limited::new(body, MAX_BODY_BYTES));
-    next.run(Request::from_parts(parts, body)).await
+    let limited = http_body_util::Limited::new(body, MAX_BODY_BYTES);
+    if !has_body {
+        return next
+            .run(Request::from_parts(parts, axum::body::Body::new(limited)))
+            .await;
+    }
+    let bytes = match http_body_util::BodyExt::collect(limited).await {
+        Ok(c) => c.to_bytes(),
+        Err(_) => {
+            return ApiError(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("request body larger than {MAX_BODY_BYTES} bytes"),
+            )
+            .into_response()
+        }
+    };
+    if parts.method != axum::http::Method::GET
+        && serde_json::from_slice::<serde_json::Value>(&bytes).is_err()
+    {
+        return ApiError(
+            StatusCode::BAD_REQUEST,
+            "request body is not valid JSON".into(),
+        )
+        .into_response();
+    }
+    next.run(Request::from_parts(parts, axum::body::Body::from(bytes)))
+        .await
 }
 
 /// Bound the time a handler may take, so no request holds resources forever.
