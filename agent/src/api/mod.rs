@@ -244,7 +244,13 @@ async fn limits(req: Request, next: Next) -> Response {
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if len.is_some_and(|l| l > MAX_BODY_BYTES as u64) {
+    if let Some(l) = len.filter(|l| *l > MAX_BODY_BYTES as u64) {
+        // Read (and drop) a moderately oversized body so the client gets the 413 instead of a
+        // reset connection; beyond 1 MiB the connection is simply closed after the answer.
+        if l <= 1 << 20 {
+            let body = http_body_util::Limited::new(req.into_body(), 1 << 20);
+            let _ = http_body_util::BodyExt::collect(body).await;
+        }
         return ApiError(
             StatusCode::PAYLOAD_TOO_LARGE,
             format!("request body larger than {MAX_BODY_BYTES} bytes"),
