@@ -471,12 +471,6 @@ impl Config {
                     "must be 1-48 characters of a-z, 0-9 and _",
                 ));
             }
-            if p.snapshot == SnapshotMode::Initial {
-                return Err(ConfigError::new(
-                    key("snapshot"),
-                    "\"initial\" is not supported by this version yet; use \"never\"",
-                ));
-            }
             if p.batch_rows == 0 {
                 return Err(ConfigError::new(
                     key("batch_rows"),

@@ -18,10 +18,13 @@ use super::{Control, PipelineError};
 use crate::config::PipelineConfig;
 use crate::sink::iceberg::schema::{
     changelog_partition, changelog_schema, dlq_schema, iceberg_type, kind_of, DLQ_TABLE,
+    SNAPSHOT_PROPERTY,
 };
 use crate::sink::iceberg::TableSink;
+use crate::source::postgres::conn::SourceUrl;
 use crate::source::postgres::pgoutput::{self, Message, RelationColumn, TupleData};
 use crate::source::postgres::session::format_lsn;
+use crate::source::postgres::session::Session;
 use crate::source::postgres::types::ColumnKind;
 use crate::telemetry::{record_trace_id, PipelineState, SourceMetrics, TableMetrics};
 
@@ -82,6 +85,10 @@ fn now_micros() -> i64 {
 
 fn pg_ts_to_unix(ts: i64) -> i64 {
     ts.saturating_add(PG_EPOCH_OFFSET_MICROS)
+}
+
+fn t_committed(t: &TableState) -> String {
+    format_lsn(t.sink.last_lsn)
 }
 
 /// Iceberg table name for a source table (contract: `<schema>__<table>` outside `public`).
@@ -510,6 +517,160 @@ impl Applier {
         {
             self.spill(idx).await?;
         }
+        Ok(())
+    }
+
+    /// Initial snapshot of `schema.table`: copy it as of a snapshot exported by a temporary
+    /// slot (rows `_cdc_op = 'R'`), commit it once with `philotes.lsn` just below that slot's
+    /// consistent point, and mark it done. Streamed transactions that committed before the
+    /// point are then skipped for this table (they are in the copy); later ones are applied.
+    /// A crash before the commit leaves nothing committed, so the copy simply starts over.
+    pub(super) async fn snapshot_table(
+        &mut self,
+        url: &SourceUrl,
+        schema: &str,
+        name: &str,
+    ) -> Result<(), PipelineError> {
+        let slot = self.cfg.slot_name();
+        let publication = self.cfg.publication_name();
+        let mut reader = Session::connect(url, &slot, &publication, None).await?;
+        let columns = reader.relation_columns(schema, name).await?;
+        let idx = self.relation(schema, name, columns.clone()).await?;
+        if self.tables[idx].sink.snapshot_done() {
+            return Ok(());
+        }
+        let source_name = format!("{schema}.{name}");
+        let rel = format!("\"{schema}\".\"{name}\"");
+        let estimate: u64 = reader
+            .query(&format!(
+                "SELECT GREATEST(reltuples, 0)::bigint::text FROM pg_catalog.pg_class WHERE oid = '{rel}'::regclass"
+            ))
+            .await?
+            .first()
+            .and_then(|r| r.first().cloned().flatten())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        // The exporting session must stay open and idle until the copy is done.
+        let mut exporter = Session::connect(url, &slot, &publication, None).await?;
+        let temp = format!(
+            "{}_snap_{}",
+            &slot[..slot.len().min(40)],
+            std::process::id()
+        );
+        let (point, snapshot) = exporter.export_snapshot(&temp).await?;
+        let lsn = point.saturating_sub(1);
+        tracing::info!(table = %source_name, point = %format_lsn(point), estimate, "initial snapshot: copying");
+        reader
+            .query("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            .await?;
+        reader
+            .query(&format!(
+                "SET TRANSACTION SNAPSHOT '{}'",
+                snapshot.replace('\'', "")
+            ))
+            .await?;
+        let list = columns
+            .iter()
+            .map(|c| format!("\"{}\"", c.name.replace('"', "\"\"")))
+            .collect::<Vec<_>>()
+            .join(", ");
+        reader
+            .query(&format!(
+                "DECLARE philotes_snapshot NO SCROLL CURSOR FOR SELECT {list} FROM {rel}"
+            ))
+            .await?;
+        let started = Instant::now();
+        let mut last_report = Instant::now();
+        let mut seq = 0u64;
+        let mut wire = Vec::new();
+        let ts = now_micros();
+        loop {
+            let rows = reader
+                .raw_query("FETCH 10000 FROM philotes_snapshot")
+                .await?;
+            if rows.is_empty() {
+                break;
+            }
+            for row in rows {
+                // Re-encode as a pgoutput Insert so the streaming converters apply unchanged.
+                wire.clear();
+                wire.push(b'I');
+                wire.extend_from_slice(&0u32.to_be_bytes());
+                wire.push(b'N');
+                wire.extend_from_slice(&(row.len() as i16).to_be_bytes());
+                for v in &row {
+                    match v {
+                        None => wire.push(b'n'),
+                        Some(b) => {
+                            wire.push(b't');
+                            wire.extend_from_slice(&(b.len() as i32).to_be_bytes());
+                            wire.extend_from_slice(b);
+                        }
+                    }
+                }
+                let Ok(Message::Insert { new, .. }) = pgoutput::decode(&wire) else {
+                    continue;
+                };
+                let t = &mut self.tables[idx];
+                if let Err(e) = t.batch.push("R", lsn, seq, ts, Some(&new)) {
+                    self.dlq_rows.push(DeadLetter {
+                        source_table: source_name.clone(),
+                        lsn,
+                        seq,
+                        op: "R",
+                        error: e.0,
+                        row_json: row_json(&t.columns, Some(&new)),
+                        time_micros: now_micros(),
+                    });
+                    self.metrics.dlq.add(1);
+                    self.metrics.error("conversion");
+                } else {
+                    t.dirty = true;
+                }
+                t.metrics.snapshot.add(1);
+                seq += 1;
+                if t.batch.rows() as u64 >= self.cfg.batch_rows
+                    || t.batch.bytes() as u64 >= self.cfg.batch_bytes
+                {
+                    self.spill(idx).await?;
+                }
+            }
+            if last_report.elapsed() >= Duration::from_secs(2) {
+                last_report = Instant::now();
+                let rate = seq as f64 / started.elapsed().as_secs_f64().max(0.001);
+                let eta = estimate.saturating_sub(seq) as f64 / rate.max(1.0);
+                tracing::info!(table = %source_name, rows = seq, rows_per_s = rate as u64, eta_s = eta as u64, "initial snapshot: progress");
+            }
+        }
+        reader.query("COMMIT").await?;
+        drop(exporter);
+        self.spill(idx).await?;
+        let t = &mut self.tables[idx];
+        t.sink
+            .commit_with(lsn, &[(SNAPSHOT_PROPERTY, "done")])
+            .await?;
+        t.dirty = false;
+        t.metrics.commits.add(1);
+        let dead: Vec<DeadLetter> = std::mem::take(&mut self.dlq_rows);
+        if !dead.is_empty() {
+            self.dlq_rows = dead;
+            self.flush_dlq(lsn).await?;
+        }
+        let committed = t_committed(&self.tables[idx]);
+        status::update(&self.status, |s| {
+            if let Some(e) = s.tables.get_mut(&source_name) {
+                e.committed_rows += seq;
+                e.commits += 1;
+                e.committed_lsn = committed;
+                e.last_commit_at = Some(status::now_rfc3339());
+            }
+        });
+        tracing::info!(
+            table = %source_name,
+            rows = seq,
+            seconds = started.elapsed().as_secs_f64(),
+            "initial snapshot: committed"
+        );
         Ok(())
     }
 

@@ -194,6 +194,19 @@ impl Pipeline {
             &self.secrets,
         )
         .await?;
+        let mut applier = apply::Applier::new(
+            &self.cfg,
+            self.catalog.clone(),
+            self.secrets.clone(),
+            self.metrics.clone(),
+            self.status.clone(),
+        );
+        if self.cfg.snapshot == crate::config::SnapshotMode::Initial {
+            for (schema, table) in &tables {
+                self.set_state(PipelineState::Snapshotting);
+                applier.snapshot_table(&self.url, schema, table).await?;
+            }
+        }
         let client = session.start().await?;
         // Aborted when this attempt ends (the guard drops).
         let monitor = tokio::spawn(monitor::slot_lag_loop(
@@ -213,13 +226,6 @@ impl Pipeline {
         });
         tracing::info!(pipeline = %self.cfg.name, slot, confirmed_lsn = %crate::source::postgres::session::format_lsn(confirmed), "streaming");
         self.set_state(PipelineState::Streaming);
-        let mut applier = apply::Applier::new(
-            &self.cfg,
-            self.catalog.clone(),
-            self.secrets.clone(),
-            self.metrics.clone(),
-            self.status.clone(),
-        );
         applier
             .stream(client, &mut self.control, shutdown, &|s| {
                 self.metrics.set_state(s);

@@ -170,6 +170,8 @@ def main():
         "max_lsn": max((k[0] for k in keys), default=0),
         "lsns": sorted(set(k[0] for k in keys)),
     }
+    snap_keys = [tuple(r.get(k) for k in pk) for r in ordered if r["_cdc_op"] == "R"]
+    out["snapshot_duplicate_keys"] = len(snap_keys) - len(set(snap_keys))
     if args.rows:
         out["all_rows"] = ordered
     if args.duckdb:

@@ -24,6 +24,9 @@ pub const CDC_COLUMNS: [&str; 5] = [CDC_OP, CDC_LSN, CDC_SEQ, CDC_TS, CDC_UNCHAN
 /// Snapshot summary property holding the last source commit LSN in the table.
 pub const LSN_PROPERTY: &str = "philotes.lsn";
 
+/// Snapshot summary property marking a table whose initial snapshot is committed (`done`).
+pub const SNAPSHOT_PROPERTY: &str = "philotes.snapshot";
+
 /// Name of the dead-letter table in each namespace.
 pub const DLQ_TABLE: &str = "_philotes_dlq";
 

@@ -23,7 +23,7 @@ use iceberg::{Catalog, ErrorKind, NamespaceIdent, TableCreation, TableIdent};
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
 
-use super::schema::LSN_PROPERTY;
+use super::schema::{LSN_PROPERTY, SNAPSHOT_PROPERTY};
 use super::SinkError;
 
 /// Result of one data-file write.
@@ -268,6 +268,27 @@ impl TableSink {
     /// When another writer committed since our last look, iceberg-rust reloads the table and
     /// re-applies the append (appends commute); that is reported as `conflicts = 1`.
     pub async fn commit(&mut self, lsn: u64) -> Result<Committed, SinkError> {
+        self.commit_with(lsn, &[]).await
+    }
+
+    /// Whether an initial snapshot of this table was committed (`philotes.snapshot = done`).
+    pub fn snapshot_done(&self) -> bool {
+        let md = self.table.metadata();
+        md.snapshots().any(|s| {
+            s.summary()
+                .additional_properties
+                .get(SNAPSHOT_PROPERTY)
+                .map(String::as_str)
+                == Some("done")
+        })
+    }
+
+    /// `commit` with extra snapshot-summary properties.
+    pub async fn commit_with(
+        &mut self,
+        lsn: u64,
+        extra: &[(&str, &str)],
+    ) -> Result<Committed, SinkError> {
         if self.pending.is_empty() {
             self.last_lsn = self.last_lsn.max(lsn);
             return Ok(Committed::default());
@@ -279,7 +300,11 @@ impl TableSink {
             // Our file names are unique; skipping the check avoids reading every manifest.
             .with_check_duplicate(false)
             .add_data_files(self.pending.clone())
-            .set_snapshot_properties(HashMap::from([(LSN_PROPERTY.to_string(), lsn.to_string())]));
+            .set_snapshot_properties(
+                std::iter::once((LSN_PROPERTY.to_string(), lsn.to_string()))
+                    .chain(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())))
+                    .collect(),
+            );
         let tx = action
             .apply(tx)
             .map_err(|e| SinkError::Commit(e.to_string()))?;

@@ -220,6 +220,71 @@ impl Session {
         Ok(())
     }
 
+    /// Create a temporary slot that exports a snapshot; returns (consistent point, snapshot
+    /// name). The snapshot stays usable while this session is open and idle.
+    pub async fn export_snapshot(&mut self, temp_slot: &str) -> Result<(u64, String), SourceError> {
+        let rows = self
+            .query(&format!(
+                "CREATE_REPLICATION_SLOT {} TEMPORARY LOGICAL pgoutput EXPORT_SNAPSHOT",
+                quote_ident(temp_slot)
+            ))
+            .await?;
+        let row = rows.into_iter().next().unwrap_or_default();
+        let lsn = row.get(1).cloned().flatten().and_then(|l| parse_lsn(&l));
+        let name = row.get(2).cloned().flatten();
+        match (lsn, name) {
+            (Some(l), Some(n)) => Ok((l, n)),
+            _ => Err(SourceError::Query(
+                "CREATE_REPLICATION_SLOT returned no snapshot".into(),
+            )),
+        }
+    }
+
+    /// The table's columns as a Relation message would list them (key flags from the replica
+    /// identity: the primary key, or every column with REPLICA IDENTITY FULL).
+    pub async fn relation_columns(
+        &mut self,
+        schema: &str,
+        table: &str,
+    ) -> Result<Vec<super::pgoutput::RelationColumn>, SourceError> {
+        let rel = format!("{}.{}", quote_ident(schema), quote_ident(table));
+        let rows = self
+            .query(&format!(
+                "SELECT a.attname, a.atttypid::int8::text, a.atttypmod::text, \
+                 (c.relreplident = 'f' OR EXISTS (SELECT 1 FROM pg_catalog.pg_index i \
+                   WHERE i.indrelid = c.oid AND (i.indisreplident OR (c.relreplident = 'd' AND i.indisprimary)) \
+                   AND a.attnum = ANY(i.indkey)))::text \
+                 FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_class c ON c.oid = a.attrelid \
+                 WHERE a.attrelid = {}::regclass AND a.attnum > 0 AND NOT a.attisdropped \
+                 AND a.attgenerated = '' ORDER BY a.attnum",
+                quote_literal(&rel)
+            ))
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| {
+                let get = |i: usize| r.get(i).cloned().flatten().unwrap_or_default();
+                super::pgoutput::RelationColumn {
+                    name: get(0),
+                    type_oid: get(1).parse().unwrap_or(25),
+                    type_modifier: get(2).parse().unwrap_or(-1),
+                    key: get(3) == "true",
+                }
+            })
+            .collect())
+    }
+
+    /// Raw rows of a simple query (text format), for bulk reads.
+    pub async fn raw_query(
+        &mut self,
+        sql: &str,
+    ) -> Result<Vec<pgwire_replication::QueryRow>, SourceError> {
+        self.client
+            .simple_query(sql)
+            .await
+            .map_err(|e| wire_error(&self.url, e))
+    }
+
     /// PID of the consumer holding `slot`, if another session streams from it now.
     pub async fn slot_holder(&mut self, slot: &str) -> Result<Option<String>, SourceError> {
         self.scalar(&format!(
