@@ -397,6 +397,83 @@ fn freshness(env: &Env<'_>, seconds: u64) -> Vec<f64> {
     lat
 }
 
+/// The initial snapshot of `rows` rows against `COPY ... TO STDOUT` through psql.
+fn snapshot_phase(env: &Env<'_>, rows: u64, reps: usize) {
+    let pg = env.pg;
+    psql(pg, "CREATE TABLE snap (id bigint PRIMARY KEY, n int, s text, at timestamptz, d double precision)");
+    psql(
+        pg,
+        &format!("INSERT INTO snap SELECT g, g % 1000, repeat(chr(97 + (g % 26)::int), 40), now(), g * 0.5 FROM generate_series(1, {rows}) g"),
+    );
+    psql(pg, "VACUUM ANALYZE snap");
+    let (mut copy, mut agent, mut rss) = (Vec::new(), Vec::new(), 0f64);
+    for i in 0..reps {
+        let t = Instant::now();
+        let out = Command::new("psql")
+            .args(["-X", "-q"])
+            .arg(pg.conninfo("bench"))
+            .args(["-c", "COPY snap TO STDOUT"])
+            .stdout(Stdio::null())
+            .status()
+            .expect("psql COPY");
+        assert!(out.success());
+        copy.push(t.elapsed().as_secs_f64());
+        let port = free_port().unwrap();
+        let wh = env.dir.join(format!("snap_{i}"));
+        std::fs::create_dir_all(&wh).unwrap();
+        let cfg = format!(
+            "[api]\nlisten = \"127.0.0.1:{port}\"\n[telemetry]\nlog_level = \"warn\"\n[iceberg]\nuri = \"sqlite://{w}/catalog.db\"\nwarehouse = \"{w}/warehouse\"\n\
+             [[pipelines]]\nname = \"bench\"\nsource = \"{}\"\nslot = \"snap_{i}\"\npublication = \"bench_snap\"\ntables = [\"snap\"]\nsnapshot = \"initial\"\n",
+            pg.url("bench", None),
+            w = wh.display(),
+        );
+        std::fs::write(wh.join("philotes.toml"), cfg).unwrap();
+        let t = Instant::now();
+        let mut child = Command::new(env.bin)
+            .args(["run", "--config"])
+            .arg(wh.join("philotes.toml"))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(wh.join("agent.log")).unwrap())
+            .spawn()
+            .expect("spawn philotes");
+        let url = format!("http://127.0.0.1:{port}/api/v1/pipelines/bench");
+        let deadline = Instant::now() + Duration::from_secs(900);
+        loop {
+            assert!(Instant::now() < deadline, "snapshot did not finish");
+            let done = Command::new("curl")
+                .args(["-fsS", &url])
+                .output()
+                .ok()
+                .and_then(|o| serde_json::from_slice::<serde_json::Value>(&o.stdout).ok())
+                .and_then(|v| v["tables"]["public.snap"]["committed_rows"].as_u64())
+                .is_some_and(|n| n >= rows);
+            if done {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        agent.push(t.elapsed().as_secs_f64());
+        rss = rss.max(proc_stats(child.id()).0);
+        let _ = child.kill();
+        let _ = child.wait();
+        let _ = std::fs::remove_dir_all(&wh);
+    }
+    let c = median(&mut copy);
+    let a = median(&mut agent);
+    println!(
+        "{:<26} {:>10} {:>12.0} {:>10} {:>12.0} {:>7.2} {:>8.0}",
+        format!("snapshot {}k rows", rows / 1000),
+        format!("{c:.2}"),
+        rows as f64 / c,
+        format!("{a:.2}"),
+        rows as f64 / a,
+        c / a,
+        rss
+    );
+    println!("  (baseline for the snapshot row: psql COPY snap TO STDOUT > /dev/null)");
+    psql(pg, "DROP TABLE snap");
+}
+
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
@@ -444,7 +521,8 @@ fn main() {
         otlp_port,
     };
     let mut overhead: Vec<(f64, f64)> = Vec::new();
-    for w in workloads(scale) {
+    let only_snapshot = args.iter().any(|a| a == "--snapshot-only");
+    for w in workloads(scale).into_iter().filter(|_| !only_snapshot) {
         let t = w.table;
         for stmt in w.setup.split(';').filter(|s| !s.trim().is_empty()) {
             psql(&pg, &stmt.replace("{t}", t));
@@ -518,6 +596,7 @@ fn main() {
         );
         psql(&pg, &format!("DROP TABLE {t}"));
     }
+    snapshot_phase(&env, if quick { 20_000 } else { 2_000_000 }, reps);
     let lat = freshness(&env, if quick { 3 } else { 20 });
     if !lat.is_empty() {
         let pct = |q: f64| lat[((lat.len() - 1) as f64 * q).round() as usize];
