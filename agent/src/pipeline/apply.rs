@@ -584,10 +584,23 @@ impl Applier {
         let mut seq = 0u64;
         let mut wire = Vec::new();
         let ts = now_micros();
-        loop {
-            let rows = reader
-                .raw_query("FETCH 10000 FROM philotes_snapshot")
-                .await?;
+        // The server fills the next batch while this task converts the current one: a reader
+        // task fetches ahead into a channel of two batches (memory stays bounded).
+        let (tx, mut rx) = tokio::sync::mpsc::channel(2);
+        let fetcher = tokio::spawn(async move {
+            loop {
+                let rows = reader.raw_query("FETCH 20000 FROM philotes_snapshot").await;
+                let done = matches!(&rows, Ok(r) if r.is_empty()) || rows.is_err();
+                if tx.send(rows).await.is_err() || done {
+                    break;
+                }
+            }
+            let _ = reader.query("COMMIT").await;
+        });
+        // An error here must not leave the reader running.
+        let _fetcher = super::AbortOnDrop(fetcher);
+        while let Some(rows) = rx.recv().await {
+            let rows = rows?;
             if rows.is_empty() {
                 break;
             }
@@ -642,7 +655,6 @@ impl Applier {
                 tracing::info!(table = %source_name, rows = seq, rows_per_s = rate as u64, eta_s = eta as u64, "initial snapshot: progress");
             }
         }
-        reader.query("COMMIT").await?;
         drop(exporter);
         self.spill(idx).await?;
         let t = &mut self.tables[idx];
