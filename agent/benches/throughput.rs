@@ -609,10 +609,12 @@ fn main() {
     }
     let on: f64 = overhead.iter().map(|(a, _)| a).sum();
     let off: f64 = overhead.iter().map(|(_, o)| o).sum();
-    println!(
-        "telemetry overhead: throughput on / off = {:.3} (total agent time on {on:.2}s, off {off:.2}s)",
-        off / on
-    );
+    if !overhead.is_empty() {
+        println!(
+            "telemetry overhead: throughput on / off = {:.3} (total agent time on {on:.2}s, off {off:.2}s)",
+            off / on
+        );
+    }
     println!("ratio = agent rows/s ÷ pg_recvlogical rows/s (same changes, same run)");
     if quick {
         println!("quick mode: harness checked, timings not meaningful");

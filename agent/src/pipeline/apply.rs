@@ -11,7 +11,7 @@ use pgwire_replication::{Lsn, ReplicationClient, ReplicationEvent};
 use tokio::sync::watch;
 use tracing::Instrument;
 
-use super::batch::{row_json, BatchError, TableBatch, PG_EPOCH_OFFSET_MICROS};
+use super::batch::{row_json, text_row_json, BatchError, TableBatch, PG_EPOCH_OFFSET_MICROS};
 use super::dlq::{self, DeadLetter};
 use super::status::{self, SharedStatus, TableStatus};
 use super::{Control, PipelineError};
@@ -582,7 +582,6 @@ impl Applier {
         let started = Instant::now();
         let mut last_report = Instant::now();
         let mut seq = 0u64;
-        let mut wire = Vec::new();
         let ts = now_micros();
         // The server fills the next batch while this task converts the current one: a reader
         // task fetches ahead into a channel of two batches (memory stays bounded).
@@ -605,34 +604,15 @@ impl Applier {
                 break;
             }
             for row in rows {
-                // Re-encode as a pgoutput Insert so the streaming converters apply unchanged.
-                wire.clear();
-                wire.push(b'I');
-                wire.extend_from_slice(&0u32.to_be_bytes());
-                wire.push(b'N');
-                wire.extend_from_slice(&(row.len() as i16).to_be_bytes());
-                for v in &row {
-                    match v {
-                        None => wire.push(b'n'),
-                        Some(b) => {
-                            wire.push(b't');
-                            wire.extend_from_slice(&(b.len() as i32).to_be_bytes());
-                            wire.extend_from_slice(b);
-                        }
-                    }
-                }
-                let Ok(Message::Insert { new, .. }) = pgoutput::decode(&wire) else {
-                    continue;
-                };
                 let t = &mut self.tables[idx];
-                if let Err(e) = t.batch.push("R", lsn, seq, ts, Some(&new)) {
+                if let Err(e) = t.batch.push_text("R", lsn, seq, ts, &row) {
                     self.dlq_rows.push(DeadLetter {
                         source_table: source_name.clone(),
                         lsn,
                         seq,
                         op: "R",
                         error: e.0,
-                        row_json: row_json(&t.columns, Some(&new)),
+                        row_json: text_row_json(&t.columns, &row),
                         time_micros: now_micros(),
                     });
                     self.metrics.dlq.add(1);

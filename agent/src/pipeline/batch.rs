@@ -359,6 +359,43 @@ impl TableBatch {
         ts_micros: i64,
         tuple: Option<&TupleData<'_>>,
     ) -> Result<(), ValueError> {
+        self.push_columns(
+            op,
+            lsn,
+            seq,
+            ts_micros,
+            tuple.map(|t| (t.len(), t.columns())),
+        )
+    }
+
+    /// Append one row given as text values (None = NULL), as a snapshot reads them.
+    pub fn push_text(
+        &mut self,
+        op: &'static str,
+        lsn: u64,
+        seq: u64,
+        ts_micros: i64,
+        values: &[Option<bytes::Bytes>],
+    ) -> Result<(), ValueError> {
+        let cols = values.iter().map(|v| match v {
+            None => Column::Null,
+            Some(b) => Column::Text(b),
+        });
+        self.push_columns(op, lsn, seq, ts_micros, Some((values.len(), cols)))
+    }
+
+    /// `push` over any column iterator (`n` columns).
+    fn push_columns<'a, I>(
+        &mut self,
+        op: &'static str,
+        lsn: u64,
+        seq: u64,
+        ts_micros: i64,
+        tuple: Option<(usize, I)>,
+    ) -> Result<(), ValueError>
+    where
+        I: Iterator<Item = Column<'a>> + Clone,
+    {
         // Reuse the parse buffer's allocation across rows (same layout, any lifetime).
         let mut parsed: Vec<Parsed<'_>> = std::mem::take(&mut self.parsed)
             .into_iter()
@@ -366,15 +403,15 @@ impl TableBatch {
             .collect();
         parsed.clear();
         let mut unchanged = 0usize;
-        if let Some(tuple) = tuple {
-            if tuple.len() != self.sources.len() {
+        if let Some((n, cols)) = &tuple {
+            if *n != self.sources.len() {
                 return Err(ValueError(format!(
                     "tuple has {} columns, relation has {}",
-                    tuple.len(),
+                    n,
                     self.sources.len()
                 )));
             }
-            for (col, slot) in tuple.columns().zip(&self.sources) {
+            for (col, slot) in cols.clone().zip(&self.sources) {
                 parsed.push(match col {
                     Column::Null => Parsed::Null,
                     Column::Unchanged => {
@@ -406,8 +443,8 @@ impl TableBatch {
                 self.cols[slot.field].append(*p, &mut self.scratch);
             }
             if unchanged > 0 {
-                if let Some(tuple) = tuple {
-                    for (col, slot) in tuple.columns().zip(&self.sources) {
+                if let Some((_, cols)) = &tuple {
+                    for (col, slot) in cols.clone().zip(&self.sources) {
                         if col == Column::Unchanged {
                             self.unchanged_names.append_value(&slot.name);
                         }
@@ -484,5 +521,20 @@ pub fn row_json(relation: &[RelationColumn], tuple: Option<&TupleData<'_>>) -> S
             m.insert(c.name.clone(), j);
         }
     }
+    serde_json::Value::Object(m).to_string()
+}
+
+/// A text row (as a snapshot reads it) as JSON text, for the dead-letter table.
+pub fn text_row_json(relation: &[RelationColumn], values: &[Option<bytes::Bytes>]) -> String {
+    let m: serde_json::Map<String, serde_json::Value> = relation
+        .iter()
+        .zip(values)
+        .map(|(c, v)| {
+            let j = v.as_ref().map_or(serde_json::Value::Null, |b| {
+                serde_json::Value::String(String::from_utf8_lossy(b).into_owned())
+            });
+            (c.name.clone(), j)
+        })
+        .collect();
     serde_json::Value::Object(m).to_string()
 }

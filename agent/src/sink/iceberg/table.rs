@@ -221,7 +221,7 @@ impl TableSink {
         let werr = |e: iceberg::Error| SinkError::Write(e.to_string());
         let props = WriterProperties::builder()
             .set_compression(Compression::ZSTD(
-                ZstdLevel::try_new(3).map_err(|e| SinkError::Write(e.to_string()))?,
+                ZstdLevel::try_new(1).map_err(|e| SinkError::Write(e.to_string()))?,
             ))
             .set_max_row_group_row_count(Some(1 << 20))
             .build();

@@ -209,6 +209,7 @@ impl<'a> TupleData<'a> {
 }
 
 /// Iterator over a validated tuple.
+#[derive(Clone)]
 pub struct TupleIter<'a> {
     left: u16,
     rest: &'a [u8],
