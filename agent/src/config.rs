@@ -501,6 +501,34 @@ impl Config {
         Ok(())
     }
 
+    /// Every secret in the configuration (tokens, keys, source passwords), for log scrubbing.
+    pub fn secrets(&self) -> Vec<String> {
+        let mut out: Vec<String> = [
+            &self.api.token,
+            &self.iceberg.token,
+            &self.iceberg.credential,
+            &self.iceberg.s3.secret_access_key,
+            &self.iceberg.s3.session_token,
+        ]
+        .into_iter()
+        .flatten()
+        .cloned()
+        .collect();
+        for p in &self.pipelines {
+            if let Ok(u) = SourceUrl::parse(&p.source) {
+                out.push(u.password.clone());
+                // The URL form too (percent-encoded), as a URL may be logged whole.
+                if let Ok(parsed) = url::Url::parse(&p.source) {
+                    if let Some(pw) = parsed.password() {
+                        out.push(pw.to_string());
+                    }
+                }
+            }
+        }
+        out.retain(|s| !s.is_empty());
+        out
+    }
+
     /// The configuration as JSON with every secret replaced by `"***"`.
     pub fn redacted(&self) -> serde_json::Value {
         let mut c = self.clone();

@@ -84,7 +84,7 @@ fn main() -> ExitCode {
                     Ok(c) => c,
                     Err(code) => return code,
                 };
-                telemetry::init_basic_logging("warn,pgwire_replication=off");
+                telemetry::init_basic_logging("warn,pgwire_replication=off", cfg.secrets());
                 let problems = philotes::check::run_checks(&cfg).await;
                 if problems.is_empty() {
                     println!("ok: {} pipeline(s), catalog reachable", cfg.pipelines.len());
@@ -135,7 +135,7 @@ async fn run(cfg: Config) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    telemetry.init_logging(&cfg.telemetry);
+    telemetry.init_logging(&cfg.telemetry, cfg.secrets());
     // Problems that no retry can cure (wal_level, missing tables) stop the start with status 2.
     let fatal = philotes::check::fatal_source_problems(&cfg).await;
     if !fatal.is_empty() {

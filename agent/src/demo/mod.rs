@@ -154,7 +154,7 @@ flush_interval = "1s"
     let env: Vec<(String, String)> = std::env::vars().collect();
     let cfg = Config::parse(&cfg_text, &env)?;
     let telemetry = Telemetry::init(&cfg.telemetry).map_err(crate::agent::AgentError::from)?;
-    telemetry.init_logging(&cfg.telemetry);
+    telemetry.init_logging(&cfg.telemetry, cfg.secrets());
     let agent_iceberg = cfg.iceberg.clone();
     let agent = Agent::start(cfg, telemetry).await?;
     if let Some(addr) = agent.api_addr {

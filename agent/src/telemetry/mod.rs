@@ -3,6 +3,7 @@
 mod export;
 pub mod instruments;
 mod process;
+mod scrub;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -197,8 +198,10 @@ impl Telemetry {
         })
     }
 
-    /// Install the global `tracing` subscriber (text or JSON logs, plus spans to OTLP).
-    pub fn init_logging(&self, cfg: &TelemetryConfig) {
+    /// Install the global `tracing` subscriber (text or JSON logs, plus spans to OTLP); every
+    /// string in `secrets` is scrubbed from the log output.
+    pub fn init_logging(&self, cfg: &TelemetryConfig, secrets: Vec<String>) {
+        let writer = scrub::ScrubbingStderr::new(secrets);
         let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
             EnvFilter::new(format!(
                 // Export failures are counted and logged by our wrappers (rate-limited); the SDK's own
@@ -213,12 +216,12 @@ impl Telemetry {
                 .flatten_event(true)
                 .with_current_span(true)
                 .with_span_list(true)
-                .with_writer(std::io::stderr)
+                .with_writer(writer)
                 .boxed()
         } else {
             tracing_subscriber::fmt::layer()
                 .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-                .with_writer(std::io::stderr)
+                .with_writer(writer)
                 .boxed()
         };
         let otel = self
@@ -287,11 +290,11 @@ pub fn record_trace_id(span: &tracing::Span) {
     }
 }
 
-/// Logging for commands that run without the full telemetry stack (`check`, `version`).
-pub fn init_basic_logging(level: &str) {
+/// Logging for commands that run without the full telemetry stack (`check`); secrets scrubbed.
+pub fn init_basic_logging(level: &str, secrets: Vec<String>) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(scrub::ScrubbingStderr::new(secrets))
         .try_init();
 }
