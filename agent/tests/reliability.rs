@@ -629,6 +629,24 @@ async fn read_only_and_full_warehouse_recover_without_loss() {
         "RSS bounded through the faults: {} MB",
         rss >> 20
     );
+    let metrics = reqwest::get(format!("http://{}/metrics", agent.api_addr().unwrap()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let retried: f64 = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("philotes_buffer_batches_total{") && l.contains("status=\"retried\"")
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    assert!(
+        retried >= 1.0,
+        "batches committed after a failure count as retried: {retried}"
+    );
     figures("warehouse read-only for 20 s", 1, 0, 0, ro_recovery);
     figures("warehouse disk full for 20 s", 1, 0, 0, full_recovery);
     assert_eq!(agent.terminate(), Some(0));

@@ -77,6 +77,8 @@ pub(super) struct Applier {
     oldest: Option<Instant>,
     buffered_events: u64,
     confirmed: u64,
+    /// The previous attempt failed: the first flush of this one is a retried batch.
+    retrying: bool,
 }
 
 fn now_micros() -> i64 {
@@ -124,6 +126,7 @@ impl Applier {
             oldest: None,
             buffered_events: 0,
             confirmed: 0,
+            retrying: false,
         }
     }
 
@@ -304,6 +307,11 @@ impl Applier {
                 }
             }
         });
+    }
+
+    /// Mark this attempt as following a failed one (see `batches_retried`).
+    pub(super) fn after_failure(&mut self, failed: bool) {
+        self.retrying = failed;
     }
 
     fn should_flush(&self) -> bool {
@@ -711,7 +719,12 @@ impl Applier {
         .instrument(span)
         .await;
         match &result {
-            Ok(()) => self.metrics.batches_committed.add(1),
+            Ok(()) => {
+                self.metrics.batches_committed.add(1);
+                if std::mem::take(&mut self.retrying) {
+                    self.metrics.batches_retried.add(1);
+                }
+            }
             Err(_) => self.metrics.batches_failed.add(1),
         }
         result

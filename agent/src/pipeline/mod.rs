@@ -96,6 +96,8 @@ pub struct Pipeline {
     metrics: SourceMetrics,
     status: SharedStatus,
     control: watch::Receiver<Control>,
+    /// The last attempt ended in an error.
+    last_failed: bool,
 }
 
 impl Pipeline {
@@ -129,6 +131,7 @@ impl Pipeline {
                 metrics,
                 status,
                 control: rx,
+                last_failed: false,
             },
             handle,
         ))
@@ -149,6 +152,7 @@ impl Pipeline {
             self.set_state(PipelineState::Starting);
             let started = Instant::now();
             let result = self.stream_once(&mut shutdown).await;
+            self.last_failed = result.is_err();
             match result {
                 Ok(()) => break,
                 Err(e) => {
@@ -201,6 +205,7 @@ impl Pipeline {
             self.metrics.clone(),
             self.status.clone(),
         );
+        applier.after_failure(self.last_failed);
         if self.cfg.snapshot == crate::config::SnapshotMode::Initial {
             for (schema, table) in &tables {
                 self.set_state(PipelineState::Snapshotting);
