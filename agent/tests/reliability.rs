@@ -65,6 +65,8 @@ fn mixed_txn(rng: &mut Rng, next: &mut i64, live: &mut Vec<i64>, ops: &mut [u64;
     sql
 }
 
+const MIXED_DDL: &str = "CREATE TABLE m (id bigint PRIMARY KEY, v int NOT NULL, h text)";
+
 fn figures(fault: &str, runs: usize, lost: i64, dup: i64, recovery: Duration) {
     eprintln!(
         "RELIABILITY | {fault} | {runs} | {lost} | {dup} | {:.1}s",
@@ -227,18 +229,7 @@ async fn postgres_restarts_fast_and_immediate_lose_nothing() {
     assert_eq!(v["unique"], true);
     assert_eq!(v["rows"], total);
     assert_eq!(v["state_equal"], true, "{}", v["state_diff"]);
-    let metrics = reqwest::get(format!("http://{addr}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let retries: f64 = metrics
-        .lines()
-        .find(|l| l.starts_with("philotes_cdc_retries_total{"))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0);
+    let retries = metric_value(&addr, "philotes_cdc_retries_total", "").await;
     assert!(retries >= 2.0, "philotes_cdc_retries_total rose: {retries}");
     figures("pg_ctl restart -m fast and -m immediate", 2, 0, 0, worst);
     assert_eq!(agent.terminate(), Some(0));
@@ -246,22 +237,17 @@ async fn postgres_restarts_fast_and_immediate_lose_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_locked_sqlite_catalog_delays_but_loses_nothing() {
-    let pg = TestPg::start();
-    let db = pg.create_db("app").await;
-    db.batch_execute("CREATE TABLE m (id bigint PRIMARY KEY, v int NOT NULL, h text)")
-        .await
-        .unwrap();
-    let work = Workdir::new();
-    let cfg = work.config(&pg.url("app"), &["m"], "", "");
-    let agent = AgentProc::start(&cfg, &work.path().join("agent.log"));
-    agent.wait_streaming().await;
+    let Running {
+        pg: _pg,
+        db,
+        work,
+        agent,
+        ..
+    } = running(MIXED_DDL, &["m"], "").await;
     db.batch_execute("INSERT INTO m SELECT g, 0, 'a' FROM generate_series(1, 1000) g")
         .await
         .unwrap();
-    wait_for(Duration::from_secs(60), "first rows", || async {
-        (iceberg_rows(&work, "ns.m") == Some(1000)).then_some(())
-    })
-    .await;
+    wait_rows(&work, "ns.m", 1000, 60).await;
     // Another process holds an exclusive lock on the catalog for 20 s.
     let code = format!(
         "import sqlite3, time\nc = sqlite3.connect('{}', isolation_level=None)\nc.execute('BEGIN EXCLUSIVE')\nprint('locked', flush=True)\ntime.sleep(20)\nc.execute('COMMIT')\n",
@@ -320,15 +306,13 @@ async fn a_locked_sqlite_catalog_delays_but_loses_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_agent_on_the_same_slot_fails_fast() {
-    let pg = TestPg::start();
-    let db = pg.create_db("app").await;
-    db.batch_execute("CREATE TABLE m (id bigint PRIMARY KEY, v int NOT NULL, h text)")
-        .await
-        .unwrap();
-    let work = Workdir::new();
-    let cfg = work.config(&pg.url("app"), &["m"], "", "");
-    let first = AgentProc::start(&cfg, &work.path().join("first.log"));
-    first.wait_streaming().await;
+    let Running {
+        pg: _pg,
+        db,
+        work,
+        cfg,
+        agent: first,
+    } = running(MIXED_DDL, &["m"], "").await;
     db.batch_execute("INSERT INTO m SELECT g, 0, 'a' FROM generate_series(1, 500) g")
         .await
         .unwrap();
@@ -466,10 +450,7 @@ async fn verify_full_tls_and_secrets_never_leak() {
     db.batch_execute("INSERT INTO m SELECT g, 0, 'x' FROM generate_series(1, 200) g; INSERT INTO m VALUES (-1, 0, 'y')")
         .await
         .unwrap();
-    wait_for(Duration::from_secs(60), "rows", || async {
-        (iceberg_rows(&work, "ns.m") == Some(201)).then_some(())
-    })
-    .await;
+    wait_rows(&work, "ns.m", 201, 60).await;
     let http = reqwest::Client::new();
     let config = http
         .get(format!("http://{addr}/api/v1/config"))
@@ -561,10 +542,7 @@ async fn read_only_and_full_warehouse_recover_without_loss() {
         sql
     };
     db.batch_execute(&insert(1000)).await.unwrap();
-    wait_for(Duration::from_secs(60), "first rows", || async {
-        (iceberg_rows(&work, "ns.m") == Some(1000)).then_some(())
-    })
-    .await;
+    wait_rows(&work, "ns.m", 1000, 60).await;
 
     // Read-only for 20 s while changes keep arriving.
     fs.remount("ro");
@@ -575,10 +553,7 @@ async fn read_only_and_full_warehouse_recover_without_loss() {
     }
     fs.remount("rw");
     let ro_done = Instant::now();
-    wait_for(Duration::from_secs(120), "rows after read-only", || async {
-        (iceberg_rows(&work, "ns.m") == Some(3000)).then_some(())
-    })
-    .await;
+    wait_rows(&work, "ns.m", 3000, 120).await;
     let ro_recovery = ro_done.elapsed();
     assert!(t.elapsed() >= Duration::from_secs(20));
 
@@ -629,20 +604,8 @@ async fn read_only_and_full_warehouse_recover_without_loss() {
         "RSS bounded through the faults: {} MB",
         rss >> 20
     );
-    let metrics = reqwest::get(format!("http://{}/metrics", agent.api_addr().unwrap()))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let retried: f64 = metrics
-        .lines()
-        .find(|l| {
-            l.starts_with("philotes_buffer_batches_total{") && l.contains("status=\"retried\"")
-        })
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0);
+    let addr = agent.api_addr().unwrap();
+    let retried = metric_value(&addr, "philotes_buffer_batches_total", "status=\"retried\"").await;
     assert!(
         retried >= 1.0,
         "batches committed after a failure count as retried: {retried}"

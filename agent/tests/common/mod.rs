@@ -358,3 +358,55 @@ pub fn note(path: &Path, line: &str) {
         let _ = writeln!(f, "{line}");
     }
 }
+
+/// A private PostgreSQL with database `app`, the DDL applied, and a streaming agent on `tables`.
+/// Keep `pg` bound while the test runs: dropping it stops the server.
+pub struct Running {
+    pub pg: TestPg,
+    pub db: tokio_postgres::Client,
+    pub work: Workdir,
+    pub cfg: PathBuf,
+    pub agent: AgentProc,
+}
+
+/// Start everything a typical test needs and wait until the pipeline streams.
+pub async fn running(ddl: &str, tables: &[&str], pipeline_extra: &str) -> Running {
+    let pg = TestPg::start();
+    let db = pg.create_db("app").await;
+    db.batch_execute(ddl).await.expect("test schema");
+    let work = Workdir::new();
+    let cfg = work.config(&pg.url("app"), tables, pipeline_extra, "");
+    let agent = AgentProc::start(&cfg, &work.path().join("agent.log"));
+    agent.wait_streaming().await;
+    Running {
+        pg,
+        db,
+        work,
+        cfg,
+        agent,
+    }
+}
+
+/// Wait until `table` holds exactly `rows` rows in Iceberg.
+pub async fn wait_rows(work: &Workdir, table: &str, rows: u64, secs: u64) {
+    wait_for(
+        Duration::from_secs(secs),
+        &format!("{rows} rows in {table}"),
+        || async { (iceberg_rows(work, table) == Some(rows)).then_some(()) },
+    )
+    .await;
+}
+
+/// Sum of the samples of `name` whose label text contains `labels`, from a scrape of `addr`.
+pub async fn metric_value(addr: &str, name: &str, labels: &str) -> f64 {
+    let text = reqwest::get(format!("http://{addr}/metrics"))
+        .await
+        .expect("scrape")
+        .text()
+        .await
+        .expect("scrape body");
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(labels))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
