@@ -427,9 +427,28 @@ fn snapshot_phase(env: &Env<'_>, rows: u64, reps: usize) {
             pg.url("bench", None),
             w = wh.display(),
         );
+        // PHILOTES_BENCH_PROFILE=DIR keeps each run's info-level log there and records the
+        // first run with `perf record -g` (DIR/perf.data): the profiling route of docs/performance.md.
+        let profile = std::env::var_os("PHILOTES_BENCH_PROFILE").map(PathBuf::from);
+        let cfg = match &profile {
+            Some(_) => cfg.replace("log_level = \"warn\"", "log_level = \"info\""),
+            None => cfg,
+        };
         std::fs::write(wh.join("philotes.toml"), cfg).unwrap();
         let t = Instant::now();
-        let mut child = Command::new(env.bin)
+        let mut cmd = match (&profile, i) {
+            (Some(dir), 0) => {
+                std::fs::create_dir_all(dir).unwrap();
+                let mut c = Command::new("perf");
+                c.args(["record", "-g", "-F", "999", "-o"])
+                    .arg(dir.join("perf.data"))
+                    .arg("--")
+                    .arg(env.bin);
+                c
+            }
+            _ => Command::new(env.bin),
+        };
+        let mut child = cmd
             .args(["run", "--config"])
             .arg(wh.join("philotes.toml"))
             .stdout(Stdio::null())
@@ -454,8 +473,20 @@ fn snapshot_phase(env: &Env<'_>, rows: u64, reps: usize) {
         }
         agent.push(t.elapsed().as_secs_f64());
         rss = rss.max(proc_stats(child.id()).0);
-        let _ = child.kill();
-        let _ = child.wait();
+        match &profile {
+            Some(dir) => {
+                // perf writes its file on SIGINT; the agent under it gets the same signal.
+                let _ = Command::new("kill")
+                    .args(["-INT", &child.id().to_string()])
+                    .status();
+                let _ = child.wait();
+                let _ = std::fs::copy(wh.join("agent.log"), dir.join(format!("snapshot_{i}.log")));
+            }
+            None => {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
         let _ = std::fs::remove_dir_all(&wh);
     }
     let c = median(&mut copy);

@@ -199,12 +199,20 @@ pub struct PipelineConfig {
     pub publication: Option<String>,
     /// `schema.table` (or `table` for `public`).
     pub tables: Vec<String>,
+    /// Also stream every other table in the publication, including tables added to it while
+    /// the agent runs (`false`: only `tables`).
+    #[serde(default = "default_true")]
+    pub follow_publication: bool,
     /// Iceberg namespace (default: the pipeline name).
     #[serde(default)]
     pub namespace: Option<String>,
     /// Initial snapshot mode.
     #[serde(default = "default_snapshot")]
     pub snapshot: SnapshotMode,
+    /// Sessions that read one table's initial snapshot in parallel (block ranges of the same
+    /// exported snapshot; PostgreSQL 14 or later, else 1).
+    #[serde(default = "default_snapshot_readers")]
+    pub snapshot_readers: u32,
     /// Flush once this many rows are buffered.
     #[serde(default = "default_batch_rows")]
     pub batch_rows: u64,
@@ -227,6 +235,12 @@ pub struct PipelineConfig {
 
 fn default_snapshot() -> SnapshotMode {
     SnapshotMode::Never
+}
+fn default_true() -> bool {
+    true
+}
+fn default_snapshot_readers() -> u32 {
+    2
 }
 fn default_batch_rows() -> u64 {
     100_000
@@ -469,6 +483,12 @@ impl Config {
                 return Err(ConfigError::new(
                     key("namespace"),
                     "must be 1-48 characters of a-z, 0-9 and _",
+                ));
+            }
+            if !(1..=16).contains(&p.snapshot_readers) {
+                return Err(ConfigError::new(
+                    key("snapshot_readers"),
+                    "must be between 1 and 16",
                 ));
             }
             if p.batch_rows == 0 {

@@ -8,48 +8,6 @@ use std::time::Duration;
 
 use common::*;
 
-const ALL_TYPES: &str = "
-CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy');
-CREATE DOMAIN posint AS integer CHECK (VALUE > 0);
-CREATE TABLE all_types (
-    id int8 PRIMARY KEY,
-    c_int2 int2, c_int4 int4, c_float4 float4, c_float8 float8,
-    c_numeric numeric(12,2), c_bool bool, c_text text, c_varchar varchar(50),
-    c_bytea bytea, c_date date, c_time time, c_ts timestamp, c_tstz timestamptz,
-    c_uuid uuid, c_jsonb jsonb, c_int4arr int4[], c_textarr text[],
-    c_enum mood, c_domain posint
-);";
-
-const ALL_TYPES_QUERY: &str = "SELECT id, c_int2, c_int4, c_float4, c_float8, c_numeric, c_bool, \
-    c_text, c_varchar, c_bytea, c_date, c_time, c_ts, c_tstz, c_uuid, c_jsonb::text AS c_jsonb, \
-    c_int4arr, c_textarr, c_enum::text AS c_enum, c_domain::text AS c_domain FROM all_types";
-
-fn all_types_values(i: i64) -> String {
-    if i % 7 == 3 {
-        // Every column but the key NULL.
-        return format!("({i}, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL)");
-    }
-    let moods = ["sad", "ok", "happy"];
-    format!(
-        "({i}, {}, {}, {}, {}, {}.{:02}, {}, 'row ''{i}'' ✓ \"q\"', 'v{i}', '\\x{:04x}ff', \
-         DATE '2024-01-01' + {i}, TIME '12:34:56.{:06}', TIMESTAMP '2024-03-04 05:06:07.123456' + interval '{i} hours', \
-         TIMESTAMPTZ '2024-06-01 10:00:00.5+05:30' + interval '{i} minutes', md5('{i}')::uuid, \
-         '{{\"i\": {i}, \"nested\": {{\"a\": [1, 2], \"s\": \"x y\"}}}}', '{{{i},NULL,-3}}', \
-         '{{\"a b\",\"c,d\",NULL,\"q\\\"t\"}}', '{}', {})",
-        (i % 30000) as i16 - 100,
-        i * 1000 - 7,
-        (i as f64) * 0.25 - 3.0,
-        (i as f64) / 3.0,
-        i * 7,
-        i % 100,
-        i % 2 == 0,
-        i,
-        i * 1001 % 1_000_000,
-        moods[(i % 3) as usize],
-        i + 1,
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_type_round_trips_through_pyiceberg_and_duckdb() {
     let pg = TestPg::start();

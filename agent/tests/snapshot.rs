@@ -41,6 +41,22 @@ fn churn(db: tokio_postgres::Client) -> tokio::task::JoinHandle<()> {
     })
 }
 
+/// Whether any Parquet file exists under `dir`.
+fn has_parquet(dir: &std::path::Path) -> bool {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|e| {
+            let p = e.path();
+            if p.is_dir() {
+                has_parquet(&p)
+            } else {
+                p.extension().is_some_and(|x| x == "parquet")
+            }
+        })
+}
+
 fn folded_equals_source(pg: &TestPg, work: &Workdir) -> serde_json::Value {
     let v = verify(
         work,
@@ -124,20 +140,28 @@ async fn snapshot_under_concurrent_writes_matches_the_source() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_during_the_snapshot_restarts_it_without_duplicates() {
-    let (pg, _db, work, cfg) = setup().await;
+    let (pg, _db, work, _) = setup().await;
+    // Small batches: the first data file appears early in the copy, long before its commit.
+    let cfg = work.config(
+        &pg.url("app"),
+        &["big"],
+        "snapshot = \"initial\"\nbatch_rows = 5000",
+        "",
+    );
     let log = work.path().join("agent.log");
     let agent = AgentProc::start(&cfg, &log);
     let writer = churn(pg.client("app").await);
-    wait_for(Duration::from_secs(60), "snapshot under way", || async {
-        std::fs::read_to_string(&log)
-            .ok()
-            .filter(|l| l.contains("initial snapshot: copying"))
-            .map(|_| ())
-    })
-    .await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let before_kill = std::fs::read_to_string(&log).unwrap_or_default();
+    // Kill as soon as the copy is writing data files.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !has_parquet(&work.warehouse()) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "snapshot never started writing"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
     agent.kill9();
+    let before_kill = std::fs::read_to_string(&log).unwrap_or_default();
     assert!(
         !before_kill.contains("initial snapshot: committed"),
         "the kill must land during the copy"
@@ -157,5 +181,90 @@ async fn sigkill_during_the_snapshot_restarts_it_without_duplicates() {
     );
     let r = v["ops"]["R"].as_i64().unwrap();
     assert!(r > ROWS * 9 / 10, "R rows: {r}");
+    assert_eq!(agent.terminate(), Some(0));
+}
+
+/// Every mapped type through the snapshot path (binary for fixed-width types, output-function
+/// text for the rest, two readers over block ranges) lands exactly as streaming would write
+/// it; values Iceberg cannot hold go to the dead-letter table with their reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_type_snapshots_like_it_streams() {
+    let pg = TestPg::start();
+    let db = pg.create_db("app").await;
+    db.batch_execute(ALL_TYPES).await.expect("schema");
+    for chunk in (1..=3000i64).collect::<Vec<_>>().chunks(500) {
+        let values: Vec<String> = chunk.iter().map(|&i| all_types_values(i)).collect();
+        db.batch_execute(&format!(
+            "INSERT INTO all_types VALUES {}",
+            values.join(", ")
+        ))
+        .await
+        .expect("rows");
+    }
+    // Edges of the binary forms: extreme integers, floats, dates and times around the epochs.
+    db.batch_execute(
+        "INSERT INTO all_types (id, c_int2, c_int4, c_float4, c_float8, c_bool, c_date, c_ts, c_tstz) VALUES
+           (10001, -32768, -2147483648, -0.5, -1e300, false, DATE '0001-01-01',
+            TIMESTAMP '0001-01-01 00:00:00', TIMESTAMPTZ '1969-12-31 23:59:59.999999+00'),
+           (10002, 32767, 2147483647, 16777216, 1.5e-300, true, DATE '9999-12-31',
+            TIMESTAMP '9999-12-31 23:59:59.999999', TIMESTAMPTZ '2000-01-01 00:00:00+00'),
+           (10003, 0, 0, 0, 0, true, DATE '1999-12-31', TIMESTAMP '1970-01-01 00:00:00',
+            TIMESTAMPTZ '1999-12-31 23:59:59.999999-01');
+         INSERT INTO all_types (id, c_tstz) VALUES (20001, 'infinity');
+         INSERT INTO all_types (id, c_date) VALUES (20002, '-infinity');",
+    )
+    .await
+    .expect("edge rows");
+    db.batch_execute("VACUUM ANALYZE all_types").await.unwrap();
+    let blocks: i64 = db
+        .query_one(
+            "SELECT pg_relation_size('all_types') / current_setting('block_size')::bigint",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(blocks >= 64, "two readers need >= 64 blocks, have {blocks}");
+    let work = Workdir::new();
+    let cfg = work.config(
+        &pg.url("app"),
+        &["all_types"],
+        "snapshot = \"initial\"\nsnapshot_readers = 2",
+        "",
+    );
+    let agent = AgentProc::start(&cfg, &work.path().join("agent.log"));
+    wait_rows(&work, "ns.all_types", 3003, 120).await;
+    wait_rows(&work, "ns._philotes_dlq", 2, 60).await;
+    let v = verify(
+        &work,
+        "ns.all_types",
+        &[
+            "--duckdb",
+            "--pg-conninfo",
+            &pg.conninfo("app"),
+            "--pg-query",
+            &format!("{ALL_TYPES_QUERY} WHERE id < 20000"),
+        ],
+    );
+    assert_eq!(v["ops"]["R"], 3003, "{v}");
+    assert_eq!(v["snapshot_duplicate_keys"], 0);
+    assert_eq!(v["duckdb_equal"], true, "{}", v["duckdb_diff"]);
+    assert_eq!(v["state_equal"], true, "{}", v["state_diff"]);
+    let dlq = verify(
+        &work,
+        "ns._philotes_dlq",
+        &["--pk", "source_table,_cdc_lsn,_cdc_seq", "--rows"],
+    );
+    let rows = dlq["all_rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 2, "{dlq}");
+    for r in rows {
+        let error = r["error"].as_str().unwrap();
+        assert!(error.contains("infinity"), "reason names the value: {r}");
+        assert!(
+            error.contains("c_tstz") || error.contains("c_date"),
+            "reason names the column: {r}"
+        );
+        assert_eq!(r["_cdc_op"], "R");
+    }
     assert_eq!(agent.terminate(), Some(0));
 }

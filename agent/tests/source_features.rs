@@ -277,3 +277,115 @@ async fn one_failing_pipeline_does_not_stop_the_other() {
     assert_eq!(verify(&work, "ns2.t", &[])["unique"], true);
     assert_eq!(agent.terminate(), Some(0));
 }
+
+/// A table added to the publication while the agent streams is picked up. With
+/// `snapshot = "initial"` the stream restarts, the table is copied (R rows) and its changes
+/// continue from the copy's consistent point: folded, it equals the source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_added_to_the_publication_is_snapshotted_and_streamed() {
+    let Running {
+        pg: _pg,
+        db,
+        work,
+        agent,
+        ..
+    } = running(
+        "CREATE TABLE a (id int PRIMARY KEY, v text);
+         CREATE TABLE b (id int PRIMARY KEY, v text);
+         INSERT INTO b SELECT g, 'old' FROM generate_series(1, 500) g;",
+        &["a"],
+        "snapshot = \"initial\"",
+    )
+    .await;
+    db.batch_execute("INSERT INTO a VALUES (1, 'x')")
+        .await
+        .unwrap();
+    wait_rows(&work, "ns.a", 1, 60).await;
+    db.batch_execute(
+        "ALTER PUBLICATION philotes_p ADD TABLE b;
+         BEGIN;
+         INSERT INTO b VALUES (1001, 'new');
+         UPDATE b SET v = 'changed' WHERE id <= 10;
+         DELETE FROM b WHERE id > 490;
+         INSERT INTO a VALUES (2, 'y');
+         COMMIT;
+         INSERT INTO b VALUES (1002, 'later');
+         UPDATE b SET v = 'again' WHERE id = 20;",
+    )
+    .await
+    .unwrap();
+    wait_rows(&work, "ns.a", 2, 60).await;
+    let conninfo = _pg.conninfo("app");
+    let v = wait_for(
+        Duration::from_secs(90),
+        "b folded equals the source",
+        || {
+            let conninfo = conninfo.clone();
+            let work = &work;
+            async move {
+                let v = verify(
+                    work,
+                    "ns.b",
+                    &[
+                        "--pg-conninfo",
+                        &conninfo,
+                        "--pg-query",
+                        "SELECT id, v FROM b",
+                    ],
+                );
+                (v["state_equal"] == true).then_some(v)
+            }
+        },
+    )
+    .await;
+    assert!(
+        v["ops"]["R"].as_i64().unwrap_or(0) >= 490,
+        "existing rows copied: {v}"
+    );
+    assert_eq!(v["snapshot_duplicate_keys"], 0);
+    assert_eq!(v["unique"], true);
+    let log = agent.log_text();
+    assert!(log.contains("table joined the publication"), "{log}");
+    assert!(
+        !log.contains("pipeline failed"),
+        "a new table is not a failure: {log}"
+    );
+    assert_eq!(agent.terminate(), Some(0));
+}
+
+/// Without a snapshot, a table added to the publication streams its changes from then on;
+/// with `follow_publication = false` it is ignored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_added_to_the_publication_streams_unless_told_not_to() {
+    for follow in [true, false] {
+        let Running {
+            pg: _pg,
+            db,
+            work,
+            agent,
+            ..
+        } = running(
+            "CREATE TABLE a (id int PRIMARY KEY);
+             CREATE TABLE c (id int PRIMARY KEY);
+             INSERT INTO c SELECT generate_series(1, 50);",
+            &["a"],
+            &format!("follow_publication = {follow}"),
+        )
+        .await;
+        db.batch_execute(
+            "ALTER PUBLICATION philotes_p ADD TABLE c;
+             INSERT INTO c VALUES (100), (101);
+             DELETE FROM c WHERE id = 1;
+             INSERT INTO a VALUES (1);",
+        )
+        .await
+        .unwrap();
+        wait_rows(&work, "ns.a", 1, 60).await;
+        if follow {
+            wait_rows(&work, "ns.c", 3, 60).await;
+        } else {
+            assert_eq!(iceberg_rows(&work, "ns.c"), None, "c is not followed");
+        }
+        assert_eq!(agent.terminate(), Some(0));
+    }
+}

@@ -11,7 +11,7 @@ use pgwire_replication::{Lsn, ReplicationClient, ReplicationEvent};
 use tokio::sync::watch;
 use tracing::Instrument;
 
-use super::batch::{row_json, text_row_json, BatchError, TableBatch, PG_EPOCH_OFFSET_MICROS};
+use super::batch::{row_json, snapshot_row_json, BatchError, TableBatch, PG_EPOCH_OFFSET_MICROS};
 use super::dlq::{self, DeadLetter};
 use super::status::{self, SharedStatus, TableStatus};
 use super::{Control, PipelineError};
@@ -24,7 +24,7 @@ use crate::sink::iceberg::TableSink;
 use crate::source::postgres::conn::SourceUrl;
 use crate::source::postgres::pgoutput::{self, Message, RelationColumn, TupleData};
 use crate::source::postgres::session::format_lsn;
-use crate::source::postgres::session::Session;
+use crate::source::postgres::session::{Session, SourceError};
 use crate::source::postgres::types::ColumnKind;
 use crate::telemetry::{record_trace_id, PipelineState, SourceMetrics, TableMetrics};
 
@@ -331,14 +331,24 @@ impl Applier {
                 columns,
                 ..
             } => {
-                let wanted = self
+                let configured = self
                     .cfg
                     .table_names()
                     .iter()
                     .any(|(s, t)| s == namespace && t == name);
-                if !wanted {
+                if !configured && !self.cfg.follow_publication {
                     self.relations.insert(oid, None);
                     return Ok(());
+                }
+                let source = format!("{namespace}.{name}");
+                if !self.tables.iter().any(|t| t.source_name == source) {
+                    // A table added to the publication while streaming. Nothing of this
+                    // transaction is confirmed yet, so with an initial snapshot the stream
+                    // restarts: the table is copied first and its earlier changes skipped.
+                    if self.cfg.snapshot == crate::config::SnapshotMode::Initial {
+                        return Err(PipelineError::NewTable(source));
+                    }
+                    tracing::info!(table = %source, "table joined the publication: streaming it");
                 }
                 let idx = self.relation(namespace, name, columns).await?;
                 self.relations.insert(oid, Some(idx));
@@ -413,7 +423,7 @@ impl Applier {
                 }
             }
             // The table changed shape: write what was buffered with the old layout first.
-            self.spill(i).await?;
+            self.close_files(i).await?;
             let t = &mut self.tables[i];
             evolve(&mut t.sink, &t.source_name, &columns).await?;
             t.batch = TableBatch::new(t.sink.schema(), t.sink.arrow_schema(), &columns)?;
@@ -568,59 +578,103 @@ impl Applier {
         let (point, snapshot) = exporter.export_snapshot(&temp).await?;
         let lsn = point.saturating_sub(1);
         tracing::info!(table = %source_name, point = %format_lsn(point), estimate, "initial snapshot: copying");
-        reader
-            .query("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-            .await?;
-        reader
-            .query(&format!(
-                "SET TRANSACTION SNAPSHOT '{}'",
-                snapshot.replace('\'', "")
+        // A BINARY cursor: fixed-width types travel in their send form (cheaper to produce
+        // and to read than text); every other column is wrapped in its output function, whose
+        // cstring result is the same text a text-mode read would give.
+        let binary = self.tables[idx].batch.snapshot_binary();
+        let outputs = reader.output_functions(schema, name).await?;
+        if outputs.len() != columns.len() {
+            return Err(SourceError::Query(format!(
+                "{source_name} changed while the snapshot started; it will be retried"
             ))
-            .await?;
+            .into());
+        }
         let list = columns
             .iter()
-            .map(|c| format!("\"{}\"", c.name.replace('"', "\"\"")))
+            .zip(&binary)
+            .zip(&outputs)
+            .map(|((c, &bin), f)| {
+                let col = format!("\"{}\"", c.name.replace('"', "\"\""));
+                if bin || f.is_empty() {
+                    col
+                } else {
+                    format!("{f}({col})")
+                }
+            })
             .collect::<Vec<_>>()
             .join(", ");
-        reader
+        // Several sessions read disjoint block ranges of the same snapshot (a TID range scan
+        // each, PostgreSQL 14+): the server's per-row output work, the largest part of a copy,
+        // then runs on more than one core. Every row version has exactly one ctid, so the
+        // ranges cover each visible row once.
+        let readers = match reader.server_version().await? {
+            v if v >= 140_000 => self.cfg.snapshot_readers.max(1) as u64,
+            _ => 1,
+        };
+        let blocks: u64 = reader
             .query(&format!(
-                "DECLARE philotes_snapshot NO SCROLL CURSOR FOR SELECT {list} FROM {rel}"
+                "SELECT (pg_catalog.pg_relation_size('{rel}'::regclass) / \
+                 pg_catalog.current_setting('block_size')::bigint)::text"
             ))
-            .await?;
+            .await?
+            .first()
+            .and_then(|r| r.first().cloned().flatten())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let readers = if blocks < 64 { 1 } else { readers };
         let started = Instant::now();
         let mut last_report = Instant::now();
         let mut seq = 0u64;
         let ts = now_micros();
-        // The server fills the next batch while this task converts the current one: a reader
-        // task fetches ahead into a channel of two batches (memory stays bounded).
-        let (tx, mut rx) = tokio::sync::mpsc::channel(2);
-        let fetcher = tokio::spawn(async move {
-            loop {
-                let rows = reader.raw_query("FETCH 20000 FROM philotes_snapshot").await;
-                let done = matches!(&rows, Ok(r) if r.is_empty()) || rows.is_err();
-                if tx.send(rows).await.is_err() || done {
-                    break;
+        // Readers fetch ahead into a channel of a few batches (memory stays bounded) while
+        // this task converts; each ends with `Done`, so a reader that vanished is noticed.
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Fetched, PipelineError>>(2);
+        let mut fetchers = Vec::new();
+        drop(reader);
+        for r in 0..readers {
+            let lo = blocks * r / readers;
+            let hi = blocks * (r + 1) / readers;
+            let mut filter = Vec::new();
+            if r > 0 {
+                filter.push(format!("ctid >= '({lo},0)'::tid"));
+            }
+            if r + 1 < readers {
+                filter.push(format!("ctid < '({hi},0)'::tid"));
+            }
+            let filter = if filter.is_empty() {
+                String::new()
+            } else {
+                format!(" WHERE {}", filter.join(" AND "))
+            };
+            let select = format!("SELECT {list} FROM {rel}{filter}");
+            let (url, slot, publication) = (url.clone(), slot.clone(), publication.clone());
+            let snapshot = snapshot.clone();
+            let tx = tx.clone();
+            fetchers.push(super::AbortOnDrop(tokio::spawn(async move {
+                let result = copy_range(&url, &slot, &publication, &snapshot, &select, &tx).await;
+                let _ = tx.send(result.map(|()| Fetched::Done)).await;
+            })));
+        }
+        drop(tx);
+        let mut done = 0u64;
+        while let Some(msg) = rx.recv().await {
+            let rows = match msg? {
+                Fetched::Rows(rows) => rows,
+                Fetched::Done => {
+                    done += 1;
+                    continue;
                 }
-            }
-            let _ = reader.query("COMMIT").await;
-        });
-        // An error here must not leave the reader running.
-        let _fetcher = super::AbortOnDrop(fetcher);
-        while let Some(rows) = rx.recv().await {
-            let rows = rows?;
-            if rows.is_empty() {
-                break;
-            }
+            };
             for row in rows {
                 let t = &mut self.tables[idx];
-                if let Err(e) = t.batch.push_text("R", lsn, seq, ts, &row) {
+                if let Err(e) = t.batch.push_snapshot("R", lsn, seq, ts, &row, &binary) {
                     self.dlq_rows.push(DeadLetter {
                         source_table: source_name.clone(),
                         lsn,
                         seq,
                         op: "R",
                         error: e.0,
-                        row_json: text_row_json(&t.columns, &row),
+                        row_json: snapshot_row_json(&t.columns, &row, &binary),
                         time_micros: now_micros(),
                     });
                     self.metrics.dlq.add(1);
@@ -643,8 +697,15 @@ impl Applier {
                 tracing::info!(table = %source_name, rows = seq, rows_per_s = rate as u64, eta_s = eta as u64, "initial snapshot: progress");
             }
         }
+        drop(fetchers);
+        if done != readers {
+            return Err(SourceError::Query(format!(
+                "{source_name}: a snapshot reader stopped early; the copy will be retried"
+            ))
+            .into());
+        }
         drop(exporter);
-        self.spill(idx).await?;
+        self.close_files(idx).await?;
         let t = &mut self.tables[idx];
         t.sink
             .commit_with(lsn, &[(SNAPSHOT_PROPERTY, "done")])
@@ -674,23 +735,30 @@ impl Applier {
         Ok(())
     }
 
-    /// Write table `i`'s buffered rows to data files (uncommitted).
+    /// Hand table `i`'s buffered rows to its data-file writer (uncommitted).
     async fn spill(&mut self, i: usize) -> Result<(), PipelineError> {
         let t = &mut self.tables[i];
-        let Some(batch) = t.batch.finish()? else {
-            return Ok(());
-        };
+        if let Some(batch) = t.batch.finish()? {
+            t.sink.write(batch).await?;
+        }
+        Ok(())
+    }
+
+    /// Spill table `i` and finish its data files, ready to commit.
+    async fn close_files(&mut self, i: usize) -> Result<(), PipelineError> {
+        self.spill(i).await?;
+        let t = &mut self.tables[i];
         let span = tracing::info_span!(
             "iceberg.write",
             table = %t.source_name,
             iceberg.table = %t.sink.name(),
-            rows = batch.num_rows() as i64,
+            rows = t.sink.pending_rows() as i64,
             bytes = tracing::field::Empty,
             files = tracing::field::Empty,
             trace_id = tracing::field::Empty,
         );
         record_trace_id(&span);
-        let w = t.sink.write(batch).instrument(span.clone()).await?;
+        let w = t.sink.finish_files().instrument(span.clone()).await?;
         span.record("bytes", w.bytes as i64);
         span.record("files", w.files as i64);
         t.metrics.files.add(w.files);
@@ -738,7 +806,7 @@ impl Applier {
             }
             // Commit latency includes writing the last data files, as users feel it.
             let started = Instant::now();
-            self.spill(i).await?;
+            self.close_files(i).await?;
             let t = &mut self.tables[i];
             let rows = t.sink.pending_rows();
             let span = tracing::info_span!(
@@ -898,5 +966,51 @@ async fn evolve(
         tracing::info!(table = %source_name, columns = ?add.iter().map(|(n, _)| n).collect::<Vec<_>>(), "adding columns to Iceberg table");
         sink.add_columns(add).await?;
     }
+    Ok(())
+}
+
+/// What a snapshot reader sends: a batch of rows, or the end of its range.
+enum Fetched {
+    Rows(Vec<pgwire_replication::QueryRow>),
+    Done,
+}
+
+/// Read `select` inside the exported `snapshot` on a session of its own, a cursor batch at a
+/// time, into `tx`.
+async fn copy_range(
+    url: &SourceUrl,
+    slot: &str,
+    publication: &str,
+    snapshot: &str,
+    select: &str,
+    tx: &tokio::sync::mpsc::Sender<Result<Fetched, PipelineError>>,
+) -> Result<(), PipelineError> {
+    let mut reader = Session::connect(url, slot, publication, None).await?;
+    reader
+        .query("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        .await?;
+    reader
+        .query(&format!(
+            "SET TRANSACTION SNAPSHOT '{}'",
+            snapshot.replace('\'', "")
+        ))
+        .await?;
+    reader
+        .query(&format!(
+            "DECLARE philotes_snapshot BINARY NO SCROLL CURSOR FOR {select}"
+        ))
+        .await?;
+    loop {
+        let rows = reader
+            .raw_query("FETCH 20000 FROM philotes_snapshot")
+            .await?;
+        if rows.is_empty() {
+            break;
+        }
+        if tx.send(Ok(Fetched::Rows(rows))).await.is_err() {
+            return Ok(());
+        }
+    }
+    reader.query("COMMIT").await?;
     Ok(())
 }

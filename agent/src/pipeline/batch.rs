@@ -90,6 +90,48 @@ fn parse<'a>(kind: &ColumnKind, raw: &'a [u8]) -> Result<Parsed<'a>, ValueError>
     })
 }
 
+/// A binary value of `slot`'s source type as the value its builder takes.
+fn from_binary(slot: &SourceSlot, raw: &[u8]) -> Result<Parsed<'static>, ValueError> {
+    use t::BinaryValue as B;
+    Ok(match (t::parse_binary(slot.oid, raw)?, &slot.kind) {
+        (B::Int(v), ColumnKind::Int32) => {
+            Parsed::I32(i32::try_from(v).map_err(|_| ValueError("integer out of range".into()))?)
+        }
+        (B::Int(v), ColumnKind::Int64) => Parsed::I64(v),
+        (B::Float(v), ColumnKind::Float32) => Parsed::F32(v as f32),
+        (B::Float(v), ColumnKind::Float64) => Parsed::F64(v),
+        (B::Bool(v), ColumnKind::Bool) => Parsed::Bool(v),
+        (B::Date(v), ColumnKind::Date) => Parsed::I32(v),
+        (B::Micros(v), ColumnKind::Timestamp | ColumnKind::TimestampTz) => Parsed::I64(v),
+        (v, kind) => {
+            return Err(ValueError(format!(
+                "binary value {v:?} does not fit column kind {kind:?}"
+            )))
+        }
+    })
+}
+
+/// A snapshot value for the dead-letter table: text as is, binary decoded (hex if it cannot be).
+fn snapshot_value_json(oid: u32, raw: &[u8], binary: bool) -> serde_json::Value {
+    use t::BinaryValue as B;
+    if !binary {
+        return serde_json::Value::String(String::from_utf8_lossy(raw).into_owned());
+    }
+    let shown = match t::parse_binary(oid, raw) {
+        Ok(B::Int(v)) => v.to_string(),
+        Ok(B::Float(v)) => v.to_string(),
+        Ok(B::Bool(v)) => v.to_string(),
+        Ok(B::Date(v)) => format!("{v} days from 1970-01-01"),
+        Ok(B::Micros(v)) => format!("{v} µs from 1970-01-01"),
+        Err(e) => format!(
+            "\\x{} ({})",
+            raw.iter().map(|b| format!("{b:02x}")).collect::<String>(),
+            e.0
+        ),
+    };
+    serde_json::Value::String(shown)
+}
+
 /// An Arrow builder for one column.
 enum ColBuilder {
     I32(Int32Builder),
@@ -271,6 +313,11 @@ struct SourceSlot {
     name: String,
     field: usize,
     kind: ColumnKind,
+    /// Source type OID (decides how a binary value is read).
+    oid: u32,
+    /// Read in binary by the initial snapshot (a fixed-width type whose Iceberg column has
+    /// the type's natural kind).
+    binary: bool,
 }
 
 /// Buffered rows of one table, in the column order of its Iceberg schema.
@@ -312,10 +359,14 @@ impl TableBatch {
             let field = pos(&c.name).ok_or_else(|| BatchError::MissingColumn(c.name.clone()))?;
             let kind = kind_of(&fields[field].field_type)
                 .ok_or_else(|| BatchError::UnsupportedType(c.name.clone()))?;
+            let binary = t::snapshot_binary(c.type_oid)
+                && ColumnKind::from_oid(c.type_oid, c.type_modifier) == kind;
             sources.push(SourceSlot {
                 name: c.name.clone(),
                 field,
                 kind,
+                oid: c.type_oid,
+                binary,
             });
         }
         let mut cdc = [0usize; 5];
@@ -368,17 +419,25 @@ impl TableBatch {
         )
     }
 
-    /// Append one row given as text values (None = NULL), as a snapshot reads them.
-    pub fn push_text(
+    /// Which relation columns the initial snapshot reads in binary (see `push_snapshot`).
+    pub fn snapshot_binary(&self) -> Vec<bool> {
+        self.sources.iter().map(|s| s.binary).collect()
+    }
+
+    /// Append one row as a snapshot reads it: values (None = NULL) in binary where
+    /// `snapshot_binary` says so, text otherwise.
+    pub fn push_snapshot(
         &mut self,
         op: &'static str,
         lsn: u64,
         seq: u64,
         ts_micros: i64,
         values: &[Option<bytes::Bytes>],
+        binary: &[bool],
     ) -> Result<(), ValueError> {
-        let cols = values.iter().map(|v| match v {
+        let cols = values.iter().zip(binary).map(|(v, &bin)| match v {
             None => Column::Null,
+            Some(b) if bin => Column::Binary(b),
             Some(b) => Column::Text(b),
         });
         self.push_columns(op, lsn, seq, ts_micros, Some((values.len(), cols)))
@@ -420,12 +479,8 @@ impl TableBatch {
                     }
                     Column::Text(raw) => parse(&slot.kind, raw)
                         .map_err(|e| ValueError(format!("column {:?}: {}", slot.name, e.0)))?,
-                    Column::Binary(_) => {
-                        return Err(ValueError(format!(
-                            "column {:?}: binary format is not supported",
-                            slot.name
-                        )))
-                    }
+                    Column::Binary(raw) => from_binary(slot, raw)
+                        .map_err(|e| ValueError(format!("column {:?}: {}", slot.name, e.0)))?,
                 });
             }
         }
@@ -524,14 +579,19 @@ pub fn row_json(relation: &[RelationColumn], tuple: Option<&TupleData<'_>>) -> S
     serde_json::Value::Object(m).to_string()
 }
 
-/// A text row (as a snapshot reads it) as JSON text, for the dead-letter table.
-pub fn text_row_json(relation: &[RelationColumn], values: &[Option<bytes::Bytes>]) -> String {
+/// A row as a snapshot reads it, as JSON text, for the dead-letter table.
+pub fn snapshot_row_json(
+    relation: &[RelationColumn],
+    values: &[Option<bytes::Bytes>],
+    binary: &[bool],
+) -> String {
     let m: serde_json::Map<String, serde_json::Value> = relation
         .iter()
         .zip(values)
-        .map(|(c, v)| {
+        .zip(binary)
+        .map(|((c, v), &bin)| {
             let j = v.as_ref().map_or(serde_json::Value::Null, |b| {
-                serde_json::Value::String(String::from_utf8_lossy(b).into_owned())
+                snapshot_value_json(c.type_oid, b, bin)
             });
             (c.name.clone(), j)
         })

@@ -48,6 +48,9 @@ pub enum PipelineError {
     /// The replication stream ended.
     #[error("replication stream ended: {0}")]
     StreamEnded(String),
+    /// A table joined the publication and needs its initial snapshot: stream again.
+    #[error("table {0} joined the publication")]
+    NewTable(String),
 }
 
 impl PipelineError {
@@ -59,6 +62,7 @@ impl PipelineError {
             PipelineError::Batch(_) => "batch",
             PipelineError::Schema(_) => "schema",
             PipelineError::StreamEnded(_) => "connection",
+            PipelineError::NewTable(_) => "none",
         }
     }
 }
@@ -155,6 +159,11 @@ impl Pipeline {
             self.last_failed = result.is_err();
             match result {
                 Ok(()) => break,
+                // Not a failure: reconnect at once, snapshot the new table, stream on.
+                Err(PipelineError::NewTable(table)) => {
+                    self.last_failed = false;
+                    tracing::info!(pipeline = %self.cfg.name, table, "table joined the publication: taking its initial snapshot");
+                }
                 Err(e) => {
                     let msg = e.to_string();
                     tracing::error!(pipeline = %self.cfg.name, error_type = e.error_type(), "pipeline failed: {msg}");
@@ -186,11 +195,18 @@ impl Pipeline {
     ) -> Result<(), PipelineError> {
         let slot = self.cfg.slot_name();
         let publication = self.cfg.publication_name();
-        let tables = self.cfg.table_names();
+        let mut tables = self.cfg.table_names();
         let mut session = Session::connect(&self.url, &slot, &publication, None).await?;
         session.check_wal_level().await?;
         session.check_tables(&tables).await?;
         session.ensure_publication(&publication, &tables).await?;
+        if self.cfg.follow_publication {
+            for t in session.publication_tables(&publication).await? {
+                if !tables.contains(&t) {
+                    tables.push(t);
+                }
+            }
+        }
         let confirmed = session.ensure_slot(&slot).await?.unwrap_or(0);
         crate::sink::iceberg::table::ensure_namespace(
             self.catalog.as_ref(),

@@ -1,8 +1,10 @@
 //! Iceberg sink: catalog (sql|rest), changelog schema, Parquet writing, commits with the LSN checkpoint.
 
 pub mod catalog;
+pub mod partition;
 pub mod schema;
 pub mod table;
+mod writer;
 
 pub use catalog::open_catalog;
 pub use table::TableSink;

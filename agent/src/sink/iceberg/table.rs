@@ -6,24 +6,14 @@ use std::sync::Arc;
 
 use arrow_array::RecordBatch;
 use arrow_schema::SchemaRef;
-use iceberg::arrow::{schema_to_arrow_schema, RecordBatchPartitionSplitter};
-use iceberg::spec::{DataFile, DataFileFormat, Schema, Type, UnboundPartitionSpec};
+use iceberg::arrow::schema_to_arrow_schema;
+use iceberg::spec::{DataFile, Schema, Type, UnboundPartitionSpec};
 use iceberg::table::Table;
 use iceberg::transaction::{AddColumn, ApplyTransactionAction, Transaction};
-use iceberg::writer::base_writer::data_file_writer::DataFileWriterBuilder;
-use iceberg::writer::file_writer::location_generator::{
-    DefaultFileNameGenerator, DefaultLocationGenerator,
-};
-use iceberg::writer::file_writer::rolling_writer::RollingFileWriterBuilder;
-use iceberg::writer::file_writer::ParquetWriterBuilder;
-use iceberg::writer::partitioning::fanout_writer::FanoutWriter;
-use iceberg::writer::partitioning::PartitioningWriter;
-use iceberg::writer::{IcebergWriter, IcebergWriterBuilder};
 use iceberg::{Catalog, ErrorKind, NamespaceIdent, TableCreation, TableIdent};
-use parquet::basic::{Compression, ZstdLevel};
-use parquet::file::properties::WriterProperties;
 
 use super::schema::{LSN_PROPERTY, SNAPSHOT_PROPERTY};
+use super::writer::OpenFiles;
 use super::SinkError;
 
 /// Result of one data-file write.
@@ -51,6 +41,8 @@ pub struct TableSink {
     pub last_lsn: u64,
     pending: Vec<DataFile>,
     pending_rows: u64,
+    /// Data files being written (not yet in `pending`).
+    open: Option<OpenFiles>,
     secrets: Arc<[String]>,
 }
 
@@ -162,6 +154,7 @@ impl TableSink {
             last_lsn,
             pending: Vec::new(),
             pending_rows: 0,
+            open: None,
             secrets,
         })
     }
@@ -192,6 +185,8 @@ impl TableSink {
         if cols.is_empty() {
             return Ok(());
         }
+        // Files being written have the old schema: finish them first.
+        self.finish_files().await?;
         let tx = Transaction::new(&self.table);
         let mut action = tx.update_schema();
         for (name, t) in cols {
@@ -212,53 +207,32 @@ impl TableSink {
         Ok(())
     }
 
-    /// Write `batch` as Parquet data file(s), one per partition; they stay pending until `commit`.
-    pub async fn write(&mut self, batch: RecordBatch) -> Result<Written, SinkError> {
-        let rows = batch.num_rows() as u64;
-        let md = self.table.metadata();
-        let schema = md.current_schema().clone();
-        let spec = md.default_partition_spec().clone();
-        let werr = |e: iceberg::Error| SinkError::Write(e.to_string());
-        let props = WriterProperties::builder()
-            .set_compression(Compression::ZSTD(
-                ZstdLevel::try_new(1).map_err(|e| SinkError::Write(e.to_string()))?,
-            ))
-            .set_max_row_group_row_count(Some(1 << 20))
-            .build();
-        let pq = ParquetWriterBuilder::new(props, schema.clone());
-        let location = DefaultLocationGenerator::new(md).map_err(werr)?;
-        // A fresh UUID per write keeps names unique across restarts and re-created tables.
-        let names = DefaultFileNameGenerator::new(
-            uuid::Uuid::now_v7().to_string(),
-            None,
-            DataFileFormat::Parquet,
-        );
-        let rolling = RollingFileWriterBuilder::new_with_default_file_size(
-            pq,
-            self.table.file_io().clone(),
-            location,
-            names,
-        );
-        let builder = DataFileWriterBuilder::new(rolling);
-        let files = if spec.is_unpartitioned() {
-            let mut w = builder.build(None).await.map_err(werr)?;
-            w.write(batch).await.map_err(werr)?;
-            w.close().await.map_err(werr)?
-        } else {
-            let splitter = RecordBatchPartitionSplitter::try_new_with_computed_values(schema, spec)
-                .map_err(werr)?;
-            let mut fanout = FanoutWriter::new(builder);
-            for (key, part) in splitter.split(&batch).map_err(werr)? {
-                fanout.write(key, part).await.map_err(werr)?;
-            }
-            fanout.close().await.map_err(werr)?
+    /// Queue `batch` for the table's open data files (opened on first use); it stays pending
+    /// until `commit`. Returns once the writer task has taken it.
+    pub async fn write(&mut self, batch: RecordBatch) -> Result<(), SinkError> {
+        self.pending_rows += batch.num_rows() as u64;
+        let open = self
+            .open
+            .get_or_insert_with(|| OpenFiles::open(&self.table));
+        let sent = open.send(batch).await;
+        if sent.is_err() {
+            self.open = None;
+        }
+        sent
+    }
+
+    /// Finish the open data files (if any): they join the pending ones. Returns what was
+    /// written by them.
+    pub async fn finish_files(&mut self) -> Result<Written, SinkError> {
+        let Some(open) = self.open.take() else {
+            return Ok(Written::default());
         };
+        let files = open.close().await?;
         let written = Written {
             files: files.len() as u64,
             bytes: files.iter().map(|f| f.file_size_in_bytes()).sum(),
         };
         self.pending.extend(files);
-        self.pending_rows += rows;
         Ok(written)
     }
 
@@ -289,7 +263,10 @@ impl TableSink {
         lsn: u64,
         extra: &[(&str, &str)],
     ) -> Result<Committed, SinkError> {
-        if self.pending.is_empty() {
+        self.finish_files().await?;
+        // Nothing to add and nothing to record (an empty table's snapshot marker still
+        // needs its snapshot, or the copy would run again after every restart).
+        if self.pending.is_empty() && extra.is_empty() {
             self.last_lsn = self.last_lsn.max(lsn);
             return Ok(Committed::default());
         }

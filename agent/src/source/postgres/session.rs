@@ -167,6 +167,26 @@ impl Session {
         Ok(())
     }
 
+    /// Tables in `publication` now, as `(schema, table)`.
+    pub async fn publication_tables(
+        &mut self,
+        publication: &str,
+    ) -> Result<Vec<(String, String)>, SourceError> {
+        Ok(self
+            .query(&format!(
+                "SELECT schemaname, tablename FROM pg_catalog.pg_publication_tables \
+                 WHERE pubname = {} ORDER BY 1, 2",
+                quote_literal(publication)
+            ))
+            .await?
+            .into_iter()
+            .filter_map(|r| match (r.first(), r.get(1)) {
+                (Some(Some(s)), Some(Some(t))) => Some((s.clone(), t.clone())),
+                _ => None,
+            })
+            .collect())
+    }
+
     /// Create the publication if missing, and add configured tables it lacks.
     pub async fn ensure_publication(
         &mut self,
@@ -272,6 +292,41 @@ impl Session {
                 }
             })
             .collect())
+    }
+
+    /// Each column's output function, schema-qualified and quoted, in `relation_columns` order:
+    /// calling it gives the column's text form even inside a BINARY cursor.
+    pub async fn output_functions(
+        &mut self,
+        schema: &str,
+        table: &str,
+    ) -> Result<Vec<String>, SourceError> {
+        let rel = format!("{}.{}", quote_ident(schema), quote_ident(table));
+        let rows = self
+            .query(&format!(
+                "SELECT pg_catalog.quote_ident(n.nspname) || '.' || pg_catalog.quote_ident(p.proname) \
+                 FROM pg_catalog.pg_attribute a \
+                 JOIN pg_catalog.pg_type t ON t.oid = a.atttypid \
+                 JOIN pg_catalog.pg_proc p ON p.oid = t.typoutput \
+                 JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace \
+                 WHERE a.attrelid = {}::regclass AND a.attnum > 0 AND NOT a.attisdropped \
+                 AND a.attgenerated = '' ORDER BY a.attnum",
+                quote_literal(&rel)
+            ))
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| r.first().cloned().flatten().unwrap_or_default())
+            .collect())
+    }
+
+    /// `server_version_num` (e.g. 150004).
+    pub async fn server_version(&mut self) -> Result<u32, SourceError> {
+        Ok(self
+            .scalar("SELECT pg_catalog.current_setting('server_version_num')")
+            .await?
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0))
     }
 
     /// Raw rows of a simple query (text format), for bulk reads.

@@ -1,0 +1,154 @@
+//! A table's open data files, encoded and uploaded by a task of their own: decoding the next
+//! rows overlaps with Parquet encoding, compression and the object-store upload of the last
+//! ones, and one commit's rows land in few large files instead of one file per batch.
+
+use arrow_array::RecordBatch;
+use iceberg::arrow::RecordBatchPartitionSplitter;
+use iceberg::spec::DataFile;
+use iceberg::spec::DataFileFormat;
+use iceberg::table::Table;
+use iceberg::writer::base_writer::data_file_writer::DataFileWriterBuilder;
+use iceberg::writer::file_writer::location_generator::{
+    DefaultFileNameGenerator, DefaultLocationGenerator,
+};
+use iceberg::writer::file_writer::rolling_writer::RollingFileWriterBuilder;
+use iceberg::writer::file_writer::ParquetWriterBuilder;
+use iceberg::writer::partitioning::fanout_writer::FanoutWriter;
+use iceberg::writer::partitioning::PartitioningWriter;
+use iceberg::writer::{IcebergWriter, IcebergWriterBuilder};
+use parquet::basic::{Compression, ZstdLevel};
+use parquet::file::properties::WriterProperties;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use super::SinkError;
+
+/// Encoded bytes a row group may hold in memory before it is written out.
+const MAX_ROW_GROUP_BYTES: usize = 32 << 20;
+
+/// Open data files fed through a channel; `close` returns them once written.
+pub(super) struct OpenFiles {
+    tx: Option<mpsc::Sender<RecordBatch>>,
+    task: Option<JoinHandle<Result<Vec<DataFile>, SinkError>>>,
+}
+
+impl OpenFiles {
+    /// Start a writer for `table`'s current schema and partition spec.
+    pub(super) fn open(table: &Table) -> Self {
+        // One batch queued while one is encoded: memory stays bounded, decoding never waits
+        // for a whole file.
+        let (tx, rx) = mpsc::channel(1);
+        let task = tokio::spawn(write_files(table.clone(), rx));
+        Self {
+            tx: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    /// Queue `batch`; waits while the writer is busy with the previous one.
+    pub(super) async fn send(&mut self, batch: RecordBatch) -> Result<(), SinkError> {
+        let sent = match &self.tx {
+            Some(tx) => tx.send(batch).await.is_ok(),
+            None => false,
+        };
+        if sent {
+            return Ok(());
+        }
+        // The writer stopped: its result says why.
+        self.tx = None;
+        match self.join().await {
+            Err(e) => Err(e),
+            Ok(_) => Err(SinkError::Write("the data file writer stopped".into())),
+        }
+    }
+
+    /// Finish the files and return them (nothing is committed yet).
+    pub(super) async fn close(mut self) -> Result<Vec<DataFile>, SinkError> {
+        self.tx = None;
+        self.join().await
+    }
+
+    async fn join(&mut self) -> Result<Vec<DataFile>, SinkError> {
+        match self.task.take() {
+            Some(task) => task
+                .await
+                .map_err(|e| SinkError::Write(format!("data file writer task: {e}")))?,
+            None => Err(SinkError::Write("the data file writer stopped".into())),
+        }
+    }
+}
+
+impl Drop for OpenFiles {
+    fn drop(&mut self) {
+        // Abandoned (a failed attempt): the files were never committed.
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+async fn write_files(
+    table: Table,
+    mut rx: mpsc::Receiver<RecordBatch>,
+) -> Result<Vec<DataFile>, SinkError> {
+    let werr = |e: iceberg::Error| SinkError::Write(e.to_string());
+    let md = table.metadata();
+    let schema = md.current_schema().clone();
+    let spec = md.default_partition_spec().clone();
+    let props = WriterProperties::builder()
+        .set_compression(Compression::ZSTD(
+            ZstdLevel::try_new(1).map_err(|e| SinkError::Write(e.to_string()))?,
+        ))
+        .set_max_row_group_row_count(Some(1 << 20))
+        .set_max_row_group_bytes(Some(MAX_ROW_GROUP_BYTES))
+        .build();
+    let pq = ParquetWriterBuilder::new(props, schema.clone());
+    let location = DefaultLocationGenerator::new(md).map_err(werr)?;
+    // A fresh UUID per writer keeps names unique across restarts and re-created tables.
+    let names = DefaultFileNameGenerator::new(
+        uuid::Uuid::now_v7().to_string(),
+        None,
+        DataFileFormat::Parquet,
+    );
+    let rolling = RollingFileWriterBuilder::new_with_default_file_size(
+        pq,
+        table.file_io().clone(),
+        location,
+        names,
+    );
+    let builder = DataFileWriterBuilder::new(rolling);
+    if spec.is_unpartitioned() {
+        let mut w = builder.build(None).await.map_err(werr)?;
+        while let Some(batch) = rx.recv().await {
+            w.write(batch).await.map_err(werr)?;
+        }
+        return w.close().await.map_err(werr);
+    }
+    let splitter =
+        RecordBatchPartitionSplitter::try_new_with_computed_values(schema.clone(), spec.clone())
+            .map_err(werr)?;
+    let mut fanout = FanoutWriter::new(builder);
+    while let Some(batch) = rx.recv().await {
+        // One partition (the usual case: one day of commits): take its key from the first row
+        // and write the batch whole; otherwise split it row by row.
+        let single = if super::partition::single_partition(&batch, &schema, &spec) {
+            splitter
+                .split(&batch.slice(0, 1))
+                .map_err(werr)?
+                .into_iter()
+                .next()
+                .map(|(key, _)| key)
+        } else {
+            None
+        };
+        match single {
+            Some(key) => fanout.write(key, batch).await.map_err(werr)?,
+            None => {
+                for (key, part) in splitter.split(&batch).map_err(werr)? {
+                    fanout.write(key, part).await.map_err(werr)?;
+                }
+            }
+        }
+    }
+    fanout.close().await.map_err(werr)
+}
