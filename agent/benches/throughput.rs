@@ -397,6 +397,40 @@ fn freshness(env: &Env<'_>, seconds: u64) -> Vec<f64> {
     lat
 }
 
+/// One transaction of `rows` rows streamed once by the agent: the memory bound for large
+/// transactions (pgoutput v1 sends a transaction only after its commit; the agent hands rows to
+/// its data-file writer every `batch_rows`, so its memory must not grow with the transaction).
+fn large_txn_phase(env: &Env<'_>, rows: u64) {
+    let pg = env.pg;
+    psql(pg, "CREATE TABLE huge (id bigint PRIMARY KEY, n int, s text, at timestamptz, d double precision)");
+    psql(pg, "DROP PUBLICATION IF EXISTS bench");
+    psql(pg, "CREATE PUBLICATION bench FOR TABLE huge");
+    psql(
+        pg,
+        "SELECT pg_create_logical_replication_slot('l_huge', 'pgoutput')",
+    );
+    psql(
+        pg,
+        &format!("INSERT INTO huge SELECT g, g % 1000, repeat(chr(97 + (g % 26)::int), 40), now(), g * 0.5 FROM generate_series(1, {rows}) g"),
+    );
+    let end = lsn_num(&psql(pg, "SELECT pg_current_wal_insert_lsn()"));
+    let r = run_agent(env, "l_huge", "huge", end, true);
+    println!(
+        "{:<26} {:>10} {:>12} {:>10} {:>12.0} {:>7} {:>8.0} {:>7.1}",
+        format!("{}M rows / 1 txn", rows as f64 / 1e6),
+        "-",
+        "-",
+        format!("{:.2}", r.secs),
+        rows as f64 / r.secs,
+        "-",
+        r.rss_mb,
+        r.cpu_s
+    );
+    println!("  (agent only: peak RSS for one transaction of {rows} rows; target <= 300 MB)");
+    psql(pg, "SELECT pg_drop_replication_slot('l_huge')");
+    psql(pg, "DROP TABLE huge");
+}
+
 /// The initial snapshot of `rows` rows against `COPY ... TO STDOUT` through psql.
 fn snapshot_phase(env: &Env<'_>, rows: u64, reps: usize) {
     let pg = env.pg;
@@ -628,6 +662,9 @@ fn main() {
         psql(&pg, &format!("DROP TABLE {t}"));
     }
     snapshot_phase(&env, if quick { 20_000 } else { 2_000_000 }, reps);
+    if !only_snapshot || args.iter().any(|a| a == "--large-txn") {
+        large_txn_phase(&env, if quick { 50_000 } else { 5_000_000 });
+    }
     let lat = freshness(&env, if quick { 3 } else { 20 });
     if !lat.is_empty() {
         let pct = |q: f64| lat[((lat.len() - 1) as f64 * q).round() as usize];
