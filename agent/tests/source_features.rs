@@ -292,7 +292,9 @@ async fn a_table_added_to_the_publication_is_snapshotted_and_streamed() {
     } = running(
         "CREATE TABLE a (id int PRIMARY KEY, v text);
          CREATE TABLE b (id int PRIMARY KEY, v text);
-         INSERT INTO b SELECT g, 'old' FROM generate_series(1, 500) g;",
+         INSERT INTO b SELECT g, 'old' FROM generate_series(1, 500) g;
+         CREATE TABLE \"Odd \"\"Name\"\" 's\" (\"Id\" int PRIMARY KEY, \"a \"\"b\"\"\" text);
+         INSERT INTO \"Odd \"\"Name\"\" 's\" VALUES (1, 'x'), (2, 'y');",
         &["a"],
         "snapshot = \"initial\"",
     )
@@ -302,7 +304,7 @@ async fn a_table_added_to_the_publication_is_snapshotted_and_streamed() {
         .unwrap();
     wait_rows(&work, "ns.a", 1, 60).await;
     db.batch_execute(
-        "ALTER PUBLICATION philotes_p ADD TABLE b;
+        "ALTER PUBLICATION philotes_p ADD TABLE b, \"Odd \"\"Name\"\" 's\";
          BEGIN;
          INSERT INTO b VALUES (1001, 'new');
          UPDATE b SET v = 'changed' WHERE id <= 10;
@@ -310,7 +312,8 @@ async fn a_table_added_to_the_publication_is_snapshotted_and_streamed() {
          INSERT INTO a VALUES (2, 'y');
          COMMIT;
          INSERT INTO b VALUES (1002, 'later');
-         UPDATE b SET v = 'again' WHERE id = 20;",
+         UPDATE b SET v = 'again' WHERE id = 20;
+         INSERT INTO \"Odd \"\"Name\"\" 's\" VALUES (3, 'z');",
     )
     .await
     .unwrap();
@@ -342,6 +345,8 @@ async fn a_table_added_to_the_publication_is_snapshotted_and_streamed() {
         v["ops"]["R"].as_i64().unwrap_or(0) >= 490,
         "existing rows copied: {v}"
     );
+    // Any name can join through the publication: quoted everywhere it is used.
+    wait_rows(&work, "ns.Odd \"Name\" 's", 3, 60).await;
     assert_eq!(v["snapshot_duplicate_keys"], 0);
     assert_eq!(v["unique"], true);
     let log = agent.log_text();

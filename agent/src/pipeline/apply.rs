@@ -24,7 +24,7 @@ use crate::sink::iceberg::TableSink;
 use crate::source::postgres::conn::SourceUrl;
 use crate::source::postgres::pgoutput::{self, Message, RelationColumn, TupleData};
 use crate::source::postgres::session::format_lsn;
-use crate::source::postgres::session::{Session, SourceError};
+use crate::source::postgres::session::{quote_ident, quote_literal, Session, SourceError};
 use crate::source::postgres::types::ColumnKind;
 use crate::telemetry::{record_trace_id, PipelineState, SourceMetrics, TableMetrics};
 
@@ -558,10 +558,12 @@ impl Applier {
             return Ok(());
         }
         let source_name = format!("{schema}.{name}");
-        let rel = format!("\"{schema}\".\"{name}\"");
+        // Tables can join through the publication with any name: quote everything.
+        let rel = format!("{}.{}", quote_ident(schema), quote_ident(name));
+        let rel_oid = format!("{}::regclass", quote_literal(&rel));
         let estimate: u64 = reader
             .query(&format!(
-                "SELECT GREATEST(reltuples, 0)::bigint::text FROM pg_catalog.pg_class WHERE oid = '{rel}'::regclass"
+                "SELECT GREATEST(reltuples, 0)::bigint::text FROM pg_catalog.pg_class WHERE oid = {rel_oid}"
             ))
             .await?
             .first()
@@ -594,7 +596,7 @@ impl Applier {
             .zip(&binary)
             .zip(&outputs)
             .map(|((c, &bin), f)| {
-                let col = format!("\"{}\"", c.name.replace('"', "\"\""));
+                let col = quote_ident(&c.name);
                 if bin || f.is_empty() {
                     col
                 } else {
@@ -613,7 +615,7 @@ impl Applier {
         };
         let blocks: u64 = reader
             .query(&format!(
-                "SELECT (pg_catalog.pg_relation_size('{rel}'::regclass) / \
+                "SELECT (pg_catalog.pg_relation_size({rel_oid}) / \
                  pg_catalog.current_setting('block_size')::bigint)::text"
             ))
             .await?

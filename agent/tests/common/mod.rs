@@ -327,15 +327,20 @@ pub fn iceberg_rows(work: &Workdir, table: &str) -> Option<u64> {
     if !work.catalog_db().exists() {
         return None;
     }
-    let code = format!(
-        "from pyiceberg.catalog.sql import SqlCatalog\n\
-         c = SqlCatalog('philotes', uri='sqlite:///{db}', warehouse='file://{wh}')\n\
-         try:\n    t = c.load_table('{table}')\nexcept Exception:\n    print(-1); raise SystemExit\n\
-         print(t.scan().to_arrow().num_rows)\n",
-        db = work.catalog_db().display(),
-        wh = work.warehouse().display()
-    );
-    let out = Command::new(python()).arg("-c").arg(code).output().ok()?;
+    // Paths and the table name travel as arguments: any table name is safe.
+    let code = "import sys\n\
+         from pyiceberg.catalog.sql import SqlCatalog\n\
+         c = SqlCatalog('philotes', uri='sqlite:///' + sys.argv[1], warehouse='file://' + sys.argv[2])\n\
+         try:\n    t = c.load_table(sys.argv[3])\nexcept Exception:\n    print(-1); raise SystemExit\n\
+         print(t.scan().to_arrow().num_rows)\n";
+    let out = Command::new(python())
+        .arg("-c")
+        .arg(code)
+        .arg(work.catalog_db())
+        .arg(work.warehouse())
+        .arg(table)
+        .output()
+        .ok()?;
     let n: i64 = String::from_utf8_lossy(&out.stdout).trim().parse().ok()?;
     (n >= 0).then_some(n as u64)
 }

@@ -76,11 +76,13 @@ pub struct Session {
     url: SourceUrl,
 }
 
-fn quote_literal(s: &str) -> String {
+/// `s` as an SQL string literal.
+pub fn quote_literal(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
 }
 
-fn quote_ident(s: &str) -> String {
+/// `s` as a quoted SQL identifier.
+pub fn quote_ident(s: &str) -> String {
     format!("\"{}\"", s.replace('"', "\"\""))
 }
 
@@ -214,19 +216,7 @@ impl Session {
             .await?;
             return Ok(());
         }
-        let present: Vec<(String, String)> = self
-            .query(&format!(
-                "SELECT schemaname, tablename FROM pg_catalog.pg_publication_tables \
-                 WHERE pubname = {}",
-                quote_literal(publication)
-            ))
-            .await?
-            .into_iter()
-            .filter_map(|r| match (r.first(), r.get(1)) {
-                (Some(Some(s)), Some(Some(t))) => Some((s.clone(), t.clone())),
-                _ => None,
-            })
-            .collect();
+        let present = self.publication_tables(publication).await?;
         for ((s, t), quoted) in tables.iter().zip(&list) {
             if !present.iter().any(|(ps, pt)| ps == s && pt == t) {
                 tracing::info!(publication, table = %format!("{s}.{t}"), "adding table to publication");
