@@ -587,7 +587,12 @@ fn main() {
     };
     let mut overhead: Vec<(f64, f64)> = Vec::new();
     let only_snapshot = args.iter().any(|a| a == "--snapshot-only");
-    for w in workloads(scale).into_iter().filter(|_| !only_snapshot) {
+    // `--only=TEXT`: just the streaming workloads whose name contains TEXT.
+    let only = args.iter().find_map(|a| a.strip_prefix("--only="));
+    for w in workloads(scale)
+        .into_iter()
+        .filter(|w| !only_snapshot && only.is_none_or(|o| w.name.contains(o)))
+    {
         let t = w.table;
         for stmt in w.setup.split(';').filter(|s| !s.trim().is_empty()) {
             psql(&pg, &stmt.replace("{t}", t));
@@ -661,11 +666,17 @@ fn main() {
         );
         psql(&pg, &format!("DROP TABLE {t}"));
     }
-    snapshot_phase(&env, if quick { 20_000 } else { 2_000_000 }, reps);
-    if !only_snapshot || args.iter().any(|a| a == "--large-txn") {
+    if only.is_none() {
+        snapshot_phase(&env, if quick { 20_000 } else { 2_000_000 }, reps);
+    }
+    if (!only_snapshot && only.is_none()) || args.iter().any(|a| a == "--large-txn") {
         large_txn_phase(&env, if quick { 50_000 } else { 5_000_000 });
     }
-    let lat = freshness(&env, if quick { 3 } else { 20 });
+    let lat = if only.is_none() {
+        freshness(&env, if quick { 3 } else { 20 })
+    } else {
+        Vec::new()
+    };
     if !lat.is_empty() {
         let pct = |q: f64| lat[((lat.len() - 1) as f64 * q).round() as usize];
         println!(

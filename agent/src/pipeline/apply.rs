@@ -81,6 +81,11 @@ pub(super) struct Applier {
     retrying: bool,
 }
 
+/// Most rows a builder holds before its batch goes to the writer task.
+const SPILL_ROWS: u64 = 65_536;
+/// Most builder bytes before its batch goes to the writer task.
+const SPILL_BYTES: u64 = 8 << 20;
+
 fn now_micros() -> i64 {
     chrono::Utc::now().timestamp_micros()
 }
@@ -138,8 +143,28 @@ impl Applier {
             + self.dlq_rows.len() as u64
     }
 
-    fn buffered_bytes(&self) -> u64 {
+    /// Bytes in the Arrow builders (in memory).
+    fn builder_bytes(&self) -> u64 {
         self.tables.iter().map(|t| t.batch.bytes() as u64).sum()
+    }
+
+    /// Bytes not yet committed: in the builders and handed to the data-file writers.
+    fn buffered_bytes(&self) -> u64 {
+        self.builder_bytes()
+            + self
+                .tables
+                .iter()
+                .map(|t| t.sink.pending_bytes())
+                .sum::<u64>()
+    }
+
+    /// Whether table `i`'s builders should go to its writer now. Batches stay small (the
+    /// writer appends them to the same files), so memory in flight is a few small batches.
+    fn should_spill(&self, i: usize) -> bool {
+        let t = &self.tables[i];
+        t.batch.rows() as u64 >= self.cfg.batch_rows.min(SPILL_ROWS)
+            || t.batch.bytes() as u64 >= self.cfg.batch_bytes.min(SPILL_BYTES)
+            || self.builder_bytes() >= self.cfg.max_buffer_bytes
     }
 
     fn anything_uncommitted(&self) -> bool {
@@ -528,11 +553,7 @@ impl Applier {
             _ => 3,
         }] += 1;
         // Bound memory inside large transactions: write the batch out, commit later.
-        let t = &self.tables[idx];
-        if t.batch.rows() as u64 >= self.cfg.batch_rows
-            || t.batch.bytes() as u64 >= self.cfg.batch_bytes
-            || self.buffered_bytes() >= self.cfg.max_buffer_bytes
-        {
+        if self.should_spill(idx) {
             self.spill(idx).await?;
         }
         Ok(())
@@ -686,9 +707,7 @@ impl Applier {
                 }
                 t.metrics.snapshot.add(1);
                 seq += 1;
-                if t.batch.rows() as u64 >= self.cfg.batch_rows
-                    || t.batch.bytes() as u64 >= self.cfg.batch_bytes
-                {
+                if self.should_spill(idx) {
                     self.spill(idx).await?;
                 }
             }

@@ -41,6 +41,8 @@ pub struct TableSink {
     pub last_lsn: u64,
     pending: Vec<DataFile>,
     pending_rows: u64,
+    /// Arrow bytes of the rows in `pending_rows` (what they weighed in memory).
+    pending_bytes: u64,
     /// Data files being written (not yet in `pending`).
     open: Option<OpenFiles>,
     secrets: Arc<[String]>,
@@ -154,6 +156,7 @@ impl TableSink {
             last_lsn,
             pending: Vec::new(),
             pending_rows: 0,
+            pending_bytes: 0,
             open: None,
             secrets,
         })
@@ -173,6 +176,11 @@ impl TableSink {
     pub fn name(&self) -> String {
         let id = self.table.identifier();
         format!("{}.{}", id.namespace().join("."), id.name())
+    }
+
+    /// Arrow bytes handed to the data files and not yet committed.
+    pub fn pending_bytes(&self) -> u64 {
+        self.pending_bytes
     }
 
     /// Rows written to data files and not yet committed.
@@ -211,6 +219,7 @@ impl TableSink {
     /// until `commit`. Returns once the writer task has taken it.
     pub async fn write(&mut self, batch: RecordBatch) -> Result<(), SinkError> {
         self.pending_rows += batch.num_rows() as u64;
+        self.pending_bytes += batch.get_array_memory_size() as u64;
         let open = self
             .open
             .get_or_insert_with(|| OpenFiles::open(&self.table));
@@ -298,6 +307,7 @@ impl TableSink {
                 self.table = table;
                 self.pending.clear();
                 self.pending_rows = 0;
+                self.pending_bytes = 0;
                 self.last_lsn = lsn;
                 Ok(Committed { conflicts })
             }
@@ -310,6 +320,7 @@ impl TableSink {
                     if landed {
                         self.pending.clear();
                         self.pending_rows = 0;
+                        self.pending_bytes = 0;
                         self.last_lsn = lsn;
                         return Ok(Committed::default());
                     }
