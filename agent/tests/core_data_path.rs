@@ -80,17 +80,7 @@ async fn every_type_round_trips_through_pyiceberg_and_duckdb() {
     )
     .await;
 
-    let v = verify(
-        &work,
-        "ns.all_types",
-        &[
-            "--duckdb",
-            "--pg-conninfo",
-            &pg.conninfo("app"),
-            "--pg-query",
-            ALL_TYPES_QUERY,
-        ],
-    );
+    let v = verify_all_types(&work, &pg.conninfo("app"), "");
     assert_eq!(
         v["unique"], true,
         "(_cdc_lsn, _cdc_seq) must be unique: {v}"

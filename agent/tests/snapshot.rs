@@ -235,17 +235,7 @@ async fn every_type_snapshots_like_it_streams() {
     let agent = AgentProc::start(&cfg, &work.path().join("agent.log"));
     wait_rows(&work, "ns.all_types", 3003, 120).await;
     wait_rows(&work, "ns._philotes_dlq", 2, 60).await;
-    let v = verify(
-        &work,
-        "ns.all_types",
-        &[
-            "--duckdb",
-            "--pg-conninfo",
-            &pg.conninfo("app"),
-            "--pg-query",
-            &format!("{ALL_TYPES_QUERY} WHERE id < 20000"),
-        ],
-    );
+    let v = verify_all_types(&work, &pg.conninfo("app"), " WHERE id < 20000");
     assert_eq!(v["ops"]["R"], 3003, "{v}");
     assert_eq!(v["snapshot_duplicate_keys"], 0);
     assert_eq!(v["duckdb_equal"], true, "{}", v["duckdb_diff"]);

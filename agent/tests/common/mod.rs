@@ -459,3 +459,18 @@ pub fn all_types_values(i: i64) -> String {
         i + 1,
     )
 }
+
+/// `verify` of `ns.all_types` with DuckDB against `ALL_TYPES_QUERY` + `filter` in PostgreSQL.
+pub fn verify_all_types(work: &Workdir, conninfo: &str, filter: &str) -> Value {
+    verify(
+        work,
+        "ns.all_types",
+        &[
+            "--duckdb",
+            "--pg-conninfo",
+            conninfo,
+            "--pg-query",
+            &format!("{ALL_TYPES_QUERY}{filter}"),
+        ],
+    )
+}
