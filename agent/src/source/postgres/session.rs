@@ -76,6 +76,18 @@ pub struct Session {
     url: SourceUrl,
 }
 
+/// `SELECT {select}` over the replicated columns of `schema.table` (`a` is `pg_attribute`,
+/// `joins` adds more), in column order — the columns and order a Relation message has.
+fn column_query(schema: &str, table: &str, select: &str, joins: &str) -> String {
+    let rel = format!("{}.{}", quote_ident(schema), quote_ident(table));
+    format!(
+        "SELECT {select} FROM pg_catalog.pg_attribute a {joins} \
+         WHERE a.attrelid = {}::regclass AND a.attnum > 0 AND NOT a.attisdropped \
+         AND a.attgenerated = '' ORDER BY a.attnum",
+        quote_literal(&rel)
+    )
+}
+
 /// `s` as an SQL string literal.
 pub fn quote_literal(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
@@ -257,17 +269,15 @@ impl Session {
         schema: &str,
         table: &str,
     ) -> Result<Vec<super::pgoutput::RelationColumn>, SourceError> {
-        let rel = format!("{}.{}", quote_ident(schema), quote_ident(table));
         let rows = self
-            .query(&format!(
-                "SELECT a.attname, a.atttypid::int8::text, a.atttypmod::text, \
+            .query(&column_query(
+                schema,
+                table,
+                "a.attname, a.atttypid::int8::text, a.atttypmod::text, \
                  (c.relreplident = 'f' OR EXISTS (SELECT 1 FROM pg_catalog.pg_index i \
                    WHERE i.indrelid = c.oid AND (i.indisreplident OR (c.relreplident = 'd' AND i.indisprimary)) \
-                   AND a.attnum = ANY(i.indkey)))::text \
-                 FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_class c ON c.oid = a.attrelid \
-                 WHERE a.attrelid = {}::regclass AND a.attnum > 0 AND NOT a.attisdropped \
-                 AND a.attgenerated = '' ORDER BY a.attnum",
-                quote_literal(&rel)
+                   AND a.attnum = ANY(i.indkey)))::text",
+                "JOIN pg_catalog.pg_class c ON c.oid = a.attrelid",
             ))
             .await?;
         Ok(rows
@@ -291,17 +301,14 @@ impl Session {
         schema: &str,
         table: &str,
     ) -> Result<Vec<String>, SourceError> {
-        let rel = format!("{}.{}", quote_ident(schema), quote_ident(table));
         let rows = self
-            .query(&format!(
-                "SELECT pg_catalog.quote_ident(n.nspname) || '.' || pg_catalog.quote_ident(p.proname) \
-                 FROM pg_catalog.pg_attribute a \
-                 JOIN pg_catalog.pg_type t ON t.oid = a.atttypid \
+            .query(&column_query(
+                schema,
+                table,
+                "pg_catalog.quote_ident(n.nspname) || '.' || pg_catalog.quote_ident(p.proname)",
+                "JOIN pg_catalog.pg_type t ON t.oid = a.atttypid \
                  JOIN pg_catalog.pg_proc p ON p.oid = t.typoutput \
-                 JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace \
-                 WHERE a.attrelid = {}::regclass AND a.attnum > 0 AND NOT a.attisdropped \
-                 AND a.attgenerated = '' ORDER BY a.attnum",
-                quote_literal(&rel)
+                 JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace",
             ))
             .await?;
         Ok(rows
