@@ -394,3 +394,68 @@ async fn a_table_added_to_the_publication_streams_unless_told_not_to() {
         assert_eq!(agent.terminate(), Some(0));
     }
 }
+
+/// A table that joins the publication and leaves it again before the agent reads that far is
+/// not copied (it is no longer in the publication), and the restart does not loop: the
+/// changes it published while it was in stream without a copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_that_joined_and_left_streams_without_looping() {
+    let Running {
+        pg: _pg,
+        db,
+        work,
+        agent,
+        ..
+    } = running(
+        "CREATE TABLE a (id int PRIMARY KEY);
+         CREATE TABLE d (id int PRIMARY KEY);
+         INSERT INTO d VALUES (1), (2);",
+        &["a"],
+        "snapshot = \"initial\"",
+    )
+    .await;
+    let api = format!("http://{}/api/v1/pipelines/p", agent.api_addr().unwrap());
+    let http = reqwest::Client::new();
+    http.post(format!("{api}/pause"))
+        .send()
+        .await
+        .unwrap()
+        .error_for_status()
+        .unwrap();
+    wait_for(Duration::from_secs(30), "paused", || async {
+        let v = agent.api_json("/api/v1/pipelines/p").await?;
+        (v["state"] == "paused").then_some(())
+    })
+    .await;
+    // While the agent reads nothing: d joins, publishes one row, and leaves.
+    for sql in [
+        "ALTER PUBLICATION philotes_p ADD TABLE d",
+        "INSERT INTO d VALUES (3)",
+        "ALTER PUBLICATION philotes_p DROP TABLE d",
+        "INSERT INTO d VALUES (4)",
+        "INSERT INTO a VALUES (1)",
+    ] {
+        db.batch_execute(sql).await.unwrap();
+    }
+    http.post(format!("{api}/resume"))
+        .send()
+        .await
+        .unwrap()
+        .error_for_status()
+        .unwrap();
+    wait_rows(&work, "ns.a", 1, 60).await;
+    wait_rows(&work, "ns.d", 1, 60).await;
+    let v = verify(&work, "ns.d", &["--rows"]);
+    assert_eq!(
+        v["all_rows"][0]["id"], 3,
+        "the row published while d was in: {v}"
+    );
+    let log = agent.log_text();
+    assert!(log.contains("left it again"), "{log}");
+    assert_eq!(
+        log.matches("taking its initial snapshot").count(),
+        1,
+        "one restart, no loop: {log}"
+    );
+    assert_eq!(agent.terminate(), Some(0));
+}

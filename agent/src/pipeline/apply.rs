@@ -79,6 +79,8 @@ pub(super) struct Applier {
     confirmed: u64,
     /// The previous attempt failed: the first flush of this one is a retried batch.
     retrying: bool,
+    /// Tables that joined the publication but are no longer in it: streamed, not copied.
+    no_copy: std::collections::HashSet<String>,
 }
 
 /// Most rows a builder holds before its batch goes to the writer task.
@@ -132,6 +134,7 @@ impl Applier {
             buffered_events: 0,
             confirmed: 0,
             retrying: false,
+            no_copy: Default::default(),
         }
     }
 
@@ -334,6 +337,11 @@ impl Applier {
         });
     }
 
+    /// Tables to stream without an initial copy when their Relation arrives.
+    pub(super) fn stream_without_copy(&mut self, tables: std::collections::HashSet<String>) {
+        self.no_copy = tables;
+    }
+
     /// Mark this attempt as following a failed one (see `batches_retried`).
     pub(super) fn after_failure(&mut self, failed: bool) {
         self.retrying = failed;
@@ -371,9 +379,13 @@ impl Applier {
                     // transaction is confirmed yet, so with an initial snapshot the stream
                     // restarts: the table is copied first and its earlier changes skipped.
                     if self.cfg.snapshot == crate::config::SnapshotMode::Initial {
-                        return Err(PipelineError::NewTable(source));
+                        if !self.no_copy.contains(&source) {
+                            return Err(PipelineError::NewTable(source));
+                        }
+                        tracing::warn!(table = %source, "table joined the publication and left it again before it could be copied: streaming its changes only");
+                    } else {
+                        tracing::info!(table = %source, "table joined the publication: streaming it");
                     }
-                    tracing::info!(table = %source, "table joined the publication: streaming it");
                 }
                 let idx = self.relation(namespace, name, columns).await?;
                 self.relations.insert(oid, Some(idx));

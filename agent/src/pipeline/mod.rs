@@ -102,6 +102,9 @@ pub struct Pipeline {
     control: watch::Receiver<Control>,
     /// The last attempt ended in an error.
     last_failed: bool,
+    /// Tables that joined the publication mid-stream (`schema.table`): copied on the next
+    /// attempt if still in the publication, else streamed without a copy.
+    joined: std::collections::HashSet<String>,
 }
 
 impl Pipeline {
@@ -136,6 +139,7 @@ impl Pipeline {
                 status,
                 control: rx,
                 last_failed: false,
+                joined: Default::default(),
             },
             handle,
         ))
@@ -163,6 +167,7 @@ impl Pipeline {
                 Err(PipelineError::NewTable(table)) => {
                     self.last_failed = false;
                     tracing::info!(pipeline = %self.cfg.name, table, "table joined the publication: taking its initial snapshot");
+                    self.joined.insert(table);
                 }
                 Err(e) => {
                     let msg = e.to_string();
@@ -222,6 +227,15 @@ impl Pipeline {
             self.status.clone(),
         );
         applier.after_failure(self.last_failed);
+        // A table that joined and left the publication again before this attempt is not
+        // copied (it is not in `tables`); its replayed changes stream without a restart.
+        applier.stream_without_copy(
+            self.joined
+                .iter()
+                .filter(|j| !tables.iter().any(|(s, t)| format!("{s}.{t}") == **j))
+                .cloned()
+                .collect(),
+        );
         if self.cfg.snapshot == crate::config::SnapshotMode::Initial {
             for (schema, table) in &tables {
                 self.set_state(PipelineState::Snapshotting);
