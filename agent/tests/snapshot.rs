@@ -122,6 +122,12 @@ async fn snapshot_under_concurrent_writes_matches_the_source() {
         log.contains("initial snapshot: committed"),
         "progress is reported"
     );
+    assert!(
+        log.lines().any(|l| l.contains("pipeline.snapshot{")
+            && l.contains("table=public.big")
+            && l.contains("initial snapshot: committed")),
+        "the copy runs in its own span (its trace id is on the line)"
+    );
     let metrics = reqwest::get(format!("http://{}/metrics", agent.api_addr().unwrap()))
         .await
         .unwrap()

@@ -759,6 +759,7 @@ impl Applier {
                 e.last_commit_at = Some(status::now_rfc3339());
             }
         });
+        tracing::Span::current().record("rows", seq as i64);
         tracing::info!(
             table = %source_name,
             rows = seq,

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use iceberg::Catalog;
 use tokio::sync::watch;
+use tracing::Instrument;
 
 use crate::config::PipelineConfig;
 use crate::sink::iceberg::SinkError;
@@ -239,7 +240,20 @@ impl Pipeline {
         if self.cfg.snapshot == crate::config::SnapshotMode::Initial {
             for (schema, table) in &tables {
                 self.set_state(PipelineState::Snapshotting);
-                applier.snapshot_table(&self.url, schema, table).await?;
+                // A root span: one trace per table copy.
+                let span = tracing::info_span!(
+                    parent: None,
+                    "pipeline.snapshot",
+                    source = %self.cfg.name,
+                    table = %format!("{schema}.{table}"),
+                    rows = tracing::field::Empty,
+                    trace_id = tracing::field::Empty,
+                );
+                crate::telemetry::record_trace_id(&span);
+                applier
+                    .snapshot_table(&self.url, schema, table)
+                    .instrument(span)
+                    .await?;
             }
         }
         let client = session.start().await?;
