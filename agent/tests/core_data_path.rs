@@ -343,3 +343,58 @@ async fn poison_values_go_to_the_dead_letter_table() {
     );
     assert_eq!(agent.terminate(), Some(0));
 }
+
+/// One transaction that fills many tables: only a few data-file writers stay open at once, so
+/// tables' files are finished early and reopened while the transaction streams. Nothing is lost
+/// or doubled, and each table still gets a single commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_filling_many_tables_keeps_few_writers_open() {
+    let tables: Vec<String> = (0..10).map(|i| format!("m{i}")).collect();
+    let ddl: String = tables
+        .iter()
+        .map(|t| format!("CREATE TABLE {t} (id int PRIMARY KEY, v text);"))
+        .collect();
+    let names: Vec<&str> = tables.iter().map(String::as_str).collect();
+    let Running {
+        pg: _pg,
+        db,
+        work,
+        agent,
+        ..
+    } = running(&ddl, &names, "batch_rows = 1000").await;
+    let mut sql = String::from("BEGIN;");
+    for round in 0..5 {
+        for t in &tables {
+            write!(
+                sql,
+                "INSERT INTO {t} SELECT g, 'r{round}' FROM generate_series({}, {}) g;",
+                round * 1000 + 1,
+                round * 1000 + 1000
+            )
+            .unwrap();
+        }
+    }
+    sql.push_str("COMMIT;");
+    db.batch_execute(&sql).await.unwrap();
+    for t in &tables {
+        wait_rows(&work, &format!("ns.{t}"), 5000, 90).await;
+    }
+    for t in &tables {
+        let v = verify(&work, &format!("ns.{t}"), &[]);
+        assert_eq!(v["unique"], true, "{t}: {v}");
+        assert_eq!(v["rows"], 5000, "{t}: {v}");
+    }
+    let files = std::fs::read_dir(work.warehouse().join("ns").join("m0").join("data"))
+        .map(|d| {
+            d.flatten()
+                .flat_map(|p| std::fs::read_dir(p.path()).into_iter().flatten().flatten())
+                .filter(|f| f.path().extension().is_some_and(|x| x == "parquet"))
+                .count()
+        })
+        .unwrap_or(0);
+    assert!(
+        files >= 2,
+        "m0's writer was finished early and reopened: {files} files"
+    );
+    assert_eq!(agent.terminate(), Some(0));
+}

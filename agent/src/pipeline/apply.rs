@@ -83,6 +83,8 @@ pub(super) struct Applier {
     no_copy: std::collections::HashSet<String>,
 }
 
+/// Writers (tables with open data files) kept open at once, besides the one being fed.
+const MAX_OPEN_WRITERS: usize = 4;
 /// Most rows a builder holds before its batch goes to the writer task.
 const SPILL_ROWS: u64 = 65_536;
 /// Most builder bytes before its batch goes to the writer task.
@@ -775,12 +777,27 @@ impl Applier {
         if let Some(batch) = t.batch.finish()? {
             t.sink.write(batch).await?;
         }
+        // Each open writer holds a row group being encoded (up to 32 MiB): a transaction that
+        // fills many tables keeps only a few open; the others' files are finished early.
+        let others: Vec<usize> = (0..self.tables.len())
+            .filter(|&j| j != i && self.tables[j].sink.has_open_files())
+            .collect();
+        if others.len() >= MAX_OPEN_WRITERS {
+            for j in others {
+                self.finish_files(j).await?;
+            }
+        }
         Ok(())
     }
 
     /// Spill table `i` and finish its data files, ready to commit.
     async fn close_files(&mut self, i: usize) -> Result<(), PipelineError> {
         self.spill(i).await?;
+        self.finish_files(i).await
+    }
+
+    /// Finish table `i`'s open data files (they stay pending until the commit).
+    async fn finish_files(&mut self, i: usize) -> Result<(), PipelineError> {
         let t = &mut self.tables[i];
         let span = tracing::info_span!(
             "iceberg.write",

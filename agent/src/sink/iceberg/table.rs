@@ -230,6 +230,11 @@ impl TableSink {
         sent
     }
 
+    /// Whether data files are being written (a writer task is open).
+    pub fn has_open_files(&self) -> bool {
+        self.open.is_some()
+    }
+
     /// Finish the open data files (if any): they join the pending ones. Returns what was
     /// written by them.
     pub async fn finish_files(&mut self) -> Result<Written, SinkError> {
