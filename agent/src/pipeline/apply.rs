@@ -597,12 +597,10 @@ impl Applier {
         let rel = format!("{}.{}", quote_ident(schema), quote_ident(name));
         let rel_oid = format!("{}::regclass", quote_literal(&rel));
         let estimate: u64 = reader
-            .query(&format!(
+            .scalar(&format!(
                 "SELECT GREATEST(reltuples, 0)::bigint::text FROM pg_catalog.pg_class WHERE oid = {rel_oid}"
             ))
             .await?
-            .first()
-            .and_then(|r| r.first().cloned().flatten())
             .and_then(|v| v.parse().ok())
             .unwrap_or(0);
         // The exporting session must stay open and idle until the copy is done.
@@ -649,13 +647,11 @@ impl Applier {
             _ => 1,
         };
         let blocks: u64 = reader
-            .query(&format!(
+            .scalar(&format!(
                 "SELECT (pg_catalog.pg_relation_size({rel_oid}) / \
                  pg_catalog.current_setting('block_size')::bigint)::text"
             ))
             .await?
-            .first()
-            .and_then(|r| r.first().cloned().flatten())
             .and_then(|v| v.parse().ok())
             .unwrap_or(0);
         let readers = if blocks < 64 { 1 } else { readers };
@@ -669,20 +665,7 @@ impl Applier {
         let mut fetchers = Vec::new();
         drop(reader);
         for r in 0..readers {
-            let lo = blocks * r / readers;
-            let hi = blocks * (r + 1) / readers;
-            let mut filter = Vec::new();
-            if r > 0 {
-                filter.push(format!("ctid >= '({lo},0)'::tid"));
-            }
-            if r + 1 < readers {
-                filter.push(format!("ctid < '({hi},0)'::tid"));
-            }
-            let filter = if filter.is_empty() {
-                String::new()
-            } else {
-                format!(" WHERE {}", filter.join(" AND "))
-            };
+            let filter = block_range_filter(r, readers, blocks);
             let select = format!("SELECT {list} FROM {rel}{filter}");
             let (url, slot, publication) = (url.clone(), slot.clone(), publication.clone());
             let snapshot = snapshot.clone();
@@ -1018,6 +1001,23 @@ async fn evolve(
         sink.add_columns(add).await?;
     }
     Ok(())
+}
+
+/// The `WHERE` clause of reader `r` of `readers` over a table of `blocks` blocks: equal block
+/// ranges, the first open below and the last open above (rows past the measured size too).
+fn block_range_filter(r: u64, readers: u64, blocks: u64) -> String {
+    let mut bounds = Vec::new();
+    if r > 0 {
+        bounds.push(format!("ctid >= '({},0)'::tid", blocks * r / readers));
+    }
+    if r + 1 < readers {
+        bounds.push(format!("ctid < '({},0)'::tid", blocks * (r + 1) / readers));
+    }
+    if bounds.is_empty() {
+        String::new()
+    } else {
+        format!(" WHERE {}", bounds.join(" AND "))
+    }
 }
 
 /// What a snapshot reader sends: a batch of rows, or the end of its range.

@@ -146,7 +146,8 @@ impl Session {
             .collect())
     }
 
-    async fn scalar(&mut self, sql: &str) -> Result<Option<String>, SourceError> {
+    /// The first column of the first row of `sql`, if any.
+    pub async fn scalar(&mut self, sql: &str) -> Result<Option<String>, SourceError> {
         Ok(self
             .query(sql)
             .await?
