@@ -203,6 +203,15 @@ pub struct PipelineConfig {
     /// the agent runs (`false`: only `tables`).
     #[serde(default = "default_true")]
     pub follow_publication: bool,
+    /// Receive large transactions while they are still in progress (pgoutput protocol 2,
+    /// PostgreSQL 14+) and spool them locally until they commit (`false`: the server spools
+    /// them and sends them after the commit).
+    #[serde(default = "default_true")]
+    pub stream_in_progress: bool,
+    /// Directory for the spool files of in-progress transactions (default: the system temp
+    /// directory).
+    #[serde(default)]
+    pub spool_dir: Option<std::path::PathBuf>,
     /// Iceberg namespace (default: the pipeline name).
     #[serde(default)]
     pub namespace: Option<String>,

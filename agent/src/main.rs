@@ -84,7 +84,7 @@ fn main() -> ExitCode {
                     Ok(c) => c,
                     Err(code) => return code,
                 };
-                telemetry::init_basic_logging("warn,pgwire_replication=off", cfg.secrets());
+                telemetry::init_basic_logging("warn", cfg.secrets());
                 let problems = philotes::check::run_checks(&cfg).await;
                 if problems.is_empty() {
                     println!("ok: {} pipeline(s), catalog reachable", cfg.pipelines.len());

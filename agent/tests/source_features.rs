@@ -6,6 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
+use philotes::demo::postgres::LocalPgOptions;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn add_and_drop_column_mid_stream() {
@@ -456,6 +457,153 @@ async fn a_table_that_joined_and_left_streams_without_looping() {
         log.matches("taking its initial snapshot").count(),
         1,
         "one restart, no loop: {log}"
+    );
+    assert_eq!(agent.terminate(), Some(0));
+}
+
+/// Streamed transactions the server has sent for `slot` (`pg_stat_replication_slots`).
+async fn stream_txns(pg: &TestPg, slot: &str) -> i64 {
+    pg.client("app")
+        .await
+        .query_opt(
+            "SELECT stream_txns FROM pg_stat_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .unwrap()
+        .map(|r| r.get::<_, i64>(0))
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_progress_transactions_stream_with_savepoints_rollbacks_and_crashes() {
+    // 64 kB of decoded changes and PostgreSQL streams the transaction before it commits.
+    let mut opts = LocalPgOptions::default();
+    opts.settings
+        .push(("logical_decoding_work_mem".into(), "64kB".into()));
+    let pg = TestPg::start_with(opts);
+    let db = pg.create_db("app").await;
+    db.batch_execute("CREATE TABLE big (id int PRIMARY KEY, v text, pad text)")
+        .await
+        .unwrap();
+    let work = Workdir::new();
+    let cfg = work.config(&pg.url("app"), &["big"], "", "");
+    let log = work.path().join("agent.log");
+    let agent = AgentProc::start(&cfg, &log);
+    agent.wait_streaming().await;
+    let ins = |a: i64, b: i64| {
+        format!("INSERT INTO big SELECT g, 'v' || g, repeat('p', 100) FROM generate_series({a}, {b}) g;")
+    };
+    // Savepoints: one rolled back, one kept, a nested one released.
+    db.batch_execute(&format!(
+        "BEGIN; {} SAVEPOINT s1; {} ROLLBACK TO s1; SAVEPOINT s2; \
+         UPDATE big SET v = 'upd' WHERE id <= 1000; SAVEPOINT s3; DELETE FROM big WHERE id > 19000; \
+         RELEASE s3; COMMIT;",
+        ins(1, 20_000),
+        ins(20_001, 25_000)
+    ))
+    .await
+    .unwrap();
+    // A streamed transaction that rolls back leaves nothing.
+    db.batch_execute(&format!("BEGIN; {} ROLLBACK;", ins(30_001, 40_000)))
+        .await
+        .unwrap();
+    // Two streamed transactions interleaved, committed in the other order.
+    let other = pg.client("app").await;
+    db.batch_execute(&format!("BEGIN; {}", ins(50_001, 60_000)))
+        .await
+        .unwrap();
+    other
+        .batch_execute(&format!("BEGIN; {}", ins(60_001, 70_000)))
+        .await
+        .unwrap();
+    db.batch_execute(&format!(
+        "{} UPDATE big SET v = 'a-late' WHERE id = 50001;",
+        ins(70_001, 75_000)
+    ))
+    .await
+    .unwrap();
+    other.batch_execute("COMMIT").await.unwrap();
+    db.batch_execute("COMMIT").await.unwrap();
+    db.batch_execute(&ins(80_001, 80_010)).await.unwrap();
+    // I: 20,000 + 15,000 + 10,000 + 10; U: 1,000 + 1; D: 1,000.
+    wait_rows(&work, "ns.big", 47_011, 120).await;
+    let streamed = wait_for(
+        Duration::from_secs(30),
+        "the server to report streamed transactions",
+        || async {
+            let n = stream_txns(&pg, "philotes_p").await;
+            (n >= 4).then_some(n)
+        },
+    )
+    .await;
+    assert!(streamed >= 4, "T1, the rollback and both interleaved ones streamed");
+    let check = |what: &str| {
+        let v = verify(
+            &work,
+            "ns.big",
+            &[
+                "--pg-conninfo",
+                &pg.conninfo("app"),
+                "--pg-query",
+                "SELECT id, v, pad FROM big",
+            ],
+        );
+        assert_eq!(v["state_equal"], true, "{what}: {}", v["state_diff"]);
+        assert_eq!(v["duplicates"], 0, "{what}");
+        v
+    };
+    let v = check("streamed");
+    assert_eq!(v["ops"]["I"], 45_010, "{v}");
+    assert_eq!(v["ops"]["U"], 1_001, "{v}");
+    assert_eq!(v["ops"]["D"], 1_000, "{v}");
+
+    // SIGKILL while a streamed transaction is spooled but not committed: after the restart
+    // the server streams it again from its start; it lands once.
+    let open = pg.client("app").await;
+    let before = stream_txns(&pg, "philotes_p").await;
+    open.batch_execute(&format!("BEGIN; {}", ins(90_001, 100_000)))
+        .await
+        .unwrap();
+    wait_for(
+        Duration::from_secs(30),
+        "the open transaction to be streamed",
+        || async { (stream_txns(&pg, "philotes_p").await > before).then_some(()) },
+    )
+    .await;
+    agent.kill9();
+    let agent = AgentProc::start(&cfg, &log);
+    agent.wait_streaming().await;
+    open.batch_execute(&format!("{} COMMIT;", ins(100_001, 101_000)))
+        .await
+        .unwrap();
+    wait_rows(&work, "ns.big", 58_011, 120).await;
+    check("after a crash mid-stream");
+    assert!(
+        !agent.log_text().contains("pipeline failed"),
+        "{}",
+        agent.log_text()
+    );
+    assert_eq!(agent.terminate(), Some(0));
+
+    // With streaming off the server spools instead; the result is the same.
+    let cfg = work.config(&pg.url("app"), &["big"], "stream_in_progress = false", "");
+    let agent = AgentProc::start(&cfg, &log);
+    agent.wait_streaming().await;
+    let before = stream_txns(&pg, "philotes_p").await;
+    db.batch_execute(&format!(
+        "BEGIN; {} SAVEPOINT s; {} ROLLBACK TO s; COMMIT;",
+        ins(110_001, 120_000),
+        ins(120_001, 125_000)
+    ))
+    .await
+    .unwrap();
+    wait_rows(&work, "ns.big", 68_011, 120).await;
+    check("protocol 1");
+    assert_eq!(
+        stream_txns(&pg, "philotes_p").await,
+        before,
+        "nothing streamed with stream_in_progress = false"
     );
     assert_eq!(agent.terminate(), Some(0));
 }

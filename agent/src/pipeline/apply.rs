@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use iceberg::Catalog;
-use pgwire_replication::{Lsn, ReplicationClient, ReplicationEvent};
 use tokio::sync::watch;
 use tracing::Instrument;
 
@@ -22,10 +21,12 @@ use crate::sink::iceberg::schema::{
 };
 use crate::sink::iceberg::TableSink;
 use crate::source::postgres::conn::SourceUrl;
-use crate::source::postgres::pgoutput::{self, Message, RelationColumn, TupleData};
+use crate::source::postgres::pgoutput::{self, Message, RelationColumn, StreamMessage, TupleData};
 use crate::source::postgres::session::format_lsn;
 use crate::source::postgres::session::{quote_ident, quote_literal, Session, SourceError};
 use crate::source::postgres::types::ColumnKind;
+use crate::source::postgres::wire::replication::{ReplEvent, ReplicationStream};
+use crate::source::postgres::wire::Row;
 use crate::telemetry::{record_trace_id, PipelineState, SourceMetrics, TableMetrics};
 
 /// A configured table being streamed.
@@ -81,6 +82,10 @@ pub(super) struct Applier {
     retrying: bool,
     /// Tables that joined the publication but are no longer in it: streamed, not copied.
     no_copy: std::collections::HashSet<String>,
+    /// In-progress transactions streamed by the server (protocol 2), by top-level xid.
+    streams: HashMap<u32, super::spool::Spool>,
+    /// Inside a stream block of this transaction.
+    in_stream: Option<u32>,
 }
 
 /// Writers (tables with open data files) kept open at once, besides the one being fed.
@@ -137,6 +142,8 @@ impl Applier {
             confirmed: 0,
             retrying: false,
             no_copy: Default::default(),
+            streams: HashMap::new(),
+            in_stream: None,
         }
     }
 
@@ -179,7 +186,7 @@ impl Applier {
     /// Stream until shutdown; returns Err on any failure (the caller reconnects).
     pub(super) async fn stream(
         &mut self,
-        mut client: ReplicationClient,
+        mut client: ReplicationStream,
         control: &mut watch::Receiver<Control>,
         shutdown: &mut watch::Receiver<bool>,
         set_state: &(dyn Fn(PipelineState) + Sync),
@@ -203,7 +210,7 @@ impl Applier {
                     self.flush(&client).await?;
                 }
                 if stopping {
-                    client.stop();
+                    client.stop().await;
                     return Ok(());
                 }
                 if !paused {
@@ -220,7 +227,7 @@ impl Applier {
             if stopping && stop_deadline.is_some_and(|d| Instant::now() > d) {
                 // The open transaction did not end in time: leave it to the slot.
                 tracing::warn!(pipeline = %self.cfg.name, "stopping inside a transaction; it will be re-read on restart");
-                client.stop();
+                client.stop().await;
                 return Ok(());
             }
             if paused && !want_pause {
@@ -252,75 +259,191 @@ impl Applier {
 
     async fn on_event(
         &mut self,
-        ev: ReplicationEvent,
-        client: &ReplicationClient,
+        ev: ReplEvent,
+        client: &ReplicationStream,
     ) -> Result<(), PipelineError> {
-        match ev {
-            ReplicationEvent::Begin {
+        let data = match ev {
+            ReplEvent::KeepAlive { wal_end } => {
+                self.idle_point(client, wal_end);
+                return Ok(());
+            }
+            ReplEvent::XLogData { data, .. } => data,
+        };
+        if let Some(m) = pgoutput::decode_stream(&data).map_err(SourceError::from)? {
+            return self.on_stream(m, client).await;
+        }
+        if let Some(xid) = self.in_stream {
+            // A change of an in-progress transaction: keep it until the server says how
+            // the transaction ended.
+            let (subxid, parts) = pgoutput::split_streamed(&data).map_err(SourceError::from)?;
+            let Some(spool) = self.streams.get_mut(&xid) else {
+                return Err(PipelineError::StreamEnded(format!(
+                    "change of streamed transaction {xid} outside its stream"
+                )));
+            };
+            return spool.push(subxid, &parts).map_err(|e| self.spool_error(e));
+        }
+        let msg = pgoutput::decode(&data).map_err(SourceError::from)?;
+        match msg {
+            Message::Begin {
                 final_lsn,
-                commit_time_micros,
+                commit_ts,
                 ..
             } => {
                 self.txn = Some(Txn {
-                    lsn: final_lsn.as_u64(),
-                    ts_micros: pg_ts_to_unix(commit_time_micros),
+                    lsn: final_lsn,
+                    ts_micros: pg_ts_to_unix(commit_ts),
                     seq: 0,
                 });
             }
-            ReplicationEvent::XLogData { data, .. } => {
-                let msg = pgoutput::decode(&data)
-                    .map_err(crate::source::postgres::session::SourceError::from)?;
-                self.on_message(msg).await?;
-            }
-            ReplicationEvent::Commit {
-                lsn,
+            Message::Commit {
+                commit_lsn,
                 end_lsn,
-                commit_time_micros,
+                commit_ts,
+                ..
             } => {
-                let ts = pg_ts_to_unix(commit_time_micros);
-                let lag = ((now_micros() - ts) as f64 / 1e6).max(0.0);
-                for t in &self.tables {
-                    if t.touched_in == lsn.as_u64() {
-                        t.metrics.lag.record(lag);
-                    }
-                }
-                self.txn = None;
-                self.last = Committed {
-                    lsn: lsn.as_u64(),
-                    end_lsn: end_lsn.as_u64(),
-                };
-                self.publish(lag, end_lsn.as_u64());
-                self.metrics.depth.record(self.buffered_events as i64);
-                if !self.anything_uncommitted() {
-                    // Nothing of ours in flight: everything up to here is durable by definition.
-                    self.ack(client);
-                } else if self.should_flush() {
-                    self.flush(client).await?;
-                }
+                self.on_commit(commit_lsn, end_lsn, commit_ts, client)
+                    .await?
             }
-            ReplicationEvent::KeepAlive { wal_end, .. } => {
-                if self.txn.is_none()
-                    && !self.anything_uncommitted()
-                    && wal_end.as_u64() > self.confirmed
-                {
-                    // Idle: confirm the server's position so an idle slot does not retain WAL.
-                    self.confirm(client, wal_end.as_u64());
-                }
-            }
-            ReplicationEvent::Message {
+            Message::LogicalMessage {
                 transactional: false,
                 lsn,
                 ..
             } => {
                 // Heartbeats (ours or anyone's): like a keepalive, a safe point to confirm when idle.
-                if self.txn.is_none()
-                    && !self.anything_uncommitted()
-                    && lsn.as_u64() > self.confirmed
-                {
-                    self.confirm(client, lsn.as_u64());
+                self.idle_point(client, lsn);
+            }
+            other => self.on_message(other).await?,
+        }
+        Ok(())
+    }
+
+    /// The server has sent everything before `lsn`: when nothing of ours is in flight,
+    /// confirm it so an idle slot does not retain WAL.
+    fn idle_point(&mut self, client: &ReplicationStream, lsn: u64) {
+        if self.txn.is_none() && !self.anything_uncommitted() && lsn > self.confirmed {
+            self.confirm(client, lsn);
+        }
+    }
+
+    async fn on_commit(
+        &mut self,
+        lsn: u64,
+        end_lsn: u64,
+        commit_ts: i64,
+        client: &ReplicationStream,
+    ) -> Result<(), PipelineError> {
+        let ts = pg_ts_to_unix(commit_ts);
+        let lag = ((now_micros() - ts) as f64 / 1e6).max(0.0);
+        for t in &self.tables {
+            if t.touched_in == lsn {
+                t.metrics.lag.record(lag);
+            }
+        }
+        self.txn = None;
+        self.last = Committed { lsn, end_lsn };
+        self.publish(lag, end_lsn);
+        self.metrics.depth.record(self.buffered_events as i64);
+        if !self.anything_uncommitted() {
+            // Nothing of ours in flight: everything up to here is durable by definition.
+            self.ack(client);
+        } else if self.should_flush() {
+            self.flush(client).await?;
+        }
+        Ok(())
+    }
+
+    fn spool_error(&self, e: std::io::Error) -> PipelineError {
+        self.metrics.error("spool");
+        PipelineError::Spool(e.to_string())
+    }
+
+    /// Protocol 2: blocks of in-progress transactions, and how each one ended.
+    async fn on_stream(
+        &mut self,
+        m: StreamMessage,
+        client: &ReplicationStream,
+    ) -> Result<(), PipelineError> {
+        match m {
+            StreamMessage::Start { xid, first } => {
+                if first || !self.streams.contains_key(&xid) {
+                    if !first {
+                        return Err(PipelineError::StreamEnded(format!(
+                            "streamed transaction {xid} continues, but its start was not received"
+                        )));
+                    }
+                    let spool = super::spool::Spool::new(self.cfg.spool_dir.as_deref(), xid)
+                        .map_err(|e| self.spool_error(e))?;
+                    self.streams.insert(xid, spool);
+                }
+                self.in_stream = Some(xid);
+            }
+            StreamMessage::Stop => self.in_stream = None,
+            StreamMessage::Abort { xid, subxid } => {
+                if xid == subxid {
+                    if let Some(s) = self.streams.remove(&xid) {
+                        tracing::debug!(
+                            xid,
+                            changes = s.changes(),
+                            "streamed transaction rolled back"
+                        );
+                    }
+                } else if let Some(s) = self.streams.get_mut(&xid) {
+                    s.abort_subxact(subxid).map_err(|e| self.spool_error(e))?;
                 }
             }
-            ReplicationEvent::Message { .. } | ReplicationEvent::StoppedAt { .. } => {}
+            StreamMessage::Commit {
+                xid,
+                commit_lsn,
+                end_lsn,
+                commit_ts,
+            } => {
+                self.in_stream = None;
+                let Some(spool) = self.streams.remove(&xid) else {
+                    return Err(PipelineError::StreamEnded(format!(
+                        "commit of streamed transaction {xid} that was never started"
+                    )));
+                };
+                let span = tracing::info_span!(
+                    "postgres.stream_replay",
+                    source = %self.cfg.name,
+                    xid,
+                    lsn = %format_lsn(commit_lsn),
+                    changes = spool.changes() as i64,
+                    bytes = spool.bytes() as i64,
+                    trace_id = tracing::field::Empty,
+                );
+                record_trace_id(&span);
+                self.replay(spool, commit_lsn, commit_ts)
+                    .instrument(span)
+                    .await?;
+                self.on_commit(commit_lsn, end_lsn, commit_ts, client)
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Apply a committed streamed transaction's changes in order, as one transaction.
+    async fn replay(
+        &mut self,
+        spool: super::spool::Spool,
+        commit_lsn: u64,
+        commit_ts: i64,
+    ) -> Result<(), PipelineError> {
+        self.txn = Some(Txn {
+            lsn: commit_lsn,
+            ts_micros: pg_ts_to_unix(commit_ts),
+            seq: 0,
+        });
+        let mut reader = spool.into_reader().map_err(|e| self.spool_error(e))?;
+        let mut buf = Vec::new();
+        while reader
+            .next_into(&mut buf)
+            .map_err(|e| self.spool_error(e))?
+        {
+            let msg = pgoutput::decode(&buf).map_err(SourceError::from)?;
+            self.on_message(msg).await?;
         }
         Ok(())
     }
@@ -801,7 +924,7 @@ impl Applier {
     }
 
     /// Commit every dirty table (and dead letters) at the last complete transaction.
-    async fn flush(&mut self, client: &ReplicationClient) -> Result<(), PipelineError> {
+    async fn flush(&mut self, client: &ReplicationStream) -> Result<(), PipelineError> {
         let lsn = self.last.lsn;
         // A root span: one trace per flush, whatever span the caller is in.
         let span = tracing::info_span!(
@@ -925,7 +1048,7 @@ impl Applier {
     }
 
     /// Confirm the last complete transaction (everything before it is committed).
-    fn ack(&mut self, client: &ReplicationClient) {
+    fn ack(&mut self, client: &ReplicationStream) {
         if self.anything_uncommitted() {
             return;
         }
@@ -943,8 +1066,8 @@ impl Applier {
         }
     }
 
-    fn confirm(&mut self, client: &ReplicationClient, lsn: u64) {
-        client.update_applied_lsn(Lsn::from_u64(lsn));
+    fn confirm(&mut self, client: &ReplicationStream, lsn: u64) {
+        client.confirm(lsn);
         self.confirmed = lsn;
         status::update(&self.status, |s| s.confirmed_lsn = format_lsn(lsn));
     }
@@ -1022,7 +1145,7 @@ fn block_range_filter(r: u64, readers: u64, blocks: u64) -> String {
 
 /// What a snapshot reader sends: a batch of rows, or the end of its range.
 enum Fetched {
-    Rows(Vec<pgwire_replication::QueryRow>),
+    Rows(Vec<Row>),
     Done,
 }
 

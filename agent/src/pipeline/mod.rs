@@ -5,6 +5,7 @@ pub mod batch;
 pub mod dlq;
 mod monitor;
 pub mod retry;
+mod spool;
 pub mod status;
 
 use std::sync::Arc;
@@ -52,6 +53,9 @@ pub enum PipelineError {
     /// A table joined the publication and needs its initial snapshot: stream again.
     #[error("table {0} joined the publication")]
     NewTable(String),
+    /// The local spool of a streamed in-progress transaction failed (disk full, I/O error).
+    #[error("spooling a streamed transaction: {0}")]
+    Spool(String),
 }
 
 impl PipelineError {
@@ -64,6 +68,7 @@ impl PipelineError {
             PipelineError::Schema(_) => "schema",
             PipelineError::StreamEnded(_) => "connection",
             PipelineError::NewTable(_) => "none",
+            PipelineError::Spool(_) => "spool",
         }
     }
 }
@@ -256,7 +261,12 @@ impl Pipeline {
                     .await?;
             }
         }
-        let client = session.start().await?;
+        // Large transactions arrive while still in progress (protocol 2, PostgreSQL 14+)
+        // and wait in a local spool, so the server does not have to spill them first.
+        let in_progress = self.cfg.stream_in_progress && session.server_version().await? >= 140_000;
+        let client = session
+            .start(crate::source::postgres::session::StreamOptions { in_progress })
+            .await?;
         // Aborted when this attempt ends (the guard drops).
         let monitor = tokio::spawn(monitor::slot_lag_loop(
             monitor::MonitorConfig {

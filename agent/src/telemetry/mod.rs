@@ -206,7 +206,7 @@ impl Telemetry {
             EnvFilter::new(format!(
                 // Export failures are counted and logged by our wrappers (rate-limited); the SDK's own
                 // per-attempt errors would repeat every interval.
-                "{},opentelemetry=off,opendal=warn,sqlx=warn,hyper=warn,reqwest=warn,pgwire_replication=off",
+                "{},opentelemetry=off,opendal=warn,sqlx=warn,hyper=warn,reqwest=warn",
                 cfg.log_level
             ))
         });

@@ -3,7 +3,33 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use pgwire_replication::{ReplicationConfig, SslMode, TlsConfig};
+/// libpq `sslmode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SslMode {
+    /// Plain TCP.
+    Disable,
+    /// TLS when the server offers it (also `allow`), certificate not checked.
+    Prefer,
+    /// TLS, certificate not checked.
+    Require,
+    /// TLS, certificate chain checked against `sslrootcert`.
+    VerifyCa,
+    /// TLS, chain and host name checked.
+    VerifyFull,
+}
+
+impl SslMode {
+    /// The libpq spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SslMode::Disable => "disable",
+            SslMode::Prefer => "prefer",
+            SslMode::Require => "require",
+            SslMode::VerifyCa => "verify-ca",
+            SslMode::VerifyFull => "verify-full",
+        }
+    }
+}
 
 /// A source URL that cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -141,38 +167,18 @@ impl SourceUrl {
         )
     }
 
-    /// Replication connection settings for `slot` and `publication`.
-    pub fn replication_config(&self, slot: &str, publication: &str) -> ReplicationConfig {
-        let tls = match self.sslmode {
-            SslMode::Disable => TlsConfig::disabled(),
-            SslMode::Prefer => TlsConfig {
-                mode: SslMode::Prefer,
-                ..TlsConfig::disabled()
-            },
-            SslMode::Require => TlsConfig::require(),
-            SslMode::VerifyCa => TlsConfig::verify_ca(self.sslrootcert.clone()),
-            SslMode::VerifyFull => TlsConfig::verify_full(self.sslrootcert.clone()),
-        };
-        ReplicationConfig::new(
-            self.host.clone(),
-            self.user.clone(),
-            self.password.clone(),
-            self.database.clone(),
-            slot,
-            publication,
-        )
-        .with_port(self.port)
-        .with_tls(tls)
-        // Acks reach the server within 250 ms of a commit (WAL is released promptly); idle
-        // sessions still report every 5 s.
-        .with_status_interval(Duration::from_millis(250))
-        .with_wakeup_interval(Duration::from_secs(5))
-        .with_application_name("philotes")
-        // Text output must be parseable the same way on every server.
-        .with_options(
-            "-c datestyle=ISO,YMD -c timezone=UTC -c intervalstyle=iso_8601 \
-             -c extra_float_digits=3 -c bytea_output=hex",
-        )
+    /// Startup parameters of a replication session (besides user and database).
+    pub fn startup_options() -> [(&'static str, &'static str); 3] {
+        [
+            ("replication", "database"),
+            ("application_name", "philotes"),
+            // Text output must be parseable the same way on every server.
+            (
+                "options",
+                "-c datestyle=ISO,YMD -c timezone=UTC -c intervalstyle=iso_8601 \
+                 -c extra_float_digits=3 -c bytea_output=hex -c client_encoding=UTF8",
+            ),
+        ]
     }
 }
 

@@ -4,3 +4,4 @@ pub mod conn;
 pub mod pgoutput;
 pub mod session;
 pub mod types;
+pub mod wire;

@@ -1,4 +1,5 @@
-//! pgoutput (protocol version 1) message decoder.
+//! pgoutput message decoder: protocol version 1, plus the version 2 messages that stream
+//! in-progress transactions ([`decode_stream`], [`split_streamed`]).
 //!
 //! Messages borrow from the replication payload: tuple values stay slices of the wire bytes
 //! until they are appended to Arrow builders, so decoding allocates nothing per row.
@@ -427,6 +428,82 @@ pub fn decode(buf: &[u8]) -> Result<Message<'_>, DecodeError> {
     Ok(msg)
 }
 
+/// A protocol 2 message about a streamed (in-progress) transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamMessage {
+    /// `S`: a block of the transaction's changes follows.
+    Start {
+        /// Top-level transaction id.
+        xid: u32,
+        /// The transaction's first block.
+        first: bool,
+    },
+    /// `E`: the block ended.
+    Stop,
+    /// `c`: the transaction committed.
+    Commit {
+        /// Top-level transaction id.
+        xid: u32,
+        /// LSN of the commit record.
+        commit_lsn: u64,
+        /// End of the commit record: the position to confirm.
+        end_lsn: u64,
+        /// Commit time, microseconds since 2000-01-01.
+        commit_ts: i64,
+    },
+    /// `A`: the transaction (`subxid == xid`) or one subtransaction of it aborted.
+    Abort {
+        /// Top-level transaction id.
+        xid: u32,
+        /// Aborted (sub)transaction id.
+        subxid: u32,
+    },
+}
+
+/// Decode a stream control message; None for any other tag.
+pub fn decode_stream(buf: &[u8]) -> Result<Option<StreamMessage>, DecodeError> {
+    let mut r = Reader { buf };
+    Ok(Some(match r.u8("message tag")? {
+        b'S' => StreamMessage::Start {
+            xid: r.u32("stream start")?,
+            first: r.u8("stream start")? == 1,
+        },
+        b'E' => StreamMessage::Stop,
+        b'c' => {
+            let xid = r.u32("stream commit")?;
+            let _flags = r.u8("stream commit")?;
+            StreamMessage::Commit {
+                xid,
+                commit_lsn: r.i64("stream commit")? as u64,
+                end_lsn: r.i64("stream commit")? as u64,
+                commit_ts: r.i64("stream commit")?,
+            }
+        }
+        // Protocol 4 appends the abort LSN and time; they are not needed.
+        b'A' => StreamMessage::Abort {
+            xid: r.u32("stream abort")?,
+            subxid: r.u32("stream abort")?,
+        },
+        _ => return Ok(None),
+    }))
+}
+
+/// A change inside a stream block carries its (sub)transaction id after the tag: returns
+/// that id and the message as protocol 1 would send it (tag, then the rest).
+pub fn split_streamed(buf: &[u8]) -> Result<(u32, [&[u8]; 2]), DecodeError> {
+    match buf {
+        [tag @ (b'R' | b'Y' | b'I' | b'U' | b'D' | b'T' | b'M'), a, b, c, d, rest @ ..] => Ok((
+            u32::from_be_bytes([*a, *b, *c, *d]),
+            [std::slice::from_ref(tag), rest],
+        )),
+        [tag, ..] => Err(DecodeError::UnexpectedByte {
+            context: "message in a stream block",
+            byte: *tag,
+        }),
+        [] => Err(DecodeError::Truncated("message in a stream block")),
+    }
+}
+
 fn expect(r: &mut Reader<'_>, want: u8, ctx: &'static str) -> Result<(), DecodeError> {
     let byte = r.u8(ctx)?;
     if byte != want {
@@ -484,6 +561,50 @@ mod tests {
         };
         assert_eq!(old.unwrap().len(), 1);
         assert_eq!(new.len(), 2);
+    }
+
+    #[test]
+    fn stream_messages_decode() {
+        let mut c = vec![b'c'];
+        c.extend_from_slice(&7u32.to_be_bytes());
+        c.push(0);
+        c.extend_from_slice(&100u64.to_be_bytes());
+        c.extend_from_slice(&120u64.to_be_bytes());
+        c.extend_from_slice(&5i64.to_be_bytes());
+        assert_eq!(
+            decode_stream(&c).unwrap(),
+            Some(StreamMessage::Commit {
+                xid: 7,
+                commit_lsn: 100,
+                end_lsn: 120,
+                commit_ts: 5
+            })
+        );
+        let mut a = vec![b'A'];
+        a.extend_from_slice(&7u32.to_be_bytes());
+        a.extend_from_slice(&9u32.to_be_bytes());
+        assert_eq!(
+            decode_stream(&a).unwrap(),
+            Some(StreamMessage::Abort { xid: 7, subxid: 9 })
+        );
+        assert_eq!(decode_stream(b"E").unwrap(), Some(StreamMessage::Stop));
+        assert_eq!(decode_stream(b"I").unwrap(), None);
+        assert!(decode_stream(&c[..10]).is_err());
+        // An in-stream insert is the protocol 1 insert with the xid after the tag.
+        let mut ins = vec![b'I'];
+        ins.extend_from_slice(&9u32.to_be_bytes());
+        ins.extend_from_slice(&16384u32.to_be_bytes());
+        ins.push(b'N');
+        ins.extend(tuple(&[Some(&b"1"[..])]));
+        let (xid, [tag, rest]) = split_streamed(&ins).unwrap();
+        assert_eq!(xid, 9);
+        let v1 = [tag, rest].concat();
+        assert!(matches!(
+            decode(&v1).unwrap(),
+            Message::Insert { oid: 16384, .. }
+        ));
+        assert!(split_streamed(b"I\0").is_err());
+        assert!(split_streamed(b"B\0\0\0\0").is_err());
     }
 
     #[test]

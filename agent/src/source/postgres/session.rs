@@ -3,9 +3,9 @@
 
 use std::time::Duration;
 
-use pgwire_replication::{Lsn, PgWireError, ReplicationClient};
-
 use super::conn::SourceUrl;
+use super::wire::replication::{ReplicationStream, StatusTiming};
+use super::wire::{Conn, Row, WireError};
 
 /// Why a source cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -60,20 +60,36 @@ impl SourceError {
 }
 
 /// Map a transport error, keeping the password out of the message.
-pub fn wire_error(url: &SourceUrl, e: PgWireError) -> SourceError {
+pub fn wire_error(url: &SourceUrl, e: WireError) -> SourceError {
     match e {
-        PgWireError::Server(m) => SourceError::Query(m),
-        other => SourceError::Connect {
-            url: url.display(),
-            reason: other.to_string().replace(&url.password, "***"),
-        },
+        WireError::Server(m) => SourceError::Query(m),
+        other => {
+            let mut reason = other.to_string();
+            if !url.password.is_empty() {
+                reason = reason.replace(&url.password, "***");
+            }
+            SourceError::Connect {
+                url: url.display(),
+                reason,
+            }
+        }
     }
 }
 
-/// A gated replication session on which setup queries run before streaming starts.
+/// How the stream is started.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StreamOptions {
+    /// Ask for in-progress transactions (pgoutput protocol 2, PostgreSQL 14+).
+    pub in_progress: bool,
+}
+
+/// A replication session on which setup queries run before streaming starts.
 pub struct Session {
-    client: ReplicationClient,
+    conn: Conn,
     url: SourceUrl,
+    slot: String,
+    publication: String,
+    start: u64,
 }
 
 /// `SELECT {select}` over the replicated columns of `schema.table` (`a` is `pg_attribute`,
@@ -106,33 +122,35 @@ impl Session {
         publication: &str,
         start: Option<u64>,
     ) -> Result<Self, SourceError> {
-        let mut cfg = url.replication_config(slot, publication);
-        if let Some(lsn) = start {
-            cfg = cfg.with_start_lsn(Lsn::from_u64(lsn));
-        }
-        let client = ReplicationClient::connect_gated(cfg)
-            .await
-            .map_err(|e| wire_error(url, e))?;
-        let mut s = Self {
-            client,
-            url: url.clone(),
+        // Bounded, so an unreachable host fails within the connect timeout instead of hanging.
+        let conn = match tokio::time::timeout(
+            url.connect_timeout,
+            Conn::connect(url, &SourceUrl::startup_options()),
+        )
+        .await
+        {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => return Err(wire_error(url, e)),
+            Err(_) => {
+                return Err(SourceError::Connect {
+                    url: url.display(),
+                    reason: format!("timed out after {:?}", url.connect_timeout),
+                })
+            }
         };
-        // The first query proves that connect + auth succeeded; bound it so an unreachable
-        // host fails within the connect timeout instead of hanging.
-        match tokio::time::timeout(url.connect_timeout, s.client.simple_query("SELECT 1")).await {
-            Ok(Ok(_)) => Ok(s),
-            Ok(Err(e)) => Err(wire_error(url, e)),
-            Err(_) => Err(SourceError::Connect {
-                url: url.display(),
-                reason: format!("timed out after {:?}", url.connect_timeout),
-            }),
-        }
+        Ok(Self {
+            conn,
+            url: url.clone(),
+            slot: slot.to_string(),
+            publication: publication.to_string(),
+            start: start.unwrap_or(0),
+        })
     }
 
-    /// Run one query and return the first column of every row as text.
+    /// Run one query and return its rows as text.
     pub async fn query(&mut self, sql: &str) -> Result<Vec<Vec<Option<String>>>, SourceError> {
         let rows = self
-            .client
+            .conn
             .simple_query(sql)
             .await
             .map_err(|e| wire_error(&self.url, e))?;
@@ -327,13 +345,22 @@ impl Session {
             .unwrap_or(0))
     }
 
-    /// Raw rows of a simple query (text format), for bulk reads.
-    pub async fn raw_query(
+    /// Raw rows of a simple query, for bulk reads.
+    pub async fn raw_query(&mut self, sql: &str) -> Result<Vec<Row>, SourceError> {
+        self.conn
+            .simple_query(sql)
+            .await
+            .map_err(|e| wire_error(&self.url, e))
+    }
+
+    /// Run `COPY ... TO STDOUT`, handing each data message to `chunk` (false stops reading).
+    pub async fn copy_out(
         &mut self,
         sql: &str,
-    ) -> Result<Vec<pgwire_replication::QueryRow>, SourceError> {
-        self.client
-            .simple_query(sql)
+        chunk: impl AsyncFnMut(bytes::Bytes) -> bool,
+    ) -> Result<(), SourceError> {
+        self.conn
+            .copy_out(sql, chunk)
             .await
             .map_err(|e| wire_error(&self.url, e))
     }
@@ -403,18 +430,48 @@ impl Session {
             .and_then(|v| v.parse().ok()))
     }
 
+    /// The START_REPLICATION command for this session.
+    fn start_command(&self, opts: StreamOptions) -> String {
+        let proto = if opts.in_progress {
+            "proto_version '2', streaming 'on'"
+        } else {
+            "proto_version '1'"
+        };
+        format!(
+            "START_REPLICATION SLOT {} LOGICAL {} ({proto}, publication_names {}, messages 'true')",
+            quote_ident(&self.slot),
+            format_lsn(self.start),
+            quote_literal(&quote_ident(&self.publication)),
+        )
+    }
+
     /// Send START_REPLICATION and wait until the server accepted it.
-    pub async fn start(mut self) -> Result<ReplicationClient, SourceError> {
+    pub async fn start(mut self, opts: StreamOptions) -> Result<ReplicationStream, SourceError> {
         let url = self.url.clone();
-        self.client.start().await.map_err(|e| wire_error(&url, e))?;
-        match tokio::time::timeout(Duration::from_secs(30), self.client.wait_started()).await {
-            Ok(Ok(())) => Ok(self.client),
-            Ok(Err(e)) => Err(wire_error(&url, e)),
-            Err(_) => Err(SourceError::Connect {
-                url: url.display(),
-                reason: "START_REPLICATION was not answered within 30s".into(),
-            }),
+        let sql = self.start_command(opts);
+        let accepted =
+            tokio::time::timeout(Duration::from_secs(30), self.conn.start_copy_both(&sql));
+        match accepted.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(wire_error(&url, e)),
+            Err(_) => {
+                return Err(SourceError::Connect {
+                    url: url.display(),
+                    reason: "START_REPLICATION was not answered within 30s".into(),
+                })
+            }
         }
+        let stream = ReplicationStream::spawn(
+            self.conn,
+            StatusTiming {
+                // Acks reach the server within 250 ms of a commit (WAL is released
+                // promptly); idle sessions still report every 5 s.
+                changed: Duration::from_millis(250),
+                idle: Duration::from_secs(5),
+            },
+        );
+        stream.confirm(self.start);
+        Ok(stream)
     }
 }
 

@@ -1,0 +1,408 @@
+//! The PostgreSQL wire protocol for a `replication=database` session: TLS negotiation,
+//! password/MD5/SCRAM authentication, simple queries, `COPY ... TO STDOUT`, and
+//! START_REPLICATION (see [`replication`]). Message framing and SCRAM come from
+//! `postgres-protocol`; the rest is the small part of libpq a walsender client needs.
+
+pub mod replication;
+pub mod tls;
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::{Buf, Bytes, BytesMut};
+use fallible_iterator::FallibleIterator;
+use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
+use postgres_protocol::message::backend::{ErrorResponseBody, Message};
+use postgres_protocol::message::frontend;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+
+use super::conn::{SourceUrl, SslMode};
+
+/// A transport failure.
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    /// Socket error or the server closed the connection.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    /// TLS negotiation or certificate failure.
+    #[error("TLS: {0}")]
+    Tls(String),
+    /// The server refused the session (authentication, unknown database, too many clients).
+    #[error("{0}")]
+    Startup(String),
+    /// The server answered a query with an error.
+    #[error("{0}")]
+    Server(String),
+    /// Something the protocol does not allow.
+    #[error("protocol violation: {0}")]
+    Protocol(String),
+}
+
+/// A plain or TLS socket.
+pub enum PgStream {
+    /// No TLS.
+    Plain(TcpStream),
+    /// TLS over TCP.
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for PgStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            PgStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            PgStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for PgStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            PgStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            PgStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            PgStream::Plain(s) => Pin::new(s).poll_flush(cx),
+            PgStream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            PgStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            PgStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// A backend message: the ones `postgres-protocol` knows, plus CopyBothResponse.
+pub enum Backend {
+    /// Parsed by `postgres-protocol`.
+    Msg(Message),
+    /// `W`: the server entered COPY BOTH mode (START_REPLICATION accepted).
+    CopyBothResponse,
+}
+
+/// A text row of a simple query: one value per column, NULL as None.
+pub type Row = Vec<Option<Bytes>>;
+
+/// An authenticated connection, idle between queries.
+pub struct Conn {
+    stream: PgStream,
+    rbuf: BytesMut,
+    wbuf: BytesMut,
+}
+
+/// "message (SQLSTATE code)" from an ErrorResponse, with its detail when there is one.
+pub fn error_text(body: &ErrorResponseBody) -> String {
+    let (mut msg, mut code, mut detail) = (String::new(), String::new(), String::new());
+    let mut fields = body.fields();
+    while let Ok(Some(f)) = fields.next() {
+        let v = String::from_utf8_lossy(f.value_bytes()).into_owned();
+        match f.type_() {
+            b'M' => msg = v,
+            b'C' => code = v,
+            b'D' => detail = v,
+            _ => {}
+        }
+    }
+    let mut out = if code.is_empty() {
+        msg
+    } else {
+        format!("{msg} (SQLSTATE {code})")
+    };
+    if !detail.is_empty() {
+        out.push_str(": ");
+        out.push_str(&detail);
+    }
+    out
+}
+
+fn io_err(what: &str) -> WireError {
+    WireError::Io(std::io::Error::new(
+        std::io::ErrorKind::UnexpectedEof,
+        format!("server closed the connection {what}"),
+    ))
+}
+
+impl Conn {
+    /// Connect, negotiate TLS per `sslmode`, authenticate and wait until the session is ready.
+    /// `options` are the startup parameters besides user and database.
+    pub async fn connect(url: &SourceUrl, options: &[(&str, &str)]) -> Result<Self, WireError> {
+        let tcp = TcpStream::connect((url.host.as_str(), url.port)).await?;
+        let _ = tcp.set_nodelay(true);
+        let stream = Self::negotiate_tls(tcp, url).await?;
+        let mut conn = Self {
+            stream,
+            rbuf: BytesMut::with_capacity(64 * 1024),
+            wbuf: BytesMut::with_capacity(1024),
+        };
+        let mut params = vec![
+            ("user", url.user.as_str()),
+            ("database", url.database.as_str()),
+        ];
+        params.extend_from_slice(options);
+        frontend::startup_message(params.iter().copied(), &mut conn.wbuf)?;
+        conn.send().await?;
+        conn.authenticate(url).await?;
+        loop {
+            match conn.read().await? {
+                Backend::Msg(Message::ReadyForQuery(_)) => return Ok(conn),
+                Backend::Msg(Message::ErrorResponse(e)) => {
+                    return Err(WireError::Startup(error_text(&e)))
+                }
+                _ => {}
+            }
+        }
+    }
+
+    async fn negotiate_tls(mut tcp: TcpStream, url: &SourceUrl) -> Result<PgStream, WireError> {
+        let Some(cfg) = tls::client_config(url.sslmode, url.sslrootcert.as_deref())? else {
+            return Ok(PgStream::Plain(tcp));
+        };
+        let mut req = BytesMut::new();
+        frontend::ssl_request(&mut req);
+        tcp.write_all(&req).await?;
+        let answer = tcp.read_u8().await?;
+        match answer {
+            b'S' => {
+                let name = tls::server_name(&url.host)?;
+                let tls = tokio_rustls::TlsConnector::from(cfg)
+                    .connect(name, tcp)
+                    .await
+                    .map_err(|e| WireError::Tls(e.to_string()))?;
+                Ok(PgStream::Tls(Box::new(tls)))
+            }
+            b'N' if url.sslmode == SslMode::Prefer => Ok(PgStream::Plain(tcp)),
+            b'N' => Err(WireError::Tls(format!(
+                "the server does not accept TLS connections (sslmode={})",
+                url.sslmode.as_str()
+            ))),
+            other => Err(WireError::Protocol(format!(
+                "unexpected answer {other:#04x} to the TLS request"
+            ))),
+        }
+    }
+
+    async fn authenticate(&mut self, url: &SourceUrl) -> Result<(), WireError> {
+        let need_password = |url: &SourceUrl| {
+            if url.password.is_empty() {
+                Err(WireError::Startup(
+                    "the server asks for a password but the source URL has none".into(),
+                ))
+            } else {
+                Ok(())
+            }
+        };
+        let mut scram: Option<ScramSha256> = None;
+        loop {
+            match self.read().await? {
+                Backend::Msg(Message::AuthenticationOk) => return Ok(()),
+                Backend::Msg(Message::AuthenticationCleartextPassword) => {
+                    need_password(url)?;
+                    frontend::password_message(url.password.as_bytes(), &mut self.wbuf)?;
+                }
+                Backend::Msg(Message::AuthenticationMd5Password(body)) => {
+                    need_password(url)?;
+                    let hash = postgres_protocol::authentication::md5_hash(
+                        url.user.as_bytes(),
+                        url.password.as_bytes(),
+                        body.salt(),
+                    );
+                    frontend::password_message(hash.as_bytes(), &mut self.wbuf)?;
+                }
+                Backend::Msg(Message::AuthenticationSasl(body)) => {
+                    need_password(url)?;
+                    let mut mechanisms = body.mechanisms();
+                    let mut plain = false;
+                    while let Some(m) = mechanisms.next()? {
+                        plain |= m == "SCRAM-SHA-256";
+                    }
+                    if !plain {
+                        return Err(WireError::Startup(
+                            "the server offers no supported SASL mechanism (need SCRAM-SHA-256)"
+                                .into(),
+                        ));
+                    }
+                    // No channel binding ("n"): valid whether or not the server offers -PLUS.
+                    let s = ScramSha256::new(url.password.as_bytes(), ChannelBinding::unsupported());
+                    frontend::sasl_initial_response("SCRAM-SHA-256", s.message(), &mut self.wbuf)?;
+                    scram = Some(s);
+                }
+                Backend::Msg(Message::AuthenticationSaslContinue(body)) => {
+                    let s = scram
+                        .as_mut()
+                        .ok_or_else(|| WireError::Protocol("SASL continue before start".into()))?;
+                    s.update(body.data())
+                        .map_err(|e| WireError::Startup(format!("SCRAM authentication: {e}")))?;
+                    frontend::sasl_response(s.message(), &mut self.wbuf)?;
+                }
+                Backend::Msg(Message::AuthenticationSaslFinal(body)) => {
+                    let s = scram
+                        .as_mut()
+                        .ok_or_else(|| WireError::Protocol("SASL final before start".into()))?;
+                    s.finish(body.data())
+                        .map_err(|e| WireError::Startup(format!("SCRAM authentication: {e}")))?;
+                    continue;
+                }
+                Backend::Msg(Message::ErrorResponse(e)) => {
+                    return Err(WireError::Startup(error_text(&e)))
+                }
+                Backend::Msg(
+                    Message::AuthenticationGss
+                    | Message::AuthenticationSspi
+                    | Message::AuthenticationKerberosV5
+                    | Message::AuthenticationScmCredential
+                    | Message::AuthenticationGssContinue(_),
+                ) => {
+                    return Err(WireError::Startup(
+                        "the server asks for an authentication method other than password, md5 or scram-sha-256".into(),
+                    ))
+                }
+                _ => {
+                    return Err(WireError::Protocol(
+                        "unexpected message during authentication".into(),
+                    ))
+                }
+            }
+            self.send().await?;
+        }
+    }
+
+    /// Write what is queued in the write buffer.
+    async fn send(&mut self) -> Result<(), WireError> {
+        self.stream.write_all(&self.wbuf).await?;
+        self.stream.flush().await?;
+        self.wbuf.clear();
+        Ok(())
+    }
+
+    /// The next backend message.
+    pub async fn read(&mut self) -> Result<Backend, WireError> {
+        loop {
+            if let Some(m) = parse(&mut self.rbuf)? {
+                return Ok(m);
+            }
+            if self.stream.read_buf(&mut self.rbuf).await? == 0 {
+                return Err(io_err("while a reply was expected"));
+            }
+        }
+    }
+
+    /// Run one simple query; rows of its (last) result set in text form.
+    pub async fn simple_query(&mut self, sql: &str) -> Result<Vec<Row>, WireError> {
+        frontend::query(sql, &mut self.wbuf)?;
+        self.send().await?;
+        let mut rows = Vec::new();
+        let mut error = None;
+        loop {
+            match self.read().await? {
+                Backend::Msg(Message::DataRow(body)) => {
+                    let buf = body.buffer_bytes().clone();
+                    let mut ranges = body.ranges();
+                    let mut row = Vec::new();
+                    while let Some(r) = ranges.next()? {
+                        row.push(r.map(|r| buf.slice(r)));
+                    }
+                    rows.push(row);
+                }
+                Backend::Msg(Message::RowDescription(_)) => rows.clear(),
+                Backend::Msg(Message::ErrorResponse(e)) => error = Some(error_text(&e)),
+                Backend::Msg(Message::ReadyForQuery(_)) => {
+                    return match error {
+                        Some(e) => Err(WireError::Server(e)),
+                        None => Ok(rows),
+                    }
+                }
+                Backend::Msg(Message::CopyOutResponse(_) | Message::CopyInResponse(_))
+                | Backend::CopyBothResponse => {
+                    return Err(WireError::Protocol(
+                        "a simple query started a COPY; use copy_out".into(),
+                    ))
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Run `COPY ... TO STDOUT`, handing each CopyData payload to `chunk` in order.
+    /// `chunk` returns false to stop early (the rest of the copy is read and dropped).
+    pub async fn copy_out(
+        &mut self,
+        sql: &str,
+        mut chunk: impl AsyncFnMut(Bytes) -> bool,
+    ) -> Result<(), WireError> {
+        frontend::query(sql, &mut self.wbuf)?;
+        self.send().await?;
+        let mut error = None;
+        let mut wanted = true;
+        loop {
+            match self.read().await? {
+                Backend::Msg(Message::CopyData(body)) if wanted => {
+                    wanted = chunk(body.into_bytes()).await;
+                }
+                Backend::Msg(Message::ErrorResponse(e)) => error = Some(error_text(&e)),
+                Backend::Msg(Message::ReadyForQuery(_)) => {
+                    return match error {
+                        Some(e) => Err(WireError::Server(e)),
+                        None => Ok(()),
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Send `sql` (START_REPLICATION) and wait for CopyBothResponse.
+    pub async fn start_copy_both(&mut self, sql: &str) -> Result<(), WireError> {
+        frontend::query(sql, &mut self.wbuf)?;
+        self.send().await?;
+        let mut error = None;
+        loop {
+            match self.read().await? {
+                Backend::CopyBothResponse => return Ok(()),
+                Backend::Msg(Message::ErrorResponse(e)) => error = Some(error_text(&e)),
+                Backend::Msg(Message::ReadyForQuery(_)) => {
+                    return Err(WireError::Server(
+                        error.unwrap_or_else(|| "the server did not start streaming".into()),
+                    ))
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Split into the socket halves and what was read ahead (for the replication task).
+    fn into_parts(self) -> (PgStream, BytesMut) {
+        (self.stream, self.rbuf)
+    }
+}
+
+/// One complete backend message from the front of `buf`, if there is one.
+pub fn parse(buf: &mut BytesMut) -> Result<Option<Backend>, WireError> {
+    if buf.len() >= 5 && buf[0] == b'W' {
+        let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
+        if len < 4 {
+            return Err(WireError::Protocol("bad CopyBothResponse length".into()));
+        }
+        if buf.len() < 1 + len {
+            buf.reserve(1 + len - buf.len());
+            return Ok(None);
+        }
+        buf.advance(1 + len);
+        return Ok(Some(Backend::CopyBothResponse));
+    }
+    Ok(Message::parse(buf)?.map(Backend::Msg))
+}
