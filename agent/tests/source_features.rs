@@ -537,7 +537,10 @@ async fn in_progress_transactions_stream_with_savepoints_rollbacks_and_crashes()
         },
     )
     .await;
-    assert!(streamed >= 4, "T1, the rollback and both interleaved ones streamed");
+    assert!(
+        streamed >= 4,
+        "T1, the rollback and both interleaved ones streamed"
+    );
     let check = |what: &str| {
         let v = verify(
             &work,

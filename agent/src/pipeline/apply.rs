@@ -736,8 +736,8 @@ impl Applier {
         let (point, snapshot) = exporter.export_snapshot(&temp).await?;
         let lsn = point.saturating_sub(1);
         tracing::info!(table = %source_name, point = %format_lsn(point), estimate, "initial snapshot: copying");
-        // A BINARY cursor: fixed-width types travel in their send form (cheaper to produce
-        // and to read than text); every other column is wrapped in its output function, whose
+        // Binary COPY: fixed-width types travel in their send form (cheaper to produce and to
+        // read than text); every other column is wrapped in its output function, whose
         // cstring result is the same text a text-mode read would give.
         let binary = self.tables[idx].batch.snapshot_binary();
         let outputs = reader.output_functions(schema, name).await?;
@@ -1149,8 +1149,12 @@ enum Fetched {
     Done,
 }
 
-/// Read `select` inside the exported `snapshot` on a session of its own, a cursor batch at a
-/// time, into `tx`.
+/// Rows per batch handed from a snapshot reader to the converting task.
+const SNAPSHOT_BATCH_ROWS: usize = 20_000;
+
+/// Copy `select` inside the exported `snapshot` on a session of its own (`COPY ... TO
+/// STDOUT` in binary: no round trips, rows sliced out of the received messages), into `tx`
+/// in batches.
 async fn copy_range(
     url: &SourceUrl,
     slot: &str,
@@ -1169,21 +1173,27 @@ async fn copy_range(
             snapshot.replace('\'', "")
         ))
         .await?;
+    let mut parser = crate::source::postgres::copy::BinaryCopy::default();
+    let mut rows: Vec<Row> = Vec::with_capacity(SNAPSHOT_BATCH_ROWS);
     reader
-        .query(&format!(
-            "DECLARE philotes_snapshot BINARY NO SCROLL CURSOR FOR {select}"
-        ))
+        .copy_out_start(&format!("COPY ({select}) TO STDOUT (FORMAT binary)"))
         .await?;
-    loop {
-        let rows = reader
-            .raw_query("FETCH 20000 FROM philotes_snapshot")
-            .await?;
-        if rows.is_empty() {
-            break;
+    while let Some(chunk) = reader.copy_out_next().await? {
+        parser
+            .feed(chunk, &mut rows)
+            .map_err(|e| SourceError::Query(e.to_string()))?;
+        if rows.len() >= SNAPSHOT_BATCH_ROWS {
+            let batch = std::mem::replace(&mut rows, Vec::with_capacity(SNAPSHOT_BATCH_ROWS));
+            if tx.send(Ok(Fetched::Rows(batch))).await.is_err() {
+                return Ok(());
+            }
         }
-        if tx.send(Ok(Fetched::Rows(rows))).await.is_err() {
-            return Ok(());
-        }
+    }
+    if !parser.finished() {
+        return Err(SourceError::Query("binary COPY ended without its trailer".into()).into());
+    }
+    if !rows.is_empty() && tx.send(Ok(Fetched::Rows(rows))).await.is_err() {
+        return Ok(());
     }
     reader.query("COMMIT").await?;
     Ok(())

@@ -1,6 +1,7 @@
 //! PostgreSQL logical replication: connection settings, session set-up, pgoutput decoding, types.
 
 pub mod conn;
+pub mod copy;
 pub mod pgoutput;
 pub mod session;
 pub mod types;

@@ -314,7 +314,7 @@ impl Session {
     }
 
     /// Each column's output function, schema-qualified and quoted, in `relation_columns` order:
-    /// calling it gives the column's text form even inside a BINARY cursor.
+    /// calling it gives the column's text form even in a binary COPY.
     pub async fn output_functions(
         &mut self,
         schema: &str,
@@ -353,14 +353,18 @@ impl Session {
             .map_err(|e| wire_error(&self.url, e))
     }
 
-    /// Run `COPY ... TO STDOUT`, handing each data message to `chunk` (false stops reading).
-    pub async fn copy_out(
-        &mut self,
-        sql: &str,
-        chunk: impl AsyncFnMut(bytes::Bytes) -> bool,
-    ) -> Result<(), SourceError> {
+    /// Start `COPY ... TO STDOUT`; then call [`Session::copy_out_next`] until None.
+    pub async fn copy_out_start(&mut self, sql: &str) -> Result<(), SourceError> {
         self.conn
-            .copy_out(sql, chunk)
+            .copy_out_start(sql)
+            .await
+            .map_err(|e| wire_error(&self.url, e))
+    }
+
+    /// The next data message of the copy; None when it completed.
+    pub async fn copy_out_next(&mut self) -> Result<Option<bytes::Bytes>, SourceError> {
+        self.conn
+            .copy_out_next()
             .await
             .map_err(|e| wire_error(&self.url, e))
     }

@@ -386,7 +386,7 @@ const PG_EPOCH_DAYS: i64 = 10_957;
 const MIN_DAYS: i64 = -719_162;
 const MAX_DAYS: i64 = 2_932_896;
 
-/// The fixed-width binary (send) form of a value, as a BINARY cursor returns it.
+/// The fixed-width binary (send) form of a value, as a binary COPY sends it.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum BinaryValue {
     /// int2 / int4 / int8.

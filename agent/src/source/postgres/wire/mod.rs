@@ -337,27 +337,38 @@ impl Conn {
         }
     }
 
-    /// Run `COPY ... TO STDOUT`, handing each CopyData payload to `chunk` in order.
-    /// `chunk` returns false to stop early (the rest of the copy is read and dropped).
-    pub async fn copy_out(
-        &mut self,
-        sql: &str,
-        mut chunk: impl AsyncFnMut(Bytes) -> bool,
-    ) -> Result<(), WireError> {
+    /// Start `COPY ... TO STDOUT`; read the data with [`Conn::copy_out_next`].
+    pub async fn copy_out_start(&mut self, sql: &str) -> Result<(), WireError> {
         frontend::query(sql, &mut self.wbuf)?;
         self.send().await?;
         let mut error = None;
-        let mut wanted = true;
         loop {
             match self.read().await? {
-                Backend::Msg(Message::CopyData(body)) if wanted => {
-                    wanted = chunk(body.into_bytes()).await;
+                Backend::Msg(Message::CopyOutResponse(_)) => return Ok(()),
+                Backend::Msg(Message::ErrorResponse(e)) => error = Some(error_text(&e)),
+                Backend::Msg(Message::ReadyForQuery(_)) => {
+                    return Err(WireError::Server(
+                        error.unwrap_or_else(|| "the statement is not a COPY TO STDOUT".into()),
+                    ))
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// The next CopyData payload of a started copy; None once the copy completed.
+    pub async fn copy_out_next(&mut self) -> Result<Option<Bytes>, WireError> {
+        let mut error = None;
+        loop {
+            match self.read().await? {
+                Backend::Msg(Message::CopyData(body)) if error.is_none() => {
+                    return Ok(Some(body.into_bytes()))
                 }
                 Backend::Msg(Message::ErrorResponse(e)) => error = Some(error_text(&e)),
                 Backend::Msg(Message::ReadyForQuery(_)) => {
                     return match error {
                         Some(e) => Err(WireError::Server(e)),
-                        None => Ok(()),
+                        None => Ok(None),
                     }
                 }
                 _ => {}
