@@ -222,6 +222,10 @@ pub struct PipelineConfig {
     /// exported snapshot; PostgreSQL 14 or later, else 1).
     #[serde(default = "default_snapshot_readers")]
     pub snapshot_readers: u32,
+    /// Rows between the commits of an initial snapshot; each records the copy's progress so
+    /// a crash resumes after the last one.
+    #[serde(default = "default_snapshot_chunk_rows")]
+    pub snapshot_chunk_rows: u64,
     /// Flush once this many rows are buffered.
     #[serde(default = "default_batch_rows")]
     pub batch_rows: u64,
@@ -248,6 +252,10 @@ fn default_snapshot() -> SnapshotMode {
 fn default_true() -> bool {
     true
 }
+fn default_snapshot_chunk_rows() -> u64 {
+    1_000_000
+}
+
 fn default_snapshot_readers() -> u32 {
     2
 }
@@ -498,6 +506,12 @@ impl Config {
                 return Err(ConfigError::new(
                     key("snapshot_readers"),
                     "must be between 1 and 16",
+                ));
+            }
+            if p.snapshot_chunk_rows == 0 {
+                return Err(ConfigError::new(
+                    key("snapshot_chunk_rows"),
+                    "must be at least 1",
                 ));
             }
             if p.batch_rows == 0 {

@@ -10,23 +10,22 @@ use iceberg::Catalog;
 use tokio::sync::watch;
 use tracing::Instrument;
 
-use super::batch::{row_json, snapshot_row_json, BatchError, TableBatch, PG_EPOCH_OFFSET_MICROS};
+use super::batch::{row_json, BatchError, TableBatch, PG_EPOCH_OFFSET_MICROS};
 use super::dlq::{self, DeadLetter};
 use super::status::{self, SharedStatus, TableStatus};
 use super::{Control, PipelineError};
+
+mod snapshot;
 use crate::config::PipelineConfig;
 use crate::sink::iceberg::schema::{
     changelog_partition, changelog_schema, dlq_schema, iceberg_type, kind_of, DLQ_TABLE,
-    SNAPSHOT_PROPERTY,
 };
 use crate::sink::iceberg::TableSink;
-use crate::source::postgres::conn::SourceUrl;
 use crate::source::postgres::pgoutput::{self, Message, RelationColumn, StreamMessage, TupleData};
 use crate::source::postgres::session::format_lsn;
-use crate::source::postgres::session::{quote_ident, quote_literal, Session, SourceError};
+use crate::source::postgres::session::SourceError;
 use crate::source::postgres::types::ColumnKind;
 use crate::source::postgres::wire::replication::{ReplEvent, ReplicationStream};
-use crate::source::postgres::wire::Row;
 use crate::telemetry::{record_trace_id, PipelineState, SourceMetrics, TableMetrics};
 
 /// A configured table being streamed.
@@ -696,187 +695,6 @@ impl Applier {
         Ok(())
     }
 
-    /// Initial snapshot of `schema.table`: copy it as of a snapshot exported by a temporary
-    /// slot (rows `_cdc_op = 'R'`), commit it once with `philotes.lsn` just below that slot's
-    /// consistent point, and mark it done. Streamed transactions that committed before the
-    /// point are then skipped for this table (they are in the copy); later ones are applied.
-    /// A crash before the commit leaves nothing committed, so the copy simply starts over.
-    pub(super) async fn snapshot_table(
-        &mut self,
-        url: &SourceUrl,
-        schema: &str,
-        name: &str,
-    ) -> Result<(), PipelineError> {
-        let slot = self.cfg.slot_name();
-        let publication = self.cfg.publication_name();
-        let mut reader = Session::connect(url, &slot, &publication, None).await?;
-        let columns = reader.relation_columns(schema, name).await?;
-        let idx = self.relation(schema, name, columns.clone()).await?;
-        if self.tables[idx].sink.snapshot_done() {
-            return Ok(());
-        }
-        let source_name = format!("{schema}.{name}");
-        // Tables can join through the publication with any name: quote everything.
-        let rel = format!("{}.{}", quote_ident(schema), quote_ident(name));
-        let rel_oid = format!("{}::regclass", quote_literal(&rel));
-        let estimate: u64 = reader
-            .scalar(&format!(
-                "SELECT GREATEST(reltuples, 0)::bigint::text FROM pg_catalog.pg_class WHERE oid = {rel_oid}"
-            ))
-            .await?
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0);
-        // The exporting session must stay open and idle until the copy is done.
-        let mut exporter = Session::connect(url, &slot, &publication, None).await?;
-        let temp = format!(
-            "{}_snap_{}",
-            &slot[..slot.len().min(40)],
-            std::process::id()
-        );
-        let (point, snapshot) = exporter.export_snapshot(&temp).await?;
-        let lsn = point.saturating_sub(1);
-        tracing::info!(table = %source_name, point = %format_lsn(point), estimate, "initial snapshot: copying");
-        // Binary COPY: fixed-width types travel in their send form (cheaper to produce and to
-        // read than text); every other column is wrapped in its output function, whose
-        // cstring result is the same text a text-mode read would give.
-        let binary = self.tables[idx].batch.snapshot_binary();
-        let outputs = reader.output_functions(schema, name).await?;
-        if outputs.len() != columns.len() {
-            return Err(SourceError::Query(format!(
-                "{source_name} changed while the snapshot started; it will be retried"
-            ))
-            .into());
-        }
-        let list = columns
-            .iter()
-            .zip(&binary)
-            .zip(&outputs)
-            .map(|((c, &bin), f)| {
-                let col = quote_ident(&c.name);
-                if bin || f.is_empty() {
-                    col
-                } else {
-                    format!("{f}({col})")
-                }
-            })
-            .collect::<Vec<_>>()
-            .join(", ");
-        // Several sessions read disjoint block ranges of the same snapshot (a TID range scan
-        // each, PostgreSQL 14+): the server's per-row output work, the largest part of a copy,
-        // then runs on more than one core. Every row version has exactly one ctid, so the
-        // ranges cover each visible row once.
-        let readers = match reader.server_version().await? {
-            v if v >= 140_000 => self.cfg.snapshot_readers.max(1) as u64,
-            _ => 1,
-        };
-        let blocks: u64 = reader
-            .scalar(&format!(
-                "SELECT (pg_catalog.pg_relation_size({rel_oid}) / \
-                 pg_catalog.current_setting('block_size')::bigint)::text"
-            ))
-            .await?
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0);
-        let readers = if blocks < 64 { 1 } else { readers };
-        let started = Instant::now();
-        let mut last_report = Instant::now();
-        let mut seq = 0u64;
-        let ts = now_micros();
-        // Readers fetch ahead into a channel of a few batches (memory stays bounded) while
-        // this task converts; each ends with `Done`, so a reader that vanished is noticed.
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Fetched, PipelineError>>(2);
-        let mut fetchers = Vec::new();
-        drop(reader);
-        for r in 0..readers {
-            let filter = block_range_filter(r, readers, blocks);
-            let select = format!("SELECT {list} FROM {rel}{filter}");
-            let (url, slot, publication) = (url.clone(), slot.clone(), publication.clone());
-            let snapshot = snapshot.clone();
-            let tx = tx.clone();
-            fetchers.push(super::AbortOnDrop(tokio::spawn(async move {
-                let result = copy_range(&url, &slot, &publication, &snapshot, &select, &tx).await;
-                let _ = tx.send(result.map(|()| Fetched::Done)).await;
-            })));
-        }
-        drop(tx);
-        let mut done = 0u64;
-        while let Some(msg) = rx.recv().await {
-            let rows = match msg? {
-                Fetched::Rows(rows) => rows,
-                Fetched::Done => {
-                    done += 1;
-                    continue;
-                }
-            };
-            for row in rows {
-                let t = &mut self.tables[idx];
-                if let Err(e) = t.batch.push_snapshot("R", lsn, seq, ts, &row, &binary) {
-                    self.dlq_rows.push(DeadLetter {
-                        source_table: source_name.clone(),
-                        lsn,
-                        seq,
-                        op: "R",
-                        error: e.0,
-                        row_json: snapshot_row_json(&t.columns, &row, &binary),
-                        time_micros: now_micros(),
-                    });
-                    self.metrics.dlq.add(1);
-                    self.metrics.error("conversion");
-                } else {
-                    t.dirty = true;
-                }
-                t.metrics.snapshot.add(1);
-                seq += 1;
-                if self.should_spill(idx) {
-                    self.spill(idx).await?;
-                }
-            }
-            if last_report.elapsed() >= Duration::from_secs(2) {
-                last_report = Instant::now();
-                let rate = seq as f64 / started.elapsed().as_secs_f64().max(0.001);
-                let eta = estimate.saturating_sub(seq) as f64 / rate.max(1.0);
-                tracing::info!(table = %source_name, rows = seq, rows_per_s = rate as u64, eta_s = eta as u64, "initial snapshot: progress");
-            }
-        }
-        drop(fetchers);
-        if done != readers {
-            return Err(SourceError::Query(format!(
-                "{source_name}: a snapshot reader stopped early; the copy will be retried"
-            ))
-            .into());
-        }
-        drop(exporter);
-        self.close_files(idx).await?;
-        let t = &mut self.tables[idx];
-        t.sink
-            .commit_with(lsn, &[(SNAPSHOT_PROPERTY, "done")])
-            .await?;
-        t.dirty = false;
-        t.metrics.commits.add(1);
-        let dead: Vec<DeadLetter> = std::mem::take(&mut self.dlq_rows);
-        if !dead.is_empty() {
-            self.dlq_rows = dead;
-            self.flush_dlq(lsn).await?;
-        }
-        let committed = t_committed(&self.tables[idx]);
-        status::update(&self.status, |s| {
-            if let Some(e) = s.tables.get_mut(&source_name) {
-                e.committed_rows += seq;
-                e.commits += 1;
-                e.committed_lsn = committed;
-                e.last_commit_at = Some(status::now_rfc3339());
-            }
-        });
-        tracing::Span::current().record("rows", seq as i64);
-        tracing::info!(
-            table = %source_name,
-            rows = seq,
-            seconds = started.elapsed().as_secs_f64(),
-            "initial snapshot: committed"
-        );
-        Ok(())
-    }
-
     /// Hand table `i`'s buffered rows to its data-file writer (uncommitted).
     async fn spill(&mut self, i: usize) -> Result<(), PipelineError> {
         let t = &mut self.tables[i];
@@ -1018,6 +836,17 @@ impl Applier {
     }
 
     async fn flush_dlq(&mut self, lsn: u64) -> Result<(), PipelineError> {
+        self.flush_dlq_rows(lsn, true).await
+    }
+
+    /// Commit the buffered dead letters at `lsn`; with `replayed_floor`, those at or below
+    /// the dead-letter table's last LSN are dropped as replays (a snapshot's chunks all share
+    /// one LSN and are never re-read once committed, so they keep every row).
+    async fn flush_dlq_rows(
+        &mut self,
+        lsn: u64,
+        replayed_floor: bool,
+    ) -> Result<(), PipelineError> {
         if self.dlq_sink.is_none() {
             let sink = TableSink::open_or_create(
                 self.catalog.clone(),
@@ -1033,8 +862,10 @@ impl Applier {
             return Ok(());
         };
         // Replayed dead letters already in the table are dropped, like any other row.
-        let floor = sink.last_lsn;
-        self.dlq_rows.retain(|r| r.lsn > floor);
+        if replayed_floor {
+            let floor = sink.last_lsn;
+            self.dlq_rows.retain(|r| r.lsn > floor);
+        }
         if !self.dlq_rows.is_empty() {
             let batch =
                 dlq::to_batch(sink.arrow_schema(), &self.dlq_rows).map_err(BatchError::from)?;
@@ -1123,78 +954,5 @@ async fn evolve(
         tracing::info!(table = %source_name, columns = ?add.iter().map(|(n, _)| n).collect::<Vec<_>>(), "adding columns to Iceberg table");
         sink.add_columns(add).await?;
     }
-    Ok(())
-}
-
-/// The `WHERE` clause of reader `r` of `readers` over a table of `blocks` blocks: equal block
-/// ranges, the first open below and the last open above (rows past the measured size too).
-fn block_range_filter(r: u64, readers: u64, blocks: u64) -> String {
-    let mut bounds = Vec::new();
-    if r > 0 {
-        bounds.push(format!("ctid >= '({},0)'::tid", blocks * r / readers));
-    }
-    if r + 1 < readers {
-        bounds.push(format!("ctid < '({},0)'::tid", blocks * (r + 1) / readers));
-    }
-    if bounds.is_empty() {
-        String::new()
-    } else {
-        format!(" WHERE {}", bounds.join(" AND "))
-    }
-}
-
-/// What a snapshot reader sends: a batch of rows, or the end of its range.
-enum Fetched {
-    Rows(Vec<Row>),
-    Done,
-}
-
-/// Rows per batch handed from a snapshot reader to the converting task.
-const SNAPSHOT_BATCH_ROWS: usize = 20_000;
-
-/// Copy `select` inside the exported `snapshot` on a session of its own (`COPY ... TO
-/// STDOUT` in binary: no round trips, rows sliced out of the received messages), into `tx`
-/// in batches.
-async fn copy_range(
-    url: &SourceUrl,
-    slot: &str,
-    publication: &str,
-    snapshot: &str,
-    select: &str,
-    tx: &tokio::sync::mpsc::Sender<Result<Fetched, PipelineError>>,
-) -> Result<(), PipelineError> {
-    let mut reader = Session::connect(url, slot, publication, None).await?;
-    reader
-        .query("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-        .await?;
-    reader
-        .query(&format!(
-            "SET TRANSACTION SNAPSHOT '{}'",
-            snapshot.replace('\'', "")
-        ))
-        .await?;
-    let mut parser = crate::source::postgres::copy::BinaryCopy::default();
-    let mut rows: Vec<Row> = Vec::with_capacity(SNAPSHOT_BATCH_ROWS);
-    reader
-        .copy_out_start(&format!("COPY ({select}) TO STDOUT (FORMAT binary)"))
-        .await?;
-    while let Some(chunk) = reader.copy_out_next().await? {
-        parser
-            .feed(chunk, &mut rows)
-            .map_err(|e| SourceError::Query(e.to_string()))?;
-        if rows.len() >= SNAPSHOT_BATCH_ROWS {
-            let batch = std::mem::replace(&mut rows, Vec::with_capacity(SNAPSHOT_BATCH_ROWS));
-            if tx.send(Ok(Fetched::Rows(batch))).await.is_err() {
-                return Ok(());
-            }
-        }
-    }
-    if !parser.finished() {
-        return Err(SourceError::Query("binary COPY ended without its trailer".into()).into());
-    }
-    if !rows.is_empty() && tx.send(Ok(Fetched::Rows(rows))).await.is_err() {
-        return Ok(());
-    }
-    reader.query("COMMIT").await?;
     Ok(())
 }

@@ -27,6 +27,10 @@ pub const LSN_PROPERTY: &str = "philotes.lsn";
 /// Snapshot summary property marking a table whose initial snapshot is committed (`done`).
 pub const SNAPSHOT_PROPERTY: &str = "philotes.snapshot";
 
+/// Snapshot summary property with a partial initial snapshot's progress (JSON), next to
+/// `philotes.snapshot = partial`.
+pub const SNAPSHOT_PROGRESS_PROPERTY: &str = "philotes.snapshot.progress";
+
 /// Name of the dead-letter table in each namespace.
 pub const DLQ_TABLE: &str = "_philotes_dlq";
 

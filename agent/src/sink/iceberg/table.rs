@@ -12,7 +12,7 @@ use iceberg::table::Table;
 use iceberg::transaction::{AddColumn, ApplyTransactionAction, Transaction};
 use iceberg::{Catalog, ErrorKind, NamespaceIdent, TableCreation, TableIdent};
 
-use super::schema::{LSN_PROPERTY, SNAPSHOT_PROPERTY};
+use super::schema::{LSN_PROPERTY, SNAPSHOT_PROGRESS_PROPERTY, SNAPSHOT_PROPERTY};
 use super::writer::OpenFiles;
 use super::SinkError;
 
@@ -86,6 +86,26 @@ pub fn committed_lsn(table: &Table) -> u64 {
         cur = s.parent_snapshot_id().and_then(|id| md.snapshot_by_id(id));
     }
     0
+}
+
+/// Whether a snapshot in the current ancestry carries every one of `props`.
+fn has_properties(table: &Table, props: &[(&str, &str)]) -> bool {
+    if props.is_empty() {
+        return true;
+    }
+    let md = table.metadata();
+    let mut cur = md.current_snapshot();
+    while let Some(s) = cur {
+        let p = &s.summary().additional_properties;
+        if props
+            .iter()
+            .all(|(k, v)| p.get(*k).map(String::as_str) == Some(*v))
+        {
+            return true;
+        }
+        cur = s.parent_snapshot_id().and_then(|id| md.snapshot_by_id(id));
+    }
+    false
 }
 
 impl TableSink {
@@ -271,6 +291,22 @@ impl TableSink {
         })
     }
 
+    /// The progress of an unfinished initial snapshot (its last chunk commit), if any.
+    pub fn snapshot_progress(&self) -> Option<String> {
+        let md = self.table.metadata();
+        let mut cur = md.current_snapshot();
+        while let Some(s) = cur {
+            let p = &s.summary().additional_properties;
+            match p.get(SNAPSHOT_PROPERTY).map(String::as_str) {
+                Some("partial") => return p.get(SNAPSHOT_PROGRESS_PROPERTY).cloned(),
+                Some(_) => return None,
+                None => {}
+            }
+            cur = s.parent_snapshot_id().and_then(|id| md.snapshot_by_id(id));
+        }
+        None
+    }
+
     /// `commit` with extra snapshot-summary properties.
     pub async fn commit_with(
         &mut self,
@@ -320,7 +356,8 @@ impl TableSink {
                 let msg = super::catalog::scrub(e.to_string(), &self.secrets);
                 // Reload: the commit may have landed although an error was reported.
                 if let Ok(table) = self.catalog.load_table(self.table.identifier()).await {
-                    let landed = committed_lsn(&table) >= lsn;
+                    // Commits at one LSN (a snapshot's chunks) differ by their properties.
+                    let landed = committed_lsn(&table) >= lsn && has_properties(&table, extra);
                     self.table = table;
                     if landed {
                         self.pending.clear();
