@@ -41,22 +41,6 @@ fn churn(db: tokio_postgres::Client) -> tokio::task::JoinHandle<()> {
     })
 }
 
-/// Whether any Parquet file exists under `dir`.
-fn has_parquet(dir: &std::path::Path) -> bool {
-    std::fs::read_dir(dir)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .any(|e| {
-            let p = e.path();
-            if p.is_dir() {
-                has_parquet(&p)
-            } else {
-                p.extension().is_some_and(|x| x == "parquet")
-            }
-        })
-}
-
 fn folded_equals_source(pg: &TestPg, work: &Workdir) -> serde_json::Value {
     let v = verify(
         work,
