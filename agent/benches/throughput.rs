@@ -195,8 +195,11 @@ fn run_baseline(pg: &LocalPostgres, slot: &str, end: u64) -> Run {
             "--slot",
             slot,
             "--start",
+            // The protocol the agent uses: large transactions arrive while still running.
             "-o",
-            "proto_version=1",
+            "proto_version=2",
+            "-o",
+            "streaming=on",
             "-o",
             "publication_names=bench",
         ])

@@ -69,30 +69,30 @@ async fn scram_and_sslmodes_connect_and_stream() {
     let encoded = "s3cr3t-P%C3%A4ssword";
     let base = format!("postgres://philotes:{encoded}@127.0.0.1:{}/app", pg.pg.port);
 
-    for mode in ["disable", "prefer", "require"] {
-        let cfg = work.config(&format!("{base}?sslmode={mode}"), &["t"], "", "");
-        let (code, out) = run_cmd(
+    let check = |url: &str| {
+        let cfg = work.config(url, &["t"], "", "");
+        run_cmd(
             Command::new(philotes_bin())
                 .args(["check", "--config"])
                 .arg(&cfg),
-        );
+        )
+    };
+    for mode in ["disable", "prefer", "require"] {
+        let (code, out) = check(&format!("{base}?sslmode={mode}"));
         assert_eq!(code, 0, "sslmode={mode}: {out}");
     }
+    // A Unix-domain socket, named by its directory as libpq does (local connections trust).
+    let (code, out) = check(&format!(
+        "postgres://philotes@localhost:{}/app?host={}",
+        pg.pg.port,
+        pg.pg.data_dir.display()
+    ));
+    assert_eq!(code, 0, "unix socket: {out}");
 
-    let wrong = work.config(
-        &format!(
-            "postgres://philotes:nope-wrong@127.0.0.1:{}/app?sslmode=require",
-            pg.pg.port
-        ),
-        &["t"],
-        "",
-        "",
-    );
-    let (code, out) = run_cmd(
-        Command::new(philotes_bin())
-            .args(["check", "--config"])
-            .arg(&wrong),
-    );
+    let (code, out) = check(&format!(
+        "postgres://philotes:nope-wrong@127.0.0.1:{}/app?sslmode=require",
+        pg.pg.port
+    ));
     assert_eq!(code, 2, "{out}");
     assert!(!out.contains("nope-wrong"), "password leaked: {out}");
     assert!(

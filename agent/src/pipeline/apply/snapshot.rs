@@ -384,12 +384,8 @@ impl Applier {
     }
 }
 
-/// The exported snapshot's xmax and in-progress transaction ids (low 32 bits, as `xmin`
-/// holds them), read by importing it.
-async fn snapshot_xids(
-    session: &mut Session,
-    snapshot: &str,
-) -> Result<(u32, Vec<u32>), PipelineError> {
+/// Open a read-only transaction on `session` that sees exactly the exported `snapshot`.
+async fn import_snapshot(session: &mut Session, snapshot: &str) -> Result<(), PipelineError> {
     session
         .query("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
         .await?;
@@ -399,6 +395,16 @@ async fn snapshot_xids(
             snapshot.replace('\'', "")
         ))
         .await?;
+    Ok(())
+}
+
+/// The exported snapshot's xmax and in-progress transaction ids (low 32 bits, as `xmin`
+/// holds them), read by importing it.
+async fn snapshot_xids(
+    session: &mut Session,
+    snapshot: &str,
+) -> Result<(u32, Vec<u32>), PipelineError> {
+    import_snapshot(session, snapshot).await?;
     let rows = session
         .query(
             "SELECT (pg_catalog.txid_snapshot_xmax(s) % 4294967296)::text, \
@@ -434,15 +440,7 @@ async fn copy_range(
     tx: &tokio::sync::mpsc::Sender<Result<Fetched, PipelineError>>,
 ) -> Result<(), PipelineError> {
     let mut reader = Session::connect(url, slot, publication, None).await?;
-    reader
-        .query("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-        .await?;
-    reader
-        .query(&format!(
-            "SET TRANSACTION SNAPSHOT '{}'",
-            snapshot.replace('\'', "")
-        ))
-        .await?;
+    import_snapshot(&mut reader, snapshot).await?;
     let mut parser = BinaryCopy::default();
     let mut rows: Vec<Row> = Vec::with_capacity(BATCH_ROWS);
     reader

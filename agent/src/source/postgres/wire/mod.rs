@@ -45,6 +45,8 @@ pub enum PgStream {
     Plain(TcpStream),
     /// TLS over TCP.
     Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+    /// A Unix-domain socket (host given as a directory, as libpq does).
+    Unix(tokio::net::UnixStream),
 }
 
 impl AsyncRead for PgStream {
@@ -56,6 +58,7 @@ impl AsyncRead for PgStream {
         match self.get_mut() {
             PgStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
             PgStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            PgStream::Unix(s) => Pin::new(s).poll_read(cx, buf),
         }
     }
 }
@@ -69,6 +72,7 @@ impl AsyncWrite for PgStream {
         match self.get_mut() {
             PgStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
             PgStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            PgStream::Unix(s) => Pin::new(s).poll_write(cx, buf),
         }
     }
 
@@ -76,6 +80,7 @@ impl AsyncWrite for PgStream {
         match self.get_mut() {
             PgStream::Plain(s) => Pin::new(s).poll_flush(cx),
             PgStream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            PgStream::Unix(s) => Pin::new(s).poll_flush(cx),
         }
     }
 
@@ -83,6 +88,7 @@ impl AsyncWrite for PgStream {
         match self.get_mut() {
             PgStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
             PgStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            PgStream::Unix(s) => Pin::new(s).poll_shutdown(cx),
         }
     }
 }
@@ -141,9 +147,15 @@ impl Conn {
     /// Connect, negotiate TLS per `sslmode`, authenticate and wait until the session is ready.
     /// `options` are the startup parameters besides user and database.
     pub async fn connect(url: &SourceUrl, options: &[(&str, &str)]) -> Result<Self, WireError> {
-        let tcp = TcpStream::connect((url.host.as_str(), url.port)).await?;
-        let _ = tcp.set_nodelay(true);
-        let stream = Self::negotiate_tls(tcp, url).await?;
+        let stream = if url.host.starts_with('/') {
+            // A local socket needs no TLS (libpq does not negotiate it either).
+            let path = format!("{}/.s.PGSQL.{}", url.host.trim_end_matches('/'), url.port);
+            PgStream::Unix(tokio::net::UnixStream::connect(path).await?)
+        } else {
+            let tcp = TcpStream::connect((url.host.as_str(), url.port)).await?;
+            let _ = tcp.set_nodelay(true);
+            Self::negotiate_tls(tcp, url).await?
+        };
         let mut conn = Self {
             stream,
             rbuf: BytesMut::with_capacity(64 * 1024),
