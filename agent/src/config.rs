@@ -495,6 +495,17 @@ impl Config {
                         format!("{t:?} must be `table` or `schema.table` (lowercase identifiers)"),
                     ));
                 }
+                // `a.b` and `public.a__b` would write into one Iceberg table.
+                let iceberg = crate::pipeline::iceberg_table_name(&s, &n);
+                if let Some(other) = p.tables[..j].iter().find(|o| {
+                    let (os, on) = split_table(o);
+                    crate::pipeline::iceberg_table_name(&os, &on) == iceberg
+                }) {
+                    return Err(ConfigError::new(
+                        format!("pipelines[{i}].tables[{j}]"),
+                        format!("{t:?} and {other:?} map to the same Iceberg table {iceberg:?}; put them in separate pipelines with their own namespace"),
+                    ));
+                }
             }
             if !valid_ident(&p.namespace_name()) {
                 return Err(ConfigError::new(

@@ -58,6 +58,11 @@ fn bad_configs_exit_2_naming_the_key() {
         ),
         ("unknown pipeline key", plus("colour = \"blue\""), "colour"),
         (
+            "two tables, one Iceberg name",
+            with("tables = [\"t\"]", "tables = [\"a.b\", \"a__b\"]"),
+            "pipelines[0].tables[1]",
+        ),
+        (
             "wrong type",
             plus("batch_rows = \"many\""),
             "pipelines[0].batch_rows",

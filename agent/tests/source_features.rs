@@ -610,3 +610,45 @@ async fn in_progress_transactions_stream_with_savepoints_rollbacks_and_crashes()
     );
     assert_eq!(agent.terminate(), Some(0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_source_tables_with_one_iceberg_name_are_refused_not_mixed() {
+    let pg = TestPg::start();
+    let db = pg.create_db("app").await;
+    // `a.b` and `public.a__b` both map to Iceberg `ns.a__b`; the second joins through the
+    // publication, so the config check cannot see it.
+    db.batch_execute(
+        "CREATE SCHEMA a; CREATE TABLE a.b (id int PRIMARY KEY); CREATE TABLE a__b (id int PRIMARY KEY);
+         CREATE PUBLICATION philotes_p FOR TABLE a.b, a__b;",
+    )
+    .await
+    .unwrap();
+    let work = Workdir::new();
+    let cfg = work.config(&pg.url("app"), &["a.b"], "", "");
+    let agent = AgentProc::start(&cfg, &work.path().join("agent.log"));
+    agent.wait_streaming().await;
+    db.batch_execute("INSERT INTO a.b VALUES (1)")
+        .await
+        .unwrap();
+    wait_rows(&work, "ns.a__b", 1, 60).await;
+    db.batch_execute("INSERT INTO a__b VALUES (2)")
+        .await
+        .unwrap();
+    let error = wait_for(
+        Duration::from_secs(60),
+        "the pipeline to report the clash",
+        || async {
+            let v = agent.api_json("/api/v1/pipelines/p").await?;
+            let e = v["last_error"].as_str()?.to_string();
+            e.contains("same Iceberg table").then_some(e)
+        },
+    )
+    .await;
+    assert!(error.contains("a.b") && error.contains("a__b"), "{error}");
+    assert_eq!(
+        iceberg_rows(&work, "ns.a__b"),
+        Some(1),
+        "public.a__b's row never lands in a.b's table"
+    );
+    assert_eq!(agent.terminate(), Some(0));
+}

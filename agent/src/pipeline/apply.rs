@@ -596,6 +596,7 @@ impl Applier {
             self.catalog.clone(),
             &self.namespace,
             &iceberg_table_name(schema, name),
+            Some(&source_name),
             move || {
                 let s = changelog_schema(&cols)?;
                 let p = changelog_partition(&s)?;
@@ -852,6 +853,7 @@ impl Applier {
                 self.catalog.clone(),
                 &self.namespace,
                 DLQ_TABLE,
+                None,
                 || Ok((dlq_schema()?, None)),
                 self.secrets.clone(),
             )

@@ -108,12 +108,18 @@ fn has_properties(table: &Table, props: &[(&str, &str)]) -> bool {
     false
 }
 
+/// Table property naming the source table an Iceberg table holds (`schema.table`).
+pub const SOURCE_TABLE_PROPERTY: &str = "philotes.source-table";
+
 impl TableSink {
     /// Load `ns.name`, or create it with `schema` (and `partition`, if any) when missing.
+    /// With `source`, the table records the source table it holds (`philotes.source-table`),
+    /// and a table that holds another one is refused.
     pub async fn open_or_create(
         catalog: Arc<dyn Catalog>,
         ns: &str,
         name: &str,
+        source: Option<&str>,
         schema: impl FnOnce() -> Result<(Schema, Option<UnboundPartitionSpec>), iceberg::Error>,
         secrets: Arc<[String]>,
     ) -> Result<Self, SinkError> {
@@ -132,13 +138,18 @@ impl TableSink {
             let creation = TableCreation::builder()
                 .name(name.to_string())
                 .schema(schema)
-                .properties(HashMap::from([
-                    (
-                        "write.parquet.compression-codec".to_string(),
-                        "zstd".to_string(),
-                    ),
-                    ("philotes.created-by".to_string(), "philotes".to_string()),
-                ]));
+                .properties(
+                    HashMap::from([
+                        (
+                            "write.parquet.compression-codec".to_string(),
+                            "zstd".to_string(),
+                        ),
+                        ("philotes.created-by".to_string(), "philotes".to_string()),
+                    ])
+                    .into_iter()
+                    .chain(source.map(|s| (SOURCE_TABLE_PROPERTY.to_string(), s.to_string())))
+                    .collect::<HashMap<_, _>>(),
+                );
             let creation = match partition {
                 Some(p) => creation.partition_spec(p).build(),
                 None => creation.build(),
@@ -156,6 +167,18 @@ impl TableSink {
                 Err(e) => return Err(catalog_err(e, &secrets)),
             }
         };
+        if let (Some(want), Some(has)) = (
+            source,
+            table.metadata().properties().get(SOURCE_TABLE_PROPERTY),
+        ) {
+            if want != has {
+                return Err(SinkError::Config(format!(
+                    "Iceberg table {ns}.{name} holds source table {has}, not {want}: the two \
+                     names map to the same Iceberg table; stream one of them in a pipeline \
+                     with its own namespace"
+                )));
+            }
+        }
         Self::from_table(catalog, table, secrets)
     }
 
