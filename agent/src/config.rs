@@ -208,8 +208,8 @@ pub struct PipelineConfig {
     /// them and sends them after the commit).
     #[serde(default = "default_true")]
     pub stream_in_progress: bool,
-    /// Directory for the spool files of in-progress transactions (default: the system temp
-    /// directory).
+    /// Directory for the spool files of in-progress transactions (default: `$TMPDIR`, else
+    /// `/var/tmp`).
     #[serde(default)]
     pub spool_dir: Option<std::path::PathBuf>,
     /// Iceberg namespace (default: the pipeline name).

@@ -11,6 +11,20 @@ use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::Path;
 
+/// Where spools go by default: `$TMPDIR` when set, else `/var/tmp` (on disk by convention,
+/// where `/tmp` is often a RAM-backed tmpfs that would turn a large transaction into memory),
+/// else the system temp directory.
+pub fn default_dir() -> std::path::PathBuf {
+    if let Some(d) = std::env::var_os("TMPDIR").filter(|d| !d.is_empty()) {
+        return d.into();
+    }
+    let var_tmp = Path::new("/var/tmp");
+    if var_tmp.is_dir() {
+        return var_tmp.to_path_buf();
+    }
+    std::env::temp_dir()
+}
+
 /// The spooled changes of one in-progress transaction.
 pub struct Spool {
     file: BufWriter<File>,
@@ -25,11 +39,11 @@ pub struct Spool {
 }
 
 impl Spool {
-    /// A new spool for top-level transaction `xid`, in `dir` (the system temp dir if None).
+    /// A new spool for top-level transaction `xid`, in `dir` (else [`default_dir`]).
     pub fn new(dir: Option<&Path>, xid: u32) -> std::io::Result<Self> {
         let file = match dir {
             Some(d) => tempfile::tempfile_in(d)?,
-            None => tempfile::tempfile()?,
+            None => tempfile::tempfile_in(default_dir())?,
         };
         Ok(Self {
             file: BufWriter::with_capacity(256 * 1024, file),

@@ -152,9 +152,14 @@ impl Conn {
             let path = format!("{}/.s.PGSQL.{}", url.host.trim_end_matches('/'), url.port);
             PgStream::Unix(tokio::net::UnixStream::connect(path).await?)
         } else {
-            let tcp = TcpStream::connect((url.host.as_str(), url.port)).await?;
-            let _ = tcp.set_nodelay(true);
-            Self::negotiate_tls(tcp, url).await?
+            match Self::open_tcp(url, true).await {
+                // libpq's prefer: when TLS cannot be set up, try again without it.
+                Err(WireError::Tls(e)) if url.sslmode == SslMode::Prefer => {
+                    tracing::debug!(error = %e, "TLS failed with sslmode=prefer; connecting without TLS");
+                    Self::open_tcp(url, false).await?
+                }
+                other => other?,
+            }
         };
         let mut conn = Self {
             stream,
@@ -177,6 +182,17 @@ impl Conn {
                 }
                 _ => {}
             }
+        }
+    }
+
+    /// A TCP connection, with TLS negotiated per `sslmode` when `tls`.
+    async fn open_tcp(url: &SourceUrl, tls: bool) -> Result<PgStream, WireError> {
+        let tcp = TcpStream::connect((url.host.as_str(), url.port)).await?;
+        let _ = tcp.set_nodelay(true);
+        if tls {
+            Self::negotiate_tls(tcp, url).await
+        } else {
+            Ok(PgStream::Plain(tcp))
         }
     }
 
