@@ -81,6 +81,16 @@ async fn scram_and_sslmodes_connect_and_stream() {
         let (code, out) = check(&format!("{base}?sslmode={mode}"));
         assert_eq!(code, 0, "sslmode={mode}: {out}");
     }
+    // SCRAM bound to the TLS channel (tls-server-end-point): a wrong certificate hash would
+    // fail authentication, so success proves the binding.
+    let (code, out) = check(&format!("{base}?sslmode=require&channel_binding=require"));
+    assert_eq!(code, 0, "channel_binding=require over TLS: {out}");
+    let (code, out) = check(&format!("{base}?sslmode=disable&channel_binding=require"));
+    assert_eq!(
+        code, 2,
+        "channel_binding=require without TLS must fail: {out}"
+    );
+    assert!(out.contains("channel_binding"), "{out}");
     // A Unix-domain socket, named by its directory as libpq does (local connections trust).
     let (code, out) = check(&format!(
         "postgres://philotes@localhost:{}/app?host={}",

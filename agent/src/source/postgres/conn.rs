@@ -18,6 +18,17 @@ pub enum SslMode {
     VerifyFull,
 }
 
+/// libpq `channel_binding`: binding SCRAM to the TLS channel (`tls-server-end-point`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChannelBindingMode {
+    /// Never bind.
+    Disable,
+    /// Bind when the connection uses TLS and the server offers SCRAM-SHA-256-PLUS.
+    Prefer,
+    /// Refuse to authenticate without channel binding.
+    Require,
+}
+
 impl SslMode {
     /// The libpq spelling.
     pub fn as_str(self) -> &'static str {
@@ -67,6 +78,8 @@ pub struct SourceUrl {
     pub sslrootcert: Option<PathBuf>,
     /// Connect timeout.
     pub connect_timeout: Duration,
+    /// SCRAM channel binding.
+    pub channel_binding: ChannelBindingMode,
 }
 
 impl std::fmt::Debug for SourceUrl {
@@ -96,6 +109,7 @@ impl SourceUrl {
         let mut sslmode = SslMode::Prefer;
         let mut sslrootcert = None;
         let mut connect_timeout = Duration::from_secs(10);
+        let mut channel_binding = ChannelBindingMode::Prefer;
         for (k, v) in u.query_pairs() {
             match k.as_ref() {
                 "sslmode" => {
@@ -129,6 +143,19 @@ impl SourceUrl {
                     })?;
                     connect_timeout = Duration::from_secs(secs.max(1));
                 }
+                "channel_binding" => {
+                    channel_binding = match v.as_ref() {
+                        "disable" => ChannelBindingMode::Disable,
+                        "prefer" => ChannelBindingMode::Prefer,
+                        "require" => ChannelBindingMode::Require,
+                        other => {
+                            return Err(UrlError::Param(
+                                "channel_binding".into(),
+                                format!("unknown value {other:?}"),
+                            ))
+                        }
+                    }
+                }
                 "application_name" | "options" => {}
                 other => {
                     return Err(UrlError::Param(
@@ -156,6 +183,7 @@ impl SourceUrl {
             sslmode,
             sslrootcert,
             connect_timeout,
+            channel_binding,
         })
     }
 

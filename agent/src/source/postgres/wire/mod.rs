@@ -17,7 +17,7 @@ use postgres_protocol::message::frontend;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
-use super::conn::{SourceUrl, SslMode};
+use super::conn::{ChannelBindingMode, SourceUrl, SslMode};
 
 /// A transport failure.
 #[derive(Debug, thiserror::Error)]
@@ -235,9 +235,35 @@ impl Conn {
             }
         };
         let mut scram: Option<ScramSha256> = None;
+        // The server certificate's hash, for SCRAM channel binding over TLS.
+        let (tls, end_point) = match &self.stream {
+            PgStream::Tls(s) => (
+                true,
+                s.get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                    .and_then(|c| tls::end_point_hash(c)),
+            ),
+            _ => (false, None),
+        };
+        let cb_mode = url.channel_binding;
+        if cb_mode == ChannelBindingMode::Require && !tls {
+            return Err(WireError::Startup(
+                "channel_binding=require needs a TLS connection (sslmode)".into(),
+            ));
+        }
         loop {
             match self.read().await? {
-                Backend::Msg(Message::AuthenticationOk) => return Ok(()),
+                Backend::Msg(Message::AuthenticationOk) => {
+                    if cb_mode == ChannelBindingMode::Require && scram.is_none() {
+                        // libpq's rule: without SCRAM there was no binding to check.
+                        return Err(WireError::Startup(
+                            "channel_binding=require, but the server did not authenticate with SCRAM".into(),
+                        ));
+                    }
+                    return Ok(());
+                }
                 Backend::Msg(Message::AuthenticationCleartextPassword) => {
                     need_password(url)?;
                     frontend::password_message(url.password.as_bytes(), &mut self.wbuf)?;
@@ -254,19 +280,42 @@ impl Conn {
                 Backend::Msg(Message::AuthenticationSasl(body)) => {
                     need_password(url)?;
                     let mut mechanisms = body.mechanisms();
-                    let mut plain = false;
+                    let (mut plain, mut plus) = (false, false);
                     while let Some(m) = mechanisms.next()? {
                         plain |= m == "SCRAM-SHA-256";
+                        plus |= m == "SCRAM-SHA-256-PLUS";
                     }
-                    if !plain {
-                        return Err(WireError::Startup(
-                            "the server offers no supported SASL mechanism (need SCRAM-SHA-256)"
-                                .into(),
-                        ));
-                    }
-                    // No channel binding ("n"): valid whether or not the server offers -PLUS.
-                    let s = ScramSha256::new(url.password.as_bytes(), ChannelBinding::unsupported());
-                    frontend::sasl_initial_response("SCRAM-SHA-256", s.message(), &mut self.wbuf)?;
+                    let (mechanism, binding) = match (&end_point, cb_mode) {
+                        (Some(hash), ChannelBindingMode::Prefer | ChannelBindingMode::Require)
+                            if plus =>
+                        {
+                            (
+                                "SCRAM-SHA-256-PLUS",
+                                ChannelBinding::tls_server_end_point(hash.clone()),
+                            )
+                        }
+                        (_, ChannelBindingMode::Require) => {
+                            return Err(WireError::Startup(
+                                "channel_binding=require, but the server offers no SCRAM-SHA-256-PLUS \
+                                 (or its certificate's signature algorithm has no binding)"
+                                    .into(),
+                            ))
+                        }
+                        // "y": we could bind but the server did not offer it (lets the server
+                        // detect a downgrade); "n": no TLS or no usable certificate hash.
+                        (Some(_), ChannelBindingMode::Prefer) if plain => {
+                            ("SCRAM-SHA-256", ChannelBinding::unrequested())
+                        }
+                        _ if plain => ("SCRAM-SHA-256", ChannelBinding::unsupported()),
+                        _ => {
+                            return Err(WireError::Startup(
+                                "the server offers no supported SASL mechanism (need SCRAM-SHA-256)"
+                                    .into(),
+                            ))
+                        }
+                    };
+                    let s = ScramSha256::new(url.password.as_bytes(), binding);
+                    frontend::sasl_initial_response(mechanism, s.message(), &mut self.wbuf)?;
                     scram = Some(s);
                 }
                 Backend::Msg(Message::AuthenticationSaslContinue(body)) => {

@@ -93,6 +93,69 @@ pub fn server_name(host: &str) -> Result<ServerName<'static>, WireError> {
         .map_err(|_| WireError::Tls(format!("{host:?} is not a valid TLS server name")))
 }
 
+/// The `tls-server-end-point` channel binding data (RFC 5929) of a server certificate: its
+/// hash with the hash function of its signature algorithm (SHA-256 for MD5 and SHA-1), as
+/// PostgreSQL computes it. None for algorithms without a single hash (RSA-PSS, EdDSA).
+pub fn end_point_hash(cert: &[u8]) -> Option<Vec<u8>> {
+    use sha2::Digest;
+    // Certificate ::= SEQUENCE { tbsCertificate, signatureAlgorithm SEQUENCE { OID, … }, … }
+    let (hdr, _) = der_header(cert, 0x30)?;
+    let body = cert.get(hdr..)?;
+    let (tbs_hdr, tbs_len) = der_header(body, 0x30)?;
+    let alg = body.get(tbs_hdr + tbs_len..)?;
+    let (alg_hdr, _) = der_header(alg, 0x30)?;
+    let alg = alg.get(alg_hdr..)?;
+    let (oid_hdr, oid_len) = der_header(alg, 0x06)?;
+    let oid = alg.get(oid_hdr..oid_hdr + oid_len)?;
+    const RSA: &[u8] = &[0x2A, 0x86, 0x48, 0x86, 0xF7, 0x0D, 0x01, 0x01];
+    const ECDSA_SHA2: &[u8] = &[0x2A, 0x86, 0x48, 0xCE, 0x3D, 0x04, 0x03];
+    const ECDSA_SHA1: &[u8] = &[0x2A, 0x86, 0x48, 0xCE, 0x3D, 0x04, 0x01];
+    let hash = match oid {
+        [p @ .., n] if p == RSA => match n {
+            0x04 | 0x05 | 0x0B => 256, // md5, sha1 → sha256; sha256
+            0x0C => 384,
+            0x0D => 512,
+            0x0E => 224,
+            _ => return None,
+        },
+        [p @ .., n] if p == ECDSA_SHA2 => match n {
+            0x01 => 224,
+            0x02 => 256,
+            0x03 => 384,
+            0x04 => 512,
+            _ => return None,
+        },
+        o if o == ECDSA_SHA1 => 256,
+        _ => return None,
+    };
+    Some(match hash {
+        224 => sha2::Sha224::digest(cert).to_vec(),
+        256 => sha2::Sha256::digest(cert).to_vec(),
+        384 => sha2::Sha384::digest(cert).to_vec(),
+        _ => sha2::Sha512::digest(cert).to_vec(),
+    })
+}
+
+/// (header length, content length) of a DER element with tag `tag` at the start of `b`.
+fn der_header(b: &[u8], tag: u8) -> Option<(usize, usize)> {
+    if *b.first()? != tag {
+        return None;
+    }
+    let first = *b.get(1)?;
+    if first < 0x80 {
+        return Some((2, first as usize));
+    }
+    let n = (first & 0x7F) as usize;
+    if n == 0 || n > 4 {
+        return None;
+    }
+    let len = b
+        .get(2..2 + n)?
+        .iter()
+        .fold(0usize, |acc, &x| (acc << 8) | x as usize);
+    Some((2 + n, len))
+}
+
 /// `sslmode=require`: the channel is encrypted, the certificate is not checked.
 #[derive(Debug)]
 struct AnyServer(Arc<CryptoProvider>);
@@ -188,5 +251,43 @@ impl ServerCertVerifier for ChainOnly {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.0.supported_verify_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn end_point_hash_reads_the_signature_algorithm_and_never_panics() {
+        // A skeleton certificate: SEQUENCE { tbs SEQUENCE {}, SEQUENCE { OID } }.
+        let cert = |oid: &[u8]| {
+            let mut alg = vec![0x06, oid.len() as u8];
+            alg.extend_from_slice(oid);
+            let mut alg_seq = vec![0x30, alg.len() as u8];
+            alg_seq.extend(alg);
+            let mut body = vec![0x30, 0x00];
+            body.extend(alg_seq);
+            let mut c = vec![0x30, body.len() as u8];
+            c.extend(body);
+            c
+        };
+        let sha256_rsa = cert(&[0x2A, 0x86, 0x48, 0x86, 0xF7, 0x0D, 0x01, 0x01, 0x0B]);
+        assert_eq!(end_point_hash(&sha256_rsa).map(|h| h.len()), Some(32));
+        let sha1_rsa = cert(&[0x2A, 0x86, 0x48, 0x86, 0xF7, 0x0D, 0x01, 0x01, 0x05]);
+        assert_eq!(
+            end_point_hash(&sha1_rsa).map(|h| h.len()),
+            Some(32),
+            "SHA-1 → SHA-256"
+        );
+        let ecdsa384 = cert(&[0x2A, 0x86, 0x48, 0xCE, 0x3D, 0x04, 0x03, 0x03]);
+        assert_eq!(end_point_hash(&ecdsa384).map(|h| h.len()), Some(48));
+        let ed25519 = cert(&[0x2B, 0x65, 0x70]);
+        assert_eq!(end_point_hash(&ed25519), None);
+        for n in 0..sha256_rsa.len() {
+            let _ = end_point_hash(&sha256_rsa[..n]);
+        }
+        assert_eq!(end_point_hash(&[0x30, 0x84, 0xff, 0xff, 0xff, 0xff]), None);
+        assert_eq!(end_point_hash(b""), None);
     }
 }
