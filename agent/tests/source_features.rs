@@ -574,6 +574,17 @@ async fn in_progress_transactions_stream_with_savepoints_rollbacks_and_crashes()
         || async { (stream_txns(&pg, "philotes_p").await > before).then_some(()) },
     )
     .await;
+    // The API shows the spooled transaction while it is open.
+    let spooled = wait_for(
+        Duration::from_secs(30),
+        "the API to show the spool",
+        || async {
+            let v = agent.api_json("/api/v1/pipelines/p").await?;
+            (v["spooled_transactions"].as_u64()? >= 1).then(|| v["spooled_bytes"].as_u64())?
+        },
+    )
+    .await;
+    assert!(spooled > 100_000, "10,000 rows spooled: {spooled} bytes");
     agent.kill9();
     let agent = AgentProc::start(&cfg, &log);
     agent.wait_streaming().await;
@@ -582,6 +593,12 @@ async fn in_progress_transactions_stream_with_savepoints_rollbacks_and_crashes()
         .unwrap();
     wait_rows(&work, "ns.big", 58_011, 120).await;
     check("after a crash mid-stream");
+    let v = agent.api_json("/api/v1/pipelines/p").await.unwrap();
+    assert_eq!(
+        v["spooled_transactions"], 0,
+        "spool released at the commit: {v}"
+    );
+    assert_eq!(v["spooled_bytes"], 0, "{v}");
     assert!(
         !agent.log_text().contains("pipeline failed"),
         "{}",

@@ -123,6 +123,11 @@ impl Applier {
         metrics: SourceMetrics,
         status: SharedStatus,
     ) -> Self {
+        // A new attempt starts with no spools (the server streams open transactions again).
+        status::update(&status, |s| {
+            s.spooled_transactions = 0;
+            s.spooled_bytes = 0;
+        });
         Self {
             namespace: cfg.namespace_name(),
             cfg: cfg.clone(),
@@ -357,8 +362,31 @@ impl Applier {
         PipelineError::Spool(e.to_string())
     }
 
+    /// Publish how many in-progress transactions are spooled, and their bytes.
+    fn publish_spools(&self) {
+        let (n, bytes) = (
+            self.streams.len() as u64,
+            self.streams.values().map(|s| s.bytes()).sum::<u64>(),
+        );
+        status::update(&self.status, |s| {
+            s.spooled_transactions = n;
+            s.spooled_bytes = bytes;
+        });
+    }
+
     /// Protocol 2: blocks of in-progress transactions, and how each one ended.
     async fn on_stream(
+        &mut self,
+        m: StreamMessage,
+        client: &ReplicationStream,
+    ) -> Result<(), PipelineError> {
+        let result = self.on_stream_inner(m, client).await;
+        // Once per block or outcome, not per message.
+        self.publish_spools();
+        result
+    }
+
+    async fn on_stream_inner(
         &mut self,
         m: StreamMessage,
         client: &ReplicationStream,

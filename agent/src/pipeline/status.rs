@@ -69,6 +69,10 @@ pub struct PipelineStatus {
     pub dlq_rows: u64,
     /// Buffered, uncommitted events.
     pub buffered_events: u64,
+    /// In-progress transactions the server is streaming, waiting in local spools.
+    pub spooled_transactions: u64,
+    /// Bytes in those spools.
+    pub spooled_bytes: u64,
     /// Last error, if any.
     pub last_error: Option<String>,
     /// When the last error happened (RFC 3339).
@@ -94,6 +98,8 @@ impl PipelineStatus {
             slot_lag_exceeded: false,
             dlq_rows: 0,
             buffered_events: 0,
+            spooled_transactions: 0,
+            spooled_bytes: 0,
             last_error: None,
             last_error_at: None,
             tables: BTreeMap::new(),
