@@ -267,3 +267,69 @@ async fn every_type_snapshots_like_it_streams() {
     }
     assert_eq!(agent.terminate(), Some(0));
 }
+
+/// A maintenance job (here PyIceberg) expires every old snapshot while another writer's
+/// snapshot is the current one: the summaries that said "copy done" and "committed up to LSN
+/// x" are gone. The table properties still say so; a restart neither copies the table again
+/// nor writes a change twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_state_survives_expired_snapshots() {
+    let pg = TestPg::start();
+    let db = pg.create_db("app").await;
+    db.batch_execute(
+        "CREATE TABLE small (id int PRIMARY KEY, s text);
+         INSERT INTO small SELECT g, 'r' || g FROM generate_series(1, 1000) g;",
+    )
+    .await
+    .unwrap();
+    let work = Workdir::new();
+    let cfg = work.config(&pg.url("app"), &["small"], "snapshot = \"initial\"", "");
+    let log = work.path().join("agent.log");
+    let agent = AgentProc::start(&cfg, &log);
+    wait_rows(&work, "ns.small", 1000, 120).await;
+    db.batch_execute("INSERT INTO small SELECT g, 's' || g FROM generate_series(1001, 1100) g")
+        .await
+        .unwrap();
+    wait_rows(&work, "ns.small", 1100, 60).await;
+    assert_eq!(agent.terminate(), Some(0));
+    let code = format!(
+        "import pyarrow as pa, datetime\n\
+         from pyiceberg.catalog.sql import SqlCatalog\n\
+         c = SqlCatalog('philotes', uri='sqlite:///{db}', warehouse='file://{wh}')\n\
+         t = c.load_table('ns.small')\n\
+         schema = t.schema().as_arrow()\n\
+         row = {{'id': [999999], 's': ['other writer'], '_cdc_op': ['I'], '_cdc_lsn': [1], '_cdc_seq': [0],\n\
+                '_cdc_ts': [datetime.datetime.now(datetime.timezone.utc)], '_cdc_unchanged': [[]]}}\n\
+         t.append(pa.Table.from_pydict(row, schema=schema))\n\
+         t = c.load_table('ns.small')\n\
+         t.maintenance.expire_snapshots().older_than(datetime.datetime.now(datetime.timezone.utc)).commit()\n\
+         t = c.load_table('ns.small')\n\
+         print('snapshots', len(t.snapshots()), 'done', t.properties.get('philotes.snapshot'))\n",
+        db = work.catalog_db().display(),
+        wh = work.warehouse().display()
+    );
+    let (rc, out) = run_cmd(std::process::Command::new(python()).arg("-c").arg(code));
+    assert_eq!(rc, 0, "PyIceberg append + expire: {out}");
+    assert!(out.contains("snapshots 1 done done"), "{out}");
+    let agent = AgentProc::start(&cfg, &log);
+    agent.wait_streaming().await;
+    db.batch_execute("INSERT INTO small SELECT g, 't' || g FROM generate_series(1101, 1150) g")
+        .await
+        .unwrap();
+    wait_rows(&work, "ns.small", 1151, 60).await;
+    // Give a wrongly restarted copy time to show.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let v = verify(&work, "ns.small", &[]);
+    assert_eq!(v["rows"], 1151, "{v}");
+    assert_eq!(v["ops"]["R"], 1000, "the copy did not run again: {v}");
+    assert_eq!(v["unique"], true, "{v}");
+    assert_eq!(
+        agent
+            .log_text()
+            .matches("initial snapshot: copying")
+            .count(),
+        1,
+        "one copy, before the restart only (both runs log to one file)"
+    );
+    assert_eq!(agent.terminate(), Some(0));
+}

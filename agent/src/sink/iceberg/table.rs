@@ -73,27 +73,37 @@ pub async fn ensure_namespace(
     }
 }
 
-/// Highest `philotes.lsn` along the current snapshot's ancestry (other writers may commit too).
+/// Highest `philotes.lsn` of the table: the table property, or the newest along the current
+/// snapshot's ancestry (other writers may commit too; tables written before the property).
 pub fn committed_lsn(table: &Table) -> u64 {
     let md = table.metadata();
+    let from_property = md
+        .properties()
+        .get(LSN_PROPERTY)
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0);
     let mut cur = md.current_snapshot();
     while let Some(s) = cur {
         if let Some(v) = s.summary().additional_properties.get(LSN_PROPERTY) {
-            if let Ok(lsn) = v.parse() {
-                return lsn;
+            if let Ok(lsn) = v.parse::<u64>() {
+                return lsn.max(from_property);
             }
         }
         cur = s.parent_snapshot_id().and_then(|id| md.snapshot_by_id(id));
     }
-    0
+    from_property
 }
 
-/// Whether a snapshot in the current ancestry carries every one of `props`.
+/// Whether the table properties, or a snapshot in the current ancestry, carry every one of
+/// `props`.
 fn has_properties(table: &Table, props: &[(&str, &str)]) -> bool {
-    if props.is_empty() {
+    let md = table.metadata();
+    if props
+        .iter()
+        .all(|(k, v)| md.properties().get(*k).map(String::as_str) == Some(*v))
+    {
         return true;
     }
-    let md = table.metadata();
     let mut cur = md.current_snapshot();
     while let Some(s) = cur {
         let p = &s.summary().additional_properties;
@@ -302,9 +312,14 @@ impl TableSink {
         self.commit_with(lsn, &[]).await
     }
 
-    /// Whether an initial snapshot of this table was committed (`philotes.snapshot = done`).
+    /// Whether an initial snapshot of this table was committed (`philotes.snapshot = done`,
+    /// a table property that survives snapshot expiry; older tables have it only in a
+    /// snapshot summary).
     pub fn snapshot_done(&self) -> bool {
         let md = self.table.metadata();
+        if md.properties().get(SNAPSHOT_PROPERTY).map(String::as_str) == Some("done") {
+            return true;
+        }
         md.snapshots().any(|s| {
             s.summary()
                 .additional_properties
@@ -317,6 +332,11 @@ impl TableSink {
     /// The progress of an unfinished initial snapshot (its last chunk commit), if any.
     pub fn snapshot_progress(&self) -> Option<String> {
         let md = self.table.metadata();
+        match md.properties().get(SNAPSHOT_PROPERTY).map(String::as_str) {
+            Some("partial") => return md.properties().get(SNAPSHOT_PROGRESS_PROPERTY).cloned(),
+            Some(_) => return None,
+            None => {}
+        }
         let mut cur = md.current_snapshot();
         while let Some(s) = cur {
             let p = &s.summary().additional_properties;
@@ -344,7 +364,24 @@ impl TableSink {
             return Ok(Committed::default());
         }
         let base = self.table.metadata().current_snapshot_id();
+        // The same state also goes into table properties, in the same commit: snapshot
+        // expiry (ours or a maintenance job's) removes old summaries, never properties.
         let tx = Transaction::new(&self.table);
+        let mut state = tx
+            .update_table_properties()
+            .set(LSN_PROPERTY.to_string(), lsn.to_string());
+        for (k, v) in extra {
+            state = state.set(k.to_string(), v.to_string());
+        }
+        if extra
+            .iter()
+            .any(|(k, v)| *k == SNAPSHOT_PROPERTY && *v == "done")
+        {
+            state = state.remove(SNAPSHOT_PROGRESS_PROPERTY.to_string());
+        }
+        let tx = state
+            .apply(tx)
+            .map_err(|e| SinkError::Commit(e.to_string()))?;
         let action = tx
             .fast_append()
             // Our file names are unique; skipping the check avoids reading every manifest.
