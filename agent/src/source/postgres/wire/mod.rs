@@ -372,6 +372,10 @@ impl Conn {
             if let Some(m) = parse(&mut self.rbuf)? {
                 return Ok(m);
             }
+            // Large reads: a COPY streams many small messages back to back.
+            if self.rbuf.capacity() - self.rbuf.len() < 16 * 1024 {
+                self.rbuf.reserve(256 * 1024);
+            }
             if self.stream.read_buf(&mut self.rbuf).await? == 0 {
                 return Err(io_err("while a reply was expected"));
             }
