@@ -292,23 +292,14 @@ async fn snapshot_state_survives_expired_snapshots() {
         .unwrap();
     wait_rows(&work, "ns.small", 1100, 60).await;
     assert_eq!(agent.terminate(), Some(0));
-    let code = format!(
-        "import pyarrow as pa, datetime\n\
-         from pyiceberg.catalog.sql import SqlCatalog\n\
-         c = SqlCatalog('philotes', uri='sqlite:///{db}', warehouse='file://{wh}')\n\
-         t = c.load_table('ns.small')\n\
-         schema = t.schema().as_arrow()\n\
-         row = {{'id': [999999], 's': ['other writer'], '_cdc_op': ['I'], '_cdc_lsn': [1], '_cdc_seq': [0],\n\
-                '_cdc_ts': [datetime.datetime.now(datetime.timezone.utc)], '_cdc_unchanged': [[]]}}\n\
-         t.append(pa.Table.from_pydict(row, schema=schema))\n\
+    let (rc, out) = pyiceberg(
+        &work,
+        "append_other('ns.small')\n\
          t = c.load_table('ns.small')\n\
          t.maintenance.expire_snapshots().older_than(datetime.datetime.now(datetime.timezone.utc)).commit()\n\
          t = c.load_table('ns.small')\n\
          print('snapshots', len(t.snapshots()), 'done', t.properties.get('philotes.snapshot'))\n",
-        db = work.catalog_db().display(),
-        wh = work.warehouse().display()
     );
-    let (rc, out) = run_cmd(std::process::Command::new(python()).arg("-c").arg(code));
     assert_eq!(rc, 0, "PyIceberg append + expire: {out}");
     assert!(out.contains("snapshots 1 done done"), "{out}");
     let agent = AgentProc::start(&cfg, &log);

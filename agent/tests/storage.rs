@@ -423,19 +423,7 @@ async fn a_second_writer_between_commits_is_a_resolved_conflict() {
     })
     .await;
     // PyIceberg appends one row to the same table: the agent's view is now stale.
-    let code = format!(
-        "import pyarrow as pa, datetime\n\
-         from pyiceberg.catalog.sql import SqlCatalog\n\
-         c = SqlCatalog('philotes', uri='sqlite:///{db}', warehouse='file://{wh}')\n\
-         t = c.load_table('ns.t')\n\
-         schema = t.schema().as_arrow()\n\
-         row = {{'id': [999999], 's': ['other writer'], '_cdc_op': ['I'], '_cdc_lsn': [1], '_cdc_seq': [0],\n\
-                '_cdc_ts': [datetime.datetime.now(datetime.timezone.utc)], '_cdc_unchanged': [[]]}}\n\
-         t.append(pa.Table.from_pydict(row, schema=schema))\n",
-        db = work.catalog_db().display(),
-        wh = work.warehouse().display()
-    );
-    let (rc, out) = run_cmd(Command::new(python()).arg("-c").arg(code));
+    let (rc, out) = pyiceberg(&work, "append_other('ns.t')\n");
     assert_eq!(rc, 0, "PyIceberg append: {out}");
     db.batch_execute("INSERT INTO t SELECT g, 'agent' FROM generate_series(101, 200) g")
         .await

@@ -306,6 +306,25 @@ pub fn verify(work: &Workdir, table: &str, extra: &[&str]) -> Value {
     serde_json::from_slice(&out.stdout).expect("verify.py JSON")
 }
 
+/// Run Python `body` with `c` (the SQL catalog) and `append_other(table_name)` (appends one row
+/// as another writer would: id 999999) defined; returns (exit code, output).
+pub fn pyiceberg(work: &Workdir, body: &str) -> (i32, String) {
+    let code = format!(
+        "import pyarrow as pa, datetime\n\
+         from pyiceberg.catalog.sql import SqlCatalog\n\
+         c = SqlCatalog('philotes', uri='sqlite:///{db}', warehouse='file://{wh}')\n\
+         def append_other(name):\n\
+         \x20   t = c.load_table(name)\n\
+         \x20   row = {{'id': [999999], 's': ['other writer'], '_cdc_op': ['I'], '_cdc_lsn': [1], '_cdc_seq': [0],\n\
+         \x20          '_cdc_ts': [datetime.datetime.now(datetime.timezone.utc)], '_cdc_unchanged': [[]]}}\n\
+         \x20   t.append(pa.Table.from_pydict(row, schema=t.schema().as_arrow()))\n\
+         {body}",
+        db = work.catalog_db().display(),
+        wh = work.warehouse().display()
+    );
+    run_cmd(Command::new(python()).arg("-c").arg(code))
+}
+
 /// Poll `f` until it returns Some or `timeout` passes.
 pub async fn wait_for<T, F, Fut>(timeout: Duration, what: &str, mut f: F) -> T
 where
