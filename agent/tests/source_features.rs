@@ -585,6 +585,13 @@ async fn in_progress_transactions_stream_with_savepoints_rollbacks_and_crashes()
     )
     .await;
     assert!(spooled > 100_000, "10,000 rows spooled: {spooled} bytes");
+    let gauge = metric_value(
+        &agent.api_addr().unwrap(),
+        "philotes_buffer_spool_bytes",
+        "source=\"p\"",
+    )
+    .await;
+    assert!(gauge > 100_000.0, "philotes_buffer_spool_bytes = {gauge}");
     agent.kill9();
     let agent = AgentProc::start(&cfg, &log);
     agent.wait_streaming().await;

@@ -128,6 +128,7 @@ impl Applier {
             s.spooled_transactions = 0;
             s.spooled_bytes = 0;
         });
+        metrics.spool.record(0);
         Self {
             namespace: cfg.namespace_name(),
             cfg: cfg.clone(),
@@ -372,6 +373,7 @@ impl Applier {
             s.spooled_transactions = n;
             s.spooled_bytes = bytes;
         });
+        self.metrics.spool.record(bytes as i64);
     }
 
     /// Protocol 2: blocks of in-progress transactions, and how each one ended.

@@ -77,6 +77,8 @@ pub struct Metrics {
     ice_bytes: Counter<u64>,
     /// `philotes_buffer_depth{source}`.
     buf_depth: Gauge<i64>,
+    /// `philotes_buffer_spool_bytes{source}`.
+    buf_spool: Gauge<i64>,
     /// `philotes_buffer_batches_total{source,status}`.
     buf_batches: Counter<u64>,
     /// `philotes_buffer_events_processed_total{source}`.
@@ -161,6 +163,13 @@ impl Metrics {
                 .i64_gauge("philotes.buffer.depth")
                 .with_description("Change events buffered and not yet committed")
                 .build(),
+            buf_spool: meter
+                .i64_gauge("philotes.buffer.spool")
+                .with_description(
+                    "Bytes of in-progress transactions streamed by the server, spooled locally",
+                )
+                .with_unit("By")
+                .build(),
             buf_batches: meter
                 .u64_counter("philotes.buffer.batches")
                 .with_description("Flushes by outcome (committed, failed, retried)")
@@ -187,6 +196,7 @@ impl Metrics {
             state: self.cdc_state.bind(std::slice::from_ref(&s)),
             slot_lag: self.cdc_slot_lag.bind(std::slice::from_ref(&s)),
             depth: self.buf_depth.bind(std::slice::from_ref(&s)),
+            spool: self.buf_spool.bind(std::slice::from_ref(&s)),
             batches_committed: self.buf_batches.bind(&with("status", "committed")),
             batches_failed: self.buf_batches.bind(&with("status", "failed")),
             batches_retried: self.buf_batches.bind(&with("status", "retried")),
@@ -208,6 +218,8 @@ pub struct SourceMetrics {
     pub slot_lag: BoundGauge<i64>,
     /// `philotes_buffer_depth`.
     pub depth: BoundGauge<i64>,
+    /// `philotes_buffer_spool_bytes`.
+    pub spool: BoundGauge<i64>,
     /// `philotes_buffer_batches_total{status="committed"}`.
     pub batches_committed: BoundCounter<u64>,
     /// `philotes_buffer_batches_total{status="failed"}`.
