@@ -324,3 +324,58 @@ async fn snapshot_state_survives_expired_snapshots() {
     );
     assert_eq!(agent.terminate(), Some(0));
 }
+
+/// Dead letters are deduplicated per source table: table `b`'s copy commits a dead letter at
+/// its own (later) snapshot point; a bad value written to `a` while `a` was being copied is
+/// streamed afterwards with a lower LSN and must still reach the dead-letter table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_of_one_table_are_not_dropped_below_another_tables_snapshot() {
+    let pg = TestPg::start();
+    let db = pg.create_db("app").await;
+    db.batch_execute(
+        "CREATE TABLE a (id int PRIMARY KEY, t timestamptz);
+         CREATE TABLE b (id int PRIMARY KEY, t timestamptz);
+         INSERT INTO a SELECT g, now() FROM generate_series(1, 200000) g;
+         INSERT INTO b VALUES (1, now()), (2, 'infinity');",
+    )
+    .await
+    .unwrap();
+    let work = Workdir::new();
+    let cfg = work.config(&pg.url("app"), &["a", "b"], "snapshot = \"initial\"", "");
+    let log = work.path().join("agent.log");
+    let agent = AgentProc::start(&cfg, &log);
+    // While `a` is copied (after its snapshot point, before `b`'s).
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.contains("initial snapshot: copying") && l.contains("table=public.a"))
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "copy of a never started"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    db.batch_execute("INSERT INTO a VALUES (300001, 'infinity')")
+        .await
+        .unwrap();
+    wait_rows(&work, "ns._philotes_dlq", 2, 120).await;
+    let dlq = verify(
+        &work,
+        "ns._philotes_dlq",
+        &["--pk", "source_table,_cdc_lsn,_cdc_seq", "--rows"],
+    );
+    let tables: Vec<&str> = dlq["all_rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["source_table"].as_str().unwrap())
+        .collect();
+    assert!(
+        tables.contains(&"public.a") && tables.contains(&"public.b"),
+        "{tables:?}"
+    );
+    wait_rows(&work, "ns.a", 200_000, 60).await;
+    assert_eq!(agent.terminate(), Some(0));
+}

@@ -87,6 +87,9 @@ pub(super) struct Applier {
     in_stream: Option<u32>,
 }
 
+/// Dead-letter table property per source table: the newest `lsn:seq` stored for it.
+const DLQ_FLOOR_PREFIX: &str = "philotes.dlq.";
+
 /// Writers (tables with open data files) kept open at once, besides the one being fed.
 const MAX_OPEN_WRITERS: usize = 4;
 /// Most rows a builder holds before its batch goes to the writer task.
@@ -278,6 +281,11 @@ impl Applier {
             return self.on_stream(m, client).await;
         }
         if let Some(xid) = self.in_stream {
+            if data.first() == Some(&b'O') {
+                // The replication origin of a streamed transaction (after its Stream Start,
+                // without an xid): nothing we store.
+                return Ok(());
+            }
             // A change of an in-progress transaction: keep it until the server says how
             // the transaction ended.
             let (subxid, parts) = pgoutput::split_streamed(&data).map_err(SourceError::from)?;
@@ -805,6 +813,13 @@ impl Applier {
     }
 
     async fn flush_inner(&mut self, lsn: u64) -> Result<(), PipelineError> {
+        // Dead letters first: if the tables' commits then fail, the replay finds them already
+        // stored (and drops them); the other order would lose them, because a replayed
+        // change at or below its table's philotes.lsn is skipped before it is converted.
+        let dead_letters = self.dlq_rows.len();
+        if dead_letters > 0 {
+            self.flush_dlq(lsn).await?;
+        }
         let mut committed_events = 0u64;
         for i in 0..self.tables.len() {
             if !self.tables[i].dirty {
@@ -844,10 +859,6 @@ impl Applier {
                 e.last_commit_at = Some(status::now_rfc3339());
             });
         }
-        let dead_letters = self.dlq_rows.len();
-        if dead_letters > 0 {
-            self.flush_dlq(lsn).await?;
-        }
         self.metrics.events_processed.add(committed_events);
         // One line per flush, inside its span: the trace id in it leads to the trace.
         tracing::info!(
@@ -867,17 +878,12 @@ impl Applier {
     }
 
     async fn flush_dlq(&mut self, lsn: u64) -> Result<(), PipelineError> {
-        self.flush_dlq_rows(lsn, true).await
+        self.flush_dlq_rows(lsn).await
     }
 
-    /// Commit the buffered dead letters at `lsn`; with `replayed_floor`, those at or below
-    /// the dead-letter table's last LSN are dropped as replays (a snapshot's chunks all share
-    /// one LSN and are never re-read once committed, so they keep every row).
-    async fn flush_dlq_rows(
-        &mut self,
-        lsn: u64,
-        replayed_floor: bool,
-    ) -> Result<(), PipelineError> {
+    /// Commit the buffered dead letters at `lsn` (with each source table's newest
+    /// `(lsn, seq)` as the property `philotes.dlq.<table>`), dropping replayed ones.
+    async fn flush_dlq_rows(&mut self, lsn: u64) -> Result<(), PipelineError> {
         if self.dlq_sink.is_none() {
             let sink = TableSink::open_or_create(
                 self.catalog.clone(),
@@ -893,16 +899,44 @@ impl Applier {
         let Some(sink) = self.dlq_sink.as_mut() else {
             return Ok(());
         };
-        // Replayed dead letters already in the table are dropped, like any other row.
-        if replayed_floor {
-            let floor = sink.last_lsn;
-            self.dlq_rows.retain(|r| r.lsn > floor);
-        }
+        // Replayed dead letters already in the table are dropped: per source table, those at
+        // or below the last (lsn, seq) committed for it. (One floor for the whole table would
+        // drop a table's real dead letters below another table's snapshot point.)
+        let floors: HashMap<String, (u64, u64)> = sink
+            .properties_with_prefix(DLQ_FLOOR_PREFIX)
+            .into_iter()
+            .filter_map(|(k, v)| {
+                let (l, s) = v.split_once(':')?;
+                Some((
+                    k[DLQ_FLOOR_PREFIX.len()..].to_string(),
+                    (l.parse().ok()?, s.parse().ok()?),
+                ))
+            })
+            .collect();
+        // Tables from before the per-table floors: the table-wide LSN.
+        let legacy = floors.is_empty().then_some((sink.last_lsn, u64::MAX));
+        self.dlq_rows.retain(|r| {
+            let floor = floors.get(&r.source_table).copied().or(legacy);
+            floor.is_none_or(|f| (r.lsn, r.seq) > f)
+        });
         if !self.dlq_rows.is_empty() {
+            let mut tops: HashMap<&str, (u64, u64)> = HashMap::new();
+            for r in &self.dlq_rows {
+                let e = tops.entry(r.source_table.as_str()).or_default();
+                *e = (*e).max((r.lsn, r.seq));
+            }
+            let props: Vec<(String, String)> = tops
+                .into_iter()
+                .map(|(t, (l, s))| (format!("{DLQ_FLOOR_PREFIX}{t}"), format!("{l}:{s}")))
+                .collect();
+            let props: Vec<(&str, &str)> = props
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
             let batch =
                 dlq::to_batch(sink.arrow_schema(), &self.dlq_rows).map_err(BatchError::from)?;
             sink.write(batch).await?;
-            sink.commit(lsn).await?;
+            sink.commit_with(lsn, &props).await?;
         }
         let n = self.dlq_rows.len() as u64;
         self.dlq_rows.clear();

@@ -34,6 +34,8 @@ pub struct Spool {
     xid: u32,
     /// Each subtransaction's first change: (subxid, offset), in arrival order.
     subxacts: Vec<(u32, u64)>,
+    /// The subtransactions in `subxacts` (a transaction may have very many).
+    seen: std::collections::HashSet<u32>,
     /// Changes spooled.
     changes: u64,
 }
@@ -50,13 +52,17 @@ impl Spool {
             len: 0,
             xid,
             subxacts: Vec::new(),
+            seen: Default::default(),
             changes: 0,
         })
     }
 
     /// Append one message (`parts` concatenated) of (sub)transaction `subxid`.
     pub fn push(&mut self, subxid: u32, parts: &[&[u8]]) -> std::io::Result<()> {
-        if subxid != self.xid && !self.subxacts.iter().any(|(x, _)| *x == subxid) {
+        if subxid != self.xid
+            && self.subxacts.last().is_none_or(|(x, _)| *x != subxid)
+            && self.seen.insert(subxid)
+        {
             self.subxacts.push((subxid, self.len));
         }
         let n: usize = parts.iter().map(|p| p.len()).sum();
@@ -72,12 +78,19 @@ impl Spool {
 
     /// Drop subtransaction `subxid`'s changes and everything spooled after them.
     pub fn abort_subxact(&mut self, subxid: u32) -> std::io::Result<()> {
-        let Some(pos) = self.subxacts.iter().position(|(x, _)| *x == subxid) else {
+        if !self.seen.contains(&subxid) {
+            // It spooled nothing.
+            return Ok(());
+        }
+        // Usually the newest: search from the end.
+        let Some(pos) = self.subxacts.iter().rposition(|(x, _)| *x == subxid) else {
             // It spooled nothing.
             return Ok(());
         };
         let offset = self.subxacts[pos].1;
-        self.subxacts.truncate(pos);
+        for (x, _) in self.subxacts.drain(pos..) {
+            self.seen.remove(&x);
+        }
         self.file.flush()?;
         let f = self.file.get_mut();
         f.set_len(offset)?;

@@ -7,7 +7,10 @@
 //! such a row is unchanged since the first snapshot, so every copied row is as of that first
 //! point, and everything that changed after it comes from the stream (applied above the
 //! first point's LSN). A row an update moved into a range not yet copied is therefore not
-//! copied twice.
+//! copied twice. `xmin` is a 32-bit id without its epoch, so the filter is only exact while
+//! the cluster has used fewer than 2^32 transaction ids; past that, or when the table was
+//! rewritten meanwhile (new relfilenode), the resumed copy keeps every row: nothing can be
+//! lost, but a key may then appear twice as `R` (the later copy wins when folding).
 
 use std::time::{Duration, Instant};
 
@@ -75,29 +78,33 @@ pub(super) struct Progress {
     lsn: u64,
     /// Next `_cdc_seq`.
     seq: u64,
-    /// The first snapshot's xmax (32-bit).
-    xmax: u32,
+    /// The first snapshot's xmax (64-bit, with its epoch).
+    xmax: u64,
     /// Transactions in progress in the first snapshot (32-bit).
-    xip: Vec<u32>,
+    xip: Vec<u64>,
+    /// The table's relfilenode when the copy started (a rewrite changes every ctid).
+    filenode: String,
     /// What is left to copy.
     ranges: Vec<TidRange>,
 }
 
 impl Progress {
-    /// Row versions the first snapshot could see (for a resumed copy).
-    fn visible_then(&self) -> String {
-        let mut c = format!(
-            "pg_catalog.age(xmin) > pg_catalog.age('{}'::pg_catalog.xid)",
-            self.xmax
-        );
+    /// Row versions the first snapshot could see, for a copy resumed in a snapshot whose
+    /// xmax is `now_xmax`; None when `xmin` cannot be compared exactly (the cluster is past
+    /// its first 2^32 transaction ids, so a raw `xmin` may belong to an earlier epoch).
+    fn visible_then(&self, now_xmax: u64) -> Option<String> {
+        if now_xmax >= 1 << 32 {
+            return None;
+        }
+        let mut c = format!("xmin::text::bigint < {}", self.xmax);
         if !self.xip.is_empty() {
-            let list: Vec<String> = self.xip.iter().map(u32::to_string).collect();
+            let list: Vec<String> = self.xip.iter().map(u64::to_string).collect();
             c.push_str(&format!(
-                " AND NOT (xmin = ANY ('{{{}}}'::pg_catalog.xid[]))",
+                " AND xmin::text::bigint NOT IN ({})",
                 list.join(",")
             ));
         }
-        c
+        Some(c)
     }
 }
 
@@ -154,9 +161,13 @@ impl Applier {
             .unwrap_or(0);
         // The exporting session must stay open and idle until the copy is done.
         let mut exporter = Session::connect(url, &slot, &publication, None).await?;
+        // Unique per pipeline slot and process, within the 63-character limit.
+        let hash = slot.bytes().fold(0x811c_9dc5u32, |h, b| {
+            (h ^ b as u32).wrapping_mul(0x0100_0193)
+        });
         let temp = format!(
-            "{}_snap_{}",
-            &slot[..slot.len().min(40)],
+            "{}_{hash:08x}_snap_{}",
+            slot.chars().take(30).collect::<String>(),
             std::process::id()
         );
         let (point, snapshot) = exporter.export_snapshot(&temp).await?;
@@ -185,37 +196,37 @@ impl Applier {
             })
             .collect::<Vec<_>>()
             .join(", ");
+        let filenode = reader
+            .scalar(&format!(
+                "SELECT pg_catalog.pg_relation_filenode({rel_oid})::text"
+            ))
+            .await?
+            .unwrap_or_default();
+        let (now_xmax, now_xip) = snapshot_xids(&mut reader, &snapshot).await?;
         let (mut progress, visibility) = match resumed {
-            Some(p) => {
+            Some(mut p) => {
                 tracing::info!(table = %source_name, rows_done = p.seq, "initial snapshot: resuming after the last committed chunk");
-                let v = p.visible_then();
-                (p, Some(v))
+                if p.filenode != filenode {
+                    // VACUUM FULL, CLUSTER or a rewriting ALTER moved every row: the recorded
+                    // positions mean nothing now.
+                    tracing::warn!(table = %source_name, "table was rewritten since its copy started: copying all of it again (rows copied before may appear twice as R)");
+                    p.ranges = self.plan_ranges(&mut reader, &rel_oid).await?;
+                    p.filenode = filenode;
+                }
+                let v = p.visible_then(now_xmax);
+                if v.is_none() {
+                    tracing::warn!(table = %source_name, "past 2^32 transaction ids a row's xmin cannot tell whether it changed since the copy started: the resumed copy keeps every row (a key may appear twice as R)");
+                }
+                (p, v)
             }
             None => {
-                // Several sessions read disjoint block ranges of the same snapshot (a TID
-                // range scan each, PostgreSQL 14+): the server's per-row output work, the
-                // largest part of a copy, then runs on more than one core. Every row version
-                // has exactly one ctid, so the ranges cover each visible row once.
-                let readers = match reader.server_version().await? {
-                    v if v >= 140_000 => self.cfg.snapshot_readers.max(1) as u64,
-                    _ => 1,
-                };
-                let blocks: u64 = reader
-                    .scalar(&format!(
-                        "SELECT (pg_catalog.pg_relation_size({rel_oid}) / \
-                         pg_catalog.current_setting('block_size')::bigint)::text"
-                    ))
-                    .await?
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(0);
-                let readers = if blocks < 64 { 1 } else { readers };
-                let (xmax, xip) = snapshot_xids(&mut reader, &snapshot).await?;
                 let p = Progress {
                     lsn: point.saturating_sub(1),
                     seq: 0,
-                    xmax,
-                    xip,
-                    ranges: split_blocks(readers, blocks),
+                    xmax: now_xmax,
+                    xip: now_xip,
+                    filenode,
+                    ranges: self.plan_ranges(&mut reader, &rel_oid).await?,
                 };
                 (p, None)
             }
@@ -298,6 +309,20 @@ impl Applier {
                     self.spill(idx).await?;
                 }
             }
+            // Progress is "everything up to this ctid": it only holds if rows came in order.
+            let first = rows
+                .first()
+                .and_then(|row| parse_tid(row.get(ncols)?.as_ref()));
+            if first
+                .zip(progress.ranges[r].after)
+                .is_some_and(|(f, a)| f <= a)
+                || first > Some(tid)
+            {
+                return Err(SourceError::Query(format!(
+                    "{source_name}: snapshot rows did not arrive in ctid order; the copy will be retried"
+                ))
+                .into());
+            }
             progress.ranges[r].after = Some(tid);
             if since_commit >= self.cfg.snapshot_chunk_rows {
                 since_commit = 0;
@@ -352,9 +377,34 @@ impl Applier {
         Ok(())
     }
 
+    /// Block ranges for a copy from the start. Several sessions read disjoint block ranges of
+    /// the same snapshot (a TID range scan each, PostgreSQL 14+): the server's per-row output
+    /// work, the largest part of a copy, then runs on more than one core. Every row version
+    /// has exactly one ctid, so the ranges cover each visible row once.
+    async fn plan_ranges(
+        &self,
+        reader: &mut Session,
+        rel_oid: &str,
+    ) -> Result<Vec<TidRange>, PipelineError> {
+        let readers = match reader.server_version().await? {
+            v if v >= 140_000 => self.cfg.snapshot_readers.max(1) as u64,
+            _ => 1,
+        };
+        let blocks: u64 = reader
+            .scalar(&format!(
+                "SELECT (pg_catalog.pg_relation_size({rel_oid}) / \
+                 pg_catalog.current_setting('block_size')::bigint)::text"
+            ))
+            .await?
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let readers = if blocks < 64 { 1 } else { readers };
+        Ok(split_blocks(readers, blocks))
+    }
+
     /// Commit what the copy of table `idx` wrote so far, with `props` in the summary. Its
-    /// dead letters are committed first: a crash between the two re-reads those rows (their
-    /// dead letters twice) rather than losing a dead letter.
+    /// dead letters are committed first: a crash between the two re-reads those rows, and
+    /// their dead letters are then recognised by `(lsn, seq)` and dropped.
     async fn commit_snapshot_chunk(
         &mut self,
         idx: usize,
@@ -363,7 +413,7 @@ impl Applier {
     ) -> Result<(), PipelineError> {
         let rows = self.tables[idx].sink.pending_rows() + self.tables[idx].batch.rows() as u64;
         if !self.dlq_rows.is_empty() {
-            self.flush_dlq_rows(lsn, false).await?;
+            self.flush_dlq_rows(lsn).await?;
         }
         self.close_files(idx).await?;
         let t = &mut self.tables[idx];
@@ -386,6 +436,9 @@ impl Applier {
 
 /// Open a read-only transaction on `session` that sees exactly the exported `snapshot`.
 async fn import_snapshot(session: &mut Session, snapshot: &str) -> Result<(), PipelineError> {
+    // A synchronized scan may start mid-table and wrap around; the recorded progress assumes
+    // ctid order.
+    session.query("SET synchronize_seqscans = off").await?;
     session
         .query("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
         .await?;
@@ -398,17 +451,17 @@ async fn import_snapshot(session: &mut Session, snapshot: &str) -> Result<(), Pi
     Ok(())
 }
 
-/// The exported snapshot's xmax and in-progress transaction ids (low 32 bits, as `xmin`
-/// holds them), read by importing it.
+/// The exported snapshot's xmax and in-progress transaction ids (64-bit, with their epoch),
+/// read by importing it.
 async fn snapshot_xids(
     session: &mut Session,
     snapshot: &str,
-) -> Result<(u32, Vec<u32>), PipelineError> {
+) -> Result<(u64, Vec<u64>), PipelineError> {
     import_snapshot(session, snapshot).await?;
     let rows = session
         .query(
-            "SELECT (pg_catalog.txid_snapshot_xmax(s) % 4294967296)::text, \
-             coalesce((SELECT pg_catalog.string_agg((x % 4294967296)::text, ',') \
+            "SELECT pg_catalog.txid_snapshot_xmax(s)::text, \
+             coalesce((SELECT pg_catalog.string_agg(x::text, ',') \
                        FROM pg_catalog.txid_snapshot_xip(s) x), '') \
              FROM pg_catalog.txid_current_snapshot() s",
         )
@@ -499,15 +552,17 @@ mod tests {
             seq: 10,
             xmax: 900,
             xip: vec![880, 895],
+            filenode: "16384".into(),
             ranges: split_blocks(2, 10),
         };
         let back: Progress = serde_json::from_str(&serde_json::to_string(&p).unwrap()).unwrap();
         assert_eq!(back.ranges, p.ranges);
         assert_eq!(
-            back.visible_then(),
-            "pg_catalog.age(xmin) > pg_catalog.age('900'::pg_catalog.xid) \
-             AND NOT (xmin = ANY ('{880,895}'::pg_catalog.xid[]))"
+            back.visible_then(1000).as_deref(),
+            Some("xmin::text::bigint < 900 AND xmin::text::bigint NOT IN (880,895)")
         );
+        // Past the first epoch a raw xmin may alias a recent id: no filter, nothing lost.
+        assert_eq!(back.visible_then((1 << 32) + 5), None);
         assert_eq!(
             parse_tid(Some(&bytes::Bytes::from_static(&[0, 0, 1, 0, 0, 3]))),
             Some((256, 3))

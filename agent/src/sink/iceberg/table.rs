@@ -329,6 +329,17 @@ impl TableSink {
         })
     }
 
+    /// Table properties whose key starts with `prefix`.
+    pub fn properties_with_prefix(&self, prefix: &str) -> Vec<(String, String)> {
+        self.table
+            .metadata()
+            .properties()
+            .iter()
+            .filter(|(k, _)| k.starts_with(prefix))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
     /// The progress of an unfinished initial snapshot (its last chunk commit), if any.
     pub fn snapshot_progress(&self) -> Option<String> {
         let md = self.table.metadata();

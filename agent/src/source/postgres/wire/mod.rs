@@ -111,6 +111,18 @@ pub struct Conn {
     wbuf: BytesMut,
 }
 
+/// With `channel_binding=require` a password is only sent through SCRAM-SHA-256-PLUS: a
+/// server (or a man in the middle) asking for it in clear text or as MD5 is refused before
+/// anything is sent.
+fn refuse_unbound(mode: ChannelBindingMode) -> Result<(), WireError> {
+    if mode == ChannelBindingMode::Require {
+        return Err(WireError::Startup(
+            "channel_binding=require, but the server asks for a password without SCRAM".into(),
+        ));
+    }
+    Ok(())
+}
+
 /// "message (SQLSTATE code)" from an ErrorResponse, with its detail when there is one.
 pub fn error_text(body: &ErrorResponseBody) -> String {
     let (mut msg, mut code, mut detail) = (String::new(), String::new(), String::new());
@@ -235,6 +247,8 @@ impl Conn {
             }
         };
         let mut scram: Option<ScramSha256> = None;
+        // The server's SCRAM signature was checked; SCRAM ran with channel binding.
+        let (mut scram_verified, mut bound) = (false, false);
         // The server certificate's hash, for SCRAM channel binding over TLS.
         let (tls, end_point) = match &self.stream {
             PgStream::Tls(s) => (
@@ -256,19 +270,29 @@ impl Conn {
         loop {
             match self.read().await? {
                 Backend::Msg(Message::AuthenticationOk) => {
-                    if cb_mode == ChannelBindingMode::Require && scram.is_none() {
-                        // libpq's rule: without SCRAM there was no binding to check.
+                    // A server that started SCRAM must prove it knows the password (the
+                    // final message) before it may let us in.
+                    if scram.is_some() && !scram_verified {
                         return Err(WireError::Startup(
-                            "channel_binding=require, but the server did not authenticate with SCRAM".into(),
+                            "the server ended SCRAM authentication without proving its identity"
+                                .into(),
+                        ));
+                    }
+                    if cb_mode == ChannelBindingMode::Require && !bound {
+                        // libpq's rule: without SCRAM-PLUS there was no binding to check.
+                        return Err(WireError::Startup(
+                            "channel_binding=require, but the server did not authenticate with SCRAM-SHA-256-PLUS".into(),
                         ));
                     }
                     return Ok(());
                 }
                 Backend::Msg(Message::AuthenticationCleartextPassword) => {
+                    refuse_unbound(cb_mode)?;
                     need_password(url)?;
                     frontend::password_message(url.password.as_bytes(), &mut self.wbuf)?;
                 }
                 Backend::Msg(Message::AuthenticationMd5Password(body)) => {
+                    refuse_unbound(cb_mode)?;
                     need_password(url)?;
                     let hash = postgres_protocol::authentication::md5_hash(
                         url.user.as_bytes(),
@@ -314,6 +338,7 @@ impl Conn {
                             ))
                         }
                     };
+                    bound = mechanism == "SCRAM-SHA-256-PLUS";
                     let s = ScramSha256::new(url.password.as_bytes(), binding);
                     frontend::sasl_initial_response(mechanism, s.message(), &mut self.wbuf)?;
                     scram = Some(s);
@@ -332,6 +357,7 @@ impl Conn {
                         .ok_or_else(|| WireError::Protocol("SASL final before start".into()))?;
                     s.finish(body.data())
                         .map_err(|e| WireError::Startup(format!("SCRAM authentication: {e}")))?;
+                    scram_verified = true;
                     continue;
                 }
                 Backend::Msg(Message::ErrorResponse(e)) => {

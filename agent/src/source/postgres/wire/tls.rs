@@ -19,14 +19,18 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// libpq's default CA file, `~/.postgresql/root.crt`, if it exists.
+fn default_root() -> Option<std::path::PathBuf> {
+    std::env::var_os("HOME")
+        .map(|h| Path::new(&h).join(".postgresql/root.crt"))
+        .filter(|p| p.exists())
+}
+
 /// Trust anchors: `sslrootcert`, else `~/.postgresql/root.crt` (libpq's default), else the
 /// system store.
 fn roots(rootcert: Option<&Path>) -> Result<RootCertStore, WireError> {
     let mut store = RootCertStore::empty();
-    let default = std::env::var_os("HOME")
-        .map(|h| Path::new(&h).join(".postgresql/root.crt"))
-        .filter(|p| p.exists());
-    let file = rootcert.map(Path::to_path_buf).or(default);
+    let file = rootcert.map(Path::to_path_buf).or_else(default_root);
     match file {
         Some(path) => {
             let certs = CertificateDer::pem_file_iter(&path)
@@ -62,7 +66,16 @@ pub fn client_config(
     let provider = provider();
     let verifier: Arc<dyn ServerCertVerifier> = match mode {
         SslMode::Disable => return Ok(None),
-        // libpq's prefer/require encrypt without checking who answers.
+        // libpq's prefer encrypts without checking who answers; so does require, unless a
+        // CA file is given (or ~/.postgresql/root.crt exists): then it checks like verify-ca.
+        SslMode::Require if rootcert.is_some() || default_root().is_some() => Arc::new(ChainOnly(
+            WebPkiServerVerifier::builder_with_provider(
+                Arc::new(roots(rootcert)?),
+                provider.clone(),
+            )
+            .build()
+            .map_err(|e| WireError::Tls(e.to_string()))?,
+        )),
         SslMode::Prefer | SslMode::Require => Arc::new(AnyServer(provider.clone())),
         SslMode::VerifyCa | SslMode::VerifyFull => {
             let inner = WebPkiServerVerifier::builder_with_provider(
