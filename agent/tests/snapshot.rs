@@ -144,17 +144,10 @@ async fn sigkill_during_the_snapshot_resumes_it_without_duplicates() {
     let agent = AgentProc::start(&cfg, &log);
     let writer = churn(pg.client("app").await);
     // Kill as soon as the first chunk is committed.
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while !std::fs::read_to_string(&log)
-        .unwrap_or_default()
-        .contains("initial snapshot: chunk committed")
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "snapshot never committed a chunk"
-        );
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
+    wait_log_line(&log, "a chunk commit", |l| {
+        l.contains("initial snapshot: chunk committed")
+    })
+    .await;
     agent.kill9();
     let before_kill = std::fs::read_to_string(&log).unwrap_or_default();
     assert!(
@@ -345,18 +338,10 @@ async fn dead_letters_of_one_table_are_not_dropped_below_another_tables_snapshot
     let log = work.path().join("agent.log");
     let agent = AgentProc::start(&cfg, &log);
     // While `a` is copied (after its snapshot point, before `b`'s).
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while !std::fs::read_to_string(&log)
-        .unwrap_or_default()
-        .lines()
-        .any(|l| l.contains("initial snapshot: copying") && l.contains("table=public.a"))
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "copy of a never started"
-        );
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
+    wait_log_line(&log, "the copy of a", |l| {
+        l.contains("initial snapshot: copying") && l.contains("table=public.a")
+    })
+    .await;
     db.batch_execute("INSERT INTO a VALUES (300001, 'infinity')")
         .await
         .unwrap();

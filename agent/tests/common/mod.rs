@@ -325,6 +325,23 @@ pub fn pyiceberg(work: &Workdir, body: &str) -> (i32, String) {
     run_cmd(Command::new(python()).arg("-c").arg(code))
 }
 
+/// Wait (polling every 2 ms, for up to 60 s) until a line of the log file `log` satisfies
+/// `pred`: for acting at a precise moment of the agent's work.
+pub async fn wait_log_line(log: &Path, what: &str, pred: impl Fn(&str) -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .any(&pred)
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what} never happened"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
 /// Poll `f` until it returns Some or `timeout` passes.
 pub async fn wait_for<T, F, Fut>(timeout: Duration, what: &str, mut f: F) -> T
 where
