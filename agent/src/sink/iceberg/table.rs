@@ -384,12 +384,6 @@ impl TableSink {
         for (k, v) in extra {
             state = state.set(k.to_string(), v.to_string());
         }
-        if extra
-            .iter()
-            .any(|(k, v)| *k == SNAPSHOT_PROPERTY && *v == "done")
-        {
-            state = state.remove(SNAPSHOT_PROGRESS_PROPERTY.to_string());
-        }
         let tx = state
             .apply(tx)
             .map_err(|e| SinkError::Commit(e.to_string()))?;

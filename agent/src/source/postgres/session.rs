@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use super::conn::SourceUrl;
 use super::wire::replication::{ReplicationStream, StatusTiming};
-use super::wire::{Conn, Row, WireError};
+use super::wire::{Conn, WireError};
 
 /// Why a source cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -343,14 +343,6 @@ impl Session {
             .await?
             .and_then(|v| v.parse().ok())
             .unwrap_or(0))
-    }
-
-    /// Raw rows of a simple query, for bulk reads.
-    pub async fn raw_query(&mut self, sql: &str) -> Result<Vec<Row>, SourceError> {
-        self.conn
-            .simple_query(sql)
-            .await
-            .map_err(|e| wire_error(&self.url, e))
     }
 
     /// Start `COPY ... TO STDOUT`; then call [`Session::copy_out_next`] until None.

@@ -446,17 +446,41 @@ impl Conn {
 
     /// Start `COPY ... TO STDOUT`; read the data with [`Conn::copy_out_next`].
     pub async fn copy_out_start(&mut self, sql: &str) -> Result<(), WireError> {
+        self.start_copy(
+            sql,
+            |m| matches!(m, Backend::Msg(Message::CopyOutResponse(_))),
+            "the statement is not a COPY TO STDOUT",
+        )
+        .await
+    }
+
+    /// Send `sql` (START_REPLICATION) and wait for CopyBothResponse.
+    pub async fn start_copy_both(&mut self, sql: &str) -> Result<(), WireError> {
+        self.start_copy(
+            sql,
+            |m| matches!(m, Backend::CopyBothResponse),
+            "the server did not start streaming",
+        )
+        .await
+    }
+
+    /// Send `sql` and wait until the server enters the copy mode `started` recognises; an
+    /// error (or a plain result, `not_copy`) ends the query first.
+    async fn start_copy(
+        &mut self,
+        sql: &str,
+        started: impl Fn(&Backend) -> bool,
+        not_copy: &str,
+    ) -> Result<(), WireError> {
         frontend::query(sql, &mut self.wbuf)?;
         self.send().await?;
         let mut error = None;
         loop {
             match self.read().await? {
-                Backend::Msg(Message::CopyOutResponse(_)) => return Ok(()),
+                m if started(&m) => return Ok(()),
                 Backend::Msg(Message::ErrorResponse(e)) => error = Some(error_text(&e)),
                 Backend::Msg(Message::ReadyForQuery(_)) => {
-                    return Err(WireError::Server(
-                        error.unwrap_or_else(|| "the statement is not a COPY TO STDOUT".into()),
-                    ))
+                    return Err(WireError::Server(error.unwrap_or_else(|| not_copy.into())))
                 }
                 _ => {}
             }
@@ -477,25 +501,6 @@ impl Conn {
                         Some(e) => Err(WireError::Server(e)),
                         None => Ok(None),
                     }
-                }
-                _ => {}
-            }
-        }
-    }
-
-    /// Send `sql` (START_REPLICATION) and wait for CopyBothResponse.
-    pub async fn start_copy_both(&mut self, sql: &str) -> Result<(), WireError> {
-        frontend::query(sql, &mut self.wbuf)?;
-        self.send().await?;
-        let mut error = None;
-        loop {
-            match self.read().await? {
-                Backend::CopyBothResponse => return Ok(()),
-                Backend::Msg(Message::ErrorResponse(e)) => error = Some(error_text(&e)),
-                Backend::Msg(Message::ReadyForQuery(_)) => {
-                    return Err(WireError::Server(
-                        error.unwrap_or_else(|| "the server did not start streaming".into()),
-                    ))
                 }
                 _ => {}
             }

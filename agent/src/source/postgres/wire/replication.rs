@@ -21,10 +21,8 @@ const PG_EPOCH_UNIX_MICROS: i64 = 946_684_800_000_000;
 /// What the server sent on the replication stream.
 #[derive(Debug, Clone)]
 pub enum ReplEvent {
-    /// A pgoutput message and the WAL position it starts at.
+    /// A pgoutput message.
     XLogData {
-        /// WAL start of the message (0 for messages inside a transaction on some servers).
-        wal_start: u64,
         /// The pgoutput message.
         data: Bytes,
     },
@@ -126,7 +124,6 @@ fn event(payload: Bytes) -> Result<Option<(ReplEvent, bool)>, WireError> {
     match payload.first() {
         Some(b'w') if payload.len() >= 25 => Ok(Some((
             ReplEvent::XLogData {
-                wal_start: u64_at(&payload, 1).unwrap_or(0),
                 data: payload.slice(25..),
             },
             false,
