@@ -6,5 +6,9 @@ set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 cd "$ROOT"
 ensure_postgres
-cargo build --quiet --bin philotes
+if [ ! -x "$CARGO_TARGET_DIR/debug/philotes" ]; then
+  echo "▶ building philotes into $CARGO_TARGET_DIR (the first build takes a few minutes on a small machine; later ones are quick)"
+fi
+# Cargo shows its progress (crate count and the one being compiled) on a terminal.
+cargo build --locked --bin philotes
 exec "$CARGO_TARGET_DIR/debug/philotes" demo "$@"

@@ -244,7 +244,7 @@ fn run_agent(env: &Env<'_>, slot: &str, table: &str, end: u64, telemetry: bool) 
     };
     let cfg = format!(
         "{tele}[api]\nlisten = \"127.0.0.1:{}\"\n[iceberg]\nuri = \"sqlite://{}/catalog.db\"\nwarehouse = \"{}/warehouse\"\n\
-         [[pipelines]]\nname = \"bench\"\nsource = \"{}\"\nslot = \"{slot}\"\npublication = \"bench\"\ntables = [\"{table}\"]\nflush_interval = \"1s\"\n",
+         [[pipelines]]\nname = \"bench\"\nsource = \"{}\"\nslot = \"{slot}\"\npublication = \"bench\"\ntables = [\"{table}\"]\nflush_interval = \"1s\"\nsnapshot = \"never\"\n",
         free_port().unwrap(),
         wh.display(),
         wh.display(),
@@ -306,7 +306,7 @@ fn freshness(env: &Env<'_>, seconds: u64) -> Vec<f64> {
     std::fs::create_dir_all(&wh).unwrap();
     let cfg = format!(
         "[api]\nlisten = \"127.0.0.1:{port}\"\n[telemetry]\nlog_level = \"warn\"\n[iceberg]\nuri = \"sqlite://{w}/catalog.db\"\nwarehouse = \"{w}/warehouse\"\n\
-         [[pipelines]]\nname = \"bench\"\nsource = \"{}\"\nslot = \"fresh\"\npublication = \"bench\"\ntables = [\"fresh\"]\nflush_interval = \"1s\"\n",
+         [[pipelines]]\nname = \"bench\"\nsource = \"{}\"\nslot = \"fresh\"\npublication = \"bench\"\ntables = [\"fresh\"]\nflush_interval = \"1s\"\nsnapshot = \"never\"\n",
         pg.url("bench", None),
         w = wh.display(),
     );

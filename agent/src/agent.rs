@@ -8,6 +8,7 @@ use crate::api::{self, ApiState};
 use crate::config::Config;
 use crate::pipeline::{Pipeline, PipelineHandle};
 use crate::sink::iceberg::catalog::secrets;
+use crate::sink::iceberg::commit::Committer;
 use crate::sink::iceberg::open_catalog;
 use crate::telemetry::Telemetry;
 
@@ -47,16 +48,34 @@ impl Agent {
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let mut handles = Vec::new();
         let mut tasks = Vec::new();
+        // Metadata hygiene on every commit, also when maintenance is left to other engines.
+        let table_properties: Arc<[(String, String)]> =
+            crate::sink::iceberg::hygiene::properties(cfg.maintenance.metadata_versions).into();
         for p in &cfg.pipelines {
             let (pipeline, handle) = Pipeline::new(
                 p.clone(),
                 catalog.clone(),
                 secret_list.clone(),
+                table_properties.clone(),
                 &telemetry.metrics,
             )?;
             handles.push(handle);
             let rx = shutdown_rx.clone();
             tasks.push(tokio::spawn(pipeline.run(rx)));
+        }
+        if cfg.maintenance.enabled {
+            crate::sink::iceberg::maintenance::set_store_config(&cfg.iceberg);
+            let committer = Committer::open(&cfg.iceberg, catalog.clone())
+                .await
+                .map_err(|e| {
+                    AgentError::Sink(crate::sink::iceberg::SinkError::Catalog(e.to_string()))
+                })?;
+            tasks.push(tokio::spawn(crate::maintenance::run_loop(
+                cfg.clone(),
+                committer,
+                telemetry.metrics.clone(),
+                shutdown_rx.clone(),
+            )));
         }
         let mut api_addr = None;
         if cfg.api.enabled {

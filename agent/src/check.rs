@@ -5,6 +5,99 @@ use crate::sink::iceberg::{catalog, open_catalog};
 use crate::source::postgres::conn::SourceUrl;
 use crate::source::postgres::session::{Session, SourceError};
 
+/// What `philotes check` found.
+#[derive(Debug, Default)]
+pub struct CheckReport {
+    /// Problems that make `run` fail: one line each, exit status 2.
+    pub problems: Vec<String>,
+    /// Things that work against the user but do not stop `run` (an unreachable OTLP endpoint).
+    pub warnings: Vec<String>,
+}
+
+/// Check everything `cfg` needs. A failed check leaves nothing behind: local files and
+/// directories it created while opening the catalog are removed again.
+pub async fn check(cfg: &Config) -> CheckReport {
+    let created = CreatedPaths::before(&catalog::local_paths(&cfg.iceberg));
+    let problems = run_checks(cfg).await;
+    if !problems.is_empty() {
+        created.remove();
+    }
+    CheckReport {
+        problems,
+        warnings: check_otlp(cfg).await.into_iter().collect(),
+    }
+}
+
+/// The topmost missing ancestor of each path that might be created, recorded before the check.
+struct CreatedPaths(Vec<std::path::PathBuf>);
+
+impl CreatedPaths {
+    fn before(paths: &[std::path::PathBuf]) -> Self {
+        let mut roots: Vec<std::path::PathBuf> = Vec::new();
+        for p in paths {
+            let mut top = None;
+            let mut cur = Some(p.as_path());
+            while let Some(c) = cur {
+                if c.exists() {
+                    break;
+                }
+                top = Some(c.to_path_buf());
+                cur = c.parent();
+            }
+            if let Some(t) = top {
+                if !roots.iter().any(|r| t.starts_with(r)) {
+                    roots.retain(|r| !r.starts_with(&t));
+                    roots.push(t);
+                }
+            }
+        }
+        Self(roots)
+    }
+
+    /// Remove what did not exist before; nothing that existed is touched.
+    fn remove(&self) {
+        for p in &self.0 {
+            let result = if p.is_dir() {
+                std::fs::remove_dir_all(p)
+            } else {
+                std::fs::remove_file(p)
+            };
+            if let Err(e) = result {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    tracing::warn!(path = %p.display(), "check could not remove what it created: {e}");
+                }
+            }
+        }
+    }
+}
+
+/// A warning when the OTLP endpoint (config or `OTEL_EXPORTER_OTLP_ENDPOINT`) does not accept
+/// a TCP connection: `run` would start and lose every metric and span it pushes.
+async fn check_otlp(cfg: &Config) -> Option<String> {
+    let (endpoint, _) = crate::telemetry::otlp_target(&cfg.telemetry)?;
+    let url = match url::Url::parse(&endpoint) {
+        Ok(u) => u,
+        Err(e) => {
+            return Some(format!(
+                "telemetry.otlp_endpoint {endpoint:?} is not a URL: {e}"
+            ))
+        }
+    };
+    let host = url.host_str().unwrap_or_default().to_string();
+    let port = url.port_or_known_default().unwrap_or(4318);
+    let shown = crate::config::redact_url(&endpoint);
+    let connect = tokio::net::TcpStream::connect((host.as_str(), port));
+    match tokio::time::timeout(std::time::Duration::from_secs(3), connect).await {
+        Ok(Ok(_)) => None,
+        Ok(Err(e)) => Some(format!(
+            "telemetry.otlp_endpoint {shown} is not reachable ({e}); metrics and traces would not be pushed"
+        )),
+        Err(_) => Some(format!(
+            "telemetry.otlp_endpoint {shown} did not answer within 3s; metrics and traces would not be pushed"
+        )),
+    }
+}
+
 /// Check everything `cfg` needs; returns one line per problem (empty = all good).
 pub async fn run_checks(cfg: &Config) -> Vec<String> {
     let mut problems = Vec::new();

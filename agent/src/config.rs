@@ -44,6 +44,9 @@ pub struct Config {
     /// Catalog and warehouse.
     #[serde(default)]
     pub iceberg: IcebergConfig,
+    /// Table upkeep: metadata cleanup, snapshot expiry, compaction, orphan removal.
+    #[serde(default)]
+    pub maintenance: MaintenanceConfig,
     /// One entry per replicated database.
     #[serde(default)]
     pub pipelines: Vec<PipelineConfig>,
@@ -155,6 +158,48 @@ impl Default for IcebergConfig {
     }
 }
 
+/// `[maintenance]`: what keeps the tables the agent writes healthy for months.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MaintenanceConfig {
+    /// Run maintenance inside the agent (`false`: leave it to Spark, Trino or `philotes maintain`).
+    pub enabled: bool,
+    /// How often each table's debt is examined.
+    #[serde(with = "duration_str")]
+    pub interval: Duration,
+    /// Snapshots older than this are expired (the newest `retain_last` are always kept).
+    #[serde(with = "duration_str")]
+    pub snapshot_retention: Duration,
+    /// Snapshots always kept, however old.
+    pub retain_last: u32,
+    /// Previous metadata files kept (`write.metadata.previous-versions-max`); older ones are
+    /// deleted after each commit.
+    pub metadata_versions: u32,
+    /// Size compaction aims for when it rewrites small data files.
+    #[serde(with = "size_str")]
+    pub target_file_size: u64,
+    /// Compaction starts once a partition has this many small files.
+    pub min_input_files: u32,
+    /// Files under a table's location that no snapshot references are deleted once this old.
+    #[serde(with = "duration_str")]
+    pub orphan_age: Duration,
+}
+
+impl Default for MaintenanceConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            interval: Duration::from_secs(60),
+            snapshot_retention: Duration::from_secs(3600),
+            retain_last: 10,
+            metadata_versions: 10,
+            target_file_size: 128 << 20,
+            min_input_files: 8,
+            orphan_age: Duration::from_secs(86_400),
+        }
+    }
+}
+
 /// `[iceberg.s3]`.
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -246,8 +291,9 @@ pub struct PipelineConfig {
     pub max_slot_lag_bytes: Option<u64>,
 }
 
+/// Most users want the rows that already exist too (Debezium's default is `initial` as well).
 fn default_snapshot() -> SnapshotMode {
-    SnapshotMode::Never
+    SnapshotMode::Initial
 }
 fn default_true() -> bool {
     true
@@ -306,6 +352,7 @@ pub fn split_table(t: &str) -> (String, String) {
 /// Sections whose keys `PHILOTES_<SECTION>_<KEY>` may override (longest first).
 const OVERRIDE_SECTIONS: &[(&str, &[&str])] = &[
     ("ICEBERG_S3_", &["iceberg", "s3"]),
+    ("MAINTENANCE_", &["maintenance"]),
     ("TELEMETRY_", &["telemetry"]),
     ("ICEBERG_", &["iceberg"]),
     ("API_", &["api"]),
@@ -318,6 +365,14 @@ const BOOL_KEYS: &[&str] = &[
     "telemetry.traces",
     "iceberg.s3.path_style",
     "api.enabled",
+    "maintenance.enabled",
+];
+
+/// Keys whose override value is a whole number.
+const INT_KEYS: &[&str] = &[
+    "maintenance.retain_last",
+    "maintenance.metadata_versions",
+    "maintenance.min_input_files",
 ];
 
 impl Config {
@@ -346,11 +401,16 @@ impl Config {
         let lookup = |name: &str| env.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
         interpolate(&mut value, "", &lookup)?;
         apply_overrides(&mut value, env)?;
-        let cfg: Config = serde_path_to_error::deserialize(value).map_err(|e| {
+        let mut cfg: Config = serde_path_to_error::deserialize(value).map_err(|e| {
             let path = e.path().to_string();
-            let inner = e.into_inner().to_string().replace('\n', " ");
-            ConfigError::new(if path == "." { "config".into() } else { path }, inner)
+            let inner = e.into_inner().to_string();
+            let (key, msg) = deserialize_error(if path == "." { "config" } else { &path }, &inner);
+            ConfigError::new(key, msg)
         })?;
+        // An empty token (e.g. `${PHILOTES_API_TOKEN:-}` with the variable unset) means no auth.
+        if cfg.api.token.as_deref().is_some_and(str::is_empty) {
+            cfg.api.token = None;
+        }
         cfg.validate()?;
         Ok(cfg)
     }
@@ -437,6 +497,45 @@ impl Config {
         }
         if let Some(ep) = &ice.s3.endpoint {
             check_url("iceberg.s3.endpoint", ep, &["http", "https"])?;
+        }
+        let m = &self.maintenance;
+        if m.interval < Duration::from_secs(1) {
+            return Err(ConfigError::new(
+                "maintenance.interval",
+                "must be at least 1s",
+            ));
+        }
+        if m.retain_last == 0 {
+            return Err(ConfigError::new(
+                "maintenance.retain_last",
+                "must be at least 1 (the current snapshot is always kept)",
+            ));
+        }
+        if m.metadata_versions == 0 {
+            return Err(ConfigError::new(
+                "maintenance.metadata_versions",
+                "must be at least 1",
+            ));
+        }
+        if m.target_file_size < (1 << 20) {
+            return Err(ConfigError::new(
+                "maintenance.target_file_size",
+                "must be at least 1MiB",
+            ));
+        }
+        if m.min_input_files < 2 {
+            return Err(ConfigError::new(
+                "maintenance.min_input_files",
+                "must be at least 2 (one file has nothing to merge with)",
+            ));
+        }
+        // A flush's files exist before its commit references them: a short age would delete
+        // them in between.
+        if m.orphan_age < Duration::from_secs(3600) {
+            return Err(ConfigError::new(
+                "maintenance.orphan_age",
+                "must be at least 1h (younger files may belong to a commit in progress)",
+            ));
         }
         if self.pipelines.is_empty() {
             return Err(ConfigError::new(
@@ -614,6 +713,59 @@ impl Config {
     }
 }
 
+/// A serde error as (key, message): one line, no trailing space, the key named once. serde
+/// says ``unknown field `x`, expected one of `a`, `b` `` and the path may or may not end in `x`
+/// already; the key becomes the full path of the unknown key and the message lists the valid
+/// ones.
+fn deserialize_error(path: &str, inner: &str) -> (String, String) {
+    let mut one_line = inner.split_whitespace().collect::<Vec<_>>().join(" ");
+    // The TOML deserializer ends with ` in `key`` (or ` in section`): the key is named already.
+    if let Some(i) = one_line.rfind(" in ") {
+        let tail = one_line[i + 4..].trim_matches('`');
+        let path_plain = path.replace(['[', ']'], ".");
+        if !tail.contains(' ') && (path.contains(tail) || path_plain.contains(tail)) {
+            one_line.truncate(i);
+        }
+    }
+    let join = |field: &str| {
+        if path == "config" {
+            field.to_string()
+        } else {
+            format!("{path}.{field}")
+        }
+    };
+    if let Some((field, _)) = one_line
+        .strip_prefix("missing field `")
+        .and_then(|rest| rest.split_once('`'))
+    {
+        return (join(field), "required key is missing".to_string());
+    }
+    let Some((field, tail)) = one_line
+        .strip_prefix("unknown field `")
+        .and_then(|rest| rest.split_once('`'))
+    else {
+        return (path.to_string(), one_line);
+    };
+    let key = if path.rsplit('.').next() == Some(field) {
+        path.to_string()
+    } else {
+        join(field)
+    };
+    let valid = tail
+        .trim_start_matches(',')
+        .trim()
+        .trim_start_matches("expected one of")
+        .trim_start_matches("expected")
+        .trim()
+        .replace('`', "");
+    let msg = if valid.is_empty() || valid.starts_with("no fields") {
+        "unknown key".to_string()
+    } else {
+        format!("unknown key (valid keys: {valid})")
+    };
+    (key, msg)
+}
+
 /// Replace the password of a URL (and any `password=` query parameter) with `***`.
 pub fn redact_url(u: &str) -> String {
     match url::Url::parse(u) {
@@ -760,6 +912,16 @@ fn apply_overrides(v: &mut toml::Value, env: &[(String, String)]) -> Result<(), 
                     return Err(ConfigError::new(
                         dotted,
                         format!("{name} must be true or false"),
+                    ))
+                }
+            }
+        } else if INT_KEYS.contains(&dotted.as_str()) {
+            match val.trim().parse::<i64>() {
+                Ok(n) => toml::Value::Integer(n),
+                Err(_) => {
+                    return Err(ConfigError::new(
+                        dotted,
+                        format!("{name} must be a whole number"),
                     ))
                 }
             }

@@ -9,6 +9,7 @@ pub mod api;
 pub mod check;
 pub mod config;
 pub mod demo;
+pub mod maintenance;
 pub mod pipeline;
 pub mod sink;
 pub mod source;

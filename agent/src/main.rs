@@ -35,6 +35,22 @@ enum Cmd {
         #[arg(short, long)]
         config: PathBuf,
     },
+    /// Maintain the pipelines' tables once: compaction, snapshot expiry, metadata clean-up,
+    /// orphan removal (the actions the agent runs in the background), and print what was done.
+    Maintain {
+        /// Configuration file (TOML).
+        #[arg(short, long)]
+        config: PathBuf,
+        /// Only this pipeline's tables.
+        #[arg(long)]
+        pipeline: Option<String>,
+        /// Only this table (`namespace.table` or `table`).
+        #[arg(long)]
+        table: Option<String>,
+        /// Print what would be done; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Local demo: private PostgreSQL, generated changes, local Iceberg warehouse.
     Demo {
         /// Where the catalog and warehouse go.
@@ -85,16 +101,32 @@ fn main() -> ExitCode {
                     Err(code) => return code,
                 };
                 telemetry::init_basic_logging("warn", cfg.secrets());
-                let problems = philotes::check::run_checks(&cfg).await;
-                if problems.is_empty() {
+                let report = philotes::check::check(&cfg).await;
+                for w in &report.warnings {
+                    eprintln!("warning: {w}");
+                }
+                if report.problems.is_empty() {
                     println!("ok: {} pipeline(s), catalog reachable", cfg.pipelines.len());
                     ExitCode::SUCCESS
                 } else {
-                    for p in problems {
+                    for p in report.problems {
                         eprintln!("philotes: {p}");
                     }
                     ExitCode::from(2)
                 }
+            }
+            Cmd::Maintain {
+                config,
+                pipeline,
+                table,
+                dry_run,
+            } => {
+                let cfg = match load(&config) {
+                    Ok(c) => c,
+                    Err(code) => return code,
+                };
+                telemetry::init_basic_logging("warn", cfg.secrets());
+                maintain(&cfg, pipeline.as_deref(), table.as_deref(), dry_run).await
             }
             Cmd::Run { config } => {
                 let cfg = match load(&config) {
@@ -125,6 +157,44 @@ fn main() -> ExitCode {
             }
         }
     })
+}
+
+async fn maintain(
+    cfg: &Config,
+    pipeline: Option<&str>,
+    table: Option<&str>,
+    dry_run: bool,
+) -> ExitCode {
+    match philotes::maintenance::run_once(cfg, pipeline, table, dry_run, None).await {
+        Ok(outcomes) => {
+            let mut failed = false;
+            for (table, o) in &outcomes {
+                println!(
+                    "{table}\t{}\t{}\t{}",
+                    o.action.as_str(),
+                    o.status.as_str(),
+                    o.summary
+                );
+                failed |= o.status == philotes::sink::iceberg::maintenance::Status::Failed;
+            }
+            if outcomes.is_empty() {
+                println!("no tables to maintain");
+            }
+            if failed {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+        Err(philotes::maintenance::MaintainError::NotFound(e)) => {
+            eprintln!("philotes: {e}");
+            ExitCode::from(2)
+        }
+        Err(e) => {
+            eprintln!("philotes: {e}");
+            ExitCode::from(1)
+        }
+    }
 }
 
 async fn run(cfg: Config) -> ExitCode {

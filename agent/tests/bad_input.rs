@@ -168,6 +168,36 @@ fn bad_configs_exit_2_naming_the_key() {
         ),
         ("TOML syntax", "[[pipelines]\nname=".to_string(), "line"),
         (
+            "maintenance: retain nothing",
+            format!("[maintenance]\nretain_last = 0\n{GOOD_PIPELINE}"),
+            "maintenance.retain_last",
+        ),
+        (
+            "maintenance: bad interval",
+            format!("[maintenance]\ninterval = \"often\"\n{GOOD_PIPELINE}"),
+            "maintenance.interval",
+        ),
+        (
+            "maintenance: tiny target",
+            format!("[maintenance]\ntarget_file_size = \"1KiB\"\n{GOOD_PIPELINE}"),
+            "maintenance.target_file_size",
+        ),
+        (
+            "maintenance: orphan age too short",
+            format!("[maintenance]\norphan_age = \"1m\"\n{GOOD_PIPELINE}"),
+            "maintenance.orphan_age",
+        ),
+        (
+            "maintenance: unknown key",
+            format!("[maintenance]\nevery = \"1m\"\n{GOOD_PIPELINE}"),
+            "maintenance.every",
+        ),
+        (
+            "missing source",
+            GOOD_PIPELINE.replace("source = \"postgres://u@127.0.0.1:1/db\"\n", ""),
+            "pipelines[0].source",
+        ),
+        (
             "no pipelines",
             "[api]\nlisten = \"127.0.0.1:0\"\n".to_string(),
             "pipelines",
@@ -189,6 +219,31 @@ fn bad_configs_exit_2_naming_the_key() {
             "{what}: {:?} should name {key}",
             lines[0]
         );
+        // The shape: `philotes: config: <key>: <message>`, the key named once, no trailing
+        // white space.
+        let line = &lines[0];
+        assert_eq!(
+            line.trim_end(),
+            line,
+            "{what}: trailing white space in {line:?}"
+        );
+        let rest = line
+            .strip_prefix("philotes: config: ")
+            .unwrap_or_else(|| panic!("{what}: {line:?} is not `philotes: config: <key>: ...`"));
+        let (named, message) = rest
+            .split_once(": ")
+            .unwrap_or_else(|| panic!("{what}: no message in {line:?}"));
+        assert!(named.contains(key), "{what}: key {named:?} should be {key}");
+        assert!(!message.is_empty(), "{what}: empty message in {line:?}");
+        let last = named.rsplit('.').next().unwrap_or(named);
+        if !named.starts_with("line ") {
+            assert!(
+                !message.contains(&format!("`{last}`"))
+                    && !message.contains(&format!("in {named}"))
+                    && !message.contains(&format!("{named}:")),
+                "{what}: the key is named twice in {line:?}"
+            );
+        }
     }
     // An unreadable file is a config problem too.
     let (code, out) = run_cmd(Command::new(philotes_bin()).args([
@@ -209,9 +264,10 @@ fn unreachable_source_fails_check_with_one_line() {
         &work,
         "c.toml",
         &format!(
-            "[iceberg]\nuri = \"sqlite://{}/c.db\"\nwarehouse = \"{}/wh\"\n[[pipelines]]\nname = \"p\"\nsource = \"postgres://u:hunter2@127.0.0.1:{port}/db?connect_timeout=3\"\ntables = [\"t\"]\n",
+            "[telemetry]\notlp_endpoint = \"http://127.0.0.1:{otlp}\"\n[iceberg]\nuri = \"sqlite://{}/data/c.db\"\nwarehouse = \"{}/data/wh\"\n[[pipelines]]\nname = \"p\"\nsource = \"postgres://u:hunter2@127.0.0.1:{port}/db?connect_timeout=3\"\ntables = [\"t\"]\n",
             work.path().display(),
-            work.path().display()
+            work.path().display(),
+            otlp = philotes::demo::postgres::free_port().unwrap(),
         ),
     );
     let (code, out) = run_cmd(
@@ -228,6 +284,23 @@ fn unreachable_source_fails_check_with_one_line() {
         lines[0]
     );
     assert!(!out.contains("hunter2"), "password leaked: {out}");
+    // A failed check leaves nothing behind: no catalog file, no warehouse, no directory.
+    assert!(
+        !work.path().join("data").exists(),
+        "check created {:?}",
+        std::fs::read_dir(work.path().join("data"))
+            .map(|d| d.flatten().map(|e| e.path()).collect::<Vec<_>>())
+            .unwrap_or_default()
+    );
+    // And it warns that the OTLP endpoint does not answer (pushes would be lost).
+    let warning = out
+        .lines()
+        .find(|l| l.starts_with("warning:"))
+        .unwrap_or_else(|| panic!("no OTLP warning: {out}"));
+    assert!(
+        warning.contains("telemetry.otlp_endpoint") && warning.contains("not reachable"),
+        "{warning}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

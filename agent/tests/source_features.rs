@@ -91,7 +91,7 @@ async fn a_renamed_column_stops_with_a_schema_error() {
     }
     let v = wait_for(Duration::from_secs(60), "schema error", || async {
         let v = agent.api_json("/api/v1/pipelines/p").await?;
-        (v["state"] == "failed").then_some(v)
+        (v["state"] == "retrying").then_some(v)
     })
     .await;
     assert!(v["last_error"].as_str().unwrap().contains("renamed"), "{v}");
@@ -217,7 +217,7 @@ async fn one_failing_pipeline_does_not_stop_the_other() {
     let cfg = work.config(&pg1.url("one"), &["t"], "", "");
     let mut text = std::fs::read_to_string(&cfg).unwrap();
     text.push_str(&format!(
-        "\n[[pipelines]]\nname = \"q\"\nsource = \"{}\"\ntables = [\"t\"]\nnamespace = \"ns2\"\nflush_interval = \"300ms\"\n",
+        "\n[[pipelines]]\nname = \"q\"\nsource = \"{}\"\ntables = [\"t\"]\nnamespace = \"ns2\"\nflush_interval = \"300ms\"\nsnapshot = \"never\"\n",
         pg2.url("two")
     ));
     std::fs::write(&cfg, text).unwrap();
@@ -257,14 +257,38 @@ async fn one_failing_pipeline_does_not_stop_the_other() {
         || async { (iceberg_rows(&work, "ns.t") == Some(1000)).then_some(()) },
     )
     .await;
-    let q = wait_for(Duration::from_secs(30), "q failed", || async {
+    // A retrying pipeline looks like one: its state, the attempt count and the next attempt.
+    let q = wait_for(Duration::from_secs(60), "q retrying twice", || async {
         let v = agent.api_json("/api/v1/pipelines/q").await?;
-        (v["state"] == "failed").then_some(v)
+        (v["state"] == "retrying" && v["retry"]["attempt"].as_u64()? >= 2).then_some(v)
     })
     .await;
     assert!(q["last_error"].is_string(), "{q}");
+    assert_eq!(q["retry"]["error_type"], "connection", "{q}");
+    let next =
+        chrono::DateTime::parse_from_rfc3339(q["retry"]["next_attempt_at"].as_str().unwrap())
+            .expect("next_attempt_at is RFC 3339");
+    let ahead = next.signed_duration_since(chrono::Utc::now());
+    assert!(
+        ahead <= chrono::Duration::seconds(31) && ahead >= chrono::Duration::seconds(-30),
+        "next attempt within the backoff ceiling: {q}"
+    );
+    let summary = agent.api_json("/api/v1/pipelines").await.unwrap();
+    let q_summary = summary["pipelines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "q")
+        .cloned()
+        .unwrap();
+    assert_eq!(q_summary["state"], "retrying", "{summary}");
+    assert!(
+        q_summary["retry"]["attempt"].as_u64().unwrap() >= 2,
+        "{summary}"
+    );
     let p = agent.api_json("/api/v1/pipelines/p").await.unwrap();
     assert_eq!(p["state"], "streaming");
+    assert!(p["retry"].is_null(), "{p}");
     // The database comes back: q recovers by itself and catches up.
     pg2.pg.start_again().unwrap();
     let db2 = pg2.client("two").await;
@@ -276,6 +300,48 @@ async fn one_failing_pipeline_does_not_stop_the_other() {
     })
     .await;
     assert_eq!(verify(&work, "ns2.t", &[])["unique"], true);
+    let q = agent.api_json("/api/v1/pipelines/q").await.unwrap();
+    assert_eq!(q["state"], "streaming", "{q}");
+    assert!(q["retry"].is_null(), "recovered: {q}");
+    // The log: one ERROR at the first failure, WARN lines with the attempt count, INFO on
+    // recovery; the other pipeline logs no failure at all.
+    let log = agent.log_text();
+    let q_lines: Vec<&str> = log.lines().filter(|l| l.contains("pipeline=q")).collect();
+    let level = |lvl: &str, what: &str| {
+        q_lines
+            .iter()
+            .filter(|l| l.contains(lvl) && l.contains(what))
+            .count()
+    };
+    assert_eq!(
+        level("ERROR", "pipeline failed"),
+        1,
+        "{}",
+        q_lines.join("\n")
+    );
+    assert!(
+        level("WARN", "still failing (attempt ") >= 1,
+        "{}",
+        q_lines.join("\n")
+    );
+    assert_eq!(
+        q_lines.iter().filter(|l| l.contains("ERROR")).count(),
+        1,
+        "{}",
+        q_lines.join("\n")
+    );
+    assert_eq!(
+        level("INFO", "recovered after"),
+        1,
+        "{}",
+        q_lines.join("\n")
+    );
+    assert!(
+        !log.lines()
+            .any(|l| l.contains("pipeline=p")
+                && (l.contains("ERROR") || l.contains("still failing"))),
+        "{log}"
+    );
     assert_eq!(agent.terminate(), Some(0));
 }
 

@@ -73,6 +73,7 @@ pub(super) async fn pipelines(State(s): State<ApiState>) -> Json<Value> {
                 "committed_lsn": st.committed_lsn,
                 "confirmed_lsn": st.confirmed_lsn,
                 "lag_seconds": st.lag_seconds,
+                "retry": st.retry,
                 "last_error": st.last_error,
             })
         })

@@ -11,6 +11,7 @@ use rand::Rng;
 use crate::agent::{shutdown_signal, Agent};
 use crate::config::Config;
 use crate::pipeline::status;
+use crate::telemetry::PipelineState;
 use crate::telemetry::Telemetry;
 use postgres::{LocalPgOptions, LocalPostgres};
 
@@ -45,6 +46,14 @@ pub enum DemoError {
     /// I/O.
     #[error("demo: {0}")]
     Io(String),
+    /// Iceberg does not hold exactly the changes that were generated.
+    #[error("demo: generated {generated} changes but Iceberg holds {committed} rows")]
+    Mismatch {
+        /// Changes the generator made.
+        generated: u64,
+        /// Rows read back from the changelog tables.
+        committed: u64,
+    },
 }
 
 const SCHEMA_SQL: &str = "
@@ -160,6 +169,24 @@ flush_interval = "1s"
     if let Some(addr) = agent.api_addr {
         println!("▶ metrics: http://{addr}/metrics   status: http://{addr}/api/v1/pipelines/shop");
     }
+    // Changes made before the slot exists would never reach Iceberg: generate only once the
+    // pipeline streams (with `snapshot = "initial"` rows that exist already are copied too).
+    let handle = agent.pipelines[0].clone();
+    let ready = Instant::now();
+    println!("▶ waiting for the pipeline to stream (replication slot, publication, tables)");
+    while status::snapshot(&handle.status).state != PipelineState::Streaming {
+        if ready.elapsed() > Duration::from_secs(120) {
+            let st = status::snapshot(&handle.status);
+            agent.stop().await;
+            pg.stop();
+            return Err(DemoError::Io(format!(
+                "the pipeline did not start streaming within 2 minutes (state {:?}, last error: {})",
+                st.state,
+                st.last_error.unwrap_or_default()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     println!(
         "▶ generating ~{} changes/s{} — Ctrl-C to stop\n",
         opts.rate,
@@ -172,7 +199,6 @@ flush_interval = "1s"
     let gen = tokio::spawn(generate(db, opts.rate, stop_rx));
     let started = Instant::now();
     let mut tick = tokio::time::interval(Duration::from_secs(2));
-    let handle = agent.pipelines[0].clone();
     let signal = shutdown_signal();
     tokio::pin!(signal);
     loop {
@@ -202,22 +228,150 @@ flush_interval = "1s"
         }
     }
     let _ = stop_tx.send(true);
-    let generated = gen.await.unwrap_or(Ok(0)).unwrap_or(0);
-    // Let the last transactions reach Iceberg, then drain (the pipeline flushes on stop).
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let iceberg_cfg = agent_iceberg.clone();
+    let generated = match gen.await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
+            agent.stop().await;
+            pg.stop();
+            return Err(e);
+        }
+        Err(e) => {
+            agent.stop().await;
+            pg.stop();
+            return Err(DemoError::Io(format!("the change generator stopped: {e}")));
+        }
+    };
+    // Give the last transactions time to reach Iceberg (bounded), then drain: the pipeline
+    // flushes on stop. The proof below reads the tables back; it does not trust counters.
+    let drain = Instant::now();
+    while drain.elapsed() < Duration::from_secs(30) {
+        let st = status::snapshot(&handle.status);
+        let committed: u64 = st.tables.values().map(|t| t.committed_rows).sum();
+        if committed >= generated.total() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     agent.stop().await;
     pg.stop();
     let _ = std::fs::remove_dir_all(&pg_dir);
-    let st = status::snapshot(&handle.status);
-    let committed: u64 = st.tables.values().map(|t| t.committed_rows).sum();
+    let mut in_iceberg = Counts::default();
+    let mut per_table = Vec::new();
+    for table in ["customers", "orders"] {
+        let c = count_changes(&agent_iceberg, "shop", table).await?;
+        per_table.push(format!("{table} {}", c.total()));
+        in_iceberg.add(&c);
+    }
     println!(
-        "\n✔ generated {generated} changes; {committed} rows committed to Iceberg in {}",
+        "\n{} generated {} changes ({}); {} rows in Iceberg ({}; {}) in {}",
+        if generated == in_iceberg {
+            "✔"
+        } else {
+            "✘"
+        },
+        generated.total(),
+        generated.describe(),
+        in_iceberg.total(),
+        per_table.join(", "),
+        in_iceberg.describe(),
         dir.display()
     );
-    let metadata = metadata_location(&iceberg_cfg, "shop", "orders").await;
+    if generated != in_iceberg {
+        return Err(DemoError::Mismatch {
+            generated: generated.total(),
+            committed: in_iceberg.total(),
+        });
+    }
+    let metadata = metadata_location(&agent_iceberg, "shop", "orders").await;
     print_query_help(&dir, metadata.as_deref());
     Ok(())
+}
+
+/// Changes by kind: what the generator made, or what the changelog tables hold.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    /// Rows inserted (`_cdc_op = 'I'`).
+    pub inserts: u64,
+    /// Rows updated (`U`).
+    pub updates: u64,
+    /// Rows deleted (`D`).
+    pub deletes: u64,
+    /// Any other row (snapshot reads `R`, truncates `T`); the demo makes none.
+    pub other: u64,
+}
+
+impl Counts {
+    fn total(&self) -> u64 {
+        self.inserts + self.updates + self.deletes + self.other
+    }
+
+    fn add(&mut self, o: &Counts) {
+        self.inserts += o.inserts;
+        self.updates += o.updates;
+        self.deletes += o.deletes;
+        self.other += o.other;
+    }
+
+    fn describe(&self) -> String {
+        let mut s = format!(
+            "{} inserts, {} updates, {} deletes",
+            self.inserts, self.updates, self.deletes
+        );
+        if self.other > 0 {
+            s.push_str(&format!(", {} other", self.other));
+        }
+        s
+    }
+}
+
+/// Count the rows of a changelog table by `_cdc_op`, read back from Iceberg.
+async fn count_changes(
+    cfg: &crate::config::IcebergConfig,
+    ns: &str,
+    table: &str,
+) -> Result<Counts, DemoError> {
+    use arrow_array::cast::AsArray;
+    use futures::TryStreamExt;
+    let err = |e: iceberg::Error| DemoError::Io(format!("reading {ns}.{table} back: {e}"));
+    let cat = crate::sink::iceberg::open_catalog(cfg)
+        .await
+        .map_err(|e| DemoError::Io(e.to_string()))?;
+    let ident = iceberg::TableIdent::new(iceberg::NamespaceIdent::new(ns.into()), table.into());
+    let mut counts = Counts::default();
+    if !cat.table_exists(&ident).await.map_err(err)? {
+        return Ok(counts);
+    }
+    let t = cat.load_table(&ident).await.map_err(err)?;
+    if t.metadata().current_snapshot().is_none() {
+        return Ok(counts);
+    }
+    let batches: Vec<arrow_array::RecordBatch> = t
+        .scan()
+        .select(["_cdc_op"])
+        .build()
+        .map_err(err)?
+        .to_arrow()
+        .await
+        .map_err(err)?
+        .try_collect()
+        .await
+        .map_err(err)?;
+    for b in &batches {
+        let Some(ops) = b.column(0).as_string_opt::<i32>() else {
+            return Err(DemoError::Io(format!(
+                "{ns}.{table}: _cdc_op is not a string"
+            )));
+        };
+        for op in ops.iter() {
+            match op {
+                Some("I") => counts.inserts += 1,
+                Some("U") => counts.updates += 1,
+                Some("D") => counts.deletes += 1,
+                _ => counts.other += 1,
+            }
+        }
+    }
+    Ok(counts)
 }
 
 async fn metadata_location(
@@ -231,75 +385,107 @@ async fn metadata_location(
     t.metadata_location().map(str::to_string)
 }
 
+/// The query blocks printed at the end. Each runs as printed in a shell, offline, after the
+/// one `pip install` line above it; the test suite runs them against the demo's output.
 fn print_query_help(dir: &Path, metadata: Option<&str>) {
     let d = dir.display();
     let m = metadata.unwrap_or("<warehouse>/shop/orders/metadata/<latest>.metadata.json");
     println!(
         r#"
-Query the changelog tables:
+Query the changelog tables (one row per change; see docs/querying.md):
 
-  PyIceberg:
-    python3 -c "from pyiceberg.catalog.sql import SqlCatalog; c = SqlCatalog('philotes', uri='sqlite:///{d}/catalog.db', warehouse='file://{d}/warehouse'); print(c.load_table('shop.orders').scan().to_arrow().to_pandas())"
+  PyIceberg — pip install 'pyiceberg[sql-sqlite,pyarrow]'
 
-  DuckDB (duckdb 1.5.5 with the iceberg extension):
-    SELECT _cdc_op, count(*) FROM iceberg_scan('{m}') GROUP BY 1;
+python3 - <<'EOF'
+from collections import Counter
+from pyiceberg.catalog.sql import SqlCatalog
+cat = SqlCatalog("philotes", uri="sqlite:///{d}/catalog.db", warehouse="file://{d}/warehouse")
+for name in ("shop.customers", "shop.orders"):
+    rows = cat.load_table(name).scan().to_arrow()
+    print(f"{{name}}: {{rows.num_rows}} rows", dict(sorted(Counter(rows["_cdc_op"].to_pylist()).items())))
+EOF
+
+  DuckDB — pip install duckdb==1.5.5 duckdb-extension-avro duckdb-extension-iceberg
+
+python3 - <<'EOF'
+import glob, duckdb, duckdb_extension_avro, duckdb_extension_iceberg
+con = duckdb.connect(config={{"autoinstall_known_extensions": False, "autoload_known_extensions": False}})
+for ext, name in ((duckdb_extension_avro, "avro"), (duckdb_extension_iceberg, "iceberg")):
+    con.load_extension(glob.glob(f"{{ext.__path__[0]}}/extensions/*/{{name}}.duckdb_extension")[0])
+rows = con.sql("SELECT _cdc_op, count(*) FROM iceberg_scan('{m}') GROUP BY 1 ORDER BY 1").fetchall()
+print(f"shop.orders: {{sum(n for _, n in rows)}} rows", dict(rows))
+EOF
 "#
     );
 }
 
-/// Insert, update and delete rows at about `rate` changes per second until told to stop.
+/// Insert, update and delete rows at about `rate` changes per second until told to stop;
+/// returns what the statements really changed (an UPDATE or DELETE may find fewer rows than
+/// asked for).
 async fn generate(
-    db: tokio_postgres::Client,
+    mut db: tokio_postgres::Client,
     rate: u32,
     mut stop: tokio::sync::watch::Receiver<bool>,
-) -> Result<u64, DemoError> {
-    let mut n = 0u64;
+) -> Result<Counts, DemoError> {
+    let mut counts = Counts::default();
     let per_tick = (rate / 10).max(1);
     let mut tick = tokio::time::interval(Duration::from_millis(100));
-    let mut customers: i64 = 0;
     while !*stop.borrow() {
         tokio::select! {
             _ = tick.tick() => {}
             _ = stop.changed() => break,
         }
-        let mut sql = String::from("BEGIN;");
-        let (new_customers, new_orders, updates, deletes) = {
+        let (new_customers, new_orders, updates, delete) = {
             let mut rng = rand::rng();
-            let c = rng.random_range(0..=1u32);
-            let o = per_tick.saturating_sub(c).max(1);
-            let u = rng.random_range(0..=per_tick / 4 + 1);
-            let d = u32::from(rng.random_range(0..10) == 0);
-            for i in 0..c {
-                sql.push_str(&format!(
-                    "INSERT INTO customers (name, email, vip) VALUES ('customer {}', 'c{}@example.com', {});",
-                    customers + i as i64 + 1,
-                    customers + i as i64 + 1,
-                    rng.random_bool(0.1)
-                ));
-            }
-            for _ in 0..o {
-                sql.push_str(&format!(
-                    "INSERT INTO orders (customer_id, amount, items, note) VALUES ({}, {:.2}, '{{{},{}}}', '{{\"channel\": \"web\"}}');",
-                    rng.random_range(1..=customers.max(1)),
-                    rng.random_range(1.0..500.0f64),
-                    rng.random_range(1..100),
-                    rng.random_range(1..100)
-                ));
-            }
-            (c, o, u, d)
+            let c = rng.random_range(0..=1i32);
+            let o = (per_tick as i32 - c).max(1);
+            let u = rng.random_range(0..=per_tick as i32 / 4 + 1);
+            (c, o, u, rng.random_range(0..10) == 0)
         };
-        customers += new_customers as i64;
-        sql.push_str(&format!(
-            "UPDATE orders SET status = 'paid', updated_at = now() WHERE id IN (SELECT id FROM orders WHERE status = 'new' ORDER BY random() LIMIT {updates});"
-        ));
-        if deletes > 0 {
-            sql.push_str(
-                "DELETE FROM orders WHERE id = (SELECT min(id) FROM orders WHERE status = 'paid');",
-            );
+        let tx = db.transaction().await.map_err(sql_err)?;
+        let mut tick_counts = Counts::default();
+        tick_counts.inserts += tx
+            .execute(
+                "INSERT INTO customers (name, email, vip)
+                 SELECT 'customer ' || g, 'c' || g || '@example.com', random() < 0.1
+                 FROM generate_series(1, $1::int) g",
+                &[&new_customers],
+            )
+            .await
+            .map_err(sql_err)?;
+        tick_counts.inserts += tx
+            .execute(
+                "INSERT INTO orders (customer_id, amount, items, note)
+                 SELECT 1 + floor(random() * greatest((SELECT max(id) FROM customers), 1))::bigint,
+                        round((1 + random() * 499)::numeric, 2),
+                        ARRAY[1 + floor(random() * 99)::int, 1 + floor(random() * 99)::int],
+                        '{\"channel\": \"web\"}'
+                 FROM generate_series(1, $1::int)",
+                &[&new_orders],
+            )
+            .await
+            .map_err(sql_err)?;
+        tick_counts.updates += tx
+            .execute(
+                "UPDATE orders SET status = 'paid', updated_at = now()
+                 WHERE id IN (SELECT id FROM orders WHERE status = 'new'
+                              ORDER BY random() LIMIT $1::int)",
+                &[&updates],
+            )
+            .await
+            .map_err(sql_err)?;
+        if delete {
+            tick_counts.deletes += tx
+                .execute(
+                    "DELETE FROM orders WHERE id =
+                     (SELECT min(id) FROM orders WHERE status = 'paid')",
+                    &[],
+                )
+                .await
+                .map_err(sql_err)?;
         }
-        sql.push_str("COMMIT;");
-        db.batch_execute(&sql).await.map_err(sql_err)?;
-        n += (new_customers + new_orders + updates + deletes) as u64;
+        tx.commit().await.map_err(sql_err)?;
+        counts.add(&tick_counts);
     }
-    Ok(n)
+    Ok(counts)
 }

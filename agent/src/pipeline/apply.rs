@@ -64,6 +64,8 @@ pub(super) struct Applier {
     namespace: String,
     catalog: Arc<dyn Catalog>,
     secrets: Arc<[String]>,
+    /// Properties of the tables this pipeline creates (metadata hygiene).
+    table_properties: Arc<[(String, String)]>,
     metrics: SourceMetrics,
     status: SharedStatus,
     /// Relation OID → index into `tables` (None: not a configured table).
@@ -123,6 +125,7 @@ impl Applier {
         cfg: &PipelineConfig,
         catalog: Arc<dyn Catalog>,
         secrets: Arc<[String]>,
+        table_properties: Arc<[(String, String)]>,
         metrics: SourceMetrics,
         status: SharedStatus,
     ) -> Self {
@@ -137,6 +140,7 @@ impl Applier {
             cfg: cfg.clone(),
             catalog,
             secrets,
+            table_properties,
             metrics,
             status,
             relations: HashMap::new(),
@@ -640,6 +644,7 @@ impl Applier {
                 let p = changelog_partition(&s)?;
                 Ok((s, Some(p)))
             },
+            &self.table_properties,
             self.secrets.clone(),
         )
         .await?;
@@ -891,6 +896,7 @@ impl Applier {
                 DLQ_TABLE,
                 None,
                 || Ok((dlq_schema()?, None)),
+                &self.table_properties,
                 self.secrets.clone(),
             )
             .await?;

@@ -103,11 +103,14 @@ pub struct Pipeline {
     url: SourceUrl,
     catalog: Arc<dyn Catalog>,
     secrets: Arc<[String]>,
+    table_properties: Arc<[(String, String)]>,
     metrics: SourceMetrics,
     status: SharedStatus,
     control: watch::Receiver<Control>,
     /// The last attempt ended in an error.
     last_failed: bool,
+    /// Failed attempts since the pipeline last streamed.
+    failures: u32,
     /// Tables that joined the publication mid-stream (`schema.table`): copied on the next
     /// attempt if still in the publication, else streamed without a copy.
     joined: std::collections::HashSet<String>,
@@ -119,6 +122,7 @@ impl Pipeline {
         cfg: PipelineConfig,
         catalog: Arc<dyn Catalog>,
         secrets: Arc<[String]>,
+        table_properties: Arc<[(String, String)]>,
         metrics: &Metrics,
     ) -> Result<(Self, PipelineHandle), SourceError> {
         let url = SourceUrl::parse(&cfg.source).map_err(|e| SourceError::Connect {
@@ -141,19 +145,37 @@ impl Pipeline {
                 url,
                 catalog,
                 secrets: secrets.clone(),
+                table_properties,
                 metrics,
                 status,
                 control: rx,
                 last_failed: false,
+                failures: 0,
                 joined: Default::default(),
             },
             handle,
         ))
     }
 
-    fn set_state(&self, s: PipelineState) {
+    fn set_state(&mut self, s: PipelineState) {
+        // An attempt after a failure is still a retry until the pipeline copies or streams.
+        let s = if s == PipelineState::Starting && self.failures > 0 {
+            PipelineState::Retrying
+        } else {
+            s
+        };
         self.metrics.set_state(s);
-        status::update(&self.status, |st| st.state = s);
+        if matches!(s, PipelineState::Streaming | PipelineState::Snapshotting) && self.failures > 0
+        {
+            tracing::info!(pipeline = %self.cfg.name, failed_attempts = self.failures, "pipeline recovered after {} failed attempt(s)", self.failures);
+            self.failures = 0;
+        }
+        status::update(&self.status, |st| {
+            st.state = s;
+            if s != PipelineState::Retrying {
+                st.retry = None;
+            }
+        });
     }
 
     /// Run until `shutdown` turns true: stream, and on any error wait with backoff and retry.
@@ -177,18 +199,37 @@ impl Pipeline {
                 }
                 Err(e) => {
                     let msg = e.to_string();
-                    tracing::error!(pipeline = %self.cfg.name, error_type = e.error_type(), "pipeline failed: {msg}");
-                    self.metrics.error(e.error_type());
-                    self.metrics.retries.add(1);
-                    status::update(&self.status, |st| {
-                        st.last_error = Some(msg);
-                        st.last_error_at = Some(status::now_rfc3339());
-                    });
-                    self.set_state(PipelineState::Failed);
                     if started.elapsed() > Duration::from_secs(60) {
                         backoff.reset();
                     }
                     let delay = backoff.next_delay();
+                    self.failures = self.failures.saturating_add(1);
+                    let attempt = self.failures;
+                    let retry_in =
+                        humantime::format_duration(Duration::from_millis(delay.as_millis() as u64));
+                    // One ERROR for a new failure; the retries that follow are warnings, so a
+                    // log alert fires once and the log does not read as if each was final.
+                    if attempt == 1 {
+                        tracing::error!(pipeline = %self.cfg.name, error_type = e.error_type(), attempt, "pipeline failed, retrying in {retry_in}: {msg}");
+                    } else {
+                        tracing::warn!(pipeline = %self.cfg.name, error_type = e.error_type(), attempt, "pipeline still failing (attempt {attempt}), retrying in {retry_in}: {msg}");
+                    }
+                    self.metrics.error(e.error_type());
+                    self.metrics.retries.add(1);
+                    let next = chrono::Utc::now()
+                        + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::zero());
+                    let error_type = e.error_type();
+                    self.set_state(PipelineState::Retrying);
+                    status::update(&self.status, |st| {
+                        st.last_error = Some(msg);
+                        st.last_error_at = Some(status::now_rfc3339());
+                        st.retry = Some(status::RetryStatus {
+                            attempt,
+                            next_attempt_at: next
+                                .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+                            error_type,
+                        });
+                    });
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
                         _ = shutdown.changed() => {}
@@ -229,6 +270,7 @@ impl Pipeline {
             &self.cfg,
             self.catalog.clone(),
             self.secrets.clone(),
+            self.table_properties.clone(),
             self.metrics.clone(),
             self.status.clone(),
         );

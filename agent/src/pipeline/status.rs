@@ -46,6 +46,17 @@ impl Default for TableStatus {
     }
 }
 
+/// A pipeline between a failed attempt and the next one.
+#[derive(Debug, Clone, Serialize)]
+pub struct RetryStatus {
+    /// Failed attempts in a row (1 after the first failure).
+    pub attempt: u32,
+    /// When the next attempt starts (RFC 3339).
+    pub next_attempt_at: String,
+    /// The `error_type` of the last failure.
+    pub error_type: &'static str,
+}
+
 /// What the API shows for one pipeline.
 #[derive(Debug, Clone, Serialize)]
 pub struct PipelineStatus {
@@ -73,6 +84,8 @@ pub struct PipelineStatus {
     pub spooled_transactions: u64,
     /// Bytes in those spools.
     pub spooled_bytes: u64,
+    /// Set while the pipeline waits to try again after a failed attempt.
+    pub retry: Option<RetryStatus>,
     /// Last error, if any.
     pub last_error: Option<String>,
     /// When the last error happened (RFC 3339).
@@ -100,6 +113,7 @@ impl PipelineStatus {
             buffered_events: 0,
             spooled_transactions: 0,
             spooled_bytes: 0,
+            retry: None,
             last_error: None,
             last_error_at: None,
             tables: BTreeMap::new(),

@@ -25,8 +25,8 @@ pub enum PipelineState {
     Streaming = 3,
     /// Paused by an operator.
     Paused = 4,
-    /// Failed; retrying.
-    Failed = 5,
+    /// The last attempt failed; the next one is scheduled (see the status's `retry`).
+    Retrying = 5,
 }
 
 const SECONDS_BUCKETS: &[f64] = &[
@@ -85,6 +85,18 @@ pub struct Metrics {
     buf_events: Counter<u64>,
     /// `philotes_buffer_dlq_total{source}`.
     buf_dlq: Counter<u64>,
+    /// `philotes_iceberg_table_data_files{source,table}`.
+    pub(crate) table_data_files: Gauge<u64>,
+    /// `philotes_iceberg_table_snapshots{source,table}`.
+    pub(crate) table_snapshots: Gauge<u64>,
+    /// `philotes_iceberg_table_metadata_bytes{source,table}`.
+    pub(crate) table_metadata: Gauge<u64>,
+    /// `philotes_iceberg_maintenance_total{source,table,action,status}`.
+    pub(crate) maintenance: Counter<u64>,
+    /// `philotes_iceberg_maintenance_duration_seconds{source,table,action}`.
+    pub(crate) maintenance_duration: Histogram<f64>,
+    /// `philotes_iceberg_files_removed_total{source,table}`.
+    pub(crate) files_removed: Counter<u64>,
 }
 
 impl Metrics {
@@ -111,7 +123,7 @@ impl Metrics {
             cdc_state: meter
                 .i64_gauge("philotes.cdc.pipeline_state")
                 .with_description(
-                    "0 stopped, 1 starting, 2 snapshotting, 3 streaming, 4 paused, 5 failed",
+                    "0 stopped, 1 starting, 2 snapshotting, 3 streaming, 4 paused, 5 retrying",
                 )
                 .build(),
             cdc_slot_lag: meter
@@ -181,6 +193,33 @@ impl Metrics {
             buf_dlq: meter
                 .u64_counter("philotes.buffer.dlq")
                 .with_description("Rows sent to the dead-letter table")
+                .build(),
+            table_data_files: meter
+                .u64_gauge("philotes.iceberg.table.data_files")
+                .with_description("Data files in the table's current snapshot")
+                .build(),
+            table_snapshots: meter
+                .u64_gauge("philotes.iceberg.table.snapshots")
+                .with_description("Snapshots in the table's metadata")
+                .build(),
+            table_metadata: meter
+                .u64_gauge("philotes.iceberg.table.metadata")
+                .with_unit("By")
+                .with_description("Size of the table's current metadata file")
+                .build(),
+            maintenance: meter
+                .u64_counter("philotes.iceberg.maintenance")
+                .with_description("Maintenance actions by action and outcome")
+                .build(),
+            maintenance_duration: meter
+                .f64_histogram("philotes.iceberg.maintenance.duration")
+                .with_unit("s")
+                .with_boundaries(SECONDS_BUCKETS.to_vec())
+                .with_description("Time one maintenance action took")
+                .build(),
+            files_removed: meter
+                .u64_counter("philotes.iceberg.files_removed")
+                .with_description("Files deleted by maintenance and metadata clean-up")
                 .build(),
         }
     }

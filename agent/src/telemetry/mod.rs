@@ -1,5 +1,6 @@
 //! OpenTelemetry meter and tracer providers, the Prometheus and OTLP exporters, and logging.
 
+pub mod events;
 mod export;
 pub mod instruments;
 mod process;
@@ -61,7 +62,7 @@ fn resource() -> Resource {
 }
 
 /// Where and how to push OTLP, from config and the standard `OTEL_*` variables.
-fn otlp_target(cfg: &TelemetryConfig) -> Option<(String, bool)> {
+pub fn otlp_target(cfg: &TelemetryConfig) -> Option<(String, bool)> {
     let endpoint = cfg
         .otlp_endpoint
         .clone()

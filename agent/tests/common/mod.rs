@@ -119,6 +119,12 @@ impl Workdir {
             .map(|t| format!("\"{t}\""))
             .collect::<Vec<_>>()
             .join(", ");
+        // The tests that copy existing rows say so; the others stream changes only.
+        let snapshot = if pipeline_extra.contains("snapshot =") {
+            ""
+        } else {
+            "snapshot = \"never\""
+        };
         let text = format!(
             r#"{top_extra}
 [api]
@@ -132,6 +138,7 @@ source = "{source}"
 tables = [{tables}]
 namespace = "ns"
 flush_interval = "300ms"
+{snapshot}
 {pipeline_extra}
 "#,
             db = self.catalog_db().display(),

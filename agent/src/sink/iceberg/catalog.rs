@@ -65,8 +65,37 @@ fn clean(p: &Path) -> PathBuf {
         .collect()
 }
 
+/// Local files and directories that opening the catalog may create: the SQLite file (with its
+/// journal) and a local warehouse directory. `philotes check` removes the ones it created.
+pub fn local_paths(cfg: &IcebergConfig) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if cfg.catalog == "sql" {
+        if let Some(rest) = cfg
+            .uri
+            .strip_prefix("sqlite://")
+            .or_else(|| cfg.uri.strip_prefix("sqlite:"))
+        {
+            let path = rest.split_once('?').map_or(rest, |(p, _)| p);
+            if !path.is_empty() && path != ":memory:" {
+                let db = clean(&absolute(path));
+                for suffix in ["-journal", "-wal", "-shm"] {
+                    let mut name = db.clone().into_os_string();
+                    name.push(suffix);
+                    out.push(PathBuf::from(name));
+                }
+                out.push(db);
+            }
+        }
+    }
+    let warehouse = warehouse_location(cfg);
+    if !warehouse.starts_with("s3://") {
+        out.push(PathBuf::from(warehouse));
+    }
+    out
+}
+
 /// A `sqlite:` URI made absolute and creatable (`mode=rwc`), with its parent directory created.
-fn sqlite_uri(uri: &str) -> Result<String, SinkError> {
+pub(crate) fn sqlite_uri(uri: &str) -> Result<String, SinkError> {
     let rest = uri
         .strip_prefix("sqlite://")
         .or_else(|| uri.strip_prefix("sqlite:"))

@@ -1,10 +1,13 @@
 //! Iceberg sink: catalog (sql|rest), changelog schema, Parquet writing, commits with the LSN checkpoint.
 
 pub mod catalog;
+pub mod commit;
+pub mod hygiene;
+pub mod maintenance;
 pub mod partition;
 pub mod schema;
 pub mod table;
-mod writer;
+pub(crate) mod writer;
 
 pub use catalog::open_catalog;
 pub use table::TableSink;

@@ -131,6 +131,7 @@ impl TableSink {
         name: &str,
         source: Option<&str>,
         schema: impl FnOnce() -> Result<(Schema, Option<UnboundPartitionSpec>), iceberg::Error>,
+        properties: &[(String, String)],
         secrets: Arc<[String]>,
     ) -> Result<Self, SinkError> {
         let ident = TableIdent::new(NamespaceIdent::new(ns.to_string()), name.to_string());
@@ -158,6 +159,7 @@ impl TableSink {
                     ])
                     .into_iter()
                     .chain(source.map(|s| (SOURCE_TABLE_PROPERTY.to_string(), s.to_string())))
+                    .chain(properties.iter().cloned())
                     .collect::<HashMap<_, _>>(),
                 );
             let creation = match partition {
@@ -264,6 +266,7 @@ impl TableSink {
             schema_to_arrow_schema(table.metadata().current_schema())
                 .map_err(|e| SinkError::Config(e.to_string()))?,
         );
+        super::hygiene::delete_dropped_metadata(&self.table, &table).await;
         self.table = table;
         Ok(())
     }
@@ -410,6 +413,8 @@ impl TableSink {
                 if conflicts > 0 {
                     tracing::info!(table = %self.name(), "another writer committed first; append re-applied on the new table state");
                 }
+                // Metadata files the commit dropped from the log go now, not at expiry.
+                super::hygiene::delete_dropped_metadata(&self.table, &table).await;
                 self.table = table;
                 self.pending.clear();
                 self.pending_rows = 0;

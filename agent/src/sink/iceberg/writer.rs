@@ -27,7 +27,7 @@ use super::SinkError;
 const MAX_ROW_GROUP_BYTES: usize = 32 << 20;
 
 /// Open data files fed through a channel; `close` returns them once written.
-pub(super) struct OpenFiles {
+pub(crate) struct OpenFiles {
     tx: Option<mpsc::Sender<RecordBatch>>,
     task: Option<JoinHandle<Result<Vec<DataFile>, SinkError>>>,
 }
@@ -35,10 +35,15 @@ pub(super) struct OpenFiles {
 impl OpenFiles {
     /// Start a writer for `table`'s current schema and partition spec.
     pub(super) fn open(table: &Table) -> Self {
+        Self::open_sized(table, None)
+    }
+
+    /// Like `open`, rolling over to a new file at `target_size` bytes (default: the crate's).
+    pub(crate) fn open_sized(table: &Table, target_size: Option<usize>) -> Self {
         // One batch queued while one is encoded: memory stays bounded, decoding never waits
         // for a whole file.
         let (tx, rx) = mpsc::channel(1);
-        let task = tokio::spawn(write_files(table.clone(), rx));
+        let task = tokio::spawn(write_files(table.clone(), rx, target_size));
         Self {
             tx: Some(tx),
             task: Some(task),
@@ -46,7 +51,7 @@ impl OpenFiles {
     }
 
     /// Queue `batch`; waits while the writer is busy with the previous one.
-    pub(super) async fn send(&mut self, batch: RecordBatch) -> Result<(), SinkError> {
+    pub(crate) async fn send(&mut self, batch: RecordBatch) -> Result<(), SinkError> {
         let sent = match &self.tx {
             Some(tx) => tx.send(batch).await.is_ok(),
             None => false,
@@ -63,7 +68,7 @@ impl OpenFiles {
     }
 
     /// Finish the files and return them (nothing is committed yet).
-    pub(super) async fn close(mut self) -> Result<Vec<DataFile>, SinkError> {
+    pub(crate) async fn close(mut self) -> Result<Vec<DataFile>, SinkError> {
         self.tx = None;
         self.join().await
     }
@@ -90,6 +95,7 @@ impl Drop for OpenFiles {
 async fn write_files(
     table: Table,
     mut rx: mpsc::Receiver<RecordBatch>,
+    target_size: Option<usize>,
 ) -> Result<Vec<DataFile>, SinkError> {
     let werr = |e: iceberg::Error| SinkError::Write(e.to_string());
     let md = table.metadata();
@@ -110,12 +116,17 @@ async fn write_files(
         None,
         DataFileFormat::Parquet,
     );
-    let rolling = RollingFileWriterBuilder::new_with_default_file_size(
-        pq,
-        table.file_io().clone(),
-        location,
-        names,
-    );
+    let rolling = match target_size {
+        Some(size) => {
+            RollingFileWriterBuilder::new(pq, size, table.file_io().clone(), location, names)
+        }
+        None => RollingFileWriterBuilder::new_with_default_file_size(
+            pq,
+            table.file_io().clone(),
+            location,
+            names,
+        ),
+    };
     let builder = DataFileWriterBuilder::new(rolling);
     if spec.is_unpartitioned() {
         let mut w = builder.build(None).await.map_err(werr)?;

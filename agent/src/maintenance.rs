@@ -1,0 +1,216 @@
+//! Keeping the pipelines' tables healthy: a background task that examines every table each
+//! `maintenance.interval` and runs the actions its debt calls for, one table and one action at
+//! a time (so it takes at most one core's share from streaming), and `philotes maintain`, the
+//! same actions run once for operators and cron.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use iceberg::{Catalog, NamespaceIdent, TableIdent};
+use tokio::sync::watch;
+
+use crate::config::{Config, MaintenanceConfig};
+use crate::sink::iceberg::commit::Committer;
+use crate::sink::iceberg::maintenance::{self, Outcome, Settings};
+use crate::telemetry::events::{TableHealthMeasured, TableMaintained};
+use crate::telemetry::Metrics;
+
+/// A maintenance run that could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum MaintainError {
+    /// The catalog could not be opened or listed.
+    #[error("catalog: {0}")]
+    Catalog(String),
+    /// `--pipeline` or `--table` names nothing.
+    #[error("{0}")]
+    NotFound(String),
+}
+
+/// One table a pipeline writes: `(source label, identifier)`.
+type Target = (String, TableIdent);
+
+/// The tables of `cfg`'s pipelines, as the catalog lists them (the dead-letter table and
+/// tables that joined the publication included).
+async fn targets(
+    catalog: &Arc<dyn Catalog>,
+    cfg: &Config,
+    pipeline: Option<&str>,
+    table: Option<&str>,
+) -> Result<Vec<Target>, MaintainError> {
+    let mut out = Vec::new();
+    for p in &cfg.pipelines {
+        if pipeline.is_some_and(|want| want != p.name) {
+            continue;
+        }
+        let ns = NamespaceIdent::new(p.namespace_name());
+        if !catalog
+            .namespace_exists(&ns)
+            .await
+            .map_err(|e| MaintainError::Catalog(e.to_string()))?
+        {
+            continue;
+        }
+        for ident in catalog
+            .list_tables(&ns)
+            .await
+            .map_err(|e| MaintainError::Catalog(e.to_string()))?
+        {
+            let full = format!("{}.{}", p.namespace_name(), ident.name());
+            if table.is_some_and(|want| want != full && want != ident.name()) {
+                continue;
+            }
+            out.push((p.name.clone(), ident));
+        }
+    }
+    Ok(out)
+}
+
+/// `philotes maintain`: every action on the selected tables now; outcomes per table.
+pub async fn run_once(
+    cfg: &Config,
+    pipeline: Option<&str>,
+    table: Option<&str>,
+    dry_run: bool,
+    metrics: Option<&Metrics>,
+) -> Result<Vec<(String, Outcome)>, MaintainError> {
+    if let Some(p) = pipeline {
+        if !cfg.pipelines.iter().any(|c| c.name == p) {
+            return Err(MaintainError::NotFound(format!("no pipeline named {p:?}")));
+        }
+    }
+    let catalog = crate::sink::iceberg::open_catalog(&cfg.iceberg)
+        .await
+        .map_err(|e| MaintainError::Catalog(e.to_string()))?;
+    maintenance::set_store_config(&cfg.iceberg);
+    let committer = Committer::open(&cfg.iceberg, catalog.clone())
+        .await
+        .map_err(|e| MaintainError::Catalog(e.to_string()))?;
+    let list = targets(&catalog, cfg, pipeline, table).await?;
+    if list.is_empty() {
+        if let Some(t) = table {
+            return Err(MaintainError::NotFound(format!(
+                "no table {t:?} in the pipelines' namespaces"
+            )));
+        }
+    }
+    let settings = Settings {
+        config: cfg.maintenance.clone(),
+        dry_run,
+        force: true,
+    };
+    let mut out = Vec::new();
+    for (source, ident) in list {
+        for o in maintenance::maintain(&committer, &ident, &settings, true).await {
+            if let Some(m) = metrics {
+                emit(m, &source, &ident, &o);
+            }
+            out.push((ident.to_string(), o));
+        }
+    }
+    Ok(out)
+}
+
+fn emit(m: &Metrics, source: &str, ident: &TableIdent, o: &Outcome) {
+    TableMaintained {
+        source,
+        table: &ident.to_string(),
+        action: o.action.as_str(),
+        status: o.status.as_str(),
+        files_removed: o.files_removed,
+        summary: &o.summary,
+        duration: o.duration,
+    }
+    .emit(m);
+}
+
+/// How often each table's orphans are looked for.
+fn orphan_period(cfg: &MaintenanceConfig) -> Duration {
+    (cfg.orphan_age / 4).max(Duration::from_secs(3600))
+}
+
+/// The background task: until `shutdown`, every `interval`, measure and maintain each table.
+pub async fn run_loop(
+    cfg: Config,
+    committer: Committer,
+    metrics: Metrics,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let settings = Settings {
+        config: cfg.maintenance.clone(),
+        dry_run: false,
+        force: false,
+    };
+    // The first sweep for orphans waits a full period: files of flushes in flight at start
+    // are young anyway, and a restart loop must not list the warehouse every time.
+    let started = Instant::now();
+    let mut last_orphans: HashMap<String, Instant> = HashMap::new();
+    let mut tick = tokio::time::interval(cfg.maintenance.interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        if *shutdown.borrow() {
+            return;
+        }
+        let list = match targets(committer.catalog(), &cfg, None, None).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!("maintenance: cannot list tables: {e}");
+                continue;
+            }
+        };
+        for (source, ident) in list {
+            if *shutdown.borrow() {
+                return;
+            }
+            let key = ident.to_string();
+            if let Ok(table) = committer.catalog().load_table(&ident).await {
+                if let Ok(h) = maintenance::health(&table, &settings.config).await {
+                    TableHealthMeasured {
+                        source: &source,
+                        table: &key,
+                        data_files: h.data_files,
+                        snapshots: h.snapshots,
+                        metadata_bytes: h.metadata_bytes,
+                    }
+                    .emit(&metrics);
+                }
+            }
+            let period = orphan_period(&settings.config);
+            let orphans_due = match last_orphans.get(&key) {
+                Some(t) => t.elapsed() >= period,
+                None => started.elapsed() >= period,
+            };
+            let outcomes = tokio::select! {
+                o = maintenance::maintain(&committer, &ident, &settings, orphans_due) => o,
+                // Shutdown cancels a run between commits: nothing half-committed is left, at
+                // worst unreferenced new files that the orphan sweep removes later.
+                _ = shutdown.changed() => return,
+            };
+            for o in &outcomes {
+                if o.action == maintenance::Action::RemoveOrphans {
+                    last_orphans.insert(key.clone(), Instant::now());
+                }
+                emit(&metrics, &source, &ident, o);
+            }
+            if !outcomes.is_empty() {
+                // Measure again so the gauges show the paid-off debt at once.
+                if let Ok(table) = committer.catalog().load_table(&ident).await {
+                    if let Ok(h) = maintenance::health(&table, &settings.config).await {
+                        TableHealthMeasured {
+                            source: &source,
+                            table: &key,
+                            data_files: h.data_files,
+                            snapshots: h.snapshots,
+                            metadata_bytes: h.metadata_bytes,
+                        }
+                        .emit(&metrics);
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,191 @@
+//! The REST catalog's commit endpoint (`POST /v1/{prefix}/namespaces/{ns}/tables/{table}`
+//! with requirements and updates). iceberg-catalog-rest keeps its HTTP client and auth
+//! crate-private, so the small part we need (bearer token, or OAuth2 client credentials, and
+//! the server's `prefix`) is done here with the crate's public request/response types.
+
+use std::collections::HashMap;
+
+use iceberg::io::FileIO;
+use iceberg::table::Table;
+use iceberg::{TableRequirement, TableUpdate};
+use iceberg_catalog_rest::{CommitTableRequest, CommitTableResponse};
+use tokio::sync::Mutex;
+
+use super::CommitError;
+use crate::config::IcebergConfig;
+
+/// Commits through a REST catalog.
+pub(super) struct RestCommitter {
+    http: reqwest::Client,
+    base: String,
+    prefix: Option<String>,
+    token: Mutex<Option<String>>,
+    credential: Option<String>,
+    oauth2_uri: String,
+    scope: String,
+    secrets: Vec<String>,
+}
+
+fn failed(e: impl std::fmt::Display, secrets: &[String]) -> CommitError {
+    CommitError::Failed(crate::sink::iceberg::catalog::scrub(e.to_string(), secrets))
+}
+
+impl RestCommitter {
+    pub(super) async fn new(cfg: &IcebergConfig) -> Result<Self, CommitError> {
+        let secrets = crate::sink::iceberg::catalog::secrets(cfg);
+        let http = reqwest::Client::builder()
+            .timeout(std::time::Duration::from_secs(60))
+            .build()
+            .map_err(|e| failed(e, &secrets))?;
+        let base = cfg.uri.trim_end_matches('/').to_string();
+        let me = Self {
+            http,
+            oauth2_uri: cfg
+                .oauth2_server_uri
+                .clone()
+                .unwrap_or_else(|| format!("{base}/v1/oauth/tokens")),
+            base,
+            prefix: cfg.prefix.clone(),
+            token: Mutex::new(cfg.token.clone()),
+            credential: cfg.credential.clone(),
+            scope: cfg.scope.clone().unwrap_or_else(|| "catalog".into()),
+            secrets,
+        };
+        // The server's configuration may set the prefix (defaults < ours < its overrides).
+        let mut config_url = format!("{}/v1/config", me.base);
+        if !cfg.warehouse.is_empty() {
+            let w: String =
+                url::form_urlencoded::byte_serialize(cfg.warehouse.as_bytes()).collect();
+            config_url.push_str(&format!("?warehouse={w}"));
+        }
+        let req = me.http.get(config_url);
+        let req = me.authorize(req).await?;
+        let resp = req.send().await.map_err(|e| failed(e, &me.secrets))?;
+        let mut prefix = me.prefix.clone();
+        if resp.status().is_success() {
+            #[derive(serde::Deserialize, Default)]
+            struct ServerConfig {
+                #[serde(default)]
+                defaults: HashMap<String, String>,
+                #[serde(default)]
+                overrides: HashMap<String, String>,
+            }
+            let c: ServerConfig = resp.json().await.unwrap_or_default();
+            if let Some(p) = c.overrides.get("prefix") {
+                prefix = Some(p.clone());
+            } else if prefix.is_none() {
+                prefix = c.defaults.get("prefix").cloned();
+            }
+        }
+        Ok(Self { prefix, ..me })
+    }
+
+    async fn authorize(
+        &self,
+        req: reqwest::RequestBuilder,
+    ) -> Result<reqwest::RequestBuilder, CommitError> {
+        let mut token = self.token.lock().await;
+        if token.is_none() {
+            if let Some(cred) = &self.credential {
+                let (id, secret) = cred.split_once(':').unwrap_or(("", cred.as_str()));
+                let mut form = vec![
+                    ("grant_type", "client_credentials"),
+                    ("client_secret", secret),
+                    ("scope", self.scope.as_str()),
+                ];
+                if !id.is_empty() {
+                    form.push(("client_id", id));
+                }
+                let resp = self
+                    .http
+                    .post(&self.oauth2_uri)
+                    .form(&form)
+                    .send()
+                    .await
+                    .map_err(|e| failed(e, &self.secrets))?;
+                if !resp.status().is_success() {
+                    return Err(CommitError::Failed(format!(
+                        "OAuth2 token request failed with status {}",
+                        resp.status()
+                    )));
+                }
+                #[derive(serde::Deserialize)]
+                struct TokenResponse {
+                    access_token: String,
+                }
+                let t: TokenResponse = resp.json().await.map_err(|e| failed(e, &self.secrets))?;
+                *token = Some(t.access_token);
+            }
+        }
+        Ok(match token.as_deref() {
+            Some(t) => req.bearer_auth(t),
+            None => req,
+        })
+    }
+
+    fn table_url(&self, table: &Table) -> String {
+        let ident = table.identifier();
+        let enc = |s: &str| url::form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
+        // Namespace levels are joined with the unit separator, as the spec says.
+        let ns = enc(&ident.namespace().join("\u{1f}"));
+        let prefix = self
+            .prefix
+            .as_deref()
+            .map(|p| format!("{}/", p.trim_matches('/')))
+            .unwrap_or_default();
+        format!(
+            "{}/v1/{prefix}namespaces/{ns}/tables/{}",
+            self.base,
+            enc(ident.name())
+        )
+    }
+
+    pub(super) async fn commit(
+        &self,
+        table: &Table,
+        requirements: Vec<TableRequirement>,
+        updates: Vec<TableUpdate>,
+    ) -> Result<Table, CommitError> {
+        let body = CommitTableRequest {
+            identifier: Some(table.identifier().clone()),
+            requirements,
+            updates,
+        };
+        let req = self
+            .authorize(self.http.post(self.table_url(table)).json(&body))
+            .await?;
+        let resp = match req.send().await {
+            Ok(r) => r,
+            // The request may have reached the server: the caller must look before retrying.
+            Err(e) => {
+                return Err(CommitError::Unknown(crate::sink::iceberg::catalog::scrub(
+                    e.to_string(),
+                    &self.secrets,
+                )))
+            }
+        };
+        let status = resp.status();
+        if status.is_success() {
+            let r: CommitTableResponse = resp.json().await.map_err(|e| failed(e, &self.secrets))?;
+            return rebuild(table.file_io(), table, r);
+        }
+        let text = resp.text().await.unwrap_or_default();
+        let text: String = text.chars().take(500).collect();
+        match status.as_u16() {
+            409 => Err(CommitError::Conflict(text)),
+            500 | 502 | 503 | 504 => Err(CommitError::Unknown(format!("{status}: {text}"))),
+            _ => Err(CommitError::Failed(format!("{status}: {text}"))),
+        }
+    }
+}
+
+fn rebuild(io: &FileIO, table: &Table, r: CommitTableResponse) -> Result<Table, CommitError> {
+    Table::builder()
+        .file_io(io.clone())
+        .metadata(r.metadata)
+        .metadata_location(r.metadata_location)
+        .identifier(table.identifier().clone())
+        .runtime(iceberg::Runtime::try_current()?)
+        .build()
+        .map_err(CommitError::from)
+}

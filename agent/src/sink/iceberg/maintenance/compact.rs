@@ -1,0 +1,249 @@
+//! Compaction: a partition's small data files are read back in change order and rewritten
+//! into files near `target_file_size`, committed as one `replace` snapshot. Rows stream from
+//! the readers to the writer a batch at a time, so memory stays bounded by a row group, not
+//! the partition. A commit that races the stream's appends is staged again on the new state
+//! (appends never remove the files compaction replaces); any other conflict drops the
+//! rewrite and deletes its files, so a row is never lost or written twice.
+
+use std::collections::{HashMap, HashSet};
+
+use futures::TryStreamExt;
+use iceberg::spec::{DataFile, Operation, PrimitiveLiteral, Struct};
+use iceberg::table::Table;
+
+use super::reach::LiveFile;
+use super::{MaintenanceError, Settings};
+use crate::config::MaintenanceConfig;
+use crate::sink::iceberg::commit::{Change, CommitError};
+use crate::sink::iceberg::writer::OpenFiles;
+
+/// Input files one compaction of a partition takes at most (the rest wait for the next run).
+const MAX_INPUT_FILES: usize = 2_000;
+/// Snapshot-summary property marking the agent's maintenance commits.
+pub const MAINTENANCE_PROPERTY: &str = "philotes.maintenance";
+
+/// One partition to compact: its small files in change order.
+#[derive(Debug)]
+pub(super) struct PartitionPlan {
+    /// Input files, ordered by their first `(_cdc_lsn, _cdc_seq)`.
+    pub files: Vec<DataFile>,
+}
+
+fn is_small(f: &DataFile, cfg: &MaintenanceConfig) -> bool {
+    // Files within a quarter of the target are done; compacting them again gains nothing.
+    f.file_size_in_bytes() < cfg.target_file_size * 3 / 4
+}
+
+/// Small data files in all partitions.
+pub(super) fn small_files(files: &[LiveFile], cfg: &MaintenanceConfig) -> usize {
+    files
+        .iter()
+        .filter(|f| f.is_data && is_small(&f.file, cfg))
+        .count()
+}
+
+/// `(lower, upper)` of a long column from a file's statistics.
+fn bounds(f: &DataFile, field: Option<i32>) -> Option<(i64, i64)> {
+    let id = field?;
+    let get = |d: Option<&iceberg::spec::Datum>| match d.map(|d| d.literal()) {
+        Some(PrimitiveLiteral::Long(v)) => Some(*v),
+        Some(PrimitiveLiteral::Int(v)) => Some(i64::from(*v)),
+        _ => None,
+    };
+    Some((
+        get(f.lower_bounds().get(&id))?,
+        get(f.upper_bounds().get(&id))?,
+    ))
+}
+
+/// The partitions worth compacting now.
+pub(super) fn plan(
+    table: &Table,
+    files: &[LiveFile],
+    cfg: &MaintenanceConfig,
+) -> Vec<PartitionPlan> {
+    let md = table.metadata();
+    let spec_id = md.default_partition_spec_id();
+    let schema = md.current_schema();
+    let lsn = schema.field_id_by_name("_cdc_lsn");
+    let seq = schema.field_id_by_name("_cdc_seq");
+    let mut by_partition: HashMap<Struct, Vec<&DataFile>> = HashMap::new();
+    for f in files {
+        if f.is_data && f.spec_id == spec_id && is_small(&f.file, cfg) {
+            by_partition
+                .entry(f.file.partition().clone())
+                .or_default()
+                .push(&f.file);
+        }
+    }
+    let mut out = Vec::new();
+    for (_, mut group) in by_partition {
+        if group.len() < cfg.min_input_files as usize {
+            continue;
+        }
+        // Change order: each file is in order inside (it was written so); files follow each
+        // other by their first (_cdc_lsn, _cdc_seq).
+        let key = |f: &DataFile| {
+            (
+                bounds(f, lsn).map(|b| b.0).unwrap_or(i64::MIN),
+                bounds(f, seq).map(|b| b.0).unwrap_or(i64::MIN),
+                f.file_path().to_string(),
+            )
+        };
+        group.sort_by_key(|f| key(f));
+        // Keep the longest prefix whose files do not overlap in change order: concatenating
+        // them keeps the order inside the output file.
+        let mut chosen: Vec<DataFile> = Vec::new();
+        let mut last_end: Option<(i64, i64)> = None;
+        for f in group {
+            let start = (bounds(f, lsn).map(|b| b.0), bounds(f, seq).map(|b| b.0));
+            let end = (bounds(f, lsn).map(|b| b.1), bounds(f, seq).map(|b| b.1));
+            let ordered = match (start, end) {
+                ((Some(l0), Some(s0)), (Some(l1), Some(s1))) => {
+                    let ok = last_end.is_none_or(|e| (l0, s0) > e);
+                    if ok {
+                        last_end = Some((l1, s1));
+                    }
+                    ok
+                }
+                // No change columns (not a changelog): any order will do.
+                _ => lsn.is_none(),
+            };
+            if !ordered || chosen.len() >= MAX_INPUT_FILES {
+                break;
+            }
+            chosen.push(f.clone());
+        }
+        if chosen.len() >= cfg.min_input_files as usize {
+            out.push(PartitionPlan { files: chosen });
+        }
+    }
+    out
+}
+
+/// Compact every partition the plan names, one `replace` snapshot each.
+pub(super) async fn run(
+    committer: &super::Committer,
+    table: &Table,
+    settings: &Settings,
+) -> Result<(u64, String), MaintenanceError> {
+    let cfg = &settings.config;
+    let live = super::reach::live_files(table).await?;
+    let plans = plan(table, &live, cfg);
+    if plans.is_empty() {
+        return Ok((0, "no partition has enough small files".into()));
+    }
+    let inputs: usize = plans.iter().map(|p| p.files.len()).sum();
+    if settings.dry_run {
+        return Ok((
+            0,
+            format!(
+                "would rewrite {inputs} small files in {} partitions",
+                plans.len()
+            ),
+        ));
+    }
+    let mut table = table.clone();
+    let (mut rewritten, mut written) = (0usize, 0usize);
+    for p in plans {
+        let (t, outputs) = compact_partition(committer, &table, &p, cfg).await?;
+        table = t;
+        rewritten += p.files.len();
+        written += outputs;
+    }
+    // The replaced files stay readable through the snapshots before the rewrite (time
+    // travel) until expiry deletes them with those snapshots.
+    Ok((0, format!("rewrote {rewritten} small files into {written}")))
+}
+
+async fn compact_partition(
+    committer: &super::Committer,
+    table: &Table,
+    plan: &PartitionPlan,
+    cfg: &MaintenanceConfig,
+) -> Result<(Table, usize), MaintenanceError> {
+    let Some(snapshot) = table.metadata().current_snapshot_id() else {
+        return Ok((table.clone(), 0));
+    };
+    let order: HashMap<&str, usize> = plan
+        .files
+        .iter()
+        .enumerate()
+        .map(|(i, f)| (f.file_path(), i))
+        .collect();
+    let mut tasks: Vec<_> = table
+        .scan()
+        .snapshot_id(snapshot)
+        .build()?
+        .plan_files()
+        .await?
+        .try_filter(|t| futures::future::ready(order.contains_key(t.data_file_path())))
+        .try_collect()
+        .await?;
+    if tasks.len() != plan.files.len() {
+        return Err(MaintenanceError::Read(format!(
+            "planned {} files, the scan found {}",
+            plan.files.len(),
+            tasks.len()
+        )));
+    }
+    tasks.sort_by_key(|t| order.get(t.data_file_path()).copied().unwrap_or(usize::MAX));
+    // One file at a time, in order: the output keeps the change order.
+    let mut batches = table
+        .reader_builder()
+        .with_data_file_concurrency_limit(1)
+        .build()
+        .read(Box::pin(futures::stream::iter(tasks.into_iter().map(Ok))))?
+        .stream();
+    let mut out = OpenFiles::open_sized(table, Some(cfg.target_file_size as usize));
+    let mut rows = 0u64;
+    while let Some(batch) = batches.try_next().await? {
+        rows += batch.num_rows() as u64;
+        out.send(batch)
+            .await
+            .map_err(|e| MaintenanceError::Write(e.to_string()))?;
+    }
+    let written = out
+        .close()
+        .await
+        .map_err(|e| MaintenanceError::Write(e.to_string()))?;
+    let expected: u64 = plan.files.iter().map(|f| f.record_count()).sum();
+    let delete_written = |files: &[DataFile]| {
+        let io = table.file_io().clone();
+        let paths: Vec<String> = files.iter().map(|f| f.file_path().to_string()).collect();
+        async move {
+            for p in paths {
+                let _ = io.delete(&p).await;
+            }
+        }
+    };
+    let written_rows: u64 = written.iter().map(|f| f.record_count()).sum();
+    if rows != expected || written_rows != expected {
+        delete_written(&written).await;
+        return Err(MaintenanceError::Write(format!(
+            "read {rows} and wrote {written_rows} rows of {expected}: rewrite dropped"
+        )));
+    }
+    // No `philotes.lsn` here: the stream's checkpoint is the table property (and the
+    // summaries of its own appends); a rewrite changes no row.
+    let summary = HashMap::from([(MAINTENANCE_PROPERTY.to_string(), "compact".to_string())]);
+    let change = Change {
+        operation: Operation::Replace,
+        added: written.clone(),
+        removed: plan
+            .files
+            .iter()
+            .map(|f| f.file_path().to_string())
+            .collect::<HashSet<_>>(),
+        summary,
+        properties: HashMap::new(),
+    };
+    match committer.commit_snapshot(table, &change, 5).await {
+        Ok((t, _)) => Ok((t, written.len())),
+        Err(e @ CommitError::Unknown(_)) => Err(e.into()),
+        Err(e) => {
+            delete_written(&written).await;
+            Err(e.into())
+        }
+    }
+}
