@@ -199,7 +199,7 @@ fn a_longer_demo_commits_every_generated_change_and_its_snippets_agree() {
         .filter_map(|pair| {
             pair.rsplit(", ")
                 .next()?
-                .trim_end_matches(|c| c == ')' || c == ']' || c == '\n')
+                .trim_end_matches([')', ']', '\n'])
                 .parse::<u64>()
                 .ok()
         })

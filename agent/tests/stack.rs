@@ -32,6 +32,10 @@ fn valid_env_names() -> Vec<String> {
     let ice = serde_json::to_value(IcebergConfig::default()).unwrap();
     add("ICEBERG_S3_", ice["s3"].clone());
     add("ICEBERG_", ice);
+    add(
+        "MAINTENANCE_",
+        serde_json::to_value(philotes::config::MaintenanceConfig::default()).unwrap(),
+    );
     names
 }
 
@@ -72,7 +76,13 @@ async fn dashboard_collector_and_dockerfile_match_the_agent() {
         .unwrap();
     let work = Workdir::new();
     let port = free_port().unwrap();
-    let cfg = work.config(&pg.url("app"), &["t"], "", "");
+    // Maintenance at work too, for the "Table health" row.
+    let cfg = work.config(
+        &pg.url("app"),
+        &["t"],
+        "",
+        "[maintenance]\ninterval = \"1s\"\nsnapshot_retention = \"1s\"\nretain_last = 1\nmin_input_files = 2\n",
+    );
     let text = std::fs::read_to_string(&cfg).unwrap().replace(
         "listen = \"127.0.0.1:0\"",
         &format!("listen = \"127.0.0.1:{port}\""),
@@ -92,6 +102,24 @@ async fn dashboard_collector_and_dockerfile_match_the_agent() {
     wait_for(Duration::from_secs(60), "dead letter committed", || async {
         let v = agent.api_json("/api/v1/pipelines/p").await?;
         (v["dlq_rows"] == 1 && v["buffered_events"] == 0).then_some(())
+    })
+    .await;
+    for i in 0..3 {
+        db.batch_execute(&format!("INSERT INTO t VALUES ({}, 1)", 2000 + i))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    wait_for(Duration::from_secs(60), "maintenance metrics", || async {
+        let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        (text.contains("philotes_iceberg_files_removed_total")
+            && text.contains("philotes_iceberg_maintenance_duration_seconds_bucket"))
+        .then_some(())
     })
     .await;
     for p in ["/api/v1/pipelines", "/api/v1/pipelines/p/tables", "/nope"] {

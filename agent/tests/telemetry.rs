@@ -54,6 +54,21 @@ const CONTRACT: &[(&str, &[&str])] = &[
     ("philotes_buffer_batches_total", &["source", "status"]),
     ("philotes_buffer_events_processed_total", &["source"]),
     ("philotes_buffer_dlq_total", &["source"]),
+    ("philotes_iceberg_table_data_files", &["source", "table"]),
+    ("philotes_iceberg_table_snapshots", &["source", "table"]),
+    (
+        "philotes_iceberg_table_metadata_bytes",
+        &["source", "table"],
+    ),
+    (
+        "philotes_iceberg_maintenance_total",
+        &["source", "table", "action", "status"],
+    ),
+    (
+        "philotes_iceberg_maintenance_duration_seconds_bucket",
+        &["source", "table", "action", "le"],
+    ),
+    ("philotes_iceberg_files_removed_total", &["source", "table"]),
     ("process_cpu_seconds_total", &[]),
     ("process_resident_memory_bytes", &[]),
     ("process_open_fds", &[]),
@@ -162,9 +177,27 @@ async fn scrape(addr: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prometheus_scrapes_the_agent_and_promtool_is_clean() {
-    let (_pg, db, work, agent, addr) = setup("").await;
-    let made = workload(&db).await;
+    // Maintenance every second, so the table-health series exist.
+    let (_pg, db, work, agent, addr) = setup(
+        "[maintenance]\ninterval = \"1s\"\nsnapshot_retention = \"1s\"\nretain_last = 1\nmin_input_files = 2\n",
+    )
+    .await;
+    let mut made = workload(&db).await;
+    for i in 0..3 {
+        db.batch_execute(&format!("INSERT INTO t VALUES ({}, 1)", 5000 + i))
+            .await
+            .unwrap();
+        made += 1;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
     wait_committed(&agent, made).await;
+    wait_for(Duration::from_secs(60), "maintenance series", || async {
+        let text = scrape(&addr).await;
+        (text.contains("philotes_iceberg_files_removed_total")
+            && text.contains("philotes_iceberg_maintenance_duration_seconds_bucket"))
+        .then_some(())
+    })
+    .await;
     // An API call, so the philotes_api_* series exist.
     assert!(agent.api_json("/api/v1/pipelines").await.is_some());
 

@@ -6,9 +6,9 @@ use std::collections::{HashMap, HashSet};
 
 use iceberg::io::FileIO;
 use iceberg::spec::{
-    DataFile, ManifestContentType, ManifestFile, ManifestListWriter, ManifestWriterBuilder,
-    Operation, Snapshot, SnapshotReference, SnapshotRetention, Summary, MAIN_BRANCH,
-    UNASSIGNED_SEQUENCE_NUMBER,
+    DataFile, ManifestContentType, ManifestFile, ManifestListWriter, ManifestWriter,
+    ManifestWriterBuilder, Operation, Snapshot, SnapshotReference, SnapshotRetention, Summary,
+    MAIN_BRANCH, UNASSIGNED_SEQUENCE_NUMBER,
 };
 use iceberg::table::Table;
 use iceberg::{TableRequirement, TableUpdate};
@@ -121,8 +121,10 @@ pub async fn stage(base: &Table, change: &Change) -> Result<Staged, CommitError>
     let (mut removed_deletes, mut removed_pos) = (0i64, 0i64);
     if let Some(cur) = parent {
         let list = base.manifest_list_reader(cur).load().await.map_err(fail)?;
-        let mut n = 2;
         let entries: Vec<ManifestFile> = list.consume_entries().into_iter().collect();
+        // Touched manifests are merged into one per (content, spec): a compaction that
+        // touches a manifest per small commit leaves one manifest, not as many new ones.
+        let mut merged: HashMap<(bool, i32), (String, ManifestWriter)> = HashMap::new();
         for mf in entries {
             // A manifest with no live entry only records deletions of its own snapshot.
             if mf.added_files_count == Some(0) && mf.existing_files_count == Some(0) {
@@ -141,19 +143,26 @@ pub async fn stage(base: &Table, change: &Change) -> Result<Staged, CommitError>
                 manifests.push(mf);
                 continue;
             }
-            let meta = manifest.metadata();
-            let path = format!("{location}/metadata/{commit_id}-m{n}.avro");
-            n += 1;
-            let builder = ManifestWriterBuilder::new(
-                io.new_output(&path).map_err(fail)?,
-                Some(snapshot_id),
-                meta.schema.clone(),
-                meta.partition_spec.clone(),
-            );
-            let mut w = if mf.content == ManifestContentType::Data {
-                builder.build_v2_data()
-            } else {
-                builder.build_v2_deletes()
+            let data = mf.content == ManifestContentType::Data;
+            let key = (data, mf.partition_spec_id);
+            if !merged.contains_key(&key) {
+                let meta = manifest.metadata();
+                let path = format!("{location}/metadata/{commit_id}-m{}.avro", 2 + merged.len());
+                let builder = ManifestWriterBuilder::new(
+                    io.new_output(&path).map_err(fail)?,
+                    Some(snapshot_id),
+                    meta.schema.clone(),
+                    meta.partition_spec.clone(),
+                );
+                let w = if data {
+                    builder.build_v2_data()
+                } else {
+                    builder.build_v2_deletes()
+                };
+                merged.insert(key, (path, w));
+            }
+            let Some((_, w)) = merged.get_mut(&key) else {
+                continue;
             };
             for e in manifest.entries() {
                 if !e.is_alive() {
@@ -184,6 +193,8 @@ pub async fn stage(base: &Table, change: &Change) -> Result<Staged, CommitError>
                     .map_err(fail)?;
                 }
             }
+        }
+        for (_, (path, w)) in merged {
             written.push(path);
             manifests.push(w.write_manifest_file().await.map_err(fail)?);
         }

@@ -91,8 +91,9 @@ pub(super) fn plan(
             )
         };
         group.sort_by_key(|f| key(f));
-        // Keep the longest prefix whose files do not overlap in change order: concatenating
-        // them keeps the order inside the output file.
+        // Keep a chain of files that do not overlap in change order (a file whose range
+        // overlaps the chain waits for a later run): concatenating them keeps the order
+        // inside the output file, with one input open at a time.
         let mut chosen: Vec<DataFile> = Vec::new();
         let mut last_end: Option<(i64, i64)> = None;
         for f in group {
@@ -109,10 +110,12 @@ pub(super) fn plan(
                 // No change columns (not a changelog): any order will do.
                 _ => lsn.is_none(),
             };
-            if !ordered || chosen.len() >= MAX_INPUT_FILES {
+            if chosen.len() >= MAX_INPUT_FILES {
                 break;
             }
-            chosen.push(f.clone());
+            if ordered {
+                chosen.push(f.clone());
+            }
         }
         if chosen.len() >= cfg.min_input_files as usize {
             out.push(PartitionPlan { files: chosen });

@@ -1,0 +1,384 @@
+//! Table maintenance against real components: compaction and snapshot expiry while the stream
+//! keeps committing, read back by PyIceberg and DuckDB; every referenced file exists; time
+//! travel to retained snapshots; another writer appending meanwhile; SIGKILL during
+//! maintenance; `philotes maintain --dry-run` changes nothing.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+
+/// Aggressive maintenance: every second, compaction from 4 small files, snapshots older than
+/// 2 s expire (the newest 3 stay), 3 previous metadata files.
+const MAINTENANCE: &str = "[maintenance]\ninterval = \"1s\"\nsnapshot_retention = \"2s\"\nretain_last = 3\nmetadata_versions = 3\nmin_input_files = 4\n";
+
+const DDL: &str = "CREATE TABLE t (id int PRIMARY KEY, s text, n bigint)";
+
+/// `tests/py/health.py` on `ns.<table>`.
+fn health(work: &Workdir, table: &str, time_travel: bool) -> Value {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/py/health.py");
+    let mut cmd = Command::new(python());
+    cmd.arg(script)
+        .arg("--catalog-db")
+        .arg(work.catalog_db())
+        .arg("--warehouse")
+        .arg(work.warehouse())
+        .args(["--table", table]);
+    if time_travel {
+        cmd.arg("--time-travel");
+    }
+    let out = cmd.output().expect("health.py");
+    assert!(
+        out.status.success(),
+        "health.py: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("health.py JSON")
+}
+
+/// Every file under `dir` with its size (to prove a dry run touched nothing).
+fn listing(dir: &Path) -> BTreeMap<String, u64> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let m = e.metadata().unwrap();
+            if m.is_dir() {
+                stack.push(e.path());
+            } else {
+                out.insert(e.path().display().to_string(), m.len());
+            }
+        }
+    }
+    out
+}
+
+/// `n` small transactions (insert two, update one, delete one every third), each its own
+/// commit; returns the changelog rows they make.
+async fn trickle(db: &tokio_postgres::Client, from: i32, n: i32) -> u64 {
+    let mut rows = 0;
+    for i in from..from + n {
+        let mut sql = format!(
+            "BEGIN; INSERT INTO t VALUES ({a}, 'a', {a}), ({b}, 'b', {b}); UPDATE t SET n = n + 1 WHERE id = {a};",
+            a = 2 * i,
+            b = 2 * i + 1
+        );
+        rows += 3;
+        if i % 3 == 0 {
+            sql.push_str(&format!("DELETE FROM t WHERE id = {};", 2 * i + 1));
+            rows += 1;
+        }
+        sql.push_str("COMMIT;");
+        db.batch_execute(&sql).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(350)).await;
+    }
+    rows
+}
+
+fn state_query() -> &'static str {
+    "SELECT id, s, n FROM t"
+}
+
+fn check_exact(work: &Workdir, pg: &TestPg, rows: u64) {
+    let conninfo = pg.conninfo("app");
+    let v = verify(
+        work,
+        "ns.t",
+        &[
+            "--duckdb",
+            "--pg-conninfo",
+            &conninfo,
+            "--pg-query",
+            state_query(),
+        ],
+    );
+    assert_eq!(v["rows"], rows, "{v}");
+    assert_eq!(v["unique"], true, "{v}");
+    assert_eq!(v["duckdb_equal"], true, "{v}");
+    assert_eq!(v["state_equal"], true, "{}", v["state_diff"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compaction_and_expiry_keep_every_row_and_bound_the_table() {
+    let pg = TestPg::start();
+    let db = pg.create_db("app").await;
+    db.batch_execute(DDL).await.unwrap();
+    let work = Workdir::new();
+    let cfg = work.config(&pg.url("app"), &["t"], "", MAINTENANCE);
+    let log = work.path().join("agent.log");
+    let agent = AgentProc::start(&cfg, &log);
+    agent.wait_streaming().await;
+    let rows = trickle(&db, 0, 40).await;
+    wait_rows(&work, "ns.t", rows, 60).await;
+    // The debt is paid off while the table is quiet: few files, few snapshots.
+    let h = wait_for(
+        Duration::from_secs(60),
+        "a compacted, expired table",
+        || async {
+            let h = health(&work, "ns.t", false);
+            (h["data_files"].as_u64()? <= 4 && h["snapshots"].as_u64()? <= 4).then_some(h)
+        },
+    )
+    .await;
+    assert_eq!(
+        h["missing"],
+        serde_json::json!([]),
+        "dangling references: {h}"
+    );
+    assert!(
+        h["metadata_files_on_disk"].as_u64().unwrap() <= 3 + 2,
+        "metadata files bounded by metadata_versions: {h}"
+    );
+    let text = agent.log_text();
+    assert!(
+        text.contains("maintenance: rewrote"),
+        "compaction ran: {text}"
+    );
+    assert!(text.contains("maintenance: expired"), "expiry ran: {text}");
+    check_exact(&work, &pg, rows);
+    // Time travel to every retained snapshot works, the newest reads the whole table.
+    let h = health(&work, "ns.t", true);
+    let tt = h["time_travel_rows"].as_object().unwrap();
+    assert!(!tt.is_empty());
+    assert!(
+        tt.values().any(|n| n.as_u64() == Some(rows)),
+        "the current snapshot by time travel: {h}"
+    );
+    // The contract's table-health series, scraped.
+    let addr = agent.api_addr().unwrap();
+    assert!(
+        metric_value(
+            &addr,
+            "philotes_iceberg_maintenance_total",
+            "action=\"compact\",source=\"p\",status=\"ok\""
+        )
+        .await
+            >= 1.0
+    );
+    assert!(
+        metric_value(
+            &addr,
+            "philotes_iceberg_files_removed_total",
+            "table=\"ns.t\""
+        )
+        .await
+            >= 1.0
+    );
+    assert!(
+        metric_value(&addr, "philotes_iceberg_table_data_files", "table=\"ns.t\"").await >= 1.0
+    );
+    assert!(metric_value(&addr, "philotes_iceberg_table_snapshots", "table=\"ns.t\"").await >= 1.0);
+    assert!(
+        metric_value(
+            &addr,
+            "philotes_iceberg_table_metadata_bytes",
+            "table=\"ns.t\""
+        )
+        .await
+            > 100.0
+    );
+    assert_eq!(agent.terminate(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_writer_appending_while_the_agent_compacts_keeps_both_writers_rows() {
+    let pg = TestPg::start();
+    let db = pg.create_db("app").await;
+    db.batch_execute(DDL).await.unwrap();
+    let work = Workdir::new();
+    let cfg = work.config(&pg.url("app"), &["t"], "", MAINTENANCE);
+    let agent = AgentProc::start(&cfg, &work.path().join("agent.log"));
+    agent.wait_streaming().await;
+    let first = trickle(&db, 0, 12).await;
+    wait_rows(&work, "ns.t", first, 60).await;
+    let compactions_before = agent.log_text().matches("maintenance: rewrote").count();
+    // PyIceberg appends as another writer would, retrying its own conflicts, while the
+    // agent streams and compacts.
+    let other = tokio::task::spawn_blocking({
+        let catalog_db = work.catalog_db();
+        let warehouse = work.warehouse();
+        move || {
+            let code = format!(
+                "import pyarrow as pa, datetime, time\n\
+                 from pyiceberg.catalog.sql import SqlCatalog\n\
+                 c = SqlCatalog('philotes', uri='sqlite:///{db}', warehouse='file://{wh}')\n\
+                 done = 0\n\
+                 for i in range(8):\n\
+                 \x20   for attempt in range(20):\n\
+                 \x20       try:\n\
+                 \x20           t = c.load_table('ns.t')\n\
+                 \x20           row = {{'id': [900000 + i], 's': ['other writer'], 'n': [i], '_cdc_op': ['I'], '_cdc_lsn': [1], '_cdc_seq': [i],\n\
+                 \x20                  '_cdc_ts': [datetime.datetime.now(datetime.timezone.utc)], '_cdc_unchanged': [[]]}}\n\
+                 \x20           t.append(pa.Table.from_pydict(row, schema=t.schema().as_arrow()))\n\
+                 \x20           done += 1\n\
+                 \x20           break\n\
+                 \x20       except Exception as e:\n\
+                 \x20           time.sleep(0.2)\n\
+                 \x20   time.sleep(0.5)\n\
+                 print(done)\n",
+                db = catalog_db.display(),
+                wh = warehouse.display()
+            );
+            run_cmd(Command::new(python()).arg("-c").arg(code))
+        }
+    });
+    let second = trickle(&db, 100, 16).await;
+    let (code, out) = other.await.unwrap();
+    assert_eq!(code, 0, "{out}");
+    // (PyIceberg also deletes metadata files dropped from the log; when the agent was first
+    // it warns on stderr that the file is gone.)
+    assert_eq!(
+        out.lines().next().map(str::trim),
+        Some("8"),
+        "the other writer appended every row: {out}"
+    );
+    wait_rows(&work, "ns.t", first + second + 8, 60).await;
+    // Let maintenance run over both writers' files, then read everything back.
+    // Compaction ran while both wrote (the other writer's rows sort before the agent's, so
+    // its files may wait for a later run: no file count is promised here).
+    let compactions = agent.log_text().matches("maintenance: rewrote").count();
+    assert!(
+        compactions > compactions_before,
+        "compaction ran while the other writer appended"
+    );
+    let (code, out) = pyiceberg(
+        &work,
+        "t = c.load_table('ns.t').scan().to_arrow().to_pylist()\n\
+         others = [r for r in t if r['s'] == 'other writer']\n\
+         ours = [(r['_cdc_lsn'], r['_cdc_seq']) for r in t if r['s'] != 'other writer']\n\
+         print(len(t), len(others), len(set(r['id'] for r in others)), len(ours), len(set(ours)))\n",
+    );
+    assert_eq!(code, 0, "{out}");
+    let n: Vec<u64> = out.split_whitespace().map(|x| x.parse().unwrap()).collect();
+    assert_eq!(
+        n,
+        vec![first + second + 8, 8, 8, first + second, first + second],
+        "{out}"
+    );
+    let h = health(&work, "ns.t", false);
+    assert_eq!(h["missing"], serde_json::json!([]), "{h}");
+    assert_eq!(agent.terminate(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_during_maintenance_loses_and_duplicates_nothing() {
+    let pg = TestPg::start();
+    let db = pg.create_db("app").await;
+    db.batch_execute(DDL).await.unwrap();
+    let work = Workdir::new();
+    let cfg = work.config(&pg.url("app"), &["t"], "", MAINTENANCE);
+    let log = work.path().join("agent.log");
+    let mut rows = 0;
+    // Each round: stream a burst of small commits, then kill the agent while maintenance is
+    // busy with them (compaction starts at 4 small files, expiry after 2 s).
+    for round in 0..4 {
+        let agent = AgentProc::start(&cfg, &log);
+        agent.wait_streaming().await;
+        rows += trickle(&db, round * 100, 10).await;
+        let before = agent.log_text().matches("maintenance:").count();
+        wait_for(Duration::from_secs(30), "maintenance at work", || async {
+            (agent.log_text().matches("maintenance:").count() > before).then_some(())
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(150 + 300 * round as u64)).await;
+        agent.kill9();
+    }
+    let agent = AgentProc::start(&cfg, &log);
+    agent.wait_streaming().await;
+    wait_rows(&work, "ns.t", rows, 90).await;
+    let h = wait_for(Duration::from_secs(60), "maintenance settles", || async {
+        let h = health(&work, "ns.t", false);
+        (h["data_files"].as_u64()? <= 4).then_some(h)
+    })
+    .await;
+    assert_eq!(
+        h["missing"],
+        serde_json::json!([]),
+        "dangling references: {h}"
+    );
+    check_exact(&work, &pg, rows);
+    assert_eq!(agent.terminate(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn maintain_dry_run_changes_nothing_and_maintain_does_the_work() {
+    let pg = TestPg::start();
+    let db = pg.create_db("app").await;
+    db.batch_execute(DDL).await.unwrap();
+    let work = Workdir::new();
+    // The agent leaves maintenance to the operator.
+    let cfg = work.config(
+        &pg.url("app"),
+        &["t"],
+        "",
+        "[maintenance]\nenabled = false\nsnapshot_retention = \"1s\"\nretain_last = 1\nmin_input_files = 4\nmetadata_versions = 3\n",
+    );
+    let agent = AgentProc::start(&cfg, &work.path().join("agent.log"));
+    agent.wait_streaming().await;
+    let rows = trickle(&db, 0, 12).await;
+    wait_rows(&work, "ns.t", rows, 60).await;
+    assert_eq!(agent.terminate(), Some(0));
+    let before = health(&work, "ns.t", false);
+    assert!(before["data_files"].as_u64().unwrap() >= 8, "{before}");
+    // Hygiene still applies on every commit with maintenance off: old metadata files go.
+    assert!(
+        before["metadata_files_on_disk"].as_u64().unwrap() <= 3 + 2,
+        "{before}"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let files = listing(&work.warehouse());
+    let catalog = std::fs::read(work.catalog_db()).unwrap();
+    let (code, out) = run_cmd(
+        Command::new(philotes_bin())
+            .args(["maintain", "--dry-run", "--config"])
+            .arg(&cfg),
+    );
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("ns.t\tcompact\tok\twould rewrite"), "{out}");
+    assert!(out.contains("ns.t\texpire\tok\twould expire"), "{out}");
+    assert_eq!(
+        listing(&work.warehouse()),
+        files,
+        "a dry run wrote or deleted files"
+    );
+    assert_eq!(
+        std::fs::read(work.catalog_db()).unwrap(),
+        catalog,
+        "a dry run committed"
+    );
+
+    let (code, out) = run_cmd(
+        Command::new(philotes_bin())
+            .args(["maintain", "--table", "ns.t", "--config"])
+            .arg(&cfg),
+    );
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("ns.t\tcompact\tok\trewrote"), "{out}");
+    assert!(out.contains("ns.t\texpire\tok\texpired"), "{out}");
+    let after = health(&work, "ns.t", true);
+    assert!(
+        after["data_files"].as_u64().unwrap() < before["data_files"].as_u64().unwrap(),
+        "{after}"
+    );
+    assert_eq!(after["snapshots"], 1, "{after}");
+    assert_eq!(after["missing"], serde_json::json!([]), "{after}");
+    assert!(
+        listing(&work.warehouse()).len() < files.len(),
+        "replaced files and expired manifests were deleted"
+    );
+    check_exact(&work, &pg, rows);
+
+    // Unknown names are usage errors.
+    let (code, out) = run_cmd(
+        Command::new(philotes_bin())
+            .args(["maintain", "--pipeline", "nope", "--config"])
+            .arg(&cfg),
+    );
+    assert_eq!(code, 2, "{out}");
+}
