@@ -65,17 +65,19 @@ impl Agent {
         }
         if cfg.maintenance.enabled {
             crate::sink::iceberg::maintenance::set_store_config(&cfg.iceberg);
-            let committer = Committer::open(&cfg.iceberg, catalog.clone())
-                .await
-                .map_err(|e| {
-                    AgentError::Sink(crate::sink::iceberg::SinkError::Catalog(e.to_string()))
-                })?;
-            tasks.push(tokio::spawn(crate::maintenance::run_loop(
-                cfg.clone(),
-                committer,
-                telemetry.metrics.clone(),
-                shutdown_rx.clone(),
-            )));
+            // Streaming does not depend on maintenance: a committer that cannot start is
+            // logged, and the pipelines run without it.
+            match Committer::open(&cfg.iceberg, catalog.clone()).await {
+                Ok(committer) => tasks.push(tokio::spawn(crate::maintenance::run_loop(
+                    cfg.clone(),
+                    committer,
+                    telemetry.metrics.clone(),
+                    shutdown_rx.clone(),
+                ))),
+                Err(e) => tracing::error!(
+                    "table maintenance cannot start, tables will not be maintained: {e}"
+                ),
+            }
         }
         let mut api_addr = None;
         if cfg.api.enabled {

@@ -168,6 +168,9 @@ pub async fn run_loop(
             }
             let key = ident.to_string();
             if let Ok(table) = committer.catalog().load_table(&ident).await {
+                if !maintenance::is_ours(&table) {
+                    continue;
+                }
                 if let Ok(h) = maintenance::health(&table, &settings.config).await {
                     TableHealthMeasured {
                         source: &source,

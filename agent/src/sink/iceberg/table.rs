@@ -118,6 +118,9 @@ fn has_properties(table: &Table, props: &[(&str, &str)]) -> bool {
     false
 }
 
+/// Table property marking the tables the agent created (the ones its maintenance looks after).
+pub const CREATED_BY_PROPERTY: &str = "philotes.created-by";
+
 /// Table property naming the source table an Iceberg table holds (`schema.table`).
 pub const SOURCE_TABLE_PROPERTY: &str = "philotes.source-table";
 
@@ -155,7 +158,7 @@ impl TableSink {
                             "write.parquet.compression-codec".to_string(),
                             "zstd".to_string(),
                         ),
-                        ("philotes.created-by".to_string(), "philotes".to_string()),
+                        (CREATED_BY_PROPERTY.to_string(), "philotes".to_string()),
                     ])
                     .into_iter()
                     .chain(source.map(|s| (SOURCE_TABLE_PROPERTY.to_string(), s.to_string())))

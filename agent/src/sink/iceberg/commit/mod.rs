@@ -58,14 +58,14 @@ pub struct Committer {
 
 enum Inner {
     Sql(sql::SqlCommitter),
-    Rest(rest::RestCommitter),
+    Rest(Box<rest::RestCommitter>),
 }
 
 impl Committer {
     /// A committer for `[iceberg]`, beside the catalog the agent already opened.
     pub async fn open(cfg: &IcebergConfig, catalog: Arc<dyn Catalog>) -> Result<Self, CommitError> {
         let inner = match cfg.catalog.as_str() {
-            "rest" => Inner::Rest(rest::RestCommitter::new(cfg).await?),
+            "rest" => Inner::Rest(Box::new(rest::RestCommitter::new(cfg).await?)),
             _ => Inner::Sql(sql::SqlCommitter::connect(cfg).await?),
         };
         Ok(Self {

@@ -18,7 +18,10 @@ use crate::config::IcebergConfig;
 pub(super) struct RestCommitter {
     http: reqwest::Client,
     base: String,
-    prefix: Option<String>,
+    warehouse: String,
+    /// Resolved at the first commit: `Some(prefix or none)`.
+    prefix: Mutex<Option<Option<String>>>,
+    configured_prefix: Option<String>,
     token: Mutex<Option<String>>,
     credential: Option<String>,
     oauth2_uri: String,
@@ -31,6 +34,8 @@ fn failed(e: impl std::fmt::Display, secrets: &[String]) -> CommitError {
 }
 
 impl RestCommitter {
+    /// No network yet: a catalog that is down at start must not stop the agent (the pipeline
+    /// retries on its own); the server's `prefix` is asked for at the first commit.
     pub(super) async fn new(cfg: &IcebergConfig) -> Result<Self, CommitError> {
         let secrets = crate::sink::iceberg::catalog::secrets(cfg);
         let http = reqwest::Client::builder()
@@ -38,30 +43,37 @@ impl RestCommitter {
             .build()
             .map_err(|e| failed(e, &secrets))?;
         let base = cfg.uri.trim_end_matches('/').to_string();
-        let me = Self {
+        Ok(Self {
             http,
             oauth2_uri: cfg
                 .oauth2_server_uri
                 .clone()
                 .unwrap_or_else(|| format!("{base}/v1/oauth/tokens")),
             base,
-            prefix: cfg.prefix.clone(),
+            warehouse: cfg.warehouse.clone(),
+            prefix: Mutex::new(None),
+            configured_prefix: cfg.prefix.clone(),
             token: Mutex::new(cfg.token.clone()),
             credential: cfg.credential.clone(),
             scope: cfg.scope.clone().unwrap_or_else(|| "catalog".into()),
             secrets,
-        };
-        // The server's configuration may set the prefix (defaults < ours < its overrides).
-        let mut config_url = format!("{}/v1/config", me.base);
-        if !cfg.warehouse.is_empty() {
+        })
+    }
+
+    /// The path prefix: the server's configuration may set it (defaults < ours < overrides).
+    async fn prefix(&self) -> Result<Option<String>, CommitError> {
+        if let Some(p) = self.prefix.lock().await.clone() {
+            return Ok(p);
+        }
+        let mut config_url = format!("{}/v1/config", self.base);
+        if !self.warehouse.is_empty() {
             let w: String =
-                url::form_urlencoded::byte_serialize(cfg.warehouse.as_bytes()).collect();
+                url::form_urlencoded::byte_serialize(self.warehouse.as_bytes()).collect();
             config_url.push_str(&format!("?warehouse={w}"));
         }
-        let req = me.http.get(config_url);
-        let req = me.authorize(req).await?;
-        let resp = req.send().await.map_err(|e| failed(e, &me.secrets))?;
-        let mut prefix = me.prefix.clone();
+        let req = self.authorize(self.http.get(config_url)).await?;
+        let resp = req.send().await.map_err(|e| failed(e, &self.secrets))?;
+        let mut prefix = self.configured_prefix.clone();
         if resp.status().is_success() {
             #[derive(serde::Deserialize, Default)]
             struct ServerConfig {
@@ -77,7 +89,8 @@ impl RestCommitter {
                 prefix = c.defaults.get("prefix").cloned();
             }
         }
-        Ok(Self { prefix, ..me })
+        *self.prefix.lock().await = Some(prefix.clone());
+        Ok(prefix)
     }
 
     async fn authorize(
@@ -123,14 +136,12 @@ impl RestCommitter {
         })
     }
 
-    fn table_url(&self, table: &Table) -> String {
+    fn table_url(&self, table: &Table, prefix: Option<&str>) -> String {
         let ident = table.identifier();
         let enc = |s: &str| url::form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
         // Namespace levels are joined with the unit separator, as the spec says.
         let ns = enc(&ident.namespace().join("\u{1f}"));
-        let prefix = self
-            .prefix
-            .as_deref()
+        let prefix = prefix
             .map(|p| format!("{}/", p.trim_matches('/')))
             .unwrap_or_default();
         format!(
@@ -151,9 +162,9 @@ impl RestCommitter {
             requirements,
             updates,
         };
-        let req = self
-            .authorize(self.http.post(self.table_url(table)).json(&body))
-            .await?;
+        let prefix = self.prefix().await?;
+        let url = self.table_url(table, prefix.as_deref());
+        let req = self.authorize(self.http.post(url).json(&body)).await?;
         let resp = match req.send().await {
             Ok(r) => r,
             // The request may have reached the server: the caller must look before retrying.

@@ -18,6 +18,34 @@ fn version(path: &str) -> Option<u64> {
     digits.split('-').next()?.parse().ok()
 }
 
+/// Metadata files of a local warehouse that the log no longer lists and that are older than
+/// the oldest one it does: left by commits that lost a race (iceberg-rust's SQL catalog does
+/// not delete the file of a commit that conflicted) or by writers that do not clean up.
+/// Object stores: the orphan sweep finds them (it lists with an age bound).
+pub(super) fn stale_files(table: &Table) -> Vec<String> {
+    let known = hygiene::known_metadata_files(table);
+    let oldest = known.iter().filter_map(|p| version(p)).min().unwrap_or(0);
+    let dir = format!(
+        "{}/metadata",
+        table.metadata().location().trim_end_matches('/')
+    );
+    let local = dir.strip_prefix("file://").unwrap_or(&dir).to_string();
+    let mut stale = Vec::new();
+    if local.contains("://") {
+        return stale;
+    }
+    if let Ok(rd) = std::fs::read_dir(&local) {
+        for e in rd.flatten() {
+            let path = e.path().display().to_string();
+            let is_known = known.contains(&path) || known.contains(&format!("file://{path}"));
+            if !is_known && version(&path).is_some_and(|v| v < oldest) {
+                stale.push(path);
+            }
+        }
+    }
+    stale
+}
+
 pub(super) async fn run(
     committer: &super::Committer,
     table: &Table,
@@ -49,25 +77,7 @@ pub(super) async fn run(
         }
     }
     let known = hygiene::known_metadata_files(&table);
-    let oldest = known.iter().filter_map(|p| version(p)).min().unwrap_or(0);
-    let dir = format!(
-        "{}/metadata",
-        table.metadata().location().trim_end_matches('/')
-    );
-    let local = dir.strip_prefix("file://").unwrap_or(&dir).to_string();
-    let mut stale = Vec::new();
-    if !local.contains("://") {
-        if let Ok(rd) = std::fs::read_dir(&local) {
-            for e in rd.flatten() {
-                let path = e.path().display().to_string();
-                let is_known = known.contains(&path) || known.contains(&format!("file://{path}"));
-                if !is_known && version(&path).is_some_and(|v| v < oldest) {
-                    stale.push(path);
-                }
-            }
-        }
-    }
-    // Object stores: the orphan sweep finds old metadata files (it lists with an age bound).
+    let stale = stale_files(&table);
     let removed = super::delete_files(&table, &stale, settings.dry_run).await;
     notes.push(format!(
         "{} {removed} old metadata files ({} listed)",

@@ -194,6 +194,12 @@ pub async fn maintain(
             return out;
         }
     };
+    // Only the tables the agent created: another engine's table in the same namespace is its
+    // owner's business.
+    if !is_ours(&table) {
+        tracing::debug!(table = %ident, "not created by philotes: no maintenance");
+        return out;
+    }
     let cfg = &settings.config;
     let health = health(&table, cfg).await.unwrap_or_default();
     let expire_due = settings.force || expire::due(&table, cfg);
@@ -205,7 +211,9 @@ pub async fn maintain(
         (Action::Expire, expire_due),
         (
             Action::CleanMetadata,
-            settings.force || !super::hygiene::has_properties(&table, cfg.metadata_versions),
+            settings.force
+                || !super::hygiene::has_properties(&table, cfg.metadata_versions)
+                || !metadata::stale_files(&table).is_empty(),
         ),
         (Action::RemoveOrphans, settings.force || orphans_due),
     ];
@@ -261,6 +269,15 @@ pub async fn maintain(
         });
     }
     out
+}
+
+/// Whether the agent created `table` (`philotes.created-by`).
+pub fn is_ours(table: &Table) -> bool {
+    table
+        .metadata()
+        .properties()
+        .get(super::table::CREATED_BY_PROPERTY)
+        .is_some_and(|v| v == "philotes")
 }
 
 fn failed(action: Action, e: MaintenanceError, started: Instant) -> Outcome {

@@ -1,0 +1,312 @@
+//! Soak benchmark: a steady trickle of one-row transactions, one Iceberg commit each
+//! `flush_interval`, for 20,000 commits with the agent's own maintenance on. Every 1,000
+//! commits it prints the mean commit time of those commits (from the agent's
+//! `philotes_iceberg_commit_duration_seconds`), the current metadata.json size, the metadata
+//! files on disk, the data files on disk and in the current snapshot, and the agent's RSS;
+//! at the end the ratios against the targets of the table-health issue. It never asserts.
+//!
+//! `cargo bench --bench soak` runs 20,000 commits (`-- --commits=N` for another count);
+//! `cargo test --benches` runs a few hundred to check the harness.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use philotes::demo::postgres::{free_port, LocalPgOptions, LocalPostgres};
+
+fn psql(pg: &LocalPostgres, sql: &str) {
+    let st = Command::new("psql")
+        .arg(pg.conninfo("soak"))
+        .args(["-q", "-X", "-c", sql])
+        .stdout(Stdio::null())
+        .status()
+        .expect("psql");
+    assert!(st.success(), "psql: {sql}");
+}
+
+/// Sum of the samples of `name` in a scrape.
+fn metric(scrape: &str, name: &str) -> f64 {
+    scrape
+        .lines()
+        .filter(|l| {
+            l.starts_with(name) && matches!(l.as_bytes().get(name.len()), Some(b'{') | Some(b' '))
+        })
+        .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
+        .sum()
+}
+
+fn scrape(port: u16) -> String {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        match reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await {
+            Ok(r) => r.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        }
+    })
+}
+
+fn streaming(port: u16) -> bool {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let url = format!("http://127.0.0.1:{port}/api/v1/pipelines/soak");
+        match reqwest::get(url).await {
+            Ok(r) => r
+                .json::<serde_json::Value>()
+                .await
+                .is_ok_and(|v| v["state"] == "streaming"),
+            Err(_) => false,
+        }
+    })
+}
+
+fn rss_mb(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0)
+        / 1024.0
+}
+
+/// (bytes of the newest metadata.json, metadata files on disk, Parquet files on disk).
+fn table_files(table_dir: &Path) -> (u64, usize, usize) {
+    let meta = table_dir.join("metadata");
+    let mut newest: Option<(u64, u64)> = None;
+    let mut count = 0;
+    for e in std::fs::read_dir(&meta).into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        if let Some(stem) = name.strip_suffix(".metadata.json") {
+            count += 1;
+            let v: u64 = stem
+                .split('-')
+                .next()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            let size = e.metadata().map(|m| m.len()).unwrap_or(0);
+            if newest.is_none_or(|(nv, _)| v > nv) {
+                newest = Some((v, size));
+            }
+        }
+    }
+    let mut parquet = 0;
+    let mut dirs = vec![table_dir.join("data")];
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            if e.path().is_dir() {
+                dirs.push(e.path());
+            } else if e.path().extension().is_some_and(|x| x == "parquet") {
+                parquet += 1;
+            }
+        }
+    }
+    (newest.map(|(_, s)| s).unwrap_or(0), count, parquet)
+}
+
+struct Row {
+    commits: u64,
+    mean_ms: f64,
+    metadata_kb: f64,
+    metadata_files: usize,
+    live_files: f64,
+    files_on_disk: usize,
+    snapshots: f64,
+    rss: f64,
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let quick = args.iter().any(|a| a == "--quick") || !args.iter().any(|a| a == "--bench");
+    let commits: u64 = args
+        .iter()
+        .find_map(|a| a.strip_prefix("--commits="))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(if quick { 300 } else { 20_000 });
+    let every = if quick { 100 } else { 1_000 };
+    let metadata_versions = 10;
+    let bin = PathBuf::from(env!("CARGO_BIN_EXE_philotes"));
+    let tmp = tempfile::Builder::new()
+        .prefix("philotes-soak")
+        .tempdir()
+        .unwrap();
+    let pg = LocalPostgres::start(&tmp.path().join("pg"), &LocalPgOptions::default())
+        .expect("start PostgreSQL");
+    Command::new("psql")
+        .arg(pg.conninfo("postgres"))
+        .args(["-q", "-c", "CREATE DATABASE soak"])
+        .status()
+        .unwrap();
+    psql(
+        &pg,
+        "CREATE TABLE trickle (id bigserial PRIMARY KEY, n int, s text)",
+    );
+    let port = free_port().unwrap();
+    let wh = tmp.path().join("wh");
+    std::fs::create_dir_all(&wh).unwrap();
+    // A commit every 20 ms (as fast as commits go): 20,000 commits in minutes, not hours.
+    // Retention scaled to that pace: 30 s of snapshots here is ~750, what 1 h holds at one
+    // commit every ~5 s.
+    let cfg = format!(
+        "[api]\nlisten = \"127.0.0.1:{port}\"\n[telemetry]\nlog_level = \"warn\"\n\
+         [iceberg]\nuri = \"sqlite://{w}/catalog.db\"\nwarehouse = \"{w}/warehouse\"\n\
+         [maintenance]\ninterval = \"5s\"\nsnapshot_retention = \"30s\"\nretain_last = 10\nmetadata_versions = {metadata_versions}\n\
+         [[pipelines]]\nname = \"soak\"\nsource = \"{}\"\ntables = [\"trickle\"]\nnamespace = \"soak\"\nflush_interval = \"20ms\"\nsnapshot = \"never\"\n",
+        pg.url("soak", None),
+        w = wh.display(),
+    );
+    std::fs::write(wh.join("philotes.toml"), cfg).unwrap();
+    let mut child = Command::new(&bin)
+        .args(["run", "--config"])
+        .arg(wh.join("philotes.toml"))
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(wh.join("agent.log")).unwrap())
+        .spawn()
+        .expect("spawn philotes");
+    let pid = child.id();
+    // Wait for the API, then for streaming.
+    let started = Instant::now();
+    while !streaming(port) {
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "agent did not start streaming"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // The trickle: one-row transactions, a few per flush.
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let stop = stop.clone();
+        let conninfo = pg.conninfo("soak");
+        std::thread::spawn(move || {
+            let mut psql = Command::new("psql")
+                .arg(conninfo)
+                .args(["-q", "-X"])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::null())
+                .spawn()
+                .expect("psql");
+            let mut stdin = psql.stdin.take().unwrap();
+            use std::io::Write;
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                i += 1;
+                if writeln!(stdin, "INSERT INTO trickle (n, s) VALUES ({i}, 'row {i}');").is_err() {
+                    break;
+                }
+                let _ = stdin.flush();
+                std::thread::sleep(Duration::from_millis(4));
+            }
+            drop(stdin);
+            let _ = psql.wait();
+        })
+    };
+    let table_dir = wh.join("warehouse/soak/trickle");
+    println!(
+        "philotes soak benchmark ({} mode): {commits} commits, flush_interval 20ms, maintenance every 5s (retention 30s, retain_last 10, metadata_versions {metadata_versions})",
+        if quick { "quick" } else { "full" }
+    );
+    println!(
+        "{:>8} {:>12} {:>14} {:>10} {:>12} {:>12} {:>10} {:>8}",
+        "commits",
+        "mean ms",
+        "metadata kB",
+        "md files",
+        "live files",
+        "files disk",
+        "snapshots",
+        "RSS MB"
+    );
+    let mut rows: Vec<Row> = Vec::new();
+    let (mut last_sum, mut last_count) = (0.0, 0.0);
+    let mut next = every;
+    let deadline = Instant::now() + Duration::from_secs(if quick { 300 } else { 4 * 3600 });
+    let mut rss_start = 0.0;
+    loop {
+        std::thread::sleep(Duration::from_millis(250));
+        let s = scrape(port);
+        let count = metric(&s, "philotes_iceberg_commit_duration_seconds_count");
+        if rss_start == 0.0 && count >= 1.0 {
+            rss_start = rss_mb(pid);
+        }
+        if count < next as f64 {
+            if Instant::now() > deadline {
+                println!("stopped at the deadline after {count} commits");
+                break;
+            }
+            continue;
+        }
+        let sum = metric(&s, "philotes_iceberg_commit_duration_seconds_sum");
+        let (md_bytes, md_files, on_disk) = table_files(&table_dir);
+        let row = Row {
+            commits: count as u64,
+            mean_ms: (sum - last_sum) / (count - last_count).max(1.0) * 1000.0,
+            metadata_kb: md_bytes as f64 / 1024.0,
+            metadata_files: md_files,
+            live_files: metric(&s, "philotes_iceberg_table_data_files"),
+            files_on_disk: on_disk,
+            snapshots: metric(&s, "philotes_iceberg_table_snapshots"),
+            rss: rss_mb(pid),
+        };
+        println!(
+            "{:>8} {:>12.2} {:>14.1} {:>10} {:>12} {:>12} {:>10} {:>8.1}",
+            row.commits,
+            row.mean_ms,
+            row.metadata_kb,
+            row.metadata_files,
+            row.live_files,
+            row.files_on_disk,
+            row.snapshots,
+            row.rss
+        );
+        last_sum = sum;
+        last_count = count;
+        rows.push(row);
+        next += every;
+        if count >= commits as f64 {
+            break;
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let _ = writer.join();
+    let _ = child.kill();
+    let _ = child.wait();
+    if let (Some(first), Some(last)) = (rows.first(), rows.last()) {
+        let max_md = rows.iter().map(|r| r.metadata_kb).fold(0.0, f64::max);
+        let max_files = rows.iter().map(|r| r.metadata_files).max().unwrap_or(0);
+        let max_live = rows
+            .iter()
+            .skip(1)
+            .map(|r| r.live_files)
+            .fold(0.0, f64::max);
+        println!(
+            "mean commit time, last {every} ÷ first {every}: {:.2} (target ≤ 1.5)",
+            last.mean_ms / first.mean_ms.max(0.001)
+        );
+        println!("largest metadata.json: {max_md:.0} kB (target ≤ 1024)");
+        println!(
+            "most metadata files on disk: {max_files} (target ≤ metadata_versions + 5 = {})",
+            metadata_versions + 5
+        );
+        println!(
+            "most data files in the current snapshot after the first interval: {max_live:.0} (one partition; target ≤ 50)"
+        );
+        println!(
+            "RSS growth: {:.1} MB ({:.1} → {:.1}; target ≤ 20)",
+            last.rss - rss_start,
+            rss_start,
+            last.rss
+        );
+    }
+    if quick {
+        println!("quick mode: harness checked, figures not meaningful");
+    }
+}
