@@ -124,6 +124,34 @@ fn emit(m: &Metrics, source: &str, ident: &TableIdent, o: &Outcome) {
     .emit(m);
 }
 
+/// Record `ident`'s health in the gauges; false when the table is not the agent's.
+async fn measure(
+    committer: &Committer,
+    ident: &TableIdent,
+    source: &str,
+    cfg: &MaintenanceConfig,
+    metrics: &Metrics,
+) -> bool {
+    let Ok(table) = committer.catalog().load_table(ident).await else {
+        // Unreadable now: maintenance reports why.
+        return true;
+    };
+    if !maintenance::is_ours(&table) {
+        return false;
+    }
+    if let Ok(h) = maintenance::health(&table, cfg).await {
+        TableHealthMeasured {
+            source,
+            table: &ident.to_string(),
+            data_files: h.data_files,
+            snapshots: h.snapshots,
+            metadata_bytes: h.metadata_bytes,
+        }
+        .emit(metrics);
+    }
+    true
+}
+
 /// How often each table's orphans are looked for.
 fn orphan_period(cfg: &MaintenanceConfig) -> Duration {
     (cfg.orphan_age / 4).max(Duration::from_secs(3600))
@@ -167,20 +195,8 @@ pub async fn run_loop(
                 return;
             }
             let key = ident.to_string();
-            if let Ok(table) = committer.catalog().load_table(&ident).await {
-                if !maintenance::is_ours(&table) {
-                    continue;
-                }
-                if let Ok(h) = maintenance::health(&table, &settings.config).await {
-                    TableHealthMeasured {
-                        source: &source,
-                        table: &key,
-                        data_files: h.data_files,
-                        snapshots: h.snapshots,
-                        metadata_bytes: h.metadata_bytes,
-                    }
-                    .emit(&metrics);
-                }
+            if !measure(&committer, &ident, &source, &settings.config, &metrics).await {
+                continue;
             }
             let period = orphan_period(&settings.config);
             let orphans_due = match last_orphans.get(&key) {
@@ -201,18 +217,7 @@ pub async fn run_loop(
             }
             if !outcomes.is_empty() {
                 // Measure again so the gauges show the paid-off debt at once.
-                if let Ok(table) = committer.catalog().load_table(&ident).await {
-                    if let Ok(h) = maintenance::health(&table, &settings.config).await {
-                        TableHealthMeasured {
-                            source: &source,
-                            table: &key,
-                            data_files: h.data_files,
-                            snapshots: h.snapshots,
-                            metadata_bytes: h.metadata_bytes,
-                        }
-                        .emit(&metrics);
-                    }
-                }
+                measure(&committer, &ident, &source, &settings.config, &metrics).await;
             }
         }
     }

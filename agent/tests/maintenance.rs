@@ -6,7 +6,7 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
@@ -18,6 +18,16 @@ use serde_json::Value;
 const MAINTENANCE: &str = "[maintenance]\ninterval = \"1s\"\nsnapshot_retention = \"2s\"\nretain_last = 3\nmetadata_versions = 3\nmin_input_files = 4\n";
 
 const DDL: &str = "CREATE TABLE t (id int PRIMARY KEY, s text, n bigint)";
+
+/// PostgreSQL with table `t`, and an agent config for it with `maintenance` on top.
+async fn setup(maintenance: &str) -> (TestPg, tokio_postgres::Client, Workdir, PathBuf) {
+    let pg = TestPg::start();
+    let db = pg.create_db("app").await;
+    db.batch_execute(DDL).await.unwrap();
+    let work = Workdir::new();
+    let cfg = work.config(&pg.url("app"), &["t"], "", maintenance);
+    (pg, db, work, cfg)
+}
 
 /// `tests/py/health.py` on `ns.<table>`. A reader that loaded the metadata just before an
 /// expiry may find an expired snapshot's files gone (as any reader of an expired snapshot
@@ -117,11 +127,7 @@ fn check_exact(work: &Workdir, pg: &TestPg, rows: u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compaction_and_expiry_keep_every_row_and_bound_the_table() {
-    let pg = TestPg::start();
-    let db = pg.create_db("app").await;
-    db.batch_execute(DDL).await.unwrap();
-    let work = Workdir::new();
-    let cfg = work.config(&pg.url("app"), &["t"], "", MAINTENANCE);
+    let (pg, db, work, cfg) = setup(MAINTENANCE).await;
     let log = work.path().join("agent.log");
     let agent = AgentProc::start(&cfg, &log);
     agent.wait_streaming().await;
@@ -199,11 +205,7 @@ async fn compaction_and_expiry_keep_every_row_and_bound_the_table() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_writer_appending_while_the_agent_compacts_keeps_both_writers_rows() {
-    let pg = TestPg::start();
-    let db = pg.create_db("app").await;
-    db.batch_execute(DDL).await.unwrap();
-    let work = Workdir::new();
-    let cfg = work.config(&pg.url("app"), &["t"], "", MAINTENANCE);
+    let (_pg, db, work, cfg) = setup(MAINTENANCE).await;
     let agent = AgentProc::start(&cfg, &work.path().join("agent.log"));
     agent.wait_streaming().await;
     let first = trickle(&db, 0, 12).await;
@@ -284,11 +286,7 @@ async fn another_writer_appending_while_the_agent_compacts_keeps_both_writers_ro
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_during_maintenance_loses_and_duplicates_nothing() {
-    let pg = TestPg::start();
-    let db = pg.create_db("app").await;
-    db.batch_execute(DDL).await.unwrap();
-    let work = Workdir::new();
-    let cfg = work.config(&pg.url("app"), &["t"], "", MAINTENANCE);
+    let (pg, db, work, cfg) = setup(MAINTENANCE).await;
     let log = work.path().join("agent.log");
     let mut rows = 0;
     // Each round: stream a burst of small commits, then kill the agent while maintenance is
@@ -324,17 +322,11 @@ async fn sigkill_during_maintenance_loses_and_duplicates_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn maintain_dry_run_changes_nothing_and_maintain_does_the_work() {
-    let pg = TestPg::start();
-    let db = pg.create_db("app").await;
-    db.batch_execute(DDL).await.unwrap();
-    let work = Workdir::new();
     // The agent leaves maintenance to the operator.
-    let cfg = work.config(
-        &pg.url("app"),
-        &["t"],
-        "",
+    let (pg, db, work, cfg) = setup(
         "[maintenance]\nenabled = false\nsnapshot_retention = \"1s\"\nretain_last = 1\nmin_input_files = 4\nmetadata_versions = 3\n",
-    );
+    )
+    .await;
     let agent = AgentProc::start(&cfg, &work.path().join("agent.log"));
     agent.wait_streaming().await;
     let rows = trickle(&db, 0, 12).await;

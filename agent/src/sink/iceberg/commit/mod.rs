@@ -136,6 +136,22 @@ impl Committer {
     }
 }
 
+/// `table` as committed: its new metadata at `location`.
+fn committed(
+    table: &Table,
+    metadata: iceberg::spec::TableMetadata,
+    location: String,
+) -> Result<Table, CommitError> {
+    Table::builder()
+        .file_io(table.file_io().clone())
+        .metadata(metadata)
+        .metadata_location(location)
+        .identifier(table.identifier().clone())
+        .runtime(iceberg::Runtime::try_current()?)
+        .build()
+        .map_err(CommitError::from)
+}
+
 /// The operation a snapshot records for a change (the names other engines read).
 pub fn operation_for(added: usize, removed: usize, same_rows: bool) -> Operation {
     match (added, removed) {

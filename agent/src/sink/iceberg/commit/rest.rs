@@ -5,7 +5,6 @@
 
 use std::collections::HashMap;
 
-use iceberg::io::FileIO;
 use iceberg::table::Table;
 use iceberg::{TableRequirement, TableUpdate};
 use iceberg_catalog_rest::{CommitTableRequest, CommitTableResponse};
@@ -178,7 +177,7 @@ impl RestCommitter {
         let status = resp.status();
         if status.is_success() {
             let r: CommitTableResponse = resp.json().await.map_err(|e| failed(e, &self.secrets))?;
-            return rebuild(table.file_io(), table, r);
+            return super::committed(table, r.metadata, r.metadata_location);
         }
         let text = resp.text().await.unwrap_or_default();
         let text: String = text.chars().take(500).collect();
@@ -188,15 +187,4 @@ impl RestCommitter {
             _ => Err(CommitError::Failed(format!("{status}: {text}"))),
         }
     }
-}
-
-fn rebuild(io: &FileIO, table: &Table, r: CommitTableResponse) -> Result<Table, CommitError> {
-    Table::builder()
-        .file_io(io.clone())
-        .metadata(r.metadata)
-        .metadata_location(r.metadata_location)
-        .identifier(table.identifier().clone())
-        .runtime(iceberg::Runtime::try_current()?)
-        .build()
-        .map_err(CommitError::from)
 }

@@ -158,13 +158,6 @@ impl SqlCommitter {
                 "{ident}: metadata_location changed during the commit"
             )));
         }
-        Table::builder()
-            .file_io(io.clone())
-            .metadata(built.metadata)
-            .metadata_location(new_location)
-            .identifier(ident.clone())
-            .runtime(iceberg::Runtime::try_current()?)
-            .build()
-            .map_err(CommitError::from)
+        super::committed(table, built.metadata, new_location)
     }
 }
