@@ -133,6 +133,9 @@ fn main() {
         .unwrap_or(if quick { 300 } else { 20_000 });
     let every = if quick { 100 } else { 1_000 };
     let metadata_versions = 10;
+    // `--no-maintenance`: the same trickle with `[maintenance] enabled = false`, for an A/B
+    // of what maintenance costs (and what growth is the stream's own).
+    let maintenance = !args.iter().any(|a| a == "--no-maintenance");
     let bin = PathBuf::from(env!("CARGO_BIN_EXE_philotes"));
     let tmp = tempfile::Builder::new()
         .prefix("philotes-soak")
@@ -158,7 +161,7 @@ fn main() {
     let cfg = format!(
         "[api]\nlisten = \"127.0.0.1:{port}\"\n[telemetry]\nlog_level = \"warn\"\n\
          [iceberg]\nuri = \"sqlite://{w}/catalog.db\"\nwarehouse = \"{w}/warehouse\"\n\
-         [maintenance]\ninterval = \"5s\"\nsnapshot_retention = \"30s\"\nretain_last = 10\nmetadata_versions = {metadata_versions}\n\
+         [maintenance]\nenabled = {maintenance}\ninterval = \"5s\"\nsnapshot_retention = \"30s\"\nretain_last = 10\nmetadata_versions = {metadata_versions}\n\
          [[pipelines]]\nname = \"soak\"\nsource = \"{}\"\ntables = [\"trickle\"]\nnamespace = \"soak\"\nflush_interval = \"20ms\"\nsnapshot = \"never\"\n",
         pg.url("soak", None),
         w = wh.display(),
@@ -211,8 +214,13 @@ fn main() {
     };
     let table_dir = wh.join("warehouse/soak/trickle");
     println!(
-        "philotes soak benchmark ({} mode): {commits} commits, flush_interval 20ms, maintenance every 5s (retention 30s, retain_last 10, metadata_versions {metadata_versions})",
-        if quick { "quick" } else { "full" }
+        "philotes soak benchmark ({} mode): {commits} commits, flush_interval 20ms, {}",
+        if quick { "quick" } else { "full" },
+        if maintenance {
+            format!("maintenance every 5s (retention 30s, retain_last 10, metadata_versions {metadata_versions})")
+        } else {
+            "maintenance off".to_string()
+        }
     );
     println!(
         "{:>8} {:>12} {:>14} {:>10} {:>12} {:>12} {:>10} {:>8}",

@@ -742,3 +742,59 @@ async fn two_source_tables_with_one_iceberg_name_are_refused_not_mixed() {
     );
     assert_eq!(agent.terminate(), Some(0));
 }
+
+/// A spool that cannot be written (its directory is gone) fails the attempt: every failed
+/// attempt is one `error_type="spool"` and one retry (it used to be counted twice), and once the
+/// directory exists again the transaction lands exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spool_error_is_counted_once_per_attempt_and_recovers() {
+    let mut opts = LocalPgOptions::default();
+    opts.settings
+        .push(("logical_decoding_work_mem".into(), "64kB".into()));
+    let pg = TestPg::start_with(opts);
+    let db = pg.create_db("app").await;
+    db.batch_execute("CREATE TABLE big (id int PRIMARY KEY, v text, pad text)")
+        .await
+        .unwrap();
+    let work = Workdir::new();
+    let spool = work.path().join("spool");
+    let cfg = work.config(
+        &pg.url("app"),
+        &["big"],
+        &format!("spool_dir = \"{}\"", spool.display()),
+        "",
+    );
+    let agent = AgentProc::start(&cfg, &work.path().join("agent.log"));
+    agent.wait_streaming().await;
+    // Large enough that the server streams it while it is still open.
+    db.batch_execute(
+        "INSERT INTO big SELECT g, 'v' || g, repeat('p', 100) FROM generate_series(1, 5000) g",
+    )
+    .await
+    .unwrap();
+    let addr = agent.api_addr().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let v = agent
+            .api_json("/api/v1/pipelines/p")
+            .await
+            .unwrap_or_default();
+        if v["retry"]["attempt"].as_u64().unwrap_or(0) >= 2 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no two failed attempts: {v}\n{}",
+            agent.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    std::fs::create_dir_all(&spool).unwrap();
+    wait_rows(&work, "ns.big", 5000, 90).await;
+    let errors = metric_value(&addr, "philotes_cdc_errors_total", "error_type=\"spool\"").await;
+    let retries = metric_value(&addr, "philotes_cdc_retries_total", "source=\"p\"").await;
+    assert!(errors >= 2.0, "spool errors counted: {errors}");
+    assert_eq!(errors, retries, "one error per failed attempt");
+    assert_eq!(verify(&work, "ns.big", &[])["unique"], true);
+    assert_eq!(agent.terminate(), Some(0));
+}

@@ -112,15 +112,11 @@ async fn metrics_endpoint(State(s): State<ApiState>) -> Response {
     }
 }
 
-/// Constant-time comparison, so the token cannot be guessed byte by byte from timings.
+/// Constant-time comparison (`subtle`), so the token cannot be guessed byte by byte from
+/// timings. Different lengths never match (the length is not a secret worth hiding).
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    let mut diff = (a.len() ^ b.len()) as u8;
-    for i in 0..a.len().max(b.len()) {
-        let x = a.get(i).copied().unwrap_or(0);
-        let y = b.get(i).copied().unwrap_or(0xff);
-        diff |= x ^ y;
-    }
-    diff == 0
+    use subtle::ConstantTimeEq;
+    a.ct_eq(b).into()
 }
 
 async fn auth(State(s): State<ApiState>, req: Request, next: Next) -> Response {
@@ -311,5 +307,24 @@ async fn timeout_mw(req: Request, next: Next) -> Response {
         Err(_) => {
             ApiError(StatusCode::SERVICE_UNAVAILABLE, "request timed out".into()).into_response()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::constant_time_eq;
+
+    #[test]
+    fn token_compare_is_exact() {
+        let token = b"s3cret-token";
+        assert!(constant_time_eq(token, token));
+        assert!(!constant_time_eq(b"s3cret-tokeN", token));
+        assert!(!constant_time_eq(b"s3cret", token));
+        // The old compare folded the length difference into a byte: 256 trailing 0xff bytes
+        // after the token matched.
+        let mut longer = token.to_vec();
+        longer.extend(std::iter::repeat_n(0xff, 256));
+        assert!(!constant_time_eq(&longer, token));
+        assert!(!constant_time_eq(b"", token));
     }
 }

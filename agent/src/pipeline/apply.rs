@@ -370,8 +370,8 @@ impl Applier {
         Ok(())
     }
 
+    /// The error only: the retry loop counts it (`error_type="spool"`), once per attempt.
     fn spool_error(&self, e: std::io::Error) -> PipelineError {
-        self.metrics.error("spool");
         PipelineError::Spool(e.to_string())
     }
 

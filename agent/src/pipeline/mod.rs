@@ -56,6 +56,9 @@ pub enum PipelineError {
     /// The local spool of a streamed in-progress transaction failed (disk full, I/O error).
     #[error("spooling a streamed transaction: {0}")]
     Spool(String),
+    /// Pipeline state stored in a table (e.g. a copy's progress) cannot be read.
+    #[error("stored state: {0}")]
+    State(String),
 }
 
 impl PipelineError {
@@ -69,6 +72,7 @@ impl PipelineError {
             PipelineError::StreamEnded(_) => "connection",
             PipelineError::NewTable(_) => "none",
             PipelineError::Spool(_) => "spool",
+            PipelineError::State(_) => "state",
         }
     }
 }
@@ -97,6 +101,34 @@ impl Drop for AbortOnDrop {
     }
 }
 
+/// Decides when a pipeline that failed has recovered: it streams and either committed
+/// something or kept streaming for 30 s. Streaming alone is not enough: an attempt can fail
+/// again milliseconds after it starts streaming (the same bad spool, the same bad table).
+struct Recovery {
+    name: String,
+    status: SharedStatus,
+    failures: Arc<std::sync::atomic::AtomicU32>,
+}
+
+impl Recovery {
+    fn check(&self, streaming_since: &mut Option<Instant>, committed_at_start: &str) {
+        let n = self.failures.load(std::sync::atomic::Ordering::Relaxed);
+        if n == 0 {
+            return;
+        }
+        let st = status::snapshot(&self.status);
+        if st.state != PipelineState::Streaming {
+            *streaming_since = None;
+            return;
+        }
+        let since = *streaming_since.get_or_insert_with(Instant::now);
+        if st.committed_lsn != committed_at_start || since.elapsed() >= Duration::from_secs(30) {
+            self.failures.store(0, std::sync::atomic::Ordering::Relaxed);
+            tracing::info!(pipeline = %self.name, failed_attempts = n, "pipeline recovered after {n} failed attempt(s)");
+        }
+    }
+}
+
 /// A configured pipeline, ready to run.
 pub struct Pipeline {
     cfg: PipelineConfig,
@@ -109,8 +141,9 @@ pub struct Pipeline {
     control: watch::Receiver<Control>,
     /// The last attempt ended in an error.
     last_failed: bool,
-    /// Failed attempts since the pipeline last streamed.
-    failures: u32,
+    /// Failed attempts in a row; reset once an attempt proves it recovered (see
+    /// [`Recovery`]).
+    failures: Arc<std::sync::atomic::AtomicU32>,
     /// Tables that joined the publication mid-stream (`schema.table`): copied on the next
     /// attempt if still in the publication, else streamed without a copy.
     joined: std::collections::HashSet<String>,
@@ -150,26 +183,25 @@ impl Pipeline {
                 status,
                 control: rx,
                 last_failed: false,
-                failures: 0,
+                failures: Default::default(),
                 joined: Default::default(),
             },
             handle,
         ))
     }
 
+    fn failures(&self) -> u32 {
+        self.failures.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     fn set_state(&mut self, s: PipelineState) {
         // An attempt after a failure is still a retry until the pipeline copies or streams.
-        let s = if s == PipelineState::Starting && self.failures > 0 {
+        let s = if s == PipelineState::Starting && self.failures() > 0 {
             PipelineState::Retrying
         } else {
             s
         };
         self.metrics.set_state(s);
-        if matches!(s, PipelineState::Streaming | PipelineState::Snapshotting) && self.failures > 0
-        {
-            tracing::info!(pipeline = %self.cfg.name, failed_attempts = self.failures, "pipeline recovered after {} failed attempt(s)", self.failures);
-            self.failures = 0;
-        }
         status::update(&self.status, |st| {
             st.state = s;
             if s != PipelineState::Retrying {
@@ -187,7 +219,24 @@ impl Pipeline {
             }
             self.set_state(PipelineState::Starting);
             let started = Instant::now();
-            let result = self.stream_once(&mut shutdown).await;
+            let recovery = Recovery {
+                name: self.cfg.name.clone(),
+                status: self.status.clone(),
+                failures: self.failures.clone(),
+            };
+            let committed_at_start = status::snapshot(&self.status).committed_lsn;
+            let result = {
+                let attempt = self.stream_once(&mut shutdown);
+                tokio::pin!(attempt);
+                let mut check = tokio::time::interval(Duration::from_secs(1));
+                let mut streaming_since: Option<Instant> = None;
+                loop {
+                    tokio::select! {
+                        r = &mut attempt => break r,
+                        _ = check.tick() => recovery.check(&mut streaming_since, &committed_at_start),
+                    }
+                }
+            };
             self.last_failed = result.is_err();
             match result {
                 Ok(()) => break,
@@ -203,8 +252,10 @@ impl Pipeline {
                         backoff.reset();
                     }
                     let delay = backoff.next_delay();
-                    self.failures = self.failures.saturating_add(1);
-                    let attempt = self.failures;
+                    let attempt = self
+                        .failures
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                        .saturating_add(1);
                     let retry_in =
                         humantime::format_duration(Duration::from_millis(delay.as_millis() as u64));
                     // One ERROR for a new failure; the retries that follow are warnings, so a

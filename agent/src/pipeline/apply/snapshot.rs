@@ -144,10 +144,16 @@ impl Applier {
         if self.tables[idx].sink.snapshot_done() {
             return Ok(());
         }
-        let resumed: Option<Progress> = self.tables[idx]
-            .sink
-            .snapshot_progress()
-            .and_then(|j| serde_json::from_str(&j).ok());
+        // A progress record that cannot be read is an error, not a fresh start: copying again
+        // would add a second R row for every key already copied.
+        let resumed: Option<Progress> = match self.tables[idx].sink.snapshot_progress() {
+            None => None,
+            Some(j) => Some(serde_json::from_str(&j).map_err(|e| {
+                PipelineError::State(format!(
+                    "table {schema}.{name}: the initial copy's progress (philotes.snapshot.progress) cannot be read ({e}); fix or remove the property to copy the table again"
+                ))
+            })?),
+        };
         let source_name = format!("{schema}.{name}");
         // Tables can join through the publication with any name: quote everything.
         let rel = format!("{}.{}", quote_ident(schema), quote_ident(name));

@@ -337,12 +337,20 @@ impl Session {
     }
 
     /// `server_version_num` (e.g. 150004).
+    /// An unreadable answer is an error: taking it for 0 would quietly turn protocol 2 and
+    /// parallel snapshot readers off.
     pub async fn server_version(&mut self) -> Result<u32, SourceError> {
-        Ok(self
+        let v = self
             .scalar("SELECT pg_catalog.current_setting('server_version_num')")
-            .await?
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0))
+            .await?;
+        v.as_deref()
+            .and_then(|v| v.trim().parse().ok())
+            .ok_or_else(|| {
+                SourceError::Query(format!(
+                    "server_version_num is not a number: {:?}",
+                    v.unwrap_or_default()
+                ))
+            })
     }
 
     /// Start `COPY ... TO STDOUT`; then call [`Session::copy_out_next`] until None.
