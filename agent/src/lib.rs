@@ -4,6 +4,8 @@
 //! The data path reads left to right: [`source::postgres`] → [`pipeline`] → [`sink::iceberg`],
 //! with [`telemetry`], [`api`] and [`config`] beside them.
 
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
 pub mod agent;
 pub mod api;
 pub mod check;

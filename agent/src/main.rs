@@ -1,4 +1,6 @@
-//! `philotes` command line: run | check | demo | version.
+//! `philotes` command line: run | check | maintain | demo | version.
+
+#![deny(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
