@@ -362,5 +362,23 @@ async fn dead_letters_of_one_table_are_not_dropped_below_another_tables_snapshot
         "{tables:?}"
     );
     wait_rows(&work, "ns.a", 200_000, 60).await;
+    // Both dead letters are logged alike: the copied row of b (op R) and the streamed one of a.
+    let text = agent.log_text();
+    let logged = |table: &str, op: &str| {
+        text.lines().any(|l| {
+            l.contains("WARN")
+                && l.contains("dead letter:")
+                && l.contains(&format!("table=\"{table}\""))
+                && l.contains(&format!("op=\"{op}\""))
+        })
+    };
+    assert!(
+        logged("public.b", "R"),
+        "the copy's dead letter is logged: {text}"
+    );
+    assert!(
+        logged("public.a", "I"),
+        "the stream's dead letter is logged: {text}"
+    );
     assert_eq!(agent.terminate(), Some(0));
 }

@@ -709,7 +709,14 @@ impl Applier {
         t.touched_in = lsn;
         if let Err(e) = t.batch.push(op, lsn, seq, ts, tuple) {
             let row = row_json(&t.columns, tuple);
-            tracing::warn!(table = %t.source_name, lsn = %format_lsn(lsn), seq, "dead letter: {}", e.0);
+            crate::telemetry::events::DeadLettered {
+                table: &t.source_name,
+                lsn: &format_lsn(lsn),
+                seq,
+                op,
+                error: &e.0,
+            }
+            .emit(&self.metrics);
             self.dlq_rows.push(DeadLetter {
                 source_table: t.source_name.clone(),
                 lsn,
@@ -719,8 +726,6 @@ impl Applier {
                 row_json: row,
                 time_micros: now_micros(),
             });
-            self.metrics.dlq.add(1);
-            self.metrics.error("conversion");
         } else {
             t.dirty = true;
         }

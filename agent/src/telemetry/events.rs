@@ -107,3 +107,34 @@ impl TableHealthMeasured<'_> {
         );
     }
 }
+
+/// A row that could not be converted went to the dead-letter table (streaming or copying).
+#[derive(Debug)]
+pub struct DeadLettered<'a> {
+    /// Source table (`schema.table`).
+    pub table: &'a str,
+    /// Commit LSN of its transaction (`X/Y`), or the copy's snapshot point.
+    pub lsn: &'a str,
+    /// Its position in the transaction (or the copy).
+    pub seq: u64,
+    /// `I`, `U`, `D` or `R`.
+    pub op: &'a str,
+    /// Why it could not be converted.
+    pub error: &'a str,
+}
+
+impl DeadLettered<'_> {
+    /// Log and count it (`philotes_buffer_dlq_total`, `error_type="conversion"`).
+    pub fn emit(&self, m: &super::SourceMetrics) {
+        tracing::warn!(
+            table = self.table,
+            lsn = self.lsn,
+            seq = self.seq,
+            op = self.op,
+            "dead letter: {}",
+            self.error
+        );
+        m.dlq.add(1);
+        m.error("conversion");
+    }
+}

@@ -294,6 +294,15 @@ impl Applier {
                 let seq = progress.seq;
                 let t = &mut self.tables[idx];
                 if let Err(e) = t.batch.push_snapshot("R", lsn, seq, ts, values, &binary) {
+                    // Logged like a dead letter of the stream (it used not to be).
+                    crate::telemetry::events::DeadLettered {
+                        table: &source_name,
+                        lsn: &crate::source::postgres::session::format_lsn(lsn),
+                        seq,
+                        op: "R",
+                        error: &e.0,
+                    }
+                    .emit(&self.metrics);
                     self.dlq_rows.push(DeadLetter {
                         source_table: source_name.clone(),
                         lsn,
@@ -303,8 +312,6 @@ impl Applier {
                         row_json: snapshot_row_json(&t.columns, values, &binary),
                         time_micros: now_micros(),
                     });
-                    self.metrics.dlq.add(1);
-                    self.metrics.error("conversion");
                 } else {
                     t.dirty = true;
                 }
