@@ -183,6 +183,23 @@ async fn sigkill_during_the_snapshot_resumes_it_without_duplicates() {
         log_text.contains("resuming after the last committed chunk"),
         "the copy resumed"
     );
+    // Every commit of the copy's chunks is measured like a flush's (they used to record no
+    // duration): the histogram counts as many commits as the counter.
+    let addr = agent.api_addr().unwrap();
+    let commits = metric_value(
+        &addr,
+        "philotes_iceberg_commits_total",
+        "table=\"public.big\"",
+    )
+    .await;
+    let timed = metric_value(
+        &addr,
+        "philotes_iceberg_commit_duration_seconds_count",
+        "table=\"public.big\"",
+    )
+    .await;
+    assert!(commits >= 5.0, "chunk commits counted: {commits}");
+    assert_eq!(timed, commits, "every commit has its duration");
     assert_eq!(agent.terminate(), Some(0));
 }
 

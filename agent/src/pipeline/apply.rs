@@ -850,13 +850,11 @@ impl Applier {
             );
             record_trace_id(&span);
             let outcome = t.sink.commit(lsn).instrument(span).await?;
-            for _ in 0..outcome.conflicts {
-                self.metrics.error("commit_conflict");
+            crate::telemetry::events::TableCommitted {
+                conflicts: outcome.conflicts,
+                duration: started.elapsed(),
             }
-            t.metrics
-                .commit_duration
-                .record(started.elapsed().as_secs_f64());
-            t.metrics.commits.add(1);
+            .emit(&t.metrics, &self.metrics);
             t.dirty = false;
             committed_events += rows;
             let (source, name) = (t.source_name.clone(), t.sink.name());

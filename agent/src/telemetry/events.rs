@@ -138,3 +138,23 @@ impl DeadLettered<'_> {
         m.error("conversion");
     }
 }
+
+/// One table's snapshot committed: a flush's, or a chunk of an initial copy.
+#[derive(Debug)]
+pub struct TableCommitted {
+    /// Other writers' commits rebased over (each is an `error_type="commit_conflict"`).
+    pub conflicts: u32,
+    /// Closing the data files and committing.
+    pub duration: Duration,
+}
+
+impl TableCommitted {
+    /// Record `philotes_iceberg_commits_total`, the commit duration and the conflicts.
+    pub fn emit(&self, table: &super::TableMetrics, source: &super::SourceMetrics) {
+        for _ in 0..self.conflicts {
+            source.error("commit_conflict");
+        }
+        table.commit_duration.record(self.duration.as_secs_f64());
+        table.commits.add(1);
+    }
+}

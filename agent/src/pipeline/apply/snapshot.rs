@@ -13,6 +13,7 @@
 //! lost, but a key may then appear twice as `R` (the later copy wins when folding).
 
 use std::time::{Duration, Instant};
+use tracing::Instrument;
 
 use serde::{Deserialize, Serialize};
 
@@ -428,11 +429,26 @@ impl Applier {
         if !self.dlq_rows.is_empty() {
             self.flush_dlq_rows(lsn).await?;
         }
+        // Measured and traced like a flush's commit (a chunk used to record neither).
+        let started = std::time::Instant::now();
         self.close_files(idx).await?;
         let t = &mut self.tables[idx];
-        t.sink.commit_with(lsn, props).await?;
+        let span = tracing::info_span!(
+            "iceberg.commit",
+            table = %t.source_name,
+            iceberg.table = %t.sink.name(),
+            rows = rows as i64,
+            lsn = %crate::source::postgres::session::format_lsn(lsn),
+            trace_id = tracing::field::Empty,
+        );
+        crate::telemetry::record_trace_id(&span);
+        let outcome = t.sink.commit_with(lsn, props).instrument(span).await?;
         t.dirty = false;
-        t.metrics.commits.add(1);
+        crate::telemetry::events::TableCommitted {
+            conflicts: outcome.conflicts,
+            duration: started.elapsed(),
+        }
+        .emit(&t.metrics, &self.metrics);
         let committed = t_committed(&self.tables[idx]);
         let source_name = self.tables[idx].source_name.clone();
         status::update(&self.status, |s| {
