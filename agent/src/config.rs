@@ -656,17 +656,9 @@ impl Config {
 
     /// Every secret in the configuration (tokens, keys, source passwords), for log scrubbing.
     pub fn secrets(&self) -> Vec<String> {
-        let mut out: Vec<String> = [
-            &self.api.token,
-            &self.iceberg.token,
-            &self.iceberg.credential,
-            &self.iceberg.s3.secret_access_key,
-            &self.iceberg.s3.session_token,
-        ]
-        .into_iter()
-        .flatten()
-        .cloned()
-        .collect();
+        // The same list the API's redaction hides (and the catalog's error scrubbing uses).
+        let mut out: Vec<String> = crate::sink::iceberg::catalog::secrets(&self.iceberg);
+        out.extend(self.api.token.iter().cloned());
         for p in &self.pipelines {
             if let Ok(u) = SourceUrl::parse(&p.source) {
                 out.push(u.password.clone());
@@ -698,11 +690,7 @@ impl Config {
         hide(&mut c.iceberg.s3.access_key_id);
         c.iceberg.uri = redact_url(&c.iceberg.uri);
         for (k, v) in c.iceberg.properties.iter_mut() {
-            let k = k.to_ascii_lowercase();
-            if ["secret", "token", "password", "credential", "key"]
-                .iter()
-                .any(|s| k.contains(s))
-            {
+            if is_secret_property(k) {
                 *v = "***".into();
             }
         }
@@ -764,6 +752,15 @@ fn deserialize_error(path: &str, inner: &str) -> (String, String) {
         format!("unknown key (valid keys: {valid})")
     };
     (key, msg)
+}
+
+/// Whether an `iceberg.properties` entry holds a secret (hidden in `/api/v1/config` and
+/// scrubbed from logs alike).
+pub fn is_secret_property(key: &str) -> bool {
+    let k = key.to_ascii_lowercase();
+    ["secret", "token", "password", "credential", "key"]
+        .iter()
+        .any(|s| k.contains(s))
 }
 
 /// Replace the password of a URL (and any `password=` query parameter) with `***`.
@@ -1152,6 +1149,35 @@ tables = ["orders"]
         for secret in ["tok123", "sk999", ":pw@"] {
             assert!(!j.contains(secret), "{secret} leaked in {j}");
         }
+    }
+
+    #[test]
+    fn what_the_api_hides_the_logs_scrub_too() {
+        let text = format!(
+            "[api]\ntoken = \"tok123\"\n[iceberg]\ntoken = \"itok456\"\ncredential = \"id:cred789\"\n\
+             [iceberg.properties]\n\"header.X-Api-Key\" = \"hdrkey321\"\n\"s3.signer\" = \"not-a-secret\"\n\
+             [iceberg.s3]\naccess_key_id = \"AKIA1234\"\nsecret_access_key = \"sk999\"\nsession_token = \"sess777\"\n{MIN}"
+        );
+        let c = Config::parse(&text, &[]).unwrap();
+        let hidden = c.redacted().to_string();
+        let scrubbed = c.secrets();
+        for secret in [
+            "tok123",
+            "itok456",
+            "id:cred789",
+            "hdrkey321",
+            "AKIA1234",
+            "sk999",
+            "sess777",
+            "pw",
+        ] {
+            assert!(!hidden.contains(secret), "{secret} shown in {hidden}");
+            assert!(
+                scrubbed.iter().any(|s| s == secret),
+                "{secret} not scrubbed from logs: {scrubbed:?}"
+            );
+        }
+        assert!(hidden.contains("not-a-secret"));
     }
 
     #[test]

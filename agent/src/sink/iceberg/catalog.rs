@@ -13,18 +13,26 @@ use iceberg_storage_opendal::{OpenDalResolvingStorageFactory, OpenDalStorageFact
 use super::SinkError;
 use crate::config::IcebergConfig;
 
-/// Every secret in the Iceberg config, to scrub from error messages.
+/// Every secret in the Iceberg config, to scrub from logs and error messages: the keys
+/// `/api/v1/config` hides, including the access key id and secret-looking `properties`.
 pub fn secrets(cfg: &IcebergConfig) -> Vec<String> {
     [
         &cfg.token,
         &cfg.credential,
+        &cfg.s3.access_key_id,
         &cfg.s3.secret_access_key,
         &cfg.s3.session_token,
     ]
     .into_iter()
     .flatten()
-    .filter(|s| s.len() >= 3)
     .cloned()
+    .chain(
+        cfg.properties
+            .iter()
+            .filter(|(k, _)| crate::config::is_secret_property(k))
+            .map(|(_, v)| v.clone()),
+    )
+    .filter(|s| s.len() >= 3)
     .collect()
 }
 
