@@ -101,7 +101,10 @@ pub async fn run_once(
     };
     let mut out = Vec::new();
     for (source, ident) in list {
-        for o in maintenance::maintain(&committer, &ident, &settings, true).await {
+        for o in maintenance::maintain(&committer, &ident, &settings, true)
+            .await
+            .1
+        {
             if let Some(m) = metrics {
                 emit(m, &source, &ident, &o);
             }
@@ -124,32 +127,31 @@ fn emit(m: &Metrics, source: &str, ident: &TableIdent, o: &Outcome) {
     .emit(m);
 }
 
-/// Record `ident`'s health in the gauges; false when the table is not the agent's.
+/// Record a table's measured health in the gauges.
+fn record(metrics: &Metrics, source: &str, ident: &TableIdent, h: &maintenance::Health) {
+    TableHealthMeasured {
+        source,
+        table: &ident.to_string(),
+        data_files: h.data_files,
+        snapshots: h.snapshots,
+        metadata_bytes: h.metadata_bytes,
+    }
+    .emit(metrics);
+}
+
+/// Measure `ident` again (after maintenance changed it) into the gauges.
 async fn measure(
     committer: &Committer,
     ident: &TableIdent,
     source: &str,
     cfg: &MaintenanceConfig,
     metrics: &Metrics,
-) -> bool {
-    let Ok(table) = committer.catalog().load_table(ident).await else {
-        // Unreadable now: maintenance reports why.
-        return true;
-    };
-    if !maintenance::is_ours(&table) {
-        return false;
-    }
-    if let Ok(h) = maintenance::health(&table, cfg).await {
-        TableHealthMeasured {
-            source,
-            table: &ident.to_string(),
-            data_files: h.data_files,
-            snapshots: h.snapshots,
-            metadata_bytes: h.metadata_bytes,
+) {
+    if let Ok(table) = committer.catalog().load_table(ident).await {
+        if let Ok(h) = maintenance::health(&table, cfg).await {
+            record(metrics, source, ident, &h);
         }
-        .emit(metrics);
     }
-    true
 }
 
 /// How often each table's orphans are looked for.
@@ -195,20 +197,21 @@ pub async fn run_loop(
                 return;
             }
             let key = ident.to_string();
-            if !measure(&committer, &ident, &source, &settings.config, &metrics).await {
-                continue;
-            }
             let period = orphan_period(&settings.config);
             let orphans_due = match last_orphans.get(&key) {
                 Some(t) => t.elapsed() >= period,
                 None => started.elapsed() >= period,
             };
-            let outcomes = tokio::select! {
+            let (health, outcomes) = tokio::select! {
                 o = maintenance::maintain(&committer, &ident, &settings, orphans_due) => o,
                 // Shutdown cancels a run between commits: nothing half-committed is left, at
                 // worst unreferenced new files that the orphan sweep removes later.
                 _ = shutdown.changed() => return,
             };
+            // The measurement that decided the actions feeds the gauges (None: not ours).
+            if let Some(h) = &health {
+                record(&metrics, &source, &ident, h);
+            }
             for o in &outcomes {
                 if o.action == maintenance::Action::RemoveOrphans {
                     last_orphans.insert(key.clone(), Instant::now());

@@ -178,7 +178,7 @@ pub async fn maintain(
     ident: &TableIdent,
     settings: &Settings,
     orphans_due: bool,
-) -> Vec<Outcome> {
+) -> (Option<Health>, Vec<Outcome>) {
     let mut out = Vec::new();
     let load = || async {
         committer
@@ -191,17 +191,19 @@ pub async fn maintain(
         Ok(t) => t,
         Err(e) => {
             out.push(failed(Action::Expire, e, Instant::now()));
-            return out;
+            return (None, out);
         }
     };
     // Only the tables the agent created: another engine's table in the same namespace is its
     // owner's business.
     if !is_ours(&table) {
         tracing::debug!(table = %ident, "not created by philotes: no maintenance");
-        return out;
+        return (None, out);
     }
     let cfg = &settings.config;
-    let health = health(&table, cfg).await.unwrap_or_default();
+    // Measured once: it decides the actions and feeds the gauges.
+    let measured = health(&table, cfg).await.ok();
+    let health = measured.clone().unwrap_or_default();
     let expire_due = settings.force || expire::due(&table, cfg);
     let steps = [
         (
@@ -268,7 +270,7 @@ pub async fn maintain(
             Err(e) => failed(action, e, started),
         });
     }
-    out
+    (measured, out)
 }
 
 /// Whether the agent created `table` (`philotes.created-by`).
