@@ -141,8 +141,13 @@ fn main() {
         .prefix("philotes-soak")
         .tempdir()
         .unwrap();
-    let pg = LocalPostgres::start(&tmp.path().join("pg"), &LocalPgOptions::default())
-        .expect("start PostgreSQL");
+    // Synchronous commit (cheap with fsync off): the walsender sends only flushed WAL, so with
+    // asynchronous commit the stream arrives in wal_writer_delay bursts and the trickle made
+    // ~1.5 commits/s instead of one per flush_interval.
+    let mut opts = LocalPgOptions::default();
+    opts.settings
+        .push(("synchronous_commit".into(), "on".into()));
+    let pg = LocalPostgres::start(&tmp.path().join("pg"), &opts).expect("start PostgreSQL");
     Command::new("psql")
         .arg(pg.conninfo("postgres"))
         .args(["-q", "-c", "CREATE DATABASE soak"])

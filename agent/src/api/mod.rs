@@ -12,12 +12,12 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use opentelemetry::KeyValue;
 use tokio::sync::watch;
 use tracing::Instrument;
 
 use crate::config::Config;
 use crate::pipeline::PipelineHandle;
+use crate::telemetry::events::ApiRequestServed;
 use crate::telemetry::{Metrics, Telemetry};
 
 /// Largest request body accepted.
@@ -172,18 +172,15 @@ async fn observe(State(s): State<ApiState>, req: Request, next: Next) -> Respons
     let resp_size = axum::body::HttpBody::size_hint(resp.body())
         .exact()
         .unwrap_or(0);
-    let m = &s.inner.metrics;
-    let base = [
-        KeyValue::new("endpoint", endpoint),
-        KeyValue::new("method", method),
-    ];
-    m.api_duration
-        .record(started.elapsed().as_secs_f64(), &base);
-    m.api_request_size.record(req_size, &base);
-    m.api_response_size.record(resp_size, &base);
-    let mut with_status = base.to_vec();
-    with_status.push(KeyValue::new("status", status.to_string()));
-    m.api_requests.add(1, &with_status);
+    ApiRequestServed {
+        endpoint: &endpoint,
+        method: &method,
+        status,
+        duration: started.elapsed(),
+        request_bytes: req_size,
+        response_bytes: resp_size,
+    }
+    .emit(&s.inner.metrics);
     resp
 }
 

@@ -12,7 +12,7 @@ use tracing::Instrument;
 
 use super::batch::{row_json, BatchError, TableBatch, PG_EPOCH_OFFSET_MICROS};
 use super::dlq::{self, DeadLetter};
-use super::status::{self, SharedStatus, TableStatus};
+use super::status::{self, SharedStatus};
 use super::{Control, PipelineError};
 
 mod snapshot;
@@ -26,6 +26,10 @@ use crate::source::postgres::session::format_lsn;
 use crate::source::postgres::session::SourceError;
 use crate::source::postgres::types::ColumnKind;
 use crate::source::postgres::wire::replication::{ReplEvent, ReplicationStream};
+use crate::telemetry::events::{
+    AppliedTable, BatchCommitted, BatchFailed, ChangeReceived, DeadLettered, FilesWritten, Operation,
+    SpoolChanged, TableCommitted, TransactionApplied,
+};
 use crate::telemetry::{record_trace_id, PipelineState, SourceMetrics, TableMetrics};
 
 /// A configured table being streamed.
@@ -130,11 +134,11 @@ impl Applier {
         status: SharedStatus,
     ) -> Self {
         // A new attempt starts with no spools (the server streams open transactions again).
-        status::update(&status, |s| {
-            s.spooled_transactions = 0;
-            s.spooled_bytes = 0;
-        });
-        metrics.spool.record(0);
+        SpoolChanged {
+            transactions: 0,
+            bytes: 0,
+        }
+        .emit(&metrics, &status);
         Self {
             namespace: cfg.namespace_name(),
             cfg: cfg.clone(),
@@ -352,15 +356,9 @@ impl Applier {
     ) -> Result<(), PipelineError> {
         let ts = pg_ts_to_unix(commit_ts);
         let lag = ((now_micros() - ts) as f64 / 1e6).max(0.0);
-        for t in &self.tables {
-            if t.touched_in == lsn {
-                t.metrics.lag.record(lag);
-            }
-        }
         self.txn = None;
         self.last = Committed { lsn, end_lsn };
-        self.publish(lag, end_lsn);
-        self.metrics.depth.record(self.buffered_events as i64);
+        self.publish(lag, lsn, end_lsn);
         if !self.anything_uncommitted() {
             // Nothing of ours in flight: everything up to here is durable by definition.
             self.ack(client);
@@ -381,11 +379,11 @@ impl Applier {
             self.streams.len() as u64,
             self.streams.values().map(|s| s.bytes()).sum::<u64>(),
         );
-        status::update(&self.status, |s| {
-            s.spooled_transactions = n;
-            s.spooled_bytes = bytes;
-        });
-        self.metrics.spool.record(bytes as i64);
+        SpoolChanged {
+            transactions: n,
+            bytes,
+        }
+        .emit(&self.metrics, &self.status);
     }
 
     /// Protocol 2: blocks of in-progress transactions, and how each one ended.
@@ -489,18 +487,26 @@ impl Applier {
         Ok(())
     }
 
-    /// Publish counters to the shared status once per transaction (not per row).
-    fn publish(&self, lag: f64, received: u64) {
-        status::update(&self.status, |s| {
-            s.lag_seconds = lag;
-            s.received_lsn = format_lsn(received);
-            s.buffered_events = self.buffered_events;
-            for t in &self.tables {
-                if let Some(e) = s.tables.get_mut(&t.source_name) {
-                    [e.inserts, e.updates, e.deletes, e.truncates] = t.counts;
-                }
-            }
-        });
+    /// Publish lag, depth and counters once per transaction (not per row); `lsn` is the
+    /// transaction's commit, `received` its end.
+    fn publish(&self, lag: f64, lsn: u64, received: u64) {
+        let tables: Vec<AppliedTable<'_>> = self
+            .tables
+            .iter()
+            .map(|t| AppliedTable {
+                name: &t.source_name,
+                metrics: &t.metrics,
+                touched: t.touched_in == lsn,
+                counts: t.counts,
+            })
+            .collect();
+        TransactionApplied {
+            lag_seconds: lag,
+            received_lsn: format_lsn(received),
+            buffered_events: self.buffered_events,
+            tables: &tables,
+        }
+        .emit(&self.metrics, &self.status);
     }
 
     /// Tables to stream without an initial copy when their Relation arrives.
@@ -619,7 +625,9 @@ impl Applier {
                         // Keep what came before the change: commit the complete transactions
                         // buffered so far, if the current one has not added rows yet.
                         if self.txn.is_none_or(|t| t.seq == 0) && self.anything_uncommitted() {
-                            self.flush_inner(self.last.lsn).await?;
+                            let lsn = self.last.lsn;
+                            let (rows, dead_letters) = self.flush_inner(lsn).await?;
+                            self.flushed(lsn, rows, dead_letters);
                         }
                         return Err(PipelineError::Schema(msg));
                     }
@@ -700,16 +708,19 @@ impl Applier {
         if lsn <= t.sink.last_lsn {
             return Ok(());
         }
-        match op {
-            "I" => t.metrics.insert.add(1),
-            "U" => t.metrics.update.add(1),
-            "D" => t.metrics.delete.add(1),
-            _ => t.metrics.truncate.add(1),
+        ChangeReceived {
+            op: match op {
+                "I" => Operation::Insert,
+                "U" => Operation::Update,
+                "D" => Operation::Delete,
+                _ => Operation::Truncate,
+            },
         }
+        .emit(&t.metrics);
         t.touched_in = lsn;
         if let Err(e) = t.batch.push(op, lsn, seq, ts, tuple) {
             let row = row_json(&t.columns, tuple);
-            crate::telemetry::events::DeadLettered {
+            DeadLettered {
                 table: &t.source_name,
                 lsn: &format_lsn(lsn),
                 seq,
@@ -785,8 +796,11 @@ impl Applier {
         let w = t.sink.finish_files().instrument(span.clone()).await?;
         span.record("bytes", w.bytes as i64);
         span.record("files", w.files as i64);
-        t.metrics.files.add(w.files);
-        t.metrics.bytes.add(w.bytes);
+        FilesWritten {
+            files: w.files,
+            bytes: w.bytes,
+        }
+        .emit(&t.metrics);
         Ok(())
     }
 
@@ -804,25 +818,35 @@ impl Applier {
         );
         record_trace_id(&span);
         let result = async {
-            self.flush_inner(lsn).await?;
+            let (rows, dead_letters) = self.flush_inner(lsn).await?;
+            // Inside the span: the flush's log line carries its trace id.
+            self.flushed(lsn, rows, dead_letters);
             self.ack(client);
             Ok(())
         }
         .instrument(span)
         .await;
-        match &result {
-            Ok(()) => {
-                self.metrics.batches_committed.add(1);
-                if std::mem::take(&mut self.retrying) {
-                    self.metrics.batches_retried.add(1);
-                }
-            }
-            Err(_) => self.metrics.batches_failed.add(1),
+        if result.is_err() {
+            BatchFailed.emit(&self.metrics);
         }
         result
     }
 
-    async fn flush_inner(&mut self, lsn: u64) -> Result<(), PipelineError> {
+    /// A flush committed: report it and empty the buffer's bookkeeping.
+    fn flushed(&mut self, lsn: u64, rows: u64, dead_letters: usize) {
+        BatchCommitted {
+            rows,
+            dead_letters,
+            lsn: format_lsn(lsn),
+            retried: std::mem::take(&mut self.retrying),
+        }
+        .emit(&self.metrics, &self.status);
+        self.buffered_events = 0;
+        self.oldest = None;
+    }
+
+    /// Commit the dead letters, then every dirty table; returns (rows, dead letters).
+    async fn flush_inner(&mut self, lsn: u64) -> Result<(u64, usize), PipelineError> {
         // Dead letters first: if the tables' commits then fail, the replay finds them already
         // stored (and drops them); the other order would lose them, because a replayed
         // change at or below its table's philotes.lsn is skipped before it is converted.
@@ -850,39 +874,19 @@ impl Applier {
             );
             record_trace_id(&span);
             let outcome = t.sink.commit(lsn).instrument(span).await?;
-            crate::telemetry::events::TableCommitted {
+            t.dirty = false;
+            committed_events += rows;
+            TableCommitted {
+                source_table: &t.source_name,
+                iceberg_table: t.sink.name(),
+                rows,
+                committed_lsn: format_lsn(lsn),
                 conflicts: outcome.conflicts,
                 duration: started.elapsed(),
             }
-            .emit(&t.metrics, &self.metrics);
-            t.dirty = false;
-            committed_events += rows;
-            let (source, name) = (t.source_name.clone(), t.sink.name());
-            status::update(&self.status, |s| {
-                let e: &mut TableStatus = s.tables.entry(source).or_default();
-                e.iceberg_table = name;
-                e.committed_rows += rows;
-                e.commits += 1;
-                e.committed_lsn = format_lsn(lsn);
-                e.last_commit_at = Some(status::now_rfc3339());
-            });
+            .emit(&t.metrics, &self.metrics, &self.status);
         }
-        self.metrics.events_processed.add(committed_events);
-        // One line per flush, inside its span: the trace id in it leads to the trace.
-        tracing::info!(
-            rows = committed_events,
-            dead_letters,
-            lsn = %format_lsn(lsn),
-            "flush committed"
-        );
-        self.buffered_events = 0;
-        self.oldest = None;
-        self.metrics.depth.record(0);
-        status::update(&self.status, |s| {
-            s.committed_lsn = format_lsn(lsn);
-            s.buffered_events = 0;
-        });
-        Ok(())
+        Ok((committed_events, dead_letters))
     }
 
     async fn flush_dlq(&mut self, lsn: u64) -> Result<(), PipelineError> {

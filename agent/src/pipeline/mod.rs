@@ -6,7 +6,6 @@ pub mod dlq;
 mod monitor;
 pub mod retry;
 mod spool;
-pub mod status;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,9 +18,10 @@ use crate::config::PipelineConfig;
 use crate::sink::iceberg::SinkError;
 use crate::source::postgres::conn::SourceUrl;
 use crate::source::postgres::session::{Session, SourceError};
+use crate::telemetry::events::{ErrorType, PipelineRetrying, StateChanged};
 use crate::telemetry::{Metrics, PipelineState, SourceMetrics};
 pub use apply::iceberg_table_name;
-pub use status::{PipelineStatus, SharedStatus};
+pub use crate::telemetry::status::{self, PipelineStatus, SharedStatus};
 
 /// What an operator asked the pipeline to do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,16 +63,16 @@ pub enum PipelineError {
 
 impl PipelineError {
     /// The `error_type` label for `philotes_cdc_errors_total`.
-    pub fn error_type(&self) -> &'static str {
+    pub fn error_type(&self) -> ErrorType {
         match self {
             PipelineError::Source(e) => e.error_type(),
             PipelineError::Sink(e) => e.error_type(),
-            PipelineError::Batch(_) => "batch",
-            PipelineError::Schema(_) => "schema",
-            PipelineError::StreamEnded(_) => "connection",
-            PipelineError::NewTable(_) => "none",
-            PipelineError::Spool(_) => "spool",
-            PipelineError::State(_) => "state",
+            PipelineError::Batch(_) => ErrorType::Batch,
+            PipelineError::Schema(_) => ErrorType::Schema,
+            // A new table is not a failure and never counted: the stream restarts at once.
+            PipelineError::StreamEnded(_) | PipelineError::NewTable(_) => ErrorType::Connection,
+            PipelineError::Spool(_) => ErrorType::Spool,
+            PipelineError::State(_) => ErrorType::State,
         }
     }
 }
@@ -201,13 +201,7 @@ impl Pipeline {
         } else {
             s
         };
-        self.metrics.set_state(s);
-        status::update(&self.status, |st| {
-            st.state = s;
-            if s != PipelineState::Retrying {
-                st.retry = None;
-            }
-        });
+        StateChanged { state: s }.emit(&self.metrics, &self.status);
     }
 
     /// Run until `shutdown` turns true: stream, and on any error wait with backoff and retry.
@@ -256,31 +250,14 @@ impl Pipeline {
                         .failures
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
                         .saturating_add(1);
-                    let retry_in =
-                        humantime::format_duration(Duration::from_millis(delay.as_millis() as u64));
-                    // One ERROR for a new failure; the retries that follow are warnings, so a
-                    // log alert fires once and the log does not read as if each was final.
-                    if attempt == 1 {
-                        tracing::error!(pipeline = %self.cfg.name, error_type = e.error_type(), attempt, "pipeline failed, retrying in {retry_in}: {msg}");
-                    } else {
-                        tracing::warn!(pipeline = %self.cfg.name, error_type = e.error_type(), attempt, "pipeline still failing (attempt {attempt}), retrying in {retry_in}: {msg}");
+                    PipelineRetrying {
+                        pipeline: &self.cfg.name,
+                        error_type: e.error_type(),
+                        message: msg,
+                        attempt,
+                        delay,
                     }
-                    self.metrics.error(e.error_type());
-                    self.metrics.retries.add(1);
-                    let next = chrono::Utc::now()
-                        + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::zero());
-                    let error_type = e.error_type();
-                    self.set_state(PipelineState::Retrying);
-                    status::update(&self.status, |st| {
-                        st.last_error = Some(msg);
-                        st.last_error_at = Some(status::now_rfc3339());
-                        st.retry = Some(status::RetryStatus {
-                            attempt,
-                            next_attempt_at: next
-                                .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-                            error_type,
-                        });
-                    });
+                    .emit(&self.metrics, &self.status);
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
                         _ = shutdown.changed() => {}
@@ -379,9 +356,8 @@ impl Pipeline {
         tracing::info!(pipeline = %self.cfg.name, slot, confirmed_lsn = %crate::source::postgres::session::format_lsn(confirmed), "streaming");
         self.set_state(PipelineState::Streaming);
         applier
-            .stream(client, &mut self.control, shutdown, &|s| {
-                self.metrics.set_state(s);
-                status::update(&self.status, |st| st.state = s);
+            .stream(client, &mut self.control, shutdown, &|state| {
+                StateChanged { state }.emit(&self.metrics, &self.status)
             })
             .await
     }

@@ -6,9 +6,10 @@
 
 use std::time::{Duration, Instant};
 
-use super::status::{self, SharedStatus};
+use super::status::SharedStatus;
 use crate::source::postgres::conn::SourceUrl;
 use crate::source::postgres::session::Session;
+use crate::telemetry::events::SlotLagMeasured;
 use crate::telemetry::SourceMetrics;
 
 /// How often the slot is measured.
@@ -58,22 +59,13 @@ pub async fn slot_lag_loop(cfg: MonitorConfig, metrics: SourceMetrics, status: S
                 }
                 match session.slot_retained_bytes(&slot).await {
                     Ok(Some(bytes)) => {
-                        metrics.slot_lag.record(bytes);
-                        let over = max_slot_lag_bytes.is_some_and(|max| bytes as u64 > max);
-                        if over && !alarmed {
-                            tracing::error!(
-                                slot,
-                                retained_bytes = bytes,
-                                max_slot_lag_bytes,
-                                "replication slot retains more WAL than max_slot_lag_bytes; the pipeline is not keeping up (or is paused) and the source disk may fill"
-                            );
-                            metrics.error("slot_lag");
+                        alarmed = SlotLagMeasured {
+                            slot: &slot,
+                            retained_bytes: bytes,
+                            max: max_slot_lag_bytes,
+                            was_over: alarmed,
                         }
-                        alarmed = over;
-                        status::update(&status, |s| {
-                            s.slot_lag_bytes = Some(bytes);
-                            s.slot_lag_exceeded = over;
-                        });
+                        .emit(&metrics, &status);
                     }
                     Ok(None) => {}
                     Err(e) => {

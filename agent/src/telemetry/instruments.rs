@@ -48,55 +48,55 @@ const BYTES_BUCKETS: &[f64] = &[
 #[derive(Clone)]
 pub struct Metrics {
     /// `philotes_cdc_events_total{source,table,operation}`.
-    cdc_events: Counter<u64>,
+    pub(super) cdc_events: Counter<u64>,
     /// `philotes_cdc_lag_seconds{source,table}`.
-    cdc_lag: Gauge<f64>,
+    pub(super) cdc_lag: Gauge<f64>,
     /// `philotes_cdc_errors_total{source,error_type}`.
-    cdc_errors: Counter<u64>,
+    pub(super) cdc_errors: Counter<u64>,
     /// `philotes_cdc_retries_total{source}`.
-    cdc_retries: Counter<u64>,
+    pub(super) cdc_retries: Counter<u64>,
     /// `philotes_cdc_pipeline_state{source}`.
-    cdc_state: Gauge<i64>,
+    pub(super) cdc_state: Gauge<i64>,
     /// `philotes_cdc_slot_lag_bytes{source}`.
-    cdc_slot_lag: Gauge<i64>,
+    pub(super) cdc_slot_lag: Gauge<i64>,
     /// `philotes_api_requests_total{endpoint,method,status}`.
-    pub api_requests: Counter<u64>,
+    pub(super) api_requests: Counter<u64>,
     /// `philotes_api_request_duration_seconds{endpoint,method}`.
-    pub api_duration: Histogram<f64>,
+    pub(super) api_duration: Histogram<f64>,
     /// `philotes_api_request_size_bytes{endpoint,method}`.
-    pub api_request_size: Histogram<u64>,
+    pub(super) api_request_size: Histogram<u64>,
     /// `philotes_api_response_size_bytes{endpoint,method}`.
-    pub api_response_size: Histogram<u64>,
+    pub(super) api_response_size: Histogram<u64>,
     /// `philotes_iceberg_commits_total{source,table}`.
-    ice_commits: Counter<u64>,
+    pub(super) ice_commits: Counter<u64>,
     /// `philotes_iceberg_commit_duration_seconds{source,table}`.
-    ice_commit_duration: Histogram<f64>,
+    pub(super) ice_commit_duration: Histogram<f64>,
     /// `philotes_iceberg_files_written_total{source,table}`.
-    ice_files: Counter<u64>,
+    pub(super) ice_files: Counter<u64>,
     /// `philotes_iceberg_bytes_written_total{source,table}` (no unit: "By" would double the suffix).
-    ice_bytes: Counter<u64>,
+    pub(super) ice_bytes: Counter<u64>,
     /// `philotes_buffer_depth{source}`.
-    buf_depth: Gauge<i64>,
+    pub(super) buf_depth: Gauge<i64>,
     /// `philotes_buffer_spool_bytes{source}`.
-    buf_spool: Gauge<i64>,
+    pub(super) buf_spool: Gauge<i64>,
     /// `philotes_buffer_batches_total{source,status}`.
-    buf_batches: Counter<u64>,
+    pub(super) buf_batches: Counter<u64>,
     /// `philotes_buffer_events_processed_total{source}`.
-    buf_events: Counter<u64>,
+    pub(super) buf_events: Counter<u64>,
     /// `philotes_buffer_dlq_total{source}`.
-    buf_dlq: Counter<u64>,
+    pub(super) buf_dlq: Counter<u64>,
     /// `philotes_iceberg_table_data_files{source,table}`.
-    pub(crate) table_data_files: Gauge<u64>,
+    pub(super) table_data_files: Gauge<u64>,
     /// `philotes_iceberg_table_snapshots{source,table}`.
-    pub(crate) table_snapshots: Gauge<u64>,
+    pub(super) table_snapshots: Gauge<u64>,
     /// `philotes_iceberg_table_metadata_bytes{source,table}`.
-    pub(crate) table_metadata: Gauge<u64>,
+    pub(super) table_metadata: Gauge<u64>,
     /// `philotes_iceberg_maintenance_total{source,table,action,status}`.
-    pub(crate) maintenance: Counter<u64>,
+    pub(super) maintenance: Counter<u64>,
     /// `philotes_iceberg_maintenance_duration_seconds{source,table,action}`.
-    pub(crate) maintenance_duration: Histogram<f64>,
+    pub(super) maintenance_duration: Histogram<f64>,
     /// `philotes_iceberg_files_removed_total{source,table}`.
-    pub(crate) files_removed: Counter<u64>,
+    pub(super) files_removed: Counter<u64>,
 }
 
 impl Metrics {
@@ -248,42 +248,37 @@ impl Metrics {
 /// Instruments bound to one source.
 #[derive(Clone)]
 pub struct SourceMetrics {
-    name: Arc<str>,
-    metrics: Metrics,
+    pub(super) name: Arc<str>,
+    pub(super) metrics: Metrics,
     /// `philotes_cdc_retries_total`.
-    pub retries: BoundCounter<u64>,
-    state: BoundGauge<i64>,
+    pub(super) retries: BoundCounter<u64>,
+    pub(super) state: BoundGauge<i64>,
     /// `philotes_cdc_slot_lag_bytes`.
-    pub slot_lag: BoundGauge<i64>,
+    pub(super) slot_lag: BoundGauge<i64>,
     /// `philotes_buffer_depth`.
-    pub depth: BoundGauge<i64>,
+    pub(super) depth: BoundGauge<i64>,
     /// `philotes_buffer_spool_bytes`.
-    pub spool: BoundGauge<i64>,
+    pub(super) spool: BoundGauge<i64>,
     /// `philotes_buffer_batches_total{status="committed"}`.
-    pub batches_committed: BoundCounter<u64>,
+    pub(super) batches_committed: BoundCounter<u64>,
     /// `philotes_buffer_batches_total{status="failed"}`.
-    pub batches_failed: BoundCounter<u64>,
+    pub(super) batches_failed: BoundCounter<u64>,
     /// `philotes_buffer_batches_total{status="retried"}`.
-    pub batches_retried: BoundCounter<u64>,
+    pub(super) batches_retried: BoundCounter<u64>,
     /// `philotes_buffer_events_processed_total`.
-    pub events_processed: BoundCounter<u64>,
+    pub(super) events_processed: BoundCounter<u64>,
     /// `philotes_buffer_dlq_total`.
-    pub dlq: BoundCounter<u64>,
+    pub(super) dlq: BoundCounter<u64>,
 }
 
 impl SourceMetrics {
-    /// Record the pipeline state.
-    pub fn set_state(&self, s: PipelineState) {
-        self.state.record(s as i64);
-    }
-
     /// Count an error; errors are rare, so the attribute set is built per call.
-    pub fn error(&self, error_type: &'static str) {
+    pub(super) fn error(&self, error_type: super::events::ErrorType) {
         self.metrics.cdc_errors.add(
             1,
             &[
                 KeyValue::new("source", self.name.to_string()),
-                KeyValue::new("error_type", error_type),
+                KeyValue::new("error_type", error_type.as_str()),
             ],
         );
     }
@@ -318,23 +313,23 @@ impl SourceMetrics {
 #[derive(Clone)]
 pub struct TableMetrics {
     /// `philotes_cdc_events_total{operation="insert"}`.
-    pub insert: BoundCounter<u64>,
+    pub(super) insert: BoundCounter<u64>,
     /// `...{operation="update"}`.
-    pub update: BoundCounter<u64>,
+    pub(super) update: BoundCounter<u64>,
     /// `...{operation="delete"}`.
-    pub delete: BoundCounter<u64>,
+    pub(super) delete: BoundCounter<u64>,
     /// `...{operation="truncate"}`.
-    pub truncate: BoundCounter<u64>,
+    pub(super) truncate: BoundCounter<u64>,
     /// `...{operation="snapshot"}`.
-    pub snapshot: BoundCounter<u64>,
+    pub(super) snapshot: BoundCounter<u64>,
     /// `philotes_cdc_lag_seconds`.
-    pub lag: BoundGauge<f64>,
+    pub(super) lag: BoundGauge<f64>,
     /// `philotes_iceberg_commits_total`.
-    pub commits: BoundCounter<u64>,
+    pub(super) commits: BoundCounter<u64>,
     /// `philotes_iceberg_commit_duration_seconds`.
-    pub commit_duration: BoundHistogram<f64>,
+    pub(super) commit_duration: BoundHistogram<f64>,
     /// `philotes_iceberg_files_written_total`.
-    pub files: BoundCounter<u64>,
+    pub(super) files: BoundCounter<u64>,
     /// `philotes_iceberg_bytes_written_total`.
-    pub bytes: BoundCounter<u64>,
+    pub(super) bytes: BoundCounter<u64>,
 }

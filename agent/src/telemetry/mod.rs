@@ -5,6 +5,7 @@ mod export;
 pub mod instruments;
 mod process;
 mod scrub;
+pub mod status;
 
 use std::sync::Arc;
 use std::time::Duration;

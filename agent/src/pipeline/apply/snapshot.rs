@@ -20,7 +20,8 @@ use serde::{Deserialize, Serialize};
 use super::{now_micros, t_committed, Applier};
 use crate::pipeline::batch::snapshot_row_json;
 use crate::pipeline::dlq::DeadLetter;
-use crate::pipeline::{status, AbortOnDrop, PipelineError};
+use crate::pipeline::{AbortOnDrop, PipelineError};
+use crate::telemetry::events::{ChangeReceived, DeadLettered, Operation, TableCommitted};
 use crate::sink::iceberg::schema::{SNAPSHOT_PROGRESS_PROPERTY, SNAPSHOT_PROPERTY};
 use crate::source::postgres::conn::SourceUrl;
 use crate::source::postgres::copy::BinaryCopy;
@@ -296,7 +297,7 @@ impl Applier {
                 let t = &mut self.tables[idx];
                 if let Err(e) = t.batch.push_snapshot("R", lsn, seq, ts, values, &binary) {
                     // Logged like a dead letter of the stream (it used not to be).
-                    crate::telemetry::events::DeadLettered {
+                    DeadLettered {
                         table: &source_name,
                         lsn: &crate::source::postgres::session::format_lsn(lsn),
                         seq,
@@ -316,7 +317,10 @@ impl Applier {
                 } else {
                     t.dirty = true;
                 }
-                t.metrics.snapshot.add(1);
+                ChangeReceived {
+                    op: Operation::Snapshot,
+                }
+                .emit(&t.metrics);
                 progress.seq += 1;
                 since_commit += 1;
                 if self.should_spill(idx) {
@@ -444,21 +448,15 @@ impl Applier {
         crate::telemetry::record_trace_id(&span);
         let outcome = t.sink.commit_with(lsn, props).instrument(span).await?;
         t.dirty = false;
-        crate::telemetry::events::TableCommitted {
+        TableCommitted {
+            source_table: &t.source_name,
+            iceberg_table: t.sink.name(),
+            rows,
+            committed_lsn: t_committed(t),
             conflicts: outcome.conflicts,
             duration: started.elapsed(),
         }
-        .emit(&t.metrics, &self.metrics);
-        let committed = t_committed(&self.tables[idx]);
-        let source_name = self.tables[idx].source_name.clone();
-        status::update(&self.status, |s| {
-            if let Some(e) = s.tables.get_mut(&source_name) {
-                e.committed_rows += rows;
-                e.commits += 1;
-                e.committed_lsn = committed;
-                e.last_commit_at = Some(status::now_rfc3339());
-            }
-        });
+        .emit(&t.metrics, &self.metrics, &self.status);
         Ok(())
     }
 }

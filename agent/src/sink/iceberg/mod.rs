@@ -10,6 +10,8 @@ pub mod table;
 pub(crate) mod writer;
 
 pub use catalog::open_catalog;
+
+use crate::telemetry::events::ErrorType;
 pub use table::TableSink;
 
 /// A sink failure, with the stage it happened in.
@@ -34,13 +36,13 @@ pub enum SinkError {
 
 impl SinkError {
     /// The `error_type` label for `philotes_cdc_errors_total`.
-    pub fn error_type(&self) -> &'static str {
+    pub fn error_type(&self) -> ErrorType {
         match self {
-            SinkError::Catalog(_) => "iceberg_catalog",
-            SinkError::Write(_) => "iceberg_write",
-            SinkError::Commit(_) => "iceberg_commit",
-            SinkError::Conflict(_) => "commit_conflict",
-            SinkError::Config(_) => "config",
+            SinkError::Catalog(_) => ErrorType::IcebergCatalog,
+            SinkError::Write(_) => ErrorType::IcebergWrite,
+            SinkError::Commit(_) => ErrorType::IcebergCommit,
+            SinkError::Conflict(_) => ErrorType::CommitConflict,
+            SinkError::Config(_) => ErrorType::Config,
         }
     }
 }

@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use super::conn::SourceUrl;
+use crate::telemetry::events::ErrorType;
 use super::wire::replication::{ReplicationStream, StatusTiming};
 use super::wire::{Conn, WireError};
 
@@ -47,14 +48,14 @@ impl SourceError {
     }
 
     /// The `error_type` label for `philotes_cdc_errors_total`.
-    pub fn error_type(&self) -> &'static str {
+    pub fn error_type(&self) -> ErrorType {
         match self {
-            SourceError::Connect { .. } => "connection",
+            SourceError::Connect { .. } => ErrorType::Connection,
             SourceError::WalLevel(_) | SourceError::MissingTable(_) | SourceError::Slot { .. } => {
-                "config"
+                ErrorType::Config
             }
-            SourceError::Query(_) => "source_query",
-            SourceError::Decode(_) => "decode",
+            SourceError::Query(_) => ErrorType::SourceQuery,
+            SourceError::Decode(_) => ErrorType::Decode,
         }
     }
 }

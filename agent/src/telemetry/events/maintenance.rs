@@ -1,12 +1,10 @@
-//! Observable occurrences as typed events (Vector's `internal_events`): each `emit` writes the
-//! log line and records the metrics in one place, so call sites read
-//! `TableMaintained { .. }.emit(&metrics)` and the contract lives here.
+//! What table maintenance does: actions and health measurements.
 
 use std::time::Duration;
 
 use opentelemetry::KeyValue;
 
-use super::Metrics;
+use crate::telemetry::Metrics;
 
 /// One maintenance action on one table finished (or was planned, in a dry run).
 #[derive(Debug)]
@@ -105,56 +103,5 @@ impl TableHealthMeasured<'_> {
             metadata_bytes = self.metadata_bytes,
             "table health"
         );
-    }
-}
-
-/// A row that could not be converted went to the dead-letter table (streaming or copying).
-#[derive(Debug)]
-pub struct DeadLettered<'a> {
-    /// Source table (`schema.table`).
-    pub table: &'a str,
-    /// Commit LSN of its transaction (`X/Y`), or the copy's snapshot point.
-    pub lsn: &'a str,
-    /// Its position in the transaction (or the copy).
-    pub seq: u64,
-    /// `I`, `U`, `D` or `R`.
-    pub op: &'a str,
-    /// Why it could not be converted.
-    pub error: &'a str,
-}
-
-impl DeadLettered<'_> {
-    /// Log and count it (`philotes_buffer_dlq_total`, `error_type="conversion"`).
-    pub fn emit(&self, m: &super::SourceMetrics) {
-        tracing::warn!(
-            table = self.table,
-            lsn = self.lsn,
-            seq = self.seq,
-            op = self.op,
-            "dead letter: {}",
-            self.error
-        );
-        m.dlq.add(1);
-        m.error("conversion");
-    }
-}
-
-/// One table's snapshot committed: a flush's, or a chunk of an initial copy.
-#[derive(Debug)]
-pub struct TableCommitted {
-    /// Other writers' commits rebased over (each is an `error_type="commit_conflict"`).
-    pub conflicts: u32,
-    /// Closing the data files and committing.
-    pub duration: Duration,
-}
-
-impl TableCommitted {
-    /// Record `philotes_iceberg_commits_total`, the commit duration and the conflicts.
-    pub fn emit(&self, table: &super::TableMetrics, source: &super::SourceMetrics) {
-        for _ in 0..self.conflicts {
-            source.error("commit_conflict");
-        }
-        table.commit_duration.record(self.duration.as_secs_f64());
-        table.commits.add(1);
     }
 }

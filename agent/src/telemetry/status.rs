@@ -5,7 +5,7 @@ use std::sync::{Arc, RwLock};
 
 use serde::Serialize;
 
-use crate::telemetry::PipelineState;
+use super::PipelineState;
 
 /// Per-table counters.
 #[derive(Debug, Clone, Serialize)]
@@ -54,7 +54,7 @@ pub struct RetryStatus {
     /// When the next attempt starts (RFC 3339).
     pub next_attempt_at: String,
     /// The `error_type` of the last failure.
-    pub error_type: &'static str,
+    pub error_type: super::events::ErrorType,
 }
 
 /// What the API shows for one pipeline.

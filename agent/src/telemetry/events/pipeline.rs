@@ -1,0 +1,353 @@
+//! What a pipeline does: changes received, transactions applied, flushes, commits, dead letters,
+//! spools, slot lag, state changes and retries.
+
+use std::time::Duration;
+
+use super::{ErrorType, Operation};
+use crate::telemetry::instruments::{SourceMetrics, TableMetrics};
+use crate::telemetry::status::{self, RetryStatus, SharedStatus};
+use crate::telemetry::PipelineState;
+
+/// A change for a table was received (streamed or copied); counted once per row, on the hot
+/// path, through a pre-bound counter.
+#[derive(Debug, Clone, Copy)]
+pub struct ChangeReceived {
+    /// Its kind.
+    pub op: Operation,
+}
+
+impl ChangeReceived {
+    /// Count it in `philotes_cdc_events_total{operation}`.
+    #[inline]
+    pub fn emit(self, t: &TableMetrics) {
+        match self.op {
+            Operation::Insert => t.insert.add(1),
+            Operation::Update => t.update.add(1),
+            Operation::Delete => t.delete.add(1),
+            Operation::Truncate => t.truncate.add(1),
+            Operation::Snapshot => t.snapshot.add(1),
+        }
+    }
+}
+
+/// One table's view of an applied source transaction.
+pub struct AppliedTable<'a> {
+    /// Source table (`schema.table`), the status key.
+    pub name: &'a str,
+    /// Its instruments.
+    pub metrics: &'a TableMetrics,
+    /// Whether this transaction changed it (its lag is then measured).
+    pub touched: bool,
+    /// Inserts, updates, deletes, truncates received so far.
+    pub counts: [u64; 4],
+}
+
+/// A source transaction's commit was read: lag measured, the buffer's depth and the received
+/// position published (once per transaction, not per row).
+pub struct TransactionApplied<'a> {
+    /// Seconds from its commit in PostgreSQL to now.
+    pub lag_seconds: f64,
+    /// `X/Y` of its end.
+    pub received_lsn: String,
+    /// Changes buffered and not yet committed.
+    pub buffered_events: u64,
+    /// The pipeline's tables.
+    pub tables: &'a [AppliedTable<'a>],
+}
+
+impl TransactionApplied<'_> {
+    /// Record `philotes_cdc_lag_seconds` of the touched tables and `philotes_buffer_depth`;
+    /// publish lag, position and per-table counts to the status.
+    pub fn emit(self, m: &SourceMetrics, status: &SharedStatus) {
+        for t in self.tables.iter().filter(|t| t.touched) {
+            t.metrics.lag.record(self.lag_seconds);
+        }
+        m.depth.record(self.buffered_events as i64);
+        status::update(status, |s| {
+            s.lag_seconds = self.lag_seconds;
+            s.received_lsn = self.received_lsn;
+            s.buffered_events = self.buffered_events;
+            for t in self.tables {
+                if let Some(e) = s.tables.get_mut(t.name) {
+                    [e.inserts, e.updates, e.deletes, e.truncates] = t.counts;
+                }
+            }
+        });
+    }
+}
+
+/// The buffer was emptied or refilled outside a transaction boundary (a new attempt, a
+/// paused pipeline's flush).
+#[derive(Debug, Clone, Copy)]
+pub struct BufferChanged {
+    /// Changes buffered now.
+    pub events: u64,
+}
+
+impl BufferChanged {
+    /// Record `philotes_buffer_depth` and the status's `buffered_events`.
+    pub fn emit(self, m: &SourceMetrics, status: &SharedStatus) {
+        m.depth.record(self.events as i64);
+        status::update(status, |s| s.buffered_events = self.events);
+    }
+}
+
+/// The spool of streamed in-progress transactions changed.
+#[derive(Debug, Clone, Copy)]
+pub struct SpoolChanged {
+    /// In-progress transactions spooled.
+    pub transactions: u64,
+    /// Their bytes on disk.
+    pub bytes: u64,
+}
+
+impl SpoolChanged {
+    /// Record `philotes_buffer_spool_bytes` and the status's spool fields.
+    pub fn emit(self, m: &SourceMetrics, status: &SharedStatus) {
+        m.spool.record(self.bytes as i64);
+        status::update(status, |s| {
+            s.spooled_transactions = self.transactions;
+            s.spooled_bytes = self.bytes;
+        });
+    }
+}
+
+/// A table's pending data files were closed.
+#[derive(Debug, Clone, Copy)]
+pub struct FilesWritten {
+    /// Files written.
+    pub files: u64,
+    /// Their bytes.
+    pub bytes: u64,
+}
+
+impl FilesWritten {
+    /// Count `philotes_iceberg_files_written_total` and `..._bytes_written_total`.
+    pub fn emit(self, t: &TableMetrics) {
+        t.files.add(self.files);
+        t.bytes.add(self.bytes);
+    }
+}
+
+/// One table's snapshot committed: a flush's, or a chunk of an initial copy.
+#[derive(Debug)]
+pub struct TableCommitted<'a> {
+    /// Source table (`schema.table`), the status key.
+    pub source_table: &'a str,
+    /// Iceberg table (`namespace.table`).
+    pub iceberg_table: String,
+    /// Rows the commit made visible.
+    pub rows: u64,
+    /// The table's committed position (`X/Y`).
+    pub committed_lsn: String,
+    /// Other writers' commits rebased over (each is an `error_type="commit_conflict"`).
+    pub conflicts: u32,
+    /// Closing the data files and committing.
+    pub duration: Duration,
+}
+
+impl TableCommitted<'_> {
+    /// Record `philotes_iceberg_commits_total`, the commit duration and the conflicts; add
+    /// the commit to the table's status.
+    pub fn emit(self, t: &TableMetrics, m: &SourceMetrics, status: &SharedStatus) {
+        for _ in 0..self.conflicts {
+            m.error(ErrorType::CommitConflict);
+        }
+        t.commit_duration.record(self.duration.as_secs_f64());
+        t.commits.add(1);
+        status::update(status, |s| {
+            let e = s.tables.entry(self.source_table.to_string()).or_default();
+            e.iceberg_table = self.iceberg_table;
+            e.committed_rows += self.rows;
+            e.commits += 1;
+            e.committed_lsn = self.committed_lsn;
+            e.last_commit_at = Some(status::now_rfc3339());
+        });
+    }
+}
+
+/// A flush committed every dirty table (and the dead letters) at one source position.
+#[derive(Debug)]
+pub struct BatchCommitted {
+    /// Rows committed to the tables.
+    pub rows: u64,
+    /// Rows committed to the dead-letter table.
+    pub dead_letters: usize,
+    /// The position (`X/Y`).
+    pub lsn: String,
+    /// Whether the batch had failed before (a retry's replay).
+    pub retried: bool,
+}
+
+impl BatchCommitted {
+    /// Log the flush (inside its span, so the line carries the trace id), count the batch and
+    /// its events, empty the buffer's depth and publish the committed position.
+    pub fn emit(self, m: &SourceMetrics, status: &SharedStatus) {
+        tracing::info!(
+            rows = self.rows,
+            dead_letters = self.dead_letters,
+            lsn = %self.lsn,
+            "flush committed"
+        );
+        m.batches_committed.add(1);
+        if self.retried {
+            m.batches_retried.add(1);
+        }
+        m.events_processed.add(self.rows);
+        m.depth.record(0);
+        status::update(status, |s| {
+            s.committed_lsn = self.lsn;
+            s.buffered_events = 0;
+        });
+    }
+}
+
+/// A flush failed; its error goes to the retry loop, which logs and counts it by type.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchFailed;
+
+impl BatchFailed {
+    /// Count `philotes_buffer_batches_total{status="failed"}`.
+    pub fn emit(self, m: &SourceMetrics) {
+        m.batches_failed.add(1);
+    }
+}
+
+/// A row that could not be converted went to the dead-letter table (streaming or copying).
+#[derive(Debug)]
+pub struct DeadLettered<'a> {
+    /// Source table (`schema.table`).
+    pub table: &'a str,
+    /// Commit LSN of its transaction (`X/Y`), or the copy's snapshot point.
+    pub lsn: &'a str,
+    /// Its position in the transaction (or the copy).
+    pub seq: u64,
+    /// `I`, `U`, `D` or `R`.
+    pub op: &'a str,
+    /// Why it could not be converted.
+    pub error: &'a str,
+}
+
+impl DeadLettered<'_> {
+    /// Log and count it (`philotes_buffer_dlq_total`, `error_type="conversion"`).
+    pub fn emit(&self, m: &SourceMetrics) {
+        tracing::warn!(
+            table = self.table,
+            lsn = self.lsn,
+            seq = self.seq,
+            op = self.op,
+            "dead letter: {}",
+            self.error
+        );
+        m.dlq.add(1);
+        m.error(ErrorType::Conversion);
+    }
+}
+
+/// The pipeline moved to another state.
+#[derive(Debug, Clone, Copy)]
+pub struct StateChanged {
+    /// The new state.
+    pub state: PipelineState,
+}
+
+impl StateChanged {
+    /// Record `philotes_cdc_pipeline_state` and the status's state (a pending retry is
+    /// forgotten once the pipeline is anything but retrying).
+    pub fn emit(self, m: &SourceMetrics, status: &SharedStatus) {
+        m.state.record(self.state as i64);
+        status::update(status, |s| {
+            s.state = self.state;
+            if self.state != PipelineState::Retrying {
+                s.retry = None;
+            }
+        });
+    }
+}
+
+/// An attempt failed; the next one is scheduled.
+#[derive(Debug)]
+pub struct PipelineRetrying<'a> {
+    /// Pipeline name.
+    pub pipeline: &'a str,
+    /// What failed.
+    pub error_type: ErrorType,
+    /// The error, already scrubbed of secrets.
+    pub message: String,
+    /// Failures in a row, this one included.
+    pub attempt: u32,
+    /// Until the next attempt.
+    pub delay: Duration,
+}
+
+impl PipelineRetrying<'_> {
+    /// Log it (one ERROR for a new failure, then warnings, so a log alert fires once and the
+    /// log does not read as if each was final), count `philotes_cdc_errors_total` and
+    /// `philotes_cdc_retries_total`, and set the state to retrying with the retry's details.
+    pub fn emit(self, m: &SourceMetrics, status: &SharedStatus) {
+        let retry_in =
+            humantime::format_duration(Duration::from_millis(self.delay.as_millis() as u64));
+        let (pipeline, error_type, attempt, msg) =
+            (self.pipeline, self.error_type, self.attempt, &self.message);
+        if attempt == 1 {
+            tracing::error!(pipeline, %error_type, attempt, "pipeline failed, retrying in {retry_in}: {msg}");
+        } else {
+            tracing::warn!(pipeline, %error_type, attempt, "pipeline still failing (attempt {attempt}), retrying in {retry_in}: {msg}");
+        }
+        m.error(error_type);
+        m.retries.add(1);
+        let next = chrono::Utc::now()
+            + chrono::Duration::from_std(self.delay).unwrap_or(chrono::Duration::zero());
+        StateChanged {
+            state: PipelineState::Retrying,
+        }
+        .emit(m, status);
+        status::update(status, |st| {
+            st.last_error = Some(self.message);
+            st.last_error_at = Some(status::now_rfc3339());
+            st.retry = Some(RetryStatus {
+                attempt,
+                next_attempt_at: next.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+                error_type,
+            });
+        });
+    }
+}
+
+/// The slot's retained WAL was measured.
+#[derive(Debug, Clone, Copy)]
+pub struct SlotLagMeasured<'a> {
+    /// Slot name.
+    pub slot: &'a str,
+    /// WAL bytes the slot retains.
+    pub retained_bytes: i64,
+    /// `max_slot_lag_bytes`, if set.
+    pub max: Option<u64>,
+    /// Whether the previous measurement was already over the limit.
+    pub was_over: bool,
+}
+
+impl SlotLagMeasured<'_> {
+    /// Record `philotes_cdc_slot_lag_bytes` and the status; crossing the limit logs an ERROR
+    /// and counts `error_type="slot_lag"` once. Returns whether it is over the limit now.
+    pub fn emit(self, m: &SourceMetrics, status: &SharedStatus) -> bool {
+        m.slot_lag.record(self.retained_bytes);
+        let over = self
+            .max
+            .is_some_and(|max| self.retained_bytes as u64 > max);
+        if over && !self.was_over {
+            tracing::error!(
+                slot = self.slot,
+                retained_bytes = self.retained_bytes,
+                max_slot_lag_bytes = self.max,
+                "replication slot retains more WAL than max_slot_lag_bytes; the pipeline is not keeping up (or is paused) and the source disk may fill"
+            );
+            m.error(ErrorType::SlotLag);
+        }
+        status::update(status, |s| {
+            s.slot_lag_bytes = Some(self.retained_bytes);
+            s.slot_lag_exceeded = over;
+        });
+        over
+    }
+}
