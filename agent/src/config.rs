@@ -595,10 +595,10 @@ impl Config {
                     ));
                 }
                 // `a.b` and `public.a__b` would write into one Iceberg table.
-                let iceberg = crate::pipeline::iceberg_table_name(&s, &n);
+                let iceberg = crate::model::iceberg_table_name(&s, &n);
                 if let Some(other) = p.tables[..j].iter().find(|o| {
                     let (os, on) = split_table(o);
-                    crate::pipeline::iceberg_table_name(&os, &on) == iceberg
+                    crate::model::iceberg_table_name(&os, &on) == iceberg
                 }) {
                     return Err(ConfigError::new(
                         format!("pipelines[{i}].tables[{j}]"),

@@ -12,6 +12,7 @@ use tracing::Instrument;
 
 use super::batch::{row_json, BatchError, TableBatch, PG_EPOCH_OFFSET_MICROS};
 use super::dlq::{self, DeadLetter};
+use super::position::{already_committed, Positions};
 use super::status::{self, SharedStatus};
 use super::{Control, PipelineError};
 
@@ -27,8 +28,8 @@ use crate::source::postgres::session::SourceError;
 use crate::source::postgres::types::ColumnKind;
 use crate::source::postgres::wire::replication::{ReplEvent, ReplicationStream};
 use crate::telemetry::events::{
-    AppliedTable, BatchCommitted, BatchFailed, ChangeReceived, DeadLettered, FilesWritten, Operation,
-    SpoolChanged, TableCommitted, TransactionApplied,
+    AppliedTable, BatchCommitted, BatchFailed, ChangeReceived, DeadLettered, FilesWritten,
+    Operation, SpoolChanged, TableCommitted, TransactionApplied,
 };
 use crate::telemetry::{record_trace_id, PipelineState, SourceMetrics, TableMetrics};
 
@@ -56,13 +57,6 @@ struct Txn {
     seq: u64,
 }
 
-/// The last transaction fully received.
-#[derive(Debug, Clone, Copy, Default)]
-struct Committed {
-    lsn: u64,
-    end_lsn: u64,
-}
-
 pub(super) struct Applier {
     cfg: PipelineConfig,
     namespace: String,
@@ -78,11 +72,11 @@ pub(super) struct Applier {
     dlq_sink: Option<TableSink>,
     dlq_rows: Vec<DeadLetter>,
     txn: Option<Txn>,
-    last: Committed,
+    /// Received and confirmed positions, and what may be confirmed.
+    positions: Positions,
     /// When the oldest uncommitted change arrived.
     oldest: Option<Instant>,
     buffered_events: u64,
-    confirmed: u64,
     /// The previous attempt failed: the first flush of this one is a retried batch.
     retrying: bool,
     /// Tables that joined the publication but are no longer in it: streamed, not copied.
@@ -115,14 +109,7 @@ fn t_committed(t: &TableState) -> String {
     format_lsn(t.sink.last_lsn)
 }
 
-/// Iceberg table name for a source table (contract: `<schema>__<table>` outside `public`).
-pub fn iceberg_table_name(schema: &str, table: &str) -> String {
-    if schema == "public" {
-        table.to_string()
-    } else {
-        format!("{schema}__{table}")
-    }
-}
+pub use crate::model::iceberg_table_name;
 
 impl Applier {
     pub(super) fn new(
@@ -152,10 +139,9 @@ impl Applier {
             dlq_sink: None,
             dlq_rows: Vec::new(),
             txn: None,
-            last: Committed::default(),
+            positions: Positions::new(0),
             oldest: None,
             buffered_events: 0,
-            confirmed: 0,
             retrying: false,
             no_copy: Default::default(),
             streams: HashMap::new(),
@@ -342,7 +328,10 @@ impl Applier {
     /// The server has sent everything before `lsn`: when nothing of ours is in flight,
     /// confirm it so an idle slot does not retain WAL.
     fn idle_point(&mut self, client: &ReplicationStream, lsn: u64) {
-        if self.txn.is_none() && !self.anything_uncommitted() && lsn > self.confirmed {
+        if let Some(lsn) =
+            self.positions
+                .idle_point(lsn, self.txn.is_some(), self.anything_uncommitted())
+        {
             self.confirm(client, lsn);
         }
     }
@@ -357,7 +346,7 @@ impl Applier {
         let ts = pg_ts_to_unix(commit_ts);
         let lag = ((now_micros() - ts) as f64 / 1e6).max(0.0);
         self.txn = None;
-        self.last = Committed { lsn, end_lsn };
+        self.positions.received(lsn, end_lsn);
         self.publish(lag, lsn, end_lsn);
         if !self.anything_uncommitted() {
             // Nothing of ours in flight: everything up to here is durable by definition.
@@ -625,7 +614,7 @@ impl Applier {
                         // Keep what came before the change: commit the complete transactions
                         // buffered so far, if the current one has not added rows yet.
                         if self.txn.is_none_or(|t| t.seq == 0) && self.anything_uncommitted() {
-                            let lsn = self.last.lsn;
+                            let lsn = self.positions.last().lsn;
                             let (rows, dead_letters) = self.flush_inner(lsn).await?;
                             self.flushed(lsn, rows, dead_letters);
                         }
@@ -648,7 +637,8 @@ impl Applier {
             &iceberg_table_name(schema, name),
             Some(&source_name),
             move || {
-                let s = changelog_schema(&cols)?;
+                let model: Vec<_> = cols.iter().map(RelationColumn::to_model).collect();
+                let s = changelog_schema(&model)?;
                 let p = changelog_partition(&s)?;
                 Ok((s, Some(p)))
             },
@@ -705,7 +695,7 @@ impl Applier {
         };
         let t = &mut self.tables[idx];
         // Exactly-once across restarts: this transaction is already in the table.
-        if lsn <= t.sink.last_lsn {
+        if already_committed(lsn, t.sink.last_lsn) {
             return Ok(());
         }
         ChangeReceived {
@@ -806,7 +796,7 @@ impl Applier {
 
     /// Commit every dirty table (and dead letters) at the last complete transaction.
     async fn flush(&mut self, client: &ReplicationStream) -> Result<(), PipelineError> {
-        let lsn = self.last.lsn;
+        let lsn = self.positions.last().lsn;
         // A root span: one trace per flush, whatever span the caller is in.
         let span = tracing::info_span!(
             parent: None,
@@ -959,11 +949,7 @@ impl Applier {
 
     /// Confirm the last complete transaction (everything before it is committed).
     fn ack(&mut self, client: &ReplicationStream) {
-        if self.anything_uncommitted() {
-            return;
-        }
-        let end = self.last.end_lsn;
-        if end > self.confirmed {
+        if let Some(end) = self.positions.ack_point(self.anything_uncommitted()) {
             let span = tracing::info_span!(
                 "postgres.ack",
                 source = %self.cfg.name,
@@ -978,7 +964,7 @@ impl Applier {
 
     fn confirm(&mut self, client: &ReplicationStream, lsn: u64) {
         client.confirm(lsn);
-        self.confirmed = lsn;
+        self.positions.confirm(lsn);
         status::update(&self.status, |s| s.confirmed_lsn = format_lsn(lsn));
     }
 }

@@ -4,6 +4,7 @@ mod apply;
 pub mod batch;
 pub mod dlq;
 mod monitor;
+mod position;
 pub mod retry;
 mod spool;
 
@@ -19,9 +20,9 @@ use crate::sink::iceberg::SinkError;
 use crate::source::postgres::conn::SourceUrl;
 use crate::source::postgres::session::{Session, SourceError};
 use crate::telemetry::events::{ErrorType, PipelineRetrying, StateChanged};
+pub use crate::telemetry::status::{self, PipelineStatus, SharedStatus};
 use crate::telemetry::{Metrics, PipelineState, SourceMetrics};
 pub use apply::iceberg_table_name;
-pub use crate::telemetry::status::{self, PipelineStatus, SharedStatus};
 
 /// What an operator asked the pipeline to do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -21,7 +21,6 @@ use super::{now_micros, t_committed, Applier};
 use crate::pipeline::batch::snapshot_row_json;
 use crate::pipeline::dlq::DeadLetter;
 use crate::pipeline::{AbortOnDrop, PipelineError};
-use crate::telemetry::events::{ChangeReceived, DeadLettered, Operation, TableCommitted};
 use crate::sink::iceberg::schema::{SNAPSHOT_PROGRESS_PROPERTY, SNAPSHOT_PROPERTY};
 use crate::source::postgres::conn::SourceUrl;
 use crate::source::postgres::copy::BinaryCopy;
@@ -29,6 +28,7 @@ use crate::source::postgres::session::{
     format_lsn, quote_ident, quote_literal, Session, SourceError,
 };
 use crate::source::postgres::wire::Row;
+use crate::telemetry::events::{ChangeReceived, DeadLettered, Operation, TableCommitted};
 
 /// Rows per batch handed from a snapshot reader to the converting task.
 const BATCH_ROWS: usize = 20_000;

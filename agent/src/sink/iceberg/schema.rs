@@ -5,8 +5,7 @@ use iceberg::spec::{
     UnboundPartitionSpec,
 };
 
-use crate::source::postgres::pgoutput::RelationColumn;
-use crate::source::postgres::types::ColumnKind;
+use crate::model::{Column, ColumnKind};
 
 /// `_cdc_op`: I, U, D, T or R.
 pub const CDC_OP: &str = "_cdc_op";
@@ -99,14 +98,13 @@ pub fn kind_of(t: &Type) -> Option<ColumnKind> {
 
 /// Changelog schema for a source relation: its columns (all optional: deletes carry only the
 /// key, unchanged TOAST values are null), then the CDC columns.
-pub fn changelog_schema(columns: &[RelationColumn]) -> Result<Schema, iceberg::Error> {
+pub fn changelog_schema(columns: &[Column]) -> Result<Schema, iceberg::Error> {
     let top = columns.len() as i32 + CDC_COLUMNS.len() as i32;
     // Top-level ids 1..=top, nested ids after them: the order iceberg-rust assigns on create.
     let mut next_nested = top + 1;
     let mut fields: Vec<NestedFieldRef> = Vec::with_capacity(top as usize);
     for (i, c) in columns.iter().enumerate() {
-        let kind = ColumnKind::from_oid(c.type_oid, c.type_modifier);
-        let t = iceberg_type(&kind, &mut next_nested);
+        let t = iceberg_type(&c.kind, &mut next_nested);
         fields.push(NestedField::optional(i as i32 + 1, &c.name, t).into());
     }
     let base = columns.len() as i32;

@@ -261,10 +261,12 @@ impl TableSink {
         let tx = action
             .apply(tx)
             .map_err(|e| SinkError::Commit(e.to_string()))?;
+        let serial = super::commit::lock::table(self.table.identifier()).await;
         let table = tx
             .commit(self.catalog.as_ref())
             .await
             .map_err(|e| SinkError::Commit(super::catalog::scrub(e.to_string(), &self.secrets)))?;
+        drop(serial);
         self.arrow_schema = Arc::new(
             schema_to_arrow_schema(table.metadata().current_schema())
                 .map_err(|e| SinkError::Config(e.to_string()))?,
@@ -406,7 +408,11 @@ impl TableSink {
         let tx = action
             .apply(tx)
             .map_err(|e| SinkError::Commit(e.to_string()))?;
-        match tx.commit(self.catalog.as_ref()).await {
+        // One commit at a time per table within the agent (maintenance commits too).
+        let serial = super::commit::lock::table(self.table.identifier()).await;
+        let result = tx.commit(self.catalog.as_ref()).await;
+        drop(serial);
+        match result {
             Ok(table) => {
                 let parent = table
                     .metadata()

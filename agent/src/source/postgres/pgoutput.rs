@@ -40,6 +40,17 @@ pub struct RelationColumn {
     pub type_modifier: i32,
 }
 
+impl RelationColumn {
+    /// The column as the sink sees it: its kind from the type OID and modifier.
+    pub fn to_model(&self) -> crate::model::Column {
+        crate::model::Column {
+            name: self.name.clone(),
+            kind: super::types::ColumnKind::from_oid(self.type_oid, self.type_modifier),
+            key: self.key,
+        }
+    }
+}
+
 /// A decoded pgoutput message.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Message<'a> {

@@ -4,9 +4,9 @@
 use std::time::Duration;
 
 use super::conn::SourceUrl;
-use crate::telemetry::events::ErrorType;
 use super::wire::replication::{ReplicationStream, StatusTiming};
 use super::wire::{Conn, WireError};
+use crate::telemetry::events::ErrorType;
 
 /// Why a source cannot be used.
 #[derive(Debug, thiserror::Error)]

@@ -3,43 +3,7 @@
 //! The replication session pins `datestyle=ISO`, `timezone=UTC`, `bytea_output=hex` and
 //! `extra_float_digits=3`, so every value arrives in one canonical text form.
 
-/// The logical kind of a source column, which decides its Iceberg and Arrow types.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum ColumnKind {
-    /// int2 / int4 → Iceberg int.
-    Int32,
-    /// int8 → long.
-    Int64,
-    /// float4 → float.
-    Float32,
-    /// float8 → double.
-    Float64,
-    /// numeric(p,s) with p ≤ 38 → decimal(p,s).
-    Decimal {
-        /// Precision.
-        precision: u8,
-        /// Scale.
-        scale: u8,
-    },
-    /// bool → boolean.
-    Bool,
-    /// Text and everything without a better mapping (the PostgreSQL text form).
-    Text,
-    /// bytea → binary.
-    Bytea,
-    /// date → date.
-    Date,
-    /// time → time (microseconds).
-    Time,
-    /// timestamp → timestamp (microseconds).
-    Timestamp,
-    /// timestamptz → timestamptz (microseconds, UTC).
-    TimestampTz,
-    /// uuid → uuid.
-    Uuid,
-    /// One-dimensional array → list<element>.
-    List(Box<ColumnKind>),
-}
+pub use crate::model::ColumnKind;
 
 impl ColumnKind {
     /// The kind for a column of type `oid` with modifier `typmod`.

@@ -290,9 +290,9 @@ impl PipelineRetrying<'_> {
         let (pipeline, error_type, attempt, msg) =
             (self.pipeline, self.error_type, self.attempt, &self.message);
         if attempt == 1 {
-            tracing::error!(pipeline, %error_type, attempt, "pipeline failed, retrying in {retry_in}: {msg}");
+            tracing::error!(pipeline = %pipeline, error_type = error_type.as_str(), attempt, "pipeline failed, retrying in {retry_in}: {msg}");
         } else {
-            tracing::warn!(pipeline, %error_type, attempt, "pipeline still failing (attempt {attempt}), retrying in {retry_in}: {msg}");
+            tracing::warn!(pipeline = %pipeline, error_type = error_type.as_str(), attempt, "pipeline still failing (attempt {attempt}), retrying in {retry_in}: {msg}");
         }
         m.error(error_type);
         m.retries.add(1);
@@ -332,9 +332,7 @@ impl SlotLagMeasured<'_> {
     /// and counts `error_type="slot_lag"` once. Returns whether it is over the limit now.
     pub fn emit(self, m: &SourceMetrics, status: &SharedStatus) -> bool {
         m.slot_lag.record(self.retained_bytes);
-        let over = self
-            .max
-            .is_some_and(|max| self.retained_bytes as u64 > max);
+        let over = self.max.is_some_and(|max| self.retained_bytes as u64 > max);
         if over && !self.was_over {
             tracing::error!(
                 slot = self.slot,

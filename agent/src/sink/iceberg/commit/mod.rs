@@ -2,12 +2,17 @@
 //! writers, `TableMetadataBuilder`, `TableUpdate` / `TableRequirement`): iceberg-rust 0.10 can
 //! only fast-append, and compaction needs `replace`, mirror tables `overwrite` / `delete`.
 //!
-//! A commit is staged against a base table (new manifests, manifest list, snapshot) and then
-//! published by the catalog's own protocol: a compare-and-swap of `metadata_location` in the
-//! SQL catalog (the convention PyIceberg and Java share), the commit endpoint of a REST
-//! catalog. A conflict (another writer committed first) reloads the table and stages again on
-//! the new base: files the change removes must still be live there, or the change is dropped
-//! with [`CommitError::Rebase`] (it could lose or duplicate rows).
+//! A commit is prepared against a base table (new manifests), finished on the newest base
+//! (manifest list, snapshot) and published by the catalog's own protocol: a compare-and-swap of
+//! `metadata_location` in the SQL catalog (the convention PyIceberg and Java share), the commit
+//! endpoint of a REST catalog. Within the agent, commits to one table are serialized
+//! ([`lock`]): the stream and maintenance never race each other, only other writers. A
+//! conflict with another writer finishes the prepared manifests again on the new base; when
+//! that base no longer holds what the change replaces, the change is prepared again, and when a
+//! removed file is no longer live the change is dropped with [`CommitError::Rebase`] (it could
+//! lose or duplicate rows).
+
+pub mod lock;
 
 mod rest;
 mod snapshot;
@@ -20,7 +25,7 @@ use iceberg::table::Table;
 use iceberg::{Catalog, TableRequirement, TableUpdate};
 
 use crate::config::IcebergConfig;
-pub use snapshot::{Change, Staged};
+pub use snapshot::{Change, Prepared, Staged};
 
 /// Why a commit did not happen.
 #[derive(Debug, thiserror::Error)]
@@ -87,6 +92,17 @@ impl Committer {
         requirements: Vec<TableRequirement>,
         updates: Vec<TableUpdate>,
     ) -> Result<Table, CommitError> {
+        let _serial = lock::table(table.identifier()).await;
+        self.publish(table, requirements, updates).await
+    }
+
+    /// [`Self::commit_updates`] for a caller that holds the table's [`lock`].
+    async fn publish(
+        &self,
+        table: &Table,
+        requirements: Vec<TableRequirement>,
+        updates: Vec<TableUpdate>,
+    ) -> Result<Table, CommitError> {
         let new = match self.inner.as_ref() {
             Inner::Sql(s) => s.commit(table, requirements, updates).await?,
             Inner::Rest(r) => r.commit(table, requirements, updates).await?,
@@ -95,30 +111,66 @@ impl Committer {
         Ok(new)
     }
 
-    /// Commit `change` as one snapshot, staging it again on a newer base after a conflict
-    /// (at most `attempts` times).
+    /// Commit `change` as one snapshot. The manifests are written once, outside the table's
+    /// lock; the manifest list is written under it on the newest table state, so the agent's
+    /// own stream never invalidates the work. Another writer's commit costs a new manifest
+    /// list (at most `attempts` conflicts), or a new preparation if it rewrote what the change
+    /// replaces.
     pub async fn commit_snapshot(
         &self,
         table: &Table,
         change: &Change,
         attempts: u32,
     ) -> Result<(Table, u32), CommitError> {
-        let mut base = table.clone();
+        let io = table.file_io().clone();
+        let mut prepared = snapshot::prepare(table, change).await?;
         let mut conflicts = 0u32;
+        let mut base = table.clone();
         loop {
-            let staged = snapshot::stage(&base, change).await?;
+            let serial = lock::table(table.identifier()).await;
+            // Under the lock nothing of ours moves the table; load it only if it moved.
+            if self.current_location(&base).await? != base.metadata_location().map(str::to_string) {
+                base = self
+                    .catalog
+                    .load_table(base.identifier())
+                    .await
+                    .map_err(|e| CommitError::Failed(e.to_string()))?;
+            }
+            let staged = match snapshot::finish(&base, change, &prepared).await {
+                Ok(s) => s,
+                Err(CommitError::Rebase(why))
+                    if base.metadata().current_snapshot_id() != prepared.base_snapshot() =>
+                {
+                    drop(serial);
+                    tracing::info!(table = %base.identifier(), "{why}: preparing the change again on the new table state");
+                    prepared.abandon(&io).await;
+                    prepared = snapshot::prepare(&base, change).await?;
+                    conflicts += 1;
+                    if conflicts >= attempts {
+                        prepared.abandon(&io).await;
+                        return Err(CommitError::Conflict(why));
+                    }
+                    continue;
+                }
+                Err(e) => {
+                    prepared.abandon(&io).await;
+                    return Err(e);
+                }
+            };
             match self
-                .commit_updates(&base, staged.requirements.clone(), staged.updates.clone())
+                .publish(&base, staged.requirements.clone(), staged.updates.clone())
                 .await
             {
                 Ok(t) => return Ok((t, conflicts)),
                 Err(CommitError::Conflict(msg)) => {
-                    staged.abandon(base.file_io()).await;
+                    drop(serial);
+                    staged.abandon(&io).await;
                     conflicts += 1;
                     if conflicts >= attempts {
+                        prepared.abandon(&io).await;
                         return Err(CommitError::Conflict(msg));
                     }
-                    tracing::info!(table = %base.identifier(), conflicts, "another writer committed first: staging the change again on the new table state");
+                    tracing::info!(table = %base.identifier(), conflicts, "another writer committed first: finishing the change again on the new table state");
                     base = self
                         .catalog
                         .load_table(base.identifier())
@@ -127,11 +179,27 @@ impl Committer {
                 }
                 Err(e) => {
                     if !matches!(e, CommitError::Unknown(_)) {
-                        staged.abandon(base.file_io()).await;
+                        staged.abandon(&io).await;
+                        prepared.abandon(&io).await;
                     }
                     return Err(e);
                 }
             }
+        }
+    }
+
+    /// The metadata location the catalog holds for `table` now.
+    async fn current_location(&self, table: &Table) -> Result<Option<String>, CommitError> {
+        match self.inner.as_ref() {
+            Inner::Sql(s) => s.location_of(table.identifier()).await,
+            // A REST catalog has no cheaper look than a load.
+            Inner::Rest(_) => Ok(self
+                .catalog
+                .load_table(table.identifier())
+                .await
+                .map_err(|e| CommitError::Failed(e.to_string()))?
+                .metadata_location()
+                .map(str::to_string)),
         }
     }
 }

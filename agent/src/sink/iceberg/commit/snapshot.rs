@@ -1,6 +1,10 @@
-//! Staging one snapshot: a manifest for the added files, the current manifests carried over
-//! (rewritten where they hold a removed file), a manifest list, and the metadata updates with
-//! the requirements that make publishing it a compare-and-swap.
+//! Staging one snapshot in two steps. [`prepare`] writes the manifests of the change: one for
+//! the added files, and the base's manifests that hold a removed file, rewritten (the slow
+//! part: it reads every manifest when files are removed). [`finish`] writes the manifest list
+//! on a base (the prepared one, or a newer one after a conflict) and builds the metadata
+//! updates with the requirements that make publishing it a compare-and-swap. A conflict then
+//! costs a new manifest list, not a new rewrite, as long as the manifests the change replaced
+//! are still in the newer base: manifests are immutable, so their files are still live.
 
 use std::collections::{HashMap, HashSet};
 
@@ -30,23 +34,70 @@ pub struct Change {
     pub properties: HashMap<String, String>,
 }
 
-/// A staged snapshot: what to publish, and the files written for it.
+/// The manifests of a change, written once for any base that still holds what it replaces.
+pub struct Prepared {
+    snapshot_id: i64,
+    commit_id: uuid::Uuid,
+    /// The snapshot of `main` it was prepared on.
+    base_snapshot: Option<i64>,
+    /// Manifests written for the change (added files, rewritten manifests).
+    manifests: Vec<ManifestFile>,
+    /// Paths of the base's manifests that `manifests` replace.
+    replaced: HashSet<String>,
+    /// Paths written (deleted again if the change is abandoned).
+    written: Vec<String>,
+    counts: Counts,
+}
+
+/// What the change adds and removes, for the snapshot summary.
+#[derive(Default, Clone, Copy)]
+struct Counts {
+    added_files: i64,
+    added_records: i64,
+    added_size: i64,
+    added_deletes: i64,
+    added_pos: i64,
+    removed_files: i64,
+    removed_records: i64,
+    removed_size: i64,
+    removed_deletes: i64,
+    removed_pos: i64,
+}
+
+impl Prepared {
+    /// The snapshot of `main` this was prepared on.
+    pub fn base_snapshot(&self) -> Option<i64> {
+        self.base_snapshot
+    }
+
+    /// Delete the manifests written for the change (it will not be committed).
+    pub async fn abandon(&self, io: &FileIO) {
+        delete_all(io, &self.written).await;
+    }
+}
+
+/// A staged snapshot on one base: what to publish, and its manifest list.
 pub struct Staged {
     /// Requirements: same table, same current snapshot of `main`.
     pub requirements: Vec<TableRequirement>,
     /// Updates: the snapshot, `main` pointing at it, the properties.
     pub updates: Vec<TableUpdate>,
-    /// Manifests and manifest list written for this attempt.
-    written: Vec<String>,
+    /// The manifest list written for this base.
+    list: String,
 }
 
 impl Staged {
-    /// Delete what this attempt wrote (it was not committed).
+    /// Delete this attempt's manifest list (it was not committed; the manifests stay for the
+    /// next attempt).
     pub async fn abandon(&self, io: &FileIO) {
-        for p in &self.written {
-            if let Err(e) = io.delete(p).await {
-                tracing::debug!(path = %p, "could not delete an abandoned manifest: {e}");
-            }
+        delete_all(io, std::slice::from_ref(&self.list)).await;
+    }
+}
+
+async fn delete_all(io: &FileIO, paths: &[String]) {
+    for p in paths {
+        if let Err(e) = io.delete(p).await {
+            tracing::debug!(path = %p, "could not delete an abandoned manifest: {e}");
         }
     }
 }
@@ -69,20 +120,30 @@ fn total(parent: Option<&Summary>, key: &str) -> i64 {
         .unwrap_or(0)
 }
 
-/// Stage `change` on `base`'s current snapshot of `main`.
-pub async fn stage(base: &Table, change: &Change) -> Result<Staged, CommitError> {
+/// Write the manifests of `change` on `base`'s current snapshot of `main`.
+pub async fn prepare(base: &Table, change: &Change) -> Result<Prepared, CommitError> {
     let md = base.metadata();
     let io = base.file_io();
     let snapshot_id = new_snapshot_id(base);
-    let sequence = md.next_sequence_number();
     let parent = md.current_snapshot();
-    let parent_id = md.current_snapshot_id();
     let commit_id = uuid::Uuid::now_v7();
     let location = md.location().trim_end_matches('/');
     let mut written = Vec::new();
     let mut manifests: Vec<ManifestFile> = Vec::new();
+    let mut replaced: HashSet<String> = HashSet::new();
+    let mut c = Counts::default();
     let fail = |e: iceberg::Error| CommitError::Failed(e.to_string());
 
+    for f in &change.added {
+        if super::is_data(f.content_type()) {
+            c.added_files += 1;
+            c.added_records += f.record_count() as i64;
+        } else {
+            c.added_deletes += 1;
+            c.added_pos += f.record_count() as i64;
+        }
+        c.added_size += f.file_size_in_bytes() as i64;
+    }
     let (added_data, added_deletes): (Vec<&DataFile>, Vec<&DataFile>) = change
         .added
         .iter()
@@ -115,23 +176,16 @@ pub async fn stage(base: &Table, change: &Change) -> Result<Staged, CommitError>
         manifests.push(w.write_manifest_file().await.map_err(fail)?);
     }
 
-    // Carry the current manifests over; rewrite those holding a removed file.
+    // Rewrite the current manifests holding a removed file.
     let mut removed_found: HashSet<String> = HashSet::new();
-    let (mut removed_files, mut removed_records, mut removed_size) = (0i64, 0i64, 0i64);
-    let (mut removed_deletes, mut removed_pos) = (0i64, 0i64);
-    if let Some(cur) = parent {
+    if let (Some(cur), false) = (parent, change.removed.is_empty()) {
         let list = base.manifest_list_reader(cur).load().await.map_err(fail)?;
-        let entries: Vec<ManifestFile> = list.consume_entries().into_iter().collect();
         // Touched manifests are merged into one per (content, spec): a compaction that
         // touches a manifest per small commit leaves one manifest, not as many new ones.
         let mut merged: HashMap<(bool, i32), (String, ManifestWriter)> = HashMap::new();
+        let entries: Vec<ManifestFile> = list.consume_entries().into_iter().collect();
         for mf in entries {
-            // A manifest with no live entry only records deletions of its own snapshot.
-            if mf.added_files_count == Some(0) && mf.existing_files_count == Some(0) {
-                continue;
-            }
-            if change.removed.is_empty() {
-                manifests.push(mf);
+            if is_empty(&mf) {
                 continue;
             }
             let manifest = mf.load_manifest(io).await.map_err(fail)?;
@@ -140,9 +194,9 @@ pub async fn stage(base: &Table, change: &Change) -> Result<Staged, CommitError>
                 .iter()
                 .any(|e| e.is_alive() && change.removed.contains(e.file_path()));
             if !touched {
-                manifests.push(mf);
                 continue;
             }
+            replaced.insert(mf.manifest_path.clone());
             let data = mf.content == ManifestContentType::Data;
             let key = (data, mf.partition_spec_id);
             if !merged.contains_key(&key) {
@@ -174,13 +228,13 @@ pub async fn stage(base: &Table, change: &Change) -> Result<Staged, CommitError>
                     removed_found.insert(e.file_path().to_string());
                     let f = e.data_file();
                     if super::is_data(f.content_type()) {
-                        removed_files += 1;
-                        removed_records += f.record_count() as i64;
+                        c.removed_files += 1;
+                        c.removed_records += f.record_count() as i64;
                     } else {
-                        removed_deletes += 1;
-                        removed_pos += f.record_count() as i64;
+                        c.removed_deletes += 1;
+                        c.removed_pos += f.record_count() as i64;
                     }
-                    removed_size += f.file_size_in_bytes() as i64;
+                    c.removed_size += f.file_size_in_bytes() as i64;
                     w.add_delete_file(e.data_file.clone(), seq, file_seq)
                         .map_err(fail)?;
                 } else {
@@ -200,12 +254,7 @@ pub async fn stage(base: &Table, change: &Change) -> Result<Staged, CommitError>
         }
     }
     if removed_found.len() != change.removed.len() {
-        let staged = Staged {
-            requirements: vec![],
-            updates: vec![],
-            written,
-        };
-        staged.abandon(io).await;
+        delete_all(io, &written).await;
         let missing = change
             .removed
             .iter()
@@ -216,75 +265,133 @@ pub async fn stage(base: &Table, change: &Change) -> Result<Staged, CommitError>
             "{missing} is no longer live in the table"
         )));
     }
+    Ok(Prepared {
+        snapshot_id,
+        commit_id,
+        base_snapshot: md.current_snapshot_id(),
+        manifests,
+        replaced,
+        written,
+        counts: c,
+    })
+}
 
-    let list_path = format!("{location}/metadata/snap-{snapshot_id}-1-{commit_id}.avro");
+/// A manifest with no live entry only records deletions of its own snapshot.
+fn is_empty(mf: &ManifestFile) -> bool {
+    mf.added_files_count == Some(0) && mf.existing_files_count == Some(0)
+}
+
+/// Write the manifest list of `prepared` on `base`'s current snapshot of `main`, and the
+/// updates that publish it. [`CommitError::Rebase`] when `base` no longer holds a manifest the
+/// change replaced (another writer rewrote it: prepare again), or when it removes data files
+/// and another writer added delete files since it was prepared (they could apply to the
+/// rewritten rows).
+pub async fn finish(
+    base: &Table,
+    change: &Change,
+    prepared: &Prepared,
+) -> Result<Staged, CommitError> {
+    let md = base.metadata();
+    let io = base.file_io();
+    let fail = |e: iceberg::Error| CommitError::Failed(e.to_string());
+    let parent = md.current_snapshot();
+    let parent_id = md.current_snapshot_id();
+    let sequence = md.next_sequence_number();
+    let moved = parent_id != prepared.base_snapshot;
+    let mut manifests = prepared.manifests.clone();
+    let mut found = 0usize;
+    if let Some(cur) = parent {
+        let list = base.manifest_list_reader(cur).load().await.map_err(fail)?;
+        let entries: Vec<ManifestFile> = list.consume_entries().into_iter().collect();
+        for mf in entries {
+            if prepared.replaced.contains(&mf.manifest_path) {
+                found += 1;
+                continue;
+            }
+            if is_empty(&mf) {
+                continue;
+            }
+            // A rewrite must not drop delete files that another writer added meanwhile for
+            // the rows it rewrites.
+            if moved
+                && c_removed(prepared) > 0
+                && mf.content == ManifestContentType::Deletes
+                && newer_than_base(base, mf.added_snapshot_id, prepared.base_snapshot)
+            {
+                return Err(CommitError::Rebase(
+                    "delete files were added since the rewrite was planned".into(),
+                ));
+            }
+            manifests.push(mf);
+        }
+    }
+    if found != prepared.replaced.len() {
+        return Err(CommitError::Rebase(
+            "another writer rewrote a manifest this change replaces".into(),
+        ));
+    }
+    let list_path = format!(
+        "{}/metadata/snap-{}-{}-{}.avro",
+        md.location().trim_end_matches('/'),
+        prepared.snapshot_id,
+        sequence,
+        prepared.commit_id
+    );
     let mut lw = ManifestListWriter::v2(
         io.new_output(&list_path)
             .map_err(fail)?
             .writer()
             .await
             .map_err(fail)?,
-        snapshot_id,
+        prepared.snapshot_id,
         parent_id,
         sequence,
     );
     lw.add_manifests(manifests.into_iter()).map_err(fail)?;
     lw.close().await.map_err(fail)?;
-    written.push(list_path.clone());
 
     // The summary: what this snapshot did, and the table's totals after it.
     let prev = parent.map(|s| s.summary());
-    let (mut added_files, mut added_records, mut added_size) = (0i64, 0i64, 0i64);
-    let (mut added_deletes, mut added_pos) = (0i64, 0i64);
-    for f in &change.added {
-        if super::is_data(f.content_type()) {
-            added_files += 1;
-            added_records += f.record_count() as i64;
-        } else {
-            added_deletes += 1;
-            added_pos += f.record_count() as i64;
-        }
-        added_size += f.file_size_in_bytes() as i64;
-    }
+    let c = prepared.counts;
     let mut props: HashMap<String, String> = change.summary.clone();
     let mut put = |k: &str, v: i64| {
         props.insert(k.to_string(), v.to_string());
     };
-    put("added-data-files", added_files);
-    put("added-records", added_records);
-    put("added-files-size", added_size);
-    put("deleted-data-files", removed_files);
-    put("deleted-records", removed_records);
-    put("removed-files-size", removed_size);
-    if added_deletes > 0 {
-        put("added-delete-files", added_deletes);
-        put("added-position-delete-files", added_deletes);
-        put("added-position-deletes", added_pos);
+    put("added-data-files", c.added_files);
+    put("added-records", c.added_records);
+    put("added-files-size", c.added_size);
+    put("deleted-data-files", c.removed_files);
+    put("deleted-records", c.removed_records);
+    put("removed-files-size", c.removed_size);
+    if c.added_deletes > 0 {
+        put("added-delete-files", c.added_deletes);
+        put("added-position-delete-files", c.added_deletes);
+        put("added-position-deletes", c.added_pos);
     }
-    if removed_deletes > 0 {
-        put("removed-delete-files", removed_deletes);
-        put("removed-position-delete-files", removed_deletes);
-        put("removed-position-deletes", removed_pos);
+    if c.removed_deletes > 0 {
+        put("removed-delete-files", c.removed_deletes);
+        put("removed-position-delete-files", c.removed_deletes);
+        put("removed-position-deletes", c.removed_pos);
     }
     put(
         "total-data-files",
-        total(prev, "total-data-files") + added_files - removed_files,
+        total(prev, "total-data-files") + c.added_files - c.removed_files,
     );
     put(
         "total-records",
-        total(prev, "total-records") + added_records - removed_records,
+        total(prev, "total-records") + c.added_records - c.removed_records,
     );
     put(
         "total-files-size",
-        total(prev, "total-files-size") + added_size - removed_size,
+        total(prev, "total-files-size") + c.added_size - c.removed_size,
     );
     put(
         "total-delete-files",
-        total(prev, "total-delete-files") + added_deletes - removed_deletes,
+        total(prev, "total-delete-files") + c.added_deletes - c.removed_deletes,
     );
     put(
         "total-position-deletes",
-        total(prev, "total-position-deletes") + added_pos - removed_pos,
+        total(prev, "total-position-deletes") + c.added_pos - c.removed_pos,
     );
     put(
         "total-equality-deletes",
@@ -292,12 +399,12 @@ pub async fn stage(base: &Table, change: &Change) -> Result<Staged, CommitError>
     );
     let now = chrono::Utc::now().timestamp_millis();
     let snapshot = Snapshot::builder()
-        .with_snapshot_id(snapshot_id)
+        .with_snapshot_id(prepared.snapshot_id)
         .with_parent_snapshot_id(parent_id)
         .with_sequence_number(sequence)
         // Clocks differ between writers; a snapshot may not be older than the last one.
         .with_timestamp_ms(now.max(md.last_updated_ms()))
-        .with_manifest_list(list_path)
+        .with_manifest_list(list_path.clone())
         .with_schema_id(md.current_schema_id())
         .with_summary(Summary {
             operation: change.operation.clone(),
@@ -309,7 +416,7 @@ pub async fn stage(base: &Table, change: &Change) -> Result<Staged, CommitError>
         TableUpdate::SetSnapshotRef {
             ref_name: MAIN_BRANCH.to_string(),
             reference: SnapshotReference::new(
-                snapshot_id,
+                prepared.snapshot_id,
                 SnapshotRetention::branch(None, None, None),
             ),
         },
@@ -328,6 +435,27 @@ pub async fn stage(base: &Table, change: &Change) -> Result<Staged, CommitError>
             },
         ],
         updates,
-        written,
+        list: list_path,
     })
+}
+
+fn c_removed(p: &Prepared) -> i64 {
+    p.counts.removed_files
+}
+
+/// Whether snapshot `id` was committed after `base` (it is a descendant of it on `main`).
+fn newer_than_base(table: &Table, id: i64, base: Option<i64>) -> bool {
+    let md = table.metadata();
+    let mut cur = md.current_snapshot_id();
+    while let Some(s) = cur {
+        if Some(s) == base {
+            return false;
+        }
+        if s == id {
+            return true;
+        }
+        cur = md.snapshot_by_id(s).and_then(|s| s.parent_snapshot_id());
+    }
+    // `base` expired or not an ancestor: assume the worst.
+    true
 }

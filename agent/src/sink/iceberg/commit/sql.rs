@@ -60,6 +60,15 @@ impl SqlCommitter {
         })
     }
 
+    /// The metadata location the catalog holds for `ident`.
+    pub(super) async fn location_of(
+        &self,
+        ident: &iceberg::TableIdent,
+    ) -> Result<Option<String>, CommitError> {
+        self.current_location(&ident.namespace().join("."), ident.name())
+            .await
+    }
+
     async fn current_location(&self, ns: &str, name: &str) -> Result<Option<String>, CommitError> {
         const Q: &str = "SELECT metadata_location FROM iceberg_tables \
                          WHERE catalog_name = $1 AND table_namespace = $2 AND table_name = $3";
@@ -125,39 +134,49 @@ impl SqlCommitter {
         let ident = table.identifier();
         let ns = ident.namespace().join(".");
         let io = table.file_io();
-        let current = self
-            .current_location(&ns, ident.name())
-            .await?
-            .ok_or_else(|| CommitError::Failed(format!("table {ident} is not in the catalog")))?;
-        // Another writer moved on since `table` was loaded: stage again on its state.
-        let base = if table.metadata_location() == Some(current.as_str()) {
-            table.metadata().clone()
-        } else {
-            TableMetadata::read_from(io, &current).await?
-        };
-        for r in &requirements {
-            r.check(Some(&base))?;
-        }
-        let mut builder = base.into_builder(Some(current.clone()));
-        for u in updates {
-            builder = u.apply(builder)?;
-        }
-        let built = builder.build()?;
-        let location = MetadataLocation::from_str(&current)?
-            .with_next_version()
-            .with_new_metadata(&built.metadata);
-        built.metadata.write_to(io, &location).await?;
-        let new_location = location.to_string();
-        if self
-            .swap(&ns, ident.name(), &current, &new_location)
-            .await?
-            == 0
-        {
+        // A lost race re-checks the requirements on the newer state and applies the updates
+        // there, as a REST catalog does server-side; only a failed requirement is a conflict.
+        let mut lost = 0;
+        let (built, new_location) = loop {
+            let current = self
+                .current_location(&ns, ident.name())
+                .await?
+                .ok_or_else(|| {
+                    CommitError::Failed(format!("table {ident} is not in the catalog"))
+                })?;
+            let base = if table.metadata_location() == Some(current.as_str()) {
+                table.metadata().clone()
+            } else {
+                TableMetadata::read_from(io, &current).await?
+            };
+            for r in &requirements {
+                r.check(Some(&base))?;
+            }
+            let mut builder = base.into_builder(Some(current.clone()));
+            for u in updates.iter().cloned() {
+                builder = u.apply(builder)?;
+            }
+            let built = builder.build()?;
+            let location = MetadataLocation::from_str(&current)?
+                .with_next_version()
+                .with_new_metadata(&built.metadata);
+            built.metadata.write_to(io, &location).await?;
+            let new_location = location.to_string();
+            if self
+                .swap(&ns, ident.name(), &current, &new_location)
+                .await?
+                == 1
+            {
+                break (built, new_location);
+            }
             let _ = io.delete(&new_location).await;
-            return Err(CommitError::Conflict(format!(
-                "{ident}: metadata_location changed during the commit"
-            )));
-        }
+            lost += 1;
+            if lost >= 5 {
+                return Err(CommitError::Conflict(format!(
+                    "{ident}: metadata_location changed during the commit, {lost} times"
+                )));
+            }
+        };
         super::committed(table, built.metadata, new_location)
     }
 }

@@ -2,13 +2,11 @@
 //! own tools, the collector config's pipelines, the Dockerfile, and every metric the Grafana
 //! dashboard queries against a real scrape of an agent that exercised every path.
 
-mod common;
-
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use philotes::config::{ApiConfig, Config, IcebergConfig, TelemetryConfig};
 use philotes::demo::postgres::free_port;
 

@@ -1,11 +1,9 @@
 //! Initial snapshot: consistent with the stream (no gap, no overlap) under concurrent writes,
 //! and safe to crash in.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 
 const ROWS: i64 = 200_000;
 

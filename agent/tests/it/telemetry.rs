@@ -2,8 +2,6 @@
 //! linting the exposition, the `oteltap` OTLP/HTTP receiver, and (for gRPC, where no
 //! third-party receiver exists here) a tonic server built from `opentelemetry-proto` in the test.
 
-mod common;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write as _;
 use std::path::Path;
@@ -11,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use philotes::demo::postgres::free_port;
 use serde_json::Value;
 

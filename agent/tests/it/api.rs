@@ -1,13 +1,11 @@
 //! The management API against a running agent and a real PostgreSQL: every route, auth,
 //! JSON errors, pause/resume without loss, label cardinality, and schemathesis.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::process::Command;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use philotes::demo::postgres::free_port;
 use reqwest::StatusCode;
 use serde_json::Value;

@@ -1,24 +1,25 @@
 //! Source behaviour against a real PostgreSQL: schema changes mid-stream, unchanged TOAST
 //! values, idle slots that must still advance, and two isolated pipelines.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use philotes::demo::postgres::LocalPgOptions;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn add_and_drop_column_mid_stream() {
-    let pg = TestPg::start();
-    let db = pg.create_db("app").await;
-    db.batch_execute("CREATE TABLE s (id int PRIMARY KEY, a text, b int)")
-        .await
-        .unwrap();
-    let work = Workdir::new();
-    let cfg = work.config(&pg.url("app"), &["s"], "", "");
-    let agent = AgentProc::start(&cfg, &work.path().join("agent.log"));
-    agent.wait_streaming().await;
+    let Running {
+        pg,
+        db,
+        work,
+        cfg: _cfg,
+        agent,
+    } = running(
+        "CREATE TABLE s (id int PRIMARY KEY, a text, b int)",
+        &["s"],
+        "",
+    )
+    .await;
     db.batch_execute("INSERT INTO s SELECT g, 'a' || g, g FROM generate_series(1, 50) g")
         .await
         .unwrap();
@@ -72,15 +73,13 @@ async fn add_and_drop_column_mid_stream() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_renamed_column_stops_with_a_schema_error() {
-    let pg = TestPg::start();
-    let db = pg.create_db("app").await;
-    db.batch_execute("CREATE TABLE s (id int PRIMARY KEY, a text)")
-        .await
-        .unwrap();
-    let work = Workdir::new();
-    let cfg = work.config(&pg.url("app"), &["s"], "", "");
-    let agent = AgentProc::start(&cfg, &work.path().join("agent.log"));
-    agent.wait_streaming().await;
+    let Running {
+        pg: _pg,
+        db,
+        work,
+        cfg: _cfg,
+        agent,
+    } = running("CREATE TABLE s (id int PRIMARY KEY, a text)", &["s"], "").await;
     // Three transactions (one simple query with several statements would be one).
     for sql in [
         "INSERT INTO s VALUES (1, 'x')",
@@ -112,18 +111,19 @@ async fn a_renamed_column_stops_with_a_schema_error() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unchanged_toast_values_are_listed_not_silently_null() {
-    let pg = TestPg::start();
-    let db = pg.create_db("app").await;
-    db.batch_execute(
+    let Running {
+        pg: _pg,
+        db,
+        work,
+        cfg: _cfg,
+        agent,
+    } = running(
         "CREATE TABLE doc (id int PRIMARY KEY, body text, n int);
          ALTER TABLE doc ALTER COLUMN body SET STORAGE EXTERNAL;",
+        &["doc"],
+        "",
     )
-    .await
-    .unwrap();
-    let work = Workdir::new();
-    let cfg = work.config(&pg.url("app"), &["doc"], "", "");
-    let agent = AgentProc::start(&cfg, &work.path().join("agent.log"));
-    agent.wait_streaming().await;
+    .await;
     db.batch_execute(
         "INSERT INTO doc VALUES (1, repeat('0123456789abcdef', 65536), 0);
          UPDATE doc SET n = 1 WHERE id = 1;",
@@ -155,22 +155,18 @@ async fn unchanged_toast_values_are_listed_not_silently_null() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_publication_still_advances_its_slot() {
-    let pg = TestPg::start();
-    let db = pg.create_db("app").await;
-    db.batch_execute(
+    let Running {
+        pg,
+        db,
+        work: _work,
+        cfg: _cfg,
+        agent,
+    } = running(
         "CREATE TABLE quiet (id int PRIMARY KEY); CREATE TABLE busy (id int PRIMARY KEY, s text)",
-    )
-    .await
-    .unwrap();
-    let work = Workdir::new();
-    let cfg = work.config(
-        &pg.url("app"),
         &["quiet"],
         "heartbeat_interval = \"1s\"",
-        "",
-    );
-    let agent = AgentProc::start(&cfg, &work.path().join("agent.log"));
-    agent.wait_streaming().await;
+    )
+    .await;
     let start = pg.confirmed_lsn("app", "philotes_p").await;
     for i in 0..20 {
         db.batch_execute(&format!(

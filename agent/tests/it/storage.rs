@@ -2,13 +2,11 @@
 //! SeaweedFS (`weed mini`: S3 + Iceberg REST catalog); commit conflicts with a second writer;
 //! an S3 outage; and bad credentials / buckets / catalogs.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use philotes::demo::postgres::free_port;
 use serde_json::{json, Value};
 
@@ -406,15 +404,13 @@ async fn rest_catalog_on_seaweedfs_survives_an_s3_outage() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_writer_between_commits_is_a_resolved_conflict() {
-    let pg = TestPg::start();
-    let db = pg.create_db("app").await;
-    db.batch_execute("CREATE TABLE t (id int PRIMARY KEY, s text)")
-        .await
-        .unwrap();
-    let work = Workdir::new();
-    let cfg = work.config(&pg.url("app"), &["t"], "", "");
-    let agent = AgentProc::start(&cfg, &work.path().join("agent.log"));
-    agent.wait_streaming().await;
+    let Running {
+        pg: _pg,
+        db,
+        work,
+        cfg: _cfg,
+        agent,
+    } = running("CREATE TABLE t (id int PRIMARY KEY, s text)", &["t"], "").await;
     db.batch_execute("INSERT INTO t SELECT g, 'agent' FROM generate_series(1, 100) g")
         .await
         .unwrap();

@@ -1,10 +1,8 @@
 //! Bad configuration and unusable sources: exit status 2 and one line naming the problem.
 
-mod common;
-
 use std::process::Command;
 
-use common::*;
+use crate::common::*;
 use philotes::demo::postgres::LocalPgOptions;
 
 fn write(work: &Workdir, name: &str, text: &str) -> std::path::PathBuf {

@@ -1,8 +1,6 @@
 //! Test harness: a private PostgreSQL per test, the real `philotes` binary as a child process,
 //! and the independent Python readers (PyIceberg, DuckDB) from the test venv.
-#![allow(dead_code)]
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -396,17 +394,6 @@ pub fn run_cmd(cmd: &mut Command) -> (i32, String) {
     (out.status.code().unwrap_or(-1), text)
 }
 
-/// Append a line to a file (test logs).
-pub fn note(path: &Path, line: &str) {
-    if let Ok(mut f) = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-    {
-        let _ = writeln!(f, "{line}");
-    }
-}
-
 /// A private PostgreSQL with database `app`, the DDL applied, and a streaming agent on `tables`.
 /// Keep `pg` bound while the test runs: dropping it stops the server.
 pub struct Running {
@@ -419,11 +406,21 @@ pub struct Running {
 
 /// Start everything a typical test needs and wait until the pipeline streams.
 pub async fn running(ddl: &str, tables: &[&str], pipeline_extra: &str) -> Running {
+    running_with(ddl, tables, pipeline_extra, "").await
+}
+
+/// [`running`] with top-level config sections (`top_extra`) as well.
+pub async fn running_with(
+    ddl: &str,
+    tables: &[&str],
+    pipeline_extra: &str,
+    top_extra: &str,
+) -> Running {
     let pg = TestPg::start();
     let db = pg.create_db("app").await;
     db.batch_execute(ddl).await.expect("test schema");
     let work = Workdir::new();
-    let cfg = work.config(&pg.url("app"), tables, pipeline_extra, "");
+    let cfg = work.config(&pg.url("app"), tables, pipeline_extra, top_extra);
     let agent = AgentProc::start(&cfg, &work.path().join("agent.log"));
     agent.wait_streaming().await;
     Running {

@@ -3,13 +3,11 @@
 //! Every test is bounded in time and uses a fixed seed; each prints one line of figures
 //! (`fault | runs | lost | duplicated | recovery`) for docs/reliability.md.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use philotes::demo::postgres::LocalPgOptions;
 
 /// A small deterministic generator (xorshift), so every run makes the same workload.

@@ -1,12 +1,10 @@
 //! SCRAM password authentication and `sslmode` against a real server with a self-signed
 //! certificate made in the test.
 
-mod common;
-
 use std::process::Command;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use philotes::demo::postgres::LocalPgOptions;
 
 /// Turn on TLS with a fresh self-signed certificate and restart the server.

@@ -1,12 +1,10 @@
 //! End-to-end: real PostgreSQL → `philotes run` → Iceberg, read back by PyIceberg and DuckDB.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_type_round_trips_through_pyiceberg_and_duckdb() {
@@ -246,15 +244,7 @@ async fn small_transactions_coalesce_into_few_snapshots() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_huge_transaction_streams_in_bounded_memory() {
-    let pg = TestPg::start();
-    let db = pg.create_db("app").await;
-    db.batch_execute("CREATE TABLE big (id bigint PRIMARY KEY, h text, at timestamptz DEFAULT now(), n numeric(12,2))")
-        .await
-        .unwrap();
-    let work = Workdir::new();
-    let cfg = work.config(&pg.url("app"), &["big"], "", "");
-    let agent = AgentProc::start(&cfg, &work.path().join("agent.log"));
-    agent.wait_streaming().await;
+    let Running { pg: _pg, db, work, cfg: _cfg, agent } = running("CREATE TABLE big (id bigint PRIMARY KEY, h text, at timestamptz DEFAULT now(), n numeric(12,2))", &["big"], "").await;
     db.batch_execute(
         "INSERT INTO big (id, h, n) SELECT g, md5(g::text) || md5((g * 7)::text), g / 100.0 FROM generate_series(1, 200000) g",
     )
@@ -279,15 +269,18 @@ async fn one_huge_transaction_streams_in_bounded_memory() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn poison_values_go_to_the_dead_letter_table() {
-    let pg = TestPg::start();
-    let db = pg.create_db("app").await;
-    db.batch_execute("CREATE TABLE pay (id int PRIMARY KEY, amount numeric(12,2), at timestamptz)")
-        .await
-        .unwrap();
-    let work = Workdir::new();
-    let cfg = work.config(&pg.url("app"), &["pay"], "", "");
-    let agent = AgentProc::start(&cfg, &work.path().join("agent.log"));
-    agent.wait_streaming().await;
+    let Running {
+        pg: _pg,
+        db,
+        work,
+        cfg: _cfg,
+        agent,
+    } = running(
+        "CREATE TABLE pay (id int PRIMARY KEY, amount numeric(12,2), at timestamptz)",
+        &["pay"],
+        "",
+    )
+    .await;
     db.batch_execute(
         "INSERT INTO pay VALUES (1, 10.50, '2024-01-01 00:00:00+00');
          BEGIN;

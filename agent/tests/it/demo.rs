@@ -2,13 +2,11 @@
 //! every generated change is in Iceberg, and the query snippets it prints (and those of the
 //! README and docs/querying.md) run as printed against its output and agree with it.
 
-mod common;
-
 use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use common::*;
+use crate::common::*;
 
 /// Run the demo in `work` and return its output.
 fn run_demo(work: &Workdir, duration: &str, rate: &str) -> String {

@@ -3,14 +3,12 @@
 //! travel to retained snapshots; another writer appending meanwhile; SIGKILL during
 //! maintenance; `philotes maintain --dry-run` changes nothing.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use serde_json::Value;
 
 /// Aggressive maintenance: every second, compaction from 4 small files, snapshots older than
@@ -199,6 +197,79 @@ async fn compaction_and_expiry_keep_every_row_and_bound_the_table() {
         )
         .await
             > 100.0
+    );
+    assert_eq!(agent.terminate(), Some(0));
+}
+
+/// At a short flush interval the stream commits many times while a compaction rewrites: the
+/// rewrite must still land (it used to lose every race to the agent's own stream and stay in
+/// conflict for as long as the stream was busy), and no row may be lost or doubled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn maintenance_lands_while_the_stream_commits_every_few_milliseconds() {
+    let (pg, db, work, cfg) = setup(MAINTENANCE).await;
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("flush_interval = \"300ms\"", "flush_interval = \"20ms\"");
+    std::fs::write(&cfg, text).unwrap();
+    let agent = AgentProc::start(&cfg, &work.path().join("agent.log"));
+    agent.wait_streaming().await;
+    // Synchronous commit: the walsender then sends each transaction at once, not in
+    // wal_writer_delay bursts, so the agent commits about every flush interval.
+    db.batch_execute("SET synchronous_commit = on")
+        .await
+        .unwrap();
+    let addr = agent.api_addr().unwrap();
+    let compactions = || async {
+        metric_value(
+            &addr,
+            "philotes_iceberg_maintenance_total",
+            "action=\"compact\",source=\"p\",status=\"ok\"",
+        )
+        .await
+    };
+    let started = std::time::Instant::now();
+    let mut rows = 0u64;
+    let mut i = 0;
+    // One-row transactions until two compactions landed while they streamed (or 60 s).
+    while compactions().await < 2.0 && started.elapsed() < Duration::from_secs(60) {
+        for _ in 0..20 {
+            db.batch_execute(&format!("INSERT INTO t VALUES ({i}, 'fast', {i})"))
+                .await
+                .unwrap();
+            i += 1;
+            rows += 1;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    let landed = compactions().await;
+    let commits = metric_value(
+        &addr,
+        "philotes_iceberg_commits_total",
+        "table=\"public.t\"",
+    )
+    .await;
+    let conflicts = metric_value(
+        &addr,
+        "philotes_iceberg_maintenance_total",
+        "status=\"conflict\"",
+    )
+    .await;
+    println!("{rows} rows, {commits} stream commits, {landed} compactions, {conflicts} maintenance conflicts");
+    assert!(
+        landed >= 2.0,
+        "compaction landed while the stream committed ({commits} commits, {conflicts} conflicts)"
+    );
+    assert_eq!(
+        conflicts, 0.0,
+        "the agent's own commits never put its maintenance in conflict"
+    );
+    wait_rows(&work, "ns.t", rows, 60).await;
+    check_exact(&work, &pg, rows);
+    let h = health(&work, "ns.t", false);
+    assert_eq!(
+        h["missing"],
+        serde_json::json!([]),
+        "dangling references: {h}"
     );
     assert_eq!(agent.terminate(), Some(0));
 }

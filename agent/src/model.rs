@@ -1,0 +1,61 @@
+//! The neutral model between the source and the sink: what a column is, and how a source
+//! table is named in Iceberg. The source produces it (from PostgreSQL OIDs and catalogs), the
+//! sink consumes it (as Iceberg types), and neither knows the other.
+
+/// The logical kind of a source column, which decides its Iceberg and Arrow types.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum ColumnKind {
+    /// int2 / int4 → Iceberg int.
+    Int32,
+    /// int8 → long.
+    Int64,
+    /// float4 → float.
+    Float32,
+    /// float8 → double.
+    Float64,
+    /// numeric(p,s) with p ≤ 38 → decimal(p,s).
+    Decimal {
+        /// Precision.
+        precision: u8,
+        /// Scale.
+        scale: u8,
+    },
+    /// bool → boolean.
+    Bool,
+    /// Text and everything without a better mapping (the PostgreSQL text form).
+    Text,
+    /// bytea → binary.
+    Bytea,
+    /// date → date.
+    Date,
+    /// time → time (microseconds).
+    Time,
+    /// timestamp → timestamp (microseconds).
+    Timestamp,
+    /// timestamptz → timestamptz (microseconds, UTC).
+    TimestampTz,
+    /// uuid → uuid.
+    Uuid,
+    /// One-dimensional array → list<element>.
+    List(Box<ColumnKind>),
+}
+
+/// A source column as the sink sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Column {
+    /// Column name.
+    pub name: String,
+    /// Its logical kind.
+    pub kind: ColumnKind,
+    /// Part of the key that identifies a row.
+    pub key: bool,
+}
+
+/// Iceberg table name for a source table (contract: `<schema>__<table>` outside `public`).
+pub fn iceberg_table_name(schema: &str, table: &str) -> String {
+    if schema == "public" {
+        table.to_string()
+    } else {
+        format!("{schema}__{table}")
+    }
+}

@@ -1,0 +1,143 @@
+//! The replication positions the apply loop keeps, and the rules for what may be confirmed to
+//! PostgreSQL. Confirming an LSN lets the server discard the WAL before it, so a position is
+//! confirmed only when every change before it is committed to Iceberg. Pure bookkeeping, so
+//! the rules are tested without a server.
+
+/// The last transaction fully received: its commit LSN and the LSN just past it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(super) struct Committed {
+    /// Commit LSN (what the tables record as `philotes.lsn`).
+    pub lsn: u64,
+    /// End of the commit record: where the stream resumes after it.
+    pub end_lsn: u64,
+}
+
+/// Received and confirmed positions.
+#[derive(Debug, Default)]
+pub(super) struct Positions {
+    last: Committed,
+    confirmed: u64,
+}
+
+impl Positions {
+    /// Start from the slot's confirmed position.
+    pub fn new(confirmed: u64) -> Self {
+        Self {
+            last: Committed::default(),
+            confirmed,
+        }
+    }
+
+    /// A transaction's commit was received (its changes may still be buffered).
+    pub fn received(&mut self, lsn: u64, end_lsn: u64) {
+        self.last = Committed { lsn, end_lsn };
+    }
+
+    /// The last transaction fully received.
+    pub fn last(&self) -> Committed {
+        self.last
+    }
+
+    /// The position confirmed to the server so far.
+    #[cfg(test)]
+    pub fn confirmed(&self) -> u64 {
+        self.confirmed
+    }
+
+    /// After a flush: the end of the last complete transaction, once nothing received is
+    /// still uncommitted and it moves forward.
+    pub fn ack_point(&self, uncommitted: bool) -> Option<u64> {
+        (!uncommitted && self.last.end_lsn > self.confirmed).then_some(self.last.end_lsn)
+    }
+
+    /// At a keepalive or heartbeat: the server has sent everything before `lsn`; with no
+    /// transaction open and nothing uncommitted it can be confirmed, so an idle slot (or one
+    /// whose changes are all filtered out) does not retain WAL.
+    pub fn idle_point(&self, lsn: u64, txn_open: bool, uncommitted: bool) -> Option<u64> {
+        (!txn_open && !uncommitted && lsn > self.confirmed).then_some(lsn)
+    }
+
+    /// Record that `lsn` was confirmed.
+    pub fn confirm(&mut self, lsn: u64) {
+        self.confirmed = self.confirmed.max(lsn);
+    }
+}
+
+/// Exactly-once across restarts: a change of a transaction at or below the table's committed
+/// `philotes.lsn` is already in the table and is skipped.
+pub(super) fn already_committed(change_lsn: u64, table_lsn: u64) -> bool {
+    change_lsn <= table_lsn
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nothing_is_confirmed_while_a_change_is_uncommitted() {
+        let mut p = Positions::new(100);
+        p.received(200, 210);
+        assert_eq!(
+            p.ack_point(true),
+            None,
+            "buffered changes hold the position back"
+        );
+        assert_eq!(
+            p.ack_point(false),
+            Some(210),
+            "then the end of the last transaction"
+        );
+        p.confirm(210);
+        assert_eq!(p.ack_point(false), None, "nothing new to confirm");
+    }
+
+    #[test]
+    fn the_confirmed_position_never_moves_back() {
+        let mut p = Positions::new(500);
+        // A replayed transaction below the slot's position (after a restart).
+        p.received(300, 310);
+        assert_eq!(p.ack_point(false), None);
+        p.confirm(310);
+        assert_eq!(p.confirmed(), 500);
+        assert_eq!(p.idle_point(400, false, false), None);
+    }
+
+    #[test]
+    fn an_idle_point_is_confirmed_only_between_transactions_with_nothing_buffered() {
+        let mut p = Positions::new(100);
+        assert_eq!(p.idle_point(150, true, false), None, "inside a transaction");
+        assert_eq!(
+            p.idle_point(150, false, true),
+            None,
+            "changes not yet committed"
+        );
+        assert_eq!(p.idle_point(150, false, false), Some(150));
+        p.confirm(150);
+        assert_eq!(p.idle_point(150, false, false), None, "already confirmed");
+    }
+
+    #[test]
+    fn a_flush_confirms_the_commit_end_not_the_commit_lsn() {
+        let mut p = Positions::new(0);
+        p.received(1000, 1040);
+        p.received(2000, 2040);
+        assert_eq!(
+            p.last(),
+            Committed {
+                lsn: 2000,
+                end_lsn: 2040
+            }
+        );
+        // Resuming at the end skips the whole transaction; at its commit LSN it would be sent
+        // again (and skipped by `already_committed`).
+        assert_eq!(p.ack_point(false), Some(2040));
+    }
+
+    #[test]
+    fn replayed_changes_at_or_below_the_table_position_are_skipped() {
+        assert!(already_committed(1000, 1000));
+        assert!(already_committed(999, 1000));
+        assert!(!already_committed(1001, 1000));
+        assert!(!already_committed(1, 0));
+    }
+}
