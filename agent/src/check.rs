@@ -123,7 +123,7 @@ pub async fn run_checks(cfg: &Config) -> Vec<String> {
                     crate::config::redact_url(&cfg.iceberg.uri),
                     catalog::scrub(e.to_string(), &secrets)
                 ));
-            } else if cfg.iceberg.catalog == "sql"
+            } else if cfg.iceberg.catalog == crate::config::CatalogKind::Sql
                 || (cfg.iceberg.warehouse.starts_with("s3://")
                     && cfg.iceberg.s3.access_key_id.is_some())
             {

@@ -77,6 +77,47 @@ impl Default for ApiConfig {
     }
 }
 
+/// `telemetry.otlp_protocol`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+pub enum OtlpProtocol {
+    /// OTLP/HTTP with protobuf bodies.
+    #[serde(rename = "http/protobuf")]
+    HttpProtobuf,
+    /// OTLP/gRPC.
+    #[serde(rename = "grpc")]
+    Grpc,
+}
+
+impl OtlpProtocol {
+    /// The value as written in the config (and in `OTEL_EXPORTER_OTLP_PROTOCOL`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OtlpProtocol::HttpProtobuf => "http/protobuf",
+            OtlpProtocol::Grpc => "grpc",
+        }
+    }
+}
+
+/// `telemetry.log_format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `iceberg.catalog`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CatalogKind {
+    /// A SQL database (SQLite or PostgreSQL) holding `iceberg_tables`.
+    Sql,
+    /// An Iceberg REST catalog.
+    Rest,
+}
+
 /// `[telemetry]`.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -86,14 +127,14 @@ pub struct TelemetryConfig {
     /// OTLP endpoint to push metrics and traces to; absent = no push.
     pub otlp_endpoint: Option<String>,
     /// `http/protobuf` or `grpc`.
-    pub otlp_protocol: String,
+    pub otlp_protocol: OtlpProtocol,
     /// Period of the OTLP metric export.
     #[serde(with = "duration_str")]
     pub export_interval: Duration,
     /// Export spans over OTLP.
     pub traces: bool,
     /// `text` or `json`.
-    pub log_format: String,
+    pub log_format: LogFormat,
     /// Default log filter when `RUST_LOG` is not set.
     pub log_level: String,
 }
@@ -103,10 +144,10 @@ impl Default for TelemetryConfig {
         Self {
             prometheus: true,
             otlp_endpoint: None,
-            otlp_protocol: "http/protobuf".into(),
+            otlp_protocol: OtlpProtocol::HttpProtobuf,
             export_interval: Duration::from_secs(10),
             traces: true,
-            log_format: "text".into(),
+            log_format: LogFormat::Text,
             log_level: "info".into(),
         }
     }
@@ -117,7 +158,7 @@ impl Default for TelemetryConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct IcebergConfig {
     /// `sql` or `rest`.
-    pub catalog: String,
+    pub catalog: CatalogKind,
     /// Name of the SQL catalog (a column of `iceberg_tables`).
     pub catalog_name: String,
     /// `sqlite://...`/`postgres://...` for sql, `http(s)://...` for rest.
@@ -143,7 +184,7 @@ pub struct IcebergConfig {
 impl Default for IcebergConfig {
     fn default() -> Self {
         Self {
-            catalog: "sql".into(),
+            catalog: CatalogKind::Sql,
             catalog_name: "philotes".into(),
             uri: "sqlite://./data/catalog.db".into(),
             warehouse: "./data/warehouse".into(),
@@ -433,21 +474,6 @@ impl Config {
             }
         }
         let t = &self.telemetry;
-        if !matches!(t.otlp_protocol.as_str(), "http/protobuf" | "grpc") {
-            return Err(ConfigError::new(
-                "telemetry.otlp_protocol",
-                format!(
-                    "must be \"http/protobuf\" or \"grpc\", got {:?}",
-                    t.otlp_protocol
-                ),
-            ));
-        }
-        if !matches!(t.log_format.as_str(), "text" | "json") {
-            return Err(ConfigError::new(
-                "telemetry.log_format",
-                format!("must be \"text\" or \"json\", got {:?}", t.log_format),
-            ));
-        }
         if let Some(ep) = &t.otlp_endpoint {
             check_url("telemetry.otlp_endpoint", ep, &["http", "https"])?;
         }
@@ -458,8 +484,8 @@ impl Config {
             ));
         }
         let ice = &self.iceberg;
-        match ice.catalog.as_str() {
-            "sql" => {
+        match ice.catalog {
+            CatalogKind::Sql => {
                 if !(ice.uri.starts_with("sqlite:")
                     || ice.uri.starts_with("postgres://")
                     || ice.uri.starts_with("postgresql://"))
@@ -470,13 +496,7 @@ impl Config {
                     ));
                 }
             }
-            "rest" => check_url("iceberg.uri", &ice.uri, &["http", "https"])?,
-            other => {
-                return Err(ConfigError::new(
-                    "iceberg.catalog",
-                    format!("must be \"sql\" or \"rest\", got {other:?}"),
-                ))
-            }
+            CatalogKind::Rest => check_url("iceberg.uri", &ice.uri, &["http", "https"])?,
         }
         if ice.catalog_name.is_empty() {
             return Err(ConfigError::new(

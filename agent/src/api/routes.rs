@@ -6,13 +6,11 @@ use axum::http::request::Parts;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use futures::TryStreamExt;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::{ApiError, ApiState};
 use crate::pipeline::{status, Control};
-use crate::sink::iceberg::schema::DLQ_TABLE;
 use crate::telemetry::PipelineState;
 
 pub(super) async fn live() -> Json<Value> {
@@ -184,70 +182,13 @@ pub(super) async fn dlq(
             "limit must be between 1 and 10000".into(),
         ));
     }
-    let limit = limit as usize;
-    let ident = iceberg::TableIdent::new(
-        iceberg::NamespaceIdent::new(p.config.namespace_name()),
-        DLQ_TABLE.to_string(),
-    );
-    let internal = |e: iceberg::Error| {
+    let entries = p.dead_letters(limit as usize).await.map_err(|e| {
         ApiError(
             StatusCode::INTERNAL_SERVER_ERROR,
-            format!("reading the dead-letter table failed: {}", e.kind()),
+            format!("reading the dead-letter table failed: {e}"),
         )
-    };
-    let exists = p.catalog.table_exists(&ident).await.map_err(internal)?;
-    if !exists {
-        return Ok(Json(json!({ "entries": [] })));
-    }
-    let table = p.catalog.load_table(&ident).await.map_err(internal)?;
-    if table.metadata().current_snapshot().is_none() {
-        return Ok(Json(json!({ "entries": [] })));
-    }
-    let stream = table
-        .scan()
-        .build()
-        .map_err(internal)?
-        .to_arrow()
-        .await
-        .map_err(internal)?;
-    let batches: Vec<arrow_array::RecordBatch> = stream.try_collect().await.map_err(internal)?;
-    let mut entries = Vec::new();
-    for b in &batches {
-        let rows = crate::api::routes::batch_rows(b);
-        entries.extend(rows);
-    }
-    entries.sort_by_key(|e| std::cmp::Reverse(e.get("_cdc_lsn").and_then(Value::as_i64)));
-    entries.truncate(limit);
+    })?;
     Ok(Json(json!({ "entries": entries })))
-}
-
-/// Rows of a dead-letter batch as JSON objects.
-fn batch_rows(b: &arrow_array::RecordBatch) -> Vec<Value> {
-    use arrow_array::cast::AsArray;
-    use arrow_array::Array;
-    let schema = b.schema();
-    let mut out = vec![serde_json::Map::new(); b.num_rows()];
-    for (f, col) in schema.fields().iter().zip(b.columns()) {
-        for (i, row) in out.iter_mut().enumerate() {
-            let v = if col.is_null(i) {
-                Value::Null
-            } else if let Some(a) = col.as_string_opt::<i32>() {
-                Value::String(a.value(i).to_string())
-            } else if let Some(a) = col.as_primitive_opt::<arrow_array::types::Int64Type>() {
-                json!(a.value(i))
-            } else if let Some(a) =
-                col.as_primitive_opt::<arrow_array::types::TimestampMicrosecondType>()
-            {
-                chrono::DateTime::from_timestamp_micros(a.value(i))
-                    .map(|t| Value::String(t.to_rfc3339()))
-                    .unwrap_or(Value::Null)
-            } else {
-                Value::Null
-            };
-            row.insert(f.name().clone(), v);
-        }
-    }
-    out.into_iter().map(Value::Object).collect()
 }
 
 pub(super) async fn openapi() -> Response {

@@ -93,6 +93,18 @@ pub struct PipelineHandle {
     pub catalog: Arc<dyn Catalog>,
 }
 
+impl PipelineHandle {
+    /// The `limit` newest rows of this pipeline's dead-letter table, newest first.
+    pub async fn dead_letters(&self, limit: usize) -> Result<Vec<serde_json::Value>, SinkError> {
+        crate::sink::iceberg::dead_letters::newest(
+            &self.catalog,
+            &self.config.namespace_name(),
+            limit,
+        )
+        .await
+    }
+}
+
 /// Aborts a background task when dropped.
 pub(crate) struct AbortOnDrop(pub(crate) tokio::task::JoinHandle<()>);
 

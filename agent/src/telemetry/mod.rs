@@ -69,8 +69,8 @@ pub fn otlp_target(cfg: &TelemetryConfig) -> Option<(String, bool)> {
         .clone()
         .or_else(|| std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").ok())
         .filter(|e| !e.is_empty())?;
-    let protocol =
-        std::env::var("OTEL_EXPORTER_OTLP_PROTOCOL").unwrap_or_else(|_| cfg.otlp_protocol.clone());
+    let protocol = std::env::var("OTEL_EXPORTER_OTLP_PROTOCOL")
+        .unwrap_or_else(|_| cfg.otlp_protocol.as_str().to_string());
     Some((
         endpoint.trim_end_matches('/').to_string(),
         protocol == "grpc",
@@ -212,7 +212,7 @@ impl Telemetry {
                 cfg.log_level
             ))
         });
-        let fmt = if cfg.log_format == "json" {
+        let fmt = if cfg.log_format == crate::config::LogFormat::Json {
             tracing_subscriber::fmt::layer()
                 .json()
                 .flatten_event(true)

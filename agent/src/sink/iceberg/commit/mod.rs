@@ -24,7 +24,7 @@ use iceberg::spec::{DataContentType, Operation};
 use iceberg::table::Table;
 use iceberg::{Catalog, TableRequirement, TableUpdate};
 
-use crate::config::IcebergConfig;
+use crate::config::{CatalogKind, IcebergConfig};
 pub use snapshot::{Change, Prepared, Staged};
 
 /// Why a commit did not happen.
@@ -69,9 +69,9 @@ enum Inner {
 impl Committer {
     /// A committer for `[iceberg]`, beside the catalog the agent already opened.
     pub async fn open(cfg: &IcebergConfig, catalog: Arc<dyn Catalog>) -> Result<Self, CommitError> {
-        let inner = match cfg.catalog.as_str() {
-            "rest" => Inner::Rest(Box::new(rest::RestCommitter::new(cfg).await?)),
-            _ => Inner::Sql(sql::SqlCommitter::connect(cfg).await?),
+        let inner = match cfg.catalog {
+            CatalogKind::Rest => Inner::Rest(Box::new(rest::RestCommitter::new(cfg).await?)),
+            CatalogKind::Sql => Inner::Sql(sql::SqlCommitter::connect(cfg).await?),
         };
         Ok(Self {
             inner: Arc::new(inner),
