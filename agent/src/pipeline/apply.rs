@@ -275,7 +275,7 @@ impl Applier {
             return self.on_stream(m, client).await;
         }
         if let Some(xid) = self.in_stream {
-            if data.first() == Some(&b'O') {
+            if pgoutput::is_origin(&data) {
                 // The replication origin of a streamed transaction (after its Stream Start,
                 // without an xid): nothing we store.
                 return Ok(());

@@ -46,12 +46,7 @@ pub async fn slot_lag_loop(cfg: MonitorConfig, metrics: SourceMetrics, status: S
                 if let Some(every) = heartbeat_interval {
                     if last_beat.elapsed() >= every {
                         last_beat = Instant::now();
-                        // A non-transactional message: WAL moves and reaches the stream even
-                        // when the published tables are idle, so the slot can advance.
-                        if let Err(e) = session
-                            .query("SELECT pg_catalog.pg_logical_emit_message(false, 'philotes.heartbeat', '')")
-                            .await
-                        {
+                        if let Err(e) = session.emit_heartbeat().await {
                             tracing::debug!(slot, "heartbeat failed: {e}");
                             break;
                         }

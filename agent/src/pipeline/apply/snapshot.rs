@@ -23,55 +23,12 @@ use crate::pipeline::dlq::DeadLetter;
 use crate::pipeline::{AbortOnDrop, PipelineError};
 use crate::sink::iceberg::schema::{SNAPSHOT_PROGRESS_PROPERTY, SNAPSHOT_PROPERTY};
 use crate::source::postgres::conn::SourceUrl;
-use crate::source::postgres::copy::BinaryCopy;
-use crate::source::postgres::session::{
-    format_lsn, quote_ident, quote_literal, Session, SourceError,
+use crate::source::postgres::session::{format_lsn, Session, SourceError};
+use crate::source::postgres::snapshot::{
+    self as source_snapshot, copy_range, parse_tid, plan_ranges, range_select, snapshot_xids,
+    table_facts, visible_then, Fetched, TidRange,
 };
-use crate::source::postgres::wire::Row;
 use crate::telemetry::events::{ChangeReceived, DeadLettered, Operation, TableCommitted};
-
-/// Rows per batch handed from a snapshot reader to the converting task.
-const BATCH_ROWS: usize = 20_000;
-
-/// One reader's share of the table: row versions after `after` (else from block `from`) and
-/// below block `to`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub(super) struct TidRange {
-    /// Copied up to and including this (block, offset).
-    after: Option<(u32, u16)>,
-    /// First block, while nothing is copied yet.
-    from: u64,
-    /// End block, exclusive; None: to the end (rows added after the size was measured too).
-    to: Option<u64>,
-}
-
-impl TidRange {
-    /// SQL conditions selecting what is left of the range.
-    fn conditions(&self) -> Vec<String> {
-        let mut c = Vec::new();
-        match self.after {
-            Some((b, o)) => c.push(format!("ctid > '({b},{o})'::tid")),
-            None if self.from > 0 => c.push(format!("ctid >= '({},0)'::tid", self.from)),
-            None => {}
-        }
-        if let Some(to) = self.to {
-            c.push(format!("ctid < '({to},0)'::tid"));
-        }
-        c
-    }
-}
-
-/// `readers` equal block ranges over a table of `blocks` blocks, the last one open-ended.
-fn split_blocks(readers: u64, blocks: u64) -> Vec<TidRange> {
-    let readers = readers.max(1);
-    (0..readers)
-        .map(|r| TidRange {
-            after: None,
-            from: blocks * r / readers,
-            to: (r + 1 < readers).then(|| blocks * (r + 1) / readers),
-        })
-        .collect()
-}
 
 /// A copy's committed progress (snapshot summary property `philotes.snapshot.progress`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -92,39 +49,10 @@ pub(super) struct Progress {
 
 impl Progress {
     /// Row versions the first snapshot could see, for a copy resumed in a snapshot whose
-    /// xmax is `now_xmax`; None when `xmin` cannot be compared exactly (the cluster is past
-    /// its first 2^32 transaction ids, so a raw `xmin` may belong to an earlier epoch).
+    /// xmax is `now_xmax` (see [`visible_then`]).
     fn visible_then(&self, now_xmax: u64) -> Option<String> {
-        if now_xmax >= 1 << 32 {
-            return None;
-        }
-        let mut c = format!("xmin::text::bigint < {}", self.xmax);
-        if !self.xip.is_empty() {
-            let list: Vec<String> = self.xip.iter().map(u64::to_string).collect();
-            c.push_str(&format!(
-                " AND xmin::text::bigint NOT IN ({})",
-                list.join(",")
-            ));
-        }
-        Some(c)
+        visible_then(self.xmax, &self.xip, now_xmax)
     }
-}
-
-/// What a snapshot reader sends: a batch of rows, or the end of its range.
-enum Fetched {
-    Rows(usize, Vec<Row>),
-    Done(usize),
-}
-
-/// The (block, offset) of a binary `tid` value.
-fn parse_tid(v: Option<&bytes::Bytes>) -> Option<(u32, u16)> {
-    let b = v?;
-    (b.len() == 6).then(|| {
-        (
-            u32::from_be_bytes([b[0], b[1], b[2], b[3]]),
-            u16::from_be_bytes([b[4], b[5]]),
-        )
-    })
 }
 
 impl Applier {
@@ -157,59 +85,17 @@ impl Applier {
             })?),
         };
         let source_name = format!("{schema}.{name}");
-        // Tables can join through the publication with any name: quote everything.
-        let rel = format!("{}.{}", quote_ident(schema), quote_ident(name));
-        let rel_oid = format!("{}::regclass", quote_literal(&rel));
-        let estimate: u64 = reader
-            .scalar(&format!(
-                "SELECT GREATEST(reltuples, 0)::bigint::text FROM pg_catalog.pg_class WHERE oid = {rel_oid}"
-            ))
-            .await?
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0);
+        let facts = table_facts(&mut reader, schema, name).await?;
         // The exporting session must stay open and idle until the copy is done.
         let mut exporter = Session::connect(url, &slot, &publication, None).await?;
-        // Unique per pipeline slot and process, within the 63-character limit.
-        let hash = slot.bytes().fold(0x811c_9dc5u32, |h, b| {
-            (h ^ b as u32).wrapping_mul(0x0100_0193)
-        });
-        let temp = format!(
-            "{}_{hash:08x}_snap_{}",
-            slot.chars().take(30).collect::<String>(),
-            std::process::id()
-        );
-        let (point, snapshot) = exporter.export_snapshot(&temp).await?;
-        // Fixed-width types travel in their send form (cheaper to produce and to read than
-        // text); every other column is wrapped in its output function, whose cstring result
-        // is the same text a text-mode read would give.
+        let (point, snapshot) = exporter
+            .export_snapshot(&source_snapshot::temp_slot_name(&slot))
+            .await?;
         let binary = self.tables[idx].batch.snapshot_binary();
-        let outputs = reader.output_functions(schema, name).await?;
-        if outputs.len() != columns.len() {
-            return Err(SourceError::Query(format!(
-                "{source_name} changed while the snapshot started; it will be retried"
-            ))
-            .into());
-        }
-        let list = columns
-            .iter()
-            .zip(&binary)
-            .zip(&outputs)
-            .map(|((c, &bin), f)| {
-                let col = quote_ident(&c.name);
-                if bin || f.is_empty() {
-                    col
-                } else {
-                    format!("{f}({col})")
-                }
-            })
-            .collect::<Vec<_>>()
-            .join(", ");
-        let filenode = reader
-            .scalar(&format!(
-                "SELECT pg_catalog.pg_relation_filenode({rel_oid})::text"
-            ))
-            .await?
-            .unwrap_or_default();
+        let names: Vec<String> = columns.iter().map(|c| c.name.clone()).collect();
+        let list = source_snapshot::select_list(&mut reader, schema, name, &names, &binary).await?;
+        let (estimate, filenode) = (facts.estimate, facts.filenode.clone());
+        let readers = self.cfg.snapshot_readers;
         let (now_xmax, now_xip) = snapshot_xids(&mut reader, &snapshot).await?;
         let (mut progress, visibility) = match resumed {
             Some(mut p) => {
@@ -218,7 +104,7 @@ impl Applier {
                     // VACUUM FULL, CLUSTER or a rewriting ALTER moved every row: the recorded
                     // positions mean nothing now.
                     tracing::warn!(table = %source_name, "table was rewritten since its copy started: copying all of it again (rows copied before may appear twice as R)");
-                    p.ranges = self.plan_ranges(&mut reader, &rel_oid).await?;
+                    p.ranges = plan_ranges(&mut reader, &facts, readers).await?;
                     p.filenode = filenode;
                 }
                 let v = p.visible_then(now_xmax);
@@ -234,7 +120,7 @@ impl Applier {
                     xmax: now_xmax,
                     xip: now_xip,
                     filenode,
-                    ranges: self.plan_ranges(&mut reader, &rel_oid).await?,
+                    ranges: plan_ranges(&mut reader, &facts, readers).await?,
                 };
                 (p, None)
             }
@@ -249,19 +135,10 @@ impl Applier {
         let ncols = columns.len();
         // Readers fetch ahead into a channel of a few batches (memory stays bounded) while
         // this task converts; each ends with `Done`, so a reader that vanished is noticed.
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Fetched, PipelineError>>(2);
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Fetched, SourceError>>(2);
         let mut fetchers = Vec::new();
         for (r, range) in progress.ranges.iter().enumerate() {
-            let mut conds = range.conditions();
-            conds.extend(visibility.clone());
-            let filter = if conds.is_empty() {
-                String::new()
-            } else {
-                format!(" WHERE {}", conds.join(" AND "))
-            };
-            // A TID range scan returns rows in ctid order: the last ctid of a batch is the
-            // reader's position.
-            let select = format!("SELECT {list}, ctid FROM {rel}{filter}");
+            let select = range_select(&list, &facts.rel, range, visibility.as_deref());
             let (url, slot, publication) = (url.clone(), slot.clone(), publication.clone());
             let snapshot = snapshot.clone();
             let tx = tx.clone();
@@ -395,31 +272,6 @@ impl Applier {
         Ok(())
     }
 
-    /// Block ranges for a copy from the start. Several sessions read disjoint block ranges of
-    /// the same snapshot (a TID range scan each, PostgreSQL 14+): the server's per-row output
-    /// work, the largest part of a copy, then runs on more than one core. Every row version
-    /// has exactly one ctid, so the ranges cover each visible row once.
-    async fn plan_ranges(
-        &self,
-        reader: &mut Session,
-        rel_oid: &str,
-    ) -> Result<Vec<TidRange>, PipelineError> {
-        let readers = match reader.server_version().await? {
-            v if v >= 140_000 => self.cfg.snapshot_readers.max(1) as u64,
-            _ => 1,
-        };
-        let blocks: u64 = reader
-            .scalar(&format!(
-                "SELECT (pg_catalog.pg_relation_size({rel_oid}) / \
-                 pg_catalog.current_setting('block_size')::bigint)::text"
-            ))
-            .await?
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0);
-        let readers = if blocks < 64 { 1 } else { readers };
-        Ok(split_blocks(readers, blocks))
-    }
-
     /// Commit what the copy of table `idx` wrote so far, with `props` in the summary. Its
     /// dead letters are committed first: a crash between the two re-reads those rows, and
     /// their dead letters are then recognised by `(lsn, seq)` and dropped.
@@ -461,116 +313,10 @@ impl Applier {
     }
 }
 
-/// Open a read-only transaction on `session` that sees exactly the exported `snapshot`.
-async fn import_snapshot(session: &mut Session, snapshot: &str) -> Result<(), PipelineError> {
-    // A synchronized scan may start mid-table and wrap around; the recorded progress assumes
-    // ctid order.
-    session.query("SET synchronize_seqscans = off").await?;
-    session
-        .query("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-        .await?;
-    session
-        .query(&format!(
-            "SET TRANSACTION SNAPSHOT '{}'",
-            snapshot.replace('\'', "")
-        ))
-        .await?;
-    Ok(())
-}
-
-/// The exported snapshot's xmax and in-progress transaction ids (64-bit, with their epoch),
-/// read by importing it.
-async fn snapshot_xids(
-    session: &mut Session,
-    snapshot: &str,
-) -> Result<(u64, Vec<u64>), PipelineError> {
-    import_snapshot(session, snapshot).await?;
-    let rows = session
-        .query(
-            "SELECT pg_catalog.txid_snapshot_xmax(s)::text, \
-             coalesce((SELECT pg_catalog.string_agg(x::text, ',') \
-                       FROM pg_catalog.txid_snapshot_xip(s) x), '') \
-             FROM pg_catalog.txid_current_snapshot() s",
-        )
-        .await?;
-    session.query("COMMIT").await?;
-    let row = rows.into_iter().next().unwrap_or_default();
-    let get = |i: usize| row.get(i).cloned().flatten().unwrap_or_default();
-    let xmax = get(0)
-        .parse()
-        .map_err(|_| SourceError::Query("cannot read the snapshot's xmax".into()))?;
-    let xip = get(1)
-        .split(',')
-        .filter(|s| !s.is_empty())
-        .filter_map(|s| s.parse().ok())
-        .collect();
-    Ok((xmax, xip))
-}
-
-/// Copy `select` inside the exported `snapshot` on a session of its own (`COPY ... TO
-/// STDOUT` in binary: no round trips, rows sliced out of the received messages), into `tx`
-/// in batches tagged with reader `r`.
-async fn copy_range(
-    url: &SourceUrl,
-    slot: &str,
-    publication: &str,
-    snapshot: &str,
-    select: &str,
-    r: usize,
-    tx: &tokio::sync::mpsc::Sender<Result<Fetched, PipelineError>>,
-) -> Result<(), PipelineError> {
-    let mut reader = Session::connect(url, slot, publication, None).await?;
-    import_snapshot(&mut reader, snapshot).await?;
-    let mut parser = BinaryCopy::default();
-    let mut rows: Vec<Row> = Vec::with_capacity(BATCH_ROWS);
-    reader
-        .copy_out_start(&format!("COPY ({select}) TO STDOUT (FORMAT binary)"))
-        .await?;
-    while let Some(chunk) = reader.copy_out_next().await? {
-        parser
-            .feed(chunk, &mut rows)
-            .map_err(|e| SourceError::Query(e.to_string()))?;
-        if rows.len() >= BATCH_ROWS {
-            let batch = std::mem::replace(&mut rows, Vec::with_capacity(BATCH_ROWS));
-            if tx.send(Ok(Fetched::Rows(r, batch))).await.is_err() {
-                return Ok(());
-            }
-        }
-    }
-    if !parser.finished() {
-        return Err(SourceError::Query("binary COPY ended without its trailer".into()).into());
-    }
-    if !rows.is_empty() && tx.send(Ok(Fetched::Rows(r, rows))).await.is_err() {
-        return Ok(());
-    }
-    reader.query("COMMIT").await?;
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn ranges_cover_the_table_once() {
-        let r = split_blocks(3, 100);
-        assert_eq!(r[0].conditions(), vec!["ctid < '(33,0)'::tid"]);
-        assert_eq!(
-            r[1].conditions(),
-            vec!["ctid >= '(33,0)'::tid", "ctid < '(66,0)'::tid"]
-        );
-        assert_eq!(r[2].conditions(), vec!["ctid >= '(66,0)'::tid"]);
-        assert!(split_blocks(1, 100)[0].conditions().is_empty());
-        let resumed = TidRange {
-            after: Some((40, 7)),
-            from: 33,
-            to: Some(66),
-        };
-        assert_eq!(
-            resumed.conditions(),
-            vec!["ctid > '(40,7)'::tid", "ctid < '(66,0)'::tid"]
-        );
-    }
+    use crate::source::postgres::snapshot::split_blocks;
 
     #[test]
     fn progress_round_trips_and_filters_on_the_first_snapshot() {
@@ -588,12 +334,5 @@ mod tests {
             back.visible_then(1000).as_deref(),
             Some("xmin::text::bigint < 900 AND xmin::text::bigint NOT IN (880,895)")
         );
-        // Past the first epoch a raw xmin may alias a recent id: no filter, nothing lost.
-        assert_eq!(back.visible_then((1 << 32) + 5), None);
-        assert_eq!(
-            parse_tid(Some(&bytes::Bytes::from_static(&[0, 0, 1, 0, 0, 3]))),
-            Some((256, 3))
-        );
-        assert_eq!(parse_tid(None), None);
     }
 }

@@ -4,5 +4,6 @@ pub mod conn;
 pub mod copy;
 pub mod pgoutput;
 pub mod session;
+pub mod snapshot;
 pub mod types;
 pub mod wire;

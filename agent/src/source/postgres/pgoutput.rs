@@ -499,6 +499,11 @@ pub fn decode_stream(buf: &[u8]) -> Result<Option<StreamMessage>, DecodeError> {
     }))
 }
 
+/// Whether `data` is an Origin message (inside a stream block it carries no xid).
+pub fn is_origin(data: &[u8]) -> bool {
+    data.first() == Some(&b'O')
+}
+
 /// A change inside a stream block carries its (sub)transaction id after the tag: returns
 /// that id and the message as protocol 1 would send it (tag, then the rest).
 pub fn split_streamed(buf: &[u8]) -> Result<(u32, [&[u8]; 2]), DecodeError> {

@@ -423,6 +423,14 @@ impl Session {
         Ok(None)
     }
 
+    /// Write a non-transactional logical message (`philotes.heartbeat`): WAL moves and reaches
+    /// the stream even when the published tables are idle, so the slot can advance.
+    pub async fn emit_heartbeat(&mut self) -> Result<(), SourceError> {
+        self.query("SELECT pg_catalog.pg_logical_emit_message(false, 'philotes.heartbeat', '')")
+            .await
+            .map(|_| ())
+    }
+
     /// WAL retained by `slot` (`pg_current_wal_lsn() - restart_lsn`), None if the slot is gone.
     pub async fn slot_retained_bytes(&mut self, slot: &str) -> Result<Option<i64>, SourceError> {
         Ok(self

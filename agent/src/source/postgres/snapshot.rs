@@ -1,0 +1,351 @@
+//! The PostgreSQL side of an initial copy: table facts, block ranges read in parallel by
+//! `COPY … TO STDOUT (FORMAT binary)` sessions that import one exported snapshot, and the
+//! `xmin` filter that keeps a resumed copy at the first snapshot's point. The pipeline drives
+//! it (chunks, commits, progress); this module holds every line of SQL it needs.
+
+use serde::{Deserialize, Serialize};
+
+use super::conn::SourceUrl;
+use super::copy::BinaryCopy;
+use super::session::{quote_ident, quote_literal, Session, SourceError};
+use super::wire::Row;
+
+/// Rows per batch handed from a snapshot reader to the converting task.
+pub const BATCH_ROWS: usize = 20_000;
+
+/// One reader's share of the table: row versions after `after` (else from block `from`) and
+/// below block `to`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TidRange {
+    /// Copied up to and including this (block, offset).
+    pub after: Option<(u32, u16)>,
+    /// First block, while nothing is copied yet.
+    from: u64,
+    /// End block, exclusive; None: to the end (rows added after the size was measured too).
+    to: Option<u64>,
+}
+
+impl TidRange {
+    /// SQL conditions selecting what is left of the range.
+    pub fn conditions(&self) -> Vec<String> {
+        let mut c = Vec::new();
+        match self.after {
+            Some((b, o)) => c.push(format!("ctid > '({b},{o})'::tid")),
+            None if self.from > 0 => c.push(format!("ctid >= '({},0)'::tid", self.from)),
+            None => {}
+        }
+        if let Some(to) = self.to {
+            c.push(format!("ctid < '({to},0)'::tid"));
+        }
+        c
+    }
+}
+
+/// `readers` equal block ranges over a table of `blocks` blocks, the last one open-ended.
+pub fn split_blocks(readers: u64, blocks: u64) -> Vec<TidRange> {
+    let readers = readers.max(1);
+    (0..readers)
+        .map(|r| TidRange {
+            after: None,
+            from: blocks * r / readers,
+            to: (r + 1 < readers).then(|| blocks * (r + 1) / readers),
+        })
+        .collect()
+}
+
+/// Row versions a first snapshot (`xmax`, in-progress `xip`) could see, for a copy resumed in
+/// a snapshot whose xmax is `now_xmax`; None when `xmin` cannot be compared exactly (the
+/// cluster is past its first 2^32 transaction ids, so a raw `xmin` may belong to an earlier
+/// epoch).
+pub fn visible_then(xmax: u64, xip: &[u64], now_xmax: u64) -> Option<String> {
+    if now_xmax >= 1 << 32 {
+        return None;
+    }
+    let mut c = format!("xmin::text::bigint < {xmax}");
+    if !xip.is_empty() {
+        let list: Vec<String> = xip.iter().map(u64::to_string).collect();
+        c.push_str(&format!(
+            " AND xmin::text::bigint NOT IN ({})",
+            list.join(",")
+        ));
+    }
+    Some(c)
+}
+
+/// What a snapshot reader sends: a batch of rows, or the end of its range.
+pub enum Fetched {
+    /// Rows of reader `.0`, each ending with its `ctid`.
+    Rows(usize, Vec<Row>),
+    /// Reader `.0` reached the end of its range.
+    Done(usize),
+}
+
+/// The (block, offset) of a binary `tid` value.
+pub fn parse_tid(v: Option<&bytes::Bytes>) -> Option<(u32, u16)> {
+    let b = v?;
+    (b.len() == 6).then(|| {
+        (
+            u32::from_be_bytes([b[0], b[1], b[2], b[3]]),
+            u16::from_be_bytes([b[4], b[5]]),
+        )
+    })
+}
+
+/// What a copy needs to know of a table before it starts.
+pub struct TableFacts {
+    /// `"schema"."table"`, quoted.
+    pub rel: String,
+    /// Estimated rows (`pg_class.reltuples`), for progress lines.
+    pub estimate: u64,
+    /// Its relfilenode now (a rewrite changes every ctid).
+    pub filenode: String,
+    rel_oid: String,
+}
+
+/// Facts of `schema.name` read on `reader`.
+pub async fn table_facts(
+    reader: &mut Session,
+    schema: &str,
+    name: &str,
+) -> Result<TableFacts, SourceError> {
+    // Tables can join through the publication with any name: quote everything.
+    let rel = format!("{}.{}", quote_ident(schema), quote_ident(name));
+    let rel_oid = format!("{}::regclass", quote_literal(&rel));
+    let estimate: u64 = reader
+        .scalar(&format!(
+            "SELECT GREATEST(reltuples, 0)::bigint::text FROM pg_catalog.pg_class WHERE oid = {rel_oid}"
+        ))
+        .await?
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let filenode = reader
+        .scalar(&format!(
+            "SELECT pg_catalog.pg_relation_filenode({rel_oid})::text"
+        ))
+        .await?
+        .unwrap_or_default();
+    Ok(TableFacts {
+        rel,
+        estimate,
+        filenode,
+        rel_oid,
+    })
+}
+
+/// The select list of a copy: fixed-width types in their send form (cheaper to produce and
+/// to read than text, `binary[i]`), every other column wrapped in its output function, whose
+/// cstring result is the same text a text-mode read would give.
+pub async fn select_list(
+    reader: &mut Session,
+    schema: &str,
+    name: &str,
+    columns: &[String],
+    binary: &[bool],
+) -> Result<String, SourceError> {
+    let outputs = reader.output_functions(schema, name).await?;
+    if outputs.len() != columns.len() {
+        return Err(SourceError::Query(format!(
+            "{schema}.{name} changed while the snapshot started; it will be retried"
+        )));
+    }
+    Ok(columns
+        .iter()
+        .zip(binary)
+        .zip(&outputs)
+        .map(|((c, &bin), f)| {
+            let col = quote_ident(c);
+            if bin || f.is_empty() {
+                col
+            } else {
+                format!("{f}({col})")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(", "))
+}
+
+/// Block ranges for a copy from the start, for up to `readers` sessions. Several sessions read
+/// disjoint block ranges of the same snapshot (a TID range scan each, PostgreSQL 14+): the
+/// server's per-row output work, the largest part of a copy, then runs on more than one core.
+/// Every row version has exactly one ctid, so the ranges cover each visible row once.
+pub async fn plan_ranges(
+    reader: &mut Session,
+    facts: &TableFacts,
+    readers: u32,
+) -> Result<Vec<TidRange>, SourceError> {
+    let readers = match reader.server_version().await? {
+        v if v >= 140_000 => readers.max(1) as u64,
+        _ => 1,
+    };
+    let blocks: u64 = reader
+        .scalar(&format!(
+            "SELECT (pg_catalog.pg_relation_size({}) / \
+             pg_catalog.current_setting('block_size')::bigint)::text",
+            facts.rel_oid
+        ))
+        .await?
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let readers = if blocks < 64 { 1 } else { readers };
+    Ok(split_blocks(readers, blocks))
+}
+
+/// The name of the temporary slot that exports a copy's snapshot: unique per pipeline slot and
+/// process, within the 63-character limit.
+pub fn temp_slot_name(slot: &str) -> String {
+    let hash = slot.bytes().fold(0x811c_9dc5u32, |h, b| {
+        (h ^ b as u32).wrapping_mul(0x0100_0193)
+    });
+    format!(
+        "{}_{hash:08x}_snap_{}",
+        slot.chars().take(30).collect::<String>(),
+        std::process::id()
+    )
+}
+
+/// The query one reader copies: `list` and the `ctid` of `rel`, what is left of `range`,
+/// and the visibility filter of a resumed copy. A TID range scan returns rows in ctid order:
+/// the last ctid of a batch is the reader's position.
+pub fn range_select(list: &str, rel: &str, range: &TidRange, visibility: Option<&str>) -> String {
+    let mut conds = range.conditions();
+    conds.extend(visibility.map(str::to_string));
+    let filter = if conds.is_empty() {
+        String::new()
+    } else {
+        format!(" WHERE {}", conds.join(" AND "))
+    };
+    format!("SELECT {list}, ctid FROM {rel}{filter}")
+}
+
+/// Open a read-only transaction on `session` that sees exactly the exported `snapshot`.
+async fn import_snapshot(session: &mut Session, snapshot: &str) -> Result<(), SourceError> {
+    // A synchronized scan may start mid-table and wrap around; the recorded progress assumes
+    // ctid order.
+    session.query("SET synchronize_seqscans = off").await?;
+    session
+        .query("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        .await?;
+    session
+        .query(&format!(
+            "SET TRANSACTION SNAPSHOT '{}'",
+            snapshot.replace('\'', "")
+        ))
+        .await?;
+    Ok(())
+}
+
+/// The exported snapshot's xmax and in-progress transaction ids (64-bit, with their epoch),
+/// read by importing it.
+pub async fn snapshot_xids(
+    session: &mut Session,
+    snapshot: &str,
+) -> Result<(u64, Vec<u64>), SourceError> {
+    import_snapshot(session, snapshot).await?;
+    let rows = session
+        .query(
+            "SELECT pg_catalog.txid_snapshot_xmax(s)::text, \
+             coalesce((SELECT pg_catalog.string_agg(x::text, ',') \
+                       FROM pg_catalog.txid_snapshot_xip(s) x), '') \
+             FROM pg_catalog.txid_current_snapshot() s",
+        )
+        .await?;
+    session.query("COMMIT").await?;
+    let row = rows.into_iter().next().unwrap_or_default();
+    let get = |i: usize| row.get(i).cloned().flatten().unwrap_or_default();
+    let xmax = get(0)
+        .parse()
+        .map_err(|_| SourceError::Query("cannot read the snapshot's xmax".into()))?;
+    let xip = get(1)
+        .split(',')
+        .filter(|s| !s.is_empty())
+        .filter_map(|s| s.parse().ok())
+        .collect();
+    Ok((xmax, xip))
+}
+
+/// Copy `select` inside the exported `snapshot` on a session of its own (`COPY ... TO
+/// STDOUT` in binary: no round trips, rows sliced out of the received messages), into `tx`
+/// in batches tagged with reader `r`.
+pub async fn copy_range(
+    url: &SourceUrl,
+    slot: &str,
+    publication: &str,
+    snapshot: &str,
+    select: &str,
+    r: usize,
+    tx: &tokio::sync::mpsc::Sender<Result<Fetched, SourceError>>,
+) -> Result<(), SourceError> {
+    let mut reader = Session::connect(url, slot, publication, None).await?;
+    import_snapshot(&mut reader, snapshot).await?;
+    let mut parser = BinaryCopy::default();
+    let mut rows: Vec<Row> = Vec::with_capacity(BATCH_ROWS);
+    reader
+        .copy_out_start(&format!("COPY ({select}) TO STDOUT (FORMAT binary)"))
+        .await?;
+    while let Some(chunk) = reader.copy_out_next().await? {
+        parser
+            .feed(chunk, &mut rows)
+            .map_err(|e| SourceError::Query(e.to_string()))?;
+        if rows.len() >= BATCH_ROWS {
+            let batch = std::mem::replace(&mut rows, Vec::with_capacity(BATCH_ROWS));
+            if tx.send(Ok(Fetched::Rows(r, batch))).await.is_err() {
+                return Ok(());
+            }
+        }
+    }
+    if !parser.finished() {
+        return Err(SourceError::Query(
+            "binary COPY ended without its trailer".into(),
+        ));
+    }
+    if !rows.is_empty() && tx.send(Ok(Fetched::Rows(r, rows))).await.is_err() {
+        return Ok(());
+    }
+    reader.query("COMMIT").await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_cover_the_table_once() {
+        let r = split_blocks(3, 100);
+        assert_eq!(r[0].conditions(), vec!["ctid < '(33,0)'::tid"]);
+        assert_eq!(
+            r[1].conditions(),
+            vec!["ctid >= '(33,0)'::tid", "ctid < '(66,0)'::tid"]
+        );
+        assert_eq!(r[2].conditions(), vec!["ctid >= '(66,0)'::tid"]);
+        assert!(split_blocks(1, 100)[0].conditions().is_empty());
+        let resumed = TidRange {
+            after: Some((40, 7)),
+            from: 33,
+            to: Some(66),
+        };
+        assert_eq!(
+            resumed.conditions(),
+            vec!["ctid > '(40,7)'::tid", "ctid < '(66,0)'::tid"]
+        );
+        assert_eq!(
+            range_select("a, b", "\"public\".\"t\"", &resumed, Some("xmin::text::bigint < 9")),
+            "SELECT a, b, ctid FROM \"public\".\"t\" WHERE ctid > '(40,7)'::tid AND ctid < '(66,0)'::tid AND xmin::text::bigint < 9"
+        );
+    }
+
+    #[test]
+    fn a_resumed_copy_filters_on_the_first_snapshot() {
+        assert_eq!(
+            visible_then(900, &[880, 895], 1000).as_deref(),
+            Some("xmin::text::bigint < 900 AND xmin::text::bigint NOT IN (880,895)")
+        );
+        // Past the first epoch a raw xmin may alias a recent id: no filter, nothing lost.
+        assert_eq!(visible_then(900, &[], (1 << 32) + 5), None);
+        assert_eq!(
+            parse_tid(Some(&bytes::Bytes::from_static(&[0, 0, 1, 0, 0, 3]))),
+            Some((256, 3))
+        );
+        assert_eq!(parse_tid(None), None);
+    }
+}
