@@ -12,6 +12,9 @@ use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::source::postgres::conn::SourceUrl;
 
+mod secret;
+pub use secret::Secret;
+
 /// A configuration problem, naming the key it concerns.
 #[derive(Debug, thiserror::Error)]
 #[error("config: {key}: {message}")]
@@ -59,7 +62,7 @@ pub struct ApiConfig {
     /// Address of the HTTP listener (`/metrics`, `/health/*`, `/api/v1/*`).
     pub listen: String,
     /// Bearer token for mutating and sensitive routes; empty means no auth.
-    pub token: Option<String>,
+    pub token: Option<Secret>,
     /// Set to false to run without any HTTP listener.
     pub enabled: bool,
     /// Allow a non-loopback `listen` without a token (mutating routes then need no auth).
@@ -166,9 +169,9 @@ pub struct IcebergConfig {
     /// Local path, `file://` or `s3://bucket/prefix`.
     pub warehouse: String,
     /// REST: bearer token.
-    pub token: Option<String>,
+    pub token: Option<Secret>,
     /// REST: OAuth2 client credential `id:secret`.
-    pub credential: Option<String>,
+    pub credential: Option<Secret>,
     /// REST: OAuth2 token endpoint.
     pub oauth2_server_uri: Option<String>,
     /// REST: OAuth2 scope.
@@ -250,11 +253,11 @@ pub struct S3Config {
     /// Region.
     pub region: Option<String>,
     /// Static access key; absent = default AWS credential chain.
-    pub access_key_id: Option<String>,
+    pub access_key_id: Option<Secret>,
     /// Static secret key.
-    pub secret_access_key: Option<String>,
+    pub secret_access_key: Option<Secret>,
     /// Session token for temporary credentials.
-    pub session_token: Option<String>,
+    pub session_token: Option<Secret>,
     /// Path-style addressing (needed by most non-AWS servers).
     pub path_style: bool,
 }
@@ -449,7 +452,7 @@ impl Config {
             ConfigError::new(key, msg)
         })?;
         // An empty token (e.g. `${PHILOTES_API_TOKEN:-}` with the variable unset) means no auth.
-        if cfg.api.token.as_deref().is_some_and(str::is_empty) {
+        if cfg.api.token.as_ref().is_some_and(Secret::is_empty) {
             cfg.api.token = None;
         }
         cfg.validate()?;
@@ -462,7 +465,7 @@ impl Config {
             let addr = self.api.listen.parse::<SocketAddr>().map_err(|e| {
                 ConfigError::new("api.listen", format!("not a socket address: {e}"))
             })?;
-            let has_token = self.api.token.as_deref().is_some_and(|t| !t.is_empty());
+            let has_token = self.api.token.as_ref().is_some_and(|t| !t.is_empty());
             if !addr.ip().is_loopback() && !has_token && !self.api.allow_insecure {
                 return Err(ConfigError::new(
                     "api.listen",
@@ -678,7 +681,7 @@ impl Config {
     pub fn secrets(&self) -> Vec<String> {
         // The same list the API's redaction hides (and the catalog's error scrubbing uses).
         let mut out: Vec<String> = crate::sink::iceberg::catalog::secrets(&self.iceberg);
-        out.extend(self.api.token.iter().cloned());
+        out.extend(self.api.token.iter().map(|t| t.expose().to_string()));
         for p in &self.pipelines {
             if let Ok(u) = SourceUrl::parse(&p.source) {
                 out.push(u.password.clone());
@@ -697,17 +700,7 @@ impl Config {
     /// The configuration as JSON with every secret replaced by `"***"`.
     pub fn redacted(&self) -> serde_json::Value {
         let mut c = self.clone();
-        let hide = |s: &mut Option<String>| {
-            if s.is_some() {
-                *s = Some("***".into());
-            }
-        };
-        hide(&mut c.api.token);
-        hide(&mut c.iceberg.token);
-        hide(&mut c.iceberg.credential);
-        hide(&mut c.iceberg.s3.secret_access_key);
-        hide(&mut c.iceberg.s3.session_token);
-        hide(&mut c.iceberg.s3.access_key_id);
+        // Tokens and keys are `Secret`s: they serialize as "***" by themselves.
         c.iceberg.uri = redact_url(&c.iceberg.uri);
         for (k, v) in c.iceberg.properties.iter_mut() {
             if is_secret_property(k) {
@@ -1099,7 +1092,7 @@ tables = ["orders"]
             ]),
         )
         .unwrap();
-        assert_eq!(c.api.token.as_deref(), Some("s3cret"));
+        assert_eq!(c.api.token.as_ref().map(Secret::expose), Some("s3cret"));
         assert_eq!(c.iceberg.warehouse, "/tmp/wh");
         assert!(!c.telemetry.prometheus);
         assert!(c.iceberg.s3.path_style);

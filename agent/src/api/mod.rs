@@ -44,7 +44,12 @@ impl ApiState {
             inner: Arc::new(Inner {
                 pipelines,
                 config_json: cfg.redacted(),
-                token: cfg.api.token.clone().filter(|t| !t.is_empty()),
+                token: cfg
+                    .api
+                    .token
+                    .as_ref()
+                    .filter(|t| !t.is_empty())
+                    .map(|t| t.expose().to_string()),
                 metrics: telemetry.metrics.clone(),
                 registry: telemetry.registry.clone(),
             }),

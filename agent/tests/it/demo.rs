@@ -262,7 +262,10 @@ async fn the_readme_configs_work_as_given() {
         ],
     )
     .unwrap();
-    assert_eq!(with_token.api.token.as_deref(), Some("t0ken"));
+    assert_eq!(
+        with_token.api.token.as_ref().map(|t| t.expose()),
+        Some("t0ken")
+    );
 
     // The minimal one passes `philotes check` against a real PostgreSQL, as printed but for
     // the server's address.

@@ -11,7 +11,7 @@ use iceberg_catalog_sql::{SqlBindStyle, SqlCatalogBuilder};
 use iceberg_storage_opendal::{OpenDalResolvingStorageFactory, OpenDalStorageFactory};
 
 use super::SinkError;
-use crate::config::{CatalogKind, IcebergConfig};
+use crate::config::{CatalogKind, IcebergConfig, Secret};
 
 /// Every secret in the Iceberg config, to scrub from logs and error messages: the keys
 /// `/api/v1/config` hides, including the access key id and secret-looking `properties`.
@@ -25,7 +25,7 @@ pub fn secrets(cfg: &IcebergConfig) -> Vec<String> {
     ]
     .into_iter()
     .flatten()
-    .cloned()
+    .map(|s| s.expose().to_string())
     .chain(
         cfg.properties
             .iter()
@@ -132,16 +132,25 @@ pub(crate) fn sqlite_uri(uri: &str) -> Result<String, SinkError> {
 fn storage_props(cfg: &IcebergConfig) -> HashMap<String, String> {
     let mut p = HashMap::new();
     let s3 = &cfg.s3;
-    let mut put = |k: &str, v: &Option<String>| {
+    let mut put = |k: &str, v: Option<&str>| {
         if let Some(v) = v {
-            p.insert(k.to_string(), v.clone());
+            p.insert(k.to_string(), v.to_string());
         }
     };
-    put("s3.endpoint", &s3.endpoint);
-    put("s3.region", &s3.region);
-    put("s3.access-key-id", &s3.access_key_id);
-    put("s3.secret-access-key", &s3.secret_access_key);
-    put("s3.session-token", &s3.session_token);
+    put("s3.endpoint", s3.endpoint.as_deref());
+    put("s3.region", s3.region.as_deref());
+    put(
+        "s3.access-key-id",
+        s3.access_key_id.as_ref().map(Secret::expose),
+    );
+    put(
+        "s3.secret-access-key",
+        s3.secret_access_key.as_ref().map(Secret::expose),
+    );
+    put(
+        "s3.session-token",
+        s3.session_token.as_ref().map(Secret::expose),
+    );
     if s3.path_style {
         p.insert("s3.path-style-access".into(), "true".into());
     }
@@ -234,16 +243,16 @@ pub async fn open_catalog(cfg: &IcebergConfig) -> Result<Arc<dyn Catalog>, SinkE
         CatalogKind::Rest => {
             props.insert("uri".into(), cfg.uri.clone());
             props.insert("warehouse".into(), cfg.warehouse.clone());
-            let mut put = |k: &str, v: &Option<String>| {
+            let mut put = |k: &str, v: Option<&str>| {
                 if let Some(v) = v {
-                    props.insert(k.to_string(), v.clone());
+                    props.insert(k.to_string(), v.to_string());
                 }
             };
-            put("token", &cfg.token);
-            put("credential", &cfg.credential);
-            put("oauth2-server-uri", &cfg.oauth2_server_uri);
-            put("scope", &cfg.scope);
-            put("prefix", &cfg.prefix);
+            put("token", cfg.token.as_ref().map(Secret::expose));
+            put("credential", cfg.credential.as_ref().map(Secret::expose));
+            put("oauth2-server-uri", cfg.oauth2_server_uri.as_deref());
+            put("scope", cfg.scope.as_deref());
+            put("prefix", cfg.prefix.as_deref());
             let cat = RestCatalogBuilder::default()
                 .with_storage_factory(Arc::new(OpenDalResolvingStorageFactory::new()))
                 .load(cfg.catalog_name.clone(), props)
@@ -275,8 +284,8 @@ mod tests {
         };
         cfg.s3.endpoint = Some("http://127.0.0.1:9000".into());
         cfg.s3.region = Some("us-east-1".into());
-        cfg.s3.access_key_id = Some("ak".into());
-        cfg.s3.secret_access_key = Some("sk".into());
+        cfg.s3.access_key_id = Some(Secret::new("ak"));
+        cfg.s3.secret_access_key = Some(Secret::new("sk"));
         cfg.s3.path_style = true;
         let p = storage_props(&cfg);
         assert_eq!(p["s3.endpoint"], "http://127.0.0.1:9000");
@@ -292,7 +301,7 @@ mod tests {
             catalog: CatalogKind::Rest,
             uri: "http://127.0.0.1:1".into(),
             warehouse: "s3://bucket/wh".into(),
-            token: Some("tok".into()),
+            token: Some(Secret::new("tok")),
             ..IcebergConfig::default()
         };
         assert!(open_catalog(&cfg).await.is_ok());

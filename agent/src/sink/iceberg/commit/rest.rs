@@ -52,8 +52,8 @@ impl RestCommitter {
             warehouse: cfg.warehouse.clone(),
             prefix: Mutex::new(None),
             configured_prefix: cfg.prefix.clone(),
-            token: Mutex::new(cfg.token.clone()),
-            credential: cfg.credential.clone(),
+            token: Mutex::new(cfg.token.as_ref().map(|t| t.expose().to_string())),
+            credential: cfg.credential.as_ref().map(|c| c.expose().to_string()),
             scope: cfg.scope.clone().unwrap_or_else(|| "catalog".into()),
             secrets,
         })

@@ -80,10 +80,10 @@ async fn list_s3(bucket_and_prefix: &str) -> Result<Vec<Listed>, MaintenanceErro
         b = b.region(r);
     }
     if let (Some(k), Some(s)) = (&s3.access_key_id, &s3.secret_access_key) {
-        b = b.access_key_id(k).secret_access_key(s);
+        b = b.access_key_id(k.expose()).secret_access_key(s.expose());
     }
     if let Some(t) = &s3.session_token {
-        b = b.session_token(t);
+        b = b.session_token(t.expose());
     }
     let secrets = crate::sink::iceberg::catalog::secrets(cfg);
     let err = |e: opendal::Error| {
