@@ -273,18 +273,7 @@ async fn every_route_answers_and_pause_resume_loses_nothing() {
         || async { (iceberg_rows(&work, "ns.t") == Some(want)).then_some(()) },
     )
     .await;
-    let v = verify(
-        &work,
-        "ns.t",
-        &[
-            "--pg-conninfo",
-            &pg.conninfo("app"),
-            "--pg-query",
-            "SELECT id, n FROM t WHERE id <> 1000",
-        ],
-    );
-    assert_eq!(v["unique"], true);
-    assert_eq!(v["state_equal"], true, "{}", v["state_diff"]);
+    verify_state(&work, "ns.t", &pg, "SELECT id, n FROM t WHERE id <> 1000");
     assert!(!agent.log_text().contains(TOKEN), "token in the log");
     assert_eq!(agent.terminate(), Some(0));
 }

@@ -172,16 +172,7 @@ async fn sigkill_mid_stream_loses_and_duplicates_nothing() {
         || async { (iceberg_rows(&work, "ns.events") >= Some(50_000)).then_some(()) },
     )
     .await;
-    let after = verify(
-        &work,
-        "ns.events",
-        &[
-            "--pg-conninfo",
-            &pg.conninfo("app"),
-            "--pg-query",
-            "SELECT id, v, payload FROM events",
-        ],
-    );
+    let after = verify_state(&work, "ns.events", &pg, "SELECT id, v, payload FROM events");
     assert_eq!(
         after["rows"], 50_000,
         "exactly once: {}",
@@ -244,7 +235,7 @@ async fn small_transactions_coalesce_into_few_snapshots() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_huge_transaction_streams_in_bounded_memory() {
-    let Running { pg: _pg, db, work, cfg: _cfg, agent } = running("CREATE TABLE big (id bigint PRIMARY KEY, h text, at timestamptz DEFAULT now(), n numeric(12,2))", &["big"], "").await;
+    let (_pg, db, work, agent) = running("CREATE TABLE big (id bigint PRIMARY KEY, h text, at timestamptz DEFAULT now(), n numeric(12,2))", &["big"], "").await.parts();
     db.batch_execute(
         "INSERT INTO big (id, h, n) SELECT g, md5(g::text) || md5((g * 7)::text), g / 100.0 FROM generate_series(1, 200000) g",
     )
@@ -269,18 +260,13 @@ async fn one_huge_transaction_streams_in_bounded_memory() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn poison_values_go_to_the_dead_letter_table() {
-    let Running {
-        pg: _pg,
-        db,
-        work,
-        cfg: _cfg,
-        agent,
-    } = running(
+    let (_pg, db, work, agent) = running(
         "CREATE TABLE pay (id int PRIMARY KEY, amount numeric(12,2), at timestamptz)",
         &["pay"],
         "",
     )
-    .await;
+    .await
+    .parts();
     db.batch_execute(
         "INSERT INTO pay VALUES (1, 10.50, '2024-01-01 00:00:00+00');
          BEGIN;
@@ -348,13 +334,7 @@ async fn a_transaction_filling_many_tables_keeps_few_writers_open() {
         .map(|t| format!("CREATE TABLE {t} (id int PRIMARY KEY, v text);"))
         .collect();
     let names: Vec<&str> = tables.iter().map(String::as_str).collect();
-    let Running {
-        pg: _pg,
-        db,
-        work,
-        agent,
-        ..
-    } = running(&ddl, &names, "batch_rows = 1000").await;
+    let (_pg, db, work, agent) = running(&ddl, &names, "batch_rows = 1000").await.parts();
     let mut sql = String::from("BEGIN;");
     for round in 0..5 {
         for t in &tables {

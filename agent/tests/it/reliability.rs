@@ -129,16 +129,7 @@ async fn crash_loop_five_sigkills_every_change_exactly_once() {
         (iceberg_rows(&work, "ns.m") >= Some(total)).then_some(())
     })
     .await;
-    let v = verify(
-        &work,
-        "ns.m",
-        &[
-            "--pg-conninfo",
-            &pg.conninfo("app"),
-            "--pg-query",
-            "SELECT id, v, h FROM m",
-        ],
-    );
+    let v = verify_state(&work, "ns.m", &pg, "SELECT id, v, h FROM m");
     let rows = v["rows"].as_u64().unwrap() as i64;
     assert_eq!(v["unique"], true, "duplicates: {}", v["duplicates"]);
     assert_eq!(v["ops"]["I"], ops[0]);
@@ -214,17 +205,7 @@ async fn postgres_restarts_fast_and_immediate_lose_nothing() {
         || async { (iceberg_rows(&work, "ns.m") >= Some(total)).then_some(()) },
     )
     .await;
-    let v = verify(
-        &work,
-        "ns.m",
-        &[
-            "--pg-conninfo",
-            &pg.conninfo("app"),
-            "--pg-query",
-            "SELECT id, v, h FROM m",
-        ],
-    );
-    assert_eq!(v["unique"], true);
+    let v = verify_state(&work, "ns.m", &pg, "SELECT id, v, h FROM m");
     assert_eq!(v["rows"], total);
     assert_eq!(v["state_equal"], true, "{}", v["state_diff"]);
     let retries = metric_value(&addr, "philotes_cdc_retries_total", "").await;
@@ -235,13 +216,7 @@ async fn postgres_restarts_fast_and_immediate_lose_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_locked_sqlite_catalog_delays_but_loses_nothing() {
-    let Running {
-        pg: _pg,
-        db,
-        work,
-        agent,
-        ..
-    } = running(MIXED_DDL, &["m"], "").await;
+    let (_pg, db, work, agent) = running(MIXED_DDL, &["m"], "").await.parts();
     db.batch_execute("INSERT INTO m SELECT g, 0, 'a' FROM generate_series(1, 1000) g")
         .await
         .unwrap();
@@ -584,18 +559,7 @@ async fn read_only_and_full_warehouse_recover_without_loss() {
     )
     .await;
     let full_recovery = freed.elapsed();
-    let v = verify(
-        &work,
-        "ns.m",
-        &[
-            "--pg-conninfo",
-            &pg.conninfo("app"),
-            "--pg-query",
-            "SELECT id, v, h FROM m",
-        ],
-    );
-    assert_eq!(v["unique"], true);
-    assert_eq!(v["state_equal"], true, "{}", v["state_diff"]);
+    verify_state(&work, "ns.m", &pg, "SELECT id, v, h FROM m");
     let rss = agent.peak_rss();
     assert!(
         rss < 300 << 20,

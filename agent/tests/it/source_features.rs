@@ -8,18 +8,13 @@ use philotes::demo::postgres::LocalPgOptions;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn add_and_drop_column_mid_stream() {
-    let Running {
-        pg,
-        db,
-        work,
-        cfg: _cfg,
-        agent,
-    } = running(
+    let (pg, db, work, agent) = running(
         "CREATE TABLE s (id int PRIMARY KEY, a text, b int)",
         &["s"],
         "",
     )
-    .await;
+    .await
+    .parts();
     db.batch_execute("INSERT INTO s SELECT g, 'a' || g, g FROM generate_series(1, 50) g")
         .await
         .unwrap();
@@ -73,13 +68,9 @@ async fn add_and_drop_column_mid_stream() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_renamed_column_stops_with_a_schema_error() {
-    let Running {
-        pg: _pg,
-        db,
-        work,
-        cfg: _cfg,
-        agent,
-    } = running("CREATE TABLE s (id int PRIMARY KEY, a text)", &["s"], "").await;
+    let (_pg, db, work, agent) = running("CREATE TABLE s (id int PRIMARY KEY, a text)", &["s"], "")
+        .await
+        .parts();
     // Three transactions (one simple query with several statements would be one).
     for sql in [
         "INSERT INTO s VALUES (1, 'x')",
@@ -111,19 +102,14 @@ async fn a_renamed_column_stops_with_a_schema_error() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unchanged_toast_values_are_listed_not_silently_null() {
-    let Running {
-        pg: _pg,
-        db,
-        work,
-        cfg: _cfg,
-        agent,
-    } = running(
+    let (_pg, db, work, agent) = running(
         "CREATE TABLE doc (id int PRIMARY KEY, body text, n int);
          ALTER TABLE doc ALTER COLUMN body SET STORAGE EXTERNAL;",
         &["doc"],
         "",
     )
-    .await;
+    .await
+    .parts();
     db.batch_execute(
         "INSERT INTO doc VALUES (1, repeat('0123456789abcdef', 65536), 0);
          UPDATE doc SET n = 1 WHERE id = 1;",
@@ -155,18 +141,13 @@ async fn unchanged_toast_values_are_listed_not_silently_null() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_publication_still_advances_its_slot() {
-    let Running {
-        pg,
-        db,
-        work: _work,
-        cfg: _cfg,
-        agent,
-    } = running(
+    let (pg, db, _work, agent) = running(
         "CREATE TABLE quiet (id int PRIMARY KEY); CREATE TABLE busy (id int PRIMARY KEY, s text)",
         &["quiet"],
         "heartbeat_interval = \"1s\"",
     )
-    .await;
+    .await
+    .parts();
     let start = pg.confirmed_lsn("app", "philotes_p").await;
     for i in 0..20 {
         db.batch_execute(&format!(
@@ -346,13 +327,7 @@ async fn one_failing_pipeline_does_not_stop_the_other() {
 /// continue from the copy's consistent point: folded, it equals the source.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_table_added_to_the_publication_is_snapshotted_and_streamed() {
-    let Running {
-        pg: _pg,
-        db,
-        work,
-        agent,
-        ..
-    } = running(
+    let (_pg, db, work, agent) = running(
         "CREATE TABLE a (id int PRIMARY KEY, v text);
          CREATE TABLE b (id int PRIMARY KEY, v text);
          INSERT INTO b SELECT g, 'old' FROM generate_series(1, 500) g;
@@ -361,7 +336,8 @@ async fn a_table_added_to_the_publication_is_snapshotted_and_streamed() {
         &["a"],
         "snapshot = \"initial\"",
     )
-    .await;
+    .await
+    .parts();
     db.batch_execute("INSERT INTO a VALUES (1, 'x')")
         .await
         .unwrap();
@@ -426,20 +402,15 @@ async fn a_table_added_to_the_publication_is_snapshotted_and_streamed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_table_added_to_the_publication_streams_unless_told_not_to() {
     for follow in [true, false] {
-        let Running {
-            pg: _pg,
-            db,
-            work,
-            agent,
-            ..
-        } = running(
+        let (_pg, db, work, agent) = running(
             "CREATE TABLE a (id int PRIMARY KEY);
              CREATE TABLE c (id int PRIMARY KEY);
              INSERT INTO c SELECT generate_series(1, 50);",
             &["a"],
             &format!("follow_publication = {follow}"),
         )
-        .await;
+        .await
+        .parts();
         db.batch_execute(
             "ALTER PUBLICATION philotes_p ADD TABLE c;
              INSERT INTO c VALUES (100), (101);
@@ -463,20 +434,15 @@ async fn a_table_added_to_the_publication_streams_unless_told_not_to() {
 /// changes it published while it was in stream without a copy.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_table_that_joined_and_left_streams_without_looping() {
-    let Running {
-        pg: _pg,
-        db,
-        work,
-        agent,
-        ..
-    } = running(
+    let (_pg, db, work, agent) = running(
         "CREATE TABLE a (id int PRIMARY KEY);
          CREATE TABLE d (id int PRIMARY KEY);
          INSERT INTO d VALUES (1), (2);",
         &["a"],
         "snapshot = \"initial\"",
     )
-    .await;
+    .await
+    .parts();
     let api = format!("http://{}/api/v1/pipelines/p", agent.api_addr().unwrap());
     let http = reqwest::Client::new();
     http.post(format!("{api}/pause"))
@@ -604,16 +570,7 @@ async fn in_progress_transactions_stream_with_savepoints_rollbacks_and_crashes()
         "T1, the rollback and both interleaved ones streamed"
     );
     let check = |what: &str| {
-        let v = verify(
-            &work,
-            "ns.big",
-            &[
-                "--pg-conninfo",
-                &pg.conninfo("app"),
-                "--pg-query",
-                "SELECT id, v, pad FROM big",
-            ],
-        );
+        let v = verify_state(&work, "ns.big", &pg, "SELECT id, v, pad FROM big");
         assert_eq!(v["state_equal"], true, "{what}: {}", v["state_diff"]);
         assert_eq!(v["duplicates"], 0, "{what}");
         v

@@ -404,13 +404,9 @@ async fn rest_catalog_on_seaweedfs_survives_an_s3_outage() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_writer_between_commits_is_a_resolved_conflict() {
-    let Running {
-        pg: _pg,
-        db,
-        work,
-        cfg: _cfg,
-        agent,
-    } = running("CREATE TABLE t (id int PRIMARY KEY, s text)", &["t"], "").await;
+    let (_pg, db, work, agent) = running("CREATE TABLE t (id int PRIMARY KEY, s text)", &["t"], "")
+        .await
+        .parts();
     db.batch_execute("INSERT INTO t SELECT g, 'agent' FROM generate_series(1, 100) g")
         .await
         .unwrap();

@@ -290,6 +290,20 @@ pub fn python() -> PathBuf {
     p
 }
 
+/// `verify.py` on `table` against `query` on the source database `app`: asserts that
+/// `(_cdc_lsn, _cdc_seq)` is unique and that the folded table equals the source; returns the
+/// JSON for further checks.
+pub fn verify_state(work: &Workdir, table: &str, pg: &TestPg, query: &str) -> Value {
+    let v = verify(
+        work,
+        table,
+        &["--pg-conninfo", &pg.conninfo("app"), "--pg-query", query],
+    );
+    assert_eq!(v["unique"], true, "{v}");
+    assert_eq!(v["state_equal"], true, "{}", v["state_diff"]);
+    v
+}
+
 /// Run `tests/py/verify.py` against a table; returns its JSON.
 pub fn verify(work: &Workdir, table: &str, extra: &[&str]) -> Value {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/py/verify.py");
@@ -402,6 +416,13 @@ pub struct Running {
     pub work: Workdir,
     pub cfg: PathBuf,
     pub agent: AgentProc,
+}
+
+impl Running {
+    /// The parts a typical test uses (the config path is rarely needed).
+    pub fn parts(self) -> (TestPg, tokio_postgres::Client, Workdir, AgentProc) {
+        (self.pg, self.db, self.work, self.agent)
+    }
 }
 
 /// Start everything a typical test needs and wait until the pipeline streams.
