@@ -40,6 +40,34 @@ pub enum ColumnKind {
     List(Box<ColumnKind>),
 }
 
+/// What a change did to a row: the `_cdc_op` column's values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    /// `I`: a new row.
+    Insert,
+    /// `U`: the row's new values.
+    Update,
+    /// `D`: the row's key (or old values) at its deletion.
+    Delete,
+    /// `T`: the table was truncated.
+    Truncate,
+    /// `R`: a row read by an initial snapshot.
+    Read,
+}
+
+impl Op {
+    /// The `_cdc_op` letter.
+    pub fn code(self) -> &'static str {
+        match self {
+            Op::Insert => "I",
+            Op::Update => "U",
+            Op::Delete => "D",
+            Op::Truncate => "T",
+            Op::Read => "R",
+        }
+    }
+}
+
 /// A source column as the sink sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Column {

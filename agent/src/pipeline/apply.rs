@@ -18,6 +18,7 @@ use super::{Control, PipelineError};
 
 mod snapshot;
 use crate::config::PipelineConfig;
+use crate::model::Op;
 use crate::sink::iceberg::schema::{
     changelog_partition, changelog_schema, dlq_schema, iceberg_type, kind_of, DLQ_TABLE,
 };
@@ -29,7 +30,7 @@ use crate::source::postgres::types::ColumnKind;
 use crate::source::postgres::wire::replication::{ReplEvent, ReplicationStream};
 use crate::telemetry::events::{
     AppliedTable, BatchCommitted, BatchFailed, ChangeReceived, DeadLettered, FilesWritten,
-    Operation, SpoolChanged, TableCommitted, TransactionApplied,
+    SpoolChanged, TableCommitted, TransactionApplied,
 };
 use crate::telemetry::{record_trace_id, PipelineState, SourceMetrics, TableMetrics};
 
@@ -551,7 +552,7 @@ impl Applier {
                 let idx = self.relation(namespace, name, columns).await?;
                 self.relations.insert(oid, Some(idx));
             }
-            Message::Insert { oid, new } => self.change(oid, "I", Some(&new)).await?,
+            Message::Insert { oid, new } => self.change(oid, Op::Insert, Some(&new)).await?,
             Message::Update {
                 oid,
                 old,
@@ -561,14 +562,14 @@ impl Applier {
                 // A changed primary key: the old key leaves (a delete), the new row arrives,
                 // so folding the changelog by key stays correct.
                 if let (true, Some(old)) = (key_changed, old) {
-                    self.change(oid, "D", Some(&old)).await?;
+                    self.change(oid, Op::Delete, Some(&old)).await?;
                 }
-                self.change(oid, "U", Some(&new)).await?
+                self.change(oid, Op::Update, Some(&new)).await?
             }
-            Message::Delete { oid, old } => self.change(oid, "D", Some(&old)).await?,
+            Message::Delete { oid, old } => self.change(oid, Op::Delete, Some(&old)).await?,
             Message::Truncate { oids, .. } => {
                 for oid in oids {
-                    self.change(oid, "T", None).await?;
+                    self.change(oid, Op::Truncate, None).await?;
                 }
             }
             // Begin/Commit/Message arrive as events; Type and Origin carry nothing we store.
@@ -673,7 +674,7 @@ impl Applier {
     async fn change(
         &mut self,
         oid: u32,
-        op: &'static str,
+        op: Op,
         tuple: Option<&TupleData<'_>>,
     ) -> Result<(), PipelineError> {
         let Some(txn) = self.txn.as_mut() else {
@@ -698,15 +699,7 @@ impl Applier {
         if already_committed(lsn, t.sink.last_lsn) {
             return Ok(());
         }
-        ChangeReceived {
-            op: match op {
-                "I" => Operation::Insert,
-                "U" => Operation::Update,
-                "D" => Operation::Delete,
-                _ => Operation::Truncate,
-            },
-        }
-        .emit(&t.metrics);
+        ChangeReceived { op }.emit(&t.metrics);
         t.touched_in = lsn;
         if let Err(e) = t.batch.push(op, lsn, seq, ts, tuple) {
             let row = row_json(&t.columns, tuple);
@@ -733,10 +726,10 @@ impl Applier {
         self.buffered_events += 1;
         self.oldest.get_or_insert_with(Instant::now);
         t.counts[match op {
-            "I" => 0,
-            "U" => 1,
-            "D" => 2,
-            _ => 3,
+            Op::Insert => 0,
+            Op::Update => 1,
+            Op::Delete => 2,
+            Op::Truncate | Op::Read => 3,
         }] += 1;
         // Bound memory inside large transactions: write the batch out, commit later.
         if self.should_spill(idx) {

@@ -15,6 +15,7 @@ use arrow_array::{Array, ArrayRef, ListArray, RecordBatch};
 use arrow_buffer::{NullBufferBuilder, OffsetBuffer, ScalarBuffer};
 use arrow_schema::{ArrowError, DataType, Field, SchemaRef};
 
+use crate::model::Op;
 use crate::sink::iceberg::schema::{kind_of, CDC_COLUMNS};
 use crate::source::postgres::pgoutput::{Column, RelationColumn, TupleData};
 use crate::source::postgres::types::{self as t, ColumnKind, ValueError};
@@ -404,7 +405,7 @@ impl TableBatch {
     /// Append one change. `tuple` is None for a truncate marker. On error nothing is appended.
     pub fn push(
         &mut self,
-        op: &'static str,
+        op: Op,
         lsn: u64,
         seq: u64,
         ts_micros: i64,
@@ -428,7 +429,7 @@ impl TableBatch {
     /// `snapshot_binary` says so, text otherwise.
     pub fn push_snapshot(
         &mut self,
-        op: &'static str,
+        op: Op,
         lsn: u64,
         seq: u64,
         ts_micros: i64,
@@ -446,7 +447,7 @@ impl TableBatch {
     /// `push` over any column iterator (`n` columns).
     fn push_columns<'a, I>(
         &mut self,
-        op: &'static str,
+        op: Op,
         lsn: u64,
         seq: u64,
         ts_micros: i64,
@@ -517,7 +518,7 @@ impl TableBatch {
         let last = self.unchanged_offsets.last().copied().unwrap_or(0);
         self.unchanged_offsets.push(last + unchanged as i32);
         let [op_i, lsn_i, seq_i, ts_i, _] = self.cdc;
-        self.cols[op_i].append(Parsed::Str(op), &mut self.scratch);
+        self.cols[op_i].append(Parsed::Str(op.code()), &mut self.scratch);
         self.cols[lsn_i].append(Parsed::I64(lsn as i64), &mut self.scratch);
         self.cols[seq_i].append(Parsed::I64(seq as i64), &mut self.scratch);
         self.cols[ts_i].append(Parsed::I64(ts_micros), &mut self.scratch);

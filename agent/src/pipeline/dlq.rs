@@ -16,7 +16,7 @@ pub struct DeadLetter {
     /// Position in the transaction.
     pub seq: u64,
     /// `I`, `U`, `D`.
-    pub op: &'static str,
+    pub op: crate::model::Op,
     /// Why it could not be converted.
     pub error: String,
     /// The row as JSON text.
@@ -38,7 +38,7 @@ pub fn to_batch(schema: SchemaRef, rows: &[DeadLetter]) -> Result<RecordBatch, A
         table.append_value(&r.source_table);
         lsn.append_value(r.lsn as i64);
         seq.append_value(r.seq as i64);
-        op.append_value(r.op);
+        op.append_value(r.op.code());
         err.append_value(&r.error);
         json.append_value(&r.row_json);
         time.append_value(r.time_micros);

@@ -18,6 +18,7 @@ use tracing::Instrument;
 use serde::{Deserialize, Serialize};
 
 use super::{now_micros, t_committed, Applier};
+use crate::model::Op;
 use crate::pipeline::batch::snapshot_row_json;
 use crate::pipeline::dlq::DeadLetter;
 use crate::pipeline::{AbortOnDrop, PipelineError};
@@ -28,7 +29,7 @@ use crate::source::postgres::snapshot::{
     self as source_snapshot, copy_range, parse_tid, plan_ranges, range_select, snapshot_xids,
     table_facts, visible_then, Fetched, TidRange,
 };
-use crate::telemetry::events::{ChangeReceived, DeadLettered, Operation, TableCommitted};
+use crate::telemetry::events::{ChangeReceived, DeadLettered, TableCommitted};
 
 /// A copy's committed progress (snapshot summary property `philotes.snapshot.progress`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -172,13 +173,16 @@ impl Applier {
                 let values = &row[..ncols.min(row.len())];
                 let seq = progress.seq;
                 let t = &mut self.tables[idx];
-                if let Err(e) = t.batch.push_snapshot("R", lsn, seq, ts, values, &binary) {
+                if let Err(e) = t
+                    .batch
+                    .push_snapshot(Op::Read, lsn, seq, ts, values, &binary)
+                {
                     // Logged like a dead letter of the stream (it used not to be).
                     DeadLettered {
                         table: &source_name,
                         lsn: &crate::source::postgres::session::format_lsn(lsn),
                         seq,
-                        op: "R",
+                        op: Op::Read,
                         error: &e.0,
                     }
                     .emit(&self.metrics);
@@ -186,7 +190,7 @@ impl Applier {
                         source_table: source_name.clone(),
                         lsn,
                         seq,
-                        op: "R",
+                        op: Op::Read,
                         error: e.0,
                         row_json: snapshot_row_json(&t.columns, values, &binary),
                         time_micros: now_micros(),
@@ -194,10 +198,7 @@ impl Applier {
                 } else {
                     t.dirty = true;
                 }
-                ChangeReceived {
-                    op: Operation::Snapshot,
-                }
-                .emit(&t.metrics);
+                ChangeReceived { op: Op::Read }.emit(&t.metrics);
                 progress.seq += 1;
                 since_commit += 1;
                 if self.should_spill(idx) {

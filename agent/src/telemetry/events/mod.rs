@@ -80,21 +80,6 @@ impl std::fmt::Display for ErrorType {
     }
 }
 
-/// A change's kind, the `operation` label of `philotes_cdc_events_total`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Operation {
-    /// INSERT.
-    Insert,
-    /// UPDATE.
-    Update,
-    /// DELETE.
-    Delete,
-    /// TRUNCATE.
-    Truncate,
-    /// A row copied by an initial snapshot.
-    Snapshot,
-}
-
 #[cfg(test)]
 mod tests {
     use super::ErrorType;

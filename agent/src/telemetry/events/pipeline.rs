@@ -3,7 +3,8 @@
 
 use std::time::Duration;
 
-use super::{ErrorType, Operation};
+use super::ErrorType;
+use crate::model::Op;
 use crate::telemetry::instruments::{SourceMetrics, TableMetrics};
 use crate::telemetry::status::{self, RetryStatus, SharedStatus};
 use crate::telemetry::PipelineState;
@@ -12,8 +13,8 @@ use crate::telemetry::PipelineState;
 /// path, through a pre-bound counter.
 #[derive(Debug, Clone, Copy)]
 pub struct ChangeReceived {
-    /// Its kind.
-    pub op: Operation,
+    /// Its kind (`Read` counts as `operation="snapshot"`).
+    pub op: Op,
 }
 
 impl ChangeReceived {
@@ -21,11 +22,11 @@ impl ChangeReceived {
     #[inline]
     pub fn emit(self, t: &TableMetrics) {
         match self.op {
-            Operation::Insert => t.insert.add(1),
-            Operation::Update => t.update.add(1),
-            Operation::Delete => t.delete.add(1),
-            Operation::Truncate => t.truncate.add(1),
-            Operation::Snapshot => t.snapshot.add(1),
+            Op::Insert => t.insert.add(1),
+            Op::Update => t.update.add(1),
+            Op::Delete => t.delete.add(1),
+            Op::Truncate => t.truncate.add(1),
+            Op::Read => t.snapshot.add(1),
         }
     }
 }
@@ -222,8 +223,8 @@ pub struct DeadLettered<'a> {
     pub lsn: &'a str,
     /// Its position in the transaction (or the copy).
     pub seq: u64,
-    /// `I`, `U`, `D` or `R`.
-    pub op: &'a str,
+    /// Its change.
+    pub op: Op,
     /// Why it could not be converted.
     pub error: &'a str,
 }
@@ -235,7 +236,7 @@ impl DeadLettered<'_> {
             table = self.table,
             lsn = self.lsn,
             seq = self.seq,
-            op = self.op,
+            op = self.op.code(),
             "dead letter: {}",
             self.error
         );
