@@ -7,7 +7,6 @@ use tokio::sync::watch;
 use crate::api::{self, ApiState};
 use crate::config::Config;
 use crate::pipeline::{Pipeline, PipelineHandle};
-use crate::sink::iceberg::catalog::secrets;
 use crate::sink::iceberg::commit::Committer;
 use crate::sink::iceberg::open_catalog;
 use crate::telemetry::Telemetry;
@@ -44,7 +43,7 @@ impl Agent {
     /// Start everything described by `cfg` (telemetry must already be initialised).
     pub async fn start(cfg: Config, telemetry: Telemetry) -> Result<Self, AgentError> {
         let catalog = open_catalog(&cfg.iceberg).await?;
-        let secret_list: Arc<[String]> = secrets(&cfg.iceberg).into();
+        let secret_list: Arc<[String]> = cfg.iceberg.secrets().into();
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let mut handles = Vec::new();
         let mut tasks = Vec::new();

@@ -113,7 +113,7 @@ pub async fn run_checks(cfg: &Config) -> Vec<String> {
             problems.push(format!("pipeline {}: {e}", p.name));
         }
     }
-    let secrets = catalog::secrets(&cfg.iceberg);
+    let secrets = cfg.iceberg.secrets();
     match open_catalog(&cfg.iceberg).await {
         Ok(cat) => {
             // A cheap round trip proves reachability and credentials.

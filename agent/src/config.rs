@@ -680,7 +680,7 @@ impl Config {
     /// Every secret in the configuration (tokens, keys, source passwords), for log scrubbing.
     pub fn secrets(&self) -> Vec<String> {
         // The same list the API's redaction hides (and the catalog's error scrubbing uses).
-        let mut out: Vec<String> = crate::sink::iceberg::catalog::secrets(&self.iceberg);
+        let mut out: Vec<String> = self.iceberg.secrets();
         out.extend(self.api.token.iter().map(|t| t.expose().to_string()));
         for p in &self.pipelines {
             if let Ok(u) = SourceUrl::parse(&p.source) {
@@ -711,6 +711,31 @@ impl Config {
             p.source = redact_url(&p.source);
         }
         serde_json::to_value(&c).unwrap_or(serde_json::Value::Null)
+    }
+}
+
+impl IcebergConfig {
+    /// Every secret in `[iceberg]`, to scrub from logs and error messages: the keys
+    /// `/api/v1/config` hides, including the access key id and secret-looking `properties`.
+    pub fn secrets(&self) -> Vec<String> {
+        [
+            &self.token,
+            &self.credential,
+            &self.s3.access_key_id,
+            &self.s3.secret_access_key,
+            &self.s3.session_token,
+        ]
+        .into_iter()
+        .flatten()
+        .map(|s| s.expose().to_string())
+        .chain(
+            self.properties
+                .iter()
+                .filter(|(k, _)| is_secret_property(k))
+                .map(|(_, v)| v.clone()),
+        )
+        .filter(|s| s.len() >= 3)
+        .collect()
     }
 }
 

@@ -13,29 +13,6 @@ use iceberg_storage_opendal::{OpenDalResolvingStorageFactory, OpenDalStorageFact
 use super::SinkError;
 use crate::config::{CatalogKind, IcebergConfig, Secret};
 
-/// Every secret in the Iceberg config, to scrub from logs and error messages: the keys
-/// `/api/v1/config` hides, including the access key id and secret-looking `properties`.
-pub fn secrets(cfg: &IcebergConfig) -> Vec<String> {
-    [
-        &cfg.token,
-        &cfg.credential,
-        &cfg.s3.access_key_id,
-        &cfg.s3.secret_access_key,
-        &cfg.s3.session_token,
-    ]
-    .into_iter()
-    .flatten()
-    .map(|s| s.expose().to_string())
-    .chain(
-        cfg.properties
-            .iter()
-            .filter(|(k, _)| crate::config::is_secret_property(k))
-            .map(|(_, v)| v.clone()),
-    )
-    .filter(|s| s.len() >= 3)
-    .collect()
-}
-
 /// Replace every secret in `msg` with `***`.
 pub fn scrub(msg: impl Into<String>, secrets: &[String]) -> String {
     let mut m = msg.into();
@@ -168,7 +145,7 @@ fn storage_props(cfg: &IcebergConfig) -> HashMap<String, String> {
 
 /// Prove write permission on the warehouse: create and delete a small probe object.
 pub async fn probe_warehouse(cfg: &IcebergConfig) -> Result<(), SinkError> {
-    let secrets = secrets(cfg);
+    let secrets = cfg.secrets();
     let warehouse = warehouse_location(cfg);
     let factory: Arc<dyn StorageFactory> = if warehouse.starts_with("s3://") {
         Arc::new(OpenDalStorageFactory::S3 {
@@ -204,7 +181,7 @@ pub async fn probe_warehouse(cfg: &IcebergConfig) -> Result<(), SinkError> {
 
 /// Open the catalog described by `[iceberg]`.
 pub async fn open_catalog(cfg: &IcebergConfig) -> Result<Arc<dyn Catalog>, SinkError> {
-    let secrets = secrets(cfg);
+    let secrets = cfg.secrets();
     let warehouse = warehouse_location(cfg);
     let mut props = storage_props(cfg);
     match cfg.catalog {

@@ -12,7 +12,7 @@ pub(crate) mod writer;
 
 pub use catalog::open_catalog;
 
-use crate::telemetry::events::ErrorType;
+use crate::model::ErrorType;
 pub use table::TableSink;
 
 /// A sink failure, with the stage it happened in.

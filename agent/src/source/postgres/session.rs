@@ -6,7 +6,7 @@ use std::time::Duration;
 use super::conn::SourceUrl;
 use super::wire::replication::{ReplicationStream, StatusTiming};
 use super::wire::{Conn, WireError};
-use crate::telemetry::events::ErrorType;
+use crate::model::ErrorType;
 
 /// Why a source cannot be used.
 #[derive(Debug, thiserror::Error)]

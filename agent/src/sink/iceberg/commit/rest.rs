@@ -36,7 +36,7 @@ impl RestCommitter {
     /// No network yet: a catalog that is down at start must not stop the agent (the pipeline
     /// retries on its own); the server's `prefix` is asked for at the first commit.
     pub(super) async fn new(cfg: &IcebergConfig) -> Result<Self, CommitError> {
-        let secrets = crate::sink::iceberg::catalog::secrets(cfg);
+        let secrets = cfg.secrets();
         let http = reqwest::Client::builder()
             .timeout(std::time::Duration::from_secs(60))
             .build()

@@ -85,7 +85,7 @@ async fn list_s3(bucket_and_prefix: &str) -> Result<Vec<Listed>, MaintenanceErro
     if let Some(t) = &s3.session_token {
         b = b.session_token(t.expose());
     }
-    let secrets = crate::sink::iceberg::catalog::secrets(cfg);
+    let secrets = cfg.secrets();
     let err = |e: opendal::Error| {
         MaintenanceError::Read(crate::sink::iceberg::catalog::scrub(
             e.to_string(),
