@@ -172,7 +172,19 @@ fn main() {
         w = wh.display(),
     );
     std::fs::write(wh.join("philotes.toml"), cfg).unwrap();
-    let mut child = Command::new(&bin)
+    // `PHILOTES_SOAK_WRAP="heaptrack -o /tmp/soak"` runs the agent under a profiler.
+    let wrap: Vec<String> = std::env::var("PHILOTES_SOAK_WRAP")
+        .map(|w| w.split_whitespace().map(str::to_string).collect())
+        .unwrap_or_default();
+    let mut cmd = match wrap.split_first() {
+        Some((first, rest)) => {
+            let mut c = Command::new(first);
+            c.args(rest).arg(&bin);
+            c
+        }
+        None => Command::new(&bin),
+    };
+    let mut child = cmd
         .args(["run", "--config"])
         .arg(wh.join("philotes.toml"))
         .stdout(Stdio::null())
