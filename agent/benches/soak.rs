@@ -112,9 +112,54 @@ fn table_files(table_dir: &Path) -> (u64, usize, usize) {
     (newest.map(|(_, s)| s).unwrap_or(0), count, parquet)
 }
 
+/// Cumulative counts of the commit-duration histogram by upper bound (seconds).
+fn commit_buckets(scrape: &str) -> Vec<(f64, f64)> {
+    let name = "philotes_iceberg_commit_duration_seconds_bucket{";
+    let mut out: Vec<(f64, f64)> = Vec::new();
+    for l in scrape.lines().filter(|l| l.starts_with(name)) {
+        let le = l
+            .split("le=\"")
+            .nth(1)
+            .and_then(|r| r.split('"').next())
+            .map(|v| {
+                if v == "+Inf" {
+                    f64::INFINITY
+                } else {
+                    v.parse().unwrap_or(f64::NAN)
+                }
+            });
+        let n = l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok());
+        if let (Some(le), Some(n)) = (le, n) {
+            match out.iter_mut().find(|(b, _)| *b == le) {
+                Some((_, c)) => *c += n,
+                None => out.push((le, n)),
+            }
+        }
+    }
+    out.sort_by(|a, b| a.0.total_cmp(&b.0));
+    out
+}
+
+/// The bucket bound holding the 99th percentile of the commits between two scrapes.
+fn p99_ms(before: &[(f64, f64)], now: &[(f64, f64)]) -> f64 {
+    let delta: Vec<(f64, f64)> = now
+        .iter()
+        .map(|(le, n)| {
+            let b = before.iter().find(|(l, _)| l == le).map_or(0.0, |x| x.1);
+            (*le, n - b)
+        })
+        .collect();
+    let total = delta.last().map_or(0.0, |x| x.1);
+    delta
+        .iter()
+        .find(|(_, n)| *n >= 0.99 * total)
+        .map_or(f64::NAN, |(le, _)| le * 1000.0)
+}
+
 struct Row {
     commits: u64,
     mean_ms: f64,
+    p99_ms: f64,
     metadata_kb: f64,
     metadata_files: usize,
     live_files: f64,
@@ -240,9 +285,10 @@ fn main() {
         }
     );
     println!(
-        "{:>8} {:>12} {:>14} {:>10} {:>12} {:>12} {:>10} {:>8}",
+        "{:>8} {:>12} {:>10} {:>14} {:>10} {:>12} {:>12} {:>10} {:>8}",
         "commits",
         "mean ms",
+        "p99 ≤ ms",
         "metadata kB",
         "md files",
         "live files",
@@ -252,6 +298,7 @@ fn main() {
     );
     let mut rows: Vec<Row> = Vec::new();
     let (mut last_sum, mut last_count) = (0.0, 0.0);
+    let mut last_buckets: Vec<(f64, f64)> = Vec::new();
     let mut next = every;
     let deadline = Instant::now() + Duration::from_secs(if quick { 300 } else { 4 * 3600 });
     let mut rss_start = 0.0;
@@ -270,10 +317,12 @@ fn main() {
             continue;
         }
         let sum = metric(&s, "philotes_iceberg_commit_duration_seconds_sum");
+        let buckets = commit_buckets(&s);
         let (md_bytes, md_files, on_disk) = table_files(&table_dir);
         let row = Row {
             commits: count as u64,
             mean_ms: (sum - last_sum) / (count - last_count).max(1.0) * 1000.0,
+            p99_ms: p99_ms(&last_buckets, &buckets),
             metadata_kb: md_bytes as f64 / 1024.0,
             metadata_files: md_files,
             live_files: metric(&s, "philotes_iceberg_table_data_files"),
@@ -282,9 +331,10 @@ fn main() {
             rss: rss_mb(pid),
         };
         println!(
-            "{:>8} {:>12.2} {:>14.1} {:>10} {:>12} {:>12} {:>10} {:>8.1}",
+            "{:>8} {:>12.2} {:>10} {:>14.1} {:>10} {:>12} {:>12} {:>10} {:>8.1}",
             row.commits,
             row.mean_ms,
+            row.p99_ms,
             row.metadata_kb,
             row.metadata_files,
             row.live_files,
@@ -294,6 +344,7 @@ fn main() {
         );
         last_sum = sum;
         last_count = count;
+        last_buckets = buckets;
         rows.push(row);
         next += every;
         if count >= commits as f64 {

@@ -79,7 +79,26 @@ fn load(path: &Path) -> Result<Config, ExitCode> {
     })
 }
 
+/// glibc gives threads that allocate at the same time arenas of their own (up to 8 per core)
+/// and hands little of their freed memory back, so a long-running agent's RSS creeps up with
+/// every metadata file it parses and writes. The soak benchmark measured the difference (see
+/// docs/performance.md); two arenas, set before any thread starts. `MALLOC_ARENA_MAX` in the
+/// environment still wins.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn limit_malloc_arenas() {
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        // SAFETY: mallopt only sets an allocator parameter; no other thread exists yet.
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, 2);
+        }
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn limit_malloc_arenas() {}
+
 fn main() -> ExitCode {
+    limit_malloc_arenas();
     let cli = Cli::parse();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -12,6 +12,7 @@ use tokio::sync::watch;
 
 use crate::config::{Config, MaintenanceConfig};
 use crate::sink::iceberg::commit::Committer;
+use crate::sink::iceberg::debt;
 use crate::sink::iceberg::maintenance::{self, Outcome, Settings};
 use crate::telemetry::events::{TableHealthMeasured, TableMaintained};
 use crate::telemetry::Metrics;
@@ -154,6 +155,16 @@ async fn measure(
     }
 }
 
+/// Shortest time between two runs woken by debt.
+const DEBT_SPACING: Duration = Duration::from_secs(1);
+
+/// Small files added to a table since it was last maintained that wake maintenance early:
+/// twice what makes a compaction worth it (`min_input_files`), at most 32, so a table stays
+/// well under 50 files.
+fn debt_threshold(cfg: &MaintenanceConfig) -> u64 {
+    (u64::from(cfg.min_input_files) * 2).clamp(1, 32)
+}
+
 /// How often each table's orphans are looked for.
 fn orphan_period(cfg: &MaintenanceConfig) -> Duration {
     (cfg.orphan_age / 4).max(Duration::from_secs(3600))
@@ -177,11 +188,22 @@ pub async fn run_loop(
     let mut last_orphans: HashMap<String, Instant> = HashMap::new();
     let mut tick = tokio::time::interval(cfg.maintenance.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Besides the timer, a table that gained this many small files since it was last looked
+    // at wakes the task (at most once per `DEBT_SPACING`): the files a table holds stay
+    // bounded however short the flush interval is.
+    debt::set_threshold(debt_threshold(&settings.config));
+    let mut last_run: Option<Instant> = None;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
+            _ = debt::due() => {
+                if let Some(wait) = last_run.and_then(|t| DEBT_SPACING.checked_sub(t.elapsed())) {
+                    tokio::time::sleep(wait).await;
+                }
+            }
             _ = shutdown.changed() => return,
         }
+        last_run = Some(Instant::now());
         if *shutdown.borrow() {
             return;
         }
@@ -202,6 +224,7 @@ pub async fn run_loop(
                 Some(t) => t.elapsed() >= period,
                 None => started.elapsed() >= period,
             };
+            debt::reset(&ident);
             let (health, outcomes) = tokio::select! {
                 o = maintenance::maintain(&committer, &ident, &settings, orphans_due) => o,
                 // Shutdown cancels a run between commits: nothing half-committed is left, at

@@ -274,6 +274,63 @@ async fn maintenance_lands_while_the_stream_commits_every_few_milliseconds() {
     assert_eq!(agent.terminate(), Some(0));
 }
 
+/// Maintenance runs when a table needs it, not only on its timer: with `interval = "1h"` (the
+/// timer fires once, at start) a table that gains small files quickly is compacted anyway,
+/// woken by the files the stream commits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_file_debt_wakes_maintenance_before_its_interval() {
+    let (pg, db, work, cfg) =
+        setup(&MAINTENANCE.replace("interval = \"1s\"", "interval = \"1h\"")).await;
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("flush_interval = \"300ms\"", "flush_interval = \"20ms\"");
+    std::fs::write(&cfg, text).unwrap();
+    let agent = AgentProc::start(&cfg, &work.path().join("agent.log"));
+    agent.wait_streaming().await;
+    db.batch_execute("SET synchronous_commit = on")
+        .await
+        .unwrap();
+    let addr = agent.api_addr().unwrap();
+    let mut rows = 0u64;
+    for i in 0..120 {
+        db.batch_execute(&format!("INSERT INTO t VALUES ({i}, 'debt', {i})"))
+            .await
+            .unwrap();
+        rows += 1;
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    wait_for(
+        Duration::from_secs(60),
+        "a compaction woken by debt",
+        || async {
+            (metric_value(
+                &addr,
+                "philotes_iceberg_maintenance_total",
+                "action=\"compact\",source=\"p\",status=\"ok\"",
+            )
+            .await
+                >= 1.0)
+                .then_some(())
+        },
+    )
+    .await;
+    wait_rows(&work, "ns.t", rows, 60).await;
+    check_exact(&work, &pg, rows);
+    let commits = metric_value(
+        &addr,
+        "philotes_iceberg_commits_total",
+        "table=\"public.t\"",
+    )
+    .await;
+    let files = health(&work, "ns.t", false)["data_files"].as_u64().unwrap();
+    println!("{commits} commits, {files} data files after debt-woken maintenance");
+    assert!(
+        files < 40,
+        "the table holds {files} files after {commits} commits"
+    );
+    assert_eq!(agent.terminate(), Some(0));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_writer_appending_while_the_agent_compacts_keeps_both_writers_rows() {
     let (_pg, db, work, cfg) = setup(MAINTENANCE).await;

@@ -3,6 +3,7 @@
 pub mod catalog;
 pub mod commit;
 pub mod dead_letters;
+pub mod debt;
 pub mod hygiene;
 pub mod maintenance;
 pub mod partition;

@@ -424,6 +424,7 @@ impl TableSink {
                 }
                 // Metadata files the commit dropped from the log go now, not at expiry.
                 super::hygiene::delete_dropped_metadata(&self.table, &table).await;
+                super::debt::added(table.identifier(), self.pending.len() as u64);
                 self.table = table;
                 self.pending.clear();
                 self.pending_rows = 0;
