@@ -118,7 +118,7 @@ fn commit_buckets(scrape: &str) -> Vec<(f64, f64)> {
     let mut out: Vec<(f64, f64)> = Vec::new();
     for l in scrape.lines().filter(|l| l.starts_with(name)) {
         let le = l
-            .split("le=\"")
+            .split(",le=\"")
             .nth(1)
             .and_then(|r| r.split('"').next())
             .map(|v| {

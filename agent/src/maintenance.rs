@@ -13,7 +13,7 @@ use tokio::sync::watch;
 use crate::config::{Config, MaintenanceConfig};
 use crate::sink::iceberg::commit::Committer;
 use crate::sink::iceberg::debt;
-use crate::sink::iceberg::maintenance::{self, Outcome, Settings};
+use crate::sink::iceberg::maintenance::{self, Outcome, Scope, Settings};
 use crate::telemetry::events::{TableHealthMeasured, TableMaintained};
 use crate::telemetry::Metrics;
 
@@ -102,7 +102,7 @@ pub async fn run_once(
     };
     let mut out = Vec::new();
     for (source, ident) in list {
-        for o in maintenance::maintain(&committer, &ident, &settings, true)
+        for o in maintenance::maintain(&committer, &ident, &settings, Scope::WithOrphans)
             .await
             .1
         {
@@ -194,15 +194,16 @@ pub async fn run_loop(
     debt::set_threshold(debt_threshold(&settings.config));
     let mut last_run: Option<Instant> = None;
     loop {
-        tokio::select! {
-            _ = tick.tick() => {}
+        let by_debt = tokio::select! {
+            _ = tick.tick() => false,
             _ = debt::due() => {
                 if let Some(wait) = last_run.and_then(|t| DEBT_SPACING.checked_sub(t.elapsed())) {
                     tokio::time::sleep(wait).await;
                 }
+                true
             }
             _ = shutdown.changed() => return,
-        }
+        };
         last_run = Some(Instant::now());
         if *shutdown.borrow() {
             return;
@@ -218,15 +219,24 @@ pub async fn run_loop(
             if *shutdown.borrow() {
                 return;
             }
+            // Woken by debt: only the tables in debt, and only their compaction.
+            if by_debt && !debt::is_due(&ident) {
+                continue;
+            }
             let key = ident.to_string();
             let period = orphan_period(&settings.config);
             let orphans_due = match last_orphans.get(&key) {
                 Some(t) => t.elapsed() >= period,
                 None => started.elapsed() >= period,
             };
+            let scope = match (by_debt, orphans_due) {
+                (true, _) => Scope::Compaction,
+                (false, true) => Scope::WithOrphans,
+                (false, false) => Scope::Regular,
+            };
             debt::reset(&ident);
             let (health, outcomes) = tokio::select! {
-                o = maintenance::maintain(&committer, &ident, &settings, orphans_due) => o,
+                o = maintenance::maintain(&committer, &ident, &settings, scope) => o,
                 // Shutdown cancels a run between commits: nothing half-committed is left, at
                 // worst unreferenced new files that the orphan sweep removes later.
                 _ = shutdown.changed() => return,

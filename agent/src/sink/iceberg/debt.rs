@@ -48,6 +48,13 @@ pub fn added(ident: &TableIdent, files: u64) {
     }
 }
 
+/// Whether `ident`'s debt reached the threshold.
+pub fn is_due(ident: &TableIdent) -> bool {
+    let d = debt();
+    let m = d.files.lock().unwrap_or_else(|p| p.into_inner());
+    m.get(ident).copied().unwrap_or(0) >= d.threshold.load(Ordering::Relaxed)
+}
+
 /// Maintenance looked at `ident`: its debt starts again from zero.
 pub fn reset(ident: &TableIdent) {
     let mut m = debt().files.lock().unwrap_or_else(|p| p.into_inner());

@@ -113,6 +113,18 @@ pub struct Settings {
     pub force: bool,
 }
 
+/// Which actions a run may take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// Compaction only: a run woken by small-file debt (expiry and clean-up wait for the
+    /// timer; they read every retained snapshot's manifest list).
+    Compaction,
+    /// Every action the debt calls for, except the orphan sweep.
+    Regular,
+    /// Every action the debt calls for, and the orphan sweep.
+    WithOrphans,
+}
+
 /// A maintenance failure.
 #[derive(Debug, thiserror::Error)]
 pub enum MaintenanceError {
@@ -177,8 +189,9 @@ pub async fn maintain(
     committer: &Committer,
     ident: &TableIdent,
     settings: &Settings,
-    orphans_due: bool,
+    scope: Scope,
 ) -> (Option<Health>, Vec<Outcome>) {
+    let orphans_due = scope == Scope::WithOrphans;
     let mut out = Vec::new();
     let load = || async {
         committer
@@ -220,7 +233,7 @@ pub async fn maintain(
         (Action::RemoveOrphans, settings.force || orphans_due),
     ];
     for (action, due) in steps {
-        if !due {
+        if !due || (scope == Scope::Compaction && action != Action::Compact) {
             continue;
         }
         let started = Instant::now();
