@@ -27,6 +27,27 @@ async fn setup(maintenance: &str) -> (TestPg, tokio_postgres::Client, Workdir, P
     (pg, db, work, cfg)
 }
 
+/// [`setup`] with `flush_interval = "20ms"`, the agent streaming, and the test session on
+/// synchronous commit: the walsender then sends each transaction at once, not in
+/// `wal_writer_delay` bursts, so the agent commits about every flush interval. Returns the
+/// agent's API address too.
+async fn fast_stream(
+    maintenance: &str,
+) -> (TestPg, tokio_postgres::Client, Workdir, AgentProc, String) {
+    let (pg, db, work, cfg) = setup(maintenance).await;
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("flush_interval = \"300ms\"", "flush_interval = \"20ms\"");
+    std::fs::write(&cfg, text).unwrap();
+    let agent = AgentProc::start(&cfg, &work.path().join("agent.log"));
+    agent.wait_streaming().await;
+    db.batch_execute("SET synchronous_commit = on")
+        .await
+        .unwrap();
+    let addr = agent.api_addr().unwrap();
+    (pg, db, work, agent, addr)
+}
+
 /// `tests/py/health.py` on `ns.<table>`. A reader that loaded the metadata just before an
 /// expiry may find an expired snapshot's files gone (as any reader of an expired snapshot
 /// would): it reads again, as a user would.
@@ -206,19 +227,7 @@ async fn compaction_and_expiry_keep_every_row_and_bound_the_table() {
 /// conflict for as long as the stream was busy), and no row may be lost or doubled.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn maintenance_lands_while_the_stream_commits_every_few_milliseconds() {
-    let (pg, db, work, cfg) = setup(MAINTENANCE).await;
-    let text = std::fs::read_to_string(&cfg)
-        .unwrap()
-        .replace("flush_interval = \"300ms\"", "flush_interval = \"20ms\"");
-    std::fs::write(&cfg, text).unwrap();
-    let agent = AgentProc::start(&cfg, &work.path().join("agent.log"));
-    agent.wait_streaming().await;
-    // Synchronous commit: the walsender then sends each transaction at once, not in
-    // wal_writer_delay bursts, so the agent commits about every flush interval.
-    db.batch_execute("SET synchronous_commit = on")
-        .await
-        .unwrap();
-    let addr = agent.api_addr().unwrap();
+    let (pg, db, work, agent, addr) = fast_stream(MAINTENANCE).await;
     let compactions = || async {
         metric_value(
             &addr,
@@ -279,18 +288,8 @@ async fn maintenance_lands_while_the_stream_commits_every_few_milliseconds() {
 /// woken by the files the stream commits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn small_file_debt_wakes_maintenance_before_its_interval() {
-    let (pg, db, work, cfg) =
-        setup(&MAINTENANCE.replace("interval = \"1s\"", "interval = \"1h\"")).await;
-    let text = std::fs::read_to_string(&cfg)
-        .unwrap()
-        .replace("flush_interval = \"300ms\"", "flush_interval = \"20ms\"");
-    std::fs::write(&cfg, text).unwrap();
-    let agent = AgentProc::start(&cfg, &work.path().join("agent.log"));
-    agent.wait_streaming().await;
-    db.batch_execute("SET synchronous_commit = on")
-        .await
-        .unwrap();
-    let addr = agent.api_addr().unwrap();
+    let (pg, db, work, agent, addr) =
+        fast_stream(&MAINTENANCE.replace("interval = \"1s\"", "interval = \"1h\"")).await;
     let mut rows = 0u64;
     for i in 0..120 {
         db.batch_execute(&format!("INSERT INTO t VALUES ({i}, 'debt', {i})"))

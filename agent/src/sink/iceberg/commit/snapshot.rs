@@ -64,6 +64,37 @@ struct Counts {
     removed_pos: i64,
 }
 
+impl Counts {
+    /// Count `f` as added, or as removed.
+    fn count(&mut self, f: &DataFile, removed: bool) {
+        let (files, records, deletes, positions, size) = if removed {
+            (
+                &mut self.removed_files,
+                &mut self.removed_records,
+                &mut self.removed_deletes,
+                &mut self.removed_pos,
+                &mut self.removed_size,
+            )
+        } else {
+            (
+                &mut self.added_files,
+                &mut self.added_records,
+                &mut self.added_deletes,
+                &mut self.added_pos,
+                &mut self.added_size,
+            )
+        };
+        if super::is_data(f.content_type()) {
+            *files += 1;
+            *records += f.record_count() as i64;
+        } else {
+            *deletes += 1;
+            *positions += f.record_count() as i64;
+        }
+        *size += f.file_size_in_bytes() as i64;
+    }
+}
+
 impl Prepared {
     /// The snapshot of `main` this was prepared on.
     pub fn base_snapshot(&self) -> Option<i64> {
@@ -135,14 +166,7 @@ pub async fn prepare(base: &Table, change: &Change) -> Result<Prepared, CommitEr
     let fail = |e: iceberg::Error| CommitError::Failed(e.to_string());
 
     for f in &change.added {
-        if super::is_data(f.content_type()) {
-            c.added_files += 1;
-            c.added_records += f.record_count() as i64;
-        } else {
-            c.added_deletes += 1;
-            c.added_pos += f.record_count() as i64;
-        }
-        c.added_size += f.file_size_in_bytes() as i64;
+        c.count(f, false);
     }
     let (added_data, added_deletes): (Vec<&DataFile>, Vec<&DataFile>) = change
         .added
@@ -226,15 +250,7 @@ pub async fn prepare(base: &Table, change: &Change) -> Result<Prepared, CommitEr
                 let file_seq = e.file_sequence_number.or(e.sequence_number);
                 if change.removed.contains(e.file_path()) {
                     removed_found.insert(e.file_path().to_string());
-                    let f = e.data_file();
-                    if super::is_data(f.content_type()) {
-                        c.removed_files += 1;
-                        c.removed_records += f.record_count() as i64;
-                    } else {
-                        c.removed_deletes += 1;
-                        c.removed_pos += f.record_count() as i64;
-                    }
-                    c.removed_size += f.file_size_in_bytes() as i64;
+                    c.count(e.data_file(), true);
                     w.add_delete_file(e.data_file.clone(), seq, file_seq)
                         .map_err(fail)?;
                 } else {
