@@ -78,13 +78,18 @@ fn rss_mb(pid: u32) -> f64 {
         / 1024.0
 }
 
-/// (bytes of the newest metadata.json, metadata files on disk, Parquet files on disk).
-fn table_files(table_dir: &Path) -> (u64, usize, usize) {
+/// (bytes of the newest metadata.json, metadata files on disk, Parquet files on disk, Avro
+/// files (manifests and manifest lists) on disk).
+fn table_files(table_dir: &Path) -> (u64, usize, usize, usize) {
     let meta = table_dir.join("metadata");
     let mut newest: Option<(u64, u64)> = None;
     let mut count = 0;
+    let mut avro = 0;
     for e in std::fs::read_dir(&meta).into_iter().flatten().flatten() {
         let name = e.file_name().to_string_lossy().to_string();
+        if name.ends_with(".avro") {
+            avro += 1;
+        }
         if let Some(stem) = name.strip_suffix(".metadata.json") {
             count += 1;
             let v: u64 = stem
@@ -109,7 +114,7 @@ fn table_files(table_dir: &Path) -> (u64, usize, usize) {
             }
         }
     }
-    (newest.map(|(_, s)| s).unwrap_or(0), count, parquet)
+    (newest.map(|(_, s)| s).unwrap_or(0), count, parquet, avro)
 }
 
 /// Cumulative counts of the commit-duration histogram by upper bound (seconds).
@@ -164,6 +169,7 @@ struct Row {
     metadata_files: usize,
     live_files: f64,
     files_on_disk: usize,
+    avro: usize,
     snapshots: f64,
     rss: f64,
 }
@@ -217,7 +223,8 @@ fn main() {
         w = wh.display(),
     );
     std::fs::write(wh.join("philotes.toml"), cfg).unwrap();
-    // `PHILOTES_SOAK_WRAP="heaptrack -o /tmp/soak"` runs the agent under a profiler.
+    // `PHILOTES_SOAK_WRAP="heaptrack -o /tmp/soak"` runs the agent under a profiler. The bench
+    // then kills the wrapper, not the agent: stop `philotes run` yourself afterwards.
     let wrap: Vec<String> = std::env::var("PHILOTES_SOAK_WRAP")
         .map(|w| w.split_whitespace().map(str::to_string).collect())
         .unwrap_or_default();
@@ -285,7 +292,7 @@ fn main() {
         }
     );
     println!(
-        "{:>8} {:>12} {:>10} {:>14} {:>10} {:>12} {:>12} {:>10} {:>8}",
+        "{:>8} {:>12} {:>10} {:>14} {:>10} {:>12} {:>12} {:>10} {:>10} {:>8}",
         "commits",
         "mean ms",
         "p99 ≤ ms",
@@ -293,6 +300,7 @@ fn main() {
         "md files",
         "live files",
         "files disk",
+        "avro disk",
         "snapshots",
         "RSS MB"
     );
@@ -318,7 +326,7 @@ fn main() {
         }
         let sum = metric(&s, "philotes_iceberg_commit_duration_seconds_sum");
         let buckets = commit_buckets(&s);
-        let (md_bytes, md_files, on_disk) = table_files(&table_dir);
+        let (md_bytes, md_files, on_disk, avro) = table_files(&table_dir);
         let row = Row {
             commits: count as u64,
             mean_ms: (sum - last_sum) / (count - last_count).max(1.0) * 1000.0,
@@ -327,11 +335,12 @@ fn main() {
             metadata_files: md_files,
             live_files: metric(&s, "philotes_iceberg_table_data_files"),
             files_on_disk: on_disk,
+            avro,
             snapshots: metric(&s, "philotes_iceberg_table_snapshots"),
             rss: rss_mb(pid),
         };
         println!(
-            "{:>8} {:>12.2} {:>10} {:>14.1} {:>10} {:>12} {:>12} {:>10} {:>8.1}",
+            "{:>8} {:>12.2} {:>10} {:>14.1} {:>10} {:>12} {:>12} {:>10} {:>10} {:>8.1}",
             row.commits,
             row.mean_ms,
             row.p99_ms,
@@ -339,6 +348,7 @@ fn main() {
             row.metadata_files,
             row.live_files,
             row.files_on_disk,
+            row.avro,
             row.snapshots,
             row.rss
         );
