@@ -480,21 +480,16 @@ impl Applier {
     /// Publish lag, depth and counters once per transaction (not per row); `lsn` is the
     /// transaction's commit, `received` its end.
     fn publish(&self, lag: f64, lsn: u64, received: u64) {
-        let tables: Vec<AppliedTable<'_>> = self
-            .tables
-            .iter()
-            .map(|t| AppliedTable {
-                name: &t.source_name,
-                metrics: &t.metrics,
-                touched: t.touched_in == lsn,
-                counts: t.counts,
-            })
-            .collect();
         TransactionApplied {
             lag_seconds: lag,
             received_lsn: format_lsn(received),
             buffered_events: self.buffered_events,
-            tables: &tables,
+            tables: self.tables.iter().map(|t| AppliedTable {
+                name: &t.source_name,
+                metrics: &t.metrics,
+                touched: t.touched_in == lsn,
+                counts: t.counts,
+            }),
         }
         .emit(&self.metrics, &self.status);
     }

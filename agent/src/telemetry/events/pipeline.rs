@@ -45,22 +45,22 @@ pub struct AppliedTable<'a> {
 
 /// A source transaction's commit was read: lag measured, the buffer's depth and the received
 /// position published (once per transaction, not per row).
-pub struct TransactionApplied<'a> {
+pub struct TransactionApplied<I> {
     /// Seconds from its commit in PostgreSQL to now.
     pub lag_seconds: f64,
     /// `X/Y` of its end.
     pub received_lsn: String,
     /// Changes buffered and not yet committed.
     pub buffered_events: u64,
-    /// The pipeline's tables.
-    pub tables: &'a [AppliedTable<'a>],
+    /// The pipeline's tables (an iterator walked twice: no allocation per transaction).
+    pub tables: I,
 }
 
-impl TransactionApplied<'_> {
+impl<'a, I: Iterator<Item = AppliedTable<'a>> + Clone> TransactionApplied<I> {
     /// Record `philotes_cdc_lag_seconds` of the touched tables and `philotes_buffer_depth`;
     /// publish lag, position and per-table counts to the status.
     pub fn emit(self, m: &SourceMetrics, status: &SharedStatus) {
-        for t in self.tables.iter().filter(|t| t.touched) {
+        for t in self.tables.clone().filter(|t| t.touched) {
             t.metrics.lag.record(self.lag_seconds);
         }
         m.depth.record(self.buffered_events as i64);

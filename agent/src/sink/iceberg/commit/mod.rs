@@ -128,14 +128,8 @@ impl Committer {
         let mut base = table.clone();
         loop {
             let serial = lock::table(table.identifier()).await;
-            // Under the lock nothing of ours moves the table; load it only if it moved.
-            if self.current_location(&base).await? != base.metadata_location().map(str::to_string) {
-                base = self
-                    .catalog
-                    .load_table(base.identifier())
-                    .await
-                    .map_err(|e| CommitError::Failed(e.to_string()))?;
-            }
+            // Under the lock nothing of ours moves the table.
+            base = self.newest(base).await?;
             let staged = match snapshot::finish(&base, change, &prepared).await {
                 Ok(s) => s,
                 Err(CommitError::Rebase(why))
@@ -170,12 +164,8 @@ impl Committer {
                         prepared.abandon(&io).await;
                         return Err(CommitError::Conflict(msg));
                     }
+                    // The next turn finishes on the table as the other writer left it.
                     tracing::info!(table = %base.identifier(), conflicts, "another writer committed first: finishing the change again on the new table state");
-                    base = self
-                        .catalog
-                        .load_table(base.identifier())
-                        .await
-                        .map_err(|e| CommitError::Failed(e.to_string()))?;
                 }
                 Err(e) => {
                     if !matches!(e, CommitError::Unknown(_)) {
@@ -188,19 +178,19 @@ impl Committer {
         }
     }
 
-    /// The metadata location the catalog holds for `table` now.
-    async fn current_location(&self, table: &Table) -> Result<Option<String>, CommitError> {
-        match self.inner.as_ref() {
-            Inner::Sql(s) => s.location_of(table.identifier()).await,
-            // A REST catalog has no cheaper look than a load.
-            Inner::Rest(_) => Ok(self
-                .catalog
-                .load_table(table.identifier())
-                .await
-                .map_err(|e| CommitError::Failed(e.to_string()))?
-                .metadata_location()
-                .map(str::to_string)),
+    /// `table` as the catalog holds it now: the SQL catalog is asked for the location first
+    /// and the metadata read only if it moved; a REST catalog has no cheaper look than a load.
+    async fn newest(&self, table: Table) -> Result<Table, CommitError> {
+        if let Inner::Sql(s) = self.inner.as_ref() {
+            let now = s.location_of(table.identifier()).await?;
+            if now.as_deref() == table.metadata_location() {
+                return Ok(table);
+            }
         }
+        self.catalog
+            .load_table(table.identifier())
+            .await
+            .map_err(|e| CommitError::Failed(e.to_string()))
     }
 }
 

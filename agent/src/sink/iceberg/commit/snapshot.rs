@@ -330,7 +330,7 @@ pub async fn finish(
             // A rewrite must not drop delete files that another writer added meanwhile for
             // the rows it rewrites.
             if moved
-                && c_removed(prepared) > 0
+                && prepared.counts.removed_files > 0
                 && mf.content == ManifestContentType::Deletes
                 && newer_than_base(base, mf.added_snapshot_id, prepared.base_snapshot)
             {
@@ -453,10 +453,6 @@ pub async fn finish(
         updates,
         list: list_path,
     })
-}
-
-fn c_removed(p: &Prepared) -> i64 {
-    p.counts.removed_files
 }
 
 /// Whether snapshot `id` was committed after `base` (it is a descendant of it on `main`).
