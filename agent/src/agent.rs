@@ -44,6 +44,15 @@ impl Agent {
     pub async fn start(cfg: Config, telemetry: Telemetry) -> Result<Self, AgentError> {
         let catalog = open_catalog(&cfg.iceberg).await?;
         let secret_list: Arc<[String]> = cfg.iceberg.secrets().into();
+        // Every commit of the agent (stream and maintenance) goes through one committer.
+        let committer = Committer::open(&cfg.iceberg, catalog.clone())
+            .await
+            .map_err(|e| {
+                crate::sink::iceberg::SinkError::Catalog(crate::sink::iceberg::catalog::scrub(
+                    e.to_string(),
+                    &secret_list,
+                ))
+            })?;
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let mut handles = Vec::new();
         let mut tasks = Vec::new();
@@ -53,7 +62,7 @@ impl Agent {
         for p in &cfg.pipelines {
             let (pipeline, handle) = Pipeline::new(
                 p.clone(),
-                catalog.clone(),
+                committer.clone(),
                 secret_list.clone(),
                 table_properties.clone(),
                 &telemetry.metrics,
@@ -64,19 +73,12 @@ impl Agent {
         }
         if cfg.maintenance.enabled {
             crate::sink::iceberg::maintenance::set_store_config(&cfg.iceberg);
-            // Streaming does not depend on maintenance: a committer that cannot start is
-            // logged, and the pipelines run without it.
-            match Committer::open(&cfg.iceberg, catalog.clone()).await {
-                Ok(committer) => tasks.push(tokio::spawn(crate::maintenance::run_loop(
-                    cfg.clone(),
-                    committer,
-                    telemetry.metrics.clone(),
-                    shutdown_rx.clone(),
-                ))),
-                Err(e) => tracing::error!(
-                    "table maintenance cannot start, tables will not be maintained: {e}"
-                ),
-            }
+            tasks.push(tokio::spawn(crate::maintenance::run_loop(
+                cfg.clone(),
+                committer.clone(),
+                telemetry.metrics.clone(),
+                shutdown_rx.clone(),
+            )));
         }
         let mut api_addr = None;
         if cfg.api.enabled {

@@ -13,6 +13,7 @@ pub mod check;
 pub mod config;
 pub mod demo;
 pub mod maintenance;
+pub mod memory;
 pub mod model;
 pub mod pipeline;
 pub mod sink;

@@ -215,6 +215,7 @@ pub async fn run_loop(
                 continue;
             }
         };
+        let mut worked = false;
         for (source, ident) in list {
             if *shutdown.borrow() {
                 return;
@@ -254,7 +255,11 @@ pub async fn run_loop(
             if !outcomes.is_empty() {
                 // Measure again so the gauges show the paid-off debt at once.
                 measure(&committer, &ident, &source, &settings.config, &metrics).await;
+                worked = true;
             }
+        }
+        if worked {
+            crate::memory::release_free().await;
         }
     }
 }

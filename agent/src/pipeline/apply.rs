@@ -6,7 +6,6 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use iceberg::Catalog;
 use tokio::sync::watch;
 use tracing::Instrument;
 
@@ -19,6 +18,7 @@ use super::{Control, PipelineError};
 mod snapshot;
 use crate::config::PipelineConfig;
 use crate::model::Op;
+use crate::sink::iceberg::commit::Committer;
 use crate::sink::iceberg::schema::{
     changelog_partition, changelog_schema, dlq_schema, iceberg_type, kind_of, DLQ_TABLE,
 };
@@ -61,7 +61,7 @@ struct Txn {
 pub(super) struct Applier {
     cfg: PipelineConfig,
     namespace: String,
-    catalog: Arc<dyn Catalog>,
+    committer: Committer,
     secrets: Arc<[String]>,
     /// Properties of the tables this pipeline creates (metadata hygiene).
     table_properties: Arc<[(String, String)]>,
@@ -115,7 +115,7 @@ pub use crate::model::iceberg_table_name;
 impl Applier {
     pub(super) fn new(
         cfg: &PipelineConfig,
-        catalog: Arc<dyn Catalog>,
+        committer: Committer,
         secrets: Arc<[String]>,
         table_properties: Arc<[(String, String)]>,
         metrics: SourceMetrics,
@@ -130,7 +130,7 @@ impl Applier {
         Self {
             namespace: cfg.namespace_name(),
             cfg: cfg.clone(),
-            catalog,
+            committer,
             secrets,
             table_properties,
             metrics,
@@ -628,7 +628,7 @@ impl Applier {
         }
         let cols = columns.clone();
         let sink = TableSink::open_or_create(
-            self.catalog.clone(),
+            self.committer.clone(),
             &self.namespace,
             &iceberg_table_name(schema, name),
             Some(&source_name),
@@ -876,7 +876,7 @@ impl Applier {
     async fn flush_dlq_rows(&mut self, lsn: u64) -> Result<(), PipelineError> {
         if self.dlq_sink.is_none() {
             let sink = TableSink::open_or_create(
-                self.catalog.clone(),
+                self.committer.clone(),
                 &self.namespace,
                 DLQ_TABLE,
                 None,

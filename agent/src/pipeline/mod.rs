@@ -16,6 +16,7 @@ use tokio::sync::watch;
 use tracing::Instrument;
 
 use crate::config::PipelineConfig;
+use crate::sink::iceberg::commit::Committer;
 use crate::sink::iceberg::SinkError;
 use crate::source::postgres::conn::SourceUrl;
 use crate::source::postgres::session::{Session, SourceError};
@@ -146,7 +147,7 @@ impl Recovery {
 pub struct Pipeline {
     cfg: PipelineConfig,
     url: SourceUrl,
-    catalog: Arc<dyn Catalog>,
+    committer: Committer,
     secrets: Arc<[String]>,
     table_properties: Arc<[(String, String)]>,
     metrics: SourceMetrics,
@@ -166,7 +167,7 @@ impl Pipeline {
     /// Build a pipeline and the handle the API uses to observe and control it.
     pub fn new(
         cfg: PipelineConfig,
-        catalog: Arc<dyn Catalog>,
+        committer: Committer,
         secrets: Arc<[String]>,
         table_properties: Arc<[(String, String)]>,
         metrics: &Metrics,
@@ -183,13 +184,13 @@ impl Pipeline {
             status: status.clone(),
             control: tx,
             config: cfg.clone(),
-            catalog: catalog.clone(),
+            catalog: committer.catalog().clone(),
         };
         Ok((
             Self {
                 cfg,
                 url,
-                catalog,
+                committer,
                 secrets: secrets.clone(),
                 table_properties,
                 metrics,
@@ -302,14 +303,14 @@ impl Pipeline {
         }
         let confirmed = session.ensure_slot(&slot).await?.unwrap_or(0);
         crate::sink::iceberg::table::ensure_namespace(
-            self.catalog.as_ref(),
+            self.committer.catalog().as_ref(),
             &self.cfg.namespace_name(),
             &self.secrets,
         )
         .await?;
         let mut applier = apply::Applier::new(
             &self.cfg,
-            self.catalog.clone(),
+            self.committer.clone(),
             self.secrets.clone(),
             self.table_properties.clone(),
             self.metrics.clone(),

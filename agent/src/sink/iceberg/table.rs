@@ -1,20 +1,25 @@
-//! One Iceberg table: Parquet data files written as batches fill, committed with `fast_append`
-//! at flush time with the source commit LSN in the snapshot summary.
+//! One Iceberg table: Parquet data files written as batches fill, committed as one `append`
+//! snapshot through our own commit path at flush time, with the source commit LSN in the
+//! snapshot summary and the table properties.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use arrow_array::RecordBatch;
 use arrow_schema::SchemaRef;
 use iceberg::arrow::schema_to_arrow_schema;
-use iceberg::spec::{DataFile, Schema, Type, UnboundPartitionSpec};
+use iceberg::spec::{DataFile, Operation, Schema, Type, UnboundPartitionSpec};
 use iceberg::table::Table;
 use iceberg::transaction::{AddColumn, ApplyTransactionAction, Transaction};
 use iceberg::{Catalog, ErrorKind, NamespaceIdent, TableCreation, TableIdent};
 
+use super::commit::{Change, CommitError, Committer};
 use super::schema::{LSN_PROPERTY, SNAPSHOT_PROGRESS_PROPERTY, SNAPSHOT_PROPERTY};
 use super::writer::OpenFiles;
 use super::SinkError;
+
+/// Attempts at a commit when other writers keep committing first.
+const COMMIT_ATTEMPTS: u32 = 5;
 
 /// Result of one data-file write.
 #[derive(Debug, Clone, Copy, Default)]
@@ -28,13 +33,13 @@ pub struct Written {
 /// Result of a commit.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Committed {
-    /// Commit conflicts resolved by reloading and re-applying (0 or 1).
+    /// Commit conflicts resolved by finishing the append again on the new table state.
     pub conflicts: u32,
 }
 
 /// A changelog (or dead-letter) table with its uncommitted data files.
 pub struct TableSink {
-    catalog: Arc<dyn Catalog>,
+    committer: Committer,
     table: Table,
     arrow_schema: SchemaRef,
     /// Highest source commit LSN this table holds (`philotes.lsn` of its last commit by us).
@@ -129,7 +134,7 @@ impl TableSink {
     /// With `source`, the table records the source table it holds (`philotes.source-table`),
     /// and a table that holds another one is refused.
     pub async fn open_or_create(
-        catalog: Arc<dyn Catalog>,
+        committer: Committer,
         ns: &str,
         name: &str,
         source: Option<&str>,
@@ -138,6 +143,7 @@ impl TableSink {
         secrets: Arc<[String]>,
     ) -> Result<Self, SinkError> {
         let ident = TableIdent::new(NamespaceIdent::new(ns.to_string()), name.to_string());
+        let catalog = committer.catalog().clone();
         let exists = catalog
             .table_exists(&ident)
             .await
@@ -194,11 +200,11 @@ impl TableSink {
                 )));
             }
         }
-        Self::from_table(catalog, table, secrets)
+        Self::from_table(committer, table, secrets)
     }
 
     fn from_table(
-        catalog: Arc<dyn Catalog>,
+        committer: Committer,
         table: Table,
         secrets: Arc<[String]>,
     ) -> Result<Self, SinkError> {
@@ -208,7 +214,7 @@ impl TableSink {
         );
         let last_lsn = committed_lsn(&table);
         Ok(Self {
-            catalog,
+            committer,
             table,
             arrow_schema,
             last_lsn,
@@ -263,7 +269,7 @@ impl TableSink {
             .map_err(|e| SinkError::Commit(e.to_string()))?;
         let serial = super::commit::lock::table(self.table.identifier()).await;
         let table = tx
-            .commit(self.catalog.as_ref())
+            .commit(self.committer.catalog().as_ref())
             .await
             .map_err(|e| SinkError::Commit(super::catalog::scrub(e.to_string(), &self.secrets)))?;
         drop(serial);
@@ -314,8 +320,8 @@ impl TableSink {
     /// Commit pending files with `philotes.lsn = lsn`. Safe to call again after a failure:
     /// if the previous attempt did land (ambiguous failure), nothing is appended twice.
     ///
-    /// When another writer committed since our last look, iceberg-rust reloads the table and
-    /// re-applies the append (appends commute); that is reported as `conflicts = 1`.
+    /// When another writer committed since our last look, the append is finished again on the
+    /// new table state (appends commute); each such turn is counted in `conflicts`.
     pub async fn commit(&mut self, lsn: u64) -> Result<Committed, SinkError> {
         self.commit_with(lsn, &[]).await
     }
@@ -385,45 +391,34 @@ impl TableSink {
         let base = self.table.metadata().current_snapshot_id();
         // The same state also goes into table properties, in the same commit: snapshot
         // expiry (ours or a maintenance job's) removes old summaries, never properties.
-        let tx = Transaction::new(&self.table);
-        let mut state = tx
-            .update_table_properties()
-            .set(LSN_PROPERTY.to_string(), lsn.to_string());
-        for (k, v) in extra {
-            state = state.set(k.to_string(), v.to_string());
-        }
-        let tx = state
-            .apply(tx)
-            .map_err(|e| SinkError::Commit(e.to_string()))?;
-        let action = tx
-            .fast_append()
-            // Our file names are unique; skipping the check avoids reading every manifest.
-            .with_check_duplicate(false)
-            .add_data_files(self.pending.clone())
-            .set_snapshot_properties(
-                std::iter::once((LSN_PROPERTY.to_string(), lsn.to_string()))
-                    .chain(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())))
-                    .collect(),
-            );
-        let tx = action
-            .apply(tx)
-            .map_err(|e| SinkError::Commit(e.to_string()))?;
-        // One commit at a time per table within the agent (maintenance commits too).
-        let serial = super::commit::lock::table(self.table.identifier()).await;
-        let result = tx.commit(self.catalog.as_ref()).await;
-        drop(serial);
+        let state: HashMap<String, String> =
+            std::iter::once((LSN_PROPERTY.to_string(), lsn.to_string()))
+                .chain(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())))
+                .collect();
+        let change = Change {
+            operation: Operation::Append,
+            added: self.pending.clone(),
+            removed: HashSet::new(),
+            summary: state.clone(),
+            properties: state,
+        };
+        // Appends commute: another writer's commit costs a new manifest list, not a rewrite.
+        let result = self
+            .committer
+            .commit_snapshot(&self.table, &change, COMMIT_ATTEMPTS)
+            .await;
         match result {
-            Ok(table) => {
+            Ok((table, conflicts)) => {
+                // Another writer's commit since our last look counts as a (resolved) conflict,
+                // whether the committer saw it before publishing or its compare-and-swap did.
                 let parent = table
                     .metadata()
                     .current_snapshot()
                     .and_then(|s| s.parent_snapshot_id());
-                let conflicts = u32::from(parent != base);
+                let conflicts = conflicts.max(u32::from(parent != base));
                 if conflicts > 0 {
-                    tracing::info!(table = %self.name(), "another writer committed first; append re-applied on the new table state");
+                    tracing::info!(table = %self.name(), conflicts, "another writer committed first; append finished on the new table state");
                 }
-                // Metadata files the commit dropped from the log go now, not at expiry.
-                super::hygiene::delete_dropped_metadata(&self.table, &table).await;
                 super::debt::added(table.identifier(), self.pending.len() as u64);
                 self.table = table;
                 self.pending.clear();
@@ -435,7 +430,12 @@ impl TableSink {
             Err(e) => {
                 let msg = super::catalog::scrub(e.to_string(), &self.secrets);
                 // Reload: the commit may have landed although an error was reported.
-                if let Ok(table) = self.catalog.load_table(self.table.identifier()).await {
+                if let Ok(table) = self
+                    .committer
+                    .catalog()
+                    .load_table(self.table.identifier())
+                    .await
+                {
                     // Commits at one LSN (a snapshot's chunks) differ by their properties.
                     let landed = committed_lsn(&table) >= lsn && has_properties(&table, extra);
                     self.table = table;
@@ -447,7 +447,7 @@ impl TableSink {
                         return Ok(Committed::default());
                     }
                 }
-                if e.kind() == ErrorKind::CatalogCommitConflicts {
+                if matches!(e, CommitError::Conflict(_) | CommitError::Rebase(_)) {
                     Err(SinkError::Conflict(msg))
                 } else {
                     Err(SinkError::Commit(msg))

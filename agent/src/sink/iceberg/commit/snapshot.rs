@@ -10,7 +10,7 @@ use std::collections::{HashMap, HashSet};
 
 use iceberg::io::FileIO;
 use iceberg::spec::{
-    DataFile, ManifestContentType, ManifestFile, ManifestListWriter, ManifestWriter,
+    DataFile, FormatVersion, ManifestContentType, ManifestFile, ManifestListWriter, ManifestWriter,
     ManifestWriterBuilder, Operation, Snapshot, SnapshotReference, SnapshotRetention, Summary,
     MAIN_BRANCH, UNASSIGNED_SEQUENCE_NUMBER,
 };
@@ -164,6 +164,13 @@ pub async fn prepare(base: &Table, change: &Change) -> Result<Prepared, CommitEr
     let mut replaced: HashSet<String> = HashSet::new();
     let mut c = Counts::default();
     let fail = |e: iceberg::Error| CommitError::Failed(e.to_string());
+    if md.format_version() == FormatVersion::V1 {
+        return Err(CommitError::Failed(format!(
+            "{}: format-version 1 tables are not supported (the agent writes v2 manifests); \
+             upgrade the table to format-version 2",
+            base.identifier()
+        )));
+    }
 
     for f in &change.added {
         c.count(f, false);

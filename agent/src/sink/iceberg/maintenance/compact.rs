@@ -117,11 +117,35 @@ pub(super) fn plan(
                 chosen.push(f.clone());
             }
         }
+        let settled = settled_head(
+            &chosen
+                .iter()
+                .map(|f| f.file_size_in_bytes())
+                .collect::<Vec<_>>(),
+        );
+        chosen.drain(..settled);
         if chosen.len() >= cfg.min_input_files as usize {
             out.push(PartitionPlan { files: chosen });
         }
     }
     out
+}
+
+/// How many of the oldest files in a chain (sizes in change order) stay as they are: each is
+/// larger than all newer files together. Rewriting such a file with a few small ones would
+/// copy the partition's whole history at every run (the work, and the stream's wait for the
+/// cores, growing with the table); leaving it until the newer files outweigh it makes files
+/// grow geometrically, so a row is rewritten O(log n) times and a partition keeps O(log n)
+/// files below the target size.
+fn settled_head(sizes: &[u64]) -> usize {
+    let mut newer: u64 = sizes.iter().sum();
+    for (i, size) in sizes.iter().enumerate() {
+        newer -= size;
+        if *size <= newer {
+            return i;
+        }
+    }
+    sizes.len()
 }
 
 /// Compact every partition the plan names, one `replace` snapshot each.
@@ -248,5 +272,48 @@ async fn compact_partition(
             delete_written(&written).await;
             Err(e.into())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::settled_head;
+
+    #[test]
+    fn a_file_larger_than_all_newer_ones_stays() {
+        assert_eq!(settled_head(&[100, 10, 10, 10]), 1);
+        assert_eq!(settled_head(&[100, 50, 5, 5, 5, 5, 5, 5, 5, 5]), 2);
+        assert_eq!(settled_head(&[100, 40, 5, 5, 5, 5, 5, 5, 5, 5]), 1);
+        assert_eq!(settled_head(&[100, 60, 50]), 0);
+    }
+
+    #[test]
+    fn files_that_the_newer_ones_outweigh_are_rewritten() {
+        assert_eq!(settled_head(&[30, 10, 10, 10]), 0);
+        assert_eq!(settled_head(&[10, 10, 10]), 0);
+        assert_eq!(settled_head(&[]), 0);
+    }
+
+    #[test]
+    fn repeated_runs_keep_a_logarithmic_number_of_files() {
+        // Simulate a partition gaining 8 equal small files between runs: compaction merges
+        // what the rule leaves, so the file count stays logarithmic in the rows.
+        let mut files: Vec<u64> = Vec::new();
+        let mut rewritten = 0u64;
+        for _ in 0..1_000 {
+            files.extend([1; 8]);
+            let keep = settled_head(&files);
+            let merged: u64 = files[keep..].iter().sum();
+            rewritten += merged;
+            files.truncate(keep);
+            files.push(merged);
+        }
+        assert!(files.len() <= 14, "{} files: {files:?}", files.len());
+        // Each row is rewritten about log2(n) times, not n times.
+        let rows = 8_000u64;
+        assert!(
+            rewritten <= rows * 14,
+            "{rewritten} rows rewritten for {rows}"
+        );
     }
 }
