@@ -66,7 +66,7 @@ impl Agent {
                 secret_list.clone(),
                 table_properties.clone(),
                 &telemetry.metrics,
-            )?;
+            );
             handles.push(handle);
             let rx = shutdown_rx.clone();
             tasks.push(tokio::spawn(pipeline.run(rx)));

@@ -102,14 +102,7 @@ async fn check_otlp(cfg: &Config) -> Option<String> {
 pub async fn run_checks(cfg: &Config) -> Vec<String> {
     let mut problems = Vec::new();
     for p in &cfg.pipelines {
-        let url = match SourceUrl::parse(&p.source) {
-            Ok(u) => u,
-            Err(e) => {
-                problems.push(format!("pipeline {}: source: {e}", p.name));
-                continue;
-            }
-        };
-        if let Err(e) = check_source(&url, p).await {
+        if let Err(e) = check_source(p.source.url(), p).await {
             problems.push(format!("pipeline {}: {e}", p.name));
         }
     }
@@ -172,10 +165,7 @@ async fn check_source(
 pub async fn fatal_source_problems(cfg: &Config) -> Vec<String> {
     let mut problems = Vec::new();
     for p in &cfg.pipelines {
-        let Ok(url) = SourceUrl::parse(&p.source) else {
-            continue;
-        };
-        match check_source(&url, p).await {
+        match check_source(p.source.url(), p).await {
             Err(
                 e @ (SourceError::WalLevel(_)
                 | SourceError::MissingTable(_)

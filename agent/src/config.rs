@@ -10,10 +10,10 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer, Serialize};
 
-use crate::source::postgres::conn::SourceUrl;
-
 mod secret;
+mod source;
 pub use secret::Secret;
+pub use source::Source;
 
 /// A configuration problem, naming the key it concerns.
 #[derive(Debug, thiserror::Error)]
@@ -278,8 +278,8 @@ pub enum SnapshotMode {
 pub struct PipelineConfig {
     /// Unique name; the `source` label of every metric.
     pub name: String,
-    /// `postgres://user:password@host:port/db?sslmode=...`.
-    pub source: String,
+    /// `postgres://user:password@host:port/db?sslmode=...`, parsed when the file is read.
+    pub source: Source,
     /// Replication slot (default `philotes_<name>`).
     #[serde(default)]
     pub slot: Option<String>,
@@ -582,8 +582,6 @@ impl Config {
                     format!("duplicate pipeline name {:?}", p.name),
                 ));
             }
-            SourceUrl::parse(&p.source)
-                .map_err(|e| ConfigError::new(key("source"), e.to_string()))?;
             let slot = p.slot_name();
             if !valid_pg_name(&slot) {
                 return Err(ConfigError::new(
@@ -591,7 +589,7 @@ impl Config {
                     format!("{slot:?} must be 1-63 characters of a-z, 0-9 and _"),
                 ));
             }
-            if !slots.insert((p.source.clone(), slot.clone())) {
+            if !slots.insert((p.source.expose().to_string(), slot.clone())) {
                 return Err(ConfigError::new(
                     key("slot"),
                     format!("slot {slot:?} is used by two pipelines on the same source"),
@@ -683,13 +681,11 @@ impl Config {
         let mut out: Vec<String> = self.iceberg.secrets();
         out.extend(self.api.token.iter().map(|t| t.expose().to_string()));
         for p in &self.pipelines {
-            if let Ok(u) = SourceUrl::parse(&p.source) {
-                out.push(u.password.clone());
-                // The URL form too (percent-encoded), as a URL may be logged whole.
-                if let Ok(parsed) = url::Url::parse(&p.source) {
-                    if let Some(pw) = parsed.password() {
-                        out.push(pw.to_string());
-                    }
+            out.push(p.source.url().password.clone());
+            // The URL form too (percent-encoded), as a URL may be logged whole.
+            if let Ok(parsed) = url::Url::parse(p.source.expose()) {
+                if let Some(pw) = parsed.password() {
+                    out.push(pw.to_string());
                 }
             }
         }
@@ -706,9 +702,6 @@ impl Config {
             if is_secret_property(k) {
                 *v = "***".into();
             }
-        }
-        for p in &mut c.pipelines {
-            p.source = redact_url(&p.source);
         }
         serde_json::to_value(&c).unwrap_or(serde_json::Value::Null)
     }
@@ -978,30 +971,13 @@ fn apply_overrides(v: &mut toml::Value, env: &[(String, String)]) -> Result<(), 
     Ok(())
 }
 
-/// Parse a size such as `256MiB`, `64MB`, `1024` (bytes).
+/// Parse a size such as `256MiB`, `64MB`, `1024` (bytes), through `bytesize` (SI and IEC
+/// units, case-insensitive).
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let s = s.trim();
-    let split = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("invalid size {s:?} (e.g. \"256MiB\")"))?;
-    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kb" => 1_000,
-        "kib" => 1 << 10,
-        "m" | "mb" => 1_000_000,
-        "mib" => 1 << 20,
-        "g" | "gb" => 1_000_000_000,
-        "gib" => 1 << 30,
-        other => return Err(format!("invalid size unit {other:?} in {s:?}")),
-    };
-    if !n.is_finite() || n < 0.0 {
-        return Err(format!("invalid size {s:?}"));
-    }
-    Ok((n * mult as f64) as u64)
+    s.parse::<bytesize::ByteSize>()
+        .map(|b| b.as_u64())
+        .map_err(|e| format!("invalid size {s:?} ({e}); e.g. \"256MiB\""))
 }
 
 mod duration_str {

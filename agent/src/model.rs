@@ -90,7 +90,7 @@ pub fn iceberg_table_name(schema: &str, table: &str) -> String {
 
 /// The `error_type` label of `philotes_cdc_errors_total` (and a retry's `error_type` in the
 /// API): the contract's closed set.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorType {
     /// Connecting to PostgreSQL, or the replication stream ended.
@@ -148,5 +148,73 @@ impl ErrorType {
 impl std::fmt::Display for ErrorType {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())
+    }
+}
+
+/// One row of a pipeline's dead-letter table, as the API shows it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct DeadLetter {
+    /// Source table (`schema.table`) the change came from.
+    pub source_table: Option<String>,
+    /// Commit LSN of the change's transaction.
+    #[serde(rename = "_cdc_lsn")]
+    pub cdc_lsn: i64,
+    /// Position of the change inside its transaction.
+    #[serde(rename = "_cdc_seq")]
+    pub cdc_seq: i64,
+    /// The change's operation (`I`, `U`, `D`, `R`).
+    #[serde(rename = "_cdc_op")]
+    pub cdc_op: Option<String>,
+    /// Why the row could not be converted.
+    pub error: Option<String>,
+    /// The row as the source sent it, as JSON text.
+    pub row_json: Option<String>,
+    /// When it was dead-lettered (RFC 3339).
+    pub time: Option<String>,
+}
+
+/// A position in the source's write-ahead log (PostgreSQL's `pg_lsn`). It has no `Display`:
+/// the API and logs show it as PostgreSQL does ([`Lsn::pg`], `X/Y`), table properties store
+/// the number ([`Lsn::get`]), and the type makes each choice explicit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Lsn(pub u64);
+
+impl Lsn {
+    /// The start of the log (nothing committed yet).
+    pub const ZERO: Lsn = Lsn(0);
+
+    /// The position as a number.
+    pub fn get(self) -> u64 {
+        self.0
+    }
+
+    /// PostgreSQL's `X/Y` form.
+    pub fn pg(self) -> String {
+        format!("{:X}/{:X}", self.0 >> 32, self.0 & 0xffff_ffff)
+    }
+
+    /// Parse PostgreSQL's `X/Y` form.
+    pub fn parse_pg(s: &str) -> Option<Lsn> {
+        let (hi, lo) = s.split_once('/')?;
+        let hi = u32::from_str_radix(hi, 16).ok()?;
+        let lo = u32::from_str_radix(lo, 16).ok()?;
+        Some(Lsn((u64::from(hi) << 32) | u64::from(lo)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Lsn;
+
+    #[test]
+    fn lsn_round_trips_through_the_postgres_form() {
+        for v in [0u64, 1, 0x1_6B37_4D48, u64::MAX] {
+            assert_eq!(Lsn::parse_pg(&Lsn(v).pg()), Some(Lsn(v)));
+        }
+        assert_eq!(Lsn(0x1_6B37_4D48).pg(), "1/6B374D48");
+        assert_eq!(Lsn::parse_pg("16/B374D848"), Some(Lsn(0x16_B374_D848)));
+        assert_eq!(Lsn::parse_pg("nope"), None);
+        assert_eq!(Lsn::parse_pg("1/2/3"), None);
+        assert_eq!(Lsn::parse_pg("100000000/0"), None);
     }
 }

@@ -1,19 +1,23 @@
 //! HTTP API on hyper (axum routing): probes, `/metrics`, pipeline status and control.
 
-mod openapi;
 mod routes;
+mod schema;
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use axum::extract::{MatchedPath, Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use axum::{Json, Router};
 use tokio::sync::watch;
+use tower_http::limit::RequestBodyLimitLayer;
+use tower_http::timeout::TimeoutLayer;
 use tracing::Instrument;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::config::Config;
 use crate::pipeline::PipelineHandle;
@@ -22,6 +26,9 @@ use crate::telemetry::{Metrics, Telemetry};
 
 /// Largest request body accepted.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// Longest a handler may take, so no request holds resources forever.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Shared state of the API handlers.
 #[derive(Clone)]
@@ -66,36 +73,64 @@ pub struct ApiError(pub StatusCode, pub String);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.0, Json(serde_json::json!({ "error": self.1 }))).into_response()
+        (self.0, Json(schema::ErrorBody { error: self.1 })).into_response()
     }
+}
+
+/// Every documented route, with the document generated from the handlers.
+fn routes(state: &ApiState) -> OpenApiRouter<ApiState> {
+    let protected = OpenApiRouter::default()
+        .routes(routes!(routes::config))
+        .routes(routes!(routes::pause))
+        .routes(routes!(routes::resume))
+        .routes(routes!(routes::dlq))
+        .route_layer(middleware::from_fn_with_state(state.clone(), auth));
+    OpenApiRouter::with_openapi(schema::ApiDoc::openapi())
+        .routes(routes!(routes::live))
+        .routes(routes!(routes::ready))
+        .routes(routes!(metrics_endpoint))
+        .routes(routes!(routes::version))
+        .routes(routes!(routes::pipelines))
+        .routes(routes!(routes::pipeline))
+        .routes(routes!(routes::tables))
+        .routes(routes!(routes::openapi))
+        .merge(protected)
+}
+
+/// The OpenAPI document of [`routes`], rendered once.
+static DOCUMENT: OnceLock<String> = OnceLock::new();
+
+/// `/api/v1/openapi.json`.
+fn document() -> &'static str {
+    DOCUMENT.get().map(String::as_str).unwrap_or("{}")
 }
 
 /// The router with every route and middleware.
 pub fn router(state: ApiState) -> Router {
-    let protected = Router::new()
-        .route("/api/v1/config", get(routes::config))
-        .route("/api/v1/pipelines/{name}/pause", post(routes::pause))
-        .route("/api/v1/pipelines/{name}/resume", post(routes::resume))
-        .route("/api/v1/pipelines/{name}/dlq", get(routes::dlq))
-        .route_layer(middleware::from_fn_with_state(state.clone(), auth));
-    Router::new()
-        .route("/health/live", get(routes::live))
-        .route("/health/ready", get(routes::ready))
-        .route("/metrics", get(metrics_endpoint))
-        .route("/api/v1/version", get(routes::version))
-        .route("/api/v1/pipelines", get(routes::pipelines))
-        .route("/api/v1/pipelines/{name}", get(routes::pipeline))
-        .route("/api/v1/pipelines/{name}/tables", get(routes::tables))
-        .route("/api/v1/openapi.json", get(routes::openapi))
-        .merge(protected)
+    let (router, doc) = routes(&state).split_for_parts();
+    DOCUMENT.get_or_init(|| doc.to_json().unwrap_or_else(|_| "{}".into()));
+    // Outermost last: observe sees every answer; errors become JSON after the timeout and the
+    // limits have answered.
+    router
         .fallback(routes::not_found)
         .method_not_allowed_fallback(routes::method_not_allowed)
-        .layer(middleware::from_fn(limits))
+        .layer(middleware::from_fn(json_bodies))
+        .layer(RequestBodyLimitLayer::new(MAX_BODY_BYTES))
+        .layer(middleware::from_fn(oversized))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::SERVICE_UNAVAILABLE,
+            REQUEST_TIMEOUT,
+        ))
+        .layer(middleware::map_response(json_errors))
         .layer(middleware::from_fn_with_state(state.clone(), observe))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
 }
 
+/// Prometheus exposition (always open).
+#[utoipa::path(get, path = "/metrics", operation_id = "metrics", responses(
+    (status = 200, description = "Metrics", body = String, content_type = "text/plain"),
+    (status = 404, description = "Prometheus endpoint disabled", body = schema::ErrorBody)))]
 async fn metrics_endpoint(State(s): State<ApiState>) -> Response {
     let Some(reg) = &s.inner.registry else {
         return ApiError(
@@ -196,7 +231,7 @@ pub async fn serve(
     state: ApiState,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let app = router(state).layer(middleware::from_fn(timeout_mw));
+    let app = router(state);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     loop {
         tokio::select! {
@@ -235,63 +270,68 @@ pub async fn serve(
     }
 }
 
-/// Refuse oversized bodies (413) and non-JSON bodies on POST (415) before any handler runs.
-async fn limits(req: Request, next: Next) -> Response {
+/// A body announced larger than the limit is answered 413 here, after reading it (up to
+/// 1 MiB) so the client gets the answer instead of a connection reset while it still sends;
+/// beyond that the connection is closed after the answer. Bodies without a length are cut off
+/// by tower-http's `RequestBodyLimitLayer`.
+async fn oversized(req: Request, next: Next) -> Response {
     let len = req
         .headers()
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if let Some(l) = len.filter(|l| *l > MAX_BODY_BYTES as u64) {
-        // Read (and drop) a moderately oversized body so the client gets the 413 instead of a
-        // reset connection; beyond 1 MiB the connection is simply closed after the answer.
-        if l <= 1 << 20 {
-            let body = http_body_util::Limited::new(req.into_body(), 1 << 20);
-            let _ = http_body_util::BodyExt::collect(body).await;
+    match len {
+        Some(l) if l > MAX_BODY_BYTES as u64 => {
+            if l <= 1 << 20 {
+                let body = http_body_util::Limited::new(req.into_body(), 1 << 20);
+                let _ = http_body_util::BodyExt::collect(body).await;
+            }
+            too_large().into_response()
         }
+        _ => next.run(req).await,
+    }
+}
+
+fn too_large() -> ApiError {
+    ApiError(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        format!("request body larger than {MAX_BODY_BYTES} bytes"),
+    )
+}
+
+/// A request body (on any method but GET) must be JSON (415 otherwise) and parse (400).
+async fn json_bodies(req: Request, next: Next) -> Response {
+    let has_body = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v != "0")
+        || req.headers().contains_key(header::TRANSFER_ENCODING);
+    if !has_body || req.method() == axum::http::Method::GET {
+        return next.run(req).await;
+    }
+    let json = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with("application/json"));
+    if !json {
         return ApiError(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!("request body larger than {MAX_BODY_BYTES} bytes"),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "request bodies must be application/json".into(),
         )
         .into_response();
     }
-    let has_body =
-        len.is_some_and(|l| l > 0) || req.headers().contains_key(header::TRANSFER_ENCODING);
-    if has_body && req.method() != axum::http::Method::GET {
-        let json = req
-            .headers()
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|ct| ct.starts_with("application/json"));
-        if !json {
-            return ApiError(
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                "request bodies must be application/json".into(),
-            )
-            .into_response();
-        }
-    }
-    // Bodies without a length are cut off at the limit too; a JSON body must parse.
     let (parts, body) = req.into_parts();
-    let limited = http_body_util::Limited::new(body, MAX_BODY_BYTES);
-    if !has_body {
-        return next
-            .run(Request::from_parts(parts, axum::body::Body::new(limited)))
-            .await;
-    }
-    let bytes = match http_body_util::BodyExt::collect(limited).await {
+    let bytes = match http_body_util::BodyExt::collect(body).await {
         Ok(c) => c.to_bytes(),
+        Err(e) if is_length_limit(&e) => return too_large().into_response(),
         Err(_) => {
-            return ApiError(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!("request body larger than {MAX_BODY_BYTES} bytes"),
-            )
-            .into_response()
+            return ApiError(StatusCode::BAD_REQUEST, "request body unreadable".into())
+                .into_response()
         }
     };
-    if parts.method != axum::http::Method::GET
-        && serde_json::from_slice::<serde_json::Value>(&bytes).is_err()
-    {
+    if serde_json::from_slice::<serde_json::Value>(&bytes).is_err() {
         return ApiError(
             StatusCode::BAD_REQUEST,
             "request body is not valid JSON".into(),
@@ -302,13 +342,43 @@ async fn limits(req: Request, next: Next) -> Response {
         .await
 }
 
-/// Bound the time a handler may take, so no request holds resources forever.
-async fn timeout_mw(req: Request, next: Next) -> Response {
-    match tokio::time::timeout(Duration::from_secs(30), next.run(req)).await {
-        Ok(r) => r,
-        Err(_) => {
-            ApiError(StatusCode::SERVICE_UNAVAILABLE, "request timed out".into()).into_response()
+/// Whether tower-http's body limit cut the body off.
+fn is_length_limit(e: &axum::Error) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if err.is::<http_body_util::LengthLimitError>() {
+            return true;
         }
+        cur = err.source();
+    }
+    false
+}
+
+/// Every error answer is JSON `{"error": …}`, also those of tower-http's timeout and body
+/// limit and of any other layer that answers in plain text.
+async fn json_errors(resp: Response) -> Response {
+    let status = resp.status();
+    let is_json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with("application/json"));
+    if is_json || !(status.is_client_error() || status.is_server_error()) {
+        return resp;
+    }
+    match status {
+        StatusCode::SERVICE_UNAVAILABLE => {
+            ApiError(status, "request timed out".into()).into_response()
+        }
+        StatusCode::PAYLOAD_TOO_LARGE => too_large().into_response(),
+        _ => ApiError(
+            status,
+            status
+                .canonical_reason()
+                .unwrap_or("request failed")
+                .to_lowercase(),
+        )
+        .into_response(),
     }
 }
 

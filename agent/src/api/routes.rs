@@ -1,4 +1,5 @@
-//! Route handlers.
+//! Route handlers. Each one's `#[utoipa::path]` is its entry in the OpenAPI document; the
+//! router registers it from there (`utoipa_axum::routes!`), so path and document agree.
 
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{FromRequestParts, Path, Query, State};
@@ -7,16 +8,30 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
-use serde_json::{json, Value};
+use utoipa::IntoParams;
 
+use super::schema::{
+    Control, DeadLetters, Document, ErrorBody, Live, LiveStatus, PipelineList, PipelineSummary,
+    Ready, ReadyStatus, RedactedConfig, Requested, TableEntry, TableList, Version,
+};
 use super::{ApiError, ApiState};
-use crate::pipeline::{status, Control};
+use crate::pipeline::{status, Control as PipelineControl};
+use crate::telemetry::status::PipelineStatus;
 use crate::telemetry::PipelineState;
 
-pub(super) async fn live() -> Json<Value> {
-    Json(json!({ "status": "ok" }))
+/// Liveness probe (always open).
+#[utoipa::path(get, path = "/health/live", operation_id = "live",
+    responses((status = 200, description = "Alive", body = Live)))]
+pub(super) async fn live() -> Json<Live> {
+    Json(Live {
+        status: LiveStatus::Ok,
+    })
 }
 
+/// Readiness: every pipeline streaming (always open).
+#[utoipa::path(get, path = "/health/ready", operation_id = "ready", responses(
+    (status = 200, description = "Ready", body = Ready),
+    (status = 503, description = "Not ready", body = Ready)))]
 pub(super) async fn ready(State(s): State<ApiState>) -> Response {
     let mut reasons = Vec::new();
     for p in &s.inner.pipelines {
@@ -37,46 +52,65 @@ pub(super) async fn ready(State(s): State<ApiState>) -> Response {
         }
     }
     if reasons.is_empty() {
-        Json(json!({ "status": "ready" })).into_response()
+        Json(Ready {
+            status: ReadyStatus::Ready,
+            reasons,
+        })
+        .into_response()
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({ "status": "not ready", "reasons": reasons })),
+            Json(Ready {
+                status: ReadyStatus::NotReady,
+                reasons,
+            }),
         )
             .into_response()
     }
 }
 
-pub(super) async fn version() -> Json<Value> {
-    Json(json!({
-        "name": "philotes",
-        "version": env!("CARGO_PKG_VERSION"),
-    }))
+/// Agent version.
+#[utoipa::path(get, path = "/api/v1/version", operation_id = "version",
+    responses((status = 200, description = "Version", body = Version)))]
+pub(super) async fn version() -> Json<Version> {
+    Json(Version {
+        name: "philotes".into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+    })
 }
 
-pub(super) async fn config(State(s): State<ApiState>) -> Json<Value> {
-    Json(s.inner.config_json.clone())
+/// Configuration with every secret redacted.
+#[utoipa::path(get, path = "/api/v1/config", operation_id = "config",
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Config", body = RedactedConfig),
+        (status = 401, description = "Missing or wrong bearer token", body = ErrorBody)))]
+pub(super) async fn config(State(s): State<ApiState>) -> Json<RedactedConfig> {
+    Json(RedactedConfig(s.inner.config_json.clone()))
 }
 
-pub(super) async fn pipelines(State(s): State<ApiState>) -> Json<Value> {
-    let list: Vec<Value> = s
+/// Every pipeline.
+#[utoipa::path(get, path = "/api/v1/pipelines", operation_id = "listPipelines",
+    responses((status = 200, description = "Pipelines", body = PipelineList)))]
+pub(super) async fn pipelines(State(s): State<ApiState>) -> Json<PipelineList> {
+    let pipelines = s
         .inner
         .pipelines
         .iter()
         .map(|p| {
             let st = status::snapshot(&p.status);
-            json!({
-                "name": st.name,
-                "state": st.state,
-                "committed_lsn": st.committed_lsn,
-                "confirmed_lsn": st.confirmed_lsn,
-                "lag_seconds": st.lag_seconds,
-                "retry": st.retry,
-                "last_error": st.last_error,
-            })
+            PipelineSummary {
+                name: st.name,
+                state: st.state,
+                committed_lsn: st.committed_lsn,
+                confirmed_lsn: st.confirmed_lsn,
+                lag_seconds: st.lag_seconds,
+                retry: st.retry,
+                last_error: st.last_error,
+            }
         })
         .collect();
-    Json(json!({ "pipelines": list }))
+    Json(PipelineList { pipelines })
 }
 
 /// The `{name}` path parameter, rejected as a JSON 400 when it cannot be decoded.
@@ -97,82 +131,136 @@ fn unknown(name: &str) -> ApiError {
     ApiError(StatusCode::NOT_FOUND, format!("unknown pipeline {name:?}"))
 }
 
+/// State, LSNs, lag, per-table counts, last error.
+#[utoipa::path(get, path = "/api/v1/pipelines/{name}", operation_id = "getPipeline",
+    params(("name" = String, Path, description = "Pipeline name")),
+    responses(
+        (status = 200, description = "Status", body = PipelineStatus),
+        (status = 400, description = "Bad request", body = ErrorBody),
+        (status = 404, description = "Unknown pipeline", body = ErrorBody)))]
 pub(super) async fn pipeline(
     State(s): State<ApiState>,
     Name(name): Name,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<PipelineStatus>, ApiError> {
     let p = s.pipeline(&name).ok_or_else(|| unknown(&name))?;
-    Ok(Json(
-        serde_json::to_value(status::snapshot(&p.status)).unwrap_or(Value::Null),
-    ))
+    Ok(Json(status::snapshot(&p.status)))
 }
 
+/// Tables of a pipeline.
+#[utoipa::path(get, path = "/api/v1/pipelines/{name}/tables", operation_id = "getTables",
+    params(("name" = String, Path, description = "Pipeline name")),
+    responses(
+        (status = 200, description = "Tables", body = TableList),
+        (status = 400, description = "Bad request", body = ErrorBody),
+        (status = 404, description = "Unknown pipeline", body = ErrorBody)))]
 pub(super) async fn tables(
     State(s): State<ApiState>,
     Name(name): Name,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<TableList>, ApiError> {
     let p = s.pipeline(&name).ok_or_else(|| unknown(&name))?;
     let st = status::snapshot(&p.status);
     let ns = p.config.namespace_name();
-    let list: Vec<Value> = p
+    let tables = p
         .config
         .table_names()
         .iter()
         .map(|(schema, table)| {
             let key = format!("{schema}.{table}");
             let t = st.tables.get(&key).cloned().unwrap_or_default();
-            json!({
-                "source_table": key,
-                "iceberg_table": format!("{ns}.{}", crate::pipeline::iceberg_table_name(schema, table)),
-                "inserts": t.inserts,
-                "updates": t.updates,
-                "deletes": t.deletes,
-                "truncates": t.truncates,
-                "committed_rows": t.committed_rows,
-                "commits": t.commits,
-                "committed_lsn": t.committed_lsn,
-                "last_commit_at": t.last_commit_at,
-            })
+            TableEntry {
+                iceberg_table: format!(
+                    "{ns}.{}",
+                    crate::pipeline::iceberg_table_name(schema, table)
+                ),
+                source_table: key,
+                inserts: t.inserts,
+                updates: t.updates,
+                deletes: t.deletes,
+                truncates: t.truncates,
+                committed_rows: t.committed_rows,
+                commits: t.commits,
+                committed_lsn: t.committed_lsn,
+                last_commit_at: t.last_commit_at,
+            }
         })
         .collect();
-    Ok(Json(json!({ "tables": list })))
+    Ok(Json(TableList { tables }))
 }
 
-fn set_control(s: &ApiState, name: &str, c: Control) -> Result<Json<Value>, ApiError> {
+fn set_control(s: &ApiState, name: &str, c: PipelineControl) -> Result<Json<Control>, ApiError> {
     let p = s.pipeline(name).ok_or_else(|| unknown(name))?;
     let _ = p.control.send(c);
     let requested = match c {
-        Control::Pause => "paused",
-        Control::Run => "streaming",
+        PipelineControl::Pause => Requested::Paused,
+        PipelineControl::Run => Requested::Streaming,
     };
-    Ok(Json(json!({ "pipeline": name, "requested": requested })))
+    Ok(Json(Control {
+        pipeline: name.to_string(),
+        requested,
+    }))
 }
 
+/// Pause: flush what is buffered, stop reading, keep the slot.
+#[utoipa::path(post, path = "/api/v1/pipelines/{name}/pause", operation_id = "pause",
+    security(("bearer" = [])),
+    params(("name" = String, Path, description = "Pipeline name")),
+    responses(
+        (status = 200, description = "Pause requested", body = Control),
+        (status = 400, description = "Bad request", body = ErrorBody),
+        (status = 401, description = "Missing or wrong bearer token", body = ErrorBody),
+        (status = 404, description = "Unknown pipeline", body = ErrorBody),
+        (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 415, description = "Body is not JSON", body = ErrorBody)))]
 pub(super) async fn pause(
     State(s): State<ApiState>,
     Name(name): Name,
-) -> Result<Json<Value>, ApiError> {
-    set_control(&s, &name, Control::Pause)
+) -> Result<Json<Control>, ApiError> {
+    set_control(&s, &name, PipelineControl::Pause)
 }
 
+/// Resume streaming from where it paused.
+#[utoipa::path(post, path = "/api/v1/pipelines/{name}/resume", operation_id = "resume",
+    security(("bearer" = [])),
+    params(("name" = String, Path, description = "Pipeline name")),
+    responses(
+        (status = 200, description = "Resume requested", body = Control),
+        (status = 400, description = "Bad request", body = ErrorBody),
+        (status = 401, description = "Missing or wrong bearer token", body = ErrorBody),
+        (status = 404, description = "Unknown pipeline", body = ErrorBody),
+        (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 415, description = "Body is not JSON", body = ErrorBody)))]
 pub(super) async fn resume(
     State(s): State<ApiState>,
     Name(name): Name,
-) -> Result<Json<Value>, ApiError> {
-    set_control(&s, &name, Control::Run)
+) -> Result<Json<Control>, ApiError> {
+    set_control(&s, &name, PipelineControl::Run)
 }
 
-#[derive(Deserialize)]
+/// Query of the dead-letter route.
+#[derive(Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub(super) struct DlqQuery {
+    /// Entries to return (default 100).
+    #[param(minimum = 1, maximum = 10000)]
     limit: Option<i64>,
 }
 
+/// Dead letters, newest first.
+#[utoipa::path(get, path = "/api/v1/pipelines/{name}/dlq", operation_id = "getDeadLetters",
+    security(("bearer" = [])),
+    params(("name" = String, Path, description = "Pipeline name"), DlqQuery),
+    responses(
+        (status = 200, description = "Dead letters", body = DeadLetters),
+        (status = 400, description = "Bad request", body = ErrorBody),
+        (status = 401, description = "Missing or wrong bearer token", body = ErrorBody),
+        (status = 404, description = "Unknown pipeline", body = ErrorBody),
+        (status = 500, description = "The dead-letter table could not be read", body = ErrorBody)))]
 pub(super) async fn dlq(
     State(s): State<ApiState>,
     Name(name): Name,
     q: Result<Query<DlqQuery>, QueryRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<DeadLetters>, ApiError> {
     let Query(q) = q.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
     let p = s.pipeline(&name).ok_or_else(|| unknown(&name))?;
     let limit = q.limit.unwrap_or(100);
@@ -188,13 +276,16 @@ pub(super) async fn dlq(
             format!("reading the dead-letter table failed: {e}"),
         )
     })?;
-    Ok(Json(json!({ "entries": entries })))
+    Ok(Json(DeadLetters { entries }))
 }
 
+/// This document.
+#[utoipa::path(get, path = "/api/v1/openapi.json", operation_id = "openapi",
+    responses((status = 200, description = "OpenAPI 3.1 document", body = Document)))]
 pub(super) async fn openapi() -> Response {
     (
         [(axum::http::header::CONTENT_TYPE, "application/json")],
-        super::openapi::DOCUMENT,
+        super::document(),
     )
         .into_response()
 }

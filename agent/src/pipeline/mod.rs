@@ -96,7 +96,10 @@ pub struct PipelineHandle {
 
 impl PipelineHandle {
     /// The `limit` newest rows of this pipeline's dead-letter table, newest first.
-    pub async fn dead_letters(&self, limit: usize) -> Result<Vec<serde_json::Value>, SinkError> {
+    pub async fn dead_letters(
+        &self,
+        limit: usize,
+    ) -> Result<Vec<crate::model::DeadLetter>, SinkError> {
         crate::sink::iceberg::dead_letters::newest(
             &self.catalog,
             &self.config.namespace_name(),
@@ -171,11 +174,8 @@ impl Pipeline {
         secrets: Arc<[String]>,
         table_properties: Arc<[(String, String)]>,
         metrics: &Metrics,
-    ) -> Result<(Self, PipelineHandle), SourceError> {
-        let url = SourceUrl::parse(&cfg.source).map_err(|e| SourceError::Connect {
-            url: "source".into(),
-            reason: e.to_string(),
-        })?;
+    ) -> (Self, PipelineHandle) {
+        let url = cfg.source.url().clone();
         let status = PipelineStatus::new(&cfg.name);
         let (tx, rx) = watch::channel(Control::Run);
         let metrics = metrics.source(&cfg.name);
@@ -186,7 +186,7 @@ impl Pipeline {
             config: cfg.clone(),
             catalog: committer.catalog().clone(),
         };
-        Ok((
+        (
             Self {
                 cfg,
                 url,
@@ -201,7 +201,7 @@ impl Pipeline {
                 joined: Default::default(),
             },
             handle,
-        ))
+        )
     }
 
     fn failures(&self) -> u32 {

@@ -12,7 +12,7 @@ use opentelemetry::metrics::{
 use opentelemetry::KeyValue;
 
 /// Pipeline state values of `philotes_cdc_pipeline_state`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum PipelineState {
     /// Not running.

@@ -4,11 +4,12 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 
 use serde::Serialize;
+use utoipa::ToSchema;
 
 use super::PipelineState;
 
 /// Per-table counters.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct TableStatus {
     /// Iceberg table (`namespace.table`).
     pub iceberg_table: String,
@@ -25,6 +26,7 @@ pub struct TableStatus {
     /// Snapshots committed.
     pub commits: u64,
     /// `philotes.lsn` of the last commit.
+    #[schema(pattern = "^[0-9A-F]+/[0-9A-F]+$")]
     pub committed_lsn: String,
     /// When the last commit happened (RFC 3339).
     pub last_commit_at: Option<String>,
@@ -47,9 +49,10 @@ impl Default for TableStatus {
 }
 
 /// A pipeline between a failed attempt and the next one.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct RetryStatus {
     /// Failed attempts in a row (1 after the first failure).
+    #[schema(minimum = 1)]
     pub attempt: u32,
     /// When the next attempt starts (RFC 3339).
     pub next_attempt_at: String,
@@ -58,19 +61,23 @@ pub struct RetryStatus {
 }
 
 /// What the API shows for one pipeline.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct PipelineStatus {
     /// Pipeline name.
     pub name: String,
     /// Current state.
     pub state: PipelineState,
     /// Last WAL position received from the server.
+    #[schema(pattern = "^[0-9A-F]+/[0-9A-F]+$")]
     pub received_lsn: String,
     /// Commit LSN of the last transaction committed to Iceberg.
+    #[schema(pattern = "^[0-9A-F]+/[0-9A-F]+$")]
     pub committed_lsn: String,
     /// Position confirmed to PostgreSQL (the slot's flush position).
+    #[schema(pattern = "^[0-9A-F]+/[0-9A-F]+$")]
     pub confirmed_lsn: String,
     /// Seconds between the last received commit and now.
+    #[schema(minimum = 0)]
     pub lag_seconds: f64,
     /// WAL retained by the slot, in bytes (when known).
     pub slot_lag_bytes: Option<i64>,

@@ -14,6 +14,7 @@ use serde_json::{json, Map, Value};
 
 use super::schema::DLQ_TABLE;
 use super::SinkError;
+use crate::model::DeadLetter;
 
 /// One entry, ordered by its `_cdc_lsn` (then by arrival, to keep the order total).
 struct Entry {
@@ -39,13 +40,13 @@ impl Ord for Entry {
     }
 }
 
-/// The `limit` newest rows of `<namespace>._philotes_dlq` as JSON objects, newest first; none
-/// when the table does not exist yet.
+/// The `limit` newest rows of `<namespace>._philotes_dlq`, newest first; none when the table
+/// does not exist yet.
 pub async fn newest(
     catalog: &Arc<dyn Catalog>,
     namespace: &str,
     limit: usize,
-) -> Result<Vec<Value>, SinkError> {
+) -> Result<Vec<DeadLetter>, SinkError> {
     let ident = TableIdent::new(
         NamespaceIdent::new(namespace.to_string()),
         DLQ_TABLE.to_string(),
@@ -80,7 +81,12 @@ pub async fn newest(
     }
     let mut out: Vec<Entry> = heap.into_iter().map(|Reverse(e)| e).collect();
     out.sort_by(|a, b| b.cmp(a));
-    Ok(out.into_iter().map(|e| Value::Object(e.row)).collect())
+    out.into_iter()
+        .map(|e| {
+            serde_json::from_value(Value::Object(e.row))
+                .map_err(|err| SinkError::Catalog(format!("reading {ident}: a row: {err}")))
+        })
+        .collect()
 }
 
 /// Rows of a dead-letter batch as JSON objects.

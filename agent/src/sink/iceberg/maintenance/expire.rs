@@ -133,11 +133,13 @@ async fn unreferenced(
         .filter(|m| !kept.manifests.contains_key(&m.manifest_path))
         .collect();
     if candidates.is_empty() {
+        reach::keep_only(table, &kept);
         return Ok(out);
     }
-    let (mentioned, _) = reach::files_of(table, candidates.iter().copied()).await?;
-    // Only the retained manifests that could still hold one of them need reading.
-    let (_, live_kept) = reach::files_of(table, kept.manifests.values()).await?;
+    let (mentioned, _) = reach::files_of(table, candidates.iter().map(|m| m.as_ref())).await?;
+    let (_, live_kept) =
+        reach::files_of(table, kept.manifests.values().map(|m| m.as_ref())).await?;
+    reach::keep_only(table, &kept);
     out.extend(mentioned.into_iter().filter(|f| !live_kept.contains(f)));
     out.extend(candidates.iter().map(|m| m.manifest_path.clone()));
     Ok(out)

@@ -109,7 +109,7 @@ async fn list_s3(bucket_and_prefix: &str) -> Result<Vec<Listed>, MaintenanceErro
 async fn referenced(table: &Table) -> Result<HashSet<String>, MaintenanceError> {
     let snapshots: Vec<SnapshotRef> = table.metadata().snapshots().cloned().collect();
     let r = reach::manifests_of(table, &snapshots).await?;
-    let (files, _) = reach::files_of(table, r.manifests.values()).await?;
+    let (files, _) = reach::files_of(table, r.manifests.values().map(|m| m.as_ref())).await?;
     let mut out = super::super::hygiene::known_metadata_files(table);
     out.extend(r.lists);
     out.extend(r.manifests.into_keys());

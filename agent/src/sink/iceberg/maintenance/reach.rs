@@ -1,6 +1,7 @@
 //! What a table's snapshots reference: their manifest lists, manifests and files.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use iceberg::spec::{DataFile, ManifestFile, SnapshotRef};
 use iceberg::table::Table;
@@ -47,7 +48,55 @@ pub(super) struct Reached {
     /// Manifest-list paths.
     pub lists: HashSet<String>,
     /// Manifest path → its manifest-list entry.
-    pub manifests: HashMap<String, ManifestFile>,
+    pub manifests: HashMap<String, Arc<ManifestFile>>,
+}
+
+/// Manifest lists and manifests read before. Both are immutable once written, so expiry (every
+/// `interval`, over every retained snapshot) reads only the ones written since its last run:
+/// at a short flush interval a table retains hundreds of snapshots, and reading all their
+/// manifest lists and manifests each time took seconds, during which compaction waited. After
+/// each expiry, entries its table no longer references are dropped ([`keep_only`]), so the
+/// cache holds what the retained snapshots reference (about a kilobyte per snapshot).
+#[derive(Default)]
+struct Cache {
+    /// Manifest-list path → its manifests.
+    lists: HashMap<String, Arc<[Arc<ManifestFile>]>>,
+    /// Manifest path → every file it mentions, and whether the entry is live.
+    files: HashMap<String, Mentions>,
+}
+
+/// The files a manifest mentions, each with whether its entry is live.
+type Mentions = Arc<[(Arc<str>, bool)]>;
+
+/// Entries beyond which the cache starts again empty (tables dropped while cached).
+const CACHE_LIMIT: usize = 200_000;
+
+fn cache() -> std::sync::MutexGuard<'static, Cache> {
+    static CACHE: OnceLock<Mutex<Cache>> = OnceLock::new();
+    CACHE
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+}
+
+/// The manifests of one manifest list, from the cache or read.
+async fn list_of(
+    table: &Table,
+    s: &SnapshotRef,
+) -> Result<Arc<[Arc<ManifestFile>]>, MaintenanceError> {
+    if let Some(l) = cache().lists.get(s.manifest_list()) {
+        return Ok(l.clone());
+    }
+    let list = table.manifest_list_reader(s).load().await?;
+    let entries: Arc<[Arc<ManifestFile>]> =
+        list.consume_entries().into_iter().map(Arc::new).collect();
+    let mut c = cache();
+    if c.lists.len() + c.files.len() > CACHE_LIMIT {
+        *c = Cache::default();
+    }
+    c.lists
+        .insert(s.manifest_list().to_string(), entries.clone());
+    Ok(entries)
 }
 
 /// The manifest lists and manifests of `snapshots`.
@@ -58,9 +107,10 @@ pub(super) async fn manifests_of(
     let mut r = Reached::default();
     for s in snapshots {
         r.lists.insert(s.manifest_list().to_string());
-        let list = table.manifest_list_reader(s).load().await?;
-        for mf in list.consume_entries() {
-            r.manifests.entry(mf.manifest_path.clone()).or_insert(mf);
+        for mf in list_of(table, s).await?.iter() {
+            r.manifests
+                .entry(mf.manifest_path.clone())
+                .or_insert_with(|| mf.clone());
         }
     }
     Ok(r)
@@ -74,13 +124,42 @@ pub(super) async fn files_of<'a>(
     let mut all = HashSet::new();
     let mut live = HashSet::new();
     for mf in manifests {
-        let m = mf.load_manifest(table.file_io()).await?;
-        for e in m.entries() {
-            all.insert(e.file_path().to_string());
-            if e.is_alive() {
-                live.insert(e.file_path().to_string());
+        let cached = cache().files.get(&mf.manifest_path).cloned();
+        let files = match cached {
+            Some(f) => f,
+            None => {
+                let m = mf.load_manifest(table.file_io()).await?;
+                let f: Mentions = m
+                    .entries()
+                    .iter()
+                    .map(|e| (Arc::from(e.file_path()), e.is_alive()))
+                    .collect();
+                cache().files.insert(mf.manifest_path.clone(), f.clone());
+                f
+            }
+        };
+        for (path, alive) in files.iter() {
+            all.insert(path.to_string());
+            if *alive {
+                live.insert(path.to_string());
             }
         }
     }
     Ok((all, live))
+}
+
+/// Drop the cached lists and manifests under `table`'s location that `kept` (everything its
+/// retained snapshots reference) does not hold.
+pub(super) fn keep_only(table: &Table, kept: &Reached) {
+    let prefix = table
+        .metadata()
+        .location()
+        .trim_end_matches('/')
+        .to_string()
+        + "/";
+    let mut c = cache();
+    c.lists
+        .retain(|p, _| !p.starts_with(&prefix) || kept.lists.contains(p));
+    c.files
+        .retain(|p, _| !p.starts_with(&prefix) || kept.manifests.contains_key(p));
 }
