@@ -176,7 +176,20 @@ pub struct DeadLetter {
 /// A position in the source's write-ahead log (PostgreSQL's `pg_lsn`). It has no `Display`:
 /// the API and logs show it as PostgreSQL does ([`Lsn::pg`], `X/Y`), table properties store
 /// the number ([`Lsn::get`]), and the type makes each choice explicit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Default,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(transparent)]
 pub struct Lsn(pub u64);
 
 impl Lsn {
@@ -186,6 +199,11 @@ impl Lsn {
     /// The position as a number.
     pub fn get(self) -> u64 {
         self.0
+    }
+
+    /// `n` bytes before this position (the start of the log at the least).
+    pub fn saturating_sub(self, n: u64) -> Lsn {
+        Lsn(self.0.saturating_sub(n))
     }
 
     /// PostgreSQL's `X/Y` form.

@@ -17,14 +17,13 @@ use super::{Control, PipelineError};
 
 mod snapshot;
 use crate::config::PipelineConfig;
-use crate::model::Op;
+use crate::model::{Lsn, Op};
 use crate::sink::iceberg::commit::Committer;
 use crate::sink::iceberg::schema::{
     changelog_partition, changelog_schema, dlq_schema, iceberg_type, kind_of, DLQ_TABLE,
 };
 use crate::sink::iceberg::TableSink;
 use crate::source::postgres::pgoutput::{self, Message, RelationColumn, StreamMessage, TupleData};
-use crate::source::postgres::session::format_lsn;
 use crate::source::postgres::session::SourceError;
 use crate::source::postgres::types::ColumnKind;
 use crate::source::postgres::wire::replication::{ReplEvent, ReplicationStream};
@@ -45,7 +44,7 @@ struct TableState {
     /// Rows buffered or written since the last commit.
     dirty: bool,
     /// Transaction (commit LSN) that last touched the table, for the lag gauge.
-    touched_in: u64,
+    touched_in: Lsn,
     /// Changes read: inserts, updates, deletes, truncates (published with the status).
     counts: [u64; 4],
 }
@@ -53,7 +52,7 @@ struct TableState {
 /// The transaction being received.
 #[derive(Debug, Clone, Copy)]
 struct Txn {
-    lsn: u64,
+    lsn: Lsn,
     ts_micros: i64,
     seq: u64,
 }
@@ -107,7 +106,7 @@ fn pg_ts_to_unix(ts: i64) -> i64 {
 }
 
 fn t_committed(t: &TableState) -> String {
-    format_lsn(t.sink.last_lsn)
+    t.sink.last_lsn.pg()
 }
 
 pub use crate::model::iceberg_table_name;
@@ -140,7 +139,7 @@ impl Applier {
             dlq_sink: None,
             dlq_rows: Vec::new(),
             txn: None,
-            positions: Positions::new(0),
+            positions: Positions::new(Lsn::ZERO),
             oldest: None,
             buffered_events: 0,
             retrying: false,
@@ -267,7 +266,7 @@ impl Applier {
     ) -> Result<(), PipelineError> {
         let data = match ev {
             ReplEvent::KeepAlive { wal_end } => {
-                self.idle_point(client, wal_end);
+                self.idle_point(client, Lsn(wal_end));
                 return Ok(());
             }
             ReplEvent::XLogData { data, .. } => data,
@@ -328,7 +327,7 @@ impl Applier {
 
     /// The server has sent everything before `lsn`: when nothing of ours is in flight,
     /// confirm it so an idle slot does not retain WAL.
-    fn idle_point(&mut self, client: &ReplicationStream, lsn: u64) {
+    fn idle_point(&mut self, client: &ReplicationStream, lsn: Lsn) {
         if let Some(lsn) =
             self.positions
                 .idle_point(lsn, self.txn.is_some(), self.anything_uncommitted())
@@ -339,8 +338,8 @@ impl Applier {
 
     async fn on_commit(
         &mut self,
-        lsn: u64,
-        end_lsn: u64,
+        lsn: Lsn,
+        end_lsn: Lsn,
         commit_ts: i64,
         client: &ReplicationStream,
     ) -> Result<(), PipelineError> {
@@ -437,7 +436,7 @@ impl Applier {
                     "postgres.stream_replay",
                     source = %self.cfg.name,
                     xid,
-                    lsn = %format_lsn(commit_lsn),
+                    lsn = %commit_lsn.pg(),
                     changes = spool.changes() as i64,
                     bytes = spool.bytes() as i64,
                     trace_id = tracing::field::Empty,
@@ -457,7 +456,7 @@ impl Applier {
     async fn replay(
         &mut self,
         spool: super::spool::Spool,
-        commit_lsn: u64,
+        commit_lsn: Lsn,
         commit_ts: i64,
     ) -> Result<(), PipelineError> {
         self.txn = Some(Txn {
@@ -479,10 +478,10 @@ impl Applier {
 
     /// Publish lag, depth and counters once per transaction (not per row); `lsn` is the
     /// transaction's commit, `received` its end.
-    fn publish(&self, lag: f64, lsn: u64, received: u64) {
+    fn publish(&self, lag: f64, lsn: Lsn, received: Lsn) {
         TransactionApplied {
             lag_seconds: lag,
-            received_lsn: format_lsn(received),
+            received_lsn: received.pg(),
             buffered_events: self.buffered_events,
             tables: self.tables.iter().map(|t| AppliedTable {
                 name: &t.source_name,
@@ -654,14 +653,14 @@ impl Applier {
             columns,
             metrics,
             dirty: false,
-            touched_in: 0,
+            touched_in: Lsn::ZERO,
             counts: [0; 4],
         });
         let i = self.tables.len() - 1;
         status::update(&self.status, |s| {
             let e = s.tables.entry(source_name).or_default();
             e.iceberg_table = iceberg_name;
-            e.committed_lsn = format_lsn(committed);
+            e.committed_lsn = committed.pg();
         });
         Ok(i)
     }
@@ -700,7 +699,7 @@ impl Applier {
             let row = row_json(&t.columns, tuple);
             DeadLettered {
                 table: &t.source_name,
-                lsn: &format_lsn(lsn),
+                lsn: &lsn.pg(),
                 seq,
                 op,
                 error: &e.0,
@@ -790,7 +789,7 @@ impl Applier {
             parent: None,
             "pipeline.flush",
             source = %self.cfg.name,
-            lsn = %format_lsn(lsn),
+            lsn = %lsn.pg(),
             rows = self.buffered_events as i64,
             trace_id = tracing::field::Empty,
         );
@@ -811,11 +810,11 @@ impl Applier {
     }
 
     /// A flush committed: report it and empty the buffer's bookkeeping.
-    fn flushed(&mut self, lsn: u64, rows: u64, dead_letters: usize) {
+    fn flushed(&mut self, lsn: Lsn, rows: u64, dead_letters: usize) {
         BatchCommitted {
             rows,
             dead_letters,
-            lsn: format_lsn(lsn),
+            lsn: lsn.pg(),
             retried: std::mem::take(&mut self.retrying),
         }
         .emit(&self.metrics, &self.status);
@@ -824,7 +823,7 @@ impl Applier {
     }
 
     /// Commit the dead letters, then every dirty table; returns (rows, dead letters).
-    async fn flush_inner(&mut self, lsn: u64) -> Result<(u64, usize), PipelineError> {
+    async fn flush_inner(&mut self, lsn: Lsn) -> Result<(u64, usize), PipelineError> {
         // Dead letters first: if the tables' commits then fail, the replay finds them already
         // stored (and drops them); the other order would lose them, because a replayed
         // change at or below its table's philotes.lsn is skipped before it is converted.
@@ -847,7 +846,7 @@ impl Applier {
                 table = %t.source_name,
                 iceberg.table = %t.sink.name(),
                 rows = rows as i64,
-                lsn = %format_lsn(lsn),
+                lsn = %lsn.pg(),
                 trace_id = tracing::field::Empty,
             );
             record_trace_id(&span);
@@ -858,7 +857,7 @@ impl Applier {
                 source_table: &t.source_name,
                 iceberg_table: t.sink.name(),
                 rows,
-                committed_lsn: format_lsn(lsn),
+                committed_lsn: lsn.pg(),
                 conflicts: outcome.conflicts,
                 duration: started.elapsed(),
             }
@@ -867,13 +866,13 @@ impl Applier {
         Ok((committed_events, dead_letters))
     }
 
-    async fn flush_dlq(&mut self, lsn: u64) -> Result<(), PipelineError> {
+    async fn flush_dlq(&mut self, lsn: Lsn) -> Result<(), PipelineError> {
         self.flush_dlq_rows(lsn).await
     }
 
     /// Commit the buffered dead letters at `lsn` (with each source table's newest
     /// `(lsn, seq)` as the property `philotes.dlq.<table>`), dropping replayed ones.
-    async fn flush_dlq_rows(&mut self, lsn: u64) -> Result<(), PipelineError> {
+    async fn flush_dlq_rows(&mut self, lsn: Lsn) -> Result<(), PipelineError> {
         if self.dlq_sink.is_none() {
             let sink = TableSink::open_or_create(
                 self.committer.clone(),
@@ -893,14 +892,14 @@ impl Applier {
         // Replayed dead letters already in the table are dropped: per source table, those at
         // or below the last (lsn, seq) committed for it. (One floor for the whole table would
         // drop a table's real dead letters below another table's snapshot point.)
-        let floors: HashMap<String, (u64, u64)> = sink
+        let floors: HashMap<String, (Lsn, u64)> = sink
             .properties_with_prefix(DLQ_FLOOR_PREFIX)
             .into_iter()
             .filter_map(|(k, v)| {
                 let (l, s) = v.split_once(':')?;
                 Some((
                     k[DLQ_FLOOR_PREFIX.len()..].to_string(),
-                    (l.parse().ok()?, s.parse().ok()?),
+                    (Lsn(l.parse().ok()?), s.parse().ok()?),
                 ))
             })
             .collect();
@@ -911,14 +910,14 @@ impl Applier {
             floor.is_none_or(|f| (r.lsn, r.seq) > f)
         });
         if !self.dlq_rows.is_empty() {
-            let mut tops: HashMap<&str, (u64, u64)> = HashMap::new();
+            let mut tops: HashMap<&str, (Lsn, u64)> = HashMap::new();
             for r in &self.dlq_rows {
                 let e = tops.entry(r.source_table.as_str()).or_default();
                 *e = (*e).max((r.lsn, r.seq));
             }
             let props: Vec<(String, String)> = tops
                 .into_iter()
-                .map(|(t, (l, s))| (format!("{DLQ_FLOOR_PREFIX}{t}"), format!("{l}:{s}")))
+                .map(|(t, (l, s))| (format!("{DLQ_FLOOR_PREFIX}{t}"), format!("{}:{s}", l.get())))
                 .collect();
             let props: Vec<(&str, &str)> = props
                 .iter()
@@ -941,7 +940,7 @@ impl Applier {
             let span = tracing::info_span!(
                 "postgres.ack",
                 source = %self.cfg.name,
-                lsn = %format_lsn(end),
+                lsn = %end.pg(),
                 trace_id = tracing::field::Empty,
             );
             record_trace_id(&span);
@@ -950,10 +949,10 @@ impl Applier {
         }
     }
 
-    fn confirm(&mut self, client: &ReplicationStream, lsn: u64) {
+    fn confirm(&mut self, client: &ReplicationStream, lsn: Lsn) {
         client.confirm(lsn);
         self.positions.confirm(lsn);
-        status::update(&self.status, |s| s.confirmed_lsn = format_lsn(lsn));
+        status::update(&self.status, |s| s.confirmed_lsn = lsn.pg());
     }
 }
 

@@ -15,7 +15,7 @@ use arrow_array::{Array, ArrayRef, ListArray, RecordBatch};
 use arrow_buffer::{NullBufferBuilder, OffsetBuffer, ScalarBuffer};
 use arrow_schema::{ArrowError, DataType, Field, SchemaRef};
 
-use crate::model::Op;
+use crate::model::{Lsn, Op};
 use crate::sink::iceberg::schema::{kind_of, CDC_COLUMNS};
 use crate::source::postgres::pgoutput::{Column, RelationColumn, TupleData};
 use crate::source::postgres::types::{self as t, ColumnKind, ValueError};
@@ -406,7 +406,7 @@ impl TableBatch {
     pub fn push(
         &mut self,
         op: Op,
-        lsn: u64,
+        lsn: Lsn,
         seq: u64,
         ts_micros: i64,
         tuple: Option<&TupleData<'_>>,
@@ -430,7 +430,7 @@ impl TableBatch {
     pub fn push_snapshot(
         &mut self,
         op: Op,
-        lsn: u64,
+        lsn: Lsn,
         seq: u64,
         ts_micros: i64,
         values: &[Option<bytes::Bytes>],
@@ -448,7 +448,7 @@ impl TableBatch {
     fn push_columns<'a, I>(
         &mut self,
         op: Op,
-        lsn: u64,
+        lsn: Lsn,
         seq: u64,
         ts_micros: i64,
         tuple: Option<(usize, I)>,
@@ -519,7 +519,7 @@ impl TableBatch {
         self.unchanged_offsets.push(last + unchanged as i32);
         let [op_i, lsn_i, seq_i, ts_i, _] = self.cdc;
         self.cols[op_i].append(Parsed::Str(op.code()), &mut self.scratch);
-        self.cols[lsn_i].append(Parsed::I64(lsn as i64), &mut self.scratch);
+        self.cols[lsn_i].append(Parsed::I64(lsn.get() as i64), &mut self.scratch);
         self.cols[seq_i].append(Parsed::I64(seq as i64), &mut self.scratch);
         self.cols[ts_i].append(Parsed::I64(ts_micros), &mut self.scratch);
         self.rows += 1;

@@ -12,7 +12,7 @@ pub struct DeadLetter {
     /// `schema.table` of the source.
     pub source_table: String,
     /// Commit LSN of the transaction.
-    pub lsn: u64,
+    pub lsn: crate::model::Lsn,
     /// Position in the transaction.
     pub seq: u64,
     /// `I`, `U`, `D`.
@@ -36,7 +36,7 @@ pub fn to_batch(schema: SchemaRef, rows: &[DeadLetter]) -> Result<RecordBatch, A
     let mut time = TimestampMicrosecondBuilder::new();
     for r in rows {
         table.append_value(&r.source_table);
-        lsn.append_value(r.lsn as i64);
+        lsn.append_value(r.lsn.get() as i64);
         seq.append_value(r.seq as i64);
         op.append_value(r.op.code());
         err.append_value(&r.error);

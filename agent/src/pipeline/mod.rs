@@ -16,6 +16,7 @@ use tokio::sync::watch;
 use tracing::Instrument;
 
 use crate::config::PipelineConfig;
+use crate::model::Lsn;
 use crate::sink::iceberg::commit::Committer;
 use crate::sink::iceberg::SinkError;
 use crate::source::postgres::conn::SourceUrl;
@@ -301,7 +302,7 @@ impl Pipeline {
                 }
             }
         }
-        let confirmed = session.ensure_slot(&slot).await?.unwrap_or(0);
+        let confirmed = session.ensure_slot(&slot).await?.unwrap_or(Lsn::ZERO);
         crate::sink::iceberg::table::ensure_namespace(
             self.committer.catalog().as_ref(),
             &self.cfg.namespace_name(),
@@ -365,9 +366,9 @@ impl Pipeline {
         ));
         let _monitor = AbortOnDrop(monitor);
         status::update(&self.status, |st| {
-            st.confirmed_lsn = crate::source::postgres::session::format_lsn(confirmed);
+            st.confirmed_lsn = confirmed.pg();
         });
-        tracing::info!(pipeline = %self.cfg.name, slot, confirmed_lsn = %crate::source::postgres::session::format_lsn(confirmed), "streaming");
+        tracing::info!(pipeline = %self.cfg.name, slot, confirmed_lsn = %confirmed.pg(), "streaming");
         self.set_state(PipelineState::Streaming);
         applier
             .stream(client, &mut self.control, shutdown, &|state| {

@@ -18,13 +18,13 @@ use tracing::Instrument;
 use serde::{Deserialize, Serialize};
 
 use super::{now_micros, t_committed, Applier};
-use crate::model::Op;
+use crate::model::{Lsn, Op};
 use crate::pipeline::batch::snapshot_row_json;
 use crate::pipeline::dlq::DeadLetter;
 use crate::pipeline::{AbortOnDrop, PipelineError};
 use crate::sink::iceberg::schema::{SNAPSHOT_PROGRESS_PROPERTY, SNAPSHOT_PROPERTY};
 use crate::source::postgres::conn::SourceUrl;
-use crate::source::postgres::session::{format_lsn, Session, SourceError};
+use crate::source::postgres::session::{Session, SourceError};
 use crate::source::postgres::snapshot::{
     self as source_snapshot, copy_range, parse_tid, plan_ranges, range_select, snapshot_xids,
     table_facts, visible_then, Fetched, TidRange,
@@ -35,7 +35,7 @@ use crate::telemetry::events::{ChangeReceived, DeadLettered, TableCommitted};
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(super) struct Progress {
     /// `_cdc_lsn` of every copied row: the first snapshot's consistent point − 1.
-    lsn: u64,
+    lsn: Lsn,
     /// Next `_cdc_seq`.
     seq: u64,
     /// The first snapshot's xmax (64-bit, with its epoch).
@@ -128,7 +128,7 @@ impl Applier {
         };
         drop(reader);
         let lsn = progress.lsn;
-        tracing::info!(table = %source_name, point = %format_lsn(point), estimate, "initial snapshot: copying");
+        tracing::info!(table = %source_name, point = %point.pg(), estimate, "initial snapshot: copying");
         let started = Instant::now();
         let mut last_report = Instant::now();
         let first_seq = progress.seq;
@@ -180,7 +180,7 @@ impl Applier {
                     // Logged like a dead letter of the stream (it used not to be).
                     DeadLettered {
                         table: &source_name,
-                        lsn: &crate::source::postgres::session::format_lsn(lsn),
+                        lsn: &lsn.pg(),
                         seq,
                         op: Op::Read,
                         error: &e.0,
@@ -279,7 +279,7 @@ impl Applier {
     async fn commit_snapshot_chunk(
         &mut self,
         idx: usize,
-        lsn: u64,
+        lsn: Lsn,
         props: &[(&str, &str)],
     ) -> Result<(), PipelineError> {
         let rows = self.tables[idx].sink.pending_rows() + self.tables[idx].batch.rows() as u64;
@@ -295,7 +295,7 @@ impl Applier {
             table = %t.source_name,
             iceberg.table = %t.sink.name(),
             rows = rows as i64,
-            lsn = %crate::source::postgres::session::format_lsn(lsn),
+            lsn = %lsn.pg(),
             trace_id = tracing::field::Empty,
         );
         crate::telemetry::record_trace_id(&span);
@@ -322,7 +322,7 @@ mod tests {
     #[test]
     fn progress_round_trips_and_filters_on_the_first_snapshot() {
         let p = Progress {
-            lsn: 42,
+            lsn: Lsn(42),
             seq: 10,
             xmax: 900,
             xip: vec![880, 895],

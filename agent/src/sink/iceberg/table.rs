@@ -17,6 +17,7 @@ use super::commit::{Change, CommitError, Committer};
 use super::schema::{LSN_PROPERTY, SNAPSHOT_PROGRESS_PROPERTY, SNAPSHOT_PROPERTY};
 use super::writer::OpenFiles;
 use super::SinkError;
+use crate::model::Lsn;
 
 /// Attempts at a commit when other writers keep committing first.
 const COMMIT_ATTEMPTS: u32 = 5;
@@ -43,7 +44,7 @@ pub struct TableSink {
     table: Table,
     arrow_schema: SchemaRef,
     /// Highest source commit LSN this table holds (`philotes.lsn` of its last commit by us).
-    pub last_lsn: u64,
+    pub last_lsn: Lsn,
     pending: Vec<DataFile>,
     pending_rows: u64,
     /// Arrow bytes of the rows in `pending_rows` (what they weighed in memory).
@@ -80,18 +81,19 @@ pub async fn ensure_namespace(
 
 /// Highest `philotes.lsn` of the table: the table property, or the newest along the current
 /// snapshot's ancestry (other writers may commit too; tables written before the property).
-pub fn committed_lsn(table: &Table) -> u64 {
+pub fn committed_lsn(table: &Table) -> Lsn {
     let md = table.metadata();
     let from_property = md
         .properties()
         .get(LSN_PROPERTY)
         .and_then(|v| v.parse::<u64>().ok())
-        .unwrap_or(0);
+        .map(Lsn)
+        .unwrap_or(Lsn::ZERO);
     let mut cur = md.current_snapshot();
     while let Some(s) = cur {
         if let Some(v) = s.summary().additional_properties.get(LSN_PROPERTY) {
             if let Ok(lsn) = v.parse::<u64>() {
-                return lsn.max(from_property);
+                return Lsn(lsn).max(from_property);
             }
         }
         cur = s.parent_snapshot_id().and_then(|id| md.snapshot_by_id(id));
@@ -322,7 +324,7 @@ impl TableSink {
     ///
     /// When another writer committed since our last look, the append is finished again on the
     /// new table state (appends commute); each such turn is counted in `conflicts`.
-    pub async fn commit(&mut self, lsn: u64) -> Result<Committed, SinkError> {
+    pub async fn commit(&mut self, lsn: Lsn) -> Result<Committed, SinkError> {
         self.commit_with(lsn, &[]).await
     }
 
@@ -378,7 +380,7 @@ impl TableSink {
     /// `commit` with extra snapshot-summary properties.
     pub async fn commit_with(
         &mut self,
-        lsn: u64,
+        lsn: Lsn,
         extra: &[(&str, &str)],
     ) -> Result<Committed, SinkError> {
         self.finish_files().await?;
@@ -392,7 +394,8 @@ impl TableSink {
         // The same state also goes into table properties, in the same commit: snapshot
         // expiry (ours or a maintenance job's) removes old summaries, never properties.
         let state: HashMap<String, String> =
-            std::iter::once((LSN_PROPERTY.to_string(), lsn.to_string()))
+            // The contract stores the number, not PostgreSQL's X/Y form.
+            std::iter::once((LSN_PROPERTY.to_string(), lsn.get().to_string()))
                 .chain(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())))
                 .collect();
         let change = Change {

@@ -5,6 +5,8 @@
 //! until they are appended to Arrow builders, so decoding allocates nothing per row.
 //! Every length is checked; malformed input is an error, never a panic.
 
+use crate::model::Lsn;
+
 /// A malformed pgoutput message.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {
@@ -57,7 +59,7 @@ pub enum Message<'a> {
     /// Start of a transaction.
     Begin {
         /// LSN of the commit record.
-        final_lsn: u64,
+        final_lsn: Lsn,
         /// Commit time, microseconds since 2000-01-01.
         commit_ts: i64,
         /// Transaction id.
@@ -68,16 +70,16 @@ pub enum Message<'a> {
         /// Flags (unused, 0).
         flags: u8,
         /// LSN of the commit record.
-        commit_lsn: u64,
+        commit_lsn: Lsn,
         /// End of the commit record: the position to confirm.
-        end_lsn: u64,
+        end_lsn: Lsn,
         /// Commit time.
         commit_ts: i64,
     },
     /// Replication origin of the transaction.
     Origin {
         /// Origin commit LSN.
-        lsn: u64,
+        lsn: Lsn,
         /// Origin name.
         name: &'a str,
     },
@@ -140,7 +142,7 @@ pub enum Message<'a> {
         /// Emitted inside a transaction.
         transactional: bool,
         /// LSN of the message.
-        lsn: u64,
+        lsn: Lsn,
         /// Application prefix.
         prefix: &'a str,
         /// Content bytes.
@@ -312,18 +314,18 @@ pub fn decode(buf: &[u8]) -> Result<Message<'_>, DecodeError> {
     let tag = r.u8("message tag")?;
     let msg = match tag {
         b'B' => Message::Begin {
-            final_lsn: r.i64("begin")? as u64,
+            final_lsn: Lsn(r.i64("begin")? as u64),
             commit_ts: r.i64("begin")?,
             xid: r.u32("begin")?,
         },
         b'C' => Message::Commit {
             flags: r.u8("commit")?,
-            commit_lsn: r.i64("commit")? as u64,
-            end_lsn: r.i64("commit")? as u64,
+            commit_lsn: Lsn(r.i64("commit")? as u64),
+            end_lsn: Lsn(r.i64("commit")? as u64),
             commit_ts: r.i64("commit")?,
         },
         b'O' => Message::Origin {
-            lsn: r.i64("origin")? as u64,
+            lsn: Lsn(r.i64("origin")? as u64),
             name: r.cstr("origin")?,
         },
         b'R' => {
@@ -416,7 +418,7 @@ pub fn decode(buf: &[u8]) -> Result<Message<'_>, DecodeError> {
         }
         b'M' => {
             let flags = r.u8("message")?;
-            let lsn = r.i64("message")? as u64;
+            let lsn = Lsn(r.i64("message")? as u64);
             let prefix = r.cstr("message")?;
             let len = r.i32("message")?;
             if len < 0 {
@@ -456,9 +458,9 @@ pub enum StreamMessage {
         /// Top-level transaction id.
         xid: u32,
         /// LSN of the commit record.
-        commit_lsn: u64,
+        commit_lsn: Lsn,
         /// End of the commit record: the position to confirm.
-        end_lsn: u64,
+        end_lsn: Lsn,
         /// Commit time, microseconds since 2000-01-01.
         commit_ts: i64,
     },
@@ -485,8 +487,8 @@ pub fn decode_stream(buf: &[u8]) -> Result<Option<StreamMessage>, DecodeError> {
             let _flags = r.u8("stream commit")?;
             StreamMessage::Commit {
                 xid,
-                commit_lsn: r.i64("stream commit")? as u64,
-                end_lsn: r.i64("stream commit")? as u64,
+                commit_lsn: Lsn(r.i64("stream commit")? as u64),
+                end_lsn: Lsn(r.i64("stream commit")? as u64),
                 commit_ts: r.i64("stream commit")?,
             }
         }
@@ -591,8 +593,8 @@ mod tests {
             decode_stream(&c).unwrap(),
             Some(StreamMessage::Commit {
                 xid: 7,
-                commit_lsn: 100,
-                end_lsn: 120,
+                commit_lsn: Lsn(100),
+                end_lsn: Lsn(120),
                 commit_ts: 5
             })
         );

@@ -6,7 +6,7 @@ use std::time::Duration;
 use super::conn::SourceUrl;
 use super::wire::replication::{ReplicationStream, StatusTiming};
 use super::wire::{Conn, WireError};
-use crate::model::ErrorType;
+use crate::model::{ErrorType, Lsn};
 
 /// Why a source cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -90,7 +90,7 @@ pub struct Session {
     url: SourceUrl,
     slot: String,
     publication: String,
-    start: u64,
+    start: Lsn,
 }
 
 /// `SELECT {select}` over the replicated columns of `schema.table` (`a` is `pg_attribute`,
@@ -121,7 +121,7 @@ impl Session {
         url: &SourceUrl,
         slot: &str,
         publication: &str,
-        start: Option<u64>,
+        start: Option<Lsn>,
     ) -> Result<Self, SourceError> {
         // Bounded, so an unreachable host fails within the connect timeout instead of hanging.
         let conn = match tokio::time::timeout(
@@ -144,7 +144,7 @@ impl Session {
             url: url.clone(),
             slot: slot.to_string(),
             publication: publication.to_string(),
-            start: start.unwrap_or(0),
+            start: start.unwrap_or(Lsn::ZERO),
         })
     }
 
@@ -264,7 +264,7 @@ impl Session {
 
     /// Create a temporary slot that exports a snapshot; returns (consistent point, snapshot
     /// name). The snapshot stays usable while this session is open and idle.
-    pub async fn export_snapshot(&mut self, temp_slot: &str) -> Result<(u64, String), SourceError> {
+    pub async fn export_snapshot(&mut self, temp_slot: &str) -> Result<(Lsn, String), SourceError> {
         let rows = self
             .query(&format!(
                 "CREATE_REPLICATION_SLOT {} TEMPORARY LOGICAL pgoutput EXPORT_SNAPSHOT",
@@ -272,7 +272,11 @@ impl Session {
             ))
             .await?;
         let row = rows.into_iter().next().unwrap_or_default();
-        let lsn = row.get(1).cloned().flatten().and_then(|l| parse_lsn(&l));
+        let lsn = row
+            .get(1)
+            .cloned()
+            .flatten()
+            .and_then(|l| Lsn::parse_pg(&l));
         let name = row.get(2).cloned().flatten();
         match (lsn, name) {
             (Some(l), Some(n)) => Ok((l, n)),
@@ -381,7 +385,7 @@ impl Session {
     }
 
     /// Create the logical slot if missing; returns its `confirmed_flush_lsn` (None if new).
-    pub async fn ensure_slot(&mut self, slot: &str) -> Result<Option<u64>, SourceError> {
+    pub async fn ensure_slot(&mut self, slot: &str) -> Result<Option<Lsn>, SourceError> {
         let rows = self
             .query(&format!(
                 "SELECT plugin, database, active_pid::text, confirmed_flush_lsn::text \
@@ -412,7 +416,7 @@ impl Session {
                     ),
                 });
             }
-            return Ok(get(3).and_then(|l| parse_lsn(&l)));
+            return Ok(get(3).and_then(|l| Lsn::parse_pg(&l)));
         }
         tracing::info!(slot, "creating replication slot");
         self.query(&format!(
@@ -453,7 +457,7 @@ impl Session {
         format!(
             "START_REPLICATION SLOT {} LOGICAL {} ({proto}, publication_names {}, messages 'true')",
             quote_ident(&self.slot),
-            format_lsn(self.start),
+            self.start.pg(),
             quote_literal(&quote_ident(&self.publication)),
         )
     }
@@ -486,15 +490,4 @@ impl Session {
         stream.confirm(self.start);
         Ok(stream)
     }
-}
-
-/// Parse `X/Y` into a u64 LSN.
-pub fn parse_lsn(s: &str) -> Option<u64> {
-    let (hi, lo) = s.split_once('/')?;
-    Some((u64::from_str_radix(hi, 16).ok()? << 32) | u64::from_str_radix(lo, 16).ok()?)
-}
-
-/// Format a u64 LSN as `X/Y`.
-pub fn format_lsn(lsn: u64) -> String {
-    format!("{:X}/{:X}", lsn >> 32, lsn & 0xffff_ffff)
 }

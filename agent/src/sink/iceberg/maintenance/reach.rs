@@ -59,8 +59,11 @@ pub(super) struct Reached {
 /// cache holds what the retained snapshots reference (about a kilobyte per snapshot).
 #[derive(Default)]
 struct Cache {
-    /// Manifest-list path → its manifests.
+    /// Manifest-list path → its manifests (shared with `manifests`).
     lists: HashMap<String, Arc<[Arc<ManifestFile>]>>,
+    /// Manifest path → its manifest-list entry, one copy however many lists carry it (a
+    /// snapshot's list repeats most of its parent's).
+    manifests: HashMap<String, Arc<ManifestFile>>,
     /// Manifest path → every file it mentions, and whether the entry is live.
     files: HashMap<String, Mentions>,
 }
@@ -88,12 +91,20 @@ async fn list_of(
         return Ok(l.clone());
     }
     let list = table.manifest_list_reader(s).load().await?;
-    let entries: Arc<[Arc<ManifestFile>]> =
-        list.consume_entries().into_iter().map(Arc::new).collect();
     let mut c = cache();
-    if c.lists.len() + c.files.len() > CACHE_LIMIT {
+    if c.lists.len() + c.manifests.len() + c.files.len() > CACHE_LIMIT {
         *c = Cache::default();
     }
+    let entries: Arc<[Arc<ManifestFile>]> = list
+        .consume_entries()
+        .into_iter()
+        .map(|mf| {
+            c.manifests
+                .entry(mf.manifest_path.clone())
+                .or_insert_with(|| Arc::new(mf))
+                .clone()
+        })
+        .collect();
     c.lists
         .insert(s.manifest_list().to_string(), entries.clone());
     Ok(entries)
@@ -160,6 +171,8 @@ pub(super) fn keep_only(table: &Table, kept: &Reached) {
     let mut c = cache();
     c.lists
         .retain(|p, _| !p.starts_with(&prefix) || kept.lists.contains(p));
+    c.manifests
+        .retain(|p, _| !p.starts_with(&prefix) || kept.manifests.contains_key(p));
     c.files
         .retain(|p, _| !p.starts_with(&prefix) || kept.manifests.contains_key(p));
 }

@@ -92,8 +92,8 @@ impl ReplicationStream {
     }
 
     /// Everything up to `lsn` is durable: the server may release it.
-    pub fn confirm(&self, lsn: u64) {
-        self.confirmed.fetch_max(lsn, Ordering::Relaxed);
+    pub fn confirm(&self, lsn: crate::model::Lsn) {
+        self.confirmed.fetch_max(lsn.get(), Ordering::Relaxed);
     }
 
     /// Report the confirmed position one last time and end the stream.
