@@ -6,6 +6,7 @@ pub mod dead_letters;
 pub mod debt;
 pub mod hygiene;
 pub mod maintenance;
+pub mod manifests;
 pub mod partition;
 pub mod schema;
 pub mod table;

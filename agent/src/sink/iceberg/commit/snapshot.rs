@@ -219,7 +219,9 @@ pub async fn prepare(base: &Table, change: &Change) -> Result<Prepared, CommitEr
             if is_empty(&mf) {
                 continue;
             }
-            let manifest = mf.load_manifest(io).await.map_err(fail)?;
+            let manifest = crate::sink::iceberg::manifests::load(io, &mf)
+                .await
+                .map_err(fail)?;
             let touched = manifest
                 .entries()
                 .iter()

@@ -25,10 +25,14 @@ pub(super) async fn live_files(table: &Table) -> Result<Vec<LiveFile>, Maintenan
     let Some(cur) = md.current_snapshot() else {
         return Ok(Vec::new());
     };
-    let list = table.manifest_list_reader(cur).load().await?;
+    let list = list_of(table, cur).await?;
+    crate::sink::iceberg::manifests::keep_only(
+        md.location(),
+        &list.iter().map(|m| m.manifest_path.as_str()).collect(),
+    );
     let mut out = Vec::new();
-    for mf in list.entries() {
-        let m = mf.load_manifest(table.file_io()).await?;
+    for mf in list.iter() {
+        let m = crate::sink::iceberg::manifests::load(table.file_io(), mf).await?;
         for e in m.entries() {
             if e.is_alive() {
                 out.push(LiveFile {
