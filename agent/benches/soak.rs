@@ -377,6 +377,31 @@ fn main() {
             "mean commit time, last {every} ÷ first {every}: {:.2} (target ≤ 1.5)",
             last.mean_ms / first.mean_ms.max(0.001)
         );
+        // The first thousand fills the table up to its retained snapshots; the trend after it
+        // shows whether commit time still grows with history (the ratio alone is noisy on a
+        // shared machine).
+        let steady: Vec<(f64, f64)> = rows
+            .iter()
+            .skip(1)
+            .map(|r| (r.commits as f64 / 1000.0, r.mean_ms))
+            .collect();
+        if steady.len() >= 3 {
+            let n = steady.len() as f64;
+            let (mx, my) = (
+                steady.iter().map(|p| p.0).sum::<f64>() / n,
+                steady.iter().map(|p| p.1).sum::<f64>() / n,
+            );
+            let cov: f64 = steady.iter().map(|p| (p.0 - mx) * (p.1 - my)).sum();
+            let var: f64 = steady.iter().map(|p| (p.0 - mx).powi(2)).sum();
+            println!(
+                "mean commit time after the first {every}: {my:.2} ms on average, trend {:+.3} ms per 1,000 commits",
+                cov / var.max(f64::EPSILON)
+            );
+            let (lo, hi) = rows.iter().skip(1).fold((f64::MAX, 0.0f64), |(lo, hi), r| {
+                (lo.min(r.rss), hi.max(r.rss))
+            });
+            println!("RSS after the first {every}: {lo:.1} to {hi:.1} MB");
+        }
         println!("largest metadata.json: {max_md:.0} kB (target ≤ 1024)");
         println!(
             "most metadata files on disk: {max_files} (target ≤ metadata_versions + 5 = {})",
