@@ -67,15 +67,20 @@ fn streaming(port: u16) -> bool {
     })
 }
 
-fn rss_mb(pid: u32) -> f64 {
+/// A field of `/proc/<pid>/status` in MB (`VmRSS`, `RssAnon`, `RssFile`).
+fn status_mb(pid: u32, field: &str) -> f64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
         .lines()
-        .find(|l| l.starts_with("VmRSS:"))
+        .find(|l| l.starts_with(field) && l[field.len()..].starts_with(':'))
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|v| v.parse::<f64>().ok())
         .unwrap_or(0.0)
         / 1024.0
+}
+
+fn rss_mb(pid: u32) -> f64 {
+    status_mb(pid, "VmRSS")
 }
 
 /// (bytes of the newest metadata.json, metadata files on disk, Parquet files on disk, Avro
@@ -310,12 +315,19 @@ fn main() {
     let mut next = every;
     let deadline = Instant::now() + Duration::from_secs(if quick { 300 } else { 4 * 3600 });
     let mut rss_start = 0.0;
+    // RSS is anonymous memory (the heap) plus the pages of the binary and libraries in use:
+    // code that first runs later (maintenance reads Parquet and Avro) adds file pages that are
+    // not memory the agent allocated.
+    let (mut anon_start, mut file_start) = (0.0, 0.0);
+    let (mut anon_end, mut file_end) = (0.0, 0.0);
     loop {
         std::thread::sleep(Duration::from_millis(250));
         let s = scrape(port);
         let count = metric(&s, "philotes_iceberg_commit_duration_seconds_count");
         if rss_start == 0.0 && count >= 1.0 {
             rss_start = rss_mb(pid);
+            anon_start = status_mb(pid, "RssAnon");
+            file_start = status_mb(pid, "RssFile");
         }
         if count < next as f64 {
             if Instant::now() > deadline {
@@ -339,6 +351,7 @@ fn main() {
             snapshots: metric(&s, "philotes_iceberg_table_snapshots"),
             rss: rss_mb(pid),
         };
+        (anon_end, file_end) = (status_mb(pid, "RssAnon"), status_mb(pid, "RssFile"));
         println!(
             "{:>8} {:>12.2} {:>10} {:>14.1} {:>10} {:>12} {:>12} {:>10} {:>10} {:>8.1}",
             row.commits,
@@ -415,6 +428,11 @@ fn main() {
             last.rss - rss_start,
             rss_start,
             last.rss
+        );
+        println!(
+            "of which anonymous memory {anon_start:.1} → {anon_end:.1} MB ({:+.1}), file-backed pages (code, libraries) {file_start:.1} → {file_end:.1} MB ({:+.1})",
+            anon_end - anon_start,
+            file_end - file_start
         );
     }
     if quick {

@@ -206,6 +206,9 @@ fn committed(
         .metadata_location(location)
         .identifier(table.identifier().clone())
         .runtime(iceberg::Runtime::try_current()?)
+        // The committed table is committed to again, never scanned: no manifest cache (a new
+        // 32 MiB-capacity cache per commit otherwise).
+        .disable_cache()
         .build()
         .map_err(CommitError::from)
 }

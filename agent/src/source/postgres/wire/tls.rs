@@ -108,65 +108,46 @@ pub fn server_name(host: &str) -> Result<ServerName<'static>, WireError> {
 
 /// The `tls-server-end-point` channel binding data (RFC 5929) of a server certificate: its
 /// hash with the hash function of its signature algorithm (SHA-256 for MD5 and SHA-1), as
-/// PostgreSQL computes it. None for algorithms without a single hash (RSA-PSS, EdDSA).
+/// PostgreSQL computes it. None for algorithms without a single hash (RSA-PSS, EdDSA). The
+/// certificate's DER is read with `der`/`spki` (already in the tree through `sqlx`).
 pub fn end_point_hash(cert: &[u8]) -> Option<Vec<u8>> {
+    use der::asn1::{AnyRef, ObjectIdentifier as Oid};
+    use der::{Decode, Reader, SliceReader};
     use sha2::Digest;
-    // Certificate ::= SEQUENCE { tbsCertificate, signatureAlgorithm SEQUENCE { OID, … }, … }
-    let (hdr, _) = der_header(cert, 0x30)?;
-    let body = cert.get(hdr..)?;
-    let (tbs_hdr, tbs_len) = der_header(body, 0x30)?;
-    let alg = body.get(tbs_hdr + tbs_len..)?;
-    let (alg_hdr, _) = der_header(alg, 0x30)?;
-    let alg = alg.get(alg_hdr..)?;
-    let (oid_hdr, oid_len) = der_header(alg, 0x06)?;
-    let oid = alg.get(oid_hdr..oid_hdr + oid_len)?;
-    const RSA: &[u8] = &[0x2A, 0x86, 0x48, 0x86, 0xF7, 0x0D, 0x01, 0x01];
-    const ECDSA_SHA2: &[u8] = &[0x2A, 0x86, 0x48, 0xCE, 0x3D, 0x04, 0x03];
-    const ECDSA_SHA1: &[u8] = &[0x2A, 0x86, 0x48, 0xCE, 0x3D, 0x04, 0x01];
-    let hash = match oid {
-        [p @ .., n] if p == RSA => match n {
-            0x04 | 0x05 | 0x0B => 256, // md5, sha1 → sha256; sha256
-            0x0C => 384,
-            0x0D => 512,
-            0x0E => 224,
-            _ => return None,
-        },
-        [p @ .., n] if p == ECDSA_SHA2 => match n {
-            0x01 => 224,
-            0x02 => 256,
-            0x03 => 384,
-            0x04 => 512,
-            _ => return None,
-        },
-        o if o == ECDSA_SHA1 => 256,
+    // Certificate ::= SEQUENCE { tbsCertificate, signatureAlgorithm AlgorithmIdentifier, … }
+    let mut r = SliceReader::new(cert).ok()?;
+    let alg = r
+        .sequence(|r| {
+            AnyRef::decode(r)?;
+            let alg = spki::AlgorithmIdentifierRef::decode(r)?;
+            AnyRef::decode(r)?;
+            Ok(alg)
+        })
+        .ok()?;
+    const MD5_RSA: Oid = Oid::new_unwrap("1.2.840.113549.1.1.4");
+    const SHA1_RSA: Oid = Oid::new_unwrap("1.2.840.113549.1.1.5");
+    const SHA256_RSA: Oid = Oid::new_unwrap("1.2.840.113549.1.1.11");
+    const SHA384_RSA: Oid = Oid::new_unwrap("1.2.840.113549.1.1.12");
+    const SHA512_RSA: Oid = Oid::new_unwrap("1.2.840.113549.1.1.13");
+    const SHA224_RSA: Oid = Oid::new_unwrap("1.2.840.113549.1.1.14");
+    const SHA1_ECDSA: Oid = Oid::new_unwrap("1.2.840.10045.4.1");
+    const SHA224_ECDSA: Oid = Oid::new_unwrap("1.2.840.10045.4.3.1");
+    const SHA256_ECDSA: Oid = Oid::new_unwrap("1.2.840.10045.4.3.2");
+    const SHA384_ECDSA: Oid = Oid::new_unwrap("1.2.840.10045.4.3.3");
+    const SHA512_ECDSA: Oid = Oid::new_unwrap("1.2.840.10045.4.3.4");
+    let bits = match alg.oid {
+        MD5_RSA | SHA1_RSA | SHA256_RSA | SHA1_ECDSA | SHA256_ECDSA => 256,
+        SHA224_RSA | SHA224_ECDSA => 224,
+        SHA384_RSA | SHA384_ECDSA => 384,
+        SHA512_RSA | SHA512_ECDSA => 512,
         _ => return None,
     };
-    Some(match hash {
+    Some(match bits {
         224 => sha2::Sha224::digest(cert).to_vec(),
         256 => sha2::Sha256::digest(cert).to_vec(),
         384 => sha2::Sha384::digest(cert).to_vec(),
         _ => sha2::Sha512::digest(cert).to_vec(),
     })
-}
-
-/// (header length, content length) of a DER element with tag `tag` at the start of `b`.
-fn der_header(b: &[u8], tag: u8) -> Option<(usize, usize)> {
-    if *b.first()? != tag {
-        return None;
-    }
-    let first = *b.get(1)?;
-    if first < 0x80 {
-        return Some((2, first as usize));
-    }
-    let n = (first & 0x7F) as usize;
-    if n == 0 || n > 4 {
-        return None;
-    }
-    let len = b
-        .get(2..2 + n)?
-        .iter()
-        .fold(0usize, |acc, &x| (acc << 8) | x as usize);
-    Some((2 + n, len))
 }
 
 /// `sslmode=require`: the channel is encrypted, the certificate is not checked.
@@ -273,7 +254,7 @@ mod tests {
 
     #[test]
     fn end_point_hash_reads_the_signature_algorithm_and_never_panics() {
-        // A skeleton certificate: SEQUENCE { tbs SEQUENCE {}, SEQUENCE { OID } }.
+        // A skeleton certificate: SEQUENCE { tbs SEQUENCE {}, SEQUENCE { OID }, BIT STRING }.
         let cert = |oid: &[u8]| {
             let mut alg = vec![0x06, oid.len() as u8];
             alg.extend_from_slice(oid);
@@ -281,6 +262,7 @@ mod tests {
             alg_seq.extend(alg);
             let mut body = vec![0x30, 0x00];
             body.extend(alg_seq);
+            body.extend([0x03, 0x01, 0x00]);
             let mut c = vec![0x30, body.len() as u8];
             c.extend(body);
             c
