@@ -16,7 +16,7 @@ use super::schema::{
 };
 use super::{ApiError, ApiState};
 use crate::pipeline::{status, Control as PipelineControl};
-use crate::telemetry::status::PipelineStatus;
+use crate::telemetry::status::{PipelineStatus, TableStatus};
 use crate::telemetry::PipelineState;
 
 /// Liveness probe (always open).
@@ -168,19 +168,14 @@ pub(super) async fn tables(
             let key = format!("{schema}.{table}");
             let t = st.tables.get(&key).cloned().unwrap_or_default();
             TableEntry {
-                iceberg_table: format!(
-                    "{ns}.{}",
-                    crate::pipeline::iceberg_table_name(schema, table)
-                ),
                 source_table: key,
-                inserts: t.inserts,
-                updates: t.updates,
-                deletes: t.deletes,
-                truncates: t.truncates,
-                committed_rows: t.committed_rows,
-                commits: t.commits,
-                committed_lsn: t.committed_lsn,
-                last_commit_at: t.last_commit_at,
+                status: TableStatus {
+                    iceberg_table: format!(
+                        "{ns}.{}",
+                        crate::pipeline::iceberg_table_name(schema, table)
+                    ),
+                    ..t
+                },
             }
         })
         .collect();

@@ -104,30 +104,14 @@ pub struct PipelineList {
     pub pipelines: Vec<PipelineSummary>,
 }
 
-/// One table of a pipeline.
+/// One table of a pipeline: its source name and its counters.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct TableEntry {
     /// Source table (`schema.table`).
     pub source_table: String,
-    /// Iceberg table (`namespace.table`).
-    pub iceberg_table: String,
-    /// Inserts read.
-    pub inserts: u64,
-    /// Updates read.
-    pub updates: u64,
-    /// Deletes read.
-    pub deletes: u64,
-    /// Truncates read.
-    pub truncates: u64,
-    /// Rows committed to Iceberg.
-    pub committed_rows: u64,
-    /// Snapshots committed.
-    pub commits: u64,
-    /// `philotes.lsn` of the last commit.
-    #[schema(pattern = "^[0-9A-F]+/[0-9A-F]+$")]
-    pub committed_lsn: String,
-    /// When the last commit happened (RFC 3339).
-    pub last_commit_at: Option<String>,
+    /// The counters, with the Iceberg table the configuration maps it to.
+    #[serde(flatten)]
+    pub status: TableStatus,
 }
 
 /// The tables of a pipeline.
