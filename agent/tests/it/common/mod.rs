@@ -240,13 +240,41 @@ impl AgentProc {
         r.json().await.ok()
     }
 
+    /// Start the agent and wait until pipeline `p` streams.
+    pub async fn start_streaming(config: &Path, log: &Path) -> Self {
+        let agent = Self::start(config, log);
+        agent.wait_streaming().await;
+        agent
+    }
+
     /// Wait until pipeline `p` reports `streaming` (slot and publication exist from then on).
     pub async fn wait_streaming(&self) {
-        wait_for(Duration::from_secs(60), "pipeline streaming", || async {
-            let v = self.api_json("/api/v1/pipelines/p").await?;
-            (v["state"] == "streaming").then_some(())
+        self.wait_state("p", "streaming", 60).await;
+    }
+
+    /// Wait (up to `secs`) until pipeline `name` reports `state`; returns its detail.
+    pub async fn wait_state(&self, name: &str, state: &str, secs: u64) -> Value {
+        self.wait_pipeline(name, secs, &format!("pipeline {name} {state}"), |v| {
+            v["state"] == state
         })
-        .await;
+        .await
+    }
+
+    /// Wait (up to `secs`) until the detail of pipeline `name` (`/api/v1/pipelines/<name>`)
+    /// satisfies `pred`; returns that detail.
+    pub async fn wait_pipeline(
+        &self,
+        name: &str,
+        secs: u64,
+        what: &str,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let path = format!("/api/v1/pipelines/{name}");
+        wait_for(Duration::from_secs(secs), what, || async {
+            let v = self.api_json(&path).await?;
+            pred(&v).then_some(v)
+        })
+        .await
     }
 
     /// The API address the agent logged (it listens on port 0 in tests).
@@ -294,35 +322,82 @@ pub fn python() -> PathBuf {
 /// `(_cdc_lsn, _cdc_seq)` is unique and that the folded table equals the source; returns the
 /// JSON for further checks.
 pub fn verify_state(work: &Workdir, table: &str, pg: &TestPg, query: &str) -> Value {
-    let v = verify(
-        work,
-        table,
-        &["--pg-conninfo", &pg.conninfo("app"), "--pg-query", query],
-    );
+    let v = verify_source(work, table, pg, query, &[]);
     assert_eq!(v["unique"], true, "{v}");
     assert_eq!(v["state_equal"], true, "{}", v["state_diff"]);
     v
 }
 
-/// Run `tests/py/verify.py` against a table; returns its JSON.
-pub fn verify(work: &Workdir, table: &str, extra: &[&str]) -> Value {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/py/verify.py");
-    let out = Command::new(python())
-        .arg(script)
-        .arg("--catalog-db")
-        .arg(work.catalog_db())
-        .arg("--warehouse")
-        .arg(work.warehouse())
-        .args(["--table", table])
-        .args(extra)
-        .output()
-        .expect("run verify.py");
+/// A script of `tests/py/`.
+pub fn py_script(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/py")
+        .join(name)
+}
+
+/// Run `cmd` (a Python script), assert it succeeded and parse its stdout as JSON.
+pub fn python_json(cmd: &mut Command, what: &str) -> Value {
+    let out = cmd.output().unwrap_or_else(|e| panic!("run {what}: {e}"));
     assert!(
         out.status.success(),
-        "verify.py failed: {}",
+        "{what} failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    serde_json::from_slice(&out.stdout).expect("verify.py JSON")
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{what} JSON: {e}"))
+}
+
+/// Run `tests/py/verify.py` against a table; returns its JSON.
+pub fn verify(work: &Workdir, table: &str, extra: &[&str]) -> Value {
+    verify_at(&work.catalog_db(), &work.warehouse(), table, extra)
+}
+
+/// [`verify`] on the SQL catalog `catalog_db` with its `warehouse`.
+pub fn verify_at(catalog_db: &Path, warehouse: &Path, table: &str, extra: &[&str]) -> Value {
+    python_json(
+        Command::new(python())
+            .arg(py_script("verify.py"))
+            .arg("--catalog-db")
+            .arg(catalog_db)
+            .arg("--warehouse")
+            .arg(warehouse)
+            .args(["--table", table])
+            .args(extra),
+        "verify.py",
+    )
+}
+
+/// [`verify`] with `extra` arguments against `query` on the source database `app` (no
+/// assertion: the caller checks what it needs).
+pub fn verify_source(
+    work: &Workdir,
+    table: &str,
+    pg: &TestPg,
+    query: &str,
+    extra: &[&str],
+) -> Value {
+    let conninfo = pg.conninfo("app");
+    let mut args = extra.to_vec();
+    args.extend(["--pg-conninfo", &conninfo, "--pg-query", query]);
+    verify(work, table, &args)
+}
+
+/// The commit LSNs (`lsns`) of a `verify.py` result.
+pub fn lsn_set(v: &Value) -> std::collections::BTreeSet<u64> {
+    v["lsns"]
+        .as_array()
+        .expect("lsns")
+        .iter()
+        .map(|x| x.as_u64().unwrap())
+        .collect()
+}
+
+/// Every row of the dead-letter table `ns._philotes_dlq` (`verify.py --rows` on its key).
+pub fn verify_dlq(work: &Workdir) -> Value {
+    verify(
+        work,
+        "ns._philotes_dlq",
+        &["--pk", "source_table,_cdc_lsn,_cdc_seq", "--rows"],
+    )
 }
 
 /// Run Python `body` with `c` (the SQL catalog) and `append_other(table_name)` (appends one row
@@ -400,12 +475,177 @@ pub fn iceberg_rows(work: &Workdir, table: &str) -> Option<u64> {
     (n >= 0).then_some(n as u64)
 }
 
+/// Run `cmd` with `input` on its stdin; its output (stdout and stderr captured).
+pub fn output_with_stdin(cmd: &mut Command, input: &str) -> std::process::Output {
+    use std::io::Write as _;
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
 /// Run a command and return (exit code, stdout+stderr).
 pub fn run_cmd(cmd: &mut Command) -> (i32, String) {
     let out = cmd.output().expect("run command");
     let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
     text.push_str(&String::from_utf8_lossy(&out.stderr));
     (out.status.code().unwrap_or(-1), text)
+}
+
+/// A private PostgreSQL with database `app` and the DDL applied, and an agent config for it;
+/// no agent yet. Keep `pg` bound while the test runs: dropping it stops the server.
+pub struct Prepared {
+    pub pg: TestPg,
+    pub db: tokio_postgres::Client,
+    pub work: Workdir,
+    pub cfg: PathBuf,
+    /// The API address when [`Prepared::listen_on`] fixed it.
+    api: Option<String>,
+}
+
+/// PostgreSQL with `ddl` in database `app` and a config with one pipeline `p` on `tables`.
+pub async fn prepare(
+    ddl: &str,
+    tables: &[&str],
+    pipeline_extra: &str,
+    top_extra: &str,
+) -> Prepared {
+    prepare_with(
+        LocalPgOptions::default(),
+        ddl,
+        tables,
+        pipeline_extra,
+        top_extra,
+    )
+    .await
+}
+
+/// [`prepare`] on a server started with `opts`.
+pub async fn prepare_with(
+    opts: LocalPgOptions,
+    ddl: &str,
+    tables: &[&str],
+    pipeline_extra: &str,
+    top_extra: &str,
+) -> Prepared {
+    let pg = TestPg::start_with(opts);
+    let db = pg.create_db("app").await;
+    db.batch_execute(ddl).await.expect("test schema");
+    let work = Workdir::new();
+    let cfg = work.config(&pg.url("app"), tables, pipeline_extra, top_extra);
+    Prepared {
+        pg,
+        db,
+        work,
+        cfg,
+        api: None,
+    }
+}
+
+impl Prepared {
+    /// The parts most tests use: server, client, work directory and config.
+    pub fn parts(self) -> (TestPg, tokio_postgres::Client, Workdir, PathBuf) {
+        (self.pg, self.db, self.work, self.cfg)
+    }
+
+    /// The agent's log file.
+    pub fn log(&self) -> PathBuf {
+        self.work.path().join("agent.log")
+    }
+
+    /// Put the API on the fixed `port` (known before the agent starts), with `api_extra`
+    /// (more `[api]` keys) after it; returns the address.
+    pub fn listen_on(&mut self, port: u16, api_extra: &str) -> String {
+        let addr = format!("127.0.0.1:{port}");
+        let extra = if api_extra.is_empty() {
+            String::new()
+        } else {
+            format!("\n{api_extra}")
+        };
+        edit_config(
+            &self.cfg,
+            "listen = \"127.0.0.1:0\"",
+            &format!("listen = \"{addr}\"{extra}"),
+        );
+        self.api = Some(addr.clone());
+        addr
+    }
+
+    /// Start `philotes run` on the config (not waiting for anything).
+    pub fn start_agent(&self) -> AgentProc {
+        self.start_agent_env(&[])
+    }
+
+    /// [`Prepared::start_agent`] with extra environment variables.
+    pub fn start_agent_env(&self, env: &[(&str, &str)]) -> AgentProc {
+        let mut agent = AgentProc::start_env(&self.cfg, &self.log(), env);
+        agent.api.clone_from(&self.api);
+        agent
+    }
+
+    /// Start the agent without waiting for it (a copy, say, runs before it streams).
+    pub fn started(self) -> Running {
+        let agent = self.start_agent();
+        self.with_agent(agent)
+    }
+
+    fn with_agent(self, agent: AgentProc) -> Running {
+        Running {
+            pg: self.pg,
+            db: self.db,
+            work: self.work,
+            cfg: self.cfg,
+            agent,
+        }
+    }
+
+    /// Start the agent and wait until the pipeline streams.
+    pub async fn streaming(self) -> Running {
+        self.streaming_env(&[]).await
+    }
+
+    /// [`Prepared::streaming`] with extra environment variables for the agent.
+    pub async fn streaming_env(self, env: &[(&str, &str)]) -> Running {
+        let agent = self.start_agent_env(env);
+        agent.wait_streaming().await;
+        self.with_agent(agent)
+    }
+}
+
+/// Table `t (id int PRIMARY KEY, n numeric(12,2))` streamed by an agent whose API listens on
+/// a fixed port, with `top_extra` config sections, `api_extra` keys in `[api]` and `env` for
+/// the agent; returns the API address as well.
+pub async fn running_numeric_t_on_a_fixed_port(
+    top_extra: &str,
+    api_extra: &str,
+    env: &[(&str, &str)],
+) -> (Running, String) {
+    let mut p = prepare(
+        "CREATE TABLE t (id int PRIMARY KEY, n numeric(12,2))",
+        &["t"],
+        "",
+        top_extra,
+    )
+    .await;
+    let port = philotes::demo::postgres::free_port().expect("free port");
+    let addr = p.listen_on(port, api_extra);
+    (p.streaming_env(env).await, addr)
+}
+
+/// Replace `from` (which must occur) by `to` in the config file `cfg`.
+pub fn edit_config(cfg: &Path, from: &str, to: &str) {
+    let text = std::fs::read_to_string(cfg).expect("read config");
+    assert!(text.contains(from), "{from} not in {}", cfg.display());
+    std::fs::write(cfg, text.replace(from, to)).expect("write config");
 }
 
 /// A private PostgreSQL with database `app`, the DDL applied, and a streaming agent on `tables`.
@@ -437,20 +677,10 @@ pub async fn running_with(
     pipeline_extra: &str,
     top_extra: &str,
 ) -> Running {
-    let pg = TestPg::start();
-    let db = pg.create_db("app").await;
-    db.batch_execute(ddl).await.expect("test schema");
-    let work = Workdir::new();
-    let cfg = work.config(&pg.url("app"), tables, pipeline_extra, top_extra);
-    let agent = AgentProc::start(&cfg, &work.path().join("agent.log"));
-    agent.wait_streaming().await;
-    Running {
-        pg,
-        db,
-        work,
-        cfg,
-        agent,
-    }
+    prepare(ddl, tables, pipeline_extra, top_extra)
+        .await
+        .streaming()
+        .await
 }
 
 /// Wait until `table` holds exactly `rows` rows in Iceberg.
@@ -463,18 +693,119 @@ pub async fn wait_rows(work: &Workdir, table: &str, rows: u64, secs: u64) {
     .await;
 }
 
-/// Sum of the samples of `name` whose label text contains `labels`, from a scrape of `addr`.
-pub async fn metric_value(addr: &str, name: &str, labels: &str) -> f64 {
-    let text = reqwest::get(format!("http://{addr}/metrics"))
+/// Wait until `table` holds at least `rows` rows in Iceberg; returns how many it holds.
+pub async fn wait_rows_at_least(work: &Workdir, table: &str, rows: u64, secs: u64) -> u64 {
+    wait_for(
+        Duration::from_secs(secs),
+        &format!("at least {rows} rows in {table}"),
+        || async { iceberg_rows(work, table).filter(|n| *n >= rows) },
+    )
+    .await
+}
+
+/// `batches` transactions of `size` rows each, ids from `first` on:
+/// `INSERT INTO <table> SELECT <select> FROM generate_series(lo, hi) g`, pausing `pause`
+/// after each one (none when zero).
+pub async fn insert_batches(
+    db: &tokio_postgres::Client,
+    table: &str,
+    select: &str,
+    first: i64,
+    batches: i64,
+    size: i64,
+    pause: Duration,
+) {
+    for i in 0..batches {
+        let lo = first + i * size;
+        db.batch_execute(&format!(
+            "INSERT INTO {table} SELECT {select} FROM generate_series({lo}, {}) g",
+            lo + size - 1
+        ))
+        .await
+        .expect("insert batch");
+        if !pause.is_zero() {
+            tokio::time::sleep(pause).await;
+        }
+    }
+}
+
+/// Wait until something listens on 127.0.0.1:`port`.
+pub async fn wait_port(port: u16, what: &str, secs: u64) {
+    wait_for(Duration::from_secs(secs), what, || async {
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .ok()
+            .map(|_| ())
+    })
+    .await;
+}
+
+/// The `/metrics` exposition of the agent at `addr` (None if it does not answer).
+pub async fn try_scrape(addr: &str) -> Option<String> {
+    reqwest::get(format!("http://{addr}/metrics"))
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()
+}
+
+/// The `/metrics` exposition of the agent at `addr`.
+pub async fn scrape(addr: &str) -> String {
+    reqwest::get(format!("http://{addr}/metrics"))
         .await
         .expect("scrape")
         .text()
         .await
-        .expect("scrape body");
+        .expect("scrape body")
+}
+
+/// Sum of the samples of `name` whose label text contains `labels`, from a scrape of `addr`.
+pub async fn metric_value(addr: &str, name: &str, labels: &str) -> f64 {
+    sample_sum(&scrape(addr).await, name, labels)
+}
+
+/// Sum of the samples of `name` whose label text contains `labels` in the exposition `text`.
+pub fn sample_sum(text: &str, name: &str, labels: &str) -> f64 {
     text.lines()
         .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(labels))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
+}
+
+/// `philotes <args> --config <cfg>`, ready to run.
+pub fn philotes_cmd(args: &[&str], cfg: &Path) -> Command {
+    let mut cmd = Command::new(philotes_bin());
+    cmd.args(args).arg("--config").arg(cfg);
+    cmd
+}
+
+/// Run `philotes <args> --config <cfg>`; returns (exit code, output).
+pub fn run_philotes(args: &[&str], cfg: &Path) -> (i32, String) {
+    run_cmd(&mut philotes_cmd(args, cfg))
+}
+
+/// Serve TLS with `server.crt` and `server.key` of the data directory (made by the caller):
+/// key mode 600, both owned by the server's user, `ssl = on`, and a restart.
+pub fn use_server_cert(pg: &TestPg) {
+    let dir = &pg.pg.data_dir;
+    let (key, crt) = (dir.join("server.key"), dir.join("server.crt"));
+    let _ = Command::new("chmod").arg("600").arg(&key).status();
+    if let Some(owner) = pg.pg.owner() {
+        let _ = Command::new("chown")
+            .arg(owner)
+            .arg(&key)
+            .arg(&crt)
+            .status();
+    }
+    let mut conf = std::fs::read_to_string(dir.join("postgresql.conf")).unwrap();
+    conf.push_str(&format!(
+        "ssl = on\nssl_cert_file = '{}'\nssl_key_file = '{}'\n",
+        crt.display(),
+        key.display()
+    ));
+    std::fs::write(dir.join("postgresql.conf"), conf).unwrap();
+    pg.pg.pg_ctl("restart").expect("restart with TLS");
 }
 
 /// A table with every mapped type (and an enum and a domain).
