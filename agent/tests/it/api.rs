@@ -6,7 +6,6 @@ use std::process::Command;
 use std::time::Duration;
 
 use crate::common::*;
-use philotes::demo::postgres::free_port;
 use reqwest::StatusCode;
 use serde_json::Value;
 
@@ -18,6 +17,23 @@ struct Api {
 }
 
 impl Api {
+    /// POST `body` as `content_type` with the token (for requests `call` cannot make).
+    async fn post_raw(
+        &self,
+        path: &str,
+        content_type: &str,
+        body: impl Into<reqwest::Body>,
+    ) -> reqwest::Response {
+        self.http
+            .post(format!("{}{path}", self.base))
+            .bearer_auth(TOKEN)
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+            .await
+            .unwrap()
+    }
+
     async fn call(&self, method: &str, path: &str, token: Option<&str>) -> (StatusCode, Value) {
         let mut req = self
             .http
@@ -36,28 +52,15 @@ impl Api {
 }
 
 async fn start() -> (TestPg, tokio_postgres::Client, Workdir, AgentProc, Api) {
-    let pg = TestPg::start();
-    let db = pg.create_db("app").await;
-    db.batch_execute("CREATE TABLE t (id int PRIMARY KEY, n numeric(12,2))")
-        .await
-        .unwrap();
-    let work = Workdir::new();
-    let port = free_port().unwrap();
-    let cfg = work.config(&pg.url("app"), &["t"], "", "");
-    let text = std::fs::read_to_string(&cfg).unwrap().replace(
-        "listen = \"127.0.0.1:0\"",
-        &format!("listen = \"127.0.0.1:{port}\"\ntoken = \"${{TEST_API_TOKEN}}\""),
-    );
-    std::fs::write(&cfg, text).unwrap();
-    let mut agent = AgentProc::start_env(
-        &cfg,
-        &work.path().join("agent.log"),
+    let (running, addr) = running_numeric_t_on_a_fixed_port(
+        "",
+        "token = \"${TEST_API_TOKEN}\"",
         &[("TEST_API_TOKEN", TOKEN)],
-    );
-    agent.api = Some(format!("127.0.0.1:{port}"));
-    agent.wait_streaming().await;
+    )
+    .await;
+    let (pg, db, work, agent) = running.parts();
     let api = Api {
-        base: format!("http://127.0.0.1:{port}"),
+        base: format!("http://{addr}"),
         http: reqwest::Client::new(),
     };
     (pg, db, work, agent, api)
@@ -73,10 +76,7 @@ async fn every_route_answers_and_pause_resume_loses_nothing() {
     db.batch_execute("INSERT INTO t SELECT g, g FROM generate_series(1, 100) g; INSERT INTO t VALUES (1000, 'NaN')")
         .await
         .unwrap();
-    wait_for(Duration::from_secs(60), "first rows", || async {
-        (iceberg_rows(&work, "ns.t") == Some(100)).then_some(())
-    })
-    .await;
+    wait_rows(&work, "ns.t", 100, 60).await;
 
     // Open routes.
     let (s, v) = api.call("GET", "/health/live", None).await;
@@ -185,34 +185,24 @@ async fn every_route_answers_and_pause_resume_loses_nothing() {
         );
     }
     let big = api
-        .http
-        .post(format!("{}/api/v1/pipelines/p/pause", api.base))
-        .bearer_auth(TOKEN)
-        .header("content-type", "application/json")
-        .body(vec![b' '; 200 * 1024])
-        .send()
-        .await
-        .unwrap();
+        .post_raw(
+            "/api/v1/pipelines/p/pause",
+            "application/json",
+            vec![b' '; 200 * 1024],
+        )
+        .await;
     assert_eq!(big.status(), StatusCode::PAYLOAD_TOO_LARGE);
     let text = api
-        .http
-        .post(format!("{}/api/v1/pipelines/p/pause", api.base))
-        .bearer_auth(TOKEN)
-        .header("content-type", "text/plain")
-        .body("pause please")
-        .send()
-        .await
-        .unwrap();
+        .post_raw("/api/v1/pipelines/p/pause", "text/plain", "pause please")
+        .await;
     assert_eq!(text.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
     let bad_json = api
-        .http
-        .post(format!("{}/api/v1/pipelines/p/resume", api.base))
-        .bearer_auth(TOKEN)
-        .header("content-type", "application/json")
-        .body("{\"not\": json")
-        .send()
-        .await
-        .unwrap();
+        .post_raw(
+            "/api/v1/pipelines/p/resume",
+            "application/json",
+            "{\"not\": json",
+        )
+        .await;
     assert_eq!(bad_json.status(), StatusCode::BAD_REQUEST);
     assert!(bad_json.json::<Value>().await.unwrap()["error"].is_string());
     assert!(text.json::<Value>().await.unwrap()["error"].is_string());
@@ -235,15 +225,7 @@ async fn every_route_answers_and_pause_resume_loses_nothing() {
     assert!(v["reasons"][0].as_str().unwrap().contains("paused"));
     let before = snapshots(&work);
     let rows_before = iceberg_rows(&work, "ns.t").unwrap();
-    for i in 0..20 {
-        db.batch_execute(&format!(
-            "INSERT INTO t SELECT g, g FROM generate_series({}, {}) g",
-            2000 + i * 100,
-            2000 + i * 100 + 99
-        ))
-        .await
-        .unwrap();
-    }
+    insert_batches(&db, "t", "g, g", 2000, 20, 100, Duration::ZERO).await;
     db.batch_execute("UPDATE t SET n = n + 1 WHERE id <= 10; DELETE FROM t WHERE id = 50")
         .await
         .unwrap();
@@ -267,12 +249,7 @@ async fn every_route_answers_and_pause_resume_loses_nothing() {
         .await;
     assert_eq!(s, StatusCode::OK);
     let want = rows_before + 2000 + 10 + 1;
-    wait_for(
-        Duration::from_secs(60),
-        "every change after resume",
-        || async { (iceberg_rows(&work, "ns.t") == Some(want)).then_some(()) },
-    )
-    .await;
+    wait_rows(&work, "ns.t", want, 60).await;
     verify_state(&work, "ns.t", &pg, "SELECT id, n FROM t WHERE id <> 1000");
     assert!(!agent.log_text().contains(TOKEN), "token in the log");
     assert_eq!(agent.terminate(), Some(0));

@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use crate::common::*;
 use philotes::config::{ApiConfig, Config, IcebergConfig, TelemetryConfig};
-use philotes::demo::postgres::free_port;
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -67,28 +66,14 @@ fn compose_prometheus_and_agent_configs_are_valid() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dashboard_collector_and_dockerfile_match_the_agent() {
-    let pg = TestPg::start();
-    let db = pg.create_db("app").await;
-    db.batch_execute("CREATE TABLE t (id int PRIMARY KEY, n numeric(12,2))")
-        .await
-        .unwrap();
-    let work = Workdir::new();
-    let port = free_port().unwrap();
     // Maintenance at work too, for the "Table health" row.
-    let cfg = work.config(
-        &pg.url("app"),
-        &["t"],
-        "",
+    let (running, addr) = running_numeric_t_on_a_fixed_port(
         "[maintenance]\ninterval = \"1s\"\nsnapshot_retention = \"1s\"\nretain_last = 1\nmin_input_files = 2\n",
-    );
-    let text = std::fs::read_to_string(&cfg).unwrap().replace(
-        "listen = \"127.0.0.1:0\"",
-        &format!("listen = \"127.0.0.1:{port}\""),
-    );
-    std::fs::write(&cfg, text).unwrap();
-    let mut agent = AgentProc::start(&cfg, &work.path().join("agent.log"));
-    agent.api = Some(format!("127.0.0.1:{port}"));
-    agent.wait_streaming().await;
+        "",
+        &[],
+    )
+    .await;
+    let (_pg, db, work, agent) = running.parts();
     // CDC (every operation), buffer, Iceberg, DLQ and API paths.
     db.batch_execute(
         "INSERT INTO t SELECT g, g FROM generate_series(1, 200) g;
@@ -97,11 +82,11 @@ async fn dashboard_collector_and_dockerfile_match_the_agent() {
     )
     .await
     .unwrap();
-    wait_for(Duration::from_secs(60), "dead letter committed", || async {
-        let v = agent.api_json("/api/v1/pipelines/p").await?;
-        (v["dlq_rows"] == 1 && v["buffered_events"] == 0).then_some(())
-    })
-    .await;
+    agent
+        .wait_pipeline("p", 60, "dead letter committed", |v| {
+            v["dlq_rows"] == 1 && v["buffered_events"] == 0
+        })
+        .await;
     for i in 0..3 {
         db.batch_execute(&format!("INSERT INTO t VALUES ({}, 1)", 2000 + i))
             .await
@@ -109,12 +94,7 @@ async fn dashboard_collector_and_dockerfile_match_the_agent() {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     wait_for(Duration::from_secs(60), "maintenance metrics", || async {
-        let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
-            .await
-            .ok()?
-            .text()
-            .await
-            .ok()?;
+        let text = try_scrape(&addr).await?;
         (text.contains("philotes_iceberg_files_removed_total")
             && text.contains("philotes_iceberg_maintenance_duration_seconds_bucket"))
         .then_some(())
@@ -123,31 +103,20 @@ async fn dashboard_collector_and_dockerfile_match_the_agent() {
     for p in ["/api/v1/pipelines", "/api/v1/pipelines/p/tables", "/nope"] {
         let _ = agent.api_json(p).await;
     }
-    let scrape = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
     let scrape_path = work.path().join("scrape.txt");
-    std::fs::write(&scrape_path, scrape).unwrap();
+    std::fs::write(&scrape_path, scrape(&addr).await).unwrap();
 
-    let out = Command::new(python())
-        .arg(root().join("agent/tests/py/check_stack.py"))
-        .arg("--root")
-        .arg(root())
-        .arg("--scrape")
-        .arg(&scrape_path)
-        .arg("--valid-env")
-        .arg(valid_env_names().join(","))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let v = python_json(
+        Command::new(python())
+            .arg(py_script("check_stack.py"))
+            .arg("--root")
+            .arg(root())
+            .arg("--scrape")
+            .arg(&scrape_path)
+            .arg("--valid-env")
+            .arg(valid_env_names().join(",")),
+        "check_stack.py",
     );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["problems"], serde_json::json!([]), "{v}");
     let checked = v["checked"]["dashboard_metrics"].as_array().unwrap();
     assert!(

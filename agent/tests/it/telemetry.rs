@@ -3,7 +3,6 @@
 //! third-party receiver exists here) a tonic server built from `opentelemetry-proto` in the test.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Write as _;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -131,46 +130,24 @@ impl Drop for Killer {
 }
 
 async fn setup(extra_top: &str) -> (TestPg, tokio_postgres::Client, Workdir, AgentProc, String) {
-    let pg = TestPg::start();
-    let db = pg.create_db("app").await;
-    db.batch_execute("CREATE TABLE t (id int PRIMARY KEY, n numeric(12,2))")
-        .await
-        .unwrap();
-    let work = Workdir::new();
-    let port = free_port().unwrap();
-    let cfg = work.config(&pg.url("app"), &["t"], "", extra_top);
-    let text = std::fs::read_to_string(&cfg).unwrap().replace(
-        "listen = \"127.0.0.1:0\"",
-        &format!("listen = \"127.0.0.1:{port}\""),
-    );
-    std::fs::write(&cfg, text).unwrap();
-    let mut agent = AgentProc::start(&cfg, &work.path().join("agent.log"));
-    agent.api = Some(format!("127.0.0.1:{port}"));
-    agent.wait_streaming().await;
-    (pg, db, work, agent, format!("127.0.0.1:{port}"))
+    let (r, addr) = running_numeric_t_on_a_fixed_port(extra_top, "", &[]).await;
+    (r.pg, r.db, r.work, r.agent, addr)
 }
 
 async fn wait_committed(agent: &AgentProc, rows: u64) {
-    wait_for(Duration::from_secs(60), "events committed", || async {
-        let v = agent.api_json("/api/v1/pipelines/p").await?;
-        let committed: u64 = v["tables"]
-            .as_object()?
-            .values()
-            .map(|t| t["committed_rows"].as_u64().unwrap_or(0))
-            .sum();
-        let dlq = v["dlq_rows"].as_u64().unwrap_or(0);
-        (committed + dlq >= rows && v["buffered_events"] == 0).then_some(())
-    })
-    .await;
-}
-
-async fn scrape(addr: &str) -> String {
-    reqwest::get(format!("http://{addr}/metrics"))
-        .await
-        .expect("scrape")
-        .text()
-        .await
-        .expect("scrape body")
+    agent
+        .wait_pipeline("p", 60, "events committed", |v| {
+            let Some(tables) = v["tables"].as_object() else {
+                return false;
+            };
+            let committed: u64 = tables
+                .values()
+                .map(|t| t["committed_rows"].as_u64().unwrap_or(0))
+                .sum();
+            let dlq = v["dlq_rows"].as_u64().unwrap_or(0);
+            committed + dlq >= rows && v["buffered_events"] == 0
+        })
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -246,20 +223,7 @@ async fn prometheus_scrapes_the_agent_and_promtool_is_clean() {
 
     let text = scrape(&addr).await;
     std::fs::write(work.path().join("scrape.txt"), &text).unwrap();
-    let mut promtool = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("promtool");
-    promtool
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = promtool.wait_with_output().unwrap();
+    let out = output_with_stdin(Command::new("promtool").args(["check", "metrics"]), &text);
     assert!(
         out.status.success(),
         "promtool check metrics: {}{}",
@@ -342,16 +306,19 @@ fn spans(ndjson: &str) -> Vec<Value> {
         .collect()
 }
 
-fn start_oteltap(port: u16, out: &Path) -> Killer {
+/// Start `oteltap` on `port` (its NDJSON to `out`) and wait until it listens.
+async fn start_oteltap(port: u16, out: &Path) -> Killer {
     let bin = python().parent().unwrap().join("oteltap");
-    Killer(
+    let tap = Killer(
         Command::new(bin)
             .args(["--port", &port.to_string()])
             .stdout(std::fs::File::create(out).unwrap())
             .stderr(Stdio::null())
             .spawn()
             .expect("oteltap (pip install oteltap)"),
-    )
+    );
+    wait_port(port, "oteltap listening", 20).await;
+    tap
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -359,14 +326,7 @@ async fn otlp_http_receiver_gets_the_same_metrics_and_the_flush_trace() {
     let tap_port = free_port().unwrap();
     let work_tap = tempfile::tempdir().unwrap();
     let tap_out = work_tap.path().join("tap.ndjson");
-    let _tap = start_oteltap(tap_port, &tap_out);
-    wait_for(Duration::from_secs(20), "oteltap listening", || async {
-        tokio::net::TcpStream::connect(("127.0.0.1", tap_port))
-            .await
-            .ok()
-            .map(|_| ())
-    })
-    .await;
+    let _tap = start_oteltap(tap_port, &tap_out).await;
     let top = format!(
         "[telemetry]\notlp_endpoint = \"http://127.0.0.1:{tap_port}\"\nexport_interval = \"1s\"\nlog_format = \"json\"\n"
     );
@@ -466,14 +426,7 @@ async fn otlp_http_receiver_gets_the_same_metrics_and_the_flush_trace() {
 async fn killing_the_otlp_receiver_does_not_stop_the_pipeline() {
     let tap_port = free_port().unwrap();
     let tmp = tempfile::tempdir().unwrap();
-    let tap = start_oteltap(tap_port, &tmp.path().join("tap.ndjson"));
-    wait_for(Duration::from_secs(20), "oteltap listening", || async {
-        tokio::net::TcpStream::connect(("127.0.0.1", tap_port))
-            .await
-            .ok()
-            .map(|_| ())
-    })
-    .await;
+    let tap = start_oteltap(tap_port, &tmp.path().join("tap.ndjson")).await;
     let top = format!(
         "[telemetry]\notlp_endpoint = \"http://127.0.0.1:{tap_port}\"\nexport_interval = \"500ms\"\n"
     );
@@ -483,22 +436,8 @@ async fn killing_the_otlp_receiver_does_not_stop_the_pipeline() {
         .unwrap();
     drop(tap); // the collector goes away mid-stream
     let started = std::time::Instant::now();
-    for i in 0..20 {
-        db.batch_execute(&format!(
-            "INSERT INTO t SELECT g, g FROM generate_series({}, {}) g",
-            2000 + i * 500,
-            2000 + i * 500 + 499
-        ))
-        .await
-        .unwrap();
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    wait_for(
-        Duration::from_secs(60),
-        "every row despite the dead collector",
-        || async { (iceberg_rows(&work, "ns.t") == Some(11_000)).then_some(()) },
-    )
-    .await;
+    insert_batches(&db, "t", "g, g", 2000, 20, 500, Duration::from_millis(100)).await;
+    wait_rows(&work, "ns.t", 11_000, 60).await;
     assert!(started.elapsed() < Duration::from_secs(60));
     let errors = wait_for(Duration::from_secs(30), "export errors counted", || async {
         let s = parse_scrape(&scrape(&addr).await);
