@@ -47,16 +47,6 @@ fn venv_bin(name: &str) -> PathBuf {
     python().parent().unwrap().join(name)
 }
 
-async fn wait_port(port: u16, what: &str) {
-    wait_for(Duration::from_secs(60), what, || async {
-        tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .ok()
-            .map(|_| ())
-    })
-    .await;
-}
-
 const KEY: &str = "philotes-test-key";
 const SECRET: &str = "philotes-test-secret-9f8e";
 
@@ -88,7 +78,7 @@ async fn moto(dir: &Path, bucket: Option<&str>) -> Moto {
         Command::new(venv_bin("moto_server")).args(["-H", "127.0.0.1", "-p", &port.to_string()]),
         &dir.join("moto.log"),
     );
-    wait_port(port, "moto_server").await;
+    wait_port(port, "moto_server", 60).await;
     let endpoint = format!("http://127.0.0.1:{port}");
     if let Some(b) = bucket {
         let code = format!(
@@ -160,8 +150,8 @@ impl Seaweed {
     }
 
     async fn wait_ready(&self) {
-        wait_port(self.s3, "seaweed S3").await;
-        wait_port(self.rest, "seaweed Iceberg REST").await;
+        wait_port(self.s3, "seaweed S3", 60).await;
+        wait_port(self.rest, "seaweed Iceberg REST", 60).await;
         let url = format!("http://127.0.0.1:{}/v1/config", self.rest);
         wait_for(Duration::from_secs(60), "seaweed REST config", || async {
             reqwest::get(&url)
@@ -180,6 +170,17 @@ impl Seaweed {
     async fn restart(&mut self) {
         self.server = Server::spawn(Command::new(venv_bin("weed")).args(&self.args), &self.log);
         self.wait_ready().await;
+    }
+
+    /// `verify.py` arguments (table first) that read `ns.t` through the REST catalog.
+    fn reader_args(&self) -> Vec<String> {
+        vec![
+            "ns.t".into(),
+            "--rest-uri".into(),
+            format!("http://127.0.0.1:{}", self.rest),
+            "--catalog-props".into(),
+            s3_props(&format!("http://127.0.0.1:{}", self.s3)).to_string(),
+        ]
     }
 
     fn rest_top(&self) -> String {
@@ -202,6 +203,14 @@ fn config_with(work: &Workdir, source: &str, tables: &[&str], iceberg: &str) -> 
     cfg
 }
 
+/// A private PostgreSQL with `ddl` in database `app`, and a work directory.
+async fn source(ddl: &str) -> (TestPg, tokio_postgres::Client, Workdir) {
+    let pg = TestPg::start();
+    let db = pg.create_db("app").await;
+    db.batch_execute(ddl).await.unwrap();
+    (pg, db, Workdir::new())
+}
+
 fn start_agent(cfg: &Path, work: &Workdir) -> AgentProc {
     AgentProc::start_env(
         cfg,
@@ -210,16 +219,27 @@ fn start_agent(cfg: &Path, work: &Workdir) -> AgentProc {
     )
 }
 
-fn verify_with(args: &[&str]) -> Value {
-    let work = Workdir::new();
-    verify(&work, args[0], &args[1..])
+/// `philotes <args> --config <cfg>` with the S3 secret in its environment; (exit code, output).
+fn run_with_secret(args: &[&str], cfg: &Path) -> (i32, String) {
+    run_cmd(philotes_cmd(args, cfg).env("TEST_S3_SECRET", SECRET))
 }
 
-async fn wait_rows(args: &[&str], want: u64, secs: u64) -> Value {
+/// `verify.py` with `args` (the table first, then how to reach its catalog) and the folded
+/// table checked against `query` on the source database `app`.
+fn verify_against(args: &[String], pg: &TestPg, query: &str) -> Value {
+    let conninfo = pg.conninfo("app");
+    let mut full: Vec<&str> = args[1..].iter().map(String::as_str).collect();
+    full.extend(["--pg-conninfo", &conninfo, "--pg-query", query]);
+    verify(&Workdir::new(), &args[0], &full)
+}
+
+/// Wait until `verify.py` with `args` (table first) reads `want` rows; returns its JSON.
+async fn wait_read_rows(args: &[String], want: u64, secs: u64) -> Value {
     wait_for(Duration::from_secs(secs), "rows in the table", || async {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/py/verify.py");
         let mut cmd = Command::new(python());
-        cmd.arg(script).args(["--table", args[0]]).args(&args[1..]);
+        cmd.arg(py_script("verify.py"))
+            .args(["--table", &args[0]])
+            .args(&args[1..]);
         let out = cmd.output().ok()?;
         let v: Value = serde_json::from_slice(&out.stdout).ok()?;
         (v["rows"].as_u64() == Some(want)).then_some(v)
@@ -242,12 +262,7 @@ async fn sql_catalog_with_moto_s3_warehouse() {
         s3_section(&m.endpoint)
     );
     let cfg = config_with(&work, &pg.url("app"), &["t"], &iceberg);
-    let (rc, out) = run_cmd(
-        Command::new(philotes_bin())
-            .args(["check", "--config"])
-            .arg(&cfg)
-            .env("TEST_S3_SECRET", SECRET),
-    );
+    let (rc, out) = run_with_secret(&["check"], &cfg);
     assert_eq!(rc, 0, "check: {out}");
     assert!(!out.contains(SECRET), "S3 secret in check output");
     // Trace level: every library's logging is on, and still no secret may appear.
@@ -263,32 +278,17 @@ async fn sql_catalog_with_moto_s3_warehouse() {
     )
     .await
     .unwrap();
-    let props = s3_props(&m.endpoint).to_string();
-    let db_path = work.catalog_db().display().to_string();
-    let args = [
-        "ns.t",
-        "--catalog-db",
-        &db_path,
-        "--warehouse",
-        "s3://lake/wh",
-        "--catalog-props",
-        &props,
+    let args: Vec<String> = vec![
+        "ns.t".into(),
+        "--catalog-db".into(),
+        work.catalog_db().display().to_string(),
+        "--warehouse".into(),
+        "s3://lake/wh".into(),
+        "--catalog-props".into(),
+        s3_props(&m.endpoint).to_string(),
     ];
-    wait_rows(&args, 3400, 90).await;
-    let conninfo = pg.conninfo("app");
-    let v = verify_with(&[
-        "ns.t",
-        "--catalog-db",
-        &db_path,
-        "--warehouse",
-        "s3://lake/wh",
-        "--catalog-props",
-        &props,
-        "--pg-conninfo",
-        &conninfo,
-        "--pg-query",
-        "SELECT id, s, n FROM t",
-    ]);
+    wait_read_rows(&args, 3400, 90).await;
+    let v = verify_against(&args, &pg, "SELECT id, s, n FROM t");
     assert_eq!(v["unique"], true);
     assert_eq!(v["state_equal"], true, "{}", v["state_diff"]);
     let lsns = v["lsn_properties"].as_array().unwrap();
@@ -310,13 +310,8 @@ async fn sql_catalog_with_moto_s3_warehouse() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sql_catalog_on_postgres() {
-    let pg = TestPg::start();
-    let db = pg.create_db("app").await;
+    let (pg, db, work) = source("CREATE TABLE t (id int PRIMARY KEY, s text)").await;
     pg.create_db("catalog").await;
-    db.batch_execute("CREATE TABLE t (id int PRIMARY KEY, s text)")
-        .await
-        .unwrap();
-    let work = Workdir::new();
     let iceberg = format!(
         "[iceberg]\nuri = \"postgres://philotes@127.0.0.1:{}/catalog\"\nwarehouse = \"{}\"\n",
         pg.pg.port,
@@ -333,12 +328,8 @@ async fn sql_catalog_on_postgres() {
         pg.pg.port
     );
     let wh = work.warehouse().display().to_string();
-    let v = wait_rows(
-        &["ns.t", "--sql-uri", &sql_uri, "--warehouse", &wh],
-        500,
-        60,
-    )
-    .await;
+    let args = ["ns.t", "--sql-uri", &sql_uri, "--warehouse", &wh].map(String::from);
+    let v = wait_read_rows(&args, 500, 60).await;
     assert_eq!(v["unique"], true);
     assert!(!v["lsn_properties"].as_array().unwrap().is_empty());
     assert_eq!(agent.terminate(), Some(0));
@@ -348,34 +339,28 @@ async fn sql_catalog_on_postgres() {
 async fn rest_catalog_on_seaweedfs_survives_an_s3_outage() {
     let work = Workdir::new();
     let mut weed = Seaweed::start(work.path(), false).await;
-    let pg = TestPg::start();
-    let db = pg.create_db("app").await;
-    db.batch_execute("CREATE TABLE t (id int PRIMARY KEY, s text)")
-        .await
-        .unwrap();
+    let (pg, db, _) = source("CREATE TABLE t (id int PRIMARY KEY, s text)").await;
     let cfg = config_with(&work, &pg.url("app"), &["t"], &weed.rest_top());
     let agent = start_agent(&cfg, &work);
     agent.wait_streaming().await;
     db.batch_execute("INSERT INTO t SELECT g, 'a' || g FROM generate_series(1, 1000) g")
         .await
         .unwrap();
-    let rest = format!("http://127.0.0.1:{}", weed.rest);
-    let props = s3_props(&format!("http://127.0.0.1:{}", weed.s3)).to_string();
-    let args = ["ns.t", "--rest-uri", &rest, "--catalog-props", &props];
-    wait_rows(&args, 1000, 90).await;
+    let args = weed.reader_args();
+    wait_read_rows(&args, 1000, 90).await;
 
     // Outage: the object store and catalog vanish for 20 s while changes keep coming.
     weed.stop();
-    for i in 0..10 {
-        db.batch_execute(&format!(
-            "INSERT INTO t SELECT g, 'b' || g FROM generate_series({}, {}) g",
-            2000 + i * 100,
-            2000 + i * 100 + 99
-        ))
-        .await
-        .unwrap();
-        tokio::time::sleep(Duration::from_secs(2)).await;
-    }
+    insert_batches(
+        &db,
+        "t",
+        "g, 'b' || g",
+        2000,
+        10,
+        100,
+        Duration::from_secs(2),
+    )
+    .await;
     let during = agent.api_json("/api/v1/pipelines/p").await.unwrap();
     assert_eq!(during["state"], "retrying", "the outage shows: {during}");
     assert!(
@@ -386,17 +371,9 @@ async fn rest_catalog_on_seaweedfs_survives_an_s3_outage() {
         "{during}"
     );
     weed.restart().await;
-    let v = wait_rows(&args, 2000, 120).await;
+    let v = wait_read_rows(&args, 2000, 120).await;
     assert_eq!(v["unique"], true, "no duplicates after the outage");
-    let conninfo = pg.conninfo("app");
-    let mut full = args.to_vec();
-    full.extend([
-        "--pg-conninfo",
-        conninfo.as_str(),
-        "--pg-query",
-        "SELECT id, s FROM t",
-    ]);
-    let v = verify_with(&full);
+    let v = verify_against(&args, &pg, "SELECT id, s FROM t");
     assert_eq!(v["state_equal"], true, "{}", v["state_diff"]);
     assert!(!v["lsn_properties"].as_array().unwrap().is_empty());
     assert_eq!(agent.terminate(), Some(0));
@@ -410,20 +387,14 @@ async fn a_second_writer_between_commits_is_a_resolved_conflict() {
     db.batch_execute("INSERT INTO t SELECT g, 'agent' FROM generate_series(1, 100) g")
         .await
         .unwrap();
-    wait_for(Duration::from_secs(60), "first commit", || async {
-        (iceberg_rows(&work, "ns.t") == Some(100)).then_some(())
-    })
-    .await;
+    wait_rows(&work, "ns.t", 100, 60).await;
     // PyIceberg appends one row to the same table: the agent's view is now stale.
     let (rc, out) = pyiceberg(&work, "append_other('ns.t')\n");
     assert_eq!(rc, 0, "PyIceberg append: {out}");
     db.batch_execute("INSERT INTO t SELECT g, 'agent' FROM generate_series(101, 200) g")
         .await
         .unwrap();
-    wait_for(Duration::from_secs(60), "both writers' rows", || async {
-        (iceberg_rows(&work, "ns.t") == Some(201)).then_some(())
-    })
-    .await;
+    wait_rows(&work, "ns.t", 201, 60).await;
     let v = verify(&work, "ns.t", &["--rows"]);
     let ids: std::collections::BTreeSet<i64> = v["all_rows"]
         .as_array()
@@ -432,12 +403,7 @@ async fn a_second_writer_between_commits_is_a_resolved_conflict() {
         .map(|r| r["id"].as_i64().unwrap())
         .collect();
     assert!(ids.contains(&999_999) && ids.contains(&200) && ids.len() == 201);
-    let metrics = reqwest::get(format!("http://{}/metrics", agent.api_addr().unwrap()))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = scrape(&agent.api_addr().unwrap()).await;
     assert!(
         metrics.lines().any(|l| l
             .starts_with("philotes_cdc_errors_total{error_type=\"commit_conflict\"")
@@ -454,11 +420,7 @@ async fn bad_storage_fails_check_with_one_line_and_run_keeps_retrying() {
     let weed_dir = work.path().join("auth");
     std::fs::create_dir_all(&weed_dir).unwrap();
     let weed = Seaweed::start(&weed_dir, true).await;
-    let pg = TestPg::start();
-    let db = pg.create_db("app").await;
-    db.batch_execute("CREATE TABLE t (id int PRIMARY KEY)")
-        .await
-        .unwrap();
+    let (pg, _db, _) = source("CREATE TABLE t (id int PRIMARY KEY)").await;
     let dead = free_port().unwrap();
     let cases = [
         (
@@ -487,12 +449,7 @@ async fn bad_storage_fails_check_with_one_line_and_run_keeps_retrying() {
     ];
     for (what, iceberg, needle) in &cases {
         let cfg = config_with(&work, &pg.url("app"), &["t"], iceberg);
-        let (rc, out) = run_cmd(
-            Command::new(philotes_bin())
-                .args(["check", "--config"])
-                .arg(&cfg)
-                .env("TEST_S3_SECRET", SECRET),
-        );
+        let (rc, out) = run_with_secret(&["check"], &cfg);
         assert_eq!(rc, 2, "{what}: {out}");
         let lines: Vec<&str> = out.lines().filter(|l| l.starts_with("philotes:")).collect();
         assert_eq!(lines.len(), 1, "{what}: one line: {out}");
@@ -506,15 +463,11 @@ async fn bad_storage_fails_check_with_one_line_and_run_keeps_retrying() {
     // `run` with an unreachable catalog: the pipeline reports failed and keeps retrying.
     let cfg = config_with(&work, &pg.url("app"), &["t"], &cases[2].1);
     let agent = start_agent(&cfg, &work);
-    let v = wait_for(
-        Duration::from_secs(60),
-        "failed state with a reason",
-        || async {
-            let v = agent.api_json("/api/v1/pipelines/p").await?;
-            (v["state"] == "retrying" && v["last_error"].is_string()).then_some(v)
-        },
-    )
-    .await;
+    let v = agent
+        .wait_pipeline("p", 60, "failed state with a reason", |v| {
+            v["state"] == "retrying" && v["last_error"].is_string()
+        })
+        .await;
     assert!(v["last_error"].as_str().unwrap().contains("catalog"), "{v}");
     let retries = |t: &str| -> f64 {
         t.lines()
@@ -524,22 +477,9 @@ async fn bad_storage_fails_check_with_one_line_and_run_keeps_retrying() {
             .unwrap_or(0.0)
     };
     let addr = agent.api_addr().unwrap();
-    let first = retries(
-        &reqwest::get(format!("http://{addr}/metrics"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap(),
-    );
+    let first = retries(&scrape(&addr).await);
     wait_for(Duration::from_secs(60), "more retries", || async {
-        let t = reqwest::get(format!("http://{addr}/metrics"))
-            .await
-            .ok()?
-            .text()
-            .await
-            .ok()?;
-        (retries(&t) > first).then_some(())
+        (retries(&try_scrape(&addr).await?) > first).then_some(())
     })
     .await;
     assert_eq!(agent.terminate(), Some(0));
@@ -551,11 +491,7 @@ async fn bad_storage_fails_check_with_one_line_and_run_keeps_retrying() {
 async fn maintenance_through_the_rest_catalog_on_seaweedfs() {
     let work = Workdir::new();
     let weed = Seaweed::start(work.path(), false).await;
-    let pg = TestPg::start();
-    let db = pg.create_db("app").await;
-    db.batch_execute("CREATE TABLE t (id int PRIMARY KEY, s text)")
-        .await
-        .unwrap();
+    let (pg, db, _) = source("CREATE TABLE t (id int PRIMARY KEY, s text)").await;
     let maintenance = "[maintenance]\ninterval = \"1s\"\nsnapshot_retention = \"2s\"\nretain_last = 2\nmin_input_files = 4\nmetadata_versions = 3\n";
     let cfg = config_with(
         &work,
@@ -565,20 +501,18 @@ async fn maintenance_through_the_rest_catalog_on_seaweedfs() {
     );
     let agent = start_agent(&cfg, &work);
     agent.wait_streaming().await;
-    for i in 0..14 {
-        db.batch_execute(&format!(
-            "INSERT INTO t SELECT g, 'r' || g FROM generate_series({}, {}) g",
-            i * 10,
-            i * 10 + 9
-        ))
-        .await
-        .unwrap();
-        tokio::time::sleep(Duration::from_millis(400)).await;
-    }
-    let rest = format!("http://127.0.0.1:{}", weed.rest);
-    let props = s3_props(&format!("http://127.0.0.1:{}", weed.s3)).to_string();
-    let args = ["ns.t", "--rest-uri", &rest, "--catalog-props", &props];
-    wait_rows(&args, 140, 90).await;
+    insert_batches(
+        &db,
+        "t",
+        "g, 'r' || g",
+        0,
+        14,
+        10,
+        Duration::from_millis(400),
+    )
+    .await;
+    let args = weed.reader_args();
+    wait_read_rows(&args, 140, 90).await;
     wait_for(Duration::from_secs(60), "compaction and expiry", || async {
         let log = agent.log_text();
         (log.contains("maintenance: rewrote") && log.contains("maintenance: expired")).then_some(())
@@ -586,26 +520,13 @@ async fn maintenance_through_the_rest_catalog_on_seaweedfs() {
     .await;
     let log = agent.log_text();
     assert!(!log.contains("maintenance failed"), "{log}");
-    let conninfo = pg.conninfo("app");
-    let mut full = args.to_vec();
-    full.extend([
-        "--pg-conninfo",
-        conninfo.as_str(),
-        "--pg-query",
-        "SELECT id, s FROM t",
-    ]);
-    let v = verify_with(&full);
+    let v = verify_against(&args, &pg, "SELECT id, s FROM t");
     assert_eq!(v["rows"], 140, "{v}");
     assert_eq!(v["unique"], true, "{v}");
     assert_eq!(v["state_equal"], true, "{}", v["state_diff"]);
     assert_eq!(agent.terminate(), Some(0));
     // The one-off run through the same catalog: a dry run plans, changes nothing.
-    let (code, out) = run_cmd(
-        Command::new(philotes_bin())
-            .args(["maintain", "--dry-run", "--config"])
-            .arg(&cfg)
-            .env("TEST_S3_SECRET", SECRET),
-    );
+    let (code, out) = run_with_secret(&["maintain", "--dry-run"], &cfg);
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("ns.t\texpire\tok"), "{out}");
     // Listing the S3 prefix for orphans works (nothing is old enough to go).
