@@ -27,23 +27,8 @@ async fn add_and_drop_column_mid_stream() {
     )
     .await
     .unwrap();
-    wait_for(
-        Duration::from_secs(60),
-        "rows across three schemas",
-        || async { (iceberg_rows(&work, "ns.s") == Some(151)).then_some(()) },
-    )
-    .await;
-    let v = verify(
-        &work,
-        "ns.s",
-        &[
-            "--rows",
-            "--pg-conninfo",
-            &pg.conninfo("app"),
-            "--pg-query",
-            "SELECT id, a, c FROM s",
-        ],
-    );
+    wait_rows(&work, "ns.s", 151, 60).await;
+    let v = verify_source(&work, "ns.s", &pg, "SELECT id, a, c FROM s", &["--rows"]);
     assert_eq!(v["state_equal"], true, "{}", v["state_diff"]);
     let rows = v["all_rows"].as_array().unwrap();
     let row = |id: i64| rows.iter().rev().find(|r| r["id"] == id).unwrap().clone();
@@ -79,18 +64,9 @@ async fn a_renamed_column_stops_with_a_schema_error() {
     ] {
         db.batch_execute(sql).await.unwrap();
     }
-    let v = wait_for(Duration::from_secs(60), "schema error", || async {
-        let v = agent.api_json("/api/v1/pipelines/p").await?;
-        (v["state"] == "retrying").then_some(v)
-    })
-    .await;
+    let v = agent.wait_state("p", "retrying", 60).await;
     assert!(v["last_error"].as_str().unwrap().contains("renamed"), "{v}");
-    let text = reqwest::get(format!("http://{}/metrics", agent.api_addr().unwrap()))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = scrape(&agent.api_addr().unwrap()).await;
     assert!(
         text.contains("error_type=\"schema\""),
         "philotes_cdc_errors_total{{error_type=\"schema\"}}"
@@ -116,10 +92,7 @@ async fn unchanged_toast_values_are_listed_not_silently_null() {
     )
     .await
     .unwrap();
-    wait_for(Duration::from_secs(60), "two rows", || async {
-        (iceberg_rows(&work, "ns.doc") == Some(2)).then_some(())
-    })
-    .await;
+    wait_rows(&work, "ns.doc", 2, 60).await;
     let v = verify(&work, "ns.doc", &["--rows"]);
     let rows = v["all_rows"].as_array().unwrap();
     assert_eq!(
@@ -198,48 +171,31 @@ async fn one_failing_pipeline_does_not_stop_the_other() {
         pg2.url("two")
     ));
     std::fs::write(&cfg, text).unwrap();
-    let agent = AgentProc::start(&cfg, &work.path().join("agent.log"));
-    agent.wait_streaming().await;
-    wait_for(
-        Duration::from_secs(60),
-        "second pipeline streaming",
-        || async {
-            let v = agent.api_json("/api/v1/pipelines/q").await?;
-            (v["state"] == "streaming").then_some(())
-        },
-    )
-    .await;
+    let agent = AgentProc::start_streaming(&cfg, &work.path().join("agent.log")).await;
+    agent.wait_state("q", "streaming", 60).await;
     db2.batch_execute("INSERT INTO t SELECT g, 'two' FROM generate_series(1, 100) g")
         .await
         .unwrap();
-    wait_for(Duration::from_secs(60), "pipeline q rows", || async {
-        (iceberg_rows(&work, "ns2.t") == Some(100)).then_some(())
-    })
-    .await;
+    wait_rows(&work, "ns2.t", 100, 60).await;
     drop(db2);
     pg2.pg.stop();
-    for i in 0..10 {
-        db1.batch_execute(&format!(
-            "INSERT INTO t SELECT g, 'one' FROM generate_series({}, {}) g",
-            i * 100,
-            i * 100 + 99
-        ))
-        .await
-        .unwrap();
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
-    wait_for(
-        Duration::from_secs(60),
-        "pipeline p keeps committing",
-        || async { (iceberg_rows(&work, "ns.t") == Some(1000)).then_some(()) },
+    insert_batches(
+        &db1,
+        "t",
+        "g, 'one'",
+        0,
+        10,
+        100,
+        Duration::from_millis(300),
     )
     .await;
+    wait_rows(&work, "ns.t", 1000, 60).await;
     // A retrying pipeline looks like one: its state, the attempt count and the next attempt.
-    let q = wait_for(Duration::from_secs(60), "q retrying twice", || async {
-        let v = agent.api_json("/api/v1/pipelines/q").await?;
-        (v["state"] == "retrying" && v["retry"]["attempt"].as_u64()? >= 2).then_some(v)
-    })
-    .await;
+    let q = agent
+        .wait_pipeline("q", 60, "q retrying twice", |v| {
+            v["state"] == "retrying" && v["retry"]["attempt"].as_u64().unwrap_or(0) >= 2
+        })
+        .await;
     assert!(q["last_error"].is_string(), "{q}");
     assert_eq!(q["retry"]["error_type"], "connection", "{q}");
     let next =
@@ -272,10 +228,7 @@ async fn one_failing_pipeline_does_not_stop_the_other() {
     db2.batch_execute("INSERT INTO t SELECT g, 'two' FROM generate_series(101, 200) g")
         .await
         .unwrap();
-    wait_for(Duration::from_secs(90), "pipeline q recovered", || async {
-        (iceberg_rows(&work, "ns2.t") == Some(200)).then_some(())
-    })
-    .await;
+    wait_rows(&work, "ns2.t", 200, 90).await;
     assert_eq!(verify(&work, "ns2.t", &[])["unique"], true);
     let q = agent.api_json("/api/v1/pipelines/q").await.unwrap();
     assert_eq!(q["state"], "streaming", "{q}");
@@ -327,7 +280,7 @@ async fn one_failing_pipeline_does_not_stop_the_other() {
 /// continue from the copy's consistent point: folded, it equals the source.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_table_added_to_the_publication_is_snapshotted_and_streamed() {
-    let (_pg, db, work, agent) = running(
+    let (pg, db, work, agent) = running(
         "CREATE TABLE a (id int PRIMARY KEY, v text);
          CREATE TABLE b (id int PRIMARY KEY, v text);
          INSERT INTO b SELECT g, 'old' FROM generate_series(1, 500) g;
@@ -357,26 +310,12 @@ async fn a_table_added_to_the_publication_is_snapshotted_and_streamed() {
     .await
     .unwrap();
     wait_rows(&work, "ns.a", 2, 60).await;
-    let conninfo = _pg.conninfo("app");
     let v = wait_for(
         Duration::from_secs(90),
         "b folded equals the source",
-        || {
-            let conninfo = conninfo.clone();
-            let work = &work;
-            async move {
-                let v = verify(
-                    work,
-                    "ns.b",
-                    &[
-                        "--pg-conninfo",
-                        &conninfo,
-                        "--pg-query",
-                        "SELECT id, v FROM b",
-                    ],
-                );
-                (v["state_equal"] == true).then_some(v)
-            }
+        || async {
+            let v = verify_source(&work, "ns.b", &pg, "SELECT id, v FROM b", &[]);
+            (v["state_equal"] == true).then_some(v)
         },
     )
     .await;
@@ -451,11 +390,7 @@ async fn a_table_that_joined_and_left_streams_without_looping() {
         .unwrap()
         .error_for_status()
         .unwrap();
-    wait_for(Duration::from_secs(30), "paused", || async {
-        let v = agent.api_json("/api/v1/pipelines/p").await?;
-        (v["state"] == "paused").then_some(())
-    })
-    .await;
+    agent.wait_state("p", "paused", 30).await;
     // While the agent reads nothing: d joins, publishes one row, and leaves.
     for sql in [
         "ALTER PUBLICATION philotes_p ADD TABLE d",
@@ -489,6 +424,22 @@ async fn a_table_that_joined_and_left_streams_without_looping() {
     assert_eq!(agent.terminate(), Some(0));
 }
 
+/// A server that streams transactions in progress after 64 kB of decoded changes, with table
+/// `big` (id, v, pad) and a config for it.
+async fn prepare_streamed_big() -> Prepared {
+    let mut opts = LocalPgOptions::default();
+    opts.settings
+        .push(("logical_decoding_work_mem".into(), "64kB".into()));
+    prepare_with(
+        opts,
+        "CREATE TABLE big (id int PRIMARY KEY, v text, pad text)",
+        &["big"],
+        "",
+        "",
+    )
+    .await
+}
+
 /// Streamed transactions the server has sent for `slot` (`pg_stat_replication_slots`).
 async fn stream_txns(pg: &TestPg, slot: &str) -> i64 {
     pg.client("app")
@@ -506,19 +457,11 @@ async fn stream_txns(pg: &TestPg, slot: &str) -> i64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_progress_transactions_stream_with_savepoints_rollbacks_and_crashes() {
     // 64 kB of decoded changes and PostgreSQL streams the transaction before it commits.
-    let mut opts = LocalPgOptions::default();
-    opts.settings
-        .push(("logical_decoding_work_mem".into(), "64kB".into()));
-    let pg = TestPg::start_with(opts);
-    let db = pg.create_db("app").await;
-    db.batch_execute("CREATE TABLE big (id int PRIMARY KEY, v text, pad text)")
-        .await
-        .unwrap();
-    let work = Workdir::new();
-    let cfg = work.config(&pg.url("app"), &["big"], "", "");
+    let Prepared {
+        pg, db, work, cfg, ..
+    } = prepare_streamed_big().await;
     let log = work.path().join("agent.log");
-    let agent = AgentProc::start(&cfg, &log);
-    agent.wait_streaming().await;
+    let agent = AgentProc::start_streaming(&cfg, &log).await;
     let ins = |a: i64, b: i64| {
         format!("INSERT INTO big SELECT g, 'v' || g, repeat('p', 100) FROM generate_series({a}, {b}) g;")
     };
@@ -612,8 +555,7 @@ async fn in_progress_transactions_stream_with_savepoints_rollbacks_and_crashes()
     .await;
     assert!(gauge > 100_000.0, "philotes_buffer_spool_bytes = {gauge}");
     agent.kill9();
-    let agent = AgentProc::start(&cfg, &log);
-    agent.wait_streaming().await;
+    let agent = AgentProc::start_streaming(&cfg, &log).await;
     open.batch_execute(&format!("{} COMMIT;", ins(100_001, 101_000)))
         .await
         .unwrap();
@@ -634,8 +576,7 @@ async fn in_progress_transactions_stream_with_savepoints_rollbacks_and_crashes()
 
     // With streaming off the server spools instead; the result is the same.
     let cfg = work.config(&pg.url("app"), &["big"], "stream_in_progress = false", "");
-    let agent = AgentProc::start(&cfg, &log);
-    agent.wait_streaming().await;
+    let agent = AgentProc::start_streaming(&cfg, &log).await;
     let before = stream_txns(&pg, "philotes_p").await;
     db.batch_execute(&format!(
         "BEGIN; {} SAVEPOINT s; {} ROLLBACK TO s; COMMIT;",
@@ -656,20 +597,16 @@ async fn in_progress_transactions_stream_with_savepoints_rollbacks_and_crashes()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_source_tables_with_one_iceberg_name_are_refused_not_mixed() {
-    let pg = TestPg::start();
-    let db = pg.create_db("app").await;
     // `a.b` and `public.a__b` both map to Iceberg `ns.a__b`; the second joins through the
     // publication, so the config check cannot see it.
-    db.batch_execute(
+    let (_pg, db, work, agent) = running(
         "CREATE SCHEMA a; CREATE TABLE a.b (id int PRIMARY KEY); CREATE TABLE a__b (id int PRIMARY KEY);
          CREATE PUBLICATION philotes_p FOR TABLE a.b, a__b;",
+        &["a.b"],
+        "",
     )
     .await
-    .unwrap();
-    let work = Workdir::new();
-    let cfg = work.config(&pg.url("app"), &["a.b"], "", "");
-    let agent = AgentProc::start(&cfg, &work.path().join("agent.log"));
-    agent.wait_streaming().await;
+    .parts();
     db.batch_execute("INSERT INTO a.b VALUES (1)")
         .await
         .unwrap();
@@ -677,16 +614,14 @@ async fn two_source_tables_with_one_iceberg_name_are_refused_not_mixed() {
     db.batch_execute("INSERT INTO a__b VALUES (2)")
         .await
         .unwrap();
-    let error = wait_for(
-        Duration::from_secs(60),
-        "the pipeline to report the clash",
-        || async {
-            let v = agent.api_json("/api/v1/pipelines/p").await?;
-            let e = v["last_error"].as_str()?.to_string();
-            e.contains("same Iceberg table").then_some(e)
-        },
-    )
-    .await;
+    let v = agent
+        .wait_pipeline("p", 60, "the pipeline to report the clash", |v| {
+            v["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("same Iceberg table"))
+        })
+        .await;
+    let error = v["last_error"].as_str().unwrap();
     assert!(error.contains("a.b") && error.contains("a__b"), "{error}");
     assert_eq!(
         iceberg_rows(&work, "ns.a__b"),
@@ -701,15 +636,7 @@ async fn two_source_tables_with_one_iceberg_name_are_refused_not_mixed() {
 /// directory exists again the transaction lands exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_spool_error_is_counted_once_per_attempt_and_recovers() {
-    let mut opts = LocalPgOptions::default();
-    opts.settings
-        .push(("logical_decoding_work_mem".into(), "64kB".into()));
-    let pg = TestPg::start_with(opts);
-    let db = pg.create_db("app").await;
-    db.batch_execute("CREATE TABLE big (id int PRIMARY KEY, v text, pad text)")
-        .await
-        .unwrap();
-    let work = Workdir::new();
+    let Prepared { pg, db, work, .. } = prepare_streamed_big().await;
     let spool = work.path().join("spool");
     let cfg = work.config(
         &pg.url("app"),
@@ -717,8 +644,7 @@ async fn a_spool_error_is_counted_once_per_attempt_and_recovers() {
         &format!("spool_dir = \"{}\"", spool.display()),
         "",
     );
-    let agent = AgentProc::start(&cfg, &work.path().join("agent.log"));
-    agent.wait_streaming().await;
+    let agent = AgentProc::start_streaming(&cfg, &work.path().join("agent.log")).await;
     // Large enough that the server streams it while it is still open.
     db.batch_execute(
         "INSERT INTO big SELECT g, 'v' || g, repeat('p', 100) FROM generate_series(1, 5000) g",
