@@ -8,17 +8,24 @@ use crate::common::*;
 const ROWS: i64 = 200_000;
 
 async fn setup() -> (TestPg, tokio_postgres::Client, Workdir, std::path::PathBuf) {
-    let pg = TestPg::start();
-    let db = pg.create_db("app").await;
-    db.batch_execute(&format!(
-        "CREATE TABLE big (id bigint PRIMARY KEY, v int NOT NULL, h text);
-         INSERT INTO big SELECT g, 0, md5(g::text) FROM generate_series(1, {ROWS}) g;"
-    ))
+    prepare(
+        &format!(
+            "CREATE TABLE big (id bigint PRIMARY KEY, v int NOT NULL, h text);
+             INSERT INTO big SELECT g, 0, md5(g::text) FROM generate_series(1, {ROWS}) g;"
+        ),
+        &["big"],
+        "snapshot = \"initial\"",
+        "",
+    )
     .await
-    .unwrap();
-    let work = Workdir::new();
-    let cfg = work.config(&pg.url("app"), &["big"], "snapshot = \"initial\"", "");
-    (pg, db, work, cfg)
+    .parts()
+}
+
+/// PostgreSQL with `ddl` and an agent, not waited for, that copies `tables` before it streams.
+async fn copying(ddl: &str, tables: &[&str]) -> Running {
+    prepare(ddl, tables, "snapshot = \"initial\"", "")
+        .await
+        .started()
 }
 
 /// Inserts, updates and deletes while the snapshot runs (in the background).
@@ -40,18 +47,8 @@ fn churn(db: tokio_postgres::Client) -> tokio::task::JoinHandle<()> {
 }
 
 fn folded_equals_source(pg: &TestPg, work: &Workdir) -> serde_json::Value {
-    let v = verify(
-        work,
-        "ns.big",
-        &[
-            "--pg-conninfo",
-            &pg.conninfo("app"),
-            "--pg-query",
-            "SELECT id, v, h FROM big",
-        ],
-    );
+    let v = verify_state(work, "ns.big", pg, "SELECT id, v, h FROM big");
     assert_eq!(v["unique"], true, "duplicates: {}", v["duplicates"]);
-    assert_eq!(v["state_equal"], true, "{}", v["state_diff"]);
     v
 }
 
@@ -67,16 +64,7 @@ async fn settled(pg: &TestPg, work: &Workdir) {
         Duration::from_secs(240),
         "snapshot + stream settled",
         || async {
-            let v = verify(
-                work,
-                "ns.big",
-                &[
-                    "--pg-conninfo",
-                    &pg.conninfo("app"),
-                    "--pg-query",
-                    "SELECT id FROM big",
-                ],
-            );
+            let v = verify_source(work, "ns.big", pg, "SELECT id FROM big", &[]);
             (v["state_rows"].as_i64() == Some(want) && v["state_equal"] == true).then_some(())
         },
     )
@@ -110,12 +98,7 @@ async fn snapshot_under_concurrent_writes_matches_the_source() {
             && l.contains("initial snapshot: committed")),
         "the copy runs in its own span (its trace id is on the line)"
     );
-    let metrics = reqwest::get(format!("http://{}/metrics", agent.api_addr().unwrap()))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = scrape(&agent.api_addr().unwrap()).await;
     assert!(
         metrics.lines().any(
             |l| l.starts_with("philotes_cdc_events_total{operation=\"snapshot\"")
@@ -206,9 +189,15 @@ async fn sigkill_during_the_snapshot_resumes_it_without_duplicates() {
 /// it; values Iceberg cannot hold go to the dead-letter table with their reason.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_type_snapshots_like_it_streams() {
-    let pg = TestPg::start();
-    let db = pg.create_db("app").await;
-    db.batch_execute(ALL_TYPES).await.expect("schema");
+    let Prepared {
+        pg, db, work, cfg, ..
+    } = prepare(
+        ALL_TYPES,
+        &["all_types"],
+        "snapshot = \"initial\"\nsnapshot_readers = 2",
+        "",
+    )
+    .await;
     for chunk in (1..=3000i64).collect::<Vec<_>>().chunks(500) {
         let values: Vec<String> = chunk.iter().map(|&i| all_types_values(i)).collect();
         db.batch_execute(&format!(
@@ -242,13 +231,6 @@ async fn every_type_snapshots_like_it_streams() {
         .unwrap()
         .get(0);
     assert!(blocks >= 64, "two readers need >= 64 blocks, have {blocks}");
-    let work = Workdir::new();
-    let cfg = work.config(
-        &pg.url("app"),
-        &["all_types"],
-        "snapshot = \"initial\"\nsnapshot_readers = 2",
-        "",
-    );
     let agent = AgentProc::start(&cfg, &work.path().join("agent.log"));
     wait_rows(&work, "ns.all_types", 3003, 120).await;
     wait_rows(&work, "ns._philotes_dlq", 2, 60).await;
@@ -257,11 +239,7 @@ async fn every_type_snapshots_like_it_streams() {
     assert_eq!(v["snapshot_duplicate_keys"], 0);
     assert_eq!(v["duckdb_equal"], true, "{}", v["duckdb_diff"]);
     assert_eq!(v["state_equal"], true, "{}", v["state_diff"]);
-    let dlq = verify(
-        &work,
-        "ns._philotes_dlq",
-        &["--pk", "source_table,_cdc_lsn,_cdc_seq", "--rows"],
-    );
+    let dlq = verify_dlq(&work);
     let rows = dlq["all_rows"].as_array().unwrap();
     assert_eq!(rows.len(), 2, "{dlq}");
     for r in rows {
@@ -282,18 +260,19 @@ async fn every_type_snapshots_like_it_streams() {
 /// nor writes a change twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshot_state_survives_expired_snapshots() {
-    let pg = TestPg::start();
-    let db = pg.create_db("app").await;
-    db.batch_execute(
+    let Running {
+        pg: _pg,
+        db,
+        work,
+        cfg,
+        agent,
+    } = copying(
         "CREATE TABLE small (id int PRIMARY KEY, s text);
          INSERT INTO small SELECT g, 'r' || g FROM generate_series(1, 1000) g;",
+        &["small"],
     )
-    .await
-    .unwrap();
-    let work = Workdir::new();
-    let cfg = work.config(&pg.url("app"), &["small"], "snapshot = \"initial\"", "");
-    let log = work.path().join("agent.log");
-    let agent = AgentProc::start(&cfg, &log);
+    .await;
+    let log = agent.log.clone();
     wait_rows(&work, "ns.small", 1000, 120).await;
     db.batch_execute("INSERT INTO small SELECT g, 's' || g FROM generate_series(1001, 1100) g")
         .await
@@ -310,8 +289,7 @@ async fn snapshot_state_survives_expired_snapshots() {
     );
     assert_eq!(rc, 0, "PyIceberg append + expire: {out}");
     assert!(out.contains("snapshots 1 done done"), "{out}");
-    let agent = AgentProc::start(&cfg, &log);
-    agent.wait_streaming().await;
+    let agent = AgentProc::start_streaming(&cfg, &log).await;
     db.batch_execute("INSERT INTO small SELECT g, 't' || g FROM generate_series(1101, 1150) g")
         .await
         .unwrap();
@@ -338,20 +316,16 @@ async fn snapshot_state_survives_expired_snapshots() {
 /// streamed afterwards with a lower LSN and must still reach the dead-letter table.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_letters_of_one_table_are_not_dropped_below_another_tables_snapshot() {
-    let pg = TestPg::start();
-    let db = pg.create_db("app").await;
-    db.batch_execute(
+    let (_pg, db, work, agent) = copying(
         "CREATE TABLE a (id int PRIMARY KEY, t timestamptz);
          CREATE TABLE b (id int PRIMARY KEY, t timestamptz);
          INSERT INTO a SELECT g, now() FROM generate_series(1, 200000) g;
          INSERT INTO b VALUES (1, now()), (2, 'infinity');",
+        &["a", "b"],
     )
     .await
-    .unwrap();
-    let work = Workdir::new();
-    let cfg = work.config(&pg.url("app"), &["a", "b"], "snapshot = \"initial\"", "");
-    let log = work.path().join("agent.log");
-    let agent = AgentProc::start(&cfg, &log);
+    .parts();
+    let log = agent.log.clone();
     // While `a` is copied (after its snapshot point, before `b`'s).
     wait_log_line(&log, "the copy of a", |l| {
         l.contains("initial snapshot: copying") && l.contains("table=public.a")
@@ -361,11 +335,7 @@ async fn dead_letters_of_one_table_are_not_dropped_below_another_tables_snapshot
         .await
         .unwrap();
     wait_rows(&work, "ns._philotes_dlq", 2, 120).await;
-    let dlq = verify(
-        &work,
-        "ns._philotes_dlq",
-        &["--pk", "source_table,_cdc_lsn,_cdc_seq", "--rows"],
-    );
+    let dlq = verify_dlq(&work);
     let tables: Vec<&str> = dlq["all_rows"]
         .as_array()
         .unwrap()
