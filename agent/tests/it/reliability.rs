@@ -40,27 +40,25 @@ fn mixed_txn(rng: &mut Rng, next: &mut i64, live: &mut Vec<i64>, ops: &mut [u64;
     for _ in 0..15 {
         touched.insert(live[rng.below(live.len() as u64) as usize]);
     }
-    let list = touched
-        .iter()
-        .map(i64::to_string)
-        .collect::<Vec<_>>()
-        .join(",");
-    sql.push_str(&format!("UPDATE m SET v = v + 1 WHERE id IN ({list});"));
+    sql.push_str(&format!(
+        "UPDATE m SET v = v + 1 WHERE id IN ({});",
+        id_list(&touched)
+    ));
     ops[1] += touched.len() as u64;
     let mut gone = BTreeSet::new();
     for _ in 0..5 {
         let i = rng.below(live.len() as u64) as usize;
         gone.insert(live.swap_remove(i));
     }
-    let list = gone
-        .iter()
-        .map(i64::to_string)
-        .collect::<Vec<_>>()
-        .join(",");
-    sql.push_str(&format!("DELETE FROM m WHERE id IN ({list});"));
+    sql.push_str(&format!("DELETE FROM m WHERE id IN ({});", id_list(&gone)));
     ops[2] += gone.len() as u64;
     sql.push_str("COMMIT;");
     sql
+}
+
+/// `1,2,3` for an `IN (...)` list.
+fn id_list(ids: &BTreeSet<i64>) -> String {
+    ids.iter().map(i64::to_string).collect::<Vec<_>>().join(",")
 }
 
 const MIXED_DDL: &str = "CREATE TABLE m (id bigint PRIMARY KEY, v int NOT NULL, h text)";
@@ -74,16 +72,11 @@ fn figures(fault: &str, runs: usize, lost: i64, dup: i64, recovery: Duration) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_loop_five_sigkills_every_change_exactly_once() {
-    let pg = TestPg::start();
-    let db = pg.create_db("app").await;
-    db.batch_execute("CREATE TABLE m (id bigint PRIMARY KEY, v int NOT NULL, h text)")
+    let (pg, _db, work, cfg) = prepare(MIXED_DDL, &["m"], "batch_rows = 5000", "")
         .await
-        .unwrap();
-    let work = Workdir::new();
-    let cfg = work.config(&pg.url("app"), &["m"], "batch_rows = 5000", "");
+        .parts();
     let log = work.path().join("agent.log");
-    let mut agent = AgentProc::start(&cfg, &log);
-    agent.wait_streaming().await;
+    let mut agent = AgentProc::start_streaming(&cfg, &log).await;
 
     // 2,000 transactions of 100 changes (200k), paced over about 20 s.
     let gen_db = pg.client("app").await;
@@ -107,17 +100,11 @@ async fn crash_loop_five_sigkills_every_change_exactly_once() {
         agent.kill9();
         let confirmed = pg.confirmed_lsn("app", "philotes_p").await;
         let held: BTreeSet<u64> = match iceberg_rows(&work, "ns.m") {
-            Some(_) => verify(&work, "ns.m", &[])["lsns"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|v| v.as_u64().unwrap())
-                .collect(),
+            Some(_) => lsn_set(&verify(&work, "ns.m", &[])),
             None => BTreeSet::new(),
         };
         let restarted = Instant::now();
-        agent = AgentProc::start(&cfg, &log);
-        agent.wait_streaming().await;
+        agent = AgentProc::start_streaming(&cfg, &log).await;
         recoveries.push(restarted.elapsed());
         kills.push((confirmed, held));
         let _ = k;
@@ -125,10 +112,7 @@ async fn crash_loop_five_sigkills_every_change_exactly_once() {
     let ops = gen.await.unwrap();
     let total = ops.iter().sum::<u64>();
     assert!(total > 190_000, "about 200k changes: {total}");
-    wait_for(Duration::from_secs(240), "all 200k changes", || async {
-        (iceberg_rows(&work, "ns.m") >= Some(total)).then_some(())
-    })
-    .await;
+    wait_rows_at_least(&work, "ns.m", total, 240).await;
     let v = verify_state(&work, "ns.m", &pg, "SELECT id, v, h FROM m");
     let rows = v["rows"].as_u64().unwrap() as i64;
     assert_eq!(v["unique"], true, "duplicates: {}", v["duplicates"]);
@@ -138,12 +122,7 @@ async fn crash_loop_five_sigkills_every_change_exactly_once() {
     assert_eq!(v["state_equal"], true, "{}", v["state_diff"]);
     // At every kill, each transaction Iceberg did not hold yet has a commit LSN at or after the
     // position the slot had confirmed: the slot never confirmed what Iceberg did not hold.
-    let all: BTreeSet<u64> = v["lsns"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap())
-        .collect();
+    let all = lsn_set(&v);
     for (i, (confirmed, held)) in kills.iter().enumerate() {
         if let Some(first_missing) = all.difference(held).next() {
             assert!(
@@ -169,14 +148,9 @@ async fn postgres_restarts_fast_and_immediate_lose_nothing() {
     // Committed means durable here: with synchronous_commit=off an immediate shutdown may drop
     // the last acknowledged transactions at the source itself, which is not what is tested.
     opts.settings.retain(|(k, _)| k != "synchronous_commit");
-    let pg = TestPg::start_with(opts);
-    let db = pg.create_db("app").await;
-    db.batch_execute("CREATE TABLE m (id bigint PRIMARY KEY, v int NOT NULL, h text)")
-        .await
-        .unwrap();
-    let work = Workdir::new();
-    let cfg = work.config(&pg.url("app"), &["m"], "", "");
-    let mut agent = AgentProc::start(&cfg, &work.path().join("agent.log"));
+    let p = prepare_with(opts, MIXED_DDL, &["m"], "", "").await;
+    let mut agent = p.start_agent();
+    let (pg, _db, work, _) = p.parts();
     agent.api = None;
     agent.wait_streaming().await;
     let addr = agent.api_addr().unwrap();
@@ -199,12 +173,7 @@ async fn postgres_restarts_fast_and_immediate_lose_nothing() {
         worst = worst.max(t.elapsed());
     }
     let total = ops.iter().sum::<u64>();
-    wait_for(
-        Duration::from_secs(120),
-        "every change after the restarts",
-        || async { (iceberg_rows(&work, "ns.m") >= Some(total)).then_some(()) },
-    )
-    .await;
+    wait_rows_at_least(&work, "ns.m", total, 120).await;
     let v = verify_state(&work, "ns.m", &pg, "SELECT id, v, h FROM m");
     assert_eq!(v["rows"], total);
     assert_eq!(v["state_equal"], true, "{}", v["state_diff"]);
@@ -241,24 +210,19 @@ async fn a_locked_sqlite_catalog_delays_but_loses_nothing() {
         assert_eq!(line.trim(), "locked");
     }
     let locked_at = Instant::now();
-    for i in 0..10 {
-        db.batch_execute(&format!(
-            "INSERT INTO m SELECT g, 0, 'b' FROM generate_series({}, {}) g",
-            2000 + i * 100,
-            2000 + i * 100 + 99
-        ))
-        .await
-        .unwrap();
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    let _ = locker.wait();
-    let rss_during = agent.peak_rss();
-    wait_for(
-        Duration::from_secs(120),
-        "every row after the lock",
-        || async { (iceberg_rows(&work, "ns.m") == Some(2000)).then_some(()) },
+    insert_batches(
+        &db,
+        "m",
+        "g, 0, 'b'",
+        2000,
+        10,
+        100,
+        Duration::from_millis(500),
     )
     .await;
+    let _ = locker.wait();
+    let rss_during = agent.peak_rss();
+    wait_rows(&work, "ns.m", 2000, 120).await;
     let recovery = locked_at.elapsed().saturating_sub(Duration::from_secs(20));
     let v = verify(&work, "ns.m", &[]);
     assert_eq!(v["unique"], true);
@@ -291,11 +255,7 @@ async fn a_second_agent_on_the_same_slot_fails_fast() {
         .unwrap();
     // The same config again: same slot, same catalog and warehouse.
     let t = Instant::now();
-    let (code, out) = run_cmd(
-        Command::new(philotes_bin())
-            .args(["run", "--config"])
-            .arg(&cfg),
-    );
+    let (code, out) = run_philotes(&["run"], &cfg);
     let took = t.elapsed();
     assert_eq!(code, 2, "{out}");
     let lines: Vec<&str> = out.lines().filter(|l| l.starts_with("philotes:")).collect();
@@ -309,12 +269,7 @@ async fn a_second_agent_on_the_same_slot_fails_fast() {
     db.batch_execute("INSERT INTO m SELECT g, 0, 'b' FROM generate_series(501, 1000) g")
         .await
         .unwrap();
-    wait_for(
-        Duration::from_secs(60),
-        "the first agent goes on",
-        || async { (iceberg_rows(&work, "ns.m") == Some(1000)).then_some(()) },
-    )
-    .await;
+    wait_rows(&work, "ns.m", 1000, 60).await;
     assert_eq!(verify(&work, "ns.m", &[])["unique"], true);
     figures("second agent on the same slot", 1, 0, 0, Duration::ZERO);
     assert_eq!(first.terminate(), Some(0));
@@ -342,25 +297,9 @@ async fn verify_full_tls_and_secrets_never_leak() {
     );
     let (rc, out) = run_cmd(Command::new("sh").arg("-c").arg(sh));
     assert_eq!(rc, 0, "{out}");
-    if let Some(owner) = pg.pg.owner() {
-        let _ = Command::new("chown")
-            .arg(owner)
-            .arg(dir.join("server.key"))
-            .arg(dir.join("server.crt"))
-            .status();
-    }
-    let mut conf = std::fs::read_to_string(dir.join("postgresql.conf")).unwrap();
-    conf.push_str(&format!(
-        "ssl = on\nssl_cert_file = '{}'\nssl_key_file = '{}'\n",
-        dir.join("server.crt").display(),
-        dir.join("server.key").display()
-    ));
-    std::fs::write(dir.join("postgresql.conf"), conf).unwrap();
-    pg.pg.pg_ctl("restart").unwrap();
+    use_server_cert(&pg);
     let db = pg.create_db("app").await;
-    db.batch_execute("CREATE TABLE m (id bigint PRIMARY KEY, v int NOT NULL, h text)")
-        .await
-        .unwrap();
+    db.batch_execute(MIXED_DDL).await.unwrap();
     let work = Workdir::new();
     let ca = dir.join("ca.crt");
     let other = dir.join("other.crt");
@@ -384,11 +323,7 @@ async fn verify_full_tls_and_secrets_never_leak() {
         1,
     );
     std::fs::write(&good, &good_text).unwrap();
-    let (rc, out) = run_cmd(
-        Command::new(philotes_bin())
-            .args(["check", "--config"])
-            .arg(&good),
-    );
+    let (rc, out) = run_philotes(&["check"], &good);
     assert_eq!(rc, 0, "verify-full with the right CA: {out}");
     let bad = work.path().join("bad.toml");
     std::fs::write(
@@ -396,11 +331,7 @@ async fn verify_full_tls_and_secrets_never_leak() {
         good_text.replace(&ca.display().to_string(), &other.display().to_string()),
     )
     .unwrap();
-    let (rc, bad_out) = run_cmd(
-        Command::new(philotes_bin())
-            .args(["check", "--config"])
-            .arg(&bad),
-    );
+    let (rc, bad_out) = run_philotes(&["check"], &bad);
     assert_eq!(rc, 2, "verify-full with the wrong CA must fail: {bad_out}");
     assert!(
         bad_out.to_lowercase().contains("tls") || bad_out.contains("certificate"),
@@ -425,24 +356,19 @@ async fn verify_full_tls_and_secrets_never_leak() {
         .unwrap();
     wait_rows(&work, "ns.m", 201, 60).await;
     let http = reqwest::Client::new();
-    let config = http
-        .get(format!("http://{addr}/api/v1/config"))
-        .bearer_auth(token)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let unauthorized = http
-        .post(format!("http://{addr}/api/v1/pipelines/p/pause"))
-        .bearer_auth("wrong")
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let body = |req: reqwest::RequestBuilder| async move {
+        req.send().await.unwrap().text().await.unwrap()
+    };
+    let config = body(
+        http.get(format!("http://{addr}/api/v1/config"))
+            .bearer_auth(token),
+    )
+    .await;
+    let unauthorized = body(
+        http.post(format!("http://{addr}/api/v1/pipelines/p/pause"))
+            .bearer_auth("wrong"),
+    )
+    .await;
     let log = agent.log_text();
     assert_eq!(agent.terminate(), Some(0));
     for (what, text) in [
@@ -494,16 +420,9 @@ impl Drop for Tmpfs {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn read_only_and_full_warehouse_recover_without_loss() {
-    let pg = TestPg::start();
-    let db = pg.create_db("app").await;
-    db.batch_execute("CREATE TABLE m (id bigint PRIMARY KEY, v int NOT NULL, h text)")
-        .await
-        .unwrap();
-    let work = Workdir::new();
-    let fs = Tmpfs::mount(&work.warehouse(), "64m");
-    let cfg = work.config(&pg.url("app"), &["m"], "", "");
-    let agent = AgentProc::start(&cfg, &work.path().join("agent.log"));
-    agent.wait_streaming().await;
+    let p = prepare(MIXED_DDL, &["m"], "", "").await;
+    let fs = Tmpfs::mount(&p.work.warehouse(), "64m");
+    let (pg, db, work, agent) = p.streaming().await.parts();
     let mut next = 0i64;
     let mut insert = |n: i64| {
         let sql = format!(
@@ -552,12 +471,7 @@ async fn read_only_and_full_warehouse_recover_without_loss() {
     );
     std::fs::remove_file(&filler).unwrap();
     let freed = Instant::now();
-    wait_for(
-        Duration::from_secs(120),
-        "rows after the disk was freed",
-        || async { (iceberg_rows(&work, "ns.m") == Some(23_000)).then_some(()) },
-    )
-    .await;
+    wait_rows(&work, "ns.m", 23_000, 120).await;
     let full_recovery = freed.elapsed();
     verify_state(&work, "ns.m", &pg, "SELECT id, v, h FROM m");
     let rss = agent.peak_rss();
