@@ -8,13 +8,7 @@ use crate::common::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_type_round_trips_through_pyiceberg_and_duckdb() {
-    let pg = TestPg::start();
-    let db = pg.create_db("app").await;
-    db.batch_execute(ALL_TYPES).await.expect("schema");
-    let work = Workdir::new();
-    let cfg = work.config(&pg.url("app"), &["public.all_types"], "", "");
-    let agent = AgentProc::start(&cfg, &work.path().join("agent.log"));
-    agent.wait_streaming().await;
+    let (pg, db, work, agent) = running(ALL_TYPES, &["public.all_types"], "").await.parts();
 
     let mut expected = String::new();
     let mut live: BTreeSet<i64> = BTreeSet::new();
@@ -71,12 +65,7 @@ async fn every_type_round_trips_through_pyiceberg_and_duckdb() {
         db.batch_execute(&sql).await.expect("workload transaction");
     }
     let want = expected.len() as u64;
-    wait_for(
-        Duration::from_secs(90),
-        "all changes in Iceberg",
-        || async { (iceberg_rows(&work, "ns.all_types") == Some(want)).then_some(()) },
-    )
-    .await;
+    wait_rows(&work, "ns.all_types", want, 90).await;
 
     let v = verify_all_types(&work, &pg.conninfo("app"), "");
     assert_eq!(
@@ -102,16 +91,16 @@ async fn every_type_round_trips_through_pyiceberg_and_duckdb() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_mid_stream_loses_and_duplicates_nothing() {
-    let pg = TestPg::start();
-    let db = pg.create_db("app").await;
-    db.batch_execute("CREATE TABLE events (id bigint PRIMARY KEY, v int NOT NULL, payload text)")
-        .await
-        .unwrap();
-    let work = Workdir::new();
-    let cfg = work.config(&pg.url("app"), &["events"], "batch_rows = 2000", "");
+    let (pg, _db, work, cfg) = prepare(
+        "CREATE TABLE events (id bigint PRIMARY KEY, v int NOT NULL, payload text)",
+        &["events"],
+        "batch_rows = 2000",
+        "",
+    )
+    .await
+    .parts();
     let log = work.path().join("agent.log");
-    let agent = AgentProc::start(&cfg, &log);
-    agent.wait_streaming().await;
+    let agent = AgentProc::start_streaming(&cfg, &log).await;
 
     // 500 transactions × 100 changes (inserts, then updates of earlier rows), in the background.
     let gen_db = pg.client("app").await;
@@ -141,37 +130,21 @@ async fn sigkill_mid_stream_loses_and_duplicates_nothing() {
     });
 
     // Kill once some of the stream is committed, but well before the end.
-    wait_for(Duration::from_secs(60), "first commits", || async {
-        iceberg_rows(&work, "ns.events")
-            .filter(|n| *n >= 2000)
-            .map(|_| ())
-    })
-    .await;
+    wait_rows_at_least(&work, "ns.events", 2000, 60).await;
     agent.kill9();
     let confirmed = pg.confirmed_lsn("app", "philotes_p").await;
     let before = verify(&work, "ns.events", &[]);
     assert_eq!(before["unique"], true);
-    let held: BTreeSet<u64> = before["lsns"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_u64().unwrap())
-        .collect();
+    let held = lsn_set(&before);
     assert!(
         before["rows"].as_u64().unwrap() < 50_000,
         "killed too late to mean anything"
     );
 
-    let agent = AgentProc::start(&cfg, &log);
-    agent.wait_streaming().await;
+    let agent = AgentProc::start_streaming(&cfg, &log).await;
     let ops = gen.await.unwrap();
     assert_eq!(ops.len(), 50_000);
-    wait_for(
-        Duration::from_secs(180),
-        "every change after restart",
-        || async { (iceberg_rows(&work, "ns.events") >= Some(50_000)).then_some(()) },
-    )
-    .await;
+    wait_rows_at_least(&work, "ns.events", 50_000, 180).await;
     let after = verify_state(&work, "ns.events", &pg, "SELECT id, v, payload FROM events");
     assert_eq!(
         after["rows"], 50_000,
@@ -183,13 +156,9 @@ async fn sigkill_mid_stream_loses_and_duplicates_nothing() {
     assert_eq!(after["state_equal"], true, "{}", after["state_diff"]);
     // The slot never confirmed past what Iceberg held at the kill: every transaction that was
     // missing then has a commit LSN at or after the confirmed position.
-    let missing_min = after["lsns"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_u64().unwrap())
-        .filter(|l| !held.contains(l))
-        .min()
+    let missing_min = *lsn_set(&after)
+        .difference(&held)
+        .next()
         .expect("some transactions arrived after the restart");
     assert!(
         missing_min >= confirmed,
@@ -200,29 +169,26 @@ async fn sigkill_mid_stream_loses_and_duplicates_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn small_transactions_coalesce_into_few_snapshots() {
-    let pg = TestPg::start();
-    let db = pg.create_db("app").await;
-    db.batch_execute("CREATE TABLE ticks (id int PRIMARY KEY, at timestamptz DEFAULT now())")
-        .await
-        .unwrap();
-    let work = Workdir::new();
-    let cfg = work.config(&pg.url("app"), &["ticks"], "", "");
+    let p = prepare(
+        "CREATE TABLE ticks (id int PRIMARY KEY, at timestamptz DEFAULT now())",
+        &["ticks"],
+        "",
+        "",
+    )
+    .await;
     // flush_interval = "1s" as the issue states (the helper's default is shorter).
-    let text = std::fs::read_to_string(&cfg)
-        .unwrap()
-        .replace("flush_interval = \"300ms\"", "flush_interval = \"1s\"");
-    std::fs::write(&cfg, text).unwrap();
-    let agent = AgentProc::start(&cfg, &work.path().join("agent.log"));
-    agent.wait_streaming().await;
+    edit_config(
+        &p.cfg,
+        "flush_interval = \"300ms\"",
+        "flush_interval = \"1s\"",
+    );
+    let (_pg, db, work, agent) = p.streaming().await.parts();
     for i in 0..1000 {
         db.execute("INSERT INTO ticks (id) VALUES ($1)", &[&i])
             .await
             .unwrap();
     }
-    wait_for(Duration::from_secs(60), "1000 rows", || async {
-        (iceberg_rows(&work, "ns.ticks") == Some(1000)).then_some(())
-    })
-    .await;
+    wait_rows(&work, "ns.ticks", 1000, 60).await;
     let v = verify(&work, "ns.ticks", &[]);
     let snaps = v["snapshots"].as_u64().unwrap();
     assert!(
@@ -241,10 +207,7 @@ async fn one_huge_transaction_streams_in_bounded_memory() {
     )
     .await
     .unwrap();
-    wait_for(Duration::from_secs(240), "200k rows", || async {
-        (iceberg_rows(&work, "ns.big") == Some(200_000)).then_some(())
-    })
-    .await;
+    wait_rows(&work, "ns.big", 200_000, 240).await;
     let rss = agent.peak_rss();
     assert!(rss > 0, "could not read the agent's VmHWM");
     assert!(rss < 300 << 20, "peak RSS {} MB ≥ 300 MB", rss >> 20);
@@ -278,19 +241,9 @@ async fn poison_values_go_to_the_dead_letter_table() {
     )
     .await
     .unwrap();
-    wait_for(Duration::from_secs(60), "good rows", || async {
-        (iceberg_rows(&work, "ns.pay") == Some(3)).then_some(())
-    })
-    .await;
-    wait_for(Duration::from_secs(30), "dead letters", || async {
-        (iceberg_rows(&work, "ns._philotes_dlq") == Some(2)).then_some(())
-    })
-    .await;
-    let dlq = verify(
-        &work,
-        "ns._philotes_dlq",
-        &["--pk", "source_table,_cdc_lsn,_cdc_seq", "--rows"],
-    );
+    wait_rows(&work, "ns.pay", 3, 60).await;
+    wait_rows(&work, "ns._philotes_dlq", 2, 30).await;
+    let dlq = verify_dlq(&work);
     let rows = dlq["all_rows"].as_array().unwrap();
     assert_eq!(rows.len(), 2);
     assert!(

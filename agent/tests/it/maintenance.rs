@@ -19,12 +19,7 @@ const DDL: &str = "CREATE TABLE t (id int PRIMARY KEY, s text, n bigint)";
 
 /// PostgreSQL with table `t`, and an agent config for it with `maintenance` on top.
 async fn setup(maintenance: &str) -> (TestPg, tokio_postgres::Client, Workdir, PathBuf) {
-    let pg = TestPg::start();
-    let db = pg.create_db("app").await;
-    db.batch_execute(DDL).await.unwrap();
-    let work = Workdir::new();
-    let cfg = work.config(&pg.url("app"), &["t"], "", maintenance);
-    (pg, db, work, cfg)
+    prepare(DDL, &["t"], "", maintenance).await.parts()
 }
 
 /// [`setup`] with `flush_interval = "20ms"`, the agent streaming, and the test session on
@@ -35,12 +30,12 @@ async fn fast_stream(
     maintenance: &str,
 ) -> (TestPg, tokio_postgres::Client, Workdir, AgentProc, String) {
     let (pg, db, work, cfg) = setup(maintenance).await;
-    let text = std::fs::read_to_string(&cfg)
-        .unwrap()
-        .replace("flush_interval = \"300ms\"", "flush_interval = \"20ms\"");
-    std::fs::write(&cfg, text).unwrap();
-    let agent = AgentProc::start(&cfg, &work.path().join("agent.log"));
-    agent.wait_streaming().await;
+    edit_config(
+        &cfg,
+        "flush_interval = \"300ms\"",
+        "flush_interval = \"20ms\"",
+    );
+    let agent = AgentProc::start_streaming(&cfg, &work.path().join("agent.log")).await;
     db.batch_execute("SET synchronous_commit = on")
         .await
         .unwrap();
@@ -64,9 +59,8 @@ fn health(work: &Workdir, table: &str, time_travel: bool) -> Value {
 }
 
 fn try_health(work: &Workdir, table: &str, time_travel: bool) -> Result<Value, String> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/py/health.py");
     let mut cmd = Command::new(python());
-    cmd.arg(script)
+    cmd.arg(py_script("health.py"))
         .arg("--catalog-db")
         .arg(work.catalog_db())
         .arg("--warehouse")
@@ -126,18 +120,7 @@ fn state_query() -> &'static str {
 }
 
 fn check_exact(work: &Workdir, pg: &TestPg, rows: u64) {
-    let conninfo = pg.conninfo("app");
-    let v = verify(
-        work,
-        "ns.t",
-        &[
-            "--duckdb",
-            "--pg-conninfo",
-            &conninfo,
-            "--pg-query",
-            state_query(),
-        ],
-    );
+    let v = verify_source(work, "ns.t", pg, state_query(), &["--duckdb"]);
     assert_eq!(v["rows"], rows, "{v}");
     assert_eq!(v["unique"], true, "{v}");
     assert_eq!(v["duckdb_equal"], true, "{v}");
@@ -148,8 +131,7 @@ fn check_exact(work: &Workdir, pg: &TestPg, rows: u64) {
 async fn compaction_and_expiry_keep_every_row_and_bound_the_table() {
     let (pg, db, work, cfg) = setup(MAINTENANCE).await;
     let log = work.path().join("agent.log");
-    let agent = AgentProc::start(&cfg, &log);
-    agent.wait_streaming().await;
+    let agent = AgentProc::start_streaming(&cfg, &log).await;
     let rows = trickle(&db, 0, 40).await;
     wait_rows(&work, "ns.t", rows, 60).await;
     // The debt is paid off while the table is quiet: few files, few snapshots.
@@ -333,8 +315,7 @@ async fn small_file_debt_wakes_maintenance_before_its_interval() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_writer_appending_while_the_agent_compacts_keeps_both_writers_rows() {
     let (_pg, db, work, cfg) = setup(MAINTENANCE).await;
-    let agent = AgentProc::start(&cfg, &work.path().join("agent.log"));
-    agent.wait_streaming().await;
+    let agent = AgentProc::start_streaming(&cfg, &work.path().join("agent.log")).await;
     let first = trickle(&db, 0, 12).await;
     wait_rows(&work, "ns.t", first, 60).await;
     let compactions_before = agent.log_text().matches("maintenance: rewrote").count();
@@ -419,8 +400,7 @@ async fn sigkill_during_maintenance_loses_and_duplicates_nothing() {
     // Each round: stream a burst of small commits, then kill the agent while maintenance is
     // busy with them (compaction starts at 4 small files, expiry after 2 s).
     for round in 0..4 {
-        let agent = AgentProc::start(&cfg, &log);
-        agent.wait_streaming().await;
+        let agent = AgentProc::start_streaming(&cfg, &log).await;
         rows += trickle(&db, round * 100, 10).await;
         let before = agent.log_text().matches("maintenance:").count();
         wait_for(Duration::from_secs(30), "maintenance at work", || async {
@@ -430,8 +410,7 @@ async fn sigkill_during_maintenance_loses_and_duplicates_nothing() {
         tokio::time::sleep(Duration::from_millis(150 + 300 * round as u64)).await;
         agent.kill9();
     }
-    let agent = AgentProc::start(&cfg, &log);
-    agent.wait_streaming().await;
+    let agent = AgentProc::start_streaming(&cfg, &log).await;
     wait_rows(&work, "ns.t", rows, 90).await;
     let h = wait_for(Duration::from_secs(60), "maintenance settles", || async {
         let h = health(&work, "ns.t", false);
@@ -454,8 +433,7 @@ async fn maintain_dry_run_changes_nothing_and_maintain_does_the_work() {
         "[maintenance]\nenabled = false\nsnapshot_retention = \"1s\"\nretain_last = 1\nmin_input_files = 4\nmetadata_versions = 3\n",
     )
     .await;
-    let agent = AgentProc::start(&cfg, &work.path().join("agent.log"));
-    agent.wait_streaming().await;
+    let agent = AgentProc::start_streaming(&cfg, &work.path().join("agent.log")).await;
     let rows = trickle(&db, 0, 12).await;
     wait_rows(&work, "ns.t", rows, 60).await;
     assert_eq!(agent.terminate(), Some(0));
@@ -470,11 +448,7 @@ async fn maintain_dry_run_changes_nothing_and_maintain_does_the_work() {
 
     let files = listing(&work.warehouse());
     let catalog = std::fs::read(work.catalog_db()).unwrap();
-    let (code, out) = run_cmd(
-        Command::new(philotes_bin())
-            .args(["maintain", "--dry-run", "--config"])
-            .arg(&cfg),
-    );
+    let (code, out) = run_philotes(&["maintain", "--dry-run"], &cfg);
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("ns.t\tcompact\tok\twould rewrite"), "{out}");
     assert!(out.contains("ns.t\texpire\tok\twould expire"), "{out}");
@@ -489,11 +463,7 @@ async fn maintain_dry_run_changes_nothing_and_maintain_does_the_work() {
         "a dry run committed"
     );
 
-    let (code, out) = run_cmd(
-        Command::new(philotes_bin())
-            .args(["maintain", "--table", "ns.t", "--config"])
-            .arg(&cfg),
-    );
+    let (code, out) = run_philotes(&["maintain", "--table", "ns.t"], &cfg);
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("ns.t\tcompact\tok\trewrote"), "{out}");
     assert!(out.contains("ns.t\texpire\tok\texpired"), "{out}");
@@ -511,10 +481,6 @@ async fn maintain_dry_run_changes_nothing_and_maintain_does_the_work() {
     check_exact(&work, &pg, rows);
 
     // Unknown names are usage errors.
-    let (code, out) = run_cmd(
-        Command::new(philotes_bin())
-            .args(["maintain", "--pipeline", "nope", "--config"])
-            .arg(&cfg),
-    );
+    let (code, out) = run_philotes(&["maintain", "--pipeline", "nope"], &cfg);
     assert_eq!(code, 2, "{out}");
 }
