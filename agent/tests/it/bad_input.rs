@@ -203,12 +203,7 @@ fn bad_configs_exit_2_naming_the_key() {
     ];
     assert!(cases.len() >= 20);
     for (what, text, key) in cases {
-        let cfg = write(&work, "bad.toml", &text);
-        let (code, out) = run_cmd(
-            Command::new(philotes_bin())
-                .args(["run", "--config"])
-                .arg(&cfg),
-        );
+        let (code, out) = run_philotes(&["run"], &write(&work, "bad.toml", &text));
         assert_eq!(code, 2, "{what}: exit code, output: {out}");
         let lines = problem_lines(&out);
         assert_eq!(lines.len(), 1, "{what}: one line, got {out}");
@@ -268,11 +263,7 @@ fn unreachable_source_fails_check_with_one_line() {
             otlp = philotes::demo::postgres::free_port().unwrap(),
         ),
     );
-    let (code, out) = run_cmd(
-        Command::new(philotes_bin())
-            .args(["check", "--config"])
-            .arg(&cfg),
-    );
+    let (code, out) = run_philotes(&["check"], &cfg);
     assert_eq!(code, 2, "{out}");
     let lines = problem_lines(&out);
     assert_eq!(lines.len(), 1, "{out}");
@@ -306,20 +297,9 @@ async fn wal_level_replica_is_refused() {
     let mut opts = LocalPgOptions::default();
     opts.settings.retain(|(k, _)| k != "wal_level");
     opts.settings.push(("wal_level".into(), "replica".into()));
-    let pg = TestPg::start_with(opts);
-    let db = pg.create_db("app").await;
-    db.batch_execute("CREATE TABLE t (id int PRIMARY KEY)")
-        .await
-        .unwrap();
-    let work = Workdir::new();
-    let cfg = work.config(&pg.url("app"), &["t"], "", "");
+    let p = prepare_with(opts, "CREATE TABLE t (id int PRIMARY KEY)", &["t"], "", "").await;
     for cmd in ["check", "run"] {
-        let (code, out) = run_cmd(
-            Command::new(philotes_bin())
-                .arg(cmd)
-                .arg("--config")
-                .arg(&cfg),
-        );
+        let (code, out) = run_philotes(&[cmd], &p.cfg);
         assert_eq!(code, 2, "{cmd}: {out}");
         let lines = problem_lines(&out);
         assert_eq!(lines.len(), 1, "{cmd}: {out}");
@@ -333,11 +313,7 @@ async fn missing_table_is_refused() {
     pg.create_db("app").await;
     let work = Workdir::new();
     let cfg = work.config(&pg.url("app"), &["public.nope"], "", "");
-    let (code, out) = run_cmd(
-        Command::new(philotes_bin())
-            .args(["check", "--config"])
-            .arg(&cfg),
-    );
+    let (code, out) = run_philotes(&["check"], &cfg);
     assert_eq!(code, 2, "{out}");
     let lines = problem_lines(&out);
     assert_eq!(lines.len(), 1);

@@ -2,9 +2,8 @@
 //! every generated change is in Iceberg, and the query snippets it prints (and those of the
 //! README and docs/querying.md) run as printed against its output and agree with it.
 
-use std::io::Write;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use crate::common::*;
 
@@ -51,21 +50,7 @@ fn summary(out: &str) -> (u64, u64, u64) {
 /// Run a Python snippet with the test venv's interpreter (it has the readers the snippets'
 /// `pip install` lines name) in `cwd`; its stdout.
 fn run_python(body: &str, cwd: &Path, what: &str) -> String {
-    let mut child = Command::new(python())
-        .arg("-")
-        .current_dir(cwd)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("python");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(body.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = output_with_stdin(Command::new(python()).arg("-").current_dir(cwd), body);
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(
         out.status.success(),
@@ -205,24 +190,12 @@ fn a_longer_demo_commits_every_generated_change_and_its_snippets_agree() {
     assert_eq!(total, orders, "{printed}");
 
     // And the independent check of the whole table.
-    let v = {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/py/verify.py");
-        let out = Command::new(python())
-            .arg(script)
-            .arg("--catalog-db")
-            .arg(dir.join("catalog.db"))
-            .arg("--warehouse")
-            .arg(dir.join("warehouse"))
-            .args(["--table", "shop.orders", "--duckdb"])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
-    };
+    let v = verify_at(
+        &dir.join("catalog.db"),
+        &dir.join("warehouse"),
+        "shop.orders",
+        &["--duckdb"],
+    );
     assert_eq!(v["rows"].as_u64().unwrap(), orders, "{v}");
     assert_eq!(v["unique"], true);
     assert_eq!(v["duckdb_equal"], true);

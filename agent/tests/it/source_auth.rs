@@ -2,7 +2,6 @@
 //! certificate made in the test.
 
 use std::process::Command;
-use std::time::Duration;
 
 use crate::common::*;
 use philotes::demo::postgres::LocalPgOptions;
@@ -29,26 +28,7 @@ fn enable_tls(pg: &TestPg) {
             .arg(dir.join("server.crt")),
     );
     assert_eq!(code, 0, "openssl: {out}");
-    let _ = Command::new("chmod")
-        .arg("600")
-        .arg(dir.join("server.key"))
-        .status();
-    if let Some(owner) = pg.pg.owner() {
-        let _ = Command::new("chown")
-            .arg(owner)
-            .arg(dir.join("server.key"))
-            .arg(dir.join("server.crt"))
-            .status();
-    }
-    let conf = format!(
-        "ssl = on\nssl_cert_file = '{}'\nssl_key_file = '{}'\n",
-        dir.join("server.crt").display(),
-        dir.join("server.key").display()
-    );
-    let mut text = std::fs::read_to_string(dir.join("postgresql.conf")).unwrap();
-    text.push_str(&conf);
-    std::fs::write(dir.join("postgresql.conf"), text).unwrap();
-    pg.pg.pg_ctl("restart").expect("restart with TLS");
+    use_server_cert(pg);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -67,14 +47,7 @@ async fn scram_and_sslmodes_connect_and_stream() {
     let encoded = "s3cr3t-P%C3%A4ssword";
     let base = format!("postgres://philotes:{encoded}@127.0.0.1:{}/app", pg.pg.port);
 
-    let check = |url: &str| {
-        let cfg = work.config(url, &["t"], "", "");
-        run_cmd(
-            Command::new(philotes_bin())
-                .args(["check", "--config"])
-                .arg(&cfg),
-        )
-    };
+    let check = |url: &str| run_philotes(&["check"], &work.config(url, &["t"], "", ""));
     for mode in ["disable", "prefer", "require"] {
         let (code, out) = check(&format!("{base}?sslmode={mode}"));
         assert_eq!(code, 0, "sslmode={mode}: {out}");
@@ -110,15 +83,11 @@ async fn scram_and_sslmodes_connect_and_stream() {
 
     // Stream over TLS with SCRAM.
     let cfg = work.config(&format!("{base}?sslmode=require"), &["t"], "", "");
-    let agent = AgentProc::start(&cfg, &work.path().join("agent.log"));
-    agent.wait_streaming().await;
+    let agent = AgentProc::start_streaming(&cfg, &work.path().join("agent.log")).await;
     db.batch_execute("INSERT INTO t SELECT g, 'row ' || g FROM generate_series(1, 500) g")
         .await
         .unwrap();
-    wait_for(Duration::from_secs(60), "rows over TLS", || async {
-        (iceberg_rows(&work, "ns.t") == Some(500)).then_some(())
-    })
-    .await;
+    wait_rows(&work, "ns.t", 500, 60).await;
     let log = agent.log_text();
     assert!(
         !log.contains(pw) && !log.contains(encoded),
