@@ -4,12 +4,17 @@
 //! rewrite's preparation, the gauges after). The cache keeps only what a table's current
 //! snapshot lists ([`keep_only`], called whenever the current manifests are read), so it holds
 //! a few dozen manifests per table, not the history.
+//!
+//! Beside them, the newest manifest list of each table: every commit carries the current
+//! list's entries into the next one, and reading it back (an object read and an Avro parse)
+//! was the largest allocation of a streamed commit.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use iceberg::io::FileIO;
-use iceberg::spec::{Manifest, ManifestFile};
+use iceberg::spec::{Manifest, ManifestFile, SnapshotRef};
+use iceberg::table::Table;
 
 /// Manifests beyond which the cache starts again empty (a table dropped while cached).
 const LIMIT: usize = 20_000;
@@ -40,4 +45,51 @@ pub async fn load(io: &FileIO, mf: &ManifestFile) -> Result<Arc<Manifest>, icebe
 pub fn keep_only(location: &str, current: &HashSet<&str>) {
     let prefix = location.trim_end_matches('/').to_string() + "/";
     cache().retain(|p, _| !p.starts_with(&prefix) || current.contains(p.as_str()));
+}
+
+/// Table location → its newest manifest list (path, entries).
+type Lists = HashMap<String, (String, Arc<[ManifestFile]>)>;
+
+fn lists() -> std::sync::MutexGuard<'static, Lists> {
+    static LISTS: OnceLock<Mutex<Lists>> = OnceLock::new();
+    LISTS
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+}
+
+/// The entries of `snapshot`'s manifest list: from memory when it is the table's newest list
+/// (written or read by this process), else read.
+pub async fn list_of(
+    table: &Table,
+    snapshot: &SnapshotRef,
+) -> Result<Arc<[ManifestFile]>, iceberg::Error> {
+    let location = table.metadata().location();
+    if let Some((path, entries)) = lists().get(location) {
+        if path == snapshot.manifest_list() {
+            return Ok(entries.clone());
+        }
+    }
+    let entries: Arc<[ManifestFile]> = table
+        .manifest_list_reader(snapshot)
+        .load()
+        .await?
+        .consume_entries()
+        .into_iter()
+        .collect();
+    // Only the current list is carried into the next commit; an older one read by expiry
+    // must not displace it.
+    if table.metadata().current_snapshot_id() == Some(snapshot.snapshot_id()) {
+        remember_list(location, snapshot.manifest_list(), entries.clone());
+    }
+    Ok(entries)
+}
+
+/// `entries` were written as the list at `path` of the table at `location`.
+pub fn remember_list(location: &str, path: &str, entries: Arc<[ManifestFile]>) {
+    let mut l = lists();
+    if l.len() >= LIMIT && !l.contains_key(location) {
+        l.clear();
+    }
+    l.insert(location.to_string(), (path.to_string(), entries));
 }

@@ -7,6 +7,7 @@
 //! are still in the newer base: manifests are immutable, so their files are still live.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
 use iceberg::io::FileIO;
 use iceberg::spec::{
@@ -210,12 +211,13 @@ pub async fn prepare(base: &Table, change: &Change) -> Result<Prepared, CommitEr
     // Rewrite the current manifests holding a removed file.
     let mut removed_found: HashSet<String> = HashSet::new();
     if let (Some(cur), false) = (parent, change.removed.is_empty()) {
-        let list = base.manifest_list_reader(cur).load().await.map_err(fail)?;
+        let entries = crate::sink::iceberg::manifests::list_of(base, cur)
+            .await
+            .map_err(fail)?;
         // Touched manifests are merged into one per (content, spec): a compaction that
         // touches a manifest per small commit leaves one manifest, not as many new ones.
         let mut merged: HashMap<(bool, i32), (String, ManifestWriter)> = HashMap::new();
-        let entries: Vec<ManifestFile> = list.consume_entries().into_iter().collect();
-        for mf in entries {
+        for mf in entries.iter().cloned() {
             if is_empty(&mf) {
                 continue;
             }
@@ -326,9 +328,10 @@ pub async fn finish(
     let mut manifests = prepared.manifests.clone();
     let mut found = 0usize;
     if let Some(cur) = parent {
-        let list = base.manifest_list_reader(cur).load().await.map_err(fail)?;
-        let entries: Vec<ManifestFile> = list.consume_entries().into_iter().collect();
-        for mf in entries {
+        let entries = crate::sink::iceberg::manifests::list_of(base, cur)
+            .await
+            .map_err(fail)?;
+        for mf in entries.iter().cloned() {
             if prepared.replaced.contains(&mf.manifest_path) {
                 found += 1;
                 continue;
@@ -372,8 +375,23 @@ pub async fn finish(
         parent_id,
         sequence,
     );
-    lw.add_manifests(manifests.into_iter()).map_err(fail)?;
+    // The sequence numbers the writer would assign, so that the entries kept in memory for
+    // the next commit are the ones written.
+    for mf in manifests
+        .iter_mut()
+        .filter(|m| m.added_snapshot_id == prepared.snapshot_id)
+    {
+        if mf.sequence_number == UNASSIGNED_SEQUENCE_NUMBER {
+            mf.sequence_number = sequence;
+        }
+        if mf.min_sequence_number == UNASSIGNED_SEQUENCE_NUMBER {
+            mf.min_sequence_number = sequence;
+        }
+    }
+    let entries: Arc<[ManifestFile]> = manifests.into();
+    lw.add_manifests(entries.iter().cloned()).map_err(fail)?;
     lw.close().await.map_err(fail)?;
+    crate::sink::iceberg::manifests::remember_list(md.location(), &list_path, entries);
 
     // The summary: what this snapshot did, and the table's totals after it.
     let prev = parent.map(|s| s.summary());

@@ -94,18 +94,17 @@ async fn list_of(
     if let Some(l) = cache().lists.get(s.manifest_list()) {
         return Ok(l.clone());
     }
-    let list = table.manifest_list_reader(s).load().await?;
+    let list = crate::sink::iceberg::manifests::list_of(table, s).await?;
     let mut c = cache();
     if c.lists.len() + c.manifests.len() + c.files.len() > CACHE_LIMIT {
         *c = Cache::default();
     }
     let entries: Arc<[Arc<ManifestFile>]> = list
-        .consume_entries()
-        .into_iter()
+        .iter()
         .map(|mf| {
             c.manifests
                 .entry(mf.manifest_path.clone())
-                .or_insert_with(|| Arc::new(mf))
+                .or_insert_with(|| Arc::new(mf.clone()))
                 .clone()
         })
         .collect();
