@@ -272,6 +272,31 @@ pub enum SnapshotMode {
     Never,
 }
 
+/// What each source table becomes in Iceberg.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TableMode {
+    /// `<namespace>.<table>` is an append-only changelog (`_cdc_*` columns).
+    #[default]
+    Changelog,
+    /// `<namespace>.<table>` holds the current state: one row per key, position deletes.
+    Mirror,
+    /// The mirror at `<namespace>.<table>`, the changelog at `<namespace>.<table>_changelog`.
+    Both,
+}
+
+impl TableMode {
+    /// Whether a mirror table is written.
+    pub fn mirror(self) -> bool {
+        matches!(self, TableMode::Mirror | TableMode::Both)
+    }
+
+    /// Whether a changelog table is written.
+    pub fn changelog(self) -> bool {
+        matches!(self, TableMode::Changelog | TableMode::Both)
+    }
+}
+
 /// One `[[pipelines]]` entry.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -304,6 +329,9 @@ pub struct PipelineConfig {
     /// Iceberg namespace (default: the pipeline name).
     #[serde(default)]
     pub namespace: Option<String>,
+    /// What each source table becomes: `changelog`, `mirror` or `both`.
+    #[serde(default)]
+    pub mode: TableMode,
     /// Initial snapshot mode.
     #[serde(default = "default_snapshot")]
     pub snapshot: SnapshotMode,

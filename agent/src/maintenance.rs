@@ -134,6 +134,7 @@ fn record(metrics: &Metrics, source: &str, ident: &TableIdent, h: &maintenance::
         source,
         table: &ident.to_string(),
         data_files: h.data_files,
+        delete_files: h.delete_files,
         snapshots: h.snapshots,
         metadata_bytes: h.metadata_bytes,
     }

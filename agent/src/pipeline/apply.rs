@@ -20,8 +20,10 @@ use crate::config::PipelineConfig;
 use crate::model::{Lsn, Op};
 use crate::sink::iceberg::commit::Committer;
 use crate::sink::iceberg::schema::{
-    changelog_partition, changelog_schema, dlq_schema, iceberg_type, kind_of, DLQ_TABLE,
+    changelog_partition, changelog_schema, dlq_schema, iceberg_type, kind_of, CHANGELOG_SUFFIX,
+    DLQ_TABLE,
 };
+use crate::sink::iceberg::table::Committed;
 use crate::sink::iceberg::TableSink;
 use crate::source::postgres::pgoutput::{self, Message, RelationColumn, StreamMessage, TupleData};
 use crate::source::postgres::session::SourceError;
@@ -29,7 +31,7 @@ use crate::source::postgres::types::ColumnKind;
 use crate::source::postgres::wire::replication::{ReplEvent, ReplicationStream};
 use crate::telemetry::events::{
     AppliedTable, BatchCommitted, BatchFailed, ChangeReceived, DeadLettered, FilesWritten,
-    SpoolChanged, TableCommitted, TransactionApplied,
+    MirrorCommitted, SpoolChanged, TableCommitted, TransactionApplied,
 };
 use crate::telemetry::{record_trace_id, PipelineState, SourceMetrics, TableMetrics};
 
@@ -37,7 +39,12 @@ use crate::telemetry::{record_trace_id, PipelineState, SourceMetrics, TableMetri
 struct TableState {
     /// `schema.table` in the source.
     source_name: String,
+    /// The changelog table (the mirror in `mode = "mirror"`): batches are built in its
+    /// schema, and its `philotes.lsn` is where a replay starts.
     sink: TableSink,
+    /// The mirror table beside the changelog (`mode = "both"`); committed first, so that its
+    /// `philotes.lsn` is never behind the changelog's.
+    mirror: Option<TableSink>,
     batch: TableBatch,
     columns: Vec<RelationColumn>,
     metrics: TableMetrics,
@@ -621,35 +628,69 @@ impl Applier {
             self.close_files(i).await?;
             let t = &mut self.tables[i];
             evolve(&mut t.sink, &t.source_name, &columns).await?;
-            t.batch = TableBatch::new(t.sink.schema(), t.sink.arrow_schema(), &columns)?;
+            if let Some(m) = t.mirror.as_mut() {
+                m.finish_files().await?;
+                evolve(m, &t.source_name, &columns).await?;
+            }
+            t.batch =
+                TableBatch::new(t.sink.batch_schema(), t.sink.batch_arrow_schema(), &columns)?;
             t.columns = columns;
             return Ok(i);
         }
-        let cols = columns.clone();
-        let sink = TableSink::open_or_create(
-            self.committer.clone(),
-            &self.namespace,
-            &iceberg_table_name(schema, name),
-            Some(&source_name),
-            move || {
-                let model: Vec<_> = cols.iter().map(RelationColumn::to_model).collect();
-                let s = changelog_schema(&model)?;
-                let p = changelog_partition(&s)?;
-                Ok((s, Some(p)))
-            },
-            &self.table_properties,
-            self.secrets.clone(),
-        )
-        .await?;
-        let mut sink = sink;
-        evolve(&mut sink, &source_name, &columns).await?;
+        let model: Vec<_> = columns.iter().map(RelationColumn::to_model).collect();
+        let table_name = iceberg_table_name(schema, name);
+        let mode = self.cfg.mode;
+        let mirror = if mode.mirror() {
+            let mut m = TableSink::open_mirror(
+                self.committer.clone(),
+                &self.namespace,
+                &table_name,
+                &source_name,
+                &model,
+                &self.table_properties,
+                self.secrets.clone(),
+            )
+            .await?;
+            evolve(&mut m, &source_name, &columns).await?;
+            Some(m)
+        } else {
+            None
+        };
+        let (sink, mirror) = match (mode.changelog(), mirror) {
+            (false, Some(m)) => (m, None),
+            (_, mirror) => {
+                let changelog_name = if mode.mirror() {
+                    format!("{table_name}{CHANGELOG_SUFFIX}")
+                } else {
+                    table_name
+                };
+                let cols = model.clone();
+                let mut sink = TableSink::open_or_create(
+                    self.committer.clone(),
+                    &self.namespace,
+                    &changelog_name,
+                    Some(&source_name),
+                    move || {
+                        let s = changelog_schema(&cols)?;
+                        let p = changelog_partition(&s)?;
+                        Ok((s, Some(p)))
+                    },
+                    &self.table_properties,
+                    self.secrets.clone(),
+                )
+                .await?;
+                evolve(&mut sink, &source_name, &columns).await?;
+                (sink, mirror)
+            }
+        };
         let metrics = self.metrics.table(&source_name);
         let iceberg_name = sink.name();
         let committed = sink.last_lsn;
         self.tables.push(TableState {
             source_name: source_name.clone(),
-            batch: TableBatch::new(sink.schema(), sink.arrow_schema(), &columns)?,
+            batch: TableBatch::new(sink.batch_schema(), sink.batch_arrow_schema(), &columns)?,
             sink,
+            mirror,
             columns,
             metrics,
             dirty: false,
@@ -736,6 +777,9 @@ impl Applier {
     async fn spill(&mut self, i: usize) -> Result<(), PipelineError> {
         let t = &mut self.tables[i];
         if let Some(batch) = t.batch.finish()? {
+            if let Some(m) = t.mirror.as_mut() {
+                m.write(batch.clone()).await?;
+            }
             t.sink.write(batch).await?;
         }
         // Each open writer holds a row group being encoded (up to 32 MiB): a transaction that
@@ -770,7 +814,12 @@ impl Applier {
             trace_id = tracing::field::Empty,
         );
         record_trace_id(&span);
-        let w = t.sink.finish_files().instrument(span.clone()).await?;
+        let mut w = t.sink.finish_files().instrument(span.clone()).await?;
+        if let Some(m) = t.mirror.as_mut() {
+            let mw = m.finish_files().instrument(span.clone()).await?;
+            w.files += mw.files;
+            w.bytes += mw.bytes;
+        }
         span.record("bytes", w.bytes as i64);
         span.record("files", w.files as i64);
         FilesWritten {
@@ -850,7 +899,23 @@ impl Applier {
                 trace_id = tracing::field::Empty,
             );
             record_trace_id(&span);
+            // The mirror first: a crash between the two commits then leaves the changelog
+            // behind, and the replay from its position skips what the mirror already holds.
+            if let Some(m) = t.mirror.as_mut() {
+                let mspan = tracing::info_span!(
+                    "iceberg.commit",
+                    table = %t.source_name,
+                    iceberg.table = %m.name(),
+                    rows = m.pending_rows() as i64,
+                    lsn = %lsn.pg(),
+                    trace_id = tracing::field::Empty,
+                );
+                record_trace_id(&mspan);
+                let done = m.commit(lsn).instrument(mspan).await?;
+                mirror_committed(m, &done, &t.metrics);
+            }
             let outcome = t.sink.commit(lsn).instrument(span).await?;
+            mirror_committed(&t.sink, &outcome, &t.metrics);
             t.dirty = false;
             committed_events += rows;
             TableCommitted {
@@ -957,6 +1022,19 @@ impl Applier {
 }
 
 /// Make the Iceberg schema able to hold `columns`: add new columns, refuse type changes.
+/// Report a mirror table's commit (nothing for a changelog).
+fn mirror_committed(sink: &TableSink, c: &Committed, metrics: &TableMetrics) {
+    if let Some((index_keys, index_bytes)) = sink.mirror_index() {
+        MirrorCommitted {
+            delete_files: c.delete_files,
+            rows_deleted: c.rows_deleted,
+            index_keys,
+            index_bytes,
+        }
+        .emit(metrics);
+    }
+}
+
 async fn evolve(
     sink: &mut TableSink,
     source_name: &str,

@@ -97,6 +97,16 @@ pub struct Metrics {
     pub(super) maintenance_duration: Histogram<f64>,
     /// `philotes_iceberg_files_removed_total{source,table}`.
     pub(super) files_removed: Counter<u64>,
+    /// `philotes_iceberg_table_delete_files{source,table}`.
+    pub(super) table_delete_files: Gauge<u64>,
+    /// `philotes_iceberg_delete_files_written_total{source,table}`.
+    pub(super) delete_files_written: Counter<u64>,
+    /// `philotes_iceberg_rows_deleted_total{source,table}`.
+    pub(super) rows_deleted: Counter<u64>,
+    /// `philotes_mirror_index_keys{source,table}`.
+    pub(super) index_keys: Gauge<u64>,
+    /// `philotes_mirror_index_bytes{source,table}`.
+    pub(super) index_bytes: Gauge<u64>,
 }
 
 impl Metrics {
@@ -221,6 +231,29 @@ impl Metrics {
                 .u64_counter("philotes.iceberg.files_removed")
                 .with_description("Files deleted by maintenance and metadata clean-up")
                 .build(),
+            table_delete_files: meter
+                .u64_gauge("philotes.iceberg.table.delete_files")
+                .with_description("Delete files in the table's current snapshot")
+                .build(),
+            delete_files_written: meter
+                .u64_counter("philotes.iceberg.delete_files_written")
+                .with_description("Position delete files written for mirror tables")
+                .build(),
+            rows_deleted: meter
+                .u64_counter("philotes.iceberg.rows_deleted")
+                .with_description(
+                    "Rows of mirror tables deleted by position (replaced or deleted at the source)",
+                )
+                .build(),
+            index_keys: meter
+                .u64_gauge("philotes.mirror.index.keys")
+                .with_description("Keys in a mirror table's key index")
+                .build(),
+            index_bytes: meter
+                .u64_gauge("philotes.mirror.index")
+                .with_unit("By")
+                .with_description("Memory held by a mirror table's key index")
+                .build(),
         }
     }
 
@@ -305,6 +338,10 @@ impl SourceMetrics {
             commit_duration: self.metrics.ice_commit_duration.bind(&base),
             files: self.metrics.ice_files.bind(&base),
             bytes: self.metrics.ice_bytes.bind(&base),
+            delete_files_written: self.metrics.delete_files_written.bind(&base),
+            rows_deleted: self.metrics.rows_deleted.bind(&base),
+            index_keys: self.metrics.index_keys.bind(&base),
+            index_bytes: self.metrics.index_bytes.bind(&base),
         }
     }
 }
@@ -332,4 +369,12 @@ pub struct TableMetrics {
     pub(super) files: BoundCounter<u64>,
     /// `philotes_iceberg_bytes_written_total`.
     pub(super) bytes: BoundCounter<u64>,
+    /// `philotes_iceberg_delete_files_written_total`.
+    pub(super) delete_files_written: BoundCounter<u64>,
+    /// `philotes_iceberg_rows_deleted_total`.
+    pub(super) rows_deleted: BoundCounter<u64>,
+    /// `philotes_mirror_index_keys`.
+    pub(super) index_keys: BoundGauge<u64>,
+    /// `philotes_mirror_index_bytes`.
+    pub(super) index_bytes: BoundGauge<u64>,
 }

@@ -8,6 +8,7 @@ mod bad_input;
 mod core_data_path;
 mod demo;
 mod maintenance;
+mod mirror;
 mod reliability;
 mod snapshot;
 mod source_auth;

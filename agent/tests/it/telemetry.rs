@@ -66,6 +66,12 @@ const CONTRACT: &[(&str, &[&str])] = &[
         &["source", "table", "action", "le"],
     ),
     ("philotes_iceberg_files_removed_total", &["source", "table"]),
+    ("philotes_iceberg_table_delete_files", &["source", "table"]),
+    (
+        "philotes_iceberg_delete_files_written_total",
+        &["source", "table"],
+    ),
+    ("philotes_iceberg_rows_deleted_total", &["source", "table"]),
     ("process_cpu_seconds_total", &[]),
     ("process_resident_memory_bytes", &[]),
     ("process_open_fds", &[]),

@@ -299,7 +299,13 @@ impl Applier {
             trace_id = tracing::field::Empty,
         );
         crate::telemetry::record_trace_id(&span);
+        // The mirror first (see the flush): its progress is never behind the changelog's.
+        if let Some(m) = t.mirror.as_mut() {
+            let done = m.commit_with(lsn, props).instrument(span.clone()).await?;
+            super::mirror_committed(m, &done, &t.metrics);
+        }
         let outcome = t.sink.commit_with(lsn, props).instrument(span).await?;
+        super::mirror_committed(&t.sink, &outcome, &t.metrics);
         t.dirty = false;
         TableCommitted {
             source_table: &t.source_name,

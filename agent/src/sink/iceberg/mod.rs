@@ -7,6 +7,7 @@ pub mod debt;
 pub mod hygiene;
 pub mod maintenance;
 pub mod manifests;
+pub mod mirror;
 pub mod partition;
 pub mod schema;
 pub mod table;

@@ -131,6 +131,64 @@ fn cdc_fields(base: i32, next_nested: &mut i32) -> Vec<NestedFieldRef> {
     ]
 }
 
+/// Suffix of the changelog table's name when a pipeline writes both (`mode = "both"`).
+pub const CHANGELOG_SUFFIX: &str = "_changelog";
+
+/// Table property marking a mirror table (`true`): maintenance does not rewrite its data
+/// files, whose row positions the agent's key index holds.
+pub const MIRROR_PROPERTY: &str = "philotes.mirror";
+
+/// Mirror schema for a source relation: its columns (key columns required and the table's
+/// identifier fields, others optional), then `_cdc_lsn` and `_cdc_ts` of each row's last
+/// change.
+pub fn mirror_schema(columns: &[Column]) -> Result<Schema, iceberg::Error> {
+    let top = columns.len() as i32 + 2;
+    let mut next_nested = top + 1;
+    let mut fields: Vec<NestedFieldRef> = Vec::with_capacity(top as usize);
+    let mut identifiers = Vec::new();
+    for (i, c) in columns.iter().enumerate() {
+        let id = i as i32 + 1;
+        let t = iceberg_type(&c.kind, &mut next_nested);
+        // Iceberg identifier fields are required primitives, never floating point.
+        let identifier = c.key
+            && !matches!(
+                c.kind,
+                ColumnKind::Float32 | ColumnKind::Float64 | ColumnKind::List(_)
+            );
+        if identifier {
+            identifiers.push(id);
+            fields.push(NestedField::required(id, &c.name, t).into());
+        } else {
+            fields.push(NestedField::optional(id, &c.name, t).into());
+        }
+    }
+    let base = columns.len() as i32;
+    fields.push(NestedField::required(base + 1, CDC_LSN, prim(PrimitiveType::Long)).into());
+    fields.push(NestedField::required(base + 2, CDC_TS, prim(PrimitiveType::Timestamptz)).into());
+    Schema::builder()
+        .with_fields(fields)
+        .with_identifier_field_ids(identifiers)
+        .build()
+}
+
+/// The changelog-shaped schema of a mirror table: its columns plus the CDC columns it does
+/// not store, which is what a batch for it is built in (the mirror folds it by key).
+pub fn changelog_shape(mirror: &Schema) -> Result<Schema, iceberg::Error> {
+    let mut next = mirror.highest_field_id() + 1;
+    let mut fields: Vec<NestedFieldRef> = mirror
+        .as_struct()
+        .fields()
+        .iter()
+        .filter(|f| f.name != CDC_LSN && f.name != CDC_TS)
+        .cloned()
+        .collect();
+    let base = next;
+    next += 5;
+    let cdc = cdc_fields(base - 1, &mut next);
+    fields.extend(cdc);
+    Schema::builder().with_fields(fields).build()
+}
+
 /// `day(_cdc_ts)` on a changelog schema.
 pub fn changelog_partition(schema: &Schema) -> Result<UnboundPartitionSpec, iceberg::Error> {
     let ts = schema

@@ -8,16 +8,20 @@ use std::sync::Arc;
 use arrow_array::RecordBatch;
 use arrow_schema::SchemaRef;
 use iceberg::arrow::schema_to_arrow_schema;
-use iceberg::spec::{DataFile, Operation, Schema, Type, UnboundPartitionSpec};
+use iceberg::spec::{DataFile, Schema, Type, UnboundPartitionSpec};
 use iceberg::table::Table;
 use iceberg::transaction::{AddColumn, ApplyTransactionAction, Transaction};
 use iceberg::{Catalog, ErrorKind, NamespaceIdent, TableCreation, TableIdent};
 
-use super::commit::{Change, CommitError, Committer};
-use super::schema::{LSN_PROPERTY, SNAPSHOT_PROGRESS_PROPERTY, SNAPSHOT_PROPERTY};
+use super::commit::{is_data, operation_for, Change, CommitError, Committer};
+use super::mirror::MirrorWriter;
+use super::schema::{
+    changelog_shape, mirror_schema, LSN_PROPERTY, MIRROR_PROPERTY, SNAPSHOT_PROGRESS_PROPERTY,
+    SNAPSHOT_PROPERTY,
+};
 use super::writer::OpenFiles;
 use super::SinkError;
-use crate::model::Lsn;
+use crate::model::{Column, Lsn};
 
 /// Attempts at a commit when other writers keep committing first.
 const COMMIT_ATTEMPTS: u32 = 5;
@@ -36,6 +40,10 @@ pub struct Written {
 pub struct Committed {
     /// Commit conflicts resolved by finishing the append again on the new table state.
     pub conflicts: u32,
+    /// Position delete files committed (mirror tables).
+    pub delete_files: u64,
+    /// Rows those files delete.
+    pub rows_deleted: u64,
 }
 
 /// A changelog (or dead-letter) table with its uncommitted data files.
@@ -51,6 +59,10 @@ pub struct TableSink {
     pending_bytes: u64,
     /// Data files being written (not yet in `pending`).
     open: Option<OpenFiles>,
+    /// A mirror table: changes are folded by key into data and position delete files.
+    mirror: Option<Box<MirrorWriter>>,
+    /// The schema batches for this table are built in (a mirror's adds the CDC columns).
+    batch_schema: Option<(Schema, SchemaRef)>,
     secrets: Arc<[String]>,
 }
 
@@ -224,8 +236,105 @@ impl TableSink {
             pending_rows: 0,
             pending_bytes: 0,
             open: None,
+            mirror: None,
+            batch_schema: None,
             secrets,
         })
+    }
+
+    /// Load or create the mirror table `ns.name` of source table `source` (its columns, the
+    /// key among them); the key index is rebuilt from the table.
+    pub async fn open_mirror(
+        committer: Committer,
+        ns: &str,
+        name: &str,
+        source: &str,
+        columns: &[Column],
+        properties: &[(String, String)],
+        secrets: Arc<[String]>,
+    ) -> Result<Self, SinkError> {
+        let cols = columns.to_vec();
+        let props: Vec<(String, String)> = properties
+            .iter()
+            .cloned()
+            .chain([(MIRROR_PROPERTY.to_string(), "true".to_string())])
+            .collect();
+        let mut sink = Self::open_or_create(
+            committer,
+            ns,
+            name,
+            Some(source),
+            move || Ok((mirror_schema(&cols)?, None)),
+            &props,
+            secrets,
+        )
+        .await?;
+        if sink
+            .table
+            .metadata()
+            .properties()
+            .get(MIRROR_PROPERTY)
+            .map(String::as_str)
+            != Some("true")
+        {
+            return Err(SinkError::Config(format!(
+                "Iceberg table {} exists and is not a mirror table (no {MIRROR_PROPERTY} \
+                 property): choose another namespace for mode \"mirror\"",
+                sink.name()
+            )));
+        }
+        let keys: Vec<String> = columns
+            .iter()
+            .filter(|c| c.key)
+            .map(|c| c.name.clone())
+            .collect();
+        let mirror = MirrorWriter::open(&sink.table, keys).await?;
+        tracing::info!(
+            table = %sink.name(),
+            keys = mirror.keys(),
+            index_bytes = mirror.index_bytes(),
+            build_ms = mirror.built_in.as_millis() as u64,
+            "mirror key index built from the table"
+        );
+        sink.mirror = Some(Box::new(mirror));
+        sink.set_batch_schema()?;
+        Ok(sink)
+    }
+
+    fn set_batch_schema(&mut self) -> Result<(), SinkError> {
+        if self.mirror.is_none() {
+            return Ok(());
+        }
+        let shape = changelog_shape(self.table.metadata().current_schema())
+            .map_err(|e| SinkError::Config(e.to_string()))?;
+        let arrow =
+            Arc::new(schema_to_arrow_schema(&shape).map_err(|e| SinkError::Config(e.to_string()))?);
+        self.batch_schema = Some((shape, arrow));
+        Ok(())
+    }
+
+    /// The mirror's key index: keys held and their bytes (`None` for a changelog).
+    pub fn mirror_index(&self) -> Option<(u64, u64)> {
+        self.mirror
+            .as_ref()
+            .map(|m| (m.keys() as u64, m.index_bytes()))
+    }
+
+    /// The schema a batch for this table is built in (a changelog's own; a mirror's columns
+    /// with the CDC columns it folds by).
+    pub fn batch_schema(&self) -> &Schema {
+        match &self.batch_schema {
+            Some((s, _)) => s,
+            None => self.schema(),
+        }
+    }
+
+    /// Arrow form of [`Self::batch_schema`].
+    pub fn batch_arrow_schema(&self) -> SchemaRef {
+        match &self.batch_schema {
+            Some((_, a)) => a.clone(),
+            None => self.arrow_schema(),
+        }
     }
 
     /// The table's current Iceberg schema.
@@ -281,7 +390,10 @@ impl TableSink {
         );
         super::hygiene::delete_dropped_metadata(&self.table, &table).await;
         self.table = table;
-        Ok(())
+        if let Some(m) = self.mirror.as_mut() {
+            m.set_schema(&self.table)?;
+        }
+        self.set_batch_schema()
     }
 
     /// Queue `batch` for the table's open data files (opened on first use); it stays pending
@@ -289,6 +401,9 @@ impl TableSink {
     pub async fn write(&mut self, batch: RecordBatch) -> Result<(), SinkError> {
         self.pending_rows += batch.num_rows() as u64;
         self.pending_bytes += batch.get_array_memory_size() as u64;
+        if let Some(m) = self.mirror.as_mut() {
+            return m.push(&self.table, &batch, self.last_lsn).await;
+        }
         let open = self
             .open
             .get_or_insert_with(|| OpenFiles::open(&self.table));
@@ -301,12 +416,16 @@ impl TableSink {
 
     /// Whether data files are being written (a writer task is open).
     pub fn has_open_files(&self) -> bool {
-        self.open.is_some()
+        self.open.is_some() || self.mirror.as_ref().is_some_and(|m| m.has_open_file())
     }
 
     /// Finish the open data files (if any): they join the pending ones. Returns what was
     /// written by them.
     pub async fn finish_files(&mut self) -> Result<Written, SinkError> {
+        if let Some(m) = self.mirror.as_mut() {
+            let (files, bytes) = m.finish_files().await?;
+            return Ok(Written { files, bytes });
+        }
         let Some(open) = self.open.take() else {
             return Ok(Written::default());
         };
@@ -384,12 +503,25 @@ impl TableSink {
         extra: &[(&str, &str)],
     ) -> Result<Committed, SinkError> {
         self.finish_files().await?;
+        let nothing = match &self.mirror {
+            Some(m) => !m.is_dirty(),
+            None => self.pending.is_empty(),
+        };
         // Nothing to add and nothing to record (an empty table's snapshot marker still
         // needs its snapshot, or the copy would run again after every restart).
-        if self.pending.is_empty() && extra.is_empty() {
+        if nothing && extra.is_empty() {
             self.last_lsn = self.last_lsn.max(lsn);
+            if let Some(m) = self.mirror.as_mut() {
+                m.committed();
+            }
             return Ok(Committed::default());
         }
+        let (added, removed) = match self.mirror.as_mut() {
+            Some(m) => m.change(&self.table).await?,
+            None => (self.pending.clone(), HashSet::new()),
+        };
+        let data = added.iter().filter(|f| is_data(f.content_type())).count();
+        let deletes = added.len() - data;
         let base = self.table.metadata().current_snapshot_id();
         // The same state also goes into table properties, in the same commit: snapshot
         // expiry (ours or a maintenance job's) removes old summaries, never properties.
@@ -399,9 +531,9 @@ impl TableSink {
                 .chain(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())))
                 .collect();
         let change = Change {
-            operation: Operation::Append,
-            added: self.pending.clone(),
-            removed: HashSet::new(),
+            operation: operation_for(data, deletes + removed.len(), false),
+            added,
+            removed,
             summary: state.clone(),
             properties: state,
         };
@@ -422,13 +554,25 @@ impl TableSink {
                 if conflicts > 0 {
                     tracing::info!(table = %self.name(), conflicts, "another writer committed first; append finished on the new table state");
                 }
-                super::debt::added(table.identifier(), self.pending.len() as u64);
+                super::debt::added(table.identifier(), data as u64);
                 self.table = table;
                 self.pending.clear();
                 self.pending_rows = 0;
                 self.pending_bytes = 0;
                 self.last_lsn = lsn;
-                Ok(Committed { conflicts })
+                if let Some(m) = self.mirror.as_mut() {
+                    m.committed();
+                }
+                Ok(Committed {
+                    conflicts,
+                    delete_files: deletes as u64,
+                    rows_deleted: change
+                        .added
+                        .iter()
+                        .filter(|f| !is_data(f.content_type()))
+                        .map(|f| f.record_count())
+                        .sum(),
+                })
             }
             Err(e) => {
                 let msg = super::catalog::scrub(e.to_string(), &self.secrets);
@@ -447,8 +591,14 @@ impl TableSink {
                         self.pending_rows = 0;
                         self.pending_bytes = 0;
                         self.last_lsn = lsn;
+                        if let Some(m) = self.mirror.as_mut() {
+                            m.committed();
+                        }
                         return Ok(Committed::default());
                     }
+                }
+                if let Some(m) = self.mirror.as_mut() {
+                    m.abandon();
                 }
                 if matches!(e, CommitError::Conflict(_) | CommitError::Rebase(_)) {
                     Err(SinkError::Conflict(msg))

@@ -79,6 +79,8 @@ pub struct TableHealthMeasured<'a> {
     pub table: &'a str,
     /// Data files in the current snapshot.
     pub data_files: u64,
+    /// Delete files in the current snapshot.
+    pub delete_files: u64,
     /// Snapshots in the metadata.
     pub snapshots: u64,
     /// Bytes of the current metadata file.
@@ -93,6 +95,7 @@ impl TableHealthMeasured<'_> {
             KeyValue::new("table", self.table.to_string()),
         ];
         m.table_data_files.record(self.data_files, &base);
+        m.table_delete_files.record(self.delete_files, &base);
         m.table_snapshots.record(self.snapshots, &base);
         m.table_metadata.record(self.metadata_bytes, &base);
         tracing::debug!(

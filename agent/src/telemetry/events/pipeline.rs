@@ -167,6 +167,29 @@ impl TableCommitted<'_> {
     }
 }
 
+/// A mirror table committed: its position deletes and its key index after the commit.
+#[derive(Debug)]
+pub struct MirrorCommitted {
+    /// Position delete files the commit added.
+    pub delete_files: u64,
+    /// Rows they delete.
+    pub rows_deleted: u64,
+    /// Keys in the index.
+    pub index_keys: u64,
+    /// Bytes the index holds.
+    pub index_bytes: u64,
+}
+
+impl MirrorCommitted {
+    /// Record the delete counters and the index gauges.
+    pub fn emit(&self, t: &TableMetrics) {
+        t.delete_files_written.add(self.delete_files);
+        t.rows_deleted.add(self.rows_deleted);
+        t.index_keys.record(self.index_keys);
+        t.index_bytes.record(self.index_bytes);
+    }
+}
+
 /// A flush committed every dirty table (and the dead letters) at one source position.
 #[derive(Debug)]
 pub struct BatchCommitted {

@@ -63,6 +63,15 @@ pub(super) fn plan(
     cfg: &MaintenanceConfig,
 ) -> Vec<PartitionPlan> {
     let md = table.metadata();
+    // A mirror's row positions are in the agent's key index: rewriting its files would
+    // leave the index pointing at removed files (rewrites with the index are to come).
+    if md
+        .properties()
+        .get(crate::sink::iceberg::schema::MIRROR_PROPERTY)
+        .is_some_and(|v| v == "true")
+    {
+        return Vec::new();
+    }
     let spec_id = md.default_partition_spec_id();
     let schema = md.current_schema();
     let lsn = schema.field_id_by_name("_cdc_lsn");

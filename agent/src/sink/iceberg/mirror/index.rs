@@ -1,0 +1,365 @@
+//! The mirror's key index: for every key in the table, where its current row is (data file
+//! and position), which a position delete must name when the row is replaced or deleted.
+//!
+//! Memory is the point of this module. A key that is one integer column (the usual serial or
+//! bigserial primary key) is stored as the number itself; any other key as its encoded bytes
+//! (arrow-row's order-preserving encoding), inline up to 15 bytes, boxed beyond. The location
+//! is one `u64` (file id, position). [`KeyIndex::bytes`] reports what the tables hold.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// Bits of a location that hold the row position (the rest hold the file id).
+const POS_BITS: u32 = 40;
+/// Largest position a location can hold (a trillion rows per file).
+const MAX_POS: u64 = (1 << POS_BITS) - 1;
+/// Largest file id (16 million data files alive at once).
+const MAX_FILE: u32 = (1 << (64 - POS_BITS)) - 1;
+
+/// Where a row is: a data file (by id, see [`KeyIndex::path`]) and its position in it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Loc {
+    /// The file's id in this index.
+    pub file: u32,
+    /// The row's position (0-based) in the file.
+    pub pos: u64,
+}
+
+impl Loc {
+    fn pack(self) -> u64 {
+        (u64::from(self.file) << POS_BITS) | self.pos
+    }
+
+    fn unpack(v: u64) -> Loc {
+        Loc {
+            file: (v >> POS_BITS) as u32,
+            pos: v & MAX_POS,
+        }
+    }
+}
+
+/// A key as the index stores it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Key {
+    /// A key of one integer column.
+    Int(i64),
+    /// Any other key: its encoded bytes.
+    Bytes(KeyBytes),
+}
+
+/// Encoded key bytes: inline when short (no allocation per key), boxed otherwise.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum KeyBytes {
+    /// Up to 15 bytes, stored in place.
+    Inline { len: u8, bytes: [u8; 15] },
+    /// Longer keys.
+    Boxed(Box<[u8]>),
+}
+
+impl KeyBytes {
+    /// The key of `b`.
+    pub fn new(b: &[u8]) -> Self {
+        if b.len() <= 15 {
+            let mut bytes = [0u8; 15];
+            bytes[..b.len()].copy_from_slice(b);
+            KeyBytes::Inline {
+                len: b.len() as u8,
+                bytes,
+            }
+        } else {
+            KeyBytes::Boxed(b.into())
+        }
+    }
+
+    /// Heap bytes held beside the table entry (what the allocator hands out for a box).
+    fn heap(&self) -> usize {
+        match self {
+            KeyBytes::Inline { .. } => 0,
+            // glibc: 8 bytes of header, 16-byte granules, 32 at the least.
+            KeyBytes::Boxed(b) => (b.len() + 8).div_ceil(16).max(2) * 16,
+        }
+    }
+}
+
+/// Why the index cannot take a row.
+#[derive(Debug, thiserror::Error)]
+pub enum IndexError {
+    /// More live data files, or a longer file, than a location can name.
+    #[error("the mirror index cannot address {0}")]
+    Capacity(String),
+    /// The index would pass its memory budget.
+    #[error("the mirror index needs more than its budget of {budget} bytes ({keys} keys)")]
+    Budget {
+        /// The budget.
+        budget: u64,
+        /// Keys held when it was reached.
+        keys: usize,
+    },
+}
+
+/// Key → location of its current row, with the data files the locations name.
+#[derive(Debug, Default)]
+pub struct KeyIndex {
+    ints: HashMap<i64, u64>,
+    bytes: HashMap<KeyBytes, u64>,
+    paths: Vec<Arc<str>>,
+    ids: HashMap<Arc<str>, u32>,
+    /// Keys per file id: a file no key points at any more gives its id back ([`Self::free`]),
+    /// so the path table holds the live files, not every file ever written.
+    refs: Vec<u64>,
+    free: Vec<u32>,
+}
+
+impl KeyIndex {
+    /// An empty index.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The id of data file `path`, registering it if new.
+    pub fn file_id(&mut self, path: &str) -> Result<u32, IndexError> {
+        if let Some(id) = self.ids.get(path) {
+            return Ok(*id);
+        }
+        let p: Arc<str> = path.into();
+        let id = match self.free.pop() {
+            Some(id) => {
+                self.paths[id as usize] = p.clone();
+                id
+            }
+            None => {
+                let id = u32::try_from(self.paths.len())
+                    .ok()
+                    .filter(|id| *id <= MAX_FILE)
+                    .ok_or_else(|| {
+                        IndexError::Capacity(format!("{} data files", self.paths.len()))
+                    })?;
+                self.paths.push(p.clone());
+                self.refs.push(0);
+                id
+            }
+        };
+        self.ids.insert(p, id);
+        Ok(id)
+    }
+
+    /// Forget file `id` if no key points into it and it is not `keep`.
+    fn release(&mut self, id: u32) {
+        let r = &mut self.refs[id as usize];
+        *r = r.saturating_sub(1);
+        if *r == 0 {
+            self.free_file(id);
+        }
+    }
+
+    fn free_file(&mut self, id: u32) {
+        let p = std::mem::replace(&mut self.paths[id as usize], Arc::from(""));
+        self.ids.remove(&p);
+        self.free.push(id);
+    }
+
+    /// Give back the ids of files no key points into (after a commit: files registered for
+    /// rows that were all replaced within the flush).
+    pub fn free(&mut self) {
+        let unused: Vec<u32> = self
+            .refs
+            .iter()
+            .enumerate()
+            .filter(|(i, r)| **r == 0 && !self.paths[*i].is_empty())
+            .map(|(i, _)| i as u32)
+            .collect();
+        for id in unused {
+            self.free_file(id);
+        }
+    }
+
+    /// The id of `path`, if the index knows it.
+    pub fn known_file(&self, path: &str) -> Option<u32> {
+        self.ids.get(path).copied()
+    }
+
+    /// The path of file `id`.
+    pub fn path(&self, id: u32) -> &str {
+        &self.paths[id as usize]
+    }
+
+    /// Where `key`'s row is.
+    pub fn get(&self, key: &Key) -> Option<Loc> {
+        match key {
+            Key::Int(k) => self.ints.get(k),
+            Key::Bytes(k) => self.bytes.get(k),
+        }
+        .map(|v| Loc::unpack(*v))
+    }
+
+    /// `key`'s row is now at `loc`; the previous location, if any.
+    pub fn insert(&mut self, key: Key, loc: Loc) -> Result<Option<Loc>, IndexError> {
+        if loc.pos > MAX_POS || loc.file as usize >= self.refs.len() {
+            return Err(IndexError::Capacity(format!(
+                "position {} of file {}",
+                loc.pos, loc.file
+            )));
+        }
+        let v = loc.pack();
+        self.refs[loc.file as usize] += 1;
+        let old = match key {
+            Key::Int(k) => self.ints.insert(k, v),
+            Key::Bytes(k) => self.bytes.insert(k, v),
+        }
+        .map(Loc::unpack);
+        if let Some(o) = old {
+            self.release(o.file);
+        }
+        Ok(old)
+    }
+
+    /// `key`'s row is gone; where it was.
+    pub fn remove(&mut self, key: &Key) -> Option<Loc> {
+        let old = match key {
+            Key::Int(k) => self.ints.remove(k),
+            Key::Bytes(k) => self.bytes.remove(k),
+        }
+        .map(Loc::unpack);
+        if let Some(o) = old {
+            self.release(o.file);
+        }
+        old
+    }
+
+    /// Forget every key (the table was emptied); file ids stay valid until [`Self::free`].
+    pub fn clear_keys(&mut self) {
+        self.ints = HashMap::new();
+        self.bytes = HashMap::new();
+        self.refs.iter_mut().for_each(|r| *r = 0);
+    }
+
+    /// Files the index names.
+    pub fn files(&self) -> usize {
+        self.ids.len()
+    }
+
+    /// Keys held.
+    pub fn len(&self) -> usize {
+        self.ints.len() + self.bytes.len()
+    }
+
+    /// Whether no key is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Every key with its location (for a rebuild check or a rewrite).
+    pub fn iter(&self) -> impl Iterator<Item = (Key, Loc)> + '_ {
+        self.ints
+            .iter()
+            .map(|(k, v)| (Key::Int(*k), Loc::unpack(*v)))
+            .chain(
+                self.bytes
+                    .iter()
+                    .map(|(k, v)| (Key::Bytes(k.clone()), Loc::unpack(*v))),
+            )
+    }
+
+    /// Bytes the index holds: the hash tables' buckets (entry and control byte, at their
+    /// capacity), boxed keys, and the file paths.
+    pub fn bytes(&self) -> u64 {
+        fn table<K, V>(m: &HashMap<K, V>) -> usize {
+            if m.capacity() == 0 {
+                return 0;
+            }
+            // hashbrown: buckets are the next power of two above capacity × 8/7.
+            let buckets = (m.capacity() * 8 / 7).next_power_of_two();
+            buckets * (std::mem::size_of::<(K, V)>() + 1)
+        }
+        let boxed: usize = self.bytes.keys().map(KeyBytes::heap).sum();
+        let paths: usize = self.paths.iter().map(|p| p.len() + 16 + 24 + 8).sum();
+        (table(&self.ints) + table(&self.bytes) + boxed + paths) as u64
+    }
+
+    /// Fail when the index holds more than `budget` bytes.
+    pub fn check_budget(&self, budget: u64) -> Result<(), IndexError> {
+        if self.bytes() > budget {
+            return Err(IndexError::Budget {
+                budget,
+                keys: self.len(),
+            });
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn locations_round_trip_and_keys_replace() {
+        let mut ix = KeyIndex::new();
+        let a = ix.file_id("s3://b/t/data/a.parquet").unwrap();
+        let b = ix.file_id("s3://b/t/data/b.parquet").unwrap();
+        assert_eq!(ix.file_id("s3://b/t/data/a.parquet").unwrap(), a);
+        let at = |file, pos| Loc { file, pos };
+        let long = Key::Bytes(KeyBytes::new(&[9u8; 40]));
+        let short = Key::Bytes(KeyBytes::new(b"abc"));
+        ix.insert(long.clone(), at(a, 0)).unwrap();
+        assert_eq!(ix.insert(Key::Int(7), at(a, 3)).unwrap(), None);
+        assert_eq!(
+            ix.insert(Key::Int(7), at(b, MAX_POS)).unwrap(),
+            Some(at(a, 3))
+        );
+        assert_eq!(ix.get(&Key::Int(7)), Some(at(b, MAX_POS)));
+        ix.insert(short.clone(), at(b, 1)).unwrap();
+        assert_eq!(ix.get(&long), Some(at(a, 0)));
+        assert_eq!(ix.path(b), "s3://b/t/data/b.parquet");
+        assert_eq!(ix.remove(&short), Some(at(b, 1)));
+        assert_eq!(ix.get(&short), None);
+        assert_eq!(ix.len(), 2);
+        assert!(ix.insert(Key::Int(1), at(a, MAX_POS + 1)).is_err());
+        assert_eq!(ix.files(), 2);
+        // No key points into b any more: its id is free for the next file.
+        ix.remove(&Key::Int(7));
+        assert_eq!(ix.files(), 1);
+        assert_eq!(ix.file_id("s3://b/t/data/c.parquet").unwrap(), b);
+        // A registered file no key ever pointed into is given back by `free`.
+        let d = ix.file_id("s3://b/t/data/d.parquet").unwrap();
+        assert_eq!(ix.files(), 3);
+        ix.free();
+        assert_eq!(ix.files(), 1);
+        assert_eq!(ix.known_file("s3://b/t/data/d.parquet"), None);
+        assert_ne!(d, a);
+    }
+
+    #[test]
+    fn an_integer_key_costs_at_most_48_bytes() {
+        for n in [1_000usize, 100_000, 1_000_000] {
+            let mut ix = KeyIndex::new();
+            let f = ix.file_id("f").unwrap();
+            for k in 0..n as i64 {
+                ix.insert(
+                    Key::Int(k * 7919),
+                    Loc {
+                        file: f,
+                        pos: k as u64,
+                    },
+                )
+                .unwrap();
+            }
+            let per_key = ix.bytes() as f64 / n as f64;
+            assert!(per_key <= 48.0, "{n} keys: {per_key:.1} bytes per key");
+        }
+    }
+
+    #[test]
+    fn the_budget_is_enforced() {
+        let mut ix = KeyIndex::new();
+        let f = ix.file_id("f").unwrap();
+        for k in 0..10_000 {
+            ix.insert(Key::Int(k), Loc { file: f, pos: 0 }).unwrap();
+        }
+        assert!(ix.check_budget(1 << 30).is_ok());
+        assert!(matches!(
+            ix.check_budget(1_000),
+            Err(IndexError::Budget { keys: 10_000, .. })
+        ));
+    }
+}

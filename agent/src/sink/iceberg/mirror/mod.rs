@@ -1,0 +1,554 @@
+//! Mirror tables: the current state of a source table. Each flush folds the changelog rows it
+//! received by key: a row that replaces or deletes a key's current row adds a position delete
+//! for it (its data file and position, from the [`index::KeyIndex`]), a new or changed row is
+//! appended to a data file whose path and positions the index then records. Data files and
+//! the delete file commit as one snapshot. Position deletes, not equality deletes: every
+//! engine reads them (PyIceberg refuses equality deletes) and a scan pays nothing per key.
+
+pub mod files;
+pub mod index;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arrow_array::cast::AsArray;
+use arrow_array::types::{Int32Type, Int64Type};
+use arrow_array::{Array, ArrayRef, ListArray, RecordBatch, UInt32Array};
+use arrow_row::{RowConverter, SortField};
+use arrow_schema::{DataType, SchemaRef};
+use futures::StreamExt;
+use iceberg::arrow::ArrowFileReader;
+use iceberg::spec::{DataContentType, DataFile};
+use iceberg::table::Table;
+use parquet::arrow::{ParquetRecordBatchStreamBuilder, ProjectionMask, PARQUET_FIELD_ID_META_KEY};
+
+use self::files::DataWriter;
+use self::index::{Key, KeyBytes, KeyIndex, Loc};
+use super::schema::{CDC_LSN, CDC_OP};
+use super::SinkError;
+use crate::model::Lsn;
+
+/// Bytes after which a mirror data file is finished and the next one started.
+const TARGET_FILE_BYTES: u64 = 128 << 20;
+
+fn werr(e: impl std::fmt::Display) -> SinkError {
+    SinkError::Write(e.to_string())
+}
+
+/// Turns the key columns of a batch into index keys.
+struct KeyEncoder {
+    names: Vec<String>,
+    /// arrow-row's encoder, for any key that is not one integer column.
+    rows: Option<RowConverter>,
+}
+
+impl KeyEncoder {
+    fn new(names: Vec<String>, types: &[DataType]) -> Result<Self, SinkError> {
+        let single_int = types.len() == 1 && matches!(types[0], DataType::Int32 | DataType::Int64);
+        let rows = if single_int || types.is_empty() {
+            None
+        } else {
+            Some(
+                RowConverter::new(types.iter().map(|t| SortField::new(t.clone())).collect())
+                    .map_err(werr)?,
+            )
+        };
+        Ok(Self { names, rows })
+    }
+
+    /// The key of every row of `batch` (which holds the key columns by name).
+    fn keys(&self, batch: &RecordBatch) -> Result<Vec<Key>, SinkError> {
+        let cols: Vec<ArrayRef> = self
+            .names
+            .iter()
+            .map(|n| {
+                batch
+                    .column_by_name(n)
+                    .cloned()
+                    .ok_or_else(|| SinkError::Write(format!("key column {n:?} missing")))
+            })
+            .collect::<Result<_, _>>()?;
+        match &self.rows {
+            None => {
+                let c = &cols[0];
+                Ok(match c.data_type() {
+                    DataType::Int32 => c
+                        .as_primitive::<Int32Type>()
+                        .values()
+                        .iter()
+                        .map(|v| Key::Int(i64::from(*v)))
+                        .collect(),
+                    _ => c
+                        .as_primitive::<Int64Type>()
+                        .values()
+                        .iter()
+                        .map(|v| Key::Int(*v))
+                        .collect(),
+                })
+            }
+            Some(conv) => {
+                let rows = conv.convert_columns(&cols).map_err(werr)?;
+                Ok(rows
+                    .iter()
+                    .map(|r| Key::Bytes(KeyBytes::new(r.as_ref())))
+                    .collect())
+            }
+        }
+    }
+}
+
+/// What a mirror table holds and has staged for its next commit.
+pub struct MirrorWriter {
+    schema: SchemaRef,
+    keys: Option<KeyEncoder>,
+    index: KeyIndex,
+    /// Keys changed since the last commit: their new location, or `None` if deleted.
+    staged: HashMap<Key, Option<Loc>>,
+    /// Rows to delete: (file id, position).
+    deletes: Vec<(u32, u64)>,
+    /// A TRUNCATE since the last commit: every file live at the base is removed.
+    reset: bool,
+    open: Option<DataWriter>,
+    written: Vec<DataFile>,
+    /// Rows appended since the last commit.
+    rows: u64,
+    /// Index build time at open.
+    pub built_in: Duration,
+}
+
+impl MirrorWriter {
+    /// The writer for `table`, keyed by the columns `keys` (none: the source table has no
+    /// key, its rows are only ever inserted). The index is rebuilt from the table.
+    pub async fn open(table: &Table, keys: Vec<String>) -> Result<Self, SinkError> {
+        let schema = Arc::new(
+            iceberg::arrow::schema_to_arrow_schema(table.metadata().current_schema())
+                .map_err(werr)?,
+        );
+        let encoder = if keys.is_empty() {
+            None
+        } else {
+            let types: Vec<DataType> = keys
+                .iter()
+                .map(|k| {
+                    schema
+                        .field_with_name(k)
+                        .map(|f| f.data_type().clone())
+                        .map_err(|_| {
+                            SinkError::Config(format!("key column {k:?} not in the mirror table"))
+                        })
+                })
+                .collect::<Result<_, _>>()?;
+            Some(KeyEncoder::new(keys, &types)?)
+        };
+        let started = Instant::now();
+        let index = match &encoder {
+            Some(e) => rebuild(table, e).await?,
+            None => KeyIndex::new(),
+        };
+        Ok(Self {
+            schema,
+            keys: encoder,
+            index,
+            staged: HashMap::new(),
+            deletes: Vec::new(),
+            reset: false,
+            open: None,
+            written: Vec::new(),
+            rows: 0,
+            built_in: started.elapsed(),
+        })
+    }
+
+    /// The table's schema changed (columns added): new files use it.
+    pub fn set_schema(&mut self, table: &Table) -> Result<(), SinkError> {
+        self.schema = Arc::new(
+            iceberg::arrow::schema_to_arrow_schema(table.metadata().current_schema())
+                .map_err(werr)?,
+        );
+        Ok(())
+    }
+
+    /// Keys in the index.
+    pub fn keys(&self) -> usize {
+        self.index.len()
+    }
+
+    /// Bytes the index holds.
+    pub fn index_bytes(&self) -> u64 {
+        self.index.bytes()
+    }
+
+    /// Rows appended since the last commit.
+    pub fn pending_rows(&self) -> u64 {
+        self.rows
+    }
+
+    /// Positions staged for deletion since the last commit.
+    pub fn pending_deletes(&self) -> u64 {
+        self.deletes.len() as u64
+    }
+
+    /// Whether a data file is open.
+    pub fn has_open_file(&self) -> bool {
+        self.open.is_some()
+    }
+
+    /// Whether anything waits for a commit.
+    pub fn is_dirty(&self) -> bool {
+        self.rows > 0 || !self.deletes.is_empty() || self.reset || !self.written.is_empty()
+    }
+
+    fn lookup(&self, key: &Key) -> Option<Loc> {
+        match self.staged.get(key) {
+            Some(v) => *v,
+            None if self.reset => None,
+            None => self.index.get(key),
+        }
+    }
+
+    /// Fold `batch` (changelog rows in change order) into the staged state; rows at or below
+    /// `committed` are already in the table.
+    pub async fn push(
+        &mut self,
+        table: &Table,
+        batch: &RecordBatch,
+        committed: Lsn,
+    ) -> Result<(), SinkError> {
+        let ops = batch
+            .column_by_name(CDC_OP)
+            .and_then(|c| c.as_string_opt::<i32>().cloned())
+            .ok_or_else(|| SinkError::Write("changelog batch without _cdc_op".into()))?;
+        let lsns = batch
+            .column_by_name(CDC_LSN)
+            .and_then(|c| c.as_primitive_opt::<Int64Type>().cloned())
+            .ok_or_else(|| SinkError::Write("changelog batch without _cdc_lsn".into()))?;
+        let keys = match &self.keys {
+            Some(k) => Some(k.keys(batch)?),
+            None => None,
+        };
+        // A batch goes into one file, so every upsert's position is known before it is written.
+        if self
+            .open
+            .as_ref()
+            .is_some_and(|w| w.size() >= TARGET_FILE_BYTES)
+        {
+            self.finish_files().await?;
+        }
+        let (mut file, mut first) = self.open_file(table).await?;
+        let mut take: Vec<u32> = Vec::new();
+        for row in 0..batch.num_rows() {
+            let op = ops.value(row);
+            // A snapshot's chunks share one LSN: only streamed changes are filtered by it.
+            if op != "R" && lsns.value(row) as u64 <= committed.get() {
+                continue;
+            }
+            let key = keys.as_ref().map(|k| &k[row]);
+            match op {
+                "T" => {
+                    // Everything before it goes: the base's files at the commit, this
+                    // flush's files now.
+                    take.clear();
+                    self.truncate(table).await?;
+                    (file, first) = self.open_file(table).await?;
+                }
+                "D" => {
+                    if let Some(k) = key {
+                        if let Some(loc) = self.lookup(k) {
+                            self.deletes.push((loc.file, loc.pos));
+                        }
+                        self.staged.insert(k.clone(), None);
+                    }
+                }
+                _ => {
+                    // I, U, R: the key's new row.
+                    if let Some(k) = key {
+                        if let Some(old) = self.lookup(k) {
+                            self.deletes.push((old.file, old.pos));
+                        }
+                        let loc = Loc {
+                            file,
+                            pos: first + take.len() as u64,
+                        };
+                        self.staged.insert(k.clone(), Some(loc));
+                    }
+                    take.push(row as u32);
+                }
+            }
+        }
+        if take.is_empty() {
+            return Ok(());
+        }
+        let idx = UInt32Array::from(take);
+        let picked = arrow_select::take::take_record_batch(batch, &idx).map_err(werr)?;
+        let rows = project(&picked, &self.schema)?;
+        let Some(w) = self.open.as_mut() else {
+            return Err(SinkError::Write("mirror data file not open".into()));
+        };
+        w.write(&rows).await?;
+        self.rows += rows.num_rows() as u64;
+        Ok(())
+    }
+
+    /// The open data file (opened if none): its id and the position of its next row.
+    async fn open_file(&mut self, table: &Table) -> Result<(u32, u64), SinkError> {
+        if self.open.is_none() {
+            self.open = Some(DataWriter::open(table).await?);
+        }
+        let Some(w) = self.open.as_ref() else {
+            return Err(SinkError::Write("mirror data file not open".into()));
+        };
+        let id = self.index.file_id(w.path()).map_err(werr)?;
+        Ok((id, w.rows()))
+    }
+
+    /// A TRUNCATE: this flush's files are dropped, the base's are removed at the commit.
+    async fn truncate(&mut self, table: &Table) -> Result<(), SinkError> {
+        self.finish_files().await?;
+        let io = table.file_io();
+        for f in self.written.drain(..) {
+            // Never committed: nothing references it (orphan removal would find it too).
+            let _ = io.delete(f.file_path()).await;
+        }
+        self.reset = true;
+        self.deletes.clear();
+        self.staged.clear();
+        self.rows = 0;
+        Ok(())
+    }
+
+    /// Finish the open data file (it waits for the commit).
+    pub async fn finish_files(&mut self) -> Result<(u64, u64), SinkError> {
+        let Some(w) = self.open.take() else {
+            return Ok((0, 0));
+        };
+        match w.close().await? {
+            Some(f) => {
+                let r = (1, f.file_size_in_bytes());
+                self.written.push(f);
+                Ok(r)
+            }
+            None => Ok((0, 0)),
+        }
+    }
+
+    /// The files the next commit adds (data, then one position delete file) and removes (on
+    /// TRUNCATE, every live file of `table`).
+    pub async fn change(
+        &mut self,
+        table: &Table,
+    ) -> Result<(Vec<DataFile>, HashSet<String>), SinkError> {
+        self.finish_files().await?;
+        let deletes: Vec<(Arc<str>, u64)> = self
+            .deletes
+            .iter()
+            .map(|(f, p)| (Arc::<str>::from(self.index.path(*f)), *p))
+            .collect();
+        let mut added = self.written.clone();
+        if let Some(d) = files::write_deletes(table, deletes).await? {
+            added.push(d);
+        }
+        let removed = if self.reset {
+            live_paths(table).await?
+        } else {
+            HashSet::new()
+        };
+        Ok((added, removed))
+    }
+
+    /// The staged change was committed: the index follows it.
+    pub fn committed(&mut self) {
+        if self.reset {
+            self.index.clear_keys();
+        }
+        for (k, v) in self.staged.drain() {
+            match v {
+                Some(loc) => {
+                    // Positions were checked when staged.
+                    let _ = self.index.insert(k, loc);
+                }
+                None => {
+                    self.index.remove(&k);
+                }
+            }
+        }
+        self.index.free();
+        self.deletes.clear();
+        self.written.clear();
+        self.reset = false;
+        self.rows = 0;
+    }
+
+    /// The staged change will not be committed (a failed attempt): forget it.
+    pub fn abandon(&mut self) {
+        self.open = None;
+        self.staged.clear();
+        self.deletes.clear();
+        self.written.clear();
+        self.reset = false;
+        self.rows = 0;
+        self.index.free();
+    }
+}
+
+/// Columns of `batch` the mirror holds (by name), in its schema (nested field ids retagged).
+fn project(batch: &RecordBatch, schema: &SchemaRef) -> Result<RecordBatch, SinkError> {
+    let cols = schema
+        .fields()
+        .iter()
+        .map(|f| {
+            let c = batch.column_by_name(f.name()).ok_or_else(|| {
+                SinkError::Write(format!("column {:?} missing from the batch", f.name()))
+            })?;
+            conform(c, f.data_type())
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    RecordBatch::try_new(schema.clone(), cols).map_err(werr)
+}
+
+/// `a` as type `t` when they differ only in nested field metadata (list element ids).
+fn conform(a: &ArrayRef, t: &DataType) -> Result<ArrayRef, SinkError> {
+    if a.data_type() == t {
+        return Ok(a.clone());
+    }
+    match (a.data_type(), t) {
+        (DataType::List(_), DataType::List(to)) => {
+            let l = a.as_list::<i32>();
+            let values = conform(l.values(), to.data_type())?;
+            Ok(Arc::new(
+                ListArray::try_new(to.clone(), l.offsets().clone(), values, l.nulls().cloned())
+                    .map_err(werr)?,
+            ))
+        }
+        (from, to) => Err(SinkError::Write(format!(
+            "column type {from} cannot be written as {to}"
+        ))),
+    }
+}
+
+/// Live files (data and deletes) of the table's current snapshot.
+async fn live_files(table: &Table) -> Result<Vec<DataFile>, SinkError> {
+    let md = table.metadata();
+    let Some(cur) = md.current_snapshot() else {
+        return Ok(Vec::new());
+    };
+    let list = super::manifests::list_of(table, cur).await.map_err(werr)?;
+    let mut out = Vec::new();
+    for mf in list.iter() {
+        let m = super::manifests::load(table.file_io(), mf)
+            .await
+            .map_err(werr)?;
+        for e in m.entries() {
+            if e.is_alive() {
+                out.push(e.data_file().clone());
+            }
+        }
+    }
+    Ok(out)
+}
+
+async fn live_paths(table: &Table) -> Result<HashSet<String>, SinkError> {
+    Ok(live_files(table)
+        .await?
+        .into_iter()
+        .map(|f| f.file_path().to_string())
+        .collect())
+}
+
+/// Read the columns of `path` whose field ids are `ids`, batch by batch.
+async fn read_columns(
+    table: &Table,
+    path: &str,
+    ids: &[i32],
+    mut each: impl FnMut(RecordBatch) -> Result<(), SinkError>,
+) -> Result<(), SinkError> {
+    let input = table.file_io().new_input(path).map_err(werr)?;
+    let meta = input.metadata().await.map_err(werr)?;
+    let reader = ArrowFileReader::new(meta, input.reader().await.map_err(werr)?);
+    let builder = ParquetRecordBatchStreamBuilder::new(reader)
+        .await
+        .map_err(werr)?;
+    let leaves: Vec<usize> = builder
+        .schema()
+        .fields()
+        .iter()
+        .enumerate()
+        .filter(|(_, f)| {
+            f.metadata()
+                .get(PARQUET_FIELD_ID_META_KEY)
+                .and_then(|v| v.parse::<i32>().ok())
+                .is_some_and(|id| ids.contains(&id))
+        })
+        .map(|(i, _)| i)
+        .collect();
+    if leaves.len() != ids.len() {
+        return Err(SinkError::Write(format!(
+            "{path}: expected columns with field ids {ids:?}"
+        )));
+    }
+    let mask = ProjectionMask::roots(builder.parquet_schema(), leaves);
+    let mut stream = builder
+        .with_projection(mask)
+        .with_batch_size(65_536)
+        .build()
+        .map_err(werr)?;
+    while let Some(batch) = stream.next().await {
+        each(batch.map_err(werr)?)?;
+    }
+    Ok(())
+}
+
+/// The index of `table` as its current snapshot holds it: every live data file's keys at
+/// their positions, minus the positions its delete files name.
+async fn rebuild(table: &Table, keys: &KeyEncoder) -> Result<KeyIndex, SinkError> {
+    let live = live_files(table).await?;
+    let mut deleted: HashMap<String, HashSet<u64>> = HashMap::new();
+    for f in live
+        .iter()
+        .filter(|f| f.content_type() == DataContentType::PositionDeletes)
+    {
+        read_columns(table, f.file_path(), &[2147483546, 2147483545], |b| {
+            let paths = b.column(0).as_string::<i32>();
+            let pos = b.column(1).as_primitive::<Int64Type>();
+            for i in 0..b.num_rows() {
+                deleted
+                    .entry(paths.value(i).to_string())
+                    .or_default()
+                    .insert(pos.value(i) as u64);
+            }
+            Ok(())
+        })
+        .await?;
+    }
+    let schema = table.metadata().current_schema();
+    let ids: Vec<i32> = keys
+        .names
+        .iter()
+        .map(|n| {
+            schema.field_by_name(n).map(|f| f.id).ok_or_else(|| {
+                SinkError::Config(format!("key column {n:?} not in the mirror table"))
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    let mut index = KeyIndex::new();
+    for f in live
+        .iter()
+        .filter(|f| f.content_type() == DataContentType::Data)
+    {
+        let file = index.file_id(f.file_path()).map_err(werr)?;
+        let gone = deleted.remove(f.file_path()).unwrap_or_default();
+        let mut pos = 0u64;
+        read_columns(table, f.file_path(), &ids, |b| {
+            for (i, k) in keys.keys(&b)?.into_iter().enumerate() {
+                let p = pos + i as u64;
+                if !gone.contains(&p) {
+                    index.insert(k, Loc { file, pos: p }).map_err(werr)?;
+                }
+            }
+            pos += b.num_rows() as u64;
+            Ok(())
+        })
+        .await?;
+    }
+    Ok(index)
+}

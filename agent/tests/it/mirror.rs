@@ -1,0 +1,291 @@
+//! Mirror tables (`mode = "mirror"` / `"both"`): the current state of each source table with
+//! position deletes, read back by PyIceberg and DuckDB and compared with `SELECT *` of the
+//! source, column for column; through an initial snapshot, key changes, a TRUNCATE and a
+//! SIGKILL of the agent.
+
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::common::*;
+
+/// `verify_mirror.py` on `table` against `query` on the source database `app`.
+fn verify_mirror(work: &Workdir, table: &str, pg: &TestPg, query: &str, pk: &str) -> Value {
+    let conninfo = pg.conninfo("app");
+    python_json(
+        Command::new(python())
+            .arg(py_script("verify_mirror.py"))
+            .arg("--catalog-db")
+            .arg(work.catalog_db())
+            .arg("--warehouse")
+            .arg(work.warehouse())
+            .args(["--table", table, "--pk", pk, "--duckdb"])
+            .args(["--pg-conninfo", &conninfo, "--pg-query", query]),
+        "verify_mirror.py",
+    )
+}
+
+/// Wait until the mirror `table` equals `query` for PyIceberg and DuckDB alike; returns the
+/// last check.
+async fn wait_mirrored(work: &Workdir, table: &str, pg: &TestPg, query: &str, pk: &str) -> Value {
+    let mut last = Value::Null;
+    for _ in 0..60 {
+        last = verify_mirror(work, table, pg, query, pk);
+        if last["equal"] == true && last["duckdb_equal"] == true {
+            return last;
+        }
+        tokio::time::sleep(Duration::from_millis(700)).await;
+    }
+    panic!("mirror {table} never equalled the source: {last}");
+}
+
+const DDL: &str = "
+CREATE TABLE m (id int PRIMARY KEY, s text, n numeric(10,2), tags text[]);
+CREATE TABLE k (a int, b text, v bigint, PRIMARY KEY (a, b));
+INSERT INTO m SELECT g, 'seed ' || g, g * 1.5, ARRAY['x', g::text] FROM generate_series(1, 300) g;
+INSERT INTO k SELECT g % 7, 'b' || g, g FROM generate_series(1, 50) g;";
+
+const M: &str = "SELECT id, s, n, tags FROM m";
+const K: &str = "SELECT a, b, v FROM k";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_modes_follow_every_change_through_a_kill() {
+    let Running {
+        pg,
+        db,
+        work,
+        cfg,
+        agent,
+    } = prepare(
+        DDL,
+        &["m", "k"],
+        "mode = \"both\"\nsnapshot = \"initial\"",
+        "",
+    )
+    .await
+    .streaming()
+    .await;
+
+    // The initial copy lands in the mirror as the current state.
+    let v = wait_mirrored(&work, "ns.m", &pg, M, "id").await;
+    assert_eq!(v["rows"], 300, "{v}");
+    assert_eq!(v["identifier_fields"], serde_json::json!(["id"]), "{v}");
+    assert_eq!(
+        v["columns"],
+        serde_json::json!(["id", "s", "n", "tags", "_cdc_lsn", "_cdc_ts"]),
+        "{v}"
+    );
+
+    // Updates, deletes, a key change, a key deleted and inserted again in one transaction,
+    // the same key updated many times in one flush, composite keys.
+    db.batch_execute(
+        "UPDATE m SET s = 'updated', n = n + 1 WHERE id % 3 = 0;
+         DELETE FROM m WHERE id % 10 = 1;
+         UPDATE m SET id = id + 1000 WHERE id = 2;
+         BEGIN; DELETE FROM m WHERE id = 4; INSERT INTO m VALUES (4, 'again', 4.4, NULL); COMMIT;
+         UPDATE k SET v = -v WHERE a = 3;
+         DELETE FROM k WHERE a = 5;
+         UPDATE k SET b = b || '!' WHERE a = 6;",
+    )
+    .await
+    .expect("changes");
+    for i in 0..20 {
+        db.batch_execute(&format!("UPDATE m SET n = {i} WHERE id = 5"))
+            .await
+            .expect("update");
+    }
+    let v = wait_mirrored(&work, "ns.m", &pg, M, "id").await;
+    assert!(v["position_delete_files"].as_u64().unwrap() > 0, "{v}");
+    assert_eq!(v["equality_delete_files"], 0, "{v}");
+    wait_mirrored(&work, "ns.k", &pg, K, "a,b").await;
+
+    // SIGKILL in the middle of a stream of changes; the restarted agent rebuilds its index
+    // from the table and goes on.
+    let writer = {
+        let conninfo = pg.conninfo("app");
+        tokio::spawn(async move {
+            let (c, conn) = tokio_postgres::connect(&conninfo, tokio_postgres::NoTls)
+                .await
+                .expect("connect");
+            tokio::spawn(conn);
+            for i in 0..150 {
+                c.batch_execute(&format!(
+                    "BEGIN; UPDATE m SET s = 'round {i}' WHERE id % 7 = {}; \
+                     INSERT INTO m VALUES ({}, 'new', {i}, ARRAY['n']); \
+                     DELETE FROM m WHERE id = {}; COMMIT;",
+                    i % 7,
+                    5000 + i,
+                    5000 + i / 2
+                ))
+                .await
+                .expect("workload");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    agent.kill9();
+    writer.await.expect("workload task");
+    let agent = AgentProc::start(&cfg, &work.path().join("agent2.log"));
+    agent.wait_streaming().await;
+    db.batch_execute("TRUNCATE k; INSERT INTO k VALUES (1, 'after', 1), (2, 'after', 2);")
+        .await
+        .expect("truncate");
+    let v = wait_mirrored(&work, "ns.m", &pg, M, "id").await;
+    assert_eq!(v["duplicate_keys"], 0, "{v}");
+    let v = wait_mirrored(&work, "ns.k", &pg, K, "a,b").await;
+    assert_eq!(v["rows"], 2, "{v}");
+
+    // The changelog beside it is still exact (folded, it equals the source too).
+    verify_state(&work, "ns.m_changelog", &pg, M);
+    let log = agent.log_text();
+    assert!(
+        log.contains("mirror key index built from the table"),
+        "no index rebuild logged:\n{log}"
+    );
+    // The mirror's instruments: its index and the position deletes it wrote.
+    let addr = agent.api_addr().expect("API address");
+    let text = scrape(&addr).await;
+    let keys = sample_sum(&text, "philotes_mirror_index_keys", "table=\"public.m\"");
+    let live = pg_count(&db, "m").await;
+    assert_eq!(keys as i64, live, "index keys vs rows of m:\n{text}");
+    assert!(sample_sum(&text, "philotes_mirror_index_bytes", "table=\"public.m\"") > 0.0);
+    assert!(
+        sample_sum(
+            &text,
+            "philotes_iceberg_delete_files_written_total",
+            "table=\"public.m\""
+        ) > 0.0
+    );
+    assert!(
+        sample_sum(
+            &text,
+            "philotes_iceberg_rows_deleted_total",
+            "table=\"public.m\""
+        ) > 0.0
+    );
+    drop(agent);
+}
+
+async fn pg_count(db: &tokio_postgres::Client, table: &str) -> i64 {
+    db.query_one(&format!("SELECT count(*) FROM {table}"), &[])
+        .await
+        .expect("count")
+        .get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_type_mirrors_through_pyiceberg_and_duckdb() {
+    let (pg, db, work, agent) = running(ALL_TYPES, &["public.all_types"], "mode = \"mirror\"")
+        .await
+        .parts();
+    let mut sql = String::from("BEGIN;");
+    for i in 1..=60 {
+        sql.push_str(&format!(
+            "INSERT INTO all_types VALUES {};",
+            all_types_values(i)
+        ));
+    }
+    sql.push_str(
+        "UPDATE all_types SET c_text = 'changed', c_int4arr = '{}', c_numeric = -2.25 WHERE id % 4 = 0;
+         DELETE FROM all_types WHERE id % 9 = 0;
+         UPDATE all_types SET id = id + 500 WHERE id = 10;
+         COMMIT;",
+    );
+    db.batch_execute(&sql).await.expect("workload");
+    let v = wait_mirrored(&work, "ns.all_types", &pg, ALL_TYPES_QUERY, "id").await;
+    assert_eq!(v["equality_delete_files"], 0, "{v}");
+    // Mirror mode writes no changelog table.
+    assert_eq!(iceberg_rows(&work, "ns.all_types_changelog"), None);
+    drop(agent);
+}
+
+/// `pgbench` of the server's installation.
+fn pgbench() -> Command {
+    let bin = philotes::demo::postgres::find_bindir()
+        .expect("PostgreSQL binaries")
+        .join("pgbench");
+    Command::new(bin)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgbench_with_a_kill_mirrors_every_table_exactly() {
+    const TABLES: [&str; 4] = [
+        "pgbench_accounts",
+        "pgbench_branches",
+        "pgbench_tellers",
+        "pgbench_history",
+    ];
+    let p = prepare(
+        "SELECT 1",
+        &TABLES,
+        "mode = \"both\"\nsnapshot = \"initial\"",
+        "",
+    )
+    .await;
+    let conninfo = p.pg.conninfo("app");
+    let (code, out) = run_cmd(pgbench().args(["-i", "-s", "2", "-q", &conninfo]));
+    assert_eq!(code, 0, "pgbench -i: {out}");
+    let Running {
+        pg,
+        db: _db,
+        work,
+        cfg,
+        agent,
+    } = p.streaming().await;
+
+    // The TPC-B-like load (pgbench_history has no key: it is mirrored as appends), with the
+    // agent killed in the middle and started again.
+    let mut load = pgbench()
+        .args(["-c", "4", "-j", "2", "-T", "30", "-n", &conninfo])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("pgbench");
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    agent.kill9();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let agent = AgentProc::start(&cfg, &work.path().join("agent2.log"));
+    let status = load.wait().expect("pgbench ran");
+    assert!(status.success(), "pgbench -c 4 failed");
+    agent.wait_streaming().await;
+
+    for (table, query, pk) in [
+        (
+            "ns.pgbench_accounts",
+            "SELECT aid, bid, abalance, filler FROM pgbench_accounts",
+            "aid",
+        ),
+        (
+            "ns.pgbench_branches",
+            "SELECT bid, bbalance, filler FROM pgbench_branches",
+            "bid",
+        ),
+        (
+            "ns.pgbench_tellers",
+            "SELECT tid, bid, tbalance, filler FROM pgbench_tellers",
+            "tid",
+        ),
+        (
+            "ns.pgbench_history",
+            "SELECT tid, bid, aid, delta, mtime, filler FROM pgbench_history",
+            "tid,bid,aid,delta,mtime",
+        ),
+    ] {
+        let v = wait_mirrored(&work, table, &pg, query, pk).await;
+        assert_eq!(v["duplicate_keys"], 0, "{table}: {v}");
+        assert_eq!(v["equality_delete_files"], 0, "{table}: {v}");
+    }
+    // The changelog of the busiest table is exact too.
+    let v = verify_source(
+        &work,
+        "ns.pgbench_accounts_changelog",
+        &pg,
+        "SELECT aid, bid, abalance, filler FROM pgbench_accounts",
+        &["--pk", "aid"],
+    );
+    assert_eq!(v["unique"], true, "{v}");
+    assert_eq!(v["state_equal"], true, "{}", v["state_diff"]);
+    drop(agent);
+}
