@@ -226,6 +226,19 @@ struct Env<'a> {
 }
 
 fn run_agent(env: &Env<'_>, slot: &str, table: &str, end: u64, telemetry: bool) -> Run {
+    run_agent_mode(env, slot, table, end, telemetry, "changelog", false)
+}
+
+/// [`run_agent`] in table `mode`, keeping the warehouse when `keep` (to start again on it).
+fn run_agent_mode(
+    env: &Env<'_>,
+    slot: &str,
+    table: &str,
+    end: u64,
+    telemetry: bool,
+    mode: &str,
+    keep: bool,
+) -> Run {
     let Env {
         bin,
         pg,
@@ -244,7 +257,7 @@ fn run_agent(env: &Env<'_>, slot: &str, table: &str, end: u64, telemetry: bool) 
     };
     let cfg = format!(
         "{tele}[api]\nlisten = \"127.0.0.1:{}\"\n[iceberg]\nuri = \"sqlite://{}/catalog.db\"\nwarehouse = \"{}/warehouse\"\n\
-         [[pipelines]]\nname = \"bench\"\nsource = \"{}\"\nslot = \"{slot}\"\npublication = \"bench\"\ntables = [\"{table}\"]\nflush_interval = \"1s\"\nsnapshot = \"never\"\n",
+         [[pipelines]]\nname = \"bench\"\nsource = \"{}\"\nslot = \"{slot}\"\npublication = \"bench\"\ntables = [\"{table}\"]\nflush_interval = \"1s\"\nsnapshot = \"never\"\nmode = \"{mode}\"\n",
         free_port().unwrap(),
         wh.display(),
         wh.display(),
@@ -281,12 +294,127 @@ fn run_agent(env: &Env<'_>, slot: &str, table: &str, end: u64, telemetry: bool) 
     let (rss_mb, cpu_s) = proc_stats(child.id());
     let _ = child.kill();
     let _ = child.wait();
-    let _ = std::fs::remove_dir_all(wh.join("warehouse"));
+    if !keep {
+        let _ = std::fs::remove_dir_all(wh.join("warehouse"));
+    }
     Run {
         secs,
         rss_mb,
         cpu_s,
     }
+}
+
+/// Start the agent again on the warehouse of `slot`'s run and read how its mirror key index
+/// was rebuilt from the table: (keys, bytes, milliseconds).
+fn index_rebuild(env: &Env<'_>, slot: &str) -> (u64, u64, u64) {
+    let wh = env.dir.join(slot);
+    let cfg_path = wh.join("philotes.toml");
+    let cfg = std::fs::read_to_string(&cfg_path)
+        .unwrap()
+        .replace("log_level = \"warn\"", "log_level = \"info\"");
+    std::fs::write(&cfg_path, cfg).unwrap();
+    let log = wh.join("rebuild.log");
+    let mut child = Command::new(env.bin)
+        .args(["run", "--config"])
+        .arg(&cfg_path)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("spawn philotes");
+    let deadline = Instant::now() + Duration::from_secs(900);
+    let line = loop {
+        assert!(
+            Instant::now() < deadline,
+            "no index rebuild in {}",
+            log.display()
+        );
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if let Some(l) = text.lines().find(|l| l.contains("mirror key index built")) {
+            break l.to_string();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(wh.join("warehouse"));
+    let field = |k: &str| -> u64 {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(k))
+            .and_then(|v| v.trim_matches('"').parse().ok())
+            .unwrap_or(0)
+    };
+    (field("keys="), field("index_bytes="), field("build_ms="))
+}
+
+/// Mirror ÷ changelog on the same changes: `rows` inserted (100 transactions), then every row
+/// updated in one transaction. Then the mirror's key index: bytes per key, rebuild time.
+fn mirror_phase(env: &Env<'_>, rows: u64, reps: usize) {
+    let pg = env.pg;
+    psql(pg, "CREATE TABLE mir (id bigint PRIMARY KEY, n int, s text, at timestamptz, d double precision)");
+    psql(pg, "DROP PUBLICATION IF EXISTS bench");
+    psql(pg, "CREATE PUBLICATION bench FOR TABLE mir");
+    for i in 0..reps {
+        for m in ["c", "m"] {
+            psql(
+                pg,
+                &format!("SELECT pg_create_logical_replication_slot('{m}_mir_{i}', 'pgoutput')"),
+            );
+        }
+    }
+    let per = rows / 100;
+    for t in 0..100 {
+        psql(pg, &format!(
+            "INSERT INTO mir SELECT g, g % 1000, repeat(chr(97 + (g % 26)::int), 40), now(), g * 0.5 FROM generate_series({}, {}) g",
+            t * per + 1, (t + 1) * per
+        ));
+    }
+    psql(pg, "UPDATE mir SET n = n + 1, d = d * 2");
+    let end = lsn_num(&psql(pg, "SELECT pg_current_wal_insert_lsn()"));
+    let (mut changelog, mut mirror, mut rss) = (Vec::new(), Vec::new(), 0f64);
+    let mut index = (0, 0, 0);
+    for i in 0..reps {
+        changelog.push(
+            run_agent_mode(
+                env,
+                &format!("c_mir_{i}"),
+                "mir",
+                end,
+                true,
+                "changelog",
+                false,
+            )
+            .secs,
+        );
+        let m = run_agent_mode(env, &format!("m_mir_{i}"), "mir", end, true, "mirror", true);
+        rss = rss.max(m.rss_mb);
+        mirror.push(m.secs);
+        index = index_rebuild(env, &format!("m_mir_{i}"));
+    }
+    for i in 0..reps {
+        for m in ["c", "m"] {
+            psql(
+                pg,
+                &format!("SELECT pg_drop_replication_slot('{m}_mir_{i}')"),
+            );
+        }
+    }
+    let c = median(&mut changelog);
+    let m = median(&mut mirror);
+    let events = rows * 2;
+    println!(
+        "mirror: INSERT {}k + UPDATE {}k rows: changelog {c:.2}s ({:.0} rows/s), mirror {m:.2}s ({:.0} rows/s), mirror ÷ changelog throughput {:.2}, mirror peak RSS {rss:.0} MB",
+        rows / 1000,
+        rows / 1000,
+        events as f64 / c,
+        events as f64 / m,
+        c / m
+    );
+    let (keys, bytes, ms) = index;
+    println!(
+        "mirror key index at restart: {keys} keys, {bytes} bytes ({:.1} bytes per key), rebuilt from the table in {ms} ms",
+        bytes as f64 / keys.max(1) as f64
+    );
+    psql(pg, "DROP TABLE mir");
 }
 
 /// Freshness under steady load: 5k rows/s in 50 transactions/s; for each transaction, the time
@@ -590,11 +718,12 @@ fn main() {
     };
     let mut overhead: Vec<(f64, f64)> = Vec::new();
     let only_snapshot = args.iter().any(|a| a == "--snapshot-only");
+    let mirror_only = args.iter().any(|a| a == "--mirror");
     // `--only=TEXT`: just the streaming workloads whose name contains TEXT.
     let only = args.iter().find_map(|a| a.strip_prefix("--only="));
     for w in workloads(scale)
         .into_iter()
-        .filter(|w| !only_snapshot && only.is_none_or(|o| w.name.contains(o)))
+        .filter(|w| !only_snapshot && !mirror_only && only.is_none_or(|o| w.name.contains(o)))
     {
         let t = w.table;
         for stmt in w.setup.split(';').filter(|s| !s.trim().is_empty()) {
@@ -669,13 +798,23 @@ fn main() {
         );
         psql(&pg, &format!("DROP TABLE {t}"));
     }
-    if only.is_none() {
+    if only.is_none() && !mirror_only {
         snapshot_phase(&env, if quick { 20_000 } else { 2_000_000 }, reps);
     }
-    if (!only_snapshot && only.is_none()) || args.iter().any(|a| a == "--large-txn") {
+    // `--mirror`: only this phase (plus `--mirror-rows=N` for the index at other sizes).
+    if (!only_snapshot && only.is_none()) || mirror_only {
+        let rows = args
+            .iter()
+            .find_map(|a| a.strip_prefix("--mirror-rows="))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(if quick { 20_000 } else { scale });
+        mirror_phase(&env, rows, reps);
+    }
+    if (!only_snapshot && !mirror_only && only.is_none()) || args.iter().any(|a| a == "--large-txn")
+    {
         large_txn_phase(&env, if quick { 50_000 } else { 5_000_000 });
     }
-    let lat = if only.is_none() {
+    let lat = if only.is_none() && !mirror_only {
         freshness(&env, if quick { 3 } else { 20 })
     } else {
         Vec::new()

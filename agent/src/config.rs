@@ -332,6 +332,10 @@ pub struct PipelineConfig {
     /// What each source table becomes: `changelog`, `mirror` or `both`.
     #[serde(default)]
     pub mode: TableMode,
+    /// Memory a mirror table's key index may hold (per table); past it the pipeline stops with
+    /// an error naming the table instead of running out of memory.
+    #[serde(default = "default_mirror_index_memory", with = "size_str")]
+    pub mirror_index_memory: u64,
     /// Initial snapshot mode.
     #[serde(default = "default_snapshot")]
     pub snapshot: SnapshotMode,
@@ -388,6 +392,10 @@ fn default_flush_interval() -> Duration {
 }
 fn default_max_buffer() -> u64 {
     256 << 20
+}
+
+fn default_mirror_index_memory() -> u64 {
+    2 << 30
 }
 
 impl PipelineConfig {
@@ -696,6 +704,12 @@ impl Config {
             if p.max_buffer_bytes < (1 << 20) {
                 return Err(ConfigError::new(
                     key("max_buffer_bytes"),
+                    "must be at least 1MiB",
+                ));
+            }
+            if p.mirror_index_memory < (1 << 20) {
+                return Err(ConfigError::new(
+                    key("mirror_index_memory"),
                     "must be at least 1MiB",
                 ));
             }

@@ -23,7 +23,7 @@ use crate::sink::iceberg::schema::{
     changelog_partition, changelog_schema, dlq_schema, iceberg_type, kind_of, CHANGELOG_SUFFIX,
     DLQ_TABLE,
 };
-use crate::sink::iceberg::table::Committed;
+use crate::sink::iceberg::table::{Committed, MirrorSource};
 use crate::sink::iceberg::TableSink;
 use crate::source::postgres::pgoutput::{self, Message, RelationColumn, StreamMessage, TupleData};
 use crate::source::postgres::session::SourceError;
@@ -645,8 +645,11 @@ impl Applier {
                 self.committer.clone(),
                 &self.namespace,
                 &table_name,
-                &source_name,
-                &model,
+                MirrorSource {
+                    table: &source_name,
+                    columns: &model,
+                    index_budget: self.cfg.mirror_index_memory,
+                },
                 &self.table_properties,
                 self.secrets.clone(),
             )

@@ -289,3 +289,94 @@ async fn pgbench_with_a_kill_mirrors_every_table_exactly() {
     assert_eq!(v["state_equal"], true, "{}", v["state_diff"]);
     drop(agent);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unchanged_toast_values_keep_their_value() {
+    // `big` is stored out of line (incompressible, ~10 kB): an UPDATE that does not touch it
+    // sends it as "unchanged", and the mirror must keep the value it had.
+    const BIG: &str = "(SELECT string_agg(md5(g::text || {i}), '') FROM generate_series(1, 300) g)";
+    let big = |i: i32| BIG.replace("{i}", &i.to_string());
+    let Running {
+        pg,
+        db,
+        work,
+        cfg,
+        agent,
+    } = prepare(
+        "CREATE TABLE tt (id int PRIMARY KEY, n int, big text, note text)",
+        &["tt"],
+        "mode = \"both\"",
+        "",
+    )
+    .await
+    .streaming()
+    .await;
+    const Q: &str = "SELECT id, n, big, note FROM tt";
+    for i in 1..=4 {
+        db.batch_execute(&format!(
+            "INSERT INTO tt VALUES ({i}, 0, {}, 'n{i}')",
+            big(i)
+        ))
+        .await
+        .expect("insert");
+    }
+    wait_mirrored(&work, "ns.tt", &pg, Q, "id").await;
+    // From a committed file; then again from the row the first update wrote.
+    db.batch_execute("UPDATE tt SET n = 1 WHERE id <= 2")
+        .await
+        .expect("update");
+    wait_mirrored(&work, "ns.tt", &pg, Q, "id").await;
+    db.batch_execute("UPDATE tt SET n = 2, note = 'again' WHERE id = 1")
+        .await
+        .expect("update");
+    // Inserted and updated in one transaction (the value is in the same batch), and a key
+    // updated twice in one transaction.
+    db.batch_execute(&format!(
+        "BEGIN; INSERT INTO tt VALUES (5, 0, {}, 'n5'); UPDATE tt SET n = 5 WHERE id = 5;
+         UPDATE tt SET n = 31 WHERE id = 3; UPDATE tt SET note = 'x' WHERE id = 3; COMMIT;",
+        big(5)
+    ))
+    .await
+    .expect("one transaction");
+    wait_mirrored(&work, "ns.tt", &pg, Q, "id").await;
+    // The changelog says which values were not sent: the test is about them.
+    let v = verify(&work, "ns.tt_changelog", &["--rows"]);
+    let unchanged = v["all_rows"]
+        .as_array()
+        .expect("rows")
+        .iter()
+        .filter(|r| r["_cdc_unchanged"] == serde_json::json!(["big"]))
+        .count();
+    assert!(unchanged >= 5, "expected unchanged TOAST values: {v}");
+    // After a restart the values come from the files the rebuilt index points at.
+    agent.kill9();
+    let agent = AgentProc::start(&cfg, &work.path().join("agent2.log"));
+    agent.wait_streaming().await;
+    db.batch_execute("UPDATE tt SET n = n + 100")
+        .await
+        .expect("update all");
+    let v = wait_mirrored(&work, "ns.tt", &pg, Q, "id").await;
+    assert_eq!(v["rows"], 5, "{v}");
+    drop(agent);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_index_past_its_budget_is_a_clear_error() {
+    // 60,000 integer keys need ~2 MB of index: more than a 1 MiB budget. The pipeline stops
+    // with an error that names the table and the key, instead of growing until killed.
+    let p = prepare(
+        "CREATE TABLE big (id int PRIMARY KEY, s text);
+         INSERT INTO big SELECT g, 'r' || g FROM generate_series(1, 60000) g;",
+        &["big"],
+        "mode = \"mirror\"\nsnapshot = \"initial\"\nmirror_index_memory = \"1MiB\"",
+        "",
+    )
+    .await;
+    let log = p.log();
+    let running = p.started();
+    wait_log_line(&log, "the index budget error", |l| {
+        l.contains("key index of mirror table ns.big") && l.contains("mirror_index_memory")
+    })
+    .await;
+    drop(running);
+}

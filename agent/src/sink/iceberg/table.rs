@@ -46,6 +46,17 @@ pub struct Committed {
     pub rows_deleted: u64,
 }
 
+/// The source table a mirror holds.
+#[derive(Debug, Clone, Copy)]
+pub struct MirrorSource<'a> {
+    /// `schema.table`.
+    pub table: &'a str,
+    /// Its columns, the key among them.
+    pub columns: &'a [Column],
+    /// Most bytes its key index may hold.
+    pub index_budget: u64,
+}
+
 /// A changelog (or dead-letter) table with its uncommitted data files.
 pub struct TableSink {
     committer: Committer,
@@ -242,17 +253,21 @@ impl TableSink {
         })
     }
 
-    /// Load or create the mirror table `ns.name` of source table `source` (its columns, the
-    /// key among them); the key index is rebuilt from the table.
+    /// Load or create the mirror table `ns.name` of `source`; the key index is rebuilt from
+    /// the table.
     pub async fn open_mirror(
         committer: Committer,
         ns: &str,
         name: &str,
-        source: &str,
-        columns: &[Column],
+        source: MirrorSource<'_>,
         properties: &[(String, String)],
         secrets: Arc<[String]>,
     ) -> Result<Self, SinkError> {
+        let MirrorSource {
+            table: source,
+            columns,
+            index_budget,
+        } = source;
         let cols = columns.to_vec();
         let props: Vec<(String, String)> = properties
             .iter()
@@ -288,7 +303,7 @@ impl TableSink {
             .filter(|c| c.key)
             .map(|c| c.name.clone())
             .collect();
-        let mirror = MirrorWriter::open(&sink.table, keys).await?;
+        let mirror = MirrorWriter::open(&sink.table, keys, index_budget).await?;
         tracing::info!(
             table = %sink.name(),
             keys = mirror.keys(),

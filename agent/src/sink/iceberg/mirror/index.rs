@@ -87,14 +87,6 @@ pub enum IndexError {
     /// More live data files, or a longer file, than a location can name.
     #[error("the mirror index cannot address {0}")]
     Capacity(String),
-    /// The index would pass its memory budget.
-    #[error("the mirror index needs more than its budget of {budget} bytes ({keys} keys)")]
-    Budget {
-        /// The budget.
-        budget: u64,
-        /// Keys held when it was reached.
-        keys: usize,
-    },
 }
 
 /// Key → location of its current row, with the data files the locations name.
@@ -108,6 +100,13 @@ pub struct KeyIndex {
     /// so the path table holds the live files, not every file ever written.
     refs: Vec<u64>,
     free: Vec<u32>,
+    /// Heap bytes of boxed keys and of paths, kept as they change ([`Self::bytes`] is O(1)).
+    heap: usize,
+}
+
+/// Heap bytes of a path held once (its `Arc<str>` allocation and two table slots).
+fn path_heap(p: &str) -> usize {
+    p.len() + 16 + 24 + 8
 }
 
 impl KeyIndex {
@@ -122,6 +121,7 @@ impl KeyIndex {
             return Ok(*id);
         }
         let p: Arc<str> = path.into();
+        self.heap += path_heap(path);
         let id = match self.free.pop() {
             Some(id) => {
                 self.paths[id as usize] = p.clone();
@@ -153,7 +153,11 @@ impl KeyIndex {
     }
 
     fn free_file(&mut self, id: u32) {
+        if self.paths[id as usize].is_empty() {
+            return;
+        }
         let p = std::mem::replace(&mut self.paths[id as usize], Arc::from(""));
+        self.heap -= path_heap(&p);
         self.ids.remove(&p);
         self.free.push(id);
     }
@@ -204,7 +208,14 @@ impl KeyIndex {
         self.refs[loc.file as usize] += 1;
         let old = match key {
             Key::Int(k) => self.ints.insert(k, v),
-            Key::Bytes(k) => self.bytes.insert(k, v),
+            Key::Bytes(k) => {
+                let heap = k.heap();
+                let old = self.bytes.insert(k, v);
+                if old.is_none() {
+                    self.heap += heap;
+                }
+                old
+            }
         }
         .map(Loc::unpack);
         if let Some(o) = old {
@@ -217,7 +228,13 @@ impl KeyIndex {
     pub fn remove(&mut self, key: &Key) -> Option<Loc> {
         let old = match key {
             Key::Int(k) => self.ints.remove(k),
-            Key::Bytes(k) => self.bytes.remove(k),
+            Key::Bytes(k) => {
+                let old = self.bytes.remove(k);
+                if old.is_some() {
+                    self.heap -= k.heap();
+                }
+                old
+            }
         }
         .map(Loc::unpack);
         if let Some(o) = old {
@@ -229,6 +246,7 @@ impl KeyIndex {
     /// Forget every key (the table was emptied); file ids stay valid until [`Self::free`].
     pub fn clear_keys(&mut self) {
         self.ints = HashMap::new();
+        self.heap -= self.bytes.keys().map(KeyBytes::heap).sum::<usize>();
         self.bytes = HashMap::new();
         self.refs.iter_mut().for_each(|r| *r = 0);
     }
@@ -261,7 +279,7 @@ impl KeyIndex {
     }
 
     /// Bytes the index holds: the hash tables' buckets (entry and control byte, at their
-    /// capacity), boxed keys, and the file paths.
+    /// capacity), boxed keys, and the file paths. Constant time: checked after every batch.
     pub fn bytes(&self) -> u64 {
         fn table<K, V>(m: &HashMap<K, V>) -> usize {
             if m.capacity() == 0 {
@@ -271,20 +289,7 @@ impl KeyIndex {
             let buckets = (m.capacity() * 8 / 7).next_power_of_two();
             buckets * (std::mem::size_of::<(K, V)>() + 1)
         }
-        let boxed: usize = self.bytes.keys().map(KeyBytes::heap).sum();
-        let paths: usize = self.paths.iter().map(|p| p.len() + 16 + 24 + 8).sum();
-        (table(&self.ints) + table(&self.bytes) + boxed + paths) as u64
-    }
-
-    /// Fail when the index holds more than `budget` bytes.
-    pub fn check_budget(&self, budget: u64) -> Result<(), IndexError> {
-        if self.bytes() > budget {
-            return Err(IndexError::Budget {
-                budget,
-                keys: self.len(),
-            });
-        }
-        Ok(())
+        (table(&self.ints) + table(&self.bytes) + self.heap) as u64
     }
 }
 
@@ -327,6 +332,10 @@ mod tests {
         assert_eq!(ix.files(), 1);
         assert_eq!(ix.known_file("s3://b/t/data/d.parquet"), None);
         assert_ne!(d, a);
+        // The O(1) byte count agrees with a recount after all of this.
+        let recount: usize = ix.bytes.keys().map(KeyBytes::heap).sum::<usize>()
+            + ix.ids.keys().map(|p| path_heap(p)).sum::<usize>();
+        assert_eq!(ix.heap, recount);
     }
 
     #[test]
@@ -347,19 +356,5 @@ mod tests {
             let per_key = ix.bytes() as f64 / n as f64;
             assert!(per_key <= 48.0, "{n} keys: {per_key:.1} bytes per key");
         }
-    }
-
-    #[test]
-    fn the_budget_is_enforced() {
-        let mut ix = KeyIndex::new();
-        let f = ix.file_id("f").unwrap();
-        for k in 0..10_000 {
-            ix.insert(Key::Int(k), Loc { file: f, pos: 0 }).unwrap();
-        }
-        assert!(ix.check_budget(1 << 30).is_ok());
-        assert!(matches!(
-            ix.check_budget(1_000),
-            Err(IndexError::Budget { keys: 10_000, .. })
-        ));
     }
 }

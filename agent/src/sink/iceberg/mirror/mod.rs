@@ -21,11 +21,12 @@ use futures::StreamExt;
 use iceberg::arrow::ArrowFileReader;
 use iceberg::spec::{DataContentType, DataFile};
 use iceberg::table::Table;
+use parquet::arrow::arrow_reader::RowSelection;
 use parquet::arrow::{ParquetRecordBatchStreamBuilder, ProjectionMask, PARQUET_FIELD_ID_META_KEY};
 
 use self::files::DataWriter;
 use self::index::{Key, KeyBytes, KeyIndex, Loc};
-use super::schema::{CDC_LSN, CDC_OP};
+use super::schema::{CDC_LSN, CDC_OP, CDC_UNCHANGED};
 use super::SinkError;
 use crate::model::Lsn;
 
@@ -115,12 +116,21 @@ pub struct MirrorWriter {
     rows: u64,
     /// Index build time at open.
     pub built_in: Duration,
+    /// Most bytes the index (and the keys staged for the next commit) may hold.
+    budget: u64,
+    /// `namespace.table`, for the budget's error.
+    name: String,
 }
+
+/// Bytes a key staged for the next commit takes (map entry and control byte, at ~2/3 load).
+const STAGED_BYTES: u64 = 60;
 
 impl MirrorWriter {
     /// The writer for `table`, keyed by the columns `keys` (none: the source table has no
     /// key, its rows are only ever inserted). The index is rebuilt from the table.
-    pub async fn open(table: &Table, keys: Vec<String>) -> Result<Self, SinkError> {
+    pub async fn open(table: &Table, keys: Vec<String>, budget: u64) -> Result<Self, SinkError> {
+        let ident = table.identifier();
+        let name = format!("{}.{}", ident.namespace().join("."), ident.name());
         let schema = Arc::new(
             iceberg::arrow::schema_to_arrow_schema(table.metadata().current_schema())
                 .map_err(werr)?,
@@ -143,7 +153,7 @@ impl MirrorWriter {
         };
         let started = Instant::now();
         let index = match &encoder {
-            Some(e) => rebuild(table, e).await?,
+            Some(e) => rebuild(table, e, budget, &name).await?,
             None => KeyIndex::new(),
         };
         Ok(Self {
@@ -157,7 +167,18 @@ impl MirrorWriter {
             written: Vec::new(),
             rows: 0,
             built_in: started.elapsed(),
+            budget,
+            name,
         })
+    }
+
+    /// Fail before the index outgrows its budget.
+    fn check_budget(&self) -> Result<(), SinkError> {
+        let need = self.index.bytes() + self.staged.capacity() as u64 * STAGED_BYTES;
+        if need > self.budget {
+            return Err(over_budget(&self.name, need, self.budget, self.index.len()));
+        }
+        Ok(())
     }
 
     /// The table's schema changed (columns added): new files use it.
@@ -235,6 +256,16 @@ impl MirrorWriter {
         {
             self.finish_files().await?;
         }
+        // Rows whose unchanged TOAST values were not sent take them from the key's previous
+        // row: every earlier row must then be readable, in a finished file or this batch.
+        let unchanged = batch
+            .column_by_name(CDC_UNCHANGED)
+            .and_then(|c| c.as_list_opt::<i32>().cloned())
+            .filter(|l| !l.values().is_empty());
+        if unchanged.is_some() && self.open.as_ref().is_some_and(|w| w.rows() > 0) {
+            self.finish_files().await?;
+        }
+        let mut fills: Vec<Fill> = Vec::new();
         let (mut file, mut first) = self.open_file(table).await?;
         let mut take: Vec<u32> = Vec::new();
         for row in 0..batch.num_rows() {
@@ -249,6 +280,7 @@ impl MirrorWriter {
                     // Everything before it goes: the base's files at the commit, this
                     // flush's files now.
                     take.clear();
+                    fills.clear();
                     self.truncate(table).await?;
                     (file, first) = self.open_file(table).await?;
                 }
@@ -263,8 +295,24 @@ impl MirrorWriter {
                 _ => {
                     // I, U, R: the key's new row.
                     if let Some(k) = key {
-                        if let Some(old) = self.lookup(k) {
+                        let before = self.lookup(k);
+                        if let Some(old) = before {
                             self.deletes.push((old.file, old.pos));
+                        }
+                        let names = unchanged_names(unchanged.as_ref(), row);
+                        if !names.is_empty() {
+                            let from = match before {
+                                Some(l) if l.file == file && l.pos >= first => {
+                                    Source::Batch((l.pos - first) as usize)
+                                }
+                                Some(l) => Source::File(l),
+                                None => Source::Nowhere,
+                            };
+                            fills.push(Fill {
+                                row: take.len(),
+                                names,
+                                from,
+                            });
                         }
                         let loc = Loc {
                             file,
@@ -281,13 +329,79 @@ impl MirrorWriter {
         }
         let idx = UInt32Array::from(take);
         let picked = arrow_select::take::take_record_batch(batch, &idx).map_err(werr)?;
-        let rows = project(&picked, &self.schema)?;
+        let mut rows = project(&picked, &self.schema)?;
+        if !fills.is_empty() {
+            rows = self.fill_unchanged(table, rows, &fills).await?;
+        }
         let Some(w) = self.open.as_mut() else {
             return Err(SinkError::Write("mirror data file not open".into()));
         };
         w.write(&rows).await?;
         self.rows += rows.num_rows() as u64;
-        Ok(())
+        self.check_budget()
+    }
+
+    /// `rows` with the unchanged TOAST values of `fills` taken from each key's previous row:
+    /// an earlier row of the same batch, or a row read back from its data file.
+    async fn fill_unchanged(
+        &self,
+        table: &Table,
+        rows: RecordBatch,
+        fills: &[Fill],
+    ) -> Result<RecordBatch, SinkError> {
+        // Read the previous rows that live in files, one read per file.
+        let mut wanted: HashMap<u32, (Vec<u64>, HashSet<String>)> = HashMap::new();
+        for f in fills {
+            if let Source::File(l) = f.from {
+                let e = wanted.entry(l.file).or_default();
+                e.0.push(l.pos);
+                e.1.extend(f.names.iter().cloned());
+            }
+        }
+        let mut read: HashMap<u32, (Vec<u64>, RecordBatch)> = HashMap::new();
+        for (file, (mut positions, names)) in wanted {
+            positions.sort_unstable();
+            positions.dedup();
+            let batch = read_rows(table, self.index.path(file), &positions, &names).await?;
+            read.insert(file, (positions, batch));
+        }
+        let mut cols: Vec<ArrayRef> = rows.columns().to_vec();
+        for (c, field) in self.schema.fields().iter().enumerate() {
+            let name = field.name();
+            if !fills.iter().any(|f| f.names.iter().any(|n| n == name)) {
+                continue;
+            }
+            // Sources: 0 is this batch's column, then one per file read.
+            let mut arrays: Vec<ArrayRef> = vec![cols[c].clone()];
+            let mut slot: HashMap<u32, usize> = HashMap::new();
+            for (file, (_, b)) in &read {
+                if let Some(a) = b.column_by_name(name) {
+                    slot.insert(*file, arrays.len());
+                    arrays.push(conform(a, field.data_type())?);
+                }
+            }
+            let mut index: Vec<(usize, usize)> = (0..rows.num_rows()).map(|i| (0, i)).collect();
+            for f in fills.iter().filter(|f| f.names.iter().any(|n| n == name)) {
+                index[f.row] = match f.from {
+                    // The earlier row may itself have taken the value from elsewhere.
+                    Source::Batch(j) => index[j],
+                    Source::File(l) => match (slot.get(&l.file), read.get(&l.file)) {
+                        (Some(a), Some((positions, _))) => match positions.binary_search(&l.pos) {
+                            Ok(r) => (*a, r),
+                            Err(_) => index[f.row],
+                        },
+                        _ => index[f.row],
+                    },
+                    Source::Nowhere => {
+                        tracing::warn!(column = %name, "an UPDATE did not send an unchanged TOAST value and the mirror holds no previous row for its key: stored as null");
+                        index[f.row]
+                    }
+                };
+            }
+            let refs: Vec<&dyn Array> = arrays.iter().map(|a| a.as_ref()).collect();
+            cols[c] = arrow_select::interleave::interleave(&refs, &index).map_err(werr)?;
+        }
+        RecordBatch::try_new(self.schema.clone(), cols).map_err(werr)
     }
 
     /// The open data file (opened if none): its id and the position of its next row.
@@ -389,6 +503,83 @@ impl MirrorWriter {
         self.rows = 0;
         self.index.free();
     }
+}
+
+/// Where an unchanged TOAST value is found.
+#[derive(Debug, Clone, Copy)]
+enum Source {
+    /// An earlier row of the same batch (its index among the batch's upserts).
+    Batch(usize),
+    /// The key's row in a finished data file.
+    File(Loc),
+    /// Nowhere: the key has no previous row.
+    Nowhere,
+}
+
+/// An upsert whose unchanged TOAST columns must be filled.
+#[derive(Debug)]
+struct Fill {
+    /// Its index among the batch's upserts.
+    row: usize,
+    /// The columns that were not sent.
+    names: Vec<String>,
+    from: Source,
+}
+
+/// The `_cdc_unchanged` names of `row`.
+fn unchanged_names(list: Option<&ListArray>, row: usize) -> Vec<String> {
+    let Some(l) = list else {
+        return Vec::new();
+    };
+    if l.is_null(row) {
+        return Vec::new();
+    }
+    let v = l.value(row);
+    let names = v.as_string::<i32>();
+    (0..names.len())
+        .filter(|i| names.is_valid(*i))
+        .map(|i| names.value(i).to_string())
+        .collect()
+}
+
+/// Rows at `positions` (sorted) of data file `path`, columns `names` (those it has).
+async fn read_rows(
+    table: &Table,
+    path: &str,
+    positions: &[u64],
+    names: &HashSet<String>,
+) -> Result<RecordBatch, SinkError> {
+    let input = table.file_io().new_input(path).map_err(werr)?;
+    let meta = input.metadata().await.map_err(werr)?;
+    let reader = ArrowFileReader::new(meta, input.reader().await.map_err(werr)?);
+    let builder = ParquetRecordBatchStreamBuilder::new(reader)
+        .await
+        .map_err(werr)?;
+    let total = builder.metadata().file_metadata().num_rows() as usize;
+    let roots: Vec<usize> = builder
+        .schema()
+        .fields()
+        .iter()
+        .enumerate()
+        .filter(|(_, f)| names.contains(f.name()))
+        .map(|(i, _)| i)
+        .collect();
+    let mask = ProjectionMask::roots(builder.parquet_schema(), roots);
+    let selection = RowSelection::from_consecutive_ranges(
+        positions.iter().map(|p| *p as usize..*p as usize + 1),
+        total,
+    );
+    let mut stream = builder
+        .with_projection(mask)
+        .with_row_selection(selection)
+        .build()
+        .map_err(werr)?;
+    let schema = stream.schema().clone();
+    let mut batches = Vec::new();
+    while let Some(b) = stream.next().await {
+        batches.push(b.map_err(werr)?);
+    }
+    arrow_select::concat::concat_batches(&schema, &batches).map_err(werr)
 }
 
 /// Columns of `batch` the mirror holds (by name), in its schema (nested field ids retagged).
@@ -498,9 +689,25 @@ async fn read_columns(
     Ok(())
 }
 
+/// The clear error of an index past its budget.
+fn over_budget(table: &str, need: u64, budget: u64, keys: usize) -> SinkError {
+    SinkError::Config(format!(
+        "the key index of mirror table {table} needs {} ({keys} keys), more than \
+         mirror_index_memory = {}: raise it, or mirror this table with mode = \"changelog\"",
+        bytesize::ByteSize(need),
+        bytesize::ByteSize(budget)
+    ))
+}
+
 /// The index of `table` as its current snapshot holds it: every live data file's keys at
-/// their positions, minus the positions its delete files name.
-async fn rebuild(table: &Table, keys: &KeyEncoder) -> Result<KeyIndex, SinkError> {
+/// their positions, minus the positions its delete files name. Stops with an error as soon
+/// as it passes `budget`.
+async fn rebuild(
+    table: &Table,
+    keys: &KeyEncoder,
+    budget: u64,
+    name: &str,
+) -> Result<KeyIndex, SinkError> {
     let live = live_files(table).await?;
     let mut deleted: HashMap<String, HashSet<u64>> = HashMap::new();
     for f in live
@@ -546,6 +753,9 @@ async fn rebuild(table: &Table, keys: &KeyEncoder) -> Result<KeyIndex, SinkError
                 }
             }
             pos += b.num_rows() as u64;
+            if index.bytes() > budget {
+                return Err(over_budget(name, index.bytes(), budget, index.len()));
+            }
             Ok(())
         })
         .await?;
