@@ -321,6 +321,8 @@ fn index_rebuild(env: &Env<'_>, slot: &str) -> (u64, u64, u64) {
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .expect("spawn philotes");
+    // A table is opened (and its index rebuilt) when its first change arrives.
+    psql(env.pg, "UPDATE mir SET n = n WHERE id = 1");
     let deadline = Instant::now() + Duration::from_secs(900);
     let line = loop {
         assert!(

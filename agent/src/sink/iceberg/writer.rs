@@ -92,6 +92,18 @@ impl Drop for OpenFiles {
     }
 }
 
+/// The Parquet settings of every file the agent writes: zstd level 1, and row groups bounded
+/// in rows and in encoded bytes (a row group is held in memory until it is written out).
+pub(crate) fn parquet_properties() -> Result<WriterProperties, SinkError> {
+    Ok(WriterProperties::builder()
+        .set_compression(Compression::ZSTD(
+            ZstdLevel::try_new(1).map_err(|e| SinkError::Write(e.to_string()))?,
+        ))
+        .set_max_row_group_row_count(Some(1 << 20))
+        .set_max_row_group_bytes(Some(MAX_ROW_GROUP_BYTES))
+        .build())
+}
+
 async fn write_files(
     table: Table,
     mut rx: mpsc::Receiver<RecordBatch>,
@@ -101,14 +113,7 @@ async fn write_files(
     let md = table.metadata();
     let schema = md.current_schema().clone();
     let spec = md.default_partition_spec().clone();
-    let props = WriterProperties::builder()
-        .set_compression(Compression::ZSTD(
-            ZstdLevel::try_new(1).map_err(|e| SinkError::Write(e.to_string()))?,
-        ))
-        .set_max_row_group_row_count(Some(1 << 20))
-        .set_max_row_group_bytes(Some(MAX_ROW_GROUP_BYTES))
-        .build();
-    let pq = ParquetWriterBuilder::new(props, schema.clone());
+    let pq = ParquetWriterBuilder::new(parquet_properties()?, schema.clone());
     let location = DefaultLocationGenerator::new(md).map_err(werr)?;
     // A fresh UUID per writer keeps names unique across restarts and re-created tables.
     let names = DefaultFileNameGenerator::new(

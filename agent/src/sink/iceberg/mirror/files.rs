@@ -13,8 +13,6 @@ use iceberg::writer::file_writer::{
     FileWriter, FileWriterBuilder, ParquetWriter, ParquetWriterBuilder,
 };
 use iceberg::writer::CurrentFileStatus;
-use parquet::basic::{Compression, ZstdLevel};
-use parquet::file::properties::WriterProperties;
 
 use sync_wrapper::SyncWrapper;
 
@@ -27,12 +25,6 @@ const POS_ID: i32 = 2147483545;
 
 fn werr(e: impl std::fmt::Display) -> SinkError {
     SinkError::Write(e.to_string())
-}
-
-fn properties() -> Result<WriterProperties, SinkError> {
-    Ok(WriterProperties::builder()
-        .set_compression(Compression::ZSTD(ZstdLevel::try_new(1).map_err(werr)?))
-        .build())
 }
 
 /// A new file name under the table's data directory.
@@ -61,10 +53,13 @@ impl DataWriter {
         let md = table.metadata();
         let path = new_path(table, "mirror");
         let out = table.file_io().new_output(&path).map_err(werr)?;
-        let writer = ParquetWriterBuilder::new(properties()?, md.current_schema().clone())
-            .build(out)
-            .await
-            .map_err(werr)?;
+        let writer = ParquetWriterBuilder::new(
+            crate::sink::iceberg::writer::parquet_properties()?,
+            md.current_schema().clone(),
+        )
+        .build(out)
+        .await
+        .map_err(werr)?;
         Ok(Self {
             writer: SyncWrapper::new(writer),
             path,
@@ -129,33 +124,45 @@ fn delete_schema() -> Result<Schema, SinkError> {
         .map_err(werr)
 }
 
-/// Write one position delete file for `deletes` (path, position), which it sorts as the spec
-/// requires. `None` when there is nothing to delete.
+/// Rows per batch of a position delete file: the path repeats on every row in Arrow (Parquet
+/// dictionary-encodes it), so a large flush's deletes are written a slice at a time.
+const DELETE_BATCH_ROWS: usize = 65_536;
+
+/// Write one position delete file for `deletes` (path, positions), sorted by path and position
+/// as the spec requires. `None` when there is nothing to delete.
 pub async fn write_deletes(
     table: &Table,
-    mut deletes: Vec<(Arc<str>, u64)>,
+    mut deletes: Vec<(Arc<str>, Vec<u64>)>,
 ) -> Result<Option<DataFile>, SinkError> {
+    deletes.retain(|(_, p)| !p.is_empty());
     if deletes.is_empty() {
         return Ok(None);
     }
-    deletes.sort_unstable();
-    deletes.dedup();
+    deletes.sort_unstable_by(|a, b| a.0.cmp(&b.0));
     let schema = Arc::new(delete_schema()?);
     let arrow = Arc::new(schema_to_arrow_schema(&schema).map_err(werr)?);
-    let paths: ArrayRef = Arc::new(StringArray::from_iter_values(
-        deletes.iter().map(|(p, _)| p.as_ref()),
-    ));
-    let pos: ArrayRef = Arc::new(Int64Array::from_iter_values(
-        deletes.iter().map(|(_, p)| *p as i64),
-    ));
-    let batch = RecordBatch::try_new(arrow, vec![paths, pos]).map_err(werr)?;
     let path = new_path(table, "deletes");
     let out = table.file_io().new_output(&path).map_err(werr)?;
-    let mut w = ParquetWriterBuilder::new(properties()?, schema)
-        .build(out)
-        .await
-        .map_err(werr)?;
-    w.write(&batch).await.map_err(werr)?;
+    let mut w =
+        ParquetWriterBuilder::new(crate::sink::iceberg::writer::parquet_properties()?, schema)
+            .build(out)
+            .await
+            .map_err(werr)?;
+    for (file, mut positions) in deletes {
+        positions.sort_unstable();
+        positions.dedup();
+        for chunk in positions.chunks(DELETE_BATCH_ROWS) {
+            let paths: ArrayRef = Arc::new(StringArray::from_iter_values(std::iter::repeat_n(
+                file.as_ref(),
+                chunk.len(),
+            )));
+            let pos: ArrayRef = Arc::new(Int64Array::from_iter_values(
+                chunk.iter().map(|p| *p as i64),
+            ));
+            let batch = RecordBatch::try_new(arrow.clone(), vec![paths, pos]).map_err(werr)?;
+            w.write(&batch).await.map_err(werr)?;
+        }
+    }
     let spec_id = table.metadata().default_partition_spec_id();
     let mut files = Vec::new();
     for mut b in w.close().await.map_err(werr)? {

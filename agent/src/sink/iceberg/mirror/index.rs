@@ -26,11 +26,13 @@ pub struct Loc {
 }
 
 impl Loc {
-    fn pack(self) -> u64 {
+    /// The location as one number (file id in the high bits).
+    pub fn pack(self) -> u64 {
         (u64::from(self.file) << POS_BITS) | self.pos
     }
 
-    fn unpack(v: u64) -> Loc {
+    /// The location of a packed number.
+    pub fn unpack(v: u64) -> Loc {
         Loc {
             file: (v >> POS_BITS) as u32,
             pos: v & MAX_POS,
@@ -130,7 +132,8 @@ impl KeyIndex {
             None => {
                 let id = u32::try_from(self.paths.len())
                     .ok()
-                    .filter(|id| *id <= MAX_FILE)
+                    // The highest id stays unused: its last position packs to `GONE`.
+                    .filter(|id| *id < MAX_FILE)
                     .ok_or_else(|| {
                         IndexError::Capacity(format!("{} data files", self.paths.len()))
                     })?;

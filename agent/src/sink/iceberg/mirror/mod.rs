@@ -105,7 +105,9 @@ pub struct MirrorWriter {
     keys: Option<KeyEncoder>,
     index: KeyIndex,
     /// Keys changed since the last commit: their new location, or `None` if deleted.
-    staged: HashMap<Key, Option<Loc>>,
+    /// (Packed locations, [`GONE`] for a deleted key: 8 bytes where `Option<Loc>` takes 24;
+    /// a flush can stage millions of keys.)
+    staged: HashMap<Key, u64>,
     /// Rows to delete: (file id, position).
     deletes: Vec<(u32, u64)>,
     /// A TRUNCATE since the last commit: every file live at the base is removed.
@@ -123,7 +125,10 @@ pub struct MirrorWriter {
 }
 
 /// Bytes a key staged for the next commit takes (map entry and control byte, at ~2/3 load).
-const STAGED_BYTES: u64 = 60;
+const STAGED_BYTES: u64 = 50;
+
+/// A staged key that was deleted.
+const GONE: u64 = u64::MAX;
 
 impl MirrorWriter {
     /// The writer for `table`, keyed by the columns `keys` (none: the source table has no
@@ -222,7 +227,7 @@ impl MirrorWriter {
 
     fn lookup(&self, key: &Key) -> Option<Loc> {
         match self.staged.get(key) {
-            Some(v) => *v,
+            Some(&v) => (v != GONE).then(|| Loc::unpack(v)),
             None if self.reset => None,
             None => self.index.get(key),
         }
@@ -289,7 +294,7 @@ impl MirrorWriter {
                         if let Some(loc) = self.lookup(k) {
                             self.deletes.push((loc.file, loc.pos));
                         }
-                        self.staged.insert(k.clone(), None);
+                        self.staged.insert(k.clone(), GONE);
                     }
                 }
                 _ => {
@@ -318,7 +323,7 @@ impl MirrorWriter {
                             file,
                             pos: first + take.len() as u64,
                         };
-                        self.staged.insert(k.clone(), Some(loc));
+                        self.staged.insert(k.clone(), loc.pack());
                     }
                     take.push(row as u32);
                 }
@@ -453,10 +458,13 @@ impl MirrorWriter {
         table: &Table,
     ) -> Result<(Vec<DataFile>, HashSet<String>), SinkError> {
         self.finish_files().await?;
-        let deletes: Vec<(Arc<str>, u64)> = self
-            .deletes
-            .iter()
-            .map(|(f, p)| (Arc::<str>::from(self.index.path(*f)), *p))
+        let mut by_file: HashMap<u32, Vec<u64>> = HashMap::new();
+        for (f, p) in self.deletes.drain(..) {
+            by_file.entry(f).or_default().push(p);
+        }
+        let deletes: Vec<(Arc<str>, Vec<u64>)> = by_file
+            .into_iter()
+            .map(|(f, p)| (Arc::<str>::from(self.index.path(f)), p))
             .collect();
         let mut added = self.written.clone();
         if let Some(d) = files::write_deletes(table, deletes).await? {
@@ -476,14 +484,11 @@ impl MirrorWriter {
             self.index.clear_keys();
         }
         for (k, v) in self.staged.drain() {
-            match v {
-                Some(loc) => {
-                    // Positions were checked when staged.
-                    let _ = self.index.insert(k, loc);
-                }
-                None => {
-                    self.index.remove(&k);
-                }
+            if v == GONE {
+                self.index.remove(&k);
+            } else {
+                // Positions were checked when staged.
+                let _ = self.index.insert(k, Loc::unpack(v));
             }
         }
         self.index.free();
@@ -542,6 +547,19 @@ fn unchanged_names(list: Option<&ListArray>, row: usize) -> Vec<String> {
         .collect()
 }
 
+/// A Parquet reader of `path` through the table's FileIO (ranged reads, not the whole file).
+async fn open_parquet(
+    table: &Table,
+    path: &str,
+) -> Result<ParquetRecordBatchStreamBuilder<ArrowFileReader>, SinkError> {
+    let input = table.file_io().new_input(path).map_err(werr)?;
+    let meta = input.metadata().await.map_err(werr)?;
+    let reader = ArrowFileReader::new(meta, input.reader().await.map_err(werr)?);
+    ParquetRecordBatchStreamBuilder::new(reader)
+        .await
+        .map_err(werr)
+}
+
 /// Rows at `positions` (sorted) of data file `path`, columns `names` (those it has).
 async fn read_rows(
     table: &Table,
@@ -549,12 +567,7 @@ async fn read_rows(
     positions: &[u64],
     names: &HashSet<String>,
 ) -> Result<RecordBatch, SinkError> {
-    let input = table.file_io().new_input(path).map_err(werr)?;
-    let meta = input.metadata().await.map_err(werr)?;
-    let reader = ArrowFileReader::new(meta, input.reader().await.map_err(werr)?);
-    let builder = ParquetRecordBatchStreamBuilder::new(reader)
-        .await
-        .map_err(werr)?;
+    let builder = open_parquet(table, path).await?;
     let total = builder.metadata().file_metadata().num_rows() as usize;
     let roots: Vec<usize> = builder
         .schema()
@@ -653,12 +666,7 @@ async fn read_columns(
     ids: &[i32],
     mut each: impl FnMut(RecordBatch) -> Result<(), SinkError>,
 ) -> Result<(), SinkError> {
-    let input = table.file_io().new_input(path).map_err(werr)?;
-    let meta = input.metadata().await.map_err(werr)?;
-    let reader = ArrowFileReader::new(meta, input.reader().await.map_err(werr)?);
-    let builder = ParquetRecordBatchStreamBuilder::new(reader)
-        .await
-        .map_err(werr)?;
+    let builder = open_parquet(table, path).await?;
     let leaves: Vec<usize> = builder
         .schema()
         .fields()
