@@ -67,7 +67,9 @@ fn compose_prometheus_and_agent_configs_are_valid() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dashboard_collector_and_dockerfile_match_the_agent() {
     // Maintenance at work too, for the "Table health" row.
-    let (running, addr) = running_numeric_t_on_a_fixed_port(
+    // Mirror and changelog, so that the "Mirror tables" row has its series too.
+    let (running, addr) = running_numeric_t_with(
+        "mode = \"both\"",
         "[maintenance]\ninterval = \"1s\"\nsnapshot_retention = \"1s\"\nretain_last = 1\nmin_input_files = 2\n",
         "",
         &[],

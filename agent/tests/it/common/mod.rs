@@ -629,10 +629,20 @@ pub async fn running_numeric_t_on_a_fixed_port(
     api_extra: &str,
     env: &[(&str, &str)],
 ) -> (Running, String) {
+    running_numeric_t_with("", top_extra, api_extra, env).await
+}
+
+/// [`running_numeric_t_on_a_fixed_port`] with `pipeline_extra` keys for the pipeline.
+pub async fn running_numeric_t_with(
+    pipeline_extra: &str,
+    top_extra: &str,
+    api_extra: &str,
+    env: &[(&str, &str)],
+) -> (Running, String) {
     let mut p = prepare(
         "CREATE TABLE t (id int PRIMARY KEY, n numeric(12,2))",
         &["t"],
-        "",
+        pipeline_extra,
         top_extra,
     )
     .await;
