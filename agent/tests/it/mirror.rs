@@ -380,3 +380,35 @@ async fn an_index_past_its_budget_is_a_clear_error() {
     .await;
     drop(running);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn added_and_dropped_columns_follow_in_the_mirror() {
+    let (pg, db, work, agent) = running(
+        "CREATE TABLE c (id int PRIMARY KEY, a text);
+         INSERT INTO c VALUES (1, 'one'), (2, 'two');",
+        &["c"],
+        "mode = \"mirror\"\nsnapshot = \"initial\"",
+    )
+    .await
+    .parts();
+    wait_mirrored(&work, "ns.c", &pg, "SELECT id, a FROM c", "id").await;
+    db.batch_execute(
+        "ALTER TABLE c ADD COLUMN b int;
+         UPDATE c SET b = id * 10 WHERE id = 1;
+         INSERT INTO c VALUES (3, 'three', 30);",
+    )
+    .await
+    .expect("add column");
+    let v = wait_mirrored(&work, "ns.c", &pg, "SELECT id, a, b FROM c", "id").await;
+    assert_eq!(v["identifier_fields"], serde_json::json!(["id"]), "{v}");
+    db.batch_execute(
+        "ALTER TABLE c DROP COLUMN a;
+         UPDATE c SET b = b + 1 WHERE id = 3;
+         DELETE FROM c WHERE id = 2;",
+    )
+    .await
+    .expect("drop column");
+    // A dropped column stays in Iceberg (null from then on); the rest equals the source.
+    wait_mirrored(&work, "ns.c", &pg, "SELECT id, b FROM c", "id").await;
+    drop(agent);
+}
