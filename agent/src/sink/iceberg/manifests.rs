@@ -13,7 +13,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use iceberg::io::FileIO;
-use iceberg::spec::{Manifest, ManifestFile, SnapshotRef};
+use iceberg::spec::{DataFile, Manifest, ManifestFile, SnapshotRef};
 use iceberg::table::Table;
 
 /// Manifests beyond which the cache starts again empty (a table dropped while cached).
@@ -92,4 +92,43 @@ pub fn remember_list(location: &str, path: &str, entries: Arc<[ManifestFile]>) {
         l.clear();
     }
     l.insert(location.to_string(), (path.to_string(), entries));
+}
+
+/// A live file of a table's current snapshot.
+#[derive(Debug, Clone)]
+pub struct LiveFile {
+    /// The manifest entry's file.
+    pub file: DataFile,
+    /// The partition spec it was written with.
+    pub spec_id: i32,
+    /// Data (not deletes).
+    pub is_data: bool,
+}
+
+/// The live data and delete files of `table`'s current snapshot. Manifests of the table that
+/// the current snapshot no longer lists leave the cache here.
+pub async fn live_files(table: &Table) -> Result<Vec<LiveFile>, iceberg::Error> {
+    let md = table.metadata();
+    let Some(cur) = md.current_snapshot() else {
+        return Ok(Vec::new());
+    };
+    let list = list_of(table, cur).await?;
+    keep_only(
+        md.location(),
+        &list.iter().map(|m| m.manifest_path.as_str()).collect(),
+    );
+    let mut out = Vec::new();
+    for mf in list.iter() {
+        let m = load(table.file_io(), mf).await?;
+        for e in m.entries() {
+            if e.is_alive() {
+                out.push(LiveFile {
+                    file: e.data_file().clone(),
+                    spec_id: mf.partition_spec_id,
+                    is_data: super::commit::is_data(e.content_type()),
+                });
+            }
+        }
+    }
+    Ok(out)
 }

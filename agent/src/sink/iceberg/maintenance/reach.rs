@@ -3,47 +3,16 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, OnceLock};
 
-use iceberg::spec::{DataFile, ManifestFile, SnapshotRef};
+use iceberg::spec::{ManifestFile, SnapshotRef};
 use iceberg::table::Table;
 
 use super::MaintenanceError;
 
-/// A live file of the current snapshot.
-#[derive(Debug, Clone)]
-pub(super) struct LiveFile {
-    /// The manifest entry's file.
-    pub file: DataFile,
-    /// The partition spec it was written with.
-    pub spec_id: i32,
-    /// Data (not deletes).
-    pub is_data: bool,
-}
+pub(super) use crate::sink::iceberg::manifests::LiveFile;
 
 /// The live data and delete files of the current snapshot.
 pub(super) async fn live_files(table: &Table) -> Result<Vec<LiveFile>, MaintenanceError> {
-    let md = table.metadata();
-    let Some(cur) = md.current_snapshot() else {
-        return Ok(Vec::new());
-    };
-    let list = list_of(table, cur).await?;
-    crate::sink::iceberg::manifests::keep_only(
-        md.location(),
-        &list.iter().map(|m| m.manifest_path.as_str()).collect(),
-    );
-    let mut out = Vec::new();
-    for mf in list.iter() {
-        let m = crate::sink::iceberg::manifests::load(table.file_io(), mf).await?;
-        for e in m.entries() {
-            if e.is_alive() {
-                out.push(LiveFile {
-                    file: e.data_file().clone(),
-                    spec_id: mf.partition_spec_id,
-                    is_data: super::super::commit::is_data(e.content_type()),
-                });
-            }
-        }
-    }
-    Ok(out)
+    Ok(crate::sink::iceberg::manifests::live_files(table).await?)
 }
 
 /// Manifest lists, manifests and live files of a set of snapshots.

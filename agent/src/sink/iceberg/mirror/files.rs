@@ -16,16 +16,13 @@ use iceberg::writer::CurrentFileStatus;
 
 use sync_wrapper::SyncWrapper;
 
+use super::werr;
 use crate::sink::iceberg::SinkError;
 
 /// Field id of a position delete file's `file_path` (reserved by the Iceberg spec).
 const FILE_PATH_ID: i32 = 2147483546;
 /// Field id of a position delete file's `pos`.
 const POS_ID: i32 = 2147483545;
-
-fn werr(e: impl std::fmt::Display) -> SinkError {
-    SinkError::Write(e.to_string())
-}
 
 /// A new file name under the table's data directory.
 fn new_path(table: &Table, kind: &str) -> String {

@@ -269,18 +269,6 @@ impl KeyIndex {
         self.len() == 0
     }
 
-    /// Every key with its location (for a rebuild check or a rewrite).
-    pub fn iter(&self) -> impl Iterator<Item = (Key, Loc)> + '_ {
-        self.ints
-            .iter()
-            .map(|(k, v)| (Key::Int(*k), Loc::unpack(*v)))
-            .chain(
-                self.bytes
-                    .iter()
-                    .map(|(k, v)| (Key::Bytes(k.clone()), Loc::unpack(*v))),
-            )
-    }
-
     /// Bytes the index holds: the hash tables' buckets (entry and control byte, at their
     /// capacity), boxed keys, and the file paths. Constant time: checked after every batch.
     pub fn bytes(&self) -> u64 {

@@ -33,7 +33,7 @@ use crate::model::Lsn;
 /// Bytes after which a mirror data file is finished and the next one started.
 const TARGET_FILE_BYTES: u64 = 128 << 20;
 
-fn werr(e: impl std::fmt::Display) -> SinkError {
+pub(super) fn werr(e: impl std::fmt::Display) -> SinkError {
     SinkError::Write(e.to_string())
 }
 
@@ -208,11 +208,6 @@ impl MirrorWriter {
     /// Rows appended since the last commit.
     pub fn pending_rows(&self) -> u64 {
         self.rows
-    }
-
-    /// Positions staged for deletion since the last commit.
-    pub fn pending_deletes(&self) -> u64 {
-        self.deletes.len() as u64
     }
 
     /// Whether a data file is open.
@@ -632,23 +627,12 @@ fn conform(a: &ArrayRef, t: &DataType) -> Result<ArrayRef, SinkError> {
 
 /// Live files (data and deletes) of the table's current snapshot.
 async fn live_files(table: &Table) -> Result<Vec<DataFile>, SinkError> {
-    let md = table.metadata();
-    let Some(cur) = md.current_snapshot() else {
-        return Ok(Vec::new());
-    };
-    let list = super::manifests::list_of(table, cur).await.map_err(werr)?;
-    let mut out = Vec::new();
-    for mf in list.iter() {
-        let m = super::manifests::load(table.file_io(), mf)
-            .await
-            .map_err(werr)?;
-        for e in m.entries() {
-            if e.is_alive() {
-                out.push(e.data_file().clone());
-            }
-        }
-    }
-    Ok(out)
+    Ok(super::manifests::live_files(table)
+        .await
+        .map_err(werr)?
+        .into_iter()
+        .map(|f| f.file)
+        .collect())
 }
 
 async fn live_paths(table: &Table) -> Result<HashSet<String>, SinkError> {
