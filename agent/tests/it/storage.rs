@@ -138,7 +138,7 @@ impl Seaweed {
         }
         let log = dir.join("weed.log");
         let server = Server::spawn(Command::new(venv_bin("weed")).args(&args), &log);
-        let w = Self {
+        let mut w = Self {
             server,
             s3,
             rest,
@@ -149,18 +149,61 @@ impl Seaweed {
         w
     }
 
-    async fn wait_ready(&self) {
-        wait_port(self.s3, "seaweed S3", 60).await;
-        wait_port(self.rest, "seaweed Iceberg REST", 60).await;
-        let url = format!("http://127.0.0.1:{}/v1/config", self.rest);
-        wait_for(Duration::from_secs(60), "seaweed REST config", || async {
-            reqwest::get(&url)
+    /// Wait until S3 and the REST catalog answer; respawn a server that died or never came up
+    /// (a restart right after SIGKILL can lose a port race), and show its log when it gives up.
+    async fn wait_ready(&mut self) {
+        for attempt in 1..=3 {
+            if self.ready_within(Duration::from_secs(60)).await {
+                return;
+            }
+            eprintln!(
+                "seaweed not ready (attempt {attempt}); its log ends with:\n{}",
+                self.log_tail()
+            );
+            self.server.stop();
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            self.server = Server::spawn(Command::new(venv_bin("weed")).args(&self.args), &self.log);
+        }
+        panic!(
+            "seaweed never became ready; its log ends with:\n{}",
+            self.log_tail()
+        );
+    }
+
+    /// True once S3 answers and the REST catalog serves its config; false on timeout or exit.
+    async fn ready_within(&mut self, timeout: Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        let config = format!("http://127.0.0.1:{}/v1/config", self.rest);
+        let s3 = format!("http://127.0.0.1:{}/", self.s3);
+        while std::time::Instant::now() < deadline {
+            if matches!(self.server.child.try_wait(), Ok(Some(_))) {
+                return false;
+            }
+            // HTTP answers, not a bare connect: a connect to a port nobody listens on can
+            // succeed against itself (TCP self-connect) and would count as ready.
+            let s3_up = reqwest::get(&s3).await.is_ok();
+            let rest_up = reqwest::get(&config)
                 .await
-                .ok()
-                .filter(|r| r.status().is_success())
-                .map(|_| ())
-        })
-        .await;
+                .is_ok_and(|r| r.status().is_success());
+            if s3_up && rest_up {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        false
+    }
+
+    /// The last lines of the server's stdout and stderr.
+    fn log_tail(&self) -> String {
+        [self.log.clone(), self.log.with_extension("err")]
+            .iter()
+            .map(|p| {
+                let text = std::fs::read_to_string(p).unwrap_or_default();
+                let lines: Vec<&str> = text.lines().collect();
+                lines[lines.len().saturating_sub(20)..].join("\n")
+            })
+            .collect::<Vec<_>>()
+            .join("\n--- stderr ---\n")
     }
 
     fn stop(&mut self) {
