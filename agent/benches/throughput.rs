@@ -428,6 +428,214 @@ fn mirror_phase(env: &Env<'_>, rows: u64, reps: usize, compare: bool) {
     psql(pg, "DROP TABLE mir");
 }
 
+/// The Python with PyIceberg and DuckDB (the test venv), if there is one.
+fn bench_python() -> Option<PathBuf> {
+    let p = std::env::var("PHILOTES_TEST_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv-test/bin/python"));
+    p.exists().then_some(p)
+}
+
+/// Start the agent on `slot` (warehouse `dir/slot`, kept if it exists) with `top` above the
+/// sections and `pipeline` in the pipeline; returns it and its warehouse directory.
+fn spawn_agent(
+    env: &Env<'_>,
+    slot: &str,
+    tables: &str,
+    top: &str,
+    pipeline: &str,
+) -> (std::process::Child, PathBuf) {
+    let wh = env.dir.join(slot);
+    std::fs::create_dir_all(&wh).unwrap();
+    let cfg = format!(
+        "{top}[telemetry]\nprometheus = false\nlog_level = \"info\"\n[api]\nlisten = \"127.0.0.1:{}\"\n\
+         [iceberg]\nuri = \"sqlite://{}/catalog.db\"\nwarehouse = \"{}/warehouse\"\n\
+         [[pipelines]]\nname = \"bench\"\nsource = \"{}\"\nslot = \"{slot}\"\npublication = \"bench\"\n\
+         tables = [{tables}]\nsnapshot = \"never\"\n{pipeline}",
+        free_port().unwrap(),
+        wh.display(),
+        wh.display(),
+        env.pg.url("bench", None),
+    );
+    let cfg_path = wh.join("philotes.toml");
+    std::fs::write(&cfg_path, cfg).unwrap();
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(wh.join("agent.log"))
+        .unwrap();
+    let child = Command::new(env.bin)
+        .args(["run", "--config"])
+        .arg(&cfg_path)
+        .env("OTEL_SDK_DISABLED", "true")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("spawn philotes");
+    (child, wh)
+}
+
+/// Wait until `slot` confirmed the WAL written so far, then stop `agent`.
+fn drain_and_stop(env: &Env<'_>, slot: &str, mut agent: std::process::Child, wh: &Path) {
+    let end = lsn_num(&psql(env.pg, "SELECT pg_current_wal_insert_lsn()"));
+    let deadline = Instant::now() + Duration::from_secs(900);
+    while confirmed(env.pg, slot) < end {
+        assert!(
+            Instant::now() < deadline,
+            "agent did not finish; see {}",
+            wh.display()
+        );
+        if let Ok(Some(st)) = agent.try_wait() {
+            panic!(
+                "agent exited early ({st}); see {}",
+                wh.join("agent.log").display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = agent.kill();
+    let _ = agent.wait();
+}
+
+/// One `scan_mirror.py` run: its JSON.
+fn scan(python: &Path, wh: &Path, table: &str) -> serde_json::Value {
+    let out = Command::new(python)
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/py/scan_mirror.py"))
+        .arg("--catalog-db")
+        .arg(wh.join("catalog.db"))
+        .arg("--warehouse")
+        .arg(wh.join("warehouse"))
+        .args(["--table", table])
+        .output()
+        .expect("scan_mirror.py");
+    assert!(
+        out.status.success(),
+        "scan_mirror.py: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("scan_mirror.py JSON")
+}
+
+/// Full scans of a mirror by PyIceberg and DuckDB after 10 rounds of 10 % random updates (each
+/// round in 5 flushes): with maintenance off (the delete debt as it piles up), after the
+/// agent's compaction, and of a fresh mirror of the same rows (inserts only).
+fn mirror_scan_phase(env: &Env<'_>, rows: u64) {
+    let Some(python) = bench_python() else {
+        println!(
+            "mirror scan: skipped (no Python with PyIceberg and DuckDB; set PHILOTES_TEST_PYTHON)"
+        );
+        return;
+    };
+    let pg = env.pg;
+    psql(
+        pg,
+        "CREATE TABLE scan_t (id bigint PRIMARY KEY, n int, s text, d double precision)",
+    );
+    psql(pg, "CREATE TABLE scan_f (LIKE scan_t INCLUDING ALL)");
+    psql(pg, "DROP PUBLICATION IF EXISTS bench");
+    psql(pg, "CREATE PUBLICATION bench FOR TABLE scan_t, scan_f");
+    for slot in ["scan_dirty", "scan_fresh"] {
+        psql(
+            pg,
+            &format!("SELECT pg_create_logical_replication_slot('{slot}', 'pgoutput')"),
+        );
+    }
+    let per = rows / 10;
+    for t in 0..10 {
+        psql(pg, &format!(
+            "INSERT INTO scan_t SELECT g, g % 1000, repeat(chr(97 + (g % 26)::int), 40), g * 0.5 FROM generate_series({}, {}) g",
+            t * per + 1, (t + 1) * per
+        ));
+    }
+    let mirror = "flush_interval = \"200ms\"\nmode = \"mirror\"\n";
+    let (agent, wh) = spawn_agent(
+        env,
+        "scan_dirty",
+        "\"public.scan_t\"",
+        "[maintenance]\nenabled = false\n",
+        mirror,
+    );
+    for _round in 0..10 {
+        for _part in 0..5 {
+            psql(
+                pg,
+                "UPDATE scan_t SET n = n + 1, d = d + 1 WHERE random() < 0.02",
+            );
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+    drain_and_stop(env, "scan_dirty", agent, &wh);
+    let before = scan(&python, &wh, "bench.scan_t");
+    // With maintenance on, each commit runs a compaction step: a few one-row commits let it
+    // pay the debt (a step reads at most 2 × target_file_size).
+    let (agent, wh) = spawn_agent(env, "scan_dirty", "\"public.scan_t\"", "", mirror);
+    for _ in 0..10 {
+        psql(pg, "UPDATE scan_t SET n = n WHERE id = 1");
+        std::thread::sleep(Duration::from_millis(400));
+    }
+    drain_and_stop(env, "scan_dirty", agent, &wh);
+    let after = scan(&python, &wh, "bench.scan_t");
+    let compactions = std::fs::read_to_string(wh.join("agent.log"))
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains("maintenance: mirror"))
+        .count();
+    // The same rows, inserted once into a mirror of their own.
+    let (agent, fresh_wh) = spawn_agent(env, "scan_fresh", "\"public.scan_f\"", "", mirror);
+    for t in 0..10 {
+        psql(
+            pg,
+            &format!(
+                "INSERT INTO scan_f SELECT * FROM scan_t WHERE id > {} AND id <= {}",
+                t * per,
+                (t + 1) * per
+            ),
+        );
+    }
+    psql(
+        pg,
+        &format!(
+            "INSERT INTO scan_f SELECT * FROM scan_t WHERE id > {}",
+            rows
+        ),
+    );
+    drain_and_stop(env, "scan_fresh", agent, &fresh_wh);
+    let fresh = scan(&python, &fresh_wh, "bench.scan_f");
+    for slot in ["scan_dirty", "scan_fresh"] {
+        psql(pg, &format!("SELECT pg_drop_replication_slot('{slot}')"));
+    }
+    psql(pg, "DROP TABLE scan_t, scan_f");
+    for (v, what) in [(&before, "before"), (&after, "after"), (&fresh, "fresh")] {
+        assert_eq!(v["rows"], v["duckdb_rows"], "{what}: readers disagree: {v}");
+    }
+    assert_eq!(
+        before["rows"], fresh["rows"],
+        "before vs fresh: {before} {fresh}"
+    );
+    assert_eq!(
+        after["rows"], fresh["rows"],
+        "after vs fresh: {after} {fresh}"
+    );
+    let f = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+    for (v, what) in [
+        (&before, "10 rounds of 10 % updates, no compaction"),
+        (&after, "the same after compaction"),
+        (&fresh, "a fresh mirror of the same rows"),
+    ] {
+        println!(
+            "mirror scan, {what}: {} rows, {} data + {} delete files; PyIceberg {:.3}s, DuckDB {:.3}s",
+            v["rows"], v["data_files"], v["delete_files"], f(v, "pyiceberg_s"), f(v, "duckdb_s")
+        );
+    }
+    println!(
+        "mirror scan time ÷ fresh mirror: PyIceberg before {:.2}, after {:.2}; DuckDB before {:.2}, after {:.2} ({compactions} compaction steps)",
+        f(&before, "pyiceberg_s") / f(&fresh, "pyiceberg_s"),
+        f(&after, "pyiceberg_s") / f(&fresh, "pyiceberg_s"),
+        f(&before, "duckdb_s") / f(&fresh, "duckdb_s"),
+        f(&after, "duckdb_s") / f(&fresh, "duckdb_s"),
+    );
+}
+
 /// Freshness under steady load: 5k rows/s in 50 transactions/s; for each transaction, the time
 /// from its COMMIT returning to the agent confirming (right after its Iceberg commit) a position
 /// at or past the WAL insert position read right after it: an upper bound on "visible in
@@ -731,7 +939,7 @@ fn main() {
     let only_snapshot = args.iter().any(|a| a == "--snapshot-only");
     let mirror_only = args
         .iter()
-        .any(|a| a == "--mirror" || a == "--mirror-index");
+        .any(|a| a == "--mirror" || a == "--mirror-index" || a == "--mirror-scan");
     // `--only=TEXT`: just the streaming workloads whose name contains TEXT.
     let only = args.iter().find_map(|a| a.strip_prefix("--only="));
     for w in workloads(scale)
@@ -824,8 +1032,11 @@ fn main() {
         // `--mirror-index`: the mirror alone, once (for the index at a large `--mirror-rows`).
         if args.iter().any(|a| a == "--mirror-index") {
             mirror_phase(&env, rows, 1, false);
-        } else {
+        } else if !args.iter().any(|a| a == "--mirror-scan") {
             mirror_phase(&env, rows, reps, true);
+        }
+        if !args.iter().any(|a| a == "--mirror-index") {
+            mirror_scan_phase(&env, rows);
         }
     }
     if (!only_snapshot && !mirror_only && only.is_none()) || args.iter().any(|a| a == "--large-txn")

@@ -8,7 +8,9 @@ use crate::api::{self, ApiState};
 use crate::config::Config;
 use crate::pipeline::{Pipeline, PipelineHandle};
 use crate::sink::iceberg::commit::Committer;
+use crate::sink::iceberg::mirror::CompactRules;
 use crate::sink::iceberg::open_catalog;
+use crate::sink::iceberg::table::TableOptions;
 use crate::telemetry::Telemetry;
 
 /// A start-up failure.
@@ -57,14 +59,23 @@ impl Agent {
         let mut handles = Vec::new();
         let mut tasks = Vec::new();
         // Metadata hygiene on every commit, also when maintenance is left to other engines.
-        let table_properties: Arc<[(String, String)]> =
-            crate::sink::iceberg::hygiene::properties(cfg.maintenance.metadata_versions).into();
+        let options = TableOptions {
+            properties: crate::sink::iceberg::hygiene::properties(
+                cfg.maintenance.metadata_versions,
+            )
+            .into(),
+            mirror_compaction: cfg.maintenance.enabled.then_some(CompactRules {
+                target_file_size: cfg.maintenance.target_file_size,
+                min_input_files: cfg.maintenance.min_input_files as usize,
+                delete_ratio: cfg.maintenance.delete_ratio,
+            }),
+        };
         for p in &cfg.pipelines {
             let (pipeline, handle) = Pipeline::new(
                 p.clone(),
                 committer.clone(),
                 secret_list.clone(),
-                table_properties.clone(),
+                options.clone(),
                 &telemetry.metrics,
             );
             handles.push(handle);

@@ -224,6 +224,9 @@ pub struct MaintenanceConfig {
     pub target_file_size: u64,
     /// Compaction starts once a partition has this many small files.
     pub min_input_files: u32,
+    /// A mirror's data file is rewritten without its deleted rows once this fraction of them
+    /// is deleted.
+    pub delete_ratio: f64,
     /// Files under a table's location that no snapshot references are deleted once this old.
     #[serde(with = "duration_str")]
     pub orphan_age: Duration,
@@ -239,6 +242,7 @@ impl Default for MaintenanceConfig {
             metadata_versions: 10,
             target_file_size: 128 << 20,
             min_input_files: 8,
+            delete_ratio: 0.3,
             orphan_age: Duration::from_secs(86_400),
         }
     }
@@ -448,6 +452,9 @@ const BOOL_KEYS: &[&str] = &[
     "maintenance.enabled",
 ];
 
+/// Keys whose override value is a number with a fraction.
+const FLOAT_KEYS: &[&str] = &["maintenance.delete_ratio"];
+
 /// Keys whose override value is a whole number.
 const INT_KEYS: &[&str] = &[
     "maintenance.retain_last",
@@ -586,6 +593,12 @@ impl Config {
             return Err(ConfigError::new(
                 "maintenance.min_input_files",
                 "must be at least 2 (one file has nothing to merge with)",
+            ));
+        }
+        if !(m.delete_ratio > 0.0 && m.delete_ratio <= 1.0) {
+            return Err(ConfigError::new(
+                "maintenance.delete_ratio",
+                "must be above 0 and at most 1 (the deleted fraction of a data file)",
             ));
         }
         // A flush's files exist before its commit references them: a short age would delete
@@ -994,6 +1007,11 @@ fn apply_overrides(v: &mut toml::Value, env: &[(String, String)]) -> Result<(), 
                         format!("{name} must be a whole number"),
                     ))
                 }
+            }
+        } else if FLOAT_KEYS.contains(&dotted.as_str()) {
+            match val.trim().parse::<f64>() {
+                Ok(n) => toml::Value::Float(n),
+                Err(_) => return Err(ConfigError::new(dotted, format!("{name} must be a number"))),
             }
         } else {
             toml::Value::String(val.clone())

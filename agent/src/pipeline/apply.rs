@@ -23,15 +23,15 @@ use crate::sink::iceberg::schema::{
     changelog_partition, changelog_schema, dlq_schema, iceberg_type, kind_of, CHANGELOG_SUFFIX,
     DLQ_TABLE,
 };
-use crate::sink::iceberg::table::{Committed, MirrorSource};
-use crate::sink::iceberg::TableSink;
+use crate::sink::iceberg::table::{Committed, MirrorSource, TableOptions};
+use crate::sink::iceberg::{SinkError, TableSink};
 use crate::source::postgres::pgoutput::{self, Message, RelationColumn, StreamMessage, TupleData};
 use crate::source::postgres::session::SourceError;
 use crate::source::postgres::types::ColumnKind;
 use crate::source::postgres::wire::replication::{ReplEvent, ReplicationStream};
 use crate::telemetry::events::{
     AppliedTable, BatchCommitted, BatchFailed, ChangeReceived, DeadLettered, FilesWritten,
-    MirrorCommitted, SpoolChanged, TableCommitted, TransactionApplied,
+    MirrorCommitted, SpoolChanged, TableCommitted, TableMaintained, TransactionApplied,
 };
 use crate::telemetry::{record_trace_id, PipelineState, SourceMetrics, TableMetrics};
 
@@ -70,7 +70,7 @@ pub(super) struct Applier {
     committer: Committer,
     secrets: Arc<[String]>,
     /// Properties of the tables this pipeline creates (metadata hygiene).
-    table_properties: Arc<[(String, String)]>,
+    options: TableOptions,
     metrics: SourceMetrics,
     status: SharedStatus,
     /// Relation OID → index into `tables` (None: not a configured table).
@@ -123,7 +123,7 @@ impl Applier {
         cfg: &PipelineConfig,
         committer: Committer,
         secrets: Arc<[String]>,
-        table_properties: Arc<[(String, String)]>,
+        options: TableOptions,
         metrics: SourceMetrics,
         status: SharedStatus,
     ) -> Self {
@@ -138,7 +138,7 @@ impl Applier {
             cfg: cfg.clone(),
             committer,
             secrets,
-            table_properties,
+            options,
             metrics,
             status,
             relations: HashMap::new(),
@@ -649,8 +649,9 @@ impl Applier {
                     table: &source_name,
                     columns: &model,
                     index_budget: self.cfg.mirror_index_memory,
+                    compaction: self.options.mirror_compaction,
                 },
-                &self.table_properties,
+                &self.options.properties,
                 self.secrets.clone(),
             )
             .await?;
@@ -678,7 +679,7 @@ impl Applier {
                         let p = changelog_partition(&s)?;
                         Ok((s, Some(p)))
                     },
-                    &self.table_properties,
+                    &self.options.properties,
                     self.secrets.clone(),
                 )
                 .await?;
@@ -930,6 +931,13 @@ impl Applier {
                 duration: started.elapsed(),
             }
             .emit(&t.metrics, &self.metrics, &self.status);
+            // A mirror's files are compacted here, between commits, by the writer that holds
+            // its key index (the background maintenance cannot move rows the index points at).
+            let pipeline = self.cfg.name.as_str();
+            if let Some(m) = t.mirror.as_mut() {
+                compact_mirror(m, pipeline, &self.metrics).await;
+            }
+            compact_mirror(&mut t.sink, pipeline, &self.metrics).await;
         }
         Ok((committed_events, dead_letters))
     }
@@ -948,7 +956,7 @@ impl Applier {
                 DLQ_TABLE,
                 None,
                 || Ok((dlq_schema()?, None)),
-                &self.table_properties,
+                &self.options.properties,
                 self.secrets.clone(),
             )
             .await?;
@@ -1024,7 +1032,6 @@ impl Applier {
     }
 }
 
-/// Make the Iceberg schema able to hold `columns`: add new columns, refuse type changes.
 /// Report a mirror table's commit (nothing for a changelog).
 fn mirror_committed(sink: &TableSink, c: &Committed, metrics: &TableMetrics) {
     if let Some((index_keys, index_bytes)) = sink.mirror_index() {
@@ -1038,6 +1045,48 @@ fn mirror_committed(sink: &TableSink, c: &Committed, metrics: &TableMetrics) {
     }
 }
 
+/// Run a mirror's compaction step if its files call for one (nothing for a changelog). A
+/// failed step is reported and left for the next commit: the table and the index are as
+/// they were, or the mirror refuses writes until the pipeline reopens it.
+async fn compact_mirror(sink: &mut TableSink, pipeline: &str, metrics: &SourceMetrics) {
+    if sink.mirror_index().is_none() {
+        return;
+    }
+    let started = Instant::now();
+    let table = sink.name();
+    let span = tracing::info_span!("maintenance.compact", table = %table, mirror = true);
+    let (status, files_removed, summary) = match sink.compact_mirror().instrument(span).await {
+        Ok(None) => return,
+        Ok(Some(c)) => (
+            "ok",
+            c.files_removed(),
+            format!(
+                "mirror: {} data files rewritten into {} ({} live rows kept, {} deleted rows \
+                 left out), {} delete files into {}",
+                c.data_files_in,
+                c.data_files_out,
+                c.rows_kept,
+                c.rows_dropped,
+                c.delete_files_in,
+                c.delete_files_out
+            ),
+        ),
+        Err(SinkError::Conflict(m)) => ("conflict", 0, m),
+        Err(e) => ("failed", 0, e.to_string()),
+    };
+    TableMaintained {
+        source: pipeline,
+        table: &table,
+        action: "compact",
+        status,
+        files_removed,
+        summary: &summary,
+        duration: started.elapsed(),
+    }
+    .emit(metrics.global());
+}
+
+/// Make the Iceberg schema able to hold `columns`: add new columns, refuse type changes.
 async fn evolve(
     sink: &mut TableSink,
     source_name: &str,

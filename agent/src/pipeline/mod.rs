@@ -18,6 +18,7 @@ use tracing::Instrument;
 use crate::config::PipelineConfig;
 use crate::model::Lsn;
 use crate::sink::iceberg::commit::Committer;
+use crate::sink::iceberg::table::TableOptions;
 use crate::sink::iceberg::SinkError;
 use crate::source::postgres::conn::SourceUrl;
 use crate::source::postgres::session::{Session, SourceError};
@@ -153,7 +154,7 @@ pub struct Pipeline {
     url: SourceUrl,
     committer: Committer,
     secrets: Arc<[String]>,
-    table_properties: Arc<[(String, String)]>,
+    options: TableOptions,
     metrics: SourceMetrics,
     status: SharedStatus,
     control: watch::Receiver<Control>,
@@ -173,7 +174,7 @@ impl Pipeline {
         cfg: PipelineConfig,
         committer: Committer,
         secrets: Arc<[String]>,
-        table_properties: Arc<[(String, String)]>,
+        options: TableOptions,
         metrics: &Metrics,
     ) -> (Self, PipelineHandle) {
         let url = cfg.source.url().clone();
@@ -193,7 +194,7 @@ impl Pipeline {
                 url,
                 committer,
                 secrets: secrets.clone(),
-                table_properties,
+                options,
                 metrics,
                 status,
                 control: rx,
@@ -313,7 +314,7 @@ impl Pipeline {
             &self.cfg,
             self.committer.clone(),
             self.secrets.clone(),
-            self.table_properties.clone(),
+            self.options.clone(),
             self.metrics.clone(),
             self.status.clone(),
         );

@@ -305,6 +305,11 @@ pub struct SourceMetrics {
 }
 
 impl SourceMetrics {
+    /// The instruments that are not bound to this source (maintenance, table health).
+    pub fn global(&self) -> &Metrics {
+        &self.metrics
+    }
+
     /// Count an error; errors are rare, so the attribute set is built per call.
     pub(super) fn error(&self, error_type: super::events::ErrorType) {
         self.metrics.cdc_errors.add(

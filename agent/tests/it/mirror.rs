@@ -412,3 +412,112 @@ async fn added_and_dropped_columns_follow_in_the_mirror() {
     wait_mirrored(&work, "ns.c", &pg, "SELECT id, b FROM c", "id").await;
     drop(agent);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compaction_pays_the_delete_debt_and_the_mirror_stays_exact() {
+    // Ten rounds of 10 % updates (and a few deletes and inserts), each in its own flushes:
+    // every round leaves delete files and small data files behind. With aggressive rules the
+    // writer compacts them away while the stream goes on; the mirror stays exact for both
+    // readers, through a SIGKILL (the index is rebuilt from the compacted table) and for
+    // unchanged TOAST values read back from the rewritten files.
+    const BIG: &str =
+        "(SELECT string_agg(md5(g::text || id::text), '') FROM generate_series(1, 300) g)";
+    let Running {
+        pg,
+        db,
+        work,
+        cfg,
+        agent,
+    } = prepare(
+        &format!(
+            "CREATE TABLE cm (id int PRIMARY KEY, n int, s text, big text);
+             INSERT INTO cm SELECT g, 0, 'seed', NULL FROM generate_series(1, 3000) g;
+             UPDATE cm SET big = {BIG} WHERE id % 100 = 0;"
+        ),
+        &["cm"],
+        "mode = \"both\"\nsnapshot = \"initial\"",
+        "[maintenance]\nmin_input_files = 2\ndelete_ratio = 0.2\ntarget_file_size = \"1MiB\"\n",
+    )
+    .await
+    .streaming()
+    .await;
+    const Q: &str = "SELECT id, n, s, big FROM cm";
+    wait_mirrored(&work, "ns.cm", &pg, Q, "id").await;
+    for round in 1..=10 {
+        for part in 0..3 {
+            db.batch_execute(&format!(
+                "UPDATE cm SET n = {round}, s = 'r{round}' WHERE id % 30 BETWEEN {} AND {};
+                 DELETE FROM cm WHERE id = {};
+                 INSERT INTO cm VALUES ({}, {round}, 'new', NULL);",
+                part,
+                part,
+                round * 7 + part,
+                10_000 + round * 3 + part
+            ))
+            .await
+            .expect("round");
+            // Past the flush interval (300 ms): each part is its own flush.
+            tokio::time::sleep(Duration::from_millis(400)).await;
+        }
+    }
+    let v = wait_mirrored(&work, "ns.cm", &pg, Q, "id").await;
+    assert_eq!(v["duplicate_keys"], 0, "{v}");
+    assert_eq!(v["equality_delete_files"], 0, "{v}");
+    // 30 flushes with deletes would leave ~30 delete files and ~30 small data files without
+    // compaction; the merge rule keeps a logarithmic number of each.
+    let deletes = v["position_delete_files"].as_u64().unwrap();
+    let data = v["data_files"].as_u64().unwrap();
+    assert!(deletes <= 8, "delete files left: {v}");
+    assert!(data <= 10, "data files left: {v}");
+    let addr = agent.api_addr().expect("API address");
+    let text = scrape(&addr).await;
+    let landed = sample_sum(
+        &text,
+        "philotes_iceberg_maintenance_total",
+        "action=\"compact\",source=\"p\",status=\"ok\",table=\"ns.cm\"",
+    );
+    assert!(landed > 0.0, "no mirror compaction landed:\n{text}");
+    println!("after 30 flushes: {data} data files, {deletes} delete files, {landed} compactions");
+    let log = agent.log_text();
+    assert!(
+        log.contains("mirror: ") && log.contains("deleted rows left out"),
+        "no mirror compaction logged:\n{log}"
+    );
+
+    // Unchanged TOAST values of rows that compaction moved, then a SIGKILL: the restarted
+    // agent rebuilds the index from the compacted files and goes on exactly.
+    db.batch_execute("UPDATE cm SET n = n + 1000 WHERE id % 100 = 0")
+        .await
+        .expect("toast update");
+    wait_mirrored(&work, "ns.cm", &pg, Q, "id").await;
+    agent.kill9();
+    let agent = AgentProc::start(&cfg, &work.path().join("agent2.log"));
+    agent.wait_streaming().await;
+    db.batch_execute(
+        "UPDATE cm SET n = n + 1 WHERE id % 100 = 0 OR id % 13 = 0;
+         DELETE FROM cm WHERE id % 17 = 0;",
+    )
+    .await
+    .expect("after restart");
+    let v = wait_mirrored(&work, "ns.cm", &pg, Q, "id").await;
+    assert_eq!(v["duplicate_keys"], 0, "{v}");
+    // The changelog commits after the mirror: wait for it too. (It stores an unchanged TOAST
+    // value as null with `_cdc_unchanged`, so `big` stays out of its fold.)
+    let v = wait_for(
+        Duration::from_secs(60),
+        "the changelog to equal the source",
+        || async {
+            let v = verify_source(
+                &work,
+                "ns.cm_changelog",
+                &pg,
+                "SELECT id, n, s FROM cm",
+                &[],
+            );
+            (v["state_equal"] == true).then_some(v)
+        },
+    )
+    .await;
+    assert_eq!(v["unique"], true, "{v}");
+    drop(agent);
+}

@@ -14,7 +14,7 @@ use iceberg::transaction::{AddColumn, ApplyTransactionAction, Transaction};
 use iceberg::{Catalog, ErrorKind, NamespaceIdent, TableCreation, TableIdent};
 
 use super::commit::{is_data, operation_for, Change, CommitError, Committer};
-use super::mirror::MirrorWriter;
+use super::mirror::{CompactRules, Compacted, MirrorWriter};
 use super::schema::{
     changelog_shape, mirror_schema, LSN_PROPERTY, MIRROR_PROPERTY, SNAPSHOT_PROGRESS_PROPERTY,
     SNAPSHOT_PROPERTY,
@@ -46,6 +46,15 @@ pub struct Committed {
     pub rows_deleted: u64,
 }
 
+/// What every table of a pipeline shares.
+#[derive(Debug, Clone)]
+pub struct TableOptions {
+    /// Properties set on the tables it creates (metadata hygiene).
+    pub properties: Arc<[(String, String)]>,
+    /// When mirror tables' files are compacted (`None`: maintenance is off).
+    pub mirror_compaction: Option<CompactRules>,
+}
+
 /// The source table a mirror holds.
 #[derive(Debug, Clone, Copy)]
 pub struct MirrorSource<'a> {
@@ -55,6 +64,8 @@ pub struct MirrorSource<'a> {
     pub columns: &'a [Column],
     /// Most bytes its key index may hold.
     pub index_budget: u64,
+    /// When its files are compacted (`None`: never, maintenance is off).
+    pub compaction: Option<CompactRules>,
 }
 
 /// A changelog (or dead-letter) table with its uncommitted data files.
@@ -267,6 +278,7 @@ impl TableSink {
             table: source,
             columns,
             index_budget,
+            compaction,
         } = source;
         let cols = columns.to_vec();
         let props: Vec<(String, String)> = properties
@@ -303,7 +315,7 @@ impl TableSink {
             .filter(|c| c.key)
             .map(|c| c.name.clone())
             .collect();
-        let mirror = MirrorWriter::open(&sink.table, keys, index_budget).await?;
+        let mirror = MirrorWriter::open(&sink.table, keys, index_budget, compaction).await?;
         tracing::info!(
             table = %sink.name(),
             keys = mirror.keys(),
@@ -620,6 +632,72 @@ impl TableSink {
                 } else {
                     Err(SinkError::Commit(msg))
                 }
+            }
+        }
+    }
+
+    /// Run a mirror's compaction step if its files call for one (right after a commit, with
+    /// nothing staged): `None` when there was nothing to do. Any failure leaves the table and
+    /// the index as they were (an unknown commit outcome rebuilds the index from the table).
+    pub async fn compact_mirror(&mut self) -> Result<Option<Compacted>, SinkError> {
+        let Some(m) = self.mirror.as_mut() else {
+            return Ok(None);
+        };
+        let Some(rw) = m.rewrite(&self.table).await? else {
+            return Ok(None);
+        };
+        if rw.is_empty() {
+            return Ok(None);
+        }
+        let change = Change {
+            operation: iceberg::spec::Operation::Replace,
+            added: rw.added.clone(),
+            removed: rw.removed.clone(),
+            summary: HashMap::from([(
+                super::maintenance::MAINTENANCE_PROPERTY.to_string(),
+                "compact".to_string(),
+            )]),
+            properties: HashMap::new(),
+        };
+        // One attempt: another writer's commit in between may have touched the same files;
+        // the next step plans again on the table as it then is.
+        match self
+            .committer
+            .commit_snapshot(&self.table, &change, 1)
+            .await
+        {
+            Ok((table, _)) => {
+                self.table = table;
+                Ok(Some(m.compacted(rw)))
+            }
+            Err(e) => {
+                let msg = super::catalog::scrub(e.to_string(), &self.secrets);
+                if matches!(e, CommitError::Unknown(_)) {
+                    // Until the reload succeeds the mirror refuses writes (the pipeline then
+                    // reopens its tables and rebuilds the index).
+                    match self
+                        .committer
+                        .catalog()
+                        .load_table(self.table.identifier())
+                        .await
+                    {
+                        Ok(table) => {
+                            self.table = table;
+                            m.reload(&self.table).await?;
+                        }
+                        Err(le) => {
+                            let le = catalog_err(le, &self.secrets);
+                            m.reload_failed(&le);
+                            return Err(le);
+                        }
+                    }
+                } else {
+                    m.forget(&self.table, rw).await;
+                }
+                Err(match e {
+                    CommitError::Conflict(_) | CommitError::Rebase(_) => SinkError::Conflict(msg),
+                    _ => SinkError::Commit(msg),
+                })
             }
         }
     }

@@ -146,7 +146,7 @@ pub(super) fn plan(
 /// cores, growing with the table); leaving it until the newer files outweigh it makes files
 /// grow geometrically, so a row is rewritten O(log n) times and a partition keeps O(log n)
 /// files below the target size.
-fn settled_head(sizes: &[u64]) -> usize {
+pub(crate) fn settled_head(sizes: &[u64]) -> usize {
     let mut newer: u64 = sizes.iter().sum();
     for (i, size) in sizes.iter().enumerate() {
         newer -= size;

@@ -9,6 +9,7 @@ mod metadata;
 mod orphans;
 mod reach;
 
+pub(crate) use compact::settled_head;
 pub use compact::MAINTENANCE_PROPERTY;
 pub use orphans::set_store_config;
 

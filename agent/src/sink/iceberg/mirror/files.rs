@@ -20,9 +20,9 @@ use super::werr;
 use crate::sink::iceberg::SinkError;
 
 /// Field id of a position delete file's `file_path` (reserved by the Iceberg spec).
-const FILE_PATH_ID: i32 = 2147483546;
+pub(super) const FILE_PATH_ID: i32 = 2147483546;
 /// Field id of a position delete file's `pos`.
-const POS_ID: i32 = 2147483545;
+pub(super) const POS_ID: i32 = 2147483545;
 
 /// A new file name under the table's data directory.
 fn new_path(table: &Table, kind: &str) -> String {

@@ -185,6 +185,19 @@ impl KeyIndex {
         self.ids.get(path).copied()
     }
 
+    /// Keys whose row is in file `id`.
+    pub fn rows_in(&self, id: u32) -> u64 {
+        self.refs.get(id as usize).copied().unwrap_or(0)
+    }
+
+    /// Every key's location (in no order).
+    pub fn locations(&self) -> impl Iterator<Item = Loc> + '_ {
+        self.ints
+            .values()
+            .chain(self.bytes.values())
+            .map(|v| Loc::unpack(*v))
+    }
+
     /// The path of file `id`.
     pub fn path(&self, id: u32) -> &str {
         &self.paths[id as usize]

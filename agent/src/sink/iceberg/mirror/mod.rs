@@ -5,8 +5,11 @@
 //! the delete file commit as one snapshot. Position deletes, not equality deletes: every
 //! engine reads them (PyIceberg refuses equality deletes) and a scan pays nothing per key.
 
+mod compact;
 pub mod files;
 pub mod index;
+
+pub use compact::{CompactRules, Compacted, Rewrite};
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -30,8 +33,23 @@ use super::schema::{CDC_LSN, CDC_OP, CDC_UNCHANGED};
 use super::SinkError;
 use crate::model::Lsn;
 
-/// Bytes after which a mirror data file is finished and the next one started.
+/// Bytes after which a mirror data file is finished and the next one started (without
+/// compaction rules; else their `target_file_size`).
 const TARGET_FILE_BYTES: u64 = 128 << 20;
+
+/// A live data file: what compaction weighs.
+#[derive(Debug, Clone, Copy)]
+struct FileStat {
+    rows: u64,
+    bytes: u64,
+}
+
+/// A live position delete file: its size and the data files it names (empty: not known).
+#[derive(Debug, Clone)]
+struct DeleteStat {
+    bytes: u64,
+    targets: Vec<Arc<str>>,
+}
 
 pub(super) fn werr(e: impl std::fmt::Display) -> SinkError {
     SinkError::Write(e.to_string())
@@ -122,6 +140,17 @@ pub struct MirrorWriter {
     budget: u64,
     /// `namespace.table`, for the budget's error.
     name: String,
+    /// Live data files of the table.
+    data_files: HashMap<Arc<str>, FileStat>,
+    /// Live position delete files of the table.
+    delete_files: HashMap<Arc<str>, DeleteStat>,
+    /// The delete file staged for the next commit.
+    delete_staged: Option<(DataFile, Vec<Arc<str>>)>,
+    /// When and how compaction rewrites files (`None`: maintenance is off).
+    rules: Option<CompactRules>,
+    /// Why the index may no longer match the table (a compaction whose commit outcome is
+    /// unknown could not be reloaded): every later write fails until the table is reopened.
+    stale: Option<String>,
 }
 
 /// Bytes a key staged for the next commit takes (map entry and control byte, at ~2/3 load).
@@ -133,7 +162,12 @@ const GONE: u64 = u64::MAX;
 impl MirrorWriter {
     /// The writer for `table`, keyed by the columns `keys` (none: the source table has no
     /// key, its rows are only ever inserted). The index is rebuilt from the table.
-    pub async fn open(table: &Table, keys: Vec<String>, budget: u64) -> Result<Self, SinkError> {
+    pub async fn open(
+        table: &Table,
+        keys: Vec<String>,
+        budget: u64,
+        rules: Option<CompactRules>,
+    ) -> Result<Self, SinkError> {
         let ident = table.identifier();
         let name = format!("{}.{}", ident.namespace().join("."), ident.name());
         let schema = Arc::new(
@@ -157,24 +191,76 @@ impl MirrorWriter {
             Some(KeyEncoder::new(keys, &types)?)
         };
         let started = Instant::now();
-        let index = match &encoder {
-            Some(e) => rebuild(table, e, budget, &name).await?,
-            None => KeyIndex::new(),
-        };
-        Ok(Self {
+        let mut w = Self {
             schema,
             keys: encoder,
-            index,
+            index: KeyIndex::new(),
             staged: HashMap::new(),
             deletes: Vec::new(),
             reset: false,
             open: None,
             written: Vec::new(),
             rows: 0,
-            built_in: started.elapsed(),
+            built_in: Duration::ZERO,
             budget,
             name,
-        })
+            data_files: HashMap::new(),
+            delete_files: HashMap::new(),
+            delete_staged: None,
+            rules,
+            stale: None,
+        };
+        w.load(table).await?;
+        w.built_in = started.elapsed();
+        Ok(w)
+    }
+
+    /// Rebuild the index and the file statistics from `table`'s current snapshot.
+    async fn load(&mut self, table: &Table) -> Result<(), SinkError> {
+        let live = live_files(table).await?;
+        let (index, targets) = match &self.keys {
+            Some(e) => rebuild(table, &live, e, self.budget, &self.name).await?,
+            None => (KeyIndex::new(), HashMap::new()),
+        };
+        self.index = index;
+        self.data_files.clear();
+        self.delete_files.clear();
+        for f in &live {
+            let path: Arc<str> = f.file_path().into();
+            if f.content_type() == DataContentType::Data {
+                self.data_files.insert(
+                    path,
+                    FileStat {
+                        rows: f.record_count(),
+                        bytes: f.file_size_in_bytes(),
+                    },
+                );
+            } else {
+                let targets = targets
+                    .get(f.file_path())
+                    .map(|t| t.iter().map(|p| Arc::<str>::from(p.as_str())).collect())
+                    .unwrap_or_default();
+                self.delete_files.insert(
+                    path,
+                    DeleteStat {
+                        bytes: f.file_size_in_bytes(),
+                        targets,
+                    },
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Fail while the index may not match the table.
+    fn check_fresh(&self) -> Result<(), SinkError> {
+        match &self.stale {
+            Some(why) => Err(SinkError::Write(format!(
+                "the mirror key index of {} must be rebuilt: {why}",
+                self.name
+            ))),
+            None => Ok(()),
+        }
     }
 
     /// Fail before the index outgrows its budget.
@@ -236,6 +322,7 @@ impl MirrorWriter {
         batch: &RecordBatch,
         committed: Lsn,
     ) -> Result<(), SinkError> {
+        self.check_fresh()?;
         let ops = batch
             .column_by_name(CDC_OP)
             .and_then(|c| c.as_string_opt::<i32>().cloned())
@@ -252,7 +339,7 @@ impl MirrorWriter {
         if self
             .open
             .as_ref()
-            .is_some_and(|w| w.size() >= TARGET_FILE_BYTES)
+            .is_some_and(|w| w.size() >= self.target_file_bytes())
         {
             self.finish_files().await?;
         }
@@ -404,6 +491,13 @@ impl MirrorWriter {
         RecordBatch::try_new(self.schema.clone(), cols).map_err(werr)
     }
 
+    /// Bytes after which a data file is finished.
+    fn target_file_bytes(&self) -> u64 {
+        self.rules
+            .as_ref()
+            .map_or(TARGET_FILE_BYTES, |r| r.target_file_size)
+    }
+
     /// The open data file (opened if none): its id and the position of its next row.
     async fn open_file(&mut self, table: &Table) -> Result<(u32, u64), SinkError> {
         if self.open.is_none() {
@@ -452,6 +546,7 @@ impl MirrorWriter {
         &mut self,
         table: &Table,
     ) -> Result<(Vec<DataFile>, HashSet<String>), SinkError> {
+        self.check_fresh()?;
         self.finish_files().await?;
         let mut by_file: HashMap<u32, Vec<u64>> = HashMap::new();
         for (f, p) in self.deletes.drain(..) {
@@ -461,9 +556,12 @@ impl MirrorWriter {
             .into_iter()
             .map(|(f, p)| (Arc::<str>::from(self.index.path(f)), p))
             .collect();
+        let targets: Vec<Arc<str>> = deletes.iter().map(|(p, _)| p.clone()).collect();
         let mut added = self.written.clone();
+        self.delete_staged = None;
         if let Some(d) = files::write_deletes(table, deletes).await? {
-            added.push(d);
+            added.push(d.clone());
+            self.delete_staged = Some((d, targets));
         }
         let removed = if self.reset {
             live_paths(table).await?
@@ -477,6 +575,26 @@ impl MirrorWriter {
     pub fn committed(&mut self) {
         if self.reset {
             self.index.clear_keys();
+            self.data_files.clear();
+            self.delete_files.clear();
+        }
+        for f in &self.written {
+            self.data_files.insert(
+                f.file_path().into(),
+                FileStat {
+                    rows: f.record_count(),
+                    bytes: f.file_size_in_bytes(),
+                },
+            );
+        }
+        if let Some((d, targets)) = self.delete_staged.take() {
+            self.delete_files.insert(
+                d.file_path().into(),
+                DeleteStat {
+                    bytes: d.file_size_in_bytes(),
+                    targets,
+                },
+            );
         }
         for (k, v) in self.staged.drain() {
             if v == GONE {
@@ -496,6 +614,7 @@ impl MirrorWriter {
     /// The staged change will not be committed (a failed attempt): forget it.
     pub fn abandon(&mut self) {
         self.open = None;
+        self.delete_staged = None;
         self.staged.clear();
         self.deletes.clear();
         self.written.clear();
@@ -691,32 +810,43 @@ fn over_budget(table: &str, need: u64, budget: u64, keys: usize) -> SinkError {
     ))
 }
 
-/// The index of `table` as its current snapshot holds it: every live data file's keys at
-/// their positions, minus the positions its delete files name. Stops with an error as soon
-/// as it passes `budget`.
+/// The index of `table` as its current snapshot (`live`) holds it: every live data file's
+/// keys at their positions, minus the positions its delete files name; and the data files
+/// each delete file names. Stops with an error as soon as it passes `budget`.
 async fn rebuild(
     table: &Table,
+    live: &[DataFile],
     keys: &KeyEncoder,
     budget: u64,
     name: &str,
-) -> Result<KeyIndex, SinkError> {
-    let live = live_files(table).await?;
+) -> Result<(KeyIndex, Targets), SinkError> {
     let mut deleted: HashMap<String, HashSet<u64>> = HashMap::new();
+    let mut targets: Targets = HashMap::new();
     for f in live
         .iter()
         .filter(|f| f.content_type() == DataContentType::PositionDeletes)
     {
-        read_columns(table, f.file_path(), &[2147483546, 2147483545], |b| {
-            let paths = b.column(0).as_string::<i32>();
-            let pos = b.column(1).as_primitive::<Int64Type>();
-            for i in 0..b.num_rows() {
-                deleted
-                    .entry(paths.value(i).to_string())
-                    .or_default()
-                    .insert(pos.value(i) as u64);
-            }
-            Ok(())
-        })
+        let named = targets.entry(f.file_path().to_string()).or_default();
+        read_columns(
+            table,
+            f.file_path(),
+            &[files::FILE_PATH_ID, files::POS_ID],
+            |b| {
+                let paths = b.column(0).as_string::<i32>();
+                let pos = b.column(1).as_primitive::<Int64Type>();
+                for i in 0..b.num_rows() {
+                    let p = paths.value(i);
+                    if !named.contains(p) {
+                        named.insert(p.to_string());
+                    }
+                    deleted
+                        .entry(p.to_string())
+                        .or_default()
+                        .insert(pos.value(i) as u64);
+                }
+                Ok(())
+            },
+        )
         .await?;
     }
     let schema = table.metadata().current_schema();
@@ -752,5 +882,8 @@ async fn rebuild(
         })
         .await?;
     }
-    Ok(index)
+    Ok((index, targets))
 }
+
+/// The data files each position delete file names, by its path.
+type Targets = HashMap<String, HashSet<String>>;
