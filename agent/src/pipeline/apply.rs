@@ -54,6 +54,9 @@ struct TableState {
     touched_in: Lsn,
     /// Changes read: inserts, updates, deletes, truncates (published with the status).
     counts: [u64; 4],
+    /// REPLICA IDENTITY FULL: the positions of the key columns (empty: the whole row is the
+    /// identity). Every UPDATE then sends the old row.
+    full_identity: Option<Vec<usize>>,
 }
 
 /// The transaction being received.
@@ -92,6 +95,8 @@ pub(super) struct Applier {
     streams: HashMap<u32, super::spool::Spool>,
     /// Inside a stream block of this transaction.
     in_stream: Option<u32>,
+    /// Tables with REPLICA IDENTITY FULL (`schema.table`) and their primary key columns.
+    full_identity: HashMap<String, Vec<String>>,
 }
 
 /// Dead-letter table property per source table: the newest `lsn:seq` stored for it.
@@ -153,7 +158,13 @@ impl Applier {
             no_copy: Default::default(),
             streams: HashMap::new(),
             in_stream: None,
+            full_identity: HashMap::new(),
         }
+    }
+
+    /// The tables with REPLICA IDENTITY FULL and their primary keys (from the source).
+    pub(super) fn set_full_identity(&mut self, tables: HashMap<String, Vec<String>>) {
+        self.full_identity = tables;
     }
 
     fn buffered_rows(&self) -> u64 {
@@ -524,9 +535,21 @@ impl Applier {
                 oid,
                 namespace,
                 name,
-                columns,
-                ..
+                mut columns,
+                replica_identity,
             } => {
+                // A FULL table that joined the publication since the source was asked has no
+                // known primary key: its whole row is its identity.
+                let source = format!("{namespace}.{name}");
+                if replica_identity == b'f' && !self.full_identity.contains_key(&source) {
+                    self.full_identity.insert(source, Vec::new());
+                }
+                // FULL flags every column as key; the sink's key is the primary key.
+                if let Some(pk) = self.full_identity.get(&format!("{namespace}.{name}")) {
+                    for c in &mut columns {
+                        c.key = pk.contains(&c.name);
+                    }
+                }
                 let configured = self
                     .cfg
                     .table_names()
@@ -560,12 +583,22 @@ impl Applier {
                 key_changed,
                 new,
             } => {
-                // A changed primary key: the old key leaves (a delete), the new row arrives,
-                // so folding the changelog by key stays correct.
-                if let (true, Some(old)) = (key_changed, old) {
-                    self.change(oid, Op::Delete, Some(&old)).await?;
+                // A changed key: the old key leaves (a delete), the new row arrives, so
+                // folding the changelog by key stays correct. With REPLICA IDENTITY FULL the
+                // old row comes with every UPDATE: the key changed if its columns differ, and
+                // without a primary key the whole row is the key.
+                let full = self.full_identity_of(oid);
+                let leaves = match (&full, &old) {
+                    (Some(keys), Some(o)) => keys.is_empty() || key_differs(keys, o, &new),
+                    _ => key_changed,
+                };
+                if let (true, Some(o)) = (leaves, &old) {
+                    self.change(oid, Op::Delete, Some(o)).await?;
                 }
-                self.change(oid, Op::Update, Some(&new)).await?
+                // Unchanged TOAST values are in the old row (FULL): take them from it.
+                let fallback = if full.is_some() { old.as_ref() } else { None };
+                self.change_with(oid, Op::Update, Some(&new), fallback)
+                    .await?
             }
             Message::Delete { oid, old } => self.change(oid, Op::Delete, Some(&old)).await?,
             Message::Truncate { oids, .. } => {
@@ -591,11 +624,20 @@ impl Applier {
         columns: Vec<RelationColumn>,
     ) -> Result<usize, PipelineError> {
         let source_name = format!("{schema}.{name}");
+        let full_identity = self.full_identity.get(&source_name).map(|pk| {
+            columns
+                .iter()
+                .enumerate()
+                .filter(|(_, c)| pk.contains(&c.name))
+                .map(|(i, _)| i)
+                .collect::<Vec<usize>>()
+        });
         if let Some(i) = self
             .tables
             .iter()
             .position(|t| t.source_name == source_name)
         {
+            self.tables[i].full_identity = full_identity.clone();
             if self.tables[i].columns == columns {
                 return Ok(i);
             }
@@ -650,6 +692,7 @@ impl Applier {
                     columns: &model,
                     index_budget: self.cfg.mirror_index_memory,
                     compaction: self.options.mirror_compaction,
+                    whole_row: full_identity.as_ref().is_some_and(|k| k.is_empty()),
                 },
                 &self.options.properties,
                 self.secrets.clone(),
@@ -700,6 +743,7 @@ impl Applier {
             dirty: false,
             touched_in: Lsn::ZERO,
             counts: [0; 4],
+            full_identity,
         });
         let i = self.tables.len() - 1;
         status::update(&self.status, |s| {
@@ -710,11 +754,29 @@ impl Applier {
         Ok(i)
     }
 
+    /// The key positions of `oid`'s table when it has REPLICA IDENTITY FULL.
+    fn full_identity_of(&self, oid: u32) -> Option<Vec<usize>> {
+        let i = (*self.relations.get(&oid)?)?;
+        self.tables.get(i)?.full_identity.clone()
+    }
+
     async fn change(
         &mut self,
         oid: u32,
         op: Op,
         tuple: Option<&TupleData<'_>>,
+    ) -> Result<(), PipelineError> {
+        self.change_with(oid, op, tuple, None).await
+    }
+
+    /// [`Self::change`] taking the columns `tuple` did not send (unchanged TOAST values) from
+    /// `fallback` when it has them.
+    async fn change_with(
+        &mut self,
+        oid: u32,
+        op: Op,
+        tuple: Option<&TupleData<'_>>,
+        fallback: Option<&TupleData<'_>>,
     ) -> Result<(), PipelineError> {
         let Some(txn) = self.txn.as_mut() else {
             return Err(PipelineError::StreamEnded(
@@ -740,7 +802,11 @@ impl Applier {
         }
         ChangeReceived { op }.emit(&t.metrics);
         t.touched_in = lsn;
-        if let Err(e) = t.batch.push(op, lsn, seq, ts, tuple) {
+        let pushed = match (tuple, fallback) {
+            (Some(new), Some(old)) => t.batch.push_merged(op, lsn, seq, ts, new, old),
+            _ => t.batch.push(op, lsn, seq, ts, tuple),
+        };
+        if let Err(e) = pushed {
             let row = row_json(&t.columns, tuple);
             DeadLettered {
                 table: &t.source_name,
@@ -1030,6 +1096,15 @@ impl Applier {
         self.positions.confirm(lsn);
         status::update(&self.status, |s| s.confirmed_lsn = lsn.pg());
     }
+}
+
+/// Whether the columns at `keys` differ between the old and the new row (an unchanged TOAST
+/// value in the new row is the old one).
+fn key_differs(keys: &[usize], old: &TupleData<'_>, new: &TupleData<'_>) -> bool {
+    old.columns()
+        .zip(new.columns())
+        .enumerate()
+        .any(|(i, (o, n))| keys.contains(&i) && n != pgoutput::Column::Unchanged && o != n)
 }
 
 /// Report a mirror table's commit (nothing for a changelog).

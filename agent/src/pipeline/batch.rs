@@ -420,6 +420,27 @@ impl TableBatch {
         )
     }
 
+    /// [`Self::push`] of `new` with the values it did not send (unchanged TOAST) taken from
+    /// `old` (the whole old row, sent with REPLICA IDENTITY FULL).
+    pub fn push_merged(
+        &mut self,
+        op: Op,
+        lsn: Lsn,
+        seq: u64,
+        ts_micros: i64,
+        new: &TupleData<'_>,
+        old: &TupleData<'_>,
+    ) -> Result<(), ValueError> {
+        if old.len() != new.len() {
+            return self.push(op, lsn, seq, ts_micros, Some(new));
+        }
+        let merged = new.columns().zip(old.columns()).map(|(n, o)| match (n, o) {
+            (Column::Unchanged, Column::Text(_) | Column::Binary(_)) => o,
+            _ => n,
+        });
+        self.push_columns(op, lsn, seq, ts_micros, Some((new.len(), merged)))
+    }
+
     /// Which relation columns the initial snapshot reads in binary (see `push_snapshot`).
     pub fn snapshot_binary(&self) -> Vec<bool> {
         self.sources.iter().map(|s| s.binary).collect()

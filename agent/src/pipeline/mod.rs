@@ -318,6 +318,7 @@ impl Pipeline {
             self.metrics.clone(),
             self.status.clone(),
         );
+        applier.set_full_identity(session.full_identity_keys().await?);
         applier.after_failure(self.last_failed);
         // A table that joined and left the publication again before this attempt is not
         // copied (it is not in `tables`); its replayed changes stream without a restart.

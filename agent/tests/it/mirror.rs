@@ -11,7 +11,14 @@ use serde_json::Value;
 use crate::common::*;
 
 /// `verify_mirror.py` on `table` against `query` on the source database `app`.
-fn verify_mirror(work: &Workdir, table: &str, pg: &TestPg, query: &str, pk: &str) -> Value {
+fn verify_mirror(
+    work: &Workdir,
+    table: &str,
+    pg: &TestPg,
+    query: &str,
+    pk: &str,
+    extra: &[&str],
+) -> Value {
     let conninfo = pg.conninfo("app");
     python_json(
         Command::new(python())
@@ -21,7 +28,8 @@ fn verify_mirror(work: &Workdir, table: &str, pg: &TestPg, query: &str, pk: &str
             .arg("--warehouse")
             .arg(work.warehouse())
             .args(["--table", table, "--pk", pk, "--duckdb"])
-            .args(["--pg-conninfo", &conninfo, "--pg-query", query]),
+            .args(["--pg-conninfo", &conninfo, "--pg-query", query])
+            .args(extra),
         "verify_mirror.py",
     )
 }
@@ -29,9 +37,21 @@ fn verify_mirror(work: &Workdir, table: &str, pg: &TestPg, query: &str, pk: &str
 /// Wait until the mirror `table` equals `query` for PyIceberg and DuckDB alike; returns the
 /// last check.
 async fn wait_mirrored(work: &Workdir, table: &str, pg: &TestPg, query: &str, pk: &str) -> Value {
+    wait_mirrored_with(work, table, pg, query, pk, &[]).await
+}
+
+/// [`wait_mirrored`] with more `verify_mirror.py` arguments.
+async fn wait_mirrored_with(
+    work: &Workdir,
+    table: &str,
+    pg: &TestPg,
+    query: &str,
+    pk: &str,
+    extra: &[&str],
+) -> Value {
     let mut last = Value::Null;
     for _ in 0..60 {
-        last = verify_mirror(work, table, pg, query, pk);
+        last = verify_mirror(work, table, pg, query, pk, extra);
         if last["equal"] == true && last["duckdb_equal"] == true {
             return last;
         }
@@ -519,5 +539,96 @@ async fn compaction_pays_the_delete_debt_and_the_mirror_stays_exact() {
     )
     .await;
     assert_eq!(v["unique"], true, "{v}");
+    drop(agent);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replica_identity_full_with_and_without_a_key() {
+    // REPLICA IDENTITY FULL sends the whole old row with every UPDATE and flags every column
+    // as key. With a primary key, the mirror keys by it (a changed key still replaces the
+    // row; unchanged TOAST values come from the old row); without one, the whole row is the
+    // identity and equal rows may repeat: an UPDATE or DELETE of one copy leaves the others.
+    const BIG: &str = "(SELECT string_agg(md5(g::text || 'v'), '') FROM generate_series(1, 300) g)";
+    let Running {
+        pg,
+        db,
+        work,
+        cfg,
+        agent,
+    } = prepare(
+        &format!(
+            "CREATE TABLE fp (id int PRIMARY KEY, s text, big text);
+             ALTER TABLE fp REPLICA IDENTITY FULL;
+             CREATE TABLE fw (a int, b text, c numeric);
+             ALTER TABLE fw REPLICA IDENTITY FULL;
+             INSERT INTO fp SELECT g, 's' || g, {BIG} FROM generate_series(1, 20) g;
+             INSERT INTO fw VALUES (1, 'x', 1.5), (1, 'x', 1.5), (1, 'x', 1.5), (2, NULL, NULL),
+                                   (3, 'y', NULL), (3, 'y', NULL);"
+        ),
+        &["fp", "fw"],
+        "mode = \"both\"\nsnapshot = \"initial\"",
+        "[maintenance]\nmin_input_files = 2\n",
+    )
+    .await
+    .streaming()
+    .await;
+    const FP: &str = "SELECT id, s, big FROM fp";
+    const FW: &str = "SELECT a, b, c FROM fw";
+    let multiset = ["--multiset"];
+    let v = wait_mirrored(&work, "ns.fp", &pg, FP, "id").await;
+    assert_eq!(v["identifier_fields"], serde_json::json!(["id"]), "{v}");
+    let v = wait_mirrored_with(&work, "ns.fw", &pg, FW, "a", &multiset).await;
+    assert_eq!(v["rows"], 6, "{v}");
+    assert_eq!(v["identifier_fields"], serde_json::json!([]), "{v}");
+
+    let one = |table: &str, cond: &str| format!("(SELECT ctid FROM {table} WHERE {cond} LIMIT 1)");
+    db.batch_execute(&format!(
+        "UPDATE fp SET s = 'changed' WHERE id <= 5;
+         UPDATE fp SET id = id + 100 WHERE id = 6;
+         DELETE FROM fp WHERE id = 7;
+         UPDATE fw SET c = 9 WHERE ctid = {};
+         DELETE FROM fw WHERE ctid = {};
+         UPDATE fw SET b = 'z' WHERE a = 2;
+         INSERT INTO fw VALUES (1, 'x', 1.5), (4, NULL, 4);",
+        one("fw", "a = 1"),
+        one("fw", "a = 3")
+    ))
+    .await
+    .expect("changes");
+    wait_mirrored(&work, "ns.fp", &pg, FP, "id").await;
+    wait_mirrored_with(&work, "ns.fw", &pg, FW, "a", &multiset).await;
+    // With FULL the old row carries the TOAST value an UPDATE did not send: the changelog
+    // holds it too, so its fold equals the source, `big` included.
+    let v = wait_for(Duration::from_secs(60), "the changelog of fp", || async {
+        let v = verify_source(&work, "ns.fp_changelog", &pg, FP, &[]);
+        (v["state_equal"] == true).then_some(v)
+    })
+    .await;
+    assert_eq!(v["unique"], true, "{v}");
+
+    // A restart rebuilds the copies of equal rows from the table; compaction moves them.
+    agent.kill9();
+    let agent = AgentProc::start(&cfg, &work.path().join("agent2.log"));
+    agent.wait_streaming().await;
+    for i in 0..6 {
+        db.batch_execute(&format!(
+            "DELETE FROM fw WHERE ctid = {};
+             INSERT INTO fw VALUES (1, 'x', 1.5);
+             UPDATE fp SET s = 'round {i}' WHERE id % 3 = {};",
+            one("fw", "a = 1 AND c = 1.5"),
+            i % 3
+        ))
+        .await
+        .expect("round");
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+    let v = wait_mirrored_with(&work, "ns.fw", &pg, FW, "a", &multiset).await;
+    assert_eq!(v["rows"], pg_count(&db, "fw").await, "{v}");
+    wait_mirrored(&work, "ns.fp", &pg, FP, "id").await;
+    let log = agent.log_text();
+    assert!(
+        log.contains("maintenance: mirror"),
+        "no compaction ran:\n{log}"
+    );
     drop(agent);
 }

@@ -24,6 +24,18 @@ def by_key(rows, pk, cols):
     return out, dup
 
 
+def counted(rows, cols):
+    """Rows with a `_copy` number per repeated value, so equal rows stay apart."""
+    seen = {}
+    out = []
+    for r in rows:
+        k = tuple(json.dumps(r.get(c), sort_keys=True, default=str) for c in cols)
+        n = seen.get(k, 0)
+        seen[k] = n + 1
+        out.append({**{c: r.get(c) for c in cols}, "_row": "|".join(k), "_copy": n})
+    return out
+
+
 def diff(a, b):
     missing = [k for k in a if k not in b][:3]
     extra = [k for k in b if k not in a][:3]
@@ -44,6 +56,11 @@ def main():
     ap.add_argument("--pg-conninfo", required=True)
     ap.add_argument("--pg-query", required=True)
     ap.add_argument("--duckdb", action="store_true")
+    ap.add_argument(
+        "--multiset",
+        action="store_true",
+        help="rows have no key (REPLICA IDENTITY FULL without one): compare as multisets",
+    )
     args = ap.parse_args()
     pk = args.pk.split(",")
 
@@ -65,6 +82,11 @@ def main():
         cur = conn.execute(args.pg_query)
         cols = [d.name for d in cur.description]
         pg_rows = [canon_row(dict(zip(cols, r)), set()) for r in cur.fetchall()]
+    if args.multiset:
+        # Every column is the key and equal rows may repeat: count each row.
+        pk = ["_row", "_copy"]
+        pg_rows = counted(pg_rows, cols)
+        rows = counted(rows, cols)
     pg, _ = by_key(pg_rows, pk, cols)
     ice, dup = by_key(rows, pk, cols)
     out = {
@@ -84,6 +106,8 @@ def main():
         out["diff"] = diff(pg, ice)
     if args.duckdb:
         drows = read_duckdb(args, uuids)
+        if args.multiset:
+            drows = counted(drows, cols)
         d, ddup = by_key(drows, pk, cols)
         out["duckdb_rows"] = len(drows)
         out["duckdb_equal"] = pg == d and ddup == 0

@@ -66,6 +66,9 @@ pub struct MirrorSource<'a> {
     pub index_budget: u64,
     /// When its files are compacted (`None`: never, maintenance is off).
     pub compaction: Option<CompactRules>,
+    /// No key columns, yet rows are identified by all their values (REPLICA IDENTITY FULL
+    /// without a primary key): a change names the whole old row, duplicates may exist.
+    pub whole_row: bool,
 }
 
 /// A changelog (or dead-letter) table with its uncommitted data files.
@@ -279,6 +282,7 @@ impl TableSink {
             columns,
             index_budget,
             compaction,
+            whole_row,
         } = source;
         let cols = columns.to_vec();
         let props: Vec<(String, String)> = properties
@@ -315,7 +319,8 @@ impl TableSink {
             .filter(|c| c.key)
             .map(|c| c.name.clone())
             .collect();
-        let mirror = MirrorWriter::open(&sink.table, keys, index_budget, compaction).await?;
+        let mirror =
+            MirrorWriter::open(&sink.table, keys, whole_row, index_budget, compaction).await?;
         tracing::info!(
             table = %sink.name(),
             keys = mirror.keys(),

@@ -201,6 +201,35 @@ impl Session {
         Ok(())
     }
 
+    /// The tables with REPLICA IDENTITY FULL (`schema.table`), each with its primary key
+    /// columns (none: the whole row is its identity). Their Relation messages flag every column
+    /// as key and every UPDATE sends the whole old row.
+    pub async fn full_identity_keys(
+        &mut self,
+    ) -> Result<std::collections::HashMap<String, Vec<String>>, SourceError> {
+        let rows = self
+            .query(
+                "SELECT n.nspname, c.relname, a.attname FROM pg_catalog.pg_class c \
+                 JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+                 LEFT JOIN pg_catalog.pg_index i ON i.indrelid = c.oid AND i.indisprimary \
+                 LEFT JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid \
+                   AND a.attnum = ANY(i.indkey) \
+                 WHERE c.relreplident = 'f' AND c.relkind IN ('r', 'p') \
+                 ORDER BY 1, 2, array_position(i.indkey::int2[], a.attnum)",
+            )
+            .await?;
+        let mut out: std::collections::HashMap<String, Vec<String>> = Default::default();
+        for r in rows {
+            if let (Some(Some(s)), Some(Some(t))) = (r.first(), r.get(1)) {
+                let cols = out.entry(format!("{s}.{t}")).or_default();
+                if let Some(Some(c)) = r.get(2) {
+                    cols.push(c.clone());
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// Tables in `publication` now, as `(schema, table)`.
     pub async fn publication_tables(
         &mut self,
@@ -286,8 +315,9 @@ impl Session {
         }
     }
 
-    /// The table's columns as a Relation message would list them (key flags from the replica
-    /// identity: the primary key, or every column with REPLICA IDENTITY FULL).
+    /// The table's columns as a Relation message would list them, with the key the sink uses:
+    /// the replica identity index, or the primary key (also with REPLICA IDENTITY FULL, whose
+    /// Relation messages flag every column; a FULL table without one has no key columns).
     pub async fn relation_columns(
         &mut self,
         schema: &str,
@@ -298,8 +328,9 @@ impl Session {
                 schema,
                 table,
                 "a.attname, a.atttypid::int8::text, a.atttypmod::text, \
-                 (c.relreplident = 'f' OR EXISTS (SELECT 1 FROM pg_catalog.pg_index i \
-                   WHERE i.indrelid = c.oid AND (i.indisreplident OR (c.relreplident = 'd' AND i.indisprimary)) \
+                 (EXISTS (SELECT 1 FROM pg_catalog.pg_index i \
+                   WHERE i.indrelid = c.oid AND ((c.relreplident = 'i' AND i.indisreplident) \
+                     OR (c.relreplident IN ('d', 'f') AND i.indisprimary)) \
                    AND a.attnum = ANY(i.indkey)))::text",
                 "JOIN pg_catalog.pg_class c ON c.oid = a.attrelid",
             ))

@@ -99,6 +99,23 @@ impl Compacted {
 }
 
 impl MirrorWriter {
+    /// The index key whose row is at `here`, if the row with key (or whole-row bytes) `k`
+    /// there is live.
+    fn key_at(&self, k: Key, here: Loc) -> Option<Key> {
+        if !self.whole_row {
+            return (self.index.get(&k) == Some(here)).then_some(k);
+        }
+        let mut n = 0;
+        loop {
+            let c = super::copy_of(&k, n);
+            match self.index.get(&c) {
+                Some(l) if l == here => return Some(c),
+                Some(_) => n += 1,
+                None => return None,
+            }
+        }
+    }
+
     /// Keys whose row is in data file `path` (all its rows without a key).
     fn live_rows(&self, path: &str, stat: &FileStat) -> u64 {
         if self.keys.is_none() {
@@ -253,24 +270,17 @@ impl MirrorWriter {
                 let n = batch.num_rows();
                 let (mask, keys) = match (&self.keys, id) {
                     (Some(enc), Some(id)) => {
-                        let keys = enc.keys(&batch)?;
-                        let mask: Vec<bool> = keys
-                            .iter()
-                            .enumerate()
-                            .map(|(i, k)| {
-                                self.index.get(k)
-                                    == Some(Loc {
-                                        file: id,
-                                        pos: pos + i as u64,
-                                    })
-                            })
-                            .collect();
-                        let kept_keys: Vec<Key> = keys
-                            .into_iter()
-                            .zip(&mask)
-                            .filter(|(_, m)| **m)
-                            .map(|(k, _)| k)
-                            .collect();
+                        let mut mask = Vec::with_capacity(n);
+                        let mut kept_keys = Vec::new();
+                        for (i, k) in enc.keys(&batch)?.into_iter().enumerate() {
+                            let here = Loc {
+                                file: id,
+                                pos: pos + i as u64,
+                            };
+                            let live = self.key_at(k, here);
+                            mask.push(live.is_some());
+                            kept_keys.extend(live);
+                        }
                         (Some(BooleanArray::from(mask)), kept_keys)
                     }
                     _ => (None, Vec::new()),
@@ -448,8 +458,12 @@ mod tests {
         MirrorWriter {
             schema,
             keys: Some(
-                super::super::KeyEncoder::new(vec!["id".into()], &[arrow_schema::DataType::Int64])
-                    .unwrap(),
+                super::super::KeyEncoder::new(
+                    vec!["id".into()],
+                    &[arrow_schema::DataType::Int64],
+                    false,
+                )
+                .unwrap(),
             ),
             index: super::super::index::KeyIndex::new(),
             staged: HashMap::new(),
@@ -465,6 +479,7 @@ mod tests {
             delete_files: HashMap::new(),
             delete_staged: None,
             rules: Some(rules),
+            whole_row: false,
             stale: None,
         }
     }

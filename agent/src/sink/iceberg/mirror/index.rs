@@ -73,6 +73,14 @@ impl KeyBytes {
         }
     }
 
+    /// The encoded bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        match self {
+            KeyBytes::Inline { len, bytes } => &bytes[..*len as usize],
+            KeyBytes::Boxed(b) => b,
+        }
+    }
+
     /// Heap bytes held beside the table entry (what the allocator hands out for a box).
     fn heap(&self) -> usize {
         match self {

@@ -63,8 +63,11 @@ struct KeyEncoder {
 }
 
 impl KeyEncoder {
-    fn new(names: Vec<String>, types: &[DataType]) -> Result<Self, SinkError> {
-        let single_int = types.len() == 1 && matches!(types[0], DataType::Int32 | DataType::Int64);
+    /// An encoder of columns `names`; with `bytes`, every key is encoded (also one integer
+    /// column).
+    fn new(names: Vec<String>, types: &[DataType], bytes: bool) -> Result<Self, SinkError> {
+        let single_int =
+            !bytes && types.len() == 1 && matches!(types[0], DataType::Int32 | DataType::Int64);
         let rows = if single_int || types.is_empty() {
             None
         } else {
@@ -148,6 +151,9 @@ pub struct MirrorWriter {
     delete_staged: Option<(DataFile, Vec<Arc<str>>)>,
     /// When and how compaction rewrites files (`None`: maintenance is off).
     rules: Option<CompactRules>,
+    /// Rows are identified by all their values (no key; REPLICA IDENTITY FULL): equal rows
+    /// may repeat, the n-th copy is indexed as the row's bytes followed by n.
+    whole_row: bool,
     /// Why the index may no longer match the table (a compaction whose commit outcome is
     /// unknown could not be reloaded): every later write fails until the table is reopened.
     stale: Option<String>,
@@ -165,6 +171,7 @@ impl MirrorWriter {
     pub async fn open(
         table: &Table,
         keys: Vec<String>,
+        whole_row: bool,
         budget: u64,
         rules: Option<CompactRules>,
     ) -> Result<Self, SinkError> {
@@ -174,6 +181,15 @@ impl MirrorWriter {
             iceberg::arrow::schema_to_arrow_schema(table.metadata().current_schema())
                 .map_err(werr)?,
         );
+        let whole_row = whole_row && keys.is_empty();
+        // The whole row: the columns the table was created with (field ids below the CDC
+        // columns'), so a column added later, whose old rows read as null here but as its
+        // default in PostgreSQL, does not keep a row from being found.
+        let keys = if whole_row {
+            row_key_columns(table)
+        } else {
+            keys
+        };
         let encoder = if keys.is_empty() {
             None
         } else {
@@ -188,7 +204,7 @@ impl MirrorWriter {
                         })
                 })
                 .collect::<Result<_, _>>()?;
-            Some(KeyEncoder::new(keys, &types)?)
+            Some(KeyEncoder::new(keys, &types, whole_row)?)
         };
         let started = Instant::now();
         let mut w = Self {
@@ -208,6 +224,7 @@ impl MirrorWriter {
             delete_files: HashMap::new(),
             delete_staged: None,
             rules,
+            whole_row,
             stale: None,
         };
         w.load(table).await?;
@@ -219,7 +236,7 @@ impl MirrorWriter {
     async fn load(&mut self, table: &Table) -> Result<(), SinkError> {
         let live = live_files(table).await?;
         let (index, targets) = match &self.keys {
-            Some(e) => rebuild(table, &live, e, self.budget, &self.name).await?,
+            Some(e) => rebuild(table, &live, e, self.whole_row, self.budget, &self.name).await?,
             None => (KeyIndex::new(), HashMap::new()),
         };
         self.index = index;
@@ -306,6 +323,27 @@ impl MirrorWriter {
         self.rows > 0 || !self.deletes.is_empty() || self.reset || !self.written.is_empty()
     }
 
+    /// The key of the last copy of whole row `k` (staged or committed), if any.
+    fn last_copy(&self, k: &Key) -> Option<Key> {
+        let n = self.copies(k);
+        (n > 0).then(|| copy_of(k, n - 1))
+    }
+
+    /// The key a new copy of whole row `k` takes.
+    fn next_copy(&self, k: &Key) -> Key {
+        copy_of(k, self.copies(k))
+    }
+
+    /// Copies of whole row `k` (they are numbered from 0 without gaps: the last one goes
+    /// first).
+    fn copies(&self, k: &Key) -> u32 {
+        let mut n = 0;
+        while self.lookup(&copy_of(k, n)).is_some() {
+            n += 1;
+        }
+        n
+    }
+
     fn lookup(&self, key: &Key) -> Option<Loc> {
         match self.staged.get(key) {
             Some(&v) => (v != GONE).then(|| Loc::unpack(v)),
@@ -372,16 +410,27 @@ impl MirrorWriter {
                     (file, first) = self.open_file(table).await?;
                 }
                 "D" => {
-                    if let Some(k) = key {
-                        if let Some(loc) = self.lookup(k) {
+                    // Without a key, the last copy of the row goes.
+                    let k = match key {
+                        Some(k) if self.whole_row => self.last_copy(k),
+                        Some(k) => Some(k.clone()),
+                        None => None,
+                    };
+                    if let Some(k) = k {
+                        if let Some(loc) = self.lookup(&k) {
                             self.deletes.push((loc.file, loc.pos));
                         }
-                        self.staged.insert(k.clone(), GONE);
+                        self.staged.insert(k, GONE);
                     }
                 }
                 _ => {
-                    // I, U, R: the key's new row.
-                    if let Some(k) = key {
+                    // I, U, R: the key's new row (without a key, one more copy of the row).
+                    let k = match key {
+                        Some(k) if self.whole_row => Some(self.next_copy(k)),
+                        Some(k) => Some(k.clone()),
+                        None => None,
+                    };
+                    if let Some(k) = k.as_ref() {
                         let before = self.lookup(k);
                         if let Some(old) = before {
                             self.deletes.push((old.file, old.pos));
@@ -800,6 +849,34 @@ async fn read_columns(
     Ok(())
 }
 
+/// The index key of the `n`-th copy of whole row `k`.
+fn copy_of(k: &Key, n: u32) -> Key {
+    match k {
+        Key::Bytes(b) => {
+            let mut v = b.as_bytes().to_vec();
+            v.extend_from_slice(&n.to_be_bytes());
+            Key::Bytes(KeyBytes::new(&v))
+        }
+        // Whole rows are always encoded; an integer here is a key of its own.
+        Key::Int(_) => k.clone(),
+    }
+}
+
+/// The columns a whole-row mirror is identified by: those the table was created with.
+fn row_key_columns(table: &Table) -> Vec<String> {
+    let schema = table.metadata().current_schema();
+    let first_cdc = schema
+        .field_by_name(super::schema::CDC_LSN)
+        .map_or(i32::MAX, |f| f.id);
+    schema
+        .as_struct()
+        .fields()
+        .iter()
+        .filter(|f| f.id < first_cdc && !f.name.starts_with("_cdc_"))
+        .map(|f| f.name.clone())
+        .collect()
+}
+
 /// The clear error of an index past its budget.
 fn over_budget(table: &str, need: u64, budget: u64, keys: usize) -> SinkError {
     SinkError::Config(format!(
@@ -817,6 +894,7 @@ async fn rebuild(
     table: &Table,
     live: &[DataFile],
     keys: &KeyEncoder,
+    whole_row: bool,
     budget: u64,
     name: &str,
 ) -> Result<(KeyIndex, Targets), SinkError> {
@@ -871,6 +949,15 @@ async fn rebuild(
             for (i, k) in keys.keys(&b)?.into_iter().enumerate() {
                 let p = pos + i as u64;
                 if !gone.contains(&p) {
+                    let k = if whole_row {
+                        let mut n = 0;
+                        while index.get(&copy_of(&k, n)).is_some() {
+                            n += 1;
+                        }
+                        copy_of(&k, n)
+                    } else {
+                        k
+                    };
                     index.insert(k, Loc { file, pos: p }).map_err(werr)?;
                 }
             }
