@@ -101,8 +101,9 @@ async fn check_otlp(cfg: &Config) -> Option<String> {
 /// Check everything `cfg` needs; returns one line per problem (empty = all good).
 pub async fn run_checks(cfg: &Config) -> Vec<String> {
     let mut problems = Vec::new();
+    let catalog = open_catalog(&cfg.iceberg).await.ok();
     for p in &cfg.pipelines {
-        if let Err(e) = check_source(p.source.url(), p).await {
+        if let Err(e) = check_source(p.source.url(), p, catalog.as_deref()).await {
             problems.push(format!("pipeline {}: {e}", p.name));
         }
     }
@@ -135,10 +136,16 @@ pub async fn run_checks(cfg: &Config) -> Vec<String> {
 async fn check_source(
     url: &SourceUrl,
     p: &crate::config::PipelineConfig,
+    catalog: Option<&dyn iceberg::Catalog>,
 ) -> Result<(), SourceError> {
     let mut s = Session::connect(url, &p.slot_name(), &p.publication_name(), None).await?;
     s.check_wal_level().await?;
-    s.check_tables(&p.table_names()).await?;
+    let mut tables = p.table_names();
+    // A table renamed in the source is found under its new name (its Iceberg table says).
+    if let Some(c) = catalog {
+        crate::pipeline::renamed_tables(c, &p.namespace_name(), &mut s, &mut tables).await?;
+    }
+    s.check_tables(&tables).await?;
     // Another agent on the same slot. A consumer that just died (SIGKILL) holds it until the
     // server notices the closed socket, so give that a moment before calling it a conflict.
     let slot = p.slot_name();
@@ -164,8 +171,9 @@ async fn check_source(
 /// Unreachable sources are not among them: `run` keeps retrying those.
 pub async fn fatal_source_problems(cfg: &Config) -> Vec<String> {
     let mut problems = Vec::new();
+    let catalog = open_catalog(&cfg.iceberg).await.ok();
     for p in &cfg.pipelines {
-        match check_source(p.source.url(), p).await {
+        match check_source(p.source.url(), p, catalog.as_deref()).await {
             Err(
                 e @ (SourceError::WalLevel(_)
                 | SourceError::MissingTable(_)

@@ -19,26 +19,29 @@ mod snapshot;
 use crate::config::PipelineConfig;
 use crate::model::{Lsn, Op};
 use crate::sink::iceberg::commit::Committer;
+use crate::sink::iceberg::evolve::{promotable, ColumnChange};
 use crate::sink::iceberg::schema::{
-    changelog_partition, changelog_schema, dlq_schema, iceberg_type, kind_of, CHANGELOG_SUFFIX,
-    DLQ_TABLE,
+    changelog_partition, changelog_schema, dlq_schema, kind_of, CHANGELOG_SUFFIX, DLQ_TABLE,
 };
 use crate::sink::iceberg::table::{Committed, MirrorSource, TableOptions};
 use crate::sink::iceberg::{SinkError, TableSink};
 use crate::source::postgres::pgoutput::{self, Message, RelationColumn, StreamMessage, TupleData};
-use crate::source::postgres::session::SourceError;
+use crate::source::postgres::session::{CatalogColumn, Session, SourceError};
 use crate::source::postgres::types::ColumnKind;
 use crate::source::postgres::wire::replication::{ReplEvent, ReplicationStream};
 use crate::telemetry::events::{
     AppliedTable, BatchCommitted, BatchFailed, ChangeReceived, DeadLettered, FilesWritten,
-    MirrorCommitted, SpoolChanged, TableCommitted, TableMaintained, TransactionApplied,
+    MirrorCommitted, SchemaChanged, SpoolChanged, TableCommitted, TableMaintained,
+    TransactionApplied,
 };
 use crate::telemetry::{record_trace_id, PipelineState, SourceMetrics, TableMetrics};
 
 /// A configured table being streamed.
 struct TableState {
-    /// `schema.table` in the source.
+    /// `schema.table` in the source, as configured (its Iceberg table, its metric labels).
     source_name: String,
+    /// What the source calls it now (another name after `ALTER TABLE … RENAME`).
+    current: String,
     /// The changelog table (the mirror in `mode = "mirror"`): batches are built in its
     /// schema, and its `philotes.lsn` is where a replay starts.
     sink: TableSink,
@@ -97,6 +100,10 @@ pub(super) struct Applier {
     in_stream: Option<u32>,
     /// Tables with REPLICA IDENTITY FULL (`schema.table`) and their primary key columns.
     full_identity: HashMap<String, Vec<String>>,
+    /// A connection for catalog lookups (column numbers, domains), opened on first use.
+    catalog: Option<Session>,
+    /// Tables renamed in the source: their name now → the name they are configured under.
+    aliases: HashMap<String, String>,
 }
 
 /// Dead-letter table property per source table: the newest `lsn:seq` stored for it.
@@ -159,7 +166,86 @@ impl Applier {
             streams: HashMap::new(),
             in_stream: None,
             full_identity: HashMap::new(),
+            catalog: None,
+            aliases: HashMap::new(),
         }
+    }
+
+    /// Tables renamed in the source before this attempt: their name now → as configured.
+    pub(super) fn set_aliases(&mut self, aliases: HashMap<String, String>) {
+        self.aliases = aliases;
+    }
+
+    /// Table `idx` is called `now` in the source (`ALTER TABLE … RENAME` or `SET SCHEMA`): it
+    /// keeps streaming into its Iceberg table; the rename is logged, counted and recorded in
+    /// the table's properties (`philotes.source-name`), which a restart reads back.
+    async fn table_renamed(&mut self, idx: usize, now: &str) -> Result<(), PipelineError> {
+        let lsn = self.change_lsn();
+        let t = &mut self.tables[idx];
+        let before = std::mem::replace(&mut t.current, now.to_string());
+        let detail = format!("rename table {before} to {now}");
+        let props = HashMap::from([
+            (SOURCE_NAME_PROPERTY.to_string(), now.to_string()),
+            (
+                format!("philotes.schema-change.{}", lsn.get()),
+                detail.clone(),
+            ),
+        ]);
+        let none = HashMap::new();
+        t.sink
+            .change_columns(&[], props.clone(), SOURCE_COLUMNS_PROPERTY, &none)
+            .await?;
+        if let Some(m) = t.mirror.as_mut() {
+            m.change_columns(&[], props, SOURCE_COLUMNS_PROPERTY, &none)
+                .await?;
+        }
+        SchemaChanged {
+            table: &t.source_name,
+            kind: "rename_table",
+            detail: &detail,
+        }
+        .emit(&self.metrics);
+        self.aliases.insert(now.to_string(), t.source_name.clone());
+        if let Some(pk) = self.full_identity.remove(&before) {
+            self.full_identity.insert(now.to_string(), pk);
+        }
+        Ok(())
+    }
+
+    /// The table's columns as the catalog has them now (a connection is opened once).
+    async fn catalog_columns(
+        &mut self,
+        schema: &str,
+        name: &str,
+        oid: Option<u32>,
+    ) -> Result<Vec<CatalogColumn>, PipelineError> {
+        if self.catalog.is_none() {
+            let s = Session::connect(
+                self.cfg.source.url(),
+                &self.cfg.slot_name(),
+                &self.cfg.publication_name(),
+                None,
+            )
+            .await?;
+            self.catalog = Some(s);
+        }
+        let Some(c) = self.catalog.as_mut() else {
+            return Ok(Vec::new());
+        };
+        match c.column_info(schema, name, oid).await {
+            Ok(cols) => Ok(cols),
+            Err(e) => {
+                // The next lookup opens a new connection.
+                self.catalog = None;
+                Err(e.into())
+            }
+        }
+    }
+
+    /// The position a schema change is recorded at: the transaction being received, else the
+    /// last one.
+    fn change_lsn(&self) -> Lsn {
+        self.txn.map_or(self.positions.last().lsn, |t| t.lsn)
     }
 
     /// The tables with REPLICA IDENTITY FULL and their primary keys (from the source).
@@ -538,28 +624,35 @@ impl Applier {
                 mut columns,
                 replica_identity,
             } => {
+                let now = format!("{namespace}.{name}");
+                // A table is its relation: a known OID under another name is the same table,
+                // renamed or moved to another schema.
+                if let Some(Some(idx)) = self.relations.get(&oid).copied() {
+                    if self.tables[idx].current != now {
+                        self.table_renamed(idx, &now).await?;
+                    }
+                }
                 // A FULL table that joined the publication since the source was asked has no
                 // known primary key: its whole row is its identity.
-                let source = format!("{namespace}.{name}");
-                if replica_identity == b'f' && !self.full_identity.contains_key(&source) {
-                    self.full_identity.insert(source, Vec::new());
+                if replica_identity == b'f' && !self.full_identity.contains_key(&now) {
+                    self.full_identity.insert(now.clone(), Vec::new());
                 }
                 // FULL flags every column as key; the sink's key is the primary key.
-                if let Some(pk) = self.full_identity.get(&format!("{namespace}.{name}")) {
+                if let Some(pk) = self.full_identity.get(&now) {
                     for c in &mut columns {
                         c.key = pk.contains(&c.name);
                     }
                 }
+                let source = self.aliases.get(&now).cloned().unwrap_or(now);
                 let configured = self
                     .cfg
                     .table_names()
                     .iter()
-                    .any(|(s, t)| s == namespace && t == name);
+                    .any(|(s, t)| format!("{s}.{t}") == source);
                 if !configured && !self.cfg.follow_publication {
                     self.relations.insert(oid, None);
                     return Ok(());
                 }
-                let source = format!("{namespace}.{name}");
                 if !self.tables.iter().any(|t| t.source_name == source) {
                     // A table added to the publication while streaming. Nothing of this
                     // transaction is confirmed yet, so with an initial snapshot the stream
@@ -573,7 +666,9 @@ impl Applier {
                         tracing::info!(table = %source, "table joined the publication: streaming it");
                     }
                 }
-                let idx = self.relation(namespace, name, columns).await?;
+                let idx = self
+                    .relation(&source, namespace, name, Some(oid), columns)
+                    .await?;
                 self.relations.insert(oid, Some(idx));
             }
             Message::Insert { oid, new } => self.change(oid, Op::Insert, Some(&new)).await?,
@@ -617,21 +712,29 @@ impl Applier {
     }
 
     /// Register (or re-register after DDL) a configured relation; returns its table index.
+    ///
+    /// `source` is the table as configured (its Iceberg table and metric labels); `schema` and
+    /// `name` are what the source calls it now (they differ after `ALTER TABLE … RENAME`).
     async fn relation(
         &mut self,
+        source: &str,
         schema: &str,
         name: &str,
+        oid: Option<u32>,
         columns: Vec<RelationColumn>,
     ) -> Result<usize, PipelineError> {
-        let source_name = format!("{schema}.{name}");
-        let full_identity = self.full_identity.get(&source_name).map(|pk| {
-            columns
-                .iter()
-                .enumerate()
-                .filter(|(_, c)| pk.contains(&c.name))
-                .map(|(i, _)| i)
-                .collect::<Vec<usize>>()
-        });
+        let source_name = source.to_string();
+        let full_identity = self
+            .full_identity
+            .get(&format!("{schema}.{name}"))
+            .map(|pk| {
+                columns
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, c)| pk.contains(&c.name))
+                    .map(|(i, _)| i)
+                    .collect::<Vec<usize>>()
+            });
         if let Some(i) = self
             .tables
             .iter()
@@ -641,46 +744,43 @@ impl Applier {
             if self.tables[i].columns == columns {
                 return Ok(i);
             }
-            // A renamed column looks like "one dropped, one added at the same place, same type":
-            // following it would silently split the column's history, so stop instead.
-            let old_cols = &self.tables[i].columns;
-            if old_cols.len() == columns.len() {
-                for (o, n) in old_cols.iter().zip(&columns) {
-                    if o.name != n.name
-                        && o.type_oid == n.type_oid
-                        && !old_cols.iter().any(|c| c.name == n.name)
-                    {
-                        let msg = format!(
-                            "column {source_name}.{} was renamed to {}; Iceberg history would split. \
-                             Rename it back, or add {} to the Iceberg table by hand and restart",
-                            o.name, n.name, n.name
-                        );
-                        // Keep what came before the change: commit the complete transactions
-                        // buffered so far, if the current one has not added rows yet.
-                        if self.txn.is_none_or(|t| t.seq == 0) && self.anything_uncommitted() {
-                            let lsn = self.positions.last().lsn;
-                            let (rows, dead_letters) = self.flush_inner(lsn).await?;
-                            self.flushed(lsn, rows, dead_letters);
-                        }
-                        return Err(PipelineError::Schema(msg));
-                    }
-                }
-            }
-            // The table changed shape: write what was buffered with the old layout first.
+            // The table changed shape: write what was buffered with the old layout first,
+            // then follow the change (renames by column number, promotions in place, other
+            // type changes beside the old column) in both tables.
+            let catalog = self.catalog_columns(schema, name, oid).await?;
+            let lsn = self.change_lsn();
             self.close_files(i).await?;
             let t = &mut self.tables[i];
-            evolve(&mut t.sink, &t.source_name, &columns).await?;
+            let changes = evolve(&mut t.sink, &columns, &catalog, lsn).await?;
             if let Some(m) = t.mirror.as_mut() {
                 m.finish_files().await?;
-                evolve(m, &t.source_name, &columns).await?;
+                evolve(m, &columns, &catalog, lsn).await?;
             }
+            report_changes(
+                &self.metrics,
+                &t.source_name,
+                &t.columns,
+                &columns,
+                &changes,
+            );
             t.batch =
                 TableBatch::new(t.sink.batch_schema(), t.sink.batch_arrow_schema(), &columns)?;
             t.columns = columns;
             return Ok(i);
         }
-        let model: Vec<_> = columns.iter().map(RelationColumn::to_model).collect();
-        let table_name = iceberg_table_name(schema, name);
+        let catalog = self.catalog_columns(schema, name, oid).await?;
+        let lsn = self.change_lsn();
+        // Domains and arrays of domains or enums take their base type in new tables.
+        let model: Vec<_> = columns
+            .iter()
+            .map(|c| {
+                let mut m = c.to_model();
+                m.kind = wanted_kind(c, &catalog);
+                m
+            })
+            .collect();
+        let (cfg_schema, cfg_name) = source.split_once('.').unwrap_or(("public", source));
+        let table_name = iceberg_table_name(cfg_schema, cfg_name);
         let mode = self.cfg.mode;
         let mirror = if mode.mirror() {
             let mut m = TableSink::open_mirror(
@@ -698,7 +798,10 @@ impl Applier {
                 self.secrets.clone(),
             )
             .await?;
-            evolve(&mut m, &source_name, &columns).await?;
+            let changes = evolve(&mut m, &columns, &catalog, lsn).await?;
+            if !mode.changelog() {
+                report_changes(&self.metrics, &source_name, &[], &columns, &changes);
+            }
             Some(m)
         } else {
             None
@@ -726,7 +829,8 @@ impl Applier {
                     self.secrets.clone(),
                 )
                 .await?;
-                evolve(&mut sink, &source_name, &columns).await?;
+                let changes = evolve(&mut sink, &columns, &catalog, lsn).await?;
+                report_changes(&self.metrics, &source_name, &[], &columns, &changes);
                 (sink, mirror)
             }
         };
@@ -735,6 +839,7 @@ impl Applier {
         let committed = sink.last_lsn;
         self.tables.push(TableState {
             source_name: source_name.clone(),
+            current: format!("{schema}.{name}"),
             batch: TableBatch::new(sink.batch_schema(), sink.batch_arrow_schema(), &columns)?,
             sink,
             mirror,
@@ -1161,55 +1266,151 @@ async fn compact_mirror(sink: &mut TableSink, pipeline: &str, metrics: &SourceMe
     .emit(metrics.global());
 }
 
-/// Make the Iceberg schema able to hold `columns`: add new columns, refuse type changes.
+/// Table property: what the source calls the table now, after a rename (a restart reads it).
+pub(super) const SOURCE_NAME_PROPERTY: &str = "philotes.source-name";
+
+/// Table property: each source column's number (`attnum`) by the Iceberg field holding it
+/// (`field:attnum,…`), which tells a renamed column from a dropped one and a new one.
+const SOURCE_COLUMNS_PROPERTY: &str = "philotes.source-columns";
+
+/// The kind a relation column takes in Iceberg: its base type's for a domain (or an array of
+/// domains or enums) when the catalog still has the column with that type, else its own.
+fn wanted_kind(c: &RelationColumn, catalog: &[CatalogColumn]) -> ColumnKind {
+    catalog
+        .iter()
+        .find(|k| k.name == c.name && k.type_oid == c.type_oid)
+        .and_then(|k| k.kind.clone())
+        .unwrap_or_else(|| ColumnKind::from_oid(c.type_oid, c.type_modifier))
+}
+
+/// Make the Iceberg schema follow `columns`, in one schema update: a column the table lacks
+/// is added, unless the catalog says it is a column the table holds under its old name (same
+/// `attnum`: a rename, the field id kept); a type Iceberg promotes is widened in place; any
+/// other type change keeps the old column as `<name>__before_<lsn>` beside a new column of the
+/// new type. A dropped column stays (null from then on). Returns what changed.
 async fn evolve(
     sink: &mut TableSink,
-    source_name: &str,
     columns: &[RelationColumn],
-) -> Result<(), PipelineError> {
+    catalog: &[CatalogColumn],
+    lsn: Lsn,
+) -> Result<Vec<ColumnChange>, PipelineError> {
     let schema = sink.schema().clone();
-    // A rename shows as a source column unknown to Iceberg where Iceberg has a column of the
-    // same type the source no longer sends, at the same position. Refuse to guess.
-    let fields: Vec<_> = schema
-        .as_struct()
-        .fields()
+    let number: HashMap<&str, i32> = catalog
         .iter()
-        .filter(|f| !f.name.starts_with("_cdc_"))
+        .map(|c| (c.name.as_str(), c.attnum))
         .collect();
-    for (c, f) in columns.iter().zip(&fields) {
-        if c.name != f.name
-            && schema.field_by_name(&c.name).is_none()
-            && !columns.iter().any(|x| x.name == f.name)
-            && kind_of(&f.field_type).as_ref()
-                == Some(&ColumnKind::from_oid(c.type_oid, c.type_modifier))
-        {
-            return Err(PipelineError::Schema(format!(
-                "column {source_name}.{} looks renamed to {} (Iceberg history would split); \
-                 rename it back, or add {} to the Iceberg table by hand and restart",
-                f.name, c.name, c.name
-            )));
-        }
-    }
-    let mut add = Vec::new();
-    let mut next_id = 0;
+    let recorded: HashMap<i32, i32> = sink
+        .property(SOURCE_COLUMNS_PROPERTY)
+        .map(|v| parse_source_columns(&v))
+        .unwrap_or_default();
+    let in_relation: std::collections::HashSet<&str> =
+        columns.iter().map(|c| c.name.as_str()).collect();
+    let mut changes = Vec::new();
     for c in columns {
-        let want = ColumnKind::from_oid(c.type_oid, c.type_modifier);
-        match schema.field_by_name(&c.name) {
-            Some(f) => {
-                if kind_of(&f.field_type).as_ref() != Some(&want) {
-                    return Err(PipelineError::Schema(format!(
-                        "column {}.{} changed type (Iceberg has {}, source now sends {:?}); \
-                         Iceberg cannot follow this change. Re-create the table or add a new column.",
-                        source_name, c.name, f.field_type, want
-                    )));
-                }
-            }
-            None => add.push((c.name.clone(), iceberg_type(&want, &mut next_id))),
+        let want = wanted_kind(c, catalog);
+        let field = match schema.field_by_name(&c.name) {
+            Some(f) => Some(f.clone()),
+            None => number
+                .get(c.name.as_str())
+                .and_then(|n| recorded.iter().find(|(_, a)| *a == n).map(|(f, _)| *f))
+                .and_then(|id| schema.field_by_id(id).cloned())
+                .filter(|f| !in_relation.contains(f.name.as_str()) && !f.name.starts_with("_cdc_")),
+        };
+        let Some(f) = field else {
+            changes.push(ColumnChange::Add {
+                name: c.name.clone(),
+                kind: want,
+            });
+            continue;
+        };
+        if f.name != c.name {
+            changes.push(ColumnChange::Rename {
+                from: f.name.clone(),
+                to: c.name.clone(),
+            });
+        }
+        let have = kind_of(&f.field_type);
+        let raw = ColumnKind::from_oid(c.type_oid, c.type_modifier);
+        match have {
+            Some(h) if h == want => {}
+            Some(h) if promotable(&h, &want) => changes.push(ColumnChange::Widen {
+                name: c.name.clone(),
+                kind: want,
+            }),
+            // A domain (or an array of them) in a table created before domains took their
+            // base type: the column stays text, the values arrive as text.
+            Some(ColumnKind::Text) if raw == ColumnKind::Text => {}
+            _ => changes.push(ColumnChange::Replace {
+                name: c.name.clone(),
+                keep_as: format!("{}__before_{}", c.name, lsn.get()),
+                kind: want,
+            }),
         }
     }
-    if !add.is_empty() {
-        tracing::info!(table = %source_name, columns = ?add.iter().map(|(n, _)| n).collect::<Vec<_>>(), "adding columns to Iceberg table");
-        sink.add_columns(add).await?;
+    // Record which field holds which source column, as of this relation.
+    let mut properties = HashMap::new();
+    if !changes.is_empty() {
+        properties.insert(
+            format!("philotes.schema-change.{}", lsn.get()),
+            changes
+                .iter()
+                .map(ColumnChange::describe)
+                .collect::<Vec<_>>()
+                .join("; "),
+        );
     }
-    Ok(())
+    let numbers: HashMap<String, i32> = columns
+        .iter()
+        .filter_map(|c| Some((c.name.clone(), *number.get(c.name.as_str())?)))
+        .collect();
+    sink.change_columns(&changes, properties, SOURCE_COLUMNS_PROPERTY, &numbers)
+        .await?;
+    Ok(changes)
+}
+
+/// `field:attnum,…` → attnum by field id.
+fn parse_source_columns(v: &str) -> HashMap<i32, i32> {
+    v.split(',')
+        .filter_map(|p| {
+            let (f, a) = p.split_once(':')?;
+            Some((f.trim().parse().ok()?, a.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+/// Log and count the changes of `table`, and the columns the source dropped (they stay in
+/// Iceberg, null from then on).
+fn report_changes(
+    metrics: &SourceMetrics,
+    table: &str,
+    before: &[RelationColumn],
+    after: &[RelationColumn],
+    changes: &[ColumnChange],
+) {
+    for c in changes {
+        SchemaChanged {
+            table,
+            kind: c.label(),
+            detail: &c.describe(),
+        }
+        .emit(metrics);
+    }
+    let renamed: Vec<&str> = changes
+        .iter()
+        .filter_map(|c| match c {
+            ColumnChange::Rename { from, .. } => Some(from.as_str()),
+            _ => None,
+        })
+        .collect();
+    for gone in before
+        .iter()
+        .filter(|b| !after.iter().any(|a| a.name == b.name) && !renamed.contains(&b.name.as_str()))
+    {
+        SchemaChanged {
+            table,
+            kind: "drop",
+            detail: &format!("drop {} (kept in Iceberg, null from now on)", gone.name),
+        }
+        .emit(metrics);
+    }
 }

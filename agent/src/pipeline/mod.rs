@@ -148,6 +148,43 @@ impl Recovery {
     }
 }
 
+/// Configured tables the source no longer has under their name but which their Iceberg table
+/// says were renamed (`philotes.source-name`, recorded when the stream followed the rename):
+/// `tables` gets their name now; returns name now → as configured.
+pub async fn renamed_tables(
+    catalog: &dyn Catalog,
+    namespace: &str,
+    session: &mut Session,
+    tables: &mut [(String, String)],
+) -> Result<std::collections::HashMap<String, String>, SourceError> {
+    let mut aliases = std::collections::HashMap::new();
+    let ns = iceberg::NamespaceIdent::new(namespace.to_string());
+    for (schema, table) in tables.iter_mut() {
+        if session.table_exists(schema, table).await? {
+            continue;
+        }
+        let ident = iceberg::TableIdent::new(ns.clone(), apply::iceberg_table_name(schema, table));
+        let Ok(t) = catalog.load_table(&ident).await else {
+            continue;
+        };
+        let Some(now) = t
+            .metadata()
+            .properties()
+            .get(apply::SOURCE_NAME_PROPERTY)
+            .cloned()
+        else {
+            continue;
+        };
+        if let Some((s, n)) = now.split_once('.') {
+            tracing::info!(table = %format!("{schema}.{table}"), now = %now, "configured table was renamed in the source: following it under its new name");
+            aliases.insert(now.clone(), format!("{schema}.{table}"));
+            *schema = s.to_string();
+            *table = n.to_string();
+        }
+    }
+    Ok(aliases)
+}
+
 /// A configured pipeline, ready to run.
 pub struct Pipeline {
     cfg: PipelineConfig,
@@ -294,6 +331,13 @@ impl Pipeline {
         let mut tables = self.cfg.table_names();
         let mut session = Session::connect(&self.url, &slot, &publication, None).await?;
         session.check_wal_level().await?;
+        let aliases = renamed_tables(
+            self.committer.catalog().as_ref(),
+            &self.cfg.namespace_name(),
+            &mut session,
+            &mut tables,
+        )
+        .await?;
         session.check_tables(&tables).await?;
         session.ensure_publication(&publication, &tables).await?;
         if self.cfg.follow_publication {
@@ -319,6 +363,7 @@ impl Pipeline {
             self.status.clone(),
         );
         applier.set_full_identity(session.full_identity_keys().await?);
+        applier.set_aliases(aliases);
         applier.after_failure(self.last_failed);
         // A table that joined and left the publication again before this attempt is not
         // copied (it is not in `tables`); its replayed changes stream without a restart.

@@ -53,6 +53,8 @@ pub struct Metrics {
     pub(super) cdc_lag: Gauge<f64>,
     /// `philotes_cdc_errors_total{source,error_type}`.
     pub(super) cdc_errors: Counter<u64>,
+    /// `philotes_cdc_schema_changes_total{source,table,kind}`.
+    pub(super) schema_changes: Counter<u64>,
     /// `philotes_cdc_retries_total{source}`.
     pub(super) cdc_retries: Counter<u64>,
     /// `philotes_cdc_pipeline_state{source}`.
@@ -125,6 +127,13 @@ impl Metrics {
             cdc_errors: meter
                 .u64_counter("philotes.cdc.errors")
                 .with_description("Errors by type")
+                .build(),
+            schema_changes: meter
+                .u64_counter("philotes.cdc.schema_changes")
+                .with_description(
+                    "Source schema changes followed in Iceberg: add, drop, rename, widen, \
+                     replace, rename_table",
+                )
                 .build(),
             cdc_retries: meter
                 .u64_counter("philotes.cdc.retries")
@@ -317,6 +326,18 @@ impl SourceMetrics {
             &[
                 KeyValue::new("source", self.name.to_string()),
                 KeyValue::new("error_type", error_type.as_str()),
+            ],
+        );
+    }
+
+    /// Count a schema change of `table`; rare, so the attribute set is built per call.
+    pub(super) fn schema_change(&self, table: &str, kind: &'static str) {
+        self.metrics.schema_changes.add(
+            1,
+            &[
+                KeyValue::new("source", self.name.to_string()),
+                KeyValue::new("table", table.to_string()),
+                KeyValue::new("kind", kind),
             ],
         );
     }

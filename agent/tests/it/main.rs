@@ -10,6 +10,7 @@ mod demo;
 mod maintenance;
 mod mirror;
 mod reliability;
+mod schema_changes;
 mod snapshot;
 mod source_auth;
 mod source_features;

@@ -52,31 +52,6 @@ async fn add_and_drop_column_mid_stream() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_renamed_column_stops_with_a_schema_error() {
-    let (_pg, db, work, agent) = running("CREATE TABLE s (id int PRIMARY KEY, a text)", &["s"], "")
-        .await
-        .parts();
-    // Three transactions (one simple query with several statements would be one).
-    for sql in [
-        "INSERT INTO s VALUES (1, 'x')",
-        "ALTER TABLE s RENAME COLUMN a TO b",
-        "INSERT INTO s VALUES (2, 'y')",
-    ] {
-        db.batch_execute(sql).await.unwrap();
-    }
-    let v = agent.wait_state("p", "retrying", 60).await;
-    assert!(v["last_error"].as_str().unwrap().contains("renamed"), "{v}");
-    let text = scrape(&agent.api_addr().unwrap()).await;
-    assert!(
-        text.contains("error_type=\"schema\""),
-        "philotes_cdc_errors_total{{error_type=\"schema\"}}"
-    );
-    // Nothing of the renamed stream was written under the wrong name.
-    assert_eq!(iceberg_rows(&work, "ns.s").unwrap_or(0), 1);
-    assert_eq!(agent.terminate(), Some(0));
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unchanged_toast_values_are_listed_not_silently_null() {
     let (_pg, db, work, agent) = running(
         "CREATE TABLE doc (id int PRIMARY KEY, body text, n int);

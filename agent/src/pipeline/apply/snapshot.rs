@@ -71,7 +71,11 @@ impl Applier {
         let publication = self.cfg.publication_name();
         let mut reader = Session::connect(url, &slot, &publication, None).await?;
         let columns = reader.relation_columns(schema, name).await?;
-        let idx = self.relation(schema, name, columns.clone()).await?;
+        let source = format!("{schema}.{name}");
+        let source = self.aliases.get(&source).cloned().unwrap_or(source);
+        let idx = self
+            .relation(&source, schema, name, None, columns.clone())
+            .await?;
         if self.tables[idx].sink.snapshot_done() {
             return Ok(());
         }

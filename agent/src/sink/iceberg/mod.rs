@@ -4,6 +4,7 @@ pub mod catalog;
 pub mod commit;
 pub mod dead_letters;
 pub mod debt;
+pub mod evolve;
 pub mod hygiene;
 pub mod maintenance;
 pub mod manifests;

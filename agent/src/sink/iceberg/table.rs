@@ -8,12 +8,12 @@ use std::sync::Arc;
 use arrow_array::RecordBatch;
 use arrow_schema::SchemaRef;
 use iceberg::arrow::schema_to_arrow_schema;
-use iceberg::spec::{DataFile, Schema, Type, UnboundPartitionSpec};
+use iceberg::spec::{DataFile, Schema, UnboundPartitionSpec};
 use iceberg::table::Table;
-use iceberg::transaction::{AddColumn, ApplyTransactionAction, Transaction};
-use iceberg::{Catalog, ErrorKind, NamespaceIdent, TableCreation, TableIdent};
+use iceberg::{Catalog, ErrorKind, NamespaceIdent, TableCreation, TableIdent, TableUpdate};
 
 use super::commit::{is_data, operation_for, Change, CommitError, Committer};
+use super::evolve::ColumnChange;
 use super::mirror::{CompactRules, Compacted, MirrorWriter};
 use super::schema::{
     changelog_shape, mirror_schema, LSN_PROPERTY, MIRROR_PROPERTY, SNAPSHOT_PROGRESS_PROPERTY,
@@ -395,35 +395,70 @@ impl TableSink {
         self.pending_rows
     }
 
-    /// Add optional columns (schema evolution); batches must be rebuilt afterwards.
-    pub async fn add_columns(&mut self, cols: Vec<(String, Type)>) -> Result<(), SinkError> {
-        if cols.is_empty() {
+    /// Apply `changes` to the table's columns in one schema update, with `properties` set in
+    /// the same commit; batches must be rebuilt afterwards. A mirror reloads its key index
+    /// (its key columns may have a new name or type).
+    ///
+    /// `numbers` gives a source number for columns by name; the property `numbers_property`
+    /// then records `field:number,…` for the fields holding them, in the same commit.
+    pub async fn change_columns(
+        &mut self,
+        changes: &[ColumnChange],
+        mut properties: HashMap<String, String>,
+        numbers_property: &str,
+        numbers: &HashMap<String, i32>,
+    ) -> Result<(), SinkError> {
+        let md = self.table.metadata();
+        let (current, last) = (md.current_schema_id(), md.last_column_id());
+        let schema = super::evolve::apply(md.current_schema(), last, changes)?;
+        let mut record: Vec<(i32, i32)> = schema
+            .as_struct()
+            .fields()
+            .iter()
+            .filter_map(|f| Some((f.id, *numbers.get(&f.name)?)))
+            .collect();
+        record.sort_unstable();
+        let record = record
+            .iter()
+            .map(|(f, n)| format!("{f}:{n}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        if !numbers.is_empty() && md.properties().get(numbers_property) != Some(&record) {
+            properties.insert(numbers_property.to_string(), record);
+        }
+        if changes.is_empty() && properties.is_empty() {
+            return Ok(());
+        }
+        if changes.is_empty() {
+            // Only properties: the schema stays (no new schema id).
+            let updates = vec![TableUpdate::SetProperties {
+                updates: properties,
+            }];
+            let table = self
+                .committer
+                .commit_updates(&self.table, Vec::new(), updates)
+                .await
+                .map_err(|e| {
+                    SinkError::Commit(super::catalog::scrub(e.to_string(), &self.secrets))
+                })?;
+            self.table = table;
             return Ok(());
         }
         // Files being written have the old schema: finish them first.
         self.finish_files().await?;
-        let tx = Transaction::new(&self.table);
-        let mut action = tx.update_schema();
-        for (name, t) in cols {
-            action = action.add_column(AddColumn::optional(name, t));
-        }
-        let tx = action
-            .apply(tx)
-            .map_err(|e| SinkError::Commit(e.to_string()))?;
-        let serial = super::commit::lock::table(self.table.identifier()).await;
-        let table = tx
-            .commit(self.committer.catalog().as_ref())
+        let (requirements, updates) = super::evolve::updates(current, last, schema, properties);
+        let table = self
+            .committer
+            .commit_updates(&self.table, requirements, updates)
             .await
             .map_err(|e| SinkError::Commit(super::catalog::scrub(e.to_string(), &self.secrets)))?;
-        drop(serial);
         self.arrow_schema = Arc::new(
             schema_to_arrow_schema(table.metadata().current_schema())
                 .map_err(|e| SinkError::Config(e.to_string()))?,
         );
-        super::hygiene::delete_dropped_metadata(&self.table, &table).await;
         self.table = table;
         if let Some(m) = self.mirror.as_mut() {
-            m.set_schema(&self.table)?;
+            m.schema_changed(&self.table).await?;
         }
         self.set_batch_schema()
     }
@@ -494,6 +529,11 @@ impl TableSink {
                 .map(String::as_str)
                 == Some("done")
         })
+    }
+
+    /// The table property `key`.
+    pub fn property(&self, key: &str) -> Option<String> {
+        self.table.metadata().properties().get(key).cloned()
     }
 
     /// Table properties whose key starts with `prefix`.

@@ -6,7 +6,7 @@ use std::time::Duration;
 use super::conn::SourceUrl;
 use super::wire::replication::{ReplicationStream, StatusTiming};
 use super::wire::{Conn, WireError};
-use crate::model::{ErrorType, Lsn};
+use crate::model::{ColumnKind, ErrorType, Lsn};
 
 /// Why a source cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -97,11 +97,15 @@ pub struct Session {
 /// `joins` adds more), in column order — the columns and order a Relation message has.
 fn column_query(schema: &str, table: &str, select: &str, joins: &str) -> String {
     let rel = format!("{}.{}", quote_ident(schema), quote_ident(table));
+    column_query_on(&quote_literal(&rel), select, joins)
+}
+
+/// [`column_query`] of the relation `rel` (a quoted name or an OID).
+fn column_query_on(rel: &str, select: &str, joins: &str) -> String {
     format!(
         "SELECT {select} FROM pg_catalog.pg_attribute a {joins} \
-         WHERE a.attrelid = {}::regclass AND a.attnum > 0 AND NOT a.attisdropped \
-         AND a.attgenerated = '' ORDER BY a.attnum",
-        quote_literal(&rel)
+         WHERE a.attrelid = {rel}::regclass AND a.attnum > 0 AND NOT a.attisdropped \
+         AND a.attgenerated = '' ORDER BY a.attnum"
     )
 }
 
@@ -113,6 +117,19 @@ pub fn quote_literal(s: &str) -> String {
 /// `s` as a quoted SQL identifier.
 pub fn quote_ident(s: &str) -> String {
     format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+/// A column as the catalog describes it now.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CatalogColumn {
+    /// Its name.
+    pub name: String,
+    /// Its number in the table (`pg_attribute.attnum`).
+    pub attnum: i32,
+    /// Its type's OID.
+    pub type_oid: u32,
+    /// The kind of its base type, for a domain or an array of domains or enums.
+    pub kind: Option<ColumnKind>,
 }
 
 impl Session {
@@ -187,18 +204,23 @@ impl Session {
     /// Fail naming the first configured table that does not exist.
     pub async fn check_tables(&mut self, tables: &[(String, String)]) -> Result<(), SourceError> {
         for (schema, table) in tables {
-            let sql = format!(
-                "SELECT 1 FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n \
-                 ON n.oid = c.relnamespace WHERE n.nspname = {} AND c.relname = {} \
-                 AND c.relkind IN ('r', 'p')",
-                quote_literal(schema),
-                quote_literal(table)
-            );
-            if self.query(&sql).await?.is_empty() {
+            if !self.table_exists(schema, table).await? {
                 return Err(SourceError::MissingTable(format!("{schema}.{table}")));
             }
         }
         Ok(())
+    }
+
+    /// Whether table `schema.table` exists.
+    pub async fn table_exists(&mut self, schema: &str, table: &str) -> Result<bool, SourceError> {
+        let sql = format!(
+            "SELECT 1 FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n \
+             ON n.oid = c.relnamespace WHERE n.nspname = {} AND c.relname = {} \
+             AND c.relkind IN ('r', 'p')",
+            quote_literal(schema),
+            quote_literal(table)
+        );
+        Ok(!self.query(&sql).await?.is_empty())
     }
 
     /// The tables with REPLICA IDENTITY FULL (`schema.table`), each with its primary key
@@ -344,6 +366,56 @@ impl Session {
                     type_oid: get(1).parse().unwrap_or(25),
                     type_modifier: get(2).parse().unwrap_or(-1),
                     key: get(3) == "true",
+                }
+            })
+            .collect())
+    }
+
+    /// What the catalog says now of the table's columns: each column's number (`attnum`, kept
+    /// by RENAME and ALTER TYPE, never reused) and, for a domain or an array of domains or
+    /// enums, the kind of its base type (a Relation message names only the domain's OID).
+    ///
+    /// By OID when known: the catalog is the present, and the table may have another name by
+    /// now than the change being applied says.
+    pub async fn column_info(
+        &mut self,
+        schema: &str,
+        table: &str,
+        oid: Option<u32>,
+    ) -> Result<Vec<CatalogColumn>, SourceError> {
+        let rel = match oid {
+            Some(o) => o.to_string(),
+            None => quote_literal(&format!("{}.{}", quote_ident(schema), quote_ident(table))),
+        };
+        let rows = self
+            .query(&column_query_on(
+                &rel,
+                "a.attname, a.attnum::text, t.typtype::text, t.typbasetype::int8::text, \
+                 t.typtypmod::text, et.typtype::text, et.typbasetype::int8::text, \
+                 et.typtypmod::text, a.atttypid::int8::text",
+                "JOIN pg_catalog.pg_type t ON t.oid = a.atttypid \
+                 LEFT JOIN pg_catalog.pg_type et ON t.typcategory = 'A' AND et.oid = t.typelem",
+            ))
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| {
+                let get = |i: usize| r.get(i).cloned().flatten().unwrap_or_default();
+                let num = |i: usize| get(i).parse::<i64>().ok();
+                let base = |oid: Option<i64>, typmod: Option<i64>| {
+                    ColumnKind::from_oid(oid.unwrap_or(25) as u32, typmod.unwrap_or(-1) as i32)
+                };
+                let kind = match (get(2).as_str(), get(5).as_str()) {
+                    ("d", _) => Some(base(num(3), num(4))),
+                    (_, "d") => Some(ColumnKind::List(Box::new(base(num(6), num(7))))),
+                    (_, "e") => Some(ColumnKind::List(Box::new(ColumnKind::Text))),
+                    _ => None,
+                };
+                CatalogColumn {
+                    name: get(0),
+                    attnum: num(1).unwrap_or(0) as i32,
+                    type_oid: num(8).unwrap_or(0) as u32,
+                    kind,
                 }
             })
             .collect())

@@ -11,8 +11,8 @@ pub use api::ApiRequestServed;
 pub use maintenance::{TableHealthMeasured, TableMaintained};
 pub use pipeline::{
     AppliedTable, BatchCommitted, BatchFailed, BufferChanged, ChangeReceived, DeadLettered,
-    FilesWritten, MirrorCommitted, PipelineRetrying, SlotLagMeasured, SpoolChanged, StateChanged,
-    TableCommitted, TransactionApplied,
+    FilesWritten, MirrorCommitted, PipelineRetrying, SchemaChanged, SlotLagMeasured, SpoolChanged,
+    StateChanged, TableCommitted, TransactionApplied,
 };
 
 pub use crate::model::ErrorType;

@@ -167,6 +167,30 @@ impl TableCommitted<'_> {
     }
 }
 
+/// The source changed a table's shape and its Iceberg table followed.
+#[derive(Debug)]
+pub struct SchemaChanged<'a> {
+    /// Source table (`schema.table`, as configured).
+    pub table: &'a str,
+    /// `add`, `drop`, `rename`, `widen`, `replace` or `rename_table`.
+    pub kind: &'static str,
+    /// What changed, for the log.
+    pub detail: &'a str,
+}
+
+impl SchemaChanged<'_> {
+    /// Log and count.
+    pub fn emit(&self, m: &SourceMetrics) {
+        m.schema_change(self.table, self.kind);
+        tracing::info!(
+            table = self.table,
+            kind = self.kind,
+            "schema change followed: {}",
+            self.detail
+        );
+    }
+}
+
 /// A mirror table committed: its position deletes and its key index after the commit.
 #[derive(Debug)]
 pub struct MirrorCommitted {

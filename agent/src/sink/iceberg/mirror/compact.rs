@@ -465,6 +465,8 @@ mod tests {
                 )
                 .unwrap(),
             ),
+            key_ids: vec![1],
+            key_identifiers: vec![1],
             index: super::super::index::KeyIndex::new(),
             staged: HashMap::new(),
             deletes: Vec::new(),

@@ -58,6 +58,8 @@ pub(super) fn werr(e: impl std::fmt::Display) -> SinkError {
 /// Turns the key columns of a batch into index keys.
 struct KeyEncoder {
     names: Vec<String>,
+    /// The key columns' Arrow types (what the encoding depends on).
+    types: Vec<DataType>,
     /// arrow-row's encoder, for any key that is not one integer column.
     rows: Option<RowConverter>,
 }
@@ -76,7 +78,11 @@ impl KeyEncoder {
                     .map_err(werr)?,
             )
         };
-        Ok(Self { names, rows })
+        Ok(Self {
+            names,
+            types: types.to_vec(),
+            rows,
+        })
     }
 
     /// The key of every row of `batch` (which holds the key columns by name).
@@ -139,7 +145,8 @@ pub struct MirrorWriter {
     rows: u64,
     /// Index build time at open.
     pub built_in: Duration,
-    /// Most bytes the index (and the keys staged for the next commit) may hold.
+    /// Most bytes the index (with the keys and deleted positions staged for the next commit)
+    /// may hold.
     budget: u64,
     /// `namespace.table`, for the budget's error.
     name: String,
@@ -151,6 +158,10 @@ pub struct MirrorWriter {
     delete_staged: Option<(DataFile, Vec<Arc<str>>)>,
     /// When and how compaction rewrites files (`None`: maintenance is off).
     rules: Option<CompactRules>,
+    /// Field ids of the key columns.
+    key_ids: Vec<i32>,
+    /// Those that were identifier fields at open (floats and lists cannot be).
+    key_identifiers: Vec<i32>,
     /// Rows are identified by all their values (no key; REPLICA IDENTITY FULL): equal rows
     /// may repeat, the n-th copy is indexed as the row's bytes followed by n.
     whole_row: bool,
@@ -182,34 +193,27 @@ impl MirrorWriter {
                 .map_err(werr)?,
         );
         let whole_row = whole_row && keys.is_empty();
-        // The whole row: the columns the table was created with (field ids below the CDC
-        // columns'), so a column added later, whose old rows read as null here but as its
-        // default in PostgreSQL, does not keep a row from being found.
-        let keys = if whole_row {
-            row_key_columns(table)
-        } else {
-            keys
-        };
-        let encoder = if keys.is_empty() {
-            None
-        } else {
-            let types: Vec<DataType> = keys
-                .iter()
-                .map(|k| {
-                    schema
-                        .field_with_name(k)
-                        .map(|f| f.data_type().clone())
-                        .map_err(|_| {
-                            SinkError::Config(format!("key column {k:?} not in the mirror table"))
-                        })
+        // Key columns by field id: a rename or a widening keeps them.
+        let current = table.metadata().current_schema();
+        let key_ids: Vec<i32> = keys
+            .iter()
+            .map(|k| {
+                current.field_id_by_name(k).ok_or_else(|| {
+                    SinkError::Config(format!("key column {k:?} not in the mirror table"))
                 })
-                .collect::<Result<_, _>>()?;
-            Some(KeyEncoder::new(keys, &types, whole_row)?)
-        };
+            })
+            .collect::<Result<_, _>>()?;
         let started = Instant::now();
+        let key_identifiers = key_ids
+            .iter()
+            .copied()
+            .filter(|id| current.identifier_field_ids().any(|i| i == *id))
+            .collect();
         let mut w = Self {
             schema,
-            keys: encoder,
+            keys: None,
+            key_ids,
+            key_identifiers,
             index: KeyIndex::new(),
             staged: HashMap::new(),
             deletes: Vec::new(),
@@ -232,8 +236,64 @@ impl MirrorWriter {
         Ok(w)
     }
 
+    /// The key encoder for `table`'s current schema: the key columns by field id, or the
+    /// whole row (the columns the table was created with, field ids below the CDC columns',
+    /// so a column added later, whose old rows read as null here but as its default in
+    /// PostgreSQL, does not keep a row from being found).
+    fn encoder(&self, table: &Table) -> Result<Option<KeyEncoder>, SinkError> {
+        let current = table.metadata().current_schema();
+        // A key column replaced by one of another type (Iceberg could not promote it) is no
+        // longer an identifier: rows written before it cannot be matched by the new key.
+        if let Some(id) = self
+            .key_identifiers
+            .iter()
+            .find(|id| !current.identifier_field_ids().any(|i| i == **id))
+        {
+            return Err(SinkError::Config(format!(
+                "key column {} of mirror table {} changed to a type Iceberg cannot promote: \
+                 the mirror cannot match its earlier rows by the new key; drop the Iceberg \
+                 table to copy it again, or use mode = \"changelog\"",
+                current.name_by_field_id(*id).unwrap_or("?"),
+                self.name
+            )));
+        }
+        let names: Vec<String> = if self.whole_row {
+            row_key_columns(table)
+        } else {
+            self.key_ids
+                .iter()
+                .map(|id| {
+                    current
+                        .name_by_field_id(*id)
+                        .map(str::to_string)
+                        .ok_or_else(|| {
+                            SinkError::Config(format!(
+                                "key column (field id {id}) not in the mirror table"
+                            ))
+                        })
+                })
+                .collect::<Result<_, _>>()?
+        };
+        if names.is_empty() {
+            return Ok(None);
+        }
+        let types: Vec<DataType> = names
+            .iter()
+            .map(|k| {
+                self.schema
+                    .field_with_name(k)
+                    .map(|f| f.data_type().clone())
+                    .map_err(|_| {
+                        SinkError::Config(format!("key column {k:?} not in the mirror table"))
+                    })
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Some(KeyEncoder::new(names, &types, self.whole_row)?))
+    }
+
     /// Rebuild the index and the file statistics from `table`'s current snapshot.
     async fn load(&mut self, table: &Table) -> Result<(), SinkError> {
+        self.keys = self.encoder(table)?;
         let live = live_files(table).await?;
         let (index, targets) = match &self.keys {
             Some(e) => rebuild(table, &live, e, self.whole_row, self.budget, &self.name).await?,
@@ -282,11 +342,37 @@ impl MirrorWriter {
 
     /// Fail before the index outgrows its budget.
     fn check_budget(&self) -> Result<(), SinkError> {
-        let need = self.index.bytes() + self.staged.capacity() as u64 * STAGED_BYTES;
+        let need = self.index.bytes()
+            + self.staged.capacity() as u64 * STAGED_BYTES
+            + (self.deletes.capacity() * std::mem::size_of::<(u32, u64)>()) as u64;
         if need > self.budget {
             return Err(over_budget(&self.name, need, self.budget, self.index.len()));
         }
         Ok(())
+    }
+
+    /// The table's columns changed (added, renamed, widened): new files use the new schema
+    /// and keys are read under their columns' new names. Only a key whose encoding changed (a
+    /// widened column of a composite or text key) rebuilds the index from the table, which
+    /// needs nothing staged: with changes pending the write fails and the pipeline reopens
+    /// the table (its replay then builds keys the new way).
+    pub async fn schema_changed(&mut self, table: &Table) -> Result<(), SinkError> {
+        let before = self.keys.as_ref().map(|k| k.types.clone());
+        self.set_schema(table)?;
+        let encoder = self.encoder(table)?;
+        let same = encoder.as_ref().map(|e| &e.types) == before.as_ref();
+        if same {
+            self.keys = encoder;
+            return Ok(());
+        }
+        if self.is_dirty() || !self.staged.is_empty() {
+            return Err(SinkError::Write(format!(
+                "the key columns of mirror table {} changed type with changes pending: \
+                 reopening it",
+                self.name
+            )));
+        }
+        self.load(table).await
     }
 
     /// The table's schema changed (columns added): new files use it.

@@ -1,0 +1,260 @@
+//! Column changes applied to a table's schema by field id, as one schema update: renames keep
+//! the field id (old files read under the new name), promotions Iceberg allows change the type
+//! in place (int → long, float → double, a decimal's precision), and a change Iceberg cannot
+//! promote keeps the old column under another name beside a new column of the new type, so no
+//! value is lost and every reader sees both. iceberg-rust's schema action only adds and deletes
+//! columns; the new schema is built here and committed as `AddSchema` + `SetCurrentSchema`
+//! through our commit path, with the table's current schema and last column id required.
+
+use std::collections::HashMap;
+
+use iceberg::spec::{NestedField, NestedFieldRef, Schema};
+use iceberg::{TableRequirement, TableUpdate};
+
+use super::schema::iceberg_type;
+use super::SinkError;
+use crate::model::ColumnKind;
+
+/// One change to a table's columns.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ColumnChange {
+    /// A new optional column.
+    Add {
+        /// Its name.
+        name: String,
+        /// Its kind.
+        kind: ColumnKind,
+    },
+    /// Column `from` is now called `to`.
+    Rename {
+        /// The old name.
+        from: String,
+        /// The new name.
+        to: String,
+    },
+    /// Column `name` takes a type Iceberg promotes in place.
+    Widen {
+        /// The column.
+        name: String,
+        /// Its new kind.
+        kind: ColumnKind,
+    },
+    /// Column `name` changed to a type Iceberg cannot promote: the old column is kept as
+    /// `keep_as` and a new column `name` of the new kind is added.
+    Replace {
+        /// The column.
+        name: String,
+        /// The old column's new name.
+        keep_as: String,
+        /// The new kind.
+        kind: ColumnKind,
+    },
+}
+
+impl ColumnChange {
+    /// The `kind` label of `philotes_cdc_schema_changes_total`.
+    pub fn label(&self) -> &'static str {
+        match self {
+            ColumnChange::Add { .. } => "add",
+            ColumnChange::Rename { .. } => "rename",
+            ColumnChange::Widen { .. } => "widen",
+            ColumnChange::Replace { .. } => "replace",
+        }
+    }
+
+    /// One line for the log and the table's properties.
+    pub fn describe(&self) -> String {
+        match self {
+            ColumnChange::Add { name, kind } => format!("add {name} {kind:?}"),
+            ColumnChange::Rename { from, to } => format!("rename {from} to {to}"),
+            ColumnChange::Widen { name, kind } => format!("widen {name} to {kind:?}"),
+            ColumnChange::Replace {
+                name,
+                keep_as,
+                kind,
+            } => format!("replace {name} by {kind:?} (the old column is now {keep_as})"),
+        }
+    }
+}
+
+/// Whether Iceberg promotes a column of kind `from` to `to` in place.
+pub fn promotable(from: &ColumnKind, to: &ColumnKind) -> bool {
+    match (from, to) {
+        (ColumnKind::Int32, ColumnKind::Int64) | (ColumnKind::Float32, ColumnKind::Float64) => true,
+        (
+            ColumnKind::Decimal {
+                precision: p,
+                scale: s,
+            },
+            ColumnKind::Decimal {
+                precision: q,
+                scale: t,
+            },
+        ) => s == t && q > p,
+        _ => false,
+    }
+}
+
+/// `schema` with `changes` applied; new field ids start above `last_column_id`.
+pub fn apply(
+    schema: &Schema,
+    last_column_id: i32,
+    changes: &[ColumnChange],
+) -> Result<Schema, SinkError> {
+    let mut fields: Vec<NestedField> = schema
+        .as_struct()
+        .fields()
+        .iter()
+        .map(|f| f.as_ref().clone())
+        .collect();
+    let mut next = last_column_id + 1;
+    let find = |fields: &[NestedField], name: &str| -> Result<usize, SinkError> {
+        fields
+            .iter()
+            .position(|f| f.name == name)
+            .ok_or_else(|| SinkError::Commit(format!("schema change: no column {name:?}")))
+    };
+    let mut added: Vec<NestedField> = Vec::new();
+    for c in changes {
+        match c {
+            ColumnChange::Add { name, kind } => {
+                let id = next;
+                next += 1;
+                let t = iceberg_type(kind, &mut next);
+                added.push(NestedField::optional(id, name, t));
+            }
+            ColumnChange::Rename { from, to } => {
+                let i = find(&fields, from)?;
+                fields[i].name = to.clone();
+            }
+            ColumnChange::Widen { name, kind } => {
+                let i = find(&fields, name)?;
+                *fields[i].field_type = iceberg_type(kind, &mut next);
+            }
+            ColumnChange::Replace {
+                name,
+                keep_as,
+                kind,
+            } => {
+                let i = find(&fields, name)?;
+                fields[i].name = keep_as.clone();
+                // The old column keeps its values and stops being an identifier: new rows
+                // leave it null.
+                fields[i].required = false;
+                let id = next;
+                next += 1;
+                let t = iceberg_type(kind, &mut next);
+                added.push(NestedField::optional(id, name, t));
+            }
+        }
+    }
+    // New columns go before the CDC columns' block would be nicer, but field order is what
+    // readers show; appended keeps every existing column where it was.
+    fields.extend(added);
+    let kept: Vec<i32> = schema
+        .identifier_field_ids()
+        .filter(|id| fields.iter().any(|f| f.id == *id && f.required))
+        .collect();
+    Schema::builder()
+        .with_schema_id(schema.schema_id() + 1)
+        .with_fields(fields.into_iter().map(NestedFieldRef::new))
+        .with_identifier_field_ids(kept)
+        .build()
+        .map_err(|e| SinkError::Commit(format!("schema change: {e}")))
+}
+
+/// The updates and requirements that make `schema` the table's current schema, with
+/// `properties` set in the same commit.
+pub fn updates(
+    current_schema_id: i32,
+    last_column_id: i32,
+    schema: Schema,
+    properties: HashMap<String, String>,
+) -> (Vec<TableRequirement>, Vec<TableUpdate>) {
+    let requirements = vec![
+        TableRequirement::CurrentSchemaIdMatch { current_schema_id },
+        TableRequirement::LastAssignedFieldIdMatch {
+            last_assigned_field_id: last_column_id,
+        },
+    ];
+    let mut updates = vec![
+        TableUpdate::AddSchema { schema },
+        TableUpdate::SetCurrentSchema { schema_id: -1 },
+    ];
+    if !properties.is_empty() {
+        updates.push(TableUpdate::SetProperties {
+            updates: properties,
+        });
+    }
+    (requirements, updates)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use iceberg::spec::{PrimitiveType, Type};
+
+    fn schema() -> Schema {
+        Schema::builder()
+            .with_fields(vec![
+                NestedField::required(1, "id", Type::Primitive(PrimitiveType::Int)).into(),
+                NestedField::optional(2, "amount", Type::Primitive(PrimitiveType::Int)).into(),
+                NestedField::optional(3, "note", Type::Primitive(PrimitiveType::String)).into(),
+            ])
+            .with_identifier_field_ids(vec![1])
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn renames_and_widenings_keep_field_ids_and_a_replacement_adds_one() {
+        let s = apply(
+            &schema(),
+            3,
+            &[
+                ColumnChange::Rename {
+                    from: "note".into(),
+                    to: "remark".into(),
+                },
+                ColumnChange::Widen {
+                    name: "id".into(),
+                    kind: ColumnKind::Int64,
+                },
+                ColumnChange::Replace {
+                    name: "amount".into(),
+                    keep_as: "amount__before_1".into(),
+                    kind: ColumnKind::Text,
+                },
+            ],
+        )
+        .unwrap();
+        assert_eq!(s.field_by_name("remark").unwrap().id, 3);
+        assert_eq!(
+            *s.field_by_name("id").unwrap().field_type,
+            Type::Primitive(PrimitiveType::Long)
+        );
+        assert_eq!(s.field_by_name("amount__before_1").unwrap().id, 2);
+        assert_eq!(s.field_by_name("amount").unwrap().id, 4);
+        assert_eq!(s.identifier_field_ids().collect::<Vec<_>>(), vec![1]);
+        assert_eq!(s.schema_id(), 1);
+    }
+
+    #[test]
+    fn only_what_iceberg_promotes_is_a_widening() {
+        let dec = |p, s| ColumnKind::Decimal {
+            precision: p,
+            scale: s,
+        };
+        assert!(promotable(&ColumnKind::Int32, &ColumnKind::Int64));
+        assert!(promotable(&ColumnKind::Float32, &ColumnKind::Float64));
+        assert!(promotable(&dec(10, 2), &dec(14, 2)));
+        assert!(!promotable(&dec(10, 2), &dec(14, 3)));
+        assert!(!promotable(&dec(14, 2), &dec(10, 2)));
+        assert!(!promotable(&ColumnKind::Int64, &ColumnKind::Int32));
+        assert!(!promotable(&ColumnKind::Int32, &ColumnKind::Text));
+        assert!(!promotable(
+            &ColumnKind::Timestamp,
+            &ColumnKind::TimestampTz
+        ));
+    }
+}

@@ -1,0 +1,305 @@
+//! Schema changes never stop the stream: RENAME COLUMN, type widenings Iceberg promotes, type
+//! changes it cannot promote (the old column kept beside a new one), a renamed and moved table,
+//! domains and arrays of enums. Each change is made mid-stream between writes; PyIceberg and
+//! DuckDB must read every row as the source had it, before and after the change, in the
+//! changelog and in the mirror, through a SIGKILL.
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::common::*;
+
+/// Both readers agree, and the changelog folded equals `query` on the source.
+async fn wait_changelog(work: &Workdir, table: &str, pg: &TestPg, query: &str) -> Value {
+    let mut last = Value::Null;
+    for _ in 0..60 {
+        last = verify_source(work, table, pg, query, &["--duckdb", "--rows"]);
+        if last["state_equal"] == true && last["duckdb_equal"] == true {
+            return last;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    last["all_rows"] = Value::Null;
+    panic!("{table} never equalled the source: {last}");
+}
+
+/// The mirror `table` equals `query` for PyIceberg and DuckDB.
+async fn wait_mirror(work: &Workdir, table: &str, pg: &TestPg, query: &str) -> Value {
+    let conninfo = pg.conninfo("app");
+    let mut last = Value::Null;
+    for _ in 0..60 {
+        last = python_json(
+            std::process::Command::new(python())
+                .arg(py_script("verify_mirror.py"))
+                .arg("--catalog-db")
+                .arg(work.catalog_db())
+                .arg("--warehouse")
+                .arg(work.warehouse())
+                .args(["--table", table, "--pk", "id", "--duckdb"])
+                .args(["--pg-conninfo", &conninfo, "--pg-query", query]),
+            "verify_mirror.py",
+        );
+        if last["equal"] == true && last["duckdb_equal"] == true {
+            return last;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    panic!("mirror {table} never equalled the source: {last}");
+}
+
+/// The Iceberg type of each column of `table`, as PyIceberg prints it.
+fn column_types(work: &Workdir, table: &str) -> Value {
+    let (rc, out) = pyiceberg(
+        work,
+        &format!(
+            "import json\nt = c.load_table('{table}')\n\
+             print(json.dumps({{f.name: str(f.field_type) for f in t.schema().fields}}))\n"
+        ),
+    );
+    assert_eq!(rc, 0, "{out}");
+    serde_json::from_str(out.lines().last().unwrap_or("{}")).expect("types JSON")
+}
+
+/// No attempt failed: the pipeline never left `streaming`.
+async fn never_left_streaming(agent: &AgentProc) {
+    let v = agent.wait_state("p", "streaming", 30).await;
+    let log = agent.log_text();
+    assert!(!log.contains("pipeline failed"), "{log}");
+    assert!(!log.contains("retrying in"), "{log}");
+    let text = scrape(&agent.api_addr().expect("API address")).await;
+    assert_eq!(
+        sample_sum(&text, "philotes_cdc_retries_total", "source=\"p\""),
+        0.0,
+        "{v}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn column_changes_are_followed_without_a_stop() {
+    let Running {
+        pg,
+        db,
+        work,
+        cfg,
+        agent,
+    } = prepare(
+        "CREATE TABLE sc (id int PRIMARY KEY, a text, n int, amt numeric(10,2), v varchar(10),
+                          k int, f real);
+         INSERT INTO sc SELECT g, 'a' || g, g, g * 1.25, 'v' || g, g, g * 0.5
+           FROM generate_series(1, 5) g;",
+        &["sc"],
+        "mode = \"both\"\nsnapshot = \"initial\"",
+        "",
+    )
+    .await
+    .streaming()
+    .await;
+    let steps = |sql: &'static [&'static str]| sql;
+    // Each statement is its own transaction: the change, then rows of the new shape.
+    for sql in steps(&[
+        "INSERT INTO sc SELECT g, 'a' || g, g, g * 1.25, 'v' || g, g, g * 0.5 FROM generate_series(6, 10) g",
+        "ALTER TABLE sc RENAME COLUMN a TO b",
+        "INSERT INTO sc SELECT g, 'b' || g, g, g * 1.25, 'v' || g, g, g * 0.5 FROM generate_series(11, 15) g",
+        "UPDATE sc SET b = b || '!' WHERE id IN (1, 12)",
+        "ALTER TABLE sc ALTER COLUMN n TYPE bigint",
+        "INSERT INTO sc SELECT g, 'b' || g, 5000000000 + g, g, 'v', g, g FROM generate_series(16, 20) g",
+        "ALTER TABLE sc ALTER COLUMN amt TYPE numeric(14,2)",
+        "INSERT INTO sc VALUES (21, 'b', 21, 123456789012.34, 'v', 21, 21)",
+    ]) {
+        db.batch_execute(sql).await.expect(sql);
+    }
+    const BEFORE: &str = "SELECT id, b, n, amt, v, k, f FROM sc";
+    wait_changelog(&work, "ns.sc_changelog", &pg, BEFORE).await;
+    never_left_streaming(&agent).await;
+    // SIGKILL, then more changes while the agent is down and after it is back.
+    agent.kill9();
+    for sql in steps(&[
+        "ALTER TABLE sc ALTER COLUMN v TYPE text",
+        "INSERT INTO sc VALUES (22, 'b', 22, 22, repeat('long ', 10), 22, 22)",
+    ]) {
+        db.batch_execute(sql).await.expect(sql);
+    }
+    let agent = AgentProc::start(&cfg, &work.path().join("agent2.log"));
+    agent.wait_streaming().await;
+    for sql in steps(&[
+        "ALTER TABLE sc ALTER COLUMN k TYPE text USING 'k' || k",
+        "INSERT INTO sc SELECT g, 'b' || g, g, g, 'v', 'kk' || g, g * 0.25 FROM generate_series(23, 27) g",
+        "ALTER TABLE sc ALTER COLUMN f TYPE double precision",
+        "INSERT INTO sc VALUES (28, 'b', 28, 28, 'v', 'kk28', 0.1)",
+        "UPDATE sc SET v = v || '+' WHERE id IN (2, 22)",
+    ]) {
+        db.batch_execute(sql).await.expect(sql);
+    }
+    // Every column but the replaced one equals the source in the changelog and the mirror.
+    const AFTER: &str = "SELECT id, b, n, amt, v, f FROM sc";
+    let v = wait_changelog(&work, "ns.sc_changelog", &pg, AFTER).await;
+    let m = wait_mirror(&work, "ns.sc", &pg, AFTER).await;
+    assert!(
+        m["columns"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c.as_str().unwrap_or("").starts_with("k__before_")),
+        "{m}"
+    );
+    never_left_streaming(&agent).await;
+
+    // k became text: rows written before keep their int in `k__before_<lsn>`, rows after
+    // have the text in `k`.
+    let types = column_types(&work, "ns.sc_changelog");
+    let before = types
+        .as_object()
+        .unwrap()
+        .keys()
+        .find(|k| k.starts_with("k__before_"))
+        .unwrap_or_else(|| panic!("no k__before_ column: {types}"))
+        .clone();
+    assert_eq!(types[&before], "int", "{types}");
+    assert_eq!(types["k"], "string", "{types}");
+    assert_eq!(types["n"], "long", "{types}");
+    assert_eq!(types["amt"], "decimal(14, 2)", "{types}");
+    assert_eq!(types["f"], "double", "{types}");
+    assert!(types.get("a").is_none(), "renamed, not added: {types}");
+    let rows = v["all_rows"].as_array().unwrap();
+    let last = |id: i64| rows.iter().rev().find(|r| r["id"] == id).unwrap().clone();
+    assert_eq!(last(3)[&before], 3, "{}", last(3));
+    assert_eq!(last(3)["k"], Value::Null);
+    assert_eq!(last(25)["k"], "kk25", "{}", last(25));
+    assert_eq!(last(25)[&before], Value::Null);
+    // The first row's value, written under `a`, reads under `b`.
+    assert_eq!(last(5)["b"], "a5");
+
+    let log = std::fs::read_to_string(work.path().join("agent.log")).unwrap_or_default()
+        + &agent.log_text();
+    for kind in ["rename", "widen", "replace"] {
+        assert!(
+            log.contains(&format!("kind=\"{kind}\"")) || log.contains(&format!("kind={kind}")),
+            "no {kind} logged:\n{log}"
+        );
+    }
+    let text = scrape(&agent.api_addr().unwrap()).await;
+    assert!(
+        sample_sum(
+            &text,
+            "philotes_cdc_schema_changes_total",
+            "kind=\"replace\""
+        ) >= 1.0,
+        "{text}"
+    );
+    drop(agent);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renamed_and_moved_table_keeps_streaming_into_its_iceberg_table() {
+    let Running {
+        pg,
+        db,
+        work,
+        cfg,
+        agent,
+    } = prepare(
+        "CREATE TABLE rt (id int PRIMARY KEY, s text)",
+        &["rt"],
+        "",
+        "",
+    )
+    .await
+    .streaming()
+    .await;
+    for sql in [
+        "INSERT INTO rt SELECT g, 'one' FROM generate_series(1, 5) g",
+        "ALTER TABLE rt RENAME TO rt2",
+        "INSERT INTO rt2 SELECT g, 'two' FROM generate_series(6, 10) g",
+        "CREATE SCHEMA other",
+        "ALTER TABLE rt2 SET SCHEMA other",
+        "INSERT INTO other.rt2 SELECT g, 'three' FROM generate_series(11, 15) g",
+        "UPDATE other.rt2 SET s = 'changed' WHERE id = 1",
+    ] {
+        db.batch_execute(sql).await.expect(sql);
+    }
+    wait_rows_at_least(&work, "ns.rt", 16, 60).await;
+    wait_changelog(&work, "ns.rt", &pg, "SELECT id, s FROM other.rt2").await;
+    never_left_streaming(&agent).await;
+    let text = scrape(&agent.api_addr().unwrap()).await;
+    assert_eq!(
+        sample_sum(
+            &text,
+            "philotes_cdc_schema_changes_total",
+            "kind=\"rename_table\""
+        ),
+        2.0,
+        "{text}"
+    );
+    // A restart finds the table under its new name (recorded in the Iceberg table).
+    agent.kill9();
+    db.batch_execute("INSERT INTO other.rt2 SELECT g, 'four' FROM generate_series(16, 20) g")
+        .await
+        .expect("insert while down");
+    let agent = AgentProc::start(&cfg, &work.path().join("agent2.log"));
+    agent.wait_streaming().await;
+    db.batch_execute("INSERT INTO other.rt2 VALUES (21, 'five')")
+        .await
+        .expect("insert after restart");
+    let v = wait_changelog(&work, "ns.rt", &pg, "SELECT id, s FROM other.rt2").await;
+    assert_eq!(v["pg_rows"], 21, "{v}");
+    assert_eq!(iceberg_rows(&work, "ns.rt2"), None, "no second table");
+    drop(agent);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn domains_and_arrays_of_enums_take_their_base_type() {
+    let Running {
+        pg,
+        db,
+        work,
+        agent,
+        ..
+    } = prepare(
+        "CREATE DOMAIN posint AS int CHECK (VALUE > 0);
+         CREATE DOMAIN price AS numeric(12,2);
+         CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy');
+         CREATE TABLE dm (id int PRIMARY KEY, p posint, m price, one mood, moods mood[],
+                          ps posint[]);
+         INSERT INTO dm VALUES (1, 5, 10.50, 'ok', '{sad,happy}', '{1,2}');",
+        &["dm"],
+        "mode = \"both\"\nsnapshot = \"initial\"",
+        "",
+    )
+    .await
+    .streaming()
+    .await;
+    db.batch_execute(
+        "INSERT INTO dm VALUES (2, 7, 99.99, 'happy', '{ok}', '{3}'), (3, NULL, NULL, NULL, NULL, NULL);
+         UPDATE dm SET moods = '{happy,happy,sad}', p = 8 WHERE id = 1;",
+    )
+    .await
+    .expect("changes");
+    const Q: &str = "SELECT id, p, m, one::text, moods::text[], ps::int[] FROM dm";
+    wait_changelog(&work, "ns.dm_changelog", &pg, Q).await;
+    wait_mirror(&work, "ns.dm", &pg, Q).await;
+    for table in ["ns.dm", "ns.dm_changelog"] {
+        let t = column_types(&work, table);
+        assert_eq!(t["p"], "int", "{table}: {t}");
+        assert_eq!(t["m"], "decimal(12, 2)", "{table}: {t}");
+        assert_eq!(t["one"], "string", "{table}: {t}");
+        assert!(
+            t["moods"].as_str().unwrap_or("").contains("string"),
+            "{table}: {t}"
+        );
+        assert!(
+            t["moods"].as_str().unwrap_or("").starts_with("list"),
+            "{table}: {t}"
+        );
+        assert!(
+            t["ps"].as_str().unwrap_or("").contains("int"),
+            "{table}: {t}"
+        );
+        assert!(
+            t["ps"].as_str().unwrap_or("").starts_with("list"),
+            "{table}: {t}"
+        );
+    }
+    never_left_streaming(&agent).await;
+    drop(agent);
+}
