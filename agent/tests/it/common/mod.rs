@@ -834,7 +834,7 @@ CREATE TABLE all_types (
 pub const ALL_TYPES_QUERY: &str =
     "SELECT id, c_int2, c_int4, c_float4, c_float8, c_numeric, c_bool, \
     c_text, c_varchar, c_bytea, c_date, c_time, c_ts, c_tstz, c_uuid, c_jsonb::text AS c_jsonb, \
-    c_int4arr, c_textarr, c_enum::text AS c_enum, c_domain::text AS c_domain FROM all_types";
+    c_int4arr, c_textarr, c_enum::text AS c_enum, c_domain FROM all_types";
 
 pub fn all_types_values(i: i64) -> String {
     if i % 7 == 3 {
