@@ -336,6 +336,9 @@ pub struct PipelineConfig {
     /// What each source table becomes: `changelog`, `mirror` or `both`.
     #[serde(default)]
     pub mode: TableMode,
+    /// Per-table override of `mode`: `"schema.table"` (or `"table"` in `public`) → mode.
+    #[serde(default)]
+    pub table_modes: std::collections::BTreeMap<String, TableMode>,
     /// Memory a mirror table's key index may hold (per table); past it the pipeline stops with
     /// an error naming the table instead of running out of memory.
     #[serde(default = "default_mirror_index_memory", with = "size_str")]
@@ -419,6 +422,17 @@ impl PipelineConfig {
     pub fn namespace_name(&self) -> String {
         self.namespace.clone().unwrap_or_else(|| self.name.clone())
     }
+    /// The mode of source table `schema.table`: its `table_modes` entry, else `mode`.
+    pub fn mode_for(&self, table: &str) -> TableMode {
+        self.table_modes
+            .iter()
+            .find(|(k, _)| {
+                let (s, t) = split_table(k);
+                format!("{s}.{t}") == table
+            })
+            .map_or(self.mode, |(_, m)| *m)
+    }
+
     /// Tables as `(schema, table)` pairs.
     pub fn table_names(&self) -> Vec<(String, String)> {
         self.tables.iter().map(|t| split_table(t)).collect()
@@ -725,6 +739,17 @@ impl Config {
                     key("mirror_index_memory"),
                     "must be at least 1MiB",
                 ));
+            }
+            // An override for a table the pipeline does not stream is a typo, unless tables
+            // may join the publication.
+            let tables = p.table_names();
+            for name in p.table_modes.keys() {
+                if !p.follow_publication && !tables.contains(&split_table(name)) {
+                    return Err(ConfigError::new(
+                        key(&format!("table_modes.\"{name}\"")),
+                        "names a table that is not in `tables`",
+                    ));
+                }
             }
         }
         Ok(())

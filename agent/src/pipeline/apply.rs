@@ -781,7 +781,7 @@ impl Applier {
             .collect();
         let (cfg_schema, cfg_name) = source.split_once('.').unwrap_or(("public", source));
         let table_name = iceberg_table_name(cfg_schema, cfg_name);
-        let mode = self.cfg.mode;
+        let mode = self.cfg.mode_for(&source_name);
         let mirror = if mode.mirror() {
             let mut m = TableSink::open_mirror(
                 self.committer.clone(),

@@ -186,6 +186,18 @@ fn bad_configs_exit_2_naming_the_key() {
             "maintenance.orphan_age",
         ),
         (
+            "maintenance: delete ratio above 1",
+            format!("[maintenance]\ndelete_ratio = 1.5\n{GOOD_PIPELINE}"),
+            "maintenance.delete_ratio",
+        ),
+        (
+            "table mode for a table not streamed",
+            format!(
+                "{GOOD_PIPELINE}follow_publication = false\ntable_modes = {{ \"public.nope\" = \"mirror\" }}\n"
+            ),
+            "pipelines[0].table_modes.\"public.nope\"",
+        ),
+        (
             "maintenance: unknown key",
             format!("[maintenance]\nevery = \"1m\"\n{GOOD_PIPELINE}"),
             "maintenance.every",

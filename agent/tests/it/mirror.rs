@@ -40,8 +40,8 @@ async fn wait_mirrored(work: &Workdir, table: &str, pg: &TestPg, query: &str, pk
     wait_mirrored_with(work, table, pg, query, pk, &[]).await
 }
 
-/// [`wait_mirrored`] with more `verify_mirror.py` arguments.
-async fn wait_mirrored_with(
+/// [`wait_mirrored`] with more `verify_mirror.py` arguments (also used by other modules).
+pub async fn wait_mirrored_with(
     work: &Workdir,
     table: &str,
     pg: &TestPg,
@@ -629,6 +629,36 @@ async fn replica_identity_full_with_and_without_a_key() {
     assert!(
         log.contains("maintenance: mirror"),
         "no compaction ran:\n{log}"
+    );
+    drop(agent);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_mode_override_mirrors_one_table_beside_changelogs() {
+    let (pg, db, work, agent) = running(
+        "CREATE TABLE mo (id int PRIMARY KEY, s text); CREATE TABLE co (id int PRIMARY KEY, s text);",
+        &["mo", "co"],
+        "mode = \"changelog\"\ntable_modes = { \"mo\" = \"mirror\" }",
+    )
+    .await
+    .parts();
+    db.batch_execute(
+        "INSERT INTO mo SELECT g, 'm' FROM generate_series(1, 20) g;
+         INSERT INTO co SELECT g, 'c' FROM generate_series(1, 20) g;
+         UPDATE mo SET s = 'changed' WHERE id <= 5; DELETE FROM mo WHERE id > 15;
+         UPDATE co SET s = 'changed' WHERE id <= 5;",
+    )
+    .await
+    .expect("changes");
+    let v = wait_mirrored(&work, "ns.mo", &pg, "SELECT id, s FROM mo", "id").await;
+    assert_eq!(v["rows"], 15, "{v}");
+    wait_rows(&work, "ns.co", 25, 60).await;
+    verify_state(&work, "ns.co", &pg, "SELECT id, s FROM co");
+    assert_eq!(iceberg_rows(&work, "ns.mo_changelog"), None, "mirror only");
+    assert_eq!(
+        iceberg_rows(&work, "ns.co_changelog"),
+        None,
+        "changelog only"
     );
     drop(agent);
 }

@@ -26,26 +26,7 @@ async fn wait_changelog(work: &Workdir, table: &str, pg: &TestPg, query: &str) -
 
 /// The mirror `table` equals `query` for PyIceberg and DuckDB.
 async fn wait_mirror(work: &Workdir, table: &str, pg: &TestPg, query: &str) -> Value {
-    let conninfo = pg.conninfo("app");
-    let mut last = Value::Null;
-    for _ in 0..60 {
-        last = python_json(
-            std::process::Command::new(python())
-                .arg(py_script("verify_mirror.py"))
-                .arg("--catalog-db")
-                .arg(work.catalog_db())
-                .arg("--warehouse")
-                .arg(work.warehouse())
-                .args(["--table", table, "--pk", "id", "--duckdb"])
-                .args(["--pg-conninfo", &conninfo, "--pg-query", query]),
-            "verify_mirror.py",
-        );
-        if last["equal"] == true && last["duckdb_equal"] == true {
-            return last;
-        }
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
-    panic!("mirror {table} never equalled the source: {last}");
+    crate::mirror::wait_mirrored_with(work, table, pg, query, "id", &[]).await
 }
 
 /// The Iceberg type of each column of `table`, as PyIceberg prints it.
@@ -300,6 +281,57 @@ async fn domains_and_arrays_of_enums_take_their_base_type() {
             "{table}: {t}"
         );
     }
+    never_left_streaming(&agent).await;
+    drop(agent);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kill_between_the_schema_update_and_the_first_row_loses_nothing() {
+    let p = prepare(
+        "CREATE TABLE kt (id int PRIMARY KEY, a text, n int)",
+        &["kt"],
+        "mode = \"both\"",
+        "",
+    )
+    .await;
+    let log = p.log();
+    let Running {
+        pg,
+        db,
+        work,
+        cfg,
+        agent,
+    } = p.streaming().await;
+    db.batch_execute("INSERT INTO kt SELECT g, 'a', g FROM generate_series(1, 10) g")
+        .await
+        .expect("insert");
+    wait_rows(&work, "ns.kt_changelog", 10, 60).await;
+    // The rename and a type change, then rows of the new shape in the same transaction: the
+    // schema update commits at once, the rows wait for the flush. SIGKILL in between.
+    db.batch_execute(
+        "BEGIN;
+         ALTER TABLE kt RENAME COLUMN a TO b;
+         ALTER TABLE kt ALTER COLUMN n TYPE bigint;
+         INSERT INTO kt SELECT g, 'b', 5000000000 + g FROM generate_series(11, 20) g;
+         UPDATE kt SET b = 'changed' WHERE id = 1;
+         COMMIT;",
+    )
+    .await
+    .expect("change");
+    wait_log_line(&log, "the schema update", |l| {
+        l.contains("schema change followed") && l.contains("widen")
+    })
+    .await;
+    agent.kill9();
+    let agent = AgentProc::start(&cfg, &work.path().join("agent2.log"));
+    agent.wait_streaming().await;
+    const Q: &str = "SELECT id, b, n FROM kt";
+    let v = wait_changelog(&work, "ns.kt_changelog", &pg, Q).await;
+    assert_eq!(v["unique"], true, "{v}");
+    wait_mirror(&work, "ns.kt", &pg, Q).await;
+    let types = column_types(&work, "ns.kt_changelog");
+    assert!(types.get("a").is_none(), "{types}");
+    assert_eq!(types["n"], "long", "{types}");
     never_left_streaming(&agent).await;
     drop(agent);
 }

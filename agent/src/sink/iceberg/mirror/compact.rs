@@ -14,8 +14,6 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
-use arrow_array::cast::AsArray;
-use arrow_array::types::Int64Type;
 use arrow_array::BooleanArray;
 use futures::TryStreamExt;
 use iceberg::scan::FileScanTask;
@@ -24,7 +22,7 @@ use iceberg::table::Table;
 
 use super::files::{self, DataWriter};
 use super::index::{Key, Loc};
-use super::{project, read_columns, werr, DeleteStat, FileStat, MirrorWriter};
+use super::{project, werr, DeleteStat, FileStat, MirrorWriter};
 use crate::sink::iceberg::maintenance::settled_head;
 use crate::sink::iceberg::SinkError;
 
@@ -347,22 +345,13 @@ impl MirrorWriter {
             let gone: HashSet<&str> = plan.data.iter().map(|p| p.as_ref()).collect();
             let mut entries: HashMap<Arc<str>, Vec<u64>> = HashMap::new();
             for d in &plan.merged {
-                read_columns(table, d, &[files::FILE_PATH_ID, files::POS_ID], |b| {
-                    let paths = b.column(0).as_string::<i32>();
-                    let positions = b.column(1).as_primitive::<Int64Type>();
-                    for i in 0..b.num_rows() {
-                        let p = paths.value(i);
-                        if gone.contains(p) {
-                            continue;
-                        }
-                        if let Some((key, _)) = self.data_files.get_key_value(p) {
-                            entries
-                                .entry(key.clone())
-                                .or_default()
-                                .push(positions.value(i) as u64);
-                        }
+                files::read_deletes(table, d, |p, pos| {
+                    if gone.contains(p) {
+                        return;
                     }
-                    Ok(())
+                    if let Some((key, _)) = self.data_files.get_key_value(p) {
+                        entries.entry(key.clone()).or_default().push(pos);
+                    }
                 })
                 .await?;
             }

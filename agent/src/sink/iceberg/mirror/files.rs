@@ -3,6 +3,8 @@
 
 use std::sync::Arc;
 
+use arrow_array::cast::AsArray;
+use arrow_array::types::Int64Type;
 use arrow_array::{ArrayRef, Int64Array, RecordBatch, StringArray};
 use iceberg::arrow::schema_to_arrow_schema;
 use iceberg::spec::{
@@ -20,9 +22,9 @@ use super::werr;
 use crate::sink::iceberg::SinkError;
 
 /// Field id of a position delete file's `file_path` (reserved by the Iceberg spec).
-pub(super) const FILE_PATH_ID: i32 = 2147483546;
+const FILE_PATH_ID: i32 = 2147483546;
 /// Field id of a position delete file's `pos`.
-pub(super) const POS_ID: i32 = 2147483545;
+const POS_ID: i32 = 2147483545;
 
 /// A new file name under the table's data directory.
 fn new_path(table: &Table, kind: &str) -> String {
@@ -124,6 +126,23 @@ fn delete_schema() -> Result<Schema, SinkError> {
 /// Rows per batch of a position delete file: the path repeats on every row in Arrow (Parquet
 /// dictionary-encodes it), so a large flush's deletes are written a slice at a time.
 const DELETE_BATCH_ROWS: usize = 65_536;
+
+/// Call `each` with every entry (data file path, position) of position delete file `path`.
+pub(super) async fn read_deletes(
+    table: &Table,
+    path: &str,
+    mut each: impl FnMut(&str, u64),
+) -> Result<(), SinkError> {
+    super::read_columns(table, path, &[FILE_PATH_ID, POS_ID], |b| {
+        let paths = b.column(0).as_string::<i32>();
+        let positions = b.column(1).as_primitive::<Int64Type>();
+        for i in 0..b.num_rows() {
+            each(paths.value(i), positions.value(i) as u64);
+        }
+        Ok(())
+    })
+    .await
+}
 
 /// Write one position delete file for `deletes` (path, positions), sorted by path and position
 /// as the spec requires. `None` when there is nothing to delete.

@@ -991,26 +991,19 @@ async fn rebuild(
         .filter(|f| f.content_type() == DataContentType::PositionDeletes)
     {
         let named = targets.entry(f.file_path().to_string()).or_default();
-        read_columns(
-            table,
-            f.file_path(),
-            &[files::FILE_PATH_ID, files::POS_ID],
-            |b| {
-                let paths = b.column(0).as_string::<i32>();
-                let pos = b.column(1).as_primitive::<Int64Type>();
-                for i in 0..b.num_rows() {
-                    let p = paths.value(i);
-                    if !named.contains(p) {
-                        named.insert(p.to_string());
-                    }
-                    deleted
-                        .entry(p.to_string())
-                        .or_default()
-                        .insert(pos.value(i) as u64);
+        files::read_deletes(table, f.file_path(), |p, pos| {
+            if !named.contains(p) {
+                named.insert(p.to_string());
+            }
+            match deleted.get_mut(p) {
+                Some(set) => {
+                    set.insert(pos);
                 }
-                Ok(())
-            },
-        )
+                None => {
+                    deleted.insert(p.to_string(), HashSet::from([pos]));
+                }
+            }
+        })
         .await?;
     }
     let schema = table.metadata().current_schema();
