@@ -23,7 +23,7 @@ use crate::sink::iceberg::evolve::{promotable, ColumnChange};
 use crate::sink::iceberg::schema::{
     changelog_partition, changelog_schema, dlq_schema, kind_of, CHANGELOG_SUFFIX, DLQ_TABLE,
 };
-use crate::sink::iceberg::table::{Committed, MirrorSource, TableOptions};
+use crate::sink::iceberg::table::{Committed, MirrorSource, PropertyChanges, TableOptions};
 use crate::sink::iceberg::{SinkError, TableSink};
 use crate::source::postgres::pgoutput::{self, Message, RelationColumn, StreamMessage, TupleData};
 use crate::source::postgres::session::{CatalogColumn, Session, SourceError};
@@ -100,7 +100,8 @@ pub(super) struct Applier {
     in_stream: Option<u32>,
     /// Tables with REPLICA IDENTITY FULL (`schema.table`) and their primary key columns.
     full_identity: HashMap<String, Vec<String>>,
-    /// A connection for catalog lookups (column numbers, domains), opened on first use.
+    /// A connection for catalog lookups (column numbers, domains), opened on first use and
+    /// closed at the next flush.
     catalog: Option<Session>,
     /// Tables renamed in the source: their name now → the name they are configured under.
     aliases: HashMap<String, String>,
@@ -184,13 +185,10 @@ impl Applier {
         let t = &mut self.tables[idx];
         let before = std::mem::replace(&mut t.current, now.to_string());
         let detail = format!("rename table {before} to {now}");
-        let props = HashMap::from([
-            (SOURCE_NAME_PROPERTY.to_string(), now.to_string()),
-            (
-                format!("philotes.schema-change.{}", lsn.get()),
-                detail.clone(),
-            ),
-        ]);
+        let mut props = change_record(&t.sink, lsn, &detail);
+        props
+            .set
+            .insert(SOURCE_NAME_PROPERTY.to_string(), now.to_string());
         let none = HashMap::new();
         t.sink
             .change_columns(&[], props.clone(), SOURCE_COLUMNS_PROPERTY, &none)
@@ -1035,6 +1033,9 @@ impl Applier {
 
     /// A flush committed: report it and empty the buffer's bookkeeping.
     fn flushed(&mut self, lsn: Lsn, rows: u64, dead_letters: usize) {
+        // The catalog connection is a walsender on the source (`max_wal_senders`): kept only
+        // for the Relation messages of one flush (many at start), not for the stream's life.
+        self.catalog = None;
         BatchCommitted {
             rows,
             dead_letters,
@@ -1347,18 +1348,17 @@ async fn evolve(
             }),
         }
     }
-    // Record which field holds which source column, as of this relation.
-    let mut properties = HashMap::new();
-    if !changes.is_empty() {
-        properties.insert(
-            format!("philotes.schema-change.{}", lsn.get()),
-            changes
-                .iter()
-                .map(ColumnChange::describe)
-                .collect::<Vec<_>>()
-                .join("; "),
-        );
-    }
+    // Record what changed, and which field holds which source column as of this relation.
+    let properties = if changes.is_empty() {
+        PropertyChanges::default()
+    } else {
+        let detail = changes
+            .iter()
+            .map(ColumnChange::describe)
+            .collect::<Vec<_>>()
+            .join("; ");
+        change_record(sink, lsn, &detail)
+    };
     let numbers: HashMap<String, i32> = columns
         .iter()
         .filter_map(|c| Some((c.name.clone(), *number.get(c.name.as_str())?)))
@@ -1366,6 +1366,30 @@ async fn evolve(
     sink.change_columns(&changes, properties, SOURCE_COLUMNS_PROPERTY, &numbers)
         .await?;
     Ok(changes)
+}
+
+/// Table property prefix: one record per schema change, `philotes.schema-change.<lsn>`.
+const SCHEMA_CHANGE_PREFIX: &str = "philotes.schema-change.";
+
+/// Schema-change records a table keeps (the oldest go): they grow with DDL, not data.
+const SCHEMA_CHANGES_KEPT: usize = 100;
+
+/// The properties recording a change at `lsn`, dropping the oldest records past
+/// [`SCHEMA_CHANGES_KEPT`].
+fn change_record(sink: &TableSink, lsn: Lsn, detail: &str) -> PropertyChanges {
+    let key = format!("{SCHEMA_CHANGE_PREFIX}{}", lsn.get());
+    let mut older: Vec<(u64, String)> = sink
+        .properties_with_prefix(SCHEMA_CHANGE_PREFIX)
+        .into_iter()
+        .filter(|(k, _)| *k != key)
+        .map(|(k, _)| (k[SCHEMA_CHANGE_PREFIX.len()..].parse().unwrap_or(0), k))
+        .collect();
+    older.sort_unstable();
+    let excess = (older.len() + 1).saturating_sub(SCHEMA_CHANGES_KEPT);
+    PropertyChanges {
+        set: HashMap::from([(key, detail.to_string())]),
+        remove: older.into_iter().take(excess).map(|(_, k)| k).collect(),
+    }
 }
 
 /// `field:attnum,…` → attnum by field id.

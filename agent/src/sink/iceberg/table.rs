@@ -46,6 +46,15 @@ pub struct Committed {
     pub rows_deleted: u64,
 }
 
+/// Table properties a schema update sets and removes, in the same commit.
+#[derive(Debug, Clone, Default)]
+pub struct PropertyChanges {
+    /// Set (or replaced).
+    pub set: HashMap<String, String>,
+    /// Removed.
+    pub remove: Vec<String>,
+}
+
 /// What every table of a pipeline shares.
 #[derive(Debug, Clone)]
 pub struct TableOptions {
@@ -404,10 +413,14 @@ impl TableSink {
     pub async fn change_columns(
         &mut self,
         changes: &[ColumnChange],
-        mut properties: HashMap<String, String>,
+        properties: PropertyChanges,
         numbers_property: &str,
         numbers: &HashMap<String, i32>,
     ) -> Result<(), SinkError> {
+        let PropertyChanges {
+            set: mut properties,
+            remove,
+        } = properties;
         let md = self.table.metadata();
         let (current, last) = (md.current_schema_id(), md.last_column_id());
         let schema = super::evolve::apply(md.current_schema(), last, changes)?;
@@ -426,14 +439,18 @@ impl TableSink {
         if !numbers.is_empty() && md.properties().get(numbers_property) != Some(&record) {
             properties.insert(numbers_property.to_string(), record);
         }
-        if changes.is_empty() && properties.is_empty() {
+        if changes.is_empty() && properties.is_empty() && remove.is_empty() {
             return Ok(());
         }
+        let removals =
+            (!remove.is_empty()).then_some(TableUpdate::RemoveProperties { removals: remove });
         if changes.is_empty() {
             // Only properties: the schema stays (no new schema id).
-            let updates = vec![TableUpdate::SetProperties {
+            let updates = std::iter::once(TableUpdate::SetProperties {
                 updates: properties,
-            }];
+            })
+            .chain(removals)
+            .collect();
             let table = self
                 .committer
                 .commit_updates(&self.table, Vec::new(), updates)
@@ -446,7 +463,8 @@ impl TableSink {
         }
         // Files being written have the old schema: finish them first.
         self.finish_files().await?;
-        let (requirements, updates) = super::evolve::updates(current, last, schema, properties);
+        let (requirements, mut updates) = super::evolve::updates(current, last, schema, properties);
+        updates.extend(removals);
         let table = self
             .committer
             .commit_updates(&self.table, requirements, updates)
