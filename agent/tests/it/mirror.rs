@@ -197,7 +197,7 @@ async fn pg_count(db: &tokio_postgres::Client, table: &str) -> i64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_type_mirrors_through_pyiceberg_and_duckdb() {
-    let (pg, db, work, agent) = running(ALL_TYPES, &["public.all_types"], "mode = \"mirror\"")
+    let (pg, db, work, agent) = running(ALL_TYPES, &["public.all_types"], "mode = \"both\"")
         .await
         .parts();
     let mut sql = String::from("BEGIN;");
@@ -216,8 +216,24 @@ async fn every_type_mirrors_through_pyiceberg_and_duckdb() {
     db.batch_execute(&sql).await.expect("workload");
     let v = wait_mirrored(&work, "ns.all_types", &pg, ALL_TYPES_QUERY, "id").await;
     assert_eq!(v["equality_delete_files"], 0, "{v}");
-    // Mirror mode writes no changelog table.
-    assert_eq!(iceberg_rows(&work, "ns.all_types_changelog"), None);
+    // The changelog beside it (it commits after the mirror) is exact too.
+    let v = wait_for(
+        Duration::from_secs(60),
+        "the all-types changelog",
+        || async {
+            let v = verify_source(
+                &work,
+                "ns.all_types_changelog",
+                &pg,
+                ALL_TYPES_QUERY,
+                &["--duckdb"],
+            );
+            (v["state_equal"] == true).then_some(v)
+        },
+    )
+    .await;
+    assert_eq!(v["unique"], true, "{v}");
+    assert_eq!(v["duckdb_equal"], true, "{v}");
     drop(agent);
 }
 
