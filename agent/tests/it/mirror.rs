@@ -678,3 +678,71 @@ async fn a_table_mode_override_mirrors_one_table_beside_changelogs() {
     );
     drop(agent);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_pause_resume_and_a_joining_table_work_in_a_mirror() {
+    let (pg, db, work, agent) = running(
+        "CREATE TABLE pay (id int PRIMARY KEY, amount numeric(12,2), note text)",
+        &["pay"],
+        "mode = \"mirror\"",
+    )
+    .await
+    .parts();
+    const Q: &str = "SELECT id, amount, note FROM pay";
+    // A value the mirror cannot hold goes to the dead-letter table; its neighbours do not.
+    db.batch_execute(
+        "INSERT INTO pay SELECT g, g * 1.5, 'n' FROM generate_series(1, 20) g;
+         INSERT INTO pay VALUES (21, 'NaN', 'poison');",
+    )
+    .await
+    .expect("insert");
+    wait_rows(&work, "ns._philotes_dlq", 1, 60).await;
+    let v = wait_mirrored(&work, "ns.pay", &pg, &format!("{Q} WHERE id <> 21"), "id").await;
+    assert_eq!(v["rows"], 20, "{v}");
+    db.batch_execute("DELETE FROM pay WHERE id = 21")
+        .await
+        .expect("drop the poison row");
+
+    // Pause: nothing is committed while changes pile up; resume: they all arrive.
+    let addr = agent.api_addr().expect("API address");
+    let http = reqwest::Client::new();
+    let post = |path: &str| {
+        http.post(format!("http://{addr}/api/v1/pipelines/p/{path}"))
+            .send()
+    };
+    assert!(post("pause").await.expect("pause").status().is_success());
+    agent.wait_state("p", "paused", 30).await;
+    db.batch_execute(
+        "UPDATE pay SET note = 'while paused' WHERE id <= 5;
+         DELETE FROM pay WHERE id BETWEEN 6 AND 8;
+         INSERT INTO pay VALUES (30, 3.0, 'new');",
+    )
+    .await
+    .expect("changes while paused");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        iceberg_rows(&work, "ns.pay"),
+        Some(20),
+        "no commit while paused"
+    );
+    assert!(post("resume").await.expect("resume").status().is_success());
+    agent.wait_state("p", "streaming", 30).await;
+    wait_mirrored(&work, "ns.pay", &pg, Q, "id").await;
+
+    // A table that joins the publication mid-stream gets its own mirror.
+    db.batch_execute(
+        "CREATE TABLE joined (id int PRIMARY KEY, s text);
+         ALTER PUBLICATION philotes_p ADD TABLE joined;",
+    )
+    .await
+    .expect("join");
+    db.batch_execute(
+        "INSERT INTO joined SELECT g, 'j' FROM generate_series(1, 10) g;
+         UPDATE joined SET s = 'changed' WHERE id = 3; DELETE FROM joined WHERE id = 4;",
+    )
+    .await
+    .expect("joined rows");
+    let v = wait_mirrored(&work, "ns.joined", &pg, "SELECT id, s FROM joined", "id").await;
+    assert_eq!(v["rows"], 9, "{v}");
+    drop(agent);
+}
