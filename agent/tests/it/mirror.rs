@@ -746,3 +746,44 @@ async fn dead_letters_pause_resume_and_a_joining_table_work_in_a_mirror() {
     assert_eq!(v["rows"], 9, "{v}");
     drop(agent);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_writer_rewriting_a_mirror_file_is_noticed_not_duplicated() {
+    let (pg, db, work, agent) = running(
+        "CREATE TABLE fo (id int PRIMARY KEY, s text)",
+        &["fo"],
+        "mode = \"mirror\"",
+    )
+    .await
+    .parts();
+    db.batch_execute("INSERT INTO fo SELECT g, 'v' FROM generate_series(1, 20) g")
+        .await
+        .expect("insert");
+    wait_mirrored(&work, "ns.fo", &pg, "SELECT id, s FROM fo", "id").await;
+    // PyIceberg deletes rows by rewriting the data file (copy-on-write): the file the agent's
+    // index points into is gone, its other rows live on in a new file.
+    let (rc, out) = pyiceberg(
+        &work,
+        "c.load_table('ns.fo').delete(delete_filter='id <= 5')\n",
+    );
+    assert_eq!(rc, 0, "PyIceberg delete: {out}");
+    // Updates of rows that were in the rewritten file: position deletes on the old file would
+    // leave the rewritten copies live (duplicate keys). The commit notices, the pipeline
+    // reopens the table (index rebuilt from it) and replays the change.
+    db.batch_execute("UPDATE fo SET s = 'after' WHERE id BETWEEN 6 AND 10")
+        .await
+        .expect("update");
+    let v = wait_mirrored(
+        &work,
+        "ns.fo",
+        &pg,
+        "SELECT id, s FROM fo WHERE id > 5",
+        "id",
+    )
+    .await;
+    assert_eq!(v["duplicate_keys"], 0, "{v}");
+    assert_eq!(v["rows"], 15, "{v}");
+    let log = agent.log_text();
+    assert!(log.contains("another writer removed"), "{log}");
+    drop(agent);
+}

@@ -626,6 +626,11 @@ impl TableSink {
             removed,
             summary: state.clone(),
             properties: state,
+            requires_live: self
+                .mirror
+                .as_ref()
+                .map(|m| m.delete_targets())
+                .unwrap_or_default(),
         };
         // Appends commute: another writer's commit costs a new manifest list, not a rewrite.
         let result = self
@@ -721,6 +726,7 @@ impl TableSink {
                 "compact".to_string(),
             )]),
             properties: HashMap::new(),
+            requires_live: HashSet::new(),
         };
         // One attempt: another writer's commit in between may have touched the same files;
         // the next step plans again on the table as it then is.

@@ -126,10 +126,19 @@ impl Committer {
         let mut prepared = snapshot::prepare(table, change).await?;
         let mut conflicts = 0u32;
         let mut base = table.clone();
+        let built_on = table.metadata().current_snapshot_id();
         loop {
             let serial = lock::table(table.identifier()).await;
             // Under the lock nothing of ours moves the table.
             base = self.newest(base).await?;
+            // Another writer's commit since the change was built: what it requires must still
+            // be there, or no re-application can make it right.
+            if base.metadata().current_snapshot_id() != built_on {
+                if let Err(e) = snapshot::check_required(&base, change).await {
+                    prepared.abandon(&io).await;
+                    return Err(e);
+                }
+            }
             let staged = match snapshot::finish(&base, change, &prepared).await {
                 Ok(s) => s,
                 Err(CommitError::Rebase(why))

@@ -33,6 +33,9 @@ pub struct Change {
     pub summary: HashMap<String, String>,
     /// Table properties set in the same commit.
     pub properties: HashMap<String, String>,
+    /// Data files that must still be live on the base it commits on (those its position
+    /// deletes name): another writer that removed one (a rewrite) makes the change stale.
+    pub requires_live: HashSet<String>,
 }
 
 /// The manifests of a change, written once for any base that still holds what it replaces.
@@ -301,6 +304,34 @@ pub async fn prepare(base: &Table, change: &Change) -> Result<Prepared, CommitEr
         written,
         counts: c,
     })
+}
+
+/// [`CommitError::Rebase`] when `base` no longer holds a data file `change` requires (one its
+/// position deletes name, removed by another writer's rewrite): the rows rewritten elsewhere
+/// would stay, so the change must be made again from the table, not re-applied.
+pub async fn check_required(base: &Table, change: &Change) -> Result<(), CommitError> {
+    if change.requires_live.is_empty() {
+        return Ok(());
+    }
+    let live: HashSet<String> = crate::sink::iceberg::manifests::live_files(base)
+        .await
+        .map_err(|e| CommitError::Failed(e.to_string()))?
+        .into_iter()
+        .filter(|f| f.is_data)
+        .map(|f| f.file.file_path().to_string())
+        .collect();
+    // Files the change adds itself are not on the base yet.
+    let added: HashSet<&str> = change.added.iter().map(|f| f.file_path()).collect();
+    match change
+        .requires_live
+        .iter()
+        .find(|p| !live.contains(*p) && !added.contains(p.as_str()))
+    {
+        Some(gone) => Err(CommitError::Rebase(format!(
+            "another writer removed {gone}, whose rows this change deletes by position"
+        ))),
+        None => Ok(()),
+    }
 }
 
 /// A manifest with no live entry only records deletions of its own snapshot.

@@ -273,6 +273,7 @@ async fn compact_partition(
             .collect::<HashSet<_>>(),
         summary,
         properties: HashMap::new(),
+        requires_live: HashSet::new(),
     };
     match committer.commit_snapshot(table, &change, 5).await {
         Ok((t, _)) => Ok((t, written.len())),

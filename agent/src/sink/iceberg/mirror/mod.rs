@@ -706,6 +706,14 @@ impl MirrorWriter {
         Ok((added, removed))
     }
 
+    /// The data files the staged delete file names (they must still be live at the commit).
+    pub fn delete_targets(&self) -> HashSet<String> {
+        self.delete_staged
+            .iter()
+            .flat_map(|(_, t)| t.iter().map(|p| p.to_string()))
+            .collect()
+    }
+
     /// The staged change was committed: the index follows it.
     pub fn committed(&mut self) {
         if self.reset {
