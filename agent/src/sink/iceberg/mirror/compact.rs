@@ -443,36 +443,24 @@ mod tests {
     use super::*;
 
     fn writer(rules: CompactRules) -> MirrorWriter {
-        let schema = Arc::new(arrow_schema::Schema::empty());
-        MirrorWriter {
-            schema,
-            keys: Some(
-                super::super::KeyEncoder::new(
-                    vec!["id".into()],
-                    &[arrow_schema::DataType::Int64],
-                    false,
-                )
-                .unwrap(),
-            ),
-            key_ids: vec![1],
-            key_identifiers: vec![1],
-            index: super::super::index::KeyIndex::new(),
-            staged: HashMap::new(),
-            deletes: Vec::new(),
-            reset: false,
-            open: None,
-            written: Vec::new(),
-            rows: 0,
-            built_in: std::time::Duration::ZERO,
-            budget: u64::MAX,
-            name: "ns.t".into(),
-            data_files: HashMap::new(),
-            delete_files: HashMap::new(),
-            delete_staged: None,
-            rules: Some(rules),
-            whole_row: false,
-            stale: None,
-        }
+        let mut w = MirrorWriter::empty(
+            Arc::new(arrow_schema::Schema::empty()),
+            vec![1],
+            vec![1],
+            false,
+            u64::MAX,
+            Some(rules),
+            "ns.t".into(),
+        );
+        w.keys = Some(
+            super::super::KeyEncoder::new(
+                vec!["id".into()],
+                &[arrow_schema::DataType::Int64],
+                false,
+            )
+            .unwrap(),
+        );
+        w
     }
 
     const RULES: CompactRules = CompactRules {

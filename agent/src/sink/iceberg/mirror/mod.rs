@@ -209,7 +209,31 @@ impl MirrorWriter {
             .copied()
             .filter(|id| current.identifier_field_ids().any(|i| i == *id))
             .collect();
-        let mut w = Self {
+        let mut w = Self::empty(
+            schema,
+            key_ids,
+            key_identifiers,
+            whole_row,
+            budget,
+            rules,
+            name,
+        );
+        w.load(table).await?;
+        w.built_in = started.elapsed();
+        Ok(w)
+    }
+
+    /// A writer with nothing loaded yet (no index, no file statistics).
+    fn empty(
+        schema: SchemaRef,
+        key_ids: Vec<i32>,
+        key_identifiers: Vec<i32>,
+        whole_row: bool,
+        budget: u64,
+        rules: Option<CompactRules>,
+        name: String,
+    ) -> Self {
+        Self {
             schema,
             keys: None,
             key_ids,
@@ -230,10 +254,7 @@ impl MirrorWriter {
             rules,
             whole_row,
             stale: None,
-        };
-        w.load(table).await?;
-        w.built_in = started.elapsed();
-        Ok(w)
+        }
     }
 
     /// The key encoder for `table`'s current schema: the key columns by field id, or the
