@@ -91,6 +91,7 @@ impl Agent {
                 shutdown_rx.clone(),
             )));
         }
+        tasks.push(tokio::spawn(crate::memory::trim_loop(shutdown_rx.clone())));
         let mut api_addr = None;
         if cfg.api.enabled {
             let state = ApiState::new(&cfg, handles.clone(), &telemetry);

@@ -82,10 +82,10 @@ fn load(path: &Path) -> Result<Config, ExitCode> {
 /// glibc gives threads that allocate at the same time arenas of their own (up to 8 per core)
 /// and hands little of their freed memory back, so a long-running agent's RSS creeps up with
 /// every metadata file it parses and writes. The soak benchmark measured the difference (see
-/// docs/performance.md); two arenas, set before any thread starts. `MALLOC_ARENA_MAX` in the
-/// environment still wins.
+/// docs/performance.md); two arenas and a fixed mmap threshold, set before any thread starts.
+/// `MALLOC_ARENA_MAX` / `MALLOC_MMAP_THRESHOLD_` in the environment still win.
 fn main() -> ExitCode {
-    philotes::memory::limit_arenas();
+    philotes::memory::tune_allocator();
     let cli = Cli::parse();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -41,7 +41,7 @@ struct Inner {
     config_json: serde_json::Value,
     token: Option<String>,
     metrics: Metrics,
-    registry: Option<prometheus::Registry>,
+    registry: Option<crate::telemetry::Exposition>,
 }
 
 impl ApiState {
@@ -139,7 +139,7 @@ async fn metrics_endpoint(State(s): State<ApiState>) -> Response {
         )
         .into_response();
     };
-    match prometheus::TextEncoder::new().encode_to_string(&reg.gather()) {
+    match reg.render() {
         Ok(body) => (
             [(
                 header::CONTENT_TYPE,

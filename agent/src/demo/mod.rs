@@ -1,6 +1,7 @@
 //! `philotes demo`: a private PostgreSQL, generated changes, one pipeline into a local
 //! warehouse, `/metrics` live, progress on the terminal and the query lines at the end.
 
+pub mod figures;
 pub mod postgres;
 
 use std::path::{Path, PathBuf};
@@ -252,6 +253,27 @@ flush_interval = "1s"
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // What the agent's telemetry says about the run, read as any scraper would.
+    if let Some(addr) = agent.api_addr {
+        let url = format!("http://{addr}/metrics");
+        // The flush's counters are recorded just after its tables' commits: wait a moment
+        // for the last one.
+        let mut last = None;
+        for _ in 0..20 {
+            last = Some(fetch_text(&url).await.map(|t| figures::read(&t)));
+            if let Some(Ok(f)) = &last {
+                if f.rows >= generated.total() as f64 {
+                    break;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        match last {
+            Some(Ok(f)) => println!("\n▶ {url}: {f}"),
+            Some(Err(e)) => println!("\n▶ {url} did not answer: {e}"),
+            None => {}
+        }
+    }
     agent.stop().await;
     pg.stop();
     let _ = std::fs::remove_dir_all(&pg_dir);
@@ -285,6 +307,18 @@ flush_interval = "1s"
     let metadata = metadata_location(&agent_iceberg, "shop", "orders").await;
     print_query_help(&dir, metadata.as_deref());
     Ok(())
+}
+
+async fn fetch_text(url: &str) -> Result<String, reqwest::Error> {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()?
+        .get(url)
+        .send()
+        .await?
+        .error_for_status()?
+        .text()
+        .await
 }
 
 /// Changes by kind: what the generator made, or what the changelog tables hold.

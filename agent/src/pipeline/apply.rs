@@ -55,6 +55,9 @@ struct TableState {
     dirty: bool,
     /// Transaction (commit LSN) that last touched the table, for the lag gauge.
     touched_in: Lsn,
+    /// Commit times (Unix µs) of the transactions that changed the table since its last
+    /// commit, for the freshness histogram; at most one per buffered row (`batch_rows`).
+    fresh: Vec<i64>,
     /// Changes read: inserts, updates, deletes, truncates (published with the status).
     counts: [u64; 4],
     /// REPLICA IDENTITY FULL: the positions of the key columns (empty: the whole row is the
@@ -534,9 +537,15 @@ impl Applier {
                         "commit of streamed transaction {xid} that was never started"
                     )));
                 };
+                let url = self.cfg.source.url();
                 let span = tracing::info_span!(
                     "postgres.stream_replay",
                     source = %self.cfg.name,
+                    db.system.name = "postgresql",
+                    db.namespace = %url.database,
+                    db.operation.name = "START_REPLICATION",
+                    server.address = %url.host,
+                    server.port = url.port,
                     xid,
                     lsn = %commit_lsn.pg(),
                     changes = spool.changes() as i64,
@@ -845,6 +854,7 @@ impl Applier {
             metrics,
             dirty: false,
             touched_in: Lsn::ZERO,
+            fresh: Vec::new(),
             counts: [0; 4],
             full_identity,
         });
@@ -904,6 +914,9 @@ impl Applier {
             return Ok(());
         }
         ChangeReceived { op }.emit(&t.metrics);
+        if t.touched_in != lsn {
+            t.fresh.push(ts);
+        }
         t.touched_in = lsn;
         let pushed = match (tuple, fallback) {
             (Some(new), Some(old)) => t.batch.push_merged(op, lsn, seq, ts, new, old),
@@ -979,6 +992,7 @@ impl Applier {
         let t = &mut self.tables[i];
         let span = tracing::info_span!(
             "iceberg.write",
+            source = %self.cfg.name,
             table = %t.source_name,
             iceberg.table = %t.sink.name(),
             rows = t.sink.pending_rows() as i64,
@@ -1059,6 +1073,9 @@ impl Applier {
         let mut committed_events = 0u64;
         for i in 0..self.tables.len() {
             if !self.tables[i].dirty {
+                // Its transactions' rows all went to the dead-letter table: nothing of them
+                // becomes visible in this table, so they have no freshness here.
+                self.tables[i].fresh.clear();
                 continue;
             }
             // Commit latency includes writing the last data files, as users feel it.
@@ -1068,6 +1085,7 @@ impl Applier {
             let rows = t.sink.pending_rows();
             let span = tracing::info_span!(
                 "iceberg.commit",
+                source = %self.cfg.name,
                 table = %t.source_name,
                 iceberg.table = %t.sink.name(),
                 rows = rows as i64,
@@ -1080,6 +1098,7 @@ impl Applier {
             if let Some(m) = t.mirror.as_mut() {
                 let mspan = tracing::info_span!(
                     "iceberg.commit",
+                    source = %self.cfg.name,
                     table = %t.source_name,
                     iceberg.table = %m.name(),
                     rows = m.pending_rows() as i64,
@@ -1094,6 +1113,7 @@ impl Applier {
             mirror_committed(&t.sink, &outcome, &t.metrics);
             t.dirty = false;
             committed_events += rows;
+            let transactions = std::mem::take(&mut t.fresh);
             TableCommitted {
                 source_table: &t.source_name,
                 iceberg_table: t.sink.name(),
@@ -1101,6 +1121,7 @@ impl Applier {
                 committed_lsn: lsn.pg(),
                 conflicts: outcome.conflicts,
                 duration: started.elapsed(),
+                transactions: &transactions,
             }
             .emit(&t.metrics, &self.metrics, &self.status);
             // A mirror's files are compacted here, between commits, by the writer that holds
@@ -1185,9 +1206,15 @@ impl Applier {
     /// Confirm the last complete transaction (everything before it is committed).
     fn ack(&mut self, client: &ReplicationStream) {
         if let Some(end) = self.positions.ack_point(self.anything_uncommitted()) {
+            let url = self.cfg.source.url();
             let span = tracing::info_span!(
                 "postgres.ack",
                 source = %self.cfg.name,
+                db.system.name = "postgresql",
+                db.namespace = %url.database,
+                db.operation.name = "STANDBY_STATUS_UPDATE",
+                server.address = %url.host,
+                server.port = url.port,
                 lsn = %end.pg(),
                 trace_id = tracing::field::Empty,
             );

@@ -32,6 +32,12 @@ pub enum PipelineState {
 const SECONDS_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 ];
+/// Freshness spans the flush interval (sub-second to seconds) and a pipeline that fell behind
+/// (minutes to an hour); finer around common flush intervals so that p50/p99 interpolate well.
+const FRESHNESS_BUCKETS: &[f64] = &[
+    0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0,
+    60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0,
+];
 const BYTES_BUCKETS: &[f64] = &[
     64.0,
     256.0,
@@ -51,6 +57,10 @@ pub struct Metrics {
     pub(super) cdc_events: Counter<u64>,
     /// `philotes_cdc_lag_seconds{source,table}`.
     pub(super) cdc_lag: Gauge<f64>,
+    /// `philotes_cdc_freshness_seconds{source,table}`.
+    pub(super) cdc_freshness: Histogram<f64>,
+    /// `philotes_cdc_last_commit_timestamp_seconds{source,table}`.
+    pub(super) cdc_last_commit: Gauge<f64>,
     /// `philotes_cdc_errors_total{source,error_type}`.
     pub(super) cdc_errors: Counter<u64>,
     /// `philotes_cdc_schema_changes_total{source,table,kind}`.
@@ -123,6 +133,20 @@ impl Metrics {
                 .f64_gauge("philotes.cdc.lag")
                 .with_unit("s")
                 .with_description("Seconds between the source commit and now, at the last event")
+                .build(),
+            cdc_freshness: meter
+                .f64_histogram("philotes.cdc.freshness")
+                .with_unit("s")
+                .with_boundaries(FRESHNESS_BUCKETS.to_vec())
+                .with_description(
+                    "Per committed source transaction and table: seconds from its commit in \
+                     PostgreSQL to the Iceberg commit that made it visible",
+                )
+                .build(),
+            cdc_last_commit: meter
+                .f64_gauge("philotes.cdc.last_commit_timestamp")
+                .with_unit("s")
+                .with_description("Unix time of the table's last Iceberg commit")
                 .build(),
             cdc_errors: meter
                 .u64_counter("philotes.cdc.errors")
@@ -360,6 +384,8 @@ impl SourceMetrics {
             truncate: op("truncate"),
             snapshot: op("snapshot"),
             lag: self.metrics.cdc_lag.bind(&base),
+            freshness: self.metrics.cdc_freshness.bind(&base),
+            last_commit: self.metrics.cdc_last_commit.bind(&base),
             commits: self.metrics.ice_commits.bind(&base),
             commit_duration: self.metrics.ice_commit_duration.bind(&base),
             files: self.metrics.ice_files.bind(&base),
@@ -387,6 +413,10 @@ pub struct TableMetrics {
     pub(super) snapshot: BoundCounter<u64>,
     /// `philotes_cdc_lag_seconds`.
     pub(super) lag: BoundGauge<f64>,
+    /// `philotes_cdc_freshness_seconds`.
+    pub(super) freshness: BoundHistogram<f64>,
+    /// `philotes_cdc_last_commit_timestamp_seconds`.
+    pub(super) last_commit: BoundGauge<f64>,
     /// `philotes_iceberg_commits_total`.
     pub(super) commits: BoundCounter<u64>,
     /// `philotes_iceberg_commit_duration_seconds`.

@@ -22,6 +22,7 @@ use tracing_subscriber::util::SubscriberInitExt as _;
 use tracing_subscriber::{EnvFilter, Layer};
 
 pub use instruments::{Metrics, PipelineState, SourceMetrics, TableMetrics};
+pub use process::OTLP_ONLY;
 
 use crate::config::TelemetryConfig;
 use export::{CountingMetricExporter, CountingSpanExporter, ExportErrors};
@@ -38,9 +39,11 @@ pub enum TelemetryError {
 pub struct Telemetry {
     /// Every instrument.
     pub metrics: Metrics,
-    /// Registry behind `/metrics` (None when the Prometheus endpoint is off).
-    pub registry: Option<prometheus::Registry>,
+    /// What `/metrics` serves (None when the Prometheus endpoint is off).
+    pub registry: Option<Exposition>,
     meter_provider: Option<SdkMeterProvider>,
+    /// Instruments only `/metrics` carries (the Prometheus client's process names).
+    prometheus_only: Option<SdkMeterProvider>,
     tracer_provider: Option<SdkTracerProvider>,
 }
 
@@ -98,6 +101,7 @@ impl Telemetry {
             |e: opentelemetry_otlp::ExporterBuildError| TelemetryError::Exporter(e.to_string());
 
         let mut registry = None;
+        let mut prometheus_only = None;
         let meter_provider = if disabled {
             None
         } else {
@@ -109,7 +113,23 @@ impl Telemetry {
                     .build()
                     .map_err(|e| TelemetryError::Exporter(e.to_string()))?;
                 b = b.with_reader(exporter);
-                registry = Some(reg);
+                // A second provider and registry, for what OTLP must not carry (a registry
+                // takes one OpenTelemetry exporter only); one target_info is enough.
+                let only_reg = prometheus::Registry::new();
+                let only = opentelemetry_prometheus::exporter()
+                    .with_registry(only_reg.clone())
+                    .without_target_info()
+                    .build()
+                    .map_err(|e| TelemetryError::Exporter(e.to_string()))?;
+                prometheus_only = Some(
+                    SdkMeterProvider::builder()
+                        .with_resource(res.clone())
+                        .with_reader(only)
+                        .build(),
+                );
+                registry = Some(Exposition {
+                    registries: [reg, only_reg],
+                });
             }
             if let Some((endpoint, grpc)) = &target {
                 let interval = export_interval(cfg);
@@ -189,13 +209,18 @@ impl Telemetry {
         };
         let metrics = Metrics::new(&meter);
         if meter_provider.is_some() {
-            process::register(&meter);
+            process::register_semconv(&meter);
+            process::register_runtime(&meter);
             register_export_errors(&meter, errors);
+        }
+        if let Some(p) = &prometheus_only {
+            process::register_prometheus(&p.meter("philotes"));
         }
         Ok(Self {
             metrics,
             registry,
             meter_provider,
+            prometheus_only,
             tracer_provider,
         })
     }
@@ -239,15 +264,13 @@ impl Telemetry {
 
     /// The Prometheus text exposition, if the endpoint is on.
     pub fn render(&self) -> Option<String> {
-        let reg = self.registry.as_ref()?;
-        prometheus::TextEncoder::new()
-            .encode_to_string(&reg.gather())
-            .ok()
+        self.registry.as_ref()?.render().ok()
     }
 
     /// Flush and stop both exporters; blocking work runs off the async threads.
     pub async fn shutdown(self) {
         let mp = self.meter_provider;
+        let only = self.prometheus_only;
         let tp = self.tracer_provider;
         let _ = tokio::task::spawn_blocking(move || {
             if let Some(tp) = tp {
@@ -256,8 +279,27 @@ impl Telemetry {
             if let Some(mp) = mp {
                 let _ = mp.shutdown();
             }
+            if let Some(p) = only {
+                let _ = p.shutdown();
+            }
         })
         .await;
+    }
+}
+
+/// The registries behind `/metrics`: the instruments both readers share, and those only
+/// `/metrics` carries.
+#[derive(Clone)]
+pub struct Exposition {
+    registries: [prometheus::Registry; 2],
+}
+
+impl Exposition {
+    /// The `/metrics` text: every family except those meant for OTLP only.
+    pub fn render(&self) -> Result<String, prometheus::Error> {
+        let mut families: Vec<_> = self.registries.iter().flat_map(|r| r.gather()).collect();
+        families.retain(|f| !process::OTLP_ONLY.contains(&f.name()));
+        prometheus::TextEncoder::new().encode_to_string(&families)
     }
 }
 

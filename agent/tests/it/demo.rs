@@ -116,6 +116,28 @@ fn a_short_demo_commits_every_generated_change() {
     let (generated, in_iceberg, _) = summary(&out);
     assert!(generated > 0, "{out}");
     assert_eq!(generated, in_iceberg, "{out}");
+    // The closing figures come from its own /metrics and agree with the tables it read back.
+    let line = out
+        .lines()
+        .find(|l| l.contains("/metrics:") && l.contains("rows committed"))
+        .unwrap_or_else(|| panic!("no figures from /metrics: {out}"));
+    let rows: u64 = line
+        .split(": ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{line}"));
+    assert_eq!(rows, in_iceberg, "{line}");
+    for part in [
+        "commits;",
+        "freshness p50 ",
+        " p99 ",
+        "transactions;",
+        "slot lag ",
+    ] {
+        assert!(line.contains(part), "{part} in {line}");
+    }
+    assert!(!line.contains("p50 –"), "freshness observed: {line}");
 }
 
 #[test]

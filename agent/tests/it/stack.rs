@@ -51,6 +51,31 @@ fn compose_prometheus_and_agent_configs_are_valid() {
             .arg(root.join("prometheus/prometheus.yml")),
     );
     assert_eq!(rc, 0, "promtool check config: {out}");
+    // The example alerts: valid, and each fires (or not) on the synthetic series of its test.
+    let (rc, out) = run_cmd(
+        Command::new("promtool")
+            .args(["check", "rules"])
+            .arg(root.join("prometheus/alerts.yml")),
+    );
+    assert_eq!(rc, 0, "promtool check rules: {out}");
+    let (rc, out) = run_cmd(
+        Command::new("promtool")
+            .args(["test", "rules", "alerts.test.yml"])
+            .current_dir(root.join("prometheus")),
+    );
+    assert_eq!(rc, 0, "promtool test rules: {out}");
+    // docs/operations.md shows exactly the rules the stack loads.
+    let ops = std::fs::read_to_string(root.join("docs/operations.md")).unwrap();
+    let rules = std::fs::read_to_string(root.join("prometheus/alerts.yml")).unwrap();
+    let start = ops
+        .find("```yaml\n# Example alerting rules")
+        .expect("docs/operations.md shows the alert rules");
+    let block = &ops[start + "```yaml\n".len()..];
+    let block = &block[..block.find("```").unwrap()];
+    assert_eq!(
+        block, rules,
+        "docs/operations.md's alert rules != prometheus/alerts.yml"
+    );
     // The agent config the stack mounts is valid for this agent, with only the defaults set.
     let text = std::fs::read_to_string(root.join("deploy/philotes.toml")).unwrap();
     let cfg = Config::parse(&text, &[]).unwrap_or_else(|e| panic!("deploy/philotes.toml: {e}"));
@@ -80,13 +105,16 @@ async fn dashboard_collector_and_dockerfile_match_the_agent() {
     db.batch_execute(
         "INSERT INTO t SELECT g, g FROM generate_series(1, 200) g;
          UPDATE t SET n = n + 1 WHERE id < 20; DELETE FROM t WHERE id > 190;
-         INSERT INTO t VALUES (999, 'NaN'); TRUNCATE t; INSERT INTO t VALUES (1, 1);",
+         INSERT INTO t VALUES (999, 'NaN'); TRUNCATE t; INSERT INTO t VALUES (1, 1);
+         ALTER TABLE t ADD COLUMN note text; INSERT INTO t VALUES (2, 2, 'schema changed');",
     )
     .await
     .unwrap();
     agent
         .wait_pipeline("p", 60, "dead letter committed", |v| {
-            v["dlq_rows"] == 1 && v["buffered_events"] == 0
+            v["dlq_rows"] == 1
+                && v["buffered_events"] == 0
+                && v["tables"]["public.t"]["inserts"] == 203
         })
         .await;
     for i in 0..3 {
@@ -116,7 +144,9 @@ async fn dashboard_collector_and_dockerfile_match_the_agent() {
             .arg("--scrape")
             .arg(&scrape_path)
             .arg("--valid-env")
-            .arg(valid_env_names().join(",")),
+            .arg(valid_env_names().join(","))
+            .arg("--otlp-only")
+            .arg(philotes::telemetry::OTLP_ONLY.join(",")),
         "check_stack.py",
     );
     assert_eq!(v["problems"], serde_json::json!([]), "{v}");

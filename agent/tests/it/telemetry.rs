@@ -19,6 +19,14 @@ const CONTRACT: &[(&str, &[&str])] = &[
         &["source", "table", "operation"],
     ),
     ("philotes_cdc_lag_seconds", &["source", "table"]),
+    (
+        "philotes_cdc_freshness_seconds_bucket",
+        &["source", "table", "le"],
+    ),
+    (
+        "philotes_cdc_last_commit_timestamp_seconds",
+        &["source", "table"],
+    ),
     ("philotes_cdc_errors_total", &["source", "error_type"]),
     ("philotes_cdc_retries_total", &["source"]),
     ("philotes_cdc_pipeline_state", &["source"]),
@@ -77,6 +85,9 @@ const CONTRACT: &[(&str, &[&str])] = &[
     ("process_open_fds", &[]),
     ("process_threads", &[]),
     ("philotes_runtime_tasks", &[]),
+    ("philotes_runtime_workers", &[]),
+    ("philotes_runtime_global_queue_depth", &[]),
+    ("philotes_runtime_busy_seconds_total", &[]),
 ];
 
 /// Parse an exposition into (name, labels) → value.
@@ -182,42 +193,12 @@ async fn prometheus_scrapes_the_agent_and_promtool_is_clean() {
     // An API call, so the philotes_api_* series exist.
     assert!(agent.api_json("/api/v1/pipelines").await.is_some());
 
-    let prom_port = free_port().unwrap();
-    let prom_dir = work.path().join("prom");
-    std::fs::create_dir_all(&prom_dir).unwrap();
-    let prom_cfg = prom_dir.join("prometheus.yml");
-    std::fs::write(
-        &prom_cfg,
-        format!(
-            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: philotes\n    static_configs:\n      - targets: ['{addr}']\n"
-        ),
-    )
-    .unwrap();
-    let _prom = Killer(
-        Command::new("prometheus")
-            .arg(format!("--config.file={}", prom_cfg.display()))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                prom_dir.join("data").display()
-            ))
-            .arg(format!("--web.listen-address=127.0.0.1:{prom_port}"))
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(prom_dir.join("log")).unwrap())
-            .spawn()
-            .expect("prometheus (apt-get install prometheus)"),
-    );
+    let (_prom, prom_port) = start_prometheus(work.path(), &addr);
     let total = wait_for(
         Duration::from_secs(60),
         "Prometheus to have the series",
         || async {
-            let url = format!(
-                "http://127.0.0.1:{prom_port}/api/v1/query?query=sum(philotes_cdc_events_total)"
-            );
-            let v: Value = reqwest::get(url).await.ok()?.json().await.ok()?;
-            let s = v["data"]["result"][0]["value"][1]
-                .as_str()?
-                .parse::<f64>()
-                .ok()?;
+            let s = prom_query(prom_port, "sum(philotes_cdc_events_total)").await?;
             (s >= made as f64).then_some(s)
         },
     )
@@ -261,6 +242,160 @@ async fn prometheus_scrapes_the_agent_and_promtool_is_clean() {
     }
     assert_eq!(sum_of(&parsed, "philotes_buffer_dlq_total"), 1.0);
     assert!(sum_of(&parsed, "philotes_iceberg_commits_total") >= 1.0);
+    assert_eq!(agent.terminate(), Some(0));
+}
+
+/// Start a real Prometheus (Debian's 2.42) scraping `addr` every second, its files under `dir`;
+/// returns it (killed on drop) and its port.
+fn start_prometheus(dir: &Path, addr: &str) -> (Killer, u16) {
+    let prom_port = free_port().unwrap();
+    let prom_dir = dir.join("prom");
+    std::fs::create_dir_all(&prom_dir).unwrap();
+    let prom_cfg = prom_dir.join("prometheus.yml");
+    std::fs::write(
+        &prom_cfg,
+        format!(
+            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: philotes\n    static_configs:\n      - targets: ['{addr}']\n"
+        ),
+    )
+    .unwrap();
+    let prom = Killer(
+        Command::new("prometheus")
+            .arg(format!("--config.file={}", prom_cfg.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                prom_dir.join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{prom_port}"))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(prom_dir.join("log")).unwrap())
+            .spawn()
+            .expect("prometheus (apt-get install prometheus)"),
+    );
+    (prom, prom_port)
+}
+
+/// The first sample of an instant PromQL query against the Prometheus on `port`.
+async fn prom_query(port: u16, query: &str) -> Option<f64> {
+    let url = url::Url::parse_with_params(
+        &format!("http://127.0.0.1:{port}/api/v1/query"),
+        &[("query", query)],
+    )
+    .ok()?;
+    let v: Value = reqwest::get(url).await.ok()?.json().await.ok()?;
+    v["data"]["result"][0]["value"][1]
+        .as_str()?
+        .parse::<f64>()
+        .ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn freshness_counts_every_transaction_per_table_and_staleness_follows_commits() {
+    // Two tables; a known load: 30 transactions 150 ms apart, each changing t, every third
+    // also u; flush_interval is the tests' 300 ms.
+    let mut p = prepare(
+        "CREATE TABLE t (id int PRIMARY KEY, n int); CREATE TABLE u (id int PRIMARY KEY, n int)",
+        &["t", "u"],
+        "",
+        "",
+    )
+    .await;
+    let port = free_port().unwrap();
+    let addr = p.listen_on(port, "");
+    let r = p.streaming().await;
+    let (_pg, db, work, agent) = r.parts();
+    let (_prom, prom_port) = start_prometheus(work.path(), &addr);
+    let (mut to_t, mut to_u) = (0u64, 0u64);
+    for i in 0..30 {
+        let mut sql = format!("BEGIN; INSERT INTO t VALUES ({i}, {i});");
+        to_t += 1;
+        if i % 3 == 0 {
+            sql.push_str(&format!(
+                "INSERT INTO u VALUES ({i}, {i}); UPDATE u SET n = n + 1 WHERE id = {i};"
+            ));
+            to_u += 1;
+        }
+        sql.push_str("COMMIT;");
+        db.batch_execute(&sql).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    wait_committed(&agent, 30 + 10 * 2).await;
+
+    // What a real Prometheus scraped: the count per table equals the transactions.
+    let count = |table: &'static str| async move {
+        prom_query(
+            prom_port,
+            &format!("philotes_cdc_freshness_seconds_count{{table=\"public.{table}\"}}"),
+        )
+        .await
+    };
+    let (n_t, n_u) = wait_for(
+        Duration::from_secs(60),
+        "Prometheus to scrape the final counts",
+        || async {
+            let (a, b) = (count("t").await?, count("u").await?);
+            (a >= to_t as f64 && b >= to_u as f64).then_some((a, b))
+        },
+    )
+    .await;
+    assert_eq!(
+        (n_t, n_u),
+        (to_t as f64, to_u as f64),
+        "one observation per transaction and table"
+    );
+    // p50 inside the flush interval plus the commit time (the commit histogram's p99 in the
+    // same scrape); 0.1 s for the bucket interpolation.
+    let p50 = prom_query(
+        prom_port,
+        "histogram_quantile(0.5, philotes_cdc_freshness_seconds_bucket{table=\"public.t\"})",
+    )
+    .await
+    .expect("freshness p50");
+    let commit_p99 = prom_query(
+        prom_port,
+        "histogram_quantile(0.99, philotes_iceberg_commit_duration_seconds_bucket{table=\"public.t\"})",
+    )
+    .await
+    .expect("commit p99");
+    assert!(
+        p50 > 0.0 && p50 <= 0.3 + commit_p99 + 0.1,
+        "freshness p50 {p50:.3}s, flush interval 0.3s, commit p99 {commit_p99:.3}s"
+    );
+    let sum = prom_query(
+        prom_port,
+        "philotes_cdc_freshness_seconds_sum{table=\"public.t\"}",
+    )
+    .await
+    .unwrap();
+    assert!(sum / n_t < 5.0, "mean freshness {:.3}s", sum / n_t);
+
+    // The staleness gauge: t's moves with t's commit (to the commit's wall-clock time), u's
+    // stays where it was.
+    let last = |text: &str, table: &str| {
+        parse_scrape(text)
+            .into_iter()
+            .find(|((n, l), _)| {
+                n == "philotes_cdc_last_commit_timestamp_seconds"
+                    && l.get("table").map(String::as_str) == Some(table)
+            })
+            .map(|(_, v)| v)
+            .unwrap_or_else(|| panic!("no last-commit gauge for {table}"))
+    };
+    let before = scrape(&addr).await;
+    let (t0, u0) = (last(&before, "public.t"), last(&before, "public.u"));
+    let sent = chrono::Utc::now().timestamp_micros() as f64 / 1e6;
+    db.batch_execute("INSERT INTO t VALUES (100, 1)")
+        .await
+        .unwrap();
+    wait_committed(&agent, 30 + 10 * 2 + 1).await;
+    let seen = chrono::Utc::now().timestamp_micros() as f64 / 1e6;
+    let after = scrape(&addr).await;
+    let (t1, u1) = (last(&after, "public.t"), last(&after, "public.u"));
+    assert!(
+        t1 > t0 && t1 >= sent && t1 <= seen,
+        "t: {t0} → {t1}, commit between {sent} and {seen}"
+    );
+    assert_eq!(u1, u0, "u did not commit");
     assert_eq!(agent.terminate(), Some(0));
 }
 
@@ -390,14 +525,57 @@ async fn otlp_http_receiver_gets_the_same_metrics_and_the_flush_trace() {
         "philotes.cdc.slot_lag",
         "philotes.buffer.depth",
         "philotes.iceberg.commit.duration",
-        "process.resident_memory",
+        "philotes.cdc.freshness",
+        "philotes.cdc.last_commit_timestamp",
+        // OpenTelemetry's process semantic conventions, and the tokio runtime.
+        "process.cpu.time",
+        "process.memory.usage",
+        "process.memory.virtual",
+        "process.thread.count",
+        "process.unix.file_descriptor.count",
+        "process.uptime",
         "philotes.runtime.tasks",
+        "philotes.runtime.workers",
+        "philotes.runtime.global_queue_depth",
+        "philotes.runtime.busy",
     ] {
         assert!(
             ndjson.contains(&format!("\"name\":\"{name}\"")),
             "{name} not exported"
         );
     }
+    // The Prometheus client's process names stay on /metrics only; the semantic-convention
+    // ones stay off it.
+    for name in [
+        "process.cpu",
+        "process.resident_memory",
+        "process.threads",
+        "process.open_fds",
+    ] {
+        assert!(
+            !ndjson.contains(&format!("\"name\":\"{name}\"")),
+            "{name} sent over OTLP beside its semantic-convention twin"
+        );
+    }
+    for name in [
+        "process_cpu_time_seconds_total",
+        "process_memory_usage_bytes",
+        "process_thread_count",
+    ] {
+        assert!(!text.contains(name), "{name} on /metrics");
+    }
+    let cpu: Vec<_> = otlp
+        .keys()
+        .filter(|(n, _)| n == "process.cpu.time")
+        .map(|(_, a)| a.get("cpu.mode").cloned().unwrap_or_default())
+        .collect();
+    assert_eq!(cpu, ["system", "user"], "process.cpu.time by cpu.mode");
+    let workers = otlp
+        .iter()
+        .find(|((n, _), _)| n == "philotes.runtime.workers")
+        .map(|(_, v)| *v)
+        .unwrap();
+    assert!(workers >= 1.0, "runtime workers {workers}");
 
     let spans = spans(&ndjson);
     let flush = spans
@@ -414,6 +592,33 @@ async fn otlp_http_receiver_gets_the_same_metrics_and_the_flush_trace() {
             "{child} is not a child of pipeline.flush in trace {trace}"
         );
     }
+    // The attributes the collector's spanmetrics connector splits by, and the database ones.
+    let attr = |s: &Value, key: &str| -> Option<String> {
+        s["attributes"]
+            .as_array()?
+            .iter()
+            .find(|a| a["key"] == key)
+            .map(|a| {
+                let v = &a["value"];
+                v["stringValue"]
+                    .as_str()
+                    .map(String::from)
+                    .unwrap_or_else(|| v.to_string())
+            })
+    };
+    for name in ["iceberg.write", "iceberg.commit"] {
+        let s = spans.iter().find(|s| s["name"] == name).unwrap();
+        assert_eq!(attr(s, "source").as_deref(), Some("p"), "{name}: {s}");
+        assert_eq!(attr(s, "table").as_deref(), Some("public.t"), "{name}: {s}");
+    }
+    let ack = spans.iter().find(|s| s["name"] == "postgres.ack").unwrap();
+    assert_eq!(
+        attr(ack, "db.system.name").as_deref(),
+        Some("postgresql"),
+        "{ack}"
+    );
+    assert_eq!(attr(ack, "db.namespace").as_deref(), Some("app"), "{ack}");
+    assert!(attr(ack, "server.port").is_some(), "{ack}");
     // JSON logs inside the flush carry its trace id.
     let log = std::fs::read_to_string(log_path).unwrap();
     assert!(
@@ -562,7 +767,8 @@ async fn grpc_export_reaches_an_otlp_grpc_server() {
     for name in [
         "philotes.cdc.events",
         "philotes.iceberg.commits",
-        "process.cpu",
+        "process.cpu.time",
+        "philotes.runtime.workers",
     ] {
         assert!(
             metrics.contains(name),

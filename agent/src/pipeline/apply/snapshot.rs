@@ -296,6 +296,7 @@ impl Applier {
         let t = &mut self.tables[idx];
         let span = tracing::info_span!(
             "iceberg.commit",
+            source = %self.cfg.name,
             table = %t.source_name,
             iceberg.table = %t.sink.name(),
             rows = rows as i64,
@@ -318,6 +319,7 @@ impl Applier {
             committed_lsn: t_committed(t),
             conflicts: outcome.conflicts,
             duration: started.elapsed(),
+            transactions: &[],
         }
         .emit(&t.metrics, &self.metrics, &self.status);
         Ok(())

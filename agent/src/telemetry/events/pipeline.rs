@@ -145,17 +145,28 @@ pub struct TableCommitted<'a> {
     pub conflicts: u32,
     /// Closing the data files and committing.
     pub duration: Duration,
+    /// Commit times (Unix microseconds) of the source transactions whose changes to this
+    /// table the commit made visible; empty for a snapshot chunk.
+    pub transactions: &'a [i64],
 }
 
 impl TableCommitted<'_> {
-    /// Record `philotes_iceberg_commits_total`, the commit duration and the conflicts; add
-    /// the commit to the table's status.
+    /// Record `philotes_iceberg_commits_total`, the commit duration, the conflicts, the
+    /// freshness of every transaction and the last commit's time; add the commit to the
+    /// table's status.
     pub fn emit(self, t: &TableMetrics, m: &SourceMetrics, status: &SharedStatus) {
         for _ in 0..self.conflicts {
             m.error(ErrorType::CommitConflict);
         }
         t.commit_duration.record(self.duration.as_secs_f64());
         t.commits.add(1);
+        let now = chrono::Utc::now().timestamp_micros();
+        for ts in self.transactions {
+            // A source clock ahead of ours would give negative ages: count them as fresh.
+            t.freshness
+                .record(now.saturating_sub(*ts).max(0) as f64 / 1e6);
+        }
+        t.last_commit.record(now as f64 / 1e6);
         status::update(status, |s| {
             let e = s.tables.entry(self.source_table.to_string()).or_default();
             e.iceberg_table = self.iceberg_table;
