@@ -45,9 +45,9 @@ fn sample(line: &str) -> Option<(&str, BTreeMap<&str, &str>, f64)> {
     Some((name, labels, value))
 }
 
-/// The `q` quantile of cumulative buckets (upper bound → count), interpolated linearly inside
-/// the bucket as PromQL's `histogram_quantile` does.
-fn quantile(q: f64, buckets: &BTreeMap<u64, (f64, f64)>) -> Option<f64> {
+/// The `q` quantile of cumulative buckets (key: the bound's bits; value: upper bound and
+/// count), interpolated linearly inside the bucket as PromQL's `histogram_quantile` does.
+pub fn quantile(q: f64, buckets: &BTreeMap<u64, (f64, f64)>) -> Option<f64> {
     let total = buckets.values().last()?.1;
     if total <= 0.0 {
         return None;
@@ -74,32 +74,40 @@ fn quantile(q: f64, buckets: &BTreeMap<u64, (f64, f64)>) -> Option<f64> {
     Some(lower)
 }
 
+/// The freshness histogram's cumulative buckets summed over tables, keyed by the bound's bits
+/// (which sort like the bounds, every bound being positive).
+pub fn freshness_buckets(text: &str) -> BTreeMap<u64, (f64, f64)> {
+    let mut buckets: BTreeMap<u64, (f64, f64)> = BTreeMap::new();
+    for (name, labels, v) in text.lines().filter_map(sample) {
+        if name != "philotes_cdc_freshness_seconds_bucket" {
+            continue;
+        }
+        let le = match labels.get("le") {
+            Some(&"+Inf") => f64::INFINITY,
+            Some(b) => match b.parse::<f64>() {
+                Ok(b) => b,
+                Err(_) => continue,
+            },
+            None => continue,
+        };
+        buckets.entry(le.to_bits()).or_insert((le, 0.0)).1 += v;
+    }
+    buckets
+}
+
 /// Read the figures from an exposition.
 pub fn read(text: &str) -> Figures {
     let mut f = Figures::default();
-    // Freshness buckets summed over tables, keyed by the bound's bits (sorted by f64 order
-    // because every bound is positive).
-    let mut buckets: BTreeMap<u64, (f64, f64)> = BTreeMap::new();
-    for (name, labels, v) in text.lines().filter_map(sample) {
+    for (name, _, v) in text.lines().filter_map(sample) {
         match name {
             "philotes_buffer_events_processed_total" => f.rows += v,
             "philotes_iceberg_commits_total" => f.commits += v,
             "philotes_cdc_freshness_seconds_count" => f.transactions += v,
             "philotes_cdc_slot_lag_bytes" => f.slot_lag_bytes = f.slot_lag_bytes.max(v),
-            "philotes_cdc_freshness_seconds_bucket" => {
-                let le = match labels.get("le") {
-                    Some(&"+Inf") => f64::INFINITY,
-                    Some(b) => match b.parse::<f64>() {
-                        Ok(b) => b,
-                        Err(_) => continue,
-                    },
-                    None => continue,
-                };
-                buckets.entry(le.to_bits()).or_insert((le, 0.0)).1 += v;
-            }
             _ => {}
         }
     }
+    let buckets = freshness_buckets(text);
     f.freshness_p50 = quantile(0.5, &buckets);
     f.freshness_p99 = quantile(0.99, &buckets);
     f
