@@ -202,6 +202,9 @@ fn run_baseline(pg: &LocalPostgres, slot: &str, end: u64) -> Run {
             "streaming=on",
             "-o",
             "publication_names=bench",
+            // Every bench table has types the agent streams in binary (`binary = true`).
+            "-o",
+            "binary=true",
         ])
         .arg("--endpos")
         .arg(format!("{:X}/{:X}", end >> 32, end & 0xffff_ffff))
@@ -920,76 +923,9 @@ fn snapshot_phase(env: &Env<'_>, rows: u64, reps: usize) {
             .expect("psql COPY");
         assert!(out.success());
         copy.push(t.elapsed().as_secs_f64());
-        let port = free_port().unwrap();
-        let wh = env.dir.join(format!("snap_{i}"));
-        std::fs::create_dir_all(&wh).unwrap();
-        let cfg = format!(
-            "[api]\nlisten = \"127.0.0.1:{port}\"\n[telemetry]\nlog_level = \"warn\"\n[iceberg]\nuri = \"sqlite://{w}/catalog.db\"\nwarehouse = \"{w}/warehouse\"\n\
-             [[pipelines]]\nname = \"bench\"\nsource = \"{}\"\nslot = \"snap_{i}\"\npublication = \"bench_snap\"\ntables = [\"snap\"]\nsnapshot = \"initial\"\n",
-            pg.url("bench", None),
-            w = wh.display(),
-        );
-        // PHILOTES_BENCH_PROFILE=DIR keeps each run's info-level log there and records the
-        // first run with `perf record -g` (DIR/perf.data): the profiling route of docs/performance.md.
-        let profile = std::env::var_os("PHILOTES_BENCH_PROFILE").map(PathBuf::from);
-        let cfg = match &profile {
-            Some(_) => cfg.replace("log_level = \"warn\"", "log_level = \"info\""),
-            None => cfg,
-        };
-        std::fs::write(wh.join("philotes.toml"), cfg).unwrap();
-        let t = Instant::now();
-        let mut cmd = match (&profile, i) {
-            (Some(dir), 0) => {
-                std::fs::create_dir_all(dir).unwrap();
-                let mut c = Command::new("perf");
-                c.args(["record", "-g", "-F", "999", "-o"])
-                    .arg(dir.join("perf.data"))
-                    .arg("--")
-                    .arg(env.bin);
-                c
-            }
-            _ => Command::new(env.bin),
-        };
-        let mut child = cmd
-            .args(["run", "--config"])
-            .arg(wh.join("philotes.toml"))
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(wh.join("agent.log")).unwrap())
-            .spawn()
-            .expect("spawn philotes");
-        let url = format!("http://127.0.0.1:{port}/api/v1/pipelines/bench");
-        let deadline = Instant::now() + Duration::from_secs(900);
-        loop {
-            assert!(Instant::now() < deadline, "snapshot did not finish");
-            let done = Command::new("curl")
-                .args(["-fsS", &url])
-                .output()
-                .ok()
-                .and_then(|o| serde_json::from_slice::<serde_json::Value>(&o.stdout).ok())
-                .and_then(|v| v["tables"]["public.snap"]["committed_rows"].as_u64())
-                .is_some_and(|n| n >= rows);
-            if done {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        agent.push(t.elapsed().as_secs_f64());
-        rss = rss.max(proc_stats(child.id()).0);
-        match &profile {
-            Some(dir) => {
-                // perf writes its file on SIGINT; the agent under it gets the same signal.
-                let _ = Command::new("kill")
-                    .args(["-INT", &child.id().to_string()])
-                    .status();
-                let _ = child.wait();
-                let _ = std::fs::copy(wh.join("agent.log"), dir.join(format!("snapshot_{i}.log")));
-            }
-            None => {
-                let _ = child.kill();
-                let _ = child.wait();
-            }
-        }
-        let _ = std::fs::remove_dir_all(&wh);
+        let (secs, peak) = snapshot_once(env, "snap", rows, &format!("snap_{i}"), i == 0);
+        agent.push(secs);
+        rss = rss.max(peak);
     }
     let c = median(&mut copy);
     let a = median(&mut agent);
@@ -1005,6 +941,154 @@ fn snapshot_phase(env: &Env<'_>, rows: u64, reps: usize) {
     );
     println!("  (baseline for the snapshot row: psql COPY snap TO STDOUT > /dev/null)");
     psql(pg, "DROP TABLE snap");
+}
+
+/// One agent copying `table` (`rows` rows) with `snapshot = "initial"` under slot `slot`: its
+/// time until every row is committed and its peak RSS (MB). `first` with
+/// PHILOTES_BENCH_PROFILE=DIR records that run with `perf record -g` (DIR/perf.data) and
+/// keeps each run's info-level log there: the profiling route of docs/performance.md.
+fn snapshot_once(env: &Env<'_>, table: &str, rows: u64, slot: &str, first: bool) -> (f64, f64) {
+    let pg = env.pg;
+    psql(pg, &format!("DROP PUBLICATION IF EXISTS {slot}"));
+    psql(pg, &format!("CREATE PUBLICATION {slot} FOR TABLE {table}"));
+    let port = free_port().unwrap();
+    let wh = env.dir.join(slot);
+    std::fs::create_dir_all(&wh).unwrap();
+    let cfg = format!(
+        "[api]\nlisten = \"127.0.0.1:{port}\"\n[telemetry]\nlog_level = \"warn\"\n[iceberg]\nuri = \"sqlite://{w}/catalog.db\"\nwarehouse = \"{w}/warehouse\"\n\
+         [[pipelines]]\nname = \"bench\"\nsource = \"{}\"\nslot = \"{slot}\"\npublication = \"{slot}\"\ntables = [\"{table}\"]\nsnapshot = \"initial\"\n",
+        pg.url("bench", None),
+        w = wh.display(),
+    );
+    let profile = std::env::var_os("PHILOTES_BENCH_PROFILE").map(PathBuf::from);
+    let cfg = match &profile {
+        Some(_) => cfg.replace("log_level = \"warn\"", "log_level = \"info\""),
+        None => cfg,
+    };
+    std::fs::write(wh.join("philotes.toml"), cfg).unwrap();
+    let t = Instant::now();
+    let mut cmd = match (&profile, first) {
+        (Some(dir), true) => {
+            std::fs::create_dir_all(dir).unwrap();
+            let mut c = Command::new("perf");
+            c.args(["record", "-g", "-F", "999", "-o"])
+                .arg(dir.join("perf.data"))
+                .arg("--")
+                .arg(env.bin);
+            c
+        }
+        _ => Command::new(env.bin),
+    };
+    let mut child = cmd
+        .args(["run", "--config"])
+        .arg(wh.join("philotes.toml"))
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(wh.join("agent.log")).unwrap())
+        .spawn()
+        .expect("spawn philotes");
+    let url = format!("http://127.0.0.1:{port}/api/v1/pipelines/bench");
+    let deadline = Instant::now() + Duration::from_secs(900);
+    loop {
+        assert!(Instant::now() < deadline, "snapshot did not finish");
+        let done = Command::new("curl")
+            .args(["-fsS", &url])
+            .output()
+            .ok()
+            .and_then(|o| serde_json::from_slice::<serde_json::Value>(&o.stdout).ok())
+            .and_then(|v| v["tables"][format!("public.{table}")]["committed_rows"].as_u64())
+            .is_some_and(|n| n >= rows);
+        if done {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let secs = t.elapsed().as_secs_f64();
+    let peak = proc_stats(child.id()).0;
+    match &profile {
+        Some(dir) => {
+            // perf writes its file on SIGINT; the agent under it gets the same signal.
+            let _ = Command::new("kill")
+                .args(["-INT", &child.id().to_string()])
+                .status();
+            let _ = child.wait();
+            let _ = std::fs::copy(wh.join("agent.log"), dir.join(format!("{slot}.log")));
+        }
+        None => {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+    let _ = std::fs::remove_dir_all(&wh);
+    std::thread::sleep(Duration::from_millis(500));
+    psql(
+        pg,
+        &format!("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = '{slot}' AND NOT active"),
+    );
+    psql(pg, &format!("DROP PUBLICATION {slot}"));
+    (secs, peak)
+}
+
+/// How cost grows with the work: the same table shape at each size, streamed (1,000
+/// transactions) and then copied by an initial snapshot, one agent run each; rows/s and peak
+/// RSS per size, and the largest size's rows/s ÷ the smallest's.
+fn growth_phase(env: &Env<'_>, sizes: &[u64]) {
+    let pg = env.pg;
+    println!("growth: streamed (1,000 transactions) and snapshotted, one run per size");
+    println!(
+        "{:>10} {:>10} {:>12} {:>8} {:>10} {:>12} {:>8}",
+        "rows", "stream s", "rows/s", "RSS MB", "snap s", "rows/s", "RSS MB"
+    );
+    let mut seen = Vec::new();
+    for &rows in sizes {
+        let t = format!("grow_{}", rows);
+        psql(pg, &format!("CREATE TABLE {t} (id bigint PRIMARY KEY, n int, s text, at timestamptz, d double precision)"));
+        psql(pg, "DROP PUBLICATION IF EXISTS bench");
+        psql(pg, &format!("CREATE PUBLICATION bench FOR TABLE {t}"));
+        let slot = format!("g_{rows}");
+        psql(
+            pg,
+            &format!("SELECT pg_create_logical_replication_slot('{slot}', 'pgoutput')"),
+        );
+        let per = rows / 1000;
+        for i in 0..1000 {
+            psql(
+                pg,
+                &format!("INSERT INTO {t} SELECT g, g % 1000, repeat(chr(97 + (g % 26)::int), 40), now(), g * 0.5 FROM generate_series({}, {}) g", i * per + 1, (i + 1) * per),
+            );
+        }
+        let end = lsn_num(&psql(pg, "SELECT pg_current_wal_insert_lsn()"));
+        psql(pg, &format!("VACUUM (ANALYZE) {t}"));
+        psql(pg, "CHECKPOINT");
+        let st = run_agent(env, &slot, &t, end, true);
+        psql(pg, &format!("SELECT pg_drop_replication_slot('{slot}')"));
+        let (snap_s, snap_rss) = snapshot_once(env, &t, rows, &format!("gs_{rows}"), false);
+        println!(
+            "{:>10} {:>10.2} {:>12.0} {:>8.0} {:>10.2} {:>12.0} {:>8.0}",
+            rows,
+            st.secs,
+            rows as f64 / st.secs,
+            st.rss_mb,
+            snap_s,
+            rows as f64 / snap_s,
+            snap_rss
+        );
+        seen.push((
+            rows as f64 / st.secs,
+            st.rss_mb,
+            rows as f64 / snap_s,
+            snap_rss,
+        ));
+        psql(pg, &format!("DROP TABLE {t}"));
+    }
+    if let (Some(a), Some(b)) = (seen.first(), seen.last()) {
+        println!(
+            "growth, largest ÷ smallest: stream rows/s {:.3} (target ≥ 0.95), peak RSS {:.3} (target ≤ 1.10); snapshot rows/s {:.3}, peak RSS {:.3}",
+            b.0 / a.0,
+            b.1 / a.1,
+            b.2 / a.2,
+            b.3 / a.3
+        );
+    }
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -1209,6 +1293,20 @@ fn main() {
         Vec::new()
     };
     lat.sort_by(|a, b| a.total_cmp(b));
+    // `--growth[=N,N,…]`: 1M / 5M / 10M rows streamed and snapshotted (quick: 10k / 50k).
+    if let Some(arg) = args.iter().find(|a| a.starts_with("--growth")) {
+        let sizes: Vec<u64> = arg
+            .strip_prefix("--growth=")
+            .map(|v| v.split(',').filter_map(|n| n.parse().ok()).collect())
+            .unwrap_or_else(|| {
+                if quick {
+                    vec![10_000, 50_000]
+                } else {
+                    vec![1_000_000, 5_000_000, 10_000_000]
+                }
+            });
+        growth_phase(&env, &sizes);
+    }
     // `--freshness-long[=SECONDS]`: the 10-minute phase at a 250 ms flush (quick: 65 s, so the
     // harness reads one minute).
     if let Some(arg) = args.iter().find(|a| a.starts_with("--freshness-long")) {

@@ -326,6 +326,10 @@ pub struct PipelineConfig {
     /// them and sends them after the commit).
     #[serde(default = "default_true")]
     pub stream_in_progress: bool,
+    /// Receive values in their binary (send) form when every published column's type has a
+    /// binary reader (pgoutput `binary 'true'`, PostgreSQL 14+); text otherwise.
+    #[serde(default = "default_true")]
+    pub binary: bool,
     /// Directory for the spool files of in-progress transactions (default: `$TMPDIR`, else
     /// `/var/tmp`).
     #[serde(default)]

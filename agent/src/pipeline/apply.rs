@@ -108,6 +108,8 @@ pub(super) struct Applier {
     catalog: Option<Session>,
     /// Tables renamed in the source: their name now → the name they are configured under.
     aliases: HashMap<String, String>,
+    /// The stream sends values in binary (`binary 'true'`).
+    binary: bool,
 }
 
 /// Dead-letter table property per source table: the newest `lsn:seq` stored for it.
@@ -172,10 +174,16 @@ impl Applier {
             full_identity: HashMap::new(),
             catalog: None,
             aliases: HashMap::new(),
+            binary: false,
         }
     }
 
     /// Tables renamed in the source before this attempt: their name now → as configured.
+    /// The stream sends values in binary: every relation must be readable so.
+    pub(super) fn set_binary(&mut self, binary: bool) {
+        self.binary = binary;
+    }
+
     pub(super) fn set_aliases(&mut self, aliases: HashMap<String, String>) {
         self.aliases = aliases;
     }
@@ -673,9 +681,22 @@ impl Applier {
                         tracing::info!(table = %source, "table joined the publication: streaming it");
                     }
                 }
+                // A binary stream cannot read this table's values: change nothing, reconnect
+                // in text (the check on the catalog at start missed a column added since).
+                if self.binary
+                    && !columns
+                        .iter()
+                        .all(|c| crate::source::postgres::binary::supported(c.type_oid))
+                {
+                    return Err(PipelineError::TextNeeded(source));
+                }
                 let idx = self
                     .relation(&source, namespace, name, Some(oid), columns)
                     .await?;
+                // Supported types feeding columns of another kind (a widened decimal, say).
+                if self.binary && !self.tables[idx].batch.binary_ready() {
+                    return Err(PipelineError::TextNeeded(source));
+                }
                 self.relations.insert(oid, Some(idx));
             }
             Message::Insert { oid, new } => self.change(oid, Op::Insert, Some(&new)).await?,

@@ -17,6 +17,7 @@ use arrow_schema::{ArrowError, DataType, Field, SchemaRef};
 
 use crate::model::{Lsn, Op};
 use crate::sink::iceberg::schema::{kind_of, CDC_COLUMNS};
+use crate::source::postgres::binary;
 use crate::source::postgres::pgoutput::{Column, RelationColumn, TupleData};
 use crate::source::postgres::types::{self as t, ColumnKind, ValueError};
 
@@ -51,6 +52,10 @@ enum Parsed<'a> {
     Hex(&'a [u8]),
     Uuid([u8; 16]),
     List(&'a [u8]),
+    /// bytea in binary: the bytes themselves.
+    Bytes(&'a [u8]),
+    /// An unconstrained numeric in binary, checked; rendered as text when appended.
+    NumText(&'a [u8]),
 }
 
 fn parse<'a>(kind: &ColumnKind, raw: &'a [u8]) -> Result<Parsed<'a>, ValueError> {
@@ -92,8 +97,37 @@ fn parse<'a>(kind: &ColumnKind, raw: &'a [u8]) -> Result<Parsed<'a>, ValueError>
 }
 
 /// A binary value of `slot`'s source type as the value its builder takes.
-fn from_binary(slot: &SourceSlot, raw: &[u8]) -> Result<Parsed<'static>, ValueError> {
+fn from_binary<'a>(slot: &SourceSlot, raw: &'a [u8]) -> Result<Parsed<'a>, ValueError> {
     use t::BinaryValue as B;
+    let utf8 = |b: &'a [u8]| {
+        std::str::from_utf8(b).map_err(|_| ValueError("text is not valid UTF-8".into()))
+    };
+    match (slot.oid, &slot.kind) {
+        (oid, ColumnKind::Text) if binary::is_text(oid) => return Ok(Parsed::Str(utf8(raw)?)),
+        (3802, ColumnKind::Text) => {
+            return match raw.split_first() {
+                Some((1, json)) => Ok(Parsed::Str(utf8(json)?)),
+                _ => Err(ValueError("jsonb in an unknown binary version".into())),
+            }
+        }
+        (17, ColumnKind::Bytea) => return Ok(Parsed::Bytes(raw)),
+        (2950, ColumnKind::Uuid) => {
+            return raw
+                .try_into()
+                .map(Parsed::Uuid)
+                .map_err(|_| ValueError("malformed binary uuid".into()))
+        }
+        (1700, ColumnKind::Decimal { precision, scale }) => {
+            return Ok(Parsed::Dec(
+                binary::parse_numeric(raw)?.to_decimal(*precision, *scale)?,
+            ))
+        }
+        (1700, ColumnKind::Text) => {
+            binary::parse_numeric(raw)?;
+            return Ok(Parsed::NumText(raw));
+        }
+        _ => {}
+    }
     Ok(match (t::parse_binary(slot.oid, raw)?, &slot.kind) {
         (B::Int(v), ColumnKind::Int32) => {
             Parsed::I32(i32::try_from(v).map_err(|_| ValueError("integer out of range".into()))?)
@@ -104,6 +138,7 @@ fn from_binary(slot: &SourceSlot, raw: &[u8]) -> Result<Parsed<'static>, ValueEr
         (B::Bool(v), ColumnKind::Bool) => Parsed::Bool(v),
         (B::Date(v), ColumnKind::Date) => Parsed::I32(v),
         (B::Micros(v), ColumnKind::Timestamp | ColumnKind::TimestampTz) => Parsed::I64(v),
+        (B::Time(v), ColumnKind::Time) => Parsed::I64(v),
         (v, kind) => {
             return Err(ValueError(format!(
                 "binary value {v:?} does not fit column kind {kind:?}"
@@ -112,11 +147,39 @@ fn from_binary(slot: &SourceSlot, raw: &[u8]) -> Result<Parsed<'static>, ValueEr
     })
 }
 
+/// Whether a binary value of type `oid` can feed a column of `kind` (see [`from_binary`]).
+fn binary_fits(oid: u32, kind: &ColumnKind) -> bool {
+    match (oid, kind) {
+        (oid, ColumnKind::Text) if binary::is_text(oid) => true,
+        (3802 | 1700, ColumnKind::Text) => true,
+        (1700, ColumnKind::Decimal { .. }) => true,
+        (17, ColumnKind::Bytea) | (2950, ColumnKind::Uuid) | (16, ColumnKind::Bool) => true,
+        (20 | 21 | 23, ColumnKind::Int64) | (21 | 23, ColumnKind::Int32) => true,
+        (700 | 701, ColumnKind::Float64) | (700, ColumnKind::Float32) => true,
+        (1082, ColumnKind::Date) | (1083, ColumnKind::Time) => true,
+        (1114 | 1184, ColumnKind::Timestamp | ColumnKind::TimestampTz) => true,
+        _ => false,
+    }
+}
+
 /// A snapshot value for the dead-letter table: text as is, binary decoded (hex if it cannot be).
 fn snapshot_value_json(oid: u32, raw: &[u8], binary: bool) -> serde_json::Value {
     use t::BinaryValue as B;
     if !binary {
         return serde_json::Value::String(String::from_utf8_lossy(raw).into_owned());
+    }
+    if binary::is_text(oid) {
+        return serde_json::Value::String(String::from_utf8_lossy(raw).into_owned());
+    }
+    if oid == 1700 {
+        if let Ok(n) = binary::parse_numeric(raw) {
+            let mut text = String::new();
+            n.write_text(&mut text);
+            return serde_json::Value::String(text);
+        }
+    }
+    if let (3802, Some((1, json))) = (oid, raw.split_first()) {
+        return serde_json::Value::String(String::from_utf8_lossy(json).into_owned());
     }
     let shown = match t::parse_binary(oid, raw) {
         Ok(B::Int(v)) => v.to_string(),
@@ -124,6 +187,7 @@ fn snapshot_value_json(oid: u32, raw: &[u8], binary: bool) -> serde_json::Value 
         Ok(B::Bool(v)) => v.to_string(),
         Ok(B::Date(v)) => format!("{v} days from 1970-01-01"),
         Ok(B::Micros(v)) => format!("{v} µs from 1970-01-01"),
+        Ok(B::Time(v)) => format!("{v} µs from midnight"),
         Err(e) => format!(
             "\\x{} ({})",
             raw.iter().map(|b| format!("{b:02x}")).collect::<String>(),
@@ -217,6 +281,16 @@ impl ColBuilder {
             (ColBuilder::Dec(b), Parsed::Dec(x)) => b.append_value(x),
             (ColBuilder::Bool(b), Parsed::Bool(x)) => b.append_value(x),
             (ColBuilder::Str(b), Parsed::Str(x)) => b.append_value(x),
+            (ColBuilder::Str(b), Parsed::NumText(raw)) => match binary::parse_numeric(raw) {
+                Ok(n) => {
+                    let mut text = String::new();
+                    n.write_text(&mut text);
+                    b.append_value(&text);
+                }
+                // Checked in phase one.
+                Err(_) => b.append_null(),
+            },
+            (ColBuilder::Bin(b), Parsed::Bytes(x)) => b.append_value(x),
             (ColBuilder::Bin(b), Parsed::Hex(x)) => {
                 if t::parse_bytea(x, scratch).is_ok() {
                     b.append_value(&scratch[..]);
@@ -441,6 +515,14 @@ impl TableBatch {
         self.push_columns(op, lsn, seq, ts_micros, Some((new.len(), merged)))
     }
 
+    /// Whether every column can be read from its binary form (a stream with `binary 'true'`
+    /// sends every value so).
+    pub fn binary_ready(&self) -> bool {
+        self.sources
+            .iter()
+            .all(|s| binary::supported(s.oid) && binary_fits(s.oid, &s.kind))
+    }
+
     /// Which relation columns the initial snapshot reads in binary (see `push_snapshot`).
     pub fn snapshot_binary(&self) -> Vec<bool> {
         self.sources.iter().map(|s| s.binary).collect()
@@ -514,6 +596,8 @@ impl TableBatch {
                 bytes += match p {
                     Parsed::Str(s) => s.len() + 4,
                     Parsed::Hex(h) => h.len() / 2 + 4,
+                    Parsed::Bytes(b) => b.len() + 4,
+                    Parsed::NumText(n) => n.len() * 2,
                     Parsed::List(l) => l.len(),
                     _ => slot.kind.fixed_width(),
                 };
@@ -591,9 +675,10 @@ pub fn row_json(relation: &[RelationColumn], tuple: Option<&TupleData<'_>>) -> S
             let j = match v {
                 Column::Null => serde_json::Value::Null,
                 Column::Unchanged => serde_json::Value::String("<unchanged toast>".into()),
-                Column::Text(b) | Column::Binary(b) => {
+                Column::Text(b) => {
                     serde_json::Value::String(String::from_utf8_lossy(b).into_owned())
                 }
+                Column::Binary(b) => snapshot_value_json(c.type_oid, b, true),
             };
             m.insert(c.name.clone(), j);
         }

@@ -57,6 +57,9 @@ pub enum PipelineError {
     /// A table joined the publication and needs its initial snapshot: stream again.
     #[error("table {0} joined the publication")]
     NewTable(String),
+    /// A binary stream met a column it cannot read in binary: stream again in text.
+    #[error("table {0} has a column the agent reads in text only")]
+    TextNeeded(String),
     /// The local spool of a streamed in-progress transaction failed (disk full, I/O error).
     #[error("spooling a streamed transaction: {0}")]
     Spool(String),
@@ -74,7 +77,9 @@ impl PipelineError {
             PipelineError::Batch(_) => ErrorType::Batch,
             PipelineError::Schema(_) => ErrorType::Schema,
             // A new table is not a failure and never counted: the stream restarts at once.
-            PipelineError::StreamEnded(_) | PipelineError::NewTable(_) => ErrorType::Connection,
+            PipelineError::StreamEnded(_)
+            | PipelineError::NewTable(_)
+            | PipelineError::TextNeeded(_) => ErrorType::Connection,
             PipelineError::Spool(_) => ErrorType::Spool,
             PipelineError::State(_) => ErrorType::State,
         }
@@ -203,6 +208,8 @@ pub struct Pipeline {
     /// Tables that joined the publication mid-stream (`schema.table`): copied on the next
     /// attempt if still in the publication, else streamed without a copy.
     joined: std::collections::HashSet<String>,
+    /// A binary stream met a column it cannot read so: text from now on.
+    text_only: bool,
 }
 
 impl Pipeline {
@@ -238,6 +245,7 @@ impl Pipeline {
                 last_failed: false,
                 failures: Default::default(),
                 joined: Default::default(),
+                text_only: false,
             },
             handle,
         )
@@ -292,6 +300,13 @@ impl Pipeline {
                     self.last_failed = false;
                     tracing::info!(pipeline = %self.cfg.name, table, "table joined the publication: taking its initial snapshot");
                     self.joined.insert(table);
+                }
+                // Not a failure either: nothing of the binary attempt past its last commit is
+                // confirmed, so the text stream replays it.
+                Err(PipelineError::TextNeeded(table)) => {
+                    self.last_failed = false;
+                    tracing::info!(pipeline = %self.cfg.name, table, "a column cannot be read in binary: streaming in text");
+                    self.text_only = true;
                 }
                 Err(e) => {
                     let msg = e.to_string();
@@ -401,9 +416,24 @@ impl Pipeline {
         }
         // Large transactions arrive while still in progress (protocol 2, PostgreSQL 14+)
         // and wait in a local spool, so the server does not have to spill them first.
-        let in_progress = self.cfg.stream_in_progress && session.server_version().await? >= 140_000;
+        let v14 = session.server_version().await? >= 140_000;
+        let in_progress = self.cfg.stream_in_progress && v14;
+        // Binary only when every published column has a binary reader: the server sends
+        // every value of the stream in binary or none.
+        let binary = self.cfg.binary
+            && v14
+            && !self.text_only
+            && session
+                .publication_column_types()
+                .await?
+                .iter()
+                .all(|oid| crate::source::postgres::binary::supported(*oid));
+        applier.set_binary(binary);
         let client = session
-            .start(crate::source::postgres::session::StreamOptions { in_progress })
+            .start(crate::source::postgres::session::StreamOptions {
+                in_progress,
+                binary,
+            })
             .await?;
         // Aborted when this attempt ends (the guard drops).
         let monitor = tokio::spawn(monitor::slot_lag_loop(
@@ -421,7 +451,7 @@ impl Pipeline {
         status::update(&self.status, |st| {
             st.confirmed_lsn = confirmed.pg();
         });
-        tracing::info!(pipeline = %self.cfg.name, slot, confirmed_lsn = %confirmed.pg(), "streaming");
+        tracing::info!(pipeline = %self.cfg.name, slot, confirmed_lsn = %confirmed.pg(), binary, "streaming");
         self.set_state(PipelineState::Streaming);
         applier
             .stream(client, &mut self.control, shutdown, &|state| {

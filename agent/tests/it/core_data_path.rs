@@ -324,3 +324,156 @@ async fn a_transaction_filling_many_tables_keeps_few_writers_open() {
     );
     assert_eq!(agent.terminate(), Some(0));
 }
+
+/// Every type the agent reads in binary, plus the text forms that need care there (an
+/// unconstrained numeric with NaN and ±Infinity, char padding, json kept as sent).
+const BINARY_TYPES: &str = "
+CREATE TABLE bin (
+    id int8 PRIMARY KEY,
+    c_int2 int2, c_int4 int4, c_float4 float4, c_float8 float8,
+    c_dec numeric(12,2), c_num numeric, c_bool bool, c_text text, c_varchar varchar(50),
+    c_char char(5), c_name name, c_bytea bytea, c_date date, c_time time, c_ts timestamp,
+    c_tstz timestamptz, c_uuid uuid, c_json json, c_jsonb jsonb
+);";
+
+const BINARY_QUERY: &str =
+    "SELECT id, c_int2, c_int4, c_float4, c_float8, c_dec, c_num::text AS c_num, \
+    c_bool, c_text, c_varchar, c_char, c_name::text AS c_name, c_bytea, c_date, c_time, c_ts, \
+    c_tstz, c_uuid, c_json::text AS c_json, c_jsonb::text AS c_jsonb FROM bin";
+
+fn binary_values(i: i64) -> String {
+    if i % 7 == 3 {
+        return format!("({i}, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL)");
+    }
+    let nums = [
+        "0",
+        "-0.000100",
+        "123456789012345678901234567890.5",
+        "NaN",
+        "Infinity",
+        "-Infinity",
+        "1e-20",
+        "-98765.4321",
+    ];
+    // float4 values exact in binary: the source's reader shows a float4 by its shortest
+    // decimal, PyIceberg by the f32's exact value.
+    let floats = ["0.25", "-1024.5", "'NaN'", "'-Infinity'", "3.25"];
+    format!(
+        "({i}, {}, {}, {}, {}, {}.{:02}, '{}', {}, 'row ''{i}'' ✓ \"q\"', 'v{i}', 'c{}', 'n{i}', \
+         '\\x00{:04x}ff', DATE '2024-01-01' + {i}, TIME '12:34:56.{:06}', \
+         TIMESTAMP '1969-12-31 23:59:59.999999' + interval '{i} hours', \
+         TIMESTAMPTZ '2024-06-01 10:00:00.5+05:30' + interval '{i} minutes', md5('{i}')::uuid, \
+         '{{ \"i\" : {i},  \"s\": \"x y\" }}', '{{\"i\": {i}, \"nested\": {{\"a\": [1, 2.50]}}}}')",
+        (i % 30000) as i16 - 100,
+        -i * 1000 - 7,
+        floats[(i % 5) as usize].replace("0.25", &format!("{i}.25")),
+        (i as f64) / 3.0,
+        -i * 7,
+        i % 100,
+        nums[(i % 8) as usize],
+        i % 2 == 0,
+        i % 100,
+        i,
+        i * 1001 % 1_000_000,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_values_stream_and_a_text_only_column_switches_to_text() {
+    let p = prepare(BINARY_TYPES, &["public.bin"], "", "").await;
+    let log = p.work.path().join("agent.log");
+    let agent = AgentProc::start_streaming(&p.cfg, &log).await;
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.lines()
+            .any(|l| l.contains("streaming") && l.contains("binary=true")),
+        "the stream should be binary: {text}"
+    );
+    let db = &p.db;
+    let mut want = 0u64;
+    for txn in 0..40i64 {
+        let mut sql = String::from("BEGIN;");
+        for k in 0..3 {
+            write!(
+                sql,
+                "INSERT INTO bin VALUES {};",
+                binary_values(txn * 3 + k)
+            )
+            .unwrap();
+            want += 1;
+        }
+        if txn % 4 == 1 {
+            write!(
+                sql,
+                "UPDATE bin SET c_num = c_num * 2, c_text = 'upd {txn}', c_bytea = '\\x' WHERE id = {};",
+                txn * 3
+            )
+            .unwrap();
+            want += 1;
+        }
+        sql.push_str("COMMIT;");
+        db.batch_execute(&sql).await.unwrap();
+    }
+    // Out of range for decimal(12,2) and Iceberg's timestamps: dead letters in binary too.
+    db.batch_execute(
+        "INSERT INTO bin (id, c_dec) VALUES (100000, 'NaN');
+         INSERT INTO bin (id, c_tstz) VALUES (100001, 'infinity');",
+    )
+    .await
+    .unwrap();
+    wait_rows(&p.work, "ns.bin", want, 90).await;
+    let v = verify(
+        &p.work,
+        "ns.bin",
+        &[
+            "--duckdb",
+            "--pg-conninfo",
+            &p.pg.conninfo("app"),
+            "--pg-query",
+            &format!("{BINARY_QUERY} WHERE id < 100000"),
+        ],
+    );
+    assert_eq!(v["unique"], true, "{v}");
+    assert_eq!(v["rows"], want, "{v}");
+    assert_eq!(v["duckdb_equal"], true, "{}", v["duckdb_diff"]);
+    assert_eq!(
+        v["state_equal"], true,
+        "binary stream != source: {}",
+        v["state_diff"]
+    );
+    let dlq = verify_dlq(&p.work);
+    assert_eq!(dlq["rows"], 2, "{dlq}");
+
+    // A column only text can carry: the pipeline reconnects in text, nothing lost or doubled.
+    db.batch_execute(
+        "ALTER TABLE bin ADD COLUMN c_arr int4[];
+         INSERT INTO bin (id, c_text, c_arr) VALUES (200000, 'after', '{1,NULL,3}');
+         UPDATE bin SET c_num = 7.5 WHERE id = 1;",
+    )
+    .await
+    .unwrap();
+    wait_rows(&p.work, "ns.bin", want + 2, 90).await;
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.lines()
+            .any(|l| l.contains("streaming") && l.contains("binary=false")),
+        "the stream should have moved to text: {text}"
+    );
+    let v = verify(
+        &p.work,
+        "ns.bin",
+        &[
+            "--pg-conninfo",
+            &p.pg.conninfo("app"),
+            "--pg-query",
+            &format!(
+                "{} WHERE id < 100000 OR id = 200000",
+                BINARY_QUERY.replace(" FROM bin", ", c_arr FROM bin")
+            ),
+        ],
+    );
+    assert_eq!(v["unique"], true, "{v}");
+    assert_eq!(v["rows"], want + 2, "{v}");
+    assert_eq!(v["state_equal"], true, "{}", v["state_diff"]);
+    assert_eq!(agent.terminate(), Some(0));
+}

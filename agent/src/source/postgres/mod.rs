@@ -1,5 +1,6 @@
 //! PostgreSQL logical replication: connection settings, session set-up, pgoutput decoding, types.
 
+pub mod binary;
 pub mod conn;
 pub mod copy;
 pub mod pgoutput;

@@ -82,6 +82,8 @@ pub fn wire_error(url: &SourceUrl, e: WireError) -> SourceError {
 pub struct StreamOptions {
     /// Ask for in-progress transactions (pgoutput protocol 2, PostgreSQL 14+).
     pub in_progress: bool,
+    /// Ask for values in their binary (send) form (`binary 'true'`, PostgreSQL 14+).
+    pub binary: bool,
 }
 
 /// A replication session on which setup queries run before streaming starts.
@@ -557,12 +559,31 @@ impl Session {
         } else {
             "proto_version '1'"
         };
+        let binary = if opts.binary { ", binary 'true'" } else { "" };
         format!(
-            "START_REPLICATION SLOT {} LOGICAL {} ({proto}, publication_names {}, messages 'true')",
+            "START_REPLICATION SLOT {} LOGICAL {} ({proto}, publication_names {}, messages 'true'{binary})",
             quote_ident(&self.slot),
             self.start.pg(),
             quote_literal(&quote_ident(&self.publication)),
         )
+    }
+
+    /// The type OIDs of every column of every table in the publication (to decide whether
+    /// the stream can be read in binary).
+    pub async fn publication_column_types(&mut self) -> Result<Vec<u32>, SourceError> {
+        let rows = self
+            .query(&format!(
+                "SELECT DISTINCT a.atttypid::int8::text FROM pg_catalog.pg_publication_tables p \
+                 JOIN pg_catalog.pg_attribute a ON a.attrelid = \
+                 (pg_catalog.quote_ident(p.schemaname) || '.' || pg_catalog.quote_ident(p.tablename))::regclass \
+                 WHERE p.pubname = {} AND a.attnum > 0 AND NOT a.attisdropped",
+                quote_literal(&self.publication)
+            ))
+            .await?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|r| r.into_iter().next().flatten()?.parse().ok())
+            .collect())
     }
 
     /// Send START_REPLICATION and wait until the server accepted it.

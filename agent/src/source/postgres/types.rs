@@ -363,6 +363,8 @@ pub enum BinaryValue {
     Date(i32),
     /// timestamp / timestamptz: microseconds since 1970-01-01 (UTC for timestamptz).
     Micros(i64),
+    /// time: microseconds since midnight.
+    Time(i64),
 }
 
 /// Whether a column of type `oid` is read in binary by the initial snapshot (its send form
@@ -430,6 +432,13 @@ pub fn parse_binary(oid: u32, raw: &[u8]) -> Result<BinaryValue, ValueError> {
                 return Err(out_of_range(what, &format!("{micros} µs from 1970-01-01")));
             }
             BinaryValue::Micros(micros)
+        }
+        1083 => {
+            let v = i64::from_be_bytes(be(raw).ok_or_else(bad)?);
+            if !(0..=86_400_000_000).contains(&v) {
+                return Err(bad());
+            }
+            BinaryValue::Time(v)
         }
         _ => return Err(bad()),
     })
