@@ -229,11 +229,14 @@ impl Telemetry {
     /// string in `secrets` is scrubbed from the log output.
     pub fn init_logging(&self, cfg: &TelemetryConfig, secrets: Vec<String>) {
         let writer = scrub::ScrubbingStderr::new(secrets);
-        // Export failures are counted and logged by our wrappers (rate-limited); the SDK's own
-        // per-attempt errors would repeat every interval.
-        let quiet = "opentelemetry=off,opendal=warn,sqlx=warn,hyper=warn,reqwest=warn";
-        let filter = EnvFilter::try_from_default_env()
-            .unwrap_or_else(|_| EnvFilter::new(format!("{},{quiet}", cfg.log_level)));
+        let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+            EnvFilter::new(format!(
+                // Export failures are counted and logged by our wrappers (rate-limited); the SDK's own
+                // per-attempt errors would repeat every interval.
+                "{},opentelemetry=off,opendal=warn,sqlx=warn,hyper=warn,reqwest=warn",
+                cfg.log_level
+            ))
+        });
         let fmt = if cfg.log_format == crate::config::LogFormat::Json {
             tracing_subscriber::fmt::layer()
                 .json()
@@ -248,15 +251,13 @@ impl Telemetry {
                 .with_writer(writer)
                 .boxed()
         };
-        // Each layer filters on its own: `log_level = "warn"` quiets the log, not the traces
-        // (the agent's spans are info-level; a global filter at warn used to drop them all).
-        let otel = self.tracer_provider.as_ref().map(|tp| {
-            tracing_opentelemetry::layer()
-                .with_tracer(tp.tracer("philotes"))
-                .with_filter(EnvFilter::new(format!("info,{quiet}")))
-        });
+        let otel = self
+            .tracer_provider
+            .as_ref()
+            .map(|tp| tracing_opentelemetry::layer().with_tracer(tp.tracer("philotes")));
         let _ = tracing_subscriber::registry()
-            .with(fmt.with_filter(filter))
+            .with(filter)
+            .with(fmt)
             .with(otel)
             .try_init();
     }

@@ -757,9 +757,8 @@ async fn grpc_export_reaches_an_otlp_grpc_server() {
     let port = free_port().unwrap();
     let (seen, server) = grpc_receiver::start(port).await;
     let top = format!(
-        "[telemetry]\notlp_endpoint = \"http://127.0.0.1:{port}\"\notlp_protocol = \"grpc\"\nexport_interval = \"1s\"\nlog_level = \"warn\"\n"
+        "[telemetry]\notlp_endpoint = \"http://127.0.0.1:{port}\"\notlp_protocol = \"grpc\"\nexport_interval = \"1s\"\n"
     );
-    // log_level = "warn" quiets the log only: the (info-level) spans are still exported.
     let (_pg, db, _work, agent, _addr) = setup(&top).await;
     let made = workload(&db).await;
     wait_committed(&agent, made).await;
