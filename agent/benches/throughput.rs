@@ -693,13 +693,7 @@ fn freshness(env: &Env<'_>, run: FreshnessRun<'_>) -> Freshness {
         flush = run.flush_interval,
     );
     std::fs::write(wh.join("philotes.toml"), cfg).unwrap();
-    let mut child = Command::new(env.bin)
-        .args(["run", "--config"])
-        .arg(wh.join("philotes.toml"))
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(wh.join("agent.log")).unwrap())
-        .spawn()
-        .expect("spawn philotes");
+    let mut child = spawn_in(Command::new(env.bin), &wh);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -800,6 +794,17 @@ fn freshness(env: &Env<'_>, run: FreshnessRun<'_>) -> Freshness {
         &format!("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = '{slot}' AND NOT active"),
     );
     lat
+}
+
+/// `cmd` (the agent binary, or a profiler in front of it) running `wh/philotes.toml`, its log
+/// in `wh/agent.log`.
+fn spawn_in(mut cmd: Command, wh: &Path) -> std::process::Child {
+    cmd.args(["run", "--config"])
+        .arg(wh.join("philotes.toml"))
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(wh.join("agent.log")).unwrap())
+        .spawn()
+        .expect("spawn philotes")
 }
 
 /// `p` quantile of sorted `v` (nearest rank).
@@ -967,7 +972,7 @@ fn snapshot_once(env: &Env<'_>, table: &str, rows: u64, slot: &str, first: bool)
     };
     std::fs::write(wh.join("philotes.toml"), cfg).unwrap();
     let t = Instant::now();
-    let mut cmd = match (&profile, first) {
+    let cmd = match (&profile, first) {
         (Some(dir), true) => {
             std::fs::create_dir_all(dir).unwrap();
             let mut c = Command::new("perf");
@@ -979,13 +984,7 @@ fn snapshot_once(env: &Env<'_>, table: &str, rows: u64, slot: &str, first: bool)
         }
         _ => Command::new(env.bin),
     };
-    let mut child = cmd
-        .args(["run", "--config"])
-        .arg(wh.join("philotes.toml"))
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(wh.join("agent.log")).unwrap())
-        .spawn()
-        .expect("spawn philotes");
+    let mut child = spawn_in(cmd, &wh);
     let url = format!("http://127.0.0.1:{port}/api/v1/pipelines/bench");
     let deadline = Instant::now() + Duration::from_secs(900);
     loop {
@@ -1028,12 +1027,12 @@ fn snapshot_once(env: &Env<'_>, table: &str, rows: u64, slot: &str, first: bool)
     (secs, peak)
 }
 
-/// How cost grows with the work: the same table shape at each size, streamed (1,000
-/// transactions) and then copied by an initial snapshot, one agent run each; rows/s and peak
+/// How cost grows with the work: the same table shape at each size, streamed (transactions of
+/// 1,000 rows, so only the volume grows) and then copied by an initial snapshot, one agent run each; rows/s and peak
 /// RSS per size, and the largest size's rows/s ÷ the smallest's.
 fn growth_phase(env: &Env<'_>, sizes: &[u64]) {
     let pg = env.pg;
-    println!("growth: streamed (1,000 transactions) and snapshotted, one run per size");
+    println!("growth: streamed (transactions of 1,000 rows) and snapshotted, one run per size");
     println!(
         "{:>10} {:>10} {:>12} {:>8} {:>10} {:>12} {:>8}",
         "rows", "stream s", "rows/s", "RSS MB", "snap s", "rows/s", "RSS MB"
@@ -1049,13 +1048,28 @@ fn growth_phase(env: &Env<'_>, sizes: &[u64]) {
             pg,
             &format!("SELECT pg_create_logical_replication_slot('{slot}', 'pgoutput')"),
         );
-        let per = rows / 1000;
-        for i in 0..1000 {
-            psql(
-                pg,
-                &format!("INSERT INTO {t} SELECT g, g % 1000, repeat(chr(97 + (g % 26)::int), 40), now(), g * 0.5 FROM generate_series({}, {}) g", i * per + 1, (i + 1) * per),
-            );
+        // Transactions of a fixed size (1,000 rows), so that only the volume grows.
+        let per = 1000.min(rows);
+        let script = env.dir.join(format!("{t}.sql"));
+        let mut sql = String::new();
+        for i in 0..rows / per {
+            sql.push_str(&format!(
+                "INSERT INTO {t} SELECT g, g % 1000, repeat(chr(97 + (g % 26)::int), 40), now(), g * 0.5 FROM generate_series({}, {}) g;\n",
+                i * per + 1,
+                (i + 1) * per
+            ));
         }
+        std::fs::write(&script, sql).unwrap();
+        let ok = Command::new("psql")
+            .args(["-X", "-q", "-v", "ON_ERROR_STOP=1"])
+            .arg(pg.conninfo("bench"))
+            .arg("-f")
+            .arg(&script)
+            .stdout(Stdio::null())
+            .status()
+            .expect("psql -f");
+        assert!(ok.success(), "loading {t}");
+        let _ = std::fs::remove_file(&script);
         let end = lsn_num(&psql(pg, "SELECT pg_current_wal_insert_lsn()"));
         psql(pg, &format!("VACUUM (ANALYZE) {t}"));
         psql(pg, "CHECKPOINT");
