@@ -53,14 +53,6 @@ fn read_stat() -> Option<Stat> {
     })
 }
 
-/// Resident set size in bytes.
-pub fn resident_bytes() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
-}
-
 fn open_fds() -> Option<u64> {
     Some(std::fs::read_dir("/proc/self/fd").ok()?.count() as u64)
 }
@@ -84,8 +76,8 @@ pub fn register_prometheus(meter: &Meter) {
         .with_unit("By")
         .with_description("Resident set size")
         .with_callback(|o| {
-            if let Some(rss) = resident_bytes() {
-                o.observe(rss, &[]);
+            if let Some(s) = read_stat() {
+                o.observe(s.resident_bytes, &[]);
             }
         })
         .build();
@@ -125,36 +117,37 @@ pub fn register_semconv(meter: &Meter) {
             }
         })
         .build();
-    let _ = meter
-        .i64_observable_up_down_counter("process.memory.usage")
-        .with_unit("By")
-        .with_description("The amount of physical memory in use")
-        .with_callback(|o| {
-            if let Some(s) = read_stat() {
-                o.observe(s.resident_bytes as i64, &[]);
-            }
-        })
-        .build();
-    let _ = meter
-        .i64_observable_up_down_counter("process.memory.virtual")
-        .with_unit("By")
-        .with_description("The amount of committed virtual memory")
-        .with_callback(|o| {
-            if let Some(s) = read_stat() {
-                o.observe(s.virtual_bytes as i64, &[]);
-            }
-        })
-        .build();
-    let _ = meter
-        .i64_observable_up_down_counter("process.thread.count")
-        .with_unit("{thread}")
-        .with_description("Process threads count")
-        .with_callback(|o| {
-            if let Some(s) = read_stat() {
-                o.observe(s.threads as i64, &[]);
-            }
-        })
-        .build();
+    let stat_gauge =
+        |name: &'static str, unit: &'static str, desc: &'static str, f: fn(&Stat) -> u64| {
+            let _ = meter
+                .i64_observable_up_down_counter(name)
+                .with_unit(unit)
+                .with_description(desc)
+                .with_callback(move |o| {
+                    if let Some(s) = read_stat() {
+                        o.observe(f(&s) as i64, &[]);
+                    }
+                })
+                .build();
+        };
+    stat_gauge(
+        "process.memory.usage",
+        "By",
+        "The amount of physical memory in use",
+        |s| s.resident_bytes,
+    );
+    stat_gauge(
+        "process.memory.virtual",
+        "By",
+        "The amount of committed virtual memory",
+        |s| s.virtual_bytes,
+    );
+    stat_gauge(
+        "process.thread.count",
+        "{thread}",
+        "Process threads count",
+        |s| s.threads,
+    );
     let _ = meter
         .i64_observable_up_down_counter("process.unix.file_descriptor.count")
         .with_unit("{file_descriptor}")
