@@ -34,7 +34,7 @@ use crate::telemetry::events::{
     MirrorCommitted, SchemaChanged, SpoolChanged, TableCommitted, TableMaintained,
     TransactionApplied,
 };
-use crate::telemetry::{record_trace_id, PipelineState, SourceMetrics, TableMetrics};
+use crate::telemetry::{commit_span, record_trace_id, PipelineState, SourceMetrics, TableMetrics};
 
 /// A configured table being streamed.
 struct TableState {
@@ -1104,29 +1104,23 @@ impl Applier {
             self.close_files(i).await?;
             let t = &mut self.tables[i];
             let rows = t.sink.pending_rows();
-            let span = tracing::info_span!(
-                "iceberg.commit",
-                source = %self.cfg.name,
-                table = %t.source_name,
-                iceberg.table = %t.sink.name(),
-                rows = rows as i64,
-                lsn = %lsn.pg(),
-                trace_id = tracing::field::Empty,
+            let span = commit_span(
+                &self.cfg.name,
+                &t.source_name,
+                t.sink.name(),
+                rows,
+                &lsn.pg(),
             );
-            record_trace_id(&span);
             // The mirror first: a crash between the two commits then leaves the changelog
             // behind, and the replay from its position skips what the mirror already holds.
             if let Some(m) = t.mirror.as_mut() {
-                let mspan = tracing::info_span!(
-                    "iceberg.commit",
-                    source = %self.cfg.name,
-                    table = %t.source_name,
-                    iceberg.table = %m.name(),
-                    rows = m.pending_rows() as i64,
-                    lsn = %lsn.pg(),
-                    trace_id = tracing::field::Empty,
+                let mspan = commit_span(
+                    &self.cfg.name,
+                    &t.source_name,
+                    m.name(),
+                    m.pending_rows(),
+                    &lsn.pg(),
                 );
-                record_trace_id(&mspan);
                 let done = m.commit(lsn).instrument(mspan).await?;
                 mirror_committed(m, &done, &t.metrics);
             }
@@ -1182,17 +1176,9 @@ impl Applier {
         // Replayed dead letters already in the table are dropped: per source table, those at
         // or below the last (lsn, seq) committed for it. (One floor for the whole table would
         // drop a table's real dead letters below another table's snapshot point.)
-        let floors: HashMap<String, (Lsn, u64)> = sink
-            .properties_with_prefix(DLQ_FLOOR_PREFIX)
-            .into_iter()
-            .filter_map(|(k, v)| {
-                let (l, s) = v.split_once(':')?;
-                Some((
-                    k[DLQ_FLOOR_PREFIX.len()..].to_string(),
-                    (Lsn(l.parse().ok()?), s.parse().ok()?),
-                ))
-            })
-            .collect();
+        // A floor that cannot be read is an error, not a missing floor: ignoring it would
+        // append that table's replayed dead letters a second time.
+        let floors = parse_dlq_floors(sink.properties_with_prefix(DLQ_FLOOR_PREFIX))?;
         // Tables from before the per-table floors: the table-wide LSN.
         let legacy = floors.is_empty().then_some((sink.last_lsn, u64::MAX));
         self.dlq_rows.retain(|r| {
@@ -1351,6 +1337,7 @@ async fn evolve(
     let recorded: HashMap<i32, i32> = sink
         .property(SOURCE_COLUMNS_PROPERTY)
         .map(|v| parse_source_columns(&v))
+        .transpose()?
         .unwrap_or_default();
     let in_relation: std::collections::HashSet<&str> =
         columns.iter().map(|c| c.name.as_str()).collect();
@@ -1440,12 +1427,39 @@ fn change_record(sink: &TableSink, lsn: Lsn, detail: &str) -> PropertyChanges {
     }
 }
 
-/// `field:attnum,…` → attnum by field id.
-fn parse_source_columns(v: &str) -> HashMap<i32, i32> {
+/// The dead-letter table's per-source-table floors (`philotes.dlq.<table>` = `lsn:seq`).
+fn parse_dlq_floors(
+    props: impl IntoIterator<Item = (String, String)>,
+) -> Result<HashMap<String, (Lsn, u64)>, PipelineError> {
+    props
+        .into_iter()
+        .map(|(k, v)| {
+            let floor = v
+                .split_once(':')
+                .and_then(|(l, s)| Some((Lsn(l.parse().ok()?), s.parse().ok()?)));
+            match floor {
+                Some(f) => Ok((k[DLQ_FLOOR_PREFIX.len()..].to_string(), f)),
+                None => Err(PipelineError::State(format!(
+                    "dead-letter table property {k} = {v:?} is not <lsn>:<seq>; fix or remove it (dead letters at or below it would be appended again)"
+                ))),
+            }
+        })
+        .collect()
+}
+
+/// `field:attnum,…` → attnum by field id. An entry that cannot be read is an error: dropping
+/// it would make a renamed column look new (its values would go to a fresh, empty column).
+fn parse_source_columns(v: &str) -> Result<HashMap<i32, i32>, PipelineError> {
     v.split(',')
-        .filter_map(|p| {
-            let (f, a) = p.split_once(':')?;
-            Some((f.trim().parse().ok()?, a.trim().parse().ok()?))
+        .filter(|p| !p.trim().is_empty())
+        .map(|p| {
+            p.split_once(':')
+                .and_then(|(f, a)| Some((f.trim().parse().ok()?, a.trim().parse().ok()?)))
+                .ok_or_else(|| {
+                    PipelineError::State(format!(
+                        "table property {SOURCE_COLUMNS_PROPERTY} has an entry {p:?} that is not <field id>:<attnum>; fix the property"
+                    ))
+                })
         })
         .collect()
 }
@@ -1484,5 +1498,35 @@ fn report_changes(
             detail: &format!("drop {} (kept in Iceberg, null from now on)", gone.name),
         }
         .emit(metrics);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::ErrorType;
+
+    #[test]
+    fn dlq_floors_read_and_a_malformed_one_is_an_error() {
+        let ok = parse_dlq_floors([(format!("{DLQ_FLOOR_PREFIX}public.t"), "42:7".to_string())])
+            .unwrap();
+        assert_eq!(ok.get("public.t"), Some(&(Lsn(42), 7)));
+        for bad in ["42", "x:7", "42:", "42:-1"] {
+            let e = parse_dlq_floors([(format!("{DLQ_FLOOR_PREFIX}public.t"), bad.to_string())])
+                .unwrap_err();
+            assert_eq!(e.error_type(), ErrorType::State, "{bad}");
+            assert!(e.to_string().contains("philotes.dlq.public.t"), "{e}");
+        }
+    }
+
+    #[test]
+    fn source_columns_read_and_a_malformed_entry_is_an_error() {
+        let m = parse_source_columns("1:1, 2:3,").unwrap();
+        assert_eq!(m, HashMap::from([(1, 1), (2, 3)]));
+        assert!(parse_source_columns("").unwrap().is_empty());
+        for bad in ["1:1,2", "a:1", "1:b"] {
+            let e = parse_source_columns(bad).unwrap_err();
+            assert_eq!(e.error_type(), ErrorType::State, "{bad}");
+        }
     }
 }

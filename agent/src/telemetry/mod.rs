@@ -322,6 +322,28 @@ fn register_export_errors(meter: &opentelemetry::metrics::Meter, errors: Arc<Exp
         .build();
 }
 
+/// The `iceberg.commit` span of one table's commit (a flush's or a snapshot chunk's), its
+/// trace id recorded.
+pub fn commit_span(
+    source: &str,
+    table: &str,
+    iceberg_table: impl std::fmt::Display,
+    rows: u64,
+    lsn: &str,
+) -> tracing::Span {
+    let span = tracing::info_span!(
+        "iceberg.commit",
+        source = %source,
+        table = %table,
+        iceberg.table = %iceberg_table,
+        rows = rows as i64,
+        lsn = %lsn,
+        trace_id = tracing::field::Empty,
+    );
+    record_trace_id(&span);
+    span
+}
+
 /// Record the span's OpenTelemetry trace id in its `trace_id` field, so every log line inside
 /// it (text or JSON) carries the id that finds the trace.
 pub fn record_trace_id(span: &tracing::Span) {

@@ -4,24 +4,13 @@
 //! DuckDB must read every row as the source had it, before and after the change, in the
 //! changelog and in the mirror, through a SIGKILL.
 
-use std::time::Duration;
-
 use serde_json::Value;
 
 use crate::common::*;
 
 /// Both readers agree, and the changelog folded equals `query` on the source.
 async fn wait_changelog(work: &Workdir, table: &str, pg: &TestPg, query: &str) -> Value {
-    let mut last = Value::Null;
-    for _ in 0..60 {
-        last = verify_source(work, table, pg, query, &["--duckdb", "--rows"]);
-        if last["state_equal"] == true && last["duckdb_equal"] == true {
-            return last;
-        }
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
-    last["all_rows"] = Value::Null;
-    panic!("{table} never equalled the source: {last}");
+    wait_source_equal(work, table, pg, query, &["--duckdb", "--rows"], 60).await
 }
 
 /// The mirror `table` equals `query` for PyIceberg and DuckDB.
@@ -76,42 +65,47 @@ async fn column_changes_are_followed_without_a_stop() {
     .await
     .streaming()
     .await;
-    let steps = |sql: &'static [&'static str]| sql;
     // Each statement is its own transaction: the change, then rows of the new shape.
-    for sql in steps(&[
-        "INSERT INTO sc SELECT g, 'a' || g, g, g * 1.25, 'v' || g, g, g * 0.5 FROM generate_series(6, 10) g",
-        "ALTER TABLE sc RENAME COLUMN a TO b",
-        "INSERT INTO sc SELECT g, 'b' || g, g, g * 1.25, 'v' || g, g, g * 0.5 FROM generate_series(11, 15) g",
-        "UPDATE sc SET b = b || '!' WHERE id IN (1, 12)",
-        "ALTER TABLE sc ALTER COLUMN n TYPE bigint",
-        "INSERT INTO sc SELECT g, 'b' || g, 5000000000 + g, g, 'v', g, g FROM generate_series(16, 20) g",
-        "ALTER TABLE sc ALTER COLUMN amt TYPE numeric(14,2)",
-        "INSERT INTO sc VALUES (21, 'b', 21, 123456789012.34, 'v', 21, 21)",
-    ]) {
-        db.batch_execute(sql).await.expect(sql);
-    }
+    execute_each(
+        &db,
+        &[
+            "INSERT INTO sc SELECT g, 'a' || g, g, g * 1.25, 'v' || g, g, g * 0.5 FROM generate_series(6, 10) g",
+            "ALTER TABLE sc RENAME COLUMN a TO b",
+            "INSERT INTO sc SELECT g, 'b' || g, g, g * 1.25, 'v' || g, g, g * 0.5 FROM generate_series(11, 15) g",
+            "UPDATE sc SET b = b || '!' WHERE id IN (1, 12)",
+            "ALTER TABLE sc ALTER COLUMN n TYPE bigint",
+            "INSERT INTO sc SELECT g, 'b' || g, 5000000000 + g, g, 'v', g, g FROM generate_series(16, 20) g",
+            "ALTER TABLE sc ALTER COLUMN amt TYPE numeric(14,2)",
+            "INSERT INTO sc VALUES (21, 'b', 21, 123456789012.34, 'v', 21, 21)",
+        ],
+    )
+    .await;
     const BEFORE: &str = "SELECT id, b, n, amt, v, k, f FROM sc";
     wait_changelog(&work, "ns.sc_changelog", &pg, BEFORE).await;
     never_left_streaming(&agent).await;
     // SIGKILL, then more changes while the agent is down and after it is back.
     agent.kill9();
-    for sql in steps(&[
-        "ALTER TABLE sc ALTER COLUMN v TYPE text",
-        "INSERT INTO sc VALUES (22, 'b', 22, 22, repeat('long ', 10), 22, 22)",
-    ]) {
-        db.batch_execute(sql).await.expect(sql);
-    }
+    execute_each(
+        &db,
+        &[
+            "ALTER TABLE sc ALTER COLUMN v TYPE text",
+            "INSERT INTO sc VALUES (22, 'b', 22, 22, repeat('long ', 10), 22, 22)",
+        ],
+    )
+    .await;
     let agent = AgentProc::start(&cfg, &work.path().join("agent2.log"));
     agent.wait_streaming().await;
-    for sql in steps(&[
-        "ALTER TABLE sc ALTER COLUMN k TYPE text USING 'k' || k",
-        "INSERT INTO sc SELECT g, 'b' || g, g, g, 'v', 'kk' || g, g * 0.25 FROM generate_series(23, 27) g",
-        "ALTER TABLE sc ALTER COLUMN f TYPE double precision",
-        "INSERT INTO sc VALUES (28, 'b', 28, 28, 'v', 'kk28', 0.1)",
-        "UPDATE sc SET v = v || '+' WHERE id IN (2, 22)",
-    ]) {
-        db.batch_execute(sql).await.expect(sql);
-    }
+    execute_each(
+        &db,
+        &[
+            "ALTER TABLE sc ALTER COLUMN k TYPE text USING 'k' || k",
+            "INSERT INTO sc SELECT g, 'b' || g, g, g, 'v', 'kk' || g, g * 0.25 FROM generate_series(23, 27) g",
+            "ALTER TABLE sc ALTER COLUMN f TYPE double precision",
+            "INSERT INTO sc VALUES (28, 'b', 28, 28, 'v', 'kk28', 0.1)",
+            "UPDATE sc SET v = v || '+' WHERE id IN (2, 22)",
+        ],
+    )
+    .await;
     // Every column but the replaced one equals the source in the changelog and the mirror.
     const AFTER: &str = "SELECT id, b, n, amt, v, f FROM sc";
     let v = wait_changelog(&work, "ns.sc_changelog", &pg, AFTER).await;
@@ -188,17 +182,19 @@ async fn a_renamed_and_moved_table_keeps_streaming_into_its_iceberg_table() {
     .await
     .streaming()
     .await;
-    for sql in [
-        "INSERT INTO rt SELECT g, 'one' FROM generate_series(1, 5) g",
-        "ALTER TABLE rt RENAME TO rt2",
-        "INSERT INTO rt2 SELECT g, 'two' FROM generate_series(6, 10) g",
-        "CREATE SCHEMA other",
-        "ALTER TABLE rt2 SET SCHEMA other",
-        "INSERT INTO other.rt2 SELECT g, 'three' FROM generate_series(11, 15) g",
-        "UPDATE other.rt2 SET s = 'changed' WHERE id = 1",
-    ] {
-        db.batch_execute(sql).await.expect(sql);
-    }
+    execute_each(
+        &db,
+        &[
+            "INSERT INTO rt SELECT g, 'one' FROM generate_series(1, 5) g",
+            "ALTER TABLE rt RENAME TO rt2",
+            "INSERT INTO rt2 SELECT g, 'two' FROM generate_series(6, 10) g",
+            "CREATE SCHEMA other",
+            "ALTER TABLE rt2 SET SCHEMA other",
+            "INSERT INTO other.rt2 SELECT g, 'three' FROM generate_series(11, 15) g",
+            "UPDATE other.rt2 SET s = 'changed' WHERE id = 1",
+        ],
+    )
+    .await;
     wait_rows_at_least(&work, "ns.rt", 16, 60).await;
     wait_changelog(&work, "ns.rt", &pg, "SELECT id, s FROM other.rt2").await;
     never_left_streaming(&agent).await;

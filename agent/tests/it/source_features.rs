@@ -285,15 +285,7 @@ async fn a_table_added_to_the_publication_is_snapshotted_and_streamed() {
     .await
     .unwrap();
     wait_rows(&work, "ns.a", 2, 60).await;
-    let v = wait_for(
-        Duration::from_secs(90),
-        "b folded equals the source",
-        || async {
-            let v = verify_source(&work, "ns.b", &pg, "SELECT id, v FROM b", &[]);
-            (v["state_equal"] == true).then_some(v)
-        },
-    )
-    .await;
+    let v = wait_source_equal(&work, "ns.b", &pg, "SELECT id, v FROM b", &[], 90).await;
     assert!(
         v["ops"]["R"].as_i64().unwrap_or(0) >= 490,
         "existing rows copied: {v}"
@@ -367,15 +359,17 @@ async fn a_table_that_joined_and_left_streams_without_looping() {
         .unwrap();
     agent.wait_state("p", "paused", 30).await;
     // While the agent reads nothing: d joins, publishes one row, and leaves.
-    for sql in [
-        "ALTER PUBLICATION philotes_p ADD TABLE d",
-        "INSERT INTO d VALUES (3)",
-        "ALTER PUBLICATION philotes_p DROP TABLE d",
-        "INSERT INTO d VALUES (4)",
-        "INSERT INTO a VALUES (1)",
-    ] {
-        db.batch_execute(sql).await.unwrap();
-    }
+    execute_each(
+        &db,
+        &[
+            "ALTER PUBLICATION philotes_p ADD TABLE d",
+            "INSERT INTO d VALUES (3)",
+            "ALTER PUBLICATION philotes_p DROP TABLE d",
+            "INSERT INTO d VALUES (4)",
+            "INSERT INTO a VALUES (1)",
+        ],
+    )
+    .await;
     http.post(format!("{api}/resume"))
         .send()
         .await

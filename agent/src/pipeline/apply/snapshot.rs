@@ -294,16 +294,13 @@ impl Applier {
         let started = std::time::Instant::now();
         self.close_files(idx).await?;
         let t = &mut self.tables[idx];
-        let span = tracing::info_span!(
-            "iceberg.commit",
-            source = %self.cfg.name,
-            table = %t.source_name,
-            iceberg.table = %t.sink.name(),
-            rows = rows as i64,
-            lsn = %lsn.pg(),
-            trace_id = tracing::field::Empty,
+        let span = crate::telemetry::commit_span(
+            &self.cfg.name,
+            &t.source_name,
+            t.sink.name(),
+            rows,
+            &lsn.pg(),
         );
-        crate::telemetry::record_trace_id(&span);
         // The mirror first (see the flush): its progress is never behind the changelog's.
         if let Some(m) = t.mirror.as_mut() {
             let done = m.commit_with(lsn, props).instrument(span.clone()).await?;

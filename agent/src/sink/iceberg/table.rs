@@ -565,6 +565,17 @@ impl TableSink {
             .collect()
     }
 
+    /// What was pending is in the table at `lsn`: start the next batch empty.
+    fn settled(&mut self, lsn: Lsn) {
+        self.pending.clear();
+        self.pending_rows = 0;
+        self.pending_bytes = 0;
+        self.last_lsn = lsn;
+        if let Some(m) = self.mirror.as_mut() {
+            m.committed();
+        }
+    }
+
     /// The progress of an unfinished initial snapshot (its last chunk commit), if any.
     pub fn snapshot_progress(&self) -> Option<String> {
         let md = self.table.metadata();
@@ -651,13 +662,7 @@ impl TableSink {
                 }
                 super::debt::added(table.identifier(), data as u64);
                 self.table = table;
-                self.pending.clear();
-                self.pending_rows = 0;
-                self.pending_bytes = 0;
-                self.last_lsn = lsn;
-                if let Some(m) = self.mirror.as_mut() {
-                    m.committed();
-                }
+                self.settled(lsn);
                 Ok(Committed {
                     conflicts,
                     delete_files: deletes as u64,
@@ -682,13 +687,7 @@ impl TableSink {
                     let landed = committed_lsn(&table) >= lsn && has_properties(&table, extra);
                     self.table = table;
                     if landed {
-                        self.pending.clear();
-                        self.pending_rows = 0;
-                        self.pending_bytes = 0;
-                        self.last_lsn = lsn;
-                        if let Some(m) = self.mirror.as_mut() {
-                            m.committed();
-                        }
+                        self.settled(lsn);
                         return Ok(Committed::default());
                     }
                 }

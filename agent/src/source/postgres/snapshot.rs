@@ -258,8 +258,11 @@ pub async fn snapshot_xids(
     let xip = get(1)
         .split(',')
         .filter(|s| !s.is_empty())
-        .filter_map(|s| s.parse().ok())
-        .collect();
+        .map(|s| {
+            s.parse()
+                .map_err(|_| SourceError::Query(format!("cannot read the snapshot's xip {s:?}")))
+        })
+        .collect::<Result<_, _>>()?;
     Ok((xmax, xip))
 }
 

@@ -381,6 +381,37 @@ pub fn verify_source(
     verify(work, table, &args)
 }
 
+/// Run each statement as its own transaction, in order.
+pub async fn execute_each(db: &tokio_postgres::Client, statements: &[&str]) {
+    for sql in statements {
+        db.batch_execute(sql).await.expect(sql);
+    }
+}
+
+/// Poll [`verify_source`] until the table's fold equals `query` (and, with `--duckdb` in
+/// `extra`, DuckDB's read of it too), for at most `secs`; the last result on success.
+pub async fn wait_source_equal(
+    work: &Workdir,
+    table: &str,
+    pg: &TestPg,
+    query: &str,
+    extra: &[&str],
+    secs: u64,
+) -> Value {
+    let duckdb = extra.contains(&"--duckdb");
+    let mut last = Value::Null;
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while Instant::now() < deadline {
+        last = verify_source(work, table, pg, query, extra);
+        if last["state_equal"] == true && (!duckdb || last["duckdb_equal"] == true) {
+            return last;
+        }
+        tokio::time::sleep(Duration::from_millis(700)).await;
+    }
+    last["all_rows"] = Value::Null;
+    panic!("{table} never equalled the source: {last}");
+}
+
 /// The commit LSNs (`lsns`) of a `verify.py` result.
 pub fn lsn_set(v: &Value) -> std::collections::BTreeSet<u64> {
     v["lsns"]
