@@ -36,6 +36,12 @@ ensure_compose() {
   command -v docker-compose >/dev/null 2>&1 || apt_install docker-compose
 }
 
+ensure_kubectl() {
+  # `kubectl kustomize` renders deploy/kubernetes for the manifest test (Debian's kubectl is
+  # the kubernetes-client package; a newer kubectl already on PATH is used as is).
+  command -v kubectl >/dev/null 2>&1 || apt_install kubernetes-client
+}
+
 ensure_venv() {
   # Independent readers (PyIceberg, DuckDB) and test tools, in a git-ignored venv.
   local req="$ROOT/agent/tests/py/requirements.txt"

@@ -7,6 +7,7 @@ cd "$ROOT"
 ensure_postgres
 ensure_prometheus
 ensure_compose
+ensure_kubectl
 ensure_venv
 export PHILOTES_TEST_PYTHON="$VENV/bin/python"
 # Integration tests each start a PostgreSQL and an agent; two at a time suits 2 cores.

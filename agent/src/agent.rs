@@ -76,6 +76,7 @@ impl Agent {
                 committer.clone(),
                 secret_list.clone(),
                 options.clone(),
+                cfg.ha.clone(),
                 &telemetry.metrics,
             );
             handles.push(handle);
@@ -84,11 +85,16 @@ impl Agent {
         }
         if cfg.maintenance.enabled {
             crate::sink::iceberg::maintenance::set_store_config(&cfg.iceberg);
+            let statuses = handles
+                .iter()
+                .map(|h: &crate::pipeline::PipelineHandle| (h.name.clone(), h.status.clone()))
+                .collect();
             tasks.push(tokio::spawn(crate::maintenance::run_loop(
                 cfg.clone(),
                 committer.clone(),
                 telemetry.metrics.clone(),
                 shutdown_rx.clone(),
+                statuses,
             )));
         }
         tasks.push(tokio::spawn(crate::memory::trim_loop(shutdown_rx.clone())));

@@ -103,7 +103,7 @@ pub async fn run_checks(cfg: &Config) -> Vec<String> {
     let mut problems = Vec::new();
     let catalog = open_catalog(&cfg.iceberg).await.ok();
     for p in &cfg.pipelines {
-        if let Err(e) = check_source(p.source.url(), p, catalog.as_deref()).await {
+        if let Err(e) = check_source(p.source.url(), p, catalog.as_deref(), cfg.ha.enabled).await {
             problems.push(format!("pipeline {}: {e}", p.name));
         }
     }
@@ -137,6 +137,7 @@ async fn check_source(
     url: &SourceUrl,
     p: &crate::config::PipelineConfig,
     catalog: Option<&dyn iceberg::Catalog>,
+    standby_allowed: bool,
 ) -> Result<(), SourceError> {
     let mut s = Session::connect(url, &p.slot_name(), &p.publication_name(), None).await?;
     s.check_wal_level().await?;
@@ -146,6 +147,10 @@ async fn check_source(
         crate::pipeline::renamed_tables(c, &p.namespace_name(), &mut s, &mut tables).await?;
     }
     s.check_tables(&tables).await?;
+    // With `[ha]` another agent streaming from the slot is the leader this one stands by for.
+    if standby_allowed {
+        return Ok(());
+    }
     // Another agent on the same slot. A consumer that just died (SIGKILL) holds it until the
     // server notices the closed socket, so give that a moment before calling it a conflict.
     let slot = p.slot_name();
@@ -156,7 +161,7 @@ async fn check_source(
                 return Err(SourceError::Slot {
                     slot,
                     reason: format!(
-                        "it is in use by another consumer (pid {pid}); is a second agent running with this slot?"
+                        "it is in use by another consumer (pid {pid}); is a second agent running with this slot? ([ha] enabled = true runs agents as leader and standby)"
                     ),
                 })
             }
@@ -173,7 +178,7 @@ pub async fn fatal_source_problems(cfg: &Config) -> Vec<String> {
     let mut problems = Vec::new();
     let catalog = open_catalog(&cfg.iceberg).await.ok();
     for p in &cfg.pipelines {
-        match check_source(p.source.url(), p, catalog.as_deref()).await {
+        match check_source(p.source.url(), p, catalog.as_deref(), cfg.ha.enabled).await {
             Err(
                 e @ (SourceError::WalLevel(_)
                 | SourceError::MissingTable(_)

@@ -50,6 +50,9 @@ pub struct Config {
     /// Table upkeep: metadata cleanup, snapshot expiry, compaction, orphan removal.
     #[serde(default)]
     pub maintenance: MaintenanceConfig,
+    /// Hot standby: several agents on one config, one leading each pipeline.
+    #[serde(default)]
+    pub ha: HaConfig,
     /// One entry per replicated database.
     #[serde(default)]
     pub pipelines: Vec<PipelineConfig>,
@@ -245,6 +248,40 @@ impl Default for MaintenanceConfig {
             delete_ratio: 0.3,
             orphan_age: Duration::from_secs(86_400),
         }
+    }
+}
+
+/// `[ha]`: several agents may run the same configuration; for each pipeline the one holding
+/// its PostgreSQL advisory lock streams, the others stand by.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HaConfig {
+    /// Stand by instead of refusing a slot another agent holds.
+    pub enabled: bool,
+    /// A leader silent (no heartbeat on its lock session) this long is cut off and a standby
+    /// takes over; a leader that cannot heartbeat for half of it steps down by itself.
+    #[serde(with = "duration_str")]
+    pub takeover_timeout: Duration,
+}
+
+impl Default for HaConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            takeover_timeout: Duration::from_secs(15),
+        }
+    }
+}
+
+impl HaConfig {
+    /// How often the leader proves it is alive (a query on its lock session).
+    pub fn heartbeat_interval(&self) -> Duration {
+        self.takeover_timeout / 5
+    }
+
+    /// How often a standby looks at the leader.
+    pub fn poll_interval(&self) -> Duration {
+        (self.takeover_timeout / 10).clamp(Duration::from_millis(200), Duration::from_secs(1))
     }
 }
 
@@ -458,6 +495,7 @@ const OVERRIDE_SECTIONS: &[(&str, &[&str])] = &[
     ("TELEMETRY_", &["telemetry"]),
     ("ICEBERG_", &["iceberg"]),
     ("API_", &["api"]),
+    ("HA_", &["ha"]),
 ];
 
 /// Keys whose override value is a boolean rather than a string.
@@ -468,6 +506,7 @@ const BOOL_KEYS: &[&str] = &[
     "iceberg.s3.path_style",
     "api.enabled",
     "maintenance.enabled",
+    "ha.enabled",
 ];
 
 /// Keys whose override value is a number with a fraction.
@@ -625,6 +664,12 @@ impl Config {
             return Err(ConfigError::new(
                 "maintenance.orphan_age",
                 "must be at least 1h (younger files may belong to a commit in progress)",
+            ));
+        }
+        if self.ha.takeover_timeout < Duration::from_secs(2) {
+            return Err(ConfigError::new(
+                "ha.takeover_timeout",
+                "must be at least 2s (the leader heartbeats every fifth of it)",
             ));
         }
         if self.pipelines.is_empty() {

@@ -15,7 +15,8 @@ use crate::sink::iceberg::commit::Committer;
 use crate::sink::iceberg::debt;
 use crate::sink::iceberg::maintenance::{self, Outcome, Scope, Settings};
 use crate::telemetry::events::{TableHealthMeasured, TableMaintained};
-use crate::telemetry::Metrics;
+use crate::telemetry::status::SharedStatus;
+use crate::telemetry::{Metrics, PipelineState};
 
 /// A maintenance run that could not start.
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +66,18 @@ async fn targets(
         }
     }
     Ok(out)
+}
+
+/// With `[ha]`, only the agent leading a pipeline looks after its tables (a standby's
+/// compaction would only race the leader's).
+fn leads(statuses: &[(String, SharedStatus)], source: &str) -> bool {
+    statuses.iter().any(|(name, st)| {
+        name == source
+            && matches!(
+                crate::telemetry::status::snapshot(st).state,
+                PipelineState::Streaming | PipelineState::Snapshotting | PipelineState::Paused
+            )
+    })
 }
 
 /// `philotes maintain`: every action on the selected tables now; outcomes per table.
@@ -177,6 +190,7 @@ pub async fn run_loop(
     committer: Committer,
     metrics: Metrics,
     mut shutdown: watch::Receiver<bool>,
+    statuses: Vec<(String, SharedStatus)>,
 ) {
     let settings = Settings {
         config: cfg.maintenance.clone(),
@@ -220,6 +234,9 @@ pub async fn run_loop(
         for (source, ident) in list {
             if *shutdown.borrow() {
                 return;
+            }
+            if cfg.ha.enabled && !leads(&statuses, &source) {
+                continue;
             }
             // Woken by debt: only the tables in debt, and only their compaction.
             if by_debt && !debt::is_due(&ident) {

@@ -121,6 +121,9 @@ pub enum ErrorType {
     Conversion,
     /// The slot retains more WAL than `max_slot_lag_bytes`.
     SlotLag,
+    /// A commit refused because another agent committed to the table since this one last
+    /// looked (a deposed leader's late commit): this agent steps down.
+    Fenced,
 }
 
 impl ErrorType {
@@ -141,6 +144,7 @@ impl ErrorType {
             ErrorType::State => "state",
             ErrorType::Conversion => "conversion",
             ErrorType::SlotLag => "slot_lag",
+            ErrorType::Fenced => "fenced",
         }
     }
 }

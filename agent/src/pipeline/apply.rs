@@ -304,6 +304,7 @@ impl Applier {
         mut client: ReplicationStream,
         control: &mut watch::Receiver<Control>,
         shutdown: &mut watch::Receiver<bool>,
+        lost: &mut watch::Receiver<bool>,
         set_state: &(dyn Fn(PipelineState) + Sync),
     ) -> Result<(), PipelineError> {
         let tick = (self.cfg.flush_interval / 4)
@@ -314,6 +315,10 @@ impl Applier {
         let mut stopping = false;
         let mut stop_deadline: Option<Instant> = None;
         loop {
+            // `[ha]`: a leader that lost its lease stops here, committing nothing more.
+            if *lost.borrow() {
+                return Err(PipelineError::LeadershipLost);
+            }
             let want_pause = *control.borrow() == Control::Pause;
             if *shutdown.borrow() && !stopping {
                 stopping = true;
@@ -350,15 +355,11 @@ impl Applier {
                 set_state(PipelineState::Streaming);
                 tracing::info!(pipeline = %self.cfg.name, "resumed");
             }
+            // The timer first: a batch that is due is committed before the next message is
+            // read (or the stream's end is seen), so a steady stream cannot starve the flush
+            // and a leader resumed after a stall commits, or is fenced, before anything else.
             tokio::select! {
                 biased;
-                ev = client.recv() => {
-                    match ev {
-                        Ok(Some(ev)) => self.on_event(ev, &client).await?,
-                        Ok(None) => return Err(PipelineError::StreamEnded("server closed the stream".into())),
-                        Err(e) => return Err(PipelineError::StreamEnded(e.to_string())),
-                    }
-                }
                 _ = timer.tick() => {
                     if self.txn.is_none()
                         && self.oldest.is_some_and(|t| t.elapsed() >= self.cfg.flush_interval)
@@ -366,8 +367,16 @@ impl Applier {
                         self.flush(&client).await?;
                     }
                 }
+                ev = client.recv() => {
+                    match ev {
+                        Ok(Some(ev)) => self.on_event(ev, &client).await?,
+                        Ok(None) => return Err(PipelineError::StreamEnded("server closed the stream".into())),
+                        Err(e) => return Err(PipelineError::StreamEnded(e.to_string())),
+                    }
+                }
                 _ = control.changed() => {}
                 _ = shutdown.changed() => {}
+                _ = lost.changed() => {}
             }
         }
     }

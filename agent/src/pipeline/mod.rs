@@ -3,6 +3,7 @@
 mod apply;
 pub mod batch;
 pub mod dlq;
+mod leader;
 mod monitor;
 mod position;
 pub mod retry;
@@ -15,14 +16,16 @@ use iceberg::Catalog;
 use tokio::sync::watch;
 use tracing::Instrument;
 
-use crate::config::PipelineConfig;
+use crate::config::{HaConfig, PipelineConfig};
 use crate::model::Lsn;
 use crate::sink::iceberg::commit::Committer;
 use crate::sink::iceberg::table::TableOptions;
 use crate::sink::iceberg::SinkError;
 use crate::source::postgres::conn::SourceUrl;
 use crate::source::postgres::session::{Session, SourceError};
-use crate::telemetry::events::{ErrorType, PipelineRetrying, StateChanged};
+use crate::telemetry::events::{
+    CommitFenced, ErrorType, LeadershipLost, PipelineRetrying, StateChanged,
+};
 pub use crate::telemetry::status::{self, PipelineStatus, SharedStatus};
 use crate::telemetry::{Metrics, PipelineState, SourceMetrics};
 pub use apply::iceberg_table_name;
@@ -66,6 +69,9 @@ pub enum PipelineError {
     /// Pipeline state stored in a table (e.g. a copy's progress) cannot be read.
     #[error("stored state: {0}")]
     State(String),
+    /// `[ha]`: this agent no longer leads the pipeline (its heartbeat failed).
+    #[error("leadership lost")]
+    LeadershipLost,
 }
 
 impl PipelineError {
@@ -79,7 +85,8 @@ impl PipelineError {
             // A new table is not a failure and never counted: the stream restarts at once.
             PipelineError::StreamEnded(_)
             | PipelineError::NewTable(_)
-            | PipelineError::TextNeeded(_) => ErrorType::Connection,
+            | PipelineError::TextNeeded(_)
+            | PipelineError::LeadershipLost => ErrorType::Connection,
             PipelineError::Spool(_) => ErrorType::Spool,
             PipelineError::State(_) => ErrorType::State,
         }
@@ -210,6 +217,10 @@ pub struct Pipeline {
     joined: std::collections::HashSet<String>,
     /// A binary stream met a column it cannot read so: text from now on.
     text_only: bool,
+    /// `[ha]`.
+    ha: HaConfig,
+    /// Never sends: the "leadership lost" signal of an agent without `[ha]`.
+    never_lost: watch::Sender<bool>,
 }
 
 impl Pipeline {
@@ -219,6 +230,7 @@ impl Pipeline {
         committer: Committer,
         secrets: Arc<[String]>,
         options: TableOptions,
+        ha: HaConfig,
         metrics: &Metrics,
     ) -> (Self, PipelineHandle) {
         let url = cfg.source.url().clone();
@@ -246,6 +258,8 @@ impl Pipeline {
                 failures: Default::default(),
                 joined: Default::default(),
                 text_only: false,
+                ha,
+                never_lost: watch::channel(false).0,
             },
             handle,
         )
@@ -268,12 +282,41 @@ impl Pipeline {
     /// Run until `shutdown` turns true: stream, and on any error wait with backoff and retry.
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
         let mut backoff = retry::Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+        let mut lease: Option<leader::Lease> = None;
         loop {
             if *shutdown.borrow() {
                 break;
             }
             self.set_state(PipelineState::Starting);
             let started = Instant::now();
+            // `[ha]`: only the leader goes on; the lease is kept across failed attempts and
+            // given up when it is lost or a commit is fenced.
+            if self.ha.enabled && lease.as_ref().is_none_or(|l| l.is_lost()) {
+                lease = None;
+                let slot = self.cfg.slot_name();
+                let contender = leader::Contender {
+                    name: &self.cfg.name,
+                    url: &self.url,
+                    slot: &slot,
+                    ha: &self.ha,
+                    metrics: &self.metrics,
+                    status: &self.status,
+                };
+                match contender.lead(&mut shutdown).await {
+                    Ok(Some(l)) => lease = Some(l),
+                    Ok(None) => break,
+                    Err(e) => {
+                        self.last_failed = true;
+                        self.retry_after(e, started, &mut backoff, &mut shutdown)
+                            .await;
+                        continue;
+                    }
+                }
+                self.set_state(PipelineState::Starting);
+            }
+            let lost = lease
+                .as_ref()
+                .map_or_else(|| self.never_lost.subscribe(), leader::Lease::lost);
             let recovery = Recovery {
                 name: self.cfg.name.clone(),
                 status: self.status.clone(),
@@ -281,7 +324,7 @@ impl Pipeline {
             };
             let committed_at_start = status::snapshot(&self.status).committed_lsn;
             let result = {
-                let attempt = self.stream_once(&mut shutdown);
+                let attempt = self.stream_once(&mut shutdown, lost);
                 tokio::pin!(attempt);
                 let mut check = tokio::time::interval(Duration::from_secs(1));
                 let mut streaming_since: Option<Instant> = None;
@@ -308,38 +351,79 @@ impl Pipeline {
                     tracing::info!(pipeline = %self.cfg.name, table, "a column cannot be read in binary: streaming in text");
                     self.text_only = true;
                 }
-                Err(e) => {
-                    let msg = e.to_string();
-                    if started.elapsed() > Duration::from_secs(60) {
-                        backoff.reset();
+                // The heartbeat said so already: contend again (as standby, most likely).
+                Err(PipelineError::LeadershipLost) => {
+                    self.last_failed = false;
+                    lease = None;
+                }
+                // Another agent committed to a table first: nothing of this attempt past the
+                // table's position may be committed by this one. Step down (with `[ha]`) and
+                // start again from what the tables hold.
+                Err(PipelineError::Sink(SinkError::Fenced { table, reason })) => {
+                    self.last_failed = false;
+                    CommitFenced {
+                        pipeline: &self.cfg.name,
+                        table: &table,
+                        reason: &reason,
+                    }
+                    .emit(&self.metrics);
+                    if lease.take().is_some() {
+                        LeadershipLost {
+                            pipeline: &self.cfg.name,
+                            reason: "a commit was fenced: another agent leads",
+                        }
+                        .emit();
                     }
                     let delay = backoff.next_delay();
-                    let attempt = self
-                        .failures
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-                        .saturating_add(1);
-                    PipelineRetrying {
-                        pipeline: &self.cfg.name,
-                        error_type: e.error_type(),
-                        message: msg,
-                        attempt,
-                        delay,
-                    }
-                    .emit(&self.metrics, &self.status);
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
                         _ = shutdown.changed() => {}
                     }
+                }
+                Err(e) => {
+                    self.retry_after(e, started, &mut backoff, &mut shutdown)
+                        .await
                 }
             }
         }
         self.set_state(PipelineState::Stopped);
     }
 
+    /// Count a failed attempt and wait the backoff's delay (or until shutdown).
+    async fn retry_after(
+        &mut self,
+        e: PipelineError,
+        started: Instant,
+        backoff: &mut retry::Backoff,
+        shutdown: &mut watch::Receiver<bool>,
+    ) {
+        if started.elapsed() > Duration::from_secs(60) {
+            backoff.reset();
+        }
+        let delay = backoff.next_delay();
+        let attempt = self
+            .failures
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            .saturating_add(1);
+        PipelineRetrying {
+            pipeline: &self.cfg.name,
+            error_type: e.error_type(),
+            message: e.to_string(),
+            attempt,
+            delay,
+        }
+        .emit(&self.metrics, &self.status);
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = shutdown.changed() => {}
+        }
+    }
+
     /// One connection's life: prepare, stream until shutdown (Ok) or an error.
     async fn stream_once(
         &mut self,
         shutdown: &mut watch::Receiver<bool>,
+        mut lost: watch::Receiver<bool>,
     ) -> Result<(), PipelineError> {
         let slot = self.cfg.slot_name();
         let publication = self.cfg.publication_name();
@@ -391,6 +475,9 @@ impl Pipeline {
         );
         if self.cfg.snapshot == crate::config::SnapshotMode::Initial {
             for (schema, table) in &tables {
+                if *lost.borrow() {
+                    return Err(PipelineError::LeadershipLost);
+                }
                 self.set_state(PipelineState::Snapshotting);
                 // A root span: one trace per table copy.
                 let span = tracing::info_span!(
@@ -454,7 +541,7 @@ impl Pipeline {
         tracing::info!(pipeline = %self.cfg.name, slot, confirmed_lsn = %confirmed.pg(), binary, "streaming");
         self.set_state(PipelineState::Streaming);
         applier
-            .stream(client, &mut self.control, shutdown, &|state| {
+            .stream(client, &mut self.control, shutdown, &mut lost, &|state| {
                 StateChanged { state }.emit(&self.metrics, &self.status)
             })
             .await

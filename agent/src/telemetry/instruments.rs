@@ -27,6 +27,8 @@ pub enum PipelineState {
     Paused = 4,
     /// The last attempt failed; the next one is scheduled (see the status's `retry`).
     Retrying = 5,
+    /// Another agent leads this pipeline (`[ha]`); this one waits to take over.
+    Standby = 6,
 }
 
 const SECONDS_BUCKETS: &[f64] = &[
@@ -69,6 +71,12 @@ pub struct Metrics {
     pub(super) cdc_retries: Counter<u64>,
     /// `philotes_cdc_pipeline_state{source}`.
     pub(super) cdc_state: Gauge<i64>,
+    /// `philotes_ha_takeovers_total{source}`.
+    pub(super) ha_takeovers: Counter<u64>,
+    /// `philotes_ha_leaders_deposed_total{source}`.
+    pub(super) ha_deposed: Counter<u64>,
+    /// `philotes_ha_fenced_commits_total{source,table}`.
+    pub(super) ha_fenced: Counter<u64>,
     /// `philotes_cdc_slot_lag_bytes{source}`.
     pub(super) cdc_slot_lag: Gauge<i64>,
     /// `philotes_api_requests_total{endpoint,method,status}`.
@@ -166,7 +174,24 @@ impl Metrics {
             cdc_state: meter
                 .i64_gauge("philotes.cdc.pipeline_state")
                 .with_description(
-                    "0 stopped, 1 starting, 2 snapshotting, 3 streaming, 4 paused, 5 retrying",
+                    "0 stopped, 1 starting, 2 snapshotting, 3 streaming, 4 paused, 5 retrying, \
+                     6 standby",
+                )
+                .build(),
+            ha_takeovers: meter
+                .u64_counter("philotes.ha.takeovers")
+                .with_description("Times this agent became the pipeline's leader ([ha])")
+                .build(),
+            ha_deposed: meter
+                .u64_counter("philotes.ha.leaders_deposed")
+                .with_description(
+                    "Silent leaders this agent cut off (sessions terminated) to take over",
+                )
+                .build(),
+            ha_fenced: meter
+                .u64_counter("philotes.ha.fenced_commits")
+                .with_description(
+                    "Commits refused because another agent committed to the table first",
                 )
                 .build(),
             cdc_slot_lag: meter
@@ -299,6 +324,8 @@ impl Metrics {
             metrics: self.clone(),
             retries: self.cdc_retries.bind(std::slice::from_ref(&s)),
             state: self.cdc_state.bind(std::slice::from_ref(&s)),
+            takeovers: self.ha_takeovers.bind(std::slice::from_ref(&s)),
+            deposed: self.ha_deposed.bind(std::slice::from_ref(&s)),
             slot_lag: self.cdc_slot_lag.bind(std::slice::from_ref(&s)),
             depth: self.buf_depth.bind(std::slice::from_ref(&s)),
             spool: self.buf_spool.bind(std::slice::from_ref(&s)),
@@ -319,6 +346,10 @@ pub struct SourceMetrics {
     /// `philotes_cdc_retries_total`.
     pub(super) retries: BoundCounter<u64>,
     pub(super) state: BoundGauge<i64>,
+    /// `philotes_ha_takeovers_total`.
+    pub(super) takeovers: BoundCounter<u64>,
+    /// `philotes_ha_leaders_deposed_total`.
+    pub(super) deposed: BoundCounter<u64>,
     /// `philotes_cdc_slot_lag_bytes`.
     pub(super) slot_lag: BoundGauge<i64>,
     /// `philotes_buffer_depth`.

@@ -186,6 +186,16 @@ fn bad_configs_exit_2_naming_the_key() {
             "maintenance.orphan_age",
         ),
         (
+            "ha: takeover timeout too short",
+            format!("[ha]\nenabled = true\ntakeover_timeout = \"500ms\"\n{GOOD_PIPELINE}"),
+            "ha.takeover_timeout",
+        ),
+        (
+            "ha: unknown key",
+            format!("[ha]\nenable = true\n{GOOD_PIPELINE}"),
+            "ha",
+        ),
+        (
             "maintenance: delete ratio above 1",
             format!("[maintenance]\ndelete_ratio = 1.5\n{GOOD_PIPELINE}"),
             "maintenance.delete_ratio",

@@ -7,6 +7,7 @@ mod api;
 mod bad_input;
 mod core_data_path;
 mod demo;
+mod ha;
 mod maintenance;
 mod mirror;
 mod reliability;

@@ -11,7 +11,7 @@ use crate::common::*;
 use philotes::demo::postgres::LocalPgOptions;
 
 /// A small deterministic generator (xorshift), so every run makes the same workload.
-struct Rng(u64);
+pub struct Rng(pub u64);
 impl Rng {
     fn next(&mut self) -> u64 {
         self.0 ^= self.0 << 13;
@@ -19,13 +19,13 @@ impl Rng {
         self.0 ^= self.0 << 17;
         self.0
     }
-    fn below(&mut self, n: u64) -> u64 {
+    pub fn below(&mut self, n: u64) -> u64 {
         self.next() % n
     }
 }
 
 /// One transaction of the mixed workload: `inserts` new rows, updates and deletes of live rows.
-fn mixed_txn(rng: &mut Rng, next: &mut i64, live: &mut Vec<i64>, ops: &mut [u64; 3]) -> String {
+pub fn mixed_txn(rng: &mut Rng, next: &mut i64, live: &mut Vec<i64>, ops: &mut [u64; 3]) -> String {
     let mut sql = String::from("BEGIN;");
     let inserts = 80;
     sql.push_str(&format!(
@@ -61,7 +61,7 @@ fn id_list(ids: &BTreeSet<i64>) -> String {
     ids.iter().map(i64::to_string).collect::<Vec<_>>().join(",")
 }
 
-const MIXED_DDL: &str = "CREATE TABLE m (id bigint PRIMARY KEY, v int NOT NULL, h text)";
+pub const MIXED_DDL: &str = "CREATE TABLE m (id bigint PRIMARY KEY, v int NOT NULL, h text)";
 
 fn figures(fault: &str, runs: usize, lost: i64, dup: i64, recovery: Duration) {
     eprintln!(

@@ -33,6 +33,10 @@ fn valid_env_names() -> Vec<String> {
         "MAINTENANCE_",
         serde_json::to_value(philotes::config::MaintenanceConfig::default()).unwrap(),
     );
+    add(
+        "HA_",
+        serde_json::to_value(philotes::config::HaConfig::default()).unwrap(),
+    );
     names
 }
 
@@ -158,4 +162,76 @@ async fn dashboard_collector_and_dockerfile_match_the_agent() {
     );
     assert!(v["checked"]["services"].as_u64().unwrap() >= 8);
     assert_eq!(agent.terminate(), Some(0));
+}
+
+/// `deploy/kubernetes`: the base and the example overlay render with `kubectl kustomize`,
+/// pass `kubernetes-validate --strict` (the Kubernetes schemas) and `yamllint`, hang together
+/// (`check_k8s.py`), and their agent config is valid for this agent with the Deployment's
+/// environment.
+#[test]
+fn kubernetes_manifests_render_validate_and_configure_the_agent() {
+    let root = root();
+    let k8s = root.join("deploy/kubernetes");
+    let bin = python().parent().unwrap().to_path_buf();
+    let (rc, out) = run_cmd(
+        Command::new(bin.join("yamllint"))
+            .args(["-c", ".yamllint.yaml", "."])
+            .current_dir(&k8s),
+    );
+    assert_eq!(rc, 0, "yamllint: {out}");
+    let work = Workdir::new();
+    let mut rendered = Vec::new();
+    for dir in ["base", "overlays/example"] {
+        let out = Command::new("kubectl")
+            .args(["kustomize"])
+            .arg(k8s.join(dir))
+            .output()
+            .expect("kubectl");
+        assert!(
+            out.status.success(),
+            "kubectl kustomize {dir}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let file = work.path().join(format!("{}.yaml", dir.replace('/', "_")));
+        std::fs::write(&file, &out.stdout).unwrap();
+        let (rc, text) = run_cmd(
+            Command::new(bin.join("kubernetes-validate"))
+                .args(["--strict", "-k", "1.31.0"])
+                .arg(&file),
+        );
+        assert_eq!(rc, 0, "kubernetes-validate {dir}: {text}");
+        // Every kind but the Prometheus Operator's CRD is checked against a schema.
+        for kind in ["deployment", "configmap", "service", "poddisruptionbudget"] {
+            assert!(
+                text.contains(&format!("passed for resource {kind}/")),
+                "{dir}: {kind} validated: {text}"
+            );
+        }
+        rendered.push(file);
+    }
+    let (rc, out) = run_cmd(
+        Command::new(python())
+            .arg(py_script("check_k8s.py"))
+            .args(&rendered),
+    );
+    assert_eq!(rc, 0, "check_k8s.py: {out}");
+    let mut configs = 0;
+    for line in out.lines().filter(|l| l.starts_with('{')) {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        let env: Vec<(String, String)> = v["env"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_string()))
+            .collect();
+        let cfg = Config::parse(v["config"].as_str().unwrap(), &env)
+            .unwrap_or_else(|e| panic!("{}: agent config: {e}", v["file"]));
+        assert!(cfg.ha.enabled, "{}", v["file"]);
+        assert!(
+            cfg.api.token.is_some(),
+            "a non-loopback listener needs a token"
+        );
+        configs += 1;
+    }
+    assert_eq!(configs, 2, "{out}");
 }

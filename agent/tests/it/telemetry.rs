@@ -31,6 +31,8 @@ const CONTRACT: &[(&str, &[&str])] = &[
     ("philotes_cdc_retries_total", &["source"]),
     ("philotes_cdc_pipeline_state", &["source"]),
     ("philotes_cdc_slot_lag_bytes", &["source"]),
+    ("philotes_ha_takeovers_total", &["source"]),
+    ("philotes_ha_leaders_deposed_total", &["source"]),
     (
         "philotes_api_requests_total",
         &["endpoint", "method", "status"],

@@ -37,6 +37,15 @@ pub enum SinkError {
     /// Bad catalog or storage settings.
     #[error("iceberg config: {0}")]
     Config(String),
+    /// Another agent committed to `table` since this one last looked: the commit is refused
+    /// so that a deposed leader never adds what the new leader commits too.
+    #[error("iceberg commit fenced on {table}: {reason}")]
+    Fenced {
+        /// The Iceberg table.
+        table: String,
+        /// What moved.
+        reason: String,
+    },
 }
 
 impl SinkError {
@@ -48,6 +57,7 @@ impl SinkError {
             SinkError::Commit(_) => ErrorType::IcebergCommit,
             SinkError::Conflict(_) => ErrorType::CommitConflict,
             SinkError::Config(_) => ErrorType::Config,
+            SinkError::Fenced { .. } => ErrorType::Fenced,
         }
     }
 }

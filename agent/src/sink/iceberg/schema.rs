@@ -23,6 +23,16 @@ pub const CDC_COLUMNS: [&str; 5] = [CDC_OP, CDC_LSN, CDC_SEQ, CDC_TS, CDC_UNCHAN
 /// Snapshot summary property holding the last source commit LSN in the table.
 pub const LSN_PROPERTY: &str = "philotes.lsn";
 
+/// Table (and summary) property naming the agent process that made the table's last data
+/// commit: with [`LSN_PROPERTY`], what a commit is fenced on.
+pub const WRITER_PROPERTY: &str = "philotes.writer";
+
+/// This process's writer id (a UUID drawn at first use): two agents never share one.
+pub fn writer_id() -> &'static str {
+    static ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    ID.get_or_init(|| uuid::Uuid::new_v4().to_string())
+}
+
 /// Snapshot summary property marking a table whose initial snapshot is committed (`done`).
 pub const SNAPSHOT_PROPERTY: &str = "philotes.snapshot";
 

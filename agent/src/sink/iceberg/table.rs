@@ -16,8 +16,8 @@ use super::commit::{is_data, operation_for, Change, CommitError, Committer};
 use super::evolve::ColumnChange;
 use super::mirror::{CompactRules, Compacted, MirrorWriter};
 use super::schema::{
-    changelog_shape, mirror_schema, LSN_PROPERTY, MIRROR_PROPERTY, SNAPSHOT_PROGRESS_PROPERTY,
-    SNAPSHOT_PROPERTY,
+    changelog_shape, mirror_schema, writer_id, LSN_PROPERTY, MIRROR_PROPERTY,
+    SNAPSHOT_PROGRESS_PROPERTY, SNAPSHOT_PROPERTY, WRITER_PROPERTY,
 };
 use super::writer::OpenFiles;
 use super::SinkError;
@@ -458,6 +458,7 @@ impl TableSink {
                 .map_err(|e| {
                     SinkError::Commit(super::catalog::scrub(e.to_string(), &self.secrets))
                 })?;
+            self.fence_on(&table)?;
             self.table = table;
             return Ok(());
         }
@@ -470,6 +471,7 @@ impl TableSink {
             .commit_updates(&self.table, requirements, updates)
             .await
             .map_err(|e| SinkError::Commit(super::catalog::scrub(e.to_string(), &self.secrets)))?;
+        self.fence_on(&table)?;
         self.arrow_schema = Arc::new(
             schema_to_arrow_schema(table.metadata().current_schema())
                 .map_err(|e| SinkError::Config(e.to_string()))?,
@@ -565,6 +567,27 @@ impl TableSink {
             .collect()
     }
 
+    /// A metadata-only commit lands on whatever the catalog holds (a REST catalog has no
+    /// requirement for properties): if another agent's data commit came in between, this
+    /// sink must not take that state as its own view (its next data commit would then pass
+    /// the fence), so it is fenced here.
+    fn fence_on(&self, new: &Table) -> Result<(), SinkError> {
+        let (was, now) = (
+            self.table.metadata().properties(),
+            new.metadata().properties(),
+        );
+        match [LSN_PROPERTY, WRITER_PROPERTY]
+            .iter()
+            .find(|k| was.get(**k) != now.get(**k))
+        {
+            Some(k) => Err(SinkError::Fenced {
+                table: self.name(),
+                reason: format!("{k} moved under a metadata update"),
+            }),
+            None => Ok(()),
+        }
+    }
+
     /// What was pending is in the table at `lsn`: start the next batch empty.
     fn settled(&mut self, lsn: Lsn) {
         self.pending.clear();
@@ -628,9 +651,20 @@ impl TableSink {
         // expiry (ours or a maintenance job's) removes old summaries, never properties.
         let state: HashMap<String, String> =
             // The contract stores the number, not PostgreSQL's X/Y form.
-            std::iter::once((LSN_PROPERTY.to_string(), lsn.get().to_string()))
-                .chain(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())))
-                .collect();
+            [
+                (LSN_PROPERTY.to_string(), lsn.get().to_string()),
+                (WRITER_PROPERTY.to_string(), writer_id().to_string()),
+            ]
+            .into_iter()
+            .chain(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())))
+            .collect();
+        // Fenced on the position and writer this sink last saw: if another agent committed
+        // data since (a new leader, while this one was cut off), this commit must not land.
+        let seen = self.table.metadata().properties();
+        let fence = [LSN_PROPERTY, WRITER_PROPERTY]
+            .iter()
+            .map(|k| (k.to_string(), seen.get(*k).cloned()))
+            .collect();
         let change = Change {
             operation: operation_for(data, deletes + removed.len(), false),
             added,
@@ -642,6 +676,7 @@ impl TableSink {
                 .as_ref()
                 .map(|m| m.delete_targets())
                 .unwrap_or_default(),
+            fence,
         };
         // Appends commute: another writer's commit costs a new manifest list, not a rewrite.
         let result = self
@@ -683,8 +718,15 @@ impl TableSink {
                     .load_table(self.table.identifier())
                     .await
                 {
-                    // Commits at one LSN (a snapshot's chunks) differ by their properties.
-                    let landed = committed_lsn(&table) >= lsn && has_properties(&table, extra);
+                    // Commits at one LSN (a snapshot's chunks) differ by their properties;
+                    // another agent's commit at or past `lsn` is not ours.
+                    let lsn_text = lsn.get().to_string();
+                    let mut ours = vec![
+                        (LSN_PROPERTY, lsn_text.as_str()),
+                        (WRITER_PROPERTY, writer_id()),
+                    ];
+                    ours.extend_from_slice(extra);
+                    let landed = has_properties(&table, &ours);
                     self.table = table;
                     if landed {
                         self.settled(lsn);
@@ -694,7 +736,12 @@ impl TableSink {
                 if let Some(m) = self.mirror.as_mut() {
                     m.abandon();
                 }
-                if matches!(e, CommitError::Conflict(_) | CommitError::Rebase(_)) {
+                if matches!(e, CommitError::Fenced(_)) {
+                    Err(SinkError::Fenced {
+                        table: self.name(),
+                        reason: msg,
+                    })
+                } else if matches!(e, CommitError::Conflict(_) | CommitError::Rebase(_)) {
                     Err(SinkError::Conflict(msg))
                 } else {
                     Err(SinkError::Commit(msg))
@@ -726,6 +773,7 @@ impl TableSink {
             )]),
             properties: HashMap::new(),
             requires_live: HashSet::new(),
+            fence: Vec::new(),
         };
         // One attempt: another writer's commit in between may have touched the same files;
         // the next step plans again on the table as it then is.

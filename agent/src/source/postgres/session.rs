@@ -142,28 +142,38 @@ impl Session {
         publication: &str,
         start: Option<Lsn>,
     ) -> Result<Self, SourceError> {
+        let mut s = Self::connect_with(url, &SourceUrl::startup_options()).await?;
+        s.slot = slot.to_string();
+        s.publication = publication.to_string();
+        s.start = start.unwrap_or(Lsn::ZERO);
+        Ok(s)
+    }
+
+    /// A plain SQL session (no replication protocol), named `application_name` in
+    /// `pg_stat_activity`.
+    pub async fn connect_sql(url: &SourceUrl, application_name: &str) -> Result<Self, SourceError> {
+        Self::connect_with(url, &[("application_name", application_name)]).await
+    }
+
+    async fn connect_with(url: &SourceUrl, options: &[(&str, &str)]) -> Result<Self, SourceError> {
         // Bounded, so an unreachable host fails within the connect timeout instead of hanging.
-        let conn = match tokio::time::timeout(
-            url.connect_timeout,
-            Conn::connect(url, &SourceUrl::startup_options()),
-        )
-        .await
-        {
-            Ok(Ok(c)) => c,
-            Ok(Err(e)) => return Err(wire_error(url, e)),
-            Err(_) => {
-                return Err(SourceError::Connect {
-                    url: url.display(),
-                    reason: format!("timed out after {:?}", url.connect_timeout),
-                })
-            }
-        };
+        let conn =
+            match tokio::time::timeout(url.connect_timeout, Conn::connect(url, options)).await {
+                Ok(Ok(c)) => c,
+                Ok(Err(e)) => return Err(wire_error(url, e)),
+                Err(_) => {
+                    return Err(SourceError::Connect {
+                        url: url.display(),
+                        reason: format!("timed out after {:?}", url.connect_timeout),
+                    })
+                }
+            };
         Ok(Self {
             conn,
             url: url.clone(),
-            slot: slot.to_string(),
-            publication: publication.to_string(),
-            start: start.unwrap_or(Lsn::ZERO),
+            slot: String::new(),
+            publication: String::new(),
+            start: Lsn::ZERO,
         })
     }
 

@@ -10,9 +10,10 @@ mod pipeline;
 pub use api::ApiRequestServed;
 pub use maintenance::{TableHealthMeasured, TableMaintained};
 pub use pipeline::{
-    AppliedTable, BatchCommitted, BatchFailed, BufferChanged, ChangeReceived, DeadLettered,
-    FilesWritten, MirrorCommitted, PipelineRetrying, SchemaChanged, SlotLagMeasured, SpoolChanged,
-    StateChanged, TableCommitted, TransactionApplied,
+    AppliedTable, BatchCommitted, BatchFailed, BufferChanged, ChangeReceived, CommitFenced,
+    DeadLettered, FilesWritten, LeaderDeposed, LeadershipLost, LeadershipTaken, MirrorCommitted,
+    PipelineRetrying, SchemaChanged, SlotLagMeasured, SpoolChanged, StandingBy, StateChanged,
+    TableCommitted, TransactionApplied,
 };
 
 pub use crate::model::ErrorType;
@@ -29,6 +30,7 @@ mod tests {
             ErrorType::IcebergCommit,
             ErrorType::CommitConflict,
             ErrorType::SlotLag,
+            ErrorType::Fenced,
         ] {
             assert_eq!(
                 serde_json::to_value(e).ok(),

@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+use opentelemetry::KeyValue;
+
 use super::ErrorType;
 use crate::model::Op;
 use crate::telemetry::instruments::{SourceMetrics, TableMetrics};
@@ -406,5 +408,113 @@ impl SlotLagMeasured<'_> {
             s.slot_lag_exceeded = over;
         });
         over
+    }
+}
+
+/// `[ha]`: another agent leads this pipeline; this one waits.
+#[derive(Debug, Clone, Copy)]
+pub struct StandingBy<'a> {
+    /// Pipeline name.
+    pub pipeline: &'a str,
+    /// The leader's session (its PostgreSQL backend pid), if seen.
+    pub leader_pid: Option<i32>,
+}
+
+impl StandingBy<'_> {
+    /// Log it and set the state to standby.
+    pub fn emit(self, m: &SourceMetrics, status: &SharedStatus) {
+        tracing::info!(pipeline = %self.pipeline, leader_pid = self.leader_pid, "another agent leads this pipeline: standing by");
+        StateChanged {
+            state: PipelineState::Standby,
+        }
+        .emit(m, status);
+    }
+}
+
+/// `[ha]`: this agent took the pipeline's leadership.
+#[derive(Debug, Clone, Copy)]
+pub struct LeadershipTaken<'a> {
+    /// Pipeline name.
+    pub pipeline: &'a str,
+    /// Whether it waited as standby first (a takeover, not a first start).
+    pub after_standby: bool,
+}
+
+impl LeadershipTaken<'_> {
+    /// Log it and count `philotes_ha_takeovers_total`.
+    pub fn emit(self, m: &SourceMetrics) {
+        if self.after_standby {
+            tracing::warn!(pipeline = %self.pipeline, "leader gone: this agent takes over the pipeline");
+        } else {
+            tracing::info!(pipeline = %self.pipeline, "this agent leads the pipeline");
+        }
+        m.takeovers.add(1);
+    }
+}
+
+/// `[ha]`: a leader that stopped answering (or a stale consumer of the slot) was cut off.
+#[derive(Debug, Clone, Copy)]
+pub struct LeaderDeposed<'a> {
+    /// Pipeline name.
+    pub pipeline: &'a str,
+    /// The terminated backend.
+    pub pid: i32,
+    /// What it was: `leader` (the lock's session) or `slot consumer` (a walsender).
+    pub what: &'a str,
+    /// How long it had been silent, when known.
+    pub silent: Option<Duration>,
+}
+
+impl LeaderDeposed<'_> {
+    /// Log it and count `philotes_ha_leaders_deposed_total` (a leader's session, not its
+    /// lingering walsender, counts).
+    pub fn emit(self, m: &SourceMetrics) {
+        tracing::warn!(pipeline = %self.pipeline, pid = self.pid, silent_seconds = self.silent.map(|d| d.as_secs_f64()), "terminating the {} session of a silent leader", self.what);
+        if self.what == "leader" {
+            m.deposed.add(1);
+        }
+    }
+}
+
+/// `[ha]`: this agent stops leading (its lock session was lost, or a commit was fenced).
+#[derive(Debug)]
+pub struct LeadershipLost<'a> {
+    /// Pipeline name.
+    pub pipeline: &'a str,
+    /// Why.
+    pub reason: &'a str,
+}
+
+impl LeadershipLost<'_> {
+    /// Log it (WARN).
+    pub fn emit(self) {
+        tracing::warn!(pipeline = %self.pipeline, "stepping down: {}", self.reason);
+    }
+}
+
+/// A commit was refused because another agent committed to the table first.
+#[derive(Debug)]
+pub struct CommitFenced<'a> {
+    /// Pipeline name.
+    pub pipeline: &'a str,
+    /// Iceberg table.
+    pub table: &'a str,
+    /// What moved.
+    pub reason: &'a str,
+}
+
+impl CommitFenced<'_> {
+    /// Log it (ERROR: two agents believed they led), count
+    /// `philotes_ha_fenced_commits_total{table}` and `philotes_cdc_errors_total{error_type="fenced"}`.
+    pub fn emit(self, m: &SourceMetrics) {
+        tracing::error!(pipeline = %self.pipeline, table = %self.table, "commit fenced: another agent committed to the table first ({}); nothing of this batch was committed", self.reason);
+        m.metrics.ha_fenced.add(
+            1,
+            &[
+                KeyValue::new("source", m.name.to_string()),
+                KeyValue::new("table", self.table.to_string()),
+            ],
+        );
+        m.error(ErrorType::Fenced);
     }
 }

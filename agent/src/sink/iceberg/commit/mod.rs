@@ -10,7 +10,8 @@
 //! conflict with another writer finishes the prepared manifests again on the new base; when
 //! that base no longer holds what the change replaces, the change is prepared again, and when a
 //! removed file is no longer live the change is dropped with [`CommitError::Rebase`] (it could
-//! lose or duplicate rows).
+//! lose or duplicate rows). A change fenced on properties ([`Change::fence`]) is refused with
+//! [`CommitError::Fenced`] on any base where another agent's data commit moved them.
 
 pub mod lock;
 
@@ -42,6 +43,9 @@ pub enum CommitError {
     /// The catalog did not say whether the commit landed (REST 5xx, a lost connection).
     #[error("commit state unknown: {0}")]
     Unknown(String),
+    /// Another agent's data commit moved what the change is fenced on ([`Change::fence`]).
+    #[error("fenced: {0}")]
+    Fenced(String),
 }
 
 impl From<iceberg::Error> for CommitError {
@@ -131,6 +135,12 @@ impl Committer {
             let serial = lock::table(table.identifier()).await;
             // Under the lock nothing of ours moves the table.
             base = self.newest(base).await?;
+            // Checked on every base the change may land on: the compare-and-swap below then
+            // makes "still as last seen" and "committed" one step.
+            if let Some(why) = change.fenced_by(&base) {
+                prepared.abandon(&io).await;
+                return Err(CommitError::Fenced(why));
+            }
             // Another writer's commit since the change was built: what it requires must still
             // be there, or no re-application can make it right.
             if base.metadata().current_snapshot_id() != built_on {

@@ -36,6 +36,26 @@ pub struct Change {
     /// Data files that must still be live on the base it commits on (those its position
     /// deletes name): another writer that removed one (a rewrite) makes the change stale.
     pub requires_live: HashSet<String>,
+    /// Table properties the base must still hold as the writer last saw them (its position
+    /// and writer id): a data commit of another agent since then fences this one.
+    pub fence: Vec<(String, Option<String>)>,
+}
+
+impl Change {
+    /// Why `base` fences this change: a fenced property it no longer holds as expected.
+    pub fn fenced_by(&self, base: &iceberg::table::Table) -> Option<String> {
+        let props = base.metadata().properties();
+        self.fence.iter().find_map(|(k, want)| {
+            let now = props.get(k);
+            (now != want.as_ref()).then(|| {
+                format!(
+                    "{k} is {} where this writer last saw {}",
+                    now.map_or("unset", String::as_str),
+                    want.as_deref().unwrap_or("unset")
+                )
+            })
+        })
+    }
 }
 
 /// The manifests of a change, written once for any base that still holds what it replaces.

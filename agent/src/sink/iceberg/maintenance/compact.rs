@@ -274,6 +274,7 @@ async fn compact_partition(
         summary,
         properties: HashMap::new(),
         requires_live: HashSet::new(),
+        fence: Vec::new(),
     };
     match committer.commit_snapshot(table, &change, 5).await {
         Ok((t, _)) => Ok((t, written.len())),
