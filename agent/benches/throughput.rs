@@ -283,6 +283,29 @@ fn run_agent_mode(
         cmd.env("OTEL_SDK_DISABLED", "true");
     }
     let mut child = cmd.spawn().expect("spawn philotes");
+    // PHILOTES_BENCH_PROFILE=DIR: the first telemetry-on run of each workload is recorded
+    // (`perf record -g -p`, DIR/perf-<table>.data), as the snapshot's first run is.
+    let perf = std::env::var_os("PHILOTES_BENCH_PROFILE")
+        .filter(|_| telemetry && slot.starts_with("a_") && slot.ends_with("_0"))
+        .map(|dir| {
+            let dir = PathBuf::from(dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            Command::new("perf")
+                .args([
+                    "record",
+                    "-g",
+                    "-F",
+                    "999",
+                    "-p",
+                    &child.id().to_string(),
+                    "-o",
+                ])
+                .arg(dir.join(format!("perf-{table}.data")))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("perf")
+        });
     let deadline = Instant::now() + Duration::from_secs(900);
     while confirmed(pg, slot) < end {
         assert!(
@@ -300,6 +323,13 @@ fn run_agent_mode(
     }
     let secs = t.elapsed().as_secs_f64();
     let (rss_mb, cpu_s) = proc_stats(child.id());
+    if let Some(mut p) = perf {
+        // SIGINT: perf writes its data out and exits.
+        unsafe {
+            libc::kill(p.id() as i32, libc::SIGINT);
+        }
+        let _ = p.wait();
+    }
     let _ = child.kill();
     let _ = child.wait();
     if !keep {

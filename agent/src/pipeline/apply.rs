@@ -30,9 +30,8 @@ use crate::source::postgres::session::{CatalogColumn, Session, SourceError};
 use crate::source::postgres::types::ColumnKind;
 use crate::source::postgres::wire::replication::{ReplEvent, ReplicationStream};
 use crate::telemetry::events::{
-    AppliedTable, BatchCommitted, BatchFailed, ChangeReceived, DeadLettered, FilesWritten,
-    MirrorCommitted, SchemaChanged, SpoolChanged, TableCommitted, TableMaintained,
-    TransactionApplied,
+    AppliedTable, BatchCommitted, BatchFailed, DeadLettered, FilesWritten, MirrorCommitted,
+    SchemaChanged, SpoolChanged, TableCommitted, TableMaintained, TransactionApplied,
 };
 use crate::telemetry::{commit_span, record_trace_id, PipelineState, SourceMetrics, TableMetrics};
 
@@ -60,6 +59,9 @@ struct TableState {
     fresh: Vec<i64>,
     /// Changes read: inserts, updates, deletes, truncates (published with the status).
     counts: [u64; 4],
+    /// `counts` as last added to `philotes_cdc_events_total`: the counter moves once per
+    /// source transaction, not per row.
+    counted: [u64; 4],
     /// REPLICA IDENTITY FULL: the positions of the key columns (empty: the whole row is the
     /// identity). Every UPDATE then sends the old row.
     full_identity: Option<Vec<usize>>,
@@ -369,7 +371,15 @@ impl Applier {
                 }
                 ev = client.recv() => {
                     match ev {
-                        Ok(Some(ev)) => self.on_event(ev, &client).await?,
+                        Ok(Some(ev)) => {
+                            self.on_event(ev, &client).await?;
+                            // The rest of the same socket read directly: a select per
+                            // message polled five futures and registered their wakers.
+                            for _ in 0..DRAIN_EVENTS {
+                                let Some(ev) = client.try_recv() else { break };
+                                self.on_event(ev, &client).await?;
+                            }
+                        }
                         Ok(None) => return Err(PipelineError::StreamEnded("server closed the stream".into())),
                         Err(e) => return Err(PipelineError::StreamEnded(e.to_string())),
                     }
@@ -606,7 +616,7 @@ impl Applier {
 
     /// Publish lag, depth and counters once per transaction (not per row); `lsn` is the
     /// transaction's commit, `received` its end.
-    fn publish(&self, lag: f64, lsn: Lsn, received: Lsn) {
+    fn publish(&mut self, lag: f64, lsn: Lsn, received: Lsn) {
         TransactionApplied {
             lag_seconds: lag,
             received_lsn: received.pg(),
@@ -616,9 +626,13 @@ impl Applier {
                 metrics: &t.metrics,
                 touched: t.touched_in == lsn,
                 counts: t.counts,
+                received: std::array::from_fn(|i| t.counts[i] - t.counted[i]),
             }),
         }
         .emit(&self.metrics, &self.status);
+        for t in &mut self.tables {
+            t.counted = t.counts;
+        }
     }
 
     /// Tables to stream without an initial copy when their Relation arrives.
@@ -886,6 +900,7 @@ impl Applier {
             touched_in: Lsn::ZERO,
             fresh: Vec::new(),
             counts: [0; 4],
+            counted: [0; 4],
             full_identity,
         });
         let i = self.tables.len() - 1;
@@ -943,7 +958,6 @@ impl Applier {
         if already_committed(lsn, t.sink.last_lsn) {
             return Ok(());
         }
-        ChangeReceived { op }.emit(&t.metrics);
         if t.touched_in != lsn {
             t.fresh.push(ts);
         }
@@ -1309,6 +1323,10 @@ async fn compact_mirror(sink: &mut TableSink, pipeline: &str, metrics: &SourceMe
     }
     .emit(metrics.global());
 }
+
+/// Events handled per trip through the apply loop's select, at most (timers and control
+/// are looked at between trips).
+const DRAIN_EVENTS: usize = 1024;
 
 /// Table property: what the source calls the table now, after a rename (a restart reads it).
 pub(super) const SOURCE_NAME_PROPERTY: &str = "philotes.source-name";

@@ -202,13 +202,18 @@ impl Applier {
                 } else {
                     t.dirty = true;
                 }
-                ChangeReceived { op: Op::Read }.emit(&t.metrics);
                 progress.seq += 1;
                 since_commit += 1;
                 if self.should_spill(idx) {
                     self.spill(idx).await?;
                 }
             }
+            // Counted per fetched batch, not per row.
+            ChangeReceived {
+                op: Op::Read,
+                count: rows.len() as u64,
+            }
+            .emit(&self.tables[idx].metrics);
             // Progress is "everything up to this ctid": it only holds if rows came in order.
             let first = rows
                 .first()

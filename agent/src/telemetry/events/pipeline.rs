@@ -11,25 +11,28 @@ use crate::telemetry::instruments::{SourceMetrics, TableMetrics};
 use crate::telemetry::status::{self, RetryStatus, SharedStatus};
 use crate::telemetry::PipelineState;
 
-/// A change for a table was received (streamed or copied); counted once per row, on the hot
-/// path, through a pre-bound counter.
+/// Changes for a table were received (a source transaction's, or a batch of a snapshot copy):
+/// counted per transaction or batch, never per row, through a pre-bound counter.
 #[derive(Debug, Clone, Copy)]
 pub struct ChangeReceived {
-    /// Its kind (`Read` counts as `operation="snapshot"`).
+    /// Their kind (`Read` counts as `operation="snapshot"`).
     pub op: Op,
+    /// How many.
+    pub count: u64,
 }
 
 impl ChangeReceived {
-    /// Count it in `philotes_cdc_events_total{operation}`.
+    /// Count them in `philotes_cdc_events_total{operation}`.
     #[inline]
     pub fn emit(self, t: &TableMetrics) {
-        match self.op {
-            Op::Insert => t.insert.add(1),
-            Op::Update => t.update.add(1),
-            Op::Delete => t.delete.add(1),
-            Op::Truncate => t.truncate.add(1),
-            Op::Read => t.snapshot.add(1),
-        }
+        let c = match self.op {
+            Op::Insert => &t.insert,
+            Op::Update => &t.update,
+            Op::Delete => &t.delete,
+            Op::Truncate => &t.truncate,
+            Op::Read => &t.snapshot,
+        };
+        c.add(self.count);
     }
 }
 
@@ -43,6 +46,8 @@ pub struct AppliedTable<'a> {
     pub touched: bool,
     /// Inserts, updates, deletes, truncates received so far.
     pub counts: [u64; 4],
+    /// Of those, received since the last transaction's (added to `philotes_cdc_events_total`).
+    pub received: [u64; 4],
 }
 
 /// A source transaction's commit was read: lag measured, the buffer's depth and the received
@@ -62,8 +67,18 @@ impl<'a, I: Iterator<Item = AppliedTable<'a>> + Clone> TransactionApplied<I> {
     /// Record `philotes_cdc_lag_seconds` of the touched tables and `philotes_buffer_depth`;
     /// publish lag, position and per-table counts to the status.
     pub fn emit(self, m: &SourceMetrics, status: &SharedStatus) {
-        for t in self.tables.clone().filter(|t| t.touched) {
-            t.metrics.lag.record(self.lag_seconds);
+        for t in self.tables.clone() {
+            if t.touched {
+                t.metrics.lag.record(self.lag_seconds);
+            }
+            // Per transaction, not per row: a counter update per row was 2-3 % of the
+            // agent's CPU in a streaming profile.
+            let ops = [Op::Insert, Op::Update, Op::Delete, Op::Truncate];
+            for (op, count) in ops.into_iter().zip(t.received) {
+                if count > 0 {
+                    ChangeReceived { op, count }.emit(t.metrics);
+                }
+            }
         }
         m.depth.record(self.buffered_events as i64);
         status::update(status, |s| {

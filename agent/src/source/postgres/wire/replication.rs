@@ -91,6 +91,11 @@ impl ReplicationStream {
         }
     }
 
+    /// The next event already received, if any, without waiting (no trip through a select).
+    pub fn try_recv(&mut self) -> Option<ReplEvent> {
+        self.pending.pop_front()
+    }
+
     /// Everything up to `lsn` is durable: the server may release it.
     pub fn confirm(&self, lsn: crate::model::Lsn) {
         self.confirmed.fetch_max(lsn.get(), Ordering::Relaxed);
@@ -116,18 +121,18 @@ impl Drop for ReplicationStream {
 }
 
 /// Parse one CopyData payload of the stream.
-fn event(payload: Bytes) -> Result<Option<(ReplEvent, bool)>, WireError> {
+fn event(mut payload: Bytes) -> Result<Option<(ReplEvent, bool)>, WireError> {
     let u64_at = |b: &Bytes, i: usize| {
         b.get(i..i + 8)
             .map(|s| u64::from_be_bytes(s.try_into().unwrap_or([0; 8])))
     };
     match payload.first() {
-        Some(b'w') if payload.len() >= 25 => Ok(Some((
-            ReplEvent::XLogData {
-                data: payload.slice(25..),
-            },
-            false,
-        ))),
+        Some(b'w') if payload.len() >= 25 => {
+            // Advance in place: a slice would clone (and later drop) the shared buffer's
+            // reference count once more per message, across threads.
+            bytes::Buf::advance(&mut payload, 25);
+            Ok(Some((ReplEvent::XLogData { data: payload }, false)))
+        }
         Some(b'k') if payload.len() >= 18 => Ok(Some((
             ReplEvent::KeepAlive {
                 wal_end: u64_at(&payload, 1).unwrap_or(0),
