@@ -14,7 +14,9 @@ use crate::config::HaConfig;
 use crate::source::postgres::conn::SourceUrl;
 use crate::source::postgres::leader::LeaderLock;
 use crate::source::postgres::session::SourceError;
-use crate::telemetry::events::{LeaderDeposed, LeadershipLost, LeadershipTaken, StandingBy};
+use crate::telemetry::events::{
+    LeaderDeposed, LeaderSession, LeadershipLost, LeadershipTaken, StandingBy,
+};
 use crate::telemetry::status::SharedStatus;
 use crate::telemetry::SourceMetrics;
 
@@ -79,17 +81,14 @@ impl Contender<'_> {
                 LeaderDeposed {
                     pipeline: self.name,
                     pid: h.pid,
-                    what: "leader",
+                    session: LeaderSession::Lock,
                     silent: Some(h.silent),
                 }
                 .emit(self.metrics);
                 lock.terminate(h.pid).await?;
                 continue;
             }
-            tokio::select! {
-                _ = tokio::time::sleep(self.ha.poll_interval()) => {}
-                _ = shutdown.changed() => {}
-            }
+            super::retry::pause(self.ha.poll_interval(), shutdown).await;
         }
         self.free_slot(&mut lock).await?;
         LeadershipTaken {
@@ -126,7 +125,7 @@ impl Contender<'_> {
             LeaderDeposed {
                 pipeline: self.name,
                 pid,
-                what: "slot consumer",
+                session: LeaderSession::Walsender,
                 silent: None,
             }
             .emit(self.metrics);

@@ -374,11 +374,7 @@ impl Pipeline {
                         }
                         .emit();
                     }
-                    let delay = backoff.next_delay();
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        _ = shutdown.changed() => {}
-                    }
+                    retry::pause(backoff.next_delay(), &mut shutdown).await;
                 }
                 Err(e) => {
                     self.retry_after(e, started, &mut backoff, &mut shutdown)
@@ -413,10 +409,7 @@ impl Pipeline {
             delay,
         }
         .emit(&self.metrics, &self.status);
-        tokio::select! {
-            _ = tokio::time::sleep(delay) => {}
-            _ = shutdown.changed() => {}
-        }
+        retry::pause(delay, shutdown).await;
     }
 
     /// One connection's life: prepare, stream until shutdown (Ok) or an error.

@@ -4,6 +4,14 @@ use std::time::Duration;
 
 use rand::Rng;
 
+/// Wait `delay`, or less if `shutdown` changes first.
+pub async fn pause(delay: Duration, shutdown: &mut tokio::sync::watch::Receiver<bool>) {
+    tokio::select! {
+        _ = tokio::time::sleep(delay) => {}
+        _ = shutdown.changed() => {}
+    }
+}
+
 /// Backoff state: each `next` doubles the ceiling up to `max` and picks a random delay below it.
 #[derive(Debug, Clone)]
 pub struct Backoff {

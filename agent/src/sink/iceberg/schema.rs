@@ -27,6 +27,9 @@ pub const LSN_PROPERTY: &str = "philotes.lsn";
 /// commit: with [`LSN_PROPERTY`], what a commit is fenced on.
 pub const WRITER_PROPERTY: &str = "philotes.writer";
 
+/// The properties every data commit is fenced on (what the writer last saw must still hold).
+pub const FENCED_PROPERTIES: [&str; 2] = [LSN_PROPERTY, WRITER_PROPERTY];
+
 /// This process's writer id (a UUID drawn at first use): two agents never share one.
 pub fn writer_id() -> &'static str {
     static ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();

@@ -16,7 +16,7 @@ use super::commit::{is_data, operation_for, Change, CommitError, Committer};
 use super::evolve::ColumnChange;
 use super::mirror::{CompactRules, Compacted, MirrorWriter};
 use super::schema::{
-    changelog_shape, mirror_schema, writer_id, LSN_PROPERTY, MIRROR_PROPERTY,
+    changelog_shape, mirror_schema, writer_id, FENCED_PROPERTIES, LSN_PROPERTY, MIRROR_PROPERTY,
     SNAPSHOT_PROGRESS_PROPERTY, SNAPSHOT_PROPERTY, WRITER_PROPERTY,
 };
 use super::writer::OpenFiles;
@@ -576,7 +576,7 @@ impl TableSink {
             self.table.metadata().properties(),
             new.metadata().properties(),
         );
-        match [LSN_PROPERTY, WRITER_PROPERTY]
+        match FENCED_PROPERTIES
             .iter()
             .find(|k| was.get(**k) != now.get(**k))
         {
@@ -661,7 +661,7 @@ impl TableSink {
         // Fenced on the position and writer this sink last saw: if another agent committed
         // data since (a new leader, while this one was cut off), this commit must not land.
         let seen = self.table.metadata().properties();
-        let fence = [LSN_PROPERTY, WRITER_PROPERTY]
+        let fence = FENCED_PROPERTIES
             .iter()
             .map(|k| (k.to_string(), seen.get(*k).cloned()))
             .collect();

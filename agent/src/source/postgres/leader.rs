@@ -103,11 +103,7 @@ impl LeaderLock {
     pub async fn slot_consumer(&mut self) -> Result<Option<i32>, SourceError> {
         Ok(self
             .session
-            .scalar(&format!(
-                "SELECT active_pid::text FROM pg_catalog.pg_replication_slots \
-                 WHERE slot_name = {} AND active",
-                super::session::quote_literal(&self.slot)
-            ))
+            .slot_holder(&self.slot)
             .await?
             .and_then(|p| p.parse().ok()))
     }

@@ -11,9 +11,9 @@ pub use api::ApiRequestServed;
 pub use maintenance::{TableHealthMeasured, TableMaintained};
 pub use pipeline::{
     AppliedTable, BatchCommitted, BatchFailed, BufferChanged, ChangeReceived, CommitFenced,
-    DeadLettered, FilesWritten, LeaderDeposed, LeadershipLost, LeadershipTaken, MirrorCommitted,
-    PipelineRetrying, SchemaChanged, SlotLagMeasured, SpoolChanged, StandingBy, StateChanged,
-    TableCommitted, TransactionApplied,
+    DeadLettered, FilesWritten, LeaderDeposed, LeaderSession, LeadershipLost, LeadershipTaken,
+    MirrorCommitted, PipelineRetrying, SchemaChanged, SlotLagMeasured, SpoolChanged, StandingBy,
+    StateChanged, TableCommitted, TransactionApplied,
 };
 
 pub use crate::model::ErrorType;

@@ -467,6 +467,15 @@ impl LeadershipTaken<'_> {
     }
 }
 
+/// A leader's session a standby may terminate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaderSession {
+    /// The session holding the leadership lock (the leader itself).
+    Lock,
+    /// A walsender still streaming from the slot after the lock changed hands.
+    Walsender,
+}
+
 /// `[ha]`: a leader that stopped answering (or a stale consumer of the slot) was cut off.
 #[derive(Debug, Clone, Copy)]
 pub struct LeaderDeposed<'a> {
@@ -474,8 +483,8 @@ pub struct LeaderDeposed<'a> {
     pub pipeline: &'a str,
     /// The terminated backend.
     pub pid: i32,
-    /// What it was: `leader` (the lock's session) or `slot consumer` (a walsender).
-    pub what: &'a str,
+    /// Which of the leader's sessions it was.
+    pub session: LeaderSession,
     /// How long it had been silent, when known.
     pub silent: Option<Duration>,
 }
@@ -484,8 +493,12 @@ impl LeaderDeposed<'_> {
     /// Log it and count `philotes_ha_leaders_deposed_total` (a leader's session, not its
     /// lingering walsender, counts).
     pub fn emit(self, m: &SourceMetrics) {
-        tracing::warn!(pipeline = %self.pipeline, pid = self.pid, silent_seconds = self.silent.map(|d| d.as_secs_f64()), "terminating the {} session of a silent leader", self.what);
-        if self.what == "leader" {
+        let what = match self.session {
+            LeaderSession::Lock => "lock",
+            LeaderSession::Walsender => "walsender",
+        };
+        tracing::warn!(pipeline = %self.pipeline, pid = self.pid, silent_seconds = self.silent.map(|d| d.as_secs_f64()), "terminating the {what} session of a silent leader");
+        if self.session == LeaderSession::Lock {
             m.deposed.add(1);
         }
     }
