@@ -290,16 +290,13 @@ fn run_agent_mode(
         .map(|dir| {
             let dir = PathBuf::from(dir);
             std::fs::create_dir_all(&dir).unwrap();
+            // PHILOTES_BENCH_PERF_ARGS replaces `record -g -F 999`, e.g. `stat -e
+            // syscalls:sys_enter_recvfrom` to count the agent's system calls.
+            let args = std::env::var("PHILOTES_BENCH_PERF_ARGS")
+                .unwrap_or_else(|_| "record -g -F 999".into());
             Command::new("perf")
-                .args([
-                    "record",
-                    "-g",
-                    "-F",
-                    "999",
-                    "-p",
-                    &child.id().to_string(),
-                    "-o",
-                ])
+                .args(args.split_whitespace())
+                .args(["-p", &child.id().to_string(), "-o"])
                 .arg(dir.join(format!("perf-{table}.data")))
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
@@ -943,7 +940,9 @@ fn large_txn_phase(env: &Env<'_>, rows: u64) {
 }
 
 /// The initial snapshot of `rows` rows against `COPY ... TO STDOUT` through psql.
-fn snapshot_phase(env: &Env<'_>, rows: u64, reps: usize) {
+/// The initial snapshot against `COPY`; with `against` (`--against=PATH`) each repetition
+/// also runs that build, for a before/after ratio from the same run.
+fn snapshot_phase(env: &Env<'_>, against: Option<&Env<'_>>, rows: u64, reps: usize) {
     let pg = env.pg;
     psql(pg, "CREATE TABLE snap (id bigint PRIMARY KEY, n int, s text, at timestamptz, d double precision)");
     psql(
@@ -952,6 +951,7 @@ fn snapshot_phase(env: &Env<'_>, rows: u64, reps: usize) {
     );
     psql(pg, "VACUUM ANALYZE snap");
     let (mut copy, mut agent, mut rss) = (Vec::new(), Vec::new(), 0f64);
+    let mut other_runs = Vec::new();
     for i in 0..reps {
         let t = Instant::now();
         let out = Command::new("psql")
@@ -963,9 +963,16 @@ fn snapshot_phase(env: &Env<'_>, rows: u64, reps: usize) {
             .expect("psql COPY");
         assert!(out.success());
         copy.push(t.elapsed().as_secs_f64());
+        // Taking turns going first, as the streaming pairs do.
+        if let Some(other) = against.filter(|_| i % 2 == 1) {
+            other_runs.push(snapshot_once(other, "snap", rows, &format!("snapo_{i}"), false).0);
+        }
         let (secs, peak) = snapshot_once(env, "snap", rows, &format!("snap_{i}"), i == 0);
         agent.push(secs);
         rss = rss.max(peak);
+        if let Some(other) = against.filter(|_| i % 2 == 0) {
+            other_runs.push(snapshot_once(other, "snap", rows, &format!("snapo_{i}"), false).0);
+        }
     }
     let c = median(&mut copy);
     let a = median(&mut agent);
@@ -980,6 +987,13 @@ fn snapshot_phase(env: &Env<'_>, rows: u64, reps: usize) {
         rss
     );
     println!("  (baseline for the snapshot row: psql COPY snap TO STDOUT > /dev/null)");
+    if !other_runs.is_empty() {
+        let o = median(&mut other_runs);
+        println!(
+            "  --against build: {o:.2} s; this build ÷ that one (throughput) {:.3}",
+            o / a
+        );
+    }
     psql(pg, "DROP TABLE snap");
 }
 
@@ -1189,6 +1203,24 @@ fn main() {
         dir: tmp.path(),
         otlp_port,
     };
+    // `--against=PATH`: the "off" arm runs another build of the agent (PATH) with telemetry
+    // on, so the pairs compare two builds (a change's before/after) instead of on and off.
+    let against = args
+        .iter()
+        .find_map(|a| a.strip_prefix("--against="))
+        .map(PathBuf::from);
+    let env_off = Env {
+        bin: against.as_deref().unwrap_or(&bin),
+        pg: &pg,
+        dir: tmp.path(),
+        otlp_port,
+    };
+    if let Some(path) = &against {
+        println!(
+            "--against: \"off\" below is {} with telemetry on; ratios read this build ÷ that one",
+            path.display()
+        );
+    }
     let mut overhead: Vec<(f64, f64)> = Vec::new();
     let mut pair_medians: Vec<(&str, f64)> = Vec::new();
     // `--pairs=N`: telemetry on/off pairs per streaming workload (default: the repetitions).
@@ -1255,7 +1287,13 @@ fn main() {
             let on_first = !alternate || i % 2 == 0;
             let mut off_run = None;
             if !on_first {
-                off_run = Some(run_agent(&env, &format!("o_{t}_{i}"), t, end, false));
+                off_run = Some(run_agent(
+                    &env_off,
+                    &format!("o_{t}_{i}"),
+                    t,
+                    end,
+                    against.is_some(),
+                ));
             }
             let a = run_agent(&env, &format!("a_{t}_{i}"), t, end, true);
             rss = rss.max(a.rss_mb);
@@ -1263,7 +1301,7 @@ fn main() {
             agent.push(a.secs);
             let o = match off_run {
                 Some(o) => o,
-                None => run_agent(&env, &format!("o_{t}_{i}"), t, end, false),
+                None => run_agent(&env_off, &format!("o_{t}_{i}"), t, end, against.is_some()),
             };
             notel.push(o.secs);
             notel_cpu.push(o.cpu_s);
@@ -1332,7 +1370,12 @@ fn main() {
         psql(&pg, &format!("DROP TABLE {t}"));
     }
     if only.is_none() && !mirror_only {
-        snapshot_phase(&env, if quick { 20_000 } else { 2_000_000 }, reps);
+        snapshot_phase(
+            &env,
+            against.as_ref().map(|_| &env_off),
+            if quick { 20_000 } else { 2_000_000 },
+            reps,
+        );
     }
     // `--mirror`: only this phase (plus `--mirror-rows=N` for the index at other sizes).
     if (!only_snapshot && only.is_none()) || mirror_only {

@@ -530,21 +530,22 @@ impl TableBatch {
 
     /// Append one row as a snapshot reads it: values (None = NULL) in binary where
     /// `snapshot_binary` says so, text otherwise.
-    pub fn push_snapshot(
+    pub fn push_snapshot<'a>(
         &mut self,
         op: Op,
         lsn: Lsn,
         seq: u64,
         ts_micros: i64,
-        values: &[Option<bytes::Bytes>],
+        values: impl ExactSizeIterator<Item = Option<&'a [u8]>> + Clone,
         binary: &[bool],
     ) -> Result<(), ValueError> {
-        let cols = values.iter().zip(binary).map(|(v, &bin)| match v {
+        let n = values.len();
+        let cols = values.zip(binary).map(|(v, &bin)| match v {
             None => Column::Null,
             Some(b) if bin => Column::Binary(b),
             Some(b) => Column::Text(b),
         });
-        self.push_columns(op, lsn, seq, ts_micros, Some((values.len(), cols)))
+        self.push_columns(op, lsn, seq, ts_micros, Some((n, cols)))
     }
 
     /// `push` over any column iterator (`n` columns).
@@ -687,9 +688,9 @@ pub fn row_json(relation: &[RelationColumn], tuple: Option<&TupleData<'_>>) -> S
 }
 
 /// A row as a snapshot reads it, as JSON text, for the dead-letter table.
-pub fn snapshot_row_json(
+pub fn snapshot_row_json<'a>(
     relation: &[RelationColumn],
-    values: &[Option<bytes::Bytes>],
+    values: impl Iterator<Item = Option<&'a [u8]>>,
     binary: &[bool],
 ) -> String {
     let m: serde_json::Map<String, serde_json::Value> = relation
@@ -697,7 +698,7 @@ pub fn snapshot_row_json(
         .zip(values)
         .zip(binary)
         .map(|((c, v), &bin)| {
-            let j = v.as_ref().map_or(serde_json::Value::Null, |b| {
+            let j = v.map_or(serde_json::Value::Null, |b| {
                 snapshot_value_json(c.type_oid, b, bin)
             });
             (c.name.clone(), j)

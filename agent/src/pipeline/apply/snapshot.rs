@@ -164,22 +164,23 @@ impl Applier {
                     continue;
                 }
             };
-            let Some(tid) = rows
-                .last()
-                .and_then(|row| parse_tid(row.get(ncols)?.as_ref()))
-            else {
+            let tid = match rows.len() {
+                0 => None,
+                n => parse_tid(rows.row(n - 1).get(ncols).flatten()),
+            };
+            let Some(tid) = tid else {
                 return Err(SourceError::Query(format!(
                     "{source_name}: snapshot rows without their ctid"
                 ))
                 .into());
             };
-            for row in &rows {
-                let values = &row[..ncols.min(row.len())];
+            for row in rows.iter() {
+                let values = row.values(ncols);
                 let seq = progress.seq;
                 let t = &mut self.tables[idx];
-                if let Err(e) = t
-                    .batch
-                    .push_snapshot(Op::Read, lsn, seq, ts, values, &binary)
+                if let Err(e) =
+                    t.batch
+                        .push_snapshot(Op::Read, lsn, seq, ts, values.clone(), &binary)
                 {
                     // Logged like a dead letter of the stream (it used not to be).
                     DeadLettered {
@@ -216,8 +217,9 @@ impl Applier {
             .emit(&self.tables[idx].metrics);
             // Progress is "everything up to this ctid": it only holds if rows came in order.
             let first = rows
-                .first()
-                .and_then(|row| parse_tid(row.get(ncols)?.as_ref()));
+                .iter()
+                .next()
+                .and_then(|row| parse_tid(row.get(ncols).flatten()));
             if first
                 .zip(progress.ranges[r].after)
                 .is_some_and(|(f, a)| f <= a)

@@ -5,7 +5,7 @@
 use arrow_array::RecordBatch;
 use iceberg::arrow::RecordBatchPartitionSplitter;
 use iceberg::spec::DataFile;
-use iceberg::spec::DataFileFormat;
+use iceberg::spec::{DataFileFormat, Schema};
 use iceberg::table::Table;
 use iceberg::writer::base_writer::data_file_writer::DataFileWriterBuilder;
 use iceberg::writer::file_writer::location_generator::{
@@ -18,6 +18,7 @@ use iceberg::writer::partitioning::PartitioningWriter;
 use iceberg::writer::{IcebergWriter, IcebergWriterBuilder};
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
+use parquet::schema::types::ColumnPath;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
@@ -25,6 +26,12 @@ use super::SinkError;
 
 /// Encoded bytes a row group may hold in memory before it is written out.
 const MAX_ROW_GROUP_BYTES: usize = 32 << 20;
+
+/// A column chunk falls back from dictionary to plain encoding once its dictionary holds
+/// this much: a column with more distinct values than fit is not worth interning (every
+/// value is hashed until the fallback), while a low-cardinality one (an enum, a status, a
+/// commit time per transaction) keeps its dictionary. Parquet's default is 1 MiB.
+const DICTIONARY_PAGE_BYTES: usize = 256 << 10;
 
 /// Open data files fed through a channel; `close` returns them once written.
 pub(crate) struct OpenFiles {
@@ -92,16 +99,25 @@ impl Drop for OpenFiles {
     }
 }
 
-/// The Parquet settings of every file the agent writes: zstd level 1, and row groups bounded
-/// in rows and in encoded bytes (a row group is held in memory until it is written out).
-pub(crate) fn parquet_properties() -> Result<WriterProperties, SinkError> {
-    Ok(WriterProperties::builder()
+/// The Parquet settings of every file the agent writes for `schema`: zstd level 1, row groups
+/// bounded in rows and in encoded bytes (a row group is held in memory until it is written
+/// out), small dictionaries, and none for key columns.
+pub(crate) fn parquet_properties(schema: &Schema) -> Result<WriterProperties, SinkError> {
+    let mut props = WriterProperties::builder()
         .set_compression(Compression::ZSTD(
             ZstdLevel::try_new(1).map_err(|e| SinkError::Write(e.to_string()))?,
         ))
         .set_max_row_group_row_count(Some(1 << 20))
         .set_max_row_group_bytes(Some(MAX_ROW_GROUP_BYTES))
-        .build())
+        .set_dictionary_page_size_limit(DICTIONARY_PAGE_BYTES);
+    // A key is (nearly) unique within a file, so its dictionary never pays: interning every
+    // value until the dictionary page overflows was 5-8 % of the streaming agent's CPU.
+    for id in schema.identifier_field_ids() {
+        if let Some(name) = schema.name_by_field_id(id) {
+            props = props.set_column_dictionary_enabled(ColumnPath::from(name), false);
+        }
+    }
+    Ok(props.build())
 }
 
 async fn write_files(
@@ -113,7 +129,7 @@ async fn write_files(
     let md = table.metadata();
     let schema = md.current_schema().clone();
     let spec = md.default_partition_spec().clone();
-    let pq = ParquetWriterBuilder::new(parquet_properties()?, schema.clone());
+    let pq = ParquetWriterBuilder::new(parquet_properties(&schema)?, schema.clone());
     let location = DefaultLocationGenerator::new(md).map_err(werr)?;
     // A fresh UUID per writer keeps names unique across restarts and re-created tables.
     let names = DefaultFileNameGenerator::new(

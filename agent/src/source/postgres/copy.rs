@@ -1,9 +1,7 @@
-//! `COPY ... TO STDOUT (FORMAT binary)` stream parser: rows as slices of the received
-//! messages (no copy unless a row spans two messages).
+//! `COPY ... TO STDOUT (FORMAT binary)` stream parser: rows as ranges of the received
+//! data (no copy unless a row spans two reads, no allocation or reference count per row).
 
-use bytes::{Buf, Bytes, BytesMut};
-
-use super::wire::Row;
+use bytes::{Bytes, BytesMut};
 
 /// The 11-byte signature that opens a binary COPY stream.
 const SIGNATURE: &[u8] = b"PGCOPY\n\xff\r\n\0";
@@ -13,10 +11,86 @@ const SIGNATURE: &[u8] = b"PGCOPY\n\xff\r\n\0";
 #[error("binary COPY data: {0}")]
 pub struct CopyError(&'static str);
 
-/// Incremental parser; feed it every CopyData payload in order.
+/// Parsed rows: every field a range of one of a few shared buffers.
+#[derive(Default)]
+pub struct CopyRows {
+    chunks: Vec<Bytes>,
+    /// Per row: its chunk and its first entry in `fields`.
+    rows: Vec<(u32, u32)>,
+    /// Per field, rows one after another: offset in the row's chunk, length (-1: NULL).
+    fields: Vec<(u32, i32)>,
+}
+
+impl CopyRows {
+    /// Rows held.
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    /// Whether no row is held.
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    /// Row `i` (`i < len()`).
+    pub fn row(&self, i: usize) -> CopyRow<'_> {
+        let (chunk, first) = self.rows[i];
+        let end = self
+            .rows
+            .get(i + 1)
+            .map_or(self.fields.len(), |r| r.1 as usize);
+        CopyRow {
+            data: &self.chunks[chunk as usize],
+            fields: &self.fields[first as usize..end],
+        }
+    }
+
+    /// Every row in order.
+    pub fn iter(&self) -> impl Iterator<Item = CopyRow<'_>> {
+        (0..self.len()).map(|i| self.row(i))
+    }
+}
+
+/// One row of [`CopyRows`].
+#[derive(Clone, Copy)]
+pub struct CopyRow<'a> {
+    data: &'a [u8],
+    fields: &'a [(u32, i32)],
+}
+
+impl<'a> CopyRow<'a> {
+    /// Fields in the row.
+    pub fn len(&self) -> usize {
+        self.fields.len()
+    }
+
+    /// Whether the row has no field.
+    pub fn is_empty(&self) -> bool {
+        self.fields.is_empty()
+    }
+
+    /// Field `i`: None past the end, Some(None) for NULL.
+    pub fn get(&self, i: usize) -> Option<Option<&'a [u8]>> {
+        self.fields.get(i).map(|&f| self.field(f))
+    }
+
+    /// The first `n` fields (fewer if the row is shorter).
+    pub fn values(&self, n: usize) -> impl ExactSizeIterator<Item = Option<&'a [u8]>> + Clone {
+        let (data, fields) = (self.data, &self.fields[..n.min(self.fields.len())]);
+        fields.iter().map(move |&(off, len)| {
+            (len >= 0).then(|| &data[off as usize..off as usize + len as usize])
+        })
+    }
+
+    fn field(&self, (off, len): (u32, i32)) -> Option<&'a [u8]> {
+        (len >= 0).then(|| &self.data[off as usize..off as usize + len as usize])
+    }
+}
+
+/// Incremental parser; feed it the copy's data (the CopyData payloads, in order).
 #[derive(Default)]
 pub struct BinaryCopy {
-    /// A row (or the header) split across messages.
+    /// A row (or the header) split across reads.
     partial: BytesMut,
     header_done: bool,
     finished: bool,
@@ -24,17 +98,18 @@ pub struct BinaryCopy {
 
 impl BinaryCopy {
     /// Parse the complete rows of `chunk` (plus anything left from before) into `out`.
-    pub fn feed(&mut self, chunk: Bytes, out: &mut Vec<Row>) -> Result<(), CopyError> {
-        let mut data = if self.partial.is_empty() {
+    pub fn feed(&mut self, chunk: Bytes, out: &mut CopyRows) -> Result<(), CopyError> {
+        let data = if self.partial.is_empty() {
             chunk
         } else {
             self.partial.extend_from_slice(&chunk);
             self.partial.split().freeze()
         };
+        let mut pos = 0;
         if !self.header_done {
             match header_len(&data)? {
                 Some(n) => {
-                    data.advance(n);
+                    pos = n;
                     self.header_done = true;
                 }
                 None => {
@@ -43,24 +118,30 @@ impl BinaryCopy {
                 }
             }
         }
-        while !data.is_empty() {
+        // Offsets are u32: a chunk is one read (at most a few hundred KiB), but stay safe.
+        if data.len() > u32::MAX as usize {
+            return Err(CopyError("a single read larger than 4 GiB"));
+        }
+        let chunk_index = out.chunks.len() as u32;
+        let before = out.rows.len();
+        while pos < data.len() {
             if self.finished {
                 return Err(CopyError("data after the trailer"));
             }
-            match row(&data)? {
-                Parsed::Row(r, used) => {
-                    out.push(r);
-                    data.advance(used);
-                }
+            match row(&data, pos, chunk_index, out)? {
+                Parsed::Row(used) => pos += used,
                 Parsed::Trailer => {
                     self.finished = true;
-                    data.advance(2);
+                    pos += 2;
                 }
-                Parsed::Incomplete => {
-                    self.partial.extend_from_slice(&data);
-                    return Ok(());
-                }
+                Parsed::Incomplete => break,
             }
+        }
+        if pos < data.len() {
+            self.partial.extend_from_slice(&data[pos..]);
+        }
+        if out.rows.len() > before {
+            out.chunks.push(data);
         }
         Ok(())
     }
@@ -83,13 +164,14 @@ fn header_len(d: &[u8]) -> Result<Option<usize>, CopyError> {
 }
 
 enum Parsed {
-    Row(Row, usize),
+    Row(usize),
     Trailer,
     Incomplete,
 }
 
-fn row(d: &Bytes) -> Result<Parsed, CopyError> {
-    let Some(n) = d.get(..2) else {
+/// The row at `d[start..]` into `out` (fields of `chunk`); nothing is added unless complete.
+fn row(d: &[u8], start: usize, chunk: u32, out: &mut CopyRows) -> Result<Parsed, CopyError> {
+    let Some(n) = d.get(start..start + 2) else {
         return Ok(Parsed::Incomplete);
     };
     let n = i16::from_be_bytes([n[0], n[1]]);
@@ -99,29 +181,33 @@ fn row(d: &Bytes) -> Result<Parsed, CopyError> {
     if n < 0 {
         return Err(CopyError("negative field count"));
     }
-    let mut pos = 2;
-    let mut r = Vec::with_capacity(n as usize);
+    let first = out.fields.len();
+    let mut pos = start + 2;
     for _ in 0..n {
         let Some(l) = d.get(pos..pos + 4) else {
+            out.fields.truncate(first);
             return Ok(Parsed::Incomplete);
         };
         let len = i32::from_be_bytes([l[0], l[1], l[2], l[3]]);
         pos += 4;
         if len == -1 {
-            r.push(None);
+            out.fields.push((0, -1));
             continue;
         }
         if len < 0 {
+            out.fields.truncate(first);
             return Err(CopyError("negative field length"));
         }
         let end = pos + len as usize;
         if d.len() < end {
+            out.fields.truncate(first);
             return Ok(Parsed::Incomplete);
         }
-        r.push(Some(d.slice(pos..end)));
+        out.fields.push((pos as u32, len));
         pos = end;
     }
-    Ok(Parsed::Row(r, pos))
+    out.rows.push((chunk, first as u32));
+    Ok(Parsed::Row(pos - start))
 }
 
 #[cfg(test)]
@@ -157,20 +243,29 @@ mod tests {
         let data = stream(&rows);
         for size in 1..data.len() {
             let mut p = BinaryCopy::default();
-            let mut out = Vec::new();
+            let mut out = CopyRows::default();
             for c in data.chunks(size) {
                 p.feed(Bytes::copy_from_slice(c), &mut out).unwrap();
             }
             assert!(p.finished(), "split {size}");
             let got: Vec<Vec<Option<Vec<u8>>>> = out
                 .iter()
-                .map(|r| r.iter().map(|f| f.as_ref().map(|b| b.to_vec())).collect())
+                .map(|r| {
+                    r.values(usize::MAX)
+                        .map(|f| f.map(<[u8]>::to_vec))
+                        .collect()
+                })
                 .collect();
             let want: Vec<Vec<Option<Vec<u8>>>> = rows
                 .iter()
                 .map(|r| r.iter().map(|f| f.map(|b| b.to_vec())).collect())
                 .collect();
             assert_eq!(got, want, "split {size}");
+            let last = out.row(1);
+            assert_eq!(last.len(), 3);
+            assert_eq!(last.get(1), Some(Some(&b"hello"[..])));
+            assert_eq!(last.get(2), Some(None));
+            assert_eq!(last.get(3), None);
         }
     }
 
@@ -180,13 +275,25 @@ mod tests {
         assert!(p
             .feed(
                 Bytes::from_static(b"NOTCOPY\n\xff\r\n\0\0\0\0\0\0\0\0\0"),
-                &mut Vec::new()
+                &mut CopyRows::default()
             )
             .is_err());
         let mut data = stream(&[]);
         data.truncate(19);
         data.extend((-7i16).to_be_bytes());
         let mut p = BinaryCopy::default();
-        assert!(p.feed(Bytes::from(data), &mut Vec::new()).is_err());
+        assert!(p.feed(Bytes::from(data), &mut CopyRows::default()).is_err());
+        // A negative field length: an error, and no half row is left behind.
+        let mut data = stream(&[]);
+        data.truncate(19);
+        data.extend(2i16.to_be_bytes());
+        data.extend(1i32.to_be_bytes());
+        data.push(b'x');
+        data.extend((-5i32).to_be_bytes());
+        let mut out = CopyRows::default();
+        assert!(BinaryCopy::default()
+            .feed(Bytes::from(data), &mut out)
+            .is_err());
+        assert!(out.is_empty() && out.fields.is_empty());
     }
 }

@@ -473,7 +473,7 @@ impl Session {
             })
     }
 
-    /// Start `COPY ... TO STDOUT`; then call [`Session::copy_out_next`] until None.
+    /// Start `COPY ... TO STDOUT`; then call [`Session::copy_out_into`] until false.
     pub async fn copy_out_start(&mut self, sql: &str) -> Result<(), SourceError> {
         self.conn
             .copy_out_start(sql)
@@ -481,10 +481,10 @@ impl Session {
             .map_err(|e| wire_error(&self.url, e))
     }
 
-    /// The next data message of the copy; None when it completed.
-    pub async fn copy_out_next(&mut self) -> Result<Option<bytes::Bytes>, SourceError> {
+    /// Append the copy's data that has arrived to `out`; false when the copy completed.
+    pub async fn copy_out_into(&mut self, out: &mut bytes::BytesMut) -> Result<bool, SourceError> {
         self.conn
-            .copy_out_next()
+            .copy_out_into(out)
             .await
             .map_err(|e| wire_error(&self.url, e))
     }

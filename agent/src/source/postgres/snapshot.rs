@@ -3,12 +3,12 @@
 //! `xmin` filter that keeps a resumed copy at the first snapshot's point. The pipeline drives
 //! it (chunks, commits, progress); this module holds every line of SQL it needs.
 
+use bytes::BytesMut;
 use serde::{Deserialize, Serialize};
 
 use super::conn::SourceUrl;
-use super::copy::BinaryCopy;
+use super::copy::{BinaryCopy, CopyRows};
 use super::session::{quote_ident, quote_literal, Session, SourceError};
-use super::wire::Row;
 
 /// Rows per batch handed from a snapshot reader to the converting task.
 pub const BATCH_ROWS: usize = 20_000;
@@ -75,13 +75,13 @@ pub fn visible_then(xmax: u64, xip: &[u64], now_xmax: u64) -> Option<String> {
 /// What a snapshot reader sends: a batch of rows, or the end of its range.
 pub enum Fetched {
     /// Rows of reader `.0`, each ending with its `ctid`.
-    Rows(usize, Vec<Row>),
+    Rows(usize, CopyRows),
     /// Reader `.0` reached the end of its range.
     Done(usize),
 }
 
 /// The (block, offset) of a binary `tid` value.
-pub fn parse_tid(v: Option<&bytes::Bytes>) -> Option<(u32, u16)> {
+pub fn parse_tid(v: Option<&[u8]>) -> Option<(u32, u16)> {
     let b = v?;
     (b.len() == 6).then(|| {
         (
@@ -281,16 +281,17 @@ pub async fn copy_range(
     let mut reader = Session::connect(url, slot, publication, None).await?;
     import_snapshot(&mut reader, snapshot).await?;
     let mut parser = BinaryCopy::default();
-    let mut rows: Vec<Row> = Vec::with_capacity(BATCH_ROWS);
+    let mut rows = CopyRows::default();
+    let mut data = BytesMut::new();
     reader
         .copy_out_start(&format!("COPY ({select}) TO STDOUT (FORMAT binary)"))
         .await?;
-    while let Some(chunk) = reader.copy_out_next().await? {
+    while reader.copy_out_into(&mut data).await? {
         parser
-            .feed(chunk, &mut rows)
+            .feed(data.split().freeze(), &mut rows)
             .map_err(|e| SourceError::Query(e.to_string()))?;
         if rows.len() >= BATCH_ROWS {
-            let batch = std::mem::replace(&mut rows, Vec::with_capacity(BATCH_ROWS));
+            let batch = std::mem::take(&mut rows);
             if tx.send(Ok(Fetched::Rows(r, batch))).await.is_err() {
                 return Ok(());
             }
@@ -345,10 +346,7 @@ mod tests {
         );
         // Past the first epoch a raw xmin may alias a recent id: no filter, nothing lost.
         assert_eq!(visible_then(900, &[], (1 << 32) + 5), None);
-        assert_eq!(
-            parse_tid(Some(&bytes::Bytes::from_static(&[0, 0, 1, 0, 0, 3]))),
-            Some((256, 3))
-        );
+        assert_eq!(parse_tid(Some(&[0, 0, 1, 0, 0, 3])), Some((256, 3)));
         assert_eq!(parse_tid(None), None);
     }
 }

@@ -53,7 +53,7 @@ impl DataWriter {
         let path = new_path(table, "mirror");
         let out = table.file_io().new_output(&path).map_err(werr)?;
         let writer = ParquetWriterBuilder::new(
-            crate::sink::iceberg::writer::parquet_properties()?,
+            crate::sink::iceberg::writer::parquet_properties(md.current_schema())?,
             md.current_schema().clone(),
         )
         .build(out)
@@ -159,11 +159,13 @@ pub async fn write_deletes(
     let arrow = Arc::new(schema_to_arrow_schema(&schema).map_err(werr)?);
     let path = new_path(table, "deletes");
     let out = table.file_io().new_output(&path).map_err(werr)?;
-    let mut w =
-        ParquetWriterBuilder::new(crate::sink::iceberg::writer::parquet_properties()?, schema)
-            .build(out)
-            .await
-            .map_err(werr)?;
+    let mut w = ParquetWriterBuilder::new(
+        crate::sink::iceberg::writer::parquet_properties(&schema)?,
+        schema,
+    )
+    .build(out)
+    .await
+    .map_err(werr)?;
     for (file, mut positions) in deletes {
         positions.sort_unstable();
         positions.dedup();

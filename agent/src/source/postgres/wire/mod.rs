@@ -398,14 +398,20 @@ impl Conn {
             if let Some(m) = parse(&mut self.rbuf)? {
                 return Ok(m);
             }
-            // Large reads: a COPY streams many small messages back to back.
-            if self.rbuf.capacity() - self.rbuf.len() < 16 * 1024 {
-                self.rbuf.reserve(256 * 1024);
-            }
-            if self.stream.read_buf(&mut self.rbuf).await? == 0 {
-                return Err(io_err("while a reply was expected"));
-            }
+            self.fill().await?;
         }
+    }
+
+    /// Read more from the socket into the read buffer.
+    async fn fill(&mut self) -> Result<(), WireError> {
+        // Large reads: a COPY streams many small messages back to back.
+        if self.rbuf.capacity() - self.rbuf.len() < 16 * 1024 {
+            self.rbuf.reserve(256 * 1024);
+        }
+        if self.stream.read_buf(&mut self.rbuf).await? == 0 {
+            return Err(io_err("while a reply was expected"));
+        }
+        Ok(())
     }
 
     /// Run one simple query; rows of its (last) result set in text form.
@@ -487,22 +493,42 @@ impl Conn {
         }
     }
 
-    /// The next CopyData payload of a started copy; None once the copy completed.
-    pub async fn copy_out_next(&mut self) -> Result<Option<Bytes>, WireError> {
+    /// Append the data of a started copy that has arrived (the payloads of the CopyData
+    /// messages in the read buffer, waiting for at least one) to `out`; false once the copy
+    /// completed. The COPY stream is the concatenation of the payloads, so no message object
+    /// is made per row (the server sends one CopyData per row).
+    pub async fn copy_out_into(&mut self, out: &mut BytesMut) -> Result<bool, WireError> {
         let mut error = None;
         loop {
-            match self.read().await? {
-                Backend::Msg(Message::CopyData(body)) if error.is_none() => {
-                    return Ok(Some(body.into_bytes()))
+            let mut got = false;
+            while error.is_none() && self.rbuf.len() >= 5 && self.rbuf[0] == b'd' {
+                let len =
+                    u32::from_be_bytes([self.rbuf[1], self.rbuf[2], self.rbuf[3], self.rbuf[4]])
+                        as usize;
+                if len < 4 {
+                    return Err(WireError::Protocol("bad CopyData length".into()));
                 }
-                Backend::Msg(Message::ErrorResponse(e)) => error = Some(error_text(&e)),
-                Backend::Msg(Message::ReadyForQuery(_)) => {
+                if self.rbuf.len() < 1 + len {
+                    break;
+                }
+                out.extend_from_slice(&self.rbuf[5..1 + len]);
+                self.rbuf.advance(1 + len);
+                got = true;
+            }
+            if got {
+                return Ok(true);
+            }
+            match parse(&mut self.rbuf)? {
+                Some(Backend::Msg(Message::ErrorResponse(e))) => error = Some(error_text(&e)),
+                Some(Backend::Msg(Message::ReadyForQuery(_))) => {
                     return match error {
                         Some(e) => Err(WireError::Server(e)),
-                        None => Ok(None),
+                        None => Ok(false),
                     }
                 }
-                _ => {}
+                // CopyDone, CommandComplete, data after an error.
+                Some(_) => {}
+                None => self.fill().await?,
             }
         }
     }
