@@ -951,7 +951,7 @@ fn snapshot_phase(env: &Env<'_>, against: Option<&Env<'_>>, rows: u64, reps: usi
     );
     psql(pg, "VACUUM ANALYZE snap");
     let (mut copy, mut agent, mut rss) = (Vec::new(), Vec::new(), 0f64);
-    let mut other_runs = Vec::new();
+    let (mut other_runs, mut cpu) = (Vec::new(), Vec::new());
     for i in 0..reps {
         let t = Instant::now();
         let out = Command::new("psql")
@@ -967,8 +967,9 @@ fn snapshot_phase(env: &Env<'_>, against: Option<&Env<'_>>, rows: u64, reps: usi
         if let Some(other) = against.filter(|_| i % 2 == 1) {
             other_runs.push(snapshot_once(other, "snap", rows, &format!("snapo_{i}"), false).0);
         }
-        let (secs, peak) = snapshot_once(env, "snap", rows, &format!("snap_{i}"), i == 0);
+        let (secs, peak, cpu_s) = snapshot_once(env, "snap", rows, &format!("snap_{i}"), i == 0);
         agent.push(secs);
+        cpu.push(cpu_s);
         rss = rss.max(peak);
         if let Some(other) = against.filter(|_| i % 2 == 0) {
             other_runs.push(snapshot_once(other, "snap", rows, &format!("snapo_{i}"), false).0);
@@ -977,14 +978,15 @@ fn snapshot_phase(env: &Env<'_>, against: Option<&Env<'_>>, rows: u64, reps: usi
     let c = median(&mut copy);
     let a = median(&mut agent);
     println!(
-        "{:<26} {:>10} {:>12.0} {:>10} {:>12.0} {:>7.2} {:>8.0}",
+        "{:<26} {:>10} {:>12.0} {:>10} {:>12.0} {:>7.2} {:>8.0} {:>7.1}",
         format!("snapshot {}k rows", rows / 1000),
         format!("{c:.2}"),
         rows as f64 / c,
         format!("{a:.2}"),
         rows as f64 / a,
         c / a,
-        rss
+        rss,
+        median(&mut cpu),
     );
     println!("  (baseline for the snapshot row: psql COPY snap TO STDOUT > /dev/null)");
     if !other_runs.is_empty() {
@@ -1001,7 +1003,13 @@ fn snapshot_phase(env: &Env<'_>, against: Option<&Env<'_>>, rows: u64, reps: usi
 /// time until every row is committed and its peak RSS (MB). `first` with
 /// PHILOTES_BENCH_PROFILE=DIR records that run with `perf record -g` (DIR/perf.data) and
 /// keeps each run's info-level log there: the profiling route of docs/performance.md.
-fn snapshot_once(env: &Env<'_>, table: &str, rows: u64, slot: &str, first: bool) -> (f64, f64) {
+fn snapshot_once(
+    env: &Env<'_>,
+    table: &str,
+    rows: u64,
+    slot: &str,
+    first: bool,
+) -> (f64, f64, f64) {
     let pg = env.pg;
     psql(pg, &format!("DROP PUBLICATION IF EXISTS {slot}"));
     psql(pg, &format!("CREATE PUBLICATION {slot} FOR TABLE {table}"));
@@ -1025,7 +1033,10 @@ fn snapshot_once(env: &Env<'_>, table: &str, rows: u64, slot: &str, first: bool)
         (Some(dir), true) => {
             std::fs::create_dir_all(dir).unwrap();
             let mut c = Command::new("perf");
-            c.args(["record", "-g", "-F", "999", "-o"])
+            let args = std::env::var("PHILOTES_BENCH_PERF_ARGS")
+                .unwrap_or_else(|_| "record -g -F 999".into());
+            c.args(args.split_whitespace())
+                .arg("-o")
                 .arg(dir.join("perf.data"))
                 .arg("--")
                 .arg(env.bin);
@@ -1051,7 +1062,7 @@ fn snapshot_once(env: &Env<'_>, table: &str, rows: u64, slot: &str, first: bool)
         std::thread::sleep(Duration::from_millis(50));
     }
     let secs = t.elapsed().as_secs_f64();
-    let peak = proc_stats(child.id()).0;
+    let (peak, cpu) = proc_stats(child.id());
     match &profile {
         Some(dir) => {
             // perf writes its file on SIGINT; the agent under it gets the same signal.
@@ -1073,7 +1084,7 @@ fn snapshot_once(env: &Env<'_>, table: &str, rows: u64, slot: &str, first: bool)
         &format!("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = '{slot}' AND NOT active"),
     );
     psql(pg, &format!("DROP PUBLICATION {slot}"));
-    (secs, peak)
+    (secs, peak, cpu)
 }
 
 /// How cost grows with the work: the same table shape at each size, streamed (transactions of
@@ -1124,7 +1135,7 @@ fn growth_phase(env: &Env<'_>, sizes: &[u64]) {
         psql(pg, "CHECKPOINT");
         let st = run_agent(env, &slot, &t, end, true);
         psql(pg, &format!("SELECT pg_drop_replication_slot('{slot}')"));
-        let (snap_s, snap_rss) = snapshot_once(env, &t, rows, &format!("gs_{rows}"), false);
+        let (snap_s, snap_rss, _) = snapshot_once(env, &t, rows, &format!("gs_{rows}"), false);
         println!(
             "{:>10} {:>10.2} {:>12.0} {:>8.0} {:>10.2} {:>12.0} {:>8.0}",
             rows,

@@ -45,6 +45,16 @@ impl CopyRows {
         }
     }
 
+    /// Hand over the rows held, keeping room for as many in `self` (no regrowth per batch).
+    pub fn take(&mut self) -> CopyRows {
+        let room = CopyRows {
+            chunks: Vec::with_capacity(self.chunks.len()),
+            rows: Vec::with_capacity(self.rows.len()),
+            fields: Vec::with_capacity(self.fields.len()),
+        };
+        std::mem::replace(self, room)
+    }
+
     /// Every row in order.
     pub fn iter(&self) -> impl Iterator<Item = CopyRow<'_>> {
         (0..self.len()).map(|i| self.row(i))

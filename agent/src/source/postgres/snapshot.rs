@@ -291,7 +291,7 @@ pub async fn copy_range(
             .feed(data.split().freeze(), &mut rows)
             .map_err(|e| SourceError::Query(e.to_string()))?;
         if rows.len() >= BATCH_ROWS {
-            let batch = std::mem::take(&mut rows);
+            let batch = rows.take();
             if tx.send(Ok(Fetched::Rows(r, batch))).await.is_err() {
                 return Ok(());
             }

@@ -500,6 +500,8 @@ impl Conn {
     pub async fn copy_out_into(&mut self, out: &mut BytesMut) -> Result<bool, WireError> {
         let mut error = None;
         loop {
+            // One allocation for what has arrived, not a regrowth per message.
+            out.reserve(self.rbuf.len());
             let mut got = false;
             while error.is_none() && self.rbuf.len() >= 5 && self.rbuf[0] == b'd' {
                 let len =
