@@ -52,6 +52,8 @@ enum Parsed<'a> {
     Hex(&'a [u8]),
     Uuid([u8; 16]),
     List(&'a [u8]),
+    /// An array in binary, checked, with its element type.
+    BinList(&'a [u8], u32),
     /// bytea in binary: the bytes themselves.
     Bytes(&'a [u8]),
     /// An unconstrained numeric in binary, checked; rendered as text when appended.
@@ -96,13 +98,13 @@ fn parse<'a>(kind: &ColumnKind, raw: &'a [u8]) -> Result<Parsed<'a>, ValueError>
     })
 }
 
-/// A binary value of `slot`'s source type as the value its builder takes.
-fn from_binary<'a>(slot: &SourceSlot, raw: &'a [u8]) -> Result<Parsed<'a>, ValueError> {
+/// A binary value of source type `oid` as the value a builder of `kind` takes.
+fn from_binary<'a>(oid: u32, kind: &ColumnKind, raw: &'a [u8]) -> Result<Parsed<'a>, ValueError> {
     use t::BinaryValue as B;
     let utf8 = |b: &'a [u8]| {
         std::str::from_utf8(b).map_err(|_| ValueError("text is not valid UTF-8".into()))
     };
-    match (slot.oid, &slot.kind) {
+    match (oid, kind) {
         (oid, ColumnKind::Text) if binary::is_text(oid) => return Ok(Parsed::Str(utf8(raw)?)),
         (3802, ColumnKind::Text) => {
             return match raw.split_first() {
@@ -126,9 +128,18 @@ fn from_binary<'a>(slot: &SourceSlot, raw: &'a [u8]) -> Result<Parsed<'a>, Value
             binary::parse_numeric(raw)?;
             return Ok(Parsed::NumText(raw));
         }
+        (oid, ColumnKind::List(elem)) => {
+            if let Some(e) = t::array_element(oid) {
+                binary::parse_array(raw, e, |item| match item {
+                    Some(b) => from_binary(e, elem, b).map(|_| ()),
+                    None => Ok(()),
+                })?;
+                return Ok(Parsed::BinList(raw, e));
+            }
+        }
         _ => {}
     }
-    Ok(match (t::parse_binary(slot.oid, raw)?, &slot.kind) {
+    Ok(match (t::parse_binary(oid, raw)?, kind) {
         (B::Int(v), ColumnKind::Int32) => {
             Parsed::I32(i32::try_from(v).map_err(|_| ValueError("integer out of range".into()))?)
         }
@@ -158,6 +169,9 @@ fn binary_fits(oid: u32, kind: &ColumnKind) -> bool {
         (700 | 701, ColumnKind::Float64) | (700, ColumnKind::Float32) => true,
         (1082, ColumnKind::Date) | (1083, ColumnKind::Time) => true,
         (1114 | 1184, ColumnKind::Timestamp | ColumnKind::TimestampTz) => true,
+        (oid, ColumnKind::List(elem)) => {
+            t::array_element(oid).is_some_and(|e| binary::supported(e) && binary_fits(e, elem))
+        }
         _ => false,
     }
 }
@@ -176,6 +190,16 @@ fn snapshot_value_json(oid: u32, raw: &[u8], binary: bool) -> serde_json::Value 
             let mut text = String::new();
             n.write_text(&mut text);
             return serde_json::Value::String(text);
+        }
+    }
+    if let Some(e) = t::array_element(oid) {
+        let mut items = Vec::new();
+        let read = binary::parse_array(raw, e, |item| {
+            items.push(item.map_or(serde_json::Value::Null, |b| snapshot_value_json(e, b, true)));
+            Ok(())
+        });
+        if read.is_ok() {
+            return serde_json::Value::Array(items);
         }
     }
     if let (3802, Some((1, json))) = (oid, raw.split_first()) {
@@ -320,6 +344,28 @@ impl ColBuilder {
                             Err(_) => inner.append_null(),
                         },
                         None => inner.append_null(),
+                    }
+                    n += 1;
+                    Ok(())
+                });
+                let last = offsets.last().copied().unwrap_or(0);
+                offsets.push(last + n);
+                nulls.append_non_null();
+            }
+            (
+                ColBuilder::List {
+                    kind,
+                    offsets,
+                    nulls,
+                    inner,
+                },
+                Parsed::BinList(raw, elem),
+            ) => {
+                let mut n = 0i32;
+                let _ = binary::parse_array(raw, elem, |item| {
+                    match item.map(|b| from_binary(elem, kind, b)) {
+                        Some(Ok(p)) => inner.append(p, scratch),
+                        _ => inner.append_null(),
                     }
                     n += 1;
                     Ok(())
@@ -584,7 +630,7 @@ impl TableBatch {
                     }
                     Column::Text(raw) => parse(&slot.kind, raw)
                         .map_err(|e| ValueError(format!("column {:?}: {}", slot.name, e.0)))?,
-                    Column::Binary(raw) => from_binary(slot, raw)
+                    Column::Binary(raw) => from_binary(slot.oid, &slot.kind, raw)
                         .map_err(|e| ValueError(format!("column {:?}: {}", slot.name, e.0)))?,
                 });
             }
@@ -599,7 +645,7 @@ impl TableBatch {
                     Parsed::Hex(h) => h.len() / 2 + 4,
                     Parsed::Bytes(b) => b.len() + 4,
                     Parsed::NumText(n) => n.len() * 2,
-                    Parsed::List(l) => l.len(),
+                    Parsed::List(l) | Parsed::BinList(l, _) => l.len(),
                     _ => slot.kind.fixed_width(),
                 };
                 self.cols[slot.field].append(*p, &mut self.scratch);

@@ -333,18 +333,26 @@ CREATE TABLE bin (
     c_int2 int2, c_int4 int4, c_float4 float4, c_float8 float8,
     c_dec numeric(12,2), c_num numeric, c_bool bool, c_text text, c_varchar varchar(50),
     c_char char(5), c_name name, c_bytea bytea, c_date date, c_time time, c_ts timestamp,
-    c_tstz timestamptz, c_uuid uuid, c_json json, c_jsonb jsonb
+    c_tstz timestamptz, c_uuid uuid, c_json json, c_jsonb jsonb, c_int4arr int4[],
+    c_textarr text[]
 );";
 
 const BINARY_QUERY: &str =
     "SELECT id, c_int2, c_int4, c_float4, c_float8, c_dec, c_num::text AS c_num, \
     c_bool, c_text, c_varchar, c_char, c_name::text AS c_name, c_bytea, c_date, c_time, c_ts, \
-    c_tstz, c_uuid, c_json::text AS c_json, c_jsonb::text AS c_jsonb FROM bin";
+    c_tstz, c_uuid, c_json::text AS c_json, c_jsonb::text AS c_jsonb, c_int4arr, c_textarr \
+    FROM bin";
 
 fn binary_values(i: i64) -> String {
     if i % 7 == 3 {
-        return format!("({i}, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL)");
+        return format!("({i}, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL)");
     }
+    // Arrays: NULL elements, an empty one, quoting and commas inside elements.
+    let arrays = [
+        "'{7,NULL,-3}', '{\"a b\",\"c,d\",NULL,\"q\\\"t\"}'",
+        "'{}', '{}'",
+        "ARRAY[2147483647, -2147483648], ARRAY['✓', '']",
+    ];
     let nums = [
         "0",
         "-0.000100",
@@ -363,7 +371,7 @@ fn binary_values(i: i64) -> String {
          '\\x00{:04x}ff', DATE '2024-01-01' + {i}, TIME '12:34:56.{:06}', \
          TIMESTAMP '1969-12-31 23:59:59.999999' + interval '{i} hours', \
          TIMESTAMPTZ '2024-06-01 10:00:00.5+05:30' + interval '{i} minutes', md5('{i}')::uuid, \
-         '{{ \"i\" : {i},  \"s\": \"x y\" }}', '{{\"i\": {i}, \"nested\": {{\"a\": [1, 2.50]}}}}')",
+         '{{ \"i\" : {i},  \"s\": \"x y\" }}', '{{\"i\": {i}, \"nested\": {{\"a\": [1, 2.50]}}}}', {})",
         (i % 30000) as i16 - 100,
         -i * 1000 - 7,
         floats[(i % 5) as usize].replace("0.25", &format!("{i}.25")),
@@ -375,6 +383,7 @@ fn binary_values(i: i64) -> String {
         i % 100,
         i,
         i * 1001 % 1_000_000,
+        arrays[(i % 3) as usize],
     )
 }
 
@@ -446,8 +455,8 @@ async fn binary_values_stream_and_a_text_only_column_switches_to_text() {
 
     // A column only text can carry: the pipeline reconnects in text, nothing lost or doubled.
     db.batch_execute(
-        "ALTER TABLE bin ADD COLUMN c_arr int4[];
-         INSERT INTO bin (id, c_text, c_arr) VALUES (200000, 'after', '{1,NULL,3}');
+        "ALTER TABLE bin ADD COLUMN c_mac macaddr;
+         INSERT INTO bin (id, c_text, c_mac) VALUES (200000, 'after', '08:00:2b:01:02:03');
          UPDATE bin SET c_num = 7.5 WHERE id = 1;",
     )
     .await
@@ -468,7 +477,7 @@ async fn binary_values_stream_and_a_text_only_column_switches_to_text() {
             "--pg-query",
             &format!(
                 "{} WHERE id < 100000 OR id = 200000",
-                BINARY_QUERY.replace(" FROM bin", ", c_arr FROM bin")
+                BINARY_QUERY.replace(" FROM bin", ", c_mac::text AS c_mac FROM bin")
             ),
         ],
     );

@@ -10,8 +10,12 @@ use super::types::ValueError;
 
 /// Types whose binary form is read here, with the column kind their text form maps to:
 /// bool, bytea, name, int8, int2, int4, text, json, float4, float8, bpchar, varchar, date,
-/// time, timestamp, timestamptz, numeric, uuid, jsonb.
+/// time, timestamp, timestamptz, numeric, uuid, jsonb, and one-dimensional arrays of them.
 pub fn supported(oid: u32) -> bool {
+    super::types::array_element(oid).is_some_and(scalar_supported) || scalar_supported(oid)
+}
+
+fn scalar_supported(oid: u32) -> bool {
     matches!(
         oid,
         16 | 17
@@ -180,6 +184,70 @@ impl Numeric<'_> {
     }
 }
 
+fn be_i32(raw: &[u8], at: usize) -> Result<i32, ValueError> {
+    raw.get(at..at + 4)
+        .and_then(|b| b.try_into().ok())
+        .map(i32::from_be_bytes)
+        .ok_or_else(|| ValueError("malformed binary array".into()))
+}
+
+/// Walk an array in its binary form (`array_send`: dimensions, a null flag, the element type,
+/// each dimension's length and lower bound, then every element as a length and its bytes),
+/// calling `f` for each element (None: NULL). Only one-dimensional arrays starting at 1 have
+/// an Iceberg list form, as in text; the elements must be of type `elem`.
+pub fn parse_array<'a>(
+    raw: &'a [u8],
+    elem: u32,
+    mut f: impl FnMut(Option<&'a [u8]>) -> Result<(), ValueError>,
+) -> Result<(), ValueError> {
+    let bad = || ValueError("malformed binary array".into());
+    let ndim = be_i32(raw, 0)?;
+    let element_type = be_i32(raw, 8)? as u32;
+    if ndim == 0 {
+        return if raw.len() == 12 { Ok(()) } else { Err(bad()) };
+    }
+    if ndim != 1 {
+        return Err(ValueError(
+            "array (multi-dimensional arrays are not supported)".into(),
+        ));
+    }
+    if element_type != elem {
+        return Err(ValueError(format!(
+            "binary array of element type {element_type}, expected {elem}"
+        )));
+    }
+    let (len, lower) = (be_i32(raw, 12)?, be_i32(raw, 16)?);
+    if lower != 1 {
+        return Err(ValueError(
+            "array (only one-dimensional arrays starting at 1 are supported)".into(),
+        ));
+    }
+    if len < 0 {
+        return Err(bad());
+    }
+    let mut at = 20;
+    for _ in 0..len {
+        let n = be_i32(raw, at)?;
+        at += 4;
+        if n == -1 {
+            f(None)?;
+            continue;
+        }
+        let end = usize::try_from(n)
+            .ok()
+            .and_then(|n| at.checked_add(n))
+            .filter(|&e| e <= raw.len())
+            .ok_or_else(bad)?;
+        f(Some(&raw[at..end]))?;
+        at = end;
+    }
+    if at == raw.len() {
+        Ok(())
+    } else {
+        Err(bad())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -276,7 +344,73 @@ mod tests {
         );
     }
 
+    /// An array as `array_send` writes it (a test encoder, written from the format).
+    fn encode_array(elem: u32, lower: i32, items: &[Option<&[u8]>]) -> Vec<u8> {
+        let mut v = Vec::new();
+        v.extend(1i32.to_be_bytes());
+        v.extend(i32::from(items.iter().any(Option::is_none)).to_be_bytes());
+        v.extend(elem.to_be_bytes());
+        v.extend((items.len() as i32).to_be_bytes());
+        v.extend(lower.to_be_bytes());
+        for it in items {
+            match it {
+                None => v.extend((-1i32).to_be_bytes()),
+                Some(b) => {
+                    v.extend((b.len() as i32).to_be_bytes());
+                    v.extend(*b);
+                }
+            }
+        }
+        v
+    }
+
+    fn items(raw: &[u8], elem: u32) -> Result<Vec<Option<Vec<u8>>>, ValueError> {
+        let mut out = Vec::new();
+        parse_array(raw, elem, |i| {
+            out.push(i.map(<[u8]>::to_vec));
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    #[test]
+    fn binary_arrays_read_and_bad_ones_are_errors() {
+        let raw = encode_array(23, 1, &[Some(&7i32.to_be_bytes()), None, Some(&[])]);
+        assert_eq!(
+            items(&raw, 23).unwrap(),
+            vec![Some(7i32.to_be_bytes().to_vec()), None, Some(vec![])]
+        );
+        // Empty: no dimensions at all.
+        let empty = [0u8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 23];
+        assert_eq!(items(&empty, 23).unwrap(), vec![]);
+        // Another element type, another lower bound, two dimensions, truncated, trailing.
+        assert!(items(&raw, 20).is_err());
+        assert!(items(&encode_array(23, 0, &[None]), 23).is_err());
+        let mut two = raw.clone();
+        two[3] = 2;
+        assert!(items(&two, 23).unwrap_err().0.contains("multi-dimensional"));
+        assert!(items(&raw[..raw.len() - 1], 23).is_err());
+        let mut long = raw.clone();
+        long.push(0);
+        assert!(items(&long, 23).is_err());
+        assert!(supported(1007) && supported(1009) && supported(3807) && !supported(1034));
+    }
+
     proptest! {
+        /// Arrays of any items survive encode → parse; any cut or bytes never panic.
+        #[test]
+        fn arrays_round_trip_and_never_panic(
+            list in proptest::collection::vec(proptest::option::of(proptest::collection::vec(any::<u8>(), 0..12)), 0..20),
+            cut in any::<usize>(),
+            noise in proptest::collection::vec(any::<u8>(), 0..64),
+        ) {
+            let borrowed: Vec<Option<&[u8]>> = list.iter().map(|o| o.as_deref()).collect();
+            let raw = encode_array(25, 1, &borrowed);
+            prop_assert_eq!(items(&raw, 25).unwrap(), list);
+            let _ = items(&raw[..cut % (raw.len() + 1)], 25);
+            let _ = items(&noise, 25);
+        }
+
         /// Any canonical numeric text survives encode → decode as the same text, and as a
         /// decimal it is the text's digits at the text's scale.
         #[test]

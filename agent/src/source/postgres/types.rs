@@ -66,7 +66,7 @@ pub fn numeric_typmod(typmod: i32) -> Option<(u8, u8)> {
 }
 
 /// Element OID of a built-in array type.
-fn array_element(oid: u32) -> Option<u32> {
+pub(crate) fn array_element(oid: u32) -> Option<u32> {
     Some(match oid {
         1000 => 16,
         1001 => 17,
