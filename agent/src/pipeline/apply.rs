@@ -706,12 +706,17 @@ impl Applier {
                 }
                 // A binary stream cannot read this table's values: change nothing, reconnect
                 // in text (the check on the catalog at start missed a column added since).
-                if self.binary
-                    && !columns
+                // Domains and enums have their own type OIDs: the catalog names their form.
+                let readable = |oids: &dyn Fn(&RelationColumn) -> u32| {
+                    columns
                         .iter()
-                        .all(|c| crate::source::postgres::binary::supported(c.type_oid))
-                {
-                    return Err(PipelineError::TextNeeded(source));
+                        .all(|c| crate::source::postgres::binary::supported(oids(c)))
+                };
+                if self.binary && !readable(&|c| c.type_oid) {
+                    let catalog = self.catalog_columns(namespace, name, Some(oid)).await?;
+                    if !readable(&|c| binary_oid(c, &catalog)) {
+                        return Err(PipelineError::TextNeeded(source));
+                    }
                 }
                 let idx = self
                     .relation(&source, namespace, name, Some(oid), columns)
@@ -814,8 +819,12 @@ impl Applier {
                 &columns,
                 &changes,
             );
-            t.batch =
-                TableBatch::new(t.sink.batch_schema(), t.sink.batch_arrow_schema(), &columns)?;
+            t.batch = TableBatch::new(
+                t.sink.batch_schema(),
+                t.sink.batch_arrow_schema(),
+                &columns,
+                |c| binary_oid(c, &catalog),
+            )?;
             t.columns = columns;
             return Ok(i);
         }
@@ -891,7 +900,12 @@ impl Applier {
         self.tables.push(TableState {
             source_name: source_name.clone(),
             current: format!("{schema}.{name}"),
-            batch: TableBatch::new(sink.batch_schema(), sink.batch_arrow_schema(), &columns)?,
+            batch: TableBatch::new(
+                sink.batch_schema(),
+                sink.batch_arrow_schema(),
+                &columns,
+                |c| binary_oid(c, &catalog),
+            )?,
             sink,
             mirror,
             columns,
@@ -1334,6 +1348,15 @@ pub(super) const SOURCE_NAME_PROPERTY: &str = "philotes.source-name";
 /// Table property: each source column's number (`attnum`) by the Iceberg field holding it
 /// (`field:attnum,…`), which tells a renamed column from a dropped one and a new one.
 const SOURCE_COLUMNS_PROPERTY: &str = "philotes.source-columns";
+
+/// The type of a relation column's binary form: what the catalog says for the column with
+/// that type (a domain's base type, text for an enum), else the type itself.
+fn binary_oid(c: &RelationColumn, catalog: &[CatalogColumn]) -> u32 {
+    catalog
+        .iter()
+        .find(|k| k.name == c.name && k.type_oid == c.type_oid)
+        .map_or(c.type_oid, |k| k.binary_oid)
+}
 
 /// The kind a relation column takes in Iceberg: its base type's for a domain (or an array of
 /// domains or enums) when the catalog still has the column with that type, else its own.

@@ -434,7 +434,7 @@ struct SourceSlot {
     name: String,
     field: usize,
     kind: ColumnKind,
-    /// Source type OID (decides how a binary value is read).
+    /// The type of the column's binary form (decides how a binary value is read).
     oid: u32,
     /// Read in binary by the initial snapshot (a fixed-width type whose Iceberg column has
     /// the type's natural kind).
@@ -459,10 +459,14 @@ pub struct TableBatch {
 
 impl TableBatch {
     /// Builders for `arrow_schema` (from the table's current Iceberg schema) fed by `relation`.
+    ///
+    /// `binary_oid` gives the type of a column's binary form (a domain's base type, text for an
+    /// enum; the column's own type when the catalog does not say).
     pub fn new(
         iceberg_schema: &iceberg::spec::Schema,
         arrow_schema: SchemaRef,
         relation: &[RelationColumn],
+        binary_oid: impl Fn(&RelationColumn) -> u32,
     ) -> Result<Self, BatchError> {
         let fields = iceberg_schema.as_struct().fields();
         let mut cols = Vec::with_capacity(fields.len());
@@ -486,7 +490,7 @@ impl TableBatch {
                 name: c.name.clone(),
                 field,
                 kind,
-                oid: c.type_oid,
+                oid: binary_oid(c),
                 binary,
             });
         }

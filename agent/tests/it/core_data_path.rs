@@ -6,9 +6,28 @@ use std::time::Duration;
 
 use crate::common::*;
 
+/// Every mapped type (enums, domains and arrays included) streams in binary by default.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_type_round_trips_through_pyiceberg_and_duckdb() {
-    let (pg, db, work, agent) = running(ALL_TYPES, &["public.all_types"], "").await.parts();
+    every_type_round_trip("", "binary=true").await;
+}
+
+/// The same in text (`binary = false`, and what a server before 14 sends).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_type_round_trips_in_text_mode_too() {
+    every_type_round_trip("binary = false", "binary=false").await;
+}
+
+async fn every_type_round_trip(pipeline_extra: &str, mode: &str) {
+    let (pg, db, work, agent) = running(ALL_TYPES, &["public.all_types"], pipeline_extra)
+        .await
+        .parts();
+    let log = std::fs::read_to_string(work.path().join("agent.log")).unwrap_or_default();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("streaming") && l.contains(mode)),
+        "the stream should have {mode}: {log}"
+    );
 
     let mut expected = String::new();
     let mut live: BTreeSet<i64> = BTreeSet::new();

@@ -132,6 +132,9 @@ pub struct CatalogColumn {
     pub type_oid: u32,
     /// The kind of its base type, for a domain or an array of domains or enums.
     pub kind: Option<ColumnKind>,
+    /// The type whose binary (send) form its values have: a domain's base type, text for an
+    /// enum (`enum_send` sends the label), else its own.
+    pub binary_oid: u32,
 }
 
 impl Session {
@@ -404,7 +407,8 @@ impl Session {
                 &rel,
                 "a.attname, a.attnum::text, t.typtype::text, t.typbasetype::int8::text, \
                  t.typtypmod::text, et.typtype::text, et.typbasetype::int8::text, \
-                 et.typtypmod::text, a.atttypid::int8::text",
+                 et.typtypmod::text, a.atttypid::int8::text, \
+                 (CASE t.typtype WHEN 'e' THEN 25 WHEN 'd' THEN t.typbasetype ELSE t.oid END)::int8::text",
                 "JOIN pg_catalog.pg_type t ON t.oid = a.atttypid \
                  LEFT JOIN pg_catalog.pg_type et ON t.typcategory = 'A' AND et.oid = t.typelem",
             ))
@@ -428,6 +432,7 @@ impl Session {
                     attnum: num(1).unwrap_or(0) as i32,
                     type_oid: num(8).unwrap_or(0) as u32,
                     kind,
+                    binary_oid: num(9).or(num(8)).unwrap_or(0) as u32,
                 }
             })
             .collect())
@@ -578,14 +583,17 @@ impl Session {
         )
     }
 
-    /// The type OIDs of every column of every table in the publication (to decide whether
-    /// the stream can be read in binary).
+    /// The type OIDs of every column of every table in the publication, as their binary form
+    /// has them (a domain's base type, text for an enum: see [`CatalogColumn::binary_oid`]),
+    /// to decide whether the stream can be read in binary.
     pub async fn publication_column_types(&mut self) -> Result<Vec<u32>, SourceError> {
         let rows = self
             .query(&format!(
-                "SELECT DISTINCT a.atttypid::int8::text FROM pg_catalog.pg_publication_tables p \
+                "SELECT DISTINCT (CASE t.typtype WHEN 'e' THEN 25 WHEN 'd' THEN t.typbasetype \
+                 ELSE t.oid END)::int8::text FROM pg_catalog.pg_publication_tables p \
                  JOIN pg_catalog.pg_attribute a ON a.attrelid = \
                  (pg_catalog.quote_ident(p.schemaname) || '.' || pg_catalog.quote_ident(p.tablename))::regclass \
+                 JOIN pg_catalog.pg_type t ON t.oid = a.atttypid \
                  WHERE p.pubname = {} AND a.attnum > 0 AND NOT a.attisdropped",
                 quote_literal(&self.publication)
             ))
