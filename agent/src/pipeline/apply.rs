@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tracing::Instrument;
 
-use super::batch::{row_json, BatchError, TableBatch, PG_EPOCH_OFFSET_MICROS};
+use super::batch::{BatchError, TableBatch, PG_EPOCH_OFFSET_MICROS};
 use super::dlq::{self, DeadLetter};
 use super::position::{already_committed, Positions};
 use super::status::{self, SharedStatus};
@@ -981,7 +981,7 @@ impl Applier {
             _ => t.batch.push(op, lsn, seq, ts, tuple),
         };
         if let Err(e) = pushed {
-            let row = row_json(&t.columns, tuple);
+            let row = t.batch.row_json(tuple);
             DeadLettered {
                 table: &t.source_name,
                 lsn: &lsn.pg(),

@@ -516,6 +516,26 @@ impl TableBatch {
         })
     }
 
+    /// A row as JSON text (column name → value), for the dead-letter table: text as sent,
+    /// binary values read as their column's binary form (a domain's as its base type's).
+    pub fn row_json(&self, tuple: Option<&TupleData<'_>>) -> String {
+        let mut m = serde_json::Map::new();
+        if let Some(tuple) = tuple {
+            for (s, v) in self.sources.iter().zip(tuple.columns()) {
+                let j = match v {
+                    Column::Null => serde_json::Value::Null,
+                    Column::Unchanged => serde_json::Value::String("<unchanged toast>".into()),
+                    Column::Text(b) => {
+                        serde_json::Value::String(String::from_utf8_lossy(b).into_owned())
+                    }
+                    Column::Binary(b) => snapshot_value_json(s.oid, b, true),
+                };
+                m.insert(s.name.clone(), j);
+            }
+        }
+        serde_json::Value::Object(m).to_string()
+    }
+
     /// Rows buffered.
     pub fn rows(&self) -> usize {
         self.rows
@@ -718,25 +738,6 @@ impl TableBatch {
     }
 }
 
-/// A row as JSON text (column name → text value), for the dead-letter table.
-pub fn row_json(relation: &[RelationColumn], tuple: Option<&TupleData<'_>>) -> String {
-    let mut m = serde_json::Map::new();
-    if let Some(tuple) = tuple {
-        for (c, v) in relation.iter().zip(tuple.columns()) {
-            let j = match v {
-                Column::Null => serde_json::Value::Null,
-                Column::Unchanged => serde_json::Value::String("<unchanged toast>".into()),
-                Column::Text(b) => {
-                    serde_json::Value::String(String::from_utf8_lossy(b).into_owned())
-                }
-                Column::Binary(b) => snapshot_value_json(c.type_oid, b, true),
-            };
-            m.insert(c.name.clone(), j);
-        }
-    }
-    serde_json::Value::Object(m).to_string()
-}
-
 /// A row as a snapshot reads it, as JSON text, for the dead-letter table.
 pub fn snapshot_row_json<'a>(
     relation: &[RelationColumn],
@@ -755,4 +756,117 @@ pub fn snapshot_row_json<'a>(
         })
         .collect();
     serde_json::Value::Object(m).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::postgres::pgoutput::{decode, Message};
+
+    fn column(name: &str, type_oid: u32) -> RelationColumn {
+        RelationColumn {
+            key: name == "id",
+            name: name.into(),
+            type_oid,
+            type_modifier: -1,
+        }
+    }
+
+    /// A binary Insert of `values` (None: NULL).
+    fn insert(values: &[Option<&[u8]>]) -> Vec<u8> {
+        let mut m = vec![b'I'];
+        m.extend(16384u32.to_be_bytes());
+        m.push(b'N');
+        m.extend((values.len() as i16).to_be_bytes());
+        for v in values {
+            match v {
+                None => m.push(b'n'),
+                Some(b) => {
+                    m.push(b'b');
+                    m.extend((b.len() as i32).to_be_bytes());
+                    m.extend(*b);
+                }
+            }
+        }
+        m
+    }
+
+    /// A domain (own OID 70000, over int4) and an enum (70001) read in binary through the
+    /// type the catalog names; a row that cannot be stored is appended nowhere and its
+    /// dead-letter JSON shows the domain's value, not its bytes.
+    #[test]
+    fn domains_and_enums_read_through_their_binary_type() {
+        let rel = vec![
+            column("id", 20),
+            column("d", 70000),
+            column("mood", 70001),
+            column("at", 1184),
+        ];
+        let model: Vec<crate::model::Column> = rel
+            .iter()
+            .map(|c| crate::model::Column {
+                name: c.name.clone(),
+                kind: match c.type_oid {
+                    70000 => ColumnKind::Int32,
+                    o => ColumnKind::from_oid(o, -1),
+                },
+                key: c.key,
+            })
+            .collect();
+        let schema = crate::sink::iceberg::schema::changelog_schema(&model).unwrap();
+        let arrow = Arc::new(iceberg::arrow::schema_to_arrow_schema(&schema).unwrap());
+        let read_as = |c: &RelationColumn| match c.type_oid {
+            70000 => 23,
+            70001 => 25,
+            o => o,
+        };
+        let mut b = TableBatch::new(&schema, arrow.clone(), &rel, read_as).unwrap();
+        assert!(b.binary_ready());
+        let unresolved = TableBatch::new(&schema, arrow, &rel, |c| c.type_oid).unwrap();
+        assert!(!unresolved.binary_ready(), "own OIDs have no binary reader");
+
+        let ok = insert(&[
+            Some(&7i64.to_be_bytes()),
+            Some(&42i32.to_be_bytes()),
+            Some(b"happy"),
+            Some(&0i64.to_be_bytes()),
+        ]);
+        let Ok(Message::Insert { new, .. }) = decode(&ok) else {
+            panic!("insert")
+        };
+        b.push(Op::Insert, Lsn(1), 0, 0, Some(&new)).unwrap();
+        let bad = insert(&[
+            Some(&8i64.to_be_bytes()),
+            Some(&42i32.to_be_bytes()),
+            None,
+            Some(&i64::MAX.to_be_bytes()),
+        ]);
+        let Ok(Message::Insert { new, .. }) = decode(&bad) else {
+            panic!("insert")
+        };
+        let err = b.push(Op::Insert, Lsn(1), 1, 0, Some(&new)).unwrap_err();
+        assert!(
+            err.0.contains("infinity") && err.0.contains("\"at\""),
+            "{}",
+            err.0
+        );
+        let json: serde_json::Value = serde_json::from_str(&b.row_json(Some(&new))).unwrap();
+        assert_eq!(json["d"], "42", "{json}");
+        assert_eq!(json["mood"], serde_json::Value::Null);
+
+        let batch = b.finish().unwrap().unwrap();
+        assert_eq!(batch.num_rows(), 1);
+        let d = batch.column_by_name("d").unwrap();
+        let d = d
+            .as_any()
+            .downcast_ref::<arrow_array::Int32Array>()
+            .unwrap();
+        assert_eq!(d.value(0), 42);
+        let mood = batch.column_by_name("mood").unwrap();
+        let mood = mood
+            .as_any()
+            .downcast_ref::<arrow_array::StringArray>()
+            .unwrap();
+        assert_eq!(mood.value(0), "happy");
+    }
 }
