@@ -86,10 +86,10 @@ impl<'a> CopyRow<'a> {
 
     /// The first `n` fields (fewer if the row is shorter).
     pub fn values(&self, n: usize) -> impl ExactSizeIterator<Item = Option<&'a [u8]>> + Clone {
-        let (data, fields) = (self.data, &self.fields[..n.min(self.fields.len())]);
-        fields.iter().map(move |&(off, len)| {
-            (len >= 0).then(|| &data[off as usize..off as usize + len as usize])
-        })
+        let row = *self;
+        row.fields[..n.min(row.fields.len())]
+            .iter()
+            .map(move |&f| row.field(f))
     }
 
     fn field(&self, (off, len): (u32, i32)) -> Option<&'a [u8]> {
