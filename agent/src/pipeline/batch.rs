@@ -334,42 +334,27 @@ impl ColBuilder {
                     nulls,
                     inner,
                 },
-                Parsed::List(raw),
+                list @ (Parsed::List(_) | Parsed::BinList(..)),
             ) => {
+                // Elements were checked in phase one; one that fails now is null.
                 let mut n = 0i32;
-                let _ = t::parse_array(raw, |item| {
-                    match item.bytes() {
-                        Some(b) => match parse(kind, b) {
-                            Ok(p) => inner.append(p, scratch),
-                            Err(_) => inner.append_null(),
-                        },
-                        None => inner.append_null(),
-                    }
-                    n += 1;
-                    Ok(())
-                });
-                let last = offsets.last().copied().unwrap_or(0);
-                offsets.push(last + n);
-                nulls.append_non_null();
-            }
-            (
-                ColBuilder::List {
-                    kind,
-                    offsets,
-                    nulls,
-                    inner,
-                },
-                Parsed::BinList(raw, elem),
-            ) => {
-                let mut n = 0i32;
-                let _ = binary::parse_array(raw, elem, |item| {
-                    match item.map(|b| from_binary(elem, kind, b)) {
+                let mut push = |v: Option<Result<Parsed<'_>, ValueError>>| {
+                    match v {
                         Some(Ok(p)) => inner.append(p, scratch),
                         _ => inner.append_null(),
                     }
                     n += 1;
                     Ok(())
-                });
+                };
+                let _ = match list {
+                    Parsed::BinList(raw, elem) => binary::parse_array(raw, elem, |item| {
+                        push(item.map(|b| from_binary(elem, kind, b)))
+                    }),
+                    Parsed::List(raw) => {
+                        t::parse_array(raw, |item| push(item.bytes().map(|b| parse(kind, b))))
+                    }
+                    _ => Ok(()),
+                };
                 let last = offsets.last().copied().unwrap_or(0);
                 offsets.push(last + n);
                 nulls.append_non_null();
