@@ -13,7 +13,7 @@ use postgres_protocol::message::backend::Message;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, WriteHalf};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{error_text, io_err, parse, Backend, Conn, PgStream, WireError};
+use super::{error_text, io_err, parse, split_copy_data, Backend, Conn, PgStream, WireError};
 
 /// Microseconds from 1970-01-01 to 2000-01-01 (PostgreSQL's epoch).
 const PG_EPOCH_UNIX_MICROS: i64 = 946_684_800_000_000;
@@ -217,28 +217,36 @@ async fn io_task(
         let mut ended = false;
         let mut failure = None;
         loop {
-            match parse(&mut rbuf) {
-                Ok(Some(Backend::Msg(Message::CopyData(body)))) => match event(body.into_bytes()) {
-                    Ok(Some((ev, r))) => {
-                        reply |= r;
-                        batch.push(ev);
+            let payload = match split_copy_data(&mut rbuf) {
+                Ok(Some(p)) => p,
+                Ok(None) => match parse(&mut rbuf) {
+                    Ok(Some(Backend::Msg(Message::CopyData(body)))) => body.into_bytes(),
+                    Ok(Some(Backend::Msg(Message::ErrorResponse(e)))) => {
+                        failure = Some(WireError::Server(error_text(&e)));
+                        break;
                     }
-                    Ok(None) => {}
+                    Ok(Some(Backend::Msg(Message::CopyDone))) => {
+                        ended = true;
+                        break;
+                    }
+                    Ok(Some(_)) => continue,
+                    Ok(None) => break,
                     Err(e) => {
                         failure = Some(e);
                         break;
                     }
                 },
-                Ok(Some(Backend::Msg(Message::ErrorResponse(e)))) => {
-                    failure = Some(WireError::Server(error_text(&e)));
+                Err(e) => {
+                    failure = Some(e);
                     break;
                 }
-                Ok(Some(Backend::Msg(Message::CopyDone))) => {
-                    ended = true;
-                    break;
+            };
+            match event(payload) {
+                Ok(Some((ev, r))) => {
+                    reply |= r;
+                    batch.push(ev);
                 }
-                Ok(Some(_)) => {}
-                Ok(None) => break,
+                Ok(None) => {}
                 Err(e) => {
                     failure = Some(e);
                     break;
