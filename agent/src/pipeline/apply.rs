@@ -706,15 +706,12 @@ impl Applier {
                 }
                 // A binary stream cannot read this table's values: change nothing, reconnect
                 // in text (the check on the catalog at start missed a column added since).
-                // Domains and enums have their own type OIDs: the catalog names their form.
-                let readable = |oids: &dyn Fn(&RelationColumn) -> u32| {
-                    columns
-                        .iter()
-                        .all(|c| crate::source::postgres::binary::supported(oids(c)))
-                };
-                if self.binary && !readable(&|c| c.type_oid) {
+                // Domains and enums have their own type OIDs: the catalog names their form
+                // (asked only when a column is not a built-in type with a reader).
+                use crate::source::postgres::binary::supported;
+                if self.binary && !columns.iter().all(|c| supported(c.type_oid)) {
                     let catalog = self.catalog_columns(namespace, name, Some(oid)).await?;
-                    if !readable(&|c| binary_oid(c, &catalog)) {
+                    if !columns.iter().all(|c| supported(binary_oid(c, &catalog))) {
                         return Err(PipelineError::TextNeeded(source));
                     }
                 }

@@ -164,11 +164,13 @@ impl Applier {
                     continue;
                 }
             };
-            let tid = match rows.len() {
-                0 => None,
-                n => parse_tid(rows.row(n - 1).get(ncols).flatten()),
+            // Every row ends with its ctid.
+            let tid_of = |i: usize| {
+                (i < rows.len())
+                    .then(|| rows.row(i))
+                    .and_then(|r| parse_tid(r.get(ncols).flatten()))
             };
-            let Some(tid) = tid else {
+            let Some(tid) = rows.len().checked_sub(1).and_then(tid_of) else {
                 return Err(SourceError::Query(format!(
                     "{source_name}: snapshot rows without their ctid"
                 ))
@@ -216,10 +218,7 @@ impl Applier {
             }
             .emit(&self.tables[idx].metrics);
             // Progress is "everything up to this ctid": it only holds if rows came in order.
-            let first = rows
-                .iter()
-                .next()
-                .and_then(|row| parse_tid(row.get(ncols).flatten()));
+            let first = tid_of(0);
             if first
                 .zip(progress.ranges[r].after)
                 .is_some_and(|(f, a)| f <= a)
