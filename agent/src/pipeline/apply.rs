@@ -16,6 +16,7 @@ use super::status::{self, SharedStatus};
 use super::{Control, PipelineError};
 
 mod snapshot;
+mod streamed;
 use crate::config::PipelineConfig;
 use crate::model::{Lsn, Op};
 use crate::sink::iceberg::commit::Committer;
@@ -100,9 +101,11 @@ pub(super) struct Applier {
     /// Tables that joined the publication but are no longer in it: streamed, not copied.
     no_copy: std::collections::HashSet<String>,
     /// In-progress transactions streamed by the server (protocol 2), by top-level xid.
-    streams: HashMap<u32, super::spool::Spool>,
+    streams: HashMap<u32, streamed::Streamed>,
     /// Inside a stream block of this transaction.
     in_stream: Option<u32>,
+    /// Bytes of the streamed transactions' rows converted ahead of their commit.
+    early_held: u64,
     /// Tables with REPLICA IDENTITY FULL (`schema.table`) and their primary key columns.
     full_identity: HashMap<String, Vec<String>>,
     /// A connection for catalog lookups (column numbers, domains), opened on first use and
@@ -123,6 +126,16 @@ const MAX_OPEN_WRITERS: usize = 4;
 const SPILL_ROWS: u64 = 65_536;
 /// Most builder bytes before its batch goes to the writer task.
 const SPILL_BYTES: u64 = 8 << 20;
+
+/// A change's place in a table's `[inserts, updates, deletes, truncates]` counts.
+fn op_index(op: Op) -> usize {
+    match op {
+        Op::Insert => 0,
+        Op::Update => 1,
+        Op::Delete => 2,
+        Op::Truncate | Op::Read => 3,
+    }
+}
 
 fn now_micros() -> i64 {
     chrono::Utc::now().timestamp_micros()
@@ -151,6 +164,7 @@ impl Applier {
         SpoolChanged {
             transactions: 0,
             bytes: 0,
+            converted_bytes: 0,
         }
         .emit(&metrics, &status);
         Self {
@@ -173,6 +187,7 @@ impl Applier {
             no_copy: Default::default(),
             streams: HashMap::new(),
             in_stream: None,
+            early_held: 0,
             full_identity: HashMap::new(),
             catalog: None,
             aliases: HashMap::new(),
@@ -293,7 +308,7 @@ impl Applier {
         let t = &self.tables[i];
         t.batch.rows() as u64 >= self.cfg.batch_rows.min(SPILL_ROWS)
             || t.batch.bytes() as u64 >= self.cfg.batch_bytes.min(SPILL_BYTES)
-            || self.builder_bytes() >= self.cfg.max_buffer_bytes
+            || self.builder_bytes() + self.early_held >= self.cfg.max_buffer_bytes
     }
 
     fn anything_uncommitted(&self) -> bool {
@@ -412,15 +427,7 @@ impl Applier {
                 // without an xid): nothing we store.
                 return Ok(());
             }
-            // A change of an in-progress transaction: keep it until the server says how
-            // the transaction ended.
-            let (subxid, parts) = pgoutput::split_streamed(&data).map_err(SourceError::from)?;
-            let Some(spool) = self.streams.get_mut(&xid) else {
-                return Err(PipelineError::StreamEnded(format!(
-                    "change of streamed transaction {xid} outside its stream"
-                )));
-            };
-            return spool.push(subxid, &parts).map_err(|e| self.spool_error(e));
+            return self.on_streamed_change(xid, &data).await;
         }
         let msg = pgoutput::decode(&data).map_err(SourceError::from)?;
         match msg {
@@ -494,17 +501,213 @@ impl Applier {
         PipelineError::Spool(e.to_string())
     }
 
-    /// Publish how many in-progress transactions are spooled, and their bytes.
-    fn publish_spools(&self) {
-        let (n, bytes) = (
-            self.streams.len() as u64,
-            self.streams.values().map(|s| s.bytes()).sum::<u64>(),
-        );
+    /// Publish how many in-progress transactions are spooled, their bytes, and the bytes of
+    /// their rows converted ahead of the commit.
+    fn publish_spools(&mut self) {
+        self.early_held = self.streams.values().map(|s| s.early_bytes()).sum();
         SpoolChanged {
-            transactions: n,
-            bytes,
+            transactions: self.streams.len() as u64,
+            bytes: self.streams.values().map(|s| s.spool_bytes()).sum(),
+            converted_bytes: self.early_held,
         }
         .emit(&self.metrics, &self.status);
+    }
+
+    /// A change of in-progress transaction `xid`: spooled until the server says how the
+    /// transaction ended, and converted now while that is possible (see `streamed`).
+    async fn on_streamed_change(&mut self, xid: u32, data: &[u8]) -> Result<(), PipelineError> {
+        let (subxid, parts) = pgoutput::split_streamed(data).map_err(SourceError::from)?;
+        let Some(mut s) = self.streams.remove(&xid) else {
+            return Err(PipelineError::StreamEnded(format!(
+                "change of streamed transaction {xid} outside its stream"
+            )));
+        };
+        let before = s.early_bytes();
+        let converted = if s.converting() {
+            self.convert_early(&mut s, parts[0], parts[1]).await
+        } else {
+            Ok(false)
+        };
+        self.early_held = self.early_held.saturating_sub(before) + s.early_bytes();
+        let converted = match converted {
+            Ok(c) => c,
+            Err(e) => {
+                self.streams.insert(xid, s);
+                return Err(e);
+            }
+        };
+        if !converted && s.converting() {
+            tracing::debug!(
+                xid,
+                converted = s.converted(),
+                early_bytes = s.early_bytes(),
+                "streamed transaction: the rest is converted at its commit"
+            );
+            // Before the push: the replay starts with this change.
+            s.stop();
+        }
+        let pushed = s.push(subxid, &parts);
+        self.streams.insert(xid, s);
+        pushed.map_err(|e| self.spool_error(e))
+    }
+
+    /// Convert one streamed change into the transaction's early rows; false when it cannot
+    /// be taken now (the replay at the commit takes it and everything after it).
+    async fn convert_early(
+        &mut self,
+        s: &mut streamed::Streamed,
+        tag: &[u8],
+        body: &[u8],
+    ) -> Result<bool, PipelineError> {
+        let Some(&tag) = tag.first() else {
+            return Ok(false);
+        };
+        // A message that does not decode is the replay's to report.
+        let Ok(msg) = pgoutput::decode_tagged(tag, body) else {
+            return Ok(false);
+        };
+        Ok(match msg {
+            Message::Relation {
+                oid,
+                namespace,
+                name,
+                columns,
+                replica_identity,
+            } => {
+                if !self
+                    .relation_settled(oid, namespace, name, &columns, replica_identity)
+                    .await?
+                {
+                    return Ok(false);
+                }
+                self.on_message(Message::Relation {
+                    oid,
+                    namespace,
+                    name,
+                    columns,
+                    replica_identity,
+                })
+                .await?;
+                true
+            }
+            Message::Insert { oid, new } => self.early_change(s, oid, Op::Insert, &new)?,
+            Message::Delete { oid, old } => self.early_change(s, oid, Op::Delete, &old)?,
+            Message::Update {
+                oid,
+                old,
+                key_changed,
+                new,
+            } => {
+                if self.full_identity_of(oid).is_some() {
+                    return Ok(false);
+                }
+                match (key_changed, &old) {
+                    (true, Some(o)) => {
+                        if !self.early_change(s, oid, Op::Delete, o)? {
+                            return Ok(false);
+                        }
+                        // The delete is in: the update must follow it, or neither counts.
+                        if !self.early_change(s, oid, Op::Update, &new)? {
+                            s.discard();
+                            return Ok(false);
+                        }
+                        true
+                    }
+                    _ => self.early_change(s, oid, Op::Update, &new)?,
+                }
+            }
+            // Nothing stored, nothing counted.
+            Message::Type { .. } | Message::Origin { .. } | Message::LogicalMessage { .. } => true,
+            Message::Truncate { .. } | Message::Begin { .. } | Message::Commit { .. } => false,
+        })
+    }
+
+    /// Whether a Relation inside a streamed transaction describes its table as it stands, so
+    /// that registering it now changes nothing this transaction could still roll back: the
+    /// table is known with exactly these columns, or it is new here and the catalog (which
+    /// sees committed DDL only) has the same columns.
+    async fn relation_settled(
+        &mut self,
+        oid: u32,
+        namespace: &str,
+        name: &str,
+        columns: &[RelationColumn],
+        replica_identity: u8,
+    ) -> Result<bool, PipelineError> {
+        let now = format!("{namespace}.{name}");
+        if replica_identity == b'f' || self.full_identity.contains_key(&now) {
+            return Ok(false);
+        }
+        let source = self
+            .aliases
+            .get(&now)
+            .cloned()
+            .unwrap_or_else(|| now.clone());
+        if let Some(t) = self.tables.iter().find(|t| t.source_name == source) {
+            return Ok(t.current == now && t.columns == columns);
+        }
+        let configured = self
+            .cfg
+            .table_names()
+            .iter()
+            .any(|(s, t)| format!("{s}.{t}") == source);
+        if !configured && !self.cfg.follow_publication {
+            return Ok(true);
+        }
+        if self.cfg.snapshot == crate::config::SnapshotMode::Initial
+            && !self.no_copy.contains(&source)
+        {
+            // A table that joined the publication: the commit restarts the stream to copy it.
+            return Ok(false);
+        }
+        let catalog = self.catalog_columns(namespace, name, Some(oid)).await?;
+        Ok(columns.len() == catalog.len()
+            && columns.iter().zip(&catalog).all(|(r, c)| {
+                r.name == c.name && r.type_oid == c.type_oid && r.type_modifier == c.type_modifier
+            }))
+    }
+
+    /// One row of a streamed transaction into its early rows; false when it cannot be
+    /// converted now (nothing was added then).
+    fn early_change(
+        &self,
+        s: &mut streamed::Streamed,
+        oid: u32,
+        op: Op,
+        tuple: &TupleData<'_>,
+    ) -> Result<bool, PipelineError> {
+        let idx = match self.relations.get(&oid) {
+            Some(Some(i)) => *i,
+            // Not a table of ours: it only takes a position in the transaction.
+            Some(None) => {
+                s.early_mut().seq += 1;
+                return Ok(true);
+            }
+            None => return Ok(false),
+        };
+        let t = &self.tables[idx];
+        if t.full_identity.is_some() {
+            return Ok(false);
+        }
+        if self.early_held + self.builder_bytes() >= self.cfg.max_buffer_bytes / 2 {
+            return Ok(false);
+        }
+        let early = s.early_mut();
+        let seq = early.seq;
+        let et = early.table(idx, || (t.batch.empty_like(), t.columns.clone()));
+        // Commit LSN and time are stamped on at the commit.
+        if et.batch.push(op, Lsn::ZERO, seq, 0, Some(tuple)).is_err() {
+            // A value for the dead-letter table: the replay writes it there.
+            return Ok(false);
+        }
+        et.counts[op_index(op)] += 1;
+        early.seq += 1;
+        early.seal(
+            idx,
+            self.cfg.batch_rows.min(SPILL_ROWS),
+            self.cfg.batch_bytes.min(SPILL_BYTES),
+        )?;
+        Ok(true)
     }
 
     /// Protocol 2: blocks of in-progress transactions, and how each one ended.
@@ -534,7 +737,7 @@ impl Applier {
                     }
                     let spool = super::spool::Spool::new(self.cfg.spool_dir.as_deref(), xid)
                         .map_err(|e| self.spool_error(e))?;
-                    self.streams.insert(xid, spool);
+                    self.streams.insert(xid, streamed::Streamed::new(spool));
                 }
                 self.in_stream = Some(xid);
             }
@@ -559,11 +762,13 @@ impl Applier {
                 commit_ts,
             } => {
                 self.in_stream = None;
-                let Some(spool) = self.streams.remove(&xid) else {
+                let Some(streamed) = self.streams.remove(&xid) else {
                     return Err(PipelineError::StreamEnded(format!(
                         "commit of streamed transaction {xid} that was never started"
                     )));
                 };
+                // Its converted rows go to the writers now.
+                self.early_held = self.early_held.saturating_sub(streamed.early_bytes());
                 let url = self.cfg.source.url();
                 let span = tracing::info_span!(
                     "postgres.stream_replay",
@@ -575,12 +780,14 @@ impl Applier {
                     server.port = url.port,
                     xid,
                     lsn = %commit_lsn.pg(),
-                    changes = spool.changes() as i64,
-                    bytes = spool.bytes() as i64,
+                    changes = streamed.changes() as i64,
+                    bytes = streamed.spool_bytes() as i64,
+                    converted_early = tracing::field::Empty,
                     trace_id = tracing::field::Empty,
                 );
                 record_trace_id(&span);
-                self.replay(spool, commit_lsn, commit_ts)
+                tracing::debug!(xid, lsn = %commit_lsn.pg(), "streamed transaction committed");
+                self.replay(streamed, commit_lsn, commit_ts)
                     .instrument(span)
                     .await?;
                 self.on_commit(commit_lsn, end_lsn, commit_ts, client)
@@ -590,19 +797,39 @@ impl Applier {
         Ok(())
     }
 
-    /// Apply a committed streamed transaction's changes in order, as one transaction.
+    /// Apply a committed streamed transaction's changes in order, as one transaction: the
+    /// rows converted as they arrived, then the spool from where that conversion stopped.
     async fn replay(
         &mut self,
-        spool: super::spool::Spool,
+        streamed: streamed::Streamed,
         commit_lsn: Lsn,
         commit_ts: i64,
     ) -> Result<(), PipelineError> {
+        let ts_micros = pg_ts_to_unix(commit_ts);
+        let (spool, early, mut from) = streamed.into_parts();
+        let mut seq = 0;
+        if from > 0 {
+            let early_seq = early.seq;
+            if self.apply_early(early, commit_lsn, ts_micros).await? {
+                seq = early_seq;
+            } else {
+                from = 0;
+            }
+        }
+        tracing::Span::current().record("converted_early", seq as i64);
+        tracing::debug!(
+            converted_early = seq,
+            replayed_bytes = spool.bytes() - from,
+            "streamed transaction: converted rows handed to the writers, replaying the rest"
+        );
         self.txn = Some(Txn {
             lsn: commit_lsn,
-            ts_micros: pg_ts_to_unix(commit_ts),
-            seq: 0,
+            ts_micros,
+            seq,
         });
-        let mut reader = spool.into_reader().map_err(|e| self.spool_error(e))?;
+        let mut reader = spool
+            .into_reader_from(from)
+            .map_err(|e| self.spool_error(e))?;
         let mut buf = Vec::new();
         while reader
             .next_into(&mut buf)
@@ -612,6 +839,68 @@ impl Applier {
             self.on_message(msg).await?;
         }
         Ok(())
+    }
+
+    /// Add a committed streamed transaction's early rows to their tables, stamped with its
+    /// commit LSN and time; false (nothing added) when a table changed shape since they were
+    /// converted, and the whole spool must be replayed instead.
+    async fn apply_early(
+        &mut self,
+        early: streamed::Early,
+        lsn: Lsn,
+        ts_micros: i64,
+    ) -> Result<bool, PipelineError> {
+        let current = |et: &streamed::EarlyTable| {
+            self.tables
+                .get(et.idx)
+                .is_some_and(|t| t.columns == et.columns && t.batch.schema() == et.batch.schema())
+        };
+        if !early.tables.iter().all(current) {
+            return Ok(false);
+        }
+        for et in early.tables {
+            let idx = et.idx;
+            let counts = et.counts;
+            // Exactly-once across restarts: this transaction is already in the table.
+            if already_committed(lsn, self.tables[idx].sink.last_lsn) {
+                continue;
+            }
+            // Rows of earlier transactions go first (a mirror applies them in order).
+            self.spill(idx).await?;
+            let (layout, batches) = et.finish()?;
+            let stamped = batches
+                .iter()
+                .map(|b| layout.stamp(b, lsn, ts_micros))
+                .collect::<Result<Vec<_>, _>>()?;
+            drop(batches);
+            let t = &mut self.tables[idx];
+            if let Some(m) = t.mirror.as_mut() {
+                for b in &stamped {
+                    m.write(b.clone()).await?;
+                }
+            }
+            let w = t.sink.write_spread(stamped).await?;
+            if w.files > 0 {
+                FilesWritten {
+                    files: w.files,
+                    bytes: w.bytes,
+                }
+                .emit(&t.metrics);
+            }
+            let t = &mut self.tables[idx];
+            if t.touched_in != lsn {
+                t.fresh.push(ts_micros);
+            }
+            t.touched_in = lsn;
+            t.dirty = true;
+            for (c, n) in t.counts.iter_mut().zip(counts) {
+                *c += n;
+            }
+            self.buffered_events += counts.iter().sum::<u64>();
+            self.oldest.get_or_insert_with(Instant::now);
+            self.limit_open_writers(idx).await?;
+        }
+        Ok(true)
     }
 
     /// Publish lag, depth and counters once per transaction (not per row); `lsn` is the
@@ -1001,12 +1290,7 @@ impl Applier {
         }
         self.buffered_events += 1;
         self.oldest.get_or_insert_with(Instant::now);
-        t.counts[match op {
-            Op::Insert => 0,
-            Op::Update => 1,
-            Op::Delete => 2,
-            Op::Truncate | Op::Read => 3,
-        }] += 1;
+        t.counts[op_index(op)] += 1;
         // Bound memory inside large transactions: write the batch out, commit later.
         if self.should_spill(idx) {
             self.spill(idx).await?;
@@ -1016,15 +1300,29 @@ impl Applier {
 
     /// Hand table `i`'s buffered rows to its data-file writer (uncommitted).
     async fn spill(&mut self, i: usize) -> Result<(), PipelineError> {
-        let t = &mut self.tables[i];
-        if let Some(batch) = t.batch.finish()? {
-            if let Some(m) = t.mirror.as_mut() {
-                m.write(batch.clone()).await?;
-            }
-            t.sink.write(batch).await?;
+        if let Some(batch) = self.tables[i].batch.finish()? {
+            self.write_batch(i, batch).await?;
         }
-        // Each open writer holds a row group being encoded (up to 32 MiB): a transaction that
-        // fills many tables keeps only a few open; the others' files are finished early.
+        self.limit_open_writers(i).await
+    }
+
+    /// Hand `batch` to table `i`'s data-file writers (the mirror's too).
+    async fn write_batch(
+        &mut self,
+        i: usize,
+        batch: arrow_array::RecordBatch,
+    ) -> Result<(), PipelineError> {
+        let t = &mut self.tables[i];
+        if let Some(m) = t.mirror.as_mut() {
+            m.write(batch.clone()).await?;
+        }
+        t.sink.write(batch).await?;
+        Ok(())
+    }
+
+    /// Each open writer holds a row group being encoded (up to 32 MiB): a transaction that
+    /// fills many tables keeps only a few open; the others' files are finished early.
+    async fn limit_open_writers(&mut self, i: usize) -> Result<(), PipelineError> {
         let others: Vec<usize> = (0..self.tables.len())
             .filter(|&j| j != i && self.tables[j].sink.has_open_files())
             .collect();

@@ -11,7 +11,7 @@ use arrow_array::builder::{
     Float64Builder, Int32Builder, Int64Builder, LargeBinaryBuilder, StringBuilder,
     Time64MicrosecondBuilder, TimestampMicrosecondBuilder,
 };
-use arrow_array::{Array, ArrayRef, ListArray, RecordBatch};
+use arrow_array::{Array, ArrayRef, Int64Array, ListArray, RecordBatch, TimestampMicrosecondArray};
 use arrow_buffer::{NullBufferBuilder, OffsetBuffer, ScalarBuffer};
 use arrow_schema::{ArrowError, DataType, Field, SchemaRef};
 
@@ -430,6 +430,8 @@ struct SourceSlot {
 pub struct TableBatch {
     schema: SchemaRef,
     cols: Vec<ColBuilder>,
+    /// Each builder's kind (to start an empty copy).
+    kinds: Vec<ColumnKind>,
     sources: Vec<SourceSlot>,
     /// Iceberg fields not fed by the relation (dropped source columns): null in every row.
     absent: Vec<usize>,
@@ -454,15 +456,16 @@ impl TableBatch {
         binary_oid: impl Fn(&RelationColumn) -> u32,
     ) -> Result<Self, BatchError> {
         let fields = iceberg_schema.as_struct().fields();
-        let mut cols = Vec::with_capacity(fields.len());
+        let mut kinds = Vec::with_capacity(fields.len());
         for f in fields {
             let kind = if f.name == CDC_COLUMNS[4] {
                 ColumnKind::Text
             } else {
                 kind_of(&f.field_type).ok_or_else(|| BatchError::UnsupportedType(f.name.clone()))?
             };
-            cols.push(ColBuilder::new(&kind));
+            kinds.push(kind);
         }
+        let cols = kinds.iter().map(ColBuilder::new).collect();
         let pos = |name: &str| fields.iter().position(|f| f.name == name);
         let mut sources = Vec::with_capacity(relation.len());
         for c in relation {
@@ -489,6 +492,7 @@ impl TableBatch {
         Ok(Self {
             schema: arrow_schema,
             cols,
+            kinds,
             sources,
             absent,
             cdc,
@@ -519,6 +523,49 @@ impl TableBatch {
             }
         }
         serde_json::Value::Object(m).to_string()
+    }
+
+    /// Empty builders for the same schema and relation (rows of another transaction).
+    pub fn empty_like(&self) -> Self {
+        Self {
+            schema: self.schema.clone(),
+            cols: self.kinds.iter().map(ColBuilder::new).collect(),
+            kinds: self.kinds.clone(),
+            sources: self.sources.clone(),
+            absent: self.absent.clone(),
+            cdc: self.cdc,
+            unchanged_names: StringBuilder::new(),
+            unchanged_offsets: vec![0],
+            rows: 0,
+            bytes: 0,
+            scratch: Vec::new(),
+            parsed: Vec::new(),
+        }
+    }
+
+    /// The Arrow schema its batches have.
+    pub fn schema(&self) -> &SchemaRef {
+        &self.schema
+    }
+
+    /// `batch` (finished by a builder of this layout) with every row's commit LSN and commit
+    /// time set: rows of a transaction converted before its commit was known.
+    pub fn stamp(
+        &self,
+        batch: &RecordBatch,
+        lsn: Lsn,
+        ts_micros: i64,
+    ) -> Result<RecordBatch, BatchError> {
+        let n = batch.num_rows();
+        let mut cols = batch.columns().to_vec();
+        let [_, lsn_i, _, ts_i, _] = self.cdc;
+        cols[lsn_i] = Arc::new(Int64Array::from_value(lsn.get() as i64, n));
+        let ts = TimestampMicrosecondArray::from_value(ts_micros, n);
+        cols[ts_i] = match self.schema.field(ts_i).data_type() {
+            DataType::Timestamp(_, Some(tz)) => Arc::new(ts.with_timezone(tz.clone())),
+            _ => Arc::new(ts),
+        };
+        Ok(RecordBatch::try_new(batch.schema(), cols)?)
     }
 
     /// Rows buffered.

@@ -111,12 +111,20 @@ impl Spool {
     }
 
     /// Read the spooled messages back from the start.
+    #[cfg(test)]
     pub fn into_reader(self) -> std::io::Result<SpoolReader> {
+        self.into_reader_from(0)
+    }
+
+    /// Read the spooled messages back from byte `offset` (a message boundary, as
+    /// [`Self::bytes`] gave it before that message was pushed).
+    pub fn into_reader_from(self, offset: u64) -> std::io::Result<SpoolReader> {
         let mut f = self.file.into_inner().map_err(|e| e.into_error())?;
-        f.seek(SeekFrom::Start(0))?;
+        let offset = offset.min(self.len);
+        f.seek(SeekFrom::Start(offset))?;
         Ok(SpoolReader {
             r: BufReader::with_capacity(256 * 1024, f),
-            left: self.len,
+            left: self.len - offset,
         })
     }
 }
@@ -185,6 +193,22 @@ mod tests {
         s.abort_subxact(2).unwrap();
         s.push(1, &[b"after"]).unwrap();
         assert_eq!(read_all(s), vec![b"keep".to_vec(), b"after".to_vec()]);
+    }
+
+    #[test]
+    fn reads_back_from_a_message_boundary() {
+        let mut s = Spool::new(None, 1).unwrap();
+        s.push(1, &[b"first"]).unwrap();
+        let at = s.bytes();
+        s.push(1, &[b"sec", b"ond"]).unwrap();
+        s.push(1, &[b"third"]).unwrap();
+        let mut r = s.into_reader_from(at).unwrap();
+        let mut buf = Vec::new();
+        let mut out = Vec::new();
+        while r.next_into(&mut buf).unwrap() {
+            out.push(buf.clone());
+        }
+        assert_eq!(out, vec![b"second".to_vec(), b"third".to_vec()]);
     }
 
     #[test]

@@ -99,6 +99,8 @@ pub struct Metrics {
     pub(super) buf_depth: Gauge<i64>,
     /// `philotes_buffer_spool_bytes{source}`.
     pub(super) buf_spool: Gauge<i64>,
+    /// `philotes_buffer_streamed_converted_bytes{source}`.
+    pub(super) buf_converted: Gauge<i64>,
     /// `philotes_buffer_batches_total{source,status}`.
     pub(super) buf_batches: Counter<u64>,
     /// `philotes_buffer_events_processed_total{source}`.
@@ -250,6 +252,13 @@ impl Metrics {
                 )
                 .with_unit("By")
                 .build(),
+            buf_converted: meter
+                .i64_gauge("philotes.buffer.streamed_converted")
+                .with_description(
+                    "Bytes of rows of in-progress transactions converted ahead of their commit",
+                )
+                .with_unit("By")
+                .build(),
             buf_batches: meter
                 .u64_counter("philotes.buffer.batches")
                 .with_description("Flushes by outcome (committed, failed, retried)")
@@ -329,6 +338,7 @@ impl Metrics {
             slot_lag: self.cdc_slot_lag.bind(std::slice::from_ref(&s)),
             depth: self.buf_depth.bind(std::slice::from_ref(&s)),
             spool: self.buf_spool.bind(std::slice::from_ref(&s)),
+            converted: self.buf_converted.bind(std::slice::from_ref(&s)),
             batches_committed: self.buf_batches.bind(&with("status", "committed")),
             batches_failed: self.buf_batches.bind(&with("status", "failed")),
             batches_retried: self.buf_batches.bind(&with("status", "retried")),
@@ -356,6 +366,8 @@ pub struct SourceMetrics {
     pub(super) depth: BoundGauge<i64>,
     /// `philotes_buffer_spool_bytes`.
     pub(super) spool: BoundGauge<i64>,
+    /// `philotes_buffer_streamed_converted_bytes`.
+    pub(super) converted: BoundGauge<i64>,
     /// `philotes_buffer_batches_total{status="committed"}`.
     pub(super) batches_committed: BoundCounter<u64>,
     /// `philotes_buffer_batches_total{status="failed"}`.

@@ -564,6 +564,216 @@ async fn in_progress_transactions_stream_with_savepoints_rollbacks_and_crashes()
     assert_eq!(agent.terminate(), Some(0));
 }
 
+/// The converted-ahead gauge of pipeline `p`.
+async fn converted_bytes(agent: &AgentProc) -> f64 {
+    metric_value(
+        &agent.api_addr().unwrap(),
+        "philotes_buffer_streamed_converted_bytes",
+        "source=\"p\"",
+    )
+    .await
+}
+
+/// A transaction streamed in progress is converted as it arrives (it is held in memory, and the
+/// gauge shows it, before the commit); at the commit its rows get the commit's LSN and time, and
+/// what could not be converted early — a value for the dead-letter table, a column added inside
+/// the transaction — is replayed from the spool under the same `_cdc_seq` count. DDL of a
+/// streamed transaction that rolls back never reaches the Iceberg schema.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streamed_transactions_convert_as_they_arrive_and_replay_the_rest() {
+    let mut opts = LocalPgOptions::default();
+    opts.settings
+        .push(("logical_decoding_work_mem".into(), "64kB".into()));
+    let p = prepare_with(
+        opts,
+        "CREATE TABLE big (id int PRIMARY KEY, v text, amount numeric(8,2))",
+        &["big"],
+        "",
+        "",
+    )
+    .await;
+    let log = p.log();
+    let (pg, db, work, cfg) = p.parts();
+    let agent = AgentProc::start_streaming(&cfg, &log).await;
+
+    // The table's first change of this connection is inside a streamed transaction.
+    db.batch_execute(
+        "BEGIN; INSERT INTO big SELECT g, 'v' || g, g / 100.0 FROM generate_series(1, 20000) g;",
+    )
+    .await
+    .unwrap();
+    let held = wait_for(
+        Duration::from_secs(30),
+        "the open transaction's rows converted ahead of its commit",
+        || async {
+            let b = converted_bytes(&agent).await;
+            (b > 100_000.0).then_some(b)
+        },
+    )
+    .await;
+    assert!(held > 100_000.0, "{held}");
+    // Key changes (a delete and an insert each), then a value the table cannot hold: the rest
+    // of the transaction is replayed from the spool at the commit.
+    db.batch_execute(
+        "UPDATE big SET id = id + 100000 WHERE id <= 100;
+         INSERT INTO big VALUES (30000, 'poison', 'NaN');
+         INSERT INTO big SELECT g, 'w' || g, 1 FROM generate_series(30001, 40000) g;
+         COMMIT;",
+    )
+    .await
+    .unwrap();
+    // 20,000 + 100 deletes + 100 updates + 10,000.
+    wait_rows(&work, "ns.big", 30_200, 120).await;
+    wait_rows(&work, "ns._philotes_dlq", 1, 60).await;
+    let not_poison = "SELECT id, v, amount FROM big WHERE id <> 30000";
+    let v = verify_source(&work, "ns.big", &pg, not_poison, &["--rows"]);
+    assert_eq!(v["unique"], true, "{v}");
+    assert_eq!(v["state_equal"], true, "{}", v["state_diff"]);
+    let rows = v["all_rows"].as_array().unwrap();
+    let lsn = rows[0]["_cdc_lsn"].clone();
+    let ts = rows[0]["_cdc_ts"].clone();
+    assert!(
+        rows.iter()
+            .all(|r| r["_cdc_lsn"] == lsn && r["_cdc_ts"] == ts),
+        "one transaction: one commit LSN and time on every row"
+    );
+    let dlq = verify_dlq(&work);
+    let dead = &dlq["all_rows"][0];
+    assert_eq!(dead["_cdc_lsn"], lsn, "{dead}");
+    let mut seqs: Vec<i64> = rows
+        .iter()
+        .map(|r| r["_cdc_seq"].as_i64().unwrap())
+        .chain([dead["_cdc_seq"].as_i64().unwrap()])
+        .collect();
+    seqs.sort_unstable();
+    assert_eq!(
+        seqs,
+        (0..30_201).collect::<Vec<i64>>(),
+        "converted and replayed changes count on from each other"
+    );
+    assert_eq!(
+        dead["_cdc_seq"], 20_200,
+        "the poison row comes after the key changes"
+    );
+    let after = wait_for(
+        Duration::from_secs(30),
+        "the gauge back at zero",
+        || async {
+            let b = converted_bytes(&agent).await;
+            (b == 0.0).then_some(b)
+        },
+    )
+    .await;
+    assert_eq!(after, 0.0);
+
+    // A column added inside a streamed transaction: the rows after it are replayed, with it.
+    db.batch_execute(
+        "BEGIN;
+         INSERT INTO big SELECT g, 'x' || g, 2 FROM generate_series(50001, 60000) g;
+         ALTER TABLE big ADD COLUMN extra int;
+         INSERT INTO big SELECT g, 'y' || g, 3, g FROM generate_series(60001, 70000) g;
+         COMMIT;",
+    )
+    .await
+    .unwrap();
+    wait_rows(&work, "ns.big", 50_200, 120).await;
+    let with_extra = "SELECT id, v, amount, extra FROM big WHERE id <> 30000";
+    let v = verify_source(&work, "ns.big", &pg, with_extra, &["--rows"]);
+    assert_eq!(v["unique"], true, "{v}");
+    assert_eq!(v["state_equal"], true, "{}", v["state_diff"]);
+
+    // DDL in a streamed transaction that rolls back: the column never appears.
+    db.batch_execute(
+        "BEGIN;
+         ALTER TABLE big ADD COLUMN ghost int;
+         INSERT INTO big SELECT g, 'z' || g, 4, g, 1 FROM generate_series(80001, 90000) g;
+         ROLLBACK;
+         INSERT INTO big VALUES (90001, 'after', 5, 5);",
+    )
+    .await
+    .unwrap();
+    wait_rows(&work, "ns.big", 50_201, 120).await;
+    let v = verify_source(&work, "ns.big", &pg, with_extra, &["--rows"]);
+    assert_eq!(v["state_equal"], true, "{}", v["state_diff"]);
+    let last = v["all_rows"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(last["id"], 90001, "{last}");
+    assert!(
+        last.get("ghost").is_none(),
+        "a rolled-back column is not in the Iceberg table: {last}"
+    );
+    assert!(
+        !agent.log_text().contains("pipeline failed"),
+        "{}",
+        agent.log_text()
+    );
+    assert_eq!(agent.terminate(), Some(0));
+}
+
+/// A large transaction converted ahead of its commit reaches a mirror in order: key changes,
+/// updates of rows inserted earlier in the same transaction and deletes fold to the source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamed_transaction_converted_early_folds_into_the_mirror() {
+    let mut opts = LocalPgOptions::default();
+    opts.settings
+        .push(("logical_decoding_work_mem".into(), "64kB".into()));
+    let p = prepare_with(
+        opts,
+        "CREATE TABLE big (id int PRIMARY KEY, v text, pad text);
+         INSERT INTO big SELECT g, 'seed', 'p' FROM generate_series(1, 100) g;",
+        &["big"],
+        "mode = \"both\"\nsnapshot = \"initial\"",
+        "",
+    )
+    .await;
+    let log = p.log();
+    let (pg, db, work, cfg) = p.parts();
+    let agent = AgentProc::start_streaming(&cfg, &log).await;
+    wait_rows(&work, "ns.big", 100, 120).await;
+    db.batch_execute(
+        "BEGIN;
+         INSERT INTO big SELECT g, 'v' || g, repeat('p', 50) FROM generate_series(101, 20000) g;",
+    )
+    .await
+    .unwrap();
+    wait_for(
+        Duration::from_secs(30),
+        "the open transaction's rows converted ahead of its commit",
+        || async { (converted_bytes(&agent).await > 100_000.0).then_some(()) },
+    )
+    .await;
+    db.batch_execute(
+        "UPDATE big SET v = 'changed' WHERE id % 7 = 0;
+         DELETE FROM big WHERE id % 11 = 0;
+         UPDATE big SET id = id + 100000 WHERE id % 13 = 0;
+         COMMIT;",
+    )
+    .await
+    .unwrap();
+    let query = "SELECT id, v, pad FROM big";
+    let expected: i64 = pg
+        .client("app")
+        .await
+        .query_one("SELECT count(*) FROM big", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let v = crate::mirror::wait_mirrored_with(&work, "ns.big", &pg, query, "id", &[]).await;
+    assert_eq!(v["rows"], expected, "{v}");
+    let changelog = verify_source(&work, "ns.big_changelog", &pg, query, &[]);
+    assert_eq!(changelog["unique"], true, "{changelog}");
+    assert_eq!(
+        changelog["state_equal"], true,
+        "{}",
+        changelog["state_diff"]
+    );
+    assert!(
+        !agent.log_text().contains("pipeline failed"),
+        "{}",
+        agent.log_text()
+    );
+    assert_eq!(agent.terminate(), Some(0));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_source_tables_with_one_iceberg_name_are_refused_not_mixed() {
     // `a.b` and `public.a__b` both map to Iceberg `ns.a__b`; the second joins through the

@@ -58,6 +58,7 @@ const CONTRACT: &[(&str, &[&str])] = &[
     ("philotes_iceberg_bytes_written_total", &["source", "table"]),
     ("philotes_buffer_depth", &["source"]),
     ("philotes_buffer_spool_bytes", &["source"]),
+    ("philotes_buffer_streamed_converted_bytes", &["source"]),
     ("philotes_buffer_batches_total", &["source", "status"]),
     ("philotes_buffer_events_processed_total", &["source"]),
     ("philotes_buffer_dlq_total", &["source"]),

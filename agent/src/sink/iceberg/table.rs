@@ -501,6 +501,36 @@ impl TableSink {
         sent
     }
 
+    /// Queue many batches at once (a large transaction converted before its commit): they
+    /// are spread over two writers, whose tasks encode on two cores, into two sets of files.
+    /// A mirror takes them in order through [`Self::write`]. Returns what the second set of
+    /// files holds (already finished; the first stays open like `write`'s).
+    pub async fn write_spread(&mut self, batches: Vec<RecordBatch>) -> Result<Written, SinkError> {
+        if self.mirror.is_some() || batches.len() < 4 {
+            for b in batches {
+                self.write(b).await?;
+            }
+            return Ok(Written::default());
+        }
+        let mut second = OpenFiles::open(&self.table);
+        for (i, b) in batches.into_iter().enumerate() {
+            if i % 2 == 0 {
+                self.write(b).await?;
+            } else {
+                self.pending_rows += b.num_rows() as u64;
+                self.pending_bytes += b.get_array_memory_size() as u64;
+                second.send(b).await?;
+            }
+        }
+        let files = second.close().await?;
+        let written = Written {
+            files: files.len() as u64,
+            bytes: files.iter().map(|f| f.file_size_in_bytes()).sum(),
+        };
+        self.pending.extend(files);
+        Ok(written)
+    }
+
     /// Whether data files are being written (a writer task is open).
     pub fn has_open_files(&self) -> bool {
         self.open.is_some() || self.mirror.as_ref().is_some_and(|m| m.has_open_file())

@@ -310,8 +310,16 @@ impl<'a> Reader<'a> {
 
 /// Decode one pgoutput v1 message.
 pub fn decode(buf: &[u8]) -> Result<Message<'_>, DecodeError> {
-    let mut r = Reader { buf };
-    let tag = r.u8("message tag")?;
+    match buf.split_first() {
+        Some((tag, body)) => decode_tagged(*tag, body),
+        None => Err(DecodeError::Truncated("message tag")),
+    }
+}
+
+/// Decode a message given its tag and the bytes after it (a streamed change as
+/// [`split_streamed`] leaves it, without copying it together).
+pub fn decode_tagged(tag: u8, body: &[u8]) -> Result<Message<'_>, DecodeError> {
+    let mut r = Reader { buf: body };
     let msg = match tag {
         b'B' => Message::Begin {
             final_lsn: Lsn(r.i64("begin")? as u64),

@@ -130,6 +130,8 @@ pub struct CatalogColumn {
     pub attnum: i32,
     /// Its type's OID.
     pub type_oid: u32,
+    /// Its type modifier (`pg_attribute.atttypmod`, -1 if none).
+    pub type_modifier: i32,
     /// The kind of its base type, for a domain or an array of domains or enums.
     pub kind: Option<ColumnKind>,
     /// The type whose binary (send) form its values have: a domain's base type, text for an
@@ -408,7 +410,8 @@ impl Session {
                 "a.attname, a.attnum::text, t.typtype::text, t.typbasetype::int8::text, \
                  t.typtypmod::text, et.typtype::text, et.typbasetype::int8::text, \
                  et.typtypmod::text, a.atttypid::int8::text, \
-                 (CASE t.typtype WHEN 'e' THEN 25 WHEN 'd' THEN t.typbasetype ELSE t.oid END)::int8::text",
+                 (CASE t.typtype WHEN 'e' THEN 25 WHEN 'd' THEN t.typbasetype ELSE t.oid END)::int8::text, \
+                 a.atttypmod::text",
                 "JOIN pg_catalog.pg_type t ON t.oid = a.atttypid \
                  LEFT JOIN pg_catalog.pg_type et ON t.typcategory = 'A' AND et.oid = t.typelem",
             ))
@@ -431,6 +434,7 @@ impl Session {
                     name: get(0),
                     attnum: num(1).unwrap_or(0) as i32,
                     type_oid: num(8).unwrap_or(0) as u32,
+                    type_modifier: num(10).unwrap_or(-1) as i32,
                     kind,
                     binary_oid: num(9).or(num(8)).unwrap_or(0) as u32,
                 }

@@ -117,12 +117,16 @@ pub struct SpoolChanged {
     pub transactions: u64,
     /// Their bytes on disk.
     pub bytes: u64,
+    /// Bytes of their rows converted ahead of the commit (in memory).
+    pub converted_bytes: u64,
 }
 
 impl SpoolChanged {
-    /// Record `philotes_buffer_spool_bytes` and the status's spool fields.
+    /// Record `philotes_buffer_spool_bytes`, `philotes_buffer_streamed_converted_bytes` and
+    /// the status's spool fields.
     pub fn emit(self, m: &SourceMetrics, status: &SharedStatus) {
         m.spool.record(self.bytes as i64);
+        m.converted.record(self.converted_bytes as i64);
         status::update(status, |s| {
             s.spooled_transactions = self.transactions;
             s.spooled_bytes = self.bytes;
