@@ -465,7 +465,6 @@ impl TableBatch {
             };
             kinds.push(kind);
         }
-        let cols = kinds.iter().map(ColBuilder::new).collect();
         let pos = |name: &str| fields.iter().position(|f| f.name == name);
         let mut sources = Vec::with_capacity(relation.len());
         for c in relation {
@@ -489,9 +488,20 @@ impl TableBatch {
         let absent = (0..fields.len())
             .filter(|i| !cdc.contains(i) && !sources.iter().any(|s| s.field == *i))
             .collect();
-        Ok(Self {
-            schema: arrow_schema,
-            cols,
+        Ok(Self::with_layout(arrow_schema, kinds, sources, absent, cdc))
+    }
+
+    /// Empty builders of `kinds` fed by `sources`.
+    fn with_layout(
+        schema: SchemaRef,
+        kinds: Vec<ColumnKind>,
+        sources: Vec<SourceSlot>,
+        absent: Vec<usize>,
+        cdc: [usize; 5],
+    ) -> Self {
+        Self {
+            schema,
+            cols: kinds.iter().map(ColBuilder::new).collect(),
             kinds,
             sources,
             absent,
@@ -502,7 +512,7 @@ impl TableBatch {
             bytes: 0,
             scratch: Vec::new(),
             parsed: Vec::new(),
-        })
+        }
     }
 
     /// A row as JSON text (column name → value), for the dead-letter table: text as sent,
@@ -527,20 +537,13 @@ impl TableBatch {
 
     /// Empty builders for the same schema and relation (rows of another transaction).
     pub fn empty_like(&self) -> Self {
-        Self {
-            schema: self.schema.clone(),
-            cols: self.kinds.iter().map(ColBuilder::new).collect(),
-            kinds: self.kinds.clone(),
-            sources: self.sources.clone(),
-            absent: self.absent.clone(),
-            cdc: self.cdc,
-            unchanged_names: StringBuilder::new(),
-            unchanged_offsets: vec![0],
-            rows: 0,
-            bytes: 0,
-            scratch: Vec::new(),
-            parsed: Vec::new(),
-        }
+        Self::with_layout(
+            self.schema.clone(),
+            self.kinds.clone(),
+            self.sources.clone(),
+            self.absent.clone(),
+            self.cdc,
+        )
     }
 
     /// The Arrow schema its batches have.
