@@ -61,6 +61,17 @@ pub struct Numeric<'a> {
     digits: &'a [u8],
 }
 
+/// 10^0 ..= 10^38, every power an i128 holds.
+const POW10: [i128; 39] = {
+    let mut t = [1i128; 39];
+    let mut i = 1;
+    while i < 39 {
+        t[i] = t[i - 1] * 10;
+        i += 1;
+    }
+    t
+};
+
 fn malformed(raw: &[u8]) -> ValueError {
     ValueError(format!("malformed binary numeric ({} bytes)", raw.len()))
 }
@@ -125,20 +136,21 @@ impl Numeric<'_> {
         }
         let mut acc: i128 = 0;
         for i in 0..(self.digits.len() / 2) as i64 {
-            let d = self.group(i) as i128;
-            // This group is worth d × 10000^(weight − i); scaled by 10^scale.
+            let d = self.group(i);
+            // This group is worth d × 10000^(weight − i); scaled by 10^scale. Powers come
+            // from a table and the fractional case divides a u32: no 128-bit division.
             let pow = 4 * (self.weight as i64 - i) + scale as i64;
             let part = if pow >= 0 {
-                10i128
-                    .checked_pow(pow as u32)
-                    .and_then(|p| d.checked_mul(p))
+                POW10
+                    .get(pow as usize)
+                    .and_then(|p| (d as i128).checked_mul(*p))
                     .ok_or_else(out_of_range)?
             } else if pow > -4 {
-                let div = 10i128.pow((-pow) as u32);
+                let div = [1u32, 10, 100, 1000][(-pow) as usize];
                 if d % div != 0 {
                     return Err(out_of_range());
                 }
-                d / div
+                (d / div) as i128
             } else if d == 0 {
                 0
             } else {
@@ -146,7 +158,7 @@ impl Numeric<'_> {
             };
             acc = acc.checked_add(part).ok_or_else(out_of_range)?;
         }
-        if precision < 39 && acc >= 10i128.pow(precision as u32) {
+        if POW10.get(precision as usize).is_some_and(|p| acc >= *p) {
             return Err(out_of_range());
         }
         Ok(if self.sign == NUMERIC_NEG { -acc } else { acc })
