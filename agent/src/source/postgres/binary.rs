@@ -147,7 +147,7 @@ impl Numeric<'_> {
                     .ok_or_else(out_of_range)?
             } else if pow > -4 {
                 let div = [1u32, 10, 100, 1000][(-pow) as usize];
-                if d % div != 0 {
+                if !d.is_multiple_of(div) {
                     return Err(out_of_range());
                 }
                 (d / div) as i128
