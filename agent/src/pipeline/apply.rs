@@ -238,13 +238,8 @@ impl Applier {
         Ok(())
     }
 
-    /// The table's columns as the catalog has them now (a connection is opened once).
-    async fn catalog_columns(
-        &mut self,
-        schema: &str,
-        name: &str,
-        oid: Option<u32>,
-    ) -> Result<Vec<CatalogColumn>, PipelineError> {
+    /// The connection for catalog lookups, opened on first use.
+    async fn catalog_session(&mut self) -> Result<&mut Session, PipelineError> {
         if self.catalog.is_none() {
             let s = Session::connect(
                 self.cfg.source.url(),
@@ -255,17 +250,37 @@ impl Applier {
             .await?;
             self.catalog = Some(s);
         }
-        let Some(c) = self.catalog.as_mut() else {
-            return Ok(Vec::new());
-        };
-        match c.column_info(schema, name, oid).await {
-            Ok(cols) => Ok(cols),
-            Err(e) => {
-                // The next lookup opens a new connection.
-                self.catalog = None;
-                Err(e.into())
-            }
-        }
+        self.catalog
+            .as_mut()
+            .ok_or_else(|| PipelineError::StreamEnded("no catalog connection".into()))
+    }
+
+    /// The table's columns as the catalog has them now (a connection is opened once).
+    async fn catalog_columns(
+        &mut self,
+        schema: &str,
+        name: &str,
+        oid: Option<u32>,
+    ) -> Result<Vec<CatalogColumn>, PipelineError> {
+        let result = self
+            .catalog_session()
+            .await?
+            .column_info(schema, name, oid)
+            .await;
+        // After a failure the next lookup opens a new connection.
+        result.map_err(|e| {
+            self.catalog = None;
+            e.into()
+        })
+    }
+
+    /// `schema.table` of relation `oid` as committed now.
+    async fn committed_name(&mut self, oid: u32) -> Result<Option<String>, PipelineError> {
+        let result = self.catalog_session().await?.relation_name(oid).await;
+        result.map_err(|e| {
+            self.catalog = None;
+            e.into()
+        })
     }
 
     /// The position a schema change is recorded at: the transaction being received, else the
@@ -638,6 +653,16 @@ impl Applier {
         if replica_identity == b'f' || self.full_identity.contains_key(&now) {
             return Ok(false);
         }
+        // Known under this name with these columns: nothing changes.
+        if let Some(Some(i)) = self.relations.get(&oid) {
+            let t = &self.tables[*i];
+            return Ok(t.current == now && t.columns == columns);
+        }
+        // Not mapped yet, or not ours: the name must be the committed one, or a rename inside
+        // this transaction would be followed before the transaction is known to commit.
+        if self.committed_name(oid).await?.as_deref() != Some(now.as_str()) {
+            return Ok(false);
+        }
         let source = self
             .aliases
             .get(&now)
@@ -861,6 +886,10 @@ impl Applier {
         for et in early.tables {
             let idx = et.idx;
             let counts = et.counts;
+            // Its first row could not be converted (the replay takes it): nothing of it here.
+            if counts.iter().all(|&n| n == 0) {
+                continue;
+            }
             // Exactly-once across restarts: this transaction is already in the table.
             if already_committed(lsn, self.tables[idx].sink.last_lsn) {
                 continue;

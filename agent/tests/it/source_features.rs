@@ -701,6 +701,31 @@ async fn streamed_transactions_convert_as_they_arrive_and_replay_the_rest() {
         last.get("ghost").is_none(),
         "a rolled-back column is not in the Iceberg table: {last}"
     );
+
+    // A rename inside a streamed transaction that rolls back is not followed: the table keeps
+    // its name, in the agent and in the Iceberg table's records.
+    db.batch_execute(
+        "BEGIN;
+         ALTER TABLE big RENAME TO big2;
+         INSERT INTO big2 SELECT g, 'r' || g, 6, g FROM generate_series(200001, 210000) g;
+         ROLLBACK;
+         INSERT INTO big VALUES (210001, 'still', 7, 7);",
+    )
+    .await
+    .unwrap();
+    wait_rows(&work, "ns.big", 50_202, 120).await;
+    let v = verify_source(&work, "ns.big", &pg, with_extra, &[]);
+    assert_eq!(v["state_equal"], true, "{}", v["state_diff"]);
+    let text = scrape(&agent.api_addr().unwrap()).await;
+    assert_eq!(
+        sample_sum(
+            &text,
+            "philotes_cdc_schema_changes_total",
+            "kind=\"rename_table\""
+        ),
+        0.0,
+        "a rolled-back rename is never followed: {text}"
+    );
     assert!(
         !agent.log_text().contains("pipeline failed"),
         "{}",

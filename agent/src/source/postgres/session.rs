@@ -240,6 +240,20 @@ impl Session {
         Ok(!self.query(&sql).await?.is_empty())
     }
 
+    /// `schema.table` of relation `oid` as committed (None: there is no such relation).
+    pub async fn relation_name(&mut self, oid: u32) -> Result<Option<String>, SourceError> {
+        let sql = format!(
+            "SELECT n.nspname || '.' || c.relname FROM pg_catalog.pg_class c \
+             JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = {oid}"
+        );
+        Ok(self
+            .query(&sql)
+            .await?
+            .into_iter()
+            .next()
+            .and_then(|r| r.into_iter().next().flatten()))
+    }
+
     /// The tables with REPLICA IDENTITY FULL (`schema.table`), each with its primary key
     /// columns (none: the whole row is its identity). Their Relation messages flag every column
     /// as key and every UPDATE sends the whole old row.
