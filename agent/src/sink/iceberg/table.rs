@@ -523,12 +523,17 @@ impl TableSink {
             }
         }
         let files = second.close().await?;
+        Ok(self.add_pending(files))
+    }
+
+    /// Finished data files join the pending ones; returns what they hold.
+    fn add_pending(&mut self, files: Vec<DataFile>) -> Written {
         let written = Written {
             files: files.len() as u64,
             bytes: files.iter().map(|f| f.file_size_in_bytes()).sum(),
         };
         self.pending.extend(files);
-        Ok(written)
+        written
     }
 
     /// Whether data files are being written (a writer task is open).
@@ -547,12 +552,7 @@ impl TableSink {
             return Ok(Written::default());
         };
         let files = open.close().await?;
-        let written = Written {
-            files: files.len() as u64,
-            bytes: files.iter().map(|f| f.file_size_in_bytes()).sum(),
-        };
-        self.pending.extend(files);
-        Ok(written)
+        Ok(self.add_pending(files))
     }
 
     /// Commit pending files with `philotes.lsn = lsn`. Safe to call again after a failure:
