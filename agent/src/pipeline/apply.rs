@@ -613,9 +613,8 @@ impl Applier {
                 key_changed,
                 new,
             } => {
-                if self.full_identity_of(oid).is_some() {
-                    return Ok(false);
-                }
+                // REPLICA IDENTITY FULL (another key rule) stops in `early_change`, before
+                // anything is added.
                 match (key_changed, &old) {
                     (true, Some(o)) => {
                         if !self.early_change(s, oid, Op::Delete, o)? {
