@@ -218,44 +218,6 @@ async fn small_transactions_coalesce_into_few_snapshots() {
     assert_eq!(agent.terminate(), Some(0));
 }
 
-/// While the server streams fast the agent reads the socket in batches (Linux `SO_RCVLOWAT`,
-/// lowered again by a timer): the last transaction of a burst, and a lone one after it, must
-/// still arrive without more data behind them to fill a batch.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_tail_of_a_burst_and_a_lone_transaction_are_not_held_back() {
-    let (_pg, db, work, agent) = running(
-        "CREATE TABLE paced (id bigint PRIMARY KEY, pad text)",
-        &["paced"],
-        "",
-    )
-    .await
-    .parts();
-    // 200 transactions of 500 rows sent back to back: the agent takes them faster than the
-    // walsender sends, so its reads wait for batches; the burst ends with a 1-row one.
-    let mut burst = String::new();
-    for t in 0..200i64 {
-        write!(
-            burst,
-            "INSERT INTO paced SELECT g, repeat('x', 40) FROM generate_series({}, {}) g;",
-            t * 500 + 1,
-            t * 500 + 500
-        )
-        .unwrap();
-    }
-    burst.push_str("INSERT INTO paced VALUES (100001, 'tail');");
-    db.batch_execute(&burst).await.unwrap();
-    wait_rows(&work, "ns.paced", 100_001, 120).await;
-    // A lone 1-row transaction (~100 bytes on the wire, far below a batch) after a pause.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    db.execute("INSERT INTO paced VALUES (100002, 'lone')", &[])
-        .await
-        .unwrap();
-    wait_rows(&work, "ns.paced", 100_002, 30).await;
-    let v = verify(&work, "ns.paced", &[]);
-    assert_eq!(v["unique"], true);
-    assert_eq!(agent.terminate(), Some(0));
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_huge_transaction_streams_in_bounded_memory() {
     let (_pg, db, work, agent) = running("CREATE TABLE big (id bigint PRIMARY KEY, h text, at timestamptz DEFAULT now(), n numeric(12,2))", &["big"], "").await.parts();

@@ -3,7 +3,6 @@
 //! START_REPLICATION (see [`replication`]). Message framing and SCRAM come from
 //! `postgres-protocol`; the rest is the small part of libpq a walsender client needs.
 
-mod pacing;
 pub mod replication;
 pub mod tls;
 
@@ -48,25 +47,6 @@ pub enum PgStream {
     Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
     /// A Unix-domain socket (host given as a directory, as libpq does).
     Unix(tokio::net::UnixStream),
-}
-
-impl PgStream {
-    /// The TCP socket under the stream (plain or TLS), for socket options.
-    #[cfg(target_os = "linux")]
-    fn tcp_fd(&self) -> Option<std::os::fd::RawFd> {
-        use std::os::fd::AsRawFd;
-        match self {
-            Self::Plain(s) => Some(s.as_raw_fd()),
-            Self::Tls(s) => Some(s.get_ref().0.as_raw_fd()),
-            Self::Unix(_) => None,
-        }
-    }
-
-    /// No socket options elsewhere.
-    #[cfg(not(target_os = "linux"))]
-    fn tcp_fd(&self) -> Option<()> {
-        None
-    }
 }
 
 impl AsyncRead for PgStream {

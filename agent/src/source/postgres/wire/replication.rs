@@ -13,7 +13,6 @@ use postgres_protocol::message::backend::Message;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, WriteHalf};
 use tokio::sync::{mpsc, oneshot};
 
-use super::pacing::{self, Pacing};
 use super::{error_text, io_err, parse, split_copy_data, Backend, Conn, PgStream, WireError};
 
 /// Microseconds from 1970-01-01 to 2000-01-01 (PostgreSQL's epoch).
@@ -202,8 +201,6 @@ async fn io_task(
     mut stop: oneshot::Receiver<()>,
     timing: StatusTiming,
 ) {
-    let mut pacing = Pacing::new(stream.tcp_fd());
-    let mut paced_until = tokio::time::Instant::now();
     let (mut rd, wr) = tokio::io::split(stream);
     let mut rep = Reporter {
         wr,
@@ -298,20 +295,12 @@ async fn io_task(
                     let _ = tx.send(Err(io_err("during replication"))).await;
                     return;
                 }
-                // A read that nearly emptied the socket means the server sends slower than
-                // the agent takes: the next reads wait for a batch, each at most MAX_WAIT
-                // (the first message after a quiet spell is still read at once).
-                Ok(n) => {
-                    if (n < pacing::BATCH_BYTES || pacing.raised()) && pacing.raise() {
-                        paced_until = tokio::time::Instant::now() + pacing::MAX_WAIT;
-                    }
-                }
+                Ok(_) => {}
                 Err(e) => {
                     let _ = tx.send(Err(e.into())).await;
                     return;
                 }
             },
-            _ = tokio::time::sleep_until(paced_until), if pacing.raised() => pacing.lower(),
             _ = tick.tick() => {
                 if let Err(e) = rep.report(false).await {
                     let _ = tx.send(Err(e)).await;
