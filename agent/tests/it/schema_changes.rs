@@ -153,15 +153,7 @@ async fn column_changes_are_followed_without_a_stop() {
             "no {kind} logged:\n{log}"
         );
     }
-    let text = scrape(&agent.api_addr().unwrap()).await;
-    assert!(
-        sample_sum(
-            &text,
-            "philotes_cdc_schema_changes_total",
-            "kind=\"replace\""
-        ) >= 1.0,
-        "{text}"
-    );
+    assert!(schema_changes(&agent, "replace").await >= 1.0);
     drop(agent);
 }
 
@@ -198,16 +190,7 @@ async fn a_renamed_and_moved_table_keeps_streaming_into_its_iceberg_table() {
     wait_rows_at_least(&work, "ns.rt", 16, 60).await;
     wait_changelog(&work, "ns.rt", &pg, "SELECT id, s FROM other.rt2").await;
     never_left_streaming(&agent).await;
-    let text = scrape(&agent.api_addr().unwrap()).await;
-    assert_eq!(
-        sample_sum(
-            &text,
-            "philotes_cdc_schema_changes_total",
-            "kind=\"rename_table\""
-        ),
-        2.0,
-        "{text}"
-    );
+    assert_eq!(schema_changes(&agent, "rename_table").await, 2.0);
     // A restart finds the table under its new name (recorded in the Iceberg table).
     agent.kill9();
     db.batch_execute("INSERT INTO other.rt2 SELECT g, 'four' FROM generate_series(16, 20) g")

@@ -806,6 +806,13 @@ pub async fn metric_value(addr: &str, name: &str, labels: &str) -> f64 {
     sample_sum(&scrape(addr).await, name, labels)
 }
 
+/// Schema changes of `kind` the agent counted (`philotes_cdc_schema_changes_total`).
+pub async fn schema_changes(agent: &AgentProc, kind: &str) -> f64 {
+    let addr = agent.api_addr().expect("the agent logged its API address");
+    let labels = format!("kind=\"{kind}\"");
+    metric_value(&addr, "philotes_cdc_schema_changes_total", &labels).await
+}
+
 /// Sum of the samples of `name` whose label text contains `labels` in the exposition `text`.
 pub fn sample_sum(text: &str, name: &str, labels: &str) -> f64 {
     text.lines()
