@@ -484,3 +484,100 @@ async fn maintain_dry_run_changes_nothing_and_maintain_does_the_work() {
     let (code, out) = run_philotes(&["maintain", "--pipeline", "nope"], &cfg);
     assert_eq!(code, 2, "{out}");
 }
+
+/// Files whose row groups are already large are compacted by copying their column chunks
+/// into one file (no decoding): the output must read back exactly (PyIceberg and DuckDB
+/// against PostgreSQL), keep every input row group, and carry statistics that match what is
+/// in it (checked by reading the file with pyarrow), so that a filtered scan prunes right.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_row_groups_are_compacted_by_copying_and_read_back_exactly() {
+    let (pg, db, work, cfg) =
+        setup("[maintenance]\nenabled = false\nsnapshot_retention = \"1h\"\nmin_input_files = 4\n")
+            .await;
+    let agent = AgentProc::start_streaming(&cfg, &work.path().join("agent.log")).await;
+    // Four transactions of 60,000 rows, each in its own flush (and so its own file with
+    // one row group), with updates and deletes of earlier rows among them.
+    let per = 60_000;
+    let mut rows = 0u64;
+    for i in 0..4 {
+        let (lo, hi) = (i * per, (i + 1) * per - 1);
+        let mut sql = format!(
+            "BEGIN; INSERT INTO t SELECT g, md5(g::text), g * 3 FROM generate_series({lo}, {hi}) g;"
+        );
+        if i > 0 {
+            sql.push_str(&format!(
+                "UPDATE t SET s = 'updated', n = NULL WHERE id BETWEEN {a} AND {b}; DELETE FROM t WHERE id BETWEEN {c} AND {d};",
+                a = lo - per,
+                b = lo - per + 99,
+                c = lo - per + 100,
+                d = lo - per + 149
+            ));
+            rows += 150;
+        }
+        sql.push_str("COMMIT;");
+        db.batch_execute(&sql).await.unwrap();
+        rows += per as u64;
+        wait_rows(&work, "ns.t", rows, 60).await;
+    }
+    assert_eq!(agent.terminate(), Some(0));
+    assert_eq!(health(&work, "ns.t", false)["data_files"].as_u64(), Some(4));
+
+    let (code, out) = run_philotes(&["maintain", "--table", "ns.t"], &cfg);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains(
+            "ns.t\tcompact\tok\trewrote 4 small files into 1 (4 by copying their row groups)"
+        ),
+        "{out}"
+    );
+    check_exact(&work, &pg, rows);
+
+    // The output, read independently: its row groups are the inputs', and the manifest's
+    // statistics are what the file holds.
+    let (code, out) = pyiceberg(
+        &work,
+        "import pyarrow.parquet as pq, pyarrow.compute as pc, os, json\n\
+         t = c.load_table('ns.t')\n\
+         files = t.inspect.files().to_pylist()\n\
+         assert len(files) == 1, files\n\
+         f = files[0]\n\
+         path = f['file_path'].removeprefix('file://')\n\
+         pf = pq.ParquetFile(path)\n\
+         data = pf.read()\n\
+         m = f['readable_metrics']\n\
+         def col(name):\n\
+         \x20   v = data.column(name)\n\
+         \x20   mm = pc.min_max(v)\n\
+         \x20   return {'min': mm['min'].as_py(), 'max': mm['max'].as_py(), 'nulls': v.null_count,\n\
+         \x20           'lower': m[name]['lower_bound'], 'upper': m[name]['upper_bound'],\n\
+         \x20           'values': m[name]['value_count'], 'null_count': m[name]['null_value_count']}\n\
+         out = {'row_groups': pf.metadata.num_row_groups, 'rows': data.num_rows,\n\
+         \x20      'record_count': f['record_count'], 'size': os.path.getsize(path),\n\
+         \x20      'file_size_in_bytes': f['file_size_in_bytes'],\n\
+         \x20      'split_offsets': f['split_offsets'],\n\
+         \x20      'row_group_offsets': [pf.metadata.row_group(i).column(0).dictionary_page_offset or pf.metadata.row_group(i).column(0).data_page_offset for i in range(pf.metadata.num_row_groups)],\n\
+         \x20      'id': col('id'), 'n': col('n'), 's': col('s'), '_cdc_lsn': col('_cdc_lsn')}\n\
+         out['pruned'] = len(t.scan(row_filter='id >= 130000 and id < 130010').to_arrow())\n\
+         out['outside'] = len(t.scan(row_filter='id > 10000000').to_arrow())\n\
+         print(json.dumps(out, default=str))\n",
+    );
+    assert_eq!(code, 0, "{out}");
+    let v: Value = serde_json::from_str(out.lines().last().unwrap_or("")).expect(&out);
+    assert_eq!(v["row_groups"], 4, "one row group per input, copied: {v}");
+    assert_eq!(v["rows"], rows, "{v}");
+    assert_eq!(v["record_count"], rows, "{v}");
+    assert_eq!(v["size"], v["file_size_in_bytes"], "{v}");
+    assert_eq!(v["split_offsets"], v["row_group_offsets"], "{v}");
+    for name in ["id", "n", "s", "_cdc_lsn"] {
+        let c = &v[name];
+        assert_eq!(c["lower"], c["min"], "{name}: {v}");
+        assert_eq!(c["upper"], c["max"], "{name}: {v}");
+        assert_eq!(c["values"], rows, "{name}: {v}");
+        assert_eq!(c["null_count"], c["nulls"], "{name}: {v}");
+    }
+    // NULL `n` in the 300 updated rows; deletes carry the key only (150 rows, `s` and `n`).
+    assert_eq!(v["n"]["null_count"], 450, "{v}");
+    assert_eq!(v["s"]["null_count"], 150, "{v}");
+    assert_eq!(v["pruned"], 10, "{v}");
+    assert_eq!(v["outside"], 0, "{v}");
+}

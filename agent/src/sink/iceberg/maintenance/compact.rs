@@ -1,7 +1,8 @@
-//! Compaction: a partition's small data files are read back in change order and rewritten
-//! into files near `target_file_size`, committed as one `replace` snapshot. Rows stream from
-//! the readers to the writer a batch at a time, so memory stays bounded by a row group, not
-//! the partition. A commit that races the stream's appends is staged again on the new state
+//! Compaction: a partition's small data files are rewritten, in change order, into files near
+//! `target_file_size`, committed as one `replace` snapshot. Files whose row groups are already
+//! large are concatenated (their column chunks copied, see `concat`); the rest are decoded and
+//! encoded again, rows streaming from the readers to the writer a batch at a time, so memory
+//! stays bounded by a row group, not the partition. A commit that races the stream's appends is staged again on the new state
 //! (appends never remove the files compaction replaces); any other conflict drops the
 //! rewrite and deletes its files, so a row is never lost or written twice.
 
@@ -179,17 +180,28 @@ pub(super) async fn run(
             ),
         ));
     }
+    // Delete files (another engine's row deletes) apply to the rows only when they are
+    // decoded: with any in the table, every partition is re-encoded through a scan.
+    let deletes = live.iter().any(|f| !f.is_data);
     let mut table = table.clone();
-    let (mut rewritten, mut written) = (0usize, 0usize);
+    let (mut rewritten, mut written, mut copied) = (0usize, 0usize, 0usize);
     for p in plans {
-        let (t, outputs) = compact_partition(committer, &table, &p, cfg).await?;
+        let (t, outputs, by_copy) = compact_partition(committer, &table, &p, cfg, deletes).await?;
         table = t;
         rewritten += p.files.len();
         written += outputs;
+        if by_copy {
+            copied += p.files.len();
+        }
     }
     // The replaced files stay readable through the snapshots before the rewrite (time
     // travel) until expiry deletes them with those snapshots.
-    Ok((0, format!("rewrote {rewritten} small files into {written}")))
+    Ok((
+        0,
+        format!(
+            "rewrote {rewritten} small files into {written} ({copied} by copying their row groups)"
+        ),
+    ))
 }
 
 async fn compact_partition(
@@ -197,9 +209,71 @@ async fn compact_partition(
     table: &Table,
     plan: &PartitionPlan,
     cfg: &MaintenanceConfig,
-) -> Result<(Table, usize), MaintenanceError> {
+    deletes: bool,
+) -> Result<(Table, usize, bool), MaintenanceError> {
+    let copy = !deletes && super::concat::eligible(table, &plan.files).await?;
+    let (rows, written) = if copy {
+        let written = super::concat::concat(table, &plan.files, cfg.target_file_size).await?;
+        (written.iter().map(|f| f.record_count()).sum(), written)
+    } else {
+        match rewrite(table, plan, cfg).await? {
+            Some(r) => r,
+            None => return Ok((table.clone(), 0, false)),
+        }
+    };
+    let expected: u64 = plan.files.iter().map(|f| f.record_count()).sum();
+    let delete_written = |files: &[DataFile]| {
+        let io = table.file_io().clone();
+        let paths: Vec<String> = files.iter().map(|f| f.file_path().to_string()).collect();
+        async move {
+            for p in paths {
+                let _ = io.delete(&p).await;
+            }
+        }
+    };
+    let written_rows: u64 = written.iter().map(|f| f.record_count()).sum();
+    if rows != expected || written_rows != expected {
+        delete_written(&written).await;
+        return Err(MaintenanceError::Write(format!(
+            "read {rows} and wrote {written_rows} rows of {expected}: rewrite dropped"
+        )));
+    }
+    // No `philotes.lsn` here: the stream's checkpoint is the table property (and the
+    // summaries of its own appends); a rewrite changes no row.
+    let summary = HashMap::from([(MAINTENANCE_PROPERTY.to_string(), "compact".to_string())]);
+    let change = Change {
+        operation: Operation::Replace,
+        added: written.clone(),
+        removed: plan
+            .files
+            .iter()
+            .map(|f| f.file_path().to_string())
+            .collect::<HashSet<_>>(),
+        summary,
+        properties: HashMap::new(),
+        requires_live: HashSet::new(),
+        fence: Vec::new(),
+    };
+    match committer.commit_snapshot(table, &change, 5).await {
+        Ok((t, _)) => Ok((t, written.len(), copy)),
+        Err(e @ CommitError::Unknown(_)) => Err(e.into()),
+        Err(e) => {
+            delete_written(&written).await;
+            Err(e.into())
+        }
+    }
+}
+
+/// Decode the plan's files in order and encode their rows into new files: the path for small
+/// row groups (merged into larger ones) and for inputs of different layouts. `None` when the
+/// table has no snapshot.
+async fn rewrite(
+    table: &Table,
+    plan: &PartitionPlan,
+    cfg: &MaintenanceConfig,
+) -> Result<Option<(u64, Vec<DataFile>)>, MaintenanceError> {
     let Some(snapshot) = table.metadata().current_snapshot_id() else {
-        return Ok((table.clone(), 0));
+        return Ok(None);
     };
     let order: HashMap<&str, usize> = plan
         .files
@@ -243,47 +317,7 @@ async fn compact_partition(
         .close()
         .await
         .map_err(|e| MaintenanceError::Write(e.to_string()))?;
-    let expected: u64 = plan.files.iter().map(|f| f.record_count()).sum();
-    let delete_written = |files: &[DataFile]| {
-        let io = table.file_io().clone();
-        let paths: Vec<String> = files.iter().map(|f| f.file_path().to_string()).collect();
-        async move {
-            for p in paths {
-                let _ = io.delete(&p).await;
-            }
-        }
-    };
-    let written_rows: u64 = written.iter().map(|f| f.record_count()).sum();
-    if rows != expected || written_rows != expected {
-        delete_written(&written).await;
-        return Err(MaintenanceError::Write(format!(
-            "read {rows} and wrote {written_rows} rows of {expected}: rewrite dropped"
-        )));
-    }
-    // No `philotes.lsn` here: the stream's checkpoint is the table property (and the
-    // summaries of its own appends); a rewrite changes no row.
-    let summary = HashMap::from([(MAINTENANCE_PROPERTY.to_string(), "compact".to_string())]);
-    let change = Change {
-        operation: Operation::Replace,
-        added: written.clone(),
-        removed: plan
-            .files
-            .iter()
-            .map(|f| f.file_path().to_string())
-            .collect::<HashSet<_>>(),
-        summary,
-        properties: HashMap::new(),
-        requires_live: HashSet::new(),
-        fence: Vec::new(),
-    };
-    match committer.commit_snapshot(table, &change, 5).await {
-        Ok((t, _)) => Ok((t, written.len())),
-        Err(e @ CommitError::Unknown(_)) => Err(e.into()),
-        Err(e) => {
-            delete_written(&written).await;
-            Err(e.into())
-        }
-    }
+    Ok(Some((rows, written)))
 }
 
 #[cfg(test)]

@@ -4,6 +4,7 @@
 //! engine restages or gives up, never loses or duplicates a row) and reports what it did.
 
 mod compact;
+mod concat;
 mod expire;
 mod metadata;
 mod orphans;

@@ -1,0 +1,617 @@
+//! Compaction by concatenation: when a partition's small files share one Parquet schema and
+//! their row groups are already of a useful size, the output files are made of the inputs'
+//! encoded column chunks, copied byte for byte (Parquet's column-chunk append), with a new
+//! footer. Nothing is decoded, re-encoded or compressed again, so a compaction running beside
+//! the stream costs it neither a core nor a second writer's memory: one column chunk is held
+//! at a time (plus, on an object store, one upload part). The Iceberg statistics of an output
+//! are merged from its inputs' (counts summed, bounds widened), never guessed.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::ops::Range;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use futures::FutureExt;
+use iceberg::io::{FileIO, FileRead, FileWrite};
+use iceberg::spec::{
+    DataContentType, DataFile, DataFileBuilder, DataFileFormat, Datum, PartitionKey,
+};
+use iceberg::table::Table;
+use iceberg::writer::file_writer::location_generator::{
+    DefaultFileNameGenerator, DefaultLocationGenerator, FileNameGenerator, LocationGenerator,
+};
+use parquet::arrow::async_reader::MetadataFetch;
+use parquet::column::writer::ColumnCloseResult;
+use parquet::errors::ParquetError;
+use parquet::file::metadata::{KeyValue, PageIndexPolicy, ParquetMetaData, ParquetMetaDataReader};
+use parquet::file::properties::WriterProperties;
+use parquet::file::reader::{ChunkReader, Length};
+use parquet::file::writer::SerializedFileWriter;
+use parquet::schema::types::Type;
+
+use super::MaintenanceError;
+
+/// Row groups at least this large (on average over the inputs) are kept as they are: readers
+/// handle them as well as re-encoded ones (DuckDB writes 122,880 rows per row group). Smaller
+/// ones are worth merging into larger row groups, which only re-encoding can do.
+pub(super) const MIN_COPIED_ROW_GROUP_ROWS: u64 = 50_000;
+
+/// An object store's multipart upload takes parts of at least 5 MiB (but the last); output is
+/// handed to it in pieces of this size. A local file is written through.
+const UPLOAD_PART_BYTES: usize = 8 << 20;
+
+/// Footer bytes read at once (the footer and page indexes of a file written by the agent).
+const FOOTER_PREFETCH: usize = 64 << 10;
+
+fn read_err(path: &str, e: impl std::fmt::Display) -> MaintenanceError {
+    MaintenanceError::Read(format!("{path}: {e}"))
+}
+
+fn write_err(path: &str, e: impl std::fmt::Display) -> MaintenanceError {
+    MaintenanceError::Write(format!("{path}: {e}"))
+}
+
+/// Byte ranges of an input file, fetched through the table's `FileIO`.
+struct Fetch<'a>(&'a dyn FileRead);
+
+impl MetadataFetch for Fetch<'_> {
+    fn fetch(&mut self, range: Range<u64>) -> BoxFuture<'_, parquet::errors::Result<Bytes>> {
+        let reader = self.0;
+        async move {
+            reader
+                .read(range)
+                .await
+                .map_err(|e| ParquetError::External(Box::new(e)))
+        }
+        .boxed()
+    }
+}
+
+/// An open input: its reader and its footer (with page indexes where it has them).
+struct Input {
+    reader: Box<dyn FileRead>,
+    metadata: ParquetMetaData,
+}
+
+async fn open(io: &FileIO, file: &DataFile) -> Result<Input, MaintenanceError> {
+    let path = file.file_path();
+    let reader = io
+        .new_input(path)
+        .map_err(|e| read_err(path, e))?
+        .reader()
+        .await
+        .map_err(|e| read_err(path, e))?;
+    let metadata = ParquetMetaDataReader::new()
+        .with_page_index_policy(PageIndexPolicy::Optional)
+        .with_prefetch_hint(Some(FOOTER_PREFETCH))
+        .load_and_finish(Fetch(reader.as_ref()), file.file_size_in_bytes())
+        .await
+        .map_err(|e| read_err(path, e))?;
+    Ok(Input { reader, metadata })
+}
+
+/// The Parquet layout every input shares: schema (with field ids) and key-value metadata
+/// (the Arrow schema readers use to restore types).
+#[derive(PartialEq)]
+struct Layout {
+    schema: Arc<Type>,
+    key_values: Option<Vec<KeyValue>>,
+    created_by: Option<String>,
+}
+
+fn layout(md: &ParquetMetaData) -> Layout {
+    let fm = md.file_metadata();
+    Layout {
+        schema: fm.schema_descr().root_schema_ptr(),
+        key_values: fm.key_value_metadata().cloned(),
+        created_by: fm.created_by().map(str::to_string),
+    }
+}
+
+/// Whether `files` can be concatenated: all Parquet, one layout, row groups of at least
+/// [`MIN_COPIED_ROW_GROUP_ROWS`] rows on average. Reads each footer once and keeps none.
+pub(super) async fn eligible(table: &Table, files: &[DataFile]) -> Result<bool, MaintenanceError> {
+    if files
+        .iter()
+        .any(|f| f.file_format() != DataFileFormat::Parquet)
+    {
+        return Ok(false);
+    }
+    let io = table.file_io();
+    let mut first: Option<Layout> = None;
+    let (mut rows, mut groups) = (0u64, 0u64);
+    for f in files {
+        let input = open(io, f).await?;
+        let md = &input.metadata;
+        if md.file_metadata().num_rows() as u64 != f.record_count() {
+            return Ok(false);
+        }
+        let l = layout(md);
+        match &first {
+            None => first = Some(l),
+            Some(first) if *first != l => return Ok(false),
+            Some(_) => {}
+        }
+        rows += md
+            .row_groups()
+            .iter()
+            .map(|rg| rg.num_rows() as u64)
+            .sum::<u64>();
+        groups += md.num_row_groups() as u64;
+    }
+    Ok(groups > 0 && rows / groups >= MIN_COPIED_ROW_GROUP_ROWS)
+}
+
+/// Bytes the Parquet writer produced and the uploader has not taken yet.
+#[derive(Clone, Default)]
+struct Spool(Arc<Mutex<Vec<u8>>>);
+
+impl Spool {
+    fn take(&self) -> Vec<u8> {
+        match self.0.lock() {
+            Ok(mut b) => std::mem::take(&mut *b),
+            Err(p) => std::mem::take(&mut *p.into_inner()),
+        }
+    }
+}
+
+impl Write for Spool {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self.0.lock() {
+            Ok(mut b) => b.extend_from_slice(buf),
+            Err(p) => p.into_inner().extend_from_slice(buf),
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// One column chunk of an input, addressed by its offsets in that file.
+struct Chunk {
+    start: u64,
+    bytes: Bytes,
+}
+
+impl Length for Chunk {
+    fn len(&self) -> u64 {
+        self.start + self.bytes.len() as u64
+    }
+}
+
+impl Chunk {
+    fn slice(&self, start: u64, len: Option<usize>) -> parquet::errors::Result<Bytes> {
+        let from = start
+            .checked_sub(self.start)
+            .map(|v| v as usize)
+            .filter(|v| *v <= self.bytes.len())
+            .ok_or_else(|| ParquetError::General(format!("offset {start} outside the chunk")))?;
+        let to = len.map_or(self.bytes.len(), |l| from + l);
+        if to > self.bytes.len() {
+            return Err(ParquetError::General(format!(
+                "range {start}+{} outside the chunk",
+                to - from
+            )));
+        }
+        Ok(self.bytes.slice(from..to))
+    }
+}
+
+impl ChunkReader for Chunk {
+    type T = bytes::buf::Reader<Bytes>;
+
+    fn get_read(&self, start: u64) -> parquet::errors::Result<Self::T> {
+        use bytes::Buf;
+        Ok(self.slice(start, None)?.reader())
+    }
+
+    fn get_bytes(&self, start: u64, length: usize) -> parquet::errors::Result<Bytes> {
+        self.slice(start, Some(length))
+    }
+}
+
+/// The upload of one output file: what the writer produced goes to the store in parts.
+struct Upload {
+    path: String,
+    spool: Spool,
+    file: Box<dyn FileWrite>,
+    pending: Vec<u8>,
+    part: usize,
+    size: u64,
+}
+
+impl Upload {
+    /// Hand what the writer produced to the store once a part is full (at once for a local
+    /// file, whose writes need no minimum size).
+    async fn drain(&mut self, last: bool) -> Result<(), MaintenanceError> {
+        let produced = self.spool.take();
+        self.size += produced.len() as u64;
+        if self.pending.is_empty() {
+            self.pending = produced;
+        } else {
+            self.pending.extend_from_slice(&produced);
+        }
+        if !self.pending.is_empty() && (last || self.pending.len() >= self.part) {
+            let piece = Bytes::from(std::mem::take(&mut self.pending));
+            self.file
+                .write(piece)
+                .await
+                .map_err(|e| write_err(&self.path, e))?;
+        }
+        Ok(())
+    }
+}
+
+/// An output file being assembled from whole input files.
+struct Output {
+    writer: SerializedFileWriter<Spool>,
+    upload: Upload,
+    inputs: Vec<DataFile>,
+}
+
+impl Output {
+    async fn create(io: &FileIO, path: String, layout: &Layout) -> Result<Self, MaintenanceError> {
+        let file = io
+            .new_output(&path)
+            .map_err(|e| write_err(&path, e))?
+            .writer()
+            .await
+            .map_err(|e| write_err(&path, e))?;
+        let mut props =
+            WriterProperties::builder().set_key_value_metadata(layout.key_values.clone());
+        if let Some(by) = &layout.created_by {
+            props = props.set_created_by(by.clone());
+        }
+        let spool = Spool::default();
+        let writer = SerializedFileWriter::new(
+            spool.clone(),
+            layout.schema.clone(),
+            Arc::new(props.build()),
+        )
+        .map_err(|e| write_err(&path, e))?;
+        let local = path.starts_with('/') || path.starts_with("file:");
+        Ok(Self {
+            writer,
+            upload: Upload {
+                path,
+                spool,
+                file,
+                pending: Vec::new(),
+                part: if local { 0 } else { UPLOAD_PART_BYTES },
+                size: 0,
+            },
+            inputs: Vec::new(),
+        })
+    }
+
+    /// Copy every row group of `input`, one column chunk in memory at a time.
+    async fn append(&mut self, file: &DataFile, input: &Input) -> Result<(), MaintenanceError> {
+        let md = &input.metadata;
+        let src = file.file_path();
+        let path = self.upload.path.clone();
+        for (g, rg) in md.row_groups().iter().enumerate() {
+            let column_index = md.column_index().and_then(|c| c.get(g));
+            let offset_index = md.offset_index().and_then(|o| o.get(g));
+            let mut group = self
+                .writer
+                .next_row_group()
+                .map_err(|e| write_err(&path, e))?;
+            for (c, column) in rg.columns().iter().enumerate() {
+                let start = column
+                    .dictionary_page_offset()
+                    .unwrap_or(column.data_page_offset());
+                let start = u64::try_from(start).map_err(|e| read_err(src, e))?;
+                let len = u64::try_from(column.compressed_size()).map_err(|e| read_err(src, e))?;
+                let bytes = input
+                    .reader
+                    .read(start..start + len)
+                    .await
+                    .map_err(|e| read_err(src, e))?;
+                let close = ColumnCloseResult {
+                    bytes_written: len,
+                    rows_written: rg.num_rows() as u64,
+                    metadata: column.clone(),
+                    // The agent writes no bloom filters.
+                    bloom_filter: None,
+                    column_index: column_index.and_then(|r| r.get(c)).cloned(),
+                    offset_index: offset_index.and_then(|r| r.get(c)).cloned(),
+                };
+                group
+                    .append_column(&Chunk { start, bytes }, close)
+                    .map_err(|e| write_err(&path, e))?;
+                self.upload.drain(false).await?;
+            }
+            group.close().map_err(|e| write_err(&path, e))?;
+        }
+        self.inputs.push(file.clone());
+        Ok(())
+    }
+
+    /// Write the footer, finish the upload and describe the file for Iceberg.
+    async fn finish(
+        mut self,
+        partition: &iceberg::spec::Struct,
+        spec_id: i32,
+    ) -> Result<DataFile, MaintenanceError> {
+        let path = self.upload.path.clone();
+        let md = self.writer.close().map_err(|e| write_err(&path, e))?;
+        self.upload.drain(true).await?;
+        self.upload
+            .file
+            .close()
+            .await
+            .map_err(|e| write_err(&path, e))?;
+        let rows: u64 = md.row_groups().iter().map(|rg| rg.num_rows() as u64).sum();
+        let splits = md
+            .row_groups()
+            .iter()
+            .filter_map(|rg| {
+                let c = rg.columns().first()?;
+                Some(c.dictionary_page_offset().unwrap_or(c.data_page_offset()))
+            })
+            .collect();
+        data_file(
+            &self.inputs,
+            path,
+            self.upload.size,
+            rows,
+            splits,
+            partition,
+            spec_id,
+        )
+    }
+}
+
+/// Concatenate `files` (in order) into files of about `target` bytes. Output files written
+/// before a failure are deleted; on success none is committed yet.
+pub(super) async fn concat(
+    table: &Table,
+    files: &[DataFile],
+    target: u64,
+) -> Result<Vec<DataFile>, MaintenanceError> {
+    let mut created = Vec::new();
+    let result = concat_into(table, files, target, &mut created).await;
+    if result.is_err() {
+        for p in created {
+            let _ = table.file_io().delete(&p).await;
+        }
+    }
+    result
+}
+
+async fn concat_into(
+    table: &Table,
+    files: &[DataFile],
+    target: u64,
+    created: &mut Vec<String>,
+) -> Result<Vec<DataFile>, MaintenanceError> {
+    let Some(first) = files.first() else {
+        return Ok(Vec::new());
+    };
+    let md = table.metadata();
+    let spec = md.default_partition_spec().clone();
+    let spec_id = md.default_partition_spec_id();
+    let partition = first.partition().clone();
+    let key = PartitionKey::new(
+        spec.as_ref().clone(),
+        md.current_schema().clone(),
+        partition.clone(),
+    );
+    let location = DefaultLocationGenerator::new(md).map_err(|e| write_err("", e))?;
+    let names = DefaultFileNameGenerator::new(
+        uuid::Uuid::now_v7().to_string(),
+        None,
+        DataFileFormat::Parquet,
+    );
+    let io = table.file_io();
+    let mut out: Vec<DataFile> = Vec::new();
+    let mut open_output: Option<Output> = None;
+    for f in files {
+        let input = open(io, f).await?;
+        let l = layout(&input.metadata);
+        let full = open_output.as_ref().is_some_and(|o| {
+            !o.inputs.is_empty() && o.upload.size + f.file_size_in_bytes() > target
+        });
+        if full {
+            if let Some(o) = open_output.take() {
+                out.push(o.finish(&partition, spec_id).await?);
+            }
+        }
+        let o = match &mut open_output {
+            Some(o) => o,
+            None => {
+                let path = location.generate_location(Some(&key), &names.generate_file_name());
+                created.push(path.clone());
+                open_output.insert(Output::create(io, path, &l).await?)
+            }
+        };
+        o.append(f, &input).await?;
+    }
+    if let Some(o) = open_output.take() {
+        out.push(o.finish(&partition, spec_id).await?);
+    }
+    Ok(out)
+}
+
+/// Whether a file's statistics say column `id` holds no value a bound would cover (all null
+/// or NaN). Missing counts mean "unknown", never "empty".
+fn holds_no_value(f: &DataFile, id: i32) -> bool {
+    match (f.value_counts().get(&id), f.null_value_counts().get(&id)) {
+        (Some(v), Some(n)) => {
+            let nan = f.nan_value_counts().get(&id).copied().unwrap_or(0);
+            v.saturating_sub(*n).saturating_sub(nan) == 0
+        }
+        _ => false,
+    }
+}
+
+/// A count per column summed over `files`; a column some file has no count for gets none.
+fn summed(files: &[DataFile], get: impl Fn(&DataFile) -> &HashMap<i32, u64>) -> HashMap<i32, u64> {
+    let Some(first) = files.first() else {
+        return HashMap::new();
+    };
+    get(first)
+        .keys()
+        .filter_map(|id| {
+            files
+                .iter()
+                .map(|f| get(f).get(id).copied())
+                .sum::<Option<u64>>()
+                .map(|total| (*id, total))
+        })
+        .collect()
+}
+
+/// A bound per column over `files`: the least (or greatest) of theirs. A column is left
+/// without a bound when a file that holds values for it has none, or two bounds do not
+/// compare: a bound that is too narrow would make readers skip rows.
+fn widened(
+    files: &[DataFile],
+    get: impl Fn(&DataFile) -> &HashMap<i32, Datum>,
+    keep: std::cmp::Ordering,
+) -> HashMap<i32, Datum> {
+    let mut ids: Vec<i32> = files.iter().flat_map(|f| get(f).keys().copied()).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let mut out = HashMap::new();
+    'ids: for id in ids {
+        let mut best: Option<&Datum> = None;
+        for f in files {
+            match get(f).get(&id) {
+                Some(d) => match best {
+                    None => best = Some(d),
+                    Some(b) => match d.partial_cmp(b) {
+                        Some(o) if o == keep => best = Some(d),
+                        Some(_) => {}
+                        None => continue 'ids,
+                    },
+                },
+                None if holds_no_value(f, id) => {}
+                None => continue 'ids,
+            }
+        }
+        if let Some(b) = best {
+            out.insert(id, b.clone());
+        }
+    }
+    out
+}
+
+/// The Iceberg description of an output file made of `inputs`.
+fn data_file(
+    inputs: &[DataFile],
+    path: String,
+    size: u64,
+    rows: u64,
+    splits: Vec<i64>,
+    partition: &iceberg::spec::Struct,
+    spec_id: i32,
+) -> Result<DataFile, MaintenanceError> {
+    let mut b = DataFileBuilder::default();
+    b.content(DataContentType::Data)
+        .file_path(path.clone())
+        .file_format(DataFileFormat::Parquet)
+        .partition(partition.clone())
+        .partition_spec_id(spec_id)
+        .record_count(rows)
+        .file_size_in_bytes(size)
+        .column_sizes(summed(inputs, DataFile::column_sizes))
+        .value_counts(summed(inputs, DataFile::value_counts))
+        .null_value_counts(summed(inputs, DataFile::null_value_counts))
+        .nan_value_counts(summed(inputs, DataFile::nan_value_counts))
+        .lower_bounds(widened(
+            inputs,
+            DataFile::lower_bounds,
+            std::cmp::Ordering::Less,
+        ))
+        .upper_bounds(widened(
+            inputs,
+            DataFile::upper_bounds,
+            std::cmp::Ordering::Greater,
+        ))
+        .split_offsets(Some(splits));
+    let sort = inputs.first().and_then(DataFile::sort_order_id);
+    if let Some(id) = sort.filter(|id| inputs.iter().all(|f| f.sort_order_id() == Some(*id))) {
+        b.sort_order_id(id);
+    }
+    b.build().map_err(|e| write_err(&path, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cmp::Ordering;
+
+    fn file(
+        values: &[(i32, u64)],
+        nulls: &[(i32, u64)],
+        lower: &[(i32, i64)],
+        upper: &[(i32, i64)],
+    ) -> DataFile {
+        let mut b = DataFileBuilder::default();
+        b.content(DataContentType::Data)
+            .file_path("f".to_string())
+            .file_format(DataFileFormat::Parquet)
+            .record_count(10)
+            .file_size_in_bytes(100)
+            .value_counts(values.iter().copied().collect())
+            .null_value_counts(nulls.iter().copied().collect())
+            .lower_bounds(lower.iter().map(|(k, v)| (*k, Datum::long(*v))).collect())
+            .upper_bounds(upper.iter().map(|(k, v)| (*k, Datum::long(*v))).collect());
+        b.build().unwrap()
+    }
+
+    #[test]
+    fn bounds_widen_to_cover_every_input() {
+        let a = file(&[(1, 10)], &[(1, 0)], &[(1, 5)], &[(1, 9)]);
+        let b = file(&[(1, 10)], &[(1, 2)], &[(1, -3)], &[(1, 7)]);
+        let files = [a, b];
+        let lower = widened(&files, DataFile::lower_bounds, Ordering::Less);
+        let upper = widened(&files, DataFile::upper_bounds, Ordering::Greater);
+        assert_eq!(lower.get(&1), Some(&Datum::long(-3)));
+        assert_eq!(upper.get(&1), Some(&Datum::long(9)));
+        assert_eq!(summed(&files, DataFile::value_counts).get(&1), Some(&20));
+        assert_eq!(
+            summed(&files, DataFile::null_value_counts).get(&1),
+            Some(&2)
+        );
+    }
+
+    #[test]
+    fn a_missing_bound_drops_the_column_unless_the_file_holds_only_nulls() {
+        // The second file has values in column 1 but no bound: any merged bound could be
+        // too narrow, so there is none.
+        let a = file(&[(1, 10)], &[(1, 0)], &[(1, 5)], &[(1, 9)]);
+        let b = file(&[(1, 10)], &[(1, 0)], &[], &[]);
+        let files = [a.clone(), b];
+        assert!(widened(&files, DataFile::lower_bounds, Ordering::Less).is_empty());
+        // All nulls: nothing a bound must cover.
+        let nulls = file(&[(1, 10)], &[(1, 10)], &[], &[]);
+        let files = [a.clone(), nulls];
+        assert_eq!(
+            widened(&files, DataFile::upper_bounds, Ordering::Greater).get(&1),
+            Some(&Datum::long(9))
+        );
+        // Unknown counts are not "empty".
+        let unknown = file(&[], &[], &[], &[]);
+        let files = [a, unknown];
+        assert!(widened(&files, DataFile::upper_bounds, Ordering::Greater).is_empty());
+        assert!(summed(&files, DataFile::value_counts).is_empty());
+    }
+
+    #[test]
+    fn a_chunk_reads_only_its_own_range() {
+        let c = Chunk {
+            start: 100,
+            bytes: Bytes::from_static(b"abcdef"),
+        };
+        assert_eq!(c.get_bytes(102, 3).unwrap(), Bytes::from_static(b"cde"));
+        assert!(c.get_bytes(99, 1).is_err());
+        assert!(c.get_bytes(104, 3).is_err());
+        assert_eq!(c.len(), 106);
+    }
+}
