@@ -351,6 +351,102 @@ async fn sql_catalog_with_moto_s3_warehouse() {
     drop(m);
 }
 
+/// Compaction by copying row groups on an object store (moto, which like S3 refuses
+/// multipart parts under 5 MiB but the last): the copy hands the store a column chunk at a
+/// time, the output (over 6 MiB) is uploaded in parts, and reads back exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compaction_by_copying_row_groups_uploads_in_parts_to_s3() {
+    let work = Workdir::new();
+    let m = moto(work.path(), Some("lake")).await;
+    let pg = TestPg::start();
+    let db = pg.create_db("app").await;
+    db.batch_execute("CREATE TABLE t (id int PRIMARY KEY, s text)")
+        .await
+        .unwrap();
+    let iceberg = format!(
+        "[iceberg]\nuri = \"sqlite://{}\"\nwarehouse = \"s3://lake/wh\"\n{}\n[maintenance]\nenabled = false\nmin_input_files = 4\n",
+        work.catalog_db().display(),
+        s3_section(&m.endpoint)
+    );
+    let cfg = config_with(&work, &pg.url("app"), &["t"], &iceberg);
+    let agent = start_agent(&cfg, &work);
+    agent.wait_streaming().await;
+    let addr = agent.api_addr().unwrap();
+    // Four transactions of 90,000 rows (~4 MB of Parquet each), one commit each.
+    let per = 90_000;
+    for i in 0..4 {
+        db.batch_execute(&format!(
+            "INSERT INTO t SELECT g, md5(g::text) || md5((g + 1)::text) || md5((g + 2)::text) FROM generate_series({}, {}) g",
+            i * per,
+            (i + 1) * per - 1
+        ))
+        .await
+        .unwrap();
+        wait_for(
+            Duration::from_secs(60),
+            "the transaction's commit",
+            || async {
+                (metric_value(
+                    &addr,
+                    "philotes_iceberg_commits_total",
+                    "table=\"public.t\"",
+                )
+                .await
+                    >= (i + 1) as f64)
+                    .then_some(())
+            },
+        )
+        .await;
+    }
+    assert_eq!(agent.terminate(), Some(0));
+    let (code, out) = run_with_secret(&["maintain", "--table", "ns.t"], &cfg);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("rewrote 4 small files into 1 (4 by copying their row groups)"),
+        "{out}"
+    );
+    let args: Vec<String> = vec![
+        "ns.t".into(),
+        "--catalog-db".into(),
+        work.catalog_db().display().to_string(),
+        "--warehouse".into(),
+        "s3://lake/wh".into(),
+        "--catalog-props".into(),
+        s3_props(&m.endpoint).to_string(),
+    ];
+    let v = verify_against(&args, &pg, "SELECT id, s FROM t");
+    assert_eq!(v["rows"], 4 * per, "{v}");
+    assert_eq!(v["unique"], true, "{v}");
+    assert_eq!(v["state_equal"], true, "{}", v["state_diff"]);
+    // The one output: larger than an upload part, its four row groups intact.
+    let code = format!(
+        "import json, pyarrow.parquet as pq\n\
+         from pyiceberg.catalog.sql import SqlCatalog\n\
+         c = SqlCatalog('philotes', uri='sqlite:///{db}', warehouse='s3://lake/wh', **json.loads('{props}'))\n\
+         t = c.load_table('ns.t')\n\
+         f = t.inspect.files().to_pylist()\n\
+         pf = pq.ParquetFile(t.io.new_input(f[0]['file_path']).open())\n\
+         print(len(f), f[0]['file_size_in_bytes'], pf.metadata.num_row_groups, pf.metadata.num_rows)\n",
+        db = work.catalog_db().display(),
+        props = s3_props(&m.endpoint)
+    );
+    let (rc, out) = run_cmd(Command::new(python()).arg("-c").arg(code));
+    assert_eq!(rc, 0, "{out}");
+    let n: Vec<u64> = out
+        .split_whitespace()
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    assert_eq!(n.len(), 4, "{out}");
+    assert_eq!(n[0], 1, "{out}");
+    assert!(
+        n[1] > 6 << 20,
+        "the output spans more than one 5 MiB upload part: {out}"
+    );
+    assert_eq!(n[2], 4, "{out}");
+    assert_eq!(n[3], 4 * per, "{out}");
+    drop(m);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sql_catalog_on_postgres() {
     let (pg, db, work) = source("CREATE TABLE t (id int PRIMARY KEY, s text)").await;

@@ -3,7 +3,7 @@
 //! encoded column chunks, copied byte for byte (Parquet's column-chunk append), with a new
 //! footer. Nothing is decoded, re-encoded or compressed again, so a compaction running beside
 //! the stream costs it neither a core nor a second writer's memory: one column chunk is held
-//! at a time (plus, on an object store, one upload part). The Iceberg statistics of an output
+//! at a time (plus, on an object store, the upload part OpenDAL gathers). The Iceberg statistics of an output
 //! are merged from its inputs' (counts summed, bounds widened), never guessed.
 
 use std::collections::HashMap;
@@ -37,10 +37,6 @@ use super::MaintenanceError;
 /// handle them as well as re-encoded ones (DuckDB writes 122,880 rows per row group). Smaller
 /// ones are worth merging into larger row groups, which only re-encoding can do.
 pub(super) const MIN_COPIED_ROW_GROUP_ROWS: u64 = 50_000;
-
-/// An object store's multipart upload takes parts of at least 5 MiB (but the last); output is
-/// handed to it in pieces of this size. A local file is written through.
-const UPLOAD_PART_BYTES: usize = 8 << 20;
 
 /// Footer bytes read at once (the footer and page indexes of a file written by the agent).
 const FOOTER_PREFETCH: usize = 64 << 10;
@@ -214,35 +210,27 @@ impl ChunkReader for Chunk {
     }
 }
 
-/// The upload of one output file: what the writer produced goes to the store in parts.
+/// The upload of one output file. An object store's writer (OpenDAL) gathers the pieces into
+/// parts of its minimum multipart size itself, so they are handed over as they come.
 struct Upload {
     path: String,
     spool: Spool,
     file: Box<dyn FileWrite>,
-    pending: Vec<u8>,
-    part: usize,
     size: u64,
 }
 
 impl Upload {
-    /// Hand what the writer produced to the store once a part is full (at once for a local
-    /// file, whose writes need no minimum size).
-    async fn drain(&mut self, last: bool) -> Result<(), MaintenanceError> {
+    /// Hand what the writer produced so far to the store.
+    async fn drain(&mut self) -> Result<(), MaintenanceError> {
         let produced = self.spool.take();
+        if produced.is_empty() {
+            return Ok(());
+        }
         self.size += produced.len() as u64;
-        if self.pending.is_empty() {
-            self.pending = produced;
-        } else {
-            self.pending.extend_from_slice(&produced);
-        }
-        if !self.pending.is_empty() && (last || self.pending.len() >= self.part) {
-            let piece = Bytes::from(std::mem::take(&mut self.pending));
-            self.file
-                .write(piece)
-                .await
-                .map_err(|e| write_err(&self.path, e))?;
-        }
-        Ok(())
+        self.file
+            .write(Bytes::from(produced))
+            .await
+            .map_err(|e| write_err(&self.path, e))
     }
 }
 
@@ -273,15 +261,12 @@ impl Output {
             Arc::new(props.build()),
         )
         .map_err(|e| write_err(&path, e))?;
-        let local = path.starts_with('/') || path.starts_with("file:");
         Ok(Self {
             writer,
             upload: Upload {
                 path,
                 spool,
                 file,
-                pending: Vec::new(),
-                part: if local { 0 } else { UPLOAD_PART_BYTES },
                 size: 0,
             },
             inputs: Vec::new(),
@@ -323,7 +308,7 @@ impl Output {
                 group
                     .append_column(&Chunk { start, bytes }, close)
                     .map_err(|e| write_err(&path, e))?;
-                self.upload.drain(false).await?;
+                self.upload.drain().await?;
             }
             group.close().map_err(|e| write_err(&path, e))?;
         }
@@ -339,7 +324,7 @@ impl Output {
     ) -> Result<DataFile, MaintenanceError> {
         let path = self.upload.path.clone();
         let md = self.writer.close().map_err(|e| write_err(&path, e))?;
-        self.upload.drain(true).await?;
+        self.upload.drain().await?;
         self.upload
             .file
             .close()
