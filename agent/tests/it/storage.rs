@@ -290,21 +290,49 @@ async fn wait_read_rows(args: &[String], want: u64, secs: u64) -> Value {
     .await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sql_catalog_with_moto_s3_warehouse() {
-    let work = Workdir::new();
+/// A moto S3 server with bucket `lake`, a PostgreSQL with `ddl` in database `app`, and an
+/// agent config on table `t` with a SQL catalog and the warehouse at `s3://lake/wh`, followed
+/// by `extra` (more config sections).
+async fn on_moto(
+    work: &Workdir,
+    ddl: &str,
+    extra: &str,
+) -> (Moto, TestPg, tokio_postgres::Client, PathBuf) {
     let m = moto(work.path(), Some("lake")).await;
     let pg = TestPg::start();
     let db = pg.create_db("app").await;
-    db.batch_execute("CREATE TABLE t (id int PRIMARY KEY, s text, n numeric(12,2))")
-        .await
-        .unwrap();
+    db.batch_execute(ddl).await.unwrap();
     let iceberg = format!(
-        "[iceberg]\nuri = \"sqlite://{}\"\nwarehouse = \"s3://lake/wh\"\n{}",
+        "[iceberg]\nuri = \"sqlite://{}\"\nwarehouse = \"s3://lake/wh\"\n{}\n{extra}",
         work.catalog_db().display(),
         s3_section(&m.endpoint)
     );
-    let cfg = config_with(&work, &pg.url("app"), &["t"], &iceberg);
+    let cfg = config_with(work, &pg.url("app"), &["t"], &iceberg);
+    (m, pg, db, cfg)
+}
+
+/// `verify.py`'s arguments for table `ns.t` of [`on_moto`]'s warehouse.
+fn moto_reader_args(work: &Workdir, m: &Moto) -> Vec<String> {
+    vec![
+        "ns.t".into(),
+        "--catalog-db".into(),
+        work.catalog_db().display().to_string(),
+        "--warehouse".into(),
+        "s3://lake/wh".into(),
+        "--catalog-props".into(),
+        s3_props(&m.endpoint).to_string(),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sql_catalog_with_moto_s3_warehouse() {
+    let work = Workdir::new();
+    let (m, pg, db, cfg) = on_moto(
+        &work,
+        "CREATE TABLE t (id int PRIMARY KEY, s text, n numeric(12,2))",
+        "",
+    )
+    .await;
     let (rc, out) = run_with_secret(&["check"], &cfg);
     assert_eq!(rc, 0, "check: {out}");
     assert!(!out.contains(SECRET), "S3 secret in check output");
@@ -321,15 +349,7 @@ async fn sql_catalog_with_moto_s3_warehouse() {
     )
     .await
     .unwrap();
-    let args: Vec<String> = vec![
-        "ns.t".into(),
-        "--catalog-db".into(),
-        work.catalog_db().display().to_string(),
-        "--warehouse".into(),
-        "s3://lake/wh".into(),
-        "--catalog-props".into(),
-        s3_props(&m.endpoint).to_string(),
-    ];
+    let args = moto_reader_args(&work, &m);
     wait_read_rows(&args, 3400, 90).await;
     let v = verify_against(&args, &pg, "SELECT id, s, n FROM t");
     assert_eq!(v["unique"], true);
@@ -357,18 +377,12 @@ async fn sql_catalog_with_moto_s3_warehouse() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compaction_by_copying_row_groups_uploads_in_parts_to_s3() {
     let work = Workdir::new();
-    let m = moto(work.path(), Some("lake")).await;
-    let pg = TestPg::start();
-    let db = pg.create_db("app").await;
-    db.batch_execute("CREATE TABLE t (id int PRIMARY KEY, s text)")
-        .await
-        .unwrap();
-    let iceberg = format!(
-        "[iceberg]\nuri = \"sqlite://{}\"\nwarehouse = \"s3://lake/wh\"\n{}\n[maintenance]\nenabled = false\nmin_input_files = 4\n",
-        work.catalog_db().display(),
-        s3_section(&m.endpoint)
-    );
-    let cfg = config_with(&work, &pg.url("app"), &["t"], &iceberg);
+    let (m, pg, db, cfg) = on_moto(
+        &work,
+        "CREATE TABLE t (id int PRIMARY KEY, s text)",
+        "[maintenance]\nenabled = false\nmin_input_files = 4\n",
+    )
+    .await;
     let agent = start_agent(&cfg, &work);
     agent.wait_streaming().await;
     let addr = agent.api_addr().unwrap();
@@ -405,15 +419,7 @@ async fn compaction_by_copying_row_groups_uploads_in_parts_to_s3() {
         out.contains("rewrote 4 small files into 1 (4 by copying their row groups)"),
         "{out}"
     );
-    let args: Vec<String> = vec![
-        "ns.t".into(),
-        "--catalog-db".into(),
-        work.catalog_db().display().to_string(),
-        "--warehouse".into(),
-        "s3://lake/wh".into(),
-        "--catalog-props".into(),
-        s3_props(&m.endpoint).to_string(),
-    ];
+    let args = moto_reader_args(&work, &m);
     let v = verify_against(&args, &pg, "SELECT id, s FROM t");
     assert_eq!(v["rows"], 4 * per, "{v}");
     assert_eq!(v["unique"], true, "{v}");
