@@ -2,9 +2,10 @@
 //! `target_file_size`, committed as one `replace` snapshot. Files whose row groups are already
 //! large are concatenated (their column chunks copied, see `concat`); the rest are decoded and
 //! encoded again, rows streaming from the readers to the writer a batch at a time, so memory
-//! stays bounded by a row group, not the partition. A commit that races the stream's appends is staged again on the new state
-//! (appends never remove the files compaction replaces); any other conflict drops the
-//! rewrite and deletes its files, so a row is never lost or written twice.
+//! stays bounded by a row group, not the partition. A commit that races the stream's appends
+//! is staged again on the new state (appends never remove the files compaction replaces); any
+//! other conflict drops the rewrite and deletes its files, so a row is never lost or written
+//! twice.
 
 use std::collections::{HashMap, HashSet};
 

@@ -3,8 +3,9 @@
 //! encoded column chunks, copied byte for byte (Parquet's column-chunk append), with a new
 //! footer. Nothing is decoded, re-encoded or compressed again, so a compaction running beside
 //! the stream costs it neither a core nor a second writer's memory: one column chunk is held
-//! at a time (plus, on an object store, the upload part OpenDAL gathers). The Iceberg statistics of an output
-//! are merged from its inputs' (counts summed, bounds widened), never guessed.
+//! at a time (plus, on an object store, the upload part OpenDAL gathers). The Iceberg
+//! statistics of an output are merged from its inputs' (counts summed, bounds widened), never
+//! guessed.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -300,7 +301,8 @@ impl Output {
                     bytes_written: len,
                     rows_written: rg.num_rows() as u64,
                     metadata: column.clone(),
-                    // The agent writes no bloom filters.
+                    // Not carried over (the agent writes none); without one a reader
+                    // simply reads the row group.
                     bloom_filter: None,
                     column_index: column_index.and_then(|r| r.get(c)).cloned(),
                     offset_index: offset_index.and_then(|r| r.get(c)).cloned(),
