@@ -399,10 +399,11 @@ async fn concat_into(
     let mut open_output: Option<Output> = None;
     for f in files {
         let input = open(io, f).await?;
-        let l = layout(&input.metadata);
-        let full = open_output.as_ref().is_some_and(|o| {
-            !o.inputs.is_empty() && o.upload.size + f.file_size_in_bytes() > target
-        });
+        // An open output already holds at least one input: it rolls over before this one
+        // would take it past the target.
+        let full = open_output
+            .as_ref()
+            .is_some_and(|o| o.upload.size + f.file_size_in_bytes() > target);
         if full {
             if let Some(o) = open_output.take() {
                 out.push(o.finish(&partition, spec_id).await?);
@@ -413,7 +414,8 @@ async fn concat_into(
             None => {
                 let path = location.generate_location(Some(&key), &names.generate_file_name());
                 created.push(path.clone());
-                open_output.insert(Output::create(io, path, &l).await?)
+                let layout = layout(&input.metadata);
+                open_output.insert(Output::create(io, path, &layout).await?)
             }
         };
         o.append(f, &input).await?;
