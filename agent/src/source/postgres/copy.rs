@@ -45,6 +45,13 @@ impl CopyRows {
         }
     }
 
+    /// Bytes held: the received data the rows point into, and their index.
+    pub fn held_bytes(&self) -> usize {
+        self.chunks.iter().map(Bytes::len).sum::<usize>()
+            + std::mem::size_of_val(self.rows.as_slice())
+            + std::mem::size_of_val(self.fields.as_slice())
+    }
+
     /// Hand over the rows held, keeping room for as many in `self` (no regrowth per batch).
     pub fn take(&mut self) -> CopyRows {
         let room = CopyRows {
@@ -305,5 +312,23 @@ mod tests {
             .feed(Bytes::from(data), &mut out)
             .is_err());
         assert!(out.is_empty() && out.fields.is_empty());
+    }
+
+    #[test]
+    fn held_bytes_count_the_data_and_the_index_and_reset_on_take() {
+        let rows = vec![
+            vec![Some(&b"abc"[..]), None],
+            vec![Some(&b"defgh"[..]), Some(&b""[..])],
+        ];
+        let data = stream(&rows);
+        let mut out = CopyRows::default();
+        BinaryCopy::default()
+            .feed(Bytes::from(data.clone()), &mut out)
+            .unwrap();
+        // One chunk (the whole stream), two rows of two fields: 8 bytes per index entry.
+        assert_eq!(out.held_bytes(), data.len() + 2 * 8 + 4 * 8);
+        let taken = out.take();
+        assert_eq!(taken.len(), 2);
+        assert_eq!(out.held_bytes(), 0);
     }
 }

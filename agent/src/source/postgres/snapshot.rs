@@ -10,8 +10,13 @@ use super::conn::SourceUrl;
 use super::copy::{BinaryCopy, CopyRows};
 use super::session::{quote_ident, quote_literal, Session, SourceError};
 
-/// Rows per batch handed from a snapshot reader to the converting task.
+/// Rows per batch handed from a snapshot reader to the converting task, at most.
 pub const BATCH_ROWS: usize = 20_000;
+
+/// Bytes per batch (data and index), at most: what the readers hold ahead of the converting
+/// task is a few batches each, so it is bounded in bytes whatever the width of a row (20,000
+/// rows of a wide table would be tens of MB per batch).
+pub const BATCH_BYTES: usize = 1 << 20;
 
 /// One reader's share of the table: row versions after `after` (else from block `from`) and
 /// below block `to`.
@@ -290,7 +295,7 @@ pub async fn copy_range(
         parser
             .feed(data.split().freeze(), &mut rows)
             .map_err(|e| SourceError::Query(e.to_string()))?;
-        if rows.len() >= BATCH_ROWS {
+        if rows.len() >= BATCH_ROWS || rows.held_bytes() >= BATCH_BYTES {
             let batch = rows.take();
             if tx.send(Ok(Fetched::Rows(r, batch))).await.is_err() {
                 return Ok(());
