@@ -186,11 +186,47 @@ fn proc_stats(pid: u32) -> (f64, f64) {
     (rss_kb / 1024.0, cpu)
 }
 
+/// `--unix`: the streaming workloads connect through the server's Unix-domain socket (both
+/// `pg_recvlogical` and the agent), as a client on the database host can.
+static UNIX_SOCKET: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+
+fn over_unix() -> bool {
+    UNIX_SOCKET.get().copied().unwrap_or(false)
+}
+
+/// The streaming workloads' conninfo for `pg_recvlogical`.
+fn stream_conninfo(pg: &LocalPostgres) -> String {
+    if over_unix() {
+        format!(
+            "host={} port={} user={} dbname=bench",
+            pg.data_dir.display(),
+            pg.port,
+            pg.user
+        )
+    } else {
+        pg.conninfo("bench")
+    }
+}
+
+/// The streaming workloads' source URL for the agent.
+fn stream_url(pg: &LocalPostgres) -> String {
+    if over_unix() {
+        format!(
+            "postgres://{}@localhost:{}/bench?host={}",
+            pg.user,
+            pg.port,
+            pg.data_dir.display()
+        )
+    } else {
+        pg.url("bench", None)
+    }
+}
+
 fn run_baseline(pg: &LocalPostgres, slot: &str, end: u64) -> Run {
     let t = Instant::now();
     let status = Command::new("pg_recvlogical")
         .arg("-d")
-        .arg(pg.conninfo("bench"))
+        .arg(stream_conninfo(pg))
         .args([
             "--slot",
             slot,
@@ -269,7 +305,7 @@ fn run_agent_mode(
         free_port().unwrap(),
         wh.display(),
         wh.display(),
-        pg.url("bench", None),
+        stream_url(pg),
     );
     let cfg_path = wh.join("philotes.toml");
     std::fs::write(&cfg_path, cfg).unwrap();
@@ -1178,6 +1214,7 @@ fn main() {
     if args.iter().any(|a| a == "--traces") {
         let _ = STREAM_LOG_LEVEL.set("info".to_string());
     }
+    let _ = UNIX_SOCKET.set(args.iter().any(|a| a == "--unix"));
     let bin = PathBuf::from(env!("CARGO_BIN_EXE_philotes"));
     let tmp = tempfile::Builder::new()
         .prefix("philotes-bench")
@@ -1204,6 +1241,11 @@ fn main() {
         reps,
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
     );
+    if over_unix() {
+        println!(
+            "--unix: the streaming workloads (baseline and agent) connect through the Unix socket"
+        );
+    }
     println!(
         "{:<26} {:>10} {:>12} {:>10} {:>12} {:>7} {:>8} {:>7}",
         "workload", "pg s", "pg rows/s", "agent s", "agent rows/s", "ratio", "RSS MB", "CPU s"

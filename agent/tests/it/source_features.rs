@@ -876,3 +876,133 @@ async fn a_spool_error_is_counted_once_per_attempt_and_recovers() {
     assert_eq!(verify(&work, "ns.big", &[])["unique"], true);
     assert_eq!(agent.terminate(), Some(0));
 }
+
+/// A source reached through a Unix-domain socket is read by a paced thread of its own
+/// (`source/postgres/wire/paced.rs`), not the TCP path. Every path of that reader, against a
+/// real server: small transactions, one streamed while in progress (64 kB decoding memory),
+/// the apply loop falling behind (a 30k-row transaction), a SIGKILL mid-stream, a clean stop
+/// (final report and CopyDone) and progress reported while nothing changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_unix_socket_source_streams_exactly_once_across_kill_and_stop() {
+    let mut opts = LocalPgOptions::default();
+    opts.settings
+        .push(("logical_decoding_work_mem".into(), "64kB".into()));
+    let pg = TestPg::start_with(opts);
+    let db = pg.create_db("app").await;
+    db.batch_execute(
+        "CREATE TABLE e (id bigint PRIMARY KEY, v int NOT NULL, s text); \
+         CREATE TABLE other (id int PRIMARY KEY)",
+    )
+    .await
+    .unwrap();
+    let work = Workdir::new();
+    let url = format!(
+        "postgres://philotes@localhost:{}/app?host={}",
+        pg.pg.port,
+        pg.pg.data_dir.display()
+    );
+    let cfg = work.config(&url, &["e"], "batch_rows = 5000", "");
+    let log = work.path().join("agent.log");
+    let agent = AgentProc::start_streaming(&cfg, &log).await;
+    // Every walsender session of the agent is local (no client address), so the stream is
+    // read through the socket, not TCP.
+    let (sessions, tcp): (i64, i64) = {
+        let r = db
+            .query_one(
+                "SELECT count(*), count(client_addr) FROM pg_stat_replication",
+                &[],
+            )
+            .await
+            .unwrap();
+        (r.get(0), r.get(1))
+    };
+    assert!(
+        sessions >= 1 && tcp == 0,
+        "{sessions} sessions, {tcp} over TCP"
+    );
+
+    // 400 transactions of 50 inserts, 5 updates and 2 deletes, one of 30k rows in the middle.
+    let gen_db = pg.client("app").await;
+    let gen = tokio::spawn(async move {
+        let mut next = 0i64;
+        for t in 0..400 {
+            let n = if t == 200 { 30_000 } else { 50 };
+            let lo = (next - 200).max(0);
+            gen_db
+                .batch_execute(&format!(
+                    "BEGIN; \
+                     INSERT INTO e SELECT g, 0, repeat('u', 30) FROM generate_series({next}, {}) g; \
+                     UPDATE e SET v = v + 1 WHERE id IN (SELECT id FROM e WHERE id >= {lo} ORDER BY id LIMIT 5); \
+                     DELETE FROM e WHERE id IN (SELECT id FROM e WHERE id >= {lo} ORDER BY id LIMIT 2); \
+                     COMMIT;",
+                    next + n - 1
+                ))
+                .await
+                .expect("workload");
+            next += n;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    });
+    wait_rows_at_least(&work, "ns.e", 3_000, 60).await;
+    agent.kill9();
+    let agent = AgentProc::start_streaming(&cfg, &log).await;
+    gen.await.unwrap();
+    assert!(
+        stream_txns(&pg, "philotes_p").await >= 1,
+        "the large transaction was streamed while in progress"
+    );
+    let q = "SELECT id, v, s FROM e";
+    let synced = || async {
+        let v = verify_source(&work, "ns.e", &pg, q, &[]);
+        (v["state_equal"] == true).then_some(v)
+    };
+    let v = wait_for(
+        Duration::from_secs(120),
+        "Iceberg equal to the source",
+        synced,
+    )
+    .await;
+    assert_eq!(v["unique"], true, "duplicates: {}", v["duplicates"]);
+
+    // Nothing changes in `e`: the reader still reports progress past other tables' writes.
+    db.batch_execute("INSERT INTO other SELECT generate_series(1, 1000)")
+        .await
+        .unwrap();
+    let wal_end = {
+        let r = db
+            .query_one("SELECT (pg_current_wal_insert_lsn() - '0/0')::bigint", &[])
+            .await
+            .unwrap();
+        r.get::<_, i64>(0) as u64
+    };
+    wait_for(
+        Duration::from_secs(30),
+        "confirmed_flush_lsn past the other table's writes",
+        || async { (pg.confirmed_lsn("app", "philotes_p").await >= wal_end).then_some(()) },
+    )
+    .await;
+
+    // A clean stop, more changes while stopped, and a restart: still exactly once.
+    assert_eq!(agent.terminate(), Some(0), "clean shutdown exits 0");
+    db.batch_execute("INSERT INTO e SELECT g, 7, 'after' FROM generate_series(1000000, 1000999) g")
+        .await
+        .unwrap();
+    let late_updates = db
+        .execute("UPDATE e SET s = 'changed' WHERE id < 1000", &[])
+        .await
+        .unwrap();
+    assert!(late_updates > 0);
+    let agent = AgentProc::start_streaming(&cfg, &log).await;
+    let v = wait_for(
+        Duration::from_secs(120),
+        "Iceberg equal after the restart",
+        synced,
+    )
+    .await;
+    assert_eq!(v["unique"], true, "duplicates: {}", v["duplicates"]);
+    // Every change exactly once, not only the final state.
+    assert_eq!(v["ops"]["I"], 399 * 50 + 30_000 + 1_000, "{}", v["ops"]);
+    assert_eq!(v["ops"]["U"], 400 * 5 + late_updates, "{}", v["ops"]);
+    assert_eq!(v["ops"]["D"], 400 * 2, "{}", v["ops"]);
+    assert_eq!(agent.terminate(), Some(0));
+}

@@ -3,6 +3,7 @@
 //! START_REPLICATION (see [`replication`]). Message framing and SCRAM come from
 //! `postgres-protocol`; the rest is the small part of libpq a walsender client needs.
 
+mod paced;
 pub mod replication;
 pub mod tls;
 

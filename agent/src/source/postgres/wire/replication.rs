@@ -42,7 +42,7 @@ pub struct StatusTiming {
     pub idle: Duration,
 }
 
-type Batch = Result<Vec<ReplEvent>, WireError>;
+pub(super) type Batch = Result<Vec<ReplEvent>, WireError>;
 
 /// A started replication stream; dropping it closes the connection.
 pub struct ReplicationStream {
@@ -60,14 +60,28 @@ impl ReplicationStream {
         let (tx, rx) = mpsc::channel(4);
         let (stop_tx, stop_rx) = oneshot::channel();
         let confirmed = Arc::new(AtomicU64::new(0));
-        let task = tokio::spawn(io_task(
-            stream,
-            rbuf,
-            tx,
-            confirmed.clone(),
-            stop_rx,
-            timing,
-        ));
+        let task = match stream {
+            // A local socket is read by a thread of its own, in paced reads (see `paced`).
+            PgStream::Unix(s) => {
+                let progress = Progress::new(confirmed.clone(), timing);
+                match s.into_std() {
+                    Ok(s) => tokio::task::spawn_blocking(move || {
+                        super::paced::run(s, rbuf, tx, progress, stop_rx)
+                    }),
+                    Err(e) => tokio::spawn(async move {
+                        let _ = tx.send(Err(e.into())).await;
+                    }),
+                }
+            }
+            stream => tokio::spawn(io_task(
+                stream,
+                rbuf,
+                tx,
+                confirmed.clone(),
+                stop_rx,
+                timing,
+            )),
+        };
         Self {
             rx,
             pending: VecDeque::new(),
@@ -158,39 +172,125 @@ fn status_message(lsn: u64, out: &mut BytesMut) {
     out.put_u8(0);
 }
 
-struct Reporter {
-    wr: WriteHalf<PgStream>,
+/// When the confirmed position is due to be reported, shared by both readers.
+pub(super) struct Progress {
     confirmed: Arc<AtomicU64>,
     sent: u64,
     sent_at: Instant,
     timing: StatusTiming,
 }
 
-impl Reporter {
-    async fn report(&mut self, force: bool) -> Result<(), WireError> {
+impl Progress {
+    pub(super) fn new(confirmed: Arc<AtomicU64>, timing: StatusTiming) -> Self {
+        Self {
+            confirmed,
+            sent: 0,
+            sent_at: Instant::now(),
+            timing,
+        }
+    }
+
+    /// The status update to send now, if one is due (or `force`d); counted as sent.
+    pub(super) fn due(&mut self, force: bool) -> Option<BytesMut> {
         let lsn = self.confirmed.load(Ordering::Relaxed);
-        let due = if lsn != self.sent {
+        let wait = if lsn != self.sent {
             self.timing.changed
         } else {
             self.timing.idle
         };
-        if force || self.sent_at.elapsed() >= due {
-            let mut buf = BytesMut::with_capacity(40);
-            status_message(lsn, &mut buf);
+        if !force && self.sent_at.elapsed() < wait {
+            return None;
+        }
+        let mut buf = BytesMut::with_capacity(40);
+        status_message(lsn, &mut buf);
+        self.sent = lsn;
+        self.sent_at = Instant::now();
+        Some(buf)
+    }
+}
+
+/// CopyDone: the server ends the stream cleanly.
+pub(super) const COPY_DONE: [u8; 5] = [b'c', 0, 0, 0, 4];
+
+struct Reporter {
+    wr: WriteHalf<PgStream>,
+    progress: Progress,
+}
+
+impl Reporter {
+    async fn report(&mut self, force: bool) -> Result<(), WireError> {
+        if let Some(buf) = self.progress.due(force) {
             self.wr.write_all(&buf).await?;
             self.wr.flush().await?;
-            self.sent = lsn;
-            self.sent_at = Instant::now();
         }
         Ok(())
     }
 
     async fn finish(&mut self) {
         let _ = self.report(true).await;
-        // CopyDone: the server ends the stream cleanly.
-        let _ = self.wr.write_all(&[b'c', 0, 0, 0, 4]).await;
+        let _ = self.wr.write_all(&COPY_DONE).await;
         let _ = self.wr.flush().await;
     }
+}
+
+/// What one pass over the read buffer found.
+pub(super) struct Drained {
+    /// The events, in order.
+    pub batch: Vec<ReplEvent>,
+    /// A keepalive asked for an immediate reply.
+    pub reply: bool,
+    /// The server ended the stream (CopyDone).
+    pub ended: bool,
+    /// The stream cannot go on.
+    pub failure: Option<WireError>,
+}
+
+/// Take every complete message off the front of `rbuf`.
+pub(super) fn drain(rbuf: &mut BytesMut) -> Drained {
+    let mut d = Drained {
+        batch: Vec::new(),
+        reply: false,
+        ended: false,
+        failure: None,
+    };
+    loop {
+        let payload = match split_copy_data(rbuf) {
+            Ok(Some(p)) => p,
+            Ok(None) => match parse(rbuf) {
+                Ok(Some(Backend::Msg(Message::CopyData(body)))) => body.into_bytes(),
+                Ok(Some(Backend::Msg(Message::ErrorResponse(e)))) => {
+                    d.failure = Some(WireError::Server(error_text(&e)));
+                    break;
+                }
+                Ok(Some(Backend::Msg(Message::CopyDone))) => {
+                    d.ended = true;
+                    break;
+                }
+                Ok(Some(_)) => continue,
+                Ok(None) => break,
+                Err(e) => {
+                    d.failure = Some(e);
+                    break;
+                }
+            },
+            Err(e) => {
+                d.failure = Some(e);
+                break;
+            }
+        };
+        match event(payload) {
+            Ok(Some((ev, r))) => {
+                d.reply |= r;
+                d.batch.push(ev);
+            }
+            Ok(None) => {}
+            Err(e) => {
+                d.failure = Some(e);
+                break;
+            }
+        }
+    }
+    d
 }
 
 async fn io_task(
@@ -204,55 +304,17 @@ async fn io_task(
     let (mut rd, wr) = tokio::io::split(stream);
     let mut rep = Reporter {
         wr,
-        confirmed,
-        sent: 0,
-        sent_at: Instant::now(),
-        timing,
+        progress: Progress::new(confirmed, timing),
     };
     let mut tick = tokio::time::interval(timing.changed.min(timing.idle));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let mut batch = Vec::new();
-        let mut reply = false;
-        let mut ended = false;
-        let mut failure = None;
-        loop {
-            let payload = match split_copy_data(&mut rbuf) {
-                Ok(Some(p)) => p,
-                Ok(None) => match parse(&mut rbuf) {
-                    Ok(Some(Backend::Msg(Message::CopyData(body)))) => body.into_bytes(),
-                    Ok(Some(Backend::Msg(Message::ErrorResponse(e)))) => {
-                        failure = Some(WireError::Server(error_text(&e)));
-                        break;
-                    }
-                    Ok(Some(Backend::Msg(Message::CopyDone))) => {
-                        ended = true;
-                        break;
-                    }
-                    Ok(Some(_)) => continue,
-                    Ok(None) => break,
-                    Err(e) => {
-                        failure = Some(e);
-                        break;
-                    }
-                },
-                Err(e) => {
-                    failure = Some(e);
-                    break;
-                }
-            };
-            match event(payload) {
-                Ok(Some((ev, r))) => {
-                    reply |= r;
-                    batch.push(ev);
-                }
-                Ok(None) => {}
-                Err(e) => {
-                    failure = Some(e);
-                    break;
-                }
-            }
-        }
+        let Drained {
+            batch,
+            reply,
+            ended,
+            failure,
+        } = drain(&mut rbuf);
         if reply && rep.report(true).await.is_err() {
             // The read side reports the broken connection.
         }
