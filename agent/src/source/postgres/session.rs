@@ -641,8 +641,8 @@ impl Session {
         let stream = ReplicationStream::spawn(
             self.conn,
             StatusTiming {
-                // Acks reach the server within 250 ms of a commit (WAL is released
-                // promptly); idle sessions still report every 5 s.
+                // An ack goes out as soon as a commit confirms a new position, at most one
+                // per 250 ms (WAL is released promptly); idle sessions report every 5 s.
                 changed: Duration::from_millis(250),
                 idle: Duration::from_secs(5),
             },

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use bytes::{BufMut, Bytes, BytesMut};
 use postgres_protocol::message::backend::Message;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, WriteHalf};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Notify};
 
 use super::{error_text, io_err, parse, split_copy_data, Backend, Conn, PgStream, WireError};
 
@@ -49,6 +49,9 @@ pub struct ReplicationStream {
     rx: mpsc::Receiver<Batch>,
     pending: VecDeque<ReplEvent>,
     confirmed: Arc<AtomicU64>,
+    /// Wakes the TCP task when the confirmed position moves, so that the report goes out at
+    /// once (when one is due) rather than at its next tick.
+    moved: Arc<Notify>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -60,6 +63,7 @@ impl ReplicationStream {
         let (tx, rx) = mpsc::channel(4);
         let (stop_tx, stop_rx) = oneshot::channel();
         let confirmed = Arc::new(AtomicU64::new(0));
+        let moved = Arc::new(Notify::new());
         let task = match stream {
             // A local socket is read by a thread of its own, in paced reads (see `paced`).
             PgStream::Unix(s) => {
@@ -78,6 +82,7 @@ impl ReplicationStream {
                 rbuf,
                 tx,
                 confirmed.clone(),
+                moved.clone(),
                 stop_rx,
                 timing,
             )),
@@ -86,6 +91,7 @@ impl ReplicationStream {
             rx,
             pending: VecDeque::new(),
             confirmed,
+            moved,
             stop: Some(stop_tx),
             task: Some(task),
         }
@@ -112,7 +118,9 @@ impl ReplicationStream {
 
     /// Everything up to `lsn` is durable: the server may release it.
     pub fn confirm(&self, lsn: crate::model::Lsn) {
-        self.confirmed.fetch_max(lsn.get(), Ordering::Relaxed);
+        if self.confirmed.fetch_max(lsn.get(), Ordering::Relaxed) < lsn.get() {
+            self.moved.notify_one();
+        }
     }
 
     /// Report the confirmed position one last time and end the stream.
@@ -298,6 +306,7 @@ async fn io_task(
     mut rbuf: BytesMut,
     tx: mpsc::Sender<Batch>,
     confirmed: Arc<AtomicU64>,
+    moved: Arc<Notify>,
     mut stop: oneshot::Receiver<()>,
     timing: StatusTiming,
 ) {
@@ -333,6 +342,9 @@ async fn io_task(
                     _ = tick.tick() => {
                         let _ = rep.report(false).await;
                     }
+                    _ = moved.notified() => {
+                        let _ = rep.report(false).await;
+                    }
                     _ = &mut stop => {
                         rep.finish().await;
                         return;
@@ -364,6 +376,12 @@ async fn io_task(
                 }
             },
             _ = tick.tick() => {
+                if let Err(e) = rep.report(false).await {
+                    let _ = tx.send(Err(e)).await;
+                    return;
+                }
+            }
+            _ = moved.notified() => {
                 if let Err(e) = rep.report(false).await {
                     let _ = tx.send(Err(e)).await;
                     return;
