@@ -90,10 +90,10 @@ pub(super) fn run(
                         // The apply loop is busy (an Iceberg commit): keep the server informed.
                         item = back;
                         let _ = report(&mut progress, false);
-                        match stop.try_recv() {
-                            Ok(()) => return finish(&mut progress),
-                            Err(oneshot::error::TryRecvError::Closed) => return,
-                            Err(oneshot::error::TryRecvError::Empty) => {}
+                        match stop_asked(&mut stop) {
+                            Some(true) => return finish(&mut progress),
+                            Some(false) => return,
+                            None => {}
                         }
                         std::thread::sleep(wait);
                         wait = (wait * 2).min(Duration::from_millis(20));
@@ -107,13 +107,11 @@ pub(super) fn run(
         if ended {
             return finish(&mut progress);
         }
-        match stop.try_recv() {
-            Ok(()) => return finish(&mut progress),
-            Err(oneshot::error::TryRecvError::Closed) => return,
-            Err(oneshot::error::TryRecvError::Empty) => {}
-        }
-        if tx.is_closed() {
-            return;
+        match stop_asked(&mut stop) {
+            Some(true) => return finish(&mut progress),
+            Some(false) => return,
+            None if tx.is_closed() => return,
+            None => {}
         }
         if let Err(e) = report(&mut progress, false) {
             return fail(e.into());
@@ -133,5 +131,15 @@ pub(super) fn run(
             Err(e) if e.kind() == ErrorKind::Interrupted => {}
             Err(e) => return fail(e.into()),
         }
+    }
+}
+
+/// Some(true): stop cleanly (final report, CopyDone); Some(false): the stream was dropped, just
+/// end; None: go on.
+fn stop_asked(stop: &mut oneshot::Receiver<()>) -> Option<bool> {
+    match stop.try_recv() {
+        Ok(()) => Some(true),
+        Err(oneshot::error::TryRecvError::Closed) => Some(false),
+        Err(oneshot::error::TryRecvError::Empty) => None,
     }
 }
