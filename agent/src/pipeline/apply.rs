@@ -343,6 +343,12 @@ impl Applier {
             .clamp(Duration::from_millis(20), Duration::from_millis(250));
         let mut timer = tokio::time::interval(tick);
         timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Set for the moment the oldest buffered change reaches `flush_interval` (between
+        // transactions): the tick alone committed up to a quarter of the interval late, and
+        // every commit's freshness carried that delay.
+        let due = tokio::time::sleep_until(tokio::time::Instant::now());
+        tokio::pin!(due);
+        let mut armed: Option<Instant> = None;
         let mut paused = false;
         let mut stopping = false;
         let mut stop_deadline: Option<Instant> = None;
@@ -390,12 +396,26 @@ impl Applier {
             // The timer first: a batch that is due is committed before the next message is
             // read (or the stream's end is seen), so a steady stream cannot starve the flush
             // and a leader resumed after a stall commits, or is fenced, before anything else.
+            let want = self
+                .oldest
+                .filter(|_| self.txn.is_none())
+                .map(|t| t + self.cfg.flush_interval);
+            if want != armed {
+                armed = want;
+                if let Some(at) = want {
+                    due.as_mut().reset(at.into());
+                }
+            }
             tokio::select! {
                 biased;
+                _ = &mut due, if armed.is_some() => {
+                    armed = None;
+                    if self.flush_due() {
+                        self.flush(&client).await?;
+                    }
+                }
                 _ = timer.tick() => {
-                    if self.txn.is_none()
-                        && self.oldest.is_some_and(|t| t.elapsed() >= self.cfg.flush_interval)
-                    {
+                    if self.flush_due() {
                         self.flush(&client).await?;
                     }
                 }
@@ -960,6 +980,14 @@ impl Applier {
     /// Mark this attempt as following a failed one (see `batches_retried`).
     pub(super) fn after_failure(&mut self, failed: bool) {
         self.retrying = failed;
+    }
+
+    /// Between transactions, the oldest buffered change has waited `flush_interval`.
+    fn flush_due(&self) -> bool {
+        self.txn.is_none()
+            && self
+                .oldest
+                .is_some_and(|t| t.elapsed() >= self.cfg.flush_interval)
     }
 
     fn should_flush(&self) -> bool {
