@@ -393,9 +393,6 @@ impl Applier {
                 set_state(PipelineState::Streaming);
                 tracing::info!(pipeline = %self.cfg.name, "resumed");
             }
-            // The timer first: a batch that is due is committed before the next message is
-            // read (or the stream's end is seen), so a steady stream cannot starve the flush
-            // and a leader resumed after a stall commits, or is fenced, before anything else.
             let want = self
                 .oldest
                 .filter(|_| self.txn.is_none())
@@ -406,6 +403,9 @@ impl Applier {
                     due.as_mut().reset(at.into());
                 }
             }
+            // The timer first: a batch that is due is committed before the next message is
+            // read (or the stream's end is seen), so a steady stream cannot starve the flush
+            // and a leader resumed after a stall commits, or is fenced, before anything else.
             tokio::select! {
                 biased;
                 _ = &mut due, if armed.is_some() => {
