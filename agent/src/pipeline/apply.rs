@@ -122,10 +122,19 @@ const DLQ_FLOOR_PREFIX: &str = "philotes.dlq.";
 
 /// Writers (tables with open data files) kept open at once, besides the one being fed.
 const MAX_OPEN_WRITERS: usize = 4;
-/// Most rows a builder holds before its batch goes to the writer task.
-const SPILL_ROWS: u64 = 65_536;
+/// Most rows a builder holds before its batch goes to the writer task. Three batches are in
+/// flight (being built, queued, being encoded), so their size is the agent's working set: at
+/// 65,536 rows a snapshot's peak RSS was ~10 MB higher and varied with the allocator's
+/// history (docs/performance.md, session 19).
+const SPILL_ROWS: u64 = 16_384;
 /// Most builder bytes before its batch goes to the writer task.
-const SPILL_BYTES: u64 = 8 << 20;
+const SPILL_BYTES: u64 = 2 << 20;
+/// Rows per batch a transaction streamed in progress holds until its commit. Larger than a
+/// spill: these batches stay in memory, and smaller ones cost the 30-column table ~7 % more
+/// CPU and more RSS (per-batch overhead), measured in session 19.
+const SEAL_ROWS: u64 = 65_536;
+/// Bytes per batch a transaction streamed in progress holds until its commit.
+const SEAL_BYTES: u64 = 8 << 20;
 
 /// A change's place in a table's `[inserts, updates, deletes, truncates]` counts.
 fn op_index(op: Op) -> usize {
@@ -748,8 +757,8 @@ impl Applier {
         early.seq += 1;
         early.seal(
             idx,
-            self.cfg.batch_rows.min(SPILL_ROWS),
-            self.cfg.batch_bytes.min(SPILL_BYTES),
+            self.cfg.batch_rows.min(SEAL_ROWS),
+            self.cfg.batch_bytes.min(SEAL_BYTES),
         )?;
         Ok(true)
     }
