@@ -82,7 +82,7 @@ fn load(path: &Path) -> Result<Config, ExitCode> {
 /// glibc gives threads that allocate at the same time arenas of their own (up to 8 per core)
 /// and hands little of their freed memory back, so a long-running agent's RSS creeps up with
 /// every metadata file it parses and writes. The soak benchmark measured the difference (see
-/// docs/performance.md); one arena and a fixed mmap threshold, set before any thread starts.
+/// docs/performance.md); two arenas and a fixed mmap threshold, set before any thread starts.
 /// `MALLOC_ARENA_MAX` / `MALLOC_MMAP_THRESHOLD_` in the environment still win.
 fn main() -> ExitCode {
     philotes::memory::tune_allocator();

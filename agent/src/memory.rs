@@ -14,12 +14,10 @@ const MMAP_THRESHOLD: i32 = 1 << 20;
 /// How often the allocator's free pages go back to the system.
 pub const TRIM_INTERVAL: Duration = Duration::from_secs(10);
 
-/// Malloc arenas: one. Every arena keeps the holes its own threads' frees leave, so the RSS
-/// of a snapshot (readers, converter and writer allocating side by side) rose with the
-/// number of chunks it had been through; with one, peak RSS fell by 10–20 MB at no measured
-/// CPU cost (docs/performance.md, session 19). glibc's per-thread caches still serve small
-/// allocations without the arena lock.
-const ARENAS: i32 = 1;
+/// Malloc arenas: two. One arena made an initial snapshot's peak RSS 10–20 MB lower and flat
+/// in the table's size, but every commit of the soak bench took ~20 % longer (threads
+/// contending for its lock while a commit parses and writes metadata; session 19), so not.
+const ARENAS: i32 = 2;
 
 /// Limit glibc to [`ARENAS`] malloc arenas and fix its mmap threshold, unless
 /// `MALLOC_ARENA_MAX` / `MALLOC_MMAP_THRESHOLD_` say otherwise. Call before any other thread
