@@ -130,8 +130,8 @@ const SPILL_ROWS: u64 = 16_384;
 /// Most builder bytes before its batch goes to the writer task.
 const SPILL_BYTES: u64 = 2 << 20;
 /// Rows per batch a transaction streamed in progress holds until its commit. Larger than a
-/// spill: these batches stay in memory, and smaller ones cost the 30-column table ~7 % more
-/// CPU and more RSS (per-batch overhead), measured in session 19.
+/// spill: these batches stay in memory, and at the spill's size their per-batch overhead
+/// raised the bench's single-transaction peaks by 10–30 MB (session 19).
 const SEAL_ROWS: u64 = 65_536;
 /// Bytes per batch a transaction streamed in progress holds until its commit.
 const SEAL_BYTES: u64 = 8 << 20;
