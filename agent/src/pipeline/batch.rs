@@ -269,6 +269,38 @@ impl ColBuilder {
         }
     }
 
+    /// An empty builder of `kind` with room for `rows` values and, if variable-width, `data`
+    /// bytes of them.
+    fn with_capacity(kind: &ColumnKind, rows: usize, data: usize) -> Self {
+        match kind {
+            ColumnKind::Int32 => ColBuilder::I32(Int32Builder::with_capacity(rows)),
+            ColumnKind::Int64 => ColBuilder::I64(Int64Builder::with_capacity(rows)),
+            ColumnKind::Float32 => ColBuilder::F32(Float32Builder::with_capacity(rows)),
+            ColumnKind::Float64 => ColBuilder::F64(Float64Builder::with_capacity(rows)),
+            ColumnKind::Decimal { .. } => ColBuilder::Dec(Decimal128Builder::with_capacity(rows)),
+            ColumnKind::Bool => ColBuilder::Bool(BooleanBuilder::with_capacity(rows)),
+            ColumnKind::Text => ColBuilder::Str(StringBuilder::with_capacity(rows, data)),
+            ColumnKind::Bytea => ColBuilder::Bin(LargeBinaryBuilder::with_capacity(rows, data)),
+            ColumnKind::Date => ColBuilder::Date(Date32Builder::with_capacity(rows)),
+            ColumnKind::Time => ColBuilder::Time(Time64MicrosecondBuilder::with_capacity(rows)),
+            ColumnKind::Timestamp | ColumnKind::TimestampTz => {
+                ColBuilder::Ts(TimestampMicrosecondBuilder::with_capacity(rows))
+            }
+            ColumnKind::Uuid => ColBuilder::Uuid(FixedSizeBinaryBuilder::with_capacity(rows, 16)),
+            // A list's element count per row is unknown: it grows as before.
+            ColumnKind::List(_) => ColBuilder::new(kind),
+        }
+    }
+
+    /// Bytes of variable-width values held (0 for fixed-width builders).
+    fn data_len(&self) -> usize {
+        match self {
+            ColBuilder::Str(b) => b.values_slice().len(),
+            ColBuilder::Bin(b) => b.values_slice().len(),
+            _ => 0,
+        }
+    }
+
     fn append_null(&mut self) {
         match self {
             ColBuilder::I32(b) => b.append_null(),
@@ -442,6 +474,9 @@ pub struct TableBatch {
     bytes: usize,
     scratch: Vec<u8>,
     parsed: Vec<Parsed<'static>>,
+    /// The last finished batch's rows and each column's variable-width bytes: the next batch's
+    /// builders start at that size (taken at its first row, so an idle table holds nothing).
+    room: Option<(usize, Vec<usize>)>,
 }
 
 impl TableBatch {
@@ -512,7 +547,31 @@ impl TableBatch {
             bytes: 0,
             scratch: Vec::new(),
             parsed: Vec::new(),
+            room: None,
         }
+    }
+
+    /// Builders sized for the rows `room` describes. Builders that start empty double their
+    /// buffers from a few bytes on every batch; sized once, each batch makes one allocation of
+    /// a similar size per buffer, which the allocator reuses instead of fragmenting its arenas
+    /// with every intermediate size (a long snapshot's RSS crept with the number of batches).
+    fn presize(&mut self, rows: usize, data: &[usize]) {
+        let unchanged = self.cdc[4];
+        let cols = self.cols.iter_mut().zip(&self.kinds).zip(data).enumerate();
+        for (i, ((b, kind), &bytes)) in cols {
+            if i == unchanged {
+                // A placeholder: that column is built from `unchanged_names`.
+                continue;
+            }
+            // Powers of two: few distinct sizes, and room for a batch slightly larger.
+            let bytes = if bytes == 0 {
+                0
+            } else {
+                (bytes + bytes / 8).next_power_of_two()
+            };
+            *b = ColBuilder::with_capacity(kind, rows, bytes);
+        }
+        self.unchanged_offsets.reserve(rows);
     }
 
     /// A row as JSON text (column name → value), for the dead-letter table: text as sent,
@@ -665,6 +724,11 @@ impl TableBatch {
     where
         I: Iterator<Item = Column<'a>> + Clone,
     {
+        if self.rows == 0 {
+            if let Some((rows, data)) = self.room.take() {
+                self.presize(rows, &data);
+            }
+        }
         // Reuse the parse buffer's allocation across rows (same layout, any lifetime).
         let mut parsed: Vec<Parsed<'_>> = std::mem::take(&mut self.parsed)
             .into_iter()
@@ -746,6 +810,10 @@ impl TableBatch {
             return Ok(None);
         }
         let unchanged_idx = self.cdc[4];
+        self.room = Some((
+            self.rows,
+            self.cols.iter().map(ColBuilder::data_len).collect(),
+        ));
         let mut arrays = Vec::with_capacity(self.cols.len());
         for (i, (b, f)) in self.cols.iter_mut().zip(self.schema.fields()).enumerate() {
             if i == unchanged_idx {

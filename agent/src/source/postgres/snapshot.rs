@@ -18,6 +18,11 @@ pub const BATCH_ROWS: usize = 20_000;
 /// rows of a wide table would be tens of MB per batch).
 pub const BATCH_BYTES: usize = 1 << 20;
 
+/// Each reader receives into buffers of this size, filled with whole rows before they are
+/// parsed: one allocation size the allocator reuses (a buffer per read, sized to the read,
+/// left the arenas fragmented with every size in between; session 20).
+const READ_BYTES: usize = 256 << 10;
+
 /// One reader's share of the table: row versions after `after` (else from block `from`) and
 /// below block `to`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -287,19 +292,32 @@ pub async fn copy_range(
     import_snapshot(&mut reader, snapshot).await?;
     let mut parser = BinaryCopy::default();
     let mut rows = CopyRows::default();
-    let mut data = BytesMut::new();
+    let mut data = BytesMut::with_capacity(READ_BYTES);
     reader
         .copy_out_start(&format!("COPY ({select}) TO STDOUT (FORMAT binary)"))
         .await?;
-    while reader.copy_out_into(&mut data).await? {
-        parser
-            .feed(data.split().freeze(), &mut rows)
-            .map_err(|e| SourceError::Query(e.to_string()))?;
-        if rows.len() >= BATCH_ROWS || rows.held_bytes() >= BATCH_BYTES {
-            let batch = rows.take();
-            if tx.send(Ok(Fetched::Rows(r, batch))).await.is_err() {
-                return Ok(());
+    loop {
+        let before = data.len();
+        let more = reader.copy_out_into(&mut data).await?;
+        let full = data.len() == before || data.capacity() - data.len() < READ_BYTES / 8;
+        if !data.is_empty() && (full || !more) {
+            let next = if more {
+                BytesMut::with_capacity(READ_BYTES)
+            } else {
+                BytesMut::new()
+            };
+            parser
+                .feed(std::mem::replace(&mut data, next).freeze(), &mut rows)
+                .map_err(|e| SourceError::Query(e.to_string()))?;
+            if rows.len() >= BATCH_ROWS || rows.held_bytes() >= BATCH_BYTES {
+                let batch = rows.take();
+                if tx.send(Ok(Fetched::Rows(r, batch))).await.is_err() {
+                    return Ok(());
+                }
             }
+        }
+        if !more {
+            break;
         }
     }
     if !parser.finished() {

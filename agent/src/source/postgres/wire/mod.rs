@@ -495,19 +495,25 @@ impl Conn {
     }
 
     /// Append the data of a started copy that has arrived (the payloads of the CopyData
-    /// messages in the read buffer, waiting for at least one) to `out`; false once the copy
-    /// completed. The COPY stream is the concatenation of the payloads, so no message object
-    /// is made per row (the server sends one CopyData per row).
+    /// messages in the read buffer, waiting for at least one) to `out`, as many whole messages
+    /// as fit in its spare capacity (an empty `out` grows to take one); false once the copy
+    /// completed. Nothing appended while true means `out` is full. The COPY stream is the
+    /// concatenation of the payloads, so no message object is made per row (the server sends
+    /// one CopyData per row).
     pub async fn copy_out_into(&mut self, out: &mut BytesMut) -> Result<bool, WireError> {
         let mut error = None;
         loop {
-            // One allocation for what has arrived, not a regrowth per message.
-            out.reserve(self.rbuf.len());
             let mut got = false;
             while error.is_none() {
                 let Some(len) = copy_data_len(&self.rbuf)? else {
                     break;
                 };
+                if out.capacity() - out.len() < len - 5 {
+                    if !out.is_empty() {
+                        return Ok(true);
+                    }
+                    out.reserve(len - 5);
+                }
                 out.extend_from_slice(&self.rbuf[5..len]);
                 self.rbuf.advance(len);
                 got = true;
