@@ -147,6 +147,7 @@ async fn check_source(
         crate::pipeline::renamed_tables(c, &p.namespace_name(), &mut s, &mut tables).await?;
     }
     s.check_tables(&tables).await?;
+    s.check_partitioned(&p.publication_name(), &tables).await?;
     // With `[ha]` another agent streaming from the slot is the leader this one stands by for.
     if standby_allowed {
         return Ok(());
@@ -172,7 +173,7 @@ async fn check_source(
 }
 
 /// Problems found at start-up that no retry can cure (wrong `wal_level`, missing tables, a slot
-/// held by another agent).
+/// held by another agent, a publication that would leave a partitioned table out).
 /// Unreachable sources are not among them: `run` keeps retrying those.
 pub async fn fatal_source_problems(cfg: &Config) -> Vec<String> {
     let mut problems = Vec::new();
@@ -182,7 +183,8 @@ pub async fn fatal_source_problems(cfg: &Config) -> Vec<String> {
             Err(
                 e @ (SourceError::WalLevel(_)
                 | SourceError::MissingTable(_)
-                | SourceError::Slot { .. }),
+                | SourceError::Slot { .. }
+                | SourceError::Publication { .. }),
             ) => {
                 problems.push(format!("pipeline {}: {e}", p.name));
             }

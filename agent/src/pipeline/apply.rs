@@ -283,6 +283,19 @@ impl Applier {
         })
     }
 
+    /// Whether relation `oid` is a partition published under an ancestor's name.
+    async fn published_as_ancestor(&mut self, oid: u32) -> Result<bool, PipelineError> {
+        let result = self
+            .catalog_session()
+            .await?
+            .published_as_ancestor(oid)
+            .await;
+        result.map_err(|e| {
+            self.catalog = None;
+            e.into()
+        })
+    }
+
     /// `schema.table` of relation `oid` as committed now.
     async fn committed_name(&mut self, oid: u32) -> Result<Option<String>, PipelineError> {
         let result = self.catalog_session().await?.relation_name(oid).await;
@@ -1045,7 +1058,14 @@ impl Applier {
                     self.relations.insert(oid, None);
                     return Ok(());
                 }
-                if !self.tables.iter().any(|t| t.source_name == source) {
+                let known = self.tables.iter().any(|t| t.source_name == source);
+                if !known && !configured && self.published_as_ancestor(oid).await? {
+                    // A partition of a table published under its own name: its rows come
+                    // under that table's OID, never this one's.
+                    self.relations.insert(oid, None);
+                    return Ok(());
+                }
+                if !known {
                     // A table added to the publication while streaming. Nothing of this
                     // transaction is confirmed yet, so with an initial snapshot the stream
                     // restarts: the table is copied first and its earlier changes skipped.

@@ -341,3 +341,29 @@ async fn missing_table_is_refused() {
     assert_eq!(lines.len(), 1);
     assert!(lines[0].contains("public.nope"), "{}", lines[0]);
 }
+
+/// A publication that sends a partitioned table's changes under its partitions' names would
+/// leave them out (the partitions are not configured): refused, naming the fix.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publication_leaving_out_a_partitioned_table_is_refused() {
+    let p = prepare(
+        "CREATE TABLE m (id int, at date NOT NULL, PRIMARY KEY (id, at)) PARTITION BY RANGE (at);
+         CREATE TABLE m_a PARTITION OF m FOR VALUES FROM ('2024-01-01') TO ('2025-01-01');
+         CREATE PUBLICATION philotes_p FOR TABLE m;",
+        &["m"],
+        "",
+        "",
+    )
+    .await;
+    for cmd in ["check", "run"] {
+        let (code, out) = run_philotes(&[cmd], &p.cfg);
+        assert_eq!(code, 2, "{cmd}: {out}");
+        let lines = problem_lines(&out);
+        assert_eq!(lines.len(), 1, "{cmd}: {out}");
+        assert!(
+            lines[0].contains("public.m") && lines[0].contains("publish_via_partition_root = true"),
+            "{cmd}: {}",
+            lines[0]
+        );
+    }
+}

@@ -1006,3 +1006,72 @@ async fn a_unix_socket_source_streams_exactly_once_across_kill_and_stop() {
     assert_eq!(v["ops"]["D"], 400 * 2, "{}", v["ops"]);
     assert_eq!(agent.terminate(), Some(0));
 }
+
+/// A partitioned table (two levels of partitions) is copied partition by partition and
+/// streamed under its own name: the agent creates its publication with
+/// `publish_via_partition_root`, no Iceberg table appears for a partition, rows moved across
+/// partitions follow, and folded the table equals the source. A table with an inheriting child
+/// is copied without the child's rows (`FROM ONLY`): those are the child's own table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_table_is_copied_and_streamed_under_its_own_name() {
+    let (pg, db, work, agent) = running(
+        "CREATE TABLE m (id int, at date NOT NULL, v text, PRIMARY KEY (id, at))
+           PARTITION BY RANGE (at);
+         CREATE TABLE m_a PARTITION OF m FOR VALUES FROM ('2024-01-01') TO ('2024-07-01');
+         CREATE TABLE m_b PARTITION OF m FOR VALUES FROM ('2024-07-01') TO ('2025-01-01')
+           PARTITION BY RANGE (at);
+         CREATE TABLE m_b1 PARTITION OF m_b FOR VALUES FROM ('2024-07-01') TO ('2024-10-01');
+         CREATE TABLE m_b2 PARTITION OF m_b FOR VALUES FROM ('2024-10-01') TO ('2025-01-01');
+         INSERT INTO m SELECT g, date '2024-01-01' + (g % 366), 'v' || g
+           FROM generate_series(1, 30000) g;
+         CREATE TABLE p (id int PRIMARY KEY, v text);
+         CREATE TABLE c () INHERITS (p);
+         INSERT INTO p SELECT g, 'parent' FROM generate_series(1, 100) g;
+         INSERT INTO c SELECT g, 'child' FROM generate_series(1, 50) g;",
+        &["m", "p"],
+        "snapshot = \"initial\"\nsnapshot_readers = 2",
+    )
+    .await
+    .parts();
+    db.batch_execute(
+        "INSERT INTO m VALUES (30001, '2024-03-01', 'new'), (30002, '2024-11-11', 'new');
+         UPDATE m SET v = 'changed' WHERE id <= 20;
+         DELETE FROM m WHERE id BETWEEN 100 AND 110;
+         UPDATE m SET at = '2024-12-24' WHERE id = 31;
+         UPDATE m SET at = '2024-02-02', v = 'back' WHERE id = 200;
+         INSERT INTO p VALUES (101, 'parent');",
+    )
+    .await
+    .unwrap();
+    let v = wait_source_equal(&work, "ns.m", &pg, "SELECT id, at, v FROM m", &[], 120).await;
+    assert!(
+        v["ops"]["R"].as_i64().unwrap_or(0) == 30000,
+        "every partition copied once: {v}"
+    );
+    assert_eq!(v["snapshot_duplicate_keys"], 0);
+    let v = wait_source_equal(&work, "ns.p", &pg, "SELECT id, v FROM ONLY p", &[], 60).await;
+    assert_eq!(
+        v["ops"]["R"], 100,
+        "the child's rows are not the parent's: {v}"
+    );
+    let pub_via_root = db
+        .query_one(
+            "SELECT pubviaroot FROM pg_publication WHERE pubname = 'philotes_p'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert!(pub_via_root.get::<_, bool>(0));
+    let (rc, out) = pyiceberg(&work, "print(sorted(t for _, t in c.list_tables('ns')))");
+    assert_eq!(rc, 0, "{out}");
+    assert!(out.contains("'m'") && out.contains("'p'"), "{out}");
+    for part in ["m_a", "m_b", "m_b1", "m_b2"] {
+        assert!(
+            !out.contains(&format!("'{part}'")),
+            "no table for a partition: {out}"
+        );
+    }
+    let log = agent.log_text();
+    assert!(!log.contains("pipeline failed"), "{log}");
+    assert_eq!(agent.terminate(), Some(0));
+}

@@ -12,6 +12,8 @@
 //! rewritten meanwhile (new relfilenode), the resumed copy keeps every row: nothing can be
 //! lost, but a key may then appear twice as `R` (the later copy wins when folding).
 
+use std::sync::Arc;
+
 use std::time::{Duration, Instant};
 use tracing::Instrument;
 
@@ -142,12 +144,18 @@ impl Applier {
         // this task converts; each ends with `Done`, so a reader that vanished is noticed.
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Fetched, SourceError>>(2);
         let mut fetchers = Vec::new();
+        // A partitioned table has ranges per partition: still `snapshot_readers` sessions.
+        let sessions = Arc::new(tokio::sync::Semaphore::new(readers.max(1) as usize));
         for (r, range) in progress.ranges.iter().enumerate() {
             let select = range_select(&list, &facts.rel, range, visibility.as_deref());
             let (url, slot, publication) = (url.clone(), slot.clone(), publication.clone());
             let snapshot = snapshot.clone();
             let tx = tx.clone();
+            let sessions = sessions.clone();
             fetchers.push(AbortOnDrop(tokio::spawn(async move {
+                let Ok(_session) = sessions.acquire_owned().await else {
+                    return;
+                };
                 let result =
                     copy_range(&url, &slot, &publication, &snapshot, &select, r, &tx).await;
                 let _ = tx.send(result.map(|()| Fetched::Done(r))).await;

@@ -33,6 +33,14 @@ pub enum SourceError {
         /// Cause.
         reason: String,
     },
+    /// The publication cannot carry a configured table as configured.
+    #[error("publication {publication:?} is unusable: {reason}")]
+    Publication {
+        /// Publication name.
+        publication: String,
+        /// What is wrong and how to fix it.
+        reason: String,
+    },
     /// Any other server error.
     #[error("source query failed: {0}")]
     Query(String),
@@ -51,9 +59,10 @@ impl SourceError {
     pub fn error_type(&self) -> ErrorType {
         match self {
             SourceError::Connect { .. } => ErrorType::Connection,
-            SourceError::WalLevel(_) | SourceError::MissingTable(_) | SourceError::Slot { .. } => {
-                ErrorType::Config
-            }
+            SourceError::WalLevel(_)
+            | SourceError::MissingTable(_)
+            | SourceError::Slot { .. }
+            | SourceError::Publication { .. } => ErrorType::Config,
             SourceError::Query(_) => ErrorType::SourceQuery,
             SourceError::Decode(_) => ErrorType::Decode,
         }
@@ -254,6 +263,24 @@ impl Session {
             .and_then(|r| r.into_iter().next().flatten()))
     }
 
+    /// Whether relation `oid` is a partition whose changes the publication sends under an
+    /// ancestor's name (`publish_via_partition_root`). pgoutput sends such a partition's
+    /// Relation message after its ancestor's, though no row comes under the partition's OID.
+    pub async fn published_as_ancestor(&mut self, oid: u32) -> Result<bool, SourceError> {
+        if self.server_version().await? < 130_000 {
+            return Ok(false);
+        }
+        let sql = format!(
+            "SELECT 1 FROM pg_catalog.pg_class c, pg_catalog.pg_publication p \
+             WHERE c.oid = {oid} AND c.relispartition AND p.pubname = {pubname} AND p.pubviaroot \
+             AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_publication_tables t \
+               WHERE t.pubname = p.pubname AND (pg_catalog.quote_ident(t.schemaname) || '.' \
+               || pg_catalog.quote_ident(t.tablename))::regclass = c.oid)",
+            pubname = quote_literal(&self.publication)
+        );
+        Ok(!self.query(&sql).await?.is_empty())
+    }
+
     /// The tables with REPLICA IDENTITY FULL (`schema.table`), each with its primary key
     /// columns (none: the whole row is its identity). Their Relation messages flag every column
     /// as key and every UPDATE sends the whole old row.
@@ -303,12 +330,75 @@ impl Session {
             .collect())
     }
 
-    /// Create the publication if missing, and add configured tables it lacks.
+    /// The configured tables that are partitioned, as `schema.table`.
+    async fn partitioned_tables(
+        &mut self,
+        tables: &[(String, String)],
+    ) -> Result<Vec<String>, SourceError> {
+        let mut out = Vec::new();
+        for (schema, table) in tables {
+            let sql = format!(
+                "SELECT 1 FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n \
+                 ON n.oid = c.relnamespace WHERE n.nspname = {} AND c.relname = {} \
+                 AND c.relkind = 'p'",
+                quote_literal(schema),
+                quote_literal(table)
+            );
+            if !self.query(&sql).await?.is_empty() {
+                out.push(format!("{schema}.{table}"));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Refuse a configured partitioned table that `publication` (if it exists) would publish
+    /// under its partitions' names, which are not configured tables: their changes would be
+    /// left out. Returns whether any configured table is partitioned.
+    pub async fn check_partitioned(
+        &mut self,
+        publication: &str,
+        tables: &[(String, String)],
+    ) -> Result<bool, SourceError> {
+        let partitioned = self.partitioned_tables(tables).await?;
+        let Some(first) = partitioned.first() else {
+            return Ok(false);
+        };
+        let version = self.server_version().await?;
+        if version < 130_000 {
+            return Err(SourceError::Publication {
+                publication: publication.into(),
+                reason: format!(
+                    "table {first} is partitioned, and PostgreSQL {} cannot publish a partitioned table (13 and later can)",
+                    version / 10_000
+                ),
+            });
+        }
+        let via_root = self
+            .scalar(&format!(
+                "SELECT pubviaroot::text FROM pg_catalog.pg_publication WHERE pubname = {}",
+                quote_literal(publication)
+            ))
+            .await?;
+        if via_root.as_deref() == Some("false") {
+            return Err(SourceError::Publication {
+                publication: publication.into(),
+                reason: format!(
+                    "it publishes the changes of partitioned table {first} under the names of its partitions; run ALTER PUBLICATION {} SET (publish_via_partition_root = true)",
+                    quote_ident(publication)
+                ),
+            });
+        }
+        Ok(true)
+    }
+
+    /// Create the publication if missing (publishing partitioned tables under their own name),
+    /// and add configured tables it lacks.
     pub async fn ensure_publication(
         &mut self,
         publication: &str,
         tables: &[(String, String)],
     ) -> Result<(), SourceError> {
+        let partitioned = self.check_partitioned(publication, tables).await?;
         let list = tables
             .iter()
             .map(|(s, t)| format!("{}.{}", quote_ident(s), quote_ident(t)))
@@ -322,8 +412,13 @@ impl Session {
             .is_empty();
         if !exists {
             tracing::info!(publication, "creating publication");
+            let with = if partitioned {
+                " WITH (publish_via_partition_root = true)"
+            } else {
+                ""
+            };
             self.query(&format!(
-                "CREATE PUBLICATION {} FOR TABLE {}",
+                "CREATE PUBLICATION {} FOR TABLE {}{with}",
                 quote_ident(publication),
                 list.join(", ")
             ))

@@ -24,9 +24,13 @@ pub const BATCH_BYTES: usize = 1 << 20;
 const READ_BYTES: usize = 256 << 10;
 
 /// One reader's share of the table: row versions after `after` (else from block `from`) and
-/// below block `to`.
+/// below block `to`, of the table itself or of one of its partitions.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TidRange {
+    /// The partition (`"schema"."name"`) this range reads, for a partitioned table; None:
+    /// the table itself. Absent in the progress of copies recorded before partitions were read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub part: Option<String>,
     /// Copied up to and including this (block, offset).
     pub after: Option<(u32, u16)>,
     /// First block, while nothing is copied yet.
@@ -56,6 +60,7 @@ pub fn split_blocks(readers: u64, blocks: u64) -> Vec<TidRange> {
     let readers = readers.max(1);
     (0..readers)
         .map(|r| TidRange {
+            part: None,
             after: None,
             from: blocks * r / readers,
             to: (r + 1 < readers).then(|| blocks * (r + 1) / readers),
@@ -107,10 +112,26 @@ pub struct TableFacts {
     pub rel: String,
     /// Estimated rows (`pg_class.reltuples`), for progress lines.
     pub estimate: u64,
-    /// Its relfilenode now (a rewrite changes every ctid).
+    /// Its relfilenode now (a rewrite changes every ctid); a partitioned table's is its
+    /// partitions' in order (attaching or detaching one changes it too).
     pub filenode: String,
     rel_oid: String,
+    /// A partitioned table's leaf partitions with storage (quoted) and their size in blocks;
+    /// None for a table with storage of its own.
+    partitions: Option<Vec<(String, u64)>>,
 }
+
+/// The leaf partitions of a partitioned table (`{oid}`), at any depth, with their
+/// relfilenode, estimated rows and size in blocks. Foreign partitions have no WAL, so logical
+/// replication never sees their changes: they are not copied either.
+const LEAF_PARTITIONS: &str = "WITH RECURSIVE tree(relid) AS (SELECT {oid}::oid \
+     UNION ALL SELECT i.inhrelid FROM pg_catalog.pg_inherits i JOIN tree ON i.inhparent = tree.relid) \
+     SELECT pg_catalog.quote_ident(n.nspname) || '.' || pg_catalog.quote_ident(c.relname), \
+     pg_catalog.pg_relation_filenode(c.oid)::text, GREATEST(c.reltuples, 0)::bigint::text, \
+     (pg_catalog.pg_relation_size(c.oid) / pg_catalog.current_setting('block_size')::bigint)::text \
+     FROM tree JOIN pg_catalog.pg_class c ON c.oid = tree.relid \
+     JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+     WHERE c.relkind = 'r' ORDER BY 1";
 
 /// Facts of `schema.name` read on `reader`.
 pub async fn table_facts(
@@ -128,6 +149,34 @@ pub async fn table_facts(
         .await?
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
+    let kind = reader
+        .scalar(&format!(
+            "SELECT relkind::text FROM pg_catalog.pg_class WHERE oid = {rel_oid}"
+        ))
+        .await?;
+    if kind.as_deref() == Some("p") {
+        let rows = reader
+            .query(&LEAF_PARTITIONS.replace("{oid}", &rel_oid))
+            .await?;
+        let field = |r: &Vec<Option<String>>, i: usize| r.get(i).cloned().flatten();
+        let number = |v: Option<String>| v.and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        let mut filenodes = Vec::new();
+        let mut estimate = 0;
+        let mut partitions = Vec::new();
+        for r in &rows {
+            let Some(name) = field(r, 0) else { continue };
+            filenodes.push(field(r, 1).unwrap_or_default());
+            estimate += number(field(r, 2));
+            partitions.push((name, number(field(r, 3))));
+        }
+        return Ok(TableFacts {
+            rel,
+            estimate,
+            filenode: filenodes.join(","),
+            rel_oid,
+            partitions: Some(partitions),
+        });
+    }
     let filenode = reader
         .scalar(&format!(
             "SELECT pg_catalog.pg_relation_filenode({rel_oid})::text"
@@ -139,6 +188,7 @@ pub async fn table_facts(
         estimate,
         filenode,
         rel_oid,
+        partitions: None,
     })
 }
 
@@ -187,6 +237,20 @@ pub async fn plan_ranges(
         v if v >= 140_000 => readers.max(1) as u64,
         _ => 1,
     };
+    // Small tables (and small partitions) are not worth a second session.
+    let split = |blocks: u64| split_blocks(if blocks < 64 { 1 } else { readers }, blocks);
+    if let Some(partitions) = &facts.partitions {
+        // Ctids repeat across partitions: each partition gets ranges of its own.
+        return Ok(partitions
+            .iter()
+            .flat_map(|(name, blocks)| {
+                split(*blocks).into_iter().map(|r| TidRange {
+                    part: Some(name.clone()),
+                    ..r
+                })
+            })
+            .collect());
+    }
     let blocks: u64 = reader
         .scalar(&format!(
             "SELECT (pg_catalog.pg_relation_size({}) / \
@@ -196,8 +260,7 @@ pub async fn plan_ranges(
         .await?
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
-    let readers = if blocks < 64 { 1 } else { readers };
-    Ok(split_blocks(readers, blocks))
+    Ok(split(blocks))
 }
 
 /// The name of the temporary slot that exports a copy's snapshot: unique per pipeline slot and
@@ -213,9 +276,11 @@ pub fn temp_slot_name(slot: &str) -> String {
     )
 }
 
-/// The query one reader copies: `list` and the `ctid` of `rel`, what is left of `range`,
-/// and the visibility filter of a resumed copy. A TID range scan returns rows in ctid order:
-/// the last ctid of a batch is the reader's position.
+/// The query one reader copies: `list` and the `ctid` of `rel` (or of the range's partition),
+/// what is left of `range`, and the visibility filter of a resumed copy. A TID range scan
+/// returns rows in ctid order: the last ctid of a batch is the reader's position. `ONLY`:
+/// rows of tables inheriting from `rel` are theirs (their changes are not `rel`'s either) and
+/// would break the ctid order.
 pub fn range_select(list: &str, rel: &str, range: &TidRange, visibility: Option<&str>) -> String {
     let mut conds = range.conditions();
     conds.extend(visibility.map(str::to_string));
@@ -224,7 +289,8 @@ pub fn range_select(list: &str, rel: &str, range: &TidRange, visibility: Option<
     } else {
         format!(" WHERE {}", conds.join(" AND "))
     };
-    format!("SELECT {list}, ctid FROM {rel}{filter}")
+    let rel = range.part.as_deref().unwrap_or(rel);
+    format!("SELECT {list}, ctid FROM ONLY {rel}{filter}")
 }
 
 /// Open a read-only transaction on `session` that sees exactly the exported `snapshot`.
@@ -347,6 +413,7 @@ mod tests {
         assert_eq!(r[2].conditions(), vec!["ctid >= '(66,0)'::tid"]);
         assert!(split_blocks(1, 100)[0].conditions().is_empty());
         let resumed = TidRange {
+            part: None,
             after: Some((40, 7)),
             from: 33,
             to: Some(66),
@@ -357,8 +424,26 @@ mod tests {
         );
         assert_eq!(
             range_select("a, b", "\"public\".\"t\"", &resumed, Some("xmin::text::bigint < 9")),
-            "SELECT a, b, ctid FROM \"public\".\"t\" WHERE ctid > '(40,7)'::tid AND ctid < '(66,0)'::tid AND xmin::text::bigint < 9"
+            "SELECT a, b, ctid FROM ONLY \"public\".\"t\" WHERE ctid > '(40,7)'::tid AND ctid < '(66,0)'::tid AND xmin::text::bigint < 9"
         );
+        // A partition's range reads the partition.
+        let part = TidRange {
+            part: Some("\"public\".\"t_2024\"".into()),
+            ..resumed
+        };
+        assert_eq!(
+            range_select("a", "\"public\".\"t\"", &part, None),
+            "SELECT a, ctid FROM ONLY \"public\".\"t_2024\" WHERE ctid > '(40,7)'::tid AND ctid < '(66,0)'::tid"
+        );
+    }
+
+    #[test]
+    fn progress_recorded_before_partitions_still_reads() {
+        let old: TidRange = serde_json::from_str(r#"{"after":[3,1],"from":0,"to":null}"#).unwrap();
+        assert_eq!(old.part, None);
+        assert_eq!(old.after, Some((3, 1)));
+        // Written back the same way for a table that is not partitioned.
+        assert!(!serde_json::to_string(&old).unwrap().contains("part"));
     }
 
     #[test]
