@@ -505,13 +505,16 @@ async fn in_progress_transactions_stream_with_savepoints_rollbacks_and_crashes()
         || async { (stream_txns(&pg, "philotes_p").await > before).then_some(()) },
     )
     .await;
-    // The API shows the spooled transaction while it is open.
+    // The API shows the spooled transaction while it is open. The server streams it in
+    // blocks, so the bytes grow until the whole insert has arrived: wait for more than the
+    // first block (a single sample raced the later blocks).
     let spooled = wait_for(
         Duration::from_secs(30),
-        "the API to show the spool",
+        "the API to show 10,000 rows spooled (over 100,000 bytes)",
         || async {
             let v = agent.api_json("/api/v1/pipelines/p").await?;
-            (v["spooled_transactions"].as_u64()? >= 1).then(|| v["spooled_bytes"].as_u64())?
+            let bytes = v["spooled_bytes"].as_u64()?;
+            (v["spooled_transactions"].as_u64()? >= 1 && bytes > 100_000).then_some(bytes)
         },
     )
     .await;
