@@ -367,3 +367,60 @@ async fn dead_letters_of_one_table_are_not_dropped_below_another_tables_snapshot
     );
     assert_eq!(agent.terminate(), Some(0));
 }
+
+/// A partitioned table's copy killed after a chunk resumes partition by partition: each
+/// range's recorded progress names its partition, and no row is copied twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_tables_copy_resumes_after_a_sigkill_without_duplicates() {
+    let pg = TestPg::start();
+    let db = pg.create_db("app").await;
+    db.batch_execute(
+        "CREATE TABLE pk (id bigint, at date NOT NULL, v text, PRIMARY KEY (id, at))
+           PARTITION BY RANGE (at);
+         CREATE TABLE pk_a PARTITION OF pk FOR VALUES FROM ('2024-01-01') TO ('2024-05-01');
+         CREATE TABLE pk_b PARTITION OF pk FOR VALUES FROM ('2024-05-01') TO ('2024-09-01');
+         CREATE TABLE pk_c PARTITION OF pk FOR VALUES FROM ('2024-09-01') TO ('2025-01-01');
+         INSERT INTO pk SELECT g, date '2024-01-01' + (g % 365), 'v' || g
+           FROM generate_series(1, 600000) g;",
+    )
+    .await
+    .unwrap();
+    let work = Workdir::new();
+    let cfg = work.config(
+        &pg.url("app"),
+        &["pk"],
+        "snapshot = \"initial\"\nsnapshot_chunk_rows = 20000\nsnapshot_readers = 2",
+        "",
+    );
+    let log = work.path().join("agent.log");
+    let agent = AgentProc::start(&cfg, &log);
+    wait_log_line(&log, "a chunk commit", |l| {
+        l.contains("initial snapshot: chunk committed")
+    })
+    .await;
+    agent.kill9();
+    let before_kill = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        !before_kill.contains("initial snapshot: committed"),
+        "the kill must land during the copy"
+    );
+    db.batch_execute(
+        "UPDATE pk SET v = 'after' WHERE id <= 10;
+         INSERT INTO pk VALUES (600001, '2024-06-06', 'new');",
+    )
+    .await
+    .unwrap();
+    let agent = AgentProc::start(&cfg, &log);
+    let v = wait_source_equal(&work, "ns.pk", &pg, "SELECT id, at, v FROM pk", &[], 180).await;
+    assert_eq!(
+        v["snapshot_duplicate_keys"], 0,
+        "no row copied twice across the crash"
+    );
+    assert!(
+        agent
+            .log_text()
+            .contains("resuming after the last committed chunk"),
+        "the copy resumed"
+    );
+    assert_eq!(agent.terminate(), Some(0));
+}
