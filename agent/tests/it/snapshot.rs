@@ -7,6 +7,21 @@ use crate::common::*;
 
 const ROWS: i64 = 200_000;
 
+/// SIGKILL `agent` as soon as its copy has committed a chunk (`log` is its log file), and
+/// check that the kill landed during the copy.
+async fn kill_after_a_chunk(agent: AgentProc, log: &std::path::Path) {
+    wait_log_line(log, "a chunk commit", |l| {
+        l.contains("initial snapshot: chunk committed")
+    })
+    .await;
+    agent.kill9();
+    let before_kill = std::fs::read_to_string(log).unwrap_or_default();
+    assert!(
+        !before_kill.contains("initial snapshot: committed"),
+        "the kill must land during the copy"
+    );
+}
+
 async fn setup() -> (TestPg, tokio_postgres::Client, Workdir, std::path::PathBuf) {
     prepare(
         &format!(
@@ -124,17 +139,7 @@ async fn sigkill_during_the_snapshot_resumes_it_without_duplicates() {
     let log = work.path().join("agent.log");
     let agent = AgentProc::start(&cfg, &log);
     let writer = churn(pg.client("app").await);
-    // Kill as soon as the first chunk is committed.
-    wait_log_line(&log, "a chunk commit", |l| {
-        l.contains("initial snapshot: chunk committed")
-    })
-    .await;
-    agent.kill9();
-    let before_kill = std::fs::read_to_string(&log).unwrap_or_default();
-    assert!(
-        !before_kill.contains("initial snapshot: committed"),
-        "the kill must land during the copy"
-    );
+    kill_after_a_chunk(agent, &log).await;
     let partial = iceberg_rows(&work, "ns.big").unwrap_or(0);
     assert!(
         partial >= 20_000 && partial < ROWS as u64,
@@ -393,17 +398,7 @@ async fn a_partitioned_tables_copy_resumes_after_a_sigkill_without_duplicates() 
         "",
     );
     let log = work.path().join("agent.log");
-    let agent = AgentProc::start(&cfg, &log);
-    wait_log_line(&log, "a chunk commit", |l| {
-        l.contains("initial snapshot: chunk committed")
-    })
-    .await;
-    agent.kill9();
-    let before_kill = std::fs::read_to_string(&log).unwrap_or_default();
-    assert!(
-        !before_kill.contains("initial snapshot: committed"),
-        "the kill must land during the copy"
-    );
+    kill_after_a_chunk(AgentProc::start(&cfg, &log), &log).await;
     db.batch_execute(
         "UPDATE pk SET v = 'after' WHERE id <= 10;
          INSERT INTO pk VALUES (600001, '2024-06-06', 'new');",
