@@ -29,7 +29,7 @@ use crate::source::postgres::conn::SourceUrl;
 use crate::source::postgres::session::{Session, SourceError};
 use crate::source::postgres::snapshot::{
     self as source_snapshot, copy_range, parse_tid, plan_ranges, range_select, snapshot_xids,
-    table_facts, visible_then, Fetched, TidRange,
+    table_facts, visible_then, Fetched, ReadAhead, TidRange,
 };
 use crate::telemetry::events::{ChangeReceived, DeadLettered, TableCommitted};
 
@@ -56,6 +56,23 @@ impl Progress {
     fn visible_then(&self, now_xmax: u64) -> Option<String> {
         visible_then(self.xmax, &self.xip, now_xmax)
     }
+}
+
+/// A copy under way: what the readers' batches advance.
+struct Copying {
+    progress: Progress,
+    /// Per range: its reader reached the end.
+    done: Vec<bool>,
+    /// Rows since the last chunk commit.
+    since_commit: u64,
+    /// `_cdc_lsn` of every copied row.
+    lsn: Lsn,
+    /// `_cdc_ts` of every copied row.
+    ts: i64,
+    ncols: usize,
+    /// Per column: read in binary.
+    binary: Vec<bool>,
+    source_name: String,
 }
 
 impl Applier {
@@ -104,7 +121,7 @@ impl Applier {
         let (estimate, filenode) = (facts.estimate, facts.filenode.clone());
         let readers = self.cfg.snapshot_readers;
         let (now_xmax, now_xip) = snapshot_xids(&mut reader, &snapshot).await?;
-        let (mut progress, visibility) = match resumed {
+        let (progress, visibility) = match resumed {
             Some(mut p) => {
                 tracing::info!(table = %source_name, rows_done = p.seq, "initial snapshot: resuming after the last committed chunk");
                 if p.filenode != filenode {
@@ -138,11 +155,11 @@ impl Applier {
         let started = Instant::now();
         let mut last_report = Instant::now();
         let first_seq = progress.seq;
-        let ts = now_micros();
-        let ncols = columns.len();
-        // Readers fetch ahead into a channel of a few batches (memory stays bounded) while
-        // this task converts; each ends with `Done`, so a reader that vanished is noticed.
+        // Readers fetch ahead into a channel of a few batches, within a budget of receive
+        // buffers (memory stays bounded) while this task converts; each ends with `Done`, so
+        // a reader that vanished is noticed.
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Fetched, SourceError>>(2);
+        let budget = ReadAhead::new(readers as usize);
         let mut fetchers = Vec::new();
         // A partitioned table has ranges per partition: still `snapshot_readers` sessions.
         let sessions = Arc::new(tokio::sync::Semaphore::new(readers.max(1) as usize));
@@ -150,105 +167,67 @@ impl Applier {
             let select = range_select(&list, &facts.rel, range, visibility.as_deref());
             let (url, slot, publication) = (url.clone(), slot.clone(), publication.clone());
             let snapshot = snapshot.clone();
-            let tx = tx.clone();
+            let (tx, budget) = (tx.clone(), budget.clone());
             let sessions = sessions.clone();
             fetchers.push(AbortOnDrop(tokio::spawn(async move {
                 let Ok(_session) = sessions.acquire_owned().await else {
                     return;
                 };
-                let result =
-                    copy_range(&url, &slot, &publication, &snapshot, &select, r, &tx).await;
+                let result = copy_range(
+                    &url,
+                    &slot,
+                    &publication,
+                    &snapshot,
+                    &select,
+                    r,
+                    &budget,
+                    &tx,
+                )
+                .await;
                 let _ = tx.send(result.map(|()| Fetched::Done(r))).await;
             })));
         }
         drop(tx);
-        let mut done = vec![false; progress.ranges.len()];
-        let mut since_commit = 0u64;
+        let mut copy = Copying {
+            done: vec![false; progress.ranges.len()],
+            progress,
+            since_commit: 0,
+            lsn,
+            ts: now_micros(),
+            ncols: columns.len(),
+            binary,
+            source_name,
+        };
         while let Some(msg) = rx.recv().await {
-            let (r, rows) = match msg? {
-                Fetched::Rows(r, rows) => (r, rows),
-                Fetched::Done(r) => {
-                    done[r] = true;
-                    continue;
-                }
-            };
-            // Every row ends with its ctid.
-            let tid_of = |i: usize| {
-                (i < rows.len())
-                    .then(|| rows.row(i))
-                    .and_then(|r| parse_tid(r.get(ncols).flatten()))
-            };
-            let Some(tid) = rows.len().checked_sub(1).and_then(tid_of) else {
-                return Err(SourceError::Query(format!(
-                    "{source_name}: snapshot rows without their ctid"
-                ))
-                .into());
-            };
-            for row in rows.iter() {
-                let values = row.values(ncols);
-                let seq = progress.seq;
-                let t = &mut self.tables[idx];
-                if let Err(e) =
-                    t.batch
-                        .push_snapshot(Op::Read, lsn, seq, ts, values.clone(), &binary)
-                {
-                    // Logged like a dead letter of the stream (it used not to be).
-                    DeadLettered {
-                        table: &source_name,
-                        lsn: &lsn.pg(),
-                        seq,
-                        op: Op::Read,
-                        error: &e.0,
+            self.take_fetched(idx, &mut copy, msg).await?;
+            if copy.since_commit >= self.cfg.snapshot_chunk_rows {
+                // The readers wait while the chunk commits, and what they fetched ahead is
+                // converted into this chunk first: the commit's row-group flush then does not
+                // meet a full read-ahead (it made a long copy's peak memory ~10 MB higher
+                // than a short one's).
+                let hold = budget.hold_all();
+                tokio::pin!(hold);
+                let _held = loop {
+                    tokio::select! {
+                        biased;
+                        held = &mut hold => break held,
+                        msg = rx.recv() => match msg {
+                            Some(msg) => self.take_fetched(idx, &mut copy, msg).await?,
+                            None => break (&mut hold).await,
+                        },
                     }
-                    .emit(&self.metrics);
-                    self.dlq_rows.push(DeadLetter {
-                        source_table: source_name.clone(),
-                        lsn,
-                        seq,
-                        op: Op::Read,
-                        error: e.0,
-                        row_json: snapshot_row_json(&t.columns, values, &binary),
-                        time_micros: now_micros(),
-                    });
-                } else {
-                    t.dirty = true;
-                }
-                progress.seq += 1;
-                since_commit += 1;
-                if self.should_spill(idx) {
-                    self.spill(idx).await?;
-                }
-            }
-            // Counted per fetched batch, not per row.
-            ChangeReceived {
-                op: Op::Read,
-                count: rows.len() as u64,
-            }
-            .emit(&self.tables[idx].metrics);
-            // Progress is "everything up to this ctid": it only holds if rows came in order.
-            let first = tid_of(0);
-            if first
-                .zip(progress.ranges[r].after)
-                .is_some_and(|(f, a)| f <= a)
-                || first > Some(tid)
-            {
-                return Err(SourceError::Query(format!(
-                    "{source_name}: snapshot rows did not arrive in ctid order; the copy will be retried"
-                ))
-                .into());
-            }
-            progress.ranges[r].after = Some(tid);
-            if since_commit >= self.cfg.snapshot_chunk_rows {
-                since_commit = 0;
+                };
+                copy.since_commit = 0;
                 let left = Progress {
-                    ranges: progress
+                    ranges: copy
+                        .progress
                         .ranges
                         .iter()
-                        .zip(&done)
+                        .zip(&copy.done)
                         .filter(|(_, d)| !**d)
                         .map(|(r, _)| r.clone())
                         .collect(),
-                    ..progress.clone()
+                    ..copy.progress.clone()
                 };
                 let json = serde_json::to_string(&left)
                     .map_err(|e| SourceError::Query(format!("snapshot progress: {e}")))?;
@@ -261,16 +240,22 @@ impl Applier {
                     ],
                 )
                 .await?;
-                tracing::info!(table = %source_name, rows = progress.seq, "initial snapshot: chunk committed");
+                tracing::info!(table = %copy.source_name, rows = copy.progress.seq, "initial snapshot: chunk committed");
             }
             if last_report.elapsed() >= Duration::from_secs(2) {
                 last_report = Instant::now();
-                let copied = progress.seq - first_seq;
-                let rate = copied as f64 / started.elapsed().as_secs_f64().max(0.001);
-                let eta = estimate.saturating_sub(progress.seq) as f64 / rate.max(1.0);
-                tracing::info!(table = %source_name, rows = progress.seq, rows_per_s = rate as u64, eta_s = eta as u64, "initial snapshot: progress");
+                let seq = copy.progress.seq;
+                let rate = (seq - first_seq) as f64 / started.elapsed().as_secs_f64().max(0.001);
+                let eta = estimate.saturating_sub(seq) as f64 / rate.max(1.0);
+                tracing::info!(table = %copy.source_name, rows = seq, rows_per_s = rate as u64, eta_s = eta as u64, "initial snapshot: progress");
             }
         }
+        let Copying {
+            progress,
+            done,
+            source_name,
+            ..
+        } = copy;
         drop(fetchers);
         if done.iter().any(|d| !d) {
             return Err(SourceError::Query(format!(
@@ -288,6 +273,93 @@ impl Applier {
             seconds = started.elapsed().as_secs_f64(),
             "initial snapshot: committed"
         );
+        Ok(())
+    }
+
+    /// Convert one message of the copy's readers into table `idx`'s batch and advance the
+    /// copy's progress; a batch's read-ahead buffers are returned once it is converted.
+    async fn take_fetched(
+        &mut self,
+        idx: usize,
+        c: &mut Copying,
+        msg: Result<Fetched, SourceError>,
+    ) -> Result<(), PipelineError> {
+        let (r, rows) = match msg? {
+            Fetched::Rows(r, rows, _share) => (r, rows),
+            Fetched::Done(r) => {
+                c.done[r] = true;
+                return Ok(());
+            }
+        };
+        let (lsn, ncols) = (c.lsn, c.ncols);
+        // Every row ends with its ctid.
+        let tid_of = |i: usize| {
+            (i < rows.len())
+                .then(|| rows.row(i))
+                .and_then(|r| parse_tid(r.get(ncols).flatten()))
+        };
+        let Some(tid) = rows.len().checked_sub(1).and_then(tid_of) else {
+            return Err(SourceError::Query(format!(
+                "{}: snapshot rows without their ctid",
+                c.source_name
+            ))
+            .into());
+        };
+        for row in rows.iter() {
+            let values = row.values(ncols);
+            let seq = c.progress.seq;
+            let t = &mut self.tables[idx];
+            if let Err(e) =
+                t.batch
+                    .push_snapshot(Op::Read, lsn, seq, c.ts, values.clone(), &c.binary)
+            {
+                // Logged like a dead letter of the stream (it used not to be).
+                DeadLettered {
+                    table: &c.source_name,
+                    lsn: &lsn.pg(),
+                    seq,
+                    op: Op::Read,
+                    error: &e.0,
+                }
+                .emit(&self.metrics);
+                self.dlq_rows.push(DeadLetter {
+                    source_table: c.source_name.clone(),
+                    lsn,
+                    seq,
+                    op: Op::Read,
+                    error: e.0,
+                    row_json: snapshot_row_json(&t.columns, values, &c.binary),
+                    time_micros: now_micros(),
+                });
+            } else {
+                t.dirty = true;
+            }
+            c.progress.seq += 1;
+            c.since_commit += 1;
+            if self.should_spill(idx) {
+                self.spill(idx).await?;
+            }
+        }
+        // Counted per fetched batch, not per row.
+        ChangeReceived {
+            op: Op::Read,
+            count: rows.len() as u64,
+        }
+        .emit(&self.tables[idx].metrics);
+        // Progress is "everything up to this ctid": it only holds if rows came in order.
+        let first = tid_of(0);
+        if first
+            .zip(c.progress.ranges[r].after)
+            .is_some_and(|(f, a)| f <= a)
+            || first > Some(tid)
+        {
+            return Err(SourceError::Query(format!(
+                "{}: snapshot rows did not arrive in ctid order; the copy will be retried",
+                c.source_name
+            ))
+            .into());
+        }
+        c.progress.ranges[r].after = Some(tid);
         Ok(())
     }
 

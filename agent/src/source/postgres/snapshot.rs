@@ -3,8 +3,11 @@
 //! `xmin` filter that keeps a resumed copy at the first snapshot's point. The pipeline drives
 //! it (chunks, commits, progress); this module holds every line of SQL it needs.
 
+use std::sync::Arc;
+
 use bytes::BytesMut;
 use serde::{Deserialize, Serialize};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::conn::SourceUrl;
 use super::copy::{BinaryCopy, CopyRows};
@@ -89,10 +92,70 @@ pub fn visible_then(xmax: u64, xip: &[u64], now_xmax: u64) -> Option<String> {
 
 /// What a snapshot reader sends: a batch of rows, or the end of its range.
 pub enum Fetched {
-    /// Rows of reader `.0`, each ending with its `ctid`.
-    Rows(usize, CopyRows),
+    /// Rows of reader `.0`, each ending with its `ctid`, and the share of the read-ahead
+    /// their buffers took (returned when the batch is dropped, once converted).
+    Rows(usize, CopyRows, Share),
     /// Reader `.0` reached the end of its range.
     Done(usize),
+}
+
+/// The receive buffers all readers of one copy may hold at once, one permit each: the bound
+/// on what they fetch ahead of the converting task, which takes all of it back while a chunk
+/// commits, so that the commit's row-group flush never meets a full read-ahead (that meeting
+/// was the whole difference between the peak memory of a 10M-row copy and a 1M-row one).
+#[derive(Clone)]
+pub struct ReadAhead {
+    permits: Arc<Semaphore>,
+    total: u32,
+}
+
+/// Some permits of a [`ReadAhead`], returned when dropped.
+#[derive(Default)]
+pub struct Share(Option<OwnedSemaphorePermit>);
+
+impl Share {
+    fn add(&mut self, permit: OwnedSemaphorePermit) {
+        match &mut self.0 {
+            Some(held) => held.merge(permit),
+            None => self.0 = Some(permit),
+        }
+    }
+}
+
+impl ReadAhead {
+    /// Room for what `readers` readers hold in the steady state, so that only a chunk commit
+    /// makes them wait: a batch each being filled, two queued, one being converted (a batch is
+    /// at most `BATCH_BYTES` plus the buffer that crossed it: five buffers).
+    pub fn new(readers: usize) -> Self {
+        let per_batch = BATCH_BYTES / READ_BYTES + 1;
+        let total = (per_batch * (readers.max(1) + 3)) as u32;
+        Self {
+            permits: Arc::new(Semaphore::new(total as usize)),
+            total,
+        }
+    }
+
+    /// Wait until every buffer is back and hold them all: the readers hand on what they
+    /// hold meanwhile (the caller must go on receiving it), then wait until it is dropped.
+    pub async fn hold_all(&self) -> Share {
+        Share(
+            self.permits
+                .clone()
+                .acquire_many_owned(self.total)
+                .await
+                .ok(),
+        )
+    }
+
+    /// A permit for one more buffer, or None when the budget is spent (or being held).
+    fn try_take(&self) -> Option<OwnedSemaphorePermit> {
+        self.permits.clone().try_acquire_owned().ok()
+    }
+
+    /// A permit for one more buffer, once one is returned; None only if the budget is gone.
+    async fn take(&self) -> Option<OwnedSemaphorePermit> {
+        self.permits.clone().acquire_owned().await.ok()
+    }
 }
 
 /// The (block, offset) of a binary `tid` value.
@@ -344,7 +407,8 @@ pub async fn snapshot_xids(
 
 /// Copy `select` inside the exported `snapshot` on a session of its own (`COPY ... TO
 /// STDOUT` in binary: no round trips, rows sliced out of the received messages), into `tx`
-/// in batches tagged with reader `r`.
+/// in batches tagged with reader `r`, each receive buffer taken from `budget` first.
+#[allow(clippy::too_many_arguments)]
 pub async fn copy_range(
     url: &SourceUrl,
     slot: &str,
@@ -352,32 +416,51 @@ pub async fn copy_range(
     snapshot: &str,
     select: &str,
     r: usize,
+    budget: &ReadAhead,
     tx: &tokio::sync::mpsc::Sender<Result<Fetched, SourceError>>,
 ) -> Result<(), SourceError> {
     let mut reader = Session::connect(url, slot, publication, None).await?;
     import_snapshot(&mut reader, snapshot).await?;
     let mut parser = BinaryCopy::default();
     let mut rows = CopyRows::default();
-    let mut data = BytesMut::with_capacity(READ_BYTES);
+    // The buffers behind `rows` and `data`: they travel with the batch.
+    let mut share = Share::default();
+    let mut data = BytesMut::new();
     reader
         .copy_out_start(&format!("COPY ({select}) TO STDOUT (FORMAT binary)"))
         .await?;
     loop {
+        if data.capacity() == 0 {
+            let permit = match budget.try_take() {
+                Some(p) => p,
+                None => {
+                    // Spent, or a chunk commit is taking it all back: what this reader holds
+                    // goes on first (the converting task returns buffers as it converts).
+                    if !rows.is_empty() {
+                        let batch = Fetched::Rows(r, rows.take(), std::mem::take(&mut share));
+                        if tx.send(Ok(batch)).await.is_err() {
+                            return Ok(());
+                        }
+                    }
+                    match budget.take().await {
+                        Some(p) => p,
+                        None => return Ok(()),
+                    }
+                }
+            };
+            share.add(permit);
+            data = BytesMut::with_capacity(READ_BYTES);
+        }
         let before = data.len();
         let more = reader.copy_out_into(&mut data).await?;
         let full = data.len() == before || data.capacity() - data.len() < READ_BYTES / 8;
         if !data.is_empty() && (full || !more) {
-            let next = if more {
-                BytesMut::with_capacity(READ_BYTES)
-            } else {
-                BytesMut::new()
-            };
             parser
-                .feed(std::mem::replace(&mut data, next).freeze(), &mut rows)
+                .feed(std::mem::take(&mut data).freeze(), &mut rows)
                 .map_err(|e| SourceError::Query(e.to_string()))?;
             if rows.len() >= BATCH_ROWS || rows.held_bytes() >= BATCH_BYTES {
-                let batch = rows.take();
-                if tx.send(Ok(Fetched::Rows(r, batch))).await.is_err() {
+                let batch = Fetched::Rows(r, rows.take(), std::mem::take(&mut share));
+                if tx.send(Ok(batch)).await.is_err() {
                     return Ok(());
                 }
             }
@@ -391,7 +474,7 @@ pub async fn copy_range(
             "binary COPY ended without its trailer".into(),
         ));
     }
-    if !rows.is_empty() && tx.send(Ok(Fetched::Rows(r, rows))).await.is_err() {
+    if !rows.is_empty() && tx.send(Ok(Fetched::Rows(r, rows, share))).await.is_err() {
         return Ok(());
     }
     reader.query("COMMIT").await?;
@@ -401,6 +484,32 @@ pub async fn copy_range(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn holding_the_read_ahead_waits_for_every_buffer_and_stops_the_readers() {
+        let budget = ReadAhead::new(1);
+        let mut held = Share::default();
+        while let Some(p) = budget.try_take() {
+            held.add(p);
+        }
+        // Spent: a reader would hand on what it holds and wait.
+        assert_eq!(budget.total as usize, held.0.as_ref().map_or(0, |p| p.num_permits()));
+        let mut one = Share::default();
+        one.add(held.0.as_mut().and_then(|p| p.split(1)).unwrap());
+        let hold = budget.hold_all();
+        tokio::pin!(hold);
+        // Not while a batch is still out.
+        assert!(futures::poll!(&mut hold).is_pending());
+        drop(held);
+        assert!(futures::poll!(&mut hold).is_pending());
+        // Buffers returned while the hold waits go to it, not to a reader.
+        assert!(budget.try_take().is_none());
+        drop(one);
+        let all = hold.await;
+        assert!(budget.try_take().is_none());
+        drop(all);
+        assert!(budget.try_take().is_some());
+    }
 
     #[test]
     fn ranges_cover_the_table_once() {
