@@ -25,8 +25,8 @@ impl ColumnKind {
             2950 => ColumnKind::Uuid,
             1700 => match numeric_typmod(typmod) {
                 Some((p, s)) if p <= 38 => ColumnKind::Decimal {
-                    precision: p,
-                    scale: s,
+                    precision: p as u8,
+                    scale: s as u8,
                 },
                 _ => ColumnKind::Text,
             },
@@ -51,7 +51,7 @@ impl ColumnKind {
 }
 
 /// `(precision, scale)` of a numeric type modifier, if one is set and the scale is non-negative.
-pub fn numeric_typmod(typmod: i32) -> Option<(u8, u8)> {
+pub fn numeric_typmod(typmod: i32) -> Option<(u16, u16)> {
     if typmod < 4 {
         return None;
     }
@@ -62,7 +62,8 @@ pub fn numeric_typmod(typmod: i32) -> Option<(u8, u8)> {
     if t & 0x400 != 0 || p == 0 || s > p || p > 1000 {
         return None;
     }
-    Some((p as u8, s as u8))
+    // Precision goes up to 1000: no narrowing here (numeric(300,2) is text, not decimal(44,2)).
+    Some((p as u16, s as u16))
 }
 
 /// Element OID of a built-in array type.
@@ -605,6 +606,15 @@ mod tests {
             }
         );
         assert_eq!(ColumnKind::from_oid(1700, -1), ColumnKind::Text);
+        // Precisions past 38 are text, also those whose low byte is a small number
+        // (numeric(266,10) was taken for decimal(10,10)).
+        for (p, s) in [(39, 2), (266, 10), (300, 2), (1000, 0)] {
+            assert_eq!(
+                ColumnKind::from_oid(1700, (p << 16 | s) + 4),
+                ColumnKind::Text,
+                "numeric({p},{s})"
+            );
+        }
         assert_eq!(
             ColumnKind::from_oid(1007, -1),
             ColumnKind::List(Box::new(ColumnKind::Int32))
