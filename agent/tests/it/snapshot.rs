@@ -419,3 +419,36 @@ async fn a_partitioned_tables_copy_resumes_after_a_sigkill_without_duplicates() 
     );
     assert_eq!(agent.terminate(), Some(0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_multi_dimensional_array_column_is_kept_as_its_text() {
+    // Iceberg has no list of lists: a column declared `int4[][]` is a string holding
+    // PostgreSQL's text form, copied and streamed, rather than a dead letter per row.
+    let (pg, db, work, agent) = copying(
+        "CREATE TABLE grid (id int PRIMARY KEY, m int4[][], v int4[]);
+         INSERT INTO grid SELECT g, ARRAY[[g, 2], [3, NULL]], ARRAY[g, NULL]
+           FROM generate_series(1, 20) g;",
+        &["grid"],
+    )
+    .await
+    .parts();
+    wait_rows(&work, "ns.grid", 20, 60).await;
+    db.batch_execute(
+        "INSERT INTO grid SELECT g, ARRAY[[g], [-g]], ARRAY[g] FROM generate_series(21, 40) g;
+         UPDATE grid SET m = '{{7,8,9},{1,2,3}}' WHERE id % 4 = 0;
+         UPDATE grid SET m = NULL WHERE id = 1;",
+    )
+    .await
+    .unwrap();
+    // 20 copied, 20 inserted, 10 + 1 updated: none of them a dead letter.
+    wait_rows(&work, "ns.grid", 51, 60).await;
+    verify_state(&work, "ns.grid", &pg, "SELECT id, m::text AS m, v FROM grid");
+    let (code, out) = pyiceberg(
+        &work,
+        "s = c.load_table('ns.grid').schema()\n\
+         print(s.find_field('m').field_type, s.find_field('v').field_type)",
+    );
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(out.trim(), "string list<int>", "{out}");
+    assert_eq!(agent.terminate(), Some(0));
+}

@@ -499,7 +499,9 @@ impl Session {
 
     /// What the catalog says now of the table's columns: each column's number (`attnum`, kept
     /// by RENAME and ALTER TYPE, never reused) and, for a domain or an array of domains or
-    /// enums, the kind of its base type (a Relation message names only the domain's OID).
+    /// enums, the kind of its base type (a Relation message names only the domain's OID); a
+    /// column declared with several dimensions (`int4[][]`) is text, as Iceberg has no list of
+    /// lists to hold it (its values would all be dead letters otherwise).
     ///
     /// By OID when known: the catalog is the present, and the table may have another name by
     /// now than the change being applied says.
@@ -520,7 +522,7 @@ impl Session {
                  t.typtypmod::text, et.typtype::text, et.typbasetype::int8::text, \
                  et.typtypmod::text, a.atttypid::int8::text, \
                  (CASE t.typtype WHEN 'e' THEN 25 WHEN 'd' THEN t.typbasetype ELSE t.oid END)::int8::text, \
-                 a.atttypmod::text",
+                 a.atttypmod::text, a.attndims::text",
                 "JOIN pg_catalog.pg_type t ON t.oid = a.atttypid \
                  LEFT JOIN pg_catalog.pg_type et ON t.typcategory = 'A' AND et.oid = t.typelem",
             ))
@@ -534,6 +536,7 @@ impl Session {
                     ColumnKind::from_oid(oid.unwrap_or(25) as u32, typmod.unwrap_or(-1) as i32)
                 };
                 let kind = match (get(2).as_str(), get(5).as_str()) {
+                    _ if num(11).unwrap_or(0) > 1 && !get(5).is_empty() => Some(ColumnKind::Text),
                     ("d", _) => Some(base(num(3), num(4))),
                     (_, "d") => Some(ColumnKind::List(Box::new(base(num(6), num(7))))),
                     (_, "e") => Some(ColumnKind::List(Box::new(ColumnKind::Text))),
