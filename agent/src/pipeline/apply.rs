@@ -22,7 +22,8 @@ use crate::model::{Lsn, Op};
 use crate::sink::iceberg::commit::Committer;
 use crate::sink::iceberg::evolve::{promotable, ColumnChange};
 use crate::sink::iceberg::schema::{
-    changelog_partition, changelog_schema, dlq_schema, kind_of, CHANGELOG_SUFFIX, DLQ_TABLE,
+    changelog_partition, changelog_schema, dlq_schema, field_name, kind_of, CHANGELOG_SUFFIX,
+    DLQ_TABLE,
 };
 use crate::sink::iceberg::table::{Committed, MirrorSource, PropertyChanges, TableOptions};
 use crate::sink::iceberg::{SinkError, TableSink};
@@ -697,7 +698,7 @@ impl Applier {
         // Known under this name with these columns: nothing changes.
         if let Some(Some(i)) = self.relations.get(&oid) {
             let t = &self.tables[*i];
-            return Ok(t.current == now && t.columns == columns);
+            return Ok(t.current == now && t.columns == as_fields(columns.to_vec()));
         }
         // Not mapped yet, or not ours: the name must be the committed one, or a rename inside
         // this transaction would be followed before the transaction is known to commit.
@@ -710,7 +711,7 @@ impl Applier {
             .cloned()
             .unwrap_or_else(|| now.clone());
         if let Some(t) = self.tables.iter().find(|t| t.source_name == source) {
-            return Ok(t.current == now && t.columns == columns);
+            return Ok(t.current == now && t.columns == as_fields(columns.to_vec()));
         }
         let configured = self
             .cfg
@@ -1162,6 +1163,7 @@ impl Applier {
                     .map(|(i, _)| i)
                     .collect::<Vec<usize>>()
             });
+        let columns = as_fields(columns);
         if let Some(i) = self
             .tables
             .iter()
@@ -1174,7 +1176,7 @@ impl Applier {
             // The table changed shape: write what was buffered with the old layout first,
             // then follow the change (renames by column number, promotions in place, other
             // type changes beside the old column) in both tables.
-            let catalog = self.catalog_columns(schema, name, oid).await?;
+            let catalog = catalog_as_fields(self.catalog_columns(schema, name, oid).await?);
             let lsn = self.change_lsn();
             self.close_files(i).await?;
             let t = &mut self.tables[i];
@@ -1199,7 +1201,7 @@ impl Applier {
             t.columns = columns;
             return Ok(i);
         }
-        let catalog = self.catalog_columns(schema, name, oid).await?;
+        let catalog = catalog_as_fields(self.catalog_columns(schema, name, oid).await?);
         let lsn = self.change_lsn();
         // Domains and arrays of domains or enums take their base type in new tables.
         let model: Vec<_> = columns
@@ -1736,6 +1738,27 @@ fn binary_oid(c: &RelationColumn, catalog: &[CatalogColumn]) -> u32 {
         .iter()
         .find(|k| k.name == c.name && k.type_oid == c.type_oid)
         .map_or(c.type_oid, |k| k.binary_oid)
+}
+
+/// `columns` under the names of their Iceberg fields (see [`field_name`]): the pipeline's
+/// tables hold them so, while the source's SQL (the snapshot's select list) uses the source's.
+fn as_fields(mut columns: Vec<RelationColumn>) -> Vec<RelationColumn> {
+    for c in &mut columns {
+        if let Some(n) = field_name(&c.name) {
+            c.name = n;
+        }
+    }
+    columns
+}
+
+/// The catalog's columns under the names of their Iceberg fields, to match [`as_fields`].
+fn catalog_as_fields(mut columns: Vec<CatalogColumn>) -> Vec<CatalogColumn> {
+    for c in &mut columns {
+        if let Some(n) = field_name(&c.name) {
+            c.name = n;
+        }
+    }
+    columns
 }
 
 /// The kind a relation column takes in Iceberg: its base type's for a domain (or an array of

@@ -442,7 +442,12 @@ async fn a_multi_dimensional_array_column_is_kept_as_its_text() {
     .unwrap();
     // 20 copied, 20 inserted, 10 + 1 updated: none of them a dead letter.
     wait_rows(&work, "ns.grid", 51, 60).await;
-    verify_state(&work, "ns.grid", &pg, "SELECT id, m::text AS m, v FROM grid");
+    verify_state(
+        &work,
+        "ns.grid",
+        &pg,
+        "SELECT id, m::text AS m, v FROM grid",
+    );
     let (code, out) = pyiceberg(
         &work,
         "s = c.load_table('ns.grid').schema()\n\
@@ -450,5 +455,53 @@ async fn a_multi_dimensional_array_column_is_kept_as_its_text() {
     );
     assert_eq!(code, 0, "{out}");
     assert_eq!(out.trim(), "string list<int>", "{out}");
+    assert_eq!(agent.terminate(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn source_columns_named_like_cdc_columns_are_kept_under_a_prefix() {
+    // A table fed by another CDC tool may have a `_cdc_op` of its own: an Iceberg schema
+    // cannot hold two, so the source's is `source__cdc_op`, copied, streamed, in the mirror
+    // too, and a `_cdc_ts` added while streaming does not stop the stream.
+    let (pg, db, work, agent) = prepare(
+        "CREATE TABLE feed (id int PRIMARY KEY, _cdc_op text, _cdc_lsn bigint);
+         INSERT INTO feed SELECT g, 'I', g * 10 FROM generate_series(1, 20) g;",
+        &["feed"],
+        "snapshot = \"initial\"\nmode = \"both\"",
+        "",
+    )
+    .await
+    .started()
+    .parts();
+    wait_rows(&work, "ns.feed_changelog", 20, 60).await;
+    db.batch_execute(
+        "INSERT INTO feed SELECT g, 'U', g * 10 FROM generate_series(21, 30) g;
+         ALTER TABLE feed ADD COLUMN _cdc_ts text;
+         UPDATE feed SET _cdc_ts = 'later', _cdc_op = 'D' WHERE id % 5 = 0;
+         DELETE FROM feed WHERE id = 3;",
+    )
+    .await
+    .unwrap();
+    // 20 copied, 10 inserted, 6 updated, 1 deleted.
+    wait_rows(&work, "ns.feed_changelog", 37, 60).await;
+    let q = "SELECT id, _cdc_op AS source__cdc_op, _cdc_lsn AS source__cdc_lsn, \
+             _cdc_ts AS source__cdc_ts FROM feed";
+    verify_state(&work, "ns.feed_changelog", &pg, q);
+    let (code, out) = pyiceberg(
+        &work,
+        "m = c.load_table('ns.feed').scan().to_arrow().sort_by('id')\n\
+         r = [x for x in m.to_pylist() if x['id'] == 5][0]\n\
+         print(m.num_rows, r['source__cdc_op'], r['source__cdc_ts'])\n\
+         print([f.name for f in c.load_table('ns.feed_changelog').schema().fields])",
+    );
+    assert_eq!(code, 0, "{out}");
+    let lines: Vec<&str> = out.lines().collect();
+    // Mirror: 29 rows; id 5 was updated.
+    assert_eq!(lines[0], "29 D later", "{out}");
+    assert_eq!(
+        lines[1],
+        "['id', 'source__cdc_op', 'source__cdc_lsn', '_cdc_op', '_cdc_lsn', '_cdc_seq', '_cdc_ts', '_cdc_unchanged', 'source__cdc_ts']",
+        "{out}"
+    );
     assert_eq!(agent.terminate(), Some(0));
 }

@@ -20,6 +20,17 @@ pub const CDC_UNCHANGED: &str = "_cdc_unchanged";
 /// The five CDC columns, in table order.
 pub const CDC_COLUMNS: [&str; 5] = [CDC_OP, CDC_LSN, CDC_SEQ, CDC_TS, CDC_UNCHANGED];
 
+/// Put before the name of a source column that has the name of a column the agent adds
+/// (`_cdc_op` → `source__cdc_op`): an Iceberg schema cannot hold two fields of one name.
+pub const RESERVED_PREFIX: &str = "source_";
+
+/// The Iceberg field name of source column `name` when it differs from `name`.
+pub fn field_name(name: &str) -> Option<String> {
+    CDC_COLUMNS
+        .contains(&name)
+        .then(|| format!("{RESERVED_PREFIX}{name}"))
+}
+
 /// Snapshot summary property holding the last source commit LSN in the table.
 pub const LSN_PROPERTY: &str = "philotes.lsn";
 

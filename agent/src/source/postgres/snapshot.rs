@@ -493,7 +493,10 @@ mod tests {
             held.add(p);
         }
         // Spent: a reader would hand on what it holds and wait.
-        assert_eq!(budget.total as usize, held.0.as_ref().map_or(0, |p| p.num_permits()));
+        assert_eq!(
+            budget.total as usize,
+            held.0.as_ref().map_or(0, |p| p.num_permits())
+        );
         let mut one = Share::default();
         one.add(held.0.as_mut().and_then(|p| p.split(1)).unwrap());
         let hold = budget.hold_all();
