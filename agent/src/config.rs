@@ -480,12 +480,51 @@ impl PipelineConfig {
     }
 }
 
-/// Split `schema.table` (default schema `public`).
+/// Split `schema.table` (default schema `public`) into the names as the catalog has them:
+/// each part as written (case kept: `public.Orders` is the table created as `"Orders"`), or in
+/// double quotes, which may hold a dot (`public."a.b"`, `""` for a quote).
 pub fn split_table(t: &str) -> (String, String) {
-    match t.split_once('.') {
+    parse_table(t).unwrap_or_else(|| match t.split_once('.') {
         Some((s, n)) => (s.to_string(), n.to_string()),
         None => ("public".to_string(), t.to_string()),
+    })
+}
+
+/// [`split_table`], or None when `t` is not one or two names (an unclosed quote, an empty
+/// part, text after a closing quote).
+fn parse_table(t: &str) -> Option<(String, String)> {
+    let (first, rest) = parse_name(t)?;
+    if rest.is_empty() {
+        return Some(("public".to_string(), first));
     }
+    let (second, rest) = parse_name(rest.strip_prefix('.')?)?;
+    rest.is_empty().then_some((first, second))
+}
+
+/// One name at the start of `s` and what follows it.
+fn parse_name(s: &str) -> Option<(String, &str)> {
+    let Some(quoted) = s.strip_prefix('"') else {
+        let end = s.find('.').unwrap_or(s.len());
+        return (end > 0).then(|| (s[..end].to_string(), &s[end..]));
+    };
+    let mut name = String::new();
+    let mut chars = quoted.char_indices();
+    while let Some((i, c)) = chars.next() {
+        if c != '"' {
+            name.push(c);
+        } else if quoted[i + 1..].starts_with('"') {
+            name.push('"');
+            chars.next();
+        } else {
+            return (!name.is_empty()).then(|| (name, &quoted[i + 1..]));
+        }
+    }
+    None
+}
+
+/// A table or schema name PostgreSQL can have: 1-63 bytes, no control characters.
+fn valid_table_part(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 63 && !s.chars().any(char::is_control)
 }
 
 /// Sections whose keys `PHILOTES_<SECTION>_<KEY>` may override (longest first).
@@ -720,13 +759,14 @@ impl Config {
                 ));
             }
             for (j, t) in p.tables.iter().enumerate() {
-                let (s, n) = split_table(t);
-                if !valid_pg_name(&s) || !valid_pg_name(&n) {
+                let Some((s, n)) =
+                    parse_table(t).filter(|(s, n)| valid_table_part(s) && valid_table_part(n))
+                else {
                     return Err(ConfigError::new(
                         format!("pipelines[{i}].tables[{j}]"),
-                        format!("{t:?} must be `table` or `schema.table` (lowercase identifiers)"),
+                        format!("{t:?} must be `table` or `schema.table`, names as the catalog has them (case kept), a name with a dot in double quotes"),
                     ));
-                }
+                };
                 // `a.b` and `public.a__b` would write into one Iceberg table.
                 let iceberg = crate::model::iceberg_table_name(&s, &n);
                 if let Some(other) = p.tables[..j].iter().find(|o| {
@@ -1201,6 +1241,33 @@ tables = ["orders"]
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
+    }
+
+    #[test]
+    fn table_names_are_the_catalogs_with_quotes_for_dots() {
+        let pair = |s: &str, t: &str| Some((s.to_string(), t.to_string()));
+        assert_eq!(parse_table("orders"), pair("public", "orders"));
+        assert_eq!(parse_table("sales.Orders"), pair("sales", "Orders"));
+        assert_eq!(
+            parse_table("public.Order Items"),
+            pair("public", "Order Items")
+        );
+        assert_eq!(
+            parse_table(r#""my.schema"."a ""b"".c""#),
+            pair("my.schema", r#"a "b".c"#)
+        );
+        assert_eq!(parse_table(r#"s."T""#), pair("s", "T"));
+        for bad in ["a.b.c", "", ".t", "s.", r#""open"#, r#""a"b"#, r#""""#] {
+            assert_eq!(parse_table(bad), None, "{bad:?}");
+        }
+        let bad = Config::parse(&MIN.replace("\"orders\"", "\"a.b.c\""), &[]).unwrap_err();
+        assert!(bad.to_string().contains("pipelines[0].tables[0]"), "{bad}");
+        let ok =
+            Config::parse(&MIN.replace("\"orders\"", "'public.\"Order.Items\"'"), &[]).unwrap();
+        assert_eq!(
+            ok.pipelines[0].table_names(),
+            vec![("public".into(), "Order.Items".into())]
+        );
     }
 
     #[test]

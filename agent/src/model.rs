@@ -81,11 +81,13 @@ pub struct Column {
 
 /// Iceberg table name for a source table (contract: `<schema>__<table>` outside `public`).
 pub fn iceberg_table_name(schema: &str, table: &str) -> String {
-    if schema == "public" {
+    // Engines read a dot in a table's name as a namespace separator.
+    let name = if schema == "public" {
         table.to_string()
     } else {
         format!("{schema}__{table}")
-    }
+    };
+    name.replace('.', "_")
 }
 
 /// The `error_type` label of `philotes_cdc_errors_total` (and a retry's `error_type` in the

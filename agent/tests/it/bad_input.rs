@@ -148,7 +148,7 @@ fn bad_configs_exit_2_naming_the_key() {
         ),
         (
             "bad table name",
-            with("tables = [\"t\"]", "tables = [\"Bad-Name\"]"),
+            with("tables = [\"t\"]", "tables = [\"a.b.c\"]"),
             "pipelines[0].tables[0]",
         ),
         (

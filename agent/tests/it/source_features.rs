@@ -1078,3 +1078,64 @@ async fn a_partitioned_table_is_copied_and_streamed_under_its_own_name() {
     assert!(!log.contains("pipeline failed"), "{log}");
     assert_eq!(agent.terminate(), Some(0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tables_with_mixed_case_spaces_and_dots_in_their_names_are_streamed() {
+    // Names as ORMs make them ("Orders", "OrderId"), with a space, and with a dot (in quotes
+    // in the config; an underscore in the Iceberg name, where a dot would read as a namespace).
+    let (pg, db, work, agent) = prepare(
+        "CREATE TABLE \"Orders\" (\"OrderId\" bigint PRIMARY KEY, \"CustomerName\" text);
+         CREATE TABLE \"Order Items\" (\"Id\" int PRIMARY KEY, \"Qty Ordered\" int);
+         CREATE SCHEMA \"Sales\";
+         CREATE TABLE \"Sales\".\"Line.Items\" (id int PRIMARY KEY, v text);
+         INSERT INTO \"Orders\" SELECT g, 'c' || g FROM generate_series(1, 50) g;
+         INSERT INTO \"Order Items\" VALUES (1, 2), (2, 3);
+         INSERT INTO \"Sales\".\"Line.Items\" VALUES (1, 'a');",
+        &[
+            "Orders",
+            "public.Order Items",
+            "\\\"Sales\\\".\\\"Line.Items\\\"",
+        ],
+        "snapshot = \"initial\"\nmode = \"both\"",
+        "",
+    )
+    .await
+    .started()
+    .parts();
+    wait_rows(&work, "ns.Orders_changelog", 50, 60).await;
+    db.batch_execute(
+        "UPDATE \"Orders\" SET \"CustomerName\" = 'upd' WHERE \"OrderId\" % 10 = 0;
+         ALTER TABLE \"Orders\" ADD COLUMN \"Total Amount\" numeric(10,2);
+         UPDATE \"Orders\" SET \"Total Amount\" = 9.5 WHERE \"OrderId\" < 5;
+         INSERT INTO \"Order Items\" VALUES (3, 4);
+         DELETE FROM \"Sales\".\"Line.Items\";",
+    )
+    .await
+    .unwrap();
+    wait_rows(&work, "ns.Orders_changelog", 59, 60).await;
+    wait_rows(&work, "ns.Order Items_changelog", 3, 60).await;
+    wait_rows(&work, "ns.Sales__Line_Items_changelog", 2, 60).await;
+    for (table, query, pk) in [
+        (
+            "ns.Orders_changelog",
+            "SELECT \"OrderId\", \"CustomerName\", \"Total Amount\" FROM \"Orders\"",
+            "OrderId",
+        ),
+        (
+            "ns.Order Items_changelog",
+            "SELECT \"Id\", \"Qty Ordered\" FROM \"Order Items\"",
+            "Id",
+        ),
+    ] {
+        let v = verify_source(&work, table, &pg, query, &["--pk", pk]);
+        assert_eq!(v["unique"], true, "{table}: {v}");
+        assert_eq!(v["state_equal"], true, "{table}: {}", v["state_diff"]);
+    }
+    let (code, out) = pyiceberg(
+        &work,
+        "print([c.load_table(t).scan().to_arrow().num_rows for t in ['ns.Orders', 'ns.Order Items', 'ns.Sales__Line_Items']])",
+    );
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(out.trim(), "[50, 3, 0]", "mirror rows: {out}");
+    assert_eq!(agent.terminate(), Some(0));
+}
