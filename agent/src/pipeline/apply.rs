@@ -33,7 +33,8 @@ use crate::source::postgres::types::ColumnKind;
 use crate::source::postgres::wire::replication::{ReplEvent, ReplicationStream};
 use crate::telemetry::events::{
     AppliedTable, BatchCommitted, BatchFailed, DeadLettered, FilesWritten, MirrorCommitted,
-    SchemaChanged, SpoolChanged, TableCommitted, TableMaintained, TransactionApplied,
+    SchemaChanged, SpoolChanged, StaleRowsAfterSchemaChange, TableCommitted, TableMaintained,
+    TransactionApplied,
 };
 use crate::telemetry::{commit_span, record_trace_id, PipelineState, SourceMetrics, TableMetrics};
 
@@ -1180,7 +1181,7 @@ impl Applier {
             let lsn = self.change_lsn();
             self.close_files(i).await?;
             let t = &mut self.tables[i];
-            let changes = evolve(&mut t.sink, &columns, &catalog, lsn).await?;
+            let Evolved { changes, stale } = evolve(&mut t.sink, &columns, &catalog, lsn).await?;
             if let Some(m) = t.mirror.as_mut() {
                 m.finish_files().await?;
                 evolve(m, &columns, &catalog, lsn).await?;
@@ -1199,6 +1200,12 @@ impl Applier {
                 |c| binary_oid(c, &catalog),
             )?;
             t.columns = columns;
+            if stale {
+                StaleRowsAfterSchemaChange {
+                    table: &t.source_name,
+                }
+                .emit();
+            }
             return Ok(i);
         }
         let catalog = catalog_as_fields(self.catalog_columns(schema, name, oid).await?);
@@ -1212,6 +1219,8 @@ impl Applier {
                 m
             })
             .collect();
+        // Whether the schema change left rows without values no change carries.
+        let mut stale = false;
         let (cfg_schema, cfg_name) = source.split_once('.').unwrap_or(("public", source));
         let table_name = iceberg_table_name(cfg_schema, cfg_name);
         let mode = self.cfg.mode_for(&source_name);
@@ -1231,9 +1240,10 @@ impl Applier {
                 self.secrets.clone(),
             )
             .await?;
-            let changes = evolve(&mut m, &columns, &catalog, lsn).await?;
+            let e = evolve(&mut m, &columns, &catalog, lsn).await?;
             if !mode.changelog() {
-                report_changes(&self.metrics, &source_name, &[], &columns, &changes);
+                report_changes(&self.metrics, &source_name, &[], &columns, &e.changes);
+                stale = e.stale;
             }
             Some(m)
         } else {
@@ -1262,8 +1272,9 @@ impl Applier {
                     self.secrets.clone(),
                 )
                 .await?;
-                let changes = evolve(&mut sink, &columns, &catalog, lsn).await?;
-                report_changes(&self.metrics, &source_name, &[], &columns, &changes);
+                let e = evolve(&mut sink, &columns, &catalog, lsn).await?;
+                report_changes(&self.metrics, &source_name, &[], &columns, &e.changes);
+                stale = e.stale;
                 (sink, mirror)
             }
         };
@@ -1296,6 +1307,12 @@ impl Applier {
             e.iceberg_table = iceberg_name;
             e.committed_lsn = committed.pg();
         });
+        if stale {
+            StaleRowsAfterSchemaChange {
+                table: &self.tables[i].source_name,
+            }
+            .emit();
+        }
         Ok(i)
     }
 
@@ -1781,7 +1798,7 @@ async fn evolve(
     columns: &[RelationColumn],
     catalog: &[CatalogColumn],
     lsn: Lsn,
-) -> Result<Vec<ColumnChange>, PipelineError> {
+) -> Result<Evolved, PipelineError> {
     let schema = sink.schema().clone();
     let number: HashMap<&str, i32> = catalog
         .iter()
@@ -1847,13 +1864,32 @@ async fn evolve(
             .join("; ");
         change_record(sink, lsn, &detail)
     };
+    let stale = gives_old_rows_values(&changes, catalog);
     let numbers: HashMap<String, i32> = columns
         .iter()
         .filter_map(|c| Some((c.name.clone(), *number.get(c.name.as_str())?)))
         .collect();
     sink.change_columns(&changes, properties, SOURCE_COLUMNS_PROPERTY, &numbers)
         .await?;
-    Ok(changes)
+    Ok(Evolved { changes, stale })
+}
+
+/// What [`evolve`] did.
+struct Evolved {
+    changes: Vec<ColumnChange>,
+    /// The changes give rows written before them values no change carries.
+    stale: bool,
+}
+
+/// Whether `changes` give the rows that existed before them values the stream never sends: a
+/// column added with a default (PostgreSQL fills it in without writing the rows), or a type
+/// Iceberg cannot promote (the rows were rewritten with new values, unpublished).
+fn gives_old_rows_values(changes: &[ColumnChange], catalog: &[CatalogColumn]) -> bool {
+    changes.iter().any(|c| match c {
+        ColumnChange::Add { name, .. } => catalog.iter().any(|k| &k.name == name && k.has_default),
+        ColumnChange::Replace { .. } => true,
+        _ => false,
+    })
 }
 
 /// Table property prefix: one record per schema change, `philotes.schema-change.<lsn>`.

@@ -314,3 +314,53 @@ async fn a_kill_between_the_schema_update_and_the_first_row_loses_nothing() {
     never_left_streaming(&agent).await;
     drop(agent);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_that_gives_old_rows_unsent_values_is_called_out() {
+    // A column added with a default, or a type change that rewrites the rows, gives the rows
+    // already written values no change carries: the operator is told, once per such change;
+    // a plain ADD COLUMN (old rows are null in PostgreSQL too) says nothing.
+    let (_pg, db, work, agent) =
+        running("CREATE TABLE od (id int PRIMARY KEY, a int);", &["od"], "")
+            .await
+            .parts();
+    let stale = |agent: &AgentProc| {
+        agent
+            .log_text()
+            .lines()
+            .filter(|l| l.contains("values no change carries") && l.contains("public.od"))
+            .count()
+    };
+    execute_each(
+        &db,
+        &[
+            "INSERT INTO od VALUES (1, 1)",
+            "ALTER TABLE od ADD COLUMN plain int",
+            "INSERT INTO od VALUES (2, 2, 2)",
+        ],
+    )
+    .await;
+    wait_rows(&work, "ns.od", 2, 60).await;
+    assert_eq!(stale(&agent), 0, "{}", agent.log_text());
+    execute_each(
+        &db,
+        &[
+            "ALTER TABLE od ADD COLUMN status text NOT NULL DEFAULT 'new'",
+            "INSERT INTO od VALUES (3, 3, 3, 'x')",
+        ],
+    )
+    .await;
+    wait_rows(&work, "ns.od", 3, 60).await;
+    assert_eq!(stale(&agent), 1, "{}", agent.log_text());
+    execute_each(
+        &db,
+        &[
+            "ALTER TABLE od ALTER COLUMN a TYPE text USING 'a' || a",
+            "INSERT INTO od VALUES (4, 'a4', 4, 'y')",
+        ],
+    )
+    .await;
+    wait_rows(&work, "ns.od", 4, 60).await;
+    assert_eq!(stale(&agent), 2, "{}", agent.log_text());
+    never_left_streaming(&agent).await;
+}

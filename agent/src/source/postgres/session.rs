@@ -146,6 +146,9 @@ pub struct CatalogColumn {
     /// The type whose binary (send) form its values have: a domain's base type, text for an
     /// enum (`enum_send` sends the label), else its own.
     pub binary_oid: u32,
+    /// It has a default (`pg_attribute.atthasdef`): added so, rows that existed have a value
+    /// that no change carried.
+    pub has_default: bool,
 }
 
 impl Session {
@@ -522,7 +525,7 @@ impl Session {
                  t.typtypmod::text, et.typtype::text, et.typbasetype::int8::text, \
                  et.typtypmod::text, a.atttypid::int8::text, \
                  (CASE t.typtype WHEN 'e' THEN 25 WHEN 'd' THEN t.typbasetype ELSE t.oid END)::int8::text, \
-                 a.atttypmod::text, a.attndims::text",
+                 a.atttypmod::text, a.attndims::text, a.atthasdef::text",
                 "JOIN pg_catalog.pg_type t ON t.oid = a.atttypid \
                  LEFT JOIN pg_catalog.pg_type et ON t.typcategory = 'A' AND et.oid = t.typelem",
             ))
@@ -549,6 +552,7 @@ impl Session {
                     type_modifier: num(10).unwrap_or(-1) as i32,
                     kind,
                     binary_oid: num(9).or(num(8)).unwrap_or(0) as u32,
+                    has_default: get(12) == "true",
                 }
             })
             .collect())

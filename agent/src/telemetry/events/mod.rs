@@ -12,8 +12,8 @@ pub use maintenance::{TableHealthMeasured, TableMaintained};
 pub use pipeline::{
     AppliedTable, BatchCommitted, BatchFailed, BufferChanged, ChangeReceived, CommitFenced,
     DeadLettered, FilesWritten, LeaderDeposed, LeaderSession, LeadershipLost, LeadershipTaken,
-    MirrorCommitted, PipelineRetrying, SchemaChanged, SlotLagMeasured, SpoolChanged, StandingBy,
-    StateChanged, TableCommitted, TransactionApplied,
+    MirrorCommitted, PipelineRetrying, SchemaChanged, SlotLagMeasured, SpoolChanged,
+    StaleRowsAfterSchemaChange, StandingBy, StateChanged, TableCommitted, TransactionApplied,
 };
 
 pub use crate::model::ErrorType;

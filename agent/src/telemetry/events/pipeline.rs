@@ -223,6 +223,24 @@ impl SchemaChanged<'_> {
     }
 }
 
+/// A schema change gave the rows that existed before it values no change carries (a column
+/// added with a default, a type change that rewrote the rows): those rows keep null there
+/// until they change. Counted as the schema change it is; this says what it means for them.
+pub struct StaleRowsAfterSchemaChange<'a> {
+    /// Source table (`schema.table`, as configured).
+    pub table: &'a str,
+}
+
+impl StaleRowsAfterSchemaChange<'_> {
+    /// Log.
+    pub fn emit(&self) {
+        tracing::warn!(
+            table = self.table,
+            "a schema change gave existing rows values no change carries (a column added with a default, or a type change that rewrote the table): in Iceberg those rows have null there until they change; an UPDATE that sets the column to itself sends them (docs/operations.md, \"Schema changes\")"
+        );
+    }
+}
+
 /// A mirror table committed: its position deletes and its key index after the commit.
 #[derive(Debug)]
 pub struct MirrorCommitted {
