@@ -1759,20 +1759,20 @@ fn binary_oid(c: &RelationColumn, catalog: &[CatalogColumn]) -> u32 {
 
 /// `columns` under the names of their Iceberg fields (see [`field_name`]): the pipeline's
 /// tables hold them so, while the source's SQL (the snapshot's select list) uses the source's.
-fn as_fields(mut columns: Vec<RelationColumn>) -> Vec<RelationColumn> {
-    for c in &mut columns {
-        if let Some(n) = field_name(&c.name) {
-            c.name = n;
-        }
-    }
-    columns
+fn as_fields(columns: Vec<RelationColumn>) -> Vec<RelationColumn> {
+    renamed_as_fields(columns, |c| &mut c.name)
 }
 
 /// The catalog's columns under the names of their Iceberg fields, to match [`as_fields`].
-fn catalog_as_fields(mut columns: Vec<CatalogColumn>) -> Vec<CatalogColumn> {
+fn catalog_as_fields(columns: Vec<CatalogColumn>) -> Vec<CatalogColumn> {
+    renamed_as_fields(columns, |c| &mut c.name)
+}
+
+fn renamed_as_fields<T>(mut columns: Vec<T>, name: fn(&mut T) -> &mut String) -> Vec<T> {
     for c in &mut columns {
-        if let Some(n) = field_name(&c.name) {
-            c.name = n;
+        let n = name(c);
+        if let Some(field) = field_name(n) {
+            *n = field;
         }
     }
     columns
