@@ -505,3 +505,43 @@ async fn source_columns_named_like_cdc_columns_are_kept_under_a_prefix() {
     );
     assert_eq!(agent.terminate(), Some(0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_copy_takes_only_the_publications_columns_and_rows() {
+    // A publication with a column list and a row filter (PostgreSQL 15+): the copy, like the
+    // stream, leaves out the unpublished column (it never reaches Iceberg) and the rows the
+    // filter rejects.
+    let (pg, db, work, agent) = copying(
+        "CREATE TABLE pf (id int PRIMARY KEY, email text, n int);
+         INSERT INTO pf SELECT g, 'secret' || g, g FROM generate_series(1, 100) g;
+         CREATE PUBLICATION philotes_p FOR TABLE pf (id, n) WHERE (id > 50);",
+        &["pf"],
+    )
+    .await
+    .parts();
+    wait_rows(&work, "ns.pf", 50, 60).await;
+    db.batch_execute(
+        "INSERT INTO pf VALUES (-5, 'secret', 5), (500, 'secret', 500);
+         UPDATE pf SET n = -n WHERE id IN (10, 60);
+         UPDATE pf SET id = -70 WHERE id = 70;
+         DELETE FROM pf WHERE id = 80;",
+    )
+    .await
+    .unwrap();
+    // 50 copied, 1 insert, 1 update, 2 deletes (70 left the filter, 80).
+    wait_rows(&work, "ns.pf", 54, 60).await;
+    verify_state(&work, "ns.pf", &pg, "SELECT id, n FROM pf WHERE id > 50");
+    let (code, out) = pyiceberg(
+        &work,
+        "t = c.load_table('ns.pf')\n\
+         print([f.name for f in t.schema().fields if not f.name.startswith('_cdc')])\n\
+         print(min(t.scan().to_arrow().column('id').to_pylist()))",
+    );
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(
+        out.lines().collect::<Vec<_>>(),
+        ["['id', 'n']", "51"],
+        "{out}"
+    );
+    assert_eq!(agent.terminate(), Some(0));
+}

@@ -89,7 +89,13 @@ impl Applier {
         let slot = self.cfg.slot_name();
         let publication = self.cfg.publication_name();
         let mut reader = Session::connect(url, &slot, &publication, None).await?;
-        let columns = reader.relation_columns(schema, name).await?;
+        // The copy takes what the stream will send: the publication's column list and rows
+        // (a column left out of it, an e-mail say, must not reach Iceberg through the copy).
+        let published = source_snapshot::published(&mut reader, &publication, schema, name).await?;
+        let mut columns = reader.relation_columns(schema, name).await?;
+        if let Some(names) = &published.columns {
+            columns.retain(|c| names.contains(&c.name));
+        }
         let source = format!("{schema}.{name}");
         let source = self.aliases.get(&source).cloned().unwrap_or(source);
         let idx = self
@@ -150,6 +156,13 @@ impl Applier {
             }
         };
         drop(reader);
+        // Rows the copy keeps: the first snapshot's (when resumed) that the publication's row
+        // filter passes.
+        let conditions: Vec<String> = visibility
+            .into_iter()
+            .chain(published.row_filter.map(|f| format!("({f})")))
+            .collect();
+        let conditions = (!conditions.is_empty()).then(|| conditions.join(" AND "));
         let lsn = progress.lsn;
         tracing::info!(table = %source_name, point = %point.pg(), estimate, "initial snapshot: copying");
         let started = Instant::now();
@@ -164,7 +177,7 @@ impl Applier {
         // A partitioned table has ranges per partition: still `snapshot_readers` sessions.
         let sessions = Arc::new(tokio::sync::Semaphore::new(readers.max(1) as usize));
         for (r, range) in progress.ranges.iter().enumerate() {
-            let select = range_select(&list, &facts.rel, range, visibility.as_deref());
+            let select = range_select(&list, &facts.rel, range, conditions.as_deref());
             let (url, slot, publication) = (url.clone(), slot.clone(), publication.clone());
             let snapshot = snapshot.clone();
             let (tx, budget) = (tx.clone(), budget.clone());

@@ -558,18 +558,18 @@ impl Session {
             .collect())
     }
 
-    /// Each column's output function, schema-qualified and quoted, in `relation_columns` order:
-    /// calling it gives the column's text form even in a binary COPY.
+    /// Each column's name and output function, schema-qualified and quoted, in
+    /// `relation_columns` order: calling it gives the column's text form even in a binary COPY.
     pub async fn output_functions(
         &mut self,
         schema: &str,
         table: &str,
-    ) -> Result<Vec<String>, SourceError> {
+    ) -> Result<Vec<(String, String)>, SourceError> {
         let rows = self
             .query(&column_query(
                 schema,
                 table,
-                "pg_catalog.quote_ident(n.nspname) || '.' || pg_catalog.quote_ident(p.proname)",
+                "a.attname, pg_catalog.quote_ident(n.nspname) || '.' || pg_catalog.quote_ident(p.proname)",
                 "JOIN pg_catalog.pg_type t ON t.oid = a.atttypid \
                  JOIN pg_catalog.pg_proc p ON p.oid = t.typoutput \
                  JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace",
@@ -577,7 +577,10 @@ impl Session {
             .await?;
         Ok(rows
             .into_iter()
-            .map(|r| r.first().cloned().flatten().unwrap_or_default())
+            .map(|r| {
+                let get = |i: usize| r.get(i).cloned().flatten().unwrap_or_default();
+                (get(0), get(1))
+            })
             .collect())
     }
 

@@ -266,25 +266,69 @@ pub async fn select_list(
     binary: &[bool],
 ) -> Result<String, SourceError> {
     let outputs = reader.output_functions(schema, name).await?;
-    if outputs.len() != columns.len() {
-        return Err(SourceError::Query(format!(
-            "{schema}.{name} changed while the snapshot started; it will be retried"
-        )));
+    let mut list = Vec::with_capacity(columns.len());
+    for (c, &bin) in columns.iter().zip(binary) {
+        let Some((_, f)) = outputs.iter().find(|(n, _)| n == c) else {
+            return Err(SourceError::Query(format!(
+                "{schema}.{name} changed while the snapshot started; it will be retried"
+            )));
+        };
+        let col = quote_ident(c);
+        list.push(if bin || f.is_empty() {
+            col
+        } else {
+            format!("{f}({col})")
+        });
     }
-    Ok(columns
-        .iter()
-        .zip(binary)
-        .zip(&outputs)
-        .map(|((c, &bin), f)| {
-            let col = quote_ident(c);
-            if bin || f.is_empty() {
-                col
-            } else {
-                format!("{f}({col})")
-            }
-        })
-        .collect::<Vec<_>>()
-        .join(", "))
+    Ok(list.join(", "))
+}
+
+/// What a publication publishes of one table (PostgreSQL 15+): the copy takes the same
+/// columns and rows as the stream, as PostgreSQL's own table synchronization does.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Published {
+    /// Its column list; None: every column.
+    pub columns: Option<Vec<String>>,
+    /// Its row filter, an SQL condition; None: every row.
+    pub row_filter: Option<String>,
+}
+
+/// What `publication` publishes of `schema.name` (nothing is filtered before PostgreSQL 15,
+/// which has neither column lists nor row filters).
+pub async fn published(
+    reader: &mut Session,
+    publication: &str,
+    schema: &str,
+    name: &str,
+) -> Result<Published, SourceError> {
+    if reader.server_version().await? < 150_000 {
+        return Ok(Published::default());
+    }
+    let rows = reader
+        .query(&format!(
+            "SELECT pg_catalog.array_to_json(attnames)::text, rowfilter \
+             FROM pg_catalog.pg_publication_tables \
+             WHERE pubname = {} AND schemaname = {} AND tablename = {}",
+            quote_literal(publication),
+            quote_literal(schema),
+            quote_literal(name)
+        ))
+        .await?;
+    let Some(row) = rows.into_iter().next() else {
+        return Ok(Published::default());
+    };
+    let columns = match row.first().cloned().flatten() {
+        Some(json) => Some(serde_json::from_str::<Vec<String>>(&json).map_err(|e| {
+            SourceError::Query(format!(
+                "cannot read the published columns of {schema}.{name}: {e}"
+            ))
+        })?),
+        None => None,
+    };
+    Ok(Published {
+        columns,
+        row_filter: row.get(1).cloned().flatten(),
+    })
 }
 
 /// Block ranges for a copy from the start, for up to `readers` sessions. Several sessions read
@@ -340,13 +384,14 @@ pub fn temp_slot_name(slot: &str) -> String {
 }
 
 /// The query one reader copies: `list` and the `ctid` of `rel` (or of the range's partition),
-/// what is left of `range`, and the visibility filter of a resumed copy. A TID range scan
+/// what is left of `range`, and `extra` conditions (a resumed copy's visibility, the
+/// publication's row filter). A TID range scan
 /// returns rows in ctid order: the last ctid of a batch is the reader's position. `ONLY`:
 /// rows of tables inheriting from `rel` are theirs (their changes are not `rel`'s either) and
 /// would break the ctid order.
-pub fn range_select(list: &str, rel: &str, range: &TidRange, visibility: Option<&str>) -> String {
+pub fn range_select(list: &str, rel: &str, range: &TidRange, extra: Option<&str>) -> String {
     let mut conds = range.conditions();
-    conds.extend(visibility.map(str::to_string));
+    conds.extend(extra.map(str::to_string));
     let filter = if conds.is_empty() {
         String::new()
     } else {
