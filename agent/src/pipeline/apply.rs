@@ -1371,30 +1371,22 @@ impl Applier {
             _ => t.batch.push(op, lsn, seq, ts, tuple),
         };
         if let Err(e) = pushed {
-            let row = t.batch.row_json(tuple);
-            DeadLettered {
-                table: &t.source_name,
-                lsn: &lsn.pg(),
-                seq,
-                op,
-                error: &e.0,
-            }
-            .emit(&self.metrics);
-            self.dlq_rows.push(DeadLetter {
+            let letter = DeadLetter {
                 source_table: t.source_name.clone(),
                 lsn,
                 seq,
                 op,
                 error: e.0,
-                row_json: row,
+                row_json: t.batch.row_json(tuple),
                 time_micros: now_micros(),
-            });
+            };
+            self.dead_letter(letter);
         } else {
             t.dirty = true;
         }
         self.buffered_events += 1;
         self.oldest.get_or_insert_with(Instant::now);
-        t.counts[op_index(op)] += 1;
+        self.tables[idx].counts[op_index(op)] += 1;
         // Bound memory inside large transactions: write the batch out, commit later.
         if self.should_spill(idx) {
             self.spill(idx).await?;
@@ -1403,6 +1395,19 @@ impl Applier {
     }
 
     /// Hand table `i`'s buffered rows to its data-file writer (uncommitted).
+    /// Log and count a row that cannot be converted, and keep it for the dead-letter table.
+    fn dead_letter(&mut self, letter: DeadLetter) {
+        DeadLettered {
+            table: &letter.source_table,
+            lsn: &letter.lsn.pg(),
+            seq: letter.seq,
+            op: letter.op,
+            error: &letter.error,
+        }
+        .emit(&self.metrics);
+        self.dlq_rows.push(letter);
+    }
+
     async fn spill(&mut self, i: usize) -> Result<(), PipelineError> {
         if let Some(batch) = self.tables[i].batch.finish()? {
             self.write_batch(i, batch).await?;

@@ -31,7 +31,7 @@ use crate::source::postgres::snapshot::{
     self as source_snapshot, copy_range, parse_tid, plan_ranges, range_select, snapshot_xids,
     table_facts, visible_then, Fetched, ReadAhead, TidRange,
 };
-use crate::telemetry::events::{ChangeReceived, DeadLettered, TableCommitted};
+use crate::telemetry::events::{ChangeReceived, TableCommitted};
 
 /// A copy's committed progress (snapshot summary property `philotes.snapshot.progress`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -327,15 +327,7 @@ impl Applier {
                     .push_snapshot(Op::Read, lsn, seq, c.ts, values.clone(), &c.binary)
             {
                 // Logged like a dead letter of the stream (it used not to be).
-                DeadLettered {
-                    table: &c.source_name,
-                    lsn: &lsn.pg(),
-                    seq,
-                    op: Op::Read,
-                    error: &e.0,
-                }
-                .emit(&self.metrics);
-                self.dlq_rows.push(DeadLetter {
+                let letter = DeadLetter {
                     source_table: c.source_name.clone(),
                     lsn,
                     seq,
@@ -343,7 +335,8 @@ impl Applier {
                     error: e.0,
                     row_json: snapshot_row_json(&t.columns, values, &c.binary),
                     time_micros: now_micros(),
-                });
+                };
+                self.dead_letter(letter);
             } else {
                 t.dirty = true;
             }
