@@ -21,6 +21,7 @@ use crate::config::PipelineConfig;
 use crate::model::{Lsn, Op};
 use crate::sink::iceberg::commit::Committer;
 use crate::sink::iceberg::evolve::{promotable, ColumnChange};
+use crate::sink::iceberg::mirror::MirrorKey;
 use crate::sink::iceberg::schema::{
     changelog_partition, changelog_schema, dlq_schema, field_name, kind_of, CHANGELOG_SUFFIX,
     DLQ_TABLE,
@@ -33,8 +34,8 @@ use crate::source::postgres::types::ColumnKind;
 use crate::source::postgres::wire::replication::{ReplEvent, ReplicationStream};
 use crate::telemetry::events::{
     AppliedTable, BatchCommitted, BatchFailed, DeadLettered, FilesWritten, MirrorCommitted,
-    SchemaChanged, SpoolChanged, StaleRowsAfterSchemaChange, TableCommitted, TableMaintained,
-    TransactionApplied,
+    MirrorRekeyed, SchemaChanged, SpoolChanged, StaleRowsAfterSchemaChange, TableCommitted,
+    TableMaintained, TransactionApplied,
 };
 use crate::telemetry::{commit_span, record_trace_id, PipelineState, SourceMetrics, TableMetrics};
 
@@ -1040,9 +1041,14 @@ impl Applier {
                     }
                 }
                 // A FULL table that joined the publication since the source was asked has no
-                // known primary key: its whole row is its identity.
+                // known primary key: its whole row is its identity. One that left FULL for a
+                // key of its own (a primary key added with it, say) is keyed by it.
                 if replica_identity == b'f' && !self.full_identity.contains_key(&now) {
                     self.full_identity.insert(now.clone(), Vec::new());
+                } else if replica_identity != b'f'
+                    && self.full_identity.get(&now).is_some_and(Vec::is_empty)
+                {
+                    self.full_identity.remove(&now);
                 }
                 // FULL flags every column as key; the sink's key is the primary key.
                 if let Some(pk) = self.full_identity.get(&now) {
@@ -1170,8 +1176,9 @@ impl Applier {
             .iter()
             .position(|t| t.source_name == source_name)
         {
-            self.tables[i].full_identity = full_identity.clone();
-            if self.tables[i].columns == columns {
+            // A keyless table turned FULL has the same columns and flags, another identity.
+            let was = std::mem::replace(&mut self.tables[i].full_identity, full_identity.clone());
+            if self.tables[i].columns == columns && was == full_identity {
                 return Ok(i);
             }
             // The table changed shape: write what was buffered with the old layout first,
@@ -1181,10 +1188,20 @@ impl Applier {
             let lsn = self.change_lsn();
             self.close_files(i).await?;
             let t = &mut self.tables[i];
-            let Evolved { changes, stale } = evolve(&mut t.sink, &columns, &catalog, lsn).await?;
+            let key = |now: Option<MirrorKey>| wanted_key(&columns, full_identity.as_deref(), now);
+            let k = key(t.sink.mirror_key());
+            let Evolved { mut changes, stale } =
+                evolve(&mut t.sink, &columns, &catalog, lsn, Some(&k)).await?;
             if let Some(m) = t.mirror.as_mut() {
                 m.finish_files().await?;
-                evolve(m, &columns, &catalog, lsn).await?;
+                let k = key(m.mirror_key());
+                let e = evolve(m, &columns, &catalog, lsn, Some(&k)).await?;
+                // The changelog has the column changes too; only the mirror has a key.
+                changes.extend(
+                    e.changes
+                        .into_iter()
+                        .filter(|c| matches!(c, ColumnChange::Key(_))),
+                );
             }
             report_changes(
                 &self.metrics,
@@ -1240,7 +1257,7 @@ impl Applier {
                 self.secrets.clone(),
             )
             .await?;
-            let e = evolve(&mut m, &columns, &catalog, lsn).await?;
+            let e = evolve(&mut m, &columns, &catalog, lsn, None).await?;
             if !mode.changelog() {
                 report_changes(&self.metrics, &source_name, &[], &columns, &e.changes);
                 stale = e.stale;
@@ -1272,7 +1289,7 @@ impl Applier {
                     self.secrets.clone(),
                 )
                 .await?;
-                let e = evolve(&mut sink, &columns, &catalog, lsn).await?;
+                let e = evolve(&mut sink, &columns, &catalog, lsn, None).await?;
                 report_changes(&self.metrics, &source_name, &[], &columns, &e.changes);
                 stale = e.stale;
                 (sink, mirror)
@@ -1797,12 +1814,14 @@ fn wanted_kind(c: &RelationColumn, catalog: &[CatalogColumn]) -> ColumnKind {
 /// is added, unless the catalog says it is a column the table holds under its old name (same
 /// `attnum`: a rename, the field id kept); a type Iceberg promotes is widened in place; any
 /// other type change keeps the old column as `<name>__before_<lsn>` beside a new column of the
-/// new type. A dropped column stays (null from then on). Returns what changed.
+/// new type. A dropped column stays (null from then on). A mirror whose key is not `key` is
+/// keyed by it from then on. Returns what changed.
 async fn evolve(
     sink: &mut TableSink,
     columns: &[RelationColumn],
     catalog: &[CatalogColumn],
     lsn: Lsn,
+    key: Option<&MirrorKey>,
 ) -> Result<Evolved, PipelineError> {
     let schema = sink.schema().clone();
     let number: HashMap<&str, i32> = catalog
@@ -1858,6 +1877,28 @@ async fn evolve(
             }),
         }
     }
+    // The key now, under the names it has before these changes (a renamed key column is
+    // the same key).
+    let before = |n: &String| {
+        changes
+            .iter()
+            .find_map(|c| match c {
+                ColumnChange::Rename { from, to } if to == n => Some(from.clone()),
+                _ => None,
+            })
+            .unwrap_or_else(|| n.clone())
+    };
+    let rekey = key.filter(|k| {
+        sink.mirror_key().is_some_and(|now| {
+            now != MirrorKey {
+                columns: k.columns.iter().map(before).collect(),
+                whole_row: k.whole_row,
+            }
+        })
+    });
+    if let Some(k) = rekey {
+        changes.push(ColumnChange::Key(k.clone()));
+    }
     // Record what changed, and which field holds which source column as of this relation.
     let properties = if changes.is_empty() {
         PropertyChanges::default()
@@ -1870,13 +1911,60 @@ async fn evolve(
         change_record(sink, lsn, &detail)
     };
     let stale = gives_old_rows_values(&changes, catalog);
+    // The catalog is read now, the relation is of its point in the stream: a column renamed
+    // or dropped later (in the same transaction, say) keeps the number its field had.
     let numbers: HashMap<String, i32> = columns
         .iter()
-        .filter_map(|c| Some((c.name.clone(), *number.get(c.name.as_str())?)))
+        .filter_map(|c| {
+            let n = number.get(c.name.as_str()).copied().or_else(|| {
+                let f = schema.field_by_name(&c.name)?;
+                recorded.get(&f.id).copied()
+            })?;
+            Some((c.name.clone(), n))
+        })
         .collect();
-    sink.change_columns(&changes, properties, SOURCE_COLUMNS_PROPERTY, &numbers)
+    let rekeyed = sink
+        .change_columns(&changes, properties, SOURCE_COLUMNS_PROPERTY, &numbers)
         .await?;
+    if let (Some(k), Some(r)) = (rekey, rekeyed) {
+        MirrorRekeyed {
+            table: &sink.name(),
+            key: &k.columns.join(", "),
+            whole_row: k.whole_row,
+            rows: r.rows,
+            duplicates: r.duplicates,
+            unkeyed: r.unkeyed,
+            took: r.took,
+        }
+        .emit();
+    }
     Ok(Evolved { changes, stale })
+}
+
+/// The key a mirror of `columns` should have: its key columns (the replica identity's, or the
+/// primary key of a FULL table); a FULL table without a known primary key keeps a key it has,
+/// else is identified by its whole row.
+fn wanted_key(
+    columns: &[RelationColumn],
+    full_identity: Option<&[usize]>,
+    now: Option<MirrorKey>,
+) -> MirrorKey {
+    match full_identity {
+        Some([]) => now
+            .filter(|k| !k.columns.is_empty() || k.whole_row)
+            .unwrap_or(MirrorKey {
+                columns: Vec::new(),
+                whole_row: true,
+            }),
+        _ => MirrorKey {
+            columns: columns
+                .iter()
+                .filter(|c| c.key)
+                .map(|c| c.name.clone())
+                .collect(),
+            whole_row: false,
+        },
+    }
 }
 
 /// What [`evolve`] did.

@@ -166,7 +166,7 @@ impl Metrics {
                 .u64_counter("philotes.cdc.schema_changes")
                 .with_description(
                     "Source schema changes followed in Iceberg: add, drop, rename, widen, \
-                     replace, rename_table",
+                     replace, rename_table, key",
                 )
                 .build(),
             cdc_retries: meter

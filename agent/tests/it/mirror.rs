@@ -770,3 +770,131 @@ async fn another_writer_rewriting_a_mirror_file_is_noticed_not_duplicated() {
     assert!(log.contains("another writer removed"), "{log}");
     drop(agent);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_key_rekeys_the_mirror() {
+    // A table without a key that gets a primary key (in the transaction that also inserts
+    // rows before it), a primary key replaced by another column, a keyless table turned
+    // REPLICA IDENTITY FULL: the changes after each identify rows by the new key only (a
+    // DELETE carries just its columns), so the mirror must be keyed again, also across a
+    // SIGKILL; before, it kept the old key and every later delete and update was lost. The
+    // key column is renamed too, so the restart reads it from files under its old name (it
+    // used to fail there for good: "key column missing").
+    let Running {
+        pg,
+        db,
+        work,
+        cfg,
+        agent,
+    } = prepare(
+        "CREATE TABLE nk (id int NOT NULL, v int);
+         INSERT INTO nk SELECT g, g FROM generate_series(1, 200) g;
+         CREATE TABLE pk2 (id int PRIMARY KEY, code text NOT NULL UNIQUE, v int);
+         INSERT INTO pk2 SELECT g, 'c' || g, g FROM generate_series(1, 200) g;
+         CREATE TABLE fk (id int, v int);
+         INSERT INTO fk SELECT g, g FROM generate_series(1, 50) g;",
+        &["nk", "pk2", "fk"],
+        "mode = \"both\"\nsnapshot = \"initial\"",
+        "",
+    )
+    .await
+    .streaming()
+    .await;
+    const NK: &str = "SELECT id, v FROM nk";
+    const PK2: &str = "SELECT id, code, v FROM pk2";
+    const FK: &str = "SELECT id, v FROM fk";
+    wait_mirrored(&work, "ns.nk", &pg, NK, "id").await;
+    wait_mirrored(&work, "ns.pk2", &pg, PK2, "code").await;
+    wait_mirrored(&work, "ns.fk", &pg, FK, "id").await;
+    db.batch_execute(
+        "BEGIN;
+         INSERT INTO nk SELECT g, g FROM generate_series(201, 220) g;
+         ALTER TABLE nk ADD PRIMARY KEY (id);
+         UPDATE nk SET v = -v WHERE id <= 20 OR id > 215;
+         DELETE FROM nk WHERE id BETWEEN 30 AND 39;
+         COMMIT;
+         UPDATE nk SET v = 0 WHERE id BETWEEN 40 AND 44;
+         UPDATE pk2 SET v = v + 1 WHERE id <= 10;
+         ALTER TABLE pk2 DROP CONSTRAINT pk2_pkey;
+         ALTER TABLE pk2 ADD PRIMARY KEY (code);
+         UPDATE pk2 SET v = v + 100 WHERE id BETWEEN 5 AND 15;
+         DELETE FROM pk2 WHERE id BETWEEN 20 AND 25;
+         UPDATE pk2 SET code = 'x' || id WHERE id BETWEEN 30 AND 32;
+         UPDATE pk2 SET id = id + 1000 WHERE id BETWEEN 40 AND 42;
+         UPDATE pk2 SET id = 1 WHERE id = 50;
+         ALTER TABLE pk2 ALTER COLUMN id DROP NOT NULL;
+         INSERT INTO pk2 VALUES (NULL, 'no id', 0);
+         ALTER TABLE pk2 RENAME COLUMN code TO ref;
+         UPDATE pk2 SET v = -1 WHERE ref = 'c2';
+         ALTER TABLE fk REPLICA IDENTITY FULL;
+         UPDATE fk SET v = -v WHERE id <= 10;
+         DELETE FROM fk WHERE id BETWEEN 20 AND 24;",
+    )
+    .await
+    .expect("key changes");
+    wait_mirrored(&work, "ns.nk", &pg, NK, "id").await;
+    // The key column renamed too: the restart below rebuilds the index from files that
+    // hold it under its old name.
+    const PK2_NOW: &str = "SELECT id, ref, v FROM pk2";
+    let v = wait_mirrored(&work, "ns.pk2", &pg, PK2_NOW, "ref").await;
+    // `code` was optional in Iceberg (Iceberg cannot make it required), so the mirror has
+    // no identifier fields now; the old key column became optional (it holds a null).
+    assert_eq!(v["identifier_fields"], serde_json::json!([]), "{v}");
+    wait_mirrored(&work, "ns.fk", &pg, FK, "id").await;
+    let log = agent.log_text();
+    assert!(log.contains("mirror keyed again"), "{log}");
+    let addr = agent.api_addr().expect("API address");
+    let text = scrape(&addr).await;
+    for t in ["public.nk", "public.pk2", "public.fk"] {
+        let table = format!("table=\"{t}\"");
+        let n: f64 = text
+            .lines()
+            .filter(|l| {
+                l.starts_with("philotes_cdc_schema_changes_total{")
+                    && l.contains("kind=\"key\"")
+                    && l.contains(&table)
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        assert_eq!(n, 1.0, "{t}:\n{text}");
+    }
+
+    // A SIGKILL while changes by the new keys go on: the restarted agent replays from its
+    // slot, through the key changes again, and ends equal to the source.
+    let writer = {
+        let conninfo = pg.conninfo("app");
+        tokio::spawn(async move {
+            let (c, conn) = tokio_postgres::connect(&conninfo, tokio_postgres::NoTls)
+                .await
+                .expect("connect");
+            tokio::spawn(conn);
+            for i in 0..100 {
+                c.batch_execute(&format!(
+                    "UPDATE nk SET v = {i} WHERE id % 10 = {m}; DELETE FROM nk WHERE id = {d};
+                     UPDATE pk2 SET v = {i} WHERE ref = 'c{c}'; DELETE FROM pk2 WHERE ref = 'c{e}';
+                     UPDATE fk SET v = {i} WHERE id = {f}; DELETE FROM fk WHERE id = {g};",
+                    m = i % 10,
+                    d = 100 + i,
+                    c = 60 + i,
+                    e = 199 - i / 2,
+                    f = 25 + i % 25,
+                    g = 49 - i / 10,
+                ))
+                .await
+                .expect("workload");
+                tokio::time::sleep(Duration::from_millis(15)).await;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    agent.kill9();
+    writer.await.expect("workload task");
+    let agent = AgentProc::start(&cfg, &work.path().join("agent2.log"));
+    agent.wait_streaming().await;
+    let v = wait_mirrored(&work, "ns.nk", &pg, NK, "id").await;
+    assert_eq!(v["duplicate_keys"], 0, "{v}");
+    let v = wait_mirrored(&work, "ns.pk2", &pg, PK2_NOW, "ref").await;
+    assert_eq!(v["duplicate_keys"], 0, "{v}");
+    wait_mirrored(&work, "ns.fk", &pg, FK, "id").await;
+    drop(agent);
+}

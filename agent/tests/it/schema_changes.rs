@@ -364,3 +364,49 @@ async fn a_change_that_gives_old_rows_unsent_values_is_called_out() {
     assert_eq!(stale(&agent), 2, "{}", agent.log_text());
     never_left_streaming(&agent).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rename_in_the_transaction_of_another_change_keeps_the_field() {
+    // The catalog is read when a Relation message arrives, after the whole transaction: a
+    // column renamed later in the same transaction is not in it under the relation's name.
+    // Its field must keep its source column number, or the rename reads as a drop and an add
+    // (values split over two columns; a renamed mirror key then stopped the stream).
+    let Running {
+        pg,
+        db,
+        work,
+        agent,
+        ..
+    } = prepare(
+        "CREATE TABLE rt (id int PRIMARY KEY, a text);
+         INSERT INTO rt VALUES (1, 'one');",
+        &["rt"],
+        "mode = \"both\"\nsnapshot = \"initial\"",
+        "",
+    )
+    .await
+    .streaming()
+    .await;
+    db.batch_execute(
+        "BEGIN;
+         ALTER TABLE rt ADD COLUMN x int;
+         INSERT INTO rt VALUES (2, 'two', 2);
+         ALTER TABLE rt RENAME COLUMN a TO b;
+         INSERT INTO rt VALUES (3, 'three', 3);
+         COMMIT;",
+    )
+    .await
+    .expect("one transaction");
+    const Q: &str = "SELECT id, b, x FROM rt";
+    wait_changelog(&work, "ns.rt_changelog", &pg, Q).await;
+    wait_mirror(&work, "ns.rt", &pg, Q).await;
+    for t in ["ns.rt_changelog", "ns.rt"] {
+        let types = column_types(&work, t);
+        assert!(
+            types.get("a").is_none(),
+            "{t}: renamed, not dropped and added: {types}"
+        );
+        assert_eq!(types["b"], "string", "{t}: {types}");
+    }
+    never_left_streaming(&agent).await;
+}

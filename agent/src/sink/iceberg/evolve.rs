@@ -8,9 +8,10 @@
 
 use std::collections::HashMap;
 
-use iceberg::spec::{NestedField, NestedFieldRef, Schema};
+use iceberg::spec::{NestedField, NestedFieldRef, PrimitiveType, Schema, Type};
 use iceberg::{TableRequirement, TableUpdate};
 
+use super::mirror::MirrorKey;
 use super::schema::iceberg_type;
 use super::SinkError;
 use crate::model::ColumnKind;
@@ -49,6 +50,10 @@ pub enum ColumnChange {
         /// The new kind.
         kind: ColumnKind,
     },
+    /// A mirror's rows are identified by `columns` now (none: by the whole row, or by
+    /// nothing). They become the identifier fields where Iceberg allows it (required
+    /// columns, never floating point); the old identifier fields become optional.
+    Key(MirrorKey),
 }
 
 impl ColumnChange {
@@ -59,6 +64,7 @@ impl ColumnChange {
             ColumnChange::Rename { .. } => "rename",
             ColumnChange::Widen { .. } => "widen",
             ColumnChange::Replace { .. } => "replace",
+            ColumnChange::Key(_) => "key",
         }
     }
 
@@ -73,6 +79,11 @@ impl ColumnChange {
                 keep_as,
                 kind,
             } => format!("replace {name} by {kind:?} (the old column is now {keep_as})"),
+            ColumnChange::Key(k) if k.columns.is_empty() && k.whole_row => {
+                "key: the whole row".to_string()
+            }
+            ColumnChange::Key(k) if k.columns.is_empty() => "key: none".to_string(),
+            ColumnChange::Key(k) => format!("key ({})", k.columns.join(", ")),
         }
     }
 }
@@ -115,6 +126,7 @@ pub fn apply(
             .ok_or_else(|| SinkError::Commit(format!("schema change: no column {name:?}")))
     };
     let mut added: Vec<NestedField> = Vec::new();
+    let mut key: Option<&[String]> = None;
     for c in changes {
         match c {
             ColumnChange::Add { name, kind } => {
@@ -146,21 +158,51 @@ pub fn apply(
                 let t = iceberg_type(kind, &mut next);
                 added.push(NestedField::optional(id, name, t));
             }
+            ColumnChange::Key(k) => key = Some(&k.columns),
         }
     }
     // New columns go before the CDC columns' block would be nicer, but field order is what
     // readers show; appended keeps every existing column where it was.
     fields.extend(added);
-    let kept: Vec<i32> = schema
-        .identifier_field_ids()
-        .filter(|id| fields.iter().any(|f| f.id == *id && f.required))
-        .collect();
+    let kept: Vec<i32> = match key {
+        None => schema
+            .identifier_field_ids()
+            .filter(|id| fields.iter().any(|f| f.id == *id && f.required))
+            .collect(),
+        Some(columns) => {
+            let ids: Vec<i32> = columns
+                .iter()
+                .filter_map(|c| fields.iter().find(|f| f.name == *c))
+                .filter(|f| f.required && identifier_type(&f.field_type))
+                .map(|f| f.id)
+                .collect();
+            // Rows may leave an old key column null from now on.
+            for f in fields.iter_mut() {
+                if f.required
+                    && schema.identifier_field_ids().any(|i| i == f.id)
+                    && !ids.contains(&f.id)
+                {
+                    f.required = false;
+                }
+            }
+            if ids.len() == columns.len() {
+                ids
+            } else {
+                Vec::new()
+            }
+        }
+    };
     Schema::builder()
         .with_schema_id(schema.schema_id() + 1)
         .with_fields(fields.into_iter().map(NestedFieldRef::new))
         .with_identifier_field_ids(kept)
         .build()
         .map_err(|e| SinkError::Commit(format!("schema change: {e}")))
+}
+
+/// Whether Iceberg lets a field of type `t` be an identifier field.
+fn identifier_type(t: &Type) -> bool {
+    matches!(t, Type::Primitive(p) if !matches!(p, PrimitiveType::Float | PrimitiveType::Double))
 }
 
 /// The updates and requirements that make `schema` the table's current schema, with
@@ -192,7 +234,6 @@ pub fn updates(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use iceberg::spec::{PrimitiveType, Type};
 
     fn schema() -> Schema {
         Schema::builder()
@@ -256,5 +297,37 @@ mod tests {
             &ColumnKind::Timestamp,
             &ColumnKind::TimestampTz
         ));
+    }
+
+    #[test]
+    fn a_new_key_moves_the_identifier_fields_where_iceberg_allows() {
+        let key = |c: &[&str]| {
+            ColumnChange::Key(MirrorKey {
+                columns: c.iter().map(|s| s.to_string()).collect(),
+                whole_row: false,
+            })
+        };
+        // An optional column cannot become an identifier: none then, and the old key
+        // column may hold nulls from now on.
+        let s = apply(&schema(), 3, &[key(&["amount"])]).unwrap();
+        assert_eq!(s.identifier_field_ids().count(), 0);
+        assert!(!s.field_by_name("id").unwrap().required);
+        assert!(!s.field_by_name("amount").unwrap().required);
+        // The same key again keeps it; no key drops it.
+        let s = apply(&schema(), 3, &[key(&["id"])]).unwrap();
+        assert_eq!(s.identifier_field_ids().collect::<Vec<_>>(), vec![1]);
+        assert!(s.field_by_name("id").unwrap().required);
+        let s = apply(&schema(), 3, &[key(&[])]).unwrap();
+        assert_eq!(s.identifier_field_ids().count(), 0);
+        assert_eq!(
+            ColumnChange::Key(MirrorKey {
+                columns: vec![],
+                whole_row: true
+            })
+            .describe(),
+            "key: the whole row"
+        );
+        assert_eq!(key(&["a", "b"]).describe(), "key (a, b)");
+        assert_eq!(key(&["a"]).label(), "key");
     }
 }

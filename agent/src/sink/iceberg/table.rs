@@ -14,7 +14,7 @@ use iceberg::{Catalog, ErrorKind, NamespaceIdent, TableCreation, TableIdent, Tab
 
 use super::commit::{is_data, operation_for, Change, CommitError, Committer};
 use super::evolve::ColumnChange;
-use super::mirror::{CompactRules, Compacted, MirrorWriter};
+use super::mirror::{CompactRules, Compacted, MirrorKey, MirrorWriter, Rekeyed};
 use super::schema::{
     changelog_shape, mirror_schema, writer_id, FENCED_PROPERTIES, LSN_PROPERTY, MIRROR_PROPERTY,
     SNAPSHOT_PROGRESS_PROPERTY, SNAPSHOT_PROPERTY, WRITER_PROPERTY,
@@ -276,6 +276,11 @@ impl TableSink {
         })
     }
 
+    /// A mirror's key (`None` for a changelog).
+    pub fn mirror_key(&self) -> Option<MirrorKey> {
+        self.mirror.as_ref().map(|m| m.key(&self.table))
+    }
+
     /// Load or create the mirror table `ns.name` of `source`; the key index is rebuilt from
     /// the table.
     pub async fn open_mirror(
@@ -406,7 +411,7 @@ impl TableSink {
 
     /// Apply `changes` to the table's columns in one schema update, with `properties` set in
     /// the same commit; batches must be rebuilt afterwards. A mirror reloads its key index
-    /// (its key columns may have a new name or type).
+    /// (its key columns may have a new name or type), or keys its rows again for a new key.
     ///
     /// `numbers` gives a source number for columns by name; the property `numbers_property`
     /// then records `field:number,…` for the fields holding them, in the same commit.
@@ -416,7 +421,7 @@ impl TableSink {
         properties: PropertyChanges,
         numbers_property: &str,
         numbers: &HashMap<String, i32>,
-    ) -> Result<(), SinkError> {
+    ) -> Result<Option<Rekeyed>, SinkError> {
         let PropertyChanges {
             set: mut properties,
             remove,
@@ -440,7 +445,7 @@ impl TableSink {
             properties.insert(numbers_property.to_string(), record);
         }
         if changes.is_empty() && properties.is_empty() && remove.is_empty() {
-            return Ok(());
+            return Ok(None);
         }
         let removals =
             (!remove.is_empty()).then_some(TableUpdate::RemoveProperties { removals: remove });
@@ -460,7 +465,7 @@ impl TableSink {
                 })?;
             self.fence_on(&table)?;
             self.table = table;
-            return Ok(());
+            return Ok(None);
         }
         // Files being written have the old schema: finish them first.
         self.finish_files().await?;
@@ -477,10 +482,23 @@ impl TableSink {
                 .map_err(|e| SinkError::Config(e.to_string()))?,
         );
         self.table = table;
+        // A new key: the mirror's rows are keyed again (a changelog has no key).
+        let key = changes.iter().find_map(|c| match c {
+            ColumnChange::Key(k) => Some(k),
+            _ => None,
+        });
+        let mut rekeyed = None;
         if let Some(m) = self.mirror.as_mut() {
-            m.schema_changed(&self.table).await?;
+            if let Some(k) = key {
+                m.set_schema(&self.table)?;
+                rekeyed = m.set_key(&self.table, k).await?;
+            }
+            if rekeyed.is_none() {
+                m.schema_changed(&self.table).await?;
+            }
         }
-        self.set_batch_schema()
+        self.set_batch_schema()?;
+        Ok(rekeyed)
     }
 
     /// Queue `batch` for the table's open data files (opened on first use); it stays pending

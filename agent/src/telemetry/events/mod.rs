@@ -12,7 +12,7 @@ pub use maintenance::{TableHealthMeasured, TableMaintained};
 pub use pipeline::{
     AppliedTable, BatchCommitted, BatchFailed, BufferChanged, ChangeReceived, CommitFenced,
     DeadLettered, FilesWritten, LeaderDeposed, LeaderSession, LeadershipLost, LeadershipTaken,
-    MirrorCommitted, PipelineRetrying, SchemaChanged, SlotLagMeasured, SpoolChanged,
+    MirrorCommitted, MirrorRekeyed, PipelineRetrying, SchemaChanged, SlotLagMeasured, SpoolChanged,
     StaleRowsAfterSchemaChange, StandingBy, StateChanged, TableCommitted, TransactionApplied,
 };
 

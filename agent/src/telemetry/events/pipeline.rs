@@ -204,7 +204,7 @@ impl TableCommitted<'_> {
 pub struct SchemaChanged<'a> {
     /// Source table (`schema.table`, as configured).
     pub table: &'a str,
-    /// `add`, `drop`, `rename`, `widen`, `replace` or `rename_table`.
+    /// `add`, `drop`, `rename`, `widen`, `replace`, `rename_table` or `key`.
     pub kind: &'static str,
     /// What changed, for the log.
     pub detail: &'a str,
@@ -238,6 +238,62 @@ impl StaleRowsAfterSchemaChange<'_> {
             table = self.table,
             "a schema change gave existing rows values no change carries (a column added with a default, or a type change that rewrote the table): in Iceberg those rows have null there until they change; an UPDATE that sets the column to itself sends them (docs/operations.md, \"Schema changes\")"
         );
+    }
+}
+
+/// A mirror table's source changed key (a primary key added, dropped or replaced, another
+/// replica identity): its rows were keyed again from its files. Counted as a schema change
+/// (`kind="key"`); this says what the re-keying took.
+pub struct MirrorRekeyed<'a> {
+    /// Iceberg table (`namespace.table`).
+    pub table: &'a str,
+    /// The new key columns, comma-separated (empty: none).
+    pub key: &'a str,
+    /// Without key columns, whether the whole row identifies a row.
+    pub whole_row: bool,
+    /// Rows keyed.
+    pub rows: usize,
+    /// Rows that repeated a newer row's key and were deleted.
+    pub duplicates: u64,
+    /// Rows without a value in a key column, left unkeyed.
+    pub unkeyed: u64,
+    /// Time spent reading the key columns back.
+    pub took: std::time::Duration,
+}
+
+impl MirrorRekeyed<'_> {
+    /// Log.
+    pub fn emit(&self) {
+        let key = match (self.key, self.whole_row) {
+            ("", true) => "the whole row",
+            ("", false) => "nothing (rows are appended)",
+            (k, _) => k,
+        };
+        if self.duplicates > 0 {
+            tracing::warn!(
+                table = self.table,
+                key,
+                rows = self.rows,
+                duplicates = self.duplicates,
+                "mirror keyed again, and rows repeating a newer row's key were deleted: the mirror had diverged from the source"
+            );
+        } else if self.unkeyed > 0 {
+            tracing::warn!(
+                table = self.table,
+                key,
+                rows = self.rows,
+                unkeyed = self.unkeyed,
+                "mirror keyed again, but some rows have no value in the new key (PostgreSQL filled the column in without sending the rows): no change can reach them; copy the table again to replace them (docs/operations.md, \"Schema changes\")"
+            );
+        } else {
+            tracing::info!(
+                table = self.table,
+                key,
+                rows = self.rows,
+                ms = self.took.as_millis() as u64,
+                "mirror keyed again: the source table's key changed"
+            );
+        }
     }
 }
 

@@ -8,8 +8,10 @@
 mod compact;
 pub mod files;
 pub mod index;
+mod rekey;
 
 pub use compact::{CompactRules, Compacted, Rewrite};
+pub use rekey::{MirrorKey, Rekeyed};
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -168,6 +170,8 @@ pub struct MirrorWriter {
     /// Why the index may no longer match the table (a compaction whose commit outcome is
     /// unknown could not be reloaded): every later write fails until the table is reopened.
     stale: Option<String>,
+    /// The key changed since the last commit: the index is in `staged` until it lands.
+    rekeyed: bool,
 }
 
 /// Bytes a key staged for the next commit takes (map entry and control byte, at ~2/3 load).
@@ -254,6 +258,7 @@ impl MirrorWriter {
             rules,
             whole_row,
             stale: None,
+            rekeyed: false,
         }
     }
 
@@ -772,11 +777,18 @@ impl MirrorWriter {
         self.deletes.clear();
         self.written.clear();
         self.reset = false;
+        self.rekeyed = false;
         self.rows = 0;
     }
 
     /// The staged change will not be committed (a failed attempt): forget it.
     pub fn abandon(&mut self) {
+        if self.rekeyed {
+            self.stale = Some(format!(
+                "the key of {} changed and the commit after it failed",
+                self.name
+            ));
+        }
         self.open = None;
         self.delete_staged = None;
         self.staged.clear();
@@ -845,6 +857,12 @@ async fn read_rows(
     positions: &[u64],
     names: &HashSet<String>,
 ) -> Result<RecordBatch, SinkError> {
+    // By field id: a file written before a rename has the column under its old name.
+    let current = table.metadata().current_schema();
+    let ids: HashMap<i32, &String> = names
+        .iter()
+        .filter_map(|n| Some((current.field_id_by_name(n)?, n)))
+        .collect();
     let builder = open_parquet(table, path).await?;
     let total = builder.metadata().file_metadata().num_rows() as usize;
     let roots: Vec<usize> = builder
@@ -852,7 +870,7 @@ async fn read_rows(
         .fields()
         .iter()
         .enumerate()
-        .filter(|(_, f)| names.contains(f.name()))
+        .filter(|(_, f)| field_id(f).is_some_and(|id| ids.contains_key(&id)))
         .map(|(i, _)| i)
         .collect();
     let mask = ProjectionMask::roots(builder.parquet_schema(), roots);
@@ -870,7 +888,28 @@ async fn read_rows(
     while let Some(b) = stream.next().await {
         batches.push(b.map_err(werr)?);
     }
-    arrow_select::concat::concat_batches(&schema, &batches).map_err(werr)
+    let batch = arrow_select::concat::concat_batches(&schema, &batches).map_err(werr)?;
+    // Under the names the columns have now.
+    let fields: Vec<arrow_schema::FieldRef> = schema
+        .fields()
+        .iter()
+        .map(|f| match field_id(f).and_then(|id| ids.get(&id)) {
+            Some(n) if *n != f.name() => Arc::new(f.as_ref().clone().with_name(n.as_str())),
+            _ => f.clone(),
+        })
+        .collect();
+    RecordBatch::try_new(
+        Arc::new(arrow_schema::Schema::new(fields)),
+        batch.columns().to_vec(),
+    )
+    .map_err(werr)
+}
+
+/// The Iceberg field id a Parquet column of a data file carries.
+fn field_id(f: &arrow_schema::Field) -> Option<i32> {
+    f.metadata()
+        .get(PARQUET_FIELD_ID_META_KEY)
+        .and_then(|v| v.parse::<i32>().ok())
 }
 
 /// Columns of `batch` the mirror holds (by name), in its schema (nested field ids retagged).
@@ -902,6 +941,12 @@ fn conform(a: &ArrayRef, t: &DataType) -> Result<ArrayRef, SinkError> {
                     .map_err(werr)?,
             ))
         }
+        // A column widened since the file was written (Iceberg's promotions).
+        (DataType::Int32, DataType::Int64)
+        | (DataType::Float32, DataType::Float64)
+        | (DataType::Decimal128(_, _), DataType::Decimal128(_, _)) => {
+            arrow_cast::cast(a, t).map_err(werr)
+        }
         (from, to) => Err(SinkError::Write(format!(
             "column type {from} cannot be written as {to}"
         ))),
@@ -926,7 +971,8 @@ async fn live_paths(table: &Table) -> Result<HashSet<String>, SinkError> {
         .collect())
 }
 
-/// Read the columns of `path` whose field ids are `ids`, batch by batch.
+/// Read the columns of `path` whose field ids are `ids`, batch by batch (those the file has:
+/// a column added after it was written is not in the batches).
 async fn read_columns(
     table: &Table,
     path: &str,
@@ -939,18 +985,16 @@ async fn read_columns(
         .fields()
         .iter()
         .enumerate()
-        .filter(|(_, f)| {
-            f.metadata()
-                .get(PARQUET_FIELD_ID_META_KEY)
-                .and_then(|v| v.parse::<i32>().ok())
-                .is_some_and(|id| ids.contains(&id))
-        })
+        .filter(|(_, f)| field_id(f).is_some_and(|id| ids.contains(&id)))
         .map(|(i, _)| i)
         .collect();
-    if leaves.len() != ids.len() {
-        return Err(SinkError::Write(format!(
-            "{path}: expected columns with field ids {ids:?}"
-        )));
+    if leaves.is_empty() {
+        // None of them (a key column added after the file was written): its rows, each
+        // without a value, as a batch without columns.
+        let rows = builder.metadata().file_metadata().num_rows() as usize;
+        let empty = Arc::new(arrow_schema::Schema::empty());
+        let options = arrow_array::RecordBatchOptions::new().with_row_count(Some(rows));
+        return each(RecordBatch::try_new_with_options(empty, Vec::new(), &options).map_err(werr)?);
     }
     let mask = ProjectionMask::roots(builder.parquet_schema(), leaves);
     let mut stream = builder
@@ -1035,16 +1079,8 @@ async fn rebuild(
         })
         .await?;
     }
-    let schema = table.metadata().current_schema();
-    let ids: Vec<i32> = keys
-        .names
-        .iter()
-        .map(|n| {
-            schema.field_by_name(n).map(|f| f.id).ok_or_else(|| {
-                SinkError::Config(format!("key column {n:?} not in the mirror table"))
-            })
-        })
-        .collect::<Result<_, _>>()?;
+    let wanted = rekey::key_fields(table, keys)?;
+    let ids: Vec<i32> = wanted.iter().map(|(id, _)| *id).collect();
     let mut index = KeyIndex::new();
     for f in live
         .iter()
@@ -1054,6 +1090,7 @@ async fn rebuild(
         let gone = deleted.remove(f.file_path()).unwrap_or_default();
         let mut pos = 0u64;
         read_columns(table, f.file_path(), &ids, |b| {
+            let b = rekey::by_field_id(&b, &wanted)?;
             for (i, k) in keys.keys(&b)?.into_iter().enumerate() {
                 let p = pos + i as u64;
                 if !gone.contains(&p) {
