@@ -505,3 +505,54 @@ async fn binary_values_stream_and_a_text_only_column_switches_to_text() {
     assert_eq!(v["state_equal"], true, "{}", v["state_diff"]);
     assert_eq!(agent.terminate(), Some(0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_that_are_not_utf8_in_a_sql_ascii_database_are_dead_letters() {
+    // A SQL_ASCII database stores any bytes. Converted to UTF-8 by the server, one invalid
+    // byte failed the whole copy, and in the stream it would stop the walsender at that
+    // change on every attempt: the pipeline retried forever. Taken as they are, such a value
+    // is one dead letter and every other row arrives.
+    let pg = TestPg::start();
+    pg.client("postgres")
+        .await
+        .batch_execute(
+            "CREATE DATABASE legacy ENCODING 'SQL_ASCII' LC_COLLATE 'C' LC_CTYPE 'C' \
+             TEMPLATE template0",
+        )
+        .await
+        .expect("SQL_ASCII database");
+    let db = pg.client("legacy").await;
+    db.batch_execute(
+        "CREATE TABLE t (id int PRIMARY KEY, s text);
+         INSERT INTO t VALUES (1, 'ok'), (2, E'caf\\xe9'), (3, 'plain');",
+    )
+    .await
+    .expect("schema");
+    let work = Workdir::new();
+    let cfg = work.config(&pg.url("legacy"), &["t"], "snapshot = \"initial\"", "");
+    let agent = AgentProc::start_streaming(&cfg, &work.path().join("agent.log")).await;
+    db.batch_execute(
+        "INSERT INTO t VALUES (4, E'x\\xff'), (5, 'fine');
+         UPDATE t SET s = 'ok again' WHERE id = 1;",
+    )
+    .await
+    .expect("changes");
+    // Copied 1 and 3, inserted 5, updated 1; 2 (copied) and 4 (streamed) are dead letters.
+    wait_rows(&work, "ns.t", 4, 60).await;
+    wait_rows(&work, "ns._philotes_dlq", 2, 30).await;
+    let dlq = verify_dlq(&work);
+    let rows = dlq["all_rows"].as_array().expect("dead letters");
+    assert_eq!(rows.len(), 2, "{dlq}");
+    for r in rows {
+        assert!(
+            r["error"]
+                .as_str()
+                .unwrap_or("")
+                .contains("not valid UTF-8"),
+            "{r}"
+        );
+    }
+    let log = agent.log_text();
+    assert!(!log.contains("pipeline failed"), "{log}");
+    drop(agent);
+}

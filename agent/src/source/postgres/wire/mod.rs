@@ -187,15 +187,29 @@ impl Conn {
         frontend::startup_message(params.iter().copied(), &mut conn.wbuf)?;
         conn.send().await?;
         conn.authenticate(url).await?;
+        let mut sql_ascii = false;
         loop {
             match conn.read().await? {
-                Backend::Msg(Message::ReadyForQuery(_)) => return Ok(conn),
+                Backend::Msg(Message::ReadyForQuery(_)) => break,
+                Backend::Msg(Message::ParameterStatus(p)) => {
+                    if p.name().ok() == Some("server_encoding") {
+                        sql_ascii = p.value().ok() == Some("SQL_ASCII");
+                    }
+                }
                 Backend::Msg(Message::ErrorResponse(e)) => {
                     return Err(WireError::Startup(error_text(&e)))
                 }
                 _ => {}
             }
         }
+        // A SQL_ASCII database may hold any bytes: converted to UTF-8 by the server, one
+        // invalid byte fails the whole copy or stops the walsender at that change for good.
+        // Taken as they are, a value that is not UTF-8 is one dead letter.
+        if sql_ascii {
+            conn.simple_query("SET client_encoding = 'SQL_ASCII'")
+                .await?;
+        }
+        Ok(conn)
     }
 
     /// A TCP connection, with TLS negotiated per `sslmode` when `tls`.
