@@ -191,10 +191,10 @@ impl Conn {
         loop {
             match conn.read().await? {
                 Backend::Msg(Message::ReadyForQuery(_)) => break,
-                Backend::Msg(Message::ParameterStatus(p)) => {
-                    if p.name().ok() == Some("server_encoding") {
-                        sql_ascii = p.value().ok() == Some("SQL_ASCII");
-                    }
+                Backend::Msg(Message::ParameterStatus(p))
+                    if p.name().ok() == Some("server_encoding") =>
+                {
+                    sql_ascii = p.value().ok() == Some("SQL_ASCII");
                 }
                 Backend::Msg(Message::ErrorResponse(e)) => {
                     return Err(WireError::Startup(error_text(&e)))
