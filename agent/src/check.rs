@@ -183,6 +183,7 @@ pub async fn fatal_source_problems(cfg: &Config) -> Vec<String> {
             Err(
                 e @ (SourceError::WalLevel(_)
                 | SourceError::MissingTable(_)
+                | SourceError::NotATable { .. }
                 | SourceError::Slot { .. }
                 | SourceError::Publication { .. }),
             ) => {

@@ -342,6 +342,42 @@ async fn missing_table_is_refused() {
     assert!(lines[0].contains("public.nope"), "{}", lines[0]);
 }
 
+/// A view, a materialized view or an UNLOGGED table cannot be streamed: refused at start with
+/// what it is (it used to read "does not exist", or fail at CREATE PUBLICATION).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_view_or_an_unlogged_table_is_refused_as_what_it_is() {
+    let pg = TestPg::start();
+    pg.create_db("app")
+        .await
+        .batch_execute(
+            "CREATE TABLE base (id int PRIMARY KEY);
+             CREATE VIEW v AS SELECT id FROM base;
+             CREATE MATERIALIZED VIEW mv AS SELECT id FROM base;
+             CREATE UNLOGGED TABLE u (id int PRIMARY KEY);",
+        )
+        .await
+        .expect("schema");
+    for (table, what) in [
+        ("public.v", "it is a view"),
+        ("public.mv", "it is a materialized view"),
+        ("public.u", "it is UNLOGGED"),
+    ] {
+        let work = Workdir::new();
+        let cfg = work.config(&pg.url("app"), &["public.base", table], "", "");
+        for cmd in ["check", "run"] {
+            let (code, out) = run_philotes(&[cmd], &cfg);
+            assert_eq!(code, 2, "{cmd} {table}: {out}");
+            let lines = problem_lines(&out);
+            assert_eq!(lines.len(), 1, "{cmd} {table}: {out}");
+            assert!(
+                lines[0].contains(table) && lines[0].contains(what),
+                "{cmd}: {}",
+                lines[0]
+            );
+        }
+    }
+}
+
 /// A publication that sends a partitioned table's changes under its partitions' names would
 /// leave them out (the partitions are not configured): refused, naming the fix.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

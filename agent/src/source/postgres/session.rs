@@ -25,6 +25,14 @@ pub enum SourceError {
     /// A configured table is missing.
     #[error("table {0} does not exist in the source database")]
     MissingTable(String),
+    /// A configured name is a relation logical replication cannot stream.
+    #[error("{table} cannot be streamed: {why}")]
+    NotATable {
+        /// `schema.table` as configured.
+        table: String,
+        /// What it is instead.
+        why: &'static str,
+    },
     /// The slot exists but was made for another plugin or database.
     #[error("replication slot {slot:?} is unusable: {reason}")]
     Slot {
@@ -61,6 +69,7 @@ impl SourceError {
             SourceError::Connect { .. } => ErrorType::Connection,
             SourceError::WalLevel(_)
             | SourceError::MissingTable(_)
+            | SourceError::NotATable { .. }
             | SourceError::Slot { .. }
             | SourceError::Publication { .. } => ErrorType::Config,
             SourceError::Query(_) => ErrorType::SourceQuery,
@@ -233,9 +242,34 @@ impl Session {
     /// Fail naming the first configured table that does not exist.
     pub async fn check_tables(&mut self, tables: &[(String, String)]) -> Result<(), SourceError> {
         for (schema, table) in tables {
-            if !self.table_exists(schema, table).await? {
-                return Err(SourceError::MissingTable(format!("{schema}.{table}")));
-            }
+            let sql = format!(
+                "SELECT c.relkind::text, c.relpersistence::text FROM pg_catalog.pg_class c \
+                 JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE n.nspname = {} AND c.relname = {}",
+                quote_literal(schema),
+                quote_literal(table)
+            );
+            let row = self.query(&sql).await?.into_iter().next();
+            let name = || format!("{schema}.{table}");
+            let Some(row) = row else {
+                return Err(SourceError::MissingTable(name()));
+            };
+            let (kind, persistence) = (
+                row.first().cloned().flatten().unwrap_or_default(),
+                row.get(1).cloned().flatten().unwrap_or_default(),
+            );
+            let why = match (kind.as_str(), persistence.as_str()) {
+                ("r" | "p", "p") => continue,
+                ("r" | "p", "u") => {
+                    "it is UNLOGGED: its changes never reach the WAL (ALTER TABLE … SET LOGGED)"
+                }
+                ("r" | "p", _) => "it is a temporary table",
+                ("v", _) => "it is a view: logical replication publishes tables (stream the tables it reads)",
+                ("m", _) => "it is a materialized view: logical replication publishes tables (stream the tables it reads)",
+                ("f", _) => "it is a foreign table: its rows live in another server",
+                _ => "it is not a table",
+            };
+            return Err(SourceError::NotATable { table: name(), why });
         }
         Ok(())
     }
