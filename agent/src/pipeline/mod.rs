@@ -523,6 +523,7 @@ impl Pipeline {
                 publication: publication.clone(),
                 max_slot_lag_bytes: self.cfg.max_slot_lag_bytes,
                 heartbeat_interval: self.cfg.heartbeat_interval,
+                tables: tables.clone(),
             },
             self.metrics.clone(),
             self.status.clone(),

@@ -1,15 +1,18 @@
 //! Slot monitor: how much WAL the slot retains, from `pg_replication_slots`, every few seconds;
-//! the `max_slot_lag_bytes` alarm; and the optional heartbeat.
+//! the `max_slot_lag_bytes` alarm; the optional heartbeat; and whether the configured tables
+//! are still the published ones (a dropped table leaves the publication without a message in
+//! the stream).
 //!
 //! It runs on its own session (a replication connection that never starts streaming), so it
 //! keeps reporting while the stream is busy or reconnecting.
 
+use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use super::status::SharedStatus;
 use crate::source::postgres::conn::SourceUrl;
 use crate::source::postgres::session::Session;
-use crate::telemetry::events::SlotLagMeasured;
+use crate::telemetry::events::{SlotLagMeasured, TableLeftPublication};
 use crate::telemetry::SourceMetrics;
 
 /// How often the slot is measured.
@@ -27,6 +30,8 @@ pub struct MonitorConfig {
     pub max_slot_lag_bytes: Option<u64>,
     /// Heartbeat period.
     pub heartbeat_interval: Option<Duration>,
+    /// The configured tables (`schema`, `table`) as the pipeline found them at start.
+    pub tables: Vec<(String, String)>,
 }
 
 /// Measure forever (the caller aborts the task); errors are retried at the next interval.
@@ -37,9 +42,14 @@ pub async fn slot_lag_loop(cfg: MonitorConfig, metrics: SourceMetrics, status: S
         publication,
         max_slot_lag_bytes,
         heartbeat_interval,
+        tables,
     } = cfg;
     let mut last_beat = Instant::now();
     let mut alarmed = false;
+    // The relations streamed (by OID: a table dropped and created again is another one),
+    // and those already reported gone.
+    let mut watched: Option<Vec<(u32, String)>> = None;
+    let mut gone: HashSet<u32> = HashSet::new();
     loop {
         match Session::connect(&url, &slot, &publication, None).await {
             Ok(mut session) => loop {
@@ -66,6 +76,29 @@ pub async fn slot_lag_loop(cfg: MonitorConfig, metrics: SourceMetrics, status: S
                     Err(e) => {
                         tracing::debug!(slot, "slot monitor query failed: {e}");
                         break;
+                    }
+                }
+                if watched.is_none() {
+                    watched = session.table_oids(&tables).await.ok();
+                }
+                if let Some(w) = &watched {
+                    let oids: Vec<u32> = w.iter().map(|(o, _)| *o).collect();
+                    match session.unpublished(&publication, &oids).await {
+                        Ok(now) => {
+                            for (oid, table) in w {
+                                if now.contains(oid) && gone.insert(*oid) {
+                                    TableLeftPublication {
+                                        table,
+                                        publication: &publication,
+                                    }
+                                    .emit(&metrics);
+                                }
+                            }
+                        }
+                        Err(e) => {
+                            tracing::debug!(slot, "publication check failed: {e}");
+                            break;
+                        }
                     }
                 }
                 let nap = heartbeat_interval.map_or(INTERVAL, |h| h.min(INTERVAL));

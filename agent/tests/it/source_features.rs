@@ -1139,3 +1139,64 @@ async fn tables_with_mixed_case_spaces_and_dots_in_their_names_are_streamed() {
     assert_eq!(out.trim(), "[50, 3, 0]", "mirror rows: {out}");
     assert_eq!(agent.terminate(), Some(0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_and_recreated_table_is_reported_and_copied_again_on_request() {
+    // DROP TABLE sends nothing down the stream, and the table created again under the same
+    // name is another relation, outside the publication: its rows were silently not
+    // streamed. The slot monitor notices within seconds (WARN, errors_total{config}); the
+    // other table goes on; the documented remedy (drop its Iceberg tables, restart) copies
+    // the new table.
+    let Running {
+        pg,
+        db,
+        work,
+        cfg,
+        agent,
+    } = prepare(
+        "CREATE TABLE d (id int PRIMARY KEY, v text);
+         INSERT INTO d SELECT g, 'old' FROM generate_series(1, 10) g;
+         CREATE TABLE k (id int PRIMARY KEY);",
+        &["d", "k"],
+        "mode = \"both\"\nsnapshot = \"initial\"",
+        "",
+    )
+    .await
+    .streaming()
+    .await;
+    crate::mirror::wait_mirrored_with(&work, "ns.d", &pg, "SELECT id, v FROM d", "id", &[]).await;
+    db.batch_execute(
+        "DROP TABLE d;
+         CREATE TABLE d (id int PRIMARY KEY, v text);
+         INSERT INTO d SELECT g, 'new' FROM generate_series(5, 7) g;
+         INSERT INTO k VALUES (1), (2);",
+    )
+    .await
+    .expect("drop and create again");
+    wait_log_line(&work.path().join("agent.log"), "the drop reported", |l| {
+        l.contains("no longer published") && l.contains("public.d")
+    })
+    .await;
+    let addr = agent.api_addr().expect("API address");
+    let text = scrape(&addr).await;
+    assert!(
+        sample_sum(&text, "philotes_cdc_errors_total", "error_type=\"config\"") >= 1.0,
+        "{text}"
+    );
+    crate::mirror::wait_mirrored_with(&work, "ns.k", &pg, "SELECT id FROM k", "id", &[]).await;
+    assert_eq!(agent.terminate(), Some(0));
+    let (rc, out) = pyiceberg(
+        &work,
+        "c.drop_table('ns.d')\nc.drop_table('ns.d_changelog')\nprint('dropped')\n",
+    );
+    assert_eq!(rc, 0, "{out}");
+    let agent = AgentProc::start(&cfg, &work.path().join("agent2.log"));
+    agent.wait_streaming().await;
+    db.batch_execute("UPDATE d SET v = 'newer' WHERE id = 6")
+        .await
+        .expect("update");
+    let v = crate::mirror::wait_mirrored_with(&work, "ns.d", &pg, "SELECT id, v FROM d", "id", &[])
+        .await;
+    assert_eq!(v["rows"], 3, "{v}");
+    drop(agent);
+}

@@ -367,6 +367,64 @@ impl Session {
             .collect())
     }
 
+    /// The OIDs of `tables` (those that exist), with their `schema.table`.
+    pub async fn table_oids(
+        &mut self,
+        tables: &[(String, String)],
+    ) -> Result<Vec<(u32, String)>, SourceError> {
+        let mut out = Vec::new();
+        for (schema, table) in tables {
+            let sql = format!(
+                "SELECT c.oid FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n \
+                 ON n.oid = c.relnamespace WHERE n.nspname = {} AND c.relname = {}",
+                quote_literal(schema),
+                quote_literal(table)
+            );
+            if let Some(oid) = self
+                .query(&sql)
+                .await?
+                .into_iter()
+                .next()
+                .and_then(|r| r.into_iter().next().flatten())
+                .and_then(|v| v.parse().ok())
+            {
+                out.push((oid, format!("{schema}.{table}")));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Which of relations `oids` `publication` does not publish (any more): dropped, or
+    /// removed from it.
+    pub async fn unpublished(
+        &mut self,
+        publication: &str,
+        oids: &[u32],
+    ) -> Result<Vec<u32>, SourceError> {
+        if oids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let list = oids
+            .iter()
+            .map(u32::to_string)
+            .collect::<Vec<_>>()
+            .join(",");
+        let sql = format!(
+            "SELECT o FROM unnest(ARRAY[{list}]::oid[]) o WHERE NOT EXISTS (\
+             SELECT 1 FROM pg_catalog.pg_publication_tables t \
+             JOIN pg_catalog.pg_namespace n ON n.nspname = t.schemaname \
+             JOIN pg_catalog.pg_class c ON c.relnamespace = n.oid AND c.relname = t.tablename \
+             WHERE t.pubname = {} AND c.oid = o)",
+            quote_literal(publication)
+        );
+        Ok(self
+            .query(&sql)
+            .await?
+            .into_iter()
+            .filter_map(|r| r.into_iter().next().flatten()?.parse().ok())
+            .collect())
+    }
+
     /// The configured tables that are partitioned, as `schema.table`.
     async fn partitioned_tables(
         &mut self,

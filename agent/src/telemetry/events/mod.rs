@@ -13,7 +13,8 @@ pub use pipeline::{
     AppliedTable, BatchCommitted, BatchFailed, BufferChanged, ChangeReceived, CommitFenced,
     DeadLettered, FilesWritten, LeaderDeposed, LeaderSession, LeadershipLost, LeadershipTaken,
     MirrorCommitted, MirrorRekeyed, PipelineRetrying, SchemaChanged, SlotLagMeasured, SpoolChanged,
-    StaleRowsAfterSchemaChange, StandingBy, StateChanged, TableCommitted, TransactionApplied,
+    StaleRowsAfterSchemaChange, StandingBy, StateChanged, TableCommitted, TableLeftPublication,
+    TransactionApplied,
 };
 
 pub use crate::model::ErrorType;

@@ -297,6 +297,27 @@ impl MirrorRekeyed<'_> {
     }
 }
 
+/// A configured table is no longer published: dropped (and maybe created again, which is
+/// another relation), or removed from the publication. Nothing in the stream says so.
+pub struct TableLeftPublication<'a> {
+    /// Source table (`schema.table`, as the pipeline found it at start).
+    pub table: &'a str,
+    /// The pipeline's publication.
+    pub publication: &'a str,
+}
+
+impl TableLeftPublication<'_> {
+    /// Log and count (`error_type="config"`).
+    pub fn emit(&self, m: &SourceMetrics) {
+        m.error(ErrorType::Config);
+        tracing::warn!(
+            table = self.table,
+            publication = self.publication,
+            "the table the pipeline streams is no longer published (dropped, perhaps created again, or removed from the publication): its changes from now on are not streamed, and its Iceberg tables keep the rows it had; to start it over, drop its Iceberg tables and restart the agent, which adds it back and copies it (docs/operations.md, \"A table dropped or removed from the publication\")"
+        );
+    }
+}
+
 /// A mirror table committed: its position deletes and its key index after the commit.
 #[derive(Debug)]
 pub struct MirrorCommitted {
