@@ -33,6 +33,15 @@ const MAX_ROW_GROUP_BYTES: usize = 32 << 20;
 /// commit time per transaction) keeps its dictionary. Parquet's default is 1 MiB.
 const DICTIONARY_PAGE_BYTES: usize = 256 << 10;
 
+/// Past this many columns a table's pages and dictionaries share [`WIDE_BUFFER_BYTES`].
+const WIDE_COLUMNS: usize = 32;
+
+/// What the pages and dictionaries being filled of a wide table's columns may hold together.
+const WIDE_BUFFER_BYTES: usize = 16 << 20;
+
+/// The smallest data page (and dictionary) a wide table's column gets.
+const MIN_PAGE_BYTES: usize = 16 << 10;
+
 /// Open data files fed through a channel; `close` returns them once written.
 pub(crate) struct OpenFiles {
     tx: Option<mpsc::Sender<RecordBatch>>,
@@ -110,6 +119,15 @@ pub(crate) fn parquet_properties(schema: &Schema) -> Result<WriterProperties, Si
         .set_max_row_group_row_count(Some(1 << 20))
         .set_max_row_group_bytes(Some(MAX_ROW_GROUP_BYTES))
         .set_dictionary_page_size_limit(DICTIONARY_PAGE_BYTES);
+    // Every column buffers a data page and a dictionary of its own while the row group fills:
+    // on a wide table (hundreds of columns) their defaults add up to hundreds of MiB.
+    let columns = schema.as_struct().fields().len().max(1);
+    if columns > WIDE_COLUMNS {
+        let share = (WIDE_BUFFER_BYTES / columns).max(MIN_PAGE_BYTES);
+        props = props
+            .set_data_page_size_limit(share)
+            .set_dictionary_page_size_limit(share.min(DICTIONARY_PAGE_BYTES));
+    }
     // A key is (nearly) unique within a file, so its dictionary never pays: interning every
     // value until the dictionary page overflows was 5-8 % of the streaming agent's CPU.
     for id in schema.identifier_field_ids() {
@@ -183,4 +201,33 @@ async fn write_files(
         }
     }
     fanout.close().await.map_err(werr)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use iceberg::spec::{NestedField, PrimitiveType, Type};
+
+    fn schema(columns: i32) -> Schema {
+        Schema::builder()
+            .with_fields((1..=columns).map(|i| {
+                NestedField::optional(i, format!("c{i}"), Type::Primitive(PrimitiveType::String))
+                    .into()
+            }))
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn a_wide_tables_columns_share_a_bounded_page_budget() {
+        let narrow = parquet_properties(&schema(30)).unwrap();
+        assert_eq!(narrow.dictionary_page_size_limit(), DICTIONARY_PAGE_BYTES);
+        let default_page = WriterProperties::builder().build().data_page_size_limit();
+        assert_eq!(narrow.data_page_size_limit(), default_page);
+        let wide = parquet_properties(&schema(500)).unwrap();
+        assert_eq!(wide.data_page_size_limit(), WIDE_BUFFER_BYTES / 500);
+        assert_eq!(wide.dictionary_page_size_limit(), WIDE_BUFFER_BYTES / 500);
+        let widest = parquet_properties(&schema(1600)).unwrap();
+        assert_eq!(widest.data_page_size_limit(), MIN_PAGE_BYTES);
+    }
 }
