@@ -129,7 +129,20 @@ impl MirrorWriter {
         let small_bytes = rules.target_file_size / 4 * 3;
         let mut heavy: Vec<(f64, Arc<str>, u64)> = Vec::new();
         let mut small: Vec<(u64, Arc<str>)> = Vec::new();
+        // Without a key (the table's key was dropped) nothing tells which rows of a file its
+        // delete files removed, and a rewrite reads the file without them: such a file stays.
+        let targeted: HashSet<&str> = if self.keys.is_none() {
+            self.delete_files
+                .values()
+                .flat_map(|d| d.targets.iter().map(|t| t.as_ref()))
+                .collect()
+        } else {
+            HashSet::new()
+        };
         for (path, st) in &self.data_files {
+            if targeted.contains(path.as_ref()) {
+                continue;
+            }
             let live = self.live_rows(path, st);
             let dead = st.rows.saturating_sub(live);
             let ratio = if st.rows == 0 {
@@ -527,5 +540,28 @@ mod tests {
         w.delete_files.insert("d-b3".into(), del(&["b", "a"]));
         let plan = w.plan(&RULES).unwrap();
         assert_eq!(plan.merged.len(), 3, "{plan:?}");
+    }
+
+    #[test]
+    fn without_a_key_files_with_deletes_are_not_merged() {
+        // A mirror whose table lost its key: every row of a file counts as live, so a file
+        // its deletes name must not be rewritten (the rewrite would bring them back).
+        let mut w = writer(RULES);
+        w.keys = None;
+        for f in ["s1", "s2", "s3"] {
+            add_file(&mut w, f, 10, 50, 0);
+        }
+        assert_eq!(w.plan(&RULES).unwrap().data.len(), 3);
+        w.delete_files.insert(
+            "d".into(),
+            DeleteStat {
+                bytes: 10,
+                targets: vec![Arc::from("s2")],
+            },
+        );
+        assert!(w.plan(&RULES).is_none(), "two small files left: they wait");
+        add_file(&mut w, "s4", 10, 50, 0);
+        let plan = w.plan(&RULES).unwrap();
+        assert!(!plan.data.iter().any(|p| p.as_ref() == "s2"), "{plan:?}");
     }
 }

@@ -323,7 +323,9 @@ impl MirrorWriter {
         let live = live_files(table).await?;
         let (index, targets) = match &self.keys {
             Some(e) => rebuild(table, &live, e, self.whole_row, self.budget, &self.name).await?,
-            None => (KeyIndex::new(), HashMap::new()),
+            // No key, but the data files its delete files name must be known: compaction
+            // leaves them alone then.
+            None => (KeyIndex::new(), delete_targets(table, &live).await?),
         };
         self.index = index;
         self.data_files.clear();
@@ -1119,3 +1121,21 @@ async fn rebuild(
 
 /// The data files each position delete file names, by its path.
 type Targets = HashMap<String, HashSet<String>>;
+
+/// The data files each of `live`'s position delete files names.
+async fn delete_targets(table: &Table, live: &[DataFile]) -> Result<Targets, SinkError> {
+    let mut targets: Targets = HashMap::new();
+    for f in live
+        .iter()
+        .filter(|f| f.content_type() == DataContentType::PositionDeletes)
+    {
+        let named = targets.entry(f.file_path().to_string()).or_default();
+        files::read_deletes(table, f.file_path(), |p, _| {
+            if !named.contains(p) {
+                named.insert(p.to_string());
+            }
+        })
+        .await?;
+    }
+    Ok(targets)
+}
