@@ -898,3 +898,52 @@ async fn a_changed_key_rekeys_the_mirror() {
     wait_mirrored(&work, "ns.fk", &pg, FK, "id").await;
     drop(agent);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_without_a_key_value_are_kept_and_called_out() {
+    // A key column changed to a type Iceberg cannot promote: PostgreSQL rewrote every row
+    // without sending one, so in the mirror the old rows have no value in the new key column.
+    // They used to collapse to one index entry, and compaction then dropped all but one of
+    // them. Now they are kept (compaction off for the table) and a WARN says to copy again.
+    let Running {
+        pg,
+        db,
+        work,
+        agent,
+        ..
+    } = prepare(
+        "CREATE TABLE kt (id int PRIMARY KEY, v text);
+         INSERT INTO kt SELECT g, 'a' FROM generate_series(1, 20) g;",
+        &["kt"],
+        "mode = \"mirror\"\nsnapshot = \"initial\"",
+        "[maintenance]\nmin_input_files = 2\ndelete_ratio = 0.2\ntarget_file_size = \"1MiB\"\n",
+    )
+    .await
+    .streaming()
+    .await;
+    wait_mirrored(&work, "ns.kt", &pg, "SELECT id, v FROM kt", "id").await;
+    db.batch_execute(
+        "ALTER TABLE kt ALTER COLUMN id TYPE text;
+         UPDATE kt SET v = 'b' WHERE id = '3';
+         INSERT INTO kt VALUES ('x1', 'c');",
+    )
+    .await
+    .expect("key type change");
+    wait_log_line(&agent.log, "the rows without a key called out", |l| {
+        l.contains("without a value in the key")
+    })
+    .await;
+    for i in 0..6 {
+        db.batch_execute(&format!("INSERT INTO kt VALUES ('y{i}', 'd')"))
+            .await
+            .expect("insert");
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+    // 20 rows as they were, the UPDATE's row under its new key, and the 7 inserted.
+    let rows = wait_for(Duration::from_secs(30), "the mirror's rows", || async {
+        iceberg_rows(&work, "ns.kt").filter(|n| *n == 28)
+    })
+    .await;
+    assert_eq!(rows, 28);
+    drop(agent);
+}

@@ -12,9 +12,9 @@ pub use maintenance::{TableHealthMeasured, TableMaintained};
 pub use pipeline::{
     AppliedTable, BatchCommitted, BatchFailed, BufferChanged, ChangeReceived, CommitFenced,
     DeadLettered, FilesWritten, LeaderDeposed, LeaderSession, LeadershipLost, LeadershipTaken,
-    MirrorCommitted, MirrorRekeyed, PipelineRetrying, SchemaChanged, SlotLagMeasured, SpoolChanged,
-    StaleRowsAfterSchemaChange, StandingBy, StateChanged, TableCommitted, TableLeftPublication,
-    TransactionApplied,
+    MirrorCommitted, MirrorRekeyed, MirrorRowsWithoutKey, PipelineRetrying, SchemaChanged,
+    SlotLagMeasured, SpoolChanged, StaleRowsAfterSchemaChange, StandingBy, StateChanged,
+    TableCommitted, TableLeftPublication, TransactionApplied,
 };
 
 pub use crate::model::ErrorType;

@@ -318,6 +318,27 @@ impl TableLeftPublication<'_> {
     }
 }
 
+/// A mirror table holds rows without a value in a key column (PostgreSQL filled the column
+/// in without sending the rows: a column added with a default, or rewritten by a type change,
+/// then the key): no change can name them, and its compaction is off so as not to drop them.
+pub struct MirrorRowsWithoutKey<'a> {
+    /// Iceberg table (`namespace.table`).
+    pub table: &'a str,
+    /// Such rows.
+    pub rows: u64,
+}
+
+impl MirrorRowsWithoutKey<'_> {
+    /// Log.
+    pub fn emit(&self) {
+        tracing::warn!(
+            table = self.table,
+            rows = self.rows,
+            "mirror rows without a value in the key (PostgreSQL filled the column in without sending the rows): no change can reach them and the table's compaction is off; copy the table again (docs/operations.md, \"Schema changes\")"
+        );
+    }
+}
+
 /// A mirror table committed: its position deletes and its key index after the commit.
 #[derive(Debug)]
 pub struct MirrorCommitted {

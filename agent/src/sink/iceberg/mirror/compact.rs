@@ -126,6 +126,10 @@ impl MirrorWriter {
 
     /// The next step's plan, if the table's files call for one.
     fn plan(&self, rules: &CompactRules) -> Option<Plan> {
+        // Rows without a key value are not in the index, so they would count as deleted.
+        if self.unkeyed > 0 {
+            return None;
+        }
         let small_bytes = rules.target_file_size / 4 * 3;
         let mut heavy: Vec<(f64, Arc<str>, u64)> = Vec::new();
         let mut small: Vec<(u64, Arc<str>)> = Vec::new();
@@ -540,6 +544,15 @@ mod tests {
         w.delete_files.insert("d-b3".into(), del(&["b", "a"]));
         let plan = w.plan(&RULES).unwrap();
         assert_eq!(plan.merged.len(), 3, "{plan:?}");
+    }
+
+    #[test]
+    fn rows_without_a_key_value_turn_compaction_off() {
+        let mut w = writer(RULES);
+        add_file(&mut w, "d", 100, 900, 0);
+        assert!(w.plan(&RULES).is_some());
+        w.unkeyed = 100;
+        assert!(w.plan(&RULES).is_none());
     }
 
     #[test]

@@ -34,6 +34,7 @@ use self::index::{Key, KeyBytes, KeyIndex, Loc};
 use super::schema::{CDC_LSN, CDC_OP, CDC_UNCHANGED};
 use super::SinkError;
 use crate::model::Lsn;
+use crate::telemetry::events::MirrorRowsWithoutKey;
 
 /// Bytes after which a mirror data file is finished and the next one started (without
 /// compaction rules; else their `target_file_size`).
@@ -172,6 +173,10 @@ pub struct MirrorWriter {
     stale: Option<String>,
     /// The key changed since the last commit: the index is in `staged` until it lands.
     rekeyed: bool,
+    /// Rows without a value in a key column (PostgreSQL filled the column in without sending
+    /// them): no change can name them, and compaction, which keeps only indexed rows, is off
+    /// for the table so that they are not lost.
+    unkeyed: u64,
 }
 
 /// Bytes a key staged for the next commit takes (map entry and control byte, at ~2/3 load).
@@ -259,6 +264,7 @@ impl MirrorWriter {
             whole_row,
             stale: None,
             rekeyed: false,
+            unkeyed: 0,
         }
     }
 
@@ -321,13 +327,21 @@ impl MirrorWriter {
     async fn load(&mut self, table: &Table) -> Result<(), SinkError> {
         self.keys = self.encoder(table)?;
         let live = live_files(table).await?;
-        let (index, targets) = match &self.keys {
+        let (index, targets, unkeyed) = match &self.keys {
             Some(e) => rebuild(table, &live, e, self.whole_row, self.budget, &self.name).await?,
             // No key, but the data files its delete files name must be known: compaction
             // leaves them alone then.
-            None => (KeyIndex::new(), delete_targets(table, &live).await?),
+            None => (KeyIndex::new(), delete_targets(table, &live).await?, 0),
         };
         self.index = index;
+        self.unkeyed = unkeyed;
+        if unkeyed > 0 {
+            MirrorRowsWithoutKey {
+                table: &self.name,
+                rows: unkeyed,
+            }
+            .emit();
+        }
         self.data_files.clear();
         self.delete_files.clear();
         for f in &live {
@@ -1058,7 +1072,7 @@ async fn rebuild(
     whole_row: bool,
     budget: u64,
     name: &str,
-) -> Result<(KeyIndex, Targets), SinkError> {
+) -> Result<(KeyIndex, Targets, u64), SinkError> {
     let mut deleted: HashMap<String, HashSet<u64>> = HashMap::new();
     let mut targets: Targets = HashMap::new();
     for f in live
@@ -1084,6 +1098,7 @@ async fn rebuild(
     let wanted = rekey::key_fields(table, keys)?;
     let ids: Vec<i32> = wanted.iter().map(|(id, _)| *id).collect();
     let mut index = KeyIndex::new();
+    let mut unkeyed = 0u64;
     for f in live
         .iter()
         .filter(|f| f.content_type() == DataContentType::Data)
@@ -1095,6 +1110,13 @@ async fn rebuild(
             let b = rekey::by_field_id(&b, &wanted)?;
             for (i, k) in keys.keys(&b)?.into_iter().enumerate() {
                 let p = pos + i as u64;
+                if !whole_row && rekey::key_is_null(&b, i) {
+                    // No value in a key column: it cannot be one key's row (see `unkeyed`).
+                    if !gone.contains(&p) {
+                        unkeyed += 1;
+                    }
+                    continue;
+                }
                 if !gone.contains(&p) {
                     let k = if whole_row {
                         let mut n = 0;
@@ -1116,7 +1138,7 @@ async fn rebuild(
         })
         .await?;
     }
-    Ok((index, targets))
+    Ok((index, targets, unkeyed))
 }
 
 /// The data files each position delete file names, by its path.

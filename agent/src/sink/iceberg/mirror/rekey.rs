@@ -146,7 +146,7 @@ impl MirrorWriter {
                     // A key column without a value: PostgreSQL filled it in without sending
                     // the rows (a column added with a default, then made the key). No
                     // change will name this row; it stays as it is, counted.
-                    if !whole_row && b.columns().iter().any(|c| c.is_null(i)) {
+                    if !whole_row && key_is_null(&b, i) {
                         unkeyed += 1;
                         continue;
                     }
@@ -179,6 +179,7 @@ impl MirrorWriter {
             self.deletes.push((l.file, l.pos));
         }
         self.staged = staged;
+        self.unkeyed = unkeyed;
         self.stale = None;
         self.check_budget()?;
         Ok(Some(Rekeyed {
@@ -188,6 +189,11 @@ impl MirrorWriter {
             took: started.elapsed(),
         }))
     }
+}
+
+/// Whether row `i` of `keys` (the key columns) has no value in one of them.
+pub(super) fn key_is_null(keys: &RecordBatch, i: usize) -> bool {
+    keys.columns().iter().any(|c| c.is_null(i))
 }
 
 /// The key columns' field ids, names and types: what [`by_field_id`] makes of a file's
