@@ -331,7 +331,7 @@ impl MirrorWriter {
             Some(e) => rebuild(table, &live, e, self.whole_row, self.budget, &self.name).await?,
             // No key, but the data files its delete files name must be known: compaction
             // leaves them alone then.
-            None => (KeyIndex::new(), delete_targets(table, &live).await?, 0),
+            None => (KeyIndex::new(), read_delete_files(table, &live).await?.1, 0),
         };
         self.index = index;
         self.unkeyed = unkeyed;
@@ -1073,28 +1073,7 @@ async fn rebuild(
     budget: u64,
     name: &str,
 ) -> Result<(KeyIndex, Targets, u64), SinkError> {
-    let mut deleted: HashMap<String, HashSet<u64>> = HashMap::new();
-    let mut targets: Targets = HashMap::new();
-    for f in live
-        .iter()
-        .filter(|f| f.content_type() == DataContentType::PositionDeletes)
-    {
-        let named = targets.entry(f.file_path().to_string()).or_default();
-        files::read_deletes(table, f.file_path(), |p, pos| {
-            if !named.contains(p) {
-                named.insert(p.to_string());
-            }
-            match deleted.get_mut(p) {
-                Some(set) => {
-                    set.insert(pos);
-                }
-                None => {
-                    deleted.insert(p.to_string(), HashSet::from([pos]));
-                }
-            }
-        })
-        .await?;
-    }
+    let (mut deleted, targets) = read_delete_files(table, live).await?;
     let wanted = rekey::key_fields(table, keys)?;
     let ids: Vec<i32> = wanted.iter().map(|(id, _)| *id).collect();
     let mut index = KeyIndex::new();
@@ -1144,20 +1123,26 @@ async fn rebuild(
 /// The data files each position delete file names, by its path.
 type Targets = HashMap<String, HashSet<String>>;
 
-/// The data files each of `live`'s position delete files names.
-async fn delete_targets(table: &Table, live: &[DataFile]) -> Result<Targets, SinkError> {
+/// What `live`'s position delete files remove: the positions, by data file path; and the
+/// data files each names, by its path.
+async fn read_delete_files(
+    table: &Table,
+    live: &[DataFile],
+) -> Result<(HashMap<String, HashSet<u64>>, Targets), SinkError> {
+    let mut deleted: HashMap<String, HashSet<u64>> = HashMap::new();
     let mut targets: Targets = HashMap::new();
     for f in live
         .iter()
         .filter(|f| f.content_type() == DataContentType::PositionDeletes)
     {
         let named = targets.entry(f.file_path().to_string()).or_default();
-        files::read_deletes(table, f.file_path(), |p, _| {
+        files::read_deletes(table, f.file_path(), |p, pos| {
             if !named.contains(p) {
                 named.insert(p.to_string());
             }
+            deleted.entry(p.to_string()).or_default().insert(pos);
         })
         .await?;
     }
-    Ok(targets)
+    Ok((deleted, targets))
 }

@@ -14,7 +14,8 @@ use iceberg::table::Table;
 
 use super::index::Loc;
 use super::{
-    copy_of, files, live_files, over_budget, read_columns, werr, KeyEncoder, MirrorWriter,
+    copy_of, live_files, over_budget, read_columns, read_delete_files, werr, KeyEncoder,
+    MirrorWriter,
 };
 use crate::sink::iceberg::SinkError;
 
@@ -115,16 +116,15 @@ impl MirrorWriter {
         }
         let mut paths: Vec<String> = Vec::new();
         if !self.reset {
-            for f in live_files(table).await? {
-                if f.content_type() == DataContentType::Data {
-                    paths.push(f.file_path().to_string());
-                } else {
-                    files::read_deletes(table, f.file_path(), |p, pos| {
-                        gone.entry(p.to_string()).or_default().insert(pos);
-                    })
-                    .await?;
-                }
+            let live = live_files(table).await?;
+            for (path, positions) in read_delete_files(table, &live).await?.0 {
+                gone.entry(path).or_default().extend(positions);
             }
+            paths.extend(
+                live.iter()
+                    .filter(|f| f.content_type() == DataContentType::Data)
+                    .map(|f| f.file_path().to_string()),
+            );
         }
         paths.extend(self.written.iter().map(|f| f.file_path().to_string()));
         let wanted = key_fields(table, encoder)?;
