@@ -83,6 +83,7 @@ fn routes(state: &ApiState) -> OpenApiRouter<ApiState> {
         .routes(routes!(routes::config))
         .routes(routes!(routes::pause))
         .routes(routes!(routes::resume))
+        .routes(routes!(routes::snapshot_table))
         .routes(routes!(routes::dlq))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth));
     OpenApiRouter::with_openapi(schema::ApiDoc::openapi())

@@ -11,8 +11,8 @@ use serde::Deserialize;
 use utoipa::IntoParams;
 
 use super::schema::{
-    Control, DeadLetters, Document, ErrorBody, Live, LiveStatus, PipelineList, PipelineSummary,
-    Ready, ReadyStatus, RedactedConfig, Requested, TableEntry, TableList, Version,
+    Control, CopyAccepted, DeadLetters, Document, ErrorBody, Live, LiveStatus, PipelineList,
+    PipelineSummary, Ready, ReadyStatus, RedactedConfig, Requested, TableEntry, TableList, Version,
 };
 use super::{ApiError, ApiState};
 use crate::pipeline::{status, Control as PipelineControl};
@@ -229,6 +229,64 @@ pub(super) async fn resume(
     Name(name): Name,
 ) -> Result<Json<Control>, ApiError> {
     set_control(&s, &name, PipelineControl::Run)
+}
+
+/// The `{name}` and `{table}` path parameters, rejected as a JSON 400 when they cannot be
+/// decoded.
+pub(super) struct NameAndTable(String, String);
+
+impl<S: Send + Sync> FromRequestParts<S> for NameAndTable {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match Path::<(String, String)>::from_request_parts(parts, state).await {
+            Ok(Path((n, t))) => Ok(NameAndTable(n, t)),
+            Err(e) => Err(ApiError(StatusCode::BAD_REQUEST, e.body_text())),
+        }
+    }
+}
+
+/// Copy a table again: a truncate marker, then every row as of a new snapshot (the mirror
+/// empties and fills again; the changelog keeps its history).
+#[utoipa::path(post, path = "/api/v1/pipelines/{name}/tables/{table}/snapshot",
+    operation_id = "snapshotTable",
+    security(("bearer" = [])),
+    params(("name" = String, Path, description = "Pipeline name"),
+        ("table" = String, Path, description = "Source table, `schema.table` as configured")),
+    responses(
+        (status = 202, description = "Copy requested", body = CopyAccepted),
+        (status = 400, description = "Bad request", body = ErrorBody),
+        (status = 401, description = "Missing or wrong bearer token", body = ErrorBody),
+        (status = 404, description = "Unknown pipeline or table", body = ErrorBody),
+        (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 415, description = "Body is not JSON", body = ErrorBody)))]
+pub(super) async fn snapshot_table(
+    State(s): State<ApiState>,
+    NameAndTable(name, table): NameAndTable,
+) -> Result<(StatusCode, Json<CopyAccepted>), ApiError> {
+    let p = s.pipeline(&name).ok_or_else(|| unknown(&name))?;
+    // Configured tables, and those that joined through the publication (in the status).
+    let known = p
+        .config
+        .table_names()
+        .iter()
+        .any(|(sc, t)| format!("{sc}.{t}") == table)
+        || status::snapshot(&p.status).tables.contains_key(&table);
+    if !known {
+        return Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("pipeline {name:?} does not stream table {table:?} (give it as schema.table)"),
+        ));
+    }
+    p.copies
+        .ask(&table, crate::pipeline::requests::CopyReason::Requested);
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(CopyAccepted {
+            pipeline: name,
+            table,
+        }),
+    ))
 }
 
 /// Query of the dead-letter route.

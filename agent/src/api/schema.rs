@@ -140,6 +140,16 @@ pub struct Control {
     pub requested: Requested,
 }
 
+/// A request to copy a table again, accepted: the pipeline finishes the transaction it is
+/// in, commits, and copies the table behind a truncate marker before streaming on.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CopyAccepted {
+    /// Pipeline name.
+    pub pipeline: String,
+    /// Source table (`schema.table`, as configured).
+    pub table: String,
+}
+
 /// Dead letters, newest first.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct DeadLetters {

@@ -15,6 +15,7 @@ use super::position::{already_committed, Positions};
 use super::status::{self, SharedStatus};
 use super::{Control, PipelineError};
 
+mod again;
 mod snapshot;
 mod streamed;
 use crate::config::PipelineConfig;
@@ -362,6 +363,7 @@ impl Applier {
         control: &mut watch::Receiver<Control>,
         shutdown: &mut watch::Receiver<bool>,
         lost: &mut watch::Receiver<bool>,
+        copies: &mut watch::Receiver<u64>,
         set_state: &(dyn Fn(PipelineState) + Sync),
     ) -> Result<(), PipelineError> {
         let tick = (self.cfg.flush_interval / 4)
@@ -377,10 +379,21 @@ impl Applier {
         let mut paused = false;
         let mut stopping = false;
         let mut stop_deadline: Option<Instant> = None;
+        // A table to copy again: the attempt ends at the next transaction boundary, after a
+        // flush, and the next one copies it before streaming.
+        let mut copy_wanted = false;
+        let mut bell_open = true;
         loop {
             // `[ha]`: a leader that lost its lease stops here, committing nothing more.
             if *lost.borrow() {
                 return Err(PipelineError::LeadershipLost);
+            }
+            if copy_wanted && self.txn.is_none() && !*shutdown.borrow() {
+                if self.anything_uncommitted() {
+                    self.flush(&client).await?;
+                }
+                client.stop().await;
+                return Err(PipelineError::CopyAgain);
             }
             let want_pause = *control.borrow() == Control::Pause;
             if *shutdown.borrow() && !stopping {
@@ -404,6 +417,10 @@ impl Applier {
                 tokio::select! {
                     _ = control.changed() => {}
                     _ = shutdown.changed() => {}
+                    r = copies.changed(), if bell_open => match r {
+                        Ok(()) => copy_wanted = true,
+                        Err(_) => bell_open = false,
+                    },
                 }
                 continue;
             }
@@ -462,6 +479,10 @@ impl Applier {
                 _ = control.changed() => {}
                 _ = shutdown.changed() => {}
                 _ = lost.changed() => {}
+                r = copies.changed(), if bell_open && !copy_wanted => match r {
+                    Ok(()) => copy_wanted = true,
+                    Err(_) => bell_open = false,
+                },
             }
         }
     }
@@ -1765,6 +1786,10 @@ const DRAIN_EVENTS: usize = 1024;
 
 /// Table property: what the source calls the table now, after a rename (a restart reads it).
 pub(super) const SOURCE_NAME_PROPERTY: &str = "philotes.source-name";
+
+/// Table property: the source relation's OID when it was last copied or streamed (a table
+/// dropped and created again is another relation: its rows are copied again).
+pub(super) const SOURCE_OID_PROPERTY: &str = "philotes.source-oid";
 
 /// Table property: each source column's number (`attnum`) by the Iceberg field holding it
 /// (`field:attnum,…`), which tells a renamed column from a dropped one and a new one.

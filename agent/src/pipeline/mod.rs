@@ -6,6 +6,7 @@ pub mod dlq;
 mod leader;
 mod monitor;
 mod position;
+pub mod requests;
 pub mod retry;
 mod spool;
 
@@ -24,7 +25,7 @@ use crate::sink::iceberg::SinkError;
 use crate::source::postgres::conn::SourceUrl;
 use crate::source::postgres::session::{Session, SourceError};
 use crate::telemetry::events::{
-    CommitFenced, ErrorType, LeadershipLost, PipelineRetrying, StateChanged,
+    CommitFenced, ErrorType, LeadershipLost, PipelineRetrying, StateChanged, TableLeftPublication,
 };
 pub use crate::telemetry::status::{self, PipelineStatus, SharedStatus};
 use crate::telemetry::{Metrics, PipelineState, SourceMetrics};
@@ -60,6 +61,9 @@ pub enum PipelineError {
     /// A table joined the publication and needs its initial snapshot: stream again.
     #[error("table {0} joined the publication")]
     NewTable(String),
+    /// A table is to be copied again (asked for, or re-created): stream again after it.
+    #[error("a table is to be copied again")]
+    CopyAgain,
     /// A binary stream met a column it cannot read in binary: stream again in text.
     #[error("table {0} has a column the agent reads in text only")]
     TextNeeded(String),
@@ -85,6 +89,7 @@ impl PipelineError {
             // A new table is not a failure and never counted: the stream restarts at once.
             PipelineError::StreamEnded(_)
             | PipelineError::NewTable(_)
+            | PipelineError::CopyAgain
             | PipelineError::TextNeeded(_)
             | PipelineError::LeadershipLost => ErrorType::Connection,
             PipelineError::Spool(_) => ErrorType::Spool,
@@ -106,6 +111,8 @@ pub struct PipelineHandle {
     pub config: PipelineConfig,
     /// The catalog, for DLQ listing.
     pub catalog: Arc<dyn Catalog>,
+    /// Tables to copy again.
+    pub copies: Arc<requests::CopyRequests>,
 }
 
 impl PipelineHandle {
@@ -217,6 +224,10 @@ pub struct Pipeline {
     joined: std::collections::HashSet<String>,
     /// A binary stream met a column it cannot read so: text from now on.
     text_only: bool,
+    /// Tables to copy again (the API's and the monitor's requests).
+    copies: Arc<requests::CopyRequests>,
+    /// Requests taken from `copies` whose copy has not completed yet.
+    pending_copies: std::collections::BTreeMap<String, requests::CopyReason>,
     /// `[ha]`.
     ha: HaConfig,
     /// Never sends: the "leadership lost" signal of an agent without `[ha]`.
@@ -237,7 +248,9 @@ impl Pipeline {
         let status = PipelineStatus::new(&cfg.name);
         let (tx, rx) = watch::channel(Control::Run);
         let metrics = metrics.source(&cfg.name);
+        let copies = Arc::new(requests::CopyRequests::default());
         let handle = PipelineHandle {
+            copies: copies.clone(),
             name: cfg.name.clone(),
             status: status.clone(),
             control: tx,
@@ -258,6 +271,8 @@ impl Pipeline {
                 failures: Default::default(),
                 joined: Default::default(),
                 text_only: false,
+                copies,
+                pending_copies: Default::default(),
                 ha,
                 never_lost: watch::channel(false).0,
             },
@@ -344,6 +359,10 @@ impl Pipeline {
                     tracing::info!(pipeline = %self.cfg.name, table, "table joined the publication: taking its initial snapshot");
                     self.joined.insert(table);
                 }
+                // Not a failure: the next attempt copies the table asked for.
+                Err(PipelineError::CopyAgain) => {
+                    self.last_failed = false;
+                }
                 // Not a failure either: nothing of the binary attempt past its last commit is
                 // confirmed, so the text stream replays it.
                 Err(PipelineError::TextNeeded(table)) => {
@@ -420,6 +439,12 @@ impl Pipeline {
     ) -> Result<(), PipelineError> {
         let slot = self.cfg.slot_name();
         let publication = self.cfg.publication_name();
+        // Requests from now on end this attempt; those made before are taken here.
+        let mut copies = self.copies.subscribe();
+        copies.mark_unchanged();
+        for (t, r) in self.copies.take() {
+            self.pending_copies.entry(t).or_insert(r);
+        }
         let mut tables = self.cfg.table_names();
         let mut session = Session::connect(&self.url, &slot, &publication, None).await?;
         session.check_wal_level().await?;
@@ -430,6 +455,32 @@ impl Pipeline {
             &mut tables,
         )
         .await?;
+        let mut applier = apply::Applier::new(
+            &self.cfg,
+            self.committer.clone(),
+            self.secrets.clone(),
+            self.options.clone(),
+            self.metrics.clone(),
+            self.status.clone(),
+        );
+        // A table dropped while the agent streams does not stop the others at the next
+        // attempt: one that has Iceberg tables is left out, reported (a name that never
+        // existed is still refused, and `run` refuses a missing table at start).
+        let mut kept = Vec::with_capacity(tables.len());
+        for (schema, table) in tables {
+            let name = format!("{schema}.{table}");
+            let source = aliases.get(&name).unwrap_or(&name);
+            if !session.table_exists(&schema, &table).await? && applier.has_tables(source).await? {
+                TableLeftPublication {
+                    table: &name,
+                    publication: &publication,
+                }
+                .emit(&self.metrics);
+                continue;
+            }
+            kept.push((schema, table));
+        }
+        let mut tables = kept;
         session.check_tables(&tables).await?;
         session.ensure_publication(&publication, &tables).await?;
         if self.cfg.follow_publication {
@@ -446,16 +497,15 @@ impl Pipeline {
             &self.secrets,
         )
         .await?;
-        let mut applier = apply::Applier::new(
-            &self.cfg,
-            self.committer.clone(),
-            self.secrets.clone(),
-            self.options.clone(),
-            self.metrics.clone(),
-            self.status.clone(),
-        );
         applier.set_full_identity(session.full_identity_keys().await?);
-        applier.set_aliases(aliases);
+        // The relations streamed now, by name: one created again since is copied again.
+        let oids: std::collections::HashMap<String, u32> = session
+            .table_oids(&tables)
+            .await?
+            .into_iter()
+            .map(|(oid, name)| (name, oid))
+            .collect();
+        applier.set_aliases(aliases.clone());
         applier.after_failure(self.last_failed);
         // A table that joined and left the publication again before this attempt is not
         // copied (it is not in `tables`); its replayed changes stream without a restart.
@@ -466,33 +516,49 @@ impl Pipeline {
                 .cloned()
                 .collect(),
         );
-        if self.cfg.snapshot == crate::config::SnapshotMode::Initial {
-            for (schema, table) in &tables {
-                if *lost.borrow() {
-                    return Err(PipelineError::LeadershipLost);
-                }
-                self.set_state(PipelineState::Snapshotting);
-                // A root span: one trace per table copy.
-                let span = tracing::info_span!(
-                    parent: None,
-                    "pipeline.snapshot",
-                    source = %self.cfg.name,
-                    db.system.name = "postgresql",
-                    db.namespace = %self.url.database,
-                    db.operation.name = "COPY",
-                    db.collection.name = %format!("{schema}.{table}"),
-                    server.address = %self.url.host,
-                    server.port = self.url.port,
-                    table = %format!("{schema}.{table}"),
-                    rows = tracing::field::Empty,
-                    trace_id = tracing::field::Empty,
-                );
-                crate::telemetry::record_trace_id(&span);
-                applier
-                    .snapshot_table(&self.url, schema, table)
-                    .instrument(span)
-                    .await?;
+        let initial = self.cfg.snapshot == crate::config::SnapshotMode::Initial;
+        for (schema, table) in &tables {
+            if *lost.borrow() {
+                return Err(PipelineError::LeadershipLost);
             }
+            let now = format!("{schema}.{table}");
+            let source = aliases.get(&now).cloned().unwrap_or_else(|| now.clone());
+            let asked = self
+                .pending_copies
+                .get(&source)
+                .or_else(|| self.pending_copies.get(&now))
+                .copied();
+            let oid = oids.get(&now).copied();
+            // With `snapshot = "never"` only a copy asked for (or under way) runs.
+            if !applier.copy_again(&source, oid, asked).await? && !initial {
+                continue;
+            }
+            self.set_state(PipelineState::Snapshotting);
+            // A root span: one trace per table copy.
+            let span = tracing::info_span!(
+                parent: None,
+                "pipeline.snapshot",
+                source = %self.cfg.name,
+                db.system.name = "postgresql",
+                db.namespace = %self.url.database,
+                db.operation.name = "COPY",
+                db.collection.name = %format!("{schema}.{table}"),
+                server.address = %self.url.host,
+                server.port = self.url.port,
+                table = %format!("{schema}.{table}"),
+                rows = tracing::field::Empty,
+                trace_id = tracing::field::Empty,
+            );
+            crate::telemetry::record_trace_id(&span);
+            applier
+                .snapshot_table(&self.url, schema, table, oid)
+                .instrument(span)
+                .await?;
+            self.pending_copies.remove(&source);
+            self.pending_copies.remove(&now);
+        }
+        for table in std::mem::take(&mut self.pending_copies).keys() {
+            tracing::warn!(pipeline = %self.cfg.name, table, "a copy was asked for a table this pipeline does not stream (any more): ignored");
         }
         // Large transactions arrive while still in progress (protocol 2, PostgreSQL 14+)
         // and wait in a local spool, so the server does not have to spill them first.
@@ -524,6 +590,7 @@ impl Pipeline {
                 max_slot_lag_bytes: self.cfg.max_slot_lag_bytes,
                 heartbeat_interval: self.cfg.heartbeat_interval,
                 tables: tables.clone(),
+                copies: self.copies.clone(),
             },
             self.metrics.clone(),
             self.status.clone(),
@@ -535,9 +602,14 @@ impl Pipeline {
         tracing::info!(pipeline = %self.cfg.name, slot, confirmed_lsn = %confirmed.pg(), binary, "streaming");
         self.set_state(PipelineState::Streaming);
         applier
-            .stream(client, &mut self.control, shutdown, &mut lost, &|state| {
-                StateChanged { state }.emit(&self.metrics, &self.status)
-            })
+            .stream(
+                client,
+                &mut self.control,
+                shutdown,
+                &mut lost,
+                &mut copies,
+                &|state| StateChanged { state }.emit(&self.metrics, &self.status),
+            )
             .await
     }
 }

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use super::status::SharedStatus;
 use crate::source::postgres::conn::SourceUrl;
 use crate::source::postgres::session::Session;
-use crate::telemetry::events::{SlotLagMeasured, TableLeftPublication};
+use crate::telemetry::events::{CopyReason, SlotLagMeasured, TableLeftPublication};
 use crate::telemetry::SourceMetrics;
 
 /// How often the slot is measured.
@@ -32,6 +32,8 @@ pub struct MonitorConfig {
     pub heartbeat_interval: Option<Duration>,
     /// The configured tables (`schema`, `table`) as the pipeline found them at start.
     pub tables: Vec<(String, String)>,
+    /// Where a table found dropped and created again is asked to be copied again.
+    pub copies: std::sync::Arc<super::requests::CopyRequests>,
 }
 
 /// Measure forever (the caller aborts the task); errors are retried at the next interval.
@@ -43,6 +45,7 @@ pub async fn slot_lag_loop(cfg: MonitorConfig, metrics: SourceMetrics, status: S
         max_slot_lag_bytes,
         heartbeat_interval,
         tables,
+        copies,
     } = cfg;
     let mut last_beat = Instant::now();
     let mut alarmed = false;
@@ -86,12 +89,24 @@ pub async fn slot_lag_loop(cfg: MonitorConfig, metrics: SourceMetrics, status: S
                     match session.unpublished(&publication, &oids).await {
                         Ok(now) => {
                             for (oid, table) in w {
-                                if now.contains(oid) && gone.insert(*oid) {
-                                    TableLeftPublication {
+                                if !now.contains(oid) || !gone.insert(*oid) {
+                                    continue;
+                                }
+                                // Another relation under its name: created again.
+                                let named = tables
+                                    .iter()
+                                    .filter(|(s, t)| format!("{s}.{t}") == *table)
+                                    .cloned()
+                                    .collect::<Vec<_>>();
+                                match session.table_oids(&named).await {
+                                    Ok(o) if o.iter().any(|(n, _)| n != oid) => {
+                                        copies.ask(table, CopyReason::Recreated)
+                                    }
+                                    _ => TableLeftPublication {
                                         table,
                                         publication: &publication,
                                     }
-                                    .emit(&metrics);
+                                    .emit(&metrics),
                                 }
                             }
                         }

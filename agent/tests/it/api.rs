@@ -124,6 +124,7 @@ async fn every_route_answers_and_pause_resume_loses_nothing() {
         "/api/v1/pipelines/{name}/tables",
         "/api/v1/pipelines/{name}/pause",
         "/api/v1/pipelines/{name}/resume",
+        "/api/v1/pipelines/{name}/tables/{table}/snapshot",
         "/api/v1/pipelines/{name}/dlq",
     ]
     .iter()
@@ -158,6 +159,16 @@ async fn every_route_answers_and_pause_resume_loses_nothing() {
         (
             "POST",
             "/api/v1/pipelines/nope/pause",
+            StatusCode::NOT_FOUND,
+        ),
+        (
+            "POST",
+            "/api/v1/pipelines/p/tables/public.nope/snapshot",
+            StatusCode::NOT_FOUND,
+        ),
+        (
+            "POST",
+            "/api/v1/pipelines/nope/tables/public.t/snapshot",
             StatusCode::NOT_FOUND,
         ),
         (
@@ -262,6 +273,7 @@ async fn protected_routes_need_the_bearer_token() {
         ("GET", "/api/v1/config"),
         ("POST", "/api/v1/pipelines/p/pause"),
         ("POST", "/api/v1/pipelines/p/resume"),
+        ("POST", "/api/v1/pipelines/p/tables/public.t/snapshot"),
         ("GET", "/api/v1/pipelines/p/dlq"),
     ];
     for (m, p) in protected {

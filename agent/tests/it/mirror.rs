@@ -11,7 +11,7 @@ use serde_json::Value;
 use crate::common::*;
 
 /// `verify_mirror.py` on `table` against `query` on the source database `app`.
-fn verify_mirror(
+pub fn verify_mirror(
     work: &Workdir,
     table: &str,
     pg: &TestPg,

@@ -545,3 +545,102 @@ async fn the_copy_takes_only_the_publications_columns_and_rows() {
     );
     assert_eq!(agent.terminate(), Some(0));
 }
+
+/// A partition truncated by itself is not published through its root (PostgreSQL sends
+/// nothing), so the Iceberg tables keep its rows. Asking for a copy (`POST …/tables/{table}/
+/// snapshot`, bearer token) ends the streaming attempt, writes a truncate marker and copies
+/// the table again under concurrent writes; a SIGKILL after a chunk resumes that copy (it is
+/// recorded in the table, not only in memory). The mirror (PyIceberg and DuckDB) and the
+/// folded changelog then equal the source, and the changelog keeps the rows from before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_copied_again_on_request_resumes_after_a_kill_and_keeps_its_history() {
+    const TOKEN: &str = "copy-Again-t0ken";
+    let mut p = prepare(
+        &format!(
+            "CREATE TABLE big (id bigint PRIMARY KEY, v int NOT NULL, h text) PARTITION BY RANGE (id);
+             CREATE TABLE big_a PARTITION OF big FOR VALUES FROM (MINVALUE) TO (20001);
+             CREATE TABLE big_b PARTITION OF big FOR VALUES FROM (20001) TO (MAXVALUE);
+             INSERT INTO big SELECT g, 0, md5(g::text) FROM generate_series(1, {ROWS}) g;"
+        ),
+        &["big"],
+        "mode = \"both\"\nsnapshot = \"initial\"\nsnapshot_chunk_rows = 20000",
+        "",
+    )
+    .await;
+    let port = philotes::demo::postgres::free_port().expect("free port");
+    let addr = p.listen_on(port, &format!("token = \"{TOKEN}\""));
+    let log = p.log();
+    let Running {
+        pg,
+        db,
+        work,
+        cfg,
+        agent,
+    } = p.streaming().await;
+    const STATE: &str = "SELECT id, v, h FROM big";
+    crate::mirror::wait_mirrored_with(&work, "ns.big", &pg, STATE, "id", &[]).await;
+    db.batch_execute("TRUNCATE big_a").await.expect("truncate");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let v = crate::mirror::verify_mirror(&work, "ns.big", &pg, STATE, "id", &[]);
+    assert_eq!(
+        (v["equal"].as_bool(), v["rows"].as_i64()),
+        (Some(false), Some(ROWS)),
+        "the partition's TRUNCATE is not streamed: {v}"
+    );
+
+    let http = reqwest::Client::new();
+    let url = format!("http://{addr}/api/v1/pipelines/p/tables/public.big/snapshot");
+    let r = http.post(&url).send().await.expect("post");
+    assert_eq!(r.status(), reqwest::StatusCode::UNAUTHORIZED);
+    let chunks = |text: &str| text.matches("initial snapshot: chunk committed").count();
+    let before = chunks(&std::fs::read_to_string(&log).unwrap_or_default());
+    let writer = churn(pg.client("app").await);
+    let r = http
+        .post(&url)
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(r.status(), reqwest::StatusCode::ACCEPTED);
+    let body: serde_json::Value = r.json().await.expect("json");
+    assert_eq!(body["table"], "public.big", "{body}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while chunks(&std::fs::read_to_string(&log).unwrap_or_default()) <= before {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no chunk of the new copy"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    agent.kill9();
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        text.contains("copying the table again, as requested"),
+        "the request is logged"
+    );
+    assert_eq!(
+        text.matches("initial snapshot: committed").count(),
+        1,
+        "the kill lands during the second copy"
+    );
+    let agent = AgentProc::start(&cfg, &work.path().join("agent2.log"));
+    writer.await.unwrap();
+    drop(db);
+    let m = crate::mirror::wait_mirrored_with(&work, "ns.big", &pg, STATE, "id", &[]).await;
+    assert_eq!(m["duplicate_keys"], 0, "{m}");
+    let v = wait_source_equal(&work, "ns.big_changelog", &pg, STATE, &["--duckdb"], 120).await;
+    assert_eq!(v["unique"], true, "{}", v["duplicates"]);
+    assert_eq!(v["ops"]["T"], 1, "one truncate marker: {}", v["ops"]);
+    let r = v["ops"]["R"].as_i64().unwrap();
+    assert!(
+        r > ROWS + ROWS * 7 / 10,
+        "the first copy's rows stay in the history, the second copy's are there: R = {r}"
+    );
+    assert!(
+        agent
+            .log_text()
+            .contains("resuming after the last committed chunk"),
+        "the copy asked for resumed after the kill"
+    );
+    assert_eq!(agent.terminate(), Some(0));
+}

@@ -1141,12 +1141,13 @@ async fn tables_with_mixed_case_spaces_and_dots_in_their_names_are_streamed() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_dropped_and_recreated_table_is_reported_and_copied_again_on_request() {
+async fn a_dropped_and_recreated_table_is_copied_again_and_a_dropped_one_reported() {
     // DROP TABLE sends nothing down the stream, and the table created again under the same
     // name is another relation, outside the publication: its rows were silently not
-    // streamed. The slot monitor notices within seconds (WARN, errors_total{config}); the
-    // other table goes on; the documented remedy (drop its Iceberg tables, restart) copies
-    // the new table.
+    // streamed. The slot monitor notices within seconds: a table created again is copied
+    // again behind a truncate marker (also when it happened while the agent was stopped: its
+    // Iceberg table records the relation's OID); a table only dropped is reported (WARN,
+    // errors_total{config}) and keeps its rows; the other table goes on.
     let Running {
         pg,
         db,
@@ -1156,47 +1157,87 @@ async fn a_dropped_and_recreated_table_is_reported_and_copied_again_on_request()
     } = prepare(
         "CREATE TABLE d (id int PRIMARY KEY, v text);
          INSERT INTO d SELECT g, 'old' FROM generate_series(1, 10) g;
+         CREATE TABLE g (id int PRIMARY KEY);
+         INSERT INTO g VALUES (1), (2);
          CREATE TABLE k (id int PRIMARY KEY);",
-        &["d", "k"],
+        &["d", "g", "k"],
         "mode = \"both\"\nsnapshot = \"initial\"",
         "",
     )
     .await
     .streaming()
     .await;
-    crate::mirror::wait_mirrored_with(&work, "ns.d", &pg, "SELECT id, v FROM d", "id", &[]).await;
+    const D: &str = "SELECT id, v FROM d";
+    crate::mirror::wait_mirrored_with(&work, "ns.d", &pg, D, "id", &[]).await;
+    crate::mirror::wait_mirrored_with(&work, "ns.g", &pg, "SELECT id FROM g", "id", &[]).await;
     db.batch_execute(
         "DROP TABLE d;
          CREATE TABLE d (id int PRIMARY KEY, v text);
          INSERT INTO d SELECT g, 'new' FROM generate_series(5, 7) g;
+         DROP TABLE g;
          INSERT INTO k VALUES (1), (2);",
     )
     .await
     .expect("drop and create again");
     wait_log_line(&work.path().join("agent.log"), "the drop reported", |l| {
-        l.contains("no longer published") && l.contains("public.d")
+        l.contains("no longer published") && l.contains("public.g")
     })
     .await;
-    let addr = agent.api_addr().expect("API address");
-    let text = scrape(&addr).await;
+    let v = crate::mirror::wait_mirrored_with(&work, "ns.d", &pg, D, "id", &[]).await;
+    assert_eq!(v["rows"], 3, "{v}");
+    db.batch_execute("UPDATE d SET v = 'newer' WHERE id = 6; INSERT INTO d VALUES (8, 'x')")
+        .await
+        .expect("update");
+    crate::mirror::wait_mirrored_with(&work, "ns.d", &pg, D, "id", &[]).await;
+    crate::mirror::wait_mirrored_with(&work, "ns.k", &pg, "SELECT id FROM k", "id", &[]).await;
+    let log = agent.log_text();
+    assert!(
+        log.contains("the table was dropped and created again") && log.contains("public.d"),
+        "the re-creation is logged"
+    );
+    assert!(
+        !log.lines()
+            .any(|l| l.contains("no longer published") && l.contains("public.d")),
+        "a table created again is not reported as gone"
+    );
+    let text = scrape(&agent.api_addr().expect("API address")).await;
     assert!(
         sample_sum(&text, "philotes_cdc_errors_total", "error_type=\"config\"") >= 1.0,
         "{text}"
     );
-    crate::mirror::wait_mirrored_with(&work, "ns.k", &pg, "SELECT id FROM k", "id", &[]).await;
+    // The dropped table's Iceberg tables keep what it had.
+    let v =
+        crate::mirror::verify_mirror(&work, "ns.g", &pg, "SELECT 1 AS id WHERE false", "id", &[]);
+    assert_eq!(v["rows"], 2, "{v}");
+
+    // Created again while the agent is stopped, with another column (the dropped table
+    // leaves the configuration: a configured table that does not exist stops the start).
     assert_eq!(agent.terminate(), Some(0));
-    let (rc, out) = pyiceberg(
-        &work,
-        "c.drop_table('ns.d')\nc.drop_table('ns.d_changelog')\nprint('dropped')\n",
-    );
-    assert_eq!(rc, 0, "{out}");
+    edit_config(&cfg, "\"d\", \"g\", \"k\"", "\"d\", \"k\"");
+    db.batch_execute(
+        "DROP TABLE d;
+         CREATE TABLE d (id int PRIMARY KEY, v text, w int);
+         INSERT INTO d SELECT g, 'third', g FROM generate_series(20, 24) g;",
+    )
+    .await
+    .expect("drop and create again");
     let agent = AgentProc::start(&cfg, &work.path().join("agent2.log"));
     agent.wait_streaming().await;
-    db.batch_execute("UPDATE d SET v = 'newer' WHERE id = 6")
+    db.batch_execute("UPDATE d SET w = -w WHERE id = 21")
         .await
         .expect("update");
-    let v = crate::mirror::wait_mirrored_with(&work, "ns.d", &pg, "SELECT id, v FROM d", "id", &[])
-        .await;
-    assert_eq!(v["rows"], 3, "{v}");
-    drop(agent);
+    const D3: &str = "SELECT id, v, w FROM d";
+    let v = crate::mirror::wait_mirrored_with(&work, "ns.d", &pg, D3, "id", &[]).await;
+    assert_eq!(v["rows"], 5, "{v}");
+    let c = wait_source_equal(&work, "ns.d_changelog", &pg, D3, &["--duckdb"], 60).await;
+    assert_eq!(c["unique"], true, "{c}");
+    assert_eq!(
+        c["ops"]["T"], 2,
+        "a truncate marker per re-creation: {}",
+        c["ops"]
+    );
+    assert!(agent
+        .log_text()
+        .contains("the table was dropped and created again"));
+    assert_eq!(agent.terminate(), Some(0));
 }

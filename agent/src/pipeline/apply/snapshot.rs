@@ -19,12 +19,14 @@ use tracing::Instrument;
 
 use serde::{Deserialize, Serialize};
 
-use super::{now_micros, t_committed, Applier};
+use super::{now_micros, t_committed, Applier, SOURCE_OID_PROPERTY};
 use crate::model::{Lsn, Op};
 use crate::pipeline::batch::snapshot_row_json;
 use crate::pipeline::dlq::DeadLetter;
 use crate::pipeline::{AbortOnDrop, PipelineError};
-use crate::sink::iceberg::schema::{SNAPSHOT_PROGRESS_PROPERTY, SNAPSHOT_PROPERTY};
+use crate::sink::iceberg::schema::{
+    SNAPSHOT_PROGRESS_PROPERTY, SNAPSHOT_PROPERTY, SNAPSHOT_REQUESTED,
+};
 use crate::source::postgres::conn::SourceUrl;
 use crate::source::postgres::session::{Session, SourceError};
 use crate::source::postgres::snapshot::{
@@ -85,6 +87,7 @@ impl Applier {
         url: &SourceUrl,
         schema: &str,
         name: &str,
+        oid: Option<u32>,
     ) -> Result<(), PipelineError> {
         let slot = self.cfg.slot_name();
         let publication = self.cfg.publication_name();
@@ -104,6 +107,9 @@ impl Applier {
         if self.tables[idx].sink.snapshot_done() {
             return Ok(());
         }
+        // Asked to copy again (see `again.rs`): a fresh copy starts with a truncate marker.
+        let again = self.tables[idx].sink.property(SNAPSHOT_PROPERTY).as_deref()
+            == Some(SNAPSHOT_REQUESTED);
         // A progress record that cannot be read is an error, not a fresh start: copying again
         // would add a second R row for every key already copied.
         let resumed: Option<Progress> = match self.tables[idx].sink.snapshot_progress() {
@@ -127,6 +133,7 @@ impl Applier {
         let (estimate, filenode) = (facts.estimate, facts.filenode.clone());
         let readers = self.cfg.snapshot_readers;
         let (now_xmax, now_xip) = snapshot_xids(&mut reader, &snapshot).await?;
+        let fresh = resumed.is_none();
         let (progress, visibility) = match resumed {
             Some(mut p) => {
                 tracing::info!(table = %source_name, rows_done = p.seq, "initial snapshot: resuming after the last committed chunk");
@@ -146,7 +153,8 @@ impl Applier {
             None => {
                 let p = Progress {
                     lsn: point.saturating_sub(1),
-                    seq: 0,
+                    // The marker takes `_cdc_seq` 0 at the copy's LSN, before every `R` row.
+                    seq: u64::from(again),
                     xmax: now_xmax,
                     xip: now_xip,
                     filenode,
@@ -201,6 +209,9 @@ impl Applier {
             })));
         }
         drop(tx);
+        if again && fresh {
+            self.truncate_marker(idx, lsn)?;
+        }
         let mut copy = Copying {
             done: vec![false; progress.ranges.len()],
             progress,
@@ -277,8 +288,12 @@ impl Applier {
             .into());
         }
         drop(exporter);
-        self.commit_snapshot_chunk(idx, lsn, &[(SNAPSHOT_PROPERTY, "done")])
-            .await?;
+        let oid = oid.map(|o| o.to_string()).unwrap_or_default();
+        let mut state = vec![(SNAPSHOT_PROPERTY, "done")];
+        if !oid.is_empty() {
+            state.push((SOURCE_OID_PROPERTY, &oid));
+        }
+        self.commit_snapshot_chunk(idx, lsn, &state).await?;
         tracing::Span::current().record("rows", progress.seq as i64);
         tracing::info!(
             table = %source_name,
@@ -286,6 +301,25 @@ impl Applier {
             seconds = started.elapsed().as_secs_f64(),
             "initial snapshot: committed"
         );
+        Ok(())
+    }
+
+    /// The `T` row that starts a copy asked for again (`_cdc_seq` 0 at the copy's LSN): the
+    /// mirror drops every row it had, and the changelog's fold starts over from it.
+    fn truncate_marker(&mut self, idx: usize, lsn: Lsn) -> Result<(), PipelineError> {
+        let t = &mut self.tables[idx];
+        t.batch
+            .push(Op::Truncate, lsn, 0, now_micros(), None)
+            .map_err(|e| {
+                PipelineError::State(format!("{}: truncate marker: {}", t.source_name, e.0))
+            })?;
+        t.dirty = true;
+        t.counts[super::op_index(Op::Truncate)] += 1;
+        ChangeReceived {
+            op: Op::Truncate,
+            count: 1,
+        }
+        .emit(&t.metrics);
         Ok(())
     }
 

@@ -50,6 +50,10 @@ pub fn writer_id() -> &'static str {
 /// Snapshot summary property marking a table whose initial snapshot is committed (`done`).
 pub const SNAPSHOT_PROPERTY: &str = "philotes.snapshot";
 
+/// `philotes.snapshot` of a table asked to be copied again: the next copy starts with a
+/// truncate marker.
+pub const SNAPSHOT_REQUESTED: &str = "requested";
+
 /// Snapshot summary property with a partial initial snapshot's progress (JSON), next to
 /// `philotes.snapshot = partial`.
 pub const SNAPSHOT_PROGRESS_PROPERTY: &str = "philotes.snapshot.progress";

@@ -177,6 +177,55 @@ pub const CREATED_BY_PROPERTY: &str = "philotes.created-by";
 /// Table property naming the source table an Iceberg table holds (`schema.table`).
 pub const SOURCE_TABLE_PROPERTY: &str = "philotes.source-table";
 
+/// Table `ident`'s properties, or None when the catalog has no such table.
+pub async fn properties_of(
+    catalog: &dyn Catalog,
+    ident: &TableIdent,
+    secrets: &[String],
+) -> Result<Option<HashMap<String, String>>, SinkError> {
+    if !catalog
+        .table_exists(ident)
+        .await
+        .map_err(|e| catalog_err(e, secrets))?
+    {
+        return Ok(None);
+    }
+    let table = catalog
+        .load_table(ident)
+        .await
+        .map_err(|e| catalog_err(e, secrets))?;
+    Ok(Some(table.metadata().properties().clone()))
+}
+
+/// Set and remove properties of table `ident` in one metadata commit (no new snapshot), for
+/// state that must be recorded before the table is opened for writing.
+pub async fn update_properties(
+    committer: &Committer,
+    ident: &TableIdent,
+    changes: PropertyChanges,
+    secrets: &[String],
+) -> Result<(), SinkError> {
+    let table = committer
+        .catalog()
+        .load_table(ident)
+        .await
+        .map_err(|e| catalog_err(e, secrets))?;
+    let updates = std::iter::once(TableUpdate::SetProperties {
+        updates: changes.set,
+    })
+    .chain(
+        (!changes.remove.is_empty()).then_some(TableUpdate::RemoveProperties {
+            removals: changes.remove,
+        }),
+    )
+    .collect();
+    committer
+        .commit_updates(&table, Vec::new(), updates)
+        .await
+        .map_err(|e| SinkError::Commit(super::catalog::scrub(e.to_string(), secrets)))?;
+    Ok(())
+}
+
 impl TableSink {
     /// Load `ns.name`, or create it with `schema` (and `partition`, if any) when missing.
     /// With `source`, the table records the source table it holds (`philotes.source-table`),
@@ -587,8 +636,10 @@ impl TableSink {
     /// snapshot summary).
     pub fn snapshot_done(&self) -> bool {
         let md = self.table.metadata();
-        if md.properties().get(SNAPSHOT_PROPERTY).map(String::as_str) == Some("done") {
-            return true;
+        // The property, once there, decides: a copy asked for again is not done although an
+        // older summary says so.
+        if let Some(state) = md.properties().get(SNAPSHOT_PROPERTY) {
+            return state == "done";
         }
         md.snapshots().any(|s| {
             s.summary()

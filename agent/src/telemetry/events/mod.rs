@@ -11,10 +11,10 @@ pub use api::ApiRequestServed;
 pub use maintenance::{TableHealthMeasured, TableMaintained};
 pub use pipeline::{
     AppliedTable, BatchCommitted, BatchFailed, BufferChanged, ChangeReceived, CommitFenced,
-    DeadLettered, FilesWritten, LeaderDeposed, LeaderSession, LeadershipLost, LeadershipTaken,
-    MirrorCommitted, MirrorRekeyed, MirrorRowsWithoutKey, PipelineRetrying, SchemaChanged,
-    SlotLagMeasured, SpoolChanged, StaleRowsAfterSchemaChange, StandingBy, StateChanged,
-    TableCommitted, TableLeftPublication, TransactionApplied,
+    CopyReason, DeadLettered, FilesWritten, LeaderDeposed, LeaderSession, LeadershipLost,
+    LeadershipTaken, MirrorCommitted, MirrorRekeyed, MirrorRowsWithoutKey, PipelineRetrying,
+    SchemaChanged, SlotLagMeasured, SpoolChanged, StaleRowsAfterSchemaChange, StandingBy,
+    StateChanged, TableCommitted, TableCopiedAgain, TableLeftPublication, TransactionApplied,
 };
 
 pub use crate::model::ErrorType;

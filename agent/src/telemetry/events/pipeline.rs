@@ -297,6 +297,40 @@ impl MirrorRekeyed<'_> {
     }
 }
 
+/// Why a table is copied again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CopyReason {
+    /// An operator asked (`POST …/tables/{table}/snapshot`).
+    Requested,
+    /// The source table was dropped and created again: another relation under its name.
+    Recreated,
+}
+
+/// A table is about to be copied again behind a truncate marker (its state is marked in its
+/// Iceberg table first, so a crash does not forget it).
+pub struct TableCopiedAgain<'a> {
+    /// Source table (`schema.table`).
+    pub table: &'a str,
+    /// Why.
+    pub reason: CopyReason,
+}
+
+impl TableCopiedAgain<'_> {
+    /// Log it: an operator's request at INFO, a re-created table at WARN (nobody asked).
+    pub fn emit(&self) {
+        match self.reason {
+            CopyReason::Requested => tracing::info!(
+                table = self.table,
+                "copying the table again, as requested: a truncate marker, then every row as of a new snapshot"
+            ),
+            CopyReason::Recreated => tracing::warn!(
+                table = self.table,
+                "the table was dropped and created again (another relation under its name): copying it again behind a truncate marker; its earlier rows stay in the changelog's history"
+            ),
+        }
+    }
+}
+
 /// A configured table is no longer published: dropped (and maybe created again, which is
 /// another relation), or removed from the publication. Nothing in the stream says so.
 pub struct TableLeftPublication<'a> {

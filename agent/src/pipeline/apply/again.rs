@@ -1,0 +1,106 @@
+//! Copying a table again: asked for by an operator, or because the source table was dropped
+//! and created again (another relation, by OID, under the name its Iceberg tables hold).
+//!
+//! The request is first recorded in the table's state (`philotes.snapshot = requested`, the
+//! copy's progress removed) so that a crash does not forget it; the copy then starts with a
+//! truncate marker (`T`, at the copy's point, before its `R` rows): the mirror empties and
+//! fills again, and the changelog keeps its history, folded from the latest `T` on.
+
+use std::collections::HashMap;
+
+use super::{Applier, SOURCE_OID_PROPERTY};
+use crate::model::iceberg_table_name;
+use crate::pipeline::PipelineError;
+use crate::sink::iceberg::schema::{
+    CHANGELOG_SUFFIX, SNAPSHOT_PROGRESS_PROPERTY, SNAPSHOT_PROPERTY, SNAPSHOT_REQUESTED,
+};
+use crate::sink::iceberg::table::{properties_of, update_properties, PropertyChanges};
+use crate::telemetry::events::{CopyReason, TableCopiedAgain};
+
+impl Applier {
+    /// The Iceberg table holding `source`'s copy state: its changelog (its mirror in
+    /// `mode = "mirror"`).
+    fn state_table(&self, source: &str) -> iceberg::TableIdent {
+        let (schema, name) = source.split_once('.').unwrap_or(("public", source));
+        let table = iceberg_table_name(schema, name);
+        let mode = self.cfg.mode_for(source);
+        let name = if mode.mirror() && mode.changelog() {
+            format!("{table}{CHANGELOG_SUFFIX}")
+        } else {
+            table
+        };
+        iceberg::TableIdent::new(iceberg::NamespaceIdent::new(self.namespace.clone()), name)
+    }
+
+    /// Whether `source` (as configured) has Iceberg tables: it was copied or streamed.
+    pub(in crate::pipeline) async fn has_tables(
+        &self,
+        source: &str,
+    ) -> Result<bool, PipelineError> {
+        let catalog = self.committer.catalog().clone();
+        let ident = self.state_table(source);
+        Ok(properties_of(catalog.as_ref(), &ident, &self.secrets)
+            .await?
+            .is_some())
+    }
+
+    /// Before an attempt copies or streams `source` (as configured; its relation is `oid`
+    /// now): record a request to copy it again, or find that it was created again since its
+    /// Iceberg tables last saw it. Returns whether a copy is due (asked, or one under way).
+    pub(in crate::pipeline) async fn copy_again(
+        &mut self,
+        source: &str,
+        oid: Option<u32>,
+        asked: Option<CopyReason>,
+    ) -> Result<bool, PipelineError> {
+        let ident = self.state_table(source);
+        let catalog = self.committer.catalog().clone();
+        // A table without Iceberg tables yet gets its first copy (or none) the usual way.
+        let Some(props) = properties_of(catalog.as_ref(), &ident, &self.secrets).await? else {
+            return Ok(false);
+        };
+        let state = props.get(SNAPSHOT_PROPERTY).map(String::as_str);
+        let recorded = props.get(SOURCE_OID_PROPERTY);
+        let now = oid.map(|o| o.to_string());
+        let recreated = matches!((recorded, &now), (Some(r), Some(n)) if r != n);
+        let reason = asked.or(recreated.then_some(CopyReason::Recreated));
+        let mut set = HashMap::new();
+        let mut remove = Vec::new();
+        if let Some(n) = &now {
+            if recorded != Some(n) {
+                set.insert(SOURCE_OID_PROPERTY.to_string(), n.clone());
+            }
+        }
+        let pending = match (reason, state) {
+            (Some(_), Some(SNAPSHOT_REQUESTED)) | (None, Some(SNAPSHOT_REQUESTED | "partial")) => {
+                true
+            }
+            (Some(_), _) => {
+                set.insert(
+                    SNAPSHOT_PROPERTY.to_string(),
+                    SNAPSHOT_REQUESTED.to_string(),
+                );
+                remove.push(SNAPSHOT_PROGRESS_PROPERTY.to_string());
+                true
+            }
+            (None, _) => false,
+        };
+        if !set.is_empty() || !remove.is_empty() {
+            update_properties(
+                &self.committer,
+                &ident,
+                PropertyChanges { set, remove },
+                &self.secrets,
+            )
+            .await?;
+        }
+        if let Some(reason) = reason {
+            TableCopiedAgain {
+                table: source,
+                reason,
+            }
+            .emit();
+        }
+        Ok(pending)
+    }
+}
