@@ -1262,6 +1262,7 @@ impl Applier {
         let (cfg_schema, cfg_name) = source.split_once('.').unwrap_or(("public", source));
         let table_name = iceberg_table_name(cfg_schema, cfg_name);
         let mode = self.cfg.mode_for(&source_name);
+        let mut key_changes = Vec::new();
         let mirror = if mode.mirror() {
             let mut m = TableSink::open_mirror(
                 self.committer.clone(),
@@ -1278,10 +1279,20 @@ impl Applier {
                 self.secrets.clone(),
             )
             .await?;
-            let e = evolve(&mut m, &columns, &catalog, lsn, None).await?;
+            // The key as the source has it now: a table whose key changed while the agent
+            // was stopped (or created again with another) has the old one in its metadata.
+            let k = wanted_key(&columns, full_identity.as_deref(), m.mirror_key());
+            let e = evolve(&mut m, &columns, &catalog, lsn, Some(&k)).await?;
             if !mode.changelog() {
                 report_changes(&self.metrics, &source_name, &[], &columns, &e.changes);
                 stale = e.stale;
+            } else {
+                // The changelog reports the column changes; only the mirror has a key.
+                key_changes = e
+                    .changes
+                    .into_iter()
+                    .filter(|c| matches!(c, ColumnChange::Key(_)))
+                    .collect();
             }
             Some(m)
         } else {
@@ -1310,7 +1321,8 @@ impl Applier {
                     self.secrets.clone(),
                 )
                 .await?;
-                let e = evolve(&mut sink, &columns, &catalog, lsn, None).await?;
+                let mut e = evolve(&mut sink, &columns, &catalog, lsn, None).await?;
+                e.changes.append(&mut key_changes);
                 report_changes(&self.metrics, &source_name, &[], &columns, &e.changes);
                 stale = e.stale;
                 (sink, mirror)
@@ -1914,12 +1926,11 @@ async fn evolve(
             .unwrap_or_else(|| n.clone())
     };
     let rekey = key.filter(|k| {
-        sink.mirror_key().is_some_and(|now| {
-            now != MirrorKey {
-                columns: k.columns.iter().map(before).collect(),
-                whole_row: k.whole_row,
-            }
-        })
+        let was = MirrorKey {
+            columns: k.columns.iter().map(before).collect(),
+            whole_row: k.whole_row,
+        };
+        sink.mirror_key().is_some_and(|now| now != was) || sink.identifiers_lag(&was)
     });
     if let Some(k) = rekey {
         changes.push(ColumnChange::Key(k.clone()));

@@ -1216,20 +1216,31 @@ async fn a_dropped_and_recreated_table_is_copied_again_and_a_dropped_one_reporte
     edit_config(&cfg, "\"d\", \"g\", \"k\"", "\"d\", \"k\"");
     db.batch_execute(
         "DROP TABLE d;
-         CREATE TABLE d (id int PRIMARY KEY, v text, w int);
-         INSERT INTO d SELECT g, 'third', g FROM generate_series(20, 24) g;",
+         CREATE TABLE d (id int, v text, w int PRIMARY KEY);
+         INSERT INTO d SELECT g % 2, 'third', g FROM generate_series(20, 24) g;",
     )
     .await
     .expect("drop and create again");
     let agent = AgentProc::start(&cfg, &work.path().join("agent2.log"));
     agent.wait_streaming().await;
-    db.batch_execute("UPDATE d SET w = -w WHERE id = 21")
+    db.batch_execute("UPDATE d SET v = 'updated' WHERE w = 21; DELETE FROM d WHERE w = 22")
         .await
         .expect("update");
     const D3: &str = "SELECT id, v, w FROM d";
-    let v = crate::mirror::wait_mirrored_with(&work, "ns.d", &pg, D3, "id", &[]).await;
-    assert_eq!(v["rows"], 5, "{v}");
-    let c = wait_source_equal(&work, "ns.d_changelog", &pg, D3, &["--duckdb"], 60).await;
+    let v = crate::mirror::wait_mirrored_with(&work, "ns.d", &pg, D3, "w", &[]).await;
+    assert_eq!(v["rows"], 4, "{v}");
+    // Its key is another column now: `id` (with repeated values) is no longer the mirror's
+    // identifier; `w`, added as an optional field, cannot become one.
+    assert_eq!(v["identifier_fields"], serde_json::json!([]), "{v}");
+    let c = wait_source_equal(
+        &work,
+        "ns.d_changelog",
+        &pg,
+        D3,
+        &["--pk", "w", "--duckdb"],
+        60,
+    )
+    .await;
     assert_eq!(c["unique"], true, "{c}");
     assert_eq!(
         c["ops"]["T"], 2,

@@ -330,6 +330,24 @@ impl TableSink {
         self.mirror.as_ref().map(|m| m.key(&self.table))
     }
 
+    /// Whether a mirror's identifier fields are not what `key` gives them (a key changed
+    /// while the agent was stopped, or a table created again with another key: the index
+    /// is opened by the new key, the table's metadata still names the old one).
+    pub fn identifiers_lag(&self, key: &MirrorKey) -> bool {
+        if self.mirror.is_none() {
+            return false;
+        }
+        let md = self.table.metadata();
+        let schema = md.current_schema();
+        let now: Vec<i32> = schema.identifier_field_ids().collect();
+        super::evolve::apply(
+            schema,
+            md.last_column_id(),
+            &[ColumnChange::Key(key.clone())],
+        )
+        .is_ok_and(|s| s.identifier_field_ids().collect::<Vec<_>>() != now)
+    }
+
     /// Load or create the mirror table `ns.name` of `source`; the key index is rebuilt from
     /// the table.
     pub async fn open_mirror(
@@ -377,11 +395,21 @@ impl TableSink {
                 sink.name()
             )));
         }
-        let keys: Vec<String> = columns
+        let mut keys: Vec<String> = columns
             .iter()
             .filter(|c| c.key)
             .map(|c| c.name.clone())
             .collect();
+        // A key column the table does not have yet (the key moved to a new column while the
+        // agent was stopped, or the table was created again with one): open by the key the
+        // rows were written under; the schema change that adds the column keys them again.
+        let schema = sink.table.metadata().current_schema();
+        if keys.iter().any(|k| schema.field_by_name(k).is_none()) {
+            keys = schema
+                .identifier_field_ids()
+                .filter_map(|id| schema.name_by_field_id(id).map(str::to_string))
+                .collect();
+        }
         let mirror =
             MirrorWriter::open(&sink.table, keys, whole_row, index_budget, compaction).await?;
         tracing::info!(
