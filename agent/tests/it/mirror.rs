@@ -947,3 +947,60 @@ async fn rows_without_a_key_value_are_kept_and_called_out() {
     assert_eq!(rows, 28);
     drop(agent);
 }
+
+/// A key moved to a new column while the agent was stopped: the mirror could not open ("key
+/// column "w" not in the mirror table", retried forever), since the column is added by the
+/// schema change that follows the open. It now opens by the key its rows were written under,
+/// then the replayed changes add the column and key it again; updates and deletes by the new
+/// key land, and both readers see the source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_moved_to_a_new_column_while_stopped_is_followed_at_start() {
+    let Running {
+        pg,
+        db,
+        work,
+        cfg,
+        agent,
+    } = prepare(
+        "CREATE TABLE kw (id int PRIMARY KEY, v text);
+         INSERT INTO kw SELECT g, 'a' FROM generate_series(1, 50) g;",
+        &["kw"],
+        "mode = \"mirror\"\nsnapshot = \"initial\"",
+        "",
+    )
+    .await
+    .streaming()
+    .await;
+    wait_mirrored(&work, "ns.kw", &pg, "SELECT id, v FROM kw", "id").await;
+    assert_eq!(agent.terminate(), Some(0));
+    execute_each(
+        &db,
+        &[
+            "ALTER TABLE kw ADD COLUMN w int",
+            "UPDATE kw SET w = id + 1000",
+            "ALTER TABLE kw ALTER COLUMN w SET NOT NULL",
+            "ALTER TABLE kw DROP CONSTRAINT kw_pkey",
+            "ALTER TABLE kw ADD PRIMARY KEY (w)",
+            "UPDATE kw SET v = 'b' WHERE id < 5",
+            "DELETE FROM kw WHERE id = 7",
+            "INSERT INTO kw VALUES (7, 'c', 7)",
+            "UPDATE kw SET id = 1 WHERE w = 1010",
+        ],
+    )
+    .await;
+    let agent = AgentProc::start(&cfg, &work.path().join("agent2.log"));
+    agent.wait_streaming().await;
+    const KW: &str = "SELECT id, v, w FROM kw";
+    let v = wait_mirrored(&work, "ns.kw", &pg, KW, "w").await;
+    assert_eq!(v["rows"], 50, "{v}");
+    assert_eq!(v["duplicate_keys"], 0, "{v}");
+    assert!(
+        !agent.log_text().contains("not in the mirror table"),
+        "the mirror opens"
+    );
+    db.batch_execute("UPDATE kw SET v = 'later' WHERE w = 1020; DELETE FROM kw WHERE w = 7")
+        .await
+        .expect("later changes");
+    wait_mirrored(&work, "ns.kw", &pg, KW, "w").await;
+    assert_eq!(agent.terminate(), Some(0));
+}
