@@ -113,15 +113,16 @@ pub(super) async fn pipelines(State(s): State<ApiState>) -> Json<PipelineList> {
     Json(PipelineList { pipelines })
 }
 
-/// The `{name}` path parameter, rejected as a JSON 400 when it cannot be decoded.
-pub(super) struct Name(String);
+/// Path parameters (`{name}`, or `({name}, {table})`), rejected as a JSON 400 when they
+/// cannot be decoded.
+pub(super) struct Params<T>(T);
 
-impl<S: Send + Sync> FromRequestParts<S> for Name {
+impl<S: Send + Sync, T: serde::de::DeserializeOwned + Send> FromRequestParts<S> for Params<T> {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
-        match Path::<String>::from_request_parts(parts, state).await {
-            Ok(Path(n)) => Ok(Name(n)),
+        match Path::<T>::from_request_parts(parts, state).await {
+            Ok(Path(v)) => Ok(Params(v)),
             Err(e) => Err(ApiError(StatusCode::BAD_REQUEST, e.body_text())),
         }
     }
@@ -140,7 +141,7 @@ fn unknown(name: &str) -> ApiError {
         (status = 404, description = "Unknown pipeline", body = ErrorBody)))]
 pub(super) async fn pipeline(
     State(s): State<ApiState>,
-    Name(name): Name,
+    Params(name): Params<String>,
 ) -> Result<Json<PipelineStatus>, ApiError> {
     let p = s.pipeline(&name).ok_or_else(|| unknown(&name))?;
     Ok(Json(status::snapshot(&p.status)))
@@ -155,7 +156,7 @@ pub(super) async fn pipeline(
         (status = 404, description = "Unknown pipeline", body = ErrorBody)))]
 pub(super) async fn tables(
     State(s): State<ApiState>,
-    Name(name): Name,
+    Params(name): Params<String>,
 ) -> Result<Json<TableList>, ApiError> {
     let p = s.pipeline(&name).ok_or_else(|| unknown(&name))?;
     let st = status::snapshot(&p.status);
@@ -208,7 +209,7 @@ fn set_control(s: &ApiState, name: &str, c: PipelineControl) -> Result<Json<Cont
         (status = 415, description = "Body is not JSON", body = ErrorBody)))]
 pub(super) async fn pause(
     State(s): State<ApiState>,
-    Name(name): Name,
+    Params(name): Params<String>,
 ) -> Result<Json<Control>, ApiError> {
     set_control(&s, &name, PipelineControl::Pause)
 }
@@ -226,24 +227,9 @@ pub(super) async fn pause(
         (status = 415, description = "Body is not JSON", body = ErrorBody)))]
 pub(super) async fn resume(
     State(s): State<ApiState>,
-    Name(name): Name,
+    Params(name): Params<String>,
 ) -> Result<Json<Control>, ApiError> {
     set_control(&s, &name, PipelineControl::Run)
-}
-
-/// The `{name}` and `{table}` path parameters, rejected as a JSON 400 when they cannot be
-/// decoded.
-pub(super) struct NameAndTable(String, String);
-
-impl<S: Send + Sync> FromRequestParts<S> for NameAndTable {
-    type Rejection = ApiError;
-
-    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
-        match Path::<(String, String)>::from_request_parts(parts, state).await {
-            Ok(Path((n, t))) => Ok(NameAndTable(n, t)),
-            Err(e) => Err(ApiError(StatusCode::BAD_REQUEST, e.body_text())),
-        }
-    }
 }
 
 /// Copy a table again: a truncate marker, then every row as of a new snapshot (the mirror
@@ -262,7 +248,7 @@ impl<S: Send + Sync> FromRequestParts<S> for NameAndTable {
         (status = 415, description = "Body is not JSON", body = ErrorBody)))]
 pub(super) async fn snapshot_table(
     State(s): State<ApiState>,
-    NameAndTable(name, table): NameAndTable,
+    Params((name, table)): Params<(String, String)>,
 ) -> Result<(StatusCode, Json<CopyAccepted>), ApiError> {
     let p = s.pipeline(&name).ok_or_else(|| unknown(&name))?;
     // Configured tables, and those that joined through the publication (in the status).
@@ -311,7 +297,7 @@ pub(super) struct DlqQuery {
         (status = 500, description = "The dead-letter table could not be read", body = ErrorBody)))]
 pub(super) async fn dlq(
     State(s): State<ApiState>,
-    Name(name): Name,
+    Params(name): Params<String>,
     q: Result<Query<DlqQuery>, QueryRejection>,
 ) -> Result<Json<DeadLetters>, ApiError> {
     let Query(q) = q.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
