@@ -14,7 +14,9 @@ use crate::pipeline::PipelineError;
 use crate::sink::iceberg::schema::{
     CHANGELOG_SUFFIX, SNAPSHOT_PROGRESS_PROPERTY, SNAPSHOT_PROPERTY, SNAPSHOT_REQUESTED,
 };
-use crate::sink::iceberg::table::{properties_of, update_properties, PropertyChanges};
+use crate::sink::iceberg::table::{
+    properties_of, update_properties, PropertyChanges, SOURCE_TABLE_PROPERTY,
+};
 use crate::telemetry::events::{CopyReason, TableCopiedAgain};
 
 impl Applier {
@@ -32,16 +34,27 @@ impl Applier {
         iceberg::TableIdent::new(iceberg::NamespaceIdent::new(self.namespace.clone()), name)
     }
 
+    /// The properties of `source`'s state table, if it exists and holds `source` (another
+    /// source table mapping to the same name is refused when the table is opened).
+    async fn state_of(
+        &self,
+        source: &str,
+    ) -> Result<Option<HashMap<String, String>>, PipelineError> {
+        let catalog = self.committer.catalog().clone();
+        let ident = self.state_table(source);
+        let props = properties_of(catalog.as_ref(), &ident, &self.secrets).await?;
+        Ok(props.filter(|p| {
+            p.get(SOURCE_TABLE_PROPERTY)
+                .is_none_or(|holds| holds == source)
+        }))
+    }
+
     /// Whether `source` (as configured) has Iceberg tables: it was copied or streamed.
     pub(in crate::pipeline) async fn has_tables(
         &self,
         source: &str,
     ) -> Result<bool, PipelineError> {
-        let catalog = self.committer.catalog().clone();
-        let ident = self.state_table(source);
-        Ok(properties_of(catalog.as_ref(), &ident, &self.secrets)
-            .await?
-            .is_some())
+        Ok(self.state_of(source).await?.is_some())
     }
 
     /// Before an attempt copies or streams `source` (as configured; its relation is `oid`
@@ -54,9 +67,8 @@ impl Applier {
         asked: Option<CopyReason>,
     ) -> Result<bool, PipelineError> {
         let ident = self.state_table(source);
-        let catalog = self.committer.catalog().clone();
         // A table without Iceberg tables yet gets its first copy (or none) the usual way.
-        let Some(props) = properties_of(catalog.as_ref(), &ident, &self.secrets).await? else {
+        let Some(props) = self.state_of(source).await? else {
             return Ok(false);
         };
         let state = props.get(SNAPSHOT_PROPERTY).map(String::as_str);
