@@ -11,8 +11,10 @@ use std::time::{Duration, Instant};
 
 use super::status::SharedStatus;
 use crate::source::postgres::conn::SourceUrl;
-use crate::source::postgres::session::Session;
-use crate::telemetry::events::{CopyReason, SlotLagMeasured, TableLeftPublication};
+use crate::source::postgres::session::{Session, SourceError};
+use crate::telemetry::events::{
+    CopyReason, PartitionsMoved, SlotLagMeasured, TableLeftPublication,
+};
 use crate::telemetry::SourceMetrics;
 
 /// How often the slot is measured.
@@ -53,6 +55,8 @@ pub async fn slot_lag_loop(cfg: MonitorConfig, metrics: SourceMetrics, status: S
     // and those already reported gone.
     let mut watched: Option<Vec<(u32, String)>> = None;
     let mut gone: HashSet<u32> = HashSet::new();
+    // The leaf partitions of each partitioned table streamed, as last seen.
+    let mut leaves: Option<Leaves> = None;
     loop {
         match Session::connect(&url, &slot, &publication, None).await {
             Ok(mut session) => loop {
@@ -116,6 +120,11 @@ pub async fn slot_lag_loop(cfg: MonitorConfig, metrics: SourceMetrics, status: S
                         }
                     }
                 }
+                if let Err(e) = watch_partitions(&mut session, &tables, &mut leaves, &metrics).await
+                {
+                    tracing::debug!(slot, "partition check failed: {e}");
+                    break;
+                }
                 let nap = heartbeat_interval.map_or(INTERVAL, |h| h.min(INTERVAL));
                 tokio::time::sleep(nap).await;
             },
@@ -123,4 +132,62 @@ pub async fn slot_lag_loop(cfg: MonitorConfig, metrics: SourceMetrics, status: S
         }
         tokio::time::sleep(INTERVAL).await;
     }
+}
+
+/// Per partitioned table streamed (`schema.table`), its leaf partitions (OID, quoted name).
+type Leaves = Vec<(String, Vec<(u32, String)>)>;
+
+/// Compare the leaf partitions of the partitioned tables among `tables` with those seen last
+/// (`seen`, filled on the first call): a partition attached with rows, or one detached or
+/// dropped, moved rows without publishing them (reported once each). A partition created
+/// empty, then filled through the stream, is not reported.
+async fn watch_partitions(
+    session: &mut Session,
+    tables: &[(String, String)],
+    seen: &mut Option<Leaves>,
+    metrics: &SourceMetrics,
+) -> Result<(), SourceError> {
+    let Some(seen) = seen else {
+        let mut first = Vec::new();
+        for (schema, table) in tables {
+            if let Some(l) = session.leaf_partitions(schema, table).await? {
+                first.push((format!("{schema}.{table}"), l));
+            }
+        }
+        *seen = Some(first);
+        return Ok(());
+    };
+    for (table, was) in seen.iter_mut() {
+        let Some((schema, name)) = tables.iter().find(|(s, t)| format!("{s}.{t}") == *table) else {
+            continue;
+        };
+        let now = session
+            .leaf_partitions(schema, name)
+            .await?
+            .unwrap_or_default();
+        let mut attached = Vec::new();
+        for (oid, p) in now.iter().filter(|(o, _)| !was.iter().any(|(w, _)| w == o)) {
+            if session
+                .has_rows_older_than_attach(*oid, p, schema, name)
+                .await?
+            {
+                attached.push(p.clone());
+            }
+        }
+        let left: Vec<String> = was
+            .iter()
+            .filter(|(o, _)| !now.iter().any(|(n, _)| n == o))
+            .map(|(_, p)| p.clone())
+            .collect();
+        if !attached.is_empty() || !left.is_empty() {
+            PartitionsMoved {
+                table,
+                attached: &attached,
+                left: &left,
+            }
+            .emit(metrics);
+        }
+        *was = now;
+    }
+    Ok(())
 }

@@ -1252,3 +1252,85 @@ async fn a_dropped_and_recreated_table_is_copied_again_and_a_dropped_one_reporte
         .contains("the table was dropped and created again"));
     assert_eq!(agent.terminate(), Some(0));
 }
+
+/// `ATTACH PARTITION` of a table that has rows, and `DETACH PARTITION`, move rows in or out of
+/// a partitioned table without publishing them. The slot monitor reports each (WARN naming the
+/// partition, `philotes_cdc_schema_changes_total{kind="partition"}`); a partition created empty
+/// is not reported. Copying the table again (the API) then brings its Iceberg tables back to
+/// the source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitions_attached_with_rows_or_detached_are_reported_and_a_copy_repairs_them() {
+    let (pg, db, work, agent) = running(
+        "CREATE TABLE pp (id int PRIMARY KEY, v text) PARTITION BY RANGE (id);
+         CREATE TABLE pp1 PARTITION OF pp FOR VALUES FROM (1) TO (101);
+         INSERT INTO pp SELECT g, 'a' FROM generate_series(1, 100) g;",
+        &["pp"],
+        "mode = \"both\"\nsnapshot = \"initial\"",
+    )
+    .await
+    .parts();
+    const PP: &str = "SELECT id, v FROM pp";
+    crate::mirror::wait_mirrored_with(&work, "ns.pp", &pg, PP, "id", &[]).await;
+    let log = work.path().join("agent.log");
+    // Let the monitor see the partitions first.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    execute_each(
+        &db,
+        &[
+            "CREATE TABLE pp2 PARTITION OF pp FOR VALUES FROM (101) TO (201)",
+            "INSERT INTO pp SELECT g, 'b' FROM generate_series(101, 110) g",
+            "CREATE TABLE pp3 (id int NOT NULL, v text)",
+            "INSERT INTO pp3 SELECT g, 'c' FROM generate_series(201, 250) g",
+            "ALTER TABLE pp ATTACH PARTITION pp3 FOR VALUES FROM (201) TO (301)",
+            "ALTER TABLE pp DETACH PARTITION pp1",
+            "UPDATE pp SET v = 'c2' WHERE id = 205",
+        ],
+    )
+    .await;
+    wait_log_line(&log, "the attach reported", |l| {
+        l.contains("a partition with rows was attached") && l.contains("pp3")
+    })
+    .await;
+    wait_log_line(&log, "the detach reported", |l| {
+        l.contains("a partition was detached or dropped") && l.contains("pp1")
+    })
+    .await;
+    let text = agent.log_text();
+    assert!(
+        !text
+            .lines()
+            .any(|l| l.contains("attached") && l.contains("pp2")),
+        "a partition created empty is not reported"
+    );
+    let addr = agent.api_addr().expect("API address");
+    let metrics = scrape(&addr).await;
+    assert_eq!(
+        sample_sum(
+            &metrics,
+            "philotes_cdc_schema_changes_total",
+            "kind=\"partition\""
+        ),
+        2.0,
+        "{metrics}"
+    );
+    // Iceberg: the 100 detached rows still there, 49 of the 50 attached ones missing.
+    let v = crate::mirror::verify_mirror(&work, "ns.pp", &pg, PP, "id", &[]);
+    assert_eq!(v["equal"], false, "{v}");
+    let r = reqwest::Client::new()
+        .post(format!(
+            "http://{addr}/api/v1/pipelines/p/tables/public.pp/snapshot"
+        ))
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(r.status(), reqwest::StatusCode::ACCEPTED);
+    let v = crate::mirror::wait_mirrored_with(&work, "ns.pp", &pg, PP, "id", &[]).await;
+    assert_eq!(v["rows"], 60, "{v}");
+    db.batch_execute("DELETE FROM pp WHERE id = 250; INSERT INTO pp VALUES (111, 'later')")
+        .await
+        .expect("later changes");
+    crate::mirror::wait_mirrored_with(&work, "ns.pp", &pg, PP, "id", &[]).await;
+    let c = wait_source_equal(&work, "ns.pp_changelog", &pg, PP, &["--duckdb"], 60).await;
+    assert_eq!(c["ops"]["T"], 1, "{}", c["ops"]);
+    assert_eq!(agent.terminate(), Some(0));
+}

@@ -367,6 +367,75 @@ impl Session {
             .collect())
     }
 
+    /// The leaf partitions (OID, `schema.table` quoted) of partitioned table `schema.table`,
+    /// at any depth; None when it is not a partitioned table (or does not exist).
+    pub async fn leaf_partitions(
+        &mut self,
+        schema: &str,
+        table: &str,
+    ) -> Result<Option<Vec<(u32, String)>>, SourceError> {
+        let root = format!(
+            "(SELECT c.oid FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n \
+             ON n.oid = c.relnamespace WHERE n.nspname = {} AND c.relname = {} AND c.relkind = 'p')",
+            quote_literal(schema),
+            quote_literal(table)
+        );
+        if self
+            .scalar(&format!("SELECT count(*)::text FROM {root} r"))
+            .await?
+            .as_deref()
+            != Some("1")
+        {
+            return Ok(None);
+        }
+        let sql = format!(
+            "WITH RECURSIVE tree(relid) AS (SELECT oid FROM {root} r \
+             UNION ALL SELECT i.inhrelid FROM pg_catalog.pg_inherits i JOIN tree ON i.inhparent = tree.relid) \
+             SELECT c.oid::text, pg_catalog.quote_ident(n.nspname) || '.' || pg_catalog.quote_ident(c.relname) \
+             FROM tree JOIN pg_catalog.pg_class c ON c.oid = tree.relid \
+             JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace WHERE c.relkind = 'r' ORDER BY 1"
+        );
+        Ok(Some(
+            self.query(&sql)
+                .await?
+                .into_iter()
+                .filter_map(|r| {
+                    let oid = r.first().cloned().flatten()?.parse().ok()?;
+                    Some((oid, r.get(1).cloned().flatten()?))
+                })
+                .collect(),
+        ))
+    }
+
+    /// Whether leaf partition `leaf` (`quoted`: its `schema.table`, quoted) of `schema.table`
+    /// has rows older than its youngest link to that table (`pg_inherits` rows, by age):
+    /// rows that joined by `ATTACH PARTITION`, unpublished. Rows inserted after a partition
+    /// was created (or attached) are younger, and were published.
+    pub async fn has_rows_older_than_attach(
+        &mut self,
+        leaf: u32,
+        quoted: &str,
+        schema: &str,
+        table: &str,
+    ) -> Result<bool, SourceError> {
+        let root = format!(
+            "(SELECT c.oid FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n \
+             ON n.oid = c.relnamespace WHERE n.nspname = {} AND c.relname = {})",
+            quote_literal(schema),
+            quote_literal(table)
+        );
+        let sql = format!(
+            "WITH RECURSIVE up(relid, link) AS ( \
+               SELECT i.inhparent, pg_catalog.age(i.xmin) FROM pg_catalog.pg_inherits i \
+               WHERE i.inhrelid = {leaf}::oid \
+               UNION ALL SELECT i.inhparent, LEAST(up.link, pg_catalog.age(i.xmin)) \
+               FROM pg_catalog.pg_inherits i JOIN up ON i.inhrelid = up.relid) \
+             SELECT EXISTS (SELECT 1 FROM ONLY {quoted} \
+               WHERE pg_catalog.age(xmin) > (SELECT min(link) FROM up WHERE relid = {root}))::text"
+        );
+        Ok(self.scalar(&sql).await?.as_deref() == Some("true"))
+    }
+
     /// The OIDs of `tables` (those that exist), with their `schema.table`.
     pub async fn table_oids(
         &mut self,

@@ -12,9 +12,10 @@ pub use maintenance::{TableHealthMeasured, TableMaintained};
 pub use pipeline::{
     AppliedTable, BatchCommitted, BatchFailed, BufferChanged, ChangeReceived, CommitFenced,
     CopyReason, DeadLettered, FilesWritten, LeaderDeposed, LeaderSession, LeadershipLost,
-    LeadershipTaken, MirrorCommitted, MirrorRekeyed, MirrorRowsWithoutKey, PipelineRetrying,
-    SchemaChanged, SlotLagMeasured, SpoolChanged, StaleRowsAfterSchemaChange, StandingBy,
-    StateChanged, TableCommitted, TableCopiedAgain, TableLeftPublication, TransactionApplied,
+    LeadershipTaken, MirrorCommitted, MirrorRekeyed, MirrorRowsWithoutKey, PartitionsMoved,
+    PipelineRetrying, SchemaChanged, SlotLagMeasured, SpoolChanged, StaleRowsAfterSchemaChange,
+    StandingBy, StateChanged, TableCommitted, TableCopiedAgain, TableLeftPublication,
+    TransactionApplied,
 };
 
 pub use crate::model::ErrorType;

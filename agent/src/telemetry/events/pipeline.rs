@@ -204,7 +204,7 @@ impl TableCommitted<'_> {
 pub struct SchemaChanged<'a> {
     /// Source table (`schema.table`, as configured).
     pub table: &'a str,
-    /// `add`, `drop`, `rename`, `widen`, `replace`, `rename_table` or `key`.
+    /// `add`, `drop`, `rename`, `widen`, `replace`, `rename_table`, `key` or `partition`.
     pub kind: &'static str,
     /// What changed, for the log.
     pub detail: &'a str,
@@ -292,6 +292,40 @@ impl MirrorRekeyed<'_> {
                 rows = self.rows,
                 ms = self.took.as_millis() as u64,
                 "mirror keyed again: the source table's key changed"
+            );
+        }
+    }
+}
+
+/// Partitions joined or left a streamed partitioned table. PostgreSQL moves their rows in or
+/// out without publishing them: rows of a partition attached with rows never reach Iceberg,
+/// those of one detached or dropped stay there.
+pub struct PartitionsMoved<'a> {
+    /// The partitioned table (`schema.table`).
+    pub table: &'a str,
+    /// Partitions attached that already had rows.
+    pub attached: &'a [String],
+    /// Partitions detached or dropped.
+    pub left: &'a [String],
+}
+
+impl PartitionsMoved<'_> {
+    /// Count each as `philotes_cdc_schema_changes_total{kind="partition"}` and say what to do.
+    pub fn emit(&self, m: &SourceMetrics) {
+        for p in self.attached {
+            m.schema_change(self.table, "partition");
+            tracing::warn!(
+                table = self.table,
+                partition = %p,
+                "a partition with rows was attached: PostgreSQL does not publish rows that join a partitioned table this way, so they are not in its Iceberg tables; copy the table again (POST /api/v1/pipelines/{{name}}/tables/{{table}}/snapshot)"
+            );
+        }
+        for p in self.left {
+            m.schema_change(self.table, "partition");
+            tracing::warn!(
+                table = self.table,
+                partition = %p,
+                "a partition was detached or dropped: its rows left the table without being published and stay in its Iceberg tables; copy the table again if its mirror must not hold them (POST /api/v1/pipelines/{{name}}/tables/{{table}}/snapshot)"
             );
         }
     }
