@@ -236,7 +236,7 @@ impl StaleRowsAfterSchemaChange<'_> {
     pub fn emit(&self) {
         tracing::warn!(
             table = self.table,
-            "a schema change gave existing rows values no change carries (a column added with a default, or a type change that rewrote the table): in Iceberg those rows have null there until they change; an UPDATE that sets the column to itself sends them (docs/operations.md, \"Schema changes\")"
+            "a schema change gave existing rows values no change carries (a column added with a default, or a type change that rewrote the table): in Iceberg those rows have null there until they change; an UPDATE that sets the column to itself sends them, or copy the table again (POST /api/v1/pipelines/{{name}}/tables/{{table}}/snapshot; docs/operations.md, \"Schema changes\")"
         );
     }
 }
@@ -283,7 +283,7 @@ impl MirrorRekeyed<'_> {
                 key,
                 rows = self.rows,
                 unkeyed = self.unkeyed,
-                "mirror keyed again, but some rows have no value in the new key (PostgreSQL filled the column in without sending the rows): no change can reach them; copy the table again to replace them (docs/operations.md, \"Schema changes\")"
+                "mirror keyed again, but some rows have no value in the new key (PostgreSQL filled the column in without sending the rows): no change can reach them; copy the table again to replace them (POST /api/v1/pipelines/{{name}}/tables/{{table}}/snapshot; docs/operations.md, \"Schema changes\")"
             );
         } else {
             tracing::info!(
@@ -381,7 +381,7 @@ impl TableLeftPublication<'_> {
         tracing::warn!(
             table = self.table,
             publication = self.publication,
-            "the table the pipeline streams is no longer published (dropped, perhaps created again, or removed from the publication): its changes from now on are not streamed, and its Iceberg tables keep the rows it had; to start it over, drop its Iceberg tables and restart the agent, which adds it back and copies it (docs/operations.md, \"A table dropped or removed from the publication\")"
+            "the table the pipeline streams is no longer published (dropped, perhaps created again, or removed from the publication): its changes from now on are not streamed, and its Iceberg tables keep the rows it had; a table created again under its name is copied again by itself, one removed from the publication is added back at the next restart (docs/operations.md, \"A table dropped or removed from the publication\")"
         );
     }
 }
@@ -402,7 +402,7 @@ impl MirrorRowsWithoutKey<'_> {
         tracing::warn!(
             table = self.table,
             rows = self.rows,
-            "mirror rows without a value in the key (PostgreSQL filled the column in without sending the rows): no change can reach them and the table's compaction is off; copy the table again (docs/operations.md, \"Schema changes\")"
+            "mirror rows without a value in the key (PostgreSQL filled the column in without sending the rows): no change can reach them and the table's compaction is off; copy the table again (POST /api/v1/pipelines/{{name}}/tables/{{table}}/snapshot; docs/operations.md, \"Schema changes\")"
         );
     }
 }

@@ -283,8 +283,9 @@ impl MirrorWriter {
         {
             return Err(SinkError::Config(format!(
                 "key column {} of mirror table {} changed to a type Iceberg cannot promote: \
-                 the mirror cannot match its earlier rows by the new key; drop the Iceberg \
-                 table to copy it again, or use mode = \"changelog\"",
+                 the mirror cannot match its earlier rows by the new key; copy the table again \
+                 (POST /api/v1/pipelines/{{name}}/tables/{{table}}/snapshot), or use \
+                 mode = \"changelog\"",
                 current.name_by_field_id(*id).unwrap_or("?"),
                 self.name
             )));
