@@ -70,6 +70,8 @@ struct TableState {
     /// REPLICA IDENTITY FULL: the positions of the key columns (empty: the whole row is the
     /// identity). Every UPDATE then sends the old row.
     full_identity: Option<Vec<usize>>,
+    /// Copied in this attempt (its rows are as of the copy's point).
+    copied: bool,
 }
 
 /// The transaction being received.
@@ -119,6 +121,9 @@ pub(super) struct Applier {
     aliases: HashMap<String, String>,
     /// The stream sends values in binary (`binary 'true'`).
     binary: bool,
+    /// Tables copied again because mirror rows lacked a key value, in this process: not
+    /// again (a copy that leaves such rows would otherwise loop).
+    healed: std::collections::HashSet<String>,
 }
 
 /// Dead-letter table property per source table: the newest `lsn:seq` stored for it.
@@ -205,6 +210,7 @@ impl Applier {
             catalog: None,
             aliases: HashMap::new(),
             binary: false,
+            healed: Default::default(),
         }
     }
 
@@ -1023,6 +1029,11 @@ impl Applier {
         self.no_copy = tables;
     }
 
+    /// Tables already copied again for rows without a key value by this process.
+    pub(super) fn set_healed(&mut self, tables: std::collections::HashSet<String>) {
+        self.healed = tables;
+    }
+
     /// Mark this attempt as following a failed one (see `batches_retried`).
     pub(super) fn after_failure(&mut self, failed: bool) {
         self.retrying = failed;
@@ -1121,6 +1132,7 @@ impl Applier {
                 let idx = self
                     .relation(&source, namespace, name, Some(oid), columns)
                     .await?;
+                self.copy_if_rows_lack_a_key(idx).await?;
                 // Supported types feeding columns of another kind (a widened decimal, say).
                 if self.binary && !self.tables[idx].batch.binary_ready() {
                     return Err(PipelineError::TextNeeded(source));
@@ -1209,14 +1221,20 @@ impl Applier {
             let lsn = self.change_lsn();
             self.close_files(i).await?;
             let t = &mut self.tables[i];
-            let key = |now: Option<MirrorKey>| wanted_key(&columns, full_identity.as_deref(), now);
+            // A table copied in this attempt holds the source as of the copy, keyed as the
+            // source is keyed now: a replayed relation (its transaction is in the table) has
+            // an older key, which must not key the copied rows again.
+            let hold_key = t.copied && already_committed(lsn, t.sink.last_lsn);
+            let key = |now: Option<MirrorKey>| {
+                (!hold_key).then(|| wanted_key(&columns, full_identity.as_deref(), now))
+            };
             let k = key(t.sink.mirror_key());
             let Evolved { mut changes, stale } =
-                evolve(&mut t.sink, &columns, &catalog, lsn, Some(&k)).await?;
+                evolve(&mut t.sink, &columns, &catalog, lsn, k.as_ref()).await?;
             if let Some(m) = t.mirror.as_mut() {
                 m.finish_files().await?;
                 let k = key(m.mirror_key());
-                let e = evolve(m, &columns, &catalog, lsn, Some(&k)).await?;
+                let e = evolve(m, &columns, &catalog, lsn, k.as_ref()).await?;
                 // The changelog has the column changes too; only the mirror has a key.
                 changes.extend(
                     e.changes
@@ -1350,6 +1368,7 @@ impl Applier {
             counts: [0; 4],
             counted: [0; 4],
             full_identity,
+            copied: false,
         });
         let i = self.tables.len() - 1;
         status::update(&self.status, |s| {

@@ -64,6 +64,9 @@ pub enum PipelineError {
     /// A table is to be copied again (asked for, or re-created): stream again after it.
     #[error("a table is to be copied again")]
     CopyAgain,
+    /// Mirror rows of this table lack a key value: it is marked to be copied again.
+    #[error("table {0} is to be copied again: mirror rows without a key value")]
+    RowsWithoutKey(String),
     /// A binary stream met a column it cannot read in binary: stream again in text.
     #[error("table {0} has a column the agent reads in text only")]
     TextNeeded(String),
@@ -90,6 +93,7 @@ impl PipelineError {
             PipelineError::StreamEnded(_)
             | PipelineError::NewTable(_)
             | PipelineError::CopyAgain
+            | PipelineError::RowsWithoutKey(_)
             | PipelineError::TextNeeded(_)
             | PipelineError::LeadershipLost => ErrorType::Connection,
             PipelineError::Spool(_) => ErrorType::Spool,
@@ -226,6 +230,8 @@ pub struct Pipeline {
     text_only: bool,
     /// Tables to copy again (the API's and the monitor's requests).
     copies: Arc<requests::CopyRequests>,
+    /// Tables copied again for mirror rows without a key value (once per process).
+    healed: std::collections::HashSet<String>,
     /// Requests taken from `copies` whose copy has not completed yet.
     pending_copies: std::collections::BTreeMap<String, requests::CopyReason>,
     /// `[ha]`.
@@ -273,6 +279,7 @@ impl Pipeline {
                 text_only: false,
                 copies,
                 pending_copies: Default::default(),
+                healed: Default::default(),
                 ha,
                 never_lost: watch::channel(false).0,
             },
@@ -362,6 +369,10 @@ impl Pipeline {
                 // Not a failure: the next attempt copies the table asked for.
                 Err(PipelineError::CopyAgain) => {
                     self.last_failed = false;
+                }
+                Err(PipelineError::RowsWithoutKey(table)) => {
+                    self.last_failed = false;
+                    self.healed.insert(table);
                 }
                 // Not a failure either: nothing of the binary attempt past its last commit is
                 // confirmed, so the text stream replays it.
@@ -507,6 +518,7 @@ impl Pipeline {
             .collect();
         applier.set_aliases(aliases.clone());
         applier.after_failure(self.last_failed);
+        applier.set_healed(self.healed.clone());
         // A table that joined and left the publication again before this attempt is not
         // copied (it is not in `tables`); its replayed changes stream without a restart.
         applier.stream_without_copy(

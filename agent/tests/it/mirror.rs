@@ -900,11 +900,12 @@ async fn a_changed_key_rekeys_the_mirror() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rows_without_a_key_value_are_kept_and_called_out() {
+async fn rows_without_a_key_value_are_called_out_and_copied_again() {
     // A key column changed to a type Iceberg cannot promote: PostgreSQL rewrote every row
     // without sending one, so in the mirror the old rows have no value in the new key column.
     // They used to collapse to one index entry, and compaction then dropped all but one of
-    // them. Now they are kept (compaction off for the table) and a WARN says to copy again.
+    // them; then they were kept with a WARN to copy the table by hand. Now the table is
+    // copied again by itself (behind a truncate marker), and the mirror equals the source.
     let Running {
         pg,
         db,
@@ -921,7 +922,8 @@ async fn rows_without_a_key_value_are_kept_and_called_out() {
     .await
     .streaming()
     .await;
-    wait_mirrored(&work, "ns.kt", &pg, "SELECT id, v FROM kt", "id").await;
+    const KT: &str = "SELECT id, v FROM kt";
+    wait_mirrored(&work, "ns.kt", &pg, KT, "id").await;
     db.batch_execute(
         "ALTER TABLE kt ALTER COLUMN id TYPE text;
          UPDATE kt SET v = 'b' WHERE id = '3';
@@ -929,8 +931,8 @@ async fn rows_without_a_key_value_are_kept_and_called_out() {
     )
     .await
     .expect("key type change");
-    wait_log_line(&agent.log, "the rows without a key called out", |l| {
-        l.contains("without a value in the key")
+    wait_log_line(&agent.log, "the table copied again", |l| {
+        l.contains("rows of the mirror have no value in its key") && l.contains("copying")
     })
     .await;
     for i in 0..6 {
@@ -939,12 +941,22 @@ async fn rows_without_a_key_value_are_kept_and_called_out() {
             .expect("insert");
         tokio::time::sleep(Duration::from_millis(400)).await;
     }
-    // 20 rows as they were, the UPDATE's row under its new key, and the 7 inserted.
-    let rows = wait_for(Duration::from_secs(30), "the mirror's rows", || async {
-        iceberg_rows(&work, "ns.kt").filter(|n| *n == 28)
-    })
-    .await;
-    assert_eq!(rows, 28);
+    // 20 rows under their new key, the UPDATE applied, and the 7 inserted; compaction on.
+    let v = wait_mirrored(&work, "ns.kt", &pg, KT, "id").await;
+    assert_eq!(v["rows"], 27, "{v}");
+    db.batch_execute("UPDATE kt SET v = 'e' WHERE id = '5'; DELETE FROM kt WHERE id = '6'")
+        .await
+        .expect("changes by the new key");
+    let v = wait_mirrored(&work, "ns.kt", &pg, KT, "id").await;
+    assert_eq!(v["rows"], 26, "{v}");
+    assert_eq!(
+        agent
+            .log_text()
+            .matches("rows of the mirror have no value in its key")
+            .count(),
+        1,
+        "copied once"
+    );
     drop(agent);
 }
 

@@ -115,4 +115,43 @@ impl Applier {
         }
         Ok(pending)
     }
+
+    /// A mirror opened (or keyed again) with rows that have no value in its key: no change
+    /// can reach them, so the table is copied again, once per agent process (`healed`), unless
+    /// a copy is already due. Ends the attempt with the table marked.
+    pub(in crate::pipeline) async fn copy_if_rows_lack_a_key(
+        &mut self,
+        idx: usize,
+    ) -> Result<(), PipelineError> {
+        let t = &self.tables[idx];
+        let unkeyed =
+            t.sink.rows_without_key() + t.mirror.as_ref().map_or(0, |m| m.rows_without_key());
+        let state = t.sink.property(SNAPSHOT_PROPERTY);
+        if unkeyed == 0
+            || self.healed.contains(&t.source_name)
+            || matches!(state.as_deref(), Some(SNAPSHOT_REQUESTED | "partial"))
+        {
+            return Ok(());
+        }
+        let source = t.source_name.clone();
+        update_properties(
+            &self.committer,
+            &self.state_table(&source),
+            PropertyChanges {
+                set: HashMap::from([(
+                    SNAPSHOT_PROPERTY.to_string(),
+                    SNAPSHOT_REQUESTED.to_string(),
+                )]),
+                remove: vec![SNAPSHOT_PROGRESS_PROPERTY.to_string()],
+            },
+            &self.secrets,
+        )
+        .await?;
+        TableCopiedAgain {
+            table: &source,
+            reason: CopyReason::RowsWithoutKey,
+        }
+        .emit();
+        Err(PipelineError::RowsWithoutKey(source))
+    }
 }

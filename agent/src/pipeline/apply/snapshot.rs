@@ -104,6 +104,7 @@ impl Applier {
         let idx = self
             .relation(&source, schema, name, None, columns.clone())
             .await?;
+        self.copy_if_rows_lack_a_key(idx).await?;
         if self.tables[idx].sink.snapshot_done() {
             return Ok(());
         }
@@ -294,6 +295,7 @@ impl Applier {
             state.push((SOURCE_OID_PROPERTY, &oid));
         }
         self.commit_snapshot_chunk(idx, lsn, &state).await?;
+        self.tables[idx].copied = true;
         tracing::Span::current().record("rows", progress.seq as i64);
         tracing::info!(
             table = %source_name,

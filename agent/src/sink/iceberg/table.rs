@@ -325,6 +325,11 @@ impl TableSink {
         })
     }
 
+    /// A mirror's live rows without a value in a key column (0 for a changelog).
+    pub fn rows_without_key(&self) -> u64 {
+        self.mirror.as_ref().map_or(0, |m| m.rows_without_key())
+    }
+
     /// A mirror's key (`None` for a changelog).
     pub fn mirror_key(&self) -> Option<MirrorKey> {
         self.mirror.as_ref().map(|m| m.key(&self.table))

@@ -338,6 +338,9 @@ pub enum CopyReason {
     Requested,
     /// The source table was dropped and created again: another relation under its name.
     Recreated,
+    /// Rows of the mirror have no value in its key (a key column rewritten without WAL): no
+    /// change can reach them.
+    RowsWithoutKey,
 }
 
 /// A table is about to be copied again behind a truncate marker (its state is marked in its
@@ -360,6 +363,10 @@ impl TableCopiedAgain<'_> {
             CopyReason::Recreated => tracing::warn!(
                 table = self.table,
                 "the table was dropped and created again (another relation under its name): copying it again behind a truncate marker; its earlier rows stay in the changelog's history"
+            ),
+            CopyReason::RowsWithoutKey => tracing::warn!(
+                table = self.table,
+                "rows of the mirror have no value in its key (PostgreSQL rewrote a key column without sending the rows): copying the table again behind a truncate marker, once per start of the agent"
             ),
         }
     }

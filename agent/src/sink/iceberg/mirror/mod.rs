@@ -447,6 +447,11 @@ impl MirrorWriter {
         self.open.is_some()
     }
 
+    /// Live rows without a value in a key column (not indexed; see `unkeyed`).
+    pub fn rows_without_key(&self) -> u64 {
+        self.unkeyed
+    }
+
     /// Whether anything waits for a commit.
     pub fn is_dirty(&self) -> bool {
         self.rows > 0 || !self.deletes.is_empty() || self.reset || !self.written.is_empty()
