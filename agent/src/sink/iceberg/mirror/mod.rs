@@ -705,6 +705,8 @@ impl MirrorWriter {
         self.deletes.clear();
         self.staged.clear();
         self.rows = 0;
+        // Rows without a key value go with the rest.
+        self.unkeyed = 0;
         Ok(())
     }
 
