@@ -1016,3 +1016,79 @@ async fn a_key_moved_to_a_new_column_while_stopped_is_followed_at_start() {
     wait_mirrored(&work, "ns.kw", &pg, KW, "w").await;
     assert_eq!(agent.terminate(), Some(0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mirror_alone_follows_a_truncate_and_a_copy_taken_again() {
+    // `mode = "mirror"` builds its batches in the mirror's shape, whose key columns are
+    // required: a TRUNCATE's row (no values at all) stopped the pipeline, retried forever,
+    // and so did the marker of a copy taken again. A keyed table and one without a key.
+    let mut p = prepare(
+        "CREATE TABLE mk (id int PRIMARY KEY, v text);
+         CREATE TABLE mf (a int, b text);
+         ALTER TABLE mf REPLICA IDENTITY FULL;
+         INSERT INTO mk SELECT g, 'seed' FROM generate_series(1, 3000) g;
+         INSERT INTO mf SELECT g % 10, 'x' FROM generate_series(1, 200) g;",
+        &["mk", "mf"],
+        "mode = \"mirror\"\nsnapshot = \"initial\"\nsnapshot_chunk_rows = 500",
+        "",
+    )
+    .await;
+    let port = philotes::demo::postgres::free_port().expect("free port");
+    let addr = p.listen_on(port, "");
+    let Running {
+        pg,
+        db,
+        work,
+        agent,
+        ..
+    } = p.streaming().await;
+    const MK: &str = "SELECT id, v FROM mk";
+    const MF: &str = "SELECT a, b FROM mf";
+    wait_mirrored(&work, "ns.mk", &pg, MK, "id").await;
+    db.batch_execute(
+        "TRUNCATE mk, mf;
+         INSERT INTO mk SELECT g, 'after' FROM generate_series(1, 2000) g;
+         INSERT INTO mf SELECT g % 5, 'y' FROM generate_series(1, 100) g;",
+    )
+    .await
+    .expect("truncate");
+    wait_mirrored(&work, "ns.mk", &pg, MK, "id").await;
+    wait_mirrored_with(&work, "ns.mf", &pg, MF, "a,b", &["--multiset"]).await;
+
+    // Rows changed without WAL, then both tables copied again through the API.
+    db.batch_execute(
+        "SET session_replication_role = replica;
+         DELETE FROM mk WHERE id % 4 = 0;
+         UPDATE mk SET v = 'silent' WHERE id % 4 = 1;
+         DELETE FROM mf WHERE a = 1;
+         RESET session_replication_role;",
+    )
+    .await
+    .expect("unpublished changes");
+    let http = reqwest::Client::new();
+    for t in ["public.mk", "public.mf"] {
+        let r = http
+            .post(format!(
+                "http://{addr}/api/v1/pipelines/p/tables/{t}/snapshot"
+            ))
+            .send()
+            .await
+            .expect("post");
+        assert_eq!(r.status(), reqwest::StatusCode::ACCEPTED, "{t}");
+    }
+    db.batch_execute("UPDATE mk SET v = 'later' WHERE id % 4 = 2; INSERT INTO mf VALUES (9, 'z');")
+        .await
+        .expect("later changes");
+    let v = wait_mirrored(&work, "ns.mk", &pg, MK, "id").await;
+    assert_eq!(
+        (v["rows"].as_i64(), v["duplicate_keys"].as_i64()),
+        (Some(1500), Some(0)),
+        "{v}"
+    );
+    wait_mirrored_with(&work, "ns.mf", &pg, MF, "a,b", &["--multiset"]).await;
+    assert!(
+        !agent.log_text().contains("non-nullable"),
+        "no attempt failed on the truncate's row"
+    );
+    drop(agent);
+}

@@ -6,6 +6,7 @@ use iceberg::spec::{
 };
 
 use crate::model::{Column, ColumnKind};
+use std::sync::Arc;
 
 /// `_cdc_op`: I, U, D, T or R.
 pub const CDC_OP: &str = "_cdc_op";
@@ -208,7 +209,13 @@ pub fn changelog_shape(mirror: &Schema) -> Result<Schema, iceberg::Error> {
         .fields()
         .iter()
         .filter(|f| f.name != CDC_LSN && f.name != CDC_TS)
-        .cloned()
+        // A `T` row has no values, not even in the key columns the mirror requires: it is
+        // never written there (the mirror folds it), but the batch must hold it.
+        .map(|f| {
+            let mut f = f.as_ref().clone();
+            f.required = false;
+            Arc::new(f)
+        })
         .collect();
     let base = next;
     next += 5;
