@@ -623,6 +623,18 @@ async fn a_table_copied_again_on_request_resumes_after_a_kill_and_keeps_its_hist
         1,
         "the kill lands during the second copy"
     );
+    // The copy replaces the mirror's rows where they are: stopped in its middle, the mirror
+    // still holds every row it had (the truncated partition's too) beside the copied ones,
+    // each key once, for both readers; an emptied mirror would hold only the copied chunks.
+    let mid = crate::mirror::verify_mirror(&work, "ns.big", &pg, STATE, "id", &[]);
+    assert_eq!(mid["duplicate_keys"], 0, "{mid}");
+    for n in ["rows", "duckdb_rows"] {
+        let rows = mid[n].as_i64().unwrap_or(0);
+        assert!(
+            rows >= ROWS - ROWS / 10,
+            "{n}: the mirror is not emptied by a copy taken again: {rows} rows"
+        );
+    }
     let agent = AgentProc::start(&cfg, &work.path().join("agent2.log"));
     writer.await.unwrap();
     drop(db);

@@ -50,6 +50,10 @@ pub(super) struct Progress {
     filenode: String,
     /// What is left to copy.
     ranges: Vec<TidRange>,
+    /// A copy taken again of a keyed mirror: the mirror's last sequence number before it,
+    /// whose files the copy's end removes (its rows are replaced meanwhile, not emptied).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    mirror_before: Option<i64>,
 }
 
 impl Progress {
@@ -135,7 +139,7 @@ impl Applier {
         let readers = self.cfg.snapshot_readers;
         let (now_xmax, now_xip) = snapshot_xids(&mut reader, &snapshot).await?;
         let fresh = resumed.is_none();
-        let (progress, visibility) = match resumed {
+        let (mut progress, visibility) = match resumed {
             Some(mut p) => {
                 tracing::info!(table = %source_name, rows_done = p.seq, "initial snapshot: resuming after the last committed chunk");
                 if p.filenode != filenode {
@@ -160,6 +164,7 @@ impl Applier {
                     xip: now_xip,
                     filenode,
                     ranges: plan_ranges(&mut reader, &facts, readers).await?,
+                    mirror_before: None,
                 };
                 (p, None)
             }
@@ -212,6 +217,14 @@ impl Applier {
         drop(tx);
         if again && fresh {
             self.truncate_marker(idx, lsn)?;
+            progress.mirror_before = self.replace_mirror(idx, lsn, None);
+        } else if let Some(before) = progress.mirror_before {
+            if self.replace_mirror(idx, lsn, Some(before)).is_none() {
+                // The mirror lost its key since the copy started: it cannot tell the copy's
+                // rows from the old ones, so it is emptied like an unkeyed mirror.
+                self.truncate_marker(idx, lsn)?;
+                progress.mirror_before = None;
+            }
         }
         let mut copy = Copying {
             done: vec![false; progress.ranges.len()],
@@ -289,6 +302,9 @@ impl Applier {
             .into());
         }
         drop(exporter);
+        if let Some(m) = self.mirror_of(idx) {
+            m.finish_replacing();
+        }
         let oid = oid.map(|o| o.to_string()).unwrap_or_default();
         let mut state = vec![(SNAPSHOT_PROPERTY, "done")];
         if !oid.is_empty() {
@@ -304,6 +320,24 @@ impl Applier {
             "initial snapshot: committed"
         );
         Ok(())
+    }
+
+    /// Table `idx`'s mirror table, if it has one.
+    fn mirror_of(&mut self, idx: usize) -> Option<&mut crate::sink::iceberg::table::TableSink> {
+        let t = &mut self.tables[idx];
+        match t.mirror.as_mut() {
+            Some(m) => Some(m),
+            None => t.sink.is_mirror().then_some(&mut t.sink),
+        }
+    }
+
+    /// Let a copy taken again replace the rows of table `idx`'s mirror rather than empty it
+    /// at its marker (`lsn`): the mirror's sequence number before the copy (`before`, or now),
+    /// `None` when there is no mirror or it has no key.
+    fn replace_mirror(&mut self, idx: usize, lsn: Lsn, before: Option<i64>) -> Option<i64> {
+        let m = self.mirror_of(idx)?;
+        let before = before.unwrap_or_else(|| m.sequence_number());
+        m.replace_from(lsn, before).then_some(before)
     }
 
     /// The `T` row that starts a copy asked for again (`_cdc_seq` 0 at the copy's LSN): the
@@ -465,9 +499,17 @@ mod tests {
             xip: vec![880, 895],
             filenode: "16384".into(),
             ranges: split_blocks(2, 10),
+            mirror_before: Some(7),
         };
         let back: Progress = serde_json::from_str(&serde_json::to_string(&p).unwrap()).unwrap();
         assert_eq!(back.ranges, p.ranges);
+        assert_eq!(back.mirror_before, Some(7));
+        // Progress recorded before the field existed still reads.
+        let old: Progress = serde_json::from_str(
+            r#"{"lsn":42,"seq":1,"xmax":9,"xip":[],"filenode":"1","ranges":[]}"#,
+        )
+        .unwrap();
+        assert_eq!(old.mirror_before, None);
         assert_eq!(
             back.visible_then(1000).as_deref(),
             Some("xmin::text::bigint < 900 AND xmin::text::bigint NOT IN (880,895)")

@@ -103,6 +103,8 @@ pub struct LiveFile {
     pub spec_id: i32,
     /// Data (not deletes).
     pub is_data: bool,
+    /// Its data sequence number (0 when the manifest does not say).
+    pub sequence: i64,
 }
 
 /// The live data and delete files of `table`'s current snapshot. Manifests of the table that
@@ -126,6 +128,7 @@ pub async fn live_files(table: &Table) -> Result<Vec<LiveFile>, iceberg::Error> 
                     file: e.data_file().clone(),
                     spec_id: mf.partition_spec_id,
                     is_data: super::commit::is_data(e.content_type()),
+                    sequence: e.sequence_number().unwrap_or(0),
                 });
             }
         }

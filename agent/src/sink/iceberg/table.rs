@@ -330,6 +330,32 @@ impl TableSink {
         self.mirror.as_ref().map_or(0, |m| m.rows_without_key())
     }
 
+    /// Whether this is a mirror table (not a changelog).
+    pub fn is_mirror(&self) -> bool {
+        self.mirror.is_some()
+    }
+
+    /// The table's last sequence number (every commit takes the next one).
+    pub fn sequence_number(&self) -> i64 {
+        self.table.metadata().last_sequence_number()
+    }
+
+    /// A mirror: a copy taken again, whose truncate marker is at `marker`, replaces the rows
+    /// committed up to sequence number `before` at its end instead of emptying the mirror
+    /// first. `false` when the mirror cannot (no key) or this is a changelog.
+    pub fn replace_from(&mut self, marker: Lsn, before: i64) -> bool {
+        self.mirror
+            .as_mut()
+            .is_some_and(|m| m.replace_from(marker, before))
+    }
+
+    /// A mirror: the next commit ends the copy replacing its rows.
+    pub fn finish_replacing(&mut self) {
+        if let Some(m) = self.mirror.as_mut() {
+            m.finish_replacing();
+        }
+    }
+
     /// A mirror's key (`None` for a changelog).
     pub fn mirror_key(&self) -> Option<MirrorKey> {
         self.mirror.as_ref().map(|m| m.key(&self.table))

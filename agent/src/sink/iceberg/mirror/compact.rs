@@ -224,7 +224,9 @@ impl MirrorWriter {
         let Some(rules) = self.rules else {
             return Ok(None);
         };
-        if self.is_dirty() {
+        // A copy replacing the rows tells old files from its own by sequence number: a
+        // rewrite mixing them would keep old rows past its end.
+        if self.is_dirty() || self.is_replacing() {
             return Ok(None);
         }
         let Some(plan) = self.plan(&rules) else {

@@ -6,7 +6,7 @@
 //! (arrow-row's order-preserving encoding), inline up to 15 bytes, boxed beyond. The location
 //! is one `u64` (file id, position). [`KeyIndex::bytes`] reports what the tables hold.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 /// Bits of a location that hold the row position (the rest hold the file id).
@@ -275,6 +275,29 @@ impl KeyIndex {
         self.refs.iter_mut().for_each(|r| *r = 0);
     }
 
+    /// Forget every key whose row is in one of the files `ids` (they were removed).
+    pub fn drop_files(&mut self, ids: &HashSet<u32>) {
+        if ids.is_empty() {
+            return;
+        }
+        let gone = |v: &u64| ids.contains(&Loc::unpack(*v).file);
+        self.ints.retain(|_, v| !gone(v));
+        let mut freed = 0;
+        self.bytes.retain(|k, v| {
+            let keep = !gone(v);
+            if !keep {
+                freed += k.heap();
+            }
+            keep
+        });
+        self.heap -= freed;
+        for id in ids {
+            if let Some(r) = self.refs.get_mut(*id as usize) {
+                *r = 0;
+            }
+        }
+    }
+
     /// Files the index names.
     pub fn files(&self) -> usize {
         self.ids.len()
@@ -345,6 +368,30 @@ mod tests {
         assert_eq!(ix.known_file("s3://b/t/data/d.parquet"), None);
         assert_ne!(d, a);
         // The O(1) byte count agrees with a recount after all of this.
+        let recount: usize = ix.bytes.keys().map(KeyBytes::heap).sum::<usize>()
+            + ix.ids.keys().map(|p| path_heap(p)).sum::<usize>();
+        assert_eq!(ix.heap, recount);
+    }
+
+    #[test]
+    fn dropping_files_forgets_their_keys_only() {
+        let mut ix = KeyIndex::new();
+        let old = ix.file_id("s3://b/t/data/old.parquet").unwrap();
+        let new = ix.file_id("s3://b/t/data/new.parquet").unwrap();
+        let at = |file, pos| Loc { file, pos };
+        let s = |b: &[u8]| Key::Bytes(KeyBytes::new(b));
+        ix.insert(Key::Int(1), at(old, 0)).unwrap();
+        ix.insert(Key::Int(2), at(new, 0)).unwrap();
+        ix.insert(s(&[7u8; 30]), at(old, 1)).unwrap();
+        ix.insert(s(b"kept"), at(new, 1)).unwrap();
+        ix.drop_files(&HashSet::from([old]));
+        assert_eq!(ix.get(&Key::Int(1)), None);
+        assert_eq!(ix.get(&s(&[7u8; 30])), None);
+        assert_eq!(ix.get(&Key::Int(2)), Some(at(new, 0)));
+        assert_eq!(ix.get(&s(b"kept")), Some(at(new, 1)));
+        assert_eq!((ix.len(), ix.rows_in(old), ix.rows_in(new)), (2, 0, 2));
+        ix.free();
+        assert_eq!(ix.known_file("s3://b/t/data/old.parquet"), None);
         let recount: usize = ix.bytes.keys().map(KeyBytes::heap).sum::<usize>()
             + ix.ids.keys().map(|p| path_heap(p)).sum::<usize>();
         assert_eq!(ix.heap, recount);

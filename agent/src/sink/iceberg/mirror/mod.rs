@@ -177,6 +177,24 @@ pub struct MirrorWriter {
     /// them): no change can name them, and compaction, which keeps only indexed rows, is off
     /// for the table so that they are not lost.
     unkeyed: u64,
+    /// A copy of the table taken again is replacing the rows it had: see [`Replacing`].
+    replacing: Option<Replacing>,
+    /// The files the staged change removes at the end of a replacing copy.
+    replaced: Option<HashSet<String>>,
+}
+
+/// A copy taken again of a keyed mirror upserts its rows over the ones the mirror had, so
+/// that readers never see it emptier than before; at its end the files written before it
+/// (data sequence number up to `before`) go, and with them every row the copy did not
+/// replace (keys gone from the source, rows that lost their key value).
+#[derive(Debug, Clone, Copy)]
+struct Replacing {
+    /// `_cdc_lsn` of the copy's truncate marker, which the mirror does not apply.
+    marker: Lsn,
+    /// The mirror table's last sequence number before the copy's first commit.
+    before: i64,
+    /// The next commit ends the copy.
+    finishing: bool,
 }
 
 /// Bytes a key staged for the next commit takes (map entry and control byte, at ~2/3 load).
@@ -265,6 +283,8 @@ impl MirrorWriter {
             stale: None,
             rekeyed: false,
             unkeyed: 0,
+            replacing: None,
+            replaced: None,
         }
     }
 
@@ -454,7 +474,39 @@ impl MirrorWriter {
 
     /// Whether anything waits for a commit.
     pub fn is_dirty(&self) -> bool {
-        self.rows > 0 || !self.deletes.is_empty() || self.reset || !self.written.is_empty()
+        self.rows > 0
+            || !self.deletes.is_empty()
+            || self.reset
+            || !self.written.is_empty()
+            || self.replacing.is_some_and(|r| r.finishing)
+    }
+
+    /// A copy taken again (its truncate marker at `marker`) replaces the rows of the files
+    /// committed up to sequence number `before` instead of emptying the mirror first. Only a
+    /// keyed mirror can: `false` for one without a key (whose copies of equal rows are
+    /// counted), which the marker empties as before.
+    pub fn replace_from(&mut self, marker: Lsn, before: i64) -> bool {
+        if self.keys.is_none() || self.whole_row {
+            return false;
+        }
+        self.replacing = Some(Replacing {
+            marker,
+            before,
+            finishing: false,
+        });
+        true
+    }
+
+    /// The next commit ends the copy that is replacing the mirror's rows (if one is).
+    pub fn finish_replacing(&mut self) {
+        if let Some(r) = self.replacing.as_mut() {
+            r.finishing = true;
+        }
+    }
+
+    /// Whether a copy taken again is replacing the mirror's rows.
+    pub fn is_replacing(&self) -> bool {
+        self.replacing.is_some()
     }
 
     /// The key of the last copy of whole row `k` (staged or committed), if any.
@@ -535,6 +587,13 @@ impl MirrorWriter {
             }
             let key = keys.as_ref().map(|k| &k[row]);
             match op {
+                "T" if self
+                    .replacing
+                    .is_some_and(|r| r.marker.get() == lsns.value(row) as u64) =>
+                {
+                    // A copy taken again: its rows replace the mirror's, which stay
+                    // readable until the copy ends.
+                }
                 "T" => {
                     // Everything before it goes: the base's files at the commit, this
                     // flush's files now.
@@ -744,16 +803,51 @@ impl MirrorWriter {
         let targets: Vec<Arc<str>> = deletes.iter().map(|(p, _)| p.clone()).collect();
         let mut added = self.written.clone();
         self.delete_staged = None;
-        if let Some(d) = files::write_deletes(table, deletes).await? {
-            added.push(d.clone());
-            self.delete_staged = Some((d, targets));
+        self.replaced = match self.replacing {
+            Some(r) if r.finishing && !self.reset => Some(self.written_before(table, r).await?),
+            _ => None,
+        };
+        // Deletes of rows whose files this commit removes would name nothing.
+        if !targets
+            .iter()
+            .all(|t| self.replaced.as_ref().is_some_and(|g| g.contains(&**t)))
+        {
+            if let Some(d) = files::write_deletes(table, deletes).await? {
+                added.push(d.clone());
+                self.delete_staged = Some((d, targets));
+            }
         }
         let removed = if self.reset {
             live_paths(table).await?
         } else {
-            HashSet::new()
+            self.replaced.clone().unwrap_or_default()
         };
         Ok((added, removed))
+    }
+
+    /// What the end of a replacing copy removes: the files committed before it, and the
+    /// delete files that only name those.
+    async fn written_before(
+        &self,
+        table: &Table,
+        r: Replacing,
+    ) -> Result<HashSet<String>, SinkError> {
+        let live = super::manifests::live_files(table).await.map_err(werr)?;
+        let mut gone: HashSet<String> = live
+            .iter()
+            .filter(|f| f.sequence <= r.before)
+            .map(|f| f.file.file_path().to_string())
+            .collect();
+        for f in live.iter().filter(|f| !f.is_data && f.sequence > r.before) {
+            let path = f.file.file_path();
+            let only_old = self.delete_files.get(path).is_some_and(|d| {
+                !d.targets.is_empty() && d.targets.iter().all(|t| gone.contains(&**t))
+            });
+            if only_old {
+                gone.insert(path.to_string());
+            }
+        }
+        Ok(gone)
     }
 
     /// The data files the staged delete file names (they must still be live at the commit).
@@ -770,6 +864,7 @@ impl MirrorWriter {
             self.index.clear_keys();
             self.data_files.clear();
             self.delete_files.clear();
+            self.replacing = None;
         }
         for f in &self.written {
             self.data_files.insert(
@@ -797,6 +892,18 @@ impl MirrorWriter {
                 let _ = self.index.insert(k, Loc::unpack(v));
             }
         }
+        if let Some(gone) = self.replaced.take() {
+            let ids: HashSet<u32> = gone
+                .iter()
+                .filter_map(|p| self.index.known_file(p))
+                .collect();
+            self.index.drop_files(&ids);
+            self.data_files.retain(|p, _| !gone.contains(&**p));
+            self.delete_files.retain(|p, _| !gone.contains(&**p));
+            // Rows without a key value were in those files.
+            self.unkeyed = 0;
+            self.replacing = None;
+        }
         self.index.free();
         self.deletes.clear();
         self.written.clear();
@@ -815,6 +922,10 @@ impl MirrorWriter {
         }
         self.open = None;
         self.delete_staged = None;
+        self.replaced = None;
+        if let Some(r) = self.replacing.as_mut() {
+            r.finishing = false;
+        }
         self.staged.clear();
         self.deletes.clear();
         self.written.clear();
