@@ -232,6 +232,9 @@ pub struct Pipeline {
     copies: Arc<requests::CopyRequests>,
     /// Tables copied again for mirror rows without a key value (once per process).
     healed: std::collections::HashSet<String>,
+    /// Mirrors whose key column changed type, reopened once by this process without counting
+    /// a failure (a second time is one: it would otherwise retry without a pause).
+    retyped: std::collections::HashSet<String>,
     /// Requests taken from `copies` whose copy has not completed yet.
     pending_copies: std::collections::BTreeMap<String, requests::CopyReason>,
     /// `[ha]`.
@@ -280,6 +283,7 @@ impl Pipeline {
                 copies,
                 pending_copies: Default::default(),
                 healed: Default::default(),
+                retyped: Default::default(),
                 ha,
                 never_lost: watch::channel(false).0,
             },
@@ -373,6 +377,15 @@ impl Pipeline {
                 Err(PipelineError::RowsWithoutKey(table)) => {
                     self.last_failed = false;
                     self.healed.insert(table);
+                }
+                // Not a failure the first time: the next attempt opens the mirror by its new
+                // key, finds the rows written before without a value in it, and copies the
+                // table again.
+                Err(PipelineError::Sink(SinkError::KeyRetyped { table, message }))
+                    if self.retyped.insert(table.clone()) =>
+                {
+                    self.last_failed = false;
+                    tracing::info!(pipeline = %self.cfg.name, table, reason = %message, "a mirror key column changed type: opening the mirror again by its new key, then copying its older rows");
                 }
                 // Not a failure either: nothing of the binary attempt past its last commit is
                 // confirmed, so the text stream replays it.

@@ -957,6 +957,17 @@ async fn rows_without_a_key_value_are_called_out_and_copied_again() {
         1,
         "copied once"
     );
+    // The agent handles it by itself: no attempt fails (it used to fail one, counted as an
+    // error, before the copy).
+    let log = agent.log_text();
+    assert!(
+        !log.contains("pipeline failed") && !log.contains("still failing"),
+        "no failed attempt"
+    );
+    assert!(
+        log.contains("a mirror key column changed type"),
+        "the reopening is logged"
+    );
     drop(agent);
 }
 

@@ -37,6 +37,15 @@ pub enum SinkError {
     /// Bad catalog or storage settings.
     #[error("iceberg config: {0}")]
     Config(String),
+    /// A mirror's key column changed to a type Iceberg cannot promote: the writer cannot
+    /// match the rows written before by the new key and must be opened again.
+    #[error("iceberg mirror {table}: {message}")]
+    KeyRetyped {
+        /// The mirror table.
+        table: String,
+        /// What changed and what to do.
+        message: String,
+    },
     /// Another agent committed to `table` since this one last looked: the commit is refused
     /// so that a deposed leader never adds what the new leader commits too.
     #[error("iceberg commit fenced on {table}: {reason}")]
@@ -56,7 +65,7 @@ impl SinkError {
             SinkError::Write(_) => ErrorType::IcebergWrite,
             SinkError::Commit(_) => ErrorType::IcebergCommit,
             SinkError::Conflict(_) => ErrorType::CommitConflict,
-            SinkError::Config(_) => ErrorType::Config,
+            SinkError::Config(_) | SinkError::KeyRetyped { .. } => ErrorType::Config,
             SinkError::Fenced { .. } => ErrorType::Fenced,
         }
     }

@@ -301,14 +301,16 @@ impl MirrorWriter {
             .iter()
             .find(|id| !current.identifier_field_ids().any(|i| i == **id))
         {
-            return Err(SinkError::Config(format!(
-                "key column {} of mirror table {} changed to a type Iceberg cannot promote: \
-                 the mirror cannot match its earlier rows by the new key; copy the table again \
-                 (POST /api/v1/pipelines/{{name}}/tables/{{table}}/snapshot), or use \
-                 mode = \"changelog\"",
-                current.name_by_field_id(*id).unwrap_or("?"),
-                self.name
-            )));
+            return Err(SinkError::KeyRetyped {
+                table: self.name.clone(),
+                message: format!(
+                    "key column {} changed to a type Iceberg cannot promote: the mirror cannot \
+                     match its earlier rows by the new key; copy the table again \
+                     (POST /api/v1/pipelines/{{name}}/tables/{{table}}/snapshot), or use \
+                     mode = \"changelog\"",
+                    current.name_by_field_id(*id).unwrap_or("?"),
+                ),
+            });
         }
         let names: Vec<String> = if self.whole_row {
             row_key_columns(table)
