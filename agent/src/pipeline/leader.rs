@@ -62,6 +62,9 @@ impl Contender<'_> {
     ) -> Result<Option<Lease>, PipelineError> {
         let mut lock = LeaderLock::connect(self.url, self.slot).await?;
         let mut standing_by = false;
+        // The leader last deposed: its session may outlive the termination for a moment
+        // (the server ends it asynchronously), and one leader is deposed once.
+        let mut deposed: Option<i32> = None;
         loop {
             if *shutdown.borrow() {
                 return Ok(None);
@@ -78,14 +81,18 @@ impl Contender<'_> {
                 standing_by = true;
             }
             if let Some(h) = holder.filter(|h| h.silent >= self.ha.takeover_timeout) {
-                LeaderDeposed {
-                    pipeline: self.name,
-                    pid: h.pid,
-                    session: LeaderSession::Lock,
-                    silent: Some(h.silent),
+                if deposed != Some(h.pid) {
+                    LeaderDeposed {
+                        pipeline: self.name,
+                        pid: h.pid,
+                        session: LeaderSession::Lock,
+                        silent: Some(h.silent),
+                    }
+                    .emit(self.metrics);
+                    deposed = Some(h.pid);
                 }
-                .emit(self.metrics);
                 lock.terminate(h.pid).await?;
+                tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
             super::retry::pause(self.ha.poll_interval(), shutdown).await;
