@@ -16,6 +16,7 @@ use super::status::{self, SharedStatus};
 use super::{Control, PipelineError};
 
 mod again;
+mod partitions;
 mod snapshot;
 mod streamed;
 use crate::config::PipelineConfig;

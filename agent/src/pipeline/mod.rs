@@ -25,7 +25,8 @@ use crate::sink::iceberg::SinkError;
 use crate::source::postgres::conn::SourceUrl;
 use crate::source::postgres::session::{Session, SourceError};
 use crate::telemetry::events::{
-    CommitFenced, ErrorType, LeadershipLost, PipelineRetrying, StateChanged, TableLeftPublication,
+    CommitFenced, ErrorType, LeadershipLost, PartitionsMoved, PipelineRetrying, StateChanged,
+    TableLeftPublication,
 };
 pub use crate::telemetry::status::{self, PipelineStatus, SharedStatus};
 use crate::telemetry::{Metrics, PipelineState, SourceMetrics};
@@ -235,6 +236,8 @@ pub struct Pipeline {
     /// Mirrors whose key column changed type, reopened once by this process without counting
     /// a failure (a second time is one: it would otherwise retry without a pause).
     retyped: std::collections::HashSet<String>,
+    /// The first attempt compared the partitions with the last run's record.
+    partitions_checked: bool,
     /// Requests taken from `copies` whose copy has not completed yet.
     pending_copies: std::collections::BTreeMap<String, requests::CopyReason>,
     /// `[ha]`.
@@ -284,6 +287,7 @@ impl Pipeline {
                 pending_copies: Default::default(),
                 healed: Default::default(),
                 retyped: Default::default(),
+                partitions_checked: false,
                 ha,
                 never_lost: watch::channel(false).0,
             },
@@ -582,6 +586,46 @@ impl Pipeline {
             self.pending_copies.remove(&source);
             self.pending_copies.remove(&now);
         }
+        // Partitions moved while the agent was stopped (the monitor reports those moved while
+        // it runs): compared at the first attempt of this run, recorded at every attempt.
+        for (schema, table) in &tables {
+            let Some(leaves) = session.leaf_partitions(schema, table).await? else {
+                continue;
+            };
+            let now = format!("{schema}.{table}");
+            let source = aliases.get(&now).cloned().unwrap_or_else(|| now.clone());
+            let report = !self.partitions_checked;
+            let Some(change) = applier.partitions_since(&source, &leaves, report).await? else {
+                continue;
+            };
+            let mut attached = Vec::new();
+            for (oid, p) in &change.joined {
+                if session
+                    .has_rows_older_than_attach(*oid, p, schema, table)
+                    .await?
+                {
+                    attached.push(p.clone());
+                }
+            }
+            let mut left = Vec::new();
+            for oid in &change.left {
+                let name = session
+                    .scalar(&format!(
+                        "SELECT c.oid::regclass::text FROM pg_catalog.pg_class c WHERE c.oid = {oid}"
+                    ))
+                    .await?;
+                left.push(name.unwrap_or_else(|| format!("OID {oid} (dropped)")));
+            }
+            if !attached.is_empty() || !left.is_empty() {
+                PartitionsMoved {
+                    table: &now,
+                    attached: &attached,
+                    left: &left,
+                }
+                .emit(&self.metrics);
+            }
+        }
+        self.partitions_checked = true;
         for table in std::mem::take(&mut self.pending_copies).keys() {
             tracing::warn!(pipeline = %self.cfg.name, table, "a copy was asked for a table this pipeline does not stream (any more): ignored");
         }

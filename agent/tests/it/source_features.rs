@@ -1260,15 +1260,20 @@ async fn a_dropped_and_recreated_table_is_copied_again_and_a_dropped_one_reporte
 /// the source.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partitions_attached_with_rows_or_detached_are_reported_and_a_copy_repairs_them() {
-    let (pg, db, work, agent) = running(
+    let Running {
+        pg,
+        db,
+        work,
+        cfg,
+        agent,
+    } = running(
         "CREATE TABLE pp (id int PRIMARY KEY, v text) PARTITION BY RANGE (id);
          CREATE TABLE pp1 PARTITION OF pp FOR VALUES FROM (1) TO (101);
          INSERT INTO pp SELECT g, 'a' FROM generate_series(1, 100) g;",
         &["pp"],
         "mode = \"both\"\nsnapshot = \"initial\"",
     )
-    .await
-    .parts();
+    .await;
     const PP: &str = "SELECT id, v FROM pp";
     crate::mirror::wait_mirrored_with(&work, "ns.pp", &pg, PP, "id", &[]).await;
     let log = work.path().join("agent.log");
@@ -1332,5 +1337,45 @@ async fn partitions_attached_with_rows_or_detached_are_reported_and_a_copy_repai
     crate::mirror::wait_mirrored_with(&work, "ns.pp", &pg, PP, "id", &[]).await;
     let c = wait_source_equal(&work, "ns.pp_changelog", &pg, PP, &["--duckdb"], 60).await;
     assert_eq!(c["ops"]["T"], 1, "{}", c["ops"]);
+    assert_eq!(agent.terminate(), Some(0));
+
+    // Moved while the agent is stopped: the next start compares the partitions with those
+    // its last attempt recorded, and reports them the same way.
+    execute_each(
+        &db,
+        &[
+            "CREATE TABLE pp4 (id int NOT NULL, v text)",
+            "INSERT INTO pp4 SELECT g, 'd' FROM generate_series(301, 320) g",
+            "ALTER TABLE pp ATTACH PARTITION pp4 FOR VALUES FROM (301) TO (401)",
+            "ALTER TABLE pp DETACH PARTITION pp2",
+        ],
+    )
+    .await;
+    let log2 = work.path().join("agent2.log");
+    let agent = AgentProc::start(&cfg, &log2);
+    agent.wait_streaming().await;
+    wait_log_line(&log2, "the attach while stopped reported", |l| {
+        l.contains("a partition with rows was attached") && l.contains("pp4")
+    })
+    .await;
+    wait_log_line(&log2, "the detach while stopped reported", |l| {
+        l.contains("a partition was detached or dropped") && l.contains("pp2")
+    })
+    .await;
+    let metrics = scrape(&agent.api_addr().expect("API address")).await;
+    assert_eq!(
+        sample_sum(
+            &metrics,
+            "philotes_cdc_schema_changes_total",
+            "kind=\"partition\""
+        ),
+        2.0,
+        "{metrics}"
+    );
+    let text = agent.log_text();
+    assert!(
+        !text.contains("pp3"),
+        "a partition the last run already saw is not reported again"
+    );
     assert_eq!(agent.terminate(), Some(0));
 }

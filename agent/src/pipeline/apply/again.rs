@@ -3,8 +3,10 @@
 //!
 //! The request is first recorded in the table's state (`philotes.snapshot = requested`, the
 //! copy's progress removed) so that a crash does not forget it; the copy then starts with a
-//! truncate marker (`T`, at the copy's point, before its `R` rows): the mirror empties and
-//! fills again, and the changelog keeps its history, folded from the latest `T` on.
+//! truncate marker (`T`, at the copy's point, before its `R` rows): the changelog keeps its
+//! history, folded from the latest `T` on; a keyed mirror keeps its rows while the copy
+//! replaces them (see `Replacing` in the mirror writer), one without a key empties and fills
+//! again.
 
 use std::collections::HashMap;
 
@@ -22,7 +24,7 @@ use crate::telemetry::events::{CopyReason, TableCopiedAgain};
 impl Applier {
     /// The Iceberg table holding `source`'s copy state: its changelog (its mirror in
     /// `mode = "mirror"`).
-    fn state_table(&self, source: &str) -> iceberg::TableIdent {
+    pub(super) fn state_table(&self, source: &str) -> iceberg::TableIdent {
         let (schema, name) = source.split_once('.').unwrap_or(("public", source));
         let table = iceberg_table_name(schema, name);
         let mode = self.cfg.mode_for(source);
@@ -36,7 +38,7 @@ impl Applier {
 
     /// The properties of `source`'s state table, if it exists and holds `source` (another
     /// source table mapping to the same name is refused when the table is opened).
-    async fn state_of(
+    pub(super) async fn state_of(
         &self,
         source: &str,
     ) -> Result<Option<HashMap<String, String>>, PipelineError> {
