@@ -374,37 +374,34 @@ impl Session {
         schema: &str,
         table: &str,
     ) -> Result<Option<Vec<(u32, String)>>, SourceError> {
-        let root = format!(
-            "(SELECT c.oid FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n \
-             ON n.oid = c.relnamespace WHERE n.nspname = {} AND c.relname = {} AND c.relkind = 'p')",
+        // One query: a row without an OID says the root is a partitioned table (which may
+        // have no partition at all), then one row per leaf.
+        let sql = format!(
+            "WITH RECURSIVE root AS (SELECT c.oid FROM pg_catalog.pg_class c \
+             JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+             WHERE n.nspname = {} AND c.relname = {} AND c.relkind = 'p'), \
+             tree(relid) AS (SELECT oid FROM root \
+             UNION ALL SELECT i.inhrelid FROM pg_catalog.pg_inherits i JOIN tree ON i.inhparent = tree.relid) \
+             SELECT NULL::text, NULL::text FROM root \
+             UNION ALL SELECT c.oid::text, pg_catalog.quote_ident(n.nspname) || '.' || pg_catalog.quote_ident(c.relname) \
+             FROM tree JOIN pg_catalog.pg_class c ON c.oid = tree.relid \
+             JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace WHERE c.relkind = 'r'",
             quote_literal(schema),
             quote_literal(table)
         );
-        if self
-            .scalar(&format!("SELECT count(*)::text FROM {root} r"))
-            .await?
-            .as_deref()
-            != Some("1")
-        {
+        let rows = self.query(&sql).await?;
+        if rows.is_empty() {
             return Ok(None);
         }
-        let sql = format!(
-            "WITH RECURSIVE tree(relid) AS (SELECT oid FROM {root} r \
-             UNION ALL SELECT i.inhrelid FROM pg_catalog.pg_inherits i JOIN tree ON i.inhparent = tree.relid) \
-             SELECT c.oid::text, pg_catalog.quote_ident(n.nspname) || '.' || pg_catalog.quote_ident(c.relname) \
-             FROM tree JOIN pg_catalog.pg_class c ON c.oid = tree.relid \
-             JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace WHERE c.relkind = 'r' ORDER BY 1"
-        );
-        Ok(Some(
-            self.query(&sql)
-                .await?
-                .into_iter()
-                .filter_map(|r| {
-                    let oid = r.first().cloned().flatten()?.parse().ok()?;
-                    Some((oid, r.get(1).cloned().flatten()?))
-                })
-                .collect(),
-        ))
+        let mut leaves: Vec<(u32, String)> = rows
+            .into_iter()
+            .filter_map(|r| {
+                let oid = r.first().cloned().flatten()?.parse().ok()?;
+                Some((oid, r.get(1).cloned().flatten()?))
+            })
+            .collect();
+        leaves.sort_unstable();
+        Ok(Some(leaves))
     }
 
     /// Whether leaf partition `leaf` (`quoted`: its `schema.table`, quoted) of `schema.table`

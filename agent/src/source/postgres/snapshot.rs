@@ -205,18 +205,22 @@ pub async fn table_facts(
     // Tables can join through the publication with any name: quote everything.
     let rel = format!("{}.{}", quote_ident(schema), quote_ident(name));
     let rel_oid = format!("{}::regclass", quote_literal(&rel));
-    let estimate: u64 = reader
-        .scalar(&format!(
-            "SELECT GREATEST(reltuples, 0)::bigint::text FROM pg_catalog.pg_class WHERE oid = {rel_oid}"
+    // A partitioned table's own estimate is unused (its partitions' are summed below).
+    let row = reader
+        .query(&format!(
+            "SELECT relkind::text, GREATEST(reltuples, 0)::bigint::text FROM pg_catalog.pg_class WHERE oid = {rel_oid}"
         ))
         .await?
+        .into_iter()
+        .next()
+        .unwrap_or_default();
+    let kind = row.first().cloned().flatten();
+    let estimate: u64 = row
+        .get(1)
+        .cloned()
+        .flatten()
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
-    let kind = reader
-        .scalar(&format!(
-            "SELECT relkind::text FROM pg_catalog.pg_class WHERE oid = {rel_oid}"
-        ))
-        .await?;
     if kind.as_deref() == Some("p") {
         let rows = reader
             .query(&LEAF_PARTITIONS.replace("{oid}", &rel_oid))
