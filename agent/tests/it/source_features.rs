@@ -1337,6 +1337,12 @@ async fn partitions_attached_with_rows_or_detached_are_reported_and_a_copy_repai
     crate::mirror::wait_mirrored_with(&work, "ns.pp", &pg, PP, "id", &[]).await;
     let c = wait_source_equal(&work, "ns.pp_changelog", &pg, PP, &["--duckdb"], 60).await;
     assert_eq!(c["ops"]["T"], 1, "{}", c["ops"]);
+    // Recording the partitions (a property-only commit) after a copy is not taken for
+    // another writer's commit by the next data commit.
+    assert!(
+        !agent.log_text().contains("another writer committed first"),
+        "no commit conflict"
+    );
     assert_eq!(agent.terminate(), Some(0));
 
     // Moved while the agent is stopped: the next start compares the partitions with those
