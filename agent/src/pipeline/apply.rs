@@ -73,6 +73,9 @@ struct TableState {
     full_identity: Option<Vec<usize>>,
     /// Copied in this attempt (its rows are as of the copy's point).
     copied: bool,
+    /// A Relation message of it was streamed in this attempt: a later one was sent after a
+    /// change of the table (the first may be from before one the catalog already shows).
+    relation_streamed: bool,
 }
 
 /// The transaction being received.
@@ -292,6 +295,33 @@ impl Applier {
             self.catalog = None;
             e.into()
         })
+    }
+
+    /// Whether a column of table `i` was dropped and added again under its name: the
+    /// Relation message looks the same (the column is in its old place when it was the
+    /// last), only the catalog's numbers tell. Relation messages are rare (a connection's
+    /// start, a DDL), so the catalog is asked only for tables whose numbers were recorded.
+    async fn added_again(
+        &mut self,
+        i: usize,
+        schema: &str,
+        name: &str,
+        oid: Option<u32>,
+    ) -> Result<bool, PipelineError> {
+        let Some(v) = self.tables[i].sink.property(SOURCE_COLUMNS_PROPERTY) else {
+            return Ok(false);
+        };
+        let recorded = parse_source_columns(&v)?;
+        let catalog = catalog_as_fields(self.catalog_columns(schema, name, oid).await?);
+        let number: HashMap<&str, i32> = catalog
+            .iter()
+            .map(|c| (c.name.as_str(), c.attnum))
+            .collect();
+        let t = &self.tables[i];
+        let sink_schema = t.sink.schema();
+        Ok(t.columns
+            .iter()
+            .any(|c| added_again(sink_schema, &recorded, &number, &t.columns, &c.name)))
     }
 
     /// Whether relation `oid` is a partition published under an ancestor's name.
@@ -1212,7 +1242,15 @@ impl Applier {
         {
             // A keyless table turned FULL has the same columns and flags, another identity.
             let was = std::mem::replace(&mut self.tables[i].full_identity, full_identity.clone());
-            if self.tables[i].columns == columns && was == full_identity {
+            // A column dropped and added again in its old place looks the same: only the
+            // catalog's numbers tell, and only for a message sent after a change (the first
+            // of an attempt may be older than the catalog).
+            let after_a_change = oid.is_some() && self.tables[i].relation_streamed;
+            self.tables[i].relation_streamed |= oid.is_some();
+            if self.tables[i].columns == columns
+                && was == full_identity
+                && !(after_a_change && self.added_again(i, schema, name, oid).await?)
+            {
                 return Ok(i);
             }
             // The table changed shape: write what was buffered with the old layout first,
@@ -1370,6 +1408,7 @@ impl Applier {
             counted: [0; 4],
             full_identity,
             copied: false,
+            relation_streamed: oid.is_some(),
         });
         let i = self.tables.len() - 1;
         status::update(&self.status, |s| {
@@ -1893,8 +1932,20 @@ async fn evolve(
     let in_relation: std::collections::HashSet<&str> =
         columns.iter().map(|c| c.name.as_str()).collect();
     let mut changes = Vec::new();
+    // Columns dropped and added again under their old name: a new column to PostgreSQL
+    // (another number; its old values are gone), which must not inherit the old field's.
+    let mut readded = Vec::new();
     for c in columns {
         let want = wanted_kind(c, catalog);
+        if added_again(&schema, &recorded, &number, columns, &c.name) {
+            changes.push(ColumnChange::Replace {
+                name: c.name.clone(),
+                keep_as: format!("{}__before_{}", c.name, lsn.get()),
+                kind: want,
+            });
+            readded.push(c.name.clone());
+            continue;
+        }
         let field = match schema.field_by_name(&c.name) {
             Some(f) => Some(f.clone()),
             None => number
@@ -1966,7 +2017,7 @@ async fn evolve(
             .join("; ");
         change_record(sink, lsn, &detail)
     };
-    let stale = gives_old_rows_values(&changes, catalog);
+    let stale = gives_old_rows_values(&changes, catalog, &readded);
     // The catalog is read now, the relation is of its point in the stream: a column renamed
     // or dropped later (in the same transaction, say) keeps the number its field had.
     let numbers: HashMap<String, i32> = columns
@@ -2023,6 +2074,25 @@ fn wanted_key(
     }
 }
 
+/// Whether column `name` of `columns` was dropped and added again since its field was
+/// recorded: its field's source number (`recorded`, by field id) is not its number now
+/// (`number`, by name) and no column has that number any more (a rename would carry it on).
+fn added_again(
+    schema: &iceberg::spec::Schema,
+    recorded: &HashMap<i32, i32>,
+    number: &HashMap<&str, i32>,
+    columns: &[RelationColumn],
+    name: &str,
+) -> bool {
+    let Some(was) = schema.field_by_name(name).and_then(|f| recorded.get(&f.id)) else {
+        return false;
+    };
+    number.get(name).is_some_and(|now| now != was)
+        && !columns
+            .iter()
+            .any(|o| number.get(o.name.as_str()) == Some(was))
+}
+
 /// What [`evolve`] did.
 struct Evolved {
     changes: Vec<ColumnChange>,
@@ -2033,9 +2103,16 @@ struct Evolved {
 /// Whether `changes` give the rows that existed before them values the stream never sends: a
 /// column added with a default (PostgreSQL fills it in without writing the rows), or a type
 /// Iceberg cannot promote (the rows were rewritten with new values, unpublished).
-fn gives_old_rows_values(changes: &[ColumnChange], catalog: &[CatalogColumn]) -> bool {
+fn gives_old_rows_values(
+    changes: &[ColumnChange],
+    catalog: &[CatalogColumn],
+    readded: &[String],
+) -> bool {
+    let defaulted = |name: &String| catalog.iter().any(|k| &k.name == name && k.has_default);
     changes.iter().any(|c| match c {
-        ColumnChange::Add { name, .. } => catalog.iter().any(|k| &k.name == name && k.has_default),
+        ColumnChange::Add { name, .. } => defaulted(name),
+        // A column added again is new: like an added one, it only has values with a default.
+        ColumnChange::Replace { name, .. } if readded.contains(name) => defaulted(name),
         ColumnChange::Replace { .. } => true,
         _ => false,
     })

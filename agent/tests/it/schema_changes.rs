@@ -410,3 +410,60 @@ async fn a_rename_in_the_transaction_of_another_change_keeps_the_field() {
     }
     never_left_streaming(&agent).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_column_dropped_and_added_again_is_a_new_column() {
+    // A migration that drops a column and adds one of the same name (a common way to change a
+    // column): in PostgreSQL every row's new column is null (or its default); in Iceberg the
+    // old field kept its values under the old name, silently stale. The new column is now a
+    // new field (the old one kept as `c__before_<lsn>`), without a WARN when it has no default.
+    let (pg, db, work, agent) = running(
+        "CREATE TABLE da (id int PRIMARY KEY, c int, v text);
+         INSERT INTO da SELECT g, g * 10, 'a' FROM generate_series(1, 20) g;",
+        &["da"],
+        "mode = \"both\"\nsnapshot = \"initial\"",
+    )
+    .await
+    .parts();
+    const DA: &str = "SELECT id, c, v FROM da";
+    wait_mirror(&work, "ns.da", &pg, DA).await;
+    execute_each(
+        &db,
+        &[
+            "UPDATE da SET v = 'b' WHERE id = 1",
+            "ALTER TABLE da DROP COLUMN c",
+            "ALTER TABLE da ADD COLUMN c int",
+            "INSERT INTO da VALUES (21, 'n', 5)",
+            "UPDATE da SET v = 'c' WHERE id = 2",
+        ],
+    )
+    .await;
+    let v = wait_mirror(&work, "ns.da", &pg, DA).await;
+    assert_eq!(v["rows"], 21, "{v}");
+    wait_changelog(&work, "ns.da_changelog", &pg, DA).await;
+    let stale = agent
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("values no change carries"))
+        .count();
+    assert_eq!(
+        stale, 0,
+        "a column added again without a default is null on both sides"
+    );
+    // With a default, PostgreSQL fills it in without publishing: called out like an ADD.
+    execute_each(
+        &db,
+        &[
+            "ALTER TABLE da DROP COLUMN c",
+            "ALTER TABLE da ADD COLUMN c int DEFAULT 7",
+            "INSERT INTO da VALUES (22, 'm', 8)",
+        ],
+    )
+    .await;
+    wait_rows(&work, "ns.da_changelog", 24, 60).await;
+    wait_log_line(&agent.log, "the default called out", |l| {
+        l.contains("values no change carries")
+    })
+    .await;
+    never_left_streaming(&agent).await;
+}
