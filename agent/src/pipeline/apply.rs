@@ -1268,12 +1268,19 @@ impl Applier {
                 (!hold_key).then(|| wanted_key(&columns, full_identity.as_deref(), now))
             };
             let k = key(t.sink.mirror_key());
-            let Evolved { mut changes, stale } =
-                evolve(&mut t.sink, &columns, &catalog, lsn, k.as_ref()).await?;
+            let Evolved { mut changes, stale } = evolve(
+                &mut t.sink,
+                &columns,
+                &catalog,
+                lsn,
+                k.as_ref(),
+                after_a_change,
+            )
+            .await?;
             if let Some(m) = t.mirror.as_mut() {
                 m.finish_files().await?;
                 let k = key(m.mirror_key());
-                let e = evolve(m, &columns, &catalog, lsn, k.as_ref()).await?;
+                let e = evolve(m, &columns, &catalog, lsn, k.as_ref(), after_a_change).await?;
                 // The changelog has the column changes too; only the mirror has a key.
                 changes.extend(
                     e.changes
@@ -1339,7 +1346,7 @@ impl Applier {
             // The key as the source has it now: a table whose key changed while the agent
             // was stopped (or created again with another) has the old one in its metadata.
             let k = wanted_key(&columns, full_identity.as_deref(), m.mirror_key());
-            let e = evolve(&mut m, &columns, &catalog, lsn, Some(&k)).await?;
+            let e = evolve(&mut m, &columns, &catalog, lsn, Some(&k), false).await?;
             if !mode.changelog() {
                 report_changes(&self.metrics, &source_name, &[], &columns, &e.changes);
                 stale = e.stale;
@@ -1378,7 +1385,7 @@ impl Applier {
                     self.secrets.clone(),
                 )
                 .await?;
-                let mut e = evolve(&mut sink, &columns, &catalog, lsn, None).await?;
+                let mut e = evolve(&mut sink, &columns, &catalog, lsn, None, false).await?;
                 e.changes.append(&mut key_changes);
                 report_changes(&self.metrics, &source_name, &[], &columns, &e.changes);
                 stale = e.stale;
@@ -1918,6 +1925,7 @@ async fn evolve(
     catalog: &[CatalogColumn],
     lsn: Lsn,
     key: Option<&MirrorKey>,
+    after_a_change: bool,
 ) -> Result<Evolved, PipelineError> {
     let schema = sink.schema().clone();
     let number: HashMap<&str, i32> = catalog
@@ -1937,7 +1945,10 @@ async fn evolve(
     let mut readded = Vec::new();
     for c in columns {
         let want = wanted_kind(c, catalog);
-        if added_again(&schema, &recorded, &number, columns, &c.name) {
+        // Only for a Relation message sent after a change: the first of an attempt may be
+        // from before a drop and add the catalog (read now) already shows, and its rows
+        // up to that change must keep the old field.
+        if after_a_change && added_again(&schema, &recorded, &number, columns, &c.name) {
             changes.push(ColumnChange::Replace {
                 name: c.name.clone(),
                 keep_as: format!("{}__before_{}", c.name, lsn.get()),
@@ -2020,13 +2031,30 @@ async fn evolve(
     let stale = gives_old_rows_values(&changes, catalog, &readded);
     // The catalog is read now, the relation is of its point in the stream: a column renamed
     // or dropped later (in the same transaction, say) keeps the number its field had.
+    // A field keeps the number of the source column it was made for: the catalog may
+    // already show a later column under its name (dropped and added again after this
+    // relation's point), which must not take the field over in the record.
     let numbers: HashMap<String, i32> = columns
         .iter()
         .filter_map(|c| {
-            let n = number.get(c.name.as_str()).copied().or_else(|| {
-                let f = schema.field_by_name(&c.name)?;
-                recorded.get(&f.id).copied()
-            })?;
+            let fresh = changes.iter().any(|ch| {
+                matches!(ch, ColumnChange::Add { name, .. } | ColumnChange::Replace { name, .. } if *name == c.name)
+            });
+            let from = changes
+                .iter()
+                .find_map(|ch| match ch {
+                    ColumnChange::Rename { from, to } if *to == c.name => Some(from.as_str()),
+                    _ => None,
+                })
+                .unwrap_or(c.name.as_str());
+            let kept = if fresh {
+                None
+            } else {
+                schema
+                    .field_by_name(from)
+                    .and_then(|f| recorded.get(&f.id).copied())
+            };
+            let n = kept.or_else(|| number.get(c.name.as_str()).copied())?;
             Some((c.name.clone(), n))
         })
         .collect();

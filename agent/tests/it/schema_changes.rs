@@ -417,14 +417,19 @@ async fn a_column_dropped_and_added_again_is_a_new_column() {
     // column): in PostgreSQL every row's new column is null (or its default); in Iceberg the
     // old field kept its values under the old name, silently stale. The new column is now a
     // new field (the old one kept as `c__before_<lsn>`), without a WARN when it has no default.
-    let (pg, db, work, agent) = running(
+    let Running {
+        pg,
+        db,
+        work,
+        cfg,
+        agent,
+    } = running(
         "CREATE TABLE da (id int PRIMARY KEY, c int, v text);
          INSERT INTO da SELECT g, g * 10, 'a' FROM generate_series(1, 20) g;",
         &["da"],
         "mode = \"both\"\nsnapshot = \"initial\"",
     )
-    .await
-    .parts();
+    .await;
     const DA: &str = "SELECT id, c, v FROM da";
     wait_mirror(&work, "ns.da", &pg, DA).await;
     execute_each(
@@ -450,6 +455,25 @@ async fn a_column_dropped_and_added_again_is_a_new_column() {
         stale, 0,
         "a column added again without a default is null on both sides"
     );
+    // Again while the agent is down, the column now last (the Relation message after the
+    // change looks like the one before), with a change before it still to be streamed: the
+    // restarted agent replays that change into the old field, then follows the drop and add.
+    agent.kill9();
+    execute_each(
+        &db,
+        &[
+            "UPDATE da SET c = 99, v = 'd' WHERE id = 3",
+            "ALTER TABLE da DROP COLUMN c",
+            "ALTER TABLE da ADD COLUMN c int",
+            "UPDATE da SET v = 'e' WHERE id = 4",
+        ],
+    )
+    .await;
+    let agent = AgentProc::start(&cfg, &work.path().join("agent2.log"));
+    agent.wait_streaming().await;
+    let v = wait_mirror(&work, "ns.da", &pg, DA).await;
+    assert_eq!(v["rows"], 21, "{v}");
+    wait_changelog(&work, "ns.da_changelog", &pg, DA).await;
     // With a default, PostgreSQL fills it in without publishing: called out like an ADD.
     execute_each(
         &db,
@@ -460,7 +484,7 @@ async fn a_column_dropped_and_added_again_is_a_new_column() {
         ],
     )
     .await;
-    wait_rows(&work, "ns.da_changelog", 24, 60).await;
+    wait_rows(&work, "ns.da_changelog", 26, 60).await;
     wait_log_line(&agent.log, "the default called out", |l| {
         l.contains("values no change carries")
     })
