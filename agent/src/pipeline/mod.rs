@@ -609,11 +609,7 @@ impl Pipeline {
             }
             let mut left = Vec::new();
             for oid in &change.left {
-                let name = session
-                    .scalar(&format!(
-                        "SELECT c.oid::regclass::text FROM pg_catalog.pg_class c WHERE c.oid = {oid}"
-                    ))
-                    .await?;
+                let name = session.relation_name(*oid).await?;
                 left.push(name.unwrap_or_else(|| format!("OID {oid} (dropped)")));
             }
             if !attached.is_empty() || !left.is_empty() {
