@@ -40,6 +40,7 @@ use crate::telemetry::events::{
     TableMaintained, TransactionApplied,
 };
 use crate::telemetry::{commit_span, record_trace_id, PipelineState, SourceMetrics, TableMetrics};
+use iceberg::spec::NestedFieldRef;
 
 /// A configured table being streamed.
 struct TableState {
@@ -76,6 +77,9 @@ struct TableState {
     /// A Relation message of it was streamed in this attempt: a later one was sent after a
     /// change of the table (the first may be from before one the catalog already shows).
     relation_streamed: bool,
+    /// Its schema waits for its first Relation message (`columns` are the catalog's, which
+    /// the schema may not follow yet).
+    pending: bool,
 }
 
 /// The transaction being received.
@@ -297,11 +301,11 @@ impl Applier {
         })
     }
 
-    /// Whether a column of table `i` was dropped and added again under its name: the
-    /// Relation message looks the same (the column is in its old place when it was the
-    /// last), only the catalog's numbers tell. Relation messages are rare (a connection's
+    /// Whether a column of table `i` is another source column than its name's field holds
+    /// (dropped and added again under its name, names swapped): the Relation message looks
+    /// the same then, only the catalog's numbers tell. Relation messages are rare (a connection's
     /// start, a DDL), so the catalog is asked only for tables whose numbers were recorded.
-    async fn added_again(
+    async fn renumbered(
         &mut self,
         i: usize,
         schema: &str,
@@ -319,9 +323,8 @@ impl Applier {
             .collect();
         let t = &self.tables[i];
         let sink_schema = t.sink.schema();
-        Ok(t.columns
-            .iter()
-            .any(|c| added_again(sink_schema, &recorded, &number, &t.columns, &c.name)))
+        Ok(numbers_place(sink_schema, &t.columns, &catalog, true)
+            && renumbered(sink_schema, &recorded, &number, &t.columns))
     }
 
     /// Whether relation `oid` is a partition published under an ancestor's name.
@@ -1246,10 +1249,16 @@ impl Applier {
             // catalog's numbers tell, and only for a message sent after a change (the first
             // of an attempt may be older than the catalog).
             let after_a_change = oid.is_some() && self.tables[i].relation_streamed;
+            let described = match (oid, after_a_change) {
+                (None, _) => Described::Catalog,
+                (Some(_), false) => Described::FirstMessage,
+                (Some(_), true) => Described::AfterAChange,
+            };
             self.tables[i].relation_streamed |= oid.is_some();
-            if self.tables[i].columns == columns
+            if !self.tables[i].pending
+                && self.tables[i].columns == columns
                 && was == full_identity
-                && !(after_a_change && self.added_again(i, schema, name, oid).await?)
+                && !(after_a_change && self.renumbered(i, schema, name, oid).await?)
             {
                 return Ok(i);
             }
@@ -1268,19 +1277,12 @@ impl Applier {
                 (!hold_key).then(|| wanted_key(&columns, full_identity.as_deref(), now))
             };
             let k = key(t.sink.mirror_key());
-            let Evolved { mut changes, stale } = evolve(
-                &mut t.sink,
-                &columns,
-                &catalog,
-                lsn,
-                k.as_ref(),
-                after_a_change,
-            )
-            .await?;
+            let Evolved { mut changes, stale } =
+                evolve(&mut t.sink, &columns, &catalog, lsn, k.as_ref(), described).await?;
             if let Some(m) = t.mirror.as_mut() {
                 m.finish_files().await?;
                 let k = key(m.mirror_key());
-                let e = evolve(m, &columns, &catalog, lsn, k.as_ref(), after_a_change).await?;
+                let e = evolve(m, &columns, &catalog, lsn, k.as_ref(), described).await?;
                 // The changelog has the column changes too; only the mirror has a key.
                 changes.extend(
                     e.changes
@@ -1288,13 +1290,10 @@ impl Applier {
                         .filter(|c| matches!(c, ColumnChange::Key(_))),
                 );
             }
-            report_changes(
-                &self.metrics,
-                &t.source_name,
-                &t.columns,
-                &columns,
-                &changes,
-            );
+            // A pending table's columns are the catalog's, not what the schema followed.
+            let before: &[RelationColumn] = if t.pending { &[] } else { &t.columns };
+            report_changes(&self.metrics, &t.source_name, before, &columns, &changes);
+            t.pending = false;
             t.batch = TableBatch::new(
                 t.sink.batch_schema(),
                 t.sink.batch_arrow_schema(),
@@ -1326,52 +1325,36 @@ impl Applier {
         let (cfg_schema, cfg_name) = source.split_once('.').unwrap_or(("public", source));
         let table_name = iceberg_table_name(cfg_schema, cfg_name);
         let mode = self.cfg.mode_for(&source_name);
-        let mut key_changes = Vec::new();
-        let mirror = if mode.mirror() {
-            let mut m = TableSink::open_mirror(
-                self.committer.clone(),
-                &self.namespace,
-                &table_name,
-                MirrorSource {
-                    table: &source_name,
-                    columns: &model,
-                    index_budget: self.cfg.mirror_index_memory,
-                    compaction: self.options.mirror_compaction,
-                    whole_row: full_identity.as_ref().is_some_and(|k| k.is_empty()),
-                },
-                &self.options.properties,
-                self.secrets.clone(),
+        let mut mirror = if mode.mirror() {
+            Some(
+                TableSink::open_mirror(
+                    self.committer.clone(),
+                    &self.namespace,
+                    &table_name,
+                    MirrorSource {
+                        table: &source_name,
+                        columns: &model,
+                        index_budget: self.cfg.mirror_index_memory,
+                        compaction: self.options.mirror_compaction,
+                        whole_row: full_identity.as_ref().is_some_and(|k| k.is_empty()),
+                    },
+                    &self.options.properties,
+                    self.secrets.clone(),
+                )
+                .await?,
             )
-            .await?;
-            // The key as the source has it now: a table whose key changed while the agent
-            // was stopped (or created again with another) has the old one in its metadata.
-            let k = wanted_key(&columns, full_identity.as_deref(), m.mirror_key());
-            let e = evolve(&mut m, &columns, &catalog, lsn, Some(&k), false).await?;
-            if !mode.changelog() {
-                report_changes(&self.metrics, &source_name, &[], &columns, &e.changes);
-                stale = e.stale;
-            } else {
-                // The changelog reports the column changes; only the mirror has a key.
-                key_changes = e
-                    .changes
-                    .into_iter()
-                    .filter(|c| matches!(c, ColumnChange::Key(_)))
-                    .collect();
-            }
-            Some(m)
         } else {
             None
         };
-        let (sink, mirror) = match (mode.changelog(), mirror) {
-            (false, Some(m)) => (m, None),
-            (_, mirror) => {
-                let changelog_name = if mode.mirror() {
-                    format!("{table_name}{CHANGELOG_SUFFIX}")
-                } else {
-                    table_name
-                };
-                let cols = model.clone();
-                let mut sink = TableSink::open_or_create(
+        let mut changelog = if mode.changelog() {
+            let changelog_name = if mode.mirror() {
+                format!("{table_name}{CHANGELOG_SUFFIX}")
+            } else {
+                table_name
+            };
+            let cols = model.clone();
+            Some(
+                TableSink::open_or_create(
                     self.committer.clone(),
                     &self.namespace,
                     &changelog_name,
@@ -1384,13 +1367,67 @@ impl Applier {
                     &self.options.properties,
                     self.secrets.clone(),
                 )
-                .await?;
-                let mut e = evolve(&mut sink, &columns, &catalog, lsn, None, false).await?;
-                e.changes.append(&mut key_changes);
-                report_changes(&self.metrics, &source_name, &[], &columns, &e.changes);
+                .await?,
+            )
+        } else {
+            None
+        };
+        // Registered from the catalog before streaming (`oid` none), a table that was copied
+        // and streamed before keeps its schema: the stream first replays what it did not
+        // commit, with Relation messages of that time, and follows the changes made since in
+        // their place. Evolved to the catalog now, the replayed rows of a column renamed
+        // while the agent was stopped went to a new column under the old name.
+        let state = changelog.as_ref().or(mirror.as_ref());
+        let pending = oid.is_none()
+            && state.is_some_and(|s| s.snapshot_done())
+            && changelog
+                .iter()
+                .chain(mirror.iter())
+                .all(|s| s.property(SOURCE_COLUMNS_PROPERTY).is_some());
+        let mut changes = Vec::new();
+        let described = if oid.is_none() {
+            Described::Catalog
+        } else {
+            Described::FirstMessage
+        };
+        if !pending {
+            if let Some(m) = mirror.as_mut() {
+                // The key as the source has it now: a table whose key changed while the agent
+                // was stopped (or created again with another) has the old one in its metadata.
+                let k = wanted_key(&columns, full_identity.as_deref(), m.mirror_key());
+                let e = evolve(m, &columns, &catalog, lsn, Some(&k), described).await?;
                 stale = e.stale;
-                (sink, mirror)
+                changes = e.changes;
             }
+            if let Some(c) = changelog.as_mut() {
+                let e = evolve(c, &columns, &catalog, lsn, None, described).await?;
+                stale = e.stale;
+                // The changelog reports the column changes; only the mirror has a key.
+                changes.retain(|c| matches!(c, ColumnChange::Key(_)));
+                changes.splice(0..0, e.changes);
+            }
+            report_changes(&self.metrics, &source_name, &[], &columns, &changes);
+        }
+        let (sink, mirror) = match changelog {
+            Some(c) => (c, mirror),
+            None => match mirror {
+                Some(m) => (m, None),
+                None => {
+                    return Err(PipelineError::State(format!(
+                        "table {source_name}: its mode writes no table"
+                    )))
+                }
+            },
+        };
+        // Until its first Relation message the table's builders hold the columns the schema has.
+        let batch_columns: Vec<RelationColumn> = if pending {
+            columns
+                .iter()
+                .filter(|c| sink.schema().field_by_name(&c.name).is_some())
+                .cloned()
+                .collect()
+        } else {
+            columns.clone()
         };
         let metrics = self.metrics.table(&source_name);
         let iceberg_name = sink.name();
@@ -1401,7 +1438,7 @@ impl Applier {
             batch: TableBatch::new(
                 sink.batch_schema(),
                 sink.batch_arrow_schema(),
-                &columns,
+                &batch_columns,
                 |c| binary_oid(c, &catalog),
             )?,
             sink,
@@ -1416,6 +1453,7 @@ impl Applier {
             full_identity,
             copied: false,
             relation_streamed: oid.is_some(),
+            pending,
         });
         let i = self.tables.len() - 1;
         status::update(&self.status, |s| {
@@ -1913,6 +1951,18 @@ fn wanted_kind(c: &RelationColumn, catalog: &[CatalogColumn]) -> ColumnKind {
         .unwrap_or_else(|| ColumnKind::from_oid(c.type_oid, c.type_modifier))
 }
 
+/// Where a table's columns come from, which says what the catalog's numbers (read now) tell.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Described {
+    /// The catalog, now (what a copy reads): the columns have its numbers, and a table
+    /// recreated with other numbers is recorded with them.
+    Catalog,
+    /// The table's first Relation message in this attempt: it may predate the catalog.
+    FirstMessage,
+    /// A later Relation message, sent after a change of the table.
+    AfterAChange,
+}
+
 /// Make the Iceberg schema follow `columns`, in one schema update: a column the table lacks
 /// is added, unless the catalog says it is a column the table holds under its old name (same
 /// `attnum`: a rename, the field id kept); a type Iceberg promotes is widened in place; any
@@ -1925,7 +1975,7 @@ async fn evolve(
     catalog: &[CatalogColumn],
     lsn: Lsn,
     key: Option<&MirrorKey>,
-    after_a_change: bool,
+    described: Described,
 ) -> Result<Evolved, PipelineError> {
     let schema = sink.schema().clone();
     let number: HashMap<&str, i32> = catalog
@@ -1939,40 +1989,94 @@ async fn evolve(
         .unwrap_or_default();
     let in_relation: std::collections::HashSet<&str> =
         columns.iter().map(|c| c.name.as_str()).collect();
+    // Whether the catalog's numbers place the columns (see `numbers_place`); then each
+    // column's field is the one recorded with its number, whatever its name.
+    let by_number = numbers_place(
+        &schema,
+        columns,
+        catalog,
+        matches!(described, Described::AfterAChange),
+    );
+    let placed: HashMap<&str, Option<NestedFieldRef>> = if by_number {
+        columns
+            .iter()
+            .map(|c| {
+                (
+                    c.name.as_str(),
+                    numbered_field(&schema, &recorded, &number, c),
+                )
+            })
+            .collect()
+    } else {
+        HashMap::new()
+    };
+    let claimed: std::collections::HashSet<i32> = placed.values().flatten().map(|f| f.id).collect();
+    // A field named like a column but holding another source column that is gone (dropped,
+    // or renamed away and its name taken): it keeps its values under a name of its own.
+    let mut taken: std::collections::HashSet<String> = schema
+        .as_struct()
+        .fields()
+        .iter()
+        .map(|f| f.name.clone())
+        .collect();
+    let mut aside = |name: &str| {
+        let base = format!("{name}__before_{}", lsn.get());
+        let mut n = base.clone();
+        let mut k = 1;
+        while !taken.insert(n.clone()) {
+            k += 1;
+            n = format!("{base}_{k}");
+        }
+        n
+    };
+    let unclaimed = |name: &str| {
+        schema
+            .field_by_name(name)
+            .filter(|g| !claimed.contains(&g.id))
+    };
     let mut changes = Vec::new();
     // Columns dropped and added again under their old name: a new column to PostgreSQL
     // (another number; its old values are gone), which must not inherit the old field's.
     let mut readded = Vec::new();
     for c in columns {
         let want = wanted_kind(c, catalog);
-        // Only for a Relation message sent after a change: the first of an attempt may be
-        // from before a drop and add the catalog (read now) already shows, and its rows
-        // up to that change must keep the old field.
-        if after_a_change && added_again(&schema, &recorded, &number, columns, &c.name) {
-            changes.push(ColumnChange::Replace {
-                name: c.name.clone(),
-                keep_as: format!("{}__before_{}", c.name, lsn.get()),
-                kind: want,
-            });
-            readded.push(c.name.clone());
-            continue;
-        }
-        let field = match schema.field_by_name(&c.name) {
-            Some(f) => Some(f.clone()),
-            None => number
-                .get(c.name.as_str())
-                .and_then(|n| recorded.iter().find(|(_, a)| *a == n).map(|(f, _)| *f))
-                .and_then(|id| schema.field_by_id(id).cloned())
-                .filter(|f| !in_relation.contains(f.name.as_str()) && !f.name.starts_with("_cdc_")),
+        let field = if by_number {
+            placed.get(c.name.as_str()).cloned().flatten()
+        } else {
+            match schema.field_by_name(&c.name) {
+                Some(f) => Some(f.clone()),
+                None => number
+                    .get(c.name.as_str())
+                    .and_then(|n| recorded.iter().find(|(_, a)| *a == n).map(|(f, _)| *f))
+                    .and_then(|id| schema.field_by_id(id).cloned())
+                    .filter(|f| {
+                        !in_relation.contains(f.name.as_str()) && !f.name.starts_with("_cdc_")
+                    }),
+            }
         };
         let Some(f) = field else {
-            changes.push(ColumnChange::Add {
-                name: c.name.clone(),
-                kind: want,
-            });
+            if by_number && unclaimed(&c.name).is_some() {
+                changes.push(ColumnChange::Replace {
+                    name: c.name.clone(),
+                    keep_as: aside(&c.name),
+                    kind: want,
+                });
+                readded.push(c.name.clone());
+            } else {
+                changes.push(ColumnChange::Add {
+                    name: c.name.clone(),
+                    kind: want,
+                });
+            }
             continue;
         };
         if f.name != c.name {
+            if let Some(g) = by_number.then(|| unclaimed(&c.name)).flatten() {
+                changes.push(ColumnChange::Rename {
+                    from: g.name.clone(),
+                    to: aside(&g.name),
+                });
+            }
             changes.push(ColumnChange::Rename {
                 from: f.name.clone(),
                 to: c.name.clone(),
@@ -1991,7 +2095,7 @@ async fn evolve(
             Some(ColumnKind::Text) if raw == ColumnKind::Text => {}
             _ => changes.push(ColumnChange::Replace {
                 name: c.name.clone(),
-                keep_as: format!("{}__before_{}", c.name, lsn.get()),
+                keep_as: aside(&c.name),
                 kind: want,
             }),
         }
@@ -2047,7 +2151,7 @@ async fn evolve(
                     _ => None,
                 })
                 .unwrap_or(c.name.as_str());
-            let kept = if fresh {
+            let kept = if fresh || matches!(described, Described::Catalog) {
                 None
             } else {
                 schema
@@ -2102,23 +2206,75 @@ fn wanted_key(
     }
 }
 
-/// Whether column `name` of `columns` was dropped and added again since its field was
-/// recorded: its field's source number (`recorded`, by field id) is not its number now
-/// (`number`, by name) and no column has that number any more (a rename would carry it on).
-fn added_again(
+/// Whether the catalog's column numbers (read now) place a Relation message's `columns` in
+/// their fields: the message is of the catalog's time (the columns both name are in the same
+/// order with the same types; one added, dropped or renamed since is on one side only), and
+/// it was sent after a change in this attempt or names a column the table lacks. The first
+/// message of an attempt may predate a change the catalog already shows (a column dropped and
+/// added again, names swapped): names place its columns then, as they were when it was sent.
+fn numbers_place(
+    schema: &iceberg::spec::Schema,
+    columns: &[RelationColumn],
+    catalog: &[CatalogColumn],
+    after_a_change: bool,
+) -> bool {
+    let both: Vec<&RelationColumn> = columns
+        .iter()
+        .filter(|c| catalog.iter().any(|k| k.name == c.name))
+        .collect();
+    let listed: Vec<&CatalogColumn> = catalog
+        .iter()
+        .filter(|k| columns.iter().any(|c| c.name == k.name))
+        .collect();
+    let of_catalog = both.len() == listed.len()
+        && both
+            .iter()
+            .zip(&listed)
+            .all(|(c, k)| c.name == k.name && c.type_oid == k.type_oid);
+    of_catalog
+        && (after_a_change
+            || columns
+                .iter()
+                .any(|c| schema.field_by_name(&c.name).is_none()))
+}
+
+/// The field holding column `c` by the numbers: the one recorded with its number now (a
+/// rename keeps the number); else its name's field, unless that one was recorded with
+/// another number (it held another source column, renamed away or dropped: `c` is new).
+fn numbered_field(
+    schema: &iceberg::spec::Schema,
+    recorded: &HashMap<i32, i32>,
+    number: &HashMap<&str, i32>,
+    c: &RelationColumn,
+) -> Option<NestedFieldRef> {
+    let n = number.get(c.name.as_str()).copied();
+    let by_number = n.and_then(|n| {
+        recorded
+            .iter()
+            .filter(|(_, a)| **a == n)
+            .filter_map(|(id, _)| schema.field_by_id(*id))
+            .filter(|f| !f.name.starts_with("_cdc_"))
+            .max_by_key(|f| f.id)
+    });
+    if let Some(f) = by_number {
+        return Some(f.clone());
+    }
+    let f = schema.field_by_name(&c.name)?;
+    (n.is_none() || !recorded.contains_key(&f.id)).then(|| f.clone())
+}
+
+/// Whether the numbers put a column of `columns` in another field than its name's (dropped
+/// and added again, names swapped): the Relation message looks unchanged then.
+fn renumbered(
     schema: &iceberg::spec::Schema,
     recorded: &HashMap<i32, i32>,
     number: &HashMap<&str, i32>,
     columns: &[RelationColumn],
-    name: &str,
 ) -> bool {
-    let Some(was) = schema.field_by_name(name).and_then(|f| recorded.get(&f.id)) else {
-        return false;
-    };
-    number.get(name).is_some_and(|now| now != was)
-        && !columns
-            .iter()
-            .any(|o| number.get(o.name.as_str()) == Some(was))
+    columns.iter().any(|c| {
+        numbered_field(schema, recorded, number, c).map(|f| f.id)
+            != schema.field_by_name(&c.name).map(|f| f.id)
+    })
 }
 
 /// What [`evolve`] did.
@@ -2248,6 +2404,110 @@ fn report_changes(
 mod tests {
     use super::*;
     use crate::model::ErrorType;
+
+    fn rel(names: &[&str]) -> Vec<RelationColumn> {
+        names
+            .iter()
+            .map(|n| RelationColumn {
+                key: *n == "id",
+                name: n.to_string(),
+                type_oid: 23,
+                type_modifier: -1,
+            })
+            .collect()
+    }
+
+    fn cat(columns: &[(&str, i32)]) -> Vec<CatalogColumn> {
+        columns
+            .iter()
+            .map(|(n, a)| CatalogColumn {
+                name: n.to_string(),
+                attnum: *a,
+                type_oid: 23,
+                type_modifier: -1,
+                kind: None,
+                binary_oid: 23,
+                has_default: false,
+            })
+            .collect()
+    }
+
+    /// Fields id 1..: `id`, `price`, `v`, recorded as source columns 1, 2, 3.
+    fn recorded_schema() -> (iceberg::spec::Schema, HashMap<i32, i32>) {
+        use iceberg::spec::{NestedField, PrimitiveType, Type};
+        let s = iceberg::spec::Schema::builder()
+            .with_fields(
+                ["id", "price", "v"]
+                    .iter()
+                    .enumerate()
+                    .map(|(i, n)| {
+                        NestedField::optional(i as i32 + 1, *n, Type::Primitive(PrimitiveType::Int))
+                            .into()
+                    })
+                    .collect::<Vec<_>>(),
+            )
+            .build()
+            .unwrap();
+        (s, HashMap::from([(1, 1), (2, 2), (3, 3)]))
+    }
+
+    #[test]
+    fn numbers_place_a_relation_only_of_the_catalogs_time() {
+        let (s, _) = recorded_schema();
+        // RENAME price TO price_old; ADD price: the message after it is the catalog's.
+        let now = cat(&[("id", 1), ("price_old", 2), ("v", 3), ("price", 4)]);
+        assert!(numbers_place(
+            &s,
+            &rel(&["id", "price_old", "v", "price"]),
+            &now,
+            false
+        ));
+        // The message from before it has `price` before `v`: names place it.
+        assert!(!numbers_place(&s, &rel(&["id", "price", "v"]), &now, true));
+        // A first message naming only known columns may predate a swap the catalog shows.
+        let swapped = cat(&[("id", 1), ("v", 2), ("price", 3)]);
+        assert!(!numbers_place(
+            &s,
+            &rel(&["id", "v", "price"]),
+            &swapped,
+            false
+        ));
+        assert!(numbers_place(
+            &s,
+            &rel(&["id", "v", "price"]),
+            &swapped,
+            true
+        ));
+        // A column renamed or dropped since (not in the catalog) leaves the rest comparable.
+        let later = cat(&[("id", 1), ("cost", 2), ("v", 3)]);
+        assert!(numbers_place(&s, &rel(&["id", "price", "v"]), &later, true));
+    }
+
+    #[test]
+    fn a_column_is_placed_in_the_field_recorded_with_its_number() {
+        let (s, recorded) = recorded_schema();
+        let now = cat(&[("id", 1), ("price_old", 2), ("v", 3), ("price", 4)]);
+        let number: HashMap<&str, i32> = now.iter().map(|c| (c.name.as_str(), c.attnum)).collect();
+        let field = |n: &str| numbered_field(&s, &recorded, &number, &rel(&[n])[0]).map(|f| f.id);
+        assert_eq!(field("price_old"), Some(2), "renamed: the old field");
+        assert_eq!(field("price"), None, "new under the old name: a new field");
+        assert_eq!(field("v"), Some(3));
+        assert!(renumbered(
+            &s,
+            &recorded,
+            &number,
+            &rel(&["id", "price", "v"])
+        ));
+        assert!(!renumbered(&s, &recorded, &number, &rel(&["id", "v"])));
+        // A name the catalog no longer has (renamed later) keeps its field.
+        let later = cat(&[("id", 1), ("cost", 2), ("v", 3)]);
+        let number: HashMap<&str, i32> =
+            later.iter().map(|c| (c.name.as_str(), c.attnum)).collect();
+        assert_eq!(
+            numbered_field(&s, &recorded, &number, &rel(&["price"])[0]).map(|f| f.id),
+            Some(2)
+        );
+    }
 
     #[test]
     fn dlq_floors_read_and_a_malformed_one_is_an_error() {

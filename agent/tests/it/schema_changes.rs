@@ -491,3 +491,137 @@ async fn a_column_dropped_and_added_again_is_a_new_column() {
     .await;
     never_left_streaming(&agent).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn columns_follow_their_numbers_when_names_move() {
+    // Names that move between columns: renamed and a new column under the old name (the
+    // usual way to change a column's type by hand), two names swapped, a column renamed onto
+    // a dropped one's name. Each column's values must stay with it (its `attnum`), not with
+    // its name; the mirror showed the old column's values under the new one's name, and the
+    // other column empty. Then the same while the agent is stopped, with changes from before
+    // the rename still to stream: they were written to a new column under the old name.
+    let Running {
+        pg,
+        db,
+        work,
+        cfg,
+        agent,
+    } = running(
+        "CREATE TABLE na (id int PRIMARY KEY, price int, v text);
+         CREATE TABLE nb (id int PRIMARY KEY, a int, b int);
+         CREATE TABLE nc (id int PRIMARY KEY, c int, d int, v text);
+         CREATE TABLE nd (id int PRIMARY KEY, price int, v text);
+         CREATE TABLE ne (id int PRIMARY KEY, a int, b int);
+         CREATE TABLE nf (id int PRIMARY KEY, price int, v text);
+         CREATE TABLE ng (id int PRIMARY KEY, x int, a int, b int);
+         ALTER TABLE ng DROP COLUMN x;
+         INSERT INTO na SELECT g, g * 10, 'a' FROM generate_series(1, 10) g;
+         INSERT INTO nb SELECT g, g, -g FROM generate_series(1, 10) g;
+         INSERT INTO nc SELECT g, g, 100 + g, 'a' FROM generate_series(1, 10) g;
+         INSERT INTO nd SELECT g, g * 10, 'a' FROM generate_series(1, 10) g;
+         INSERT INTO ne SELECT g, g, -g FROM generate_series(1, 10) g;
+         INSERT INTO nf SELECT g, g * 10, 'a' FROM generate_series(1, 10) g;
+         INSERT INTO ng SELECT g, g, -g FROM generate_series(1, 10) g;",
+        &["na", "nb", "nc", "nd", "ne", "nf", "ng"],
+        "mode = \"both\"\nsnapshot = \"initial\"",
+    )
+    .await;
+    const NA: &str = "SELECT id, price_old, price, v FROM na";
+    const NB: &str = "SELECT id, a, b FROM nb";
+    const NC: &str = "SELECT id, c, v FROM nc";
+    wait_mirror(&work, "ns.nf", &pg, "SELECT id, price, v FROM nf").await;
+    execute_each(
+        &db,
+        &[
+            "UPDATE na SET v = 'b' WHERE id = 1",
+            "ALTER TABLE na RENAME COLUMN price TO price_old",
+            "ALTER TABLE na ADD COLUMN price numeric(10,2)",
+            "INSERT INTO na VALUES (11, 110, 'n', 5.5)",
+            "UPDATE na SET v = 'c' WHERE id = 2",
+            "UPDATE nb SET a = a WHERE id = 1",
+            "ALTER TABLE nb RENAME COLUMN a TO tmp",
+            "ALTER TABLE nb RENAME COLUMN b TO a",
+            "ALTER TABLE nb RENAME COLUMN tmp TO b",
+            "INSERT INTO nb VALUES (11, 111, -111)",
+            "UPDATE nb SET a = a WHERE id = 3",
+            "UPDATE nc SET v = 'b' WHERE id = 1",
+            "ALTER TABLE nc DROP COLUMN c",
+            "ALTER TABLE nc RENAME COLUMN d TO c",
+            "INSERT INTO nc VALUES (11, 111, 'n')",
+            "UPDATE nc SET v = 'c' WHERE id = 2",
+        ],
+    )
+    .await;
+    for (t, q) in [("na", NA), ("nb", NB), ("nc", NC)] {
+        wait_mirror(&work, &format!("ns.{t}"), &pg, q).await;
+        wait_changelog(&work, &format!("ns.{t}_changelog"), &pg, q).await;
+    }
+    never_left_streaming(&agent).await;
+    // The old values stay in the renamed column's field; the dropped column's field keeps
+    // its values under a name of its own.
+    let types = column_types(&work, "ns.na");
+    assert_eq!(types["price_old"], "int", "{types}");
+    assert_eq!(types["price"], "decimal(10, 2)", "{types}");
+    let types = column_types(&work, "ns.nc");
+    assert!(
+        types
+            .as_object()
+            .unwrap()
+            .keys()
+            .any(|k| k.starts_with("c__before_")),
+        "{types}"
+    );
+
+    agent.kill9();
+    execute_each(
+        &db,
+        &[
+            "UPDATE nd SET price = price + 1, v = 'pre' WHERE id <= 3",
+            "ALTER TABLE nd RENAME COLUMN price TO cost",
+            "UPDATE nd SET v = 'post' WHERE id = 9",
+            "UPDATE ne SET a = a + 1000 WHERE id <= 2",
+            "ALTER TABLE ne RENAME COLUMN a TO tmp",
+            "ALTER TABLE ne RENAME COLUMN b TO a",
+            "ALTER TABLE ne RENAME COLUMN tmp TO b",
+            "UPDATE ne SET a = a WHERE id = 9",
+            "UPDATE nf SET price = price + 1 WHERE id <= 2",
+            "ALTER TABLE nf RENAME COLUMN price TO price_old",
+            "ALTER TABLE nf ADD COLUMN price int",
+            "UPDATE nf SET price = 7 WHERE id = 9",
+            // Created again with other column numbers (b is 2 now, 4 before): copied
+            // again, its fields must be recorded with the new numbers.
+            "DROP TABLE ng",
+            "CREATE TABLE ng (id int PRIMARY KEY, b int, a int)",
+            "INSERT INTO ng SELECT g, -2 * g, 2 * g FROM generate_series(1, 10) g",
+        ],
+    )
+    .await;
+    let agent = AgentProc::start(&cfg, &work.path().join("agent2.log"));
+    agent.wait_streaming().await;
+    for (t, q) in [
+        ("nd", "SELECT id, cost, v FROM nd"),
+        ("ne", "SELECT id, a, b FROM ne"),
+        ("nf", "SELECT id, price_old, price, v FROM nf"),
+    ] {
+        wait_mirror(&work, &format!("ns.{t}"), &pg, q).await;
+        wait_changelog(&work, &format!("ns.{t}_changelog"), &pg, q).await;
+    }
+    const NG: &str = "SELECT id, a, b, z FROM ng";
+    wait_mirror(&work, "ns.ng", &pg, "SELECT id, a, b FROM ng").await;
+    execute_each(
+        &db,
+        &[
+            "ALTER TABLE ng ADD COLUMN z int",
+            "UPDATE ng SET z = 1 WHERE id = 1",
+        ],
+    )
+    .await;
+    wait_mirror(&work, "ns.ng", &pg, NG).await;
+    wait_changelog(&work, "ns.ng_changelog", &pg, NG).await;
+    // The rows changed before the rename were written under the renamed field, not a new one.
+    for t in ["ns.nd", "ns.nd_changelog"] {
+        let types = column_types(&work, t);
+        assert!(types.get("price").is_none(), "{t}: {types}");
+    }
+    never_left_streaming(&agent).await;
+}

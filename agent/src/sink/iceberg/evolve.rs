@@ -127,6 +127,18 @@ pub fn apply(
     };
     let mut added: Vec<NestedField> = Vec::new();
     let mut key: Option<&[String]> = None;
+    // Renames name the columns as they were, and take effect together: two columns may swap
+    // names, or one may take the name another gives up.
+    let renames = changes
+        .iter()
+        .filter_map(|c| match c {
+            ColumnChange::Rename { from, to } => Some(find(&fields, from).map(|i| (i, to))),
+            _ => None,
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    for (i, to) in renames {
+        fields[i].name = to.clone();
+    }
     for c in changes {
         match c {
             ColumnChange::Add { name, kind } => {
@@ -135,10 +147,7 @@ pub fn apply(
                 let t = iceberg_type(kind, &mut next);
                 added.push(NestedField::optional(id, name, t));
             }
-            ColumnChange::Rename { from, to } => {
-                let i = find(&fields, from)?;
-                fields[i].name = to.clone();
-            }
+            ColumnChange::Rename { .. } => {}
             ColumnChange::Widen { name, kind } => {
                 let i = find(&fields, name)?;
                 *fields[i].field_type = iceberg_type(kind, &mut next);
@@ -164,6 +173,14 @@ pub fn apply(
     // New columns go before the CDC columns' block would be nicer, but field order is what
     // readers show; appended keeps every existing column where it was.
     fields.extend(added);
+    for (i, f) in fields.iter().enumerate() {
+        if fields[..i].iter().any(|g| g.name == f.name) {
+            return Err(SinkError::Commit(format!(
+                "schema change: two columns would be named {:?}",
+                f.name
+            )));
+        }
+    }
     let kept: Vec<i32> = match key {
         None => schema
             .identifier_field_ids()
@@ -278,6 +295,43 @@ mod tests {
         assert_eq!(s.field_by_name("amount").unwrap().id, 4);
         assert_eq!(s.identifier_field_ids().collect::<Vec<_>>(), vec![1]);
         assert_eq!(s.schema_id(), 1);
+    }
+
+    #[test]
+    fn renames_take_effect_together_and_names_stay_unique() {
+        let rename = |from: &str, to: &str| ColumnChange::Rename {
+            from: from.into(),
+            to: to.into(),
+        };
+        // Swapped names: each field keeps its id under the other's name, in either order.
+        for changes in [
+            [rename("amount", "note"), rename("note", "amount")],
+            [rename("note", "amount"), rename("amount", "note")],
+        ] {
+            let s = apply(&schema(), 3, &changes).unwrap();
+            assert_eq!(s.field_by_name("note").unwrap().id, 2);
+            assert_eq!(s.field_by_name("amount").unwrap().id, 3);
+        }
+        // A name given up is taken by another column, and a new column takes the first's.
+        let s = apply(
+            &schema(),
+            3,
+            &[
+                ColumnChange::Add {
+                    name: "note".into(),
+                    kind: ColumnKind::Int64,
+                },
+                rename("amount", "amount_old"),
+                rename("note", "amount"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(s.field_by_name("amount_old").unwrap().id, 2);
+        assert_eq!(s.field_by_name("amount").unwrap().id, 3);
+        assert_eq!(s.field_by_name("note").unwrap().id, 4);
+        // Two columns under one name is an error, not a schema readers cannot use.
+        let e = apply(&schema(), 3, &[rename("note", "amount")]).unwrap_err();
+        assert!(e.to_string().contains("\"amount\""), "{e}");
     }
 
     #[test]
