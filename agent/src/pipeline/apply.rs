@@ -2208,7 +2208,8 @@ fn wanted_key(
 
 /// Whether the catalog's column numbers (read now) place a Relation message's `columns` in
 /// their fields: the message is of the catalog's time (the columns both name are in the same
-/// order with the same types; one added, dropped or renamed since is on one side only), and
+/// order with the same types; one added since is the catalog's only, one dropped or renamed
+/// since the message's only), and
 /// it was sent after a change in this attempt or names a column the table lacks. The first
 /// message of an attempt may predate a change the catalog already shows (a column dropped and
 /// added again, names swapped): names place its columns then, as they were when it was sent.
@@ -2226,11 +2227,19 @@ fn numbers_place(
         .iter()
         .filter(|k| columns.iter().any(|c| c.name == k.name))
         .collect();
+    // A column the message lacks must be newer than all it has: one added since. An older
+    // one is a column renamed since (`RENAME price TO price_old; ADD price` after the
+    // message's point: the names it has would all line up).
+    let newest = listed.iter().map(|k| k.attnum).max().unwrap_or(0);
     let of_catalog = both.len() == listed.len()
         && both
             .iter()
             .zip(&listed)
-            .all(|(c, k)| c.name == k.name && c.type_oid == k.type_oid);
+            .all(|(c, k)| c.name == k.name && c.type_oid == k.type_oid)
+        && catalog
+            .iter()
+            .filter(|k| !columns.iter().any(|c| c.name == k.name))
+            .all(|k| k.attnum > newest);
     of_catalog
         && (after_a_change
             || columns
@@ -2478,9 +2487,35 @@ mod tests {
             &swapped,
             true
         ));
-        // A column renamed or dropped since (not in the catalog) leaves the rest comparable.
-        let later = cat(&[("id", 1), ("cost", 2), ("v", 3)]);
-        assert!(numbers_place(&s, &rel(&["id", "price", "v"]), &later, true));
+        // A column dropped since (not in the catalog) or added since (the newest) leaves the
+        // rest comparable; one renamed since is an older column the message lacks.
+        let dropped = cat(&[("id", 1), ("v", 3)]);
+        assert!(numbers_place(
+            &s,
+            &rel(&["id", "price", "v"]),
+            &dropped,
+            true
+        ));
+        let added = cat(&[("id", 1), ("price", 2), ("v", 3), ("z", 4)]);
+        assert!(numbers_place(&s, &rel(&["id", "price", "v"]), &added, true));
+        let renamed = cat(&[("id", 1), ("cost", 2), ("v", 3)]);
+        assert!(!numbers_place(
+            &s,
+            &rel(&["id", "price", "v"]),
+            &renamed,
+            true
+        ));
+        // The last column renamed and a new one under its name after the message: the
+        // columns the message names line up, the renamed one is older than the new one.
+        let last = cat(&[("id", 1), ("v", 2), ("price_old", 3), ("price", 4)]);
+        assert!(!numbers_place(&s, &rel(&["id", "v", "price"]), &last, true));
+        let message = cat(&[("id", 1), ("v", 2), ("price_old", 3), ("price", 4)]);
+        assert!(numbers_place(
+            &s,
+            &rel(&["id", "v", "price_old", "price"]),
+            &message,
+            true
+        ));
     }
 
     #[test]

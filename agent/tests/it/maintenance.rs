@@ -584,3 +584,67 @@ async fn large_row_groups_are_compacted_by_copying_and_read_back_exactly() {
     assert_eq!(v["pruned"], 10, "{v}");
     assert_eq!(v["outside"], 0, "{v}");
 }
+
+/// A schema update is committed when its Relation message arrives, its rows at the next
+/// flush: in between the current schema is newer than the last snapshot's. Compaction read
+/// the files in the snapshot's schema and wrote them in the current one, and failed
+/// ("field id not found") at every run until the next append; the rewritten files must
+/// read back under the new schema with every row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compaction_between_a_schema_change_and_its_rows_keeps_every_row() {
+    let (pg, db, work, cfg) =
+        setup("[maintenance]\nenabled = false\nsnapshot_retention = \"1h\"\nmin_input_files = 4\n")
+            .await;
+    let agent = AgentProc::start_streaming(&cfg, &work.path().join("agent.log")).await;
+    let rows = trickle(&db, 0, 8).await;
+    wait_rows(&work, "ns.t", rows, 60).await;
+    assert_eq!(agent.terminate(), Some(0));
+    // The row after the change waits for a flush that does not come before the kill.
+    edit_config(
+        &cfg,
+        "flush_interval = \"300ms\"",
+        "flush_interval = \"1h\"",
+    );
+    let log = work.path().join("agent2.log");
+    let agent = AgentProc::start_streaming(&cfg, &log).await;
+    db.batch_execute(
+        "ALTER TABLE t RENAME COLUMN s TO label;
+         ALTER TABLE t ADD COLUMN extra int;
+         INSERT INTO t VALUES (100000, 'x', 1, 7);",
+    )
+    .await
+    .unwrap();
+    wait_log_line(&log, "the schema update", |l| {
+        l.contains("schema change followed") && l.contains("add extra")
+    })
+    .await;
+    agent.kill9();
+
+    let (code, out) = run_philotes(&["maintain", "--table", "ns.t"], &cfg);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("ns.t\tcompact\tok\trewrote"), "{out}");
+    assert_eq!(
+        health(&work, "ns.t", false)["missing"],
+        serde_json::json!([])
+    );
+
+    // The restarted agent streams the row; every row reads back (its label under the new
+    // name), old rows with no extra.
+    edit_config(
+        &cfg,
+        "flush_interval = \"1h\"",
+        "flush_interval = \"300ms\"",
+    );
+    let agent = AgentProc::start_streaming(&cfg, &work.path().join("agent3.log")).await;
+    let v = wait_source_equal(
+        &work,
+        "ns.t",
+        &pg,
+        "SELECT id, label, n, extra FROM t",
+        &["--duckdb"],
+        60,
+    )
+    .await;
+    assert_eq!(v["rows"], rows + 1, "{v}");
+    drop(agent);
+}

@@ -10,6 +10,7 @@ pub mod maintenance;
 pub mod manifests;
 pub mod mirror;
 pub mod partition;
+pub mod project;
 pub mod schema;
 pub mod table;
 pub(crate) mod writer;

@@ -10,6 +10,7 @@
 use std::collections::{HashMap, HashSet};
 
 use futures::TryStreamExt;
+use iceberg::arrow::schema_to_arrow_schema;
 use iceberg::spec::{DataFile, Operation, PrimitiveLiteral, Struct};
 use iceberg::table::Table;
 
@@ -307,9 +308,29 @@ async fn rewrite(
         .read(Box::pin(futures::stream::iter(tasks.into_iter().map(Ok))))?
         .stream();
     let mut out = OpenFiles::open_sized(table, Some(cfg.target_file_size as usize));
+    // The scan reads in its snapshot's schema; the files are written in the current one,
+    // which is newer after a schema change with no rows since (a column added: "field id
+    // not found" from the writer, every run until the next append).
+    let md = table.metadata();
+    let current = md.current_schema();
+    let older = md
+        .snapshot_by_id(snapshot)
+        .and_then(|s| s.schema_id())
+        .is_some_and(|id| id != current.schema_id());
+    let wanted = if older {
+        let arrow = schema_to_arrow_schema(current)?;
+        Some(crate::sink::iceberg::project::with_ids(&arrow))
+    } else {
+        None
+    };
     let mut rows = 0u64;
     while let Some(batch) = batches.try_next().await? {
         rows += batch.num_rows() as u64;
+        let batch = match &wanted {
+            Some(w) => crate::sink::iceberg::project::by_field_id(&batch, w)
+                .map_err(|e| MaintenanceError::Read(e.to_string()))?,
+            None => batch,
+        };
         out.send(batch)
             .await
             .map_err(|e| MaintenanceError::Write(e.to_string()))?;

@@ -27,10 +27,11 @@ use iceberg::arrow::ArrowFileReader;
 use iceberg::spec::{DataContentType, DataFile};
 use iceberg::table::Table;
 use parquet::arrow::arrow_reader::RowSelection;
-use parquet::arrow::{ParquetRecordBatchStreamBuilder, ProjectionMask, PARQUET_FIELD_ID_META_KEY};
+use parquet::arrow::{ParquetRecordBatchStreamBuilder, ProjectionMask};
 
 use self::files::DataWriter;
 use self::index::{Key, KeyBytes, KeyIndex, Loc};
+use super::project::{conform, field_id};
 use super::schema::{CDC_LSN, CDC_OP, CDC_UNCHANGED};
 use super::SinkError;
 use crate::model::Lsn;
@@ -708,7 +709,7 @@ impl MirrorWriter {
             for (file, (_, b)) in &read {
                 if let Some(a) = b.column_by_name(name) {
                     slot.insert(*file, arrays.len());
-                    arrays.push(conform(a, field.data_type())?);
+                    arrays.push(conform(a, field.data_type()).map_err(werr)?);
                 }
             }
             let mut index: Vec<(usize, usize)> = (0..rows.num_rows()).map(|i| (0, i)).collect();
@@ -1042,13 +1043,6 @@ async fn read_rows(
     .map_err(werr)
 }
 
-/// The Iceberg field id a Parquet column of a data file carries.
-fn field_id(f: &arrow_schema::Field) -> Option<i32> {
-    f.metadata()
-        .get(PARQUET_FIELD_ID_META_KEY)
-        .and_then(|v| v.parse::<i32>().ok())
-}
-
 /// Columns of `batch` the mirror holds (by name), in its schema (nested field ids retagged).
 fn project(batch: &RecordBatch, schema: &SchemaRef) -> Result<RecordBatch, SinkError> {
     let cols = schema
@@ -1058,36 +1052,10 @@ fn project(batch: &RecordBatch, schema: &SchemaRef) -> Result<RecordBatch, SinkE
             let c = batch.column_by_name(f.name()).ok_or_else(|| {
                 SinkError::Write(format!("column {:?} missing from the batch", f.name()))
             })?;
-            conform(c, f.data_type())
+            conform(c, f.data_type()).map_err(werr)
         })
         .collect::<Result<Vec<_>, _>>()?;
     RecordBatch::try_new(schema.clone(), cols).map_err(werr)
-}
-
-/// `a` as type `t` when they differ only in nested field metadata (list element ids).
-fn conform(a: &ArrayRef, t: &DataType) -> Result<ArrayRef, SinkError> {
-    if a.data_type() == t {
-        return Ok(a.clone());
-    }
-    match (a.data_type(), t) {
-        (DataType::List(_), DataType::List(to)) => {
-            let l = a.as_list::<i32>();
-            let values = conform(l.values(), to.data_type())?;
-            Ok(Arc::new(
-                ListArray::try_new(to.clone(), l.offsets().clone(), values, l.nulls().cloned())
-                    .map_err(werr)?,
-            ))
-        }
-        // A column widened since the file was written (Iceberg's promotions).
-        (DataType::Int32, DataType::Int64)
-        | (DataType::Float32, DataType::Float64)
-        | (DataType::Decimal128(_, _), DataType::Decimal128(_, _)) => {
-            arrow_cast::cast(a, t).map_err(werr)
-        }
-        (from, to) => Err(SinkError::Write(format!(
-            "column type {from} cannot be written as {to}"
-        ))),
-    }
 }
 
 /// Live files (data and deletes) of the table's current snapshot.

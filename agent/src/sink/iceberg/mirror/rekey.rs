@@ -7,8 +7,8 @@
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use arrow_array::{new_null_array, Array, ArrayRef, RecordBatch};
-use arrow_schema::{Field, Schema};
+use arrow_array::{Array, RecordBatch};
+use arrow_schema::Field;
 use iceberg::spec::DataContentType;
 use iceberg::table::Table;
 
@@ -218,27 +218,9 @@ pub(super) fn by_field_id(
     batch: &RecordBatch,
     wanted: &[(i32, Field)],
 ) -> Result<RecordBatch, SinkError> {
-    let columns: Vec<ArrayRef> = wanted
+    let wanted: Vec<(i32, arrow_schema::FieldRef)> = wanted
         .iter()
-        .map(|(id, field)| {
-            let Some(i) = batch
-                .schema()
-                .fields()
-                .iter()
-                .position(|f| super::field_id(f) == Some(*id))
-            else {
-                // Added after the file was written: no value in its rows.
-                return Ok(new_null_array(field.data_type(), batch.num_rows()));
-            };
-            let c = batch.column(i);
-            if c.data_type() == field.data_type() {
-                Ok(c.clone())
-            } else {
-                // A widened key column (int to bigint, a wider decimal).
-                arrow_cast::cast(c, field.data_type()).map_err(werr)
-            }
-        })
-        .collect::<Result<_, _>>()?;
-    let fields: Vec<Field> = wanted.iter().map(|(_, f)| f.clone()).collect();
-    RecordBatch::try_new(std::sync::Arc::new(Schema::new(fields)), columns).map_err(werr)
+        .map(|(id, f)| (*id, std::sync::Arc::new(f.clone())))
+        .collect();
+    crate::sink::iceberg::project::by_field_id(batch, &wanted).map_err(werr)
 }
