@@ -2463,59 +2463,31 @@ mod tests {
     #[test]
     fn numbers_place_a_relation_only_of_the_catalogs_time() {
         let (s, _) = recorded_schema();
+        let place = |names: &[&str], catalog: &[CatalogColumn], after_a_change| {
+            numbers_place(&s, &rel(names), catalog, after_a_change)
+        };
         // RENAME price TO price_old; ADD price: the message after it is the catalog's.
         let now = cat(&[("id", 1), ("price_old", 2), ("v", 3), ("price", 4)]);
-        assert!(numbers_place(
-            &s,
-            &rel(&["id", "price_old", "v", "price"]),
-            &now,
-            false
-        ));
+        assert!(place(&["id", "price_old", "v", "price"], &now, false));
         // The message from before it has `price` before `v`: names place it.
-        assert!(!numbers_place(&s, &rel(&["id", "price", "v"]), &now, true));
+        assert!(!place(&["id", "price", "v"], &now, true));
         // A first message naming only known columns may predate a swap the catalog shows.
         let swapped = cat(&[("id", 1), ("v", 2), ("price", 3)]);
-        assert!(!numbers_place(
-            &s,
-            &rel(&["id", "v", "price"]),
-            &swapped,
-            false
-        ));
-        assert!(numbers_place(
-            &s,
-            &rel(&["id", "v", "price"]),
-            &swapped,
-            true
-        ));
+        assert!(!place(&["id", "v", "price"], &swapped, false));
+        assert!(place(&["id", "v", "price"], &swapped, true));
         // A column dropped since (not in the catalog) or added since (the newest) leaves the
         // rest comparable; one renamed since is an older column the message lacks.
         let dropped = cat(&[("id", 1), ("v", 3)]);
-        assert!(numbers_place(
-            &s,
-            &rel(&["id", "price", "v"]),
-            &dropped,
-            true
-        ));
+        assert!(place(&["id", "price", "v"], &dropped, true));
         let added = cat(&[("id", 1), ("price", 2), ("v", 3), ("z", 4)]);
-        assert!(numbers_place(&s, &rel(&["id", "price", "v"]), &added, true));
+        assert!(place(&["id", "price", "v"], &added, true));
         let renamed = cat(&[("id", 1), ("cost", 2), ("v", 3)]);
-        assert!(!numbers_place(
-            &s,
-            &rel(&["id", "price", "v"]),
-            &renamed,
-            true
-        ));
+        assert!(!place(&["id", "price", "v"], &renamed, true));
         // The last column renamed and a new one under its name after the message: the
         // columns the message names line up, the renamed one is older than the new one.
         let last = cat(&[("id", 1), ("v", 2), ("price_old", 3), ("price", 4)]);
-        assert!(!numbers_place(&s, &rel(&["id", "v", "price"]), &last, true));
-        let message = cat(&[("id", 1), ("v", 2), ("price_old", 3), ("price", 4)]);
-        assert!(numbers_place(
-            &s,
-            &rel(&["id", "v", "price_old", "price"]),
-            &message,
-            true
-        ));
+        assert!(!place(&["id", "v", "price"], &last, true));
+        assert!(place(&["id", "v", "price_old", "price"], &last, true));
     }
 
     #[test]
