@@ -370,13 +370,20 @@ impl TableSink {
         }
         let md = self.table.metadata();
         let schema = md.current_schema();
-        let now: Vec<i32> = schema.identifier_field_ids().collect();
+        // Sets: the ids come out of a hash set, in another order from another schema (a
+        // composite key looked changed at every start and schema change, and the mirror was
+        // keyed again, every row read back, for nothing).
+        let now: std::collections::BTreeSet<i32> = schema.identifier_field_ids().collect();
         super::evolve::apply(
             schema,
             md.last_column_id(),
             &[ColumnChange::Key(key.clone())],
         )
-        .is_ok_and(|s| s.identifier_field_ids().collect::<Vec<_>>() != now)
+        .is_ok_and(|s| {
+            s.identifier_field_ids()
+                .collect::<std::collections::BTreeSet<_>>()
+                != now
+        })
     }
 
     /// Load or create the mirror table `ns.name` of `source`; the key index is rebuilt from
