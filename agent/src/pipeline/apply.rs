@@ -1997,7 +1997,7 @@ async fn evolve(
         catalog,
         matches!(described, Described::AfterAChange),
     );
-    let placed: HashMap<&str, Option<NestedFieldRef>> = if by_number {
+    let mut placed: HashMap<&str, Option<NestedFieldRef>> = if by_number {
         columns
             .iter()
             .map(|c| {
@@ -2010,6 +2010,14 @@ async fn evolve(
     } else {
         HashMap::new()
     };
+    // Two columns in one field would leave one without a field (a record out of step with
+    // the catalog): names place them then.
+    let ids: Vec<i32> = placed.values().flatten().map(|f| f.id).collect();
+    let by_number =
+        by_number && ids.len() == ids.iter().collect::<std::collections::HashSet<_>>().len();
+    if !by_number {
+        placed.clear();
+    }
     let claimed: std::collections::HashSet<i32> = placed.values().flatten().map(|f| f.id).collect();
     // A field named like a column but holding another source column that is gone (dropped,
     // or renamed away and its name taken): it keeps its values under a name of its own.
@@ -2207,10 +2215,10 @@ fn wanted_key(
 }
 
 /// Whether the catalog's column numbers (read now) place a Relation message's `columns` in
-/// their fields: the message is of the catalog's time (the columns both name are in the same
-/// order with the same types; one added since is the catalog's only, one dropped or renamed
-/// since the message's only), and
-/// it was sent after a change in this attempt or names a column the table lacks. The first
+/// their fields: the message is of the catalog's time (the catalog has all its columns, in
+/// its order, with its types, and a column only the catalog has is newer than all of them:
+/// added since), and it was sent after a change in this attempt or names a column the table
+/// lacks. The first
 /// message of an attempt may predate a change the catalog already shows (a column dropped and
 /// added again, names swapped): names place its columns then, as they were when it was sent.
 fn numbers_place(
@@ -2227,11 +2235,14 @@ fn numbers_place(
         .iter()
         .filter(|k| columns.iter().any(|c| c.name == k.name))
         .collect();
-    // A column the message lacks must be newer than all it has: one added since. An older
-    // one is a column renamed since (`RENAME price TO price_old; ADD price` after the
-    // message's point: the names it has would all line up).
+    // A column of the message the catalog lacks was dropped or renamed since: the numbers
+    // are of a later table (`DROP d; RENAME c TO d` after the message would put `c` and `d`
+    // in one field). A column the message lacks must be newer than all it has: one added
+    // since. An older one was renamed since (`RENAME price TO price_old; ADD price` after
+    // the message's point: the names it has would all line up).
     let newest = listed.iter().map(|k| k.attnum).max().unwrap_or(0);
-    let of_catalog = both.len() == listed.len()
+    let of_catalog = both.len() == columns.len()
+        && both.len() == listed.len()
         && both
             .iter()
             .zip(&listed)
@@ -2475,10 +2486,14 @@ mod tests {
         let swapped = cat(&[("id", 1), ("v", 2), ("price", 3)]);
         assert!(!place(&["id", "v", "price"], &swapped, false));
         assert!(place(&["id", "v", "price"], &swapped, true));
-        // A column dropped since (not in the catalog) or added since (the newest) leaves the
-        // rest comparable; one renamed since is an older column the message lacks.
+        // A column added since (the newest) leaves the rest comparable; one dropped since
+        // (not in the catalog) or renamed since (an older column the message lacks) not.
         let dropped = cat(&[("id", 1), ("v", 3)]);
-        assert!(place(&["id", "price", "v"], &dropped, true));
+        assert!(!place(&["id", "price", "v"], &dropped, true));
+        // `DROP v; RENAME price TO v` after the message: by the numbers `price` and `v`
+        // would both be the old `price`.
+        let moved = cat(&[("id", 1), ("v", 2)]);
+        assert!(!place(&["id", "price", "v"], &moved, true));
         let added = cat(&[("id", 1), ("price", 2), ("v", 3), ("z", 4)]);
         assert!(place(&["id", "price", "v"], &added, true));
         let renamed = cat(&[("id", 1), ("cost", 2), ("v", 3)]);
