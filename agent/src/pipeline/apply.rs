@@ -1262,6 +1262,18 @@ impl Applier {
             {
                 return Ok(i);
             }
+            // A schema update commits at once, the rows before it at the next flush: replayed
+            // after a crash in between, those rows met the new schema with their old Relation
+            // message, placed by names the change had moved (a column dropped and added
+            // again: the old values in the new field). When the change comes first in its
+            // transaction, what is buffered is of whole transactions: committed first.
+            if oid.is_some()
+                && self.in_stream.is_none()
+                && self.txn.is_some_and(|t| t.seq == 0)
+                && self.anything_uncommitted()
+            {
+                self.commit_buffered().await?;
+            }
             // The table changed shape: write what was buffered with the old layout first,
             // then follow the change (renames by column number, promotions in place, other
             // type changes beside the old column) in both tables.
@@ -1635,6 +1647,13 @@ impl Applier {
 
     /// Commit every dirty table (and dead letters) at the last complete transaction.
     async fn flush(&mut self, client: &ReplicationStream) -> Result<(), PipelineError> {
+        self.commit_buffered().await?;
+        self.ack(client);
+        Ok(())
+    }
+
+    /// Commit what is buffered, up to the last transaction received whole.
+    async fn commit_buffered(&mut self) -> Result<(), PipelineError> {
         let lsn = self.positions.last().lsn;
         // A root span: one trace per flush, whatever span the caller is in.
         let span = tracing::info_span!(
@@ -1650,7 +1669,6 @@ impl Applier {
             let (rows, dead_letters) = self.flush_inner(lsn).await?;
             // Inside the span: the flush's log line carries its trace id.
             self.flushed(lsn, rows, dead_letters);
-            self.ack(client);
             Ok(())
         }
         .instrument(span)

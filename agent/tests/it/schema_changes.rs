@@ -637,3 +637,64 @@ async fn columns_follow_their_numbers_when_names_move() {
     assert_eq!(schema_changes(&agent, "key").await, 0.0);
     never_left_streaming(&agent).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kill_after_a_schema_change_replays_the_rows_before_it_in_their_place() {
+    // A schema update commits when its Relation message arrives, the rows before it at the
+    // next flush. Killed in between, the agent replayed those rows with their old Relation
+    // message against the new schema: after `DROP c; ADD c` (the names as they were) a row
+    // changed before went to the new `c` (the mirror showed a value PostgreSQL no longer has).
+    let p = prepare(
+        "CREATE TABLE dk (id int PRIMARY KEY, c int, v text);
+         INSERT INTO dk SELECT g, g * 10, 'a' FROM generate_series(1, 10) g;",
+        &["dk"],
+        "mode = \"both\"\nsnapshot = \"initial\"",
+        "",
+    )
+    .await;
+    let cfg = p.cfg.clone();
+    let Running {
+        pg,
+        db,
+        work,
+        agent,
+        ..
+    } = p.streaming().await;
+    let log = work.path().join("agent2.log");
+    const DK: &str = "SELECT id, c, v FROM dk";
+    wait_mirror(&work, "ns.dk", &pg, DK).await;
+    agent.terminate();
+    // Rows wait for a flush that does not come before the kill.
+    edit_config(
+        &cfg,
+        "flush_interval = \"300ms\"",
+        "flush_interval = \"1h\"",
+    );
+    let agent = AgentProc::start_streaming(&cfg, &log).await;
+    execute_each(
+        &db,
+        &[
+            "UPDATE dk SET c = 99, v = 'b' WHERE id = 1",
+            "ALTER TABLE dk DROP COLUMN c",
+            "ALTER TABLE dk ADD COLUMN c int",
+            "UPDATE dk SET v = 'c' WHERE id = 2",
+        ],
+    )
+    .await;
+    wait_log_line(&log, "the schema update", |l| {
+        l.contains("schema change followed") && l.contains("replace c")
+    })
+    .await;
+    agent.kill9();
+    edit_config(
+        &cfg,
+        "flush_interval = \"1h\"",
+        "flush_interval = \"300ms\"",
+    );
+    let agent = AgentProc::start(&cfg, &work.path().join("agent3.log"));
+    agent.wait_streaming().await;
+    let v = wait_mirror(&work, "ns.dk", &pg, DK).await;
+    assert_eq!(v["rows"], 10, "{v}");
+    wait_changelog(&work, "ns.dk_changelog", &pg, DK).await;
+    never_left_streaming(&agent).await;
+}
