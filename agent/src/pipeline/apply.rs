@@ -1262,11 +1262,16 @@ impl Applier {
             {
                 return Ok(i);
             }
+            // The table changed shape: write what was buffered with the old layout first,
+            // then follow the change (renames by column number, promotions in place, other
+            // type changes beside the old column) in both tables.
+            let catalog = catalog_as_fields(self.catalog_columns(schema, name, oid).await?);
             // A schema update commits at once, the rows before it at the next flush: replayed
             // after a crash in between, those rows met the new schema with their old Relation
             // message, placed by names the change had moved (a column dropped and added
             // again: the old values in the new field). When the change comes first in its
-            // transaction, what is buffered is of whole transactions: committed first.
+            // transaction, what is buffered is of whole transactions: committed first (after
+            // the catalog is read, which should be as near the message's point as it can).
             if oid.is_some()
                 && self.in_stream.is_none()
                 && self.txn.is_some_and(|t| t.seq == 0)
@@ -1274,10 +1279,6 @@ impl Applier {
             {
                 self.commit_buffered().await?;
             }
-            // The table changed shape: write what was buffered with the old layout first,
-            // then follow the change (renames by column number, promotions in place, other
-            // type changes beside the old column) in both tables.
-            let catalog = catalog_as_fields(self.catalog_columns(schema, name, oid).await?);
             let lsn = self.change_lsn();
             self.close_files(i).await?;
             let t = &mut self.tables[i];
