@@ -1277,7 +1277,8 @@ impl Applier {
                 && self.txn.is_some_and(|t| t.seq == 0)
                 && self.anything_uncommitted()
             {
-                self.commit_buffered().await?;
+                // Confirmed at the next flush (the stream is not at hand here).
+                self.commit_buffered(None).await?;
             }
             let lsn = self.change_lsn();
             self.close_files(i).await?;
@@ -1648,13 +1649,15 @@ impl Applier {
 
     /// Commit every dirty table (and dead letters) at the last complete transaction.
     async fn flush(&mut self, client: &ReplicationStream) -> Result<(), PipelineError> {
-        self.commit_buffered().await?;
-        self.ack(client);
-        Ok(())
+        self.commit_buffered(Some(client)).await
     }
 
-    /// Commit what is buffered, up to the last transaction received whole.
-    async fn commit_buffered(&mut self) -> Result<(), PipelineError> {
+    /// Commit what is buffered, up to the last transaction received whole, and confirm it
+    /// to the server when `client` is given (the ack is part of the flush's trace).
+    async fn commit_buffered(
+        &mut self,
+        client: Option<&ReplicationStream>,
+    ) -> Result<(), PipelineError> {
         let lsn = self.positions.last().lsn;
         // A root span: one trace per flush, whatever span the caller is in.
         let span = tracing::info_span!(
@@ -1670,6 +1673,9 @@ impl Applier {
             let (rows, dead_letters) = self.flush_inner(lsn).await?;
             // Inside the span: the flush's log line carries its trace id.
             self.flushed(lsn, rows, dead_letters);
+            if let Some(c) = client {
+                self.ack(c);
+            }
             Ok(())
         }
         .instrument(span)
