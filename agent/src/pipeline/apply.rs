@@ -303,27 +303,19 @@ impl Applier {
 
     /// Whether a column of table `i` is another source column than its name's field holds
     /// (dropped and added again under its name, names swapped): the Relation message looks
-    /// the same then, only the catalog's numbers tell. Relation messages are rare (a connection's
-    /// start, a DDL), so the catalog is asked only for tables whose numbers were recorded.
-    async fn renumbered(
-        &mut self,
-        i: usize,
-        schema: &str,
-        name: &str,
-        oid: Option<u32>,
-    ) -> Result<bool, PipelineError> {
+    /// the same then, only the catalog's numbers tell.
+    fn renumbered(&self, i: usize, catalog: &[CatalogColumn]) -> Result<bool, PipelineError> {
         let Some(v) = self.tables[i].sink.property(SOURCE_COLUMNS_PROPERTY) else {
             return Ok(false);
         };
         let recorded = parse_source_columns(&v)?;
-        let catalog = catalog_as_fields(self.catalog_columns(schema, name, oid).await?);
         let number: HashMap<&str, i32> = catalog
             .iter()
             .map(|c| (c.name.as_str(), c.attnum))
             .collect();
         let t = &self.tables[i];
         let sink_schema = t.sink.schema();
-        Ok(numbers_place(sink_schema, &t.columns, &catalog, true)
+        Ok(numbers_place(sink_schema, &t.columns, catalog, true)
             && renumbered(sink_schema, &recorded, &number, &t.columns))
     }
 
@@ -1248,24 +1240,27 @@ impl Applier {
             // A column dropped and added again in its old place looks the same: only the
             // catalog's numbers tell, and only for a message sent after a change (the first
             // of an attempt may be older than the catalog).
-            let after_a_change = oid.is_some() && self.tables[i].relation_streamed;
-            let described = match (oid, after_a_change) {
+            let described = match (oid, self.tables[i].relation_streamed) {
                 (None, _) => Described::Catalog,
                 (Some(_), false) => Described::FirstMessage,
                 (Some(_), true) => Described::AfterAChange,
             };
             self.tables[i].relation_streamed |= oid.is_some();
-            if !self.tables[i].pending
+            let unchanged = !self.tables[i].pending
                 && self.tables[i].columns == columns
-                && was == full_identity
-                && !(after_a_change && self.renumbered(i, schema, name, oid).await?)
-            {
+                && was == full_identity;
+            if unchanged && described != Described::AfterAChange {
+                return Ok(i);
+            }
+            // Read once: for the numbers of a message that looks unchanged, and to follow a
+            // change.
+            let catalog = catalog_as_fields(self.catalog_columns(schema, name, oid).await?);
+            if unchanged && !self.renumbered(i, &catalog)? {
                 return Ok(i);
             }
             // The table changed shape: write what was buffered with the old layout first,
             // then follow the change (renames by column number, promotions in place, other
             // type changes beside the old column) in both tables.
-            let catalog = catalog_as_fields(self.catalog_columns(schema, name, oid).await?);
             // A schema update commits at once, the rows before it at the next flush: replayed
             // after a crash in between, those rows met the new schema with their old Relation
             // message, placed by names the change had moved (a column dropped and added
