@@ -298,6 +298,10 @@ fn run(c: &mut Command, name: &str) -> Result<(), LocalPgError> {
 }
 
 fn ensure_user(user: &str) -> Result<(), LocalPgError> {
+    // Clusters started at once on a fresh machine (the tests run two at a time) must not see
+    // the user half made by another's `useradd`: one initdb failed to chmod its directory.
+    static MAKING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _making = MAKING.lock().unwrap_or_else(|e| e.into_inner());
     let exists = Command::new("id")
         .arg("-u")
         .arg(user)

@@ -1,12 +1,13 @@
 //! Batches read from data files written under an older schema, in the table's schema now:
 //! columns found by Iceberg field id (a renamed field keeps its id), a field added since
-//! null, a promoted one cast (int → long, float → double, a wider decimal).
+//! null, a promoted one cast (int → long, float → double, a wider decimal); and a
+//! changelog's batch in its mirror's schema, by name.
 
 use std::sync::Arc;
 
 use arrow_array::cast::AsArray;
 use arrow_array::{new_null_array, Array, ArrayRef, ListArray, RecordBatch};
-use arrow_schema::{ArrowError, DataType, Field, FieldRef, Schema};
+use arrow_schema::{ArrowError, DataType, Field, FieldRef, Schema, SchemaRef};
 use parquet::arrow::PARQUET_FIELD_ID_META_KEY;
 
 /// The Iceberg field id an Arrow field carries (`PARQUET:field_id`).
@@ -66,6 +67,26 @@ pub fn by_field_id(
     RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)
 }
 
+/// `batch` as `schema`'s fields, found by name (nested field ids retagged). A field the batch
+/// has no value for is null: a mirror's batches are in its changelog's schema, whose columns
+/// moved aside by type changes (`<name>__before_<lsn>`) hold no new values and may be named
+/// or typed otherwise than the mirror's (a mirror made before its changelog, a replay that
+/// met a change one of the two tables had already committed).
+pub fn by_name(batch: &RecordBatch, schema: &SchemaRef) -> Result<RecordBatch, ArrowError> {
+    let rows = batch.num_rows();
+    let columns = schema
+        .fields()
+        .iter()
+        .map(|f| match batch.column_by_name(f.name()) {
+            Some(c) if c.data_type() == f.data_type() || c.null_count() < rows => {
+                conform(c, f.data_type())
+            }
+            _ => Ok(new_null_array(f.data_type(), rows)),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    RecordBatch::try_new(schema.clone(), columns)
+}
+
 /// The fields of `schema` (an Iceberg table's, as Arrow) with their field ids.
 pub fn with_ids(schema: &Schema) -> Vec<(i32, FieldRef)> {
     schema
@@ -116,5 +137,38 @@ mod tests {
         // A type no promotion reaches is an error, not a silent cast.
         let text_id = Schema::new(vec![field("id", DataType::Utf8, 1)]);
         assert!(by_field_id(&old, &with_ids(&text_id)).is_err());
+    }
+
+    #[test]
+    fn by_name_leaves_what_the_batch_has_no_value_for_null() {
+        // A changelog batch: `b` moved aside as text, `c__before_9` all null as text.
+        let batch = RecordBatch::try_new(
+            Arc::new(Schema::new(vec![
+                field("id", DataType::Int32, 1),
+                field("b", DataType::Utf8, 2),
+                field("c__before_9", DataType::Utf8, 3),
+            ])),
+            vec![
+                Arc::new(Int32Array::from(vec![1, 2])),
+                Arc::new(StringArray::from(vec!["x", "y"])),
+                Arc::new(StringArray::from(vec![None::<&str>, None])),
+            ],
+        )
+        .unwrap();
+        // The mirror: `c__before_9` is an integer there, `d__before_7` only the mirror has.
+        let mirror: SchemaRef = Arc::new(Schema::new(vec![
+            field("id", DataType::Int64, 1),
+            field("b", DataType::Utf8, 2),
+            field("c__before_9", DataType::Int64, 4),
+            field("d__before_7", DataType::Float64, 5),
+        ]));
+        let b = by_name(&batch, &mirror).unwrap();
+        assert_eq!(b.schema(), mirror);
+        assert_eq!(b.column(1).as_string::<i32>().value(1), "y");
+        assert_eq!(b.column(2).null_count(), 2);
+        assert_eq!(b.column(3).null_count(), 2);
+        // A value of a type the field cannot take is an error, never dropped.
+        let int_b: SchemaRef = Arc::new(Schema::new(vec![field("b", DataType::Int64, 2)]));
+        assert!(by_name(&batch, &int_b).is_err());
     }
 }

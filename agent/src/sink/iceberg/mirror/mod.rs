@@ -31,7 +31,7 @@ use parquet::arrow::{ParquetRecordBatchStreamBuilder, ProjectionMask};
 
 use self::files::DataWriter;
 use self::index::{Key, KeyBytes, KeyIndex, Loc};
-use super::project::{conform, field_id};
+use super::project::{by_name, conform, field_id};
 use super::schema::{CDC_LSN, CDC_OP, CDC_UNCHANGED};
 use super::SinkError;
 use crate::model::Lsn;
@@ -1043,19 +1043,9 @@ async fn read_rows(
     .map_err(werr)
 }
 
-/// Columns of `batch` the mirror holds (by name), in its schema (nested field ids retagged).
+/// Columns of `batch` the mirror holds (by name), in its schema (see [`by_name`]).
 fn project(batch: &RecordBatch, schema: &SchemaRef) -> Result<RecordBatch, SinkError> {
-    let cols = schema
-        .fields()
-        .iter()
-        .map(|f| {
-            let c = batch.column_by_name(f.name()).ok_or_else(|| {
-                SinkError::Write(format!("column {:?} missing from the batch", f.name()))
-            })?;
-            conform(c, f.data_type()).map_err(werr)
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    RecordBatch::try_new(schema.clone(), cols).map_err(werr)
+    by_name(batch, schema).map_err(werr)
 }
 
 /// Live files (data and deletes) of the table's current snapshot.
