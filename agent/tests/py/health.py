@@ -4,7 +4,7 @@
 Prints one JSON object: snapshot count and operations, data files in the current snapshot,
 every file the metadata references (manifest lists, manifests, data files of every retained
 snapshot, the metadata log) and whether it exists, the metadata files on disk, and the row
-count of each retained snapshot read by time travel.
+count of each retained snapshot read by time travel, and the schemas the metadata holds.
 """
 import argparse
 import json
@@ -67,6 +67,13 @@ def main():
         "metadata_files_on_disk": len(on_disk),
         "metadata_json_bytes": os.path.getsize(local(t.metadata_location)),
         "rows": t.scan().to_arrow().num_rows,
+        "schemas": len(t.metadata.schemas),
+        # Snapshots whose schema is no longer in the metadata (time travel to them fails).
+        "snapshots_without_schema": [
+            s.snapshot_id
+            for s in snaps
+            if s.schema_id is not None and s.schema_id not in {x.schema_id for x in t.metadata.schemas}
+        ],
     }
     if args.time_travel:
         out["time_travel_rows"] = {
