@@ -656,17 +656,41 @@ async fn maintenance_through_the_rest_catalog_on_seaweedfs() {
         Duration::from_millis(400),
     )
     .await;
+    // Schema changes between the batches: expiry removes the schemas no snapshot uses
+    // through the REST catalog too.
+    for (k, c) in ["a", "b", "c"].iter().enumerate() {
+        db.batch_execute(&format!("ALTER TABLE t ADD COLUMN {c} int"))
+            .await
+            .expect("add column");
+        insert_batches(
+            &db,
+            "t",
+            "g, 'r' || g",
+            140 + 20 * k as i64,
+            2,
+            10,
+            Duration::from_millis(400),
+        )
+        .await;
+    }
     let args = weed.reader_args();
-    wait_read_rows(&args, 140, 90).await;
+    wait_read_rows(&args, 200, 90).await;
     wait_for(Duration::from_secs(60), "compaction and expiry", || async {
         let log = agent.log_text();
-        (log.contains("maintenance: rewrote") && log.contains("maintenance: expired")).then_some(())
+        (log.contains("maintenance: rewrote")
+            && log.contains("maintenance: expired")
+            && log.contains("unused schemas"))
+        .then_some(())
     })
     .await;
     let log = agent.log_text();
     assert!(!log.contains("maintenance failed"), "{log}");
+    assert!(
+        !log.contains("unused schemas kept"),
+        "the REST catalog takes remove-schemas: {log}"
+    );
     let v = verify_against(&args, &pg, "SELECT id, s FROM t");
-    assert_eq!(v["rows"], 140, "{v}");
+    assert_eq!(v["rows"], 200, "{v}");
     assert_eq!(v["unique"], true, "{v}");
     assert_eq!(v["state_equal"], true, "{}", v["state_diff"]);
     assert_eq!(agent.terminate(), Some(0));
