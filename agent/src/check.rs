@@ -148,6 +148,7 @@ async fn check_source(
     }
     s.check_tables(&tables).await?;
     s.check_partitioned(&p.publication_name(), &tables).await?;
+    s.check_operations(&p.publication_name()).await?;
     // With `[ha]` another agent streaming from the slot is the leader this one stands by for.
     if standby_allowed {
         return Ok(());
@@ -173,7 +174,8 @@ async fn check_source(
 }
 
 /// Problems found at start-up that no retry can cure (wrong `wal_level`, missing tables, a slot
-/// held by another agent, a publication that would leave a partitioned table out).
+/// held by another agent, a publication that would leave a partitioned table or an operation
+/// out).
 /// Unreachable sources are not among them: `run` keeps retrying those.
 pub async fn fatal_source_problems(cfg: &Config) -> Vec<String> {
     let mut problems = Vec::new();

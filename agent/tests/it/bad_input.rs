@@ -381,6 +381,32 @@ async fn a_view_or_an_unlogged_table_is_refused_as_what_it_is() {
 /// A publication that sends a partitioned table's changes under its partitions' names would
 /// leave them out (the partitions are not configured): refused, naming the fix.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publication_leaving_out_deletes_is_refused() {
+    // A publication made by hand `WITH (publish = 'insert, update')` streamed without a word:
+    // no delete ever reached Iceberg, and the mirror kept every deleted row.
+    let p = prepare(
+        "CREATE TABLE t (id int PRIMARY KEY, v text);
+         CREATE PUBLICATION philotes_p FOR TABLE t WITH (publish = 'insert, update');",
+        &["t"],
+        "mode = \"both\"",
+        "",
+    )
+    .await;
+    for cmd in ["check", "run"] {
+        let (code, out) = run_philotes(&[cmd], &p.cfg);
+        assert_eq!(code, 2, "{cmd}: {out}");
+        let lines = problem_lines(&out);
+        assert_eq!(lines.len(), 1, "{cmd}: {out}");
+        assert!(
+            lines[0].contains("does not publish delete, truncate")
+                && lines[0].contains("SET (publish = 'insert, update, delete, truncate')"),
+            "{cmd}: {}",
+            lines[0]
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_publication_leaving_out_a_partitioned_table_is_refused() {
     let p = prepare(
         "CREATE TABLE m (id int, at date NOT NULL, PRIMARY KEY (id, at)) PARTITION BY RANGE (at);

@@ -552,6 +552,32 @@ impl Session {
         Ok(true)
     }
 
+    /// Refuse a publication (if it exists) that leaves out inserts, updates, deletes or
+    /// truncates (`WITH (publish = …)`): those changes would never reach Iceberg, and a
+    /// mirror would keep every deleted row, with nothing to tell.
+    pub async fn check_operations(&mut self, publication: &str) -> Result<(), SourceError> {
+        // `pubtruncate` is PostgreSQL 11's; to_jsonb reads it where it exists.
+        let sql = format!(
+            "SELECT concat_ws(',', CASE WHEN NOT pubinsert THEN 'insert' END, \
+             CASE WHEN NOT pubupdate THEN 'update' END, CASE WHEN NOT pubdelete THEN 'delete' END, \
+             CASE WHEN to_jsonb(p) ->> 'pubtruncate' = 'false' THEN 'truncate' END) \
+             FROM pg_catalog.pg_publication p WHERE pubname = {}",
+            quote_literal(publication)
+        );
+        let missing = self.scalar(&sql).await?.unwrap_or_default();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        Err(SourceError::Publication {
+            publication: publication.into(),
+            reason: format!(
+                "it does not publish {}: those changes would never reach Iceberg; run ALTER PUBLICATION {} SET (publish = 'insert, update, delete, truncate')",
+                missing.replace(',', ", "),
+                quote_ident(publication)
+            ),
+        })
+    }
+
     /// Create the publication if missing (publishing partitioned tables under their own name),
     /// and add configured tables it lacks.
     pub async fn ensure_publication(
@@ -560,6 +586,7 @@ impl Session {
         tables: &[(String, String)],
     ) -> Result<(), SourceError> {
         let partitioned = self.check_partitioned(publication, tables).await?;
+        self.check_operations(publication).await?;
         let list = tables
             .iter()
             .map(|(s, t)| format!("{}.{}", quote_ident(s), quote_ident(t)))
