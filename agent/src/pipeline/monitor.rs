@@ -1,7 +1,7 @@
 //! Slot monitor: how much WAL the slot retains, from `pg_replication_slots`, every few seconds;
 //! the `max_slot_lag_bytes` alarm; the optional heartbeat; and whether the configured tables
 //! are still the published ones (a dropped table leaves the publication without a message in
-//! the stream).
+//! the stream), and whether the publication still publishes every operation.
 //!
 //! It runs on its own session (a replication connection that never starts streaming), so it
 //! keeps reporting while the stream is busy or reconnecting.
@@ -13,7 +13,7 @@ use super::status::SharedStatus;
 use crate::source::postgres::conn::SourceUrl;
 use crate::source::postgres::session::{Session, SourceError};
 use crate::telemetry::events::{
-    CopyReason, PartitionsMoved, SlotLagMeasured, TableLeftPublication,
+    CopyReason, PartitionsMoved, PublicationLeavesOut, SlotLagMeasured, TableLeftPublication,
 };
 use crate::telemetry::SourceMetrics;
 
@@ -57,6 +57,8 @@ pub async fn slot_lag_loop(cfg: MonitorConfig, metrics: SourceMetrics, status: S
     let mut gone: HashSet<u32> = HashSet::new();
     // The leaf partitions of each partitioned table streamed, as last seen.
     let mut leaves: Option<Leaves> = None;
+    // Whether the publication's missing operations were reported (again when fixed and lost).
+    let mut leaves_out = false;
     loop {
         match Session::connect(&url, &slot, &publication, None).await {
             Ok(mut session) => loop {
@@ -118,6 +120,23 @@ pub async fn slot_lag_loop(cfg: MonitorConfig, metrics: SourceMetrics, status: S
                             tracing::debug!(slot, "publication check failed: {e}");
                             break;
                         }
+                    }
+                }
+                match session.check_operations(&publication).await {
+                    Ok(()) => leaves_out = false,
+                    Err(SourceError::Publication { reason, .. }) => {
+                        if !leaves_out {
+                            PublicationLeavesOut {
+                                publication: &publication,
+                                reason: &reason,
+                            }
+                            .emit(&metrics);
+                        }
+                        leaves_out = true;
+                    }
+                    Err(e) => {
+                        tracing::debug!(slot, "publication operations check failed: {e}");
+                        break;
                     }
                 }
                 if let Err(e) = watch_partitions(&mut session, &tables, &mut leaves, &metrics).await

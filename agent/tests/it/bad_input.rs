@@ -1,6 +1,7 @@
 //! Bad configuration and unusable sources: exit status 2 and one line naming the problem.
 
 use std::process::Command;
+use std::time::Duration;
 
 use crate::common::*;
 use philotes::demo::postgres::LocalPgOptions;
@@ -404,6 +405,54 @@ async fn a_publication_leaving_out_deletes_is_refused() {
             lines[0]
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publication_that_stops_publishing_deletes_while_streaming_is_reported() {
+    // PostgreSQL decodes no delete made while the publication leaves deletes out, even after
+    // it is fixed: the loss cannot be undone, only told (once) and counted.
+    let (_pg, db, _work, agent) =
+        running("CREATE TABLE t (id int PRIMARY KEY, v text)", &["t"], "")
+            .await
+            .parts();
+    db.batch_execute("ALTER PUBLICATION philotes_p SET (publish = 'insert, update')")
+        .await
+        .expect("alter publication");
+    wait_for(
+        Duration::from_secs(30),
+        "the publication leaving deletes out",
+        || async {
+            agent
+                .log_text()
+                .lines()
+                .any(|l| {
+                    l.contains("WARN")
+                    && l.contains(
+                        "no longer publishes every operation (it does not publish delete, truncate",
+                    )
+                })
+                .then_some(())
+        },
+    )
+    .await;
+    let addr = agent.api_addr().expect("API address");
+    assert!(
+        metric_value(
+            &addr,
+            "philotes_cdc_errors_total",
+            "error_type=\"config\",source=\"p\""
+        )
+        .await
+            >= 1.0
+    );
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let warned = agent
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("no longer publishes every operation"))
+        .count();
+    assert_eq!(warned, 1, "told once, not at every check");
+    drop(agent);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -13,9 +13,9 @@ pub use pipeline::{
     AppliedTable, BatchCommitted, BatchFailed, BufferChanged, ChangeReceived, CommitFenced,
     CopyReason, DeadLettered, FilesWritten, LeaderDeposed, LeaderSession, LeadershipLost,
     LeadershipTaken, MirrorCommitted, MirrorRekeyed, MirrorRowsWithoutKey, PartitionsMoved,
-    PipelineRetrying, SchemaChanged, SlotLagMeasured, SpoolChanged, StaleRowsAfterSchemaChange,
-    StandingBy, StateChanged, TableCommitted, TableCopiedAgain, TableLeftPublication,
-    TransactionApplied,
+    PipelineRetrying, PublicationLeavesOut, SchemaChanged, SlotLagMeasured, SpoolChanged,
+    StaleRowsAfterSchemaChange, StandingBy, StateChanged, TableCommitted, TableCopiedAgain,
+    TableLeftPublication, TransactionApplied,
 };
 
 pub use crate::model::ErrorType;

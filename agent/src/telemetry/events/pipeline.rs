@@ -393,6 +393,28 @@ impl TableLeftPublication<'_> {
     }
 }
 
+/// The pipeline's publication stopped publishing an operation while the agent streams
+/// (`ALTER PUBLICATION … SET (publish = …)`): PostgreSQL decodes nothing of it from then on,
+/// and nothing in the stream says so.
+pub struct PublicationLeavesOut<'a> {
+    /// The pipeline's publication.
+    pub publication: &'a str,
+    /// What it leaves out, and the fix.
+    pub reason: &'a str,
+}
+
+impl PublicationLeavesOut<'_> {
+    /// Log and count (`error_type="config"`).
+    pub fn emit(&self, m: &SourceMetrics) {
+        m.error(ErrorType::Config);
+        tracing::warn!(
+            publication = self.publication,
+            "the publication no longer publishes every operation ({}): the changes it leaves out are not streamed and never will be; once it is fixed, copy the tables changed meanwhile again (docs/operations.md, \"Copying a table again\")",
+            self.reason
+        );
+    }
+}
+
 /// A mirror table holds rows without a value in a key column (PostgreSQL filled the column
 /// in without sending the rows: a column added with a default, or rewritten by a type change,
 /// then the key): no change can name them, and its compaction is off so as not to drop them.
