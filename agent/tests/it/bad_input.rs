@@ -315,19 +315,28 @@ fn unreachable_source_fails_check_with_one_line() {
     );
 }
 
+/// `check` and `run` with `cfg` both exit 2 with one problem line holding every `needle`.
+fn refused_by_check_and_run(cfg: &std::path::Path, needles: &[&str]) {
+    for cmd in ["check", "run"] {
+        let (code, out) = run_philotes(&[cmd], cfg);
+        assert_eq!(code, 2, "{cmd}: {out}");
+        let lines = problem_lines(&out);
+        assert_eq!(lines.len(), 1, "{cmd}: {out}");
+        assert!(
+            needles.iter().all(|n| lines[0].contains(n)),
+            "{cmd}: {}",
+            lines[0]
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wal_level_replica_is_refused() {
     let mut opts = LocalPgOptions::default();
     opts.settings.retain(|(k, _)| k != "wal_level");
     opts.settings.push(("wal_level".into(), "replica".into()));
     let p = prepare_with(opts, "CREATE TABLE t (id int PRIMARY KEY)", &["t"], "", "").await;
-    for cmd in ["check", "run"] {
-        let (code, out) = run_philotes(&[cmd], &p.cfg);
-        assert_eq!(code, 2, "{cmd}: {out}");
-        let lines = problem_lines(&out);
-        assert_eq!(lines.len(), 1, "{cmd}: {out}");
-        assert!(lines[0].contains("wal_level"), "{cmd}: {}", lines[0]);
-    }
+    refused_by_check_and_run(&p.cfg, &["wal_level"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -365,22 +374,10 @@ async fn a_view_or_an_unlogged_table_is_refused_as_what_it_is() {
     ] {
         let work = Workdir::new();
         let cfg = work.config(&pg.url("app"), &["public.base", table], "", "");
-        for cmd in ["check", "run"] {
-            let (code, out) = run_philotes(&[cmd], &cfg);
-            assert_eq!(code, 2, "{cmd} {table}: {out}");
-            let lines = problem_lines(&out);
-            assert_eq!(lines.len(), 1, "{cmd} {table}: {out}");
-            assert!(
-                lines[0].contains(table) && lines[0].contains(what),
-                "{cmd}: {}",
-                lines[0]
-            );
-        }
+        refused_by_check_and_run(&cfg, &[table, what]);
     }
 }
 
-/// A publication that sends a partitioned table's changes under its partitions' names would
-/// leave them out (the partitions are not configured): refused, naming the fix.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_publication_leaving_out_deletes_is_refused() {
     // A publication made by hand `WITH (publish = 'insert, update')` streamed without a word:
@@ -393,18 +390,13 @@ async fn a_publication_leaving_out_deletes_is_refused() {
         "",
     )
     .await;
-    for cmd in ["check", "run"] {
-        let (code, out) = run_philotes(&[cmd], &p.cfg);
-        assert_eq!(code, 2, "{cmd}: {out}");
-        let lines = problem_lines(&out);
-        assert_eq!(lines.len(), 1, "{cmd}: {out}");
-        assert!(
-            lines[0].contains("does not publish delete, truncate")
-                && lines[0].contains("SET (publish = 'insert, update, delete, truncate')"),
-            "{cmd}: {}",
-            lines[0]
-        );
-    }
+    refused_by_check_and_run(
+        &p.cfg,
+        &[
+            "does not publish delete, truncate",
+            "SET (publish = 'insert, update, delete, truncate')",
+        ],
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -455,6 +447,8 @@ async fn a_publication_that_stops_publishing_deletes_while_streaming_is_reported
     drop(agent);
 }
 
+/// A publication that sends a partitioned table's changes under its partitions' names would
+/// leave them out (the partitions are not configured): refused, naming the fix.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_publication_leaving_out_a_partitioned_table_is_refused() {
     let p = prepare(
@@ -466,15 +460,5 @@ async fn a_publication_leaving_out_a_partitioned_table_is_refused() {
         "",
     )
     .await;
-    for cmd in ["check", "run"] {
-        let (code, out) = run_philotes(&[cmd], &p.cfg);
-        assert_eq!(code, 2, "{cmd}: {out}");
-        let lines = problem_lines(&out);
-        assert_eq!(lines.len(), 1, "{cmd}: {out}");
-        assert!(
-            lines[0].contains("public.m") && lines[0].contains("publish_via_partition_root = true"),
-            "{cmd}: {}",
-            lines[0]
-        );
-    }
+    refused_by_check_and_run(&p.cfg, &["public.m", "publish_via_partition_root = true"]);
 }
