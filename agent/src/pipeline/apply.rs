@@ -25,8 +25,8 @@ use crate::sink::iceberg::commit::Committer;
 use crate::sink::iceberg::evolve::{promotable, ColumnChange};
 use crate::sink::iceberg::mirror::MirrorKey;
 use crate::sink::iceberg::schema::{
-    changelog_partition, changelog_schema, dlq_schema, field_name, kind_of, CHANGELOG_SUFFIX,
-    DLQ_TABLE,
+    self, changelog_partition, changelog_schema, dlq_schema, field_name, kind_of, CHANGELOG_SUFFIX,
+    DLQ_TABLE, SOURCE_COLUMNS_PROPERTY,
 };
 use crate::sink::iceberg::table::{Committed, MirrorSource, PropertyChanges, TableOptions};
 use crate::sink::iceberg::{SinkError, TableSink};
@@ -1927,10 +1927,6 @@ pub(super) const SOURCE_NAME_PROPERTY: &str = "philotes.source-name";
 /// dropped and created again is another relation: its rows are copied again).
 pub(super) const SOURCE_OID_PROPERTY: &str = "philotes.source-oid";
 
-/// Table property: each source column's number (`attnum`) by the Iceberg field holding it
-/// (`field:attnum,…`), which tells a renamed column from a dropped one and a new one.
-const SOURCE_COLUMNS_PROPERTY: &str = "philotes.source-columns";
-
 /// The type of a relation column's binary form: what the catalog says for the column with
 /// that type (a domain's base type, text for an enum), else the type itself.
 fn binary_oid(c: &RelationColumn, catalog: &[CatalogColumn]) -> u32 {
@@ -2389,18 +2385,7 @@ fn parse_dlq_floors(
 /// `field:attnum,…` → attnum by field id. An entry that cannot be read is an error: dropping
 /// it would make a renamed column look new (its values would go to a fresh, empty column).
 fn parse_source_columns(v: &str) -> Result<HashMap<i32, i32>, PipelineError> {
-    v.split(',')
-        .filter(|p| !p.trim().is_empty())
-        .map(|p| {
-            p.split_once(':')
-                .and_then(|(f, a)| Some((f.trim().parse().ok()?, a.trim().parse().ok()?)))
-                .ok_or_else(|| {
-                    PipelineError::State(format!(
-                        "table property {SOURCE_COLUMNS_PROPERTY} has an entry {p:?} that is not <field id>:<attnum>; fix the property"
-                    ))
-                })
-        })
-        .collect()
+    schema::parse_source_columns(v).map_err(PipelineError::State)
 }
 
 /// Log and count the changes of `table`, and the columns the source dropped (they stay in

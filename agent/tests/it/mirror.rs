@@ -1086,6 +1086,69 @@ async fn a_changelog_added_beside_a_mirror_with_a_moved_aside_column_streams() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyless_mirror_follows_a_dropped_and_a_retyped_column() {
+    // A mirror without a key (`REPLICA IDENTITY FULL`) finds a row by its whole row. The
+    // columns it matched by stayed those the table was made with, so after `DROP COLUMN b`
+    // (or a type change that moves `c` aside) the new rows had no value there: every UPDATE
+    // added a row beside the old one and every DELETE left it, silently.
+    let Running {
+        pg,
+        db,
+        work,
+        agent,
+        ..
+    } = prepare(
+        "CREATE TABLE fk (a int, b text, c int);
+         ALTER TABLE fk REPLICA IDENTITY FULL;
+         INSERT INTO fk SELECT g, 'b' || g, g FROM generate_series(1, 60) g;
+         INSERT INTO fk SELECT g, 'b' || g, g FROM generate_series(1, 5) g;",
+        &["fk"],
+        "mode = \"mirror\"\nsnapshot = \"initial\"",
+        "",
+    )
+    .await
+    .streaming()
+    .await;
+    let multiset = ["--multiset"];
+    wait_mirrored_with(
+        &work,
+        "ns.fk",
+        &pg,
+        "SELECT a, b, c FROM fk",
+        "a",
+        &multiset,
+    )
+    .await;
+    execute_each(
+        &db,
+        &[
+            "ALTER TABLE fk DROP COLUMN b",
+            "UPDATE fk SET c = c + 1000 WHERE a <= 10",
+            "DELETE FROM fk WHERE a > 50",
+        ],
+    )
+    .await;
+    let v = wait_mirrored_with(&work, "ns.fk", &pg, "SELECT a, c FROM fk", "a", &multiset).await;
+    assert_eq!(v["rows"], 55, "{v}");
+    execute_each(
+        &db,
+        &[
+            "ALTER TABLE fk ALTER c TYPE text USING c::text",
+            "UPDATE fk SET c = c || '!' WHERE a BETWEEN 11 AND 20",
+            "DELETE FROM fk WHERE a BETWEEN 41 AND 45",
+            "UPDATE fk SET c = 'later' WHERE a = 30",
+        ],
+    )
+    .await;
+    // Rows untouched since the type change have no value in the new `c` (PostgreSQL rewrote
+    // them without sending them): compare `c` where a change sent it.
+    const SENT: &str = "SELECT a, CASE WHEN a BETWEEN 11 AND 20 OR a = 30 THEN c END AS c FROM fk";
+    let v = wait_mirrored_with(&work, "ns.fk", &pg, SENT, "a", &multiset).await;
+    assert_eq!(v["rows"], 50, "{v}");
+    assert_eq!(agent.terminate(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_mirror_alone_follows_a_truncate_and_a_copy_taken_again() {
     // `mode = "mirror"` builds its batches in the mirror's shape, whose key columns are
     // required: a TRUNCATE's row (no values at all) stopped the pipeline, retried forever,

@@ -6,6 +6,7 @@ use iceberg::spec::{
 };
 
 use crate::model::{Column, ColumnKind};
+use std::collections::HashMap;
 use std::sync::Arc;
 
 /// `_cdc_op`: I, U, D, T or R.
@@ -30,6 +31,28 @@ pub fn field_name(name: &str) -> Option<String> {
     CDC_COLUMNS
         .contains(&name)
         .then(|| format!("{RESERVED_PREFIX}{name}"))
+}
+
+/// Table property: each source column's number by the Iceberg field holding it
+/// (`field:number,…`, the numbers opaque here), which tells a renamed column from a dropped
+/// one and a new one. The fields it lists are the ones that hold a source column now.
+pub const SOURCE_COLUMNS_PROPERTY: &str = "philotes.source-columns";
+
+/// [`SOURCE_COLUMNS_PROPERTY`]'s value → source column number by field id; an entry that
+/// cannot be read is an error naming it.
+pub fn parse_source_columns(v: &str) -> Result<HashMap<i32, i32>, String> {
+    v.split(',')
+        .filter(|p| !p.trim().is_empty())
+        .map(|p| {
+            p.split_once(':')
+                .and_then(|(f, a)| Some((f.trim().parse().ok()?, a.trim().parse().ok()?)))
+                .ok_or_else(|| {
+                    format!(
+                        "table property {SOURCE_COLUMNS_PROPERTY} has an entry {p:?} that is not <field id>:<attnum>; fix the property"
+                    )
+                })
+        })
+        .collect()
 }
 
 /// Snapshot summary property holding the last source commit LSN in the table.

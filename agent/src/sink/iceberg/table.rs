@@ -580,6 +580,11 @@ impl TableSink {
                 })?;
             self.fence_on(&table)?;
             self.table = table;
+            // A whole-row mirror key follows the columns the source has now: a dropped
+            // column leaves it (its field stays, null from now on).
+            if let Some(m) = self.mirror.as_mut() {
+                m.schema_changed(&self.table).await?;
+            }
             return Ok(None);
         }
         // Files being written have the old schema: finish them first.

@@ -423,10 +423,19 @@ impl MirrorWriter {
     /// needs nothing staged: with changes pending the write fails and the pipeline reopens
     /// the table (its replay then builds keys the new way).
     pub async fn schema_changed(&mut self, table: &Table) -> Result<(), SinkError> {
-        let before = self.keys.as_ref().map(|k| k.types.clone());
+        let before = self
+            .keys
+            .as_ref()
+            .map(|k| (k.names.clone(), k.types.clone()));
         self.set_schema(table)?;
         let encoder = self.encoder(table)?;
-        let same = encoder.as_ref().map(|e| &e.types) == before.as_ref();
+        let now = encoder.as_ref().map(|e| (e.names.clone(), e.types.clone()));
+        // A whole-row key changes columns with the table (see `row_key_columns`); a key
+        // column renamed is the same key.
+        let same = match (&now, &before) {
+            (Some((n, t)), Some((bn, bt))) => t == bt && (!self.whole_row || n == bn),
+            (a, b) => a == b,
+        };
         if same {
             self.keys = encoder;
             return Ok(());
@@ -1122,11 +1131,31 @@ fn row_key_columns(table: &Table) -> Vec<String> {
     let first_cdc = schema
         .field_by_name(super::schema::CDC_LSN)
         .map_or(i32::MAX, |f| f.id);
-    schema
-        .as_struct()
-        .fields()
+    // Only fields that hold a source column now: a column dropped, or moved aside by a type
+    // change, gets no value in new rows, so the rows before would never match by it again
+    // (an UPDATE after `DROP COLUMN` added a row beside the old one, a DELETE left it).
+    let live: Option<HashSet<i32>> = table
+        .metadata()
+        .properties()
+        .get(super::schema::SOURCE_COLUMNS_PROPERTY)
+        .and_then(|v| super::schema::parse_source_columns(v).ok())
+        .map(|m| m.into_keys().collect());
+    let source = |id: i32, name: &str| {
+        !name.starts_with("_cdc_") && live.as_ref().is_none_or(|l| l.contains(&id))
+    };
+    let fields = schema.as_struct().fields();
+    let original: Vec<String> = fields
         .iter()
-        .filter(|f| f.id < first_cdc && !f.name.starts_with("_cdc_"))
+        .filter(|f| f.id < first_cdc && source(f.id, &f.name))
+        .map(|f| f.name.clone())
+        .collect();
+    if !original.is_empty() {
+        return original;
+    }
+    // Every column the table was made with is gone: the ones added since key it.
+    fields
+        .iter()
+        .filter(|f| source(f.id, &f.name))
         .map(|f| f.name.clone())
         .collect()
 }
