@@ -48,12 +48,14 @@ fn select(table: &Table, cfg: &MaintenanceConfig, now_ms: i64) -> Vec<i64> {
         .collect()
 }
 
-/// Schemas that are not current and that no snapshot of `md` was written with. Every schema
-/// change adds one for good otherwise: a table whose column types changed a few hundred times
-/// carried 280 schemas in a 3.3 MB metadata.json, rewritten at every commit.
-fn unused_schemas(md: &TableMetadata) -> Vec<i32> {
-    let used: HashSet<i32> = md
-        .snapshots()
+/// Schemas of `md` that are not current and that none of `snapshots` was written with.
+/// Every schema change adds one for good otherwise: a table whose column types changed a few
+/// hundred times carried 280 schemas in a 3.3 MB metadata.json, rewritten at every commit.
+fn unused_schemas<'a>(
+    md: &TableMetadata,
+    snapshots: impl Iterator<Item = &'a SnapshotRef>,
+) -> Vec<i32> {
+    let used: HashSet<i32> = snapshots
         .filter_map(|s| s.schema_id())
         .chain([md.current_schema_id()])
         .collect();
@@ -68,7 +70,7 @@ fn unused_schemas(md: &TableMetadata) -> Vec<i32> {
 /// leaves them for the next pass: the snapshots are expired either way.
 async fn remove_unused_schemas(committer: &super::Committer, table: &Table) -> String {
     let md = table.metadata();
-    let unused = unused_schemas(md);
+    let unused = unused_schemas(md, md.snapshots());
     if unused.is_empty() {
         return String::new();
     }
@@ -126,15 +128,7 @@ pub(super) async fn run(
             .cloned()
             .collect();
         let files = unreferenced(table, &gone, &retained).await?;
-        let used: HashSet<i32> = retained
-            .iter()
-            .filter_map(|s| s.schema_id())
-            .chain([md.current_schema_id()])
-            .collect();
-        let schemas = md
-            .schemas_iter()
-            .filter(|s| !used.contains(&s.schema_id()))
-            .count();
+        let schemas = unused_schemas(md, retained.iter()).len();
         return Ok((
             files.len() as u64,
             format!(
