@@ -57,7 +57,8 @@ pub async fn slot_lag_loop(cfg: MonitorConfig, metrics: SourceMetrics, status: S
     let mut gone: HashSet<u32> = HashSet::new();
     // The leaf partitions of each partitioned table streamed, as last seen.
     let mut leaves: Option<Leaves> = None;
-    // Whether the publication's missing operations were reported (again when fixed and lost).
+    // Whether the publication's missing operations were reported: once until it is fixed,
+    // once more if it loses one again.
     let mut leaves_out = false;
     loop {
         match Session::connect(&url, &slot, &publication, None).await {
