@@ -80,6 +80,12 @@ struct TableState {
     /// Its schema waits for its first Relation message (`columns` are the catalog's, which
     /// the schema may not follow yet).
     pending: bool,
+    /// Its rows are built through an older schema (a replayed Relation message older than a
+    /// committed schema change): the next Relation message is followed in full.
+    replayed_shape: bool,
+    /// Batch column → mirror field renames while the mirror places a replayed relation
+    /// through another schema than the changelog does (empty otherwise).
+    mirror_names: Vec<(String, String)>,
 }
 
 /// The transaction being received.
@@ -750,10 +756,14 @@ impl Applier {
         if replica_identity == b'f' || self.full_identity.contains_key(&now) {
             return Ok(false);
         }
-        // Known under this name with these columns: nothing changes.
+        // Known under this name with these columns: nothing changes. A table placing a
+        // replayed relation through an older schema waits for the commit, where the
+        // message's place in the stream is known.
         if let Some(Some(i)) = self.relations.get(&oid) {
             let t = &self.tables[*i];
-            return Ok(t.current == now && t.columns == as_fields(columns.to_vec()));
+            return Ok(t.current == now
+                && !t.replayed_shape
+                && t.columns == as_fields(columns.to_vec()));
         }
         // Not mapped yet, or not ours: the name must be the committed one, or a rename inside
         // this transaction would be followed before the transaction is known to commit.
@@ -766,7 +776,9 @@ impl Applier {
             .cloned()
             .unwrap_or_else(|| now.clone());
         if let Some(t) = self.tables.iter().find(|t| t.source_name == source) {
-            return Ok(t.current == now && t.columns == as_fields(columns.to_vec()));
+            return Ok(t.current == now
+                && !t.replayed_shape
+                && t.columns == as_fields(columns.to_vec()));
         }
         let configured = self
             .cfg
@@ -972,10 +984,13 @@ impl Applier {
         lsn: Lsn,
         ts_micros: i64,
     ) -> Result<bool, PipelineError> {
+        // A table placing a replayed relation through an older schema takes the replay.
         let current = |et: &streamed::EarlyTable| {
-            self.tables
-                .get(et.idx)
-                .is_some_and(|t| t.columns == et.columns && t.batch.schema() == et.batch.schema())
+            self.tables.get(et.idx).is_some_and(|t| {
+                !t.replayed_shape
+                    && t.columns == et.columns
+                    && t.batch.schema() == et.batch.schema()
+            })
         };
         if !early.tables.iter().all(current) {
             return Ok(false);
@@ -1247,6 +1262,7 @@ impl Applier {
             };
             self.tables[i].relation_streamed |= oid.is_some();
             let unchanged = !self.tables[i].pending
+                && !self.tables[i].replayed_shape
                 && self.tables[i].columns == columns
                 && was == full_identity;
             if unchanged && described != Described::AfterAChange {
@@ -1261,13 +1277,30 @@ impl Applier {
             // The table changed shape: write what was buffered with the old layout first,
             // then follow the change (renames by column number, promotions in place, other
             // type changes beside the old column) in both tables.
-            // A schema update commits at once, the rows before it at the next flush: replayed
-            // after a crash in between, those rows met the new schema with their old Relation
-            // message, placed by names the change had moved (a column dropped and added
-            // again: the old values in the new field). When the change comes first in its
-            // transaction, what is buffered is of whole transactions: committed first (after
-            // the catalog is read, which should be as near the message's point as it can).
-            if oid.is_some()
+            // A schema update commits at once, the rows before it at the next flush: a replay
+            // after a crash in between meets their older Relation messages after the change.
+            // Each table records where its schema changed, and such a message is placed
+            // through the schema of its time there (`replayed_names`), not followed again.
+            // When the change comes first in its transaction, what is buffered is of whole
+            // transactions: committed first, so less is replayed (after the catalog is read,
+            // which should be as near the message's point as it can).
+            let at = self
+                .txn
+                .filter(|_| oid.is_some())
+                .map(|t| (t.lsn, t.seq, self.positions.confirmed()));
+            let t = &self.tables[i];
+            let then = |sink: &TableSink| match at {
+                Some((lsn, seq, _)) => replayed_names(sink, &columns, lsn, seq),
+                None => Ok(None),
+            };
+            let replayed = then(&t.sink)?;
+            let replayed_mirror = match &t.mirror {
+                Some(m) => then(m)?,
+                None => None,
+            };
+            let follows = replayed.is_none() || (t.mirror.is_some() && replayed_mirror.is_none());
+            if follows
+                && oid.is_some()
                 && self.in_stream.is_none()
                 && self.txn.is_some_and(|t| t.seq == 0)
                 && self.anything_uncommitted()
@@ -1286,12 +1319,19 @@ impl Applier {
                 (!hold_key).then(|| wanted_key(&columns, full_identity.as_deref(), now))
             };
             let k = key(t.sink.mirror_key());
-            let Evolved { mut changes, stale } =
-                evolve(&mut t.sink, &columns, &catalog, lsn, k.as_ref(), described).await?;
-            if let Some(m) = t.mirror.as_mut() {
+            let recorded = at.map(|(_, seq, confirmed)| (seq, confirmed));
+            let Evolved { mut changes, stale } = match replayed {
+                Some(_) => Evolved::default(),
+                None => {
+                    let at = (lsn, recorded);
+                    evolve(&mut t.sink, &columns, &catalog, at, k.as_ref(), described).await?
+                }
+            };
+            if let Some(m) = t.mirror.as_mut().filter(|_| replayed_mirror.is_none()) {
                 m.finish_files().await?;
                 let k = key(m.mirror_key());
-                let e = evolve(m, &columns, &catalog, lsn, k.as_ref(), described).await?;
+                let at = (lsn, recorded);
+                let e = evolve(m, &columns, &catalog, at, k.as_ref(), described).await?;
                 // The changelog has the column changes too; only the mirror has a key.
                 changes.extend(
                     e.changes
@@ -1299,15 +1339,41 @@ impl Applier {
                         .filter(|c| matches!(c, ColumnChange::Key(_))),
                 );
             }
-            // A pending table's columns are the catalog's, not what the schema followed.
-            let before: &[RelationColumn] = if t.pending { &[] } else { &t.columns };
+            // A pending table's columns are the catalog's, not what the schema followed; a
+            // replayed message changes nothing.
+            let before: &[RelationColumn] = if t.pending || replayed.is_some() {
+                &[]
+            } else {
+                &t.columns
+            };
             report_changes(&self.metrics, &t.source_name, before, &columns, &changes);
             t.pending = false;
+            // The batch's columns under the names of the fields holding them now; the
+            // mirror takes them under its own.
+            let named = |names: &Option<Vec<String>>, j: usize| {
+                names
+                    .as_ref()
+                    .map_or(columns[j].name.clone(), |n| n[j].clone())
+            };
+            t.mirror_names = (0..columns.len())
+                .map(|j| (named(&replayed, j), named(&replayed_mirror, j)))
+                .filter(|(from, to)| from != to)
+                .collect();
+            t.replayed_shape = replayed.is_some() || replayed_mirror.is_some();
+            let oids: HashMap<String, u32> = (0..columns.len())
+                .map(|j| (named(&replayed, j), binary_oid(&columns[j], &catalog)))
+                .collect();
+            let placed: Vec<RelationColumn> = (0..columns.len())
+                .map(|j| RelationColumn {
+                    name: named(&replayed, j),
+                    ..columns[j].clone()
+                })
+                .collect();
             t.batch = TableBatch::new(
                 t.sink.batch_schema(),
                 t.sink.batch_arrow_schema(),
-                &columns,
-                |c| binary_oid(c, &catalog),
+                &placed,
+                |c| oids.get(&c.name).copied().unwrap_or(c.type_oid),
             )?;
             t.columns = columns;
             if stale {
@@ -1320,6 +1386,11 @@ impl Applier {
         }
         let catalog = catalog_as_fields(self.catalog_columns(schema, name, oid).await?);
         let lsn = self.change_lsn();
+        // A streamed message's place, where a schema change it makes is recorded.
+        let at = self
+            .txn
+            .filter(|_| oid.is_some())
+            .map(|t| (t.seq, self.positions.confirmed()));
         // Domains and arrays of domains or enums take their base type in new tables.
         let model: Vec<_> = columns
             .iter()
@@ -1404,12 +1475,12 @@ impl Applier {
                 // The key as the source has it now: a table whose key changed while the agent
                 // was stopped (or created again with another) has the old one in its metadata.
                 let k = wanted_key(&columns, full_identity.as_deref(), m.mirror_key());
-                let e = evolve(m, &columns, &catalog, lsn, Some(&k), described).await?;
+                let e = evolve(m, &columns, &catalog, (lsn, at), Some(&k), described).await?;
                 stale = e.stale;
                 changes = e.changes;
             }
             if let Some(c) = changelog.as_mut() {
-                let e = evolve(c, &columns, &catalog, lsn, None, described).await?;
+                let e = evolve(c, &columns, &catalog, (lsn, at), None, described).await?;
                 stale = e.stale;
                 // The changelog reports the column changes; only the mirror has a key.
                 changes.retain(|c| matches!(c, ColumnChange::Key(_)));
@@ -1463,6 +1534,8 @@ impl Applier {
             copied: false,
             relation_streamed: oid.is_some(),
             pending,
+            replayed_shape: false,
+            mirror_names: Vec::new(),
         });
         let i = self.tables.len() - 1;
         status::update(&self.status, |s| {
@@ -1586,7 +1659,13 @@ impl Applier {
     ) -> Result<(), PipelineError> {
         let t = &mut self.tables[i];
         if let Some(m) = t.mirror.as_mut() {
-            m.write(batch.clone()).await?;
+            let b = if t.mirror_names.is_empty() {
+                batch.clone()
+            } else {
+                crate::sink::iceberg::project::renamed(&batch, &t.mirror_names)
+                    .map_err(|e| PipelineError::State(format!("mirror batch: {e}")))?
+            };
+            m.write(b).await?;
         }
         t.sink.write(batch).await?;
         Ok(())
@@ -1989,7 +2068,7 @@ async fn evolve(
     sink: &mut TableSink,
     columns: &[RelationColumn],
     catalog: &[CatalogColumn],
-    lsn: Lsn,
+    (lsn, at): (Lsn, Option<(u64, Lsn)>),
     key: Option<&MirrorKey>,
     described: Described,
 ) -> Result<Evolved, PipelineError> {
@@ -2154,7 +2233,13 @@ async fn evolve(
             .map(ColumnChange::describe)
             .collect::<Vec<_>>()
             .join("; ");
-        change_record(sink, lsn, &detail)
+        let mut p = change_record(sink, lsn, &detail);
+        // Where in the stream the schema changed, for a replay that meets older messages.
+        if let Some((seq, confirmed)) = at {
+            let record = sink.schema_change_at(lsn, seq, confirmed);
+            p.set.extend(record.map_err(PipelineError::State)?);
+        }
+        p
     };
     let stale = gives_old_rows_values(&changes, catalog, &readded);
     // The catalog is read now, the relation is of its point in the stream: a column renamed
@@ -2228,6 +2313,34 @@ fn wanted_key(
             whole_row: false,
         },
     }
+}
+
+/// The names of the fields of `sink` holding `columns` now, when a schema change was committed
+/// to it after `(lsn, seq)`: a replayed Relation message of before the change, placed through
+/// the schema its rows were first written with (by name there, by field id from there). None
+/// when the message is of the current schema, or the older one no longer places every column
+/// (it is followed as a change then, as before such schemas were recorded).
+fn replayed_names(
+    sink: &TableSink,
+    columns: &[RelationColumn],
+    lsn: Lsn,
+    seq: u64,
+) -> Result<Option<Vec<String>>, PipelineError> {
+    let Some(then) = sink.schema_at(lsn, seq).map_err(PipelineError::State)? else {
+        return Ok(None);
+    };
+    let (now, batch) = (sink.schema(), sink.batch_schema());
+    let names = columns
+        .iter()
+        .map(|c| {
+            let f = now.field_by_id(then.field_by_name(&c.name)?.id)?;
+            batch.field_by_name(&f.name).map(|_| f.name.clone())
+        })
+        .collect::<Option<Vec<_>>>();
+    if names.is_none() {
+        tracing::debug!(table = %sink.name(), lsn = %lsn.pg(), "a replayed relation is not placed by the schema of its time: followed as a change");
+    }
+    Ok(names)
 }
 
 /// Whether the catalog's column numbers (read now) place a Relation message's `columns` in
@@ -2314,6 +2427,7 @@ fn renumbered(
 }
 
 /// What [`evolve`] did.
+#[derive(Default)]
 struct Evolved {
     changes: Vec<ColumnChange>,
     /// The changes give rows written before them values no change carries.

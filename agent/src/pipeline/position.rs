@@ -40,8 +40,7 @@ impl Positions {
         self.last
     }
 
-    /// The position confirmed to the server so far.
-    #[cfg(test)]
+    /// The position confirmed to the server so far: a restart streams nothing before it.
     pub fn confirmed(&self) -> Lsn {
         self.confirmed
     }

@@ -87,6 +87,28 @@ pub fn by_name(batch: &RecordBatch, schema: &SchemaRef) -> Result<RecordBatch, A
     RecordBatch::try_new(schema.clone(), columns)
 }
 
+/// `batch` with its columns renamed `from` → `to` as `renames` lists, for a table whose
+/// fields hold them under other names (a mirror placing a replayed relation through an older
+/// schema than its changelog's). A column already named like a target leaves: the renamed
+/// one is what the row holds under that name.
+pub fn renamed(
+    batch: &RecordBatch,
+    renames: &[(String, String)],
+) -> Result<RecordBatch, ArrowError> {
+    let schema = batch.schema();
+    let mut fields = Vec::with_capacity(schema.fields().len());
+    let mut columns = Vec::with_capacity(schema.fields().len());
+    for (f, c) in schema.fields().iter().zip(batch.columns()) {
+        match renames.iter().find(|(from, _)| from == f.name()) {
+            Some((_, to)) => fields.push(Arc::new(f.as_ref().clone().with_name(to.clone()))),
+            None if renames.iter().any(|(_, to)| to == f.name()) => continue,
+            None => fields.push(f.clone()),
+        }
+        columns.push(c.clone());
+    }
+    RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)
+}
+
 /// The fields of `schema` (an Iceberg table's, as Arrow) with their field ids.
 pub fn with_ids(schema: &Schema) -> Vec<(i32, FieldRef)> {
     schema
@@ -107,6 +129,32 @@ mod tests {
             PARQUET_FIELD_ID_META_KEY.to_string(),
             id.to_string(),
         )]))
+    }
+
+    #[test]
+    fn renamed_takes_the_target_names_and_drops_what_they_replace() {
+        let b = RecordBatch::try_new(
+            Arc::new(Schema::new(vec![
+                field("id", DataType::Int32, 1),
+                field("c__before_7", DataType::Int32, 2),
+                field("c", DataType::Utf8, 3),
+            ])),
+            vec![
+                Arc::new(Int32Array::from(vec![1])),
+                Arc::new(Int32Array::from(vec![99])),
+                Arc::new(StringArray::from(vec![None::<&str>])),
+            ],
+        )
+        .unwrap();
+        let r = renamed(&b, &[("c__before_7".into(), "c".into())]).unwrap();
+        let names: Vec<String> = r
+            .schema()
+            .fields()
+            .iter()
+            .map(|f| f.name().clone())
+            .collect();
+        assert_eq!(names, ["id", "c"]);
+        assert_eq!(r.column_by_name("c").unwrap().data_type(), &DataType::Int32);
     }
 
     #[test]

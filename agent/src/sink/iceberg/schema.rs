@@ -55,6 +55,61 @@ pub fn parse_source_columns(v: &str) -> Result<HashMap<i32, i32>, String> {
         .collect()
 }
 
+/// Table property: each schema change's place in the source stream (`lsn:seq`, the change's
+/// position in its transaction) with the id of the schema in force before it,
+/// `lsn:seq:schema,…` in stream order. A replay after a crash meets a change's older
+/// Relation messages again after the change committed: their rows are placed through the
+/// schema they were first written with, not followed as a change. Entries older than what
+/// the source confirmed are dropped at the next change, and expiry keeps the schemas listed.
+pub const SCHEMA_BEFORE_PROPERTY: &str = "philotes.schema-before";
+
+/// One [`SCHEMA_BEFORE_PROPERTY`] entry: a schema change at `(lsn, seq)` replaced `schema`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SchemaBefore {
+    /// The change's transaction (commit LSN).
+    pub lsn: u64,
+    /// The change's position in its transaction: changes streamed before it.
+    pub seq: u64,
+    /// The schema id in force before the change.
+    pub schema: i32,
+}
+
+/// [`SCHEMA_BEFORE_PROPERTY`]'s value → its entries in stream order; an entry that cannot be
+/// read is an error naming it.
+pub fn parse_schema_before(v: &str) -> Result<Vec<SchemaBefore>, String> {
+    let mut entries = v
+        .split(',')
+        .filter(|p| !p.trim().is_empty())
+        .map(|p| {
+            let mut parts = p.trim().splitn(3, ':');
+            let mut next = || parts.next().map(str::trim);
+            let read = (|| {
+                Some(SchemaBefore {
+                    lsn: next()?.parse().ok()?,
+                    seq: next()?.parse().ok()?,
+                    schema: next()?.parse().ok()?,
+                })
+            })();
+            read.ok_or_else(|| {
+                format!(
+                    "table property {SCHEMA_BEFORE_PROPERTY} has an entry {p:?} that is not <lsn>:<seq>:<schema id>; fix or remove the property"
+                )
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    entries.sort_unstable_by_key(|e| (e.lsn, e.seq));
+    Ok(entries)
+}
+
+/// The [`SCHEMA_BEFORE_PROPERTY`] value of `entries`.
+pub fn format_schema_before(entries: &[SchemaBefore]) -> String {
+    entries
+        .iter()
+        .map(|e| format!("{}:{}:{}", e.lsn, e.seq, e.schema))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// Snapshot summary property holding the last source commit LSN in the table.
 pub const LSN_PROPERTY: &str = "philotes.lsn";
 
@@ -274,4 +329,21 @@ pub fn dlq_schema() -> Result<Schema, iceberg::Error> {
             NestedField::required(7, "time", prim(PrimitiveType::Timestamptz)).into(),
         ])
         .build()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schema_before_entries_read_in_stream_order_and_a_malformed_one_is_an_error() {
+        let e = parse_schema_before("30:2:5, 30:0:4,10:7:1").unwrap();
+        let order: Vec<(u64, u64, i32)> = e.iter().map(|e| (e.lsn, e.seq, e.schema)).collect();
+        assert_eq!(order, [(10, 7, 1), (30, 0, 4), (30, 2, 5)]);
+        assert_eq!(format_schema_before(&e), "10:7:1,30:0:4,30:2:5");
+        assert_eq!(parse_schema_before("").unwrap(), []);
+        let err = parse_schema_before("10:7:1,30:x:4").unwrap_err();
+        assert!(err.contains("\"30:x:4\""), "{err}");
+        assert!(parse_schema_before("10:7").is_err());
+    }
 }

@@ -16,7 +16,8 @@ use super::commit::{is_data, operation_for, Change, CommitError, Committer};
 use super::evolve::ColumnChange;
 use super::mirror::{CompactRules, Compacted, MirrorKey, MirrorWriter, Rekeyed};
 use super::schema::{
-    changelog_shape, mirror_schema, writer_id, FENCED_PROPERTIES, LSN_PROPERTY, MIRROR_PROPERTY,
+    changelog_shape, format_schema_before, mirror_schema, parse_schema_before, writer_id,
+    SchemaBefore, FENCED_PROPERTIES, LSN_PROPERTY, MIRROR_PROPERTY, SCHEMA_BEFORE_PROPERTY,
     SNAPSHOT_PROGRESS_PROPERTY, SNAPSHOT_PROPERTY, WRITER_PROPERTY,
 };
 use super::writer::OpenFiles;
@@ -724,6 +725,54 @@ impl TableSink {
     /// The table property `key`.
     pub fn property(&self, key: &str) -> Option<String> {
         self.table.metadata().properties().get(key).cloned()
+    }
+
+    /// The schema rows at `(lsn, seq)` of the source stream were written with, when a schema
+    /// change was committed after that point (a replay meets it again); None when the
+    /// current schema is in force there, or the older one is no longer in the metadata.
+    /// A property that cannot be read is an error naming it.
+    pub fn schema_at(&self, lsn: Lsn, seq: u64) -> Result<Option<Arc<Schema>>, String> {
+        let md = self.table.metadata();
+        let Some(v) = md.properties().get(SCHEMA_BEFORE_PROPERTY) else {
+            return Ok(None);
+        };
+        let entries = parse_schema_before(v)?;
+        Ok(entries
+            .iter()
+            .find(|e| (e.lsn, e.seq) > (lsn.get(), seq))
+            .and_then(|e| md.schema_by_id(e.schema).cloned()))
+    }
+
+    /// The properties recording a schema change at `(lsn, seq)` (the current schema is the
+    /// one before it), without the entries of transactions before `confirmed`: the source
+    /// never sends those again.
+    pub fn schema_change_at(
+        &self,
+        lsn: Lsn,
+        seq: u64,
+        confirmed: Lsn,
+    ) -> Result<HashMap<String, String>, String> {
+        let md = self.table.metadata();
+        let mut entries = match md.properties().get(SCHEMA_BEFORE_PROPERTY) {
+            Some(v) => parse_schema_before(v)?,
+            None => Vec::new(),
+        };
+        // A change met again (a replay) replaces its entry: the schema before it stays the
+        // one first recorded.
+        let first = entries
+            .iter()
+            .find(|e| (e.lsn, e.seq) == (lsn.get(), seq))
+            .map_or(md.current_schema_id(), |e| e.schema);
+        entries.retain(|e| e.lsn >= confirmed.get() && (e.lsn, e.seq) < (lsn.get(), seq));
+        entries.push(SchemaBefore {
+            lsn: lsn.get(),
+            seq,
+            schema: first,
+        });
+        Ok(HashMap::from([(
+            SCHEMA_BEFORE_PROPERTY.to_string(),
+            format_schema_before(&entries),
+        )]))
     }
 
     /// Table properties whose key starts with `prefix`.

@@ -12,6 +12,7 @@ use iceberg::{TableRequirement, TableUpdate};
 
 use super::{reach, MaintenanceError, Settings};
 use crate::config::MaintenanceConfig;
+use crate::sink::iceberg::schema::{parse_schema_before, SCHEMA_BEFORE_PROPERTY};
 
 /// Snapshot ids the heads of branches and tags point at (`refs` has no public accessor).
 fn ref_heads(md: &TableMetadata) -> HashSet<i64> {
@@ -48,16 +49,27 @@ fn select(table: &Table, cfg: &MaintenanceConfig, now_ms: i64) -> Vec<i64> {
         .collect()
 }
 
-/// Schemas of `md` that are not current and that none of `snapshots` was written with.
-/// Every schema change adds one for good otherwise: a table whose column types changed a few
-/// hundred times carried 280 schemas in a 3.3 MB metadata.json, rewritten at every commit.
+/// Schemas of `md` that are not current, that none of `snapshots` was written with and that
+/// no recorded schema change of the stream still needs (a replay places its older rows
+/// through them: [`SCHEMA_BEFORE_PROPERTY`]). Every schema change adds one for good
+/// otherwise: a table whose column types changed a few hundred times carried 280 schemas in
+/// a 3.3 MB metadata.json, rewritten at every commit.
 fn unused_schemas<'a>(
     md: &TableMetadata,
     snapshots: impl Iterator<Item = &'a SnapshotRef>,
 ) -> Vec<i32> {
+    let recorded = match md.properties().get(SCHEMA_BEFORE_PROPERTY) {
+        Some(v) => match parse_schema_before(v) {
+            Ok(entries) => entries.iter().map(|e| e.schema).collect(),
+            // Which schemas a replay needs is unknown: none goes.
+            Err(_) => return Vec::new(),
+        },
+        None => Vec::new(),
+    };
     let used: HashSet<i32> = snapshots
         .filter_map(|s| s.schema_id())
         .chain([md.current_schema_id()])
+        .chain(recorded)
         .collect();
     md.schemas_iter()
         .map(|s| s.schema_id())
