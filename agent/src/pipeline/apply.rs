@@ -321,8 +321,10 @@ impl Applier {
             .collect();
         let t = &self.tables[i];
         let sink_schema = t.sink.schema();
-        Ok(numbers_place(sink_schema, &t.columns, catalog, true)
-            && renumbered(sink_schema, &recorded, &number, &t.columns))
+        Ok(
+            numbers_place(sink_schema, &recorded, &t.columns, catalog, true)
+                && renumbered(sink_schema, &recorded, &number, &t.columns),
+        )
     }
 
     /// Whether relation `oid` is a partition published under an ancestor's name.
@@ -351,6 +353,18 @@ impl Applier {
     /// last one.
     fn change_lsn(&self) -> Lsn {
         self.txn.map_or(self.positions.last().lsn, |t| t.lsn)
+    }
+
+    /// The slot's confirmed position as this attempt starts: the source sends no transaction
+    /// before it again.
+    pub(super) fn start_from(&mut self, confirmed: Lsn) {
+        self.positions.confirm(confirmed);
+        for t in &mut self.tables {
+            t.sink.set_confirmed(confirmed);
+            if let Some(m) = t.mirror.as_mut() {
+                m.set_confirmed(confirmed);
+            }
+        }
     }
 
     /// The tables with REPLICA IDENTITY FULL and their primary keys (from the source).
@@ -1284,13 +1298,10 @@ impl Applier {
             // When the change comes first in its transaction, what is buffered is of whole
             // transactions: committed first, so less is replayed (after the catalog is read,
             // which should be as near the message's point as it can).
-            let at = self
-                .txn
-                .filter(|_| oid.is_some())
-                .map(|t| (t.lsn, t.seq, self.positions.confirmed()));
+            let at = self.txn.filter(|_| oid.is_some()).map(|t| (t.lsn, t.seq));
             let t = &self.tables[i];
             let then = |sink: &TableSink| match at {
-                Some((lsn, seq, _)) => replayed_names(sink, &columns, lsn, seq),
+                Some((lsn, seq)) => replayed_names(sink, &columns, lsn, seq),
                 None => Ok(None),
             };
             let replayed = then(&t.sink)?;
@@ -1319,7 +1330,7 @@ impl Applier {
                 (!hold_key).then(|| wanted_key(&columns, full_identity.as_deref(), now))
             };
             let k = key(t.sink.mirror_key());
-            let recorded = at.map(|(_, seq, confirmed)| (seq, confirmed));
+            let recorded = at.map(|(_, seq)| seq);
             let Evolved { mut changes, stale } = match replayed {
                 Some(_) => Evolved::default(),
                 None => {
@@ -1387,10 +1398,7 @@ impl Applier {
         let catalog = catalog_as_fields(self.catalog_columns(schema, name, oid).await?);
         let lsn = self.change_lsn();
         // A streamed message's place, where a schema change it makes is recorded.
-        let at = self
-            .txn
-            .filter(|_| oid.is_some())
-            .map(|t| (t.seq, self.positions.confirmed()));
+        let at = self.txn.filter(|_| oid.is_some()).map(|t| t.seq);
         // Domains and arrays of domains or enums take their base type in new tables.
         let model: Vec<_> = columns
             .iter()
@@ -1487,6 +1495,10 @@ impl Applier {
                 changes.splice(0..0, e.changes);
             }
             report_changes(&self.metrics, &source_name, &[], &columns, &changes);
+        }
+        let confirmed = self.positions.confirmed();
+        for s in changelog.iter_mut().chain(mirror.iter_mut()) {
+            s.set_confirmed(confirmed);
         }
         let (sink, mirror) = match changelog {
             Some(c) => (c, mirror),
@@ -1928,6 +1940,12 @@ impl Applier {
     fn confirm(&mut self, client: &ReplicationStream, lsn: Lsn) {
         client.confirm(lsn);
         self.positions.confirm(lsn);
+        for t in &mut self.tables {
+            t.sink.set_confirmed(lsn);
+            if let Some(m) = t.mirror.as_mut() {
+                m.set_confirmed(lsn);
+            }
+        }
         status::update(&self.status, |s| s.confirmed_lsn = lsn.pg());
     }
 }
@@ -2068,7 +2086,7 @@ async fn evolve(
     sink: &mut TableSink,
     columns: &[RelationColumn],
     catalog: &[CatalogColumn],
-    (lsn, at): (Lsn, Option<(u64, Lsn)>),
+    (lsn, at): (Lsn, Option<u64>),
     key: Option<&MirrorKey>,
     described: Described,
 ) -> Result<Evolved, PipelineError> {
@@ -2088,6 +2106,7 @@ async fn evolve(
     // column's field is the one recorded with its number, whatever its name.
     let by_number = numbers_place(
         &schema,
+        &recorded,
         columns,
         catalog,
         matches!(described, Described::AfterAChange),
@@ -2235,8 +2254,8 @@ async fn evolve(
             .join("; ");
         let mut p = change_record(sink, lsn, &detail);
         // Where in the stream the schema changed, for a replay that meets older messages.
-        if let Some((seq, confirmed)) = at {
-            let record = sink.schema_change_at(lsn, seq, confirmed);
+        if let Some(seq) = at {
+            let record = sink.schema_change_at(lsn, seq);
             p.set.extend(record.map_err(PipelineError::State)?);
         }
         p
@@ -2350,8 +2369,15 @@ fn replayed_names(
 /// lacks. The first
 /// message of an attempt may predate a change the catalog already shows (a column dropped and
 /// added again, names swapped): names place its columns then, as they were when it was sent.
+///
+/// A column whose type the catalog shows changed is of the message's time still when its
+/// number is at most that of a column known from before the message (its field recorded
+/// with the number the catalog has): one dropped and added again since would have a number
+/// above every number of that time. Its type changed later (`ALTER … TYPE` keeps the number),
+/// which a later message brings.
 fn numbers_place(
     schema: &iceberg::spec::Schema,
+    recorded: &HashMap<i32, i32>,
     columns: &[RelationColumn],
     catalog: &[CatalogColumn],
     after_a_change: bool,
@@ -2370,12 +2396,22 @@ fn numbers_place(
     // since. An older one was renamed since (`RENAME price TO price_old; ADD price` after
     // the message's point: the names it has would all line up).
     let newest = listed.iter().map(|k| k.attnum).max().unwrap_or(0);
+    let known = listed
+        .iter()
+        .filter(|k| {
+            schema
+                .field_by_name(&k.name)
+                .is_some_and(|f| recorded.get(&f.id) == Some(&k.attnum))
+        })
+        .map(|k| k.attnum)
+        .max()
+        .unwrap_or(0);
     let of_catalog = both.len() == columns.len()
         && both.len() == listed.len()
         && both
             .iter()
             .zip(&listed)
-            .all(|(c, k)| c.name == k.name && c.type_oid == k.type_oid)
+            .all(|(c, k)| c.name == k.name && (c.type_oid == k.type_oid || k.attnum <= known))
         && catalog
             .iter()
             .filter(|k| !columns.iter().any(|c| c.name == k.name))
@@ -2592,10 +2628,21 @@ mod tests {
 
     #[test]
     fn numbers_place_a_relation_only_of_the_catalogs_time() {
-        let (s, _) = recorded_schema();
+        let (s, recorded) = recorded_schema();
         let place = |names: &[&str], catalog: &[CatalogColumn], after_a_change| {
-            numbers_place(&s, &rel(names), catalog, after_a_change)
+            numbers_place(&s, &recorded, &rel(names), catalog, after_a_change)
         };
+        // A type the catalog shows changed since, of a column no newer than one known from
+        // before the message (recorded with its number): `ALTER … TYPE`, the message of its
+        // time still.
+        let mut retyped = cat(&[("id", 1), ("price", 2), ("v", 3)]);
+        retyped[1].type_oid = 25;
+        assert!(place(&["id", "price", "v"], &retyped, true));
+        // Dropped and added again since (new numbers, the first with another type): nothing
+        // known is newer, the numbers are of a later table.
+        let mut readded = cat(&[("id", 1), ("price", 4), ("v", 5)]);
+        readded[1].type_oid = 25;
+        assert!(!place(&["id", "price", "v"], &readded, true));
         // RENAME price TO price_old; ADD price: the message after it is the catalog's.
         let now = cat(&[("id", 1), ("price_old", 2), ("v", 3), ("price", 4)]);
         assert!(place(&["id", "price_old", "v", "price"], &now, false));

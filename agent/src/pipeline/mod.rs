@@ -519,6 +519,7 @@ impl Pipeline {
             }
         }
         let confirmed = session.ensure_slot(&slot).await?.unwrap_or(Lsn::ZERO);
+        applier.start_from(confirmed);
         crate::sink::iceberg::table::ensure_namespace(
             self.committer.catalog().as_ref(),
             &self.cfg.namespace_name(),

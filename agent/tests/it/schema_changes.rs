@@ -789,3 +789,55 @@ async fn a_replay_places_rows_through_the_schema_of_their_time() {
     }
     never_left_streaming(&agent).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_type_change_after_a_drop_and_add_does_not_hide_it() {
+    // The catalog is read when a Relation message is processed, and may be ahead of it by
+    // more than one DDL. `DROP c; ADD c` then, in a later transaction, a type change of `v`:
+    // the message after the drop and add no longer matched the catalog (`v`'s type), names
+    // placed it, and the new `c` took the old one's field until the next message (a value of
+    // the new `c` landed in the column moved aside). The agent is stopped meanwhile, so that
+    // both transactions are committed before it reads the catalog.
+    let p = prepare(
+        "CREATE TABLE nt (id int PRIMARY KEY, c int, v text);
+         INSERT INTO nt SELECT g, g * 10, 'a' FROM generate_series(1, 10) g;",
+        &["nt"],
+        "mode = \"both\"\nsnapshot = \"initial\"",
+        "",
+    )
+    .await;
+    let cfg = p.cfg.clone();
+    let Running {
+        pg,
+        db,
+        work,
+        agent,
+        ..
+    } = p.streaming().await;
+    wait_mirror(&work, "ns.nt", &pg, "SELECT id, c, v FROM nt").await;
+    agent.terminate();
+    execute_each(
+        &db,
+        &[
+            "BEGIN;
+             UPDATE nt SET c = 99, v = 'b' WHERE id = 1;
+             ALTER TABLE nt DROP COLUMN c;
+             ALTER TABLE nt ADD COLUMN c int;
+             UPDATE nt SET v = 'c' WHERE id = 2;
+             COMMIT;",
+            "BEGIN;
+             UPDATE nt SET v = 'xyz', c = 5 WHERE id = 5;
+             ALTER TABLE nt ALTER COLUMN v TYPE int USING length(v);
+             UPDATE nt SET v = 7, c = 3 WHERE id = 3;
+             COMMIT;",
+        ],
+    )
+    .await;
+    let agent = AgentProc::start(&cfg, &work.path().join("agent2.log"));
+    agent.wait_streaming().await;
+    // The type change rewrote every row with a value the stream does not carry.
+    const NT: &str = "SELECT id, c, CASE WHEN id = 3 THEN v END AS v FROM nt";
+    wait_mirror(&work, "ns.nt", &pg, NT).await;
+    wait_changelog(&work, "ns.nt_changelog", &pg, NT).await;
+    never_left_streaming(&agent).await;
+}

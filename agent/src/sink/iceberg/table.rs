@@ -99,6 +99,8 @@ pub struct TableSink {
     /// The schema batches for this table are built in (a mirror's adds the CDC columns).
     batch_schema: Option<(Schema, SchemaRef)>,
     secrets: Arc<[String]>,
+    /// What the source confirmed: it never sends a transaction before this again.
+    confirmed: Lsn,
 }
 
 fn catalog_err(e: iceberg::Error, secrets: &[String]) -> SinkError {
@@ -323,7 +325,30 @@ impl TableSink {
             mirror: None,
             batch_schema: None,
             secrets,
+            confirmed: Lsn::ZERO,
         })
+    }
+
+    /// The source confirmed `lsn` and never sends a transaction before it again: the next
+    /// commit drops the schema-change entries of before it ([`SCHEMA_BEFORE_PROPERTY`]).
+    pub fn set_confirmed(&mut self, lsn: Lsn) {
+        self.confirmed = self.confirmed.max(lsn);
+    }
+
+    /// The recorded schema changes the source may still send again (at or after what it
+    /// confirmed); a property that cannot be read is an error naming it.
+    fn schema_changes_ahead(&self) -> Result<Vec<SchemaBefore>, String> {
+        let mut entries = match self
+            .table
+            .metadata()
+            .properties()
+            .get(SCHEMA_BEFORE_PROPERTY)
+        {
+            Some(v) => parse_schema_before(v)?,
+            None => Vec::new(),
+        };
+        entries.retain(|e| e.lsn >= self.confirmed.get());
+        Ok(entries)
     }
 
     /// A mirror's live rows without a value in a key column (0 for a changelog).
@@ -744,26 +769,16 @@ impl TableSink {
     }
 
     /// The properties recording a schema change at `(lsn, seq)` (the current schema is the
-    /// one before it), without the entries of transactions before `confirmed`: the source
-    /// never sends those again.
-    pub fn schema_change_at(
-        &self,
-        lsn: Lsn,
-        seq: u64,
-        confirmed: Lsn,
-    ) -> Result<HashMap<String, String>, String> {
-        let md = self.table.metadata();
-        let mut entries = match md.properties().get(SCHEMA_BEFORE_PROPERTY) {
-            Some(v) => parse_schema_before(v)?,
-            None => Vec::new(),
-        };
+    /// one before it), without the entries the source never sends again.
+    pub fn schema_change_at(&self, lsn: Lsn, seq: u64) -> Result<HashMap<String, String>, String> {
+        let mut entries = self.schema_changes_ahead()?;
         // A change met again (a replay) replaces its entry: the schema before it stays the
         // one first recorded.
         let first = entries
             .iter()
             .find(|e| (e.lsn, e.seq) == (lsn.get(), seq))
-            .map_or(md.current_schema_id(), |e| e.schema);
-        entries.retain(|e| e.lsn >= confirmed.get() && (e.lsn, e.seq) < (lsn.get(), seq));
+            .map_or(self.table.metadata().current_schema_id(), |e| e.schema);
+        entries.retain(|e| (e.lsn, e.seq) < (lsn.get(), seq));
         entries.push(SchemaBefore {
             lsn: lsn.get(),
             seq,
@@ -880,6 +895,18 @@ impl TableSink {
         // Fenced on the position and writer this sink last saw: if another agent committed
         // data since (a new leader, while this one was cut off), this commit must not land.
         let seen = self.table.metadata().properties();
+        // Schema-change entries the source no longer sends go (the schemas they keep from
+        // expiry with them); one that cannot be read stays for the stream to report.
+        let mut properties = state.clone();
+        if let (Some(was), Ok(ahead)) = (
+            seen.get(SCHEMA_BEFORE_PROPERTY),
+            self.schema_changes_ahead(),
+        ) {
+            let now = format_schema_before(&ahead);
+            if *was != now {
+                properties.insert(SCHEMA_BEFORE_PROPERTY.to_string(), now);
+            }
+        }
         let fence = FENCED_PROPERTIES
             .iter()
             .map(|k| (k.to_string(), seen.get(*k).cloned()))
@@ -888,8 +915,8 @@ impl TableSink {
             operation: operation_for(data, deletes + removed.len(), false),
             added,
             removed,
-            summary: state.clone(),
-            properties: state,
+            summary: state,
+            properties,
             requires_live: self
                 .mirror
                 .as_ref()
