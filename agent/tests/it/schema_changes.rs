@@ -45,6 +45,46 @@ async fn never_left_streaming(agent: &AgentProc) {
     );
 }
 
+/// A table `(id int PRIMARY KEY, c int, v text)` of 10 rows, copied into a changelog and a
+/// mirror and streaming.
+async fn streaming_c_and_v(table: &str) -> Running {
+    let r = prepare(
+        &format!(
+            "CREATE TABLE {table} (id int PRIMARY KEY, c int, v text);
+             INSERT INTO {table} SELECT g, g * 10, 'a' FROM generate_series(1, 10) g;"
+        ),
+        &[table],
+        "mode = \"both\"\nsnapshot = \"initial\"",
+        "",
+    )
+    .await
+    .streaming()
+    .await;
+    let q = format!("SELECT id, c, v FROM {table}");
+    wait_mirror(&r.work, &format!("ns.{table}"), &r.pg, &q).await;
+    r
+}
+
+/// The agent started again with rows held back (a 1 h flush: only schema updates commit).
+async fn holding_rows(agent: AgentProc, cfg: &std::path::Path, log: &std::path::Path) -> AgentProc {
+    agent.terminate();
+    edit_config(cfg, "flush_interval = \"300ms\"", "flush_interval = \"1h\"");
+    AgentProc::start_streaming(cfg, log).await
+}
+
+/// SIGKILL `agent` (its rows uncommitted) and start it again, flushing as usual.
+async fn killed_and_restarted(
+    agent: AgentProc,
+    cfg: &std::path::Path,
+    log: &std::path::Path,
+) -> AgentProc {
+    agent.kill9();
+    edit_config(cfg, "flush_interval = \"1h\"", "flush_interval = \"300ms\"");
+    let agent = AgentProc::start(cfg, log);
+    agent.wait_streaming().await;
+    agent
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn column_changes_are_followed_without_a_stop() {
     let Running {
@@ -644,33 +684,17 @@ async fn a_kill_after_a_schema_change_replays_the_rows_before_it_in_their_place(
     // next flush. Killed in between, the agent replayed those rows with their old Relation
     // message against the new schema: after `DROP c; ADD c` (the names as they were) a row
     // changed before went to the new `c` (the mirror showed a value PostgreSQL no longer has).
-    let p = prepare(
-        "CREATE TABLE dk (id int PRIMARY KEY, c int, v text);
-         INSERT INTO dk SELECT g, g * 10, 'a' FROM generate_series(1, 10) g;",
-        &["dk"],
-        "mode = \"both\"\nsnapshot = \"initial\"",
-        "",
-    )
-    .await;
-    let cfg = p.cfg.clone();
     let Running {
         pg,
         db,
         work,
+        cfg,
         agent,
-        ..
-    } = p.streaming().await;
+    } = streaming_c_and_v("dk").await;
     let log = work.path().join("agent2.log");
     const DK: &str = "SELECT id, c, v FROM dk";
-    wait_mirror(&work, "ns.dk", &pg, DK).await;
-    agent.terminate();
     // Rows wait for a flush that does not come before the kill.
-    edit_config(
-        &cfg,
-        "flush_interval = \"300ms\"",
-        "flush_interval = \"1h\"",
-    );
-    let agent = AgentProc::start_streaming(&cfg, &log).await;
+    let agent = holding_rows(agent, &cfg, &log).await;
     execute_each(
         &db,
         &[
@@ -685,14 +709,7 @@ async fn a_kill_after_a_schema_change_replays_the_rows_before_it_in_their_place(
         l.contains("schema change followed") && l.contains("replace c")
     })
     .await;
-    agent.kill9();
-    edit_config(
-        &cfg,
-        "flush_interval = \"1h\"",
-        "flush_interval = \"300ms\"",
-    );
-    let agent = AgentProc::start(&cfg, &work.path().join("agent3.log"));
-    agent.wait_streaming().await;
+    let agent = killed_and_restarted(agent, &cfg, &work.path().join("agent3.log")).await;
     let v = wait_mirror(&work, "ns.dk", &pg, DK).await;
     assert_eq!(v["rows"], 10, "{v}");
     wait_changelog(&work, "ns.dk_changelog", &pg, DK).await;
@@ -708,32 +725,16 @@ async fn a_replay_places_rows_through_the_schema_of_their_time() {
     // PostgreSQL no longer has), and a type change moved the current column aside a second
     // time (`v__before_<lsn>_2`). Each table records where its schema changed; a replayed
     // message older than a change is placed through the schema of its time.
-    let p = prepare(
-        "CREATE TABLE rp (id int PRIMARY KEY, c int, v text);
-         INSERT INTO rp SELECT g, g * 10, 'a' FROM generate_series(1, 10) g;",
-        &["rp"],
-        "mode = \"both\"\nsnapshot = \"initial\"",
-        "",
-    )
-    .await;
-    let cfg = p.cfg.clone();
     let Running {
         pg,
         db,
         work,
+        cfg,
         agent,
-        ..
-    } = p.streaming().await;
+    } = streaming_c_and_v("rp").await;
     let log = work.path().join("agent2.log");
-    wait_mirror(&work, "ns.rp", &pg, "SELECT id, c, v FROM rp").await;
-    agent.terminate();
     // Rows wait for a flush that does not come before the kill.
-    edit_config(
-        &cfg,
-        "flush_interval = \"300ms\"",
-        "flush_interval = \"1h\"",
-    );
-    let agent = AgentProc::start_streaming(&cfg, &log).await;
+    let agent = holding_rows(agent, &cfg, &log).await;
     // Each change followed before the next is made: the catalog, read when a message
     // arrives, then tells what the message means (a later change would hide it).
     db.batch_execute(
@@ -763,14 +764,7 @@ async fn a_replay_places_rows_through_the_schema_of_their_time() {
         l.contains("schema change followed") && l.contains("replace v")
     })
     .await;
-    agent.kill9();
-    edit_config(
-        &cfg,
-        "flush_interval = \"1h\"",
-        "flush_interval = \"300ms\"",
-    );
-    let agent = AgentProc::start(&cfg, &work.path().join("agent3.log"));
-    agent.wait_streaming().await;
+    let agent = killed_and_restarted(agent, &cfg, &work.path().join("agent3.log")).await;
     // The type change rewrote every row with a value the stream does not carry: only the
     // row changed after it has one in `v`.
     const RP: &str = "SELECT id, c, CASE WHEN id = 3 THEN v END AS v FROM rp";
@@ -798,23 +792,13 @@ async fn a_type_change_after_a_drop_and_add_does_not_hide_it() {
     // placed it, and the new `c` took the old one's field until the next message (a value of
     // the new `c` landed in the column moved aside). The agent is stopped meanwhile, so that
     // both transactions are committed before it reads the catalog.
-    let p = prepare(
-        "CREATE TABLE nt (id int PRIMARY KEY, c int, v text);
-         INSERT INTO nt SELECT g, g * 10, 'a' FROM generate_series(1, 10) g;",
-        &["nt"],
-        "mode = \"both\"\nsnapshot = \"initial\"",
-        "",
-    )
-    .await;
-    let cfg = p.cfg.clone();
     let Running {
         pg,
         db,
         work,
+        cfg,
         agent,
-        ..
-    } = p.streaming().await;
-    wait_mirror(&work, "ns.nt", &pg, "SELECT id, c, v FROM nt").await;
+    } = streaming_c_and_v("nt").await;
     agent.terminate();
     execute_each(
         &db,
