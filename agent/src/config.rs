@@ -367,6 +367,12 @@ pub struct PipelineConfig {
     /// binary reader (pgoutput `binary 'true'`, PostgreSQL 14+); text otherwise.
     #[serde(default = "default_true")]
     pub binary: bool,
+    /// Install an event trigger that writes each altered table's columns (numbers, names,
+    /// types) into the WAL at the `ALTER TABLE`, so that schema changes are placed by the
+    /// columns of their time rather than the catalog's now (needs a superuser; without one,
+    /// or `false`, the catalog is read as before).
+    #[serde(default = "default_true")]
+    pub ddl_messages: bool,
     /// Directory for the spool files of in-progress transactions (default: `$TMPDIR`, else
     /// `/var/tmp`).
     #[serde(default)]

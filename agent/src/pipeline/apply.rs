@@ -30,6 +30,7 @@ use crate::sink::iceberg::schema::{
 };
 use crate::sink::iceberg::table::{Committed, MirrorSource, PropertyChanges, TableOptions};
 use crate::sink::iceberg::{SinkError, TableSink};
+use crate::source::postgres::ddl;
 use crate::source::postgres::pgoutput::{self, Message, RelationColumn, StreamMessage, TupleData};
 use crate::source::postgres::session::{CatalogColumn, Session, SourceError};
 use crate::source::postgres::types::ColumnKind;
@@ -138,6 +139,8 @@ pub(super) struct Applier {
     /// Tables copied again because mirror rows lacked a key value, in this process: not
     /// again (a copy that leaves such rows would otherwise loop).
     healed: std::collections::HashSet<String>,
+    /// Each table's columns as of the last DDL message streamed in this attempt (by OID).
+    ddl_shapes: HashMap<u32, Vec<ddl::DdlColumn>>,
 }
 
 /// Dead-letter table property per source table: the newest `lsn:seq` stored for it.
@@ -225,6 +228,7 @@ impl Applier {
             aliases: HashMap::new(),
             binary: false,
             healed: Default::default(),
+            ddl_shapes: HashMap::new(),
         }
     }
 
@@ -359,6 +363,8 @@ impl Applier {
     /// before it again.
     pub(super) fn start_from(&mut self, confirmed: Lsn) {
         self.positions.confirm(confirmed);
+        // The stream starts again from here: what an earlier attempt read is of later points.
+        self.ddl_shapes.clear();
         for t in &mut self.tables {
             t.sink.set_confirmed(confirmed);
             if let Some(m) = t.mirror.as_mut() {
@@ -749,6 +755,8 @@ impl Applier {
                 }
             }
             // Nothing stored, nothing counted.
+            // A table's columns at a DDL: taken in order at the commit, with what follows.
+            Message::LogicalMessage { prefix, .. } if prefix == ddl::DDL_MESSAGE_PREFIX => false,
             Message::Type { .. } | Message::Origin { .. } | Message::LogicalMessage { .. } => true,
             Message::Truncate { .. } | Message::Begin { .. } | Message::Commit { .. } => false,
         })
@@ -1194,6 +1202,12 @@ impl Applier {
                 }
                 self.relations.insert(oid, Some(idx));
             }
+            Message::LogicalMessage {
+                transactional: true,
+                prefix,
+                content,
+                ..
+            } if prefix == ddl::DDL_MESSAGE_PREFIX => self.ddl_message(content),
             Message::Insert { oid, new } => self.change(oid, Op::Insert, Some(&new)).await?,
             Message::Update {
                 oid,
@@ -1234,6 +1248,49 @@ impl Applier {
         Ok(())
     }
 
+    /// A table's columns at an `ALTER TABLE` (the DDL event trigger's message): the Relation
+    /// messages after it are placed by these numbers.
+    fn ddl_message(&mut self, content: &[u8]) {
+        if !self.cfg.ddl_messages {
+            return;
+        }
+        match ddl::parse(content) {
+            Some((oid, columns)) => {
+                self.ddl_shapes.insert(oid, columns);
+            }
+            None => tracing::debug!(
+                "a DDL message this version cannot read: the catalog places the next relation"
+            ),
+        }
+    }
+
+    /// The catalog's columns for a Relation message of `columns`, as of the last DDL message
+    /// of the table when it describes them (true then: the numbers are of the message's
+    /// time), else as the catalog has them now.
+    fn catalog_at_message(
+        &self,
+        oid: Option<u32>,
+        now: Vec<CatalogColumn>,
+        columns: &[RelationColumn],
+    ) -> (Vec<CatalogColumn>, bool) {
+        let then = oid
+            .and_then(|o| self.ddl_shapes.get(&o))
+            .map(|shape| catalog_as_fields(ddl::as_of(shape, &now)))
+            // Another DDL since that the trigger does not see (a type dropped with its
+            // columns, say): the message tells, and the catalog of now is used.
+            .filter(|then| {
+                then.len() == columns.len()
+                    && then
+                        .iter()
+                        .zip(columns)
+                        .all(|(k, c)| k.name == c.name && k.type_oid == c.type_oid)
+            });
+        match then {
+            Some(then) => (then, true),
+            None => (catalog_as_fields(now), false),
+        }
+    }
+
     /// Register (or re-register after DDL) a configured relation; returns its table index.
     ///
     /// `source` is the table as configured (its Iceberg table and metric labels); `schema` and
@@ -1269,7 +1326,7 @@ impl Applier {
             // A column dropped and added again in its old place looks the same: only the
             // catalog's numbers tell, and only for a message sent after a change (the first
             // of an attempt may be older than the catalog).
-            let described = match (oid, self.tables[i].relation_streamed) {
+            let mut described = match (oid, self.tables[i].relation_streamed) {
                 (None, _) => Described::Catalog,
                 (Some(_), false) => Described::FirstMessage,
                 (Some(_), true) => Described::AfterAChange,
@@ -1279,12 +1336,19 @@ impl Applier {
                 && !self.tables[i].replayed_shape
                 && self.tables[i].columns == columns
                 && was == full_identity;
-            if unchanged && described != Described::AfterAChange {
+            // A DDL message tells what a message that looks unchanged is (names swapped).
+            let told = oid.is_some_and(|o| self.ddl_shapes.contains_key(&o));
+            if unchanged && described != Described::AfterAChange && !told {
                 return Ok(i);
             }
             // Read once: for the numbers of a message that looks unchanged, and to follow a
             // change.
-            let catalog = catalog_as_fields(self.catalog_columns(schema, name, oid).await?);
+            let now = self.catalog_columns(schema, name, oid).await?;
+            let (catalog, exact) = self.catalog_at_message(oid, now, &columns);
+            if exact {
+                // The numbers are of the message's time, whatever it follows.
+                described = Described::AfterAChange;
+            }
             if unchanged && !self.renumbered(i, &catalog)? {
                 return Ok(i);
             }
@@ -1395,7 +1459,8 @@ impl Applier {
             }
             return Ok(i);
         }
-        let catalog = catalog_as_fields(self.catalog_columns(schema, name, oid).await?);
+        let now = self.catalog_columns(schema, name, oid).await?;
+        let (catalog, exact) = self.catalog_at_message(oid, now, &columns);
         let lsn = self.change_lsn();
         // A streamed message's place, where a schema change it makes is recorded.
         let at = self.txn.filter(|_| oid.is_some()).map(|t| t.seq);
@@ -1473,10 +1538,10 @@ impl Applier {
                 .chain(mirror.iter())
                 .all(|s| s.property(SOURCE_COLUMNS_PROPERTY).is_some());
         let mut changes = Vec::new();
-        let described = if oid.is_none() {
-            Described::Catalog
-        } else {
-            Described::FirstMessage
+        let described = match (oid, exact) {
+            (None, _) => Described::Catalog,
+            (Some(_), false) => Described::FirstMessage,
+            (Some(_), true) => Described::AfterAChange,
         };
         if !pending {
             if let Some(m) = mirror.as_mut() {

@@ -527,6 +527,10 @@ impl Pipeline {
         )
         .await?;
         applier.set_full_identity(session.full_identity_keys().await?);
+        if self.cfg.ddl_messages {
+            let on = session.ensure_ddl_messages().await?;
+            tracing::info!(pipeline = %self.cfg.name, ddl_messages = on, "schema changes placed by {}", if on { "the DDL messages in the stream" } else { "the catalog as it is now (the DDL event trigger needs a superuser)" });
+        }
         // The relations streamed now, by name: one created again since is copied again.
         let oids: std::collections::HashMap<String, u32> = session
             .table_oids(&tables)

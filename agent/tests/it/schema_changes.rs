@@ -825,3 +825,59 @@ async fn a_type_change_after_a_drop_and_add_does_not_hide_it() {
     wait_changelog(&work, "ns.nt_changelog", &pg, NT).await;
     never_left_streaming(&agent).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_swap_is_followed_when_the_catalog_is_already_past_it() {
+    // Two names swapped, then (a later transaction) one of them renamed again and a new column
+    // under its name, all before the agent reads the catalog: the catalog no longer describes
+    // the message after the swap, names placed it, and the rows changed in between landed in
+    // each other's fields. The DDL event trigger writes the table's columns into the stream
+    // at each ALTER TABLE, so that message is placed by the numbers of its time.
+    let Running {
+        pg,
+        db,
+        work,
+        cfg,
+        agent,
+    } = prepare(
+        "CREATE TABLE sw (id int PRIMARY KEY, x int, y int);
+         INSERT INTO sw SELECT g, g * 10, g * 100 FROM generate_series(1, 10) g;",
+        &["sw"],
+        "mode = \"both\"\nsnapshot = \"initial\"",
+        "",
+    )
+    .await
+    .streaming()
+    .await;
+    wait_mirror(&work, "ns.sw", &pg, "SELECT id, x, y FROM sw").await;
+    let log = agent.log_text();
+    assert!(
+        log.contains("schema changes placed by the DDL messages in the stream"),
+        "{log}"
+    );
+    agent.terminate();
+    execute_each(
+        &db,
+        &[
+            "UPDATE sw SET x = x + 1000 WHERE id = 1",
+            "BEGIN;
+             ALTER TABLE sw RENAME x TO tmp;
+             ALTER TABLE sw RENAME y TO x;
+             ALTER TABLE sw RENAME tmp TO y;
+             UPDATE sw SET x = -2, y = -3 WHERE id = 2;
+             COMMIT;",
+            "BEGIN;
+             ALTER TABLE sw RENAME x TO x_o;
+             ALTER TABLE sw ADD COLUMN x text;
+             UPDATE sw SET x = 'new', y = -4 WHERE id = 3;
+             COMMIT;",
+        ],
+    )
+    .await;
+    let agent = AgentProc::start(&cfg, &work.path().join("agent2.log"));
+    agent.wait_streaming().await;
+    const SW: &str = "SELECT id, y, x_o, x FROM sw";
+    wait_mirror(&work, "ns.sw", &pg, SW).await;
+    wait_changelog(&work, "ns.sw_changelog", &pg, SW).await;
+    never_left_streaming(&agent).await;
+}

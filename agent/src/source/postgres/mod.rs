@@ -3,6 +3,7 @@
 pub mod binary;
 pub mod conn;
 pub mod copy;
+pub mod ddl;
 pub mod leader;
 pub mod pgoutput;
 pub mod session;

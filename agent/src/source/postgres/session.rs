@@ -139,6 +139,11 @@ pub fn quote_ident(s: &str) -> String {
     format!("\"{}\"", s.replace('"', "\"\""))
 }
 
+/// Prefix of the transactional messages the DDL event trigger writes: a table's columns at
+/// the end of an `ALTER TABLE` (`{"oid": …, "columns": [[attnum, name, type, typmod,
+/// hasdef], …]}`).
+pub const DDL_MESSAGE_PREFIX: &str = "philotes.columns";
+
 /// A column as the catalog describes it now.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CatalogColumn {
@@ -853,6 +858,65 @@ impl Session {
         ))
         .await?;
         Ok(None)
+    }
+
+    /// Install (or keep) the event trigger that writes a table's columns into the WAL at the
+    /// end of each `ALTER TABLE` (a transactional message, prefix [`DDL_MESSAGE_PREFIX`]).
+    /// Where no message can be written (`wal_level` lowered, the function's use revoked) it
+    /// writes none rather than fail the DDL. No exception block: its subtransaction let the
+    /// decoder send a message after the row changes that followed it (seen with
+    /// `test_decoding`).
+    /// False when it is not in place: the role is not a superuser (event triggers need one),
+    /// or creating it failed (another agent creating it at once, say); the stream then goes on
+    /// with the catalog as it is now.
+    pub async fn ensure_ddl_messages(&mut self) -> Result<bool, SourceError> {
+        let installed = "SELECT 1 FROM pg_catalog.pg_event_trigger e \
+             JOIN pg_catalog.pg_proc p ON p.oid = e.evtfoid \
+             WHERE e.evtname = 'philotes_columns_after_ddl_v1' AND e.evtenabled <> 'D' \
+             AND p.proname = 'philotes_columns_after_ddl_v1'";
+        if !self.query(installed).await?.is_empty() {
+            return Ok(true);
+        }
+        let superuser = self
+            .scalar("SELECT rolsuper::text FROM pg_catalog.pg_roles WHERE rolname = current_user")
+            .await?;
+        if superuser.as_deref() != Some("true") {
+            return Ok(false);
+        }
+        let create = format!(
+            "CREATE OR REPLACE FUNCTION public.philotes_columns_after_ddl_v1() \
+             RETURNS event_trigger LANGUAGE plpgsql AS $philotes$ \
+             DECLARE r record; \
+             BEGIN \
+               IF pg_catalog.current_setting('wal_level') <> 'logical' \
+                  OR NOT pg_catalog.has_function_privilege( \
+                    'pg_catalog.pg_logical_emit_message(boolean, text, text)', 'EXECUTE') \
+               THEN RETURN; END IF; \
+               FOR r IN SELECT DISTINCT d.objid FROM pg_catalog.pg_event_trigger_ddl_commands() d \
+                 JOIN pg_catalog.pg_class c ON c.oid = d.objid \
+                 WHERE d.classid = 'pg_catalog.pg_class'::pg_catalog.regclass \
+                   AND c.relkind IN ('r', 'p') LOOP \
+                 PERFORM pg_catalog.pg_logical_emit_message(true, '{DDL_MESSAGE_PREFIX}', \
+                   (SELECT pg_catalog.json_build_object('oid', r.objid::int8, 'columns', \
+                      pg_catalog.json_agg(pg_catalog.json_build_array(a.attnum, a.attname, \
+                        a.atttypid::int8, a.atttypmod, a.atthasdef) ORDER BY a.attnum))::text \
+                    FROM pg_catalog.pg_attribute a \
+                    WHERE a.attrelid = r.objid AND a.attnum > 0 AND NOT a.attisdropped)); \
+               END LOOP; \
+             END $philotes$; \
+             DROP EVENT TRIGGER IF EXISTS philotes_columns_after_ddl_v1; \
+             CREATE EVENT TRIGGER philotes_columns_after_ddl_v1 ON ddl_command_end \
+               WHEN TAG IN ('ALTER TABLE') \
+               EXECUTE FUNCTION public.philotes_columns_after_ddl_v1();"
+        );
+        match self.query(&format!("BEGIN; {create} COMMIT;")).await {
+            Ok(_) => Ok(true),
+            Err(e) => {
+                let _ = self.query("ROLLBACK").await;
+                tracing::warn!(error = %e, "the DDL event trigger could not be installed: schema changes are placed by the catalog as it is now");
+                Ok(false)
+            }
+        }
     }
 
     /// Write a non-transactional logical message (`philotes.heartbeat`): WAL moves and reaches
