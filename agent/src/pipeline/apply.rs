@@ -754,9 +754,9 @@ impl Applier {
                     _ => self.early_change(s, oid, Op::Update, &new)?,
                 }
             }
-            // Nothing stored, nothing counted.
             // A table's columns at a DDL: taken in order at the commit, with what follows.
             Message::LogicalMessage { prefix, .. } if prefix == ddl::DDL_MESSAGE_PREFIX => false,
+            // Nothing stored, nothing counted.
             Message::Type { .. } | Message::Origin { .. } | Message::LogicalMessage { .. } => true,
             Message::Truncate { .. } | Message::Begin { .. } | Message::Commit { .. } => false,
         })

@@ -870,12 +870,13 @@ impl Session {
     /// or creating it failed (another agent creating it at once, say); the stream then goes on
     /// with the catalog as it is now.
     pub async fn ensure_ddl_messages(&mut self) -> Result<bool, SourceError> {
-        let installed = "SELECT 1 FROM pg_catalog.pg_event_trigger e \
+        // One disabled by an administrator (`ALTER EVENT TRIGGER … DISABLE`) stays so.
+        let installed = "SELECT (e.evtenabled <> 'D')::text FROM pg_catalog.pg_event_trigger e \
              JOIN pg_catalog.pg_proc p ON p.oid = e.evtfoid \
-             WHERE e.evtname = 'philotes_columns_after_ddl_v1' AND e.evtenabled <> 'D' \
+             WHERE e.evtname = 'philotes_columns_after_ddl_v1' \
              AND p.proname = 'philotes_columns_after_ddl_v1'";
-        if !self.query(installed).await?.is_empty() {
-            return Ok(true);
+        if let Some(enabled) = self.scalar(installed).await? {
+            return Ok(enabled == "true");
         }
         let superuser = self
             .scalar("SELECT rolsuper::text FROM pg_catalog.pg_roles WHERE rolname = current_user")
