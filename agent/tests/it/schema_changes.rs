@@ -46,15 +46,15 @@ async fn never_left_streaming(agent: &AgentProc) {
 }
 
 /// A table `(id int PRIMARY KEY, c int, v text)` of 10 rows, copied into a changelog and a
-/// mirror and streaming.
-async fn streaming_c_and_v(table: &str) -> Running {
+/// mirror and streaming; `extra` adds pipeline settings.
+async fn streaming_c_and_v(table: &str, extra: &str) -> Running {
     let r = prepare(
         &format!(
             "CREATE TABLE {table} (id int PRIMARY KEY, c int, v text);
              INSERT INTO {table} SELECT g, g * 10, 'a' FROM generate_series(1, 10) g;"
         ),
         &[table],
-        "mode = \"both\"\nsnapshot = \"initial\"",
+        &format!("mode = \"both\"\nsnapshot = \"initial\"\n{extra}"),
         "",
     )
     .await
@@ -690,7 +690,7 @@ async fn a_kill_after_a_schema_change_replays_the_rows_before_it_in_their_place(
         work,
         cfg,
         agent,
-    } = streaming_c_and_v("dk").await;
+    } = streaming_c_and_v("dk", "").await;
     let log = work.path().join("agent2.log");
     const DK: &str = "SELECT id, c, v FROM dk";
     // Rows wait for a flush that does not come before the kill.
@@ -731,7 +731,7 @@ async fn a_replay_places_rows_through_the_schema_of_their_time() {
         work,
         cfg,
         agent,
-    } = streaming_c_and_v("rp").await;
+    } = streaming_c_and_v("rp", "").await;
     let log = work.path().join("agent2.log");
     // Rows wait for a flush that does not come before the kill.
     let agent = holding_rows(agent, &cfg, &log).await;
@@ -791,14 +791,15 @@ async fn a_type_change_after_a_drop_and_add_does_not_hide_it() {
     // the message after the drop and add no longer matched the catalog (`v`'s type), names
     // placed it, and the new `c` took the old one's field until the next message (a value of
     // the new `c` landed in the column moved aside). The agent is stopped meanwhile, so that
-    // both transactions are committed before it reads the catalog.
+    // both transactions are committed before it reads the catalog. Without DDL messages: the
+    // catalog alone places the message.
     let Running {
         pg,
         db,
         work,
         cfg,
         agent,
-    } = streaming_c_and_v("nt").await;
+    } = streaming_c_and_v("nt", "ddl_messages = false").await;
     agent.terminate();
     execute_each(
         &db,
