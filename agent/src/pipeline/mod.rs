@@ -529,6 +529,7 @@ impl Pipeline {
         applier.set_full_identity(session.full_identity_keys().await?);
         if self.cfg.ddl_messages {
             let on = session.ensure_ddl_messages().await?;
+            status::update(&self.status, |st| st.ddl_messages = on);
             tracing::info!(pipeline = %self.cfg.name, ddl_messages = on, "schema changes placed by {}", if on { "the DDL messages in the stream" } else { "the catalog as it is now (the DDL event trigger is not in place: it needs a superuser to install, or it was disabled)" });
         }
         // The relations streamed now, by name: one created again since is copied again.

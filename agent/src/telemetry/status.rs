@@ -91,6 +91,9 @@ pub struct PipelineStatus {
     pub spooled_transactions: u64,
     /// Bytes in those spools.
     pub spooled_bytes: u64,
+    /// Schema changes are placed by the DDL messages in the stream (the event trigger is in
+    /// place), not by the catalog as it is now.
+    pub ddl_messages: bool,
     /// Set while the pipeline waits to try again after a failed attempt.
     pub retry: Option<RetryStatus>,
     /// Last error, if any.
@@ -120,6 +123,7 @@ impl PipelineStatus {
             buffered_events: 0,
             spooled_transactions: 0,
             spooled_bytes: 0,
+            ddl_messages: false,
             retry: None,
             last_error: None,
             last_error_at: None,

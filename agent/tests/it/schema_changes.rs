@@ -856,6 +856,8 @@ async fn a_swap_is_followed_when_the_catalog_is_already_past_it() {
         log.contains("schema changes placed by the DDL messages in the stream"),
         "{log}"
     );
+    let v = agent.wait_state("p", "streaming", 30).await;
+    assert_eq!(v["ddl_messages"], true, "{v}");
     agent.terminate();
     execute_each(
         &db,
