@@ -362,13 +362,19 @@ impl Applier {
     /// The slot's confirmed position as this attempt starts: the source sends no transaction
     /// before it again.
     pub(super) fn start_from(&mut self, confirmed: Lsn) {
-        self.positions.confirm(confirmed);
         // The stream starts again from here: what an earlier attempt read is of later points.
         self.ddl_shapes.clear();
+        self.confirmed(confirmed);
+    }
+
+    /// The source will not send again what is before `lsn`: the position and every table
+    /// (whose next commit drops the schema-change entries of before it) know it.
+    fn confirmed(&mut self, lsn: Lsn) {
+        self.positions.confirm(lsn);
         for t in &mut self.tables {
-            t.sink.set_confirmed(confirmed);
+            t.sink.set_confirmed(lsn);
             if let Some(m) = t.mirror.as_mut() {
-                m.set_confirmed(confirmed);
+                m.set_confirmed(lsn);
             }
         }
     }
@@ -2004,13 +2010,7 @@ impl Applier {
 
     fn confirm(&mut self, client: &ReplicationStream, lsn: Lsn) {
         client.confirm(lsn);
-        self.positions.confirm(lsn);
-        for t in &mut self.tables {
-            t.sink.set_confirmed(lsn);
-            if let Some(m) = t.mirror.as_mut() {
-                m.set_confirmed(lsn);
-            }
-        }
+        self.confirmed(lsn);
         status::update(&self.status, |s| s.confirmed_lsn = lsn.pg());
     }
 }

@@ -757,15 +757,11 @@ impl TableSink {
     /// current schema is in force there, or the older one is no longer in the metadata.
     /// A property that cannot be read is an error naming it.
     pub fn schema_at(&self, lsn: Lsn, seq: u64) -> Result<Option<Arc<Schema>>, String> {
-        let md = self.table.metadata();
-        let Some(v) = md.properties().get(SCHEMA_BEFORE_PROPERTY) else {
-            return Ok(None);
-        };
-        let entries = parse_schema_before(v)?;
-        Ok(entries
+        Ok(self
+            .schema_changes_ahead()?
             .iter()
             .find(|e| (e.lsn, e.seq) > (lsn.get(), seq))
-            .and_then(|e| md.schema_by_id(e.schema).cloned()))
+            .and_then(|e| self.table.metadata().schema_by_id(e.schema).cloned()))
     }
 
     /// The properties recording a schema change at `(lsn, seq)` (the current schema is the
