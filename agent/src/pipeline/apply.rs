@@ -619,8 +619,8 @@ impl Applier {
                 .await?;
                 true
             }
-            Message::Insert { oid, new } => self.early_change(s, oid, Op::Insert, &new)?,
-            Message::Delete { oid, old } => self.early_change(s, oid, Op::Delete, &old)?,
+            Message::Insert { oid, new } => self.early_change(s, oid, Op::Insert, &new, false)?,
+            Message::Delete { oid, old } => self.early_change(s, oid, Op::Delete, &old, false)?,
             Message::Update {
                 oid,
                 old,
@@ -631,17 +631,17 @@ impl Applier {
                 // anything is added.
                 match (key_changed, &old) {
                     (true, Some(o)) => {
-                        if !self.early_change(s, oid, Op::Delete, o)? {
+                        if !self.early_change(s, oid, Op::Delete, o, false)? {
                             return Ok(false);
                         }
                         // The delete is in: the update must follow it, or neither counts.
-                        if !self.early_change(s, oid, Op::Update, &new)? {
+                        if !self.early_change(s, oid, Op::Update, &new, true)? {
                             s.discard();
                             return Ok(false);
                         }
                         true
                     }
-                    _ => self.early_change(s, oid, Op::Update, &new)?,
+                    _ => self.early_change(s, oid, Op::Update, &new, false)?,
                 }
             }
             // A table's columns at a DDL: taken in order at the commit, with what follows.
@@ -721,6 +721,7 @@ impl Applier {
         oid: u32,
         op: Op,
         tuple: &TupleData<'_>,
+        moved: bool,
     ) -> Result<bool, PipelineError> {
         let idx = match self.relations.get(&oid) {
             Some(Some(i)) => *i,
@@ -745,6 +746,9 @@ impl Applier {
         if et.batch.push(op, Lsn::ZERO, seq, 0, Some(tuple)).is_err() {
             // A value for the dead-letter table: the replay writes it there.
             return Ok(false);
+        }
+        if moved {
+            et.batch.mark_moved();
         }
         et.counts[op_index(op)] += 1;
         early.seq += 1;
@@ -922,14 +926,13 @@ impl Applier {
             self.spill(idx).await?;
             let (layout, batches) = et.finish()?;
             let stamped = batches
-                .iter()
-                .map(|b| layout.stamp(b, lsn, ts_micros))
-                .collect::<Result<Vec<_>, _>>()?;
-            drop(batches);
+                .into_iter()
+                .map(|(b, moved)| Ok((layout.stamp(&b, lsn, ts_micros)?, moved)))
+                .collect::<Result<Vec<_>, BatchError>>()?;
             let t = &mut self.tables[idx];
             if let Some(m) = t.mirror.as_mut() {
-                for b in &stamped {
-                    m.write(b.clone()).await?;
+                for (b, moved) in &stamped {
+                    m.write_moved(b.clone(), moved).await?;
                 }
             }
             let w = t.sink.write_spread(stamped).await?;
@@ -1114,12 +1117,14 @@ impl Applier {
                     (Some(keys), Some(o)) => keys.is_empty() || key_differs(keys, o, &new),
                     _ => key_changed,
                 };
-                if let (true, Some(o)) = (leaves, &old) {
+                let moved = leaves && old.is_some();
+                if let (true, Some(o)) = (moved, &old) {
                     self.change(oid, Op::Delete, Some(o)).await?;
                 }
-                // Unchanged TOAST values are in the old row (FULL): take them from it.
+                // Unchanged TOAST values are in the old row (FULL): take them from it; else
+                // a mirror takes them from the old key's row.
                 let fallback = if full.is_some() { old.as_ref() } else { None };
-                self.change_with(oid, Op::Update, Some(&new), fallback)
+                self.change_with(oid, Op::Update, Some(&new), fallback, moved)
                     .await?
             }
             Message::Delete { oid, old } => self.change(oid, Op::Delete, Some(&old)).await?,
@@ -1150,17 +1155,19 @@ impl Applier {
         op: Op,
         tuple: Option<&TupleData<'_>>,
     ) -> Result<(), PipelineError> {
-        self.change_with(oid, op, tuple, None).await
+        self.change_with(oid, op, tuple, None, false).await
     }
 
     /// [`Self::change`] taking the columns `tuple` did not send (unchanged TOAST values) from
-    /// `fallback` when it has them.
+    /// `fallback` when it has them; `moved`: an update that changed its key, right after its
+    /// old key's delete (a mirror takes the values it did not send from the old key's row).
     async fn change_with(
         &mut self,
         oid: u32,
         op: Op,
         tuple: Option<&TupleData<'_>>,
         fallback: Option<&TupleData<'_>>,
+        moved: bool,
     ) -> Result<(), PipelineError> {
         let Some(txn) = self.txn.as_mut() else {
             return Err(PipelineError::StreamEnded(
@@ -1204,6 +1211,9 @@ impl Applier {
             };
             self.dead_letter(letter);
         } else {
+            if moved {
+                t.batch.mark_moved();
+            }
             t.dirty = true;
         }
         self.buffered_events += 1;
@@ -1231,8 +1241,8 @@ impl Applier {
     }
 
     async fn spill(&mut self, i: usize) -> Result<(), PipelineError> {
-        if let Some(batch) = self.tables[i].batch.finish()? {
-            self.write_batch(i, batch).await?;
+        if let Some((batch, moved)) = self.tables[i].batch.finish()? {
+            self.write_batch(i, batch, &moved).await?;
         }
         self.limit_open_writers(i).await
     }
@@ -1242,6 +1252,7 @@ impl Applier {
         &mut self,
         i: usize,
         batch: arrow_array::RecordBatch,
+        moved: &[u32],
     ) -> Result<(), PipelineError> {
         let t = &mut self.tables[i];
         if let Some(m) = t.mirror.as_mut() {
@@ -1251,9 +1262,9 @@ impl Applier {
                 crate::sink::iceberg::project::renamed(&batch, &t.mirror_names)
                     .map_err(|e| PipelineError::State(format!("mirror batch: {e}")))?
             };
-            m.write(b).await?;
+            m.write_moved(b, moved).await?;
         }
-        t.sink.write(batch).await?;
+        t.sink.write_moved(batch, moved).await?;
         Ok(())
     }
 

@@ -458,6 +458,10 @@ struct SourceSlot {
     binary: bool,
 }
 
+/// A finished batch and its rows that are updates which changed their key (ascending; see
+/// [`TableBatch::mark_moved`]).
+pub type Finished = (RecordBatch, Vec<u32>);
+
 /// Buffered rows of one table, in the column order of its Iceberg schema.
 pub struct TableBatch {
     schema: SchemaRef,
@@ -477,6 +481,8 @@ pub struct TableBatch {
     /// The last finished batch's rows and each column's variable-width bytes: the next batch's
     /// builders start at that size (taken at its first row, so an idle table holds nothing).
     room: Option<(usize, Vec<usize>)>,
+    /// Rows that are updates which changed their key (see [`Self::mark_moved`]).
+    moved: Vec<u32>,
 }
 
 impl TableBatch {
@@ -548,6 +554,7 @@ impl TableBatch {
             scratch: Vec::new(),
             parsed: Vec::new(),
             room: None,
+            moved: Vec::new(),
         }
     }
 
@@ -804,8 +811,18 @@ impl TableBatch {
         Ok(())
     }
 
-    /// Take the buffered rows as a RecordBatch (None if empty); the builders start over.
-    pub fn finish(&mut self) -> Result<Option<RecordBatch>, BatchError> {
+    /// The row just pushed is an update that changed its key, pushed right after its old
+    /// key's delete: a mirror takes the values it did not send (unchanged TOAST) from the old
+    /// key's row.
+    pub fn mark_moved(&mut self) {
+        if let Some(last) = self.rows.checked_sub(1) {
+            self.moved.push(last as u32);
+        }
+    }
+
+    /// Take the buffered rows as a RecordBatch with its moved rows (see [`Self::mark_moved`]),
+    /// None if empty; the builders start over.
+    pub fn finish(&mut self) -> Result<Option<Finished>, BatchError> {
         if self.rows == 0 {
             return Ok(None);
         }
@@ -837,7 +854,11 @@ impl TableBatch {
         debug_assert!(arrays.iter().all(|a| a.len() == self.rows));
         self.rows = 0;
         self.bytes = 0;
-        Ok(Some(RecordBatch::try_new(self.schema.clone(), arrays)?))
+        let moved = std::mem::take(&mut self.moved);
+        Ok(Some((
+            RecordBatch::try_new(self.schema.clone(), arrays)?,
+            moved,
+        )))
     }
 }
 
@@ -957,7 +978,7 @@ mod tests {
         assert_eq!(json["d"], "42", "{json}");
         assert_eq!(json["mood"], serde_json::Value::Null);
 
-        let batch = b.finish().unwrap().unwrap();
+        let (batch, _) = b.finish().unwrap().unwrap();
         assert_eq!(batch.num_rows(), 1);
         let d = batch.column_by_name("d").unwrap();
         let d = d

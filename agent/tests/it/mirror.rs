@@ -386,6 +386,26 @@ async fn unchanged_toast_values_keep_their_value() {
         .expect("update all");
     let v = wait_mirrored(&work, "ns.tt", &pg, Q, "id").await;
     assert_eq!(v["rows"], 5, "{v}");
+    // An update that changes the key does not send the unchanged value either: it is the
+    // old key's (a D of the old key, then the U of the new one). From committed files; then
+    // in one transaction from rows of the same batch, moved twice, after an unrelated delete.
+    db.batch_execute("UPDATE tt SET id = id + 10 WHERE id <= 2")
+        .await
+        .expect("move keys");
+    wait_mirrored(&work, "ns.tt", &pg, Q, "id").await;
+    db.batch_execute(&format!(
+        "BEGIN; INSERT INTO tt VALUES (6, 0, {}, 'n6'); UPDATE tt SET id = 16 WHERE id = 6;
+         UPDATE tt SET id = 26, n = 1 WHERE id = 16; DELETE FROM tt WHERE id = 4;
+         UPDATE tt SET id = 33 WHERE id = 3; UPDATE tt SET n = 9 WHERE id = 33; COMMIT;",
+        big(6)
+    ))
+    .await
+    .expect("moves in one transaction");
+    let v = wait_mirrored(&work, "ns.tt", &pg, Q, "id").await;
+    assert_eq!(v["rows"], 5, "{v}");
+    // The changelog holds what a reader needs to fill the values in (docs/querying.md).
+    let v = verify_source(&work, "ns.tt_changelog", &pg, Q, &["--fill-unchanged"]);
+    assert_eq!(v["state_equal"], true, "{}", v["state_diff"]);
     drop(agent);
 }
 

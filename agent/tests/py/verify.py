@@ -120,19 +120,34 @@ def read_duckdb(args, uuids):
     return rows
 
 
-def fold(rows, pk):
-    """Current state: the latest change per key wins; deletes remove; truncates clear."""
+def fold(rows, pk, fill=False):
+    """Current state: the latest change per key wins; deletes remove; truncates clear.
+
+    With `fill`, the values a row lists in `_cdc_unchanged` (unchanged TOAST, not sent) are
+    taken as docs/querying.md says a reader takes them: from the key's previous row, or, for
+    an update that moved its key (a `D` of the old key right before it: same `_cdc_lsn`,
+    `_cdc_seq` one less), from the old key's row."""
     state = {}
+    deleted = None
     for r in sorted(rows, key=lambda r: (r["_cdc_lsn"], r["_cdc_seq"])):
         op = r["_cdc_op"]
+        moved_from, deleted = deleted, None
         if op == "T":
             state.clear()
             continue
         key = tuple(r[k] for k in pk)
         if op == "D":
-            state.pop(key, None)
+            deleted = (r["_cdc_lsn"], r["_cdc_seq"], state.pop(key, None))
         else:
-            state[key] = {k: v for k, v in r.items() if not k.startswith("_cdc_")}
+            row = {k: v for k, v in r.items() if not k.startswith("_cdc_")}
+            unchanged = r.get("_cdc_unchanged") or []
+            if fill and unchanged:
+                before = state.get(key)
+                if before is None and moved_from and moved_from[:2] == (r["_cdc_lsn"], r["_cdc_seq"] - 1):
+                    before = moved_from[2]
+                for c in unchanged:
+                    row[c] = (before or {}).get(c)
+            state[key] = row
     return state
 
 
@@ -150,6 +165,7 @@ def main():
     ap.add_argument("--pg-query")
     ap.add_argument("--duckdb", action="store_true")
     ap.add_argument("--rows", action="store_true", help="include all rows in the output")
+    ap.add_argument("--fill-unchanged", action="store_true", help="fold with unchanged TOAST values filled in")
     args = ap.parse_args()
     pk = args.pk.split(",")
 
@@ -193,7 +209,7 @@ def main():
             cols = [d.name for d in cur.description]
             pg_rows = [canon_row(dict(zip(cols, r)), set()) for r in cur.fetchall()]
         pg_state = {tuple(r[k] for k in pk): r for r in pg_rows}
-        ice_state = fold(rows, pk)
+        ice_state = fold(rows, pk, args.fill_unchanged)
         # Compare only the columns the query selected.
         ice_state = {k: {c: v.get(c) for c in cols} for k, v in ice_state.items()}
         out["pg_rows"] = len(pg_state)

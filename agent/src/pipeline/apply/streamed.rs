@@ -8,9 +8,7 @@
 //! Stream Commit replays the spool from there; a rolled-back subtransaction inside what was
 //! converted discards the conversion and the whole spool is replayed.
 
-use arrow_array::RecordBatch;
-
-use crate::pipeline::batch::TableBatch;
+use crate::pipeline::batch::{Finished, TableBatch};
 use crate::pipeline::spool::Spool;
 use crate::source::postgres::pgoutput::RelationColumn;
 
@@ -40,7 +38,7 @@ pub(super) struct EarlyTable {
     /// Builders of the table's layout when the first row came.
     pub(super) batch: TableBatch,
     /// Batches finished so far (the builders are kept small).
-    pub(super) done: Vec<RecordBatch>,
+    pub(super) done: Vec<Finished>,
     /// The relation the rows were read with: at the commit, the table must still have it.
     pub(super) columns: Vec<RelationColumn>,
     /// Inserts, updates, deletes, truncates.
@@ -194,7 +192,7 @@ impl EarlyTable {
     /// Every converted row as batches, in order.
     pub(super) fn finish(
         mut self,
-    ) -> Result<(TableBatch, Vec<RecordBatch>), crate::pipeline::batch::BatchError> {
+    ) -> Result<(TableBatch, Vec<Finished>), crate::pipeline::batch::BatchError> {
         if let Some(b) = self.batch.finish()? {
             self.done.push(b);
         }

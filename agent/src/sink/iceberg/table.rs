@@ -650,10 +650,21 @@ impl TableSink {
     /// Queue `batch` for the table's open data files (opened on first use); it stays pending
     /// until `commit`. Returns once the writer task has taken it.
     pub async fn write(&mut self, batch: RecordBatch) -> Result<(), SinkError> {
+        self.write_moved(batch, &[]).await
+    }
+
+    /// [`Self::write`], where the rows `moved` (ascending) are updates that changed their
+    /// key, each right after its old key's delete: a mirror takes the values such a row did
+    /// not send from the old key's row. A changelog stores the rows as they are.
+    pub async fn write_moved(
+        &mut self,
+        batch: RecordBatch,
+        moved: &[u32],
+    ) -> Result<(), SinkError> {
         self.pending_rows += batch.num_rows() as u64;
         self.pending_bytes += batch.get_array_memory_size() as u64;
         if let Some(m) = self.mirror.as_mut() {
-            return m.push(&self.table, &batch, self.last_lsn).await;
+            return m.push(&self.table, &batch, moved, self.last_lsn).await;
         }
         let open = self
             .open
@@ -667,17 +678,21 @@ impl TableSink {
 
     /// Queue many batches at once (a large transaction converted before its commit): they
     /// are spread over two writers, whose tasks encode on two cores, into two sets of files.
-    /// A mirror takes them in order through [`Self::write`]. Returns what the second set of
-    /// files holds (already finished; the first stays open like `write`'s).
-    pub async fn write_spread(&mut self, batches: Vec<RecordBatch>) -> Result<Written, SinkError> {
+    /// A mirror takes them in order through [`Self::write_moved`] (each batch with its moved
+    /// rows). Returns what the second set of files holds (already finished; the first stays
+    /// open like `write`'s).
+    pub async fn write_spread(
+        &mut self,
+        batches: Vec<(RecordBatch, Vec<u32>)>,
+    ) -> Result<Written, SinkError> {
         if self.mirror.is_some() || batches.len() < 4 {
-            for b in batches {
-                self.write(b).await?;
+            for (b, moved) in batches {
+                self.write_moved(b, &moved).await?;
             }
             return Ok(Written::default());
         }
         let mut second = OpenFiles::open(&self.table);
-        for (i, b) in batches.into_iter().enumerate() {
+        for (i, (b, _)) in batches.into_iter().enumerate() {
             if i % 2 == 0 {
                 self.write(b).await?;
             } else {

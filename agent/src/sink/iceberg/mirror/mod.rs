@@ -32,7 +32,7 @@ use parquet::arrow::{ParquetRecordBatchStreamBuilder, ProjectionMask};
 use self::files::DataWriter;
 use self::index::{Key, KeyBytes, KeyIndex, Loc};
 use super::project::{by_name, conform, field_id};
-use super::schema::{CDC_LSN, CDC_OP, CDC_UNCHANGED};
+use super::schema::{CDC_LSN, CDC_OP, CDC_SEQ, CDC_UNCHANGED};
 use super::SinkError;
 use crate::model::Lsn;
 use crate::telemetry::events::MirrorRowsWithoutKey;
@@ -182,6 +182,10 @@ pub struct MirrorWriter {
     replacing: Option<Replacing>,
     /// The files the staged change removes at the end of a replacing copy.
     replaced: Option<HashSet<String>>,
+    /// The last delete folded in: its `_cdc_lsn`, `_cdc_seq` and where its key's row was. An
+    /// update that moved its key comes right after its old key's delete, and takes the values
+    /// it did not send (unchanged TOAST) from that row.
+    last_delete: Option<(i64, i64, Option<Loc>)>,
 }
 
 /// A copy taken again of a keyed mirror upserts its rows over the ones the mirror had, so
@@ -286,6 +290,7 @@ impl MirrorWriter {
             unkeyed: 0,
             replacing: None,
             replaced: None,
+            last_delete: None,
         }
     }
 
@@ -551,11 +556,13 @@ impl MirrorWriter {
     }
 
     /// Fold `batch` (changelog rows in change order) into the staged state; rows at or below
-    /// `committed` are already in the table.
+    /// `committed` are already in the table. `moved` lists the rows (ascending) that are
+    /// updates which changed their key: each follows its old key's delete.
     pub async fn push(
         &mut self,
         table: &Table,
         batch: &RecordBatch,
+        moved: &[u32],
         committed: Lsn,
     ) -> Result<(), SinkError> {
         self.check_fresh()?;
@@ -567,6 +574,10 @@ impl MirrorWriter {
             .column_by_name(CDC_LSN)
             .and_then(|c| c.as_primitive_opt::<Int64Type>().cloned())
             .ok_or_else(|| SinkError::Write("changelog batch without _cdc_lsn".into()))?;
+        let seqs = batch
+            .column_by_name(CDC_SEQ)
+            .and_then(|c| c.as_primitive_opt::<Int64Type>().cloned())
+            .ok_or_else(|| SinkError::Write("changelog batch without _cdc_seq".into()))?;
         let keys = match &self.keys {
             Some(k) => Some(k.keys(batch)?),
             None => None,
@@ -598,6 +609,13 @@ impl MirrorWriter {
                 continue;
             }
             let key = keys.as_ref().map(|k| &k[row]);
+            let (lsn, seq) = (lsns.value(row), seqs.value(row));
+            // Where the row of the key this update moved from was: the delete just before it.
+            let moved_from = match self.last_delete.take() {
+                Some((l, s, loc)) if l == lsn && s + 1 == seq => loc,
+                _ => None,
+            }
+            .filter(|_| moved.binary_search(&(row as u32)).is_ok());
             match op {
                 "T" if self
                     .replacing
@@ -611,6 +629,7 @@ impl MirrorWriter {
                     // flush's files now.
                     take.clear();
                     fills.clear();
+                    self.last_delete = None;
                     self.truncate(table).await?;
                     (file, first) = self.open_file(table).await?;
                 }
@@ -622,10 +641,12 @@ impl MirrorWriter {
                         None => None,
                     };
                     if let Some(k) = k {
-                        if let Some(loc) = self.lookup(&k) {
+                        let before = self.lookup(&k);
+                        if let Some(loc) = before {
                             self.deletes.push((loc.file, loc.pos));
                         }
                         self.staged.insert(k, GONE);
+                        self.last_delete = Some((lsn, seq, before));
                     }
                 }
                 _ => {
@@ -642,7 +663,7 @@ impl MirrorWriter {
                         }
                         let names = unchanged_names(unchanged.as_ref(), row);
                         if !names.is_empty() {
-                            let from = match before {
+                            let from = match before.or(moved_from) {
                                 Some(l) if l.file == file && l.pos >= first => {
                                     Source::Batch((l.pos - first) as usize)
                                 }
@@ -872,6 +893,8 @@ impl MirrorWriter {
 
     /// The staged change was committed: the index follows it.
     pub fn committed(&mut self) {
+        // A key's move is within one transaction, never across a commit.
+        self.last_delete = None;
         if self.reset {
             self.index.clear_keys();
             self.data_files.clear();
@@ -943,6 +966,7 @@ impl MirrorWriter {
         self.written.clear();
         self.reset = false;
         self.rows = 0;
+        self.last_delete = None;
         self.index.free();
     }
 }
