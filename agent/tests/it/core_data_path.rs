@@ -243,7 +243,8 @@ async fn one_huge_transaction_streams_in_bounded_memory() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn poison_values_go_to_the_dead_letter_table() {
     let (_pg, db, work, agent) = running(
-        "CREATE TABLE pay (id int PRIMARY KEY, amount numeric(12,2), at timestamptz)",
+        "CREATE TABLE pay (id int PRIMARY KEY, amount numeric(12,2), at timestamptz, due time, \
+         slots time[])",
         &["pay"],
         "",
     )
@@ -256,15 +257,26 @@ async fn poison_values_go_to_the_dead_letter_table() {
          INSERT INTO pay VALUES (3, 3.25, '2024-01-02 00:00:00+00');
          COMMIT;
          INSERT INTO pay VALUES (4, 4.00, 'infinity');
-         INSERT INTO pay VALUES (5, 5.75, '2024-01-03 00:00:00+00');",
+         INSERT INTO pay VALUES (5, 5.75, '2024-01-03 00:00:00+00', '23:59:59.999999');
+         INSERT INTO pay VALUES (6, 6.00, '2024-01-04 00:00:00+00', '24:00:00');
+         INSERT INTO pay VALUES (7, 7.00, '2024-01-05 00:00:00+00', NULL, '{12:00, 24:00}');
+         INSERT INTO pay VALUES (8, 8.00, '2024-01-06 00:00:00+00', '00:00', '{00:00, 12:00}');",
     )
     .await
     .unwrap();
-    wait_rows(&work, "ns.pay", 3, 60).await;
-    wait_rows(&work, "ns._philotes_dlq", 2, 30).await;
+    wait_rows(&work, "ns.pay", 4, 60).await;
+    wait_rows(&work, "ns._philotes_dlq", 4, 30).await;
     let dlq = verify_dlq(&work);
     let rows = dlq["all_rows"].as_array().unwrap();
-    assert_eq!(rows.len(), 2);
+    assert_eq!(rows.len(), 4);
+    // PostgreSQL's `24:00:00` has no Iceberg time (it stopped the pipeline once).
+    for r in &rows[2..] {
+        let e = r["error"].as_str().unwrap();
+        assert!(
+            e.contains("24:00:00") && e.contains("out of the range"),
+            "{r}"
+        );
+    }
     assert!(
         rows[0]["error"].as_str().unwrap().contains("NaN"),
         "{}",
@@ -289,7 +301,7 @@ async fn poison_values_go_to_the_dead_letter_table() {
         .collect();
     assert_eq!(
         ids,
-        vec![1, 3, 5],
+        vec![1, 3, 5, 8],
         "rows around the poison values are committed"
     );
     assert_eq!(agent.terminate(), Some(0));

@@ -293,10 +293,18 @@ pub fn parse_date(raw: &[u8]) -> Result<i32, ValueError> {
     }
 }
 
+/// Microseconds in a day: PostgreSQL's `time` goes up to `24:00:00` inclusive, Iceberg's stops
+/// one microsecond before.
+const DAY_MICROS: i64 = 86_400_000_000;
+
 /// Parse a time into microseconds since midnight.
 pub fn parse_time(raw: &[u8]) -> Result<i64, ValueError> {
     match parse_time_prefix(raw) {
-        Some((t, [])) => Ok(t),
+        Some((t, [])) if t < DAY_MICROS => Ok(t),
+        Some((_, [])) => Err(ValueError(format!(
+            "time {:?} is out of the range Iceberg can store",
+            String::from_utf8_lossy(raw)
+        ))),
         _ => err("time", raw),
     }
 }
@@ -436,7 +444,10 @@ pub fn parse_binary(oid: u32, raw: &[u8]) -> Result<BinaryValue, ValueError> {
         }
         1083 => {
             let v = i64::from_be_bytes(be(raw).ok_or_else(bad)?);
-            if !(0..=86_400_000_000).contains(&v) {
+            if v == DAY_MICROS {
+                return Err(out_of_range("time", "24:00:00"));
+            }
+            if !(0..DAY_MICROS).contains(&v) {
                 return Err(bad());
             }
             BinaryValue::Time(v)
@@ -646,6 +657,13 @@ mod tests {
         assert!(parse_date(b"2023-02-29").is_err());
         assert!(parse_date(b"infinity").is_err());
         assert_eq!(parse_time(b"01:02:03.5").unwrap(), 3_723_500_000);
+        assert_eq!(parse_time(b"23:59:59.999999").unwrap(), DAY_MICROS - 1);
+        // PostgreSQL's end of day has no Iceberg time: a dead letter, in either form.
+        let e = parse_time(b"24:00:00").unwrap_err();
+        assert!(e.0.contains("out of the range"), "{}", e.0);
+        let e = parse_binary(1083, &DAY_MICROS.to_be_bytes()).unwrap_err();
+        assert!(e.0.contains("24:00:00"), "{}", e.0);
+        assert!(parse_binary(1083, &(DAY_MICROS - 1).to_be_bytes()).is_ok());
         assert_eq!(
             parse_timestamp(b"1970-01-01 00:00:01.000001").unwrap(),
             1_000_001
