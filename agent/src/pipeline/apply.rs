@@ -1208,6 +1208,7 @@ impl Applier {
                 error: e.0,
                 row_json: t.batch.row_json(tuple),
                 time_micros: now_micros(),
+                copied: None,
             };
             self.dead_letter(letter);
         } else {
@@ -1470,12 +1471,21 @@ impl Applier {
         // A floor that cannot be read is an error, not a missing floor: ignoring it would
         // append that table's replayed dead letters a second time.
         let floors = parse_dlq_floors(sink.properties_with_prefix(DLQ_FLOOR_PREFIX))?;
+        // A copy's rows read again (a chunk whose commit failed after its dead letters
+        // landed) are known by their range and ctid: their `seq` depends on how the
+        // readers' batches interleaved.
+        let copies = dlq::parse_copy_floors(sink.properties_with_prefix(dlq::COPY_FLOOR_PREFIX))
+            .map_err(PipelineError::State)?;
         // Tables from before the per-table floors: the table-wide LSN.
         let legacy = floors.is_empty().then_some((sink.last_lsn, u64::MAX));
-        self.dlq_rows.retain(|r| {
-            let floor = floors.get(&r.source_table).copied().or(legacy);
-            floor.is_none_or(|f| (r.lsn, r.seq) > f)
-        });
+        self.dlq_rows
+            .retain(|r| match dlq::copied_already(r, &copies) {
+                Some(stored) => !stored,
+                None => {
+                    let floor = floors.get(&r.source_table).copied().or(legacy);
+                    floor.is_none_or(|f| (r.lsn, r.seq) > f)
+                }
+            });
         if !self.dlq_rows.is_empty() {
             let mut tops: HashMap<&str, (Lsn, u64)> = HashMap::new();
             for r in &self.dlq_rows {
@@ -1485,6 +1495,7 @@ impl Applier {
             let props: Vec<(String, String)> = tops
                 .into_iter()
                 .map(|(t, (l, s))| (format!("{DLQ_FLOOR_PREFIX}{t}"), format!("{}:{s}", l.get())))
+                .chain(dlq::copy_floors_after(&self.dlq_rows, &copies))
                 .collect();
             let props: Vec<(&str, &str)> = props
                 .iter()

@@ -418,6 +418,42 @@ impl Drop for Tmpfs {
     }
 }
 
+/// A copy whose chunk cannot be committed after its dead letters landed (the table's data
+/// files cannot be written, the dead-letter table's can): every retry used to start another
+/// copy, at another point, and append the same dead letters again (one set per attempt).
+/// The copy now records its start first and is resumed; each dead letter is stored once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_failing_after_its_dead_letters_stores_each_once() {
+    let p = prepare(
+        "CREATE TABLE pay (id int PRIMARY KEY, amount numeric(12,2));
+         INSERT INTO pay SELECT g, CASE WHEN g % 100 = 0 THEN 'NaN'::numeric ELSE g END
+           FROM generate_series(1, 3000) g;",
+        &["pay"],
+        "snapshot = \"initial\"",
+        "",
+    )
+    .await;
+    let fs = Tmpfs::mount(&p.work.warehouse().join("ns/pay/data"), "16m");
+    fs.remount("ro");
+    let (_pg, _db, work, agent) = p.started().parts();
+    wait_log_line(&agent.log, "three failed attempts", |l| {
+        l.contains("pipeline still failing (attempt 3)")
+    })
+    .await;
+    fs.remount("rw");
+    wait_rows(&work, "ns.pay", 2970, 120).await;
+    let dlq = verify_dlq(&work);
+    let ids: BTreeSet<String> = dlq["all_rows"]
+        .as_array()
+        .expect("rows")
+        .iter()
+        .map(|r| r["row_json"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(dlq["rows"], 30, "each NaN row once: {}", dlq["ops"]);
+    assert_eq!(ids.len(), 30, "{ids:?}");
+    drop(agent);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn read_only_and_full_warehouse_recover_without_loss() {
     let p = prepare(MIXED_DDL, &["m"], "", "").await;

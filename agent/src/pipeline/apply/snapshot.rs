@@ -12,6 +12,7 @@
 //! rewritten meanwhile (new relfilenode), the resumed copy keeps every row: nothing can be
 //! lost, but a key may then appear twice as `R` (the later copy wins when folding).
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use std::time::{Duration, Instant};
@@ -25,8 +26,9 @@ use crate::pipeline::batch::snapshot_row_json;
 use crate::pipeline::dlq::DeadLetter;
 use crate::pipeline::{AbortOnDrop, PipelineError};
 use crate::sink::iceberg::schema::{
-    SNAPSHOT_PROGRESS_PROPERTY, SNAPSHOT_PROPERTY, SNAPSHOT_REQUESTED,
+    SNAPSHOT_PROGRESS_PROPERTY, SNAPSHOT_PROPERTY, SNAPSHOT_REQUESTED, SOURCE_COLUMNS_PROPERTY,
 };
+use crate::sink::iceberg::table::PropertyChanges;
 use crate::source::postgres::conn::SourceUrl;
 use crate::source::postgres::session::{Session, SourceError};
 use crate::source::postgres::snapshot::{
@@ -79,6 +81,9 @@ struct Copying {
     /// Per column: read in binary.
     binary: Vec<bool>,
     source_name: String,
+    /// The progress of a fresh copy before its first row, until the table records it (see
+    /// [`Applier::record_copy_start`]).
+    start: Option<String>,
 }
 
 impl Applier {
@@ -226,8 +231,19 @@ impl Applier {
                 progress.mirror_before = None;
             }
         }
+        // A copy taken again starts with a truncate marker, pending with its first chunk:
+        // recorded without it, a resumed copy would lack it (it is not recorded early).
+        let start = if fresh && !again {
+            Some(
+                serde_json::to_string(&progress)
+                    .map_err(|e| SourceError::Query(format!("snapshot progress: {e}")))?,
+            )
+        } else {
+            None
+        };
         let mut copy = Copying {
             done: vec![false; progress.ranges.len()],
+            start,
             progress,
             since_commit: 0,
             lsn,
@@ -269,6 +285,7 @@ impl Applier {
                 };
                 let json = serde_json::to_string(&left)
                     .map_err(|e| SourceError::Query(format!("snapshot progress: {e}")))?;
+                self.record_copy_start(idx, &mut copy.start).await?;
                 self.commit_snapshot_chunk(
                     idx,
                     lsn,
@@ -288,6 +305,7 @@ impl Applier {
                 tracing::info!(table = %copy.source_name, rows = seq, rows_per_s = rate as u64, eta_s = eta as u64, "initial snapshot: progress");
             }
         }
+        self.record_copy_start(idx, &mut copy.start).await?;
         let Copying {
             progress,
             done,
@@ -359,6 +377,42 @@ impl Applier {
         Ok(())
     }
 
+    /// Before a fresh copy's first dead letters are committed, the table records where the
+    /// copy started (`philotes.snapshot = partial` with its progress before any row, table
+    /// properties only: the rows written stay pending). A failure before the chunk's commit
+    /// then resumes this copy, at its point, instead of starting another whose rows would
+    /// give the dead-letter table the same rows again (under another `_cdc_lsn`).
+    async fn record_copy_start(
+        &mut self,
+        idx: usize,
+        start: &mut Option<String>,
+    ) -> Result<(), PipelineError> {
+        let name = &self.tables[idx].source_name;
+        if !self.dlq_rows.iter().any(|r| &r.source_table == name) {
+            return Ok(());
+        }
+        let Some(progress) = start.take() else {
+            return Ok(());
+        };
+        let props = PropertyChanges {
+            set: HashMap::from([
+                (SNAPSHOT_PROPERTY.to_string(), "partial".to_string()),
+                (SNAPSHOT_PROGRESS_PROPERTY.to_string(), progress),
+            ]),
+            remove: Vec::new(),
+        };
+        let none = HashMap::new();
+        let t = &mut self.tables[idx];
+        if let Some(m) = t.mirror.as_mut() {
+            m.change_columns(&[], props.clone(), SOURCE_COLUMNS_PROPERTY, &none)
+                .await?;
+        }
+        t.sink
+            .change_columns(&[], props, SOURCE_COLUMNS_PROPERTY, &none)
+            .await?;
+        Ok(())
+    }
+
     /// Convert one message of the copy's readers into table `idx`'s batch and advance the
     /// copy's progress; a batch's read-ahead buffers are returned once it is converted.
     async fn take_fetched(
@@ -388,7 +442,7 @@ impl Applier {
             ))
             .into());
         };
-        for row in rows.iter() {
+        for (i, row) in rows.iter().enumerate() {
             let values = row.values(ncols);
             let seq = c.progress.seq;
             let t = &mut self.tables[idx];
@@ -405,6 +459,7 @@ impl Applier {
                     error: e.0,
                     row_json: snapshot_row_json(&t.columns, values, &c.binary),
                     time_micros: now_micros(),
+                    copied: tid_of(i).map(|tid| (c.progress.ranges[r].key(), tid)),
                 };
                 self.dead_letter(letter);
             } else {

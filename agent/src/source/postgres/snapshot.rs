@@ -43,6 +43,12 @@ pub struct TidRange {
 }
 
 impl TidRange {
+    /// What names the range across a copy's chunks and restarts (its partition and first
+    /// block; its progress moves, the list of ranges left shrinks).
+    pub fn key(&self) -> String {
+        format!("{}@{}", self.part.as_deref().unwrap_or(""), self.from)
+    }
+
     /// SQL conditions selecting what is left of the range.
     pub fn conditions(&self) -> Vec<String> {
         let mut c = Vec::new();
