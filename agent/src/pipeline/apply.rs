@@ -1381,7 +1381,7 @@ impl Applier {
         // change at or below its table's philotes.lsn is skipped before it is converted.
         let dead_letters = self.dlq_rows.len();
         if dead_letters > 0 {
-            self.flush_dlq(lsn).await?;
+            self.flush_dlq_rows(lsn).await?;
         }
         let mut committed_events = 0u64;
         for i in 0..self.tables.len() {
@@ -1440,10 +1440,6 @@ impl Applier {
             compact_mirror(&mut t.sink, pipeline, &self.metrics).await;
         }
         Ok((committed_events, dead_letters))
-    }
-
-    async fn flush_dlq(&mut self, lsn: Lsn) -> Result<(), PipelineError> {
-        self.flush_dlq_rows(lsn).await
     }
 
     /// Commit the buffered dead letters at `lsn` (with each source table's newest

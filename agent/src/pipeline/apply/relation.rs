@@ -45,13 +45,9 @@ impl Applier {
         props
             .set
             .insert(SOURCE_NAME_PROPERTY.to_string(), now.to_string());
-        let none = HashMap::new();
-        t.sink
-            .change_columns(&[], props.clone(), SOURCE_COLUMNS_PROPERTY, &none)
-            .await?;
+        t.sink.set_properties(props.clone()).await?;
         if let Some(m) = t.mirror.as_mut() {
-            m.change_columns(&[], props, SOURCE_COLUMNS_PROPERTY, &none)
-                .await?;
+            m.set_properties(props).await?;
         }
         SchemaChanged {
             table: &t.source_name,

@@ -26,7 +26,7 @@ use crate::pipeline::batch::snapshot_row_json;
 use crate::pipeline::dlq::DeadLetter;
 use crate::pipeline::{AbortOnDrop, PipelineError};
 use crate::sink::iceberg::schema::{
-    SNAPSHOT_PROGRESS_PROPERTY, SNAPSHOT_PROPERTY, SNAPSHOT_REQUESTED, SOURCE_COLUMNS_PROPERTY,
+    SNAPSHOT_PROGRESS_PROPERTY, SNAPSHOT_PROPERTY, SNAPSHOT_REQUESTED,
 };
 use crate::sink::iceberg::table::PropertyChanges;
 use crate::source::postgres::conn::SourceUrl;
@@ -401,15 +401,11 @@ impl Applier {
             ]),
             remove: Vec::new(),
         };
-        let none = HashMap::new();
         let t = &mut self.tables[idx];
         if let Some(m) = t.mirror.as_mut() {
-            m.change_columns(&[], props.clone(), SOURCE_COLUMNS_PROPERTY, &none)
-                .await?;
+            m.set_properties(props.clone()).await?;
         }
-        t.sink
-            .change_columns(&[], props, SOURCE_COLUMNS_PROPERTY, &none)
-            .await?;
+        t.sink.set_properties(props).await?;
         Ok(())
     }
 

@@ -647,6 +647,14 @@ impl TableSink {
         Ok(rekeyed)
     }
 
+    /// Commit `properties` alone (no schema change, no data: what is written stays pending).
+    pub async fn set_properties(&mut self, properties: PropertyChanges) -> Result<(), SinkError> {
+        let no_numbers = HashMap::new();
+        self.change_columns(&[], properties, "", &no_numbers)
+            .await
+            .map(|_| ())
+    }
+
     /// Queue `batch` for the table's open data files (opened on first use); it stays pending
     /// until `commit`. Returns once the writer task has taken it.
     pub async fn write(&mut self, batch: RecordBatch) -> Result<(), SinkError> {
