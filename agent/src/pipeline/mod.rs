@@ -565,7 +565,14 @@ impl Pipeline {
                 .copied();
             let oid = oids.get(&now).copied();
             // With `snapshot = "never"` only a copy asked for (or under way) runs.
-            if !applier.copy_again(&source, oid, asked).await? && !initial {
+            let due = applier.copy_again(&source, oid, asked).await?;
+            if due && asked.is_some() {
+                // The table's state holds the request now: a later attempt resumes the copy
+                // it started rather than taking the table again from the start.
+                self.pending_copies.remove(&source);
+                self.pending_copies.remove(&now);
+            }
+            if !due && !initial {
                 continue;
             }
             self.set_state(PipelineState::Snapshotting);

@@ -454,6 +454,79 @@ async fn a_copy_failing_after_its_dead_letters_stores_each_once() {
     drop(agent);
 }
 
+/// The same for a copy taken again (asked through the API), whose truncate marker lands with
+/// its first chunk: it is recorded before its dead letters too, marker pending, and resumed
+/// with its marker. Mode `both`: the mirror replaces its rows from the recorded point.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_taken_again_failing_after_its_dead_letters_stores_each_once() {
+    let mut p = prepare(
+        "CREATE TABLE pay (id int PRIMARY KEY, amount numeric(12,2));
+         INSERT INTO pay SELECT g, CASE WHEN g % 100 = 0 THEN 'NaN'::numeric ELSE g END
+           FROM generate_series(1, 3000) g;",
+        &["pay"],
+        "mode = \"both\"\nsnapshot = \"initial\"",
+        "",
+    )
+    .await;
+    let port = philotes::demo::postgres::free_port().expect("free port");
+    let addr = p.listen_on(port, "");
+    let mounts: Vec<Tmpfs> = ["pay", "pay_changelog"]
+        .iter()
+        .map(|t| Tmpfs::mount(&p.work.warehouse().join(format!("ns/{t}/data")), "16m"))
+        .collect();
+    let (pg, db, work, agent) = p.started().parts();
+    const STATE: &str = "SELECT id, amount FROM pay WHERE amount <> 'NaN'";
+    crate::mirror::wait_mirrored_with(&work, "ns.pay", &pg, STATE, "id", &[]).await;
+    db.batch_execute("UPDATE pay SET amount = amount + 1 WHERE id % 7 = 0 AND amount <> 'NaN'")
+        .await
+        .expect("update");
+    crate::mirror::wait_mirrored_with(&work, "ns.pay", &pg, STATE, "id", &[]).await;
+
+    for m in &mounts {
+        m.remount("ro");
+    }
+    let r = reqwest::Client::new()
+        .post(format!(
+            "http://{addr}/api/v1/pipelines/p/tables/public.pay/snapshot"
+        ))
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(r.status(), reqwest::StatusCode::ACCEPTED);
+    wait_log_line(&agent.log, "three failed attempts", |l| {
+        l.contains("pipeline still failing (attempt 3)")
+    })
+    .await;
+    for m in &mounts {
+        m.remount("rw");
+    }
+    wait_for(Duration::from_secs(120), "the copy taken again", || async {
+        let log = std::fs::read_to_string(&agent.log).unwrap_or_default();
+        (log.matches("initial snapshot: committed").count() == 2).then_some(())
+    })
+    .await;
+    let dlq = verify_dlq(&work);
+    let ids: BTreeSet<String> = dlq["all_rows"]
+        .as_array()
+        .expect("rows")
+        .iter()
+        .map(|r| r["row_json"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(
+        dlq["rows"], 60,
+        "each NaN row once per copy: {}",
+        dlq["ops"]
+    );
+    assert_eq!(ids.len(), 30, "{ids:?}");
+    // The resumed copy kept its marker: the changelog holds it once, then the copy's rows.
+    let log = verify(&work, "ns.pay_changelog", &["--pk", "id"]);
+    assert_eq!(log["ops"]["T"], 1, "{log}");
+    assert_eq!(log["ops"]["R"], 2 * 2970, "{log}");
+    let v = crate::mirror::wait_mirrored_with(&work, "ns.pay", &pg, STATE, "id", &[]).await;
+    assert_eq!(v["duplicate_keys"], 0, "{v}");
+    drop(agent);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn read_only_and_full_warehouse_recover_without_loss() {
     let p = prepare(MIXED_DDL, &["m"], "", "").await;

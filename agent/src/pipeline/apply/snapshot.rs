@@ -56,6 +56,11 @@ pub(super) struct Progress {
     /// whose files the copy's end removes (its rows are replaced meanwhile, not emptied).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     mirror_before: Option<i64>,
+    /// A copy taken again, recorded before its first chunk (see
+    /// [`Applier::record_copy_start`]): its truncate marker is not committed yet, so a
+    /// resumed copy starts with it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    marker_pending: bool,
 }
 
 impl Progress {
@@ -170,6 +175,7 @@ impl Applier {
                     filenode,
                     ranges: plan_ranges(&mut reader, &facts, readers).await?,
                     mirror_before: None,
+                    marker_pending: again,
                 };
                 (p, None)
             }
@@ -220,9 +226,12 @@ impl Applier {
             })));
         }
         drop(tx);
-        if again && fresh {
+        if progress.marker_pending {
+            // A copy taken again, fresh or recorded before its first chunk committed: the
+            // mirror's sequence number before it is the recorded one (nothing was committed
+            // to the mirror since; properties alone do not add a snapshot).
             self.truncate_marker(idx, lsn)?;
-            progress.mirror_before = self.replace_mirror(idx, lsn, None);
+            progress.mirror_before = self.replace_mirror(idx, lsn, progress.mirror_before);
         } else if let Some(before) = progress.mirror_before {
             if self.replace_mirror(idx, lsn, Some(before)).is_none() {
                 // The mirror lost its key since the copy started: it cannot tell the copy's
@@ -231,9 +240,9 @@ impl Applier {
                 progress.mirror_before = None;
             }
         }
-        // A copy taken again starts with a truncate marker, pending with its first chunk:
-        // recorded without it, a resumed copy would lack it (it is not recorded early).
-        let start = if fresh && !again {
+        // Recorded early, a copy taken again says that its marker is still pending; the
+        // chunks commit the marker, so their progress no longer does.
+        let start = if fresh {
             Some(
                 serde_json::to_string(&progress)
                     .map_err(|e| SourceError::Query(format!("snapshot progress: {e}")))?,
@@ -241,6 +250,7 @@ impl Applier {
         } else {
             None
         };
+        progress.marker_pending = false;
         let mut copy = Copying {
             done: vec![false; progress.ranges.len()],
             start,
@@ -551,16 +561,24 @@ mod tests {
             filenode: "16384".into(),
             ranges: split_blocks(2, 10),
             mirror_before: Some(7),
+            marker_pending: true,
         };
         let back: Progress = serde_json::from_str(&serde_json::to_string(&p).unwrap()).unwrap();
         assert_eq!(back.ranges, p.ranges);
         assert_eq!(back.mirror_before, Some(7));
+        assert!(back.marker_pending);
+        let done = Progress {
+            marker_pending: false,
+            ..p.clone()
+        };
+        assert!(!serde_json::to_string(&done).unwrap().contains("marker"));
         // Progress recorded before the field existed still reads.
         let old: Progress = serde_json::from_str(
             r#"{"lsn":42,"seq":1,"xmax":9,"xip":[],"filenode":"1","ranges":[]}"#,
         )
         .unwrap();
         assert_eq!(old.mirror_before, None);
+        assert!(!old.marker_pending);
         assert_eq!(
             back.visible_then(1000).as_deref(),
             Some("xmin::text::bigint < 900 AND xmin::text::bigint NOT IN (880,895)")
