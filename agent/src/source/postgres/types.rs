@@ -544,7 +544,12 @@ pub fn parse_array<'a>(
     // Arrays with explicit bounds ("[0:1]={...}") or several dimensions have no Iceberg list form.
     let body = match raw.strip_prefix(b"{").and_then(|r| r.strip_suffix(b"}")) {
         Some(b) => b,
-        None => return err("array (only one-dimensional arrays starting at 1 are supported)", raw),
+        None => {
+            return err(
+                "array (only one-dimensional arrays starting at 1 are supported)",
+                raw,
+            )
+        }
     };
     if body.is_empty() {
         return Ok(());
