@@ -710,3 +710,114 @@ async fn compaction_between_a_schema_change_and_its_rows_keeps_every_row() {
     assert_eq!(v["rows"], rows + 1, "{v}");
     drop(agent);
 }
+
+/// Sizes of `table`'s current data files, as PyIceberg lists them.
+fn file_sizes(work: &Workdir, table: &str) -> Vec<u64> {
+    let (code, out) = pyiceberg(
+        work,
+        &format!(
+            "import json\n\
+             files = c.load_table('{table}').inspect.files().to_pylist()\n\
+             print(json.dumps(sorted(f['file_size_in_bytes'] for f in files)))\n"
+        ),
+    );
+    assert_eq!(code, 0, "{out}");
+    serde_json::from_str(out.lines().last().unwrap_or("")).expect(&out)
+}
+
+/// Compaction's outputs must not be "small" again, or every run rewrites them into as many
+/// files, for ever. Both paths: files with small row groups are re-encoded (the writer's
+/// rollover, measured before compression, made files of what the target compresses to),
+/// files with large ones are concatenated (inputs of 0.6 × the target went one per output).
+/// The second run finds nothing to do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compaction_outputs_are_not_compacted_again() {
+    let (pg, db, work, cfg) = prepare(
+        "CREATE TABLE t (id int PRIMARY KEY, s text, n bigint);
+         CREATE TABLE u (id int PRIMARY KEY, s text, n bigint);",
+        &["t", "u"],
+        "",
+        "[maintenance]\nenabled = false\nsnapshot_retention = \"1h\"\nmin_input_files = 4\ntarget_file_size = \"1MiB\"\n",
+    )
+    .await
+    .parts();
+    let agent = AgentProc::start_streaming(&cfg, &work.path().join("agent.log")).await;
+    // `t`: eight transactions of 30,000 rows (row groups too small to copy); `u`: four of
+    // 60,000 (copied). Each in its own flush, so its own file.
+    let mut rows = (0u64, 0u64);
+    for i in 0..8i64 {
+        let (lo, hi) = (i * 30_000, (i + 1) * 30_000 - 1);
+        db.batch_execute(&format!(
+            "INSERT INTO t SELECT g, md5(g::text) || md5((g * 7)::text), g * 3 FROM generate_series({lo}, {hi}) g"
+        ))
+        .await
+        .unwrap();
+        rows.0 += 30_000;
+        wait_rows(&work, "ns.t", rows.0, 60).await;
+    }
+    for i in 0..4i64 {
+        let (lo, hi) = (i * 60_000, (i + 1) * 60_000 - 1);
+        db.batch_execute(&format!(
+            "INSERT INTO u SELECT g, md5(g::text), g * 3 FROM generate_series({lo}, {hi}) g"
+        ))
+        .await
+        .unwrap();
+        rows.1 += 60_000;
+        wait_rows(&work, "ns.u", rows.1, 60).await;
+    }
+    assert_eq!(agent.terminate(), Some(0));
+
+    // The target: `u`'s files are 0.6 of it, `t`'s several times it in all.
+    let u = file_sizes(&work, "ns.u");
+    assert_eq!(u.len(), 4, "{u:?}");
+    let target = u.iter().sum::<u64>() / 4 * 5 / 3;
+    assert!(file_sizes(&work, "ns.t").iter().sum::<u64>() > 3 * target);
+    edit_config(
+        &cfg,
+        "target_file_size = \"1MiB\"",
+        &format!("target_file_size = \"{target}\""),
+    );
+    for (table, copied) in [("ns.t", false), ("ns.u", true)] {
+        let (code, out) = run_philotes(&["maintain", "--table", table], &cfg);
+        assert_eq!(code, 0, "{out}");
+        assert!(
+            out.contains(&format!("{table}\tcompact\tok\trewrote")),
+            "{out}"
+        );
+        assert_eq!(
+            out.contains("by copying their row groups)") && !out.contains("(0 by copying"),
+            copied,
+            "{out}"
+        );
+        let sizes = file_sizes(&work, table);
+        let small = sizes.iter().filter(|s| **s < target * 3 / 4).count();
+        assert!(
+            small <= 1,
+            "{table}: outputs under 3/4 of {target}: {sizes:?} ({out})"
+        );
+        assert!(
+            sizes.iter().all(|s| *s <= target * 3 / 2),
+            "{table}: {sizes:?}"
+        );
+        let (code, out) = run_philotes(&["maintain", "--table", table], &cfg);
+        assert_eq!(code, 0, "{out}");
+        assert!(
+            out.contains(&format!(
+                "{table}\tcompact\tok\tno partition has enough small files"
+            )),
+            "{table}: compacted again: {out}"
+        );
+    }
+    let v = verify_source(&work, "ns.t", &pg, "SELECT id, s, n FROM t", &["--duckdb"]);
+    assert_eq!(
+        (v["rows"].as_u64(), v["state_equal"].as_bool()),
+        (Some(rows.0), Some(true)),
+        "{v}"
+    );
+    let v = verify_source(&work, "ns.u", &pg, "SELECT id, s, n FROM u", &["--duckdb"]);
+    assert_eq!(
+        (v["rows"].as_u64(), v["state_equal"].as_bool()),
+        (Some(rows.1), Some(true)),
+        "{v}"
+    );
+}

@@ -19,6 +19,8 @@ use super::{MaintenanceError, Settings};
 use crate::config::MaintenanceConfig;
 use crate::sink::iceberg::commit::{Change, CommitError};
 use crate::sink::iceberg::writer::OpenFiles;
+use crate::sink::iceberg::SinkError;
+use arrow_array::RecordBatch;
 
 /// Input files one compaction of a partition takes at most (the rest wait for the next run).
 const MAX_INPUT_FILES: usize = 2_000;
@@ -33,8 +35,13 @@ pub(super) struct PartitionPlan {
 }
 
 fn is_small(f: &DataFile, cfg: &MaintenanceConfig) -> bool {
-    // Files within a quarter of the target are done; compacting them again gains nothing.
-    f.file_size_in_bytes() < cfg.target_file_size * 3 / 4
+    small(f.file_size_in_bytes(), cfg.target_file_size)
+}
+
+/// A file of `size` bytes is worth compacting: files within a quarter of the `target` are
+/// done, compacting them again gains nothing.
+pub(super) fn small(size: u64, target: u64) -> bool {
+    size < target * 3 / 4
 }
 
 /// Small data files in all partitions.
@@ -307,7 +314,8 @@ async fn rewrite(
         .build()
         .read(Box::pin(futures::stream::iter(tasks.into_iter().map(Ok))))?
         .stream();
-    let mut out = OpenFiles::open_sized(table, Some(cfg.target_file_size as usize));
+    let per_file = rows_per_file(&plan.files, cfg.target_file_size);
+    let mut out = Output::new(table, cfg.target_file_size, per_file);
     // The scan reads in its snapshot's schema; the files are written in the current one,
     // which is newer after a schema change with no rows since (a column added: "field id
     // not found" from the writer, every run until the next append).
@@ -340,6 +348,66 @@ async fn rewrite(
         .await
         .map_err(|e| MaintenanceError::Write(e.to_string()))?;
     Ok(Some((rows, written)))
+}
+
+/// Rows per output file of a rewrite: the target size at the inputs' bytes per row. The
+/// writer's own rollover measures a row group by its size before compression, so its files
+/// came out at what the target compresses to (~0.6–0.75 of it): still "small", they were
+/// rewritten into as many files at every run, for ever. The inputs' compressed bytes per row
+/// are what the outputs will have, near enough.
+fn rows_per_file(files: &[DataFile], target: u64) -> usize {
+    let bytes: u64 = files.iter().map(|f| f.file_size_in_bytes()).sum();
+    let rows: u64 = files.iter().map(|f| f.record_count()).sum();
+    let per_row = (bytes as f64 / rows.max(1) as f64).max(1.0);
+    ((target as f64 / per_row) as usize).max(1)
+}
+
+/// A rewrite's output: a new file every `per_file` rows.
+struct Output<'a> {
+    table: &'a Table,
+    /// The writer's own rollover, left as a bound only (it rolls early; see
+    /// [`rows_per_file`]).
+    bound: usize,
+    per_file: usize,
+    open: Option<(OpenFiles, usize)>,
+    written: Vec<DataFile>,
+}
+
+impl<'a> Output<'a> {
+    fn new(table: &'a Table, target: u64, per_file: usize) -> Self {
+        Self {
+            table,
+            bound: usize::try_from(target.saturating_mul(4)).unwrap_or(usize::MAX),
+            per_file,
+            open: None,
+            written: Vec::new(),
+        }
+    }
+
+    async fn send(&mut self, mut batch: RecordBatch) -> Result<(), SinkError> {
+        while batch.num_rows() > 0 {
+            let (files, rows) = self
+                .open
+                .get_or_insert_with(|| (OpenFiles::open_sized(self.table, Some(self.bound)), 0));
+            let take = batch.num_rows().min(self.per_file - *rows);
+            files.send(batch.slice(0, take)).await?;
+            *rows += take;
+            batch = batch.slice(take, batch.num_rows() - take);
+            if *rows >= self.per_file {
+                if let Some((files, _)) = self.open.take() {
+                    self.written.extend(files.close().await?);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn close(mut self) -> Result<Vec<DataFile>, SinkError> {
+        if let Some((files, _)) = self.open.take() {
+            self.written.extend(files.close().await?);
+        }
+        Ok(self.written)
+    }
 }
 
 #[cfg(test)]

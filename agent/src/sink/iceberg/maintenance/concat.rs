@@ -353,7 +353,8 @@ impl Output {
     }
 }
 
-/// Concatenate `files` (in order) into files of about `target` bytes. Output files written
+/// Concatenate `files` (in order) into files of about `target` bytes (at most 1.5 × it, none
+/// but the last under three quarters of it). Output files written
 /// before a failure are deleted; on success none is committed yet.
 pub(super) async fn concat(
     table: &Table,
@@ -400,10 +401,14 @@ async fn concat_into(
     for f in files {
         let input = open(io, f).await?;
         // An open output already holds at least one input: it rolls over before this one
-        // would take it past the target.
-        let full = open_output
-            .as_ref()
-            .is_some_and(|o| o.upload.size + f.file_size_in_bytes() > target);
+        // would take it past the target, unless it is still small itself (under three
+        // quarters of the target): rolled then, it would be compacted again with the same
+        // neighbours at every run (inputs of 0.4–0.75 of the target came out one per file,
+        // as many as went in, for ever). Taking the input makes it at most 1.5 × the target.
+        let full = open_output.as_ref().is_some_and(|o| {
+            o.upload.size + f.file_size_in_bytes() > target
+                && !super::compact::small(o.upload.size, target)
+        });
         if full {
             if let Some(o) = open_output.take() {
                 out.push(o.finish(&partition, spec_id).await?);
