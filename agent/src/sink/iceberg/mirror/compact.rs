@@ -252,6 +252,10 @@ impl MirrorWriter {
         let schema = table.metadata().current_schema().clone();
         let field_ids: Vec<i32> = schema.as_struct().fields().iter().map(|f| f.id).collect();
         let mut out: Option<DataWriter> = None;
+        // The open output's size at its inputs' compressed bytes per row: the writer's own
+        // count measures the row group before compression, so files rolled by it came out
+        // at what the target compresses to, small again, merged again after the next commit.
+        let mut out_bytes = 0f64;
         for path in &plan.data {
             rw.removed.insert(path.to_string());
             let Some(stat) = self.data_files.get(path).copied() else {
@@ -262,6 +266,7 @@ impl MirrorWriter {
                 rw.rows_dropped += stat.rows;
                 continue;
             }
+            let per_row = stat.bytes as f64 / stat.rows.max(1) as f64;
             let id = self.index.known_file(path);
             // The file as written, without the table's deletes: positions are the file's.
             let task = FileScanTask::builder()
@@ -312,13 +317,14 @@ impl MirrorWriter {
                 if live.num_rows() == 0 {
                     continue;
                 }
-                if out
-                    .as_ref()
-                    .is_some_and(|w| w.size() >= rules.target_file_size)
-                {
+                let target = rules.target_file_size;
+                if out.as_ref().is_some_and(|w| {
+                    out_bytes >= target as f64 || w.size() >= target.saturating_mul(4)
+                }) {
                     if let Some(w) = out.take() {
                         rw.added.extend(w.close().await?);
                     }
+                    out_bytes = 0.0;
                 }
                 if out.is_none() {
                     out = Some(DataWriter::open(table).await?);
@@ -335,6 +341,7 @@ impl MirrorWriter {
                     rw.moves.push((k, loc.pack()));
                 }
                 kept += live.num_rows() as u64;
+                out_bytes += live.num_rows() as f64 * per_row;
                 w.write(&live).await?;
             }
             // The index and the file must agree on every live row, or the rewrite would lose
