@@ -821,3 +821,69 @@ async fn compaction_outputs_are_not_compacted_again() {
         "{v}"
     );
 }
+
+/// Live rows a mirror's compaction steps kept (rewrote) in `log` text.
+fn mirror_rows_rewritten(log: &str) -> u64 {
+    log.lines()
+        .filter_map(|l| {
+            let rest = l.split("maintenance: mirror: ").nth(1)?;
+            let kept = rest.split(" live rows kept").next()?;
+            kept.rsplit('(').next()?.trim().parse::<u64>().ok()
+        })
+        .sum()
+}
+
+/// The same for a mirror, whose writer compacts after its commits: outputs rolled by the
+/// writer's count came out small, and every later commit's step merged them again (a step
+/// rewriting ~2 × the target after each tiny commit, for ever). Once the load is merged, the
+/// steps after tiny commits rewrite only the tiny files.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mirror_compaction_outputs_are_not_merged_again() {
+    let Running {
+        pg,
+        db,
+        work,
+        agent,
+        ..
+    } = prepare(
+        "CREATE TABLE mc (id int PRIMARY KEY, s text, n bigint)",
+        &["mc"],
+        "mode = \"mirror\"",
+        "[maintenance]\nmin_input_files = 2\ndelete_ratio = 0.9\ntarget_file_size = \"1MiB\"\n",
+    )
+    .await
+    .streaming()
+    .await;
+    const Q: &str = "SELECT id, s, n FROM mc";
+    // Eight loads of 12,000 rows, each its own flush: files of about half the target.
+    for i in 0..8i64 {
+        let (lo, hi) = (i * 12_000, (i + 1) * 12_000 - 1);
+        db.batch_execute(&format!(
+            "INSERT INTO mc SELECT g, md5(g::text) || md5((g * 7)::text), g FROM generate_series({lo}, {hi}) g"
+        ))
+        .await
+        .unwrap();
+        tokio::time::sleep(Duration::from_millis(600)).await;
+    }
+    let tiny = |id: i64| format!("INSERT INTO mc VALUES ({id}, 'tiny', {id})");
+    // Commits that let the steps finish merging the load.
+    for id in 0..4 {
+        db.batch_execute(&tiny(1_000_000 + id)).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(600)).await;
+    }
+    crate::mirror::wait_mirrored_with(&work, "ns.mc", &pg, Q, "id", &[]).await;
+    let before = mirror_rows_rewritten(&agent.log_text());
+    assert!(before > 0, "the load was compacted: {}", agent.log_text());
+    for id in 0..6 {
+        db.batch_execute(&tiny(2_000_000 + id)).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(600)).await;
+    }
+    let v = crate::mirror::wait_mirrored_with(&work, "ns.mc", &pg, Q, "id", &[]).await;
+    assert_eq!(v["duplicate_keys"], 0, "{v}");
+    let after = mirror_rows_rewritten(&agent.log_text()) - before;
+    assert!(
+        after < 1_000,
+        "six one-row commits made the mirror rewrite {after} rows (the load's outputs again): {v}"
+    );
+    drop(agent);
+}
