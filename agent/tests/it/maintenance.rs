@@ -744,27 +744,25 @@ async fn compaction_outputs_are_not_compacted_again() {
     let agent = AgentProc::start_streaming(&cfg, &work.path().join("agent.log")).await;
     // `t`: eight transactions of 30,000 rows (row groups too small to copy); `u`: four of
     // 60,000 (copied). Each in its own flush, so its own file.
-    let mut rows = (0u64, 0u64);
-    for i in 0..8i64 {
-        let (lo, hi) = (i * 30_000, (i + 1) * 30_000 - 1);
-        db.batch_execute(&format!(
-            "INSERT INTO t SELECT g, md5(g::text) || md5((g * 7)::text), g * 3 FROM generate_series({lo}, {hi}) g"
-        ))
-        .await
-        .unwrap();
-        rows.0 += 30_000;
-        wait_rows(&work, "ns.t", rows.0, 60).await;
-    }
-    for i in 0..4i64 {
-        let (lo, hi) = (i * 60_000, (i + 1) * 60_000 - 1);
-        db.batch_execute(&format!(
-            "INSERT INTO u SELECT g, md5(g::text), g * 3 FROM generate_series({lo}, {hi}) g"
-        ))
-        .await
-        .unwrap();
-        rows.1 += 60_000;
-        wait_rows(&work, "ns.u", rows.1, 60).await;
-    }
+    let load = |table: &'static str, s: &'static str, n: i64, per: i64| {
+        let (db, work) = (&db, &work);
+        async move {
+            for i in 0..n {
+                let (lo, hi) = (i * per, (i + 1) * per - 1);
+                db.batch_execute(&format!(
+                    "INSERT INTO {table} SELECT g, {s}, g * 3 FROM generate_series({lo}, {hi}) g"
+                ))
+                .await
+                .unwrap();
+                wait_rows(work, &format!("ns.{table}"), ((i + 1) * per) as u64, 60).await;
+            }
+            (n * per) as u64
+        }
+    };
+    let rows = (
+        load("t", "md5(g::text) || md5((g * 7)::text)", 8, 30_000).await,
+        load("u", "md5(g::text)", 4, 60_000).await,
+    );
     assert_eq!(agent.terminate(), Some(0));
 
     // The target: `u`'s files are 0.6 of it, `t`'s several times it in all.

@@ -418,21 +418,30 @@ impl Drop for Tmpfs {
     }
 }
 
+/// 3,000 rows, every hundredth a NaN (a dead letter).
+const PAY: &str = "CREATE TABLE pay (id int PRIMARY KEY, amount numeric(12,2));
+     INSERT INTO pay SELECT g, CASE WHEN g % 100 = 0 THEN 'NaN'::numeric ELSE g END
+       FROM generate_series(1, 3000) g;";
+
+/// The dead-letter table, and the distinct rows it holds.
+fn dead_letters(work: &Workdir) -> (serde_json::Value, BTreeSet<String>) {
+    let dlq = verify_dlq(work);
+    let ids = dlq["all_rows"]
+        .as_array()
+        .expect("rows")
+        .iter()
+        .map(|r| r["row_json"].as_str().unwrap_or_default().to_string())
+        .collect();
+    (dlq, ids)
+}
+
 /// A copy whose chunk cannot be committed after its dead letters landed (the table's data
 /// files cannot be written, the dead-letter table's can): every retry used to start another
 /// copy, at another point, and append the same dead letters again (one set per attempt).
 /// The copy now records its start first and is resumed; each dead letter is stored once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_copy_failing_after_its_dead_letters_stores_each_once() {
-    let p = prepare(
-        "CREATE TABLE pay (id int PRIMARY KEY, amount numeric(12,2));
-         INSERT INTO pay SELECT g, CASE WHEN g % 100 = 0 THEN 'NaN'::numeric ELSE g END
-           FROM generate_series(1, 3000) g;",
-        &["pay"],
-        "snapshot = \"initial\"",
-        "",
-    )
-    .await;
+    let p = prepare(PAY, &["pay"], "snapshot = \"initial\"", "").await;
     let fs = Tmpfs::mount(&p.work.warehouse().join("ns/pay/data"), "16m");
     fs.remount("ro");
     let (_pg, _db, work, agent) = p.started().parts();
@@ -442,13 +451,7 @@ async fn a_copy_failing_after_its_dead_letters_stores_each_once() {
     .await;
     fs.remount("rw");
     wait_rows(&work, "ns.pay", 2970, 120).await;
-    let dlq = verify_dlq(&work);
-    let ids: BTreeSet<String> = dlq["all_rows"]
-        .as_array()
-        .expect("rows")
-        .iter()
-        .map(|r| r["row_json"].as_str().unwrap_or_default().to_string())
-        .collect();
+    let (dlq, ids) = dead_letters(&work);
     assert_eq!(dlq["rows"], 30, "each NaN row once: {}", dlq["ops"]);
     assert_eq!(ids.len(), 30, "{ids:?}");
     drop(agent);
@@ -459,15 +462,7 @@ async fn a_copy_failing_after_its_dead_letters_stores_each_once() {
 /// with its marker. Mode `both`: the mirror replaces its rows from the recorded point.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_copy_taken_again_failing_after_its_dead_letters_stores_each_once() {
-    let mut p = prepare(
-        "CREATE TABLE pay (id int PRIMARY KEY, amount numeric(12,2));
-         INSERT INTO pay SELECT g, CASE WHEN g % 100 = 0 THEN 'NaN'::numeric ELSE g END
-           FROM generate_series(1, 3000) g;",
-        &["pay"],
-        "mode = \"both\"\nsnapshot = \"initial\"",
-        "",
-    )
-    .await;
+    let mut p = prepare(PAY, &["pay"], "mode = \"both\"\nsnapshot = \"initial\"", "").await;
     let port = philotes::demo::postgres::free_port().expect("free port");
     let addr = p.listen_on(port, "");
     let mounts: Vec<Tmpfs> = ["pay", "pay_changelog"]
@@ -505,13 +500,7 @@ async fn a_copy_taken_again_failing_after_its_dead_letters_stores_each_once() {
         (log.matches("initial snapshot: committed").count() == 2).then_some(())
     })
     .await;
-    let dlq = verify_dlq(&work);
-    let ids: BTreeSet<String> = dlq["all_rows"]
-        .as_array()
-        .expect("rows")
-        .iter()
-        .map(|r| r["row_json"].as_str().unwrap_or_default().to_string())
-        .collect();
+    let (dlq, ids) = dead_letters(&work);
     assert_eq!(
         dlq["rows"], 60,
         "each NaN row once per copy: {}",
