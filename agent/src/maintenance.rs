@@ -135,6 +135,7 @@ fn emit(m: &Metrics, source: &str, ident: &TableIdent, o: &Outcome) {
         action: o.action.as_str(),
         status: o.status.as_str(),
         files_removed: o.files_removed,
+        bytes_written: o.bytes_written,
         summary: &o.summary,
         duration: o.duration,
     }

@@ -1568,31 +1568,34 @@ async fn compact_mirror(sink: &mut TableSink, pipeline: &str, metrics: &SourceMe
     let started = Instant::now();
     let table = sink.name();
     let span = tracing::info_span!("maintenance.compact", table = %table, mirror = true);
-    let (status, files_removed, summary) = match sink.compact_mirror().instrument(span).await {
-        Ok(None) => return,
-        Ok(Some(c)) => (
-            "ok",
-            c.files_removed(),
-            format!(
-                "mirror: {} data files rewritten into {} ({} live rows kept, {} deleted rows \
+    let (status, files_removed, bytes_written, summary) =
+        match sink.compact_mirror().instrument(span).await {
+            Ok(None) => return,
+            Ok(Some(c)) => (
+                "ok",
+                c.files_removed(),
+                c.bytes_written,
+                format!(
+                    "mirror: {} data files rewritten into {} ({} live rows kept, {} deleted rows \
                  left out), {} delete files into {}",
-                c.data_files_in,
-                c.data_files_out,
-                c.rows_kept,
-                c.rows_dropped,
-                c.delete_files_in,
-                c.delete_files_out
+                    c.data_files_in,
+                    c.data_files_out,
+                    c.rows_kept,
+                    c.rows_dropped,
+                    c.delete_files_in,
+                    c.delete_files_out
+                ),
             ),
-        ),
-        Err(SinkError::Conflict(m)) => ("conflict", 0, m),
-        Err(e) => ("failed", 0, e.to_string()),
-    };
+            Err(SinkError::Conflict(m)) => ("conflict", 0, 0, m),
+            Err(e) => ("failed", 0, 0, e.to_string()),
+        };
     TableMaintained {
         source: pipeline,
         table: &table,
         action: "compact",
         status,
         files_removed,
+        bytes_written,
         summary: &summary,
         duration: started.elapsed(),
     }

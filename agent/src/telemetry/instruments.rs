@@ -119,6 +119,8 @@ pub struct Metrics {
     pub(super) maintenance_duration: Histogram<f64>,
     /// `philotes_iceberg_files_removed_total{source,table}`.
     pub(super) files_removed: Counter<u64>,
+    /// `philotes_iceberg_compacted_bytes_total{source,table}`.
+    pub(super) compacted_bytes: Counter<u64>,
     /// `philotes_iceberg_table_delete_files{source,table}`.
     pub(super) table_delete_files: Gauge<u64>,
     /// `philotes_iceberg_delete_files_written_total{source,table}`.
@@ -297,6 +299,10 @@ impl Metrics {
             files_removed: meter
                 .u64_counter("philotes.iceberg.files_removed")
                 .with_description("Files deleted by maintenance and metadata clean-up")
+                .build(),
+            compacted_bytes: meter
+                .u64_counter("philotes.iceberg.compacted_bytes")
+                .with_description("Bytes of the files compaction wrote")
                 .build(),
             table_delete_files: meter
                 .u64_gauge("philotes.iceberg.table.delete_files")

@@ -250,6 +250,16 @@ async fn compaction_and_expiry_keep_every_row_and_bound_the_table() {
         .await
             >= 1.0
     );
+    // What compaction wrote: the table's rows once at least, in bytes.
+    assert!(
+        metric_value(
+            &addr,
+            "philotes_iceberg_compacted_bytes_total",
+            "table=\"ns.t\""
+        )
+        .await
+            >= 1000.0
+    );
     assert!(
         metric_value(&addr, "philotes_iceberg_table_data_files", "table=\"ns.t\"").await >= 1.0
     );
@@ -878,6 +888,14 @@ async fn mirror_compaction_outputs_are_not_merged_again() {
     }
     let v = crate::mirror::wait_mirrored_with(&work, "ns.mc", &pg, Q, "id", &[]).await;
     assert_eq!(v["duplicate_keys"], 0, "{v}");
+    let addr = agent.api_addr().expect("API address");
+    let bytes = metric_value(
+        &addr,
+        "philotes_iceberg_compacted_bytes_total",
+        "table=\"ns.mc\"",
+    )
+    .await;
+    assert!(bytes > 1_000_000.0, "the steps' bytes are counted: {bytes}");
     let after = mirror_rows_rewritten(&agent.log_text()) - before;
     assert!(
         after < 1_000,

@@ -77,6 +77,10 @@ const CONTRACT: &[(&str, &[&str])] = &[
         &["source", "table", "action", "le"],
     ),
     ("philotes_iceberg_files_removed_total", &["source", "table"]),
+    (
+        "philotes_iceberg_compacted_bytes_total",
+        &["source", "table"],
+    ),
     ("philotes_iceberg_table_delete_files", &["source", "table"]),
     (
         "philotes_iceberg_delete_files_written_total",
@@ -189,6 +193,7 @@ async fn prometheus_scrapes_the_agent_and_promtool_is_clean() {
     wait_for(Duration::from_secs(60), "maintenance series", || async {
         let text = scrape(&addr).await;
         (text.contains("philotes_iceberg_files_removed_total")
+            && text.contains("philotes_iceberg_compacted_bytes_total")
             && text.contains("philotes_iceberg_maintenance_duration_seconds_bucket"))
         .then_some(())
     })

@@ -19,6 +19,8 @@ pub struct TableMaintained<'a> {
     pub status: &'static str,
     /// Files deleted.
     pub files_removed: u64,
+    /// Bytes of the files it wrote (compaction's rewritten data).
+    pub bytes_written: u64,
     /// What it did, for the log.
     pub summary: &'a str,
     /// How long it took.
@@ -41,6 +43,9 @@ impl TableMaintained<'_> {
         m.maintenance.add(1, &with_status);
         if self.files_removed > 0 {
             m.files_removed.add(self.files_removed, &base);
+        }
+        if self.bytes_written > 0 {
+            m.compacted_bytes.add(self.bytes_written, &base);
         }
         match self.status {
             "ok" => tracing::info!(

@@ -172,12 +172,12 @@ pub(super) async fn run(
     committer: &super::Committer,
     table: &Table,
     settings: &Settings,
-) -> Result<(u64, String), MaintenanceError> {
+) -> Result<(u64, String, u64), MaintenanceError> {
     let cfg = &settings.config;
     let live = super::reach::live_files(table).await?;
     let plans = plan(table, &live, cfg);
     if plans.is_empty() {
-        return Ok((0, "no partition has enough small files".into()));
+        return Ok((0, "no partition has enough small files".into(), 0));
     }
     let inputs: usize = plans.iter().map(|p| p.files.len()).sum();
     if settings.dry_run {
@@ -187,18 +187,20 @@ pub(super) async fn run(
                 "would rewrite {inputs} small files in {} partitions",
                 plans.len()
             ),
+            0,
         ));
     }
     // Delete files (another engine's row deletes) apply to the rows only when they are
     // decoded: with any in the table, every partition is re-encoded through a scan.
     let deletes = live.iter().any(|f| !f.is_data);
     let mut table = table.clone();
-    let (mut rewritten, mut written, mut copied) = (0usize, 0usize, 0usize);
+    let (mut rewritten, mut written, mut copied, mut bytes) = (0usize, 0usize, 0usize, 0u64);
     for p in plans {
         let (t, outputs, by_copy) = compact_partition(committer, &table, &p, cfg, deletes).await?;
         table = t;
         rewritten += p.files.len();
-        written += outputs;
+        written += outputs.len();
+        bytes += outputs.iter().map(|f| f.file_size_in_bytes()).sum::<u64>();
         if by_copy {
             copied += p.files.len();
         }
@@ -210,6 +212,7 @@ pub(super) async fn run(
         format!(
             "rewrote {rewritten} small files into {written} ({copied} by copying their row groups)"
         ),
+        bytes,
     ))
 }
 
@@ -219,7 +222,7 @@ async fn compact_partition(
     plan: &PartitionPlan,
     cfg: &MaintenanceConfig,
     deletes: bool,
-) -> Result<(Table, usize, bool), MaintenanceError> {
+) -> Result<(Table, Vec<DataFile>, bool), MaintenanceError> {
     let copy = !deletes && super::concat::eligible(table, &plan.files).await?;
     let (rows, written) = if copy {
         let written = super::concat::concat(table, &plan.files, cfg.target_file_size).await?;
@@ -227,7 +230,7 @@ async fn compact_partition(
     } else {
         match rewrite(table, plan, cfg).await? {
             Some(r) => r,
-            None => return Ok((table.clone(), 0, false)),
+            None => return Ok((table.clone(), Vec::new(), false)),
         }
     };
     let expected: u64 = plan.files.iter().map(|f| f.record_count()).sum();
@@ -264,7 +267,7 @@ async fn compact_partition(
         fence: Vec::new(),
     };
     match committer.commit_snapshot(table, &change, 5).await {
-        Ok((t, _)) => Ok((t, written.len(), copy)),
+        Ok((t, _)) => Ok((t, written, copy)),
         Err(e @ CommitError::Unknown(_)) => Err(e.into()),
         Err(e) => {
             delete_written(&written).await;

@@ -79,6 +79,8 @@ pub struct Outcome {
     pub status: Status,
     /// Files deleted (or that would be).
     pub files_removed: u64,
+    /// Bytes of the files it wrote (compaction).
+    pub bytes_written: u64,
     /// One line for the operator.
     pub summary: String,
     /// How long it took.
@@ -254,31 +256,25 @@ pub async fn maintain(
                     .instrument(tracing::info_span!("maintenance.compact", table = %t, dry_run))
                     .await
             }
-            Action::Expire => {
-                expire::run(committer, &table, settings)
-                    .instrument(tracing::info_span!("maintenance.expire", table = %t, dry_run))
-                    .await
-            }
-            Action::CleanMetadata => {
-                metadata::run(committer, &table, settings)
-                    .instrument(
-                        tracing::info_span!("maintenance.clean_metadata", table = %t, dry_run),
-                    )
-                    .await
-            }
-            Action::RemoveOrphans => {
-                orphans::run(&table, settings)
-                    .instrument(
-                        tracing::info_span!("maintenance.remove_orphans", table = %t, dry_run),
-                    )
-                    .await
-            }
+            Action::Expire => expire::run(committer, &table, settings)
+                .instrument(tracing::info_span!("maintenance.expire", table = %t, dry_run))
+                .await
+                .map(|(n, s)| (n, s, 0)),
+            Action::CleanMetadata => metadata::run(committer, &table, settings)
+                .instrument(tracing::info_span!("maintenance.clean_metadata", table = %t, dry_run))
+                .await
+                .map(|(n, s)| (n, s, 0)),
+            Action::RemoveOrphans => orphans::run(&table, settings)
+                .instrument(tracing::info_span!("maintenance.remove_orphans", table = %t, dry_run))
+                .await
+                .map(|(n, s)| (n, s, 0)),
         };
         out.push(match result {
-            Ok((files_removed, summary)) => Outcome {
+            Ok((files_removed, summary, bytes_written)) => Outcome {
                 action,
                 status: Status::Ok,
                 files_removed,
+                bytes_written,
                 summary,
                 duration: started.elapsed(),
             },
@@ -302,6 +298,7 @@ fn failed(action: Action, e: MaintenanceError, started: Instant) -> Outcome {
         action,
         status: e.status(),
         files_removed: 0,
+        bytes_written: 0,
         summary: e.to_string(),
         duration: started.elapsed(),
     }

@@ -87,6 +87,8 @@ pub struct Compacted {
     pub rows_kept: u64,
     /// Deleted rows left behind.
     pub rows_dropped: u64,
+    /// Bytes of the files written.
+    pub bytes_written: u64,
 }
 
 impl Compacted {
@@ -397,6 +399,7 @@ impl MirrorWriter {
             let _ = self.index.insert(k, Loc::unpack(v));
         }
         self.index.free();
+        let bytes_written = rw.added.iter().map(|f| f.file_size_in_bytes()).sum();
         for p in &rw.plan.data {
             self.data_files.remove(p);
         }
@@ -435,6 +438,7 @@ impl MirrorWriter {
             delete_files_out: delete_out,
             rows_kept: rw.rows_kept,
             rows_dropped: rw.rows_dropped,
+            bytes_written,
         }
     }
 
