@@ -365,11 +365,17 @@ fn rows_per_file(files: &[DataFile], target: u64) -> usize {
     ((target as f64 / per_row) as usize).max(1)
 }
 
+/// Where a compaction output is cut at the latest, whatever the inputs' bytes per row say:
+/// the writer's own count (before compression) at four times the `target`. It runs early, so
+/// it is only a bound (see [`rows_per_file`]).
+pub(crate) fn writer_bound(target: u64) -> u64 {
+    target.saturating_mul(4)
+}
+
 /// A rewrite's output: a new file every `per_file` rows.
 struct Output<'a> {
     table: &'a Table,
-    /// The writer's own rollover, left as a bound only (it rolls early; see
-    /// [`rows_per_file`]).
+    /// The writer's own rollover ([`writer_bound`]).
     bound: usize,
     per_file: usize,
     open: Option<(OpenFiles, usize)>,
@@ -380,7 +386,7 @@ impl<'a> Output<'a> {
     fn new(table: &'a Table, target: u64, per_file: usize) -> Self {
         Self {
             table,
-            bound: usize::try_from(target.saturating_mul(4)).unwrap_or(usize::MAX),
+            bound: usize::try_from(writer_bound(target)).unwrap_or(usize::MAX),
             per_file,
             open: None,
             written: Vec::new(),

@@ -10,8 +10,8 @@ mod metadata;
 mod orphans;
 mod reach;
 
-pub(crate) use compact::settled_head;
 pub use compact::MAINTENANCE_PROPERTY;
+pub(crate) use compact::{settled_head, writer_bound};
 pub use orphans::set_store_config;
 
 use std::time::{Duration, Instant};

@@ -23,7 +23,7 @@ use iceberg::table::Table;
 use super::files::{self, DataWriter};
 use super::index::{Key, Loc};
 use super::{project, werr, DeleteStat, FileStat, MirrorWriter};
-use crate::sink::iceberg::maintenance::settled_head;
+use crate::sink::iceberg::maintenance::{settled_head, writer_bound};
 use crate::sink::iceberg::SinkError;
 
 /// When a mirror's files are rewritten (from `[maintenance]`).
@@ -320,9 +320,10 @@ impl MirrorWriter {
                     continue;
                 }
                 let target = rules.target_file_size;
-                if out.as_ref().is_some_and(|w| {
-                    out_bytes >= target as f64 || w.size() >= target.saturating_mul(4)
-                }) {
+                if out
+                    .as_ref()
+                    .is_some_and(|w| out_bytes >= target as f64 || w.size() >= writer_bound(target))
+                {
                     if let Some(w) = out.take() {
                         rw.added.extend(w.close().await?);
                     }
