@@ -130,6 +130,7 @@ async fn dashboard_collector_and_dockerfile_match_the_agent() {
     wait_for(Duration::from_secs(60), "maintenance metrics", || async {
         let text = try_scrape(&addr).await?;
         (text.contains("philotes_iceberg_files_removed_total")
+            && text.contains("philotes_iceberg_compacted_bytes_total")
             && text.contains("philotes_iceberg_maintenance_duration_seconds_bucket"))
         .then_some(())
     })
