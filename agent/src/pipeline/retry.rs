@@ -1,4 +1,4 @@
-//! Exponential backoff with full jitter for transient errors.
+//! Exponential backoff with "equal" jitter (half fixed, half random) for transient errors.
 
 use std::time::Duration;
 

@@ -168,7 +168,7 @@ impl Metrics {
                 .u64_counter("philotes.cdc.schema_changes")
                 .with_description(
                     "Source schema changes followed in Iceberg: add, drop, rename, widen, \
-                     replace, rename_table, key",
+                     replace, rename_table, key, partition",
                 )
                 .build(),
             cdc_retries: meter
