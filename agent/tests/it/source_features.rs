@@ -567,6 +567,87 @@ async fn in_progress_transactions_stream_with_savepoints_rollbacks_and_crashes()
     assert_eq!(agent.terminate(), Some(0));
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prepared_transactions_land_at_commit_prepared_once_and_rolled_back_ones_never() {
+    // Two-phase commit (PREPARE TRANSACTION, as XA transaction managers use it): with the
+    // slot's two_phase off the server decodes a prepared transaction at COMMIT PREPARED, and a
+    // large one is streamed in progress before that; ROLLBACK PREPARED aborts it.
+    let mut opts = LocalPgOptions::default();
+    opts.settings
+        .push(("logical_decoding_work_mem".into(), "64kB".into()));
+    opts.settings
+        .push(("max_prepared_transactions".into(), "4".into()));
+    let Prepared {
+        pg, db, work, cfg, ..
+    } = prepare_with(
+        opts,
+        "CREATE TABLE big (id int PRIMARY KEY, v text, pad text)",
+        &["big"],
+        "",
+        "",
+    )
+    .await;
+    let log = work.path().join("agent.log");
+    let agent = AgentProc::start_streaming(&cfg, &log).await;
+    let ins = |a: i64, b: i64| {
+        format!("INSERT INTO big SELECT g, 'v' || g, repeat('p', 100) FROM generate_series({a}, {b}) g;")
+    };
+    db.batch_execute(&ins(1, 100)).await.unwrap();
+    wait_rows(&work, "ns.big", 100, 60).await;
+    // p1: large (streamed before its PREPARE), a savepoint rolled back, rows updated and
+    // deleted; prepared, and then left open across a SIGKILL of the agent.
+    let before = stream_txns(&pg, "philotes_p").await;
+    db.batch_execute(&format!(
+        "BEGIN; {} SAVEPOINT s; {} ROLLBACK TO s; UPDATE big SET v = 'p1' WHERE id <= 50; \
+         DELETE FROM big WHERE id > 90 AND id <= 100; PREPARE TRANSACTION 'p1';",
+        ins(1_001, 11_000),
+        ins(11_001, 15_000)
+    ))
+    .await
+    .unwrap();
+    // p2: large and prepared too, then rolled back.
+    db.batch_execute(&format!(
+        "BEGIN; {} PREPARE TRANSACTION 'p2';",
+        ins(20_001, 30_000)
+    ))
+    .await
+    .unwrap();
+    db.batch_execute("ROLLBACK PREPARED 'p2'").await.unwrap();
+    // A small plain transaction after them lands while p1 is still only prepared.
+    db.batch_execute(&ins(40_001, 40_010)).await.unwrap();
+    wait_rows(&work, "ns.big", 110, 60).await;
+    let streamed = wait_for(
+        Duration::from_secs(30),
+        "the server to stream the prepared transactions in progress",
+        || async {
+            let n = stream_txns(&pg, "philotes_p").await;
+            (n >= before + 2).then_some(n)
+        },
+    )
+    .await;
+    assert!(streamed >= before + 2);
+    let v = verify_state(&work, "ns.big", &pg, "SELECT id, v, pad FROM big");
+    assert_eq!(v["state_equal"], true, "prepared only: {}", v["state_diff"]);
+    agent.kill9();
+    let agent = AgentProc::start_streaming(&cfg, &log).await;
+    db.batch_execute("COMMIT PREPARED 'p1'").await.unwrap();
+    db.batch_execute(&ins(40_011, 40_020)).await.unwrap();
+    // 100 + 10,000 (p1) + 20 plain rows inserted, 50 updated, 10 deleted.
+    wait_rows(&work, "ns.big", 10_180, 120).await;
+    let v = verify_state(&work, "ns.big", &pg, "SELECT id, v, pad FROM big");
+    assert_eq!(v["state_equal"], true, "committed: {}", v["state_diff"]);
+    assert_eq!(v["duplicates"], 0, "{v}");
+    assert_eq!(v["ops"]["I"], 10_120, "{v}");
+    assert_eq!(v["ops"]["U"], 50, "{v}");
+    assert_eq!(v["ops"]["D"], 10, "{v}");
+    assert!(
+        !agent.log_text().contains("pipeline failed"),
+        "{}",
+        agent.log_text()
+    );
+    assert_eq!(agent.terminate(), Some(0));
+}
+
 /// The converted-ahead gauge of pipeline `p`.
 async fn converted_bytes(agent: &AgentProc) -> f64 {
     metric_value(
