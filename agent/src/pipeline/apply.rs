@@ -1587,6 +1587,8 @@ async fn compact_mirror(sink: &mut TableSink, pipeline: &str, metrics: &SourceMe
                 ),
             ),
             Err(SinkError::Conflict(m)) => ("conflict", 0, 0, m),
+            // A deposed leader's step: its next data commit steps it down.
+            Err(e @ SinkError::Fenced { .. }) => ("conflict", 0, 0, e.to_string()),
             Err(e) => ("failed", 0, 0, e.to_string()),
         };
     TableMaintained {

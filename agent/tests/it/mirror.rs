@@ -792,6 +792,44 @@ async fn another_writer_rewriting_a_mirror_file_is_noticed_not_duplicated() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_writers_rewrite_before_an_insert_only_commit_is_not_missed() {
+    // The rewrite lands first under a commit that deletes nothing (so nothing it requires is
+    // gone): the commit takes the new table state as its view, and the key index must follow
+    // it, or the next update's position deletes name the file that is no longer live and
+    // the old rows stay (what a deposed leader's compaction step did to the new leader).
+    let (pg, db, work, agent) = running(
+        "CREATE TABLE fo (id int PRIMARY KEY, s text)",
+        &["fo"],
+        "mode = \"mirror\"",
+    )
+    .await
+    .parts();
+    db.batch_execute("INSERT INTO fo SELECT g, 'v' FROM generate_series(1, 20) g")
+        .await
+        .expect("insert");
+    wait_mirrored(&work, "ns.fo", &pg, "SELECT id, s FROM fo", "id").await;
+    let (rc, out) = pyiceberg(
+        &work,
+        "c.load_table('ns.fo').delete(delete_filter='id <= 5')\n",
+    );
+    assert_eq!(rc, 0, "PyIceberg delete: {out}");
+    db.batch_execute("INSERT INTO fo VALUES (100, 'new')")
+        .await
+        .expect("insert only");
+    let q = "SELECT id, s FROM fo WHERE id > 5";
+    wait_mirrored(&work, "ns.fo", &pg, q, "id").await;
+    db.batch_execute(
+        "UPDATE fo SET s = 'after' WHERE id BETWEEN 6 AND 10; DELETE FROM fo WHERE id = 11",
+    )
+    .await
+    .expect("update");
+    let v = wait_mirrored(&work, "ns.fo", &pg, q, "id").await;
+    assert_eq!(v["duplicate_keys"], 0, "{v}");
+    assert_eq!(v["rows"], 15, "{v}");
+    drop(agent);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_changed_key_rekeys_the_mirror() {
     // A table without a key that gets a primary key (in the transaction that also inserts
     // rows before it), a primary key replaced by another column, a keyless table turned

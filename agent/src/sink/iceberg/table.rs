@@ -829,16 +829,26 @@ impl TableSink {
             self.table.metadata().properties(),
             new.metadata().properties(),
         );
-        match FENCED_PROPERTIES
+        if let Some(k) = FENCED_PROPERTIES
             .iter()
             .find(|k| was.get(**k) != now.get(**k))
         {
-            Some(k) => Err(SinkError::Fenced {
+            return Err(SinkError::Fenced {
                 table: self.name(),
                 reason: format!("{k} moved under a metadata update"),
-            }),
-            None => Ok(()),
+            });
         }
+        // Another writer's snapshot (a deposed leader's compaction step, say) may have moved
+        // rows the mirror's key index points at: taken as this sink's view, later deletes
+        // would name files no longer live. The pipeline reopens the table instead.
+        let snapshot = |t: &Table| t.metadata().current_snapshot_id();
+        if self.mirror.is_some() && snapshot(new) != snapshot(&self.table) {
+            return Err(SinkError::Conflict(format!(
+                "another writer committed a snapshot to {} under a metadata update: the mirror is opened again",
+                self.name()
+            )));
+        }
+        Ok(())
     }
 
     /// What was pending is in the table at `lsn`: start the next batch empty.
@@ -963,6 +973,13 @@ impl TableSink {
                 super::debt::added(table.identifier(), data as u64);
                 self.table = table;
                 self.settled(lsn);
+                if parent != base {
+                    if let Some(m) = self.mirror.as_mut() {
+                        // Another writer's snapshot in between may have rewritten files the
+                        // key index points into: rebuilt from the table as committed.
+                        m.reload(&self.table).await?;
+                    }
+                }
                 Ok(Committed {
                     conflicts,
                     delete_files: deletes as u64,
@@ -1022,8 +1039,24 @@ impl TableSink {
         let Some(m) = self.mirror.as_mut() else {
             return Ok(None);
         };
-        let Some(rw) = m.rewrite(&self.table).await? else {
-            return Ok(None);
+        let rw = match m.rewrite(&self.table).await {
+            Ok(Some(rw)) => rw,
+            Ok(None) => return Ok(None),
+            Err(e) => {
+                // Files gone while the step read them because another writer replaced the
+                // table meanwhile (a leader that took over expired them): a conflict.
+                let moved = self
+                    .committer
+                    .catalog()
+                    .load_table(self.table.identifier())
+                    .await
+                    .is_ok_and(|now| now.metadata_location() != self.table.metadata_location());
+                return Err(if moved {
+                    SinkError::Conflict(e.to_string())
+                } else {
+                    e
+                });
+            }
         };
         if rw.is_empty() {
             return Ok(None);
@@ -1038,7 +1071,16 @@ impl TableSink {
             )]),
             properties: HashMap::new(),
             requires_live: HashSet::new(),
-            fence: Vec::new(),
+            // A deposed leader's step must not land after the new leader's data commit.
+            fence: FENCED_PROPERTIES
+                .iter()
+                .map(|k| {
+                    (
+                        k.to_string(),
+                        self.table.metadata().properties().get(*k).cloned(),
+                    )
+                })
+                .collect(),
         };
         // One attempt: another writer's commit in between may have touched the same files;
         // the next step plans again on the table as it then is.
@@ -1077,6 +1119,10 @@ impl TableSink {
                 }
                 Err(match e {
                     CommitError::Conflict(_) | CommitError::Rebase(_) => SinkError::Conflict(msg),
+                    CommitError::Fenced(_) => SinkError::Fenced {
+                        table: self.name(),
+                        reason: msg,
+                    },
                     _ => SinkError::Commit(msg),
                 })
             }

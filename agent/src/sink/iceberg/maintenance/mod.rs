@@ -278,7 +278,20 @@ pub async fn maintain(
                 summary,
                 duration: started.elapsed(),
             },
-            Err(e) => failed(action, e, started),
+            Err(e) => {
+                // A read or write that failed while another writer replaced the table's
+                // metadata (a leader that took over, another engine's expiry deleting the
+                // files this run was reading) met a conflict: tried again next interval.
+                let moved = !matches!(e, MaintenanceError::Commit(_))
+                    && load()
+                        .await
+                        .is_ok_and(|now| now.metadata_location() != table.metadata_location());
+                let mut o = failed(action, e, started);
+                if moved {
+                    o.status = Status::Conflict;
+                }
+                o
+            }
         });
     }
     (measured, out)
