@@ -750,8 +750,10 @@ async fn dead_letters_pause_resume_and_a_joining_table_work_in_a_mirror() {
     drop(agent);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn another_writer_rewriting_a_mirror_file_is_noticed_not_duplicated() {
+/// Mirror `ns.fo` of rows 1–20 (one data file), then rows 1–5 deleted by PyIceberg, which
+/// deletes by rewriting the data file (copy-on-write): the file the agent's index points into
+/// is gone, its other rows live on in a new file.
+async fn mirror_rewritten_by_pyiceberg() -> (TestPg, tokio_postgres::Client, Workdir, AgentProc) {
     let (pg, db, work, agent) = running(
         "CREATE TABLE fo (id int PRIMARY KEY, s text)",
         &["fo"],
@@ -763,13 +765,17 @@ async fn another_writer_rewriting_a_mirror_file_is_noticed_not_duplicated() {
         .await
         .expect("insert");
     wait_mirrored(&work, "ns.fo", &pg, "SELECT id, s FROM fo", "id").await;
-    // PyIceberg deletes rows by rewriting the data file (copy-on-write): the file the agent's
-    // index points into is gone, its other rows live on in a new file.
     let (rc, out) = pyiceberg(
         &work,
         "c.load_table('ns.fo').delete(delete_filter='id <= 5')\n",
     );
     assert_eq!(rc, 0, "PyIceberg delete: {out}");
+    (pg, db, work, agent)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_writer_rewriting_a_mirror_file_is_noticed_not_duplicated() {
+    let (pg, db, work, agent) = mirror_rewritten_by_pyiceberg().await;
     // Updates of rows that were in the rewritten file: position deletes on the old file would
     // leave the rewritten copies live (duplicate keys). The commit notices, the pipeline
     // reopens the table (index rebuilt from it) and replays the change.
@@ -797,22 +803,7 @@ async fn another_writers_rewrite_before_an_insert_only_commit_is_not_missed() {
     // gone): the commit takes the new table state as its view, and the key index must follow
     // it, or the next update's position deletes name the file that is no longer live and
     // the old rows stay (what a deposed leader's compaction step did to the new leader).
-    let (pg, db, work, agent) = running(
-        "CREATE TABLE fo (id int PRIMARY KEY, s text)",
-        &["fo"],
-        "mode = \"mirror\"",
-    )
-    .await
-    .parts();
-    db.batch_execute("INSERT INTO fo SELECT g, 'v' FROM generate_series(1, 20) g")
-        .await
-        .expect("insert");
-    wait_mirrored(&work, "ns.fo", &pg, "SELECT id, s FROM fo", "id").await;
-    let (rc, out) = pyiceberg(
-        &work,
-        "c.load_table('ns.fo').delete(delete_filter='id <= 5')\n",
-    );
-    assert_eq!(rc, 0, "PyIceberg delete: {out}");
+    let (pg, db, work, agent) = mirror_rewritten_by_pyiceberg().await;
     db.batch_execute("INSERT INTO fo VALUES (100, 'new')")
         .await
         .expect("insert only");

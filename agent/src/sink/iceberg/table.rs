@@ -851,6 +851,16 @@ impl TableSink {
         Ok(())
     }
 
+    /// The position and writer this sink last saw: a commit fenced on them is refused if
+    /// another agent committed data since (a new leader, while this one was cut off).
+    fn fence(&self) -> Vec<(String, Option<String>)> {
+        let seen = self.table.metadata().properties();
+        FENCED_PROPERTIES
+            .iter()
+            .map(|k| (k.to_string(), seen.get(*k).cloned()))
+            .collect()
+    }
+
     /// What was pending is in the table at `lsn`: start the next batch empty.
     fn settled(&mut self, lsn: Lsn) {
         self.pending.clear();
@@ -936,10 +946,7 @@ impl TableSink {
                 properties.insert(SCHEMA_BEFORE_PROPERTY.to_string(), now);
             }
         }
-        let fence = FENCED_PROPERTIES
-            .iter()
-            .map(|k| (k.to_string(), seen.get(*k).cloned()))
-            .collect();
+        let fence = self.fence();
         let change = Change {
             operation: operation_for(data, deletes + removed.len(), false),
             added,
@@ -1036,6 +1043,8 @@ impl TableSink {
     /// nothing staged): `None` when there was nothing to do. Any failure leaves the table and
     /// the index as they were (an unknown commit outcome rebuilds the index from the table).
     pub async fn compact_mirror(&mut self) -> Result<Option<Compacted>, SinkError> {
+        // A deposed leader's step must not land after the new leader's data commit.
+        let fence = self.fence();
         let Some(m) = self.mirror.as_mut() else {
             return Ok(None);
         };
@@ -1071,16 +1080,7 @@ impl TableSink {
             )]),
             properties: HashMap::new(),
             requires_live: HashSet::new(),
-            // A deposed leader's step must not land after the new leader's data commit.
-            fence: FENCED_PROPERTIES
-                .iter()
-                .map(|k| {
-                    (
-                        k.to_string(),
-                        self.table.metadata().properties().get(*k).cloned(),
-                    )
-                })
-                .collect(),
+            fence,
         };
         // One attempt: another writer's commit in between may have touched the same files;
         // the next step plans again on the table as it then is.
