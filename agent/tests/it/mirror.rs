@@ -410,6 +410,78 @@ async fn unchanged_toast_values_keep_their_value() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unchanged_toast_values_do_not_split_a_flush_into_small_files() {
+    // A busy table with large values: its changes reach the mirror in batches of a few MB,
+    // and UPDATEs that leave the large value alone arrive without it. Filling those in used
+    // to finish the open data file at every such batch, a file of a few rows each; it is now
+    // finished only when a value must be read back from it. Maintenance is off, so the files
+    // stay as the flushes wrote them.
+    let p = prepare(
+        "CREATE TABLE tt (id int PRIMARY KEY, n int, big text);
+         ALTER TABLE tt ALTER big SET STORAGE EXTERNAL;",
+        &["tt"],
+        "mode = \"mirror\"",
+        "[maintenance]\nenabled = false",
+    )
+    .await;
+    edit_config(
+        &p.cfg,
+        "flush_interval = \"300ms\"",
+        "flush_interval = \"8s\"",
+    );
+    let (pg, db, work, agent) = p.streaming().await.parts();
+    const Q: &str = "SELECT id, n, big FROM tt";
+    // ~9.6 kB per row, out of line.
+    let insert = |from: i32, to: i32| {
+        format!(
+            "INSERT INTO tt SELECT g, 0, (SELECT string_agg(md5(h::text || '-' || g::text), '')
+             FROM generate_series(1, 300) h) FROM generate_series({from}, {to}) g"
+        )
+    };
+    db.batch_execute(&insert(1, 300)).await.expect("first rows");
+    let v = wait_mirrored(&work, "ns.tt", &pg, Q, "id").await;
+    assert_eq!(v["data_files"], 1, "{v}");
+    // One flush: six transactions of ~2.4 MB of new rows, each also updating 20 of the
+    // committed rows without touching their large value.
+    for t in 0..6 {
+        let from = 1000 + t * 250;
+        db.batch_execute(&format!(
+            "BEGIN; {}; UPDATE tt SET n = n + 1 WHERE id > {} AND id <= {}; COMMIT;",
+            insert(from, from + 249),
+            t * 20,
+            t * 20 + 20
+        ))
+        .await
+        .expect("insert and update");
+    }
+    let v = wait_mirrored(&work, "ns.tt", &pg, Q, "id").await;
+    assert_eq!(v["rows"], 1800, "{v}");
+    assert_eq!(
+        v["data_files"], 2,
+        "one flush of 15 MB (target file size 128 MiB) wrote more than one data file: {v}"
+    );
+    // Rows written earlier in the same flush, then updated (one moved to a new key) without
+    // their large value: that file is finished and the values are read back from it.
+    db.batch_execute(&insert(3000, 3249))
+        .await
+        .expect("more rows");
+    db.batch_execute(
+        "BEGIN; UPDATE tt SET n = 7 WHERE id BETWEEN 3000 AND 3009;
+         UPDATE tt SET id = id + 10000, n = 8 WHERE id BETWEEN 3010 AND 3014; COMMIT;",
+    )
+    .await
+    .expect("update rows of this flush");
+    let v = wait_mirrored(&work, "ns.tt", &pg, Q, "id").await;
+    assert_eq!(v["rows"], 2050, "{v}");
+    let log = agent.log_text();
+    assert!(
+        !log.contains("stored as null"),
+        "a value was not found: {log}"
+    );
+    drop(agent);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_index_past_its_budget_is_a_clear_error() {
     // 60,000 integer keys need ~2 MB of index: more than a 1 MiB budget. The pipeline stops
     // with an error that names the table and the key, instead of growing until killed.

@@ -591,13 +591,17 @@ impl MirrorWriter {
             self.finish_files().await?;
         }
         // Rows whose unchanged TOAST values were not sent take them from the key's previous
-        // row: every earlier row must then be readable, in a finished file or this batch.
+        // row, which must be readable: in a finished file or this batch. The open file is
+        // finished only when such a row lives in it (finishing at every such batch gave a
+        // busy table with large values several small files per flush).
         let unchanged = batch
             .column_by_name(CDC_UNCHANGED)
             .and_then(|c| c.as_list_opt::<i32>().cloned())
             .filter(|l| !l.values().is_empty());
-        if unchanged.is_some() && self.open.as_ref().is_some_and(|w| w.rows() > 0) {
-            self.finish_files().await?;
+        if let Some(list) = unchanged.as_ref() {
+            if self.fills_from_open_file(list, keys.as_deref(), moved) {
+                self.finish_files().await?;
+            }
         }
         let mut fills: Vec<Fill> = Vec::new();
         let (mut file, mut first) = self.open_file(table).await?;
@@ -701,6 +705,43 @@ impl MirrorWriter {
         w.write(&rows).await?;
         self.rows += rows.num_rows() as u64;
         self.check_budget()
+    }
+
+    /// Whether a row of the next batch may take an unchanged TOAST value from a row in the
+    /// open data file (unreadable until finished). Asked before the batch changes anything,
+    /// so a key the batch itself moves is answered on the safe side.
+    fn fills_from_open_file(
+        &self,
+        unchanged: &ListArray,
+        keys: Option<&[Key]>,
+        moved: &[u32],
+    ) -> bool {
+        let Some(w) = self.open.as_ref().filter(|w| w.rows() > 0) else {
+            return false;
+        };
+        // Without a key nothing is filled; copies of whole rows are numbered as the batch
+        // goes, so they are not looked up ahead.
+        let Some(keys) = keys else {
+            return false;
+        };
+        let Some(open) = self.index.known_file(w.path()).filter(|_| !self.whole_row) else {
+            return true;
+        };
+        let in_open = |l: Option<Loc>| l.is_some_and(|l| l.file == open);
+        (0..keys.len()).any(|row| {
+            if unchanged.is_null(row) || unchanged.value_length(row) == 0 {
+                return false;
+            }
+            let moved_from = if moved.binary_search(&(row as u32)).is_err() {
+                None
+            } else if row == 0 {
+                // Its old key's delete ended the batch before.
+                self.last_delete.and_then(|(_, _, loc)| loc)
+            } else {
+                self.lookup(&keys[row - 1])
+            };
+            in_open(self.lookup(&keys[row])) || in_open(moved_from)
+        })
     }
 
     /// `rows` with the unchanged TOAST values of `fills` taken from each key's previous row:
