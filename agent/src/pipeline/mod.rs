@@ -25,8 +25,8 @@ use crate::sink::iceberg::SinkError;
 use crate::source::postgres::conn::SourceUrl;
 use crate::source::postgres::session::{Session, SourceError};
 use crate::telemetry::events::{
-    CommitFenced, ErrorType, LeadershipLost, PartitionsMoved, PipelineRetrying, StateChanged,
-    TableLeftPublication,
+    CommitFenced, ErrorType, InProgressStreamingOff, LeadershipLost, PartitionsMoved,
+    PipelineRetrying, StateChanged, TableLeftPublication,
 };
 pub use crate::telemetry::status::{self, PipelineStatus, SharedStatus};
 use crate::telemetry::{Metrics, PipelineState, SourceMetrics};
@@ -101,6 +101,12 @@ impl PipelineError {
             PipelineError::State(_) => ErrorType::State,
         }
     }
+}
+
+/// The walsender ended the stream with an internal error (SQLSTATE XX000, what the
+/// decoder's own checks raise), not a connection loss or a refusal.
+fn decoding_failed(e: &PipelineError) -> bool {
+    matches!(e, PipelineError::StreamEnded(m) if m.contains("(SQLSTATE XX000)"))
 }
 
 /// Handles the API keeps for a running pipeline.
@@ -229,6 +235,11 @@ pub struct Pipeline {
     joined: std::collections::HashSet<String>,
     /// A binary stream met a column it cannot read so: text from now on.
     text_only: bool,
+    /// The server failed to decode a transaction while streaming it in progress: whole
+    /// transactions, sent at their commit, from now on (this process).
+    whole_transactions: bool,
+    /// The current attempt receives transactions in progress.
+    in_progress: bool,
     /// Tables to copy again (the API's and the monitor's requests).
     copies: Arc<requests::CopyRequests>,
     /// Tables copied again for mirror rows without a key value (once per process).
@@ -283,6 +294,8 @@ impl Pipeline {
                 failures: Default::default(),
                 joined: Default::default(),
                 text_only: false,
+                whole_transactions: false,
+                in_progress: false,
                 copies,
                 pending_copies: Default::default(),
                 healed: Default::default(),
@@ -422,6 +435,20 @@ impl Pipeline {
                         .emit();
                     }
                     retry::pause(backoff.next_delay(), &mut shutdown).await;
+                }
+                // PostgreSQL's decoder can fail on a transaction it streams in progress
+                // (an internal error, seen with a TRUNCATE in a subtransaction of a large
+                // transaction) where decoding the whole transaction at its commit works:
+                // counted as a failure, then streamed that way.
+                Err(e) if self.in_progress && decoding_failed(&e) => {
+                    InProgressStreamingOff {
+                        pipeline: &self.cfg.name,
+                        reason: &e.to_string(),
+                    }
+                    .emit();
+                    self.whole_transactions = true;
+                    self.retry_after(e, started, &mut backoff, &mut shutdown)
+                        .await
                 }
                 Err(e) => {
                     self.retry_after(e, started, &mut backoff, &mut shutdown)
@@ -641,7 +668,8 @@ impl Pipeline {
         // Large transactions arrive while still in progress (protocol 2, PostgreSQL 14+)
         // and wait in a local spool, so the server does not have to spill them first.
         let v14 = session.server_version().await? >= 140_000;
-        let in_progress = self.cfg.stream_in_progress && v14;
+        let in_progress = self.cfg.stream_in_progress && v14 && !self.whole_transactions;
+        self.in_progress = in_progress;
         // Binary only when every published column has a binary reader: the server sends
         // every value of the stream in binary or none.
         let binary = self.cfg.binary
@@ -677,7 +705,7 @@ impl Pipeline {
         status::update(&self.status, |st| {
             st.confirmed_lsn = confirmed.pg();
         });
-        tracing::info!(pipeline = %self.cfg.name, slot, confirmed_lsn = %confirmed.pg(), binary, "streaming");
+        tracing::info!(pipeline = %self.cfg.name, slot, confirmed_lsn = %confirmed.pg(), binary, in_progress, "streaming");
         self.set_state(PipelineState::Streaming);
         applier
             .stream(
@@ -689,5 +717,31 @@ impl Pipeline {
                 &|state| StateChanged { state }.emit(&self.metrics, &self.status),
             )
             .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_walsenders_internal_error_turns_in_progress_streaming_off() {
+        // The text PostgreSQL 15 ended a stream with (reproduced by hand, docs/reliability.md).
+        let decoder = PipelineError::StreamEnded(
+            "could not map filenode \"base/16384/748456\" to relation OID (SQLSTATE XX000)".into(),
+        );
+        assert!(decoding_failed(&decoder));
+        for other in [
+            PipelineError::StreamEnded("server closed the stream".into()),
+            PipelineError::StreamEnded(
+                "terminating connection due to administrator command (SQLSTATE 57P01)".into(),
+            ),
+            PipelineError::StreamEnded(
+                "replication slot \"s\" is active for PID 7 (SQLSTATE 55006)".into(),
+            ),
+            PipelineError::Spool("No space left on device (SQLSTATE XX000)".into()),
+        ] {
+            assert!(!decoding_failed(&other), "{other}");
+        }
     }
 }

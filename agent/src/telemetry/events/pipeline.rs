@@ -721,6 +721,23 @@ impl LeaderDeposed<'_> {
     }
 }
 
+/// The server could not decode a transaction it streamed in progress: this process asks
+/// for whole transactions from now on.
+#[derive(Debug)]
+pub struct InProgressStreamingOff<'a> {
+    /// Pipeline name.
+    pub pipeline: &'a str,
+    /// The server's error.
+    pub reason: &'a str,
+}
+
+impl InProgressStreamingOff<'_> {
+    /// Log it (WARN); the failed attempt is counted by [`PipelineRetrying`].
+    pub fn emit(self) {
+        tracing::warn!(pipeline = %self.pipeline, reason = %self.reason, "the server failed to decode a transaction streamed in progress: receiving whole transactions at their commit until the agent restarts (large transactions then wait on the server's disk, not in the spool)");
+    }
+}
+
 /// `[ha]`: this agent stops leading (its lock session was lost, or a commit was fenced).
 #[derive(Debug)]
 pub struct LeadershipLost<'a> {
