@@ -670,6 +670,7 @@ impl Pipeline {
         let v14 = session.server_version().await? >= 140_000;
         let in_progress = self.cfg.stream_in_progress && v14 && !self.whole_transactions;
         self.in_progress = in_progress;
+        status::update(&self.status, |st| st.in_progress = in_progress);
         // Binary only when every published column has a binary reader: the server sends
         // every value of the stream in binary or none.
         let binary = self.cfg.binary

@@ -94,6 +94,10 @@ pub struct PipelineStatus {
     /// Schema changes are placed by the DDL messages in the stream (the event trigger is in
     /// place), not by the catalog as it is now.
     pub ddl_messages: bool,
+    /// Large transactions are received while still in progress (false: whole transactions at
+    /// their commit: so configured, a server before 14, or after the server failed to decode
+    /// one in progress).
+    pub in_progress: bool,
     /// Set while the pipeline waits to try again after a failed attempt.
     pub retry: Option<RetryStatus>,
     /// Last error, if any.
@@ -124,6 +128,7 @@ impl PipelineStatus {
             spooled_transactions: 0,
             spooled_bytes: 0,
             ddl_messages: false,
+            in_progress: false,
             retry: None,
             last_error: None,
             last_error_at: None,

@@ -858,6 +858,7 @@ async fn a_swap_is_followed_when_the_catalog_is_already_past_it() {
     );
     let v = agent.wait_state("p", "streaming", 30).await;
     assert_eq!(v["ddl_messages"], true, "{v}");
+    assert_eq!(v["in_progress"], true, "{v}");
     agent.terminate();
     execute_each(
         &db,
