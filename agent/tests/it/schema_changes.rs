@@ -885,3 +885,100 @@ async fn a_swap_is_followed_when_the_catalog_is_already_past_it() {
     wait_changelog(&work, "ns.sw_changelog", &pg, SW).await;
     never_left_streaming(&agent).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_widened_in_a_flush_with_changes_never_leaves_streaming() {
+    // `ALTER COLUMN id TYPE bigint` on a busy table: the mirror's index holds keys in the old
+    // encoding, and changes of the same flush (before and after the ALTER, in one transaction
+    // here) are pending. It used to end the attempt as a failure ("changed type with changes
+    // pending", ERROR, a retry counted) and replay; the keys are now rebuilt in place.
+    let Running {
+        pg,
+        db,
+        work,
+        cfg: _cfg,
+        agent,
+    } = prepare(
+        "CREATE TABLE kw (id int PRIMARY KEY, v text);
+         INSERT INTO kw SELECT g, 'a' FROM generate_series(1, 200) g;
+         CREATE TABLE kc (a int, b int, v text, PRIMARY KEY (a, b));
+         INSERT INTO kc SELECT g / 10, g % 10, 'a' FROM generate_series(1, 200) g;
+         CREATE TABLE kf (a int, v text);
+         ALTER TABLE kf REPLICA IDENTITY FULL;
+         INSERT INTO kf SELECT g % 50, 'a' FROM generate_series(1, 200) g;",
+        &["kw", "kc", "kf"],
+        "mode = \"both\"\nsnapshot = \"initial\"",
+        "",
+    )
+    .await
+    .streaming()
+    .await;
+    const Q: &str = "SELECT id, v FROM kw";
+    wait_mirror(&work, "ns.kw", &pg, Q).await;
+    db.batch_execute(
+        "BEGIN;
+         UPDATE kw SET v = 'before' WHERE id <= 20;
+         DELETE FROM kw WHERE id BETWEEN 21 AND 30;
+         INSERT INTO kw SELECT g, 'new' FROM generate_series(201, 220) g;
+         UPDATE kw SET id = id + 1000 WHERE id BETWEEN 50 AND 52;
+         ALTER TABLE kw ALTER COLUMN id TYPE bigint;
+         UPDATE kw SET v = 'after' WHERE id <= 5 OR id BETWEEN 201 AND 205 OR id = 1050;
+         DELETE FROM kw WHERE id BETWEEN 206 AND 210 OR id BETWEEN 31 AND 35 OR id = 1051;
+         INSERT INTO kw VALUES (5000000000, 'big');
+         UPDATE kw SET id = id + 4000000000 WHERE id BETWEEN 60 AND 62 OR id = 211;
+         COMMIT;
+         UPDATE kw SET v = 'later' WHERE id IN (1, 4000000060, 5000000000, 212);
+         DELETE FROM kw WHERE id IN (2, 4000000211);
+         BEGIN;
+         UPDATE kc SET v = 'before' WHERE b = 1;
+         DELETE FROM kc WHERE b = 2;
+         INSERT INTO kc VALUES (100, 1, 'new'), (100, 2, 'new');
+         ALTER TABLE kc ALTER COLUMN b TYPE bigint;
+         UPDATE kc SET v = 'after' WHERE b = 3 OR a = 100;
+         DELETE FROM kc WHERE b = 4 OR (a = 100 AND b = 2);
+         INSERT INTO kc VALUES (100, 5000000000, 'wide');
+         UPDATE kf SET v = 'before' WHERE a < 5;
+         DELETE FROM kf WHERE a BETWEEN 5 AND 7;
+         INSERT INTO kf VALUES (1, 'a'), (1000, 'new');
+         ALTER TABLE kf ALTER COLUMN a TYPE bigint;
+         UPDATE kf SET v = 'after' WHERE a IN (1, 10, 1000);
+         DELETE FROM kf WHERE a IN (2, 11);
+         INSERT INTO kf VALUES (5000000000, 'wide');
+         COMMIT;",
+    )
+    .await
+    .expect("widen the key");
+    let v = wait_mirror(&work, "ns.kw", &pg, Q).await;
+    assert_eq!(v["duplicate_keys"], 0, "{v}");
+    let v = wait_changelog(&work, "ns.kw_changelog", &pg, Q).await;
+    assert_eq!(v["unique"], true, "{v}");
+    assert_eq!(column_types(&work, "ns.kw")["id"], "long");
+    const QC: &str = "SELECT a, b, v FROM kc";
+    let v = crate::mirror::wait_mirrored_with(&work, "ns.kc", &pg, QC, "a,b", &[]).await;
+    assert_eq!(v["duplicate_keys"], 0, "{v}");
+    assert_eq!(column_types(&work, "ns.kc")["b"], "long");
+    // No key: the whole row finds a row, repeated rows counted apart.
+    let v = crate::mirror::wait_mirrored_with(
+        &work,
+        "ns.kf",
+        &pg,
+        "SELECT a, v FROM kf",
+        "a",
+        &["--multiset"],
+    )
+    .await;
+    assert_eq!(v["rows"], 183, "{v}");
+    assert_eq!(column_types(&work, "ns.kf")["a"], "long");
+    let log = agent.log_text();
+    for t in ["ns.kw", "ns.kc", "ns.kf"] {
+        assert!(
+            log.lines().any(
+                |l| l.contains("mirror key index rebuilt with the flush's changes")
+                    && l.contains(&format!("table={t} "))
+            ),
+            "{t}: {log}"
+        );
+    }
+    never_left_streaming(&agent).await;
+    drop(agent);
+}

@@ -423,10 +423,9 @@ impl MirrorWriter {
     }
 
     /// The table's columns changed (added, renamed, widened): new files use the new schema
-    /// and keys are read under their columns' new names. Only a key whose encoding changed (a
-    /// widened column of a composite or text key) rebuilds the index from the table, which
-    /// needs nothing staged: with changes pending the write fails and the pipeline reopens
-    /// the table (its replay then builds keys the new way).
+    /// and keys are read under their columns' new names. A key whose encoding changed (a
+    /// widened key column: `ALTER COLUMN id TYPE bigint`) rebuilds the index from the table,
+    /// with this flush's rows and deletes too when changes are pending.
     pub async fn schema_changed(&mut self, table: &Table) -> Result<(), SinkError> {
         let before = self
             .keys
@@ -445,14 +444,19 @@ impl MirrorWriter {
             self.keys = encoder;
             return Ok(());
         }
-        if self.is_dirty() || !self.staged.is_empty() {
-            return Err(SinkError::Write(format!(
-                "the key columns of mirror table {} changed type with changes pending: \
-                 reopening it",
-                self.name
-            )));
+        if !self.is_dirty() && self.staged.is_empty() {
+            return self.load(table).await;
         }
-        self.load(table).await
+        let r = self
+            .reindex(table, self.key_ids.clone(), self.whole_row)
+            .await?;
+        tracing::info!(
+            table = %self.name,
+            rows = r.rows,
+            build_ms = r.took.as_millis() as u64,
+            "mirror key index rebuilt with the flush's changes: a key column's type changed"
+        );
+        Ok(())
     }
 
     /// The table's schema changed (columns added): new files use it.

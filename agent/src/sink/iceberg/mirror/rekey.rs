@@ -80,6 +80,20 @@ impl MirrorWriter {
         if key_ids == self.key_ids && whole_row == self.whole_row {
             return Ok(None);
         }
+        self.reindex(table, key_ids, whole_row).await.map(Some)
+    }
+
+    /// Index every live row, committed or written by this flush, under `key_ids` (or the
+    /// whole row) as the table's current schema encodes them: a new key, or the same key
+    /// columns widened (the index holds their old encoding) while changes are pending.
+    pub(super) async fn reindex(
+        &mut self,
+        table: &Table,
+        key_ids: Vec<i32>,
+        whole_row: bool,
+    ) -> Result<Rekeyed, SinkError> {
+        self.check_fresh()?;
+        let schema = table.metadata().current_schema();
         let started = Instant::now();
         self.finish_files().await?;
         // From here until the commit the index is the staged map: should anything below fail,
@@ -99,12 +113,12 @@ impl MirrorWriter {
         let Some(encoder) = self.keys.as_ref() else {
             // No key: rows are only appended from now on.
             self.stale = None;
-            return Ok(Some(Rekeyed {
+            return Ok(Rekeyed {
                 rows: 0,
                 duplicates: 0,
                 unkeyed: 0,
                 took: started.elapsed(),
-            }));
+            });
         };
         // Positions that are no longer rows: replaced or deleted in this flush, and (unless a
         // TRUNCATE drops the committed files) those the committed delete files name.
@@ -182,12 +196,12 @@ impl MirrorWriter {
         self.unkeyed = unkeyed;
         self.stale = None;
         self.check_budget()?;
-        Ok(Some(Rekeyed {
+        Ok(Rekeyed {
             rows: self.staged.len(),
             duplicates: replaced.len() as u64,
             unkeyed,
             took: started.elapsed(),
-        }))
+        })
     }
 }
 
