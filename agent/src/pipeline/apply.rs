@@ -122,6 +122,9 @@ pub(super) struct Applier {
     in_stream: Option<u32>,
     /// Bytes of the streamed transactions' rows converted ahead of their commit.
     early_held: u64,
+    /// When the last flush ended, and the last idle mirror compaction step ran.
+    last_flush: Instant,
+    last_idle_step: Instant,
     /// Tables with REPLICA IDENTITY FULL (`schema.table`) and their primary key columns.
     full_identity: HashMap<String, Vec<String>>,
     /// A connection for catalog lookups (column numbers, domains), opened on first use and
@@ -218,6 +221,8 @@ impl Applier {
             streams: HashMap::new(),
             in_stream: None,
             early_held: 0,
+            last_flush: Instant::now(),
+            last_idle_step: Instant::now(),
             full_identity: HashMap::new(),
             catalog: None,
             aliases: HashMap::new(),
@@ -407,6 +412,8 @@ impl Applier {
                 _ = timer.tick() => {
                     if self.flush_due() {
                         self.flush(&client).await?;
+                    } else {
+                        self.compact_idle_mirrors().await;
                     }
                 }
                 ev = client.recv() => {
@@ -1321,7 +1328,31 @@ impl Applier {
 
     /// Commit every dirty table (and dead letters) at the last complete transaction.
     async fn flush(&mut self, client: &ReplicationStream) -> Result<(), PipelineError> {
-        self.commit_buffered(Some(client)).await
+        let result = self.commit_buffered(Some(client)).await;
+        self.last_flush = Instant::now();
+        result
+    }
+
+    /// A mirror's compaction steps run after its commits, so a mirror that stops changing
+    /// kept its small files and delete debt until its next change. Once nothing is buffered
+    /// and nothing has been flushed for [`IDLE_STEP_EVERY`], each mirror takes one step per
+    /// [`IDLE_STEP_EVERY`] until none is due (planning one reads nothing).
+    async fn compact_idle_mirrors(&mut self) {
+        if self.txn.is_some()
+            || self.anything_uncommitted()
+            || self.last_flush.elapsed() < IDLE_STEP_EVERY
+            || self.last_idle_step.elapsed() < IDLE_STEP_EVERY
+        {
+            return;
+        }
+        let pipeline = self.cfg.name.as_str();
+        for t in &mut self.tables {
+            if let Some(m) = t.mirror.as_mut() {
+                compact_mirror(m, pipeline, &self.metrics).await;
+            }
+            compact_mirror(&mut t.sink, pipeline, &self.metrics).await;
+        }
+        self.last_idle_step = Instant::now();
     }
 
     /// Commit what is buffered, up to the last transaction received whole, and confirm it
@@ -1607,6 +1638,10 @@ async fn compact_mirror(sink: &mut TableSink, pipeline: &str, metrics: &SourceMe
 /// Events handled per trip through the apply loop's select, at most (timers and control
 /// are looked at between trips).
 const DRAIN_EVENTS: usize = 1024;
+
+/// How long a pipeline is quiet before its mirrors take compaction steps on their own, and
+/// how often they take one then.
+const IDLE_STEP_EVERY: Duration = Duration::from_secs(1);
 
 /// Table property: what the source calls the table now, after a rename (a restart reads it).
 pub(super) const SOURCE_NAME_PROPERTY: &str = "philotes.source-name";

@@ -1345,3 +1345,80 @@ async fn a_mirror_alone_follows_a_truncate_and_a_copy_taken_again() {
     );
     drop(agent);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_mirror_pays_its_compaction_debt() {
+    // A mirror's compaction steps ran only after its commits: a mirror that stopped changing
+    // kept its small files and delete files until its next change. Filled with maintenance
+    // off (a small data file and a delete file per flush), then started again with it on and
+    // left without a change, it must compact by itself and stay exact.
+    let Running {
+        pg,
+        db,
+        work,
+        cfg,
+        agent,
+    } = prepare(
+        "CREATE TABLE im (id int PRIMARY KEY, n int, s text);
+         INSERT INTO im SELECT g, 0, 'seed' FROM generate_series(1, 2000) g;",
+        &["im"],
+        "mode = \"mirror\"\nsnapshot = \"initial\"",
+        "[maintenance]\nenabled = false\nmin_input_files = 2\ntarget_file_size = \"1MiB\"\n",
+    )
+    .await
+    .streaming()
+    .await;
+    const Q: &str = "SELECT id, n, s FROM im";
+    wait_mirrored(&work, "ns.im", &pg, Q, "id").await;
+    for round in 1..=12 {
+        db.batch_execute(&format!(
+            "UPDATE im SET n = {round} WHERE id % 12 = {};
+             DELETE FROM im WHERE id = {};
+             INSERT INTO im VALUES ({}, {round}, 'new');",
+            round % 12,
+            round * 5,
+            5000 + round
+        ))
+        .await
+        .expect("round");
+        // Past the flush interval (300 ms): each round is its own flush.
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+    let before = wait_mirrored(&work, "ns.im", &pg, Q, "id").await;
+    let files = |v: &Value| {
+        (
+            v["data_files"].as_u64().unwrap_or(0),
+            v["position_delete_files"].as_u64().unwrap_or(0),
+        )
+    };
+    let (data, deletes) = files(&before);
+    assert!(data >= 10 && deletes >= 10, "{before}");
+    assert_eq!(agent.terminate(), Some(0));
+    edit_config(&cfg, "enabled = false", "enabled = true");
+    let agent = AgentProc::start_streaming(&cfg, &work.path().join("agent2.log")).await;
+    // No change from here on.
+    let mut now = before;
+    for _ in 0..60 {
+        now = wait_mirrored(&work, "ns.im", &pg, Q, "id").await;
+        let (data, deletes) = files(&now);
+        if data <= 3 && deletes <= 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let (data, deletes) = files(&now);
+    assert!(
+        data <= 3 && deletes <= 1,
+        "the idle mirror kept its debt: {now}"
+    );
+    assert_eq!(now["duplicate_keys"], 0, "{now}");
+    let text = scrape(&agent.api_addr().expect("API address")).await;
+    let landed = sample_sum(
+        &text,
+        "philotes_iceberg_maintenance_total",
+        "action=\"compact\",source=\"p\",status=\"ok\",table=\"ns.im\"",
+    );
+    assert!(landed > 0.0, "{text}");
+    assert!(agent.log_text().contains("deleted rows left out"));
+    drop(agent);
+}
