@@ -6,7 +6,10 @@
 //! at the end the ratios against the targets of the table-health issue. It never asserts.
 //!
 //! `cargo bench --bench soak` runs 20,000 commits (`-- --commits=N` for another count);
-//! `cargo test --benches` runs a few hundred to check the harness.
+//! `-- --mirror` soaks a mirror table instead (`mode = "mirror"`): the trickle then updates,
+//! deletes and re-inserts rows of a fixed key set, so every commit adds position deletes,
+//! and the mirror's delete files and key index are printed too. `cargo test --benches` runs
+//! a few hundred to check the harness.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -176,7 +179,33 @@ struct Row {
     files_on_disk: usize,
     avro: usize,
     snapshots: f64,
+    delete_files: f64,
+    index_keys: f64,
     rss: f64,
+}
+
+/// Keys the mirror soak's trickle changes (copied first, then updated, deleted, inserted).
+const MIRROR_KEYS: u64 = 5_000;
+
+/// The trickle's `i`-th statement: an insert (changelog), or a change of a key of a fixed set
+/// (mirror): mostly updates, some deletes and upserts, keys drawn by a fixed LCG.
+fn statement(mirror: bool, i: u64) -> String {
+    if !mirror {
+        return format!("INSERT INTO trickle (n, s) VALUES ({i}, 'row {i}');");
+    }
+    let r = i
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407)
+        >> 33;
+    let k = r % MIRROR_KEYS + 1;
+    match (r / MIRROR_KEYS) % 20 {
+        0..=13 => format!("UPDATE trickle SET n = n + 1, s = 'row {i}' WHERE id = {k};"),
+        14..=16 => format!("DELETE FROM trickle WHERE id = {k};"),
+        _ => format!(
+            "INSERT INTO trickle (id, n, s) VALUES ({k}, {i}, 'row {i}') \
+             ON CONFLICT (id) DO UPDATE SET n = excluded.n, s = excluded.s;"
+        ),
+    }
 }
 
 fn main() {
@@ -192,6 +221,7 @@ fn main() {
     // `--no-maintenance`: the same trickle with `[maintenance] enabled = false`, for an A/B
     // of what maintenance costs (and what growth is the stream's own).
     let maintenance = !args.iter().any(|a| a == "--no-maintenance");
+    let mirror = args.iter().any(|a| a == "--mirror");
     let bin = PathBuf::from(env!("CARGO_BIN_EXE_philotes"));
     let tmp = tempfile::Builder::new()
         .prefix("philotes-soak")
@@ -213,6 +243,19 @@ fn main() {
         &pg,
         "CREATE TABLE trickle (id bigserial PRIMARY KEY, n int, s text)",
     );
+    if mirror {
+        psql(
+            &pg,
+            &format!(
+                "INSERT INTO trickle (id, n, s) SELECT g, 0, 'row 0' FROM generate_series(1, {MIRROR_KEYS}) g"
+            ),
+        );
+    }
+    let (mode, snapshot) = if mirror {
+        ("mirror", "initial")
+    } else {
+        ("changelog", "never")
+    };
     let port = free_port().unwrap();
     let wh = tmp.path().join("wh");
     std::fs::create_dir_all(&wh).unwrap();
@@ -223,7 +266,7 @@ fn main() {
         "[api]\nlisten = \"127.0.0.1:{port}\"\n[telemetry]\nlog_level = \"warn\"\n\
          [iceberg]\nuri = \"sqlite://{w}/catalog.db\"\nwarehouse = \"{w}/warehouse\"\n\
          [maintenance]\nenabled = {maintenance}\ninterval = \"5s\"\nsnapshot_retention = \"30s\"\nretain_last = 10\nmetadata_versions = {metadata_versions}\n\
-         [[pipelines]]\nname = \"soak\"\nsource = \"{}\"\ntables = [\"trickle\"]\nnamespace = \"soak\"\nflush_interval = \"20ms\"\nsnapshot = \"never\"\n",
+         [[pipelines]]\nname = \"soak\"\nsource = \"{}\"\ntables = [\"trickle\"]\nnamespace = \"soak\"\nflush_interval = \"20ms\"\nmode = \"{mode}\"\nsnapshot = \"{snapshot}\"\n",
         pg.url("soak", None),
         w = wh.display(),
     );
@@ -276,7 +319,7 @@ fn main() {
             let mut i = 0u64;
             while !stop.load(Ordering::Relaxed) {
                 i += 1;
-                if writeln!(stdin, "INSERT INTO trickle (n, s) VALUES ({i}, 'row {i}');").is_err() {
+                if writeln!(stdin, "{}", statement(mirror, i)).is_err() {
                     break;
                 }
                 let _ = stdin.flush();
@@ -288,7 +331,7 @@ fn main() {
     };
     let table_dir = wh.join("warehouse/soak/trickle");
     println!(
-        "philotes soak benchmark ({} mode): {commits} commits, flush_interval 20ms, {}",
+        "philotes soak benchmark ({} mode, {mode} table): {commits} commits, flush_interval 20ms, {}",
         if quick { "quick" } else { "full" },
         if maintenance {
             format!("maintenance every 5s (retention 30s, retain_last 10, metadata_versions {metadata_versions})")
@@ -297,7 +340,7 @@ fn main() {
         }
     );
     println!(
-        "{:>8} {:>12} {:>10} {:>14} {:>10} {:>12} {:>12} {:>10} {:>10} {:>8}",
+        "{:>8} {:>12} {:>10} {:>14} {:>10} {:>12} {:>12} {:>10} {:>10} {:>10} {:>10} {:>8}",
         "commits",
         "mean ms",
         "p99 ≤ ms",
@@ -307,6 +350,8 @@ fn main() {
         "files disk",
         "avro disk",
         "snapshots",
+        "del files",
+        "index keys",
         "RSS MB"
     );
     let mut rows: Vec<Row> = Vec::new();
@@ -349,11 +394,13 @@ fn main() {
             files_on_disk: on_disk,
             avro,
             snapshots: metric(&s, "philotes_iceberg_table_snapshots"),
+            delete_files: metric(&s, "philotes_iceberg_table_delete_files"),
+            index_keys: metric(&s, "philotes_mirror_index_keys"),
             rss: rss_mb(pid),
         };
         (anon_end, file_end) = (status_mb(pid, "RssAnon"), status_mb(pid, "RssFile"));
         println!(
-            "{:>8} {:>12.2} {:>10} {:>14.1} {:>10} {:>12} {:>12} {:>10} {:>10} {:>8.1}",
+            "{:>8} {:>12.2} {:>10} {:>14.1} {:>10} {:>12} {:>12} {:>10} {:>10} {:>10} {:>10} {:>8.1}",
             row.commits,
             row.mean_ms,
             row.p99_ms,
@@ -363,6 +410,8 @@ fn main() {
             row.files_on_disk,
             row.avro,
             row.snapshots,
+            row.delete_files,
+            row.index_keys,
             row.rss
         );
         last_sum = sum;
@@ -423,6 +472,17 @@ fn main() {
         println!(
             "most data files in the current snapshot after the first interval: {max_live:.0} (one partition; target ≤ 50)"
         );
+        if mirror {
+            let max_deletes = rows
+                .iter()
+                .skip(1)
+                .map(|r| r.delete_files)
+                .fold(0.0, f64::max);
+            println!(
+                "most delete files in the current snapshot after the first interval: {max_deletes:.0}; index keys {:.0} → {:.0} ({MIRROR_KEYS} keys changed)",
+                first.index_keys, last.index_keys
+            );
+        }
         println!(
             "RSS growth: {:.1} MB ({:.1} → {:.1}; target ≤ 20)",
             last.rss - rss_start,
