@@ -1347,10 +1347,7 @@ impl Applier {
         }
         let pipeline = self.cfg.name.as_str();
         for t in &mut self.tables {
-            if let Some(m) = t.mirror.as_mut() {
-                compact_mirror(m, pipeline, &self.metrics).await;
-            }
-            compact_mirror(&mut t.sink, pipeline, &self.metrics).await;
+            compact_mirrors(t, pipeline, &self.metrics).await;
         }
         self.last_idle_step = Instant::now();
     }
@@ -1465,10 +1462,7 @@ impl Applier {
             // A mirror's files are compacted here, between commits, by the writer that holds
             // its key index (the background maintenance cannot move rows the index points at).
             let pipeline = self.cfg.name.as_str();
-            if let Some(m) = t.mirror.as_mut() {
-                compact_mirror(m, pipeline, &self.metrics).await;
-            }
-            compact_mirror(&mut t.sink, pipeline, &self.metrics).await;
+            compact_mirrors(t, pipeline, &self.metrics).await;
         }
         Ok((committed_events, dead_letters))
     }
@@ -1587,6 +1581,15 @@ fn mirror_committed(sink: &TableSink, c: &Committed, metrics: &TableMetrics) {
         }
         .emit(metrics);
     }
+}
+
+/// A compaction step for a table's mirror, in either place it lives (beside the changelog,
+/// or as the table's only sink).
+async fn compact_mirrors(t: &mut TableState, pipeline: &str, metrics: &SourceMetrics) {
+    if let Some(m) = t.mirror.as_mut() {
+        compact_mirror(m, pipeline, metrics).await;
+    }
+    compact_mirror(&mut t.sink, pipeline, metrics).await;
 }
 
 /// Run a mirror's compaction step if its files call for one (nothing for a changelog). A
