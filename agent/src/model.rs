@@ -56,6 +56,17 @@ pub enum Op {
 }
 
 impl Op {
+    /// The `_cdc_op` letter as a byte.
+    pub fn letter(self) -> u8 {
+        match self {
+            Op::Insert => b'I',
+            Op::Update => b'U',
+            Op::Delete => b'D',
+            Op::Truncate => b'T',
+            Op::Read => b'R',
+        }
+    }
+
     /// The `_cdc_op` letter.
     pub fn code(self) -> &'static str {
         match self {

@@ -345,6 +345,8 @@ impl Applier {
                 &placed,
                 |c| oids.get(&c.name).copied().unwrap_or(c.type_oid),
             )?;
+            t.sink
+                .set_key_columns(placed.iter().filter(|c| c.key).map(|c| c.name.clone()));
             t.columns = columns;
             if stale {
                 StaleRowsAfterSchemaChange {
@@ -460,7 +462,7 @@ impl Applier {
         for s in changelog.iter_mut().chain(mirror.iter_mut()) {
             s.set_confirmed(confirmed);
         }
-        let (sink, mirror) = match changelog {
+        let (mut sink, mirror) = match changelog {
             Some(c) => (c, mirror),
             None => match mirror {
                 Some(m) => (m, None),
@@ -481,6 +483,12 @@ impl Applier {
         } else {
             columns.clone()
         };
+        sink.set_key_columns(
+            batch_columns
+                .iter()
+                .filter(|c| c.key)
+                .map(|c| c.name.clone()),
+        );
         let metrics = self.metrics.table(&source_name);
         let iceberg_name = sink.name();
         let committed = sink.last_lsn;

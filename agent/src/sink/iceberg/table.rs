@@ -101,6 +101,8 @@ pub struct TableSink {
     secrets: Arc<[String]>,
     /// What the source confirmed: it never sends a transaction before this again.
     confirmed: Lsn,
+    /// Columns written without a Parquet dictionary: a changelog's source key.
+    unique: Arc<[String]>,
 }
 
 fn catalog_err(e: iceberg::Error, secrets: &[String]) -> SinkError {
@@ -326,6 +328,7 @@ impl TableSink {
             batch_schema: None,
             secrets,
             confirmed: Lsn::ZERO,
+            unique: Arc::from([]),
         })
     }
 
@@ -349,6 +352,12 @@ impl TableSink {
         };
         entries.retain(|e| e.lsn >= self.confirmed.get());
         Ok(entries)
+    }
+
+    /// The source's key columns (by the names of the fields holding them): unique within a
+    /// file, they are written without a dictionary from the next file on.
+    pub fn set_key_columns(&mut self, names: impl IntoIterator<Item = String>) {
+        self.unique = names.into_iter().collect();
     }
 
     /// A mirror's live rows without a value in a key column (0 for a changelog).
@@ -676,7 +685,7 @@ impl TableSink {
         }
         let open = self
             .open
-            .get_or_insert_with(|| OpenFiles::open(&self.table));
+            .get_or_insert_with(|| OpenFiles::open(&self.table, self.unique.clone()));
         let sent = open.send(batch).await;
         if sent.is_err() {
             self.open = None;
@@ -699,7 +708,7 @@ impl TableSink {
             }
             return Ok(Written::default());
         }
-        let mut second = OpenFiles::open(&self.table);
+        let mut second = OpenFiles::open(&self.table, self.unique.clone());
         for (i, (b, _)) in batches.into_iter().enumerate() {
             if i % 2 == 0 {
                 self.write(b).await?;

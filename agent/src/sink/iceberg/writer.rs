@@ -5,7 +5,7 @@
 use arrow_array::RecordBatch;
 use iceberg::arrow::RecordBatchPartitionSplitter;
 use iceberg::spec::DataFile;
-use iceberg::spec::{DataFileFormat, Schema};
+use iceberg::spec::{DataFileFormat, PrimitiveType, Schema, Type};
 use iceberg::table::Table;
 use iceberg::writer::base_writer::data_file_writer::DataFileWriterBuilder;
 use iceberg::writer::file_writer::location_generator::{
@@ -19,9 +19,11 @@ use iceberg::writer::{IcebergWriter, IcebergWriterBuilder};
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
 use parquet::schema::types::ColumnPath;
+use std::sync::Arc;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
+use super::schema::{CDC_LSN, CDC_SEQ, CDC_TS};
 use super::SinkError;
 
 /// Encoded bytes a row group may hold in memory before it is written out.
@@ -32,6 +34,9 @@ const MAX_ROW_GROUP_BYTES: usize = 32 << 20;
 /// value is hashed until the fallback), while a low-cardinality one (an enum, a status, a
 /// commit time per transaction) keeps its dictionary. Parquet's default is 1 MiB.
 const DICTIONARY_PAGE_BYTES: usize = 256 << 10;
+
+/// The data page of a column written without a dictionary (see [`parquet_properties`]).
+const PLAIN_PAGE_BYTES: usize = 256 << 10;
 
 /// Past this many columns a table's pages and dictionaries share [`WIDE_BUFFER_BYTES`].
 const WIDE_COLUMNS: usize = 32;
@@ -49,17 +54,22 @@ pub(crate) struct OpenFiles {
 }
 
 impl OpenFiles {
-    /// Start a writer for `table`'s current schema and partition spec.
-    pub(super) fn open(table: &Table) -> Self {
-        Self::open_sized(table, None)
+    /// Start a writer for `table`'s current schema and partition spec; `unique` names columns
+    /// written without a dictionary (see [`parquet_properties`]).
+    pub(super) fn open(table: &Table, unique: Arc<[String]>) -> Self {
+        Self::open_sized(table, None, unique)
     }
 
     /// Like `open`, rolling over to a new file at `target_size` bytes (default: the crate's).
-    pub(crate) fn open_sized(table: &Table, target_size: Option<usize>) -> Self {
+    pub(crate) fn open_sized(
+        table: &Table,
+        target_size: Option<usize>,
+        unique: Arc<[String]>,
+    ) -> Self {
         // One batch queued while one is encoded: memory stays bounded, decoding never waits
         // for a whole file.
         let (tx, rx) = mpsc::channel(1);
-        let task = tokio::spawn(write_files(table.clone(), rx, target_size));
+        let task = tokio::spawn(write_files(table.clone(), rx, target_size, unique));
         Self {
             tx: Some(tx),
             task: Some(task),
@@ -108,10 +118,19 @@ impl Drop for OpenFiles {
     }
 }
 
+/// Columns whose values (nearly) never repeat within a file, or repeat in runs that zstd
+/// takes as well: the commit position, time and sequence the agent adds to every row.
+const PLAIN_CDC_COLUMNS: [&str; 3] = [CDC_LSN, CDC_SEQ, CDC_TS];
+
 /// The Parquet settings of every file the agent writes for `schema`: zstd level 1, row groups
 /// bounded in rows and in encoded bytes (a row group is held in memory until it is written
-/// out), small dictionaries, and none for key columns.
-pub(crate) fn parquet_properties(schema: &Schema) -> Result<WriterProperties, SinkError> {
+/// out), small dictionaries, and none for columns whose values are (nearly) unique: the
+/// table's identifier fields, the columns in `unique` (a changelog's source key), floating
+/// point columns and the `_cdc_lsn` / `_cdc_seq` / `_cdc_ts` columns.
+pub(crate) fn parquet_properties(
+    schema: &Schema,
+    unique: &[String],
+) -> Result<WriterProperties, SinkError> {
     let mut props = WriterProperties::builder()
         .set_compression(Compression::ZSTD(
             ZstdLevel::try_new(1).map_err(|e| SinkError::Write(e.to_string()))?,
@@ -122,18 +141,40 @@ pub(crate) fn parquet_properties(schema: &Schema) -> Result<WriterProperties, Si
     // Every column buffers a data page and a dictionary of its own while the row group fills:
     // on a wide table (hundreds of columns) their defaults add up to hundreds of MiB.
     let columns = schema.as_struct().fields().len().max(1);
+    let mut page = PLAIN_PAGE_BYTES;
     if columns > WIDE_COLUMNS {
         let share = (WIDE_BUFFER_BYTES / columns).max(MIN_PAGE_BYTES);
+        page = page.min(share);
         props = props
             .set_data_page_size_limit(share)
             .set_dictionary_page_size_limit(share.min(DICTIONARY_PAGE_BYTES));
     }
-    // A key is (nearly) unique within a file, so its dictionary never pays: interning every
-    // value until the dictionary page overflows was 5-8 % of the streaming agent's CPU.
-    for id in schema.identifier_field_ids() {
-        if let Some(name) = schema.name_by_field_id(id) {
-            props = props.set_column_dictionary_enabled(ColumnPath::from(name), false);
-        }
+    // A column whose values are unique within a file never keeps its dictionary: every value
+    // is hashed and interned until the dictionary page overflows, then written plain after a
+    // dictionary page that costs more than it saves (a 1M-row changelog: key column 1.62 →
+    // 1.02 MB, a unique double 1.47 → 0.87 MB plain; docs/performance.md, session 34). The
+    // CDC columns repeat in runs (one position and time per transaction, sequences from 0):
+    // plain and zstd keep them within a few kB of the dictionary's size without hashing.
+    let fields = schema.as_struct().fields();
+    let floats = fields.iter().filter(|f| {
+        matches!(
+            *f.field_type,
+            Type::Primitive(PrimitiveType::Float | PrimitiveType::Double)
+        )
+    });
+    let plain = schema
+        .identifier_field_ids()
+        .filter_map(|id| schema.name_by_field_id(id))
+        .chain(unique.iter().map(String::as_str))
+        .chain(floats.map(|f| f.name.as_str()))
+        .chain(PLAIN_CDC_COLUMNS)
+        .filter(|name| schema.field_by_name(name).is_some());
+    // A plain page is held uncompressed until full, and zstd sizes its context to the page:
+    // at the default 1 MiB each such column held ~2 MiB more (peak RSS +10 MB with five).
+    for name in plain {
+        props = props
+            .set_column_dictionary_enabled(ColumnPath::from(name), false)
+            .set_column_data_page_size_limit(ColumnPath::from(name), page);
     }
     Ok(props.build())
 }
@@ -142,12 +183,13 @@ async fn write_files(
     table: Table,
     mut rx: mpsc::Receiver<RecordBatch>,
     target_size: Option<usize>,
+    unique: Arc<[String]>,
 ) -> Result<Vec<DataFile>, SinkError> {
     let werr = |e: iceberg::Error| SinkError::Write(e.to_string());
     let md = table.metadata();
     let schema = md.current_schema().clone();
     let spec = md.default_partition_spec().clone();
-    let pq = ParquetWriterBuilder::new(parquet_properties(&schema)?, schema.clone());
+    let pq = ParquetWriterBuilder::new(parquet_properties(&schema, &unique)?, schema.clone());
     let location = DefaultLocationGenerator::new(md).map_err(werr)?;
     // A fresh UUID per writer keeps names unique across restarts and re-created tables.
     let names = DefaultFileNameGenerator::new(
@@ -218,16 +260,48 @@ mod tests {
             .unwrap()
     }
 
+    /// Unique columns go without a dictionary, in small pages; the others keep theirs.
+    #[test]
+    fn unique_columns_are_written_plain() {
+        let model: Vec<crate::model::Column> = [
+            ("id", crate::model::ColumnKind::Int64, true),
+            ("n", crate::model::ColumnKind::Int32, false),
+            ("s", crate::model::ColumnKind::Text, false),
+            ("d", crate::model::ColumnKind::Float64, false),
+        ]
+        .into_iter()
+        .map(|(name, kind, key)| crate::model::Column {
+            name: name.into(),
+            kind,
+            key,
+        })
+        .collect();
+        let schema = crate::sink::iceberg::schema::changelog_schema(&model).unwrap();
+        let props = parquet_properties(&schema, &["id".to_string()]).unwrap();
+        let dict = |c: &str| props.dictionary_enabled(&ColumnPath::from(c));
+        for c in ["id", "d", CDC_LSN, CDC_SEQ, CDC_TS] {
+            assert!(!dict(c), "{c} has a dictionary");
+            let page = props.column_data_page_size_limit(&ColumnPath::from(c));
+            assert_eq!(page, PLAIN_PAGE_BYTES, "{c}");
+        }
+        for c in ["n", "s", crate::sink::iceberg::schema::CDC_OP] {
+            assert!(dict(c), "{c} has no dictionary");
+        }
+        // Without the source key named, the key column keeps its dictionary.
+        let props = parquet_properties(&schema, &[]).unwrap();
+        assert!(props.dictionary_enabled(&ColumnPath::from("id")));
+    }
+
     #[test]
     fn a_wide_tables_columns_share_a_bounded_page_budget() {
-        let narrow = parquet_properties(&schema(30)).unwrap();
+        let narrow = parquet_properties(&schema(30), &[]).unwrap();
         assert_eq!(narrow.dictionary_page_size_limit(), DICTIONARY_PAGE_BYTES);
         let default_page = WriterProperties::builder().build().data_page_size_limit();
         assert_eq!(narrow.data_page_size_limit(), default_page);
-        let wide = parquet_properties(&schema(500)).unwrap();
+        let wide = parquet_properties(&schema(500), &[]).unwrap();
         assert_eq!(wide.data_page_size_limit(), WIDE_BUFFER_BYTES / 500);
         assert_eq!(wide.dictionary_page_size_limit(), WIDE_BUFFER_BYTES / 500);
-        let widest = parquet_properties(&schema(1600)).unwrap();
+        let widest = parquet_properties(&schema(1600), &[]).unwrap();
         assert_eq!(widest.data_page_size_limit(), MIN_PAGE_BYTES);
     }
 }

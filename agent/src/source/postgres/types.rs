@@ -359,6 +359,14 @@ const PG_EPOCH_DAYS: i64 = 10_957;
 const MIN_DAYS: i64 = -719_162;
 const MAX_DAYS: i64 = 2_932_896;
 
+/// A timestamp's binary form (µs from 2000-01-01) as µs from 1970-01-01, if it is finite and
+/// in the years Iceberg can store (else [`parse_binary`] says why not).
+pub fn binary_micros(v: i64) -> Option<i64> {
+    let micros = v.checked_add(PG_EPOCH_DAYS * 86_400_000_000)?;
+    let days = micros.div_euclid(86_400_000_000);
+    (v != i64::MAX && v != i64::MIN && (MIN_DAYS..=MAX_DAYS).contains(&days)).then_some(micros)
+}
+
 /// The fixed-width binary (send) form of a value, as a binary COPY sends it.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum BinaryValue {
@@ -435,7 +443,10 @@ pub fn parse_binary(oid: u32, raw: &[u8]) -> Result<BinaryValue, ValueError> {
                 i64::MIN => return Err(out_of_range(what, "-infinity")),
                 _ => {}
             }
-            let micros = v + PG_EPOCH_DAYS * 86_400_000_000;
+            // Past the years PostgreSQL has, yet a malformed value must not overflow.
+            let Some(micros) = v.checked_add(PG_EPOCH_DAYS * 86_400_000_000) else {
+                return Err(out_of_range(what, &format!("{v} µs from 2000-01-01")));
+            };
             let days = micros.div_euclid(86_400_000_000);
             if !(MIN_DAYS..=MAX_DAYS).contains(&days) {
                 return Err(out_of_range(what, &format!("{micros} µs from 1970-01-01")));

@@ -395,9 +395,12 @@ impl<'a> Output<'a> {
 
     async fn send(&mut self, mut batch: RecordBatch) -> Result<(), SinkError> {
         while batch.num_rows() > 0 {
-            let (files, rows) = self
-                .open
-                .get_or_insert_with(|| (OpenFiles::open_sized(self.table, Some(self.bound)), 0));
+            let (files, rows) = self.open.get_or_insert_with(|| {
+                (
+                    OpenFiles::open_sized(self.table, Some(self.bound), Default::default()),
+                    0,
+                )
+            });
             let take = batch.num_rows().min(self.per_file - *rows);
             files.send(batch.slice(0, take)).await?;
             *rows += take;

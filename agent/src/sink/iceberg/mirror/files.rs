@@ -53,7 +53,7 @@ impl DataWriter {
         let path = new_path(table, "mirror");
         let out = table.file_io().new_output(&path).map_err(werr)?;
         let writer = ParquetWriterBuilder::new(
-            crate::sink::iceberg::writer::parquet_properties(md.current_schema())?,
+            crate::sink::iceberg::writer::parquet_properties(md.current_schema(), &[])?,
             md.current_schema().clone(),
         )
         .build(out)
@@ -160,7 +160,7 @@ pub async fn write_deletes(
     let path = new_path(table, "deletes");
     let out = table.file_io().new_output(&path).map_err(werr)?;
     let mut w = ParquetWriterBuilder::new(
-        crate::sink::iceberg::writer::parquet_properties(&schema)?,
+        crate::sink::iceberg::writer::parquet_properties(&schema, &[])?,
         schema,
     )
     .build(out)
