@@ -519,6 +519,9 @@ async fn maintain_dry_run_changes_nothing_and_maintain_does_the_work() {
         before["metadata_files_on_disk"].as_u64().unwrap() <= 3 + 2,
         "{before}"
     );
+    // The writer chose plain pages for the source key and the commit positions, as compaction's
+    // re-encoding must (it learns that from its inputs, `maintain` runs without the stream).
+    assert_eq!(dictionary_columns(&work), ["_cdc_op", "n", "s"]);
     tokio::time::sleep(Duration::from_secs(2)).await;
 
     let files = listing(&work.warehouse());
@@ -549,6 +552,7 @@ async fn maintain_dry_run_changes_nothing_and_maintain_does_the_work() {
     );
     assert_eq!(after["snapshots"], 1, "{after}");
     assert_eq!(after["missing"], serde_json::json!([]), "{after}");
+    assert_eq!(dictionary_columns(&work), ["_cdc_op", "n", "s"]);
     assert!(
         listing(&work.warehouse()).len() < files.len(),
         "replaced files and expired manifests were deleted"
@@ -558,6 +562,38 @@ async fn maintain_dry_run_changes_nothing_and_maintain_does_the_work() {
     // Unknown names are usage errors.
     let (code, out) = run_philotes(&["maintain", "--pipeline", "nope"], &cfg);
     assert_eq!(code, 2, "{out}");
+}
+
+/// The top-level primitive columns that have a dictionary page in every live data file of
+/// `ns.t` (pyarrow's reading of the files' footers); a column with one in some files only
+/// fails the test.
+fn dictionary_columns(work: &Workdir) -> Vec<String> {
+    let (code, out) = pyiceberg(
+        work,
+        "import pyarrow.parquet as pq, json\n\
+         t = c.load_table('ns.t')\n\
+         seen = {}\n\
+         for f in t.inspect.files().to_pylist():\n\
+         \x20   md = pq.ParquetFile(f['file_path'].removeprefix('file://')).metadata\n\
+         \x20   for g in range(md.num_row_groups):\n\
+         \x20       for i in range(md.num_columns):\n\
+         \x20           col = md.row_group(g).column(i)\n\
+         \x20           if '.' in col.path_in_schema: continue\n\
+         \x20           seen.setdefault(col.path_in_schema, set()).add(col.has_dictionary_page)\n\
+         print(json.dumps({k: sorted(v) for k, v in seen.items()}))\n",
+    );
+    assert_eq!(code, 0, "{out}");
+    let v: Value = serde_json::from_str(out.lines().last().unwrap_or("")).expect(&out);
+    let mut names = Vec::new();
+    for (name, kinds) in v.as_object().expect("an object") {
+        match kinds.as_array().map(Vec::as_slice) {
+            Some([Value::Bool(true)]) => names.push(name.clone()),
+            Some([Value::Bool(false)]) => {}
+            _ => panic!("{name}: a dictionary in some files only: {v}"),
+        }
+    }
+    names.sort();
+    names
 }
 
 /// Files whose row groups are already large are compacted by copying their column chunks

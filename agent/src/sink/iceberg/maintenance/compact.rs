@@ -8,6 +8,7 @@
 //! twice.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
 use futures::TryStreamExt;
 use iceberg::arrow::schema_to_arrow_schema;
@@ -318,7 +319,12 @@ async fn rewrite(
         .read(Box::pin(futures::stream::iter(tasks.into_iter().map(Ok))))?
         .stream();
     let per_file = rows_per_file(&plan.files, cfg.target_file_size);
-    let mut out = Output::new(table, cfg.target_file_size, per_file);
+    // The newest input shows the encodings the stream's writer chooses today.
+    let plain = match plan.files.last() {
+        Some(f) => super::concat::plain_columns(table.file_io(), f).await?,
+        None => Vec::new(),
+    };
+    let mut out = Output::new(table, cfg.target_file_size, per_file, plain.into());
     // The scan reads in its snapshot's schema; the files are written in the current one,
     // which is newer after a schema change with no rows since (a column added: "field id
     // not found" from the writer, every run until the next append).
@@ -380,16 +386,19 @@ struct Output<'a> {
     per_file: usize,
     open: Option<(OpenFiles, usize)>,
     written: Vec<DataFile>,
+    /// Columns written without a dictionary, as in the inputs.
+    plain: Arc<[String]>,
 }
 
 impl<'a> Output<'a> {
-    fn new(table: &'a Table, target: u64, per_file: usize) -> Self {
+    fn new(table: &'a Table, target: u64, per_file: usize, plain: Arc<[String]>) -> Self {
         Self {
             table,
             bound: usize::try_from(writer_bound(target)).unwrap_or(usize::MAX),
             per_file,
             open: None,
             written: Vec::new(),
+            plain,
         }
     }
 
@@ -397,7 +406,7 @@ impl<'a> Output<'a> {
         while batch.num_rows() > 0 {
             let (files, rows) = self.open.get_or_insert_with(|| {
                 (
-                    OpenFiles::open_sized(self.table, Some(self.bound), Default::default()),
+                    OpenFiles::open_sized(self.table, Some(self.bound), self.plain.clone()),
                     0,
                 )
             });

@@ -89,6 +89,28 @@ async fn open(io: &FileIO, file: &DataFile) -> Result<Input, MaintenanceError> {
     Ok(Input { reader, metadata })
 }
 
+/// Top-level columns `file` stores without a dictionary (in its first row group): the agent's
+/// writer chose plain for them (a changelog's source key, identifier fields, ...), and a
+/// rewrite keeps that choice without knowing why it was made.
+pub(super) async fn plain_columns(
+    io: &FileIO,
+    file: &DataFile,
+) -> Result<Vec<String>, MaintenanceError> {
+    let input = open(io, file).await?;
+    let Some(group) = input.metadata.row_groups().first() else {
+        return Ok(Vec::new());
+    };
+    Ok(group
+        .columns()
+        .iter()
+        .filter(|c| c.dictionary_page_offset().is_none())
+        .filter_map(|c| match c.column_path().parts() {
+            [name] => Some(name.clone()),
+            _ => None,
+        })
+        .collect())
+}
+
 /// The Parquet layout every input shares: schema (with field ids) and key-value metadata
 /// (the Arrow schema readers use to restore types).
 #[derive(PartialEq)]
