@@ -224,12 +224,23 @@ async fn compact_partition(
     cfg: &MaintenanceConfig,
     deletes: bool,
 ) -> Result<(Table, Vec<DataFile>, bool), MaintenanceError> {
-    let copy = !deletes && super::concat::eligible(table, &plan.files).await?;
-    let (rows, written) = if copy {
+    // Deletes apply only while rows are decoded; without them the footers decide.
+    let survey = match (deletes, plan.files.last()) {
+        (false, _) => super::concat::survey(table, &plan.files).await?,
+        (true, Some(newest)) => super::concat::Survey {
+            concat: false,
+            plain: super::concat::plain_columns(table.file_io(), newest).await?,
+        },
+        (true, None) => super::concat::Survey {
+            concat: false,
+            plain: Vec::new(),
+        },
+    };
+    let (rows, written) = if survey.concat {
         let written = super::concat::concat(table, &plan.files, cfg.target_file_size).await?;
         (written.iter().map(|f| f.record_count()).sum(), written)
     } else {
-        match rewrite(table, plan, cfg).await? {
+        match rewrite(table, plan, cfg, survey.plain).await? {
             Some(r) => r,
             None => return Ok((table.clone(), Vec::new(), false)),
         }
@@ -268,7 +279,7 @@ async fn compact_partition(
         fence: Vec::new(),
     };
     match committer.commit_snapshot(table, &change, 5).await {
-        Ok((t, _)) => Ok((t, written, copy)),
+        Ok((t, _)) => Ok((t, written, survey.concat)),
         Err(e @ CommitError::Unknown(_)) => Err(e.into()),
         Err(e) => {
             delete_written(&written).await;
@@ -284,6 +295,7 @@ async fn rewrite(
     table: &Table,
     plan: &PartitionPlan,
     cfg: &MaintenanceConfig,
+    plain: Vec<String>,
 ) -> Result<Option<(u64, Vec<DataFile>)>, MaintenanceError> {
     let Some(snapshot) = table.metadata().current_snapshot_id() else {
         return Ok(None);
@@ -319,11 +331,6 @@ async fn rewrite(
         .read(Box::pin(futures::stream::iter(tasks.into_iter().map(Ok))))?
         .stream();
     let per_file = rows_per_file(&plan.files, cfg.target_file_size);
-    // The newest input shows the encodings the stream's writer chooses today.
-    let plain = match plan.files.last() {
-        Some(f) => super::concat::plain_columns(table.file_io(), f).await?,
-        None => Vec::new(),
-    };
     let mut out = Output::new(table, cfg.target_file_size, per_file, plain.into());
     // The scan reads in its snapshot's schema; the files are written in the current one,
     // which is newer after a schema change with no rows since (a column added: "field id

@@ -96,11 +96,14 @@ pub(super) async fn plain_columns(
     io: &FileIO,
     file: &DataFile,
 ) -> Result<Vec<String>, MaintenanceError> {
-    let input = open(io, file).await?;
-    let Some(group) = input.metadata.row_groups().first() else {
-        return Ok(Vec::new());
+    Ok(plain_in(&open(io, file).await?.metadata))
+}
+
+fn plain_in(md: &ParquetMetaData) -> Vec<String> {
+    let Some(group) = md.row_groups().first() else {
+        return Vec::new();
     };
-    Ok(group
+    group
         .columns()
         .iter()
         .filter(|c| c.dictionary_page_offset().is_none())
@@ -108,7 +111,7 @@ pub(super) async fn plain_columns(
             [name] => Some(name.clone()),
             _ => None,
         })
-        .collect())
+        .collect()
 }
 
 /// The Parquet layout every input shares: schema (with field ids) and key-value metadata
@@ -129,28 +132,42 @@ fn layout(md: &ParquetMetaData) -> Layout {
     }
 }
 
-/// Whether `files` can be concatenated: all Parquet, one layout, row groups of at least
-/// [`MIN_COPIED_ROW_GROUP_ROWS`] rows on average. Reads each footer once and keeps none.
-pub(super) async fn eligible(table: &Table, files: &[DataFile]) -> Result<bool, MaintenanceError> {
-    if files
-        .iter()
-        .any(|f| f.file_format() != DataFileFormat::Parquet)
-    {
-        return Ok(false);
-    }
+/// What the inputs' footers say about a partition's compaction.
+pub(super) struct Survey {
+    /// The files can be concatenated: all Parquet, one layout, row groups of at least
+    /// [`MIN_COPIED_ROW_GROUP_ROWS`] rows on average.
+    pub concat: bool,
+    /// The newest input's plain columns ([`plain_columns`]): the encodings the stream's writer
+    /// chooses today, which a re-encoding keeps.
+    pub plain: Vec<String>,
+}
+
+/// Read each input's footer once (newest first, so that an early "no" still knows the newest
+/// one's encodings) and keep none of them.
+pub(super) async fn survey(table: &Table, files: &[DataFile]) -> Result<Survey, MaintenanceError> {
+    let mut survey = Survey {
+        concat: false,
+        plain: Vec::new(),
+    };
     let io = table.file_io();
     let mut first: Option<Layout> = None;
     let (mut rows, mut groups) = (0u64, 0u64);
-    for f in files {
+    for (i, f) in files.iter().rev().enumerate() {
+        if f.file_format() != DataFileFormat::Parquet {
+            return Ok(survey);
+        }
         let input = open(io, f).await?;
         let md = &input.metadata;
+        if i == 0 {
+            survey.plain = plain_in(md);
+        }
         if md.file_metadata().num_rows() as u64 != f.record_count() {
-            return Ok(false);
+            return Ok(survey);
         }
         let l = layout(md);
         match &first {
             None => first = Some(l),
-            Some(first) if *first != l => return Ok(false),
+            Some(first) if *first != l => return Ok(survey),
             Some(_) => {}
         }
         rows += md
@@ -160,7 +177,8 @@ pub(super) async fn eligible(table: &Table, files: &[DataFile]) -> Result<bool, 
             .sum::<u64>();
         groups += md.num_row_groups() as u64;
     }
-    Ok(groups > 0 && rows / groups >= MIN_COPIED_ROW_GROUP_ROWS)
+    survey.concat = groups > 0 && rows / groups >= MIN_COPIED_ROW_GROUP_ROWS;
+    Ok(survey)
 }
 
 /// Bytes the Parquet writer produced and the uploader has not taken yet.
