@@ -134,6 +134,10 @@ pub(super) struct Applier {
     aliases: HashMap<String, String>,
     /// The stream sends values in binary (`binary 'true'`).
     binary: bool,
+    /// This attempt receives whole transactions because the server failed to decode one in
+    /// progress; from then on it ends at the next transaction boundary, so that the next
+    /// attempt receives them in progress again.
+    in_progress_again: Option<Instant>,
     /// Tables copied again because mirror rows lacked a key value, in this process: not
     /// again (a copy that leaves such rows would otherwise loop).
     healed: std::collections::HashSet<String>,
@@ -227,6 +231,7 @@ impl Applier {
             catalog: None,
             aliases: HashMap::new(),
             binary: false,
+            in_progress_again: None,
             healed: Default::default(),
             ddl_shapes: HashMap::new(),
         }
@@ -236,6 +241,12 @@ impl Applier {
     /// The stream sends values in binary: every relation must be readable so.
     pub(super) fn set_binary(&mut self, binary: bool) {
         self.binary = binary;
+    }
+
+    /// End this attempt at the first transaction boundary after `at` (see
+    /// [`Applier::in_progress_again`]).
+    pub(super) fn set_in_progress_again(&mut self, at: Option<Instant>) {
+        self.in_progress_again = at;
     }
 
     pub(super) fn set_aliases(&mut self, aliases: HashMap<String, String>) {
@@ -335,18 +346,24 @@ impl Applier {
         // A table to copy again: the attempt ends at the next transaction boundary, after a
         // flush, and the next one copies it before streaming.
         let mut copy_wanted = false;
+        // Whole transactions for long enough: the attempt ends like a copy's, at a boundary.
+        let mut again_wanted = false;
         let mut bell_open = true;
         loop {
             // `[ha]`: a leader that lost its lease stops here, committing nothing more.
             if *lost.borrow() {
                 return Err(PipelineError::LeadershipLost);
             }
-            if copy_wanted && self.txn.is_none() && !*shutdown.borrow() {
+            if (copy_wanted || again_wanted) && self.txn.is_none() && !*shutdown.borrow() {
                 if self.anything_uncommitted() {
                     self.flush(&client).await?;
                 }
                 client.stop().await;
-                return Err(PipelineError::CopyAgain);
+                return Err(if copy_wanted {
+                    PipelineError::CopyAgain
+                } else {
+                    PipelineError::InProgressAgain
+                });
             }
             let want_pause = *control.borrow() == Control::Pause;
             if *shutdown.borrow() && !stopping {
@@ -410,6 +427,7 @@ impl Applier {
                     }
                 }
                 _ = timer.tick() => {
+                    again_wanted |= self.in_progress_again.is_some_and(|at| Instant::now() >= at);
                     if self.flush_due() {
                         self.flush(&client).await?;
                     } else {

@@ -25,8 +25,8 @@ use crate::sink::iceberg::SinkError;
 use crate::source::postgres::conn::SourceUrl;
 use crate::source::postgres::session::{Session, SourceError};
 use crate::telemetry::events::{
-    CommitFenced, ErrorType, InProgressStreamingOff, LeadershipLost, PartitionsMoved,
-    PipelineRetrying, StateChanged, TableLeftPublication,
+    CommitFenced, ErrorType, InProgressStreamingOff, InProgressStreamingOn, LeadershipLost,
+    PartitionsMoved, PipelineRetrying, StateChanged, TableLeftPublication,
 };
 pub use crate::telemetry::status::{self, PipelineStatus, SharedStatus};
 use crate::telemetry::{Metrics, PipelineState, SourceMetrics};
@@ -80,6 +80,10 @@ pub enum PipelineError {
     /// `[ha]`: this agent no longer leads the pipeline (its heartbeat failed).
     #[error("leadership lost")]
     LeadershipLost,
+    /// Whole transactions were received long enough after a decoding failure: stream again
+    /// with transactions in progress.
+    #[error("receiving transactions in progress again")]
+    InProgressAgain,
 }
 
 impl PipelineError {
@@ -96,6 +100,7 @@ impl PipelineError {
             | PipelineError::CopyAgain
             | PipelineError::RowsWithoutKey(_)
             | PipelineError::TextNeeded(_)
+            | PipelineError::InProgressAgain
             | PipelineError::LeadershipLost => ErrorType::Connection,
             PipelineError::Spool(_) => ErrorType::Spool,
             PipelineError::State(_) => ErrorType::State,
@@ -107,6 +112,40 @@ impl PipelineError {
 /// decoder's own checks raise), not a connection loss or a refusal.
 fn decoding_failed(e: &PipelineError) -> bool {
     matches!(e, PipelineError::StreamEnded(m) if m.contains("(SQLSTATE XX000)"))
+}
+
+/// Whole transactions after the server failed to decode one in progress: for
+/// [`WHOLE_FIRST`] after the first failure, twice as long after each next one (up to
+/// [`WHOLE_MAX`]), since the transaction it failed on may still be open when the wait ends.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct WholeTransactions {
+    /// Until then.
+    end: Instant,
+    /// How long this time.
+    wait: Duration,
+}
+
+/// Whole transactions after a first decoding failure: long enough for most transactions
+/// open at the failure to have ended.
+const WHOLE_FIRST: Duration = Duration::from_secs(10 * 60);
+
+/// The longest wait, however often the decoder fails.
+const WHOLE_MAX: Duration = Duration::from_secs(6 * 60 * 60);
+
+impl WholeTransactions {
+    /// The wait after a failure at `now`, given the one before (if any).
+    fn after(before: Option<Self>, now: Instant) -> Self {
+        let wait = before.map_or(WHOLE_FIRST, |b| (b.wait * 2).min(WHOLE_MAX));
+        Self {
+            end: now + wait,
+            wait,
+        }
+    }
+
+    /// When whole transactions end, if not yet at `now`.
+    fn until(self, now: Instant) -> Option<Instant> {
+        (now < self.end).then_some(self.end)
+    }
 }
 
 /// Handles the API keeps for a running pipeline.
@@ -236,8 +275,8 @@ pub struct Pipeline {
     /// A binary stream met a column it cannot read so: text from now on.
     text_only: bool,
     /// The server failed to decode a transaction while streaming it in progress: whole
-    /// transactions, sent at their commit, from now on (this process).
-    whole_transactions: bool,
+    /// transactions, sent at their commit, for a while (see [`WholeTransactions`]).
+    whole: Option<WholeTransactions>,
     /// The current attempt receives transactions in progress.
     in_progress: bool,
     /// Tables to copy again (the API's and the monitor's requests).
@@ -294,7 +333,7 @@ impl Pipeline {
                 failures: Default::default(),
                 joined: Default::default(),
                 text_only: false,
-                whole_transactions: false,
+                whole: None,
                 in_progress: false,
                 copies,
                 pending_copies: Default::default(),
@@ -391,6 +430,14 @@ impl Pipeline {
                 Err(PipelineError::CopyAgain) => {
                     self.last_failed = false;
                 }
+                // Not a failure: the next attempt receives transactions in progress again.
+                Err(PipelineError::InProgressAgain) => {
+                    self.last_failed = false;
+                    InProgressStreamingOn {
+                        pipeline: &self.cfg.name,
+                    }
+                    .emit();
+                }
                 Err(PipelineError::RowsWithoutKey(table)) => {
                     self.last_failed = false;
                     self.healed.insert(table);
@@ -441,12 +488,14 @@ impl Pipeline {
                 // transaction) where decoding the whole transaction at its commit works:
                 // counted as a failure, then streamed that way.
                 Err(e) if self.in_progress && decoding_failed(&e) => {
+                    let whole = WholeTransactions::after(self.whole, Instant::now());
                     InProgressStreamingOff {
                         pipeline: &self.cfg.name,
                         reason: &e.to_string(),
+                        for_secs: whole.wait.as_secs(),
                     }
                     .emit();
-                    self.whole_transactions = true;
+                    self.whole = Some(whole);
                     self.retry_after(e, started, &mut backoff, &mut shutdown)
                         .await
                 }
@@ -668,7 +717,13 @@ impl Pipeline {
         // Large transactions arrive while still in progress (protocol 2, PostgreSQL 14+)
         // and wait in a local spool, so the server does not have to spill them first.
         let v14 = session.server_version().await? >= 140_000;
-        let in_progress = self.cfg.stream_in_progress && v14 && !self.whole_transactions;
+        let wanted = self.cfg.stream_in_progress && v14;
+        let whole_until = self
+            .whole
+            .filter(|_| wanted)
+            .and_then(|w| w.until(Instant::now()));
+        let in_progress = wanted && whole_until.is_none();
+        applier.set_in_progress_again(whole_until);
         self.in_progress = in_progress;
         status::update(&self.status, |st| st.in_progress = in_progress);
         // Binary only when every published column has a binary reader: the server sends
@@ -724,6 +779,40 @@ impl Pipeline {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn whole_transactions_last_a_while_and_twice_as_long_after_each_failure() {
+        let t0 = Instant::now();
+        let first = WholeTransactions::after(None, t0);
+        assert_eq!(first.wait, WHOLE_FIRST);
+        // Inside the wait the attempt receives whole transactions and knows when to stop.
+        assert_eq!(first.until(t0), Some(t0 + WHOLE_FIRST));
+        assert_eq!(
+            first.until(t0 + WHOLE_FIRST - Duration::from_secs(1)),
+            Some(t0 + WHOLE_FIRST)
+        );
+        // Past it, in progress again.
+        assert_eq!(first.until(t0 + WHOLE_FIRST), None);
+        let t1 = t0 + WHOLE_FIRST + Duration::from_secs(5);
+        let second = WholeTransactions::after(Some(first), t1);
+        assert_eq!(second.wait, WHOLE_FIRST * 2);
+        assert_eq!(second.until(t1), Some(t1 + WHOLE_FIRST * 2));
+        let mut w = second;
+        for _ in 0..20 {
+            w = WholeTransactions::after(Some(w), t1);
+        }
+        assert_eq!(w.wait, WHOLE_MAX);
+    }
+
+    #[test]
+    fn the_switch_back_to_in_progress_is_not_a_failure() {
+        // Counted errors take another label path; this one restarts like a copy request.
+        assert!(matches!(
+            PipelineError::InProgressAgain.error_type(),
+            ErrorType::Connection
+        ));
+        assert!(!decoding_failed(&PipelineError::InProgressAgain));
+    }
 
     #[test]
     fn only_the_walsenders_internal_error_turns_in_progress_streaming_off() {

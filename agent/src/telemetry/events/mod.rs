@@ -11,11 +11,11 @@ pub use api::ApiRequestServed;
 pub use maintenance::{TableHealthMeasured, TableMaintained};
 pub use pipeline::{
     AppliedTable, BatchCommitted, BatchFailed, BufferChanged, ChangeReceived, CommitFenced,
-    CopyReason, DeadLettered, FilesWritten, InProgressStreamingOff, LeaderDeposed, LeaderSession,
-    LeadershipLost, LeadershipTaken, MirrorCommitted, MirrorRekeyed, MirrorRowsWithoutKey,
-    PartitionsMoved, PipelineRetrying, PublicationLeavesOut, SchemaChanged, SlotLagMeasured,
-    SpoolChanged, StaleRowsAfterSchemaChange, StandingBy, StateChanged, TableCommitted,
-    TableCopiedAgain, TableLeftPublication, TransactionApplied,
+    CopyReason, DeadLettered, FilesWritten, InProgressStreamingOff, InProgressStreamingOn,
+    LeaderDeposed, LeaderSession, LeadershipLost, LeadershipTaken, MirrorCommitted, MirrorRekeyed,
+    MirrorRowsWithoutKey, PartitionsMoved, PipelineRetrying, PublicationLeavesOut, SchemaChanged,
+    SlotLagMeasured, SpoolChanged, StaleRowsAfterSchemaChange, StandingBy, StateChanged,
+    TableCommitted, TableCopiedAgain, TableLeftPublication, TransactionApplied,
 };
 
 pub use crate::model::ErrorType;

@@ -721,20 +721,37 @@ impl LeaderDeposed<'_> {
     }
 }
 
-/// The server could not decode a transaction it streamed in progress: this process asks
-/// for whole transactions from now on.
+/// The server could not decode a transaction it streamed in progress: the pipeline asks
+/// for whole transactions for a while.
 #[derive(Debug)]
 pub struct InProgressStreamingOff<'a> {
     /// Pipeline name.
     pub pipeline: &'a str,
     /// The server's error.
     pub reason: &'a str,
+    /// For how long, in seconds.
+    pub for_secs: u64,
 }
 
 impl InProgressStreamingOff<'_> {
     /// Log it (WARN); the failed attempt is counted by [`PipelineRetrying`].
     pub fn emit(self) {
-        tracing::warn!(pipeline = %self.pipeline, reason = %self.reason, "the server failed to decode a transaction streamed in progress: receiving whole transactions at their commit until the agent restarts (large transactions then wait on the server's disk, not in the spool)");
+        tracing::warn!(pipeline = %self.pipeline, reason = %self.reason, for_secs = self.for_secs, "the server failed to decode a transaction streamed in progress: receiving whole transactions at their commit for a while, then in progress again (large transactions meanwhile wait on the server's disk, not in the spool)");
+    }
+}
+
+/// The wait after [`InProgressStreamingOff`] ended: the pipeline reconnects at a transaction
+/// boundary and receives transactions in progress again.
+#[derive(Debug)]
+pub struct InProgressStreamingOn<'a> {
+    /// Pipeline name.
+    pub pipeline: &'a str,
+}
+
+impl InProgressStreamingOn<'_> {
+    /// Log it (INFO); the API's `in_progress` shows the mode of the running attempt.
+    pub fn emit(self) {
+        tracing::info!(pipeline = %self.pipeline, "receiving transactions in progress again");
     }
 }
 
