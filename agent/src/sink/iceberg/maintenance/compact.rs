@@ -224,18 +224,7 @@ async fn compact_partition(
     cfg: &MaintenanceConfig,
     deletes: bool,
 ) -> Result<(Table, Vec<DataFile>, bool), MaintenanceError> {
-    // Deletes apply only while rows are decoded; without them the footers decide.
-    let survey = match (deletes, plan.files.last()) {
-        (false, _) => super::concat::survey(table, &plan.files).await?,
-        (true, Some(newest)) => super::concat::Survey {
-            concat: false,
-            plain: super::concat::plain_columns(table.file_io(), newest).await?,
-        },
-        (true, None) => super::concat::Survey {
-            concat: false,
-            plain: Vec::new(),
-        },
-    };
+    let survey = super::concat::survey(table, &plan.files, !deletes).await?;
     let (rows, written) = if survey.concat {
         let written = super::concat::concat(table, &plan.files, cfg.target_file_size).await?;
         (written.iter().map(|f| f.record_count()).sum(), written)

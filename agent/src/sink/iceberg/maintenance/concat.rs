@@ -89,16 +89,9 @@ async fn open(io: &FileIO, file: &DataFile) -> Result<Input, MaintenanceError> {
     Ok(Input { reader, metadata })
 }
 
-/// Top-level columns `file` stores without a dictionary (in its first row group): the agent's
-/// writer chose plain for them (a changelog's source key, identifier fields, ...), and a
-/// rewrite keeps that choice without knowing why it was made.
-pub(super) async fn plain_columns(
-    io: &FileIO,
-    file: &DataFile,
-) -> Result<Vec<String>, MaintenanceError> {
-    Ok(plain_in(&open(io, file).await?.metadata))
-}
-
+/// Top-level columns a file stores without a dictionary (in its first row group): the
+/// agent's writer chose plain for them (a changelog's source key, identifier fields, ...), and
+/// a rewrite keeps that choice without knowing why it was made.
 fn plain_in(md: &ParquetMetaData) -> Vec<String> {
     let Some(group) = md.row_groups().first() else {
         return Vec::new();
@@ -137,14 +130,19 @@ pub(super) struct Survey {
     /// The files can be concatenated: all Parquet, one layout, row groups of at least
     /// [`MIN_COPIED_ROW_GROUP_ROWS`] rows on average.
     pub concat: bool,
-    /// The newest input's plain columns ([`plain_columns`]): the encodings the stream's writer
+    /// The newest input's plain columns ([`plain_in`]): the encodings the stream's writer
     /// chooses today, which a re-encoding keeps.
     pub plain: Vec<String>,
 }
 
 /// Read each input's footer once (newest first, so that an early "no" still knows the newest
-/// one's encodings) and keep none of them.
-pub(super) async fn survey(table: &Table, files: &[DataFile]) -> Result<Survey, MaintenanceError> {
+/// one's encodings) and keep none of them; only the newest one's when `concat_possible` is
+/// false (deletes to apply need the rows decoded).
+pub(super) async fn survey(
+    table: &Table,
+    files: &[DataFile],
+    concat_possible: bool,
+) -> Result<Survey, MaintenanceError> {
     let mut survey = Survey {
         concat: false,
         plain: Vec::new(),
@@ -160,6 +158,9 @@ pub(super) async fn survey(table: &Table, files: &[DataFile]) -> Result<Survey, 
         let md = &input.metadata;
         if i == 0 {
             survey.plain = plain_in(md);
+            if !concat_possible {
+                return Ok(survey);
+            }
         }
         if md.file_metadata().num_rows() as u64 != f.record_count() {
             return Ok(survey);
