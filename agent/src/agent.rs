@@ -38,6 +38,9 @@ pub struct Agent {
     pub api_addr: Option<std::net::SocketAddr>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// Stopped after the pipelines, so that health and `/metrics` answer through the drain.
+    api_shutdown: watch::Sender<bool>,
+    api_task: Option<tokio::task::JoinHandle<()>>,
     telemetry: Option<Telemetry>,
 }
 
@@ -99,6 +102,8 @@ impl Agent {
         }
         tasks.push(tokio::spawn(crate::memory::trim_loop(shutdown_rx.clone())));
         let mut api_addr = None;
+        let (api_shutdown, api_rx) = watch::channel(false);
+        let mut api_task = None;
         if cfg.api.enabled {
             let state = ApiState::new(&cfg, handles.clone(), &telemetry);
             let listener = tokio::net::TcpListener::bind(&cfg.api.listen)
@@ -107,22 +112,27 @@ impl Agent {
                     AgentError::Api(format!("cannot listen on {}: {e}", cfg.api.listen))
                 })?;
             api_addr = listener.local_addr().ok();
-            let rx = shutdown_rx.clone();
-            tasks.push(tokio::spawn(api::serve(listener, state, rx)));
+            api_task = Some(tokio::spawn(api::serve(listener, state, api_rx)));
         }
         Ok(Self {
             pipelines: handles,
             api_addr,
             shutdown: shutdown_tx,
             tasks,
+            api_shutdown,
+            api_task,
             telemetry: Some(telemetry),
         })
     }
 
-    /// Drain: pipelines flush what they have, the API stops, exporters flush.
+    /// Drain: pipelines flush what they have, then the API stops, then exporters flush.
     pub async fn stop(mut self) {
         let _ = self.shutdown.send(true);
         for t in self.tasks.drain(..) {
+            let _ = t.await;
+        }
+        let _ = self.api_shutdown.send(true);
+        if let Some(t) = self.api_task.take() {
             let _ = t.await;
         }
         if let Some(t) = self.telemetry.take() {

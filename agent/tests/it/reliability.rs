@@ -242,6 +242,73 @@ async fn a_locked_sqlite_catalog_delays_but_loses_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_answers_while_a_stop_drains_a_blocked_commit() {
+    let (_pg, db, work, mut agent) = running(MIXED_DDL, &["m"], "").await.parts();
+    let addr = agent.api_addr().expect("api address");
+    db.batch_execute("INSERT INTO m SELECT g, 0, 'a' FROM generate_series(1, 1000) g")
+        .await
+        .unwrap();
+    wait_rows(&work, "ns.m", 1000, 60).await;
+    // Another process holds the catalog for 6 s: the next commit waits for it, so the stop
+    // below drains for that long (the pipeline flushes before it stops).
+    let code = format!(
+        "import sqlite3, time\nc = sqlite3.connect('{}', isolation_level=None)\nc.execute('BEGIN EXCLUSIVE')\nprint('locked', flush=True)\ntime.sleep(6)\nc.execute('COMMIT')\n",
+        work.catalog_db().display()
+    );
+    let mut locker = Command::new(python())
+        .arg("-c")
+        .arg(code)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::BufRead;
+        let mut line = String::new();
+        std::io::BufReader::new(locker.stdout.as_mut().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line.trim(), "locked");
+    }
+    db.batch_execute("INSERT INTO m SELECT g, 0, 'b' FROM generate_series(1001, 1100) g")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    unsafe {
+        libc::kill(agent.pid(), libc::SIGTERM);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Health and /metrics stay up while the pipeline drains.
+    let http = reqwest::Client::new();
+    for path in ["/health/live", "/metrics"] {
+        let r = http
+            .get(format!("http://{addr}{path}"))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{path} during the drain: {e}"));
+        assert!(
+            r.status().is_success(),
+            "{path} during the drain: {}",
+            r.status()
+        );
+    }
+    assert_eq!(agent.child.try_wait().unwrap(), None, "still draining");
+    let _ = locker.wait();
+    let status = wait_for(Duration::from_secs(30), "the agent to exit", || {
+        let st = agent.child.try_wait().unwrap();
+        async move { st }
+    })
+    .await;
+    assert_eq!(status.code(), Some(0), "clean exit after the drain");
+    // The drain committed what it held before the exit, and then the API was gone.
+    assert_eq!(iceberg_rows(&work, "ns.m"), Some(1100));
+    assert!(http
+        .get(format!("http://{addr}/health/live"))
+        .send()
+        .await
+        .is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_agent_on_the_same_slot_fails_fast() {
     let Running {
         pg: _pg,
