@@ -105,7 +105,7 @@ impl Agent {
         let (api_shutdown, api_rx) = watch::channel(false);
         let mut api_task = None;
         if cfg.api.enabled {
-            let state = ApiState::new(&cfg, handles.clone(), &telemetry);
+            let state = ApiState::new(&cfg, handles.clone(), &telemetry, shutdown_rx.clone());
             let listener = tokio::net::TcpListener::bind(&cfg.api.listen)
                 .await
                 .map_err(|e| {

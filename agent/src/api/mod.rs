@@ -42,11 +42,18 @@ struct Inner {
     token: Option<String>,
     metrics: Metrics,
     registry: Option<crate::telemetry::Exposition>,
+    /// True once the agent drains for shutdown (readiness reports it).
+    stopping: tokio::sync::watch::Receiver<bool>,
 }
 
 impl ApiState {
-    /// State for `cfg`'s pipelines.
-    pub fn new(cfg: &Config, pipelines: Vec<PipelineHandle>, telemetry: &Telemetry) -> Self {
+    /// State for `cfg`'s pipelines; `stopping` turns true when the agent starts to drain.
+    pub fn new(
+        cfg: &Config,
+        pipelines: Vec<PipelineHandle>,
+        telemetry: &Telemetry,
+        stopping: tokio::sync::watch::Receiver<bool>,
+    ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 pipelines,
@@ -59,6 +66,7 @@ impl ApiState {
                     .map(|t| t.expose().to_string()),
                 metrics: telemetry.metrics.clone(),
                 registry: telemetry.registry.clone(),
+                stopping,
             }),
         }
     }

@@ -34,6 +34,9 @@ pub(super) async fn live() -> Json<Live> {
     (status = 503, description = "Not ready", body = Ready)))]
 pub(super) async fn ready(State(s): State<ApiState>) -> Response {
     let mut reasons = Vec::new();
+    if *s.inner.stopping.borrow() {
+        reasons.push("the agent is shutting down".to_string());
+    }
     for p in &s.inner.pipelines {
         let st = status::snapshot(&p.status);
         if st.slot_lag_exceeded {

@@ -277,7 +277,7 @@ async fn the_api_answers_while_a_stop_drains_a_blocked_commit() {
         libc::kill(agent.pid(), libc::SIGTERM);
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    // Health and /metrics stay up while the pipeline drains.
+    // Liveness and /metrics stay up while the pipeline drains.
     let http = reqwest::Client::new();
     for path in ["/health/live", "/metrics"] {
         let r = http
@@ -291,6 +291,18 @@ async fn the_api_answers_while_a_stop_drains_a_blocked_commit() {
             r.status()
         );
     }
+    // Alive but no longer ready: the agent is on its way out.
+    let r = http
+        .get(format!("http://{addr}/health/ready"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), reqwest::StatusCode::SERVICE_UNAVAILABLE);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert!(
+        v["reasons"].to_string().contains("shutting down"),
+        "readiness during the drain: {v}"
+    );
     assert_eq!(agent.child.try_wait().unwrap(), None, "still draining");
     let _ = locker.wait();
     let status = wait_for(Duration::from_secs(30), "the agent to exit", || {
