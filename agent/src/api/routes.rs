@@ -186,8 +186,21 @@ pub(super) async fn tables(
     Ok(Json(TableList { tables }))
 }
 
+/// Refuse a change while the agent drains for shutdown: the pipelines are stopping, and a
+/// request taken now would be lost with the process.
+fn not_stopping(s: &ApiState) -> Result<(), ApiError> {
+    if *s.inner.stopping.borrow() {
+        return Err(ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the agent is shutting down".into(),
+        ));
+    }
+    Ok(())
+}
+
 fn set_control(s: &ApiState, name: &str, c: PipelineControl) -> Result<Json<Control>, ApiError> {
     let p = s.pipeline(name).ok_or_else(|| unknown(name))?;
+    not_stopping(s)?;
     let _ = p.control.send(c);
     let requested = match c {
         PipelineControl::Pause => Requested::Paused,
@@ -209,7 +222,8 @@ fn set_control(s: &ApiState, name: &str, c: PipelineControl) -> Result<Json<Cont
         (status = 401, description = "Missing or wrong bearer token", body = ErrorBody),
         (status = 404, description = "Unknown pipeline", body = ErrorBody),
         (status = 413, description = "Body too large", body = ErrorBody),
-        (status = 415, description = "Body is not JSON", body = ErrorBody)))]
+        (status = 415, description = "Body is not JSON", body = ErrorBody),
+        (status = 503, description = "The agent is shutting down", body = ErrorBody)))]
 pub(super) async fn pause(
     State(s): State<ApiState>,
     Params(name): Params<String>,
@@ -227,7 +241,8 @@ pub(super) async fn pause(
         (status = 401, description = "Missing or wrong bearer token", body = ErrorBody),
         (status = 404, description = "Unknown pipeline", body = ErrorBody),
         (status = 413, description = "Body too large", body = ErrorBody),
-        (status = 415, description = "Body is not JSON", body = ErrorBody)))]
+        (status = 415, description = "Body is not JSON", body = ErrorBody),
+        (status = 503, description = "The agent is shutting down", body = ErrorBody)))]
 pub(super) async fn resume(
     State(s): State<ApiState>,
     Params(name): Params<String>,
@@ -248,7 +263,8 @@ pub(super) async fn resume(
         (status = 401, description = "Missing or wrong bearer token", body = ErrorBody),
         (status = 404, description = "Unknown pipeline or table", body = ErrorBody),
         (status = 413, description = "Body too large", body = ErrorBody),
-        (status = 415, description = "Body is not JSON", body = ErrorBody)))]
+        (status = 415, description = "Body is not JSON", body = ErrorBody),
+        (status = 503, description = "The agent is shutting down", body = ErrorBody)))]
 pub(super) async fn snapshot_table(
     State(s): State<ApiState>,
     Params((name, table)): Params<(String, String)>,
@@ -267,6 +283,7 @@ pub(super) async fn snapshot_table(
             format!("pipeline {name:?} does not stream table {table:?} (give it as schema.table)"),
         ));
     }
+    not_stopping(&s)?;
     p.copies
         .ask(&table, crate::pipeline::requests::CopyReason::Requested);
     Ok((

@@ -183,16 +183,11 @@ async fn postgres_restarts_fast_and_immediate_lose_nothing() {
     assert_eq!(agent.terminate(), Some(0));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_locked_sqlite_catalog_delays_but_loses_nothing() {
-    let (_pg, db, work, agent) = running(MIXED_DDL, &["m"], "").await.parts();
-    db.batch_execute("INSERT INTO m SELECT g, 0, 'a' FROM generate_series(1, 1000) g")
-        .await
-        .unwrap();
-    wait_rows(&work, "ns.m", 1000, 60).await;
-    // Another process holds an exclusive lock on the catalog for 20 s.
+/// Another process holding an exclusive lock on the SQLite catalog for `secs` seconds,
+/// returned once it holds it.
+fn lock_catalog(work: &Workdir, secs: u32) -> std::process::Child {
     let code = format!(
-        "import sqlite3, time\nc = sqlite3.connect('{}', isolation_level=None)\nc.execute('BEGIN EXCLUSIVE')\nprint('locked', flush=True)\ntime.sleep(20)\nc.execute('COMMIT')\n",
+        "import sqlite3, time\nc = sqlite3.connect('{}', isolation_level=None)\nc.execute('BEGIN EXCLUSIVE')\nprint('locked', flush=True)\ntime.sleep({secs})\nc.execute('COMMIT')\n",
         work.catalog_db().display()
     );
     let mut locker = Command::new(python())
@@ -209,6 +204,18 @@ async fn a_locked_sqlite_catalog_delays_but_loses_nothing() {
             .unwrap();
         assert_eq!(line.trim(), "locked");
     }
+    locker
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_locked_sqlite_catalog_delays_but_loses_nothing() {
+    let (_pg, db, work, agent) = running(MIXED_DDL, &["m"], "").await.parts();
+    db.batch_execute("INSERT INTO m SELECT g, 0, 'a' FROM generate_series(1, 1000) g")
+        .await
+        .unwrap();
+    wait_rows(&work, "ns.m", 1000, 60).await;
+    // Another process holds an exclusive lock on the catalog for 20 s.
+    let mut locker = lock_catalog(&work, 20);
     let locked_at = Instant::now();
     insert_batches(
         &db,
@@ -251,24 +258,7 @@ async fn the_api_answers_while_a_stop_drains_a_blocked_commit() {
     wait_rows(&work, "ns.m", 1000, 60).await;
     // Another process holds the catalog for 6 s: the next commit waits for it, so the stop
     // below drains for that long (the pipeline flushes before it stops).
-    let code = format!(
-        "import sqlite3, time\nc = sqlite3.connect('{}', isolation_level=None)\nc.execute('BEGIN EXCLUSIVE')\nprint('locked', flush=True)\ntime.sleep(6)\nc.execute('COMMIT')\n",
-        work.catalog_db().display()
-    );
-    let mut locker = Command::new(python())
-        .arg("-c")
-        .arg(code)
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    {
-        use std::io::BufRead;
-        let mut line = String::new();
-        std::io::BufReader::new(locker.stdout.as_mut().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        assert_eq!(line.trim(), "locked");
-    }
+    let mut locker = lock_catalog(&work, 6);
     db.batch_execute("INSERT INTO m SELECT g, 0, 'b' FROM generate_series(1001, 1100) g")
         .await
         .unwrap();
@@ -303,6 +293,15 @@ async fn the_api_answers_while_a_stop_drains_a_blocked_commit() {
         v["reasons"].to_string().contains("shutting down"),
         "readiness during the drain: {v}"
     );
+    // A change asked for now would be lost with the process: refused.
+    let r = http
+        .post(format!("http://{addr}/api/v1/pipelines/p/pause"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), reqwest::StatusCode::SERVICE_UNAVAILABLE);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["error"], "the agent is shutting down");
     assert_eq!(agent.child.try_wait().unwrap(), None, "still draining");
     let _ = locker.wait();
     let status = wait_for(Duration::from_secs(30), "the agent to exit", || {
