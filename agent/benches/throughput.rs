@@ -1124,11 +1124,16 @@ fn snapshot_once(
 }
 
 /// How cost grows with the work: the same table shape at each size, streamed (transactions of
-/// 1,000 rows, so only the volume grows) and then copied by an initial snapshot, one agent run each; rows/s and peak
-/// RSS per size, and the largest size's rows/s ÷ the smallest's.
-fn growth_phase(env: &Env<'_>, sizes: &[u64]) {
+/// 1,000 rows, so only the volume grows) and then copied by an initial snapshot, `reps` agent
+/// runs of each (one slot per streamed run); the median rows/s and peak RSS per size, and the
+/// largest size's ÷ the smallest's. One run per size moved the ratios by ±10 % between runs
+/// of the same build (snapshot rows/s 1.040 in session 36, 0.884 in session 38).
+fn growth_phase(env: &Env<'_>, sizes: &[u64], reps: usize) {
     let pg = env.pg;
-    println!("growth: streamed (transactions of 1,000 rows) and snapshotted, one run per size");
+    let reps = reps.max(1);
+    println!(
+        "growth: streamed (transactions of 1,000 rows) and snapshotted, median of {reps} run(s) per size"
+    );
     println!(
         "{:>10} {:>10} {:>12} {:>8} {:>10} {:>12} {:>8}",
         "rows", "stream s", "rows/s", "RSS MB", "snap s", "rows/s", "RSS MB"
@@ -1139,11 +1144,14 @@ fn growth_phase(env: &Env<'_>, sizes: &[u64]) {
         psql(pg, &format!("CREATE TABLE {t} (id bigint PRIMARY KEY, n int, s text, at timestamptz, d double precision)"));
         psql(pg, "DROP PUBLICATION IF EXISTS bench");
         psql(pg, &format!("CREATE PUBLICATION bench FOR TABLE {t}"));
-        let slot = format!("g_{rows}");
-        psql(
-            pg,
-            &format!("SELECT pg_create_logical_replication_slot('{slot}', 'pgoutput')"),
-        );
+        // Slots first: a logical slot only sees changes made after it exists.
+        let slots: Vec<String> = (0..reps).map(|i| format!("g_{rows}_{i}")).collect();
+        for slot in &slots {
+            psql(
+                pg,
+                &format!("SELECT pg_create_logical_replication_slot('{slot}', 'pgoutput')"),
+            );
+        }
         // Transactions of a fixed size (1,000 rows), so that only the volume grows.
         let per = 1000.min(rows);
         let script = env.dir.join(format!("{t}.sql"));
@@ -1169,22 +1177,48 @@ fn growth_phase(env: &Env<'_>, sizes: &[u64]) {
         let end = lsn_num(&psql(pg, "SELECT pg_current_wal_insert_lsn()"));
         psql(pg, &format!("VACUUM (ANALYZE) {t}"));
         psql(pg, "CHECKPOINT");
-        let st = run_agent(env, &slot, &t, end, true);
-        psql(pg, &format!("SELECT pg_drop_replication_slot('{slot}')"));
-        let (snap_s, snap_rss, _) = snapshot_once(env, &t, rows, &format!("gs_{rows}"), false);
+        let (mut st_s, mut st_rss) = (Vec::new(), Vec::new());
+        for slot in &slots {
+            let st = run_agent(env, slot, &t, end, true);
+            psql(pg, &format!("SELECT pg_drop_replication_slot('{slot}')"));
+            st_s.push(st.secs);
+            st_rss.push(st.rss_mb);
+        }
+        let (mut sn_s, mut sn_rss) = (Vec::new(), Vec::new());
+        for i in 0..reps {
+            let (s, rss, _) = snapshot_once(env, &t, rows, &format!("gs_{rows}_{i}"), false);
+            sn_s.push(s);
+            sn_rss.push(rss);
+        }
+        let (stream_s, stream_rss) = (median(&mut st_s), median(&mut st_rss));
+        let (snap_s, snap_rss) = (median(&mut sn_s), median(&mut sn_rss));
         println!(
             "{:>10} {:>10.2} {:>12.0} {:>8.0} {:>10.2} {:>12.0} {:>8.0}",
             rows,
-            st.secs,
-            rows as f64 / st.secs,
-            st.rss_mb,
+            stream_s,
+            rows as f64 / stream_s,
+            stream_rss,
             snap_s,
             rows as f64 / snap_s,
             snap_rss
         );
+        if reps > 1 {
+            println!(
+                "{:>10} runs: stream s [{:.2}-{:.2}], RSS [{:.0}-{:.0}]; snapshot s [{:.2}-{:.2}], RSS [{:.0}-{:.0}]",
+                "",
+                st_s[0],
+                st_s[reps - 1],
+                st_rss[0],
+                st_rss[reps - 1],
+                sn_s[0],
+                sn_s[reps - 1],
+                sn_rss[0],
+                sn_rss[reps - 1],
+            );
+        }
         seen.push((
-            rows as f64 / st.secs,
-            st.rss_mb,
+            rows as f64 / stream_s,
+            stream_rss,
             rows as f64 / snap_s,
             snap_rss,
         ));
@@ -1264,9 +1298,7 @@ fn main() {
         asked + 1
     };
     if pairs != asked {
-        println!(
-            "--pairs={asked}: {pairs} pairs, so that each arm goes first equally often"
-        );
+        println!("--pairs={asked}: {pairs} pairs, so that each arm goes first equally often");
     }
     if over_unix() {
         println!(
@@ -1519,7 +1551,7 @@ fn main() {
                     vec![1_000_000, 5_000_000, 10_000_000]
                 }
             });
-        growth_phase(&env, &sizes);
+        growth_phase(&env, &sizes, reps);
     }
     // `--freshness-long[=SECONDS]`: the 10-minute phase at a 250 ms flush (quick: 65 s, so the
     // harness reads one minute).
