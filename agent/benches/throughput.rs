@@ -1126,8 +1126,8 @@ fn snapshot_once(
 /// How cost grows with the work: the same table shape at each size, streamed (transactions of
 /// 1,000 rows, so only the volume grows) and then copied by an initial snapshot, `reps` agent
 /// runs of each (one slot per streamed run); the median rows/s and peak RSS per size, and the
-/// largest size's ÷ the smallest's. One run per size moved the ratios by ±10 % between runs
-/// of the same build (snapshot rows/s 1.040 in session 36, 0.884 in session 38).
+/// largest size's ÷ the smallest's. With one run per size the ratios moved by ±10 % (stream
+/// rows/s 0.880 in session 36's full run, 0.947 in session 38's, 1.100 as a median of three).
 fn growth_phase(env: &Env<'_>, sizes: &[u64], reps: usize) {
     let pg = env.pg;
     let reps = reps.max(1);
