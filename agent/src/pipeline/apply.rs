@@ -777,10 +777,13 @@ impl Applier {
         }
         et.counts[op_index(op)] += 1;
         early.seq += 1;
+        // A changelog alone takes its rows encoded as they come; a mirror beside it takes
+        // the batches themselves.
         early.seal(
             idx,
             self.cfg.batch_rows.min(SEAL_ROWS),
             self.cfg.batch_bytes.min(SEAL_BYTES),
+            || t.mirror.is_none().then(|| t.sink.early_file()).flatten(),
         )?;
         Ok(true)
     }
@@ -858,6 +861,7 @@ impl Applier {
                     changes = streamed.changes() as i64,
                     bytes = streamed.spool_bytes() as i64,
                     converted_early = tracing::field::Empty,
+                    encoded_early = tracing::field::Empty,
                     trace_id = tracing::field::Empty,
                 );
                 record_trace_id(&span);
@@ -883,17 +887,23 @@ impl Applier {
         let ts_micros = pg_ts_to_unix(commit_ts);
         let (spool, early, mut from) = streamed.into_parts();
         let mut seq = 0;
+        let mut encoded = 0;
         if from > 0 {
             let early_seq = early.seq;
-            if self.apply_early(early, commit_lsn, ts_micros).await? {
-                seq = early_seq;
-            } else {
-                from = 0;
+            match self.apply_early(early, commit_lsn, ts_micros).await? {
+                Some(rows) => {
+                    seq = early_seq;
+                    encoded = rows;
+                }
+                None => from = 0,
             }
         }
-        tracing::Span::current().record("converted_early", seq as i64);
+        let span = tracing::Span::current();
+        span.record("converted_early", seq as i64);
+        span.record("encoded_early", encoded as i64);
         tracing::debug!(
             converted_early = seq,
+            encoded_early = encoded,
             replayed_bytes = spool.bytes() - from,
             "streamed transaction: converted rows handed to the writers, replaying the rest"
         );
@@ -917,14 +927,15 @@ impl Applier {
     }
 
     /// Add a committed streamed transaction's early rows to their tables, stamped with its
-    /// commit LSN and time; false (nothing added) when a table changed shape since they were
-    /// converted, and the whole spool must be replayed instead.
+    /// commit LSN and time; returns how many of them were encoded while it streamed, or None
+    /// (nothing added) when a table changed shape since they were converted, and the whole
+    /// spool must be replayed instead.
     async fn apply_early(
         &mut self,
         early: streamed::Early,
         lsn: Lsn,
         ts_micros: i64,
-    ) -> Result<bool, PipelineError> {
+    ) -> Result<Option<u64>, PipelineError> {
         // A table placing a replayed relation through an older schema takes the replay.
         let current = |et: &streamed::EarlyTable| {
             self.tables.get(et.idx).is_some_and(|t| {
@@ -934,8 +945,9 @@ impl Applier {
             })
         };
         if !early.tables.iter().all(current) {
-            return Ok(false);
+            return Ok(None);
         }
+        let mut encoded = 0;
         for et in early.tables {
             let idx = et.idx;
             let counts = et.counts;
@@ -949,18 +961,30 @@ impl Applier {
             }
             // Rows of earlier transactions go first (a mirror applies them in order).
             self.spill(idx).await?;
-            let (layout, batches) = et.finish()?;
-            let stamped = batches
-                .into_iter()
-                .map(|(b, moved)| Ok((layout.stamp(&b, lsn, ts_micros)?, moved)))
-                .collect::<Result<Vec<_>, BatchError>>()?;
-            let t = &mut self.tables[idx];
-            if let Some(m) = t.mirror.as_mut() {
-                for (b, moved) in &stamped {
-                    m.write_moved(b.clone(), moved).await?;
+            let (layout, batches, file) = et.finish()?;
+            let w = match file {
+                Some(file) => {
+                    encoded += file.rows();
+                    self.tables[idx]
+                        .sink
+                        .add_early(file, lsn, ts_micros)
+                        .await?
                 }
-            }
-            let w = t.sink.write_spread(stamped).await?;
+                None => {
+                    let stamped = batches
+                        .into_iter()
+                        .map(|(b, moved)| Ok((layout.stamp(&b, lsn, ts_micros)?, moved)))
+                        .collect::<Result<Vec<_>, BatchError>>()?;
+                    let t = &mut self.tables[idx];
+                    if let Some(m) = t.mirror.as_mut() {
+                        for (b, moved) in &stamped {
+                            m.write_moved(b.clone(), moved).await?;
+                        }
+                    }
+                    t.sink.write_spread(stamped).await?
+                }
+            };
+            let t = &mut self.tables[idx];
             if w.files > 0 {
                 FilesWritten {
                     files: w.files,
@@ -981,7 +1005,7 @@ impl Applier {
             self.oldest.get_or_insert_with(Instant::now);
             self.limit_open_writers(idx).await?;
         }
-        Ok(true)
+        Ok(Some(encoded))
     }
 
     /// Publish lag, depth and counters once per transaction (not per row); `lsn` is the

@@ -18,7 +18,7 @@ use arrow_buffer::{Buffer, NullBufferBuilder, OffsetBuffer, ScalarBuffer};
 use arrow_schema::{ArrowError, DataType, Field, SchemaRef};
 
 use crate::model::{Lsn, Op};
-use crate::sink::iceberg::schema::{kind_of, CDC_COLUMNS};
+use crate::sink::iceberg::schema::{constant_column, kind_of, CDC_COLUMNS};
 use crate::source::postgres::binary;
 use crate::source::postgres::pgoutput::{Column, RelationColumn, TupleData};
 use crate::source::postgres::types::{self as t, ColumnKind, ValueError};
@@ -737,12 +737,11 @@ impl TableBatch {
         let n = batch.num_rows();
         let mut cols = batch.columns().to_vec();
         let [_, lsn_i, _, ts_i, _] = self.cdc;
-        cols[lsn_i] = Arc::new(Int64Array::from_value(lsn.get() as i64, n));
-        let ts = TimestampMicrosecondArray::from_value(ts_micros, n);
-        cols[ts_i] = match self.schema.field(ts_i).data_type() {
-            DataType::Timestamp(_, Some(tz)) => Arc::new(ts.with_timezone(tz.clone())),
-            _ => Arc::new(ts),
-        };
+        for (i, v) in [(lsn_i, lsn.get() as i64), (ts_i, ts_micros)] {
+            let f = self.schema.field(i);
+            cols[i] = constant_column(f.data_type(), v, n)
+                .ok_or_else(|| BatchError::UnsupportedType(f.name().clone()))?;
+        }
         Ok(RecordBatch::try_new(batch.schema(), cols)?)
     }
 

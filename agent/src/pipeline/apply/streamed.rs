@@ -10,6 +10,7 @@
 
 use crate::pipeline::batch::{Finished, TableBatch};
 use crate::pipeline::spool::Spool;
+use crate::sink::iceberg::early::EarlyFile;
 use crate::source::postgres::pgoutput::RelationColumn;
 
 /// One in-progress transaction.
@@ -37,8 +38,11 @@ pub(super) struct EarlyTable {
     pub(super) idx: usize,
     /// Builders of the table's layout when the first row came.
     pub(super) batch: TableBatch,
-    /// Batches finished so far (the builders are kept small).
+    /// Batches finished so far (the builders are kept small), unless they went to `file`.
     pub(super) done: Vec<Finished>,
+    /// The table's Parquet file being encoded from the finished batches, when the table
+    /// takes one (opened at the first batch finished).
+    pub(super) file: Option<EarlyFile>,
     /// The relation the rows were read with: at the commit, the table must still have it.
     pub(super) columns: Vec<RelationColumn>,
     /// Inserts, updates, deletes, truncates.
@@ -130,13 +134,13 @@ impl Streamed {
 }
 
 impl Early {
-    /// Bytes held: finished batches and open builders.
+    /// Bytes held: finished batches, what the early files hold, and open builders.
     pub(super) fn bytes(&self) -> u64 {
         self.done_bytes
             + self
                 .tables
                 .iter()
-                .map(|t| t.batch.bytes() as u64)
+                .map(|t| t.batch.bytes() as u64 + t.file.as_ref().map_or(0, EarlyFile::held))
                 .sum::<u64>()
     }
 
@@ -154,6 +158,7 @@ impl Early {
                     idx,
                     batch,
                     done: Vec::new(),
+                    file: None,
                     columns,
                     counts: [0; 4],
                 });
@@ -164,12 +169,14 @@ impl Early {
     }
 
     /// Finish table `idx`'s builders into a batch when they hold `rows` rows or `bytes` bytes
-    /// (small batches: the writer takes them one by one at the commit).
+    /// (small batches: the writer takes them one by one at the commit). The first batch
+    /// finished asks `open` for an early file, which then encodes every batch as it comes.
     pub(super) fn seal(
         &mut self,
         idx: usize,
         rows: u64,
         bytes: u64,
+        open: impl FnOnce() -> Option<EarlyFile>,
     ) -> Result<(), crate::pipeline::batch::BatchError> {
         let Some(t) = self.tables.iter_mut().find(|t| t.idx == idx) else {
             return Ok(());
@@ -181,21 +188,35 @@ impl Early {
         // runs up to twice that, but pages never written are never resident.
         let held = t.batch.bytes() as u64;
         if let Some(b) = t.batch.finish()? {
-            self.done_bytes += held;
-            t.done.push(b);
+            if t.file.is_none() && t.done.is_empty() {
+                t.file = open();
+            }
+            match &mut t.file {
+                // Counted by the file from now on: queued, then encoded.
+                Some(f) => f.send(b.0),
+                None => {
+                    self.done_bytes += held;
+                    t.done.push(b);
+                }
+            }
         }
         Ok(())
     }
 }
 
 impl EarlyTable {
-    /// Every converted row as batches, in order.
+    /// Every converted row: as batches in order, or in the early file (which takes the
+    /// last batch too).
     pub(super) fn finish(
         mut self,
-    ) -> Result<(TableBatch, Vec<Finished>), crate::pipeline::batch::BatchError> {
+    ) -> Result<(TableBatch, Vec<Finished>, Option<EarlyFile>), crate::pipeline::batch::BatchError>
+    {
         if let Some(b) = self.batch.finish()? {
-            self.done.push(b);
+            match &mut self.file {
+                Some(f) => f.send(b.0),
+                None => self.done.push(b),
+            }
         }
-        Ok((self.batch, self.done))
+        Ok((self.batch, self.done, self.file))
     }
 }

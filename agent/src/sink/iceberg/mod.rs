@@ -4,6 +4,7 @@ pub mod catalog;
 pub mod commit;
 pub mod dead_letters;
 pub mod debt;
+pub mod early;
 pub mod evolve;
 pub mod hygiene;
 pub mod maintenance;
@@ -13,6 +14,7 @@ pub mod partition;
 pub mod project;
 pub mod schema;
 pub mod table;
+pub(crate) mod upload;
 pub(crate) mod writer;
 
 pub use catalog::open_catalog;

@@ -6,6 +6,8 @@ use iceberg::spec::{
 };
 
 use crate::model::{Column, ColumnKind};
+use arrow_array::{ArrayRef, Int64Array, TimestampMicrosecondArray};
+use arrow_schema::{DataType, TimeUnit};
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -21,6 +23,19 @@ pub const CDC_TS: &str = "_cdc_ts";
 pub const CDC_UNCHANGED: &str = "_cdc_unchanged";
 /// The five CDC columns, in table order.
 pub const CDC_COLUMNS: [&str; 5] = [CDC_OP, CDC_LSN, CDC_SEQ, CDC_TS, CDC_UNCHANGED];
+
+/// `n` rows of `value` in a column of type `t`: the commit position (`Int64`) or time
+/// (`Timestamp(µs)`, with or without a zone) every row of a transaction shares. None for
+/// another type.
+pub fn constant_column(t: &DataType, value: i64, n: usize) -> Option<ArrayRef> {
+    match t {
+        DataType::Int64 => Some(Arc::new(Int64Array::from_value(value, n))),
+        DataType::Timestamp(TimeUnit::Microsecond, tz) => Some(Arc::new(
+            TimestampMicrosecondArray::from_value(value, n).with_timezone_opt(tz.clone()),
+        )),
+        _ => None,
+    }
+}
 
 /// Put before the name of a source column that has the name of a column the agent adds
 /// (`_cdc_op` → `source__cdc_op`): an Iceberg schema cannot hold two fields of one name.

@@ -13,6 +13,7 @@ use iceberg::table::Table;
 use iceberg::{Catalog, ErrorKind, NamespaceIdent, TableCreation, TableIdent, TableUpdate};
 
 use super::commit::{is_data, operation_for, Change, CommitError, Committer};
+use super::early::{self, EarlyFile};
 use super::evolve::ColumnChange;
 use super::mirror::{CompactRules, Compacted, MirrorKey, MirrorWriter, Rekeyed};
 use super::schema::{
@@ -720,6 +721,40 @@ impl TableSink {
         }
         let files = second.close().await?;
         Ok(self.add_pending(files))
+    }
+
+    /// A file for this table's rows of a large streamed transaction, encoded while it
+    /// streams ([`EarlyFile`]); None for a mirror, or a table partitioned by a source column
+    /// (its rows could fall in many partitions).
+    pub fn early_file(&self) -> Option<EarlyFile> {
+        if self.mirror.is_some()
+            || self.batch_schema.is_some()
+            || !early::follows_commit(&self.table)
+        {
+            return None;
+        }
+        Some(EarlyFile::open(
+            &self.table,
+            self.arrow_schema.clone(),
+            self.unique.clone(),
+        ))
+    }
+
+    /// Finish `file` with its transaction's commit `lsn` and time: it joins the pending files
+    /// (committed by `commit`). Returns what it holds.
+    pub async fn add_early(
+        &mut self,
+        file: EarlyFile,
+        lsn: Lsn,
+        ts_micros: i64,
+    ) -> Result<Written, SinkError> {
+        let (rows, bytes) = (file.rows(), file.bytes());
+        let f = file
+            .finish(&self.table, lsn.get() as i64, ts_micros)
+            .await?;
+        self.pending_rows += rows;
+        self.pending_bytes += bytes;
+        Ok(self.add_pending(vec![f]))
     }
 
     /// Finished data files join the pending ones; returns what they hold.

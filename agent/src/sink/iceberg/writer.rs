@@ -27,7 +27,10 @@ use super::schema::{CDC_LSN, CDC_SEQ, CDC_TS};
 use super::SinkError;
 
 /// Encoded bytes a row group may hold in memory before it is written out.
-const MAX_ROW_GROUP_BYTES: usize = 32 << 20;
+pub(super) const MAX_ROW_GROUP_BYTES: usize = 32 << 20;
+
+/// Rows in a row group at most.
+pub(super) const MAX_ROW_GROUP_ROWS: usize = 1 << 20;
 
 /// A column chunk falls back from dictionary to plain encoding once its dictionary holds
 /// this much: a column with more distinct values than fit is not worth interning (every
@@ -135,7 +138,7 @@ pub(crate) fn parquet_properties(
         .set_compression(Compression::ZSTD(
             ZstdLevel::try_new(1).map_err(|e| SinkError::Write(e.to_string()))?,
         ))
-        .set_max_row_group_row_count(Some(1 << 20))
+        .set_max_row_group_row_count(Some(MAX_ROW_GROUP_ROWS))
         .set_max_row_group_bytes(Some(MAX_ROW_GROUP_BYTES))
         .set_dictionary_page_size_limit(DICTIONARY_PAGE_BYTES);
     // Every column buffers a data page and a dictionary of its own while the row group fills:

@@ -900,6 +900,21 @@ pub fn all_types_values(i: i64) -> String {
     )
 }
 
+/// Every data file's Iceberg statistics of `table` against what pyarrow reads in the file
+/// (`tests/py/file_stats.py`): `files`, `bounds_checked`, `mismatches`.
+pub fn file_stats(work: &Workdir, table: &str) -> Value {
+    python_json(
+        Command::new(python())
+            .arg(py_script("file_stats.py"))
+            .arg("--catalog-db")
+            .arg(work.catalog_db())
+            .arg("--warehouse")
+            .arg(work.warehouse())
+            .args(["--table", table]),
+        "file_stats.py",
+    )
+}
+
 /// `verify` of `ns.all_types` with DuckDB against `ALL_TYPES_QUERY` + `filter` in PostgreSQL.
 pub fn verify_all_types(work: &Workdir, conninfo: &str, filter: &str) -> Value {
     verify(

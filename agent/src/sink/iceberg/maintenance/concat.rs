@@ -8,9 +8,8 @@
 //! guessed.
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::ops::Range;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
@@ -33,6 +32,7 @@ use parquet::file::writer::SerializedFileWriter;
 use parquet::schema::types::Type;
 
 use super::MaintenanceError;
+use crate::sink::iceberg::upload::Spool;
 
 /// Row groups at least this large (on average over the inputs) are kept as they are: readers
 /// handle them as well as re-encoded ones (DuckDB writes 122,880 rows per row group). Smaller
@@ -180,33 +180,6 @@ pub(super) async fn survey(
     }
     survey.concat = groups > 0 && rows / groups >= MIN_COPIED_ROW_GROUP_ROWS;
     Ok(survey)
-}
-
-/// Bytes the Parquet writer produced and the uploader has not taken yet.
-#[derive(Clone, Default)]
-struct Spool(Arc<Mutex<Vec<u8>>>);
-
-impl Spool {
-    fn take(&self) -> Vec<u8> {
-        match self.0.lock() {
-            Ok(mut b) => std::mem::take(&mut *b),
-            Err(p) => std::mem::take(&mut *p.into_inner()),
-        }
-    }
-}
-
-impl Write for Spool {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        match self.0.lock() {
-            Ok(mut b) => b.extend_from_slice(buf),
-            Err(p) => p.into_inner().extend_from_slice(buf),
-        }
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
 }
 
 /// One column chunk of an input, addressed by its offsets in that file.
