@@ -12,10 +12,8 @@ import argparse
 import json
 import math
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from verify import open_catalog  # noqa: E402
+from verify import add_catalog_args, open_catalog
 
 
 def comparable(v):
@@ -61,13 +59,7 @@ def column_facts(arr):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--catalog-db", default="")
-    ap.add_argument("--warehouse", default="")
-    ap.add_argument("--catalog-props")
-    ap.add_argument("--sql-uri")
-    ap.add_argument("--rest-uri")
-    ap.add_argument("--catalog-name", default="philotes")
-    ap.add_argument("--table", required=True)
+    add_catalog_args(ap)
     args = ap.parse_args()
 
     import pyarrow.parquet as pq

@@ -61,6 +61,17 @@ def canon_row(row, uuids):
     return out
 
 
+def add_catalog_args(ap):
+    """The arguments `open_catalog` reads, and `--table`."""
+    ap.add_argument("--catalog-db", default="")
+    ap.add_argument("--warehouse", default="")
+    ap.add_argument("--catalog-props", help="JSON object of extra catalog/FileIO properties")
+    ap.add_argument("--sql-uri", help="SQLAlchemy URI of the SQL catalog (default: --catalog-db)")
+    ap.add_argument("--rest-uri", help="read through an Iceberg REST catalog instead of SQLite")
+    ap.add_argument("--catalog-name", default="philotes")
+    ap.add_argument("--table", required=True)
+
+
 def open_catalog(args):
     props = json.loads(args.catalog_props) if args.catalog_props else {}
     if args.rest_uri:
@@ -153,13 +164,7 @@ def fold(rows, pk, fill=False):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--catalog-db", default="")
-    ap.add_argument("--warehouse", default="")
-    ap.add_argument("--catalog-props", help="JSON object of extra catalog/FileIO properties")
-    ap.add_argument("--sql-uri", help="SQLAlchemy URI of the SQL catalog (default: --catalog-db)")
-    ap.add_argument("--rest-uri", help="read through an Iceberg REST catalog instead of SQLite")
-    ap.add_argument("--catalog-name", default="philotes")
-    ap.add_argument("--table", required=True)
+    add_catalog_args(ap)
     ap.add_argument("--pk", default="id")
     ap.add_argument("--pg-conninfo")
     ap.add_argument("--pg-query")

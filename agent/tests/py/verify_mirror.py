@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 
-from verify import canon_row, open_catalog, read_duckdb, uuid_columns
+from verify import add_catalog_args, canon_row, open_catalog, read_duckdb, uuid_columns
 
 
 def by_key(rows, pk, cols):
@@ -45,13 +45,7 @@ def diff(a, b):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--catalog-db", default="")
-    ap.add_argument("--warehouse", default="")
-    ap.add_argument("--catalog-props")
-    ap.add_argument("--sql-uri")
-    ap.add_argument("--rest-uri")
-    ap.add_argument("--catalog-name", default="philotes")
-    ap.add_argument("--table", required=True)
+    add_catalog_args(ap)
     ap.add_argument("--pk", default="id")
     ap.add_argument("--pg-conninfo", required=True)
     ap.add_argument("--pg-query", required=True)

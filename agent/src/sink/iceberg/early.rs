@@ -16,8 +16,6 @@ use arrow_array::cast::AsArray;
 use arrow_array::types::{Float32Type, Float64Type};
 use arrow_array::{Array, RecordBatch};
 use arrow_schema::{DataType, SchemaRef};
-use bytes::Bytes;
-use iceberg::io::FileWrite;
 use iceberg::spec::{
     DataContentType, DataFile, DataFileBuilder, DataFileFormat, Datum, Literal, PartitionKey,
     PrimitiveType, Schema, Struct, Type,
@@ -41,7 +39,7 @@ use tracing::Instrument;
 
 use super::project::field_id;
 use super::schema::{constant_column, CDC_LSN, CDC_TS};
-use super::upload::Spool;
+use super::upload::{Spool, Upload};
 use super::writer::{parquet_properties, MAX_ROW_GROUP_BYTES, MAX_ROW_GROUP_ROWS};
 use super::SinkError;
 
@@ -49,8 +47,8 @@ fn werr(e: impl std::fmt::Display) -> SinkError {
     SinkError::Write(format!("early data file: {e}"))
 }
 
-/// Whether a table partitioned by `spec` keeps a whole transaction in one partition: every
-/// partition field is taken from the commit position or time.
+/// Whether `table` keeps a whole transaction in one partition: every field of its partition
+/// spec is taken from the commit position or time.
 pub(super) fn follows_commit(table: &Table) -> bool {
     let md = table.metadata();
     let schema = md.current_schema();
@@ -174,13 +172,6 @@ impl EarlyFile {
         );
         let location = DefaultLocationGenerator::new(md).map_err(werr)?;
         let path = location.generate_location(Some(&key), &names.generate_file_name());
-        let out = table
-            .file_io()
-            .new_output(&path)
-            .map_err(werr)?
-            .writer()
-            .await
-            .map_err(werr)?;
         let Encoded {
             mut file,
             spool,
@@ -188,11 +179,9 @@ impl EarlyFile {
             arrow,
             nans,
         } = enc;
-        let mut upload = Upload {
-            out,
-            spool,
-            size: 0,
-        };
+        let mut upload = Upload::create(table.file_io(), path.clone(), spool)
+            .await
+            .map_err(werr)?;
         for group in groups {
             let mut chunks = group.chunks;
             for (leaf, field, mut w) in group.waiting {
@@ -211,11 +200,10 @@ impl EarlyFile {
                 chunk.append_to_row_group(&mut rg).map_err(werr)?;
             }
             rg.close().map_err(werr)?;
-            upload.drain().await?;
+            upload.drain().await.map_err(werr)?;
         }
         let meta = file.close().map_err(werr)?;
-        upload.drain().await?;
-        upload.out.close().await.map_err(werr)?;
+        upload.close().await.map_err(werr)?;
         data_file(
             &schema,
             &meta,
@@ -464,24 +452,6 @@ impl Encoder {
             };
             *self.nans.entry(id).or_insert(0) += n as u64;
         }
-    }
-}
-
-/// The uploading end of the file.
-struct Upload {
-    out: Box<dyn FileWrite>,
-    spool: Spool,
-    size: u64,
-}
-
-impl Upload {
-    async fn drain(&mut self) -> Result<(), SinkError> {
-        let produced = self.spool.take();
-        if produced.is_empty() {
-            return Ok(());
-        }
-        self.size += produced.len() as u64;
-        self.out.write(Bytes::from(produced)).await.map_err(werr)
     }
 }
 

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::FutureExt;
-use iceberg::io::{FileIO, FileRead, FileWrite};
+use iceberg::io::{FileIO, FileRead};
 use iceberg::spec::{
     DataContentType, DataFile, DataFileBuilder, DataFileFormat, Datum, PartitionKey,
 };
@@ -32,7 +32,7 @@ use parquet::file::writer::SerializedFileWriter;
 use parquet::schema::types::Type;
 
 use super::MaintenanceError;
-use crate::sink::iceberg::upload::Spool;
+use crate::sink::iceberg::upload::{Spool, Upload};
 
 /// Row groups at least this large (on average over the inputs) are kept as they are: readers
 /// handle them as well as re-encoded ones (DuckDB writes 122,880 rows per row group). Smaller
@@ -225,30 +225,6 @@ impl ChunkReader for Chunk {
     }
 }
 
-/// The upload of one output file. An object store's writer (OpenDAL) gathers the pieces into
-/// parts of its minimum multipart size itself, so they are handed over as they come.
-struct Upload {
-    path: String,
-    spool: Spool,
-    file: Box<dyn FileWrite>,
-    size: u64,
-}
-
-impl Upload {
-    /// Hand what the writer produced so far to the store.
-    async fn drain(&mut self) -> Result<(), MaintenanceError> {
-        let produced = self.spool.take();
-        if produced.is_empty() {
-            return Ok(());
-        }
-        self.size += produced.len() as u64;
-        self.file
-            .write(Bytes::from(produced))
-            .await
-            .map_err(|e| write_err(&self.path, e))
-    }
-}
-
 /// An output file being assembled from whole input files.
 struct Output {
     writer: SerializedFileWriter<Spool>,
@@ -258,12 +234,6 @@ struct Output {
 
 impl Output {
     async fn create(io: &FileIO, path: String, layout: &Layout) -> Result<Self, MaintenanceError> {
-        let file = io
-            .new_output(&path)
-            .map_err(|e| write_err(&path, e))?
-            .writer()
-            .await
-            .map_err(|e| write_err(&path, e))?;
         let mut props =
             WriterProperties::builder().set_key_value_metadata(layout.key_values.clone());
         if let Some(by) = &layout.created_by {
@@ -276,14 +246,12 @@ impl Output {
             Arc::new(props.build()),
         )
         .map_err(|e| write_err(&path, e))?;
+        let upload = Upload::create(io, path.clone(), spool)
+            .await
+            .map_err(|e| write_err(&path, e))?;
         Ok(Self {
             writer,
-            upload: Upload {
-                path,
-                spool,
-                file,
-                size: 0,
-            },
+            upload,
             inputs: Vec::new(),
         })
     }
@@ -324,7 +292,7 @@ impl Output {
                 group
                     .append_column(&Chunk { start, bytes }, close)
                     .map_err(|e| write_err(&path, e))?;
-                self.upload.drain().await?;
+                self.upload.drain().await.map_err(|e| write_err(&path, e))?;
             }
             group.close().map_err(|e| write_err(&path, e))?;
         }
@@ -340,12 +308,7 @@ impl Output {
     ) -> Result<DataFile, MaintenanceError> {
         let path = self.upload.path.clone();
         let md = self.writer.close().map_err(|e| write_err(&path, e))?;
-        self.upload.drain().await?;
-        self.upload
-            .file
-            .close()
-            .await
-            .map_err(|e| write_err(&path, e))?;
+        self.upload.close().await.map_err(|e| write_err(&path, e))?;
         let rows: u64 = md.row_groups().iter().map(|rg| rg.num_rows() as u64).sum();
         let splits = md
             .row_groups()
