@@ -20,17 +20,22 @@ pub fn verify_mirror(
     extra: &[&str],
 ) -> Value {
     let conninfo = pg.conninfo("app");
-    python_json(
-        Command::new(python())
-            .arg(py_script("verify_mirror.py"))
-            .arg("--catalog-db")
-            .arg(work.catalog_db())
-            .arg("--warehouse")
-            .arg(work.warehouse())
-            .args(["--table", table, "--pk", pk, "--duckdb"])
-            .args(["--pg-conninfo", &conninfo, "--pg-query", query])
-            .args(extra),
+    let mut args = vec![
+        "--pk",
+        pk,
+        "--duckdb",
+        "--pg-conninfo",
+        &conninfo,
+        "--pg-query",
+        query,
+    ];
+    args.extend_from_slice(extra);
+    read_table(
         "verify_mirror.py",
+        &work.catalog_db(),
+        &work.warehouse(),
+        table,
+        &args,
     )
 }
 

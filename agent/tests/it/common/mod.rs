@@ -353,16 +353,28 @@ pub fn verify(work: &Workdir, table: &str, extra: &[&str]) -> Value {
 
 /// [`verify`] on the SQL catalog `catalog_db` with its `warehouse`.
 pub fn verify_at(catalog_db: &Path, warehouse: &Path, table: &str, extra: &[&str]) -> Value {
+    read_table("verify.py", catalog_db, warehouse, table, extra)
+}
+
+/// Run the reader `tests/py/<script>` on `table` of the SQL catalog `catalog_db` with its
+/// `warehouse`, with `extra` arguments; returns its JSON.
+pub fn read_table(
+    script: &str,
+    catalog_db: &Path,
+    warehouse: &Path,
+    table: &str,
+    extra: &[&str],
+) -> Value {
     python_json(
         Command::new(python())
-            .arg(py_script("verify.py"))
+            .arg(py_script(script))
             .arg("--catalog-db")
             .arg(catalog_db)
             .arg("--warehouse")
             .arg(warehouse)
             .args(["--table", table])
             .args(extra),
-        "verify.py",
+        script,
     )
 }
 
@@ -903,15 +915,12 @@ pub fn all_types_values(i: i64) -> String {
 /// Every data file's Iceberg statistics of `table` against what pyarrow reads in the file
 /// (`tests/py/file_stats.py`): `files`, `bounds_checked`, `mismatches`.
 pub fn file_stats(work: &Workdir, table: &str) -> Value {
-    python_json(
-        Command::new(python())
-            .arg(py_script("file_stats.py"))
-            .arg("--catalog-db")
-            .arg(work.catalog_db())
-            .arg("--warehouse")
-            .arg(work.warehouse())
-            .args(["--table", table]),
+    read_table(
         "file_stats.py",
+        &work.catalog_db(),
+        &work.warehouse(),
+        table,
+        &[],
     )
 }
 
