@@ -469,16 +469,7 @@ async fn a_streamed_transaction_of_every_type_is_encoded_early_with_exact_statis
     let want = 3_000 + 30 + 11 + 12 + 10;
     wait_rows(&work, "ns.all_types", want, 120).await;
     let text = agent.log_text();
-    let encoded: u64 = text
-        .lines()
-        .filter_map(|l| l.split("encoded_early=").nth(1))
-        .filter_map(|v| {
-            v.split(|c: char| !c.is_ascii_digit())
-                .next()?
-                .parse::<u64>()
-                .ok()
-        })
-        .sum();
+    let encoded = encoded_early(&text);
     assert!(
         encoded >= 3_000,
         "the streamed transaction's rows were encoded while it streamed: {encoded}\n{text}"

@@ -333,6 +333,12 @@ async fn sql_catalog_with_moto_s3_warehouse() {
         "",
     )
     .await;
+    // Past 64 kB a transaction streams while in progress: the one below is Parquet-encoded as
+    // it arrives and its file uploaded to the store at the commit (`sink/iceberg/early.rs`).
+    db.batch_execute("ALTER SYSTEM SET logical_decoding_work_mem = '64kB'")
+        .await
+        .unwrap();
+    db.batch_execute("SELECT pg_reload_conf()").await.unwrap();
     let (rc, out) = run_with_secret(&["check"], &cfg);
     assert_eq!(rc, 0, "check: {out}");
     assert!(!out.contains(SECRET), "S3 secret in check output");
@@ -343,17 +349,20 @@ async fn sql_catalog_with_moto_s3_warehouse() {
         &[("TEST_S3_SECRET", SECRET), ("RUST_LOG", "trace")],
     );
     agent.wait_streaming().await;
+    // One transaction (a multi-statement query): 20,000 inserts, 2,000 updates, 100 deletes.
     db.batch_execute(
-        "INSERT INTO t SELECT g, 'row ' || g, g * 1.25 FROM generate_series(1, 3000) g;
-         UPDATE t SET s = 'changed' WHERE id % 10 = 0; DELETE FROM t WHERE id > 2900;",
+        "INSERT INTO t SELECT g, 'row ' || g, g * 1.25 FROM generate_series(1, 20000) g;
+         UPDATE t SET s = 'changed' WHERE id % 10 = 0; DELETE FROM t WHERE id > 19900;",
     )
     .await
     .unwrap();
     let args = moto_reader_args(&work, &m);
-    wait_read_rows(&args, 3400, 90).await;
+    wait_read_rows(&args, 22_100, 90).await;
     let v = verify_against(&args, &pg, "SELECT id, s, n FROM t");
     assert_eq!(v["unique"], true);
     assert_eq!(v["state_equal"], true, "{}", v["state_diff"]);
+    let encoded = encoded_early(&agent.log_text());
+    assert!(encoded >= 16_384, "encoded while streaming: {encoded}");
     let lsns = v["lsn_properties"].as_array().unwrap();
     assert!(!lsns.is_empty(), "philotes.lsn in the snapshot summaries");
     let log = agent.log_text();

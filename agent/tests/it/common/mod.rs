@@ -912,6 +912,21 @@ pub fn all_types_values(i: i64) -> String {
     )
 }
 
+/// Rows of streamed transactions the agent's log says were Parquet-encoded while they
+/// streamed (`encoded_early=` of its debug line at each Stream Commit).
+pub fn encoded_early(log: &str) -> u64 {
+    log.lines()
+        .filter(|l| l.contains("converted rows handed to the writers"))
+        .filter_map(|l| l.rsplit("encoded_early=").next())
+        .filter_map(|v| {
+            v.split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum()
+}
+
 /// Every data file's Iceberg statistics of `table` against what pyarrow reads in the file
 /// (`tests/py/file_stats.py`): `files`, `bounds_checked`, `mismatches`.
 pub fn file_stats(work: &Workdir, table: &str) -> Value {
