@@ -766,7 +766,9 @@ impl Applier {
         }
         let early = s.early_mut();
         let seq = early.seq;
-        let et = early.table(idx, || (t.batch.empty_like(), t.columns.clone()));
+        let et = early.table(idx, || {
+            (t.batch.empty_like(), t.columns.clone(), t.mirror.is_some())
+        });
         // Commit LSN and time are stamped on at the commit.
         if et.batch.push(op, Lsn::ZERO, seq, 0, Some(tuple)).is_err() {
             // A value for the dead-letter table: the replay writes it there.
@@ -777,13 +779,13 @@ impl Applier {
         }
         et.counts[op_index(op)] += 1;
         early.seq += 1;
-        // A changelog alone takes its rows encoded as they come; a mirror beside it takes
-        // the batches themselves.
+        // A changelog takes its rows encoded as they come; a mirror (alone, or beside the
+        // changelog) takes the batches themselves at the commit.
         early.seal(
             idx,
             self.cfg.batch_rows.min(SEAL_ROWS),
             self.cfg.batch_bytes.min(SEAL_BYTES),
-            || t.mirror.is_none().then(|| t.sink.early_file()).flatten(),
+            || t.sink.early_file(),
         )?;
         Ok(true)
     }
@@ -962,27 +964,22 @@ impl Applier {
             // Rows of earlier transactions go first (a mirror applies them in order).
             self.spill(idx).await?;
             let (layout, batches, file) = et.finish()?;
+            let stamped = batches
+                .into_iter()
+                .map(|(b, moved)| Ok((layout.stamp(&b, lsn, ts_micros)?, moved)))
+                .collect::<Result<Vec<_>, BatchError>>()?;
+            let t = &mut self.tables[idx];
+            if let Some(m) = t.mirror.as_mut() {
+                for (b, moved) in &stamped {
+                    m.write_moved(b.clone(), moved).await?;
+                }
+            }
             let w = match file {
                 Some(file) => {
                     encoded += file.rows();
-                    self.tables[idx]
-                        .sink
-                        .add_early(file, lsn, ts_micros)
-                        .await?
+                    t.sink.add_early(file, lsn, ts_micros).await?
                 }
-                None => {
-                    let stamped = batches
-                        .into_iter()
-                        .map(|(b, moved)| Ok((layout.stamp(&b, lsn, ts_micros)?, moved)))
-                        .collect::<Result<Vec<_>, BatchError>>()?;
-                    let t = &mut self.tables[idx];
-                    if let Some(m) = t.mirror.as_mut() {
-                        for (b, moved) in &stamped {
-                            m.write_moved(b.clone(), moved).await?;
-                        }
-                    }
-                    t.sink.write_spread(stamped).await?
-                }
+                None => t.sink.write_spread(stamped).await?,
             };
             let t = &mut self.tables[idx];
             if w.files > 0 {

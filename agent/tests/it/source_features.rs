@@ -882,6 +882,7 @@ async fn streamed_transactions_convert_as_they_arrive_and_replay_the_rest() {
 
 /// A large transaction converted ahead of its commit reaches a mirror in order: key changes,
 /// updates of rows inserted earlier in the same transaction and deletes fold to the source.
+/// The changelog beside the mirror takes the same rows encoded while they stream.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_streamed_transaction_converted_early_folds_into_the_mirror() {
     let mut opts = LocalPgOptions::default();
@@ -892,8 +893,9 @@ async fn a_streamed_transaction_converted_early_folds_into_the_mirror() {
         "CREATE TABLE big (id int PRIMARY KEY, v text, pad text);
          INSERT INTO big SELECT g, 'seed', 'p' FROM generate_series(1, 100) g;",
         &["big"],
-        "mode = \"both\"\nsnapshot = \"initial\"",
-        "",
+        // Batches of 2,000 rows: the transaction fills several before its commit.
+        "mode = \"both\"\nsnapshot = \"initial\"\nbatch_rows = 2000",
+        "[telemetry]\nlog_level = \"debug\"\n",
     )
     .await;
     let log = p.log();
@@ -937,6 +939,14 @@ async fn a_streamed_transaction_converted_early_folds_into_the_mirror() {
         "{}",
         changelog["state_diff"]
     );
+    // 19,900 inserts, then ~2,700 updates, ~1,800 deletes and ~1,500 key moves.
+    let encoded = encoded_early(&agent.log_text());
+    assert!(
+        encoded >= 18_000,
+        "the changelog's rows were encoded while the transaction streamed: {encoded}"
+    );
+    let s = file_stats(&work, "ns.big_changelog");
+    assert_eq!(s["mismatches"], serde_json::json!([]), "{s}");
     assert!(
         !agent.log_text().contains("pipeline failed"),
         "{}",

@@ -38,8 +38,12 @@ pub(super) struct EarlyTable {
     pub(super) idx: usize,
     /// Builders of the table's layout when the first row came.
     pub(super) batch: TableBatch,
-    /// Batches finished so far (the builders are kept small), unless they went to `file`.
+    /// Batches finished so far (the builders are kept small), unless they went to `file`
+    /// alone.
     pub(super) done: Vec<Finished>,
+    /// A mirror beside the table takes the batches themselves at the commit: they are kept
+    /// even while `file` encodes them for the changelog.
+    pub(super) keep: bool,
     /// The table's Parquet file being encoded from the finished batches, when the table
     /// takes one (opened at the first batch finished).
     pub(super) file: Option<EarlyFile>,
@@ -144,20 +148,22 @@ impl Early {
                 .sum::<u64>()
     }
 
-    /// Table `idx`'s converted rows, started with `start` (builders, relation) on its first.
+    /// Table `idx`'s converted rows, started with `start` (builders, relation, whether a
+    /// mirror takes the batches) on its first.
     pub(super) fn table(
         &mut self,
         idx: usize,
-        start: impl FnOnce() -> (TableBatch, Vec<RelationColumn>),
+        start: impl FnOnce() -> (TableBatch, Vec<RelationColumn>, bool),
     ) -> &mut EarlyTable {
         let pos = match self.tables.iter().position(|t| t.idx == idx) {
             Some(p) => p,
             None => {
-                let (batch, columns) = start();
+                let (batch, columns, keep) = start();
                 self.tables.push(EarlyTable {
                     idx,
                     batch,
                     done: Vec::new(),
+                    keep,
                     file: None,
                     columns,
                     counts: [0; 4],
@@ -193,7 +199,14 @@ impl Early {
             }
             match &mut t.file {
                 // Counted by the file from now on: queued, then encoded.
-                Some(f) => f.send(b.0),
+                Some(f) if !t.keep => f.send(b.0),
+                // The batch's arrays are shared with the file's queue (counted twice until
+                // encoded: the budget errs on the safe side).
+                Some(f) => {
+                    f.send(b.0.clone());
+                    self.done_bytes += held;
+                    t.done.push(b);
+                }
                 None => {
                     self.done_bytes += held;
                     t.done.push(b);
@@ -205,15 +218,19 @@ impl Early {
 }
 
 impl EarlyTable {
-    /// Every converted row: as batches in order, or in the early file (which takes the
-    /// last batch too).
+    /// Every converted row: as batches in order (for a mirror beside the table, or when
+    /// there is no early file), and in the early file (which takes the last batch too).
     pub(super) fn finish(
         mut self,
     ) -> Result<(TableBatch, Vec<Finished>, Option<EarlyFile>), crate::pipeline::batch::BatchError>
     {
         if let Some(b) = self.batch.finish()? {
             match &mut self.file {
-                Some(f) => f.send(b.0),
+                Some(f) if !self.keep => f.send(b.0),
+                Some(f) => {
+                    f.send(b.0.clone());
+                    self.done.push(b);
+                }
                 None => self.done.push(b),
             }
         }
