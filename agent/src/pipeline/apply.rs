@@ -969,17 +969,28 @@ impl Applier {
                 .map(|(b, moved)| Ok((layout.stamp(&b, lsn, ts_micros)?, moved)))
                 .collect::<Result<Vec<_>, BatchError>>()?;
             let t = &mut self.tables[idx];
-            if let Some(m) = t.mirror.as_mut() {
-                for (b, moved) in &stamped {
-                    m.write_moved(b.clone(), moved).await?;
-                }
-            }
             let w = match file {
+                // The changelog's file first: its encoded chunks are freed before a mirror
+                // beside it encodes the kept batches (both at once raised the peak by the
+                // file's size).
                 Some(file) => {
                     encoded += file.rows();
-                    t.sink.add_early(file, lsn, ts_micros).await?
+                    let w = t.sink.add_early(file, lsn, ts_micros).await?;
+                    if let Some(m) = t.mirror.as_mut() {
+                        for (b, moved) in stamped {
+                            m.write_moved(b, &moved).await?;
+                        }
+                    }
+                    w
                 }
-                None => t.sink.write_spread(stamped).await?,
+                None => {
+                    if let Some(m) = t.mirror.as_mut() {
+                        for (b, moved) in &stamped {
+                            m.write_moved(b.clone(), moved).await?;
+                        }
+                    }
+                    t.sink.write_spread(stamped).await?
+                }
             };
             let t = &mut self.tables[idx];
             if w.files > 0 {
