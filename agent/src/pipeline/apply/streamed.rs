@@ -144,7 +144,17 @@ impl Early {
             + self
                 .tables
                 .iter()
-                .map(|t| t.batch.bytes() as u64 + t.file.as_ref().map_or(0, EarlyFile::held))
+                .map(|t| {
+                    let file = t.file.as_ref().map_or(0, |f| {
+                        // Kept batches are counted in `done_bytes`; the file's queue shares them.
+                        if t.keep {
+                            f.encoded()
+                        } else {
+                            f.held()
+                        }
+                    });
+                    t.batch.bytes() as u64 + file
+                })
                 .sum::<u64>()
     }
 
@@ -200,8 +210,7 @@ impl Early {
             match &mut t.file {
                 // Counted by the file from now on: queued, then encoded.
                 Some(f) if !t.keep => f.send(b.0),
-                // The batch's arrays are shared with the file's queue (counted twice until
-                // encoded: the budget errs on the safe side).
+                // Kept for the mirror too: the file's queue shares the batch's arrays.
                 Some(f) => {
                     f.send(b.0.clone());
                     self.done_bytes += held;

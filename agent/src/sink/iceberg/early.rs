@@ -136,6 +136,12 @@ impl EarlyFile {
         self.held.queued.load(Ordering::Relaxed) + self.held.encoded.load(Ordering::Relaxed)
     }
 
+    /// Bytes of the encoded column chunks alone (for rows whose batches are held elsewhere
+    /// too, the queue shares their arrays).
+    pub fn encoded(&self) -> u64 {
+        self.held.encoded.load(Ordering::Relaxed)
+    }
+
     /// Rows handed over.
     pub fn rows(&self) -> u64 {
         self.rows
