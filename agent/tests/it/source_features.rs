@@ -955,6 +955,58 @@ async fn a_streamed_transaction_converted_early_folds_into_the_mirror() {
     assert_eq!(agent.terminate(), Some(0));
 }
 
+/// Long strings in files of several row groups: every file's bounds hold every row. Parquet
+/// truncated long minimums and maximums in its row-group statistics, and a file's bounds were
+/// built from the exact ones alone, so a file whose smallest value was long and sat in another
+/// row group than a short one got a lower bound above that value (engines skip such a file
+/// for `s = <that value>`). Rows arrive in the transaction's order, so the long smallest value
+/// (row 1) lands in the first row group and the short one (`00000002`) in the last.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_strings_across_row_groups_keep_bounds_that_hold_every_row() {
+    let mut opts = LocalPgOptions::default();
+    opts.settings
+        .push(("logical_decoding_work_mem".into(), "64kB".into()));
+    let (pg, db, work, cfg) = prepare_with(
+        opts,
+        "CREATE TABLE ls (id int PRIMARY KEY, s text)",
+        &["ls"],
+        "mode = \"both\"\nmax_buffer_bytes = \"1GiB\"",
+        "[telemetry]\nlog_level = \"debug\"\n",
+    )
+    .await
+    .parts();
+    let log = work.path().join("agent.log");
+    let agent = AgentProc::start_streaming(&cfg, &log).await;
+    // ~960 hex characters per row (~0.5 kB compressed): 80,000 rows pass the 32 MiB a row
+    // group holds.
+    db.batch_execute(
+        "BEGIN;
+         INSERT INTO ls SELECT g, lpad(g::text, 8, '0') ||
+           (SELECT string_agg(md5(g::text || i::text), '') FROM generate_series(1, 30) i)
+         FROM generate_series(1, 80000) g;
+         INSERT INTO ls VALUES (0, '00000002');
+         COMMIT;",
+    )
+    .await
+    .unwrap();
+    let query = "SELECT id, s FROM ls";
+    let v = crate::mirror::wait_mirrored_with(&work, "ns.ls", &pg, query, "id", &[]).await;
+    assert_eq!(v["rows"], 80_001, "{v}");
+    wait_rows(&work, "ns.ls_changelog", 80_001, 120).await;
+    assert!(
+        encoded_early(&agent.log_text()) > 0,
+        "the changelog's file was encoded while the transaction streamed"
+    );
+    for table in ["ns.ls", "ns.ls_changelog"] {
+        let s = file_stats(&work, table);
+        assert_eq!(s["mismatches"], serde_json::json!([]), "{table}: {s}");
+        assert!(s["bounds_checked"].as_u64().unwrap() >= 4, "{table}: {s}");
+        // A data file holds more than one row group (else this test shows nothing).
+        assert!(s["row_groups_max"].as_u64().unwrap() >= 2, "{table}: {s}");
+    }
+    assert_eq!(agent.terminate(), Some(0));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_source_tables_with_one_iceberg_name_are_refused_not_mixed() {
     // `a.b` and `public.a__b` both map to Iceberg `ns.a__b`; the second joins through the

@@ -4,9 +4,12 @@
 For each data file of the current snapshot (PyIceberg's scan plan), reads the Parquet file
 with pyarrow and compares what the manifest says with what the file holds: the record count,
 and per top-level primitive column the value and null counts and the lower and upper bounds
-(a bound may be absent, as for a truncated string; one that is present must be the column's
-exact minimum or maximum, NaN left out). A wrong bound makes engines skip files that hold
-matching rows. Prints one JSON object; nothing here uses Philotes code.
+(a bound may be absent; one that is present must be the column's exact minimum or maximum,
+NaN left out, or for a string or binary value longer than 16 characters (bytes) Iceberg's
+default truncation of it: the first 16 for a lower bound, the first 16 with the last one
+incremented for an upper bound). A wrong bound makes engines skip files that hold matching
+rows. Also reports the most row groups a file has. Prints one JSON object; nothing here uses
+Philotes code.
 """
 import argparse
 import json
@@ -33,6 +36,34 @@ def comparable(v):
         return ((v.hour * 60 + v.minute) * 60 + v.second) * 1_000_000 + v.microsecond
     if isinstance(v, (bytearray, memoryview)):
         return bytes(v)
+    return v
+
+
+TRUNCATE = 16
+
+
+def truncated(v, upper):
+    """Iceberg's truncate(16) form of a string or binary bound (None: no bound possible)."""
+    if isinstance(v, str) and len(v) > TRUNCATE:
+        cut = list(v[:TRUNCATE])
+        if not upper:
+            return "".join(cut)
+        while cut:
+            c = ord(cut.pop()) + 1
+            if 0xD800 <= c <= 0xDFFF:
+                c = 0xE000
+            if c <= 0x10FFFF:
+                return "".join(cut) + chr(c)
+        return None
+    if isinstance(v, bytes) and len(v) > TRUNCATE:
+        cut = bytearray(v[:TRUNCATE])
+        if not upper:
+            return bytes(cut)
+        while cut:
+            b = cut.pop()
+            if b < 0xFF:
+                return bytes(cut) + bytes([b + 1])
+        return None
     return v
 
 
@@ -64,18 +95,20 @@ def main():
 
     import pyarrow.parquet as pq
     from pyiceberg.conversions import from_bytes
-    from pyiceberg.types import PrimitiveType
+    from pyiceberg.types import FixedType, PrimitiveType, UUIDType
 
     table = open_catalog(args).load_table(args.table)
     schema = table.schema()
     files = 0
     bounds = 0
+    row_groups = 0
     mismatches = []
     for task in table.scan().plan_files():
         f = task.file
         files += 1
         path = f.file_path.removeprefix("file://")
         pf = pq.read_table(path)
+        row_groups = max(row_groups, pq.ParquetFile(path).metadata.num_row_groups)
         if f.record_count != pf.num_rows:
             mismatches.append(f"{path}: record_count {f.record_count} != {pf.num_rows}")
         for i, name in enumerate(pf.column_names):
@@ -88,6 +121,8 @@ def main():
             if not isinstance(field.field_type, PrimitiveType):
                 continue
             values, nulls, lo, hi = column_facts(pf.column(i))
+            if not isinstance(field.field_type, (FixedType, UUIDType)):
+                lo, hi = truncated(lo, False), truncated(hi, True)
             where = f"{os.path.basename(path)} {name}"
             if (f.value_counts or {}).get(fid) != values:
                 mismatches.append(f"{where}: value_count {(f.value_counts or {}).get(fid)} != {values}")
@@ -107,7 +142,12 @@ def main():
                     mismatches.append(f"{where}: {side} bound NaN")
                 elif a != b:
                     mismatches.append(f"{where}: {side} bound {got!r} != {want!r}")
-    print(json.dumps({"files": files, "bounds_checked": bounds, "mismatches": mismatches[:50]}))
+    print(json.dumps({
+        "files": files,
+        "bounds_checked": bounds,
+        "row_groups_max": row_groups,
+        "mismatches": mismatches[:50],
+    }))
 
 
 if __name__ == "__main__":

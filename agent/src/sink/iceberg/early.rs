@@ -477,6 +477,7 @@ fn data_file(
     let mut nulls: HashMap<i32, u64> = HashMap::new();
     let mut lower: HashMap<i32, Datum> = HashMap::new();
     let mut upper: HashMap<i32, Datum> = HashMap::new();
+    let (mut inexact_min, mut inexact_max) = (Vec::new(), Vec::new());
     let mut rows = 0u64;
     let mut splits = Vec::new();
     for rg in meta.row_groups() {
@@ -501,18 +502,27 @@ fn data_file(
             let Some(Type::Primitive(ty)) = schema.field_by_id(id).map(|f| &*f.field_type) else {
                 continue;
             };
-            if stats.min_is_exact() {
-                if let Some(d) = bound(ty, stats, false)? {
-                    keep(&mut lower, id, d, std::cmp::Ordering::Less);
-                }
+            // The statistics are written exact; were one not, the column gets no bound
+            // rather than one built from the other row groups alone.
+            if !stats.min_is_exact() {
+                inexact_min.push(id);
+            } else if let Some(d) = bound(ty, stats, false)? {
+                keep(&mut lower, id, d, std::cmp::Ordering::Less);
             }
-            if stats.max_is_exact() {
-                if let Some(d) = bound(ty, stats, true)? {
-                    keep(&mut upper, id, d, std::cmp::Ordering::Greater);
-                }
+            if !stats.max_is_exact() {
+                inexact_max.push(id);
+            } else if let Some(d) = bound(ty, stats, true)? {
+                keep(&mut upper, id, d, std::cmp::Ordering::Greater);
             }
         }
     }
+    for id in inexact_min {
+        lower.remove(&id);
+    }
+    for id in inexact_max {
+        upper.remove(&id);
+    }
+    super::bounds::truncate(&mut lower, &mut upper);
     let mut b = DataFileBuilder::default();
     b.content(DataContentType::Data)
         .file_path(path)

@@ -1,5 +1,6 @@
 //! Iceberg sink: catalog (sql|rest), changelog schema, Parquet writing, commits with the LSN checkpoint.
 
+pub mod bounds;
 pub mod catalog;
 pub mod commit;
 pub mod dead_letters;

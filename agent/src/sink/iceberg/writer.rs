@@ -140,7 +140,10 @@ pub(crate) fn parquet_properties(
         ))
         .set_max_row_group_row_count(Some(MAX_ROW_GROUP_ROWS))
         .set_max_row_group_bytes(Some(MAX_ROW_GROUP_BYTES))
-        .set_dictionary_page_size_limit(DICTIONARY_PAGE_BYTES);
+        .set_dictionary_page_size_limit(DICTIONARY_PAGE_BYTES)
+        // Exact row-group statistics: a file's bounds are built from them, and a truncated
+        // (inexact) one is left out of that, which made bounds exclude rows (`bounds.rs`).
+        .set_statistics_truncate_length(None);
     // Every column buffers a data page and a dictionary of its own while the row group fills:
     // on a wide table (hundreds of columns) their defaults add up to hundreds of MiB.
     let columns = schema.as_struct().fields().len().max(1);
@@ -212,12 +215,18 @@ async fn write_files(
         ),
     };
     let builder = DataFileWriterBuilder::new(rolling);
+    let short = |files: Vec<DataFile>| {
+        files
+            .into_iter()
+            .map(|f| super::bounds::truncated_file(f, spec.spec_id()).map_err(SinkError::Write))
+            .collect::<Result<Vec<_>, SinkError>>()
+    };
     if spec.is_unpartitioned() {
         let mut w = builder.build(None).await.map_err(werr)?;
         while let Some(batch) = rx.recv().await {
             w.write(batch).await.map_err(werr)?;
         }
-        return w.close().await.map_err(werr);
+        return short(w.close().await.map_err(werr)?);
     }
     let splitter =
         RecordBatchPartitionSplitter::try_new_with_computed_values(schema.clone(), spec.clone())
@@ -245,7 +254,7 @@ async fn write_files(
             }
         }
     }
-    fanout.close().await.map_err(werr)
+    short(fanout.close().await.map_err(werr)?)
 }
 
 #[cfg(test)]

@@ -101,7 +101,8 @@ impl DataWriter {
             b.content(DataContentType::Data)
                 .partition(Struct::empty())
                 .partition_spec_id(spec_id);
-            files.push(b.build().map_err(werr)?);
+            let f = b.build().map_err(werr)?;
+            files.push(crate::sink::iceberg::bounds::truncated_file(f, spec_id).map_err(werr)?);
         }
         Ok(files.into_iter().next())
     }
