@@ -969,28 +969,24 @@ impl Applier {
                 .map(|(b, moved)| Ok((layout.stamp(&b, lsn, ts_micros)?, moved)))
                 .collect::<Result<Vec<_>, BatchError>>()?;
             let t = &mut self.tables[idx];
-            let w = match file {
-                // The changelog's file first: its encoded chunks are freed before a mirror
-                // beside it encodes the kept batches (both at once raised the peak by the
-                // file's size).
+            // The changelog's early file first: its encoded chunks are freed before a mirror
+            // beside it encodes the kept batches (both at once raised the peak by the file's
+            // size).
+            let early = match file {
                 Some(file) => {
                     encoded += file.rows();
-                    let w = t.sink.add_early(file, lsn, ts_micros).await?;
-                    if let Some(m) = t.mirror.as_mut() {
-                        for (b, moved) in stamped {
-                            m.write_moved(b, &moved).await?;
-                        }
-                    }
-                    w
+                    Some(t.sink.add_early(file, lsn, ts_micros).await?)
                 }
-                None => {
-                    if let Some(m) = t.mirror.as_mut() {
-                        for (b, moved) in &stamped {
-                            m.write_moved(b.clone(), moved).await?;
-                        }
-                    }
-                    t.sink.write_spread(stamped).await?
+                None => None,
+            };
+            if let Some(m) = t.mirror.as_mut() {
+                for (b, moved) in &stamped {
+                    m.write_moved(b.clone(), moved).await?;
                 }
+            }
+            let w = match early {
+                Some(w) => w,
+                None => t.sink.write_spread(stamped).await?,
             };
             let t = &mut self.tables[idx];
             if w.files > 0 {
