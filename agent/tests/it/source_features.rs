@@ -394,12 +394,20 @@ async fn a_table_that_joined_and_left_streams_without_looping() {
     assert_eq!(agent.terminate(), Some(0));
 }
 
-/// A server that streams transactions in progress after 64 kB of decoded changes, with table
-/// `big` (id, v, pad) and a config for it.
-async fn prepare_streamed_big() -> Prepared {
+/// Server options under which a transaction is streamed while in progress once it has 64 kB
+/// of decoded changes (the smallest `logical_decoding_work_mem`), so that tests need only
+/// a few thousand rows to take the streamed path.
+fn streams_in_progress() -> LocalPgOptions {
     let mut opts = LocalPgOptions::default();
     opts.settings
         .push(("logical_decoding_work_mem".into(), "64kB".into()));
+    opts
+}
+
+/// A server that streams transactions in progress after 64 kB of decoded changes, with table
+/// `big` (id, v, pad) and a config for it.
+async fn prepare_streamed_big() -> Prepared {
+    let opts = streams_in_progress();
     prepare_with(
         opts,
         "CREATE TABLE big (id int PRIMARY KEY, v text, pad text)",
@@ -430,9 +438,7 @@ async fn stream_txns(pg: &TestPg, slot: &str) -> i64 {
 /// the file (a wrong bound would make engines skip rows).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_streamed_transaction_of_every_type_is_encoded_early_with_exact_statistics() {
-    let mut opts = LocalPgOptions::default();
-    opts.settings
-        .push(("logical_decoding_work_mem".into(), "64kB".into()));
+    let opts = streams_in_progress();
     let (pg, db, work, cfg) = prepare_with(
         opts,
         ALL_TYPES,
@@ -639,9 +645,7 @@ async fn prepared_transactions_land_at_commit_prepared_once_and_rolled_back_ones
     // Two-phase commit (PREPARE TRANSACTION, as XA transaction managers use it): with the
     // slot's two_phase off the server decodes a prepared transaction at COMMIT PREPARED, and a
     // large one is streamed in progress before that; ROLLBACK PREPARED aborts it.
-    let mut opts = LocalPgOptions::default();
-    opts.settings
-        .push(("logical_decoding_work_mem".into(), "64kB".into()));
+    let mut opts = streams_in_progress();
     opts.settings
         .push(("max_prepared_transactions".into(), "4".into()));
     let Prepared {
@@ -732,9 +736,7 @@ async fn converted_bytes(agent: &AgentProc) -> f64 {
 /// streamed transaction that rolls back never reaches the Iceberg schema.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streamed_transactions_convert_as_they_arrive_and_replay_the_rest() {
-    let mut opts = LocalPgOptions::default();
-    opts.settings
-        .push(("logical_decoding_work_mem".into(), "64kB".into()));
+    let opts = streams_in_progress();
     let p = prepare_with(
         opts,
         "CREATE TABLE big (id int PRIMARY KEY, v text, amount numeric(8,2))",
@@ -885,9 +887,7 @@ async fn streamed_transactions_convert_as_they_arrive_and_replay_the_rest() {
 /// The changelog beside the mirror takes the same rows encoded while they stream.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_streamed_transaction_converted_early_folds_into_the_mirror() {
-    let mut opts = LocalPgOptions::default();
-    opts.settings
-        .push(("logical_decoding_work_mem".into(), "64kB".into()));
+    let opts = streams_in_progress();
     let p = prepare_with(
         opts,
         "CREATE TABLE big (id int PRIMARY KEY, v text, pad text);
@@ -963,9 +963,7 @@ async fn a_streamed_transaction_converted_early_folds_into_the_mirror() {
 /// (row 1) lands in the first row group and the short one (`00000002`) in the last.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn long_strings_across_row_groups_keep_bounds_that_hold_every_row() {
-    let mut opts = LocalPgOptions::default();
-    opts.settings
-        .push(("logical_decoding_work_mem".into(), "64kB".into()));
+    let opts = streams_in_progress();
     let (pg, db, work, cfg) = prepare_with(
         opts,
         "CREATE TABLE ls (id int PRIMARY KEY, s text)",
@@ -1097,9 +1095,7 @@ async fn a_spool_error_is_counted_once_per_attempt_and_recovers() {
 /// (final report and CopyDone) and progress reported while nothing changes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_unix_socket_source_streams_exactly_once_across_kill_and_stop() {
-    let mut opts = LocalPgOptions::default();
-    opts.settings
-        .push(("logical_decoding_work_mem".into(), "64kB".into()));
+    let opts = streams_in_progress();
     let pg = TestPg::start_with(opts);
     let db = pg.create_db("app").await;
     db.batch_execute(

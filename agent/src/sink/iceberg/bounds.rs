@@ -48,6 +48,17 @@ pub fn truncated_file(file: DataFile, spec_id: i32) -> Result<DataFile, String> 
     let mut lower = file.lower_bounds().clone();
     let mut upper = file.upper_bounds().clone();
     truncate(&mut lower, &mut upper);
+    with_bounds(&file, spec_id, lower, upper)
+}
+
+/// `file` described with bounds `lower` and `upper` instead of its own; every other field as
+/// it is. `spec_id` is the partition spec the file was written for.
+pub fn with_bounds(
+    file: &DataFile,
+    spec_id: i32,
+    lower: HashMap<i32, Datum>,
+    upper: HashMap<i32, Datum>,
+) -> Result<DataFile, String> {
     let mut b = DataFileBuilder::default();
     b.content(file.content_type())
         .file_path(file.file_path().to_string())

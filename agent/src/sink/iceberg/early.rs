@@ -31,7 +31,6 @@ use parquet::arrow::arrow_writer::{
 use parquet::arrow::ArrowWriter;
 use parquet::errors::ParquetError;
 use parquet::file::metadata::ParquetMetaData;
-use parquet::file::statistics::Statistics;
 use parquet::file::writer::SerializedFileWriter;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -461,8 +460,8 @@ impl Encoder {
     }
 }
 
-/// The Iceberg description of a file the agent wrote: counts, sizes and bounds from its
-/// Parquet footer, by the field id of each leaf column.
+/// The Iceberg description of a file the agent wrote, from its Parquet footer
+/// ([`super::footer`]) and the NaNs counted while encoding.
 fn data_file(
     schema: &Schema,
     meta: &ParquetMetaData,
@@ -472,150 +471,21 @@ fn data_file(
     spec_id: i32,
     nans: HashMap<i32, u64>,
 ) -> Result<DataFile, SinkError> {
-    let mut sizes: HashMap<i32, u64> = HashMap::new();
-    let mut values: HashMap<i32, u64> = HashMap::new();
-    let mut nulls: HashMap<i32, u64> = HashMap::new();
-    let mut lower: HashMap<i32, Datum> = HashMap::new();
-    let mut upper: HashMap<i32, Datum> = HashMap::new();
-    let (mut inexact_min, mut inexact_max) = (Vec::new(), Vec::new());
-    let mut rows = 0u64;
-    let mut splits = Vec::new();
-    for rg in meta.row_groups() {
-        rows += rg.num_rows() as u64;
-        if let Some(c) = rg.columns().first() {
-            splits.push(c.dictionary_page_offset().unwrap_or(c.data_page_offset()));
-        }
-        for c in rg.columns() {
-            let info = c.column_descr().self_type().get_basic_info();
-            if !info.has_id() {
-                continue;
-            }
-            let id = info.id();
-            *sizes.entry(id).or_insert(0) += c.compressed_size() as u64;
-            *values.entry(id).or_insert(0) += c.num_values() as u64;
-            let Some(stats) = c.statistics() else {
-                continue;
-            };
-            if let Some(n) = stats.null_count_opt() {
-                *nulls.entry(id).or_insert(0) += n;
-            }
-            let Some(Type::Primitive(ty)) = schema.field_by_id(id).map(|f| &*f.field_type) else {
-                continue;
-            };
-            // The statistics are written exact; were one not, the column gets no bound
-            // rather than one built from the other row groups alone.
-            if !stats.min_is_exact() {
-                inexact_min.push(id);
-            } else if let Some(d) = bound(ty, stats, false)? {
-                keep(&mut lower, id, d, std::cmp::Ordering::Less);
-            }
-            if !stats.max_is_exact() {
-                inexact_max.push(id);
-            } else if let Some(d) = bound(ty, stats, true)? {
-                keep(&mut upper, id, d, std::cmp::Ordering::Greater);
-            }
-        }
-    }
-    for id in inexact_min {
-        lower.remove(&id);
-    }
-    for id in inexact_max {
-        upper.remove(&id);
-    }
-    super::bounds::truncate(&mut lower, &mut upper);
+    let s = super::footer::read(schema, meta).map_err(werr)?;
     let mut b = DataFileBuilder::default();
     b.content(DataContentType::Data)
         .file_path(path)
         .file_format(DataFileFormat::Parquet)
         .partition(partition)
         .partition_spec_id(spec_id)
-        .record_count(rows)
+        .record_count(s.rows)
         .file_size_in_bytes(size)
-        .column_sizes(sizes)
-        .value_counts(values)
-        .null_value_counts(nulls)
+        .column_sizes(s.sizes)
+        .value_counts(s.values)
+        .null_value_counts(s.nulls)
         .nan_value_counts(nans)
-        .lower_bounds(lower)
-        .upper_bounds(upper)
-        .split_offsets(Some(splits));
+        .lower_bounds(s.lower)
+        .upper_bounds(s.upper)
+        .split_offsets(Some(s.splits));
     b.build().map_err(werr)
-}
-
-/// Keep `d` for `id` when it is further in direction `keep` than the bound held.
-fn keep(bounds: &mut HashMap<i32, Datum>, id: i32, d: Datum, keep: std::cmp::Ordering) {
-    match bounds.get(&id) {
-        Some(held) if d.partial_cmp(held) != Some(keep) => {}
-        _ => {
-            bounds.insert(id, d);
-        }
-    }
-}
-
-/// A column chunk's minimum (or maximum, `max`) as an Iceberg value of type `ty`; None when
-/// the chunk has none (all nulls). Types the agent does not write get no bound.
-fn bound(ty: &PrimitiveType, s: &Statistics, max: bool) -> Result<Option<Datum>, SinkError> {
-    macro_rules! pick {
-        ($v:expr) => {
-            match if max { $v.max_opt() } else { $v.min_opt() } {
-                Some(v) => v,
-                None => return Ok(None),
-            }
-        };
-    }
-    let bytes = |s: &Statistics| -> Option<Vec<u8>> {
-        if max {
-            s.max_bytes_opt().map(<[u8]>::to_vec)
-        } else {
-            s.min_bytes_opt().map(<[u8]>::to_vec)
-        }
-    };
-    let d = match (ty, s) {
-        (PrimitiveType::Boolean, Statistics::Boolean(v)) => Datum::bool(*pick!(v)),
-        (PrimitiveType::Int, Statistics::Int32(v)) => Datum::int(*pick!(v)),
-        (PrimitiveType::Date, Statistics::Int32(v)) => Datum::date(*pick!(v)),
-        (PrimitiveType::Long, Statistics::Int64(v)) => Datum::long(*pick!(v)),
-        (PrimitiveType::Time, Statistics::Int64(v)) => {
-            Datum::time_micros(*pick!(v)).map_err(werr)?
-        }
-        (PrimitiveType::Timestamp, Statistics::Int64(v)) => Datum::timestamp_micros(*pick!(v)),
-        (PrimitiveType::Timestamptz, Statistics::Int64(v)) => Datum::timestamptz_micros(*pick!(v)),
-        (PrimitiveType::Float, Statistics::Float(v)) => Datum::float(*pick!(v)),
-        (PrimitiveType::Double, Statistics::Double(v)) => Datum::double(*pick!(v)),
-        (PrimitiveType::String, Statistics::ByteArray(v)) => {
-            Datum::string(pick!(v).as_utf8().map_err(werr)?)
-        }
-        (PrimitiveType::Binary, Statistics::ByteArray(_)) => match bytes(s) {
-            Some(b) => Datum::binary(b),
-            None => return Ok(None),
-        },
-        (PrimitiveType::Decimal { .. }, Statistics::Int32(v)) => {
-            decimal(ty, &i128::from(*pick!(v)).to_be_bytes())?
-        }
-        (PrimitiveType::Decimal { .. }, Statistics::Int64(v)) => {
-            decimal(ty, &i128::from(*pick!(v)).to_be_bytes())?
-        }
-        (
-            PrimitiveType::Decimal { .. },
-            Statistics::FixedLenByteArray(_) | Statistics::ByteArray(_),
-        ) => match bytes(s) {
-            Some(b) => decimal(ty, &b)?,
-            None => return Ok(None),
-        },
-        (PrimitiveType::Uuid, Statistics::FixedLenByteArray(_)) => match bytes(s) {
-            Some(b) => Datum::uuid(uuid::Uuid::from_slice(&b).map_err(werr)?),
-            None => return Ok(None),
-        },
-        (PrimitiveType::Fixed(_), Statistics::FixedLenByteArray(_)) => match bytes(s) {
-            Some(b) => Datum::fixed(b),
-            None => return Ok(None),
-        },
-        _ => return Ok(None),
-    };
-    Ok(Some(d))
-}
-
-/// A decimal bound from its unscaled value's big-endian two's-complement bytes (Iceberg's
-/// single-value form, which Parquet's fixed-length decimals share).
-fn decimal(ty: &PrimitiveType, be: &[u8]) -> Result<Datum, SinkError> {
-    Datum::try_from_bytes(be, ty.clone()).map_err(werr)
 }

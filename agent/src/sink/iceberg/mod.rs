@@ -7,6 +7,7 @@ pub mod dead_letters;
 pub mod debt;
 pub mod early;
 pub mod evolve;
+pub mod footer;
 pub mod hygiene;
 pub mod maintenance;
 pub mod manifests;

@@ -179,6 +179,10 @@ fn has_properties(table: &Table, props: &[(&str, &str)]) -> bool {
 
 /// Table property marking the tables the agent created (the ones its maintenance looks after).
 pub const CREATED_BY_PROPERTY: &str = "philotes.created-by";
+/// Set once every live data file's column bounds are known to hold its rows: at creation
+/// (the agent writes exact statistics), or by maintenance after it repaired the files of a
+/// table written before (`maintenance/repair.rs`).
+pub const BOUNDS_PROPERTY: &str = "philotes.bounds-checked";
 
 /// Table property naming the source table an Iceberg table holds (`schema.table`).
 pub const SOURCE_TABLE_PROPERTY: &str = "philotes.source-table";
@@ -268,6 +272,7 @@ impl TableSink {
                             "zstd".to_string(),
                         ),
                         (CREATED_BY_PROPERTY.to_string(), "philotes".to_string()),
+                        (BOUNDS_PROPERTY.to_string(), "true".to_string()),
                     ])
                     .into_iter()
                     .chain(source.map(|s| (SOURCE_TABLE_PROPERTY.to_string(), s.to_string())))
@@ -1003,6 +1008,7 @@ impl TableSink {
                 .map(|m| m.delete_targets())
                 .unwrap_or_default(),
             fence,
+            restated: HashMap::new(),
         };
         // Appends commute: another writer's commit costs a new manifest list, not a rewrite.
         let result = self
@@ -1125,6 +1131,7 @@ impl TableSink {
             properties: HashMap::new(),
             requires_live: HashSet::new(),
             fence,
+            restated: HashMap::new(),
         };
         // One attempt: another writer's commit in between may have touched the same files;
         // the next step plans again on the table as it then is.

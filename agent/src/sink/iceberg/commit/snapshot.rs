@@ -39,6 +39,10 @@ pub struct Change {
     /// Table properties the base must still hold as the writer last saw them (its position
     /// and writer id): a data commit of another agent since then fences this one.
     pub fence: Vec<(String, Option<String>)>,
+    /// Live files whose manifest entries are written again with these statistics, by path:
+    /// the same file, snapshot and sequence numbers (position deletes still apply to it), only
+    /// its description corrected (column bounds that excluded rows).
+    pub restated: HashMap<String, DataFile>,
 }
 
 impl Change {
@@ -233,7 +237,9 @@ pub async fn prepare(base: &Table, change: &Change) -> Result<Prepared, CommitEr
 
     // Rewrite the current manifests holding a removed file.
     let mut removed_found: HashSet<String> = HashSet::new();
-    if let (Some(cur), false) = (parent, change.removed.is_empty()) {
+    let mut restated_found: HashSet<String> = HashSet::new();
+    let rewrites = !change.removed.is_empty() || !change.restated.is_empty();
+    if let (Some(cur), true) = (parent, rewrites) {
         let entries = crate::sink::iceberg::manifests::list_of(base, cur)
             .await
             .map_err(fail)?;
@@ -247,10 +253,11 @@ pub async fn prepare(base: &Table, change: &Change) -> Result<Prepared, CommitEr
             let manifest = crate::sink::iceberg::manifests::load(io, &mf)
                 .await
                 .map_err(fail)?;
-            let touched = manifest
-                .entries()
-                .iter()
-                .any(|e| e.is_alive() && change.removed.contains(e.file_path()));
+            let touched = manifest.entries().iter().any(|e| {
+                e.is_alive()
+                    && (change.removed.contains(e.file_path())
+                        || change.restated.contains_key(e.file_path()))
+            });
             if !touched {
                 continue;
             }
@@ -288,8 +295,15 @@ pub async fn prepare(base: &Table, change: &Change) -> Result<Prepared, CommitEr
                     w.add_delete_file(e.data_file.clone(), seq, file_seq)
                         .map_err(fail)?;
                 } else {
+                    let file = match change.restated.get(e.file_path()) {
+                        Some(f) => {
+                            restated_found.insert(e.file_path().to_string());
+                            f.clone()
+                        }
+                        None => e.data_file.clone(),
+                    };
                     w.add_existing_file(
-                        e.data_file.clone(),
+                        file,
                         e.snapshot_id.unwrap_or(mf.added_snapshot_id),
                         seq,
                         file_seq,
@@ -303,12 +317,14 @@ pub async fn prepare(base: &Table, change: &Change) -> Result<Prepared, CommitEr
             manifests.push(w.write_manifest_file().await.map_err(fail)?);
         }
     }
-    if removed_found.len() != change.removed.len() {
+    if removed_found.len() != change.removed.len() || restated_found.len() != change.restated.len()
+    {
         delete_all(io, &written).await;
         let missing = change
             .removed
             .iter()
-            .find(|p| !removed_found.contains(*p))
+            .chain(change.restated.keys())
+            .find(|p| !removed_found.contains(*p) && !restated_found.contains(*p))
             .cloned()
             .unwrap_or_default();
         return Err(CommitError::Rebase(format!(

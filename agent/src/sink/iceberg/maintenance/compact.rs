@@ -175,17 +175,53 @@ pub(super) async fn run(
     settings: &Settings,
 ) -> Result<(u64, String, u64), MaintenanceError> {
     let cfg = &settings.config;
-    let live = super::reach::live_files(table).await?;
-    let plans = plan(table, &live, cfg);
+    let mut table = table.clone();
+    let mut live = super::reach::live_files(&table).await?;
+    let mut repaired = String::new();
+    if !super::repair::checked(&table) {
+        // A failed repair does not hold compaction back: it is tried again at the next run.
+        match super::repair::run(committer, &table, &live, settings).await {
+            Ok((t, r)) => {
+                if r.suspects > 0 {
+                    repaired = format!(
+                        "{} the column bounds of {} files whose bounds may exclude rows; ",
+                        if settings.dry_run {
+                            "would correct"
+                        } else {
+                            "corrected"
+                        },
+                        if settings.dry_run {
+                            r.suspects
+                        } else {
+                            r.restated
+                        },
+                    );
+                }
+                if t.metadata_location() != table.metadata_location() {
+                    table = t;
+                    live = super::reach::live_files(&table).await?;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(table = %table.identifier(), "column bounds repair failed, tried again at the next run: {e}");
+                repaired = format!("column bounds repair failed ({e}); ");
+            }
+        }
+    }
+    let plans = plan(&table, &live, cfg);
     if plans.is_empty() {
-        return Ok((0, "no partition has enough small files".into(), 0));
+        return Ok((
+            0,
+            format!("{repaired}no partition has enough small files"),
+            0,
+        ));
     }
     let inputs: usize = plans.iter().map(|p| p.files.len()).sum();
     if settings.dry_run {
         return Ok((
             0,
             format!(
-                "would rewrite {inputs} small files in {} partitions",
+                "{repaired}would rewrite {inputs} small files in {} partitions",
                 plans.len()
             ),
             0,
@@ -194,7 +230,6 @@ pub(super) async fn run(
     // Delete files (another engine's row deletes) apply to the rows only when they are
     // decoded: with any in the table, every partition is re-encoded through a scan.
     let deletes = live.iter().any(|f| !f.is_data);
-    let mut table = table.clone();
     let (mut rewritten, mut written, mut copied, mut bytes) = (0usize, 0usize, 0usize, 0u64);
     for p in plans {
         let (t, outputs, by_copy) = compact_partition(committer, &table, &p, cfg, deletes).await?;
@@ -211,7 +246,7 @@ pub(super) async fn run(
     Ok((
         0,
         format!(
-            "rewrote {rewritten} small files into {written} ({copied} by copying their row groups)"
+            "{repaired}rewrote {rewritten} small files into {written} ({copied} by copying their row groups)"
         ),
         bytes,
     ))
@@ -266,6 +301,7 @@ async fn compact_partition(
         properties: HashMap::new(),
         requires_live: HashSet::new(),
         fence: Vec::new(),
+        restated: HashMap::new(),
     };
     match committer.commit_snapshot(table, &change, 5).await {
         Ok((t, _)) => Ok((t, written, survey.concat)),

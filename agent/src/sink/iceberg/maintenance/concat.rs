@@ -4,8 +4,10 @@
 //! footer. Nothing is decoded, re-encoded or compressed again, so a compaction running beside
 //! the stream costs it neither a core nor a second writer's memory: one column chunk is held
 //! at a time (plus, on an object store, the upload part OpenDAL gathers). The Iceberg
-//! statistics of an output are merged from its inputs' (counts summed, bounds widened), never
-//! guessed.
+//! statistics of an output are its inputs' counts summed and bounds read from the row groups
+//! it holds ([`crate::sink::iceberg::footer`]), never guessed: an input's manifest bounds are
+//! not trusted, because files written before the agent wrote exact row-group statistics may
+//! carry bounds that exclude some of their rows (a compaction repairs them).
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -16,7 +18,7 @@ use futures::future::BoxFuture;
 use futures::FutureExt;
 use iceberg::io::{FileIO, FileRead};
 use iceberg::spec::{
-    DataContentType, DataFile, DataFileBuilder, DataFileFormat, Datum, PartitionKey,
+    DataContentType, DataFile, DataFileBuilder, DataFileFormat, PartitionKey, Schema,
 };
 use iceberg::table::Table;
 use iceberg::writer::file_writer::location_generator::{
@@ -32,6 +34,7 @@ use parquet::file::writer::SerializedFileWriter;
 use parquet::schema::types::Type;
 
 use super::MaintenanceError;
+use crate::sink::iceberg::footer::{self, FooterStats};
 use crate::sink::iceberg::upload::{Spool, Upload};
 
 /// Row groups at least this large (on average over the inputs) are kept as they are: readers
@@ -87,6 +90,14 @@ async fn open(io: &FileIO, file: &DataFile) -> Result<Input, MaintenanceError> {
         .await
         .map_err(|e| read_err(path, e))?;
     Ok(Input { reader, metadata })
+}
+
+/// `file`'s Parquet footer.
+pub(super) async fn footer(
+    io: &FileIO,
+    file: &DataFile,
+) -> Result<ParquetMetaData, MaintenanceError> {
+    Ok(open(io, file).await?.metadata)
 }
 
 /// Top-level columns a file stores without a dictionary (in its first row group): the
@@ -303,27 +314,19 @@ impl Output {
     /// Write the footer, finish the upload and describe the file for Iceberg.
     async fn finish(
         mut self,
+        schema: &Schema,
         partition: &iceberg::spec::Struct,
         spec_id: i32,
     ) -> Result<DataFile, MaintenanceError> {
         let path = self.upload.path.clone();
         let md = self.writer.close().map_err(|e| write_err(&path, e))?;
         self.upload.close().await.map_err(|e| write_err(&path, e))?;
-        let rows: u64 = md.row_groups().iter().map(|rg| rg.num_rows() as u64).sum();
-        let splits = md
-            .row_groups()
-            .iter()
-            .filter_map(|rg| {
-                let c = rg.columns().first()?;
-                Some(c.dictionary_page_offset().unwrap_or(c.data_page_offset()))
-            })
-            .collect();
+        let footer = footer::read(schema, &md).map_err(|e| write_err(&path, e))?;
         data_file(
             &self.inputs,
             path,
             self.upload.size,
-            rows,
-            splits,
+            footer,
             partition,
             spec_id,
         )
@@ -361,11 +364,8 @@ async fn concat_into(
     let spec = md.default_partition_spec().clone();
     let spec_id = md.default_partition_spec_id();
     let partition = first.partition().clone();
-    let key = PartitionKey::new(
-        spec.as_ref().clone(),
-        md.current_schema().clone(),
-        partition.clone(),
-    );
+    let schema = md.current_schema();
+    let key = PartitionKey::new(spec.as_ref().clone(), schema.clone(), partition.clone());
     let location = DefaultLocationGenerator::new(md).map_err(|e| write_err("", e))?;
     let names = DefaultFileNameGenerator::new(
         uuid::Uuid::now_v7().to_string(),
@@ -388,7 +388,7 @@ async fn concat_into(
         });
         if full {
             if let Some(o) = open_output.take() {
-                out.push(o.finish(&partition, spec_id).await?);
+                out.push(o.finish(schema, &partition, spec_id).await?);
             }
         }
         let o = match &mut open_output {
@@ -403,21 +403,9 @@ async fn concat_into(
         o.append(f, &input).await?;
     }
     if let Some(o) = open_output.take() {
-        out.push(o.finish(&partition, spec_id).await?);
+        out.push(o.finish(schema, &partition, spec_id).await?);
     }
     Ok(out)
-}
-
-/// Whether a file's statistics say column `id` holds no value a bound would cover (all null
-/// or NaN). Missing counts mean "unknown", never "empty".
-fn holds_no_value(f: &DataFile, id: i32) -> bool {
-    match (f.value_counts().get(&id), f.null_value_counts().get(&id)) {
-        (Some(v), Some(n)) => {
-            let nan = f.nan_value_counts().get(&id).copied().unwrap_or(0);
-            v.saturating_sub(*n).saturating_sub(nan) == 0
-        }
-        _ => false,
-    }
 }
 
 /// A count per column summed over `files`; a column some file has no count for gets none.
@@ -437,48 +425,13 @@ fn summed(files: &[DataFile], get: impl Fn(&DataFile) -> &HashMap<i32, u64>) -> 
         .collect()
 }
 
-/// A bound per column over `files`: the least (or greatest) of theirs. A column is left
-/// without a bound when a file that holds values for it has none, or two bounds do not
-/// compare: a bound that is too narrow would make readers skip rows.
-fn widened(
-    files: &[DataFile],
-    get: impl Fn(&DataFile) -> &HashMap<i32, Datum>,
-    keep: std::cmp::Ordering,
-) -> HashMap<i32, Datum> {
-    let mut ids: Vec<i32> = files.iter().flat_map(|f| get(f).keys().copied()).collect();
-    ids.sort_unstable();
-    ids.dedup();
-    let mut out = HashMap::new();
-    'ids: for id in ids {
-        let mut best: Option<&Datum> = None;
-        for f in files {
-            match get(f).get(&id) {
-                Some(d) => match best {
-                    None => best = Some(d),
-                    Some(b) => match d.partial_cmp(b) {
-                        Some(o) if o == keep => best = Some(d),
-                        Some(_) => {}
-                        None => continue 'ids,
-                    },
-                },
-                None if holds_no_value(f, id) => {}
-                None => continue 'ids,
-            }
-        }
-        if let Some(b) = best {
-            out.insert(id, b.clone());
-        }
-    }
-    out
-}
-
-/// The Iceberg description of an output file made of `inputs`.
+/// The Iceberg description of an output file made of `inputs`, whose own footer says
+/// `footer`.
 fn data_file(
     inputs: &[DataFile],
     path: String,
     size: u64,
-    rows: u64,
-    splits: Vec<i64>,
+    footer: FooterStats,
     partition: &iceberg::spec::Struct,
     spec_id: i32,
 ) -> Result<DataFile, MaintenanceError> {
@@ -488,23 +441,15 @@ fn data_file(
         .file_format(DataFileFormat::Parquet)
         .partition(partition.clone())
         .partition_spec_id(spec_id)
-        .record_count(rows)
+        .record_count(footer.rows)
         .file_size_in_bytes(size)
         .column_sizes(summed(inputs, DataFile::column_sizes))
         .value_counts(summed(inputs, DataFile::value_counts))
         .null_value_counts(summed(inputs, DataFile::null_value_counts))
         .nan_value_counts(summed(inputs, DataFile::nan_value_counts))
-        .lower_bounds(widened(
-            inputs,
-            DataFile::lower_bounds,
-            std::cmp::Ordering::Less,
-        ))
-        .upper_bounds(widened(
-            inputs,
-            DataFile::upper_bounds,
-            std::cmp::Ordering::Greater,
-        ))
-        .split_offsets(Some(splits));
+        .lower_bounds(footer.lower)
+        .upper_bounds(footer.upper)
+        .split_offsets(Some(footer.splits));
     let sort = inputs.first().and_then(DataFile::sort_order_id);
     if let Some(id) = sort.filter(|id| inputs.iter().all(|f| f.sort_order_id() == Some(*id))) {
         b.sort_order_id(id);
@@ -515,7 +460,7 @@ fn data_file(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::cmp::Ordering;
+    use crate::sink::iceberg::footer::testfile;
 
     fn file(
         values: &[(i32, u64)],
@@ -531,47 +476,117 @@ mod tests {
             .file_size_in_bytes(100)
             .value_counts(values.iter().copied().collect())
             .null_value_counts(nulls.iter().copied().collect())
-            .lower_bounds(lower.iter().map(|(k, v)| (*k, Datum::long(*v))).collect())
-            .upper_bounds(upper.iter().map(|(k, v)| (*k, Datum::long(*v))).collect());
+            .lower_bounds(
+                lower
+                    .iter()
+                    .map(|(k, v)| (*k, iceberg::spec::Datum::long(*v)))
+                    .collect(),
+            )
+            .upper_bounds(
+                upper
+                    .iter()
+                    .map(|(k, v)| (*k, iceberg::spec::Datum::long(*v)))
+                    .collect(),
+            );
         b.build().unwrap()
     }
 
     #[test]
-    fn bounds_widen_to_cover_every_input() {
+    fn counts_are_summed_and_a_missing_one_is_unknown() {
         let a = file(&[(1, 10)], &[(1, 0)], &[(1, 5)], &[(1, 9)]);
         let b = file(&[(1, 10)], &[(1, 2)], &[(1, -3)], &[(1, 7)]);
-        let files = [a, b];
-        let lower = widened(&files, DataFile::lower_bounds, Ordering::Less);
-        let upper = widened(&files, DataFile::upper_bounds, Ordering::Greater);
-        assert_eq!(lower.get(&1), Some(&Datum::long(-3)));
-        assert_eq!(upper.get(&1), Some(&Datum::long(9)));
+        let files = [a.clone(), b];
         assert_eq!(summed(&files, DataFile::value_counts).get(&1), Some(&20));
         assert_eq!(
             summed(&files, DataFile::null_value_counts).get(&1),
             Some(&2)
         );
+        let unknown = file(&[], &[], &[], &[]);
+        assert!(summed(&[a, unknown], DataFile::value_counts).is_empty());
     }
 
-    #[test]
-    fn a_missing_bound_drops_the_column_unless_the_file_holds_only_nulls() {
-        // The second file has values in column 1 but no bound: any merged bound could be
-        // too narrow, so there is none.
-        let a = file(&[(1, 10)], &[(1, 0)], &[(1, 5)], &[(1, 9)]);
-        let b = file(&[(1, 10)], &[(1, 0)], &[], &[]);
-        let files = [a.clone(), b];
-        assert!(widened(&files, DataFile::lower_bounds, Ordering::Less).is_empty());
-        // All nulls: nothing a bound must cover.
-        let nulls = file(&[(1, 10)], &[(1, 10)], &[], &[]);
-        let files = [a.clone(), nulls];
-        assert_eq!(
-            widened(&files, DataFile::upper_bounds, Ordering::Greater).get(&1),
-            Some(&Datum::long(9))
-        );
-        // Unknown counts are not "empty".
-        let unknown = file(&[], &[], &[], &[]);
-        let files = [a, unknown];
-        assert!(widened(&files, DataFile::upper_bounds, Ordering::Greater).is_empty());
-        assert!(summed(&files, DataFile::value_counts).is_empty());
+    /// A table on the local file system, with `footer::testfile`'s schema.
+    fn local_table(dir: &std::path::Path) -> Table {
+        use iceberg::spec::{FormatVersion, PartitionSpec, SortOrder, TableMetadataBuilder};
+        use iceberg_storage_opendal::OpenDalStorageFactory;
+        let location = dir.display().to_string();
+        let metadata = TableMetadataBuilder::new(
+            footer::testfile::schema(),
+            PartitionSpec::unpartition_spec(),
+            SortOrder::unsorted_order(),
+            location.clone(),
+            FormatVersion::V2,
+            HashMap::new(),
+        )
+        .unwrap()
+        .build()
+        .unwrap()
+        .metadata;
+        let io = iceberg::io::FileIOBuilder::new(Arc::new(OpenDalStorageFactory::Fs)).build();
+        Table::builder()
+            .metadata(metadata)
+            .metadata_location(format!("{location}/metadata/v1.metadata.json"))
+            .identifier(iceberg::TableIdent::from_strs(["ns", "t"]).unwrap())
+            .file_io(io)
+            .runtime(iceberg::Runtime::current())
+            .build()
+            .unwrap()
+    }
+
+    /// A file already in the table, described with the given `v` bounds (as a writer before
+    /// the exact statistics described it: from its exact row groups only).
+    async fn input(table: &Table, name: &str, bytes: bytes::Bytes, v: (&str, &str)) -> DataFile {
+        let path = format!("{}/data/{name}.parquet", table.metadata().location());
+        let out = table.file_io().new_output(&path).unwrap();
+        let size = bytes.len() as u64;
+        out.write(bytes).await.unwrap();
+        let mut b = DataFileBuilder::default();
+        b.content(DataContentType::Data)
+            .file_path(path)
+            .file_format(DataFileFormat::Parquet)
+            .partition(iceberg::spec::Struct::empty())
+            .record_count(4)
+            .file_size_in_bytes(size)
+            .value_counts(HashMap::from([(1, 4), (2, 4)]))
+            .null_value_counts(HashMap::from([(1, 0), (2, 0)]))
+            .lower_bounds(HashMap::from([(2, iceberg::spec::Datum::string(v.0))]))
+            .upper_bounds(HashMap::from([(2, iceberg::spec::Datum::string(v.1))]));
+        b.build().unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_concatenation_takes_its_bounds_from_the_rows_not_from_its_inputs_manifests() {
+        use iceberg::spec::Datum;
+        let dir = std::env::temp_dir().join(format!("philotes-concat-{}", uuid::Uuid::new_v4()));
+        let table = local_table(&dir);
+        let long: String = std::iter::repeat_n('a', 100).collect();
+        // Written before the exact statistics: the long minimum of the first row group was
+        // truncated (inexact) and left out, so the manifest says 'b'..'d' and hides 'aaa…'.
+        let old = testfile::parquet(&[(1, &long), (2, "c"), (3, "b"), (4, "d")], 2, Some(64));
+        let old = input(&table, "old", old, ("b", "d")).await;
+        // Exact statistics, and a manifest bound that is too narrow all the same ('f').
+        let new = testfile::parquet(&[(5, "e"), (6, "f"), (7, "e1"), (8, "g")], 2, None);
+        let new = input(&table, "new", new, ("e", "f")).await;
+
+        let out = concat(&table, &[old.clone(), new], 1 << 30).await.unwrap();
+        assert_eq!(out.len(), 1);
+        let f = &out[0];
+        assert_eq!(f.record_count(), 8);
+        // The old file's inexact row group bounds `v` with its truncated value ('aaa…', cut
+        // to 16 characters for the manifest), not the manifest's 'b'.
+        assert_eq!(f.lower_bounds().get(&2), Some(&Datum::string(&long[..16])));
+        assert_eq!(f.upper_bounds().get(&2), Some(&Datum::string("g")));
+        assert_eq!(f.lower_bounds().get(&1), Some(&Datum::long(1)));
+        assert_eq!(f.upper_bounds().get(&1), Some(&Datum::long(8)));
+        assert_eq!(f.value_counts().get(&2), Some(&8));
+
+        // Exact inputs alone: the bound is the rows' own ('A'), not the manifest's ('e').
+        let new = testfile::parquet(&[(5, "e"), (6, "f"), (7, "A"), (8, "g")], 2, None);
+        let a = input(&table, "a", new.clone(), ("e", "g")).await;
+        let b = input(&table, "b", new, ("e", "g")).await;
+        let out = concat(&table, &[a, b], 1 << 30).await.unwrap();
+        assert_eq!(out[0].lower_bounds().get(&2), Some(&Datum::string("A")));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -9,6 +9,7 @@ mod expire;
 mod metadata;
 mod orphans;
 mod reach;
+mod repair;
 
 pub use compact::MAINTENANCE_PROPERTY;
 pub(crate) use compact::{settled_head, writer_bound};
@@ -225,7 +226,7 @@ pub async fn maintain(
     let steps = [
         (
             Action::Compact,
-            settings.force || health.partitions_to_compact > 0,
+            settings.force || health.partitions_to_compact > 0 || !repair::checked(&table),
         ),
         (Action::Expire, expire_due),
         (
