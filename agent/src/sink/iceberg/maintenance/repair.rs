@@ -347,32 +347,26 @@ mod tests {
 
     #[test]
     fn a_footer_bound_beyond_the_manifests_makes_the_file_suspect() {
-        let s = |v: &str| Datum::string(v);
-        // Lower bounds: the footer's 'a…' is below the manifest's 'b'.
-        assert!(reaches_beyond(Some(&s("a")), Some(&s("b")), Ordering::Less));
-        assert!(!reaches_beyond(
-            Some(&s("b")),
-            Some(&s("b")),
-            Ordering::Less
-        ));
-        assert!(!reaches_beyond(
-            Some(&s("c")),
-            Some(&s("b")),
-            Ordering::Less
-        ));
-        // Upper bounds: above the manifest's.
-        assert!(reaches_beyond(
-            Some(&s("e")),
-            Some(&s("d")),
-            Ordering::Greater
-        ));
-        assert!(!reaches_beyond(
-            Some(&s("c")),
-            Some(&s("d")),
-            Ordering::Greater
-        ));
-        // No manifest bound hides nothing; a manifest bound the footer cannot vouch for may.
-        assert!(!reaches_beyond(Some(&s("a")), None, Ordering::Less));
-        assert!(reaches_beyond(None, Some(&s("b")), Ordering::Less));
+        let s = |v: &str| Some(Datum::string(v));
+        use Ordering::{Greater, Less};
+        // (footer, manifest, direction, suspect): a lower bound below the manifest's, an upper
+        // one above it; no manifest bound hides nothing; a manifest bound the footer cannot
+        // vouch for may.
+        let cases = [
+            (s("a"), s("b"), Less, true),
+            (s("b"), s("b"), Less, false),
+            (s("c"), s("b"), Less, false),
+            (s("e"), s("d"), Greater, true),
+            (s("c"), s("d"), Greater, false),
+            (s("a"), None, Less, false),
+            (None, s("b"), Less, true),
+        ];
+        for (f, m, dir, want) in cases {
+            assert_eq!(
+                reaches_beyond(f.as_ref(), m.as_ref(), dir),
+                want,
+                "{f:?} {m:?} {dir:?}"
+            );
+        }
     }
 }
