@@ -439,7 +439,7 @@ async fn stream_txns(pg: &TestPg, slot: &str) -> i64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_streamed_transaction_of_every_type_is_encoded_early_with_exact_statistics() {
     let opts = streams_in_progress();
-    let (pg, db, work, cfg) = prepare_with(
+    let (pg, db, work, agent) = prepare_with(
         opts,
         ALL_TYPES,
         &["public.all_types"],
@@ -447,9 +447,9 @@ async fn a_streamed_transaction_of_every_type_is_encoded_early_with_exact_statis
         "[telemetry]\nlog_level = \"debug\"\n",
     )
     .await
+    .streaming()
+    .await
     .parts();
-    let log = work.path().join("agent.log");
-    let agent = AgentProc::start_streaming(&cfg, &log).await;
     // 3,000 rows in one transaction (every seventh all NULL), NaN and infinities among the
     // floats, then updates and deletes inside it; then small transactions the usual way.
     let mut sql = String::from("BEGIN;");
@@ -964,7 +964,7 @@ async fn a_streamed_transaction_converted_early_folds_into_the_mirror() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn long_strings_across_row_groups_keep_bounds_that_hold_every_row() {
     let opts = streams_in_progress();
-    let (pg, db, work, cfg) = prepare_with(
+    let (pg, db, work, agent) = prepare_with(
         opts,
         "CREATE TABLE ls (id int PRIMARY KEY, s text)",
         &["ls"],
@@ -972,9 +972,9 @@ async fn long_strings_across_row_groups_keep_bounds_that_hold_every_row() {
         "[telemetry]\nlog_level = \"debug\"\n",
     )
     .await
+    .streaming()
+    .await
     .parts();
-    let log = work.path().join("agent.log");
-    let agent = AgentProc::start_streaming(&cfg, &log).await;
     // ~960 hex characters per row (~0.5 kB compressed): 80,000 rows pass the 32 MiB a row
     // group holds.
     db.batch_execute(
