@@ -667,3 +667,250 @@ async fn read_only_and_full_warehouse_recover_without_loss() {
     assert_eq!(agent.terminate(), Some(0));
     drop(fs);
 }
+
+/// Tables of the randomised run: a keyed table with a TOAST column, a composite key, and a
+/// `REPLICA IDENTITY FULL` table without a key.
+const RANDOM_DDL: &str = "
+CREATE TABLE a (id bigint PRIMARY KEY, v int, s text, big text);
+ALTER TABLE a ALTER COLUMN big SET STORAGE EXTERNAL;
+CREATE TABLE b (k1 int, k2 text, v float8, PRIMARY KEY (k1, k2));
+CREATE TABLE c (x int, y text);
+ALTER TABLE c REPLICA IDENTITY FULL;
+INSERT INTO a SELECT g, g, 'seed', NULL FROM generate_series(1, 2000) g;";
+
+/// One random statement of the randomised run.
+fn random_statement(rng: &mut Rng, next: &mut i64, s: &str) -> String {
+    let id = |rng: &mut Rng, next: i64| 1 + rng.below(next as u64) as i64;
+    match rng.below(100) {
+        0..=29 => {
+            let n = 1 + rng.below(5) as i64;
+            let big = if rng.below(10) == 0 { "repeat(md5(g::text), 80)" } else { "NULL" };
+            let sql = format!(
+                "INSERT INTO a (id, v, {s}, big) SELECT g, g % 100, 'i' || g, {big} FROM generate_series({}, {}) g;",
+                *next,
+                *next + n - 1
+            );
+            *next += n;
+            sql
+        }
+        30..=49 => {
+            let lo = id(rng, *next);
+            format!("UPDATE a SET v = v + 1, {s} = 'u' WHERE id BETWEEN {lo} AND {};", lo + rng.below(5) as i64)
+        }
+        50..=54 => format!("UPDATE a SET big = repeat(md5(random()::text), 80) WHERE id = {};", id(rng, *next)),
+        55..=58 => {
+            let sql = format!("UPDATE a SET id = {} WHERE id = {};", *next, id(rng, *next));
+            *next += 1;
+            sql
+        }
+        59..=66 => {
+            let lo = id(rng, *next);
+            format!("DELETE FROM a WHERE id BETWEEN {lo} AND {};", lo + rng.below(3) as i64)
+        }
+        67..=76 => format!(
+            "INSERT INTO b VALUES ({}, '{}', {}) ON CONFLICT (k1, k2) DO UPDATE SET v = EXCLUDED.v;",
+            rng.below(200),
+            ["p", "q", "r"][rng.below(3) as usize],
+            rng.below(1000) as f64 / 7.0
+        ),
+        77..=80 => format!("DELETE FROM b WHERE k1 = {};", rng.below(200)),
+        81..=90 => format!("INSERT INTO c VALUES ({}, 'm'), ({}, 'n');", rng.below(6), rng.below(6)),
+        91..=95 => format!(
+            "UPDATE c SET x = x + 10 WHERE ctid = (SELECT ctid FROM c WHERE y = '{}' LIMIT 1);",
+            ["m", "n"][rng.below(2) as usize]
+        ),
+        _ => format!(
+            "DELETE FROM c WHERE ctid = (SELECT ctid FROM c WHERE x = {} LIMIT 1);",
+            rng.below(16)
+        ),
+    }
+}
+
+/// Random transactions while the agent is killed (mostly SIGKILL, sometimes SIGTERM) and
+/// restarted every few seconds: savepoints rolled back and released, rolled-back and
+/// two-phase transactions (committed and rolled back), large transactions streamed while in
+/// progress, TOAST values left unchanged, key changes, `ALTER TABLE` (add, drop, rename) and
+/// `TRUNCATE`, with maintenance compacting and expiring beside it. The judge is PostgreSQL's
+/// own decoding: a `test_decoding` slot created before the agent's lists each committed
+/// transaction's changes, and every changelog must hold exactly those, transaction by
+/// transaction (`verify_witness.py`); the mirrors must equal the tables (PyIceberg and DuckDB).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_transactions_through_kills_match_postgres_own_decoding() {
+    let mut opts = LocalPgOptions::default();
+    opts.settings.extend([
+        ("logical_decoding_work_mem".into(), "64kB".into()),
+        ("max_prepared_transactions".into(), "4".into()),
+    ]);
+    let p = prepare_with(
+        opts,
+        RANDOM_DDL,
+        &["a", "b", "c"],
+        "mode = \"both\"\nsnapshot = \"initial\"\nsnapshot_chunk_rows = 700\nmax_buffer_bytes = \"1MiB\"\nbatch_rows = 500",
+        "[maintenance]\ninterval = \"1s\"\nmin_input_files = 2\nretain_last = 2\nsnapshot_retention = \"1s\"\nmetadata_versions = 2\ntarget_file_size = \"1MiB\"\ndelete_ratio = 0.2",
+    )
+    .await;
+    p.db.batch_execute("SELECT pg_create_logical_replication_slot('witness', 'test_decoding')")
+        .await
+        .expect("witness slot");
+    let log = p.log();
+    let mut agent = p.start_agent();
+    let (pg, db, work, cfg) = p.parts();
+    agent.wait_streaming().await;
+
+    let mut rng = Rng(0x7e57_da7a_5eed);
+    let (mut next, mut s, mut added, mut n) = (2001i64, "s", Vec::<String>::new(), 0u32);
+    let (mut kills, mut txns, mut streamed) = (0u32, 0u32, 0u32);
+    let mut next_kill = Instant::now() + Duration::from_millis(2000 + rng.below(4000));
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(40) {
+        if Instant::now() >= next_kill {
+            if rng.below(5) == 0 {
+                agent.terminate();
+            } else {
+                agent.kill9();
+            }
+            tokio::time::sleep(Duration::from_millis(100 + rng.below(900))).await;
+            agent = AgentProc::start(&cfg, &log);
+            kills += 1;
+            next_kill = Instant::now() + Duration::from_millis(2000 + rng.below(4000));
+        }
+        n += 1;
+        let roll = rng.below(1000);
+        let sql = if roll < 8 {
+            // DDL in a transaction of its own.
+            match rng.below(3) {
+                0 => {
+                    added.push(format!("c{n}"));
+                    format!("ALTER TABLE a ADD COLUMN c{n} int;")
+                }
+                1 if !added.is_empty() => {
+                    let i = rng.below(added.len() as u64) as usize;
+                    format!("ALTER TABLE a DROP COLUMN {};", added.swap_remove(i))
+                }
+                _ => {
+                    let to = if s == "s" { "s2" } else { "s" };
+                    let sql = format!("ALTER TABLE a RENAME COLUMN {s} TO {to};");
+                    s = to;
+                    sql
+                }
+            }
+        } else if roll < 12 {
+            "TRUNCATE c;".to_string()
+        } else {
+            let large = roll < 40;
+            streamed += u32::from(large);
+            let count = if large {
+                150 + rng.below(150)
+            } else {
+                1 + rng.below(8)
+            };
+            let mut sql = String::from("BEGIN;");
+            let mut savepoint = false;
+            for _ in 0..count {
+                if !savepoint && rng.below(10) == 0 {
+                    sql.push_str("SAVEPOINT sp;");
+                    savepoint = true;
+                }
+                sql.push_str(&random_statement(&mut rng, &mut next, s));
+                if savepoint && rng.below(5) == 0 {
+                    sql.push_str(if rng.below(2) == 0 {
+                        "ROLLBACK TO SAVEPOINT sp;"
+                    } else {
+                        "RELEASE SAVEPOINT sp;"
+                    });
+                    savepoint = false;
+                }
+            }
+            match rng.below(100) {
+                0..=7 => sql.push_str("ROLLBACK;"),
+                8..=12 => {
+                    let gid = format!("g{n}");
+                    db.batch_execute(&format!("{sql}PREPARE TRANSACTION '{gid}';"))
+                        .await
+                        .expect("prepare");
+                    let end = if rng.below(3) == 0 {
+                        "ROLLBACK"
+                    } else {
+                        "COMMIT"
+                    };
+                    sql = format!("{end} PREPARED '{gid}';");
+                }
+                _ => sql.push_str("COMMIT;"),
+            }
+            sql
+        };
+        db.batch_execute(&sql)
+            .await
+            .unwrap_or_else(|e| panic!("workload: {e}: {sql}"));
+        txns += 1;
+        tokio::time::sleep(Duration::from_millis(rng.below(30))).await;
+    }
+    if agent.child.try_wait().ok().flatten().is_some() {
+        agent = AgentProc::start(&cfg, &log);
+    }
+    db.batch_execute("INSERT INTO b VALUES (-1, 'end', 0)")
+        .await
+        .expect("last change");
+    let end = db
+        .query_one("SELECT (pg_current_wal_lsn() - '0/0')::bigint", &[])
+        .await
+        .expect("wal position")
+        .get::<_, i64>(0) as u64;
+    wait_for(
+        Duration::from_secs(300),
+        "the agent to confirm the last change",
+        || async { (pg.confirmed_lsn("app", "philotes_p").await >= end).then_some(()) },
+    )
+    .await;
+    assert_eq!(agent.terminate(), Some(0));
+
+    let v = python_json(
+        Command::new(python())
+            .arg(py_script("verify_witness.py"))
+            .arg("--catalog-db")
+            .arg(work.catalog_db())
+            .arg("--warehouse")
+            .arg(work.warehouse())
+            .args(["--table", "-", "--slot", "witness", "--pg-conninfo"])
+            .arg(pg.conninfo("app"))
+            .args([
+                "--changelogs",
+                "a=ns.a_changelog,b=ns.b_changelog,c=ns.c_changelog",
+            ]),
+        "verify_witness.py",
+    );
+    eprintln!("random run: {txns} transactions ({streamed} large), {kills} kills: {v}");
+    assert!(
+        kills >= 5 && streamed >= 10,
+        "the run did what it is for: {v}"
+    );
+    assert_eq!(v["duplicate_positions"], 0, "{v}");
+    assert_eq!(v["copied_rows"], 2000, "{v}");
+    assert_eq!(v["witness_txns"], v["changelog_txns"], "{v}");
+    assert_eq!(v["mismatched"], 0, "{v}");
+    for (table, key, extra) in [
+        ("a", "id", &[][..]),
+        ("b", "k1,k2", &[][..]),
+        ("c", "x", &["--multiset"][..]),
+    ] {
+        let m = crate::mirror::verify_mirror(
+            &work,
+            &format!("ns.{table}"),
+            &pg,
+            &format!("SELECT * FROM {table}"),
+            key,
+            extra,
+        );
+        assert!(
+            m["equal"] == true && m["duckdb_equal"] == true,
+            "mirror {table}: {m}"
+        );
+    }
+    figures(
+        "random transactions, SIGKILL/SIGTERM every 2-6 s",
+        kills as usize,
+        0,
+        0,
+        Duration::ZERO,
+    );
+}
