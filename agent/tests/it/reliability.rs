@@ -864,20 +864,13 @@ async fn random_transactions_through_kills_match_postgres_own_decoding() {
     .await;
     assert_eq!(agent.terminate(), Some(0));
 
-    let v = python_json(
-        Command::new(python())
-            .arg(py_script("verify_witness.py"))
-            .arg("--catalog-db")
-            .arg(work.catalog_db())
-            .arg("--warehouse")
-            .arg(work.warehouse())
-            .args(["--table", "-", "--slot", "witness", "--pg-conninfo"])
-            .arg(pg.conninfo("app"))
-            .args([
-                "--changelogs",
-                "a=ns.a_changelog,b=ns.b_changelog,c=ns.c_changelog",
-            ]),
+    let conninfo = pg.conninfo("app");
+    let v = read_table(
         "verify_witness.py",
+        &work.catalog_db(),
+        &work.warehouse(),
+        "a=ns.a_changelog,b=ns.b_changelog,c=ns.c_changelog",
+        &["--slot", "witness", "--pg-conninfo", &conninfo],
     );
     eprintln!("random run: {txns} transactions ({streamed} large), {kills} kills: {v}");
     assert!(

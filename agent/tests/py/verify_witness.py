@@ -58,13 +58,10 @@ def main():
     add_catalog_args(ap)
     ap.add_argument("--pg-conninfo", required=True)
     ap.add_argument("--slot", required=True)
-    ap.add_argument(
-        "--changelogs",
-        required=True,
-        help="source=iceberg pairs: a=ns.a_changelog,b=ns.b_changelog",
-    )
     args = ap.parse_args()
-    pairs = dict(p.split("=", 1) for p in args.changelogs.split(","))
+    # --table names the changelogs to judge, each after its source table:
+    # a=ns.a_changelog,b=ns.b_changelog
+    pairs = dict(p.split("=", 1) for p in args.table.split(","))
     want = witness(args.pg_conninfo, args.slot, set(pairs))
     catalog = open_catalog(args)
     by_lsn = collections.defaultdict(collections.Counter)
