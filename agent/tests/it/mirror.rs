@@ -54,6 +54,14 @@ pub async fn wait_mirrored_with(
     pk: &str,
     extra: &[&str],
 ) -> Value {
+    // The agent creates a table when the stream first names it: the check waits for that
+    // instead of failing on a table that is about to be there.
+    wait_for(
+        Duration::from_secs(60),
+        &format!("mirror {table} created"),
+        || async { catalog_lists(work, table).await.then_some(()) },
+    )
+    .await;
     let mut last = Value::Null;
     for _ in 0..60 {
         last = verify_mirror(work, table, pg, query, pk, extra);

@@ -495,6 +495,26 @@ where
     }
 }
 
+/// Whether the SQLite catalog lists `table` (`namespace.name`) yet.
+pub async fn catalog_lists(work: &Workdir, table: &str) -> bool {
+    use sqlx::Connection as _;
+    let Some((ns, name)) = table.split_once('.') else {
+        return false;
+    };
+    let url = format!("sqlite://{}?mode=ro", work.catalog_db().display());
+    let Ok(mut db) = sqlx::SqliteConnection::connect(&url).await else {
+        return false;
+    };
+    sqlx::query("SELECT 1 FROM iceberg_tables WHERE table_namespace = ? AND table_name = ?")
+        .bind(ns)
+        .bind(name)
+        .fetch_optional(&mut db)
+        .await
+        .ok()
+        .flatten()
+        .is_some()
+}
+
 /// Number of rows in an Iceberg table via PyIceberg (None if the table does not exist yet).
 pub fn iceberg_rows(work: &Workdir, table: &str) -> Option<u64> {
     if !work.catalog_db().exists() {
