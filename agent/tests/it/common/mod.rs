@@ -413,6 +413,13 @@ pub async fn wait_source_equal(
     let duckdb = extra.contains(&"--duckdb");
     let mut last = Value::Null;
     let deadline = Instant::now() + Duration::from_secs(secs);
+    // As for mirrors: the table may be about to be created.
+    wait_for(
+        Duration::from_secs(secs),
+        &format!("{table} created"),
+        || async { catalog_lists(work, table).await.then_some(()) },
+    )
+    .await;
     while Instant::now() < deadline {
         last = verify_source(work, table, pg, query, extra);
         if last["state_equal"] == true && (!duckdb || last["duckdb_equal"] == true) {
