@@ -670,13 +670,30 @@ async fn read_only_and_full_warehouse_recover_without_loss() {
 
 /// Tables of the randomised run: a keyed table with a TOAST column, a composite key, and a
 /// `REPLICA IDENTITY FULL` table without a key.
-const RANDOM_DDL: &str = "
+pub const RANDOM_DDL: &str = "
 CREATE TABLE a (id bigint PRIMARY KEY, v int, s text, big text);
 ALTER TABLE a ALTER COLUMN big SET STORAGE EXTERNAL;
 CREATE TABLE b (k1 int, k2 text, v float8, PRIMARY KEY (k1, k2));
 CREATE TABLE c (x int, y text);
 ALTER TABLE c REPLICA IDENTITY FULL;
 INSERT INTO a SELECT g, g, 'seed', NULL FROM generate_series(1, 2000) g;";
+
+/// Server settings of the randomised run: large transactions stream while in progress (a
+/// small decoding memory) and two-phase transactions are allowed.
+pub fn random_pg_options() -> LocalPgOptions {
+    let mut opts = LocalPgOptions::default();
+    opts.settings.extend([
+        ("logical_decoding_work_mem".into(), "64kB".into()),
+        ("max_prepared_transactions".into(), "4".into()),
+    ]);
+    opts
+}
+
+/// The randomised run's pipeline: both table modes, a chunked initial copy, small buffers.
+pub const RANDOM_PIPELINE: &str = "mode = \"both\"\nsnapshot = \"initial\"\nsnapshot_chunk_rows = 700\nmax_buffer_bytes = \"1MiB\"\nbatch_rows = 500";
+
+/// Maintenance every second beside the randomised run.
+pub const RANDOM_MAINTENANCE: &str = "[maintenance]\ninterval = \"1s\"\nmin_input_files = 2\nretain_last = 2\nsnapshot_retention = \"1s\"\nmetadata_versions = 2\ntarget_file_size = \"1MiB\"\ndelete_ratio = 0.2";
 
 /// One random statement of the randomised run.
 fn random_statement(rng: &mut Rng, next: &mut i64, s: &str) -> String {
@@ -726,71 +743,58 @@ fn random_statement(rng: &mut Rng, next: &mut i64, s: &str) -> String {
     }
 }
 
-/// Random transactions while the agent is killed (mostly SIGKILL, sometimes SIGTERM) and
-/// restarted every few seconds: savepoints rolled back and released, rolled-back and
-/// two-phase transactions (committed and rolled back), large transactions streamed while in
-/// progress, TOAST values left unchanged, key changes, `ALTER TABLE` (add, drop, rename) and
-/// `TRUNCATE`, with maintenance compacting and expiring beside it. The judge is PostgreSQL's
-/// own decoding: a `test_decoding` slot created before the agent's lists each committed
-/// transaction's changes, and every changelog must hold exactly those, transaction by
-/// transaction (`verify_witness.py`); the mirrors must equal the tables (PyIceberg and DuckDB).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn random_transactions_through_kills_match_postgres_own_decoding() {
-    let mut opts = LocalPgOptions::default();
-    opts.settings.extend([
-        ("logical_decoding_work_mem".into(), "64kB".into()),
-        ("max_prepared_transactions".into(), "4".into()),
-    ]);
-    let p = prepare_with(
-        opts,
-        RANDOM_DDL,
-        &["a", "b", "c"],
-        "mode = \"both\"\nsnapshot = \"initial\"\nsnapshot_chunk_rows = 700\nmax_buffer_bytes = \"1MiB\"\nbatch_rows = 500",
-        "[maintenance]\ninterval = \"1s\"\nmin_input_files = 2\nretain_last = 2\nsnapshot_retention = \"1s\"\nmetadata_versions = 2\ntarget_file_size = \"1MiB\"\ndelete_ratio = 0.2",
-    )
-    .await;
-    p.db.batch_execute("SELECT pg_create_logical_replication_slot('witness', 'test_decoding')")
-        .await
-        .expect("witness slot");
-    let log = p.log();
-    let mut agent = p.start_agent();
-    let (pg, db, work, cfg) = p.parts();
-    agent.wait_streaming().await;
+/// The randomised workload, one transaction per [`RandomWorkload::step`]: savepoints rolled
+/// back and released, rolled-back and two-phase transactions (committed and rolled back),
+/// large transactions streamed while in progress, TOAST values left unchanged, key changes,
+/// `ALTER TABLE` (add, drop, rename) and `TRUNCATE`.
+pub struct RandomWorkload {
+    /// Seeded randomness, also for the caller's faults.
+    pub rng: Rng,
+    next: i64,
+    s: &'static str,
+    added: Vec<String>,
+    n: u32,
+    /// Transactions run (committed or not).
+    pub txns: u32,
+    /// Large transactions among them.
+    pub streamed: u32,
+}
 
-    let mut rng = Rng(0x7e57_da7a_5eed);
-    let (mut next, mut s, mut added, mut n) = (2001i64, "s", Vec::<String>::new(), 0u32);
-    let (mut kills, mut txns, mut streamed) = (0u32, 0u32, 0u32);
-    let mut next_kill = Instant::now() + Duration::from_millis(2000 + rng.below(4000));
-    let started = Instant::now();
-    while started.elapsed() < Duration::from_secs(40) {
-        if Instant::now() >= next_kill {
-            if rng.below(5) == 0 {
-                agent.terminate();
-            } else {
-                agent.kill9();
-            }
-            tokio::time::sleep(Duration::from_millis(100 + rng.below(900))).await;
-            agent = AgentProc::start(&cfg, &log);
-            kills += 1;
-            next_kill = Instant::now() + Duration::from_millis(2000 + rng.below(4000));
+impl RandomWorkload {
+    /// A workload on [`RANDOM_DDL`]'s tables.
+    pub fn new(seed: u64) -> Self {
+        Self {
+            rng: Rng(seed),
+            next: 2001,
+            s: "s",
+            added: Vec::new(),
+            n: 0,
+            txns: 0,
+            streamed: 0,
         }
-        n += 1;
+    }
+
+    /// Run one random transaction (or DDL statement) on `db`, then pause up to 30 ms.
+    pub async fn step(&mut self, db: &tokio_postgres::Client) {
+        self.n += 1;
+        let n = self.n;
+        let rng = &mut self.rng;
         let roll = rng.below(1000);
         let sql = if roll < 8 {
             // DDL in a transaction of its own.
             match rng.below(3) {
                 0 => {
-                    added.push(format!("c{n}"));
+                    self.added.push(format!("c{n}"));
                     format!("ALTER TABLE a ADD COLUMN c{n} int;")
                 }
-                1 if !added.is_empty() => {
-                    let i = rng.below(added.len() as u64) as usize;
-                    format!("ALTER TABLE a DROP COLUMN {};", added.swap_remove(i))
+                1 if !self.added.is_empty() => {
+                    let i = rng.below(self.added.len() as u64) as usize;
+                    format!("ALTER TABLE a DROP COLUMN {};", self.added.swap_remove(i))
                 }
                 _ => {
-                    let to = if s == "s" { "s2" } else { "s" };
-                    let sql = format!("ALTER TABLE a RENAME COLUMN {s} TO {to};");
-                    s = to;
+                    let to = if self.s == "s" { "s2" } else { "s" };
+                    let sql = format!("ALTER TABLE a RENAME COLUMN {} TO {to};", self.s);
+                    self.s = to;
                     sql
                 }
             }
@@ -798,7 +802,7 @@ async fn random_transactions_through_kills_match_postgres_own_decoding() {
             "TRUNCATE c;".to_string()
         } else {
             let large = roll < 40;
-            streamed += u32::from(large);
+            self.streamed += u32::from(large);
             let count = if large {
                 150 + rng.below(150)
             } else {
@@ -811,7 +815,7 @@ async fn random_transactions_through_kills_match_postgres_own_decoding() {
                     sql.push_str("SAVEPOINT sp;");
                     savepoint = true;
                 }
-                sql.push_str(&random_statement(&mut rng, &mut next, s));
+                sql.push_str(&random_statement(rng, &mut self.next, self.s));
                 if savepoint && rng.below(5) == 0 {
                     sql.push_str(if rng.below(2) == 0 {
                         "ROLLBACK TO SAVEPOINT sp;"
@@ -842,12 +846,14 @@ async fn random_transactions_through_kills_match_postgres_own_decoding() {
         db.batch_execute(&sql)
             .await
             .unwrap_or_else(|e| panic!("workload: {e}: {sql}"));
-        txns += 1;
-        tokio::time::sleep(Duration::from_millis(rng.below(30))).await;
+        self.txns += 1;
+        let pause = self.rng.below(30);
+        tokio::time::sleep(Duration::from_millis(pause)).await;
     }
-    if agent.child.try_wait().ok().flatten().is_some() {
-        agent = AgentProc::start(&cfg, &log);
-    }
+}
+
+/// Make a last change and wait until the agent's slot confirmed it (all of the run is in).
+pub async fn wait_confirmed_end(pg: &TestPg, db: &tokio_postgres::Client) {
     db.batch_execute("INSERT INTO b VALUES (-1, 'end', 0)")
         .await
         .expect("last change");
@@ -862,30 +868,105 @@ async fn random_transactions_through_kills_match_postgres_own_decoding() {
         || async { (pg.confirmed_lsn("app", "philotes_p").await >= end).then_some(()) },
     )
     .await;
-    assert_eq!(agent.terminate(), Some(0));
+}
 
+/// `verify_witness.py` on the three changelogs, reached through `catalog` (its catalog
+/// arguments), against the `witness` slot; asserts the transaction-by-transaction verdict.
+pub fn assert_witness_agrees(catalog: &[String], pg: &TestPg, what: &str) -> serde_json::Value {
     let conninfo = pg.conninfo("app");
-    let v = read_table(
+    let v = python_json(
+        Command::new(python())
+            .arg(py_script("verify_witness.py"))
+            .args(catalog)
+            .args([
+                "--table",
+                "a=ns.a_changelog,b=ns.b_changelog,c=ns.c_changelog",
+                "--slot",
+                "witness",
+                "--pg-conninfo",
+                &conninfo,
+            ]),
         "verify_witness.py",
-        &work.catalog_db(),
-        &work.warehouse(),
-        "a=ns.a_changelog,b=ns.b_changelog,c=ns.c_changelog",
-        &["--slot", "witness", "--pg-conninfo", &conninfo],
     );
-    eprintln!("random run: {txns} transactions ({streamed} large), {kills} kills: {v}");
-    assert!(
-        kills >= 5 && streamed >= 10,
-        "the run did what it is for: {v}"
-    );
+    eprintln!("{what}: {v}");
     assert_eq!(v["duplicate_positions"], 0, "{v}");
     assert_eq!(v["copied_rows"], 2000, "{v}");
     assert_eq!(v["witness_txns"], v["changelog_txns"], "{v}");
     assert_eq!(v["mismatched"], 0, "{v}");
-    for (table, key, extra) in [
-        ("a", "id", &[][..]),
-        ("b", "k1,k2", &[][..]),
-        ("c", "x", &["--multiset"][..]),
-    ] {
+    v
+}
+
+/// The three mirrors' keys and `verify_mirror.py` arguments: (table, key, extra).
+pub const RANDOM_MIRRORS: [(&str, &str, &[&str]); 3] = [
+    ("a", "id", &[]),
+    ("b", "k1,k2", &[]),
+    ("c", "x", &["--multiset"]),
+];
+
+/// Random transactions while the agent is killed (mostly SIGKILL, sometimes SIGTERM) and
+/// restarted every few seconds ([`RandomWorkload`]), with maintenance compacting and expiring
+/// beside it. The judge is PostgreSQL's own decoding: a `test_decoding` slot created before
+/// the agent's lists each committed transaction's changes, and every changelog must hold
+/// exactly those, transaction by transaction (`verify_witness.py`); the mirrors must equal the
+/// tables (PyIceberg and DuckDB).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_transactions_through_kills_match_postgres_own_decoding() {
+    let p = prepare_with(
+        random_pg_options(),
+        RANDOM_DDL,
+        &["a", "b", "c"],
+        RANDOM_PIPELINE,
+        RANDOM_MAINTENANCE,
+    )
+    .await;
+    p.db.batch_execute("SELECT pg_create_logical_replication_slot('witness', 'test_decoding')")
+        .await
+        .expect("witness slot");
+    let log = p.log();
+    let mut agent = p.start_agent();
+    let (pg, db, work, cfg) = p.parts();
+    agent.wait_streaming().await;
+
+    let mut w = RandomWorkload::new(0x7e57_da7a_5eed);
+    let mut kills = 0u32;
+    let mut next_kill = Instant::now() + Duration::from_millis(2000 + w.rng.below(4000));
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(40) {
+        if Instant::now() >= next_kill {
+            if w.rng.below(5) == 0 {
+                agent.terminate();
+            } else {
+                agent.kill9();
+            }
+            tokio::time::sleep(Duration::from_millis(100 + w.rng.below(900))).await;
+            agent = AgentProc::start(&cfg, &log);
+            kills += 1;
+            next_kill = Instant::now() + Duration::from_millis(2000 + w.rng.below(4000));
+        }
+        w.step(&db).await;
+    }
+    if agent.child.try_wait().ok().flatten().is_some() {
+        agent = AgentProc::start(&cfg, &log);
+    }
+    wait_confirmed_end(&pg, &db).await;
+    assert_eq!(agent.terminate(), Some(0));
+
+    let catalog = [
+        "--catalog-db".to_string(),
+        work.catalog_db().display().to_string(),
+        "--warehouse".to_string(),
+        work.warehouse().display().to_string(),
+    ];
+    let what = format!(
+        "random run: {} transactions ({} large), {kills} kills",
+        w.txns, w.streamed
+    );
+    assert!(
+        kills >= 5 && w.streamed >= 10,
+        "the run did what it is for: {what}"
+    );
+    assert_witness_agrees(&catalog, &pg, &what);
+    for (table, key, extra) in RANDOM_MIRRORS {
         let m = crate::mirror::verify_mirror(
             &work,
             &format!("ns.{table}"),

@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::common::*;
 use philotes::demo::postgres::free_port;
@@ -217,8 +217,14 @@ impl Seaweed {
 
     /// `verify.py` arguments (table first) that read `ns.t` through the REST catalog.
     fn reader_args(&self) -> Vec<String> {
+        let mut args = vec!["ns.t".to_string()];
+        args.extend(self.catalog_args());
+        args
+    }
+
+    /// The reader scripts' arguments that reach this server's REST catalog and S3.
+    fn catalog_args(&self) -> Vec<String> {
         vec![
-            "ns.t".into(),
             "--rest-uri".into(),
             format!("http://127.0.0.1:{}", self.rest),
             "--catalog-props".into(),
@@ -237,7 +243,19 @@ impl Seaweed {
 
 /// A config whose [iceberg] section is replaced by `iceberg` (text including [iceberg.s3]).
 fn config_with(work: &Workdir, source: &str, tables: &[&str], iceberg: &str) -> PathBuf {
-    let cfg = work.config(source, tables, "", "");
+    config_with_extra(work, source, tables, "", "", iceberg)
+}
+
+/// [`config_with`] with extra pipeline keys and top-level sections.
+fn config_with_extra(
+    work: &Workdir,
+    source: &str,
+    tables: &[&str],
+    pipeline_extra: &str,
+    top_extra: &str,
+    iceberg: &str,
+) -> PathBuf {
+    let cfg = work.config(source, tables, pipeline_extra, top_extra);
     let text = std::fs::read_to_string(&cfg).unwrap();
     let start = text.find("[iceberg]").unwrap();
     let end = text.find("[[pipelines]]").unwrap();
@@ -716,4 +734,111 @@ async fn maintenance_through_the_rest_catalog_on_seaweedfs() {
         out.contains("ns.t\tremove_orphans\tok\twould delete 0 orphan files"),
         "{out}"
     );
+}
+
+/// The randomised run of `reliability` ([`RandomWorkload`]: savepoints, rollbacks, two-phase
+/// and large streamed transactions, TOAST, key changes, DDL, TRUNCATE; both table modes, a
+/// chunked copy, maintenance every second) on the REST catalog and S3 of SeaweedFS, while
+/// faults come every 2-6 s: the agent SIGKILLed (or SIGTERMed) and restarted, or the object
+/// store and catalog killed for 1-4 s with the workload going on. Killing the server while a
+/// commit is in flight leaves its outcome unknown to the agent, which must find out from the
+/// table; the judge is PostgreSQL's own decoding (a `test_decoding` witness slot), transaction
+/// by transaction, and the mirrors must equal the tables. Read back with PyIceberg through
+/// the REST catalog (DuckDB's S3 reader is an extension this machine cannot download).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_transactions_on_rest_and_s3_through_kills_and_outages_match_postgres_own_decoding()
+{
+    use crate::reliability::*;
+    let work = Workdir::new();
+    let mut weed = Seaweed::start(work.path(), false).await;
+    let pg = TestPg::start_with(random_pg_options());
+    let db = pg.create_db("app").await;
+    db.batch_execute(RANDOM_DDL).await.expect("test schema");
+    db.batch_execute("SELECT pg_create_logical_replication_slot('witness', 'test_decoding')")
+        .await
+        .expect("witness slot");
+    let cfg = config_with_extra(
+        &work,
+        &pg.url("app"),
+        &["a", "b", "c"],
+        RANDOM_PIPELINE,
+        RANDOM_MAINTENANCE,
+        &weed.rest_top(),
+    );
+    let mut agent = start_agent(&cfg, &work);
+    agent.wait_streaming().await;
+
+    let mut w = RandomWorkload::new(0x5e4e_d5ee_d0f5);
+    let (mut kills, mut outages) = (0u32, 0u32);
+    let mut outage_until: Option<Instant> = None;
+    let mut next_fault = Instant::now() + Duration::from_millis(2000 + w.rng.below(4000));
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(45) {
+        if outage_until.is_some_and(|t| Instant::now() >= t) {
+            weed.restart().await;
+            outage_until = None;
+            next_fault = Instant::now() + Duration::from_millis(2000 + w.rng.below(4000));
+        }
+        if outage_until.is_none() && Instant::now() >= next_fault {
+            // Every third fault an outage, the others agent kills.
+            if (kills + outages) % 3 == 2 {
+                weed.stop();
+                outages += 1;
+                outage_until =
+                    Some(Instant::now() + Duration::from_millis(1000 + w.rng.below(3000)));
+            } else {
+                if w.rng.below(5) == 0 {
+                    agent.terminate();
+                } else {
+                    agent.kill9();
+                }
+                tokio::time::sleep(Duration::from_millis(100 + w.rng.below(900))).await;
+                agent = start_agent(&cfg, &work);
+                kills += 1;
+                next_fault = Instant::now() + Duration::from_millis(2000 + w.rng.below(4000));
+            }
+        }
+        w.step(&db).await;
+    }
+    if outage_until.is_some() {
+        weed.restart().await;
+    }
+    if agent.child.try_wait().ok().flatten().is_some() {
+        agent = start_agent(&cfg, &work);
+    }
+    wait_confirmed_end(&pg, &db).await;
+    assert_eq!(agent.terminate(), Some(0));
+
+    let what = format!(
+        "random run on REST + S3: {} transactions ({} large), {kills} kills, {outages} outages",
+        w.txns, w.streamed
+    );
+    // The outages reached the agent: an object-store request was retried, or a catalog call
+    // failed and the pipeline started again.
+    let log = std::fs::read_to_string(work.path().join("agent.log")).unwrap_or_default();
+    let (retried, failed) = (
+        log.matches("will retry").count(),
+        log.matches("pipeline failed, retrying").count(),
+    );
+    let what = format!("{what}, {retried} storage retries, {failed} pipeline failures");
+    assert!(
+        kills >= 3 && outages >= 2 && w.streamed >= 10 && retried + failed >= 1,
+        "the run did what it is for: {what}"
+    );
+    let catalog = weed.catalog_args();
+    assert_witness_agrees(&catalog, &pg, &what);
+    let conninfo = pg.conninfo("app");
+    for (table, key, extra) in RANDOM_MIRRORS {
+        let query = format!("SELECT * FROM {table}");
+        let m = python_json(
+            Command::new(python())
+                .arg(py_script("verify_mirror.py"))
+                .args(&catalog)
+                .args(["--table", &format!("ns.{table}"), "--pk", key])
+                .args(["--pg-conninfo", &conninfo, "--pg-query", &query])
+                .args(extra),
+            "verify_mirror.py",
+        );
+        assert_eq!(m["equal"], true, "mirror {table}: {m}");
+    }
 }
