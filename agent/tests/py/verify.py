@@ -101,15 +101,34 @@ def read_pyiceberg(args):
     return rows, uuids, len(snaps), [l for l in lsns if l is not None]
 
 
-def read_duckdb(args, uuids):
-    import duckdb
-
+def metadata_location(args):
+    """The table's current metadata file, asked of its catalog directly (not through PyIceberg):
+    the SQL catalog's `iceberg_tables` row, or the REST catalog's load-table answer."""
     ns, name = args.table.split(".", 1)
+    if args.rest_uri:
+        import urllib.parse
+        import urllib.request
+
+        base = args.rest_uri.rstrip("/")
+        with urllib.request.urlopen(f"{base}/v1/config") as r:
+            config = json.load(r)
+        prefix = {**config.get("defaults", {}), **config.get("overrides", {})}.get("prefix", "")
+        prefix = f"{prefix.strip('/')}/" if prefix else ""
+        q = urllib.parse.quote
+        with urllib.request.urlopen(f"{base}/v1/{prefix}namespaces/{q(ns)}/tables/{q(name)}") as r:
+            return json.load(r)["metadata-location"]
     db = sqlite3.connect(args.catalog_db)
     (loc,) = db.execute(
         "SELECT metadata_location FROM iceberg_tables WHERE catalog_name=? AND table_namespace=? AND table_name=?",
         (args.catalog_name, ns, name),
     ).fetchone()
+    return loc
+
+
+def read_duckdb(args, uuids):
+    import duckdb
+
+    loc = metadata_location(args)
     con = duckdb.connect()
     con.execute("SET autoinstall_known_extensions=false")
     con.execute("SET autoload_known_extensions=false")
@@ -118,12 +137,33 @@ def read_duckdb(args, uuids):
     import duckdb_extension_avro
     import duckdb_extension_iceberg
 
+    exts = [(duckdb_extension_avro, "avro"), (duckdb_extension_iceberg, "iceberg")]
+    if loc.startswith("s3://"):
+        import duckdb_extension_httpfs
+
+        exts.insert(0, (duckdb_extension_httpfs, "httpfs"))
     # The wheels ship the extension binaries; load them by path (no network, avro first).
-    for ext, name in ((duckdb_extension_avro, "avro"), (duckdb_extension_iceberg, "iceberg")):
+    for ext, name in exts:
         found = glob.glob(os.path.join(ext.__path__[0], "extensions", "*", f"{name}.duckdb_extension"))
         if not found:
             raise SystemExit(f"duckdb extension {name} not found in {ext.__path__[0]}")
         con.execute(f"LOAD '{found[0]}'")
+    if loc.startswith("s3://"):
+        # The same S3 endpoint and credentials the PyIceberg reader is given.
+        props = json.loads(args.catalog_props) if args.catalog_props else {}
+        endpoint = props.get("s3.endpoint", "")
+        scheme, _, host = endpoint.rpartition("://")
+        path_style = str(props.get("s3.path-style-access", "false")).lower() == "true"
+        lit = lambda v: "'" + str(v).replace("'", "''") + "'"  # noqa: E731
+        con.execute(
+            "CREATE SECRET s3 (TYPE s3, "
+            f"KEY_ID {lit(props.get('s3.access-key-id', ''))}, "
+            f"SECRET {lit(props.get('s3.secret-access-key', ''))}, "
+            f"REGION {lit(props.get('s3.region', 'us-east-1'))}, "
+            f"ENDPOINT {lit(host or endpoint)}, "
+            f"URL_STYLE {lit('path' if path_style else 'vhost')}, "
+            f"USE_SSL {'true' if scheme == 'https' else 'false'})"
+        )
     con.execute("SET TimeZone='UTC'")
     cur = con.execute(f"SELECT * FROM iceberg_scan('{loc}')")
     cols = [d[0] for d in cur.description]
