@@ -142,7 +142,7 @@ def read_duckdb(args, uuids):
         import duckdb_extension_httpfs
 
         exts.insert(0, (duckdb_extension_httpfs, "httpfs"))
-    # The wheels ship the extension binaries; load them by path (no network, avro first).
+    # The wheels ship the extension binaries; load them by path (no network; iceberg last).
     for ext, name in exts:
         found = glob.glob(os.path.join(ext.__path__[0], "extensions", "*", f"{name}.duckdb_extension"))
         if not found:
@@ -154,7 +154,10 @@ def read_duckdb(args, uuids):
         endpoint = props.get("s3.endpoint", "")
         scheme, _, host = endpoint.rpartition("://")
         path_style = str(props.get("s3.path-style-access", "false")).lower() == "true"
-        lit = lambda v: "'" + str(v).replace("'", "''") + "'"  # noqa: E731
+
+        def lit(v):
+            return "'" + str(v).replace("'", "''") + "'"
+
         con.execute(
             "CREATE SECRET s3 (TYPE s3, "
             f"KEY_ID {lit(props.get('s3.access-key-id', ''))}, "

@@ -31,7 +31,7 @@ pub(super) const MAX_ROW_GROUP_BYTES: usize = 32 << 20;
 
 /// Rows in a row group at most. A row group is held encoded in memory until it is written
 /// out, so this bounds what a large copy or transaction holds at once: at 2^20 rows a 10M-row
-/// copy peaked 5–7 MB higher than a 1M-row one, at 2^17 within 5 % of it, for 1 % larger files
+/// copy peaked 5–7 MB higher than a 1M-row one, at 2^17 4–10 % higher, for 1 % larger files
 /// (no dictionary on unique columns, so a row group's share of dictionary pages is small), and
 /// about DuckDB's own row-group size (docs/performance.md, session 43).
 pub(super) const MAX_ROW_GROUP_ROWS: usize = 1 << 17;
