@@ -19,6 +19,19 @@ pub fn verify_mirror(
     pk: &str,
     extra: &[&str],
 ) -> Value {
+    let catalog = sql_catalog_args(&work.catalog_db(), &work.warehouse());
+    verify_mirror_via(&catalog, table, pg, query, pk, extra)
+}
+
+/// [`verify_mirror`] through any catalog (`catalog`: the scripts' catalog arguments).
+pub fn verify_mirror_via(
+    catalog: &[String],
+    table: &str,
+    pg: &TestPg,
+    query: &str,
+    pk: &str,
+    extra: &[&str],
+) -> Value {
     let conninfo = pg.conninfo("app");
     let mut args = vec![
         "--pk",
@@ -30,13 +43,7 @@ pub fn verify_mirror(
         query,
     ];
     args.extend_from_slice(extra);
-    read_table(
-        "verify_mirror.py",
-        &work.catalog_db(),
-        &work.warehouse(),
-        table,
-        &args,
-    )
+    read_table_via("verify_mirror.py", catalog, table, &args)
 }
 
 /// Wait until the mirror `table` equals `query` for PyIceberg and DuckDB alike; returns the
@@ -54,14 +61,7 @@ pub async fn wait_mirrored_with(
     pk: &str,
     extra: &[&str],
 ) -> Value {
-    // The agent creates a table when the stream first names it: the check waits for that
-    // instead of failing on a table that is about to be there.
-    wait_for(
-        Duration::from_secs(60),
-        &format!("mirror {table} created"),
-        || async { catalog_lists(work, table).await.then_some(()) },
-    )
-    .await;
+    wait_created(work, table, 60).await;
     let mut last = Value::Null;
     for _ in 0..60 {
         last = verify_mirror(work, table, pg, query, pk, extra);

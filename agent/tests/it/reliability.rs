@@ -874,19 +874,11 @@ pub async fn wait_confirmed_end(pg: &TestPg, db: &tokio_postgres::Client) {
 /// arguments), against the `witness` slot; asserts the transaction-by-transaction verdict.
 pub fn assert_witness_agrees(catalog: &[String], pg: &TestPg, what: &str) -> serde_json::Value {
     let conninfo = pg.conninfo("app");
-    let v = python_json(
-        Command::new(python())
-            .arg(py_script("verify_witness.py"))
-            .args(catalog)
-            .args([
-                "--table",
-                "a=ns.a_changelog,b=ns.b_changelog,c=ns.c_changelog",
-                "--slot",
-                "witness",
-                "--pg-conninfo",
-                &conninfo,
-            ]),
+    let v = read_table_via(
         "verify_witness.py",
+        catalog,
+        "a=ns.a_changelog,b=ns.b_changelog,c=ns.c_changelog",
+        &["--slot", "witness", "--pg-conninfo", &conninfo],
     );
     eprintln!("{what}: {v}");
     assert_eq!(v["duplicate_positions"], 0, "{v}");
@@ -951,12 +943,7 @@ async fn random_transactions_through_kills_match_postgres_own_decoding() {
     wait_confirmed_end(&pg, &db).await;
     assert_eq!(agent.terminate(), Some(0));
 
-    let catalog = [
-        "--catalog-db".to_string(),
-        work.catalog_db().display().to_string(),
-        "--warehouse".to_string(),
-        work.warehouse().display().to_string(),
-    ];
+    let catalog = sql_catalog_args(&work.catalog_db(), &work.warehouse());
     let what = format!(
         "random run: {} transactions ({} large), {kills} kills",
         w.txns, w.streamed

@@ -827,17 +827,14 @@ async fn random_transactions_on_rest_and_s3_through_kills_and_outages_match_post
     );
     let catalog = weed.catalog_args();
     assert_witness_agrees(&catalog, &pg, &what);
-    let conninfo = pg.conninfo("app");
     for (table, key, extra) in RANDOM_MIRRORS {
-        let query = format!("SELECT * FROM {table}");
-        let m = python_json(
-            Command::new(python())
-                .arg(py_script("verify_mirror.py"))
-                .args(&catalog)
-                .args(["--table", &format!("ns.{table}"), "--pk", key, "--duckdb"])
-                .args(["--pg-conninfo", &conninfo, "--pg-query", &query])
-                .args(extra),
-            "verify_mirror.py",
+        let m = crate::mirror::verify_mirror_via(
+            &catalog,
+            &format!("ns.{table}"),
+            &pg,
+            &format!("SELECT * FROM {table}"),
+            key,
+            extra,
         );
         assert!(
             m["equal"] == true && m["duckdb_equal"] == true,

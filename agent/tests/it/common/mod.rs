@@ -365,13 +365,31 @@ pub fn read_table(
     table: &str,
     extra: &[&str],
 ) -> Value {
+    read_table_via(
+        script,
+        &sql_catalog_args(catalog_db, warehouse),
+        table,
+        extra,
+    )
+}
+
+/// The reader scripts' arguments for the SQL catalog `catalog_db` with its `warehouse`.
+pub fn sql_catalog_args(catalog_db: &Path, warehouse: &Path) -> Vec<String> {
+    vec![
+        "--catalog-db".into(),
+        catalog_db.display().to_string(),
+        "--warehouse".into(),
+        warehouse.display().to_string(),
+    ]
+}
+
+/// [`read_table`] through any catalog: `catalog` holds the scripts' catalog arguments
+/// ([`sql_catalog_args`], or `--rest-uri …`).
+pub fn read_table_via(script: &str, catalog: &[String], table: &str, extra: &[&str]) -> Value {
     python_json(
         Command::new(python())
             .arg(py_script(script))
-            .arg("--catalog-db")
-            .arg(catalog_db)
-            .arg("--warehouse")
-            .arg(warehouse)
+            .args(catalog)
             .args(["--table", table])
             .args(extra),
         script,
@@ -413,13 +431,7 @@ pub async fn wait_source_equal(
     let duckdb = extra.contains(&"--duckdb");
     let mut last = Value::Null;
     let deadline = Instant::now() + Duration::from_secs(secs);
-    // As for mirrors: the table may be about to be created.
-    wait_for(
-        Duration::from_secs(secs),
-        &format!("{table} created"),
-        || async { catalog_lists(work, table).await.then_some(()) },
-    )
-    .await;
+    wait_created(work, table, secs).await;
     while Instant::now() < deadline {
         last = verify_source(work, table, pg, query, extra);
         if last["state_equal"] == true && (!duckdb || last["duckdb_equal"] == true) {
@@ -500,6 +512,17 @@ where
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+}
+
+/// Wait until the SQLite catalog lists `table`: the agent creates a table when the stream
+/// first names it, so a check waits for that instead of failing on a table about to be there.
+pub async fn wait_created(work: &Workdir, table: &str, secs: u64) {
+    wait_for(
+        Duration::from_secs(secs),
+        &format!("{table} created"),
+        || async { catalog_lists(work, table).await.then_some(()) },
+    )
+    .await;
 }
 
 /// Whether the SQLite catalog lists `table` (`namespace.name`) yet.
