@@ -870,9 +870,10 @@ pub async fn wait_confirmed_end(pg: &TestPg, db: &tokio_postgres::Client) {
     .await;
 }
 
-/// `verify_witness.py` on the three changelogs, reached through `catalog` (its catalog
-/// arguments), against the `witness` slot; asserts the transaction-by-transaction verdict.
-pub fn assert_witness_agrees(catalog: &[String], pg: &TestPg, what: &str) -> serde_json::Value {
+/// Judge a randomised run through `catalog` (the reader scripts' catalog arguments):
+/// `verify_witness.py` on the three changelogs against the `witness` slot, transaction by
+/// transaction, and the three mirrors against the tables (PyIceberg and DuckDB).
+pub fn assert_run_judged(catalog: &[String], pg: &TestPg, what: &str) {
     let conninfo = pg.conninfo("app");
     let v = read_table_via(
         "verify_witness.py",
@@ -885,11 +886,24 @@ pub fn assert_witness_agrees(catalog: &[String], pg: &TestPg, what: &str) -> ser
     assert_eq!(v["copied_rows"], 2000, "{v}");
     assert_eq!(v["witness_txns"], v["changelog_txns"], "{v}");
     assert_eq!(v["mismatched"], 0, "{v}");
-    v
+    for (table, key, extra) in RANDOM_MIRRORS {
+        let m = crate::mirror::verify_mirror_via(
+            catalog,
+            &format!("ns.{table}"),
+            pg,
+            &format!("SELECT * FROM {table}"),
+            key,
+            extra,
+        );
+        assert!(
+            m["equal"] == true && m["duckdb_equal"] == true,
+            "mirror {table}: {m}"
+        );
+    }
 }
 
 /// The three mirrors' keys and `verify_mirror.py` arguments: (table, key, extra).
-pub const RANDOM_MIRRORS: [(&str, &str, &[&str]); 3] = [
+const RANDOM_MIRRORS: [(&str, &str, &[&str]); 3] = [
     ("a", "id", &[]),
     ("b", "k1,k2", &[]),
     ("c", "x", &["--multiset"]),
@@ -952,21 +966,7 @@ async fn random_transactions_through_kills_match_postgres_own_decoding() {
         kills >= 5 && w.streamed >= 10,
         "the run did what it is for: {what}"
     );
-    assert_witness_agrees(&catalog, &pg, &what);
-    for (table, key, extra) in RANDOM_MIRRORS {
-        let m = crate::mirror::verify_mirror(
-            &work,
-            &format!("ns.{table}"),
-            &pg,
-            &format!("SELECT * FROM {table}"),
-            key,
-            extra,
-        );
-        assert!(
-            m["equal"] == true && m["duckdb_equal"] == true,
-            "mirror {table}: {m}"
-        );
-    }
+    assert_run_judged(&catalog, &pg, &what);
     figures(
         "random transactions, SIGKILL/SIGTERM every 2-6 s",
         kills as usize,
