@@ -163,7 +163,7 @@ async fn measure(
     cfg: &MaintenanceConfig,
     metrics: &Metrics,
 ) {
-    if let Ok(table) = committer.catalog().load_table(ident).await {
+    if let Ok(table) = committer.load(ident).await {
         if let Ok(h) = maintenance::health(&table, cfg).await {
             record(metrics, source, ident, &h);
         }

@@ -19,11 +19,12 @@ mod rest;
 mod snapshot;
 mod sql;
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use iceberg::spec::{DataContentType, Operation};
 use iceberg::table::Table;
-use iceberg::{Catalog, TableRequirement, TableUpdate};
+use iceberg::{Catalog, TableIdent, TableRequirement, TableUpdate};
 
 use crate::config::{CatalogKind, IcebergConfig};
 pub use snapshot::{Change, Prepared, Staged};
@@ -63,6 +64,12 @@ impl From<iceberg::Error> for CommitError {
 pub struct Committer {
     inner: Arc<Inner>,
     catalog: Arc<dyn Catalog>,
+    /// The newest state of each table the agent committed or read through the SQL catalog, one
+    /// per table. A metadata file is written once, so while the catalog still names its
+    /// location the table needs no new read: maintenance and the stream pass a table back and
+    /// forth several times a pass, and each read of a table with many snapshots parses
+    /// megabytes of JSON.
+    known: Arc<Mutex<HashMap<TableIdent, Table>>>,
 }
 
 enum Inner {
@@ -80,7 +87,55 @@ impl Committer {
         Ok(Self {
             inner: Arc::new(inner),
             catalog,
+            known: Arc::default(),
         })
+    }
+
+    /// `ident` as the catalog holds it now. Through the SQL catalog that is one query for its
+    /// location, and a read of its metadata only when the agent does not hold that version.
+    pub async fn load(&self, ident: &TableIdent) -> Result<Table, CommitError> {
+        if let Inner::Sql(s) = self.inner.as_ref() {
+            let now = s.location_of(ident).await?;
+            if let Some(t) = self.known_at(ident, now.as_deref()) {
+                return Ok(t);
+            }
+        }
+        self.read(ident).await
+    }
+
+    /// Read `ident` from the catalog (and remember it).
+    async fn read(&self, ident: &TableIdent) -> Result<Table, CommitError> {
+        let t = self
+            .catalog
+            .load_table(ident)
+            .await
+            .map_err(|e| CommitError::Failed(e.to_string()))?;
+        self.remember(&t)
+    }
+
+    /// The table the agent holds for `ident` if it is the version at `location`.
+    fn known_at(&self, ident: &TableIdent, location: Option<&str>) -> Option<Table> {
+        let location = location?;
+        let known = self.known.lock().ok()?;
+        known
+            .get(ident)
+            .filter(|t| t.metadata_location() == Some(location))
+            .cloned()
+    }
+
+    /// Keep `table` as the newest state of its table (SQL catalog only: a REST catalog is
+    /// always asked). Kept without iceberg-rust's manifest cache, which a table read from the
+    /// catalog brings and a scan fills (up to 32 MiB that would otherwise live on).
+    fn remember(&self, table: &Table) -> Result<Table, CommitError> {
+        let Inner::Sql(_) = self.inner.as_ref() else {
+            return Ok(table.clone());
+        };
+        let (Some(location), Ok(mut known)) = (table.metadata_location(), self.known.lock()) else {
+            return Ok(table.clone());
+        };
+        let kept = uncached(table, location)?;
+        known.insert(table.identifier().clone(), kept.clone());
+        Ok(kept)
     }
 
     /// The catalog tables are loaded from.
@@ -112,7 +167,7 @@ impl Committer {
             Inner::Rest(r) => r.commit(table, requirements, updates).await?,
         };
         super::hygiene::delete_dropped_metadata(table, &new).await;
-        Ok(new)
+        self.remember(&new)
     }
 
     /// Commit `change` as one snapshot. The manifests are written once, outside the table's
@@ -198,18 +253,19 @@ impl Committer {
     }
 
     /// `table` as the catalog holds it now: the SQL catalog is asked for the location first
-    /// and the metadata read only if it moved; a REST catalog has no cheaper look than a load.
+    /// and the metadata read only if it moved to a version the agent does not hold; a REST
+    /// catalog has no cheaper look than a load.
     async fn newest(&self, table: Table) -> Result<Table, CommitError> {
         if let Inner::Sql(s) = self.inner.as_ref() {
             let now = s.location_of(table.identifier()).await?;
             if now.as_deref() == table.metadata_location() {
                 return Ok(table);
             }
+            if let Some(t) = self.known_at(table.identifier(), now.as_deref()) {
+                return Ok(t);
+            }
         }
-        self.catalog
-            .load_table(table.identifier())
-            .await
-            .map_err(|e| CommitError::Failed(e.to_string()))
+        self.read(table.identifier()).await
     }
 }
 
@@ -232,6 +288,19 @@ fn committed(
         .map_err(CommitError::from)
 }
 
+/// `table` at `location`, sharing its metadata, without a manifest cache.
+fn uncached(table: &Table, location: &str) -> Result<Table, CommitError> {
+    Table::builder()
+        .file_io(table.file_io().clone())
+        .metadata(table.metadata_ref())
+        .metadata_location(location)
+        .identifier(table.identifier().clone())
+        .runtime(iceberg::Runtime::try_current()?)
+        .disable_cache()
+        .build()
+        .map_err(CommitError::from)
+}
+
 /// The operation a snapshot records for a change (the names other engines read).
 pub fn operation_for(added: usize, removed: usize, same_rows: bool) -> Operation {
     match (added, removed) {
@@ -245,4 +314,83 @@ pub fn operation_for(added: usize, removed: usize, same_rows: bool) -> Operation
 /// Whether a file holds rows (data), not deletes.
 pub fn is_data(content: DataContentType) -> bool {
     content == DataContentType::Data
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::IcebergConfig;
+    use crate::sink::iceberg::catalog::open_catalog;
+    use crate::sink::iceberg::footer::testfile;
+    use iceberg::{NamespaceIdent, TableCreation};
+
+    fn set(key: &str, value: &str) -> Vec<TableUpdate> {
+        vec![TableUpdate::SetProperties {
+            updates: HashMap::from([(key.to_string(), value.to_string())]),
+        }]
+    }
+
+    /// A real SQLite catalog and metadata files: the version the agent committed is handed back
+    /// without reading it again; a version another writer committed is read.
+    #[tokio::test]
+    async fn a_table_is_read_again_only_when_another_writer_moved_it() {
+        let dir = std::env::temp_dir().join(format!("philotes-known-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let cfg = IcebergConfig {
+            uri: format!("sqlite://{}/catalog.db", dir.display()),
+            warehouse: format!("{}/wh", dir.display()),
+            ..IcebergConfig::default()
+        };
+        let catalog = open_catalog(&cfg).await.unwrap();
+        let ours = Committer::open(&cfg, catalog.clone()).await.unwrap();
+        let ns = NamespaceIdent::new("ns".into());
+        catalog.create_namespace(&ns, HashMap::new()).await.unwrap();
+        let creation = TableCreation::builder()
+            .name("t".into())
+            .schema(testfile::schema())
+            .build();
+        let created = catalog.create_table(&ns, creation).await.unwrap();
+        let ident = TableIdent::new(ns, "t".into());
+
+        let committed = ours
+            .commit_updates(&created, vec![], set("a", "1"))
+            .await
+            .unwrap();
+        let loaded = ours.load(&ident).await.unwrap();
+        assert_eq!(loaded.metadata_location(), committed.metadata_location());
+        assert!(
+            Arc::ptr_eq(&loaded.metadata_ref(), &committed.metadata_ref()),
+            "the committed version was read again"
+        );
+
+        // Another writer (a committer that knows nothing the first one holds) moves the table.
+        let other = Committer::open(&cfg, catalog.clone()).await.unwrap();
+        let theirs = other
+            .commit_updates(&committed, vec![], set("b", "2"))
+            .await
+            .unwrap();
+        let loaded = ours.load(&ident).await.unwrap();
+        assert_eq!(loaded.metadata_location(), theirs.metadata_location());
+        assert_eq!(
+            loaded.metadata().properties().get("b").map(String::as_str),
+            Some("2")
+        );
+        assert_eq!(
+            loaded.metadata().properties().get("a").map(String::as_str),
+            Some("1")
+        );
+        // Read once, then held: the next look is the same version again.
+        let again = ours.load(&ident).await.unwrap();
+        assert!(Arc::ptr_eq(&again.metadata_ref(), &loaded.metadata_ref()));
+
+        // A commit on the stale table lands on the newest version, keeping the other's change.
+        let next = ours
+            .commit_updates(&committed, vec![], set("c", "3"))
+            .await
+            .unwrap();
+        let props = next.metadata().properties();
+        assert_eq!(props.get("c").map(String::as_str), Some("3"));
+        assert_eq!(props.get("b").map(String::as_str), Some("2"));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

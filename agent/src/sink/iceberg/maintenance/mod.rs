@@ -1,6 +1,6 @@
 //! Table upkeep: snapshot expiry (with the files only expired snapshots referenced), metadata
-//! clean-up, compaction of small data files, and removal of orphan files. Each action reads
-//! the table fresh, commits through [`Committer`] (so a conflict with the stream or another
+//! clean-up, compaction of small data files, and removal of orphan files. Each action starts
+//! from the table's current version in the catalog, commits through [`Committer`] (so a conflict with the stream or another
 //! engine restages or gives up, never loses or duplicates a row) and reports what it did.
 
 mod compact;
@@ -189,7 +189,8 @@ pub async fn health(table: &Table, cfg: &MaintenanceConfig) -> Result<Health, Ma
 
 /// Run the actions `table` needs (all of them with `force`), in the order that frees the most:
 /// compaction first (its replaced files then expire with their snapshots), expiry, metadata,
-/// orphans. Each action loads the table fresh.
+/// orphans. Each action starts from the table as the catalog holds it then (read again only
+/// when another writer moved it: [`Committer::load`]).
 pub async fn maintain(
     committer: &Committer,
     ident: &TableIdent,
@@ -200,8 +201,7 @@ pub async fn maintain(
     let mut out = Vec::new();
     let load = || async {
         committer
-            .catalog()
-            .load_table(ident)
+            .load(ident)
             .await
             .map_err(|e| MaintenanceError::Read(e.to_string()))
     };
