@@ -133,7 +133,7 @@ impl Committer {
         let (Some(location), Ok(mut known)) = (table.metadata_location(), self.known.lock()) else {
             return Ok(table.clone());
         };
-        let kept = uncached(table, location)?;
+        let kept = committed(table, table.metadata_ref(), location)?;
         known.insert(table.identifier().clone(), kept.clone());
         Ok(kept)
     }
@@ -272,8 +272,8 @@ impl Committer {
 /// `table` as committed: its new metadata at `location`.
 fn committed(
     table: &Table,
-    metadata: iceberg::spec::TableMetadata,
-    location: String,
+    metadata: impl Into<iceberg::spec::TableMetadataRef>,
+    location: impl Into<String>,
 ) -> Result<Table, CommitError> {
     Table::builder()
         .file_io(table.file_io().clone())
@@ -281,21 +281,8 @@ fn committed(
         .metadata_location(location)
         .identifier(table.identifier().clone())
         .runtime(iceberg::Runtime::try_current()?)
-        // The committed table is committed to again, never scanned: no manifest cache (a new
+        // The committed table is committed to again, seldom scanned: no manifest cache (a new
         // 32 MiB-capacity cache per commit otherwise).
-        .disable_cache()
-        .build()
-        .map_err(CommitError::from)
-}
-
-/// `table` at `location`, sharing its metadata, without a manifest cache.
-fn uncached(table: &Table, location: &str) -> Result<Table, CommitError> {
-    Table::builder()
-        .file_io(table.file_io().clone())
-        .metadata(table.metadata_ref())
-        .metadata_location(location)
-        .identifier(table.identifier().clone())
-        .runtime(iceberg::Runtime::try_current()?)
         .disable_cache()
         .build()
         .map_err(CommitError::from)

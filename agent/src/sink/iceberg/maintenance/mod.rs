@@ -1,7 +1,8 @@
 //! Table upkeep: snapshot expiry (with the files only expired snapshots referenced), metadata
 //! clean-up, compaction of small data files, and removal of orphan files. Each action starts
-//! from the table's current version in the catalog, commits through [`Committer`] (so a conflict with the stream or another
-//! engine restages or gives up, never loses or duplicates a row) and reports what it did.
+//! from the table's current version in the catalog, commits through [`Committer`] (so a
+//! conflict with the stream or another engine restages or gives up, never loses or duplicates
+//! a row) and reports what it did.
 
 mod compact;
 mod concat;
