@@ -304,7 +304,7 @@ pub fn is_data(content: DataContentType) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::config::IcebergConfig;
     use crate::sink::iceberg::catalog::open_catalog;
@@ -317,21 +317,49 @@ mod tests {
         }]
     }
 
+    /// A SQLite catalog in a fresh directory with namespace `ns`, and a committer beside it.
+    pub(crate) struct TestCatalog {
+        pub dir: std::path::PathBuf,
+        pub cfg: IcebergConfig,
+        pub catalog: Arc<dyn Catalog>,
+        pub committer: Committer,
+        pub ns: NamespaceIdent,
+    }
+
+    impl TestCatalog {
+        pub(crate) async fn new(tag: &str) -> Self {
+            let dir = std::env::temp_dir().join(format!("philotes-{tag}-{}", uuid::Uuid::new_v4()));
+            std::fs::create_dir_all(&dir).unwrap();
+            let cfg = IcebergConfig {
+                uri: format!("sqlite://{}/catalog.db", dir.display()),
+                warehouse: format!("{}/wh", dir.display()),
+                ..IcebergConfig::default()
+            };
+            let catalog = open_catalog(&cfg).await.unwrap();
+            let committer = Committer::open(&cfg, catalog.clone()).await.unwrap();
+            let ns = NamespaceIdent::new("ns".into());
+            catalog.create_namespace(&ns, HashMap::new()).await.unwrap();
+            Self {
+                dir,
+                cfg,
+                catalog,
+                committer,
+                ns,
+            }
+        }
+    }
+
     /// A real SQLite catalog and metadata files: the version the agent committed is handed back
     /// without reading it again; a version another writer committed is read.
     #[tokio::test]
     async fn a_table_is_read_again_only_when_another_writer_moved_it() {
-        let dir = std::env::temp_dir().join(format!("philotes-known-{}", uuid::Uuid::new_v4()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let cfg = IcebergConfig {
-            uri: format!("sqlite://{}/catalog.db", dir.display()),
-            warehouse: format!("{}/wh", dir.display()),
-            ..IcebergConfig::default()
-        };
-        let catalog = open_catalog(&cfg).await.unwrap();
-        let ours = Committer::open(&cfg, catalog.clone()).await.unwrap();
-        let ns = NamespaceIdent::new("ns".into());
-        catalog.create_namespace(&ns, HashMap::new()).await.unwrap();
+        let TestCatalog {
+            dir,
+            cfg,
+            catalog,
+            committer: ours,
+            ns,
+        } = TestCatalog::new("known").await;
         let creation = TableCreation::builder()
             .name("t".into())
             .schema(testfile::schema())

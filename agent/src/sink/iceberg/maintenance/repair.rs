@@ -167,14 +167,14 @@ pub(super) async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{IcebergConfig, MaintenanceConfig};
-    use crate::sink::iceberg::catalog::open_catalog;
+    use crate::config::MaintenanceConfig;
+    use crate::sink::iceberg::commit::tests::TestCatalog;
     use crate::sink::iceberg::commit::Committer;
     use crate::sink::iceberg::footer::testfile;
     use crate::sink::iceberg::maintenance::{maintain, Action, Scope, Status};
     use futures::StreamExt;
     use iceberg::spec::{DataContentType, DataFileBuilder, Struct};
-    use iceberg::{NamespaceIdent, TableCreation, TableIdent};
+    use iceberg::{TableCreation, TableIdent};
     use std::cmp::Ordering;
 
     /// Append a file holding `bytes` with the `v` bounds a writer gave it.
@@ -241,17 +241,13 @@ mod tests {
     /// is left as it is, and the check is not made again.
     #[tokio::test]
     async fn a_file_whose_bounds_exclude_rows_is_described_again_once_with_bounds_that_hold() {
-        let dir = std::env::temp_dir().join(format!("philotes-repair-{}", uuid::Uuid::new_v4()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let cfg = IcebergConfig {
-            uri: format!("sqlite://{}/catalog.db", dir.display()),
-            warehouse: format!("{}/wh", dir.display()),
-            ..IcebergConfig::default()
-        };
-        let catalog = open_catalog(&cfg).await.unwrap();
-        let committer = Committer::open(&cfg, catalog.clone()).await.unwrap();
-        let ns = NamespaceIdent::new("ns".into());
-        catalog.create_namespace(&ns, HashMap::new()).await.unwrap();
+        let TestCatalog {
+            dir,
+            catalog,
+            committer,
+            ns,
+            ..
+        } = TestCatalog::new("repair").await;
         // As the agent created its tables before the property existed.
         let creation = TableCreation::builder()
             .name("t".into())
