@@ -132,6 +132,9 @@ pub(super) struct Applier {
     catalog: Option<Session>,
     /// Tables renamed in the source: their name now → the name they are configured under.
     aliases: HashMap<String, String>,
+    /// The streamed tables' OIDs at the start of this attempt → their names then: a first
+    /// Relation under another name is a rename made since, not a new table.
+    started_as: HashMap<u32, String>,
     /// The stream sends values in binary (`binary 'true'`).
     binary: bool,
     /// This attempt receives whole transactions because the server failed to decode one in
@@ -230,6 +233,7 @@ impl Applier {
             full_identity: HashMap::new(),
             catalog: None,
             aliases: HashMap::new(),
+            started_as: HashMap::new(),
             binary: false,
             in_progress_again: None,
             healed: Default::default(),
@@ -237,7 +241,6 @@ impl Applier {
         }
     }
 
-    /// Tables renamed in the source before this attempt: their name now → as configured.
     /// The stream sends values in binary: every relation must be readable so.
     pub(super) fn set_binary(&mut self, binary: bool) {
         self.binary = binary;
@@ -249,8 +252,14 @@ impl Applier {
         self.in_progress_again = at;
     }
 
+    /// Tables renamed in the source before this attempt: their name now → as configured.
     pub(super) fn set_aliases(&mut self, aliases: HashMap<String, String>) {
         self.aliases = aliases;
+    }
+
+    /// The streamed tables' OIDs as this attempt starts, with their names then.
+    pub(super) fn set_started_as(&mut self, started_as: HashMap<u32, String>) {
+        self.started_as = started_as;
     }
 
     /// The position a schema change is recorded at: the transaction being received, else the
@@ -1081,6 +1090,24 @@ impl Applier {
                         self.table_renamed(idx, &now).await?;
                     }
                 }
+                // Renamed after this attempt started and before its first Relation: the
+                // table it was, not a new one (which would take its changes elsewhere, or
+                // drop them when the publication is not followed).
+                let renamed_from = match self.relations.contains_key(&oid) {
+                    false => self
+                        .started_as
+                        .get(&oid)
+                        .filter(|was| **was != now)
+                        .cloned(),
+                    true => None,
+                };
+                if let Some(was) = &renamed_from {
+                    let configured = self.aliases.get(was).cloned().unwrap_or(was.clone());
+                    self.aliases.insert(now.clone(), configured);
+                    if let Some(pk) = self.full_identity.remove(was) {
+                        self.full_identity.insert(now.clone(), pk);
+                    }
+                }
                 // A FULL table that joined the publication since the source was asked has no
                 // known primary key: its whole row is its identity. One that left FULL for a
                 // key of its own (a primary key added with it, say) is keyed by it.
@@ -1147,6 +1174,11 @@ impl Applier {
                     return Err(PipelineError::TextNeeded(source));
                 }
                 self.relations.insert(oid, Some(idx));
+                if let Some(was) = renamed_from {
+                    self.tables[idx].current = was;
+                    self.table_renamed(idx, &format!("{namespace}.{name}"))
+                        .await?;
+                }
             }
             Message::LogicalMessage {
                 transactional: true,

@@ -616,6 +616,7 @@ impl Pipeline {
             .map(|(oid, name)| (name, oid))
             .collect();
         applier.set_aliases(aliases.clone());
+        applier.set_started_as(oids.iter().map(|(n, o)| (*o, n.clone())).collect());
         applier.after_failure(self.last_failed);
         applier.set_healed(self.healed.clone());
         // A table that joined and left the publication again before this attempt is not

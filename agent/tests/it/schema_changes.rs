@@ -247,6 +247,57 @@ async fn a_renamed_and_moved_table_keeps_streaming_into_its_iceberg_table() {
     drop(agent);
 }
 
+/// Renamed right after the agent started, before any change of it was streamed (its first
+/// Relation message then carries the new name): still the same table, also with the
+/// publication not followed, where it used to be dropped as an unconfigured one (its changes
+/// acknowledged and lost), and with it followed, where it used to become a new table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_renamed_before_its_first_change_is_streamed_is_still_followed() {
+    let Running {
+        pg,
+        db,
+        work,
+        cfg,
+        agent,
+    } = prepare(
+        "CREATE TABLE rf (id int PRIMARY KEY, s text);
+         INSERT INTO rf VALUES (1, 'one'), (2, 'two');",
+        &["rf"],
+        "mode = \"both\"\nsnapshot = \"initial\"\nfollow_publication = false",
+        "",
+    )
+    .await
+    .streaming()
+    .await;
+    execute_each(
+        &db,
+        &[
+            "ALTER TABLE rf RENAME TO rf_new",
+            "INSERT INTO rf_new VALUES (3, 'after')",
+            "UPDATE rf_new SET s = 'changed' WHERE id = 1",
+            "DELETE FROM rf_new WHERE id = 2",
+        ],
+    )
+    .await;
+    const Q: &str = "SELECT id, s FROM rf_new";
+    wait_changelog(&work, "ns.rf_changelog", &pg, Q).await;
+    wait_mirror(&work, "ns.rf", &pg, Q).await;
+    never_left_streaming(&agent).await;
+    assert_eq!(schema_changes(&agent, "rename_table").await, 1.0);
+    assert_eq!(iceberg_rows(&work, "ns.rf_new"), None, "no second table");
+    // The rename is recorded: a restart finds the table under its new name.
+    drop(agent);
+    db.batch_execute("INSERT INTO rf_new VALUES (4, 'while down')")
+        .await
+        .expect("insert while down");
+    let agent = AgentProc::start(&cfg, &work.path().join("agent2.log"));
+    agent.wait_streaming().await;
+    wait_mirror(&work, "ns.rf", &pg, Q).await;
+    let v = wait_changelog(&work, "ns.rf_changelog", &pg, Q).await;
+    assert_eq!(v["pg_rows"], 3, "{v}");
+    drop(agent);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn domains_and_arrays_of_enums_take_their_base_type() {
     let Running {
